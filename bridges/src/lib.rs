@@ -1,0 +1,7 @@
+//! sensorgate's northbound side: the message type and the upstream connections that carry
+//! messages to brokers.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod message;
+pub mod mqtt;

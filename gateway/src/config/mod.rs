@@ -1,0 +1,892 @@
+//! Configuration: one TOML file, validated completely before anything binds.
+//!
+//! Invariants:
+//! - Unknown keys are errors, each reported with file, line, column and a "did you mean" hint.
+//! - Every error in the file is reported at once (syntax errors stop at the first, since nothing
+//!   after them can be trusted; a wrongly typed value stops typed parsing, but unknown keys and
+//!   the semantic checks of everything else are still reported).
+//! - Durations and sizes are strings everywhere (see [`units`]).
+//! - Every bound has a key and a documented default (`config/sensorgate.toml`).
+
+mod diag;
+pub mod units;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sensorgate_bridges::mqtt::{MqttUpstreamConfig, MqttVersion, TlsSettings};
+use serde::Deserialize;
+
+pub use diag::{Diagnostic, KeyPath};
+use diag::{Reporter, fields_of};
+
+use crate::mqttsn::core::{ClientSet, CoreConfig, PredefinedTopic};
+
+/// Default config path of the packaged daemon.
+pub const DEFAULT_PATH: &str = "/etc/sensorgate/sensorgate.toml";
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from.
+    pub file: PathBuf,
+    /// `[gateway]`.
+    pub gateway: GatewaySection,
+    /// `[log]`.
+    pub log: LogSection,
+    /// `[mqttsn]`.
+    pub mqttsn: MqttSnSection,
+    /// `[[upstream]]`, in file order.
+    pub upstreams: Vec<Upstream>,
+}
+
+/// `[gateway]`.
+#[derive(Debug, Clone)]
+pub struct GatewaySection {
+    /// MQTT-SN GwId.
+    pub id: u8,
+    /// Name used in logs and the default upstream client id.
+    pub name: String,
+    /// Where durable state lives.
+    pub state_dir: PathBuf,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone)]
+pub struct LogSection {
+    /// A `tracing` filter directive (`info`, `sensorgate=debug,warn`); `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+/// `[mqttsn]`.
+#[derive(Debug, Clone)]
+pub struct MqttSnSection {
+    /// UDP listen addresses.
+    pub listen: Vec<SocketAddr>,
+    /// `SO_RCVBUF` request for each socket, in bytes.
+    pub recv_buffer: usize,
+    /// `SO_SNDBUF` request for each socket, in bytes.
+    pub send_buffer: usize,
+    /// Datagrams read per wake-up before the core's output is flushed.
+    pub recv_batch: usize,
+    /// The protocol core's settings.
+    pub core: CoreConfig,
+}
+
+/// One `[[upstream]]`.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Its unique name.
+    pub name: String,
+    /// The URL as written (for summaries; credentials never appear in it).
+    pub url: String,
+    /// Kind-specific settings.
+    pub kind: UpstreamKind,
+}
+
+/// What an upstream speaks.
+#[derive(Debug, Clone)]
+pub enum UpstreamKind {
+    /// MQTT 3.1.1 or 5.
+    Mqtt(MqttUpstreamConfig),
+}
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file has errors; all of them are listed.
+    #[error("{}", render(.0))]
+    Invalid(Vec<Diagnostic>),
+}
+
+fn render(diags: &[Diagnostic]) -> String {
+    let mut out = String::new();
+    for d in diags {
+        out.push_str(&d.to_string());
+        out.push('\n');
+    }
+    out.push_str(&format!("{} error(s) in config", diags.len()));
+    out
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    ///
+    /// # Errors
+    /// [`LoadError::Read`] when the file cannot be read, [`LoadError::Invalid`] with every
+    /// diagnostic otherwise.
+    pub fn load(path: &Path) -> Result<Config, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates config text; `path` is used in diagnostics and to resolve relative paths.
+    ///
+    /// # Errors
+    /// [`LoadError::Invalid`] with every diagnostic.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, LoadError> {
+        let root = match toml::de::DeTable::parse(text) {
+            Ok(root) => root,
+            Err(e) => {
+                let mut r = Reporter::new(path, text, None);
+                r.at_span(e.span(), format!("invalid TOML: {}", e.message()), None);
+                return Err(LoadError::Invalid(r.finish()));
+            }
+        };
+        let mut reporter = Reporter::new(path, text, Some(&root));
+        let mut unknown: Vec<KeyPath> = Vec::new();
+        let de = toml::de::Deserializer::from(root.clone());
+        let raw: Result<RawConfig, _> = serde_ignored::deserialize(de, |p| {
+            unknown.push(ignored_path(&p));
+        });
+        for key in &unknown {
+            reporter.unknown_key(key, known_fields(key));
+        }
+        let raw = match raw {
+            Ok(raw) => raw,
+            Err(e) => {
+                reporter.at_span(e.span(), e.message().to_owned(), None);
+                return Err(LoadError::Invalid(reporter.finish()));
+            }
+        };
+        let config = compile(path, raw, &mut reporter);
+        let errors = reporter.finish();
+        match config {
+            Some(config) if errors.is_empty() => Ok(config),
+            _ => Err(LoadError::Invalid(errors)),
+        }
+    }
+
+    /// A short human summary for `check-config` and the start-up log.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "gateway {} (GwId {}), state in {}\n",
+            self.gateway.name,
+            self.gateway.id,
+            self.gateway.state_dir.display()
+        );
+        for addr in &self.mqttsn.listen {
+            s.push_str(&format!("listener: MQTT-SN over UDP on {addr}\n"));
+        }
+        s.push_str(&format!(
+            "mqttsn: up to {} clients, packets up to {}, {} predefined topic(s), QoS -1 {}\n",
+            self.mqttsn.core.max_clients,
+            units::format_size(self.mqttsn.core.max_packet_size as u64),
+            self.mqttsn.core.predefined.len(),
+            if self.mqttsn.core.qos_minus_one {
+                "on"
+            } else {
+                "off"
+            },
+        ));
+        for u in &self.upstreams {
+            match &u.kind {
+                UpstreamKind::Mqtt(m) => s.push_str(&format!(
+                    "upstream {}: MQTT {} at {}{}\n",
+                    u.name,
+                    match m.version {
+                        MqttVersion::V311 => "3.1.1",
+                        MqttVersion::V5 => "5",
+                    },
+                    u.url,
+                    if m.remote_prefix.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", topics prefixed with `{}`", m.remote_prefix)
+                    }
+                )),
+            }
+        }
+        s
+    }
+}
+
+/// Converts a `serde_ignored` path into ours.
+fn ignored_path(path: &serde_ignored::Path<'_>) -> KeyPath {
+    fn walk(p: &serde_ignored::Path<'_>, out: &mut Vec<diag::PathSeg>) {
+        use serde_ignored::Path as P;
+        match p {
+            P::Root => {}
+            P::Seq { parent, index } => {
+                walk(parent, out);
+                out.push(diag::PathSeg::Index(*index));
+            }
+            P::Map { parent, key } => {
+                walk(parent, out);
+                out.push(diag::PathSeg::Key(key.clone()));
+            }
+            P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+                walk(parent, out);
+            }
+        }
+    }
+    let mut segs = Vec::new();
+    walk(path, &mut segs);
+    KeyPath(segs)
+}
+
+/// The fields of the section an unknown key was found in.
+fn known_fields(key: &KeyPath) -> &'static [&'static str] {
+    let sections: Vec<&str> = key
+        .0
+        .iter()
+        .take(key.0.len().saturating_sub(1))
+        .filter_map(|s| match s {
+            diag::PathSeg::Key(k) => Some(k.as_str()),
+            diag::PathSeg::Index(_) => None,
+        })
+        .collect();
+    match sections.as_slice() {
+        [] => fields_of::<RawConfig>(),
+        ["gateway"] => fields_of::<RawGateway>(),
+        ["log"] => fields_of::<RawLog>(),
+        ["mqttsn"] => fields_of::<RawMqttSn>(),
+        ["mqttsn", "predefined_topic"] => fields_of::<RawPredefined>(),
+        ["upstream"] => fields_of::<RawUpstream>(),
+        _ => &[],
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw, as written. Defaults live here and in `config/sensorgate.toml`, which documents them.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawConfig {
+    gateway: RawGateway,
+    log: RawLog,
+    mqttsn: RawMqttSn,
+    upstream: Vec<RawUpstream>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+struct RawGateway {
+    id: i64,
+    name: String,
+    state_dir: String,
+}
+
+impl Default for RawGateway {
+    fn default() -> Self {
+        RawGateway {
+            id: 1,
+            name: "sensorgate".into(),
+            state_dir: "/var/lib/sensorgate".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+struct RawLog {
+    level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+struct RawMqttSn {
+    listen: Vec<String>,
+    max_clients: i64,
+    max_packet_size: String,
+    recv_buffer: String,
+    send_buffer: String,
+    recv_batch: i64,
+    max_client_id_len: i64,
+    max_topics_per_client: i64,
+    max_inflight_per_client: i64,
+    qos_minus_one: bool,
+    predefined_topic: Vec<RawPredefined>,
+}
+
+impl Default for RawMqttSn {
+    fn default() -> Self {
+        RawMqttSn {
+            listen: vec!["0.0.0.0:1883".into(), "[::]:1883".into()],
+            max_clients: 100_000,
+            max_packet_size: "4KiB".into(),
+            recv_buffer: "8MiB".into(),
+            send_buffer: "4MiB".into(),
+            recv_batch: 64,
+            max_client_id_len: 23,
+            max_topics_per_client: 64,
+            max_inflight_per_client: 16,
+            qos_minus_one: true,
+            predefined_topic: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RawPredefined {
+    id: i64,
+    topic: String,
+    #[serde(default = "all_clients")]
+    clients: Vec<String>,
+}
+
+fn all_clients() -> Vec<String> {
+    vec!["*".into()]
+}
+
+#[derive(Debug, Deserialize)]
+struct RawUpstream {
+    name: String,
+    kind: String,
+    url: String,
+    #[serde(default)]
+    remote_prefix: String,
+    #[serde(default = "default_protocol")]
+    protocol: String,
+    #[serde(default)]
+    client_id: Option<String>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    ca_file: Option<String>,
+    #[serde(default)]
+    client_cert: Option<String>,
+    #[serde(default)]
+    client_key: Option<String>,
+    #[serde(default = "default_keep_alive")]
+    keep_alive: String,
+    #[serde(default = "default_connect_timeout")]
+    connect_timeout: String,
+    #[serde(default = "default_backoff_initial")]
+    backoff_initial: String,
+    #[serde(default = "default_backoff_max")]
+    backoff_max: String,
+    #[serde(default = "default_max_inflight")]
+    max_inflight: i64,
+    #[serde(default = "default_queue")]
+    queue: i64,
+}
+
+fn default_protocol() -> String {
+    "5".into()
+}
+fn default_keep_alive() -> String {
+    "30s".into()
+}
+fn default_connect_timeout() -> String {
+    "10s".into()
+}
+fn default_backoff_initial() -> String {
+    "500ms".into()
+}
+fn default_backoff_max() -> String {
+    "30s".into()
+}
+fn default_max_inflight() -> i64 {
+    1000
+}
+fn default_queue() -> i64 {
+    10_000
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compilation: raw -> validated, collecting every error.
+
+/// Checks an integer range, reporting at `path`.
+fn int_in<T: TryFrom<i64>>(
+    r: &mut Reporter<'_>,
+    path: &KeyPath,
+    value: i64,
+    min: i64,
+    max: i64,
+) -> Option<T> {
+    if value < min || value > max {
+        r.at_path(path, format!("{value} is out of range {min}..={max}"), None);
+        return None;
+    }
+    T::try_from(value).ok()
+}
+
+fn size_in(r: &mut Reporter<'_>, path: &KeyPath, text: &str, min: u64, max: u64) -> Option<usize> {
+    match units::parse_size(text) {
+        Ok(v) if v < min || v > max => {
+            r.at_path(
+                path,
+                format!(
+                    "{text} is out of range {}..={}",
+                    units::format_size(min),
+                    units::format_size(max)
+                ),
+                None,
+            );
+            None
+        }
+        Ok(v) => usize::try_from(v).ok(),
+        Err(e) => {
+            r.at_path(path, e, None);
+            None
+        }
+    }
+}
+
+fn duration_in(
+    r: &mut Reporter<'_>,
+    path: &KeyPath,
+    text: &str,
+    min: Duration,
+    max: Duration,
+) -> Option<Duration> {
+    match units::parse_duration(text) {
+        Ok(v) if v < min || v > max => {
+            r.at_path(
+                path,
+                format!(
+                    "{text} is out of range {}..={}",
+                    humantime::format_duration(min),
+                    humantime::format_duration(max)
+                ),
+                None,
+            );
+            None
+        }
+        Ok(v) => Some(v),
+        Err(e) => {
+            r.at_path(path, e, None);
+            None
+        }
+    }
+}
+
+/// A topic name usable for publishing: non-empty, no wildcards, no NUL.
+fn check_topic_name(topic: &str) -> Result<(), String> {
+    if topic.is_empty() {
+        return Err("topic must not be empty".into());
+    }
+    if topic.contains(['+', '#']) {
+        return Err(format!(
+            "topic `{topic}` must not contain wildcards (`+`, `#`)"
+        ));
+    }
+    if topic.contains('\0') {
+        return Err("topic must not contain NUL".into());
+    }
+    Ok(())
+}
+
+fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> {
+    let gw = KeyPath::root("gateway");
+    let gw_id = int_in::<u8>(r, &gw.key("id"), raw.gateway.id, 0, 255);
+    if raw.gateway.name.is_empty() {
+        r.at_path(&gw.key("name"), "must not be empty".into(), None);
+    }
+    if raw.gateway.state_dir.is_empty() {
+        r.at_path(&gw.key("state_dir"), "must not be empty".into(), None);
+    }
+    let base = file.parent().unwrap_or(Path::new("."));
+    let state_dir = base.join(&raw.gateway.state_dir);
+
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.log.level) {
+        r.at_path(
+            &KeyPath::root("log").key("level"),
+            format!("invalid log filter `{}`: {e}", raw.log.level),
+            Some(
+                "use `error`, `warn`, `info`, `debug`, `trace`, or `sensorgate=debug,info`".into(),
+            ),
+        );
+    }
+
+    let sn = KeyPath::root("mqttsn");
+    let m = &raw.mqttsn;
+    let mut listen = Vec::new();
+    if m.listen.is_empty() {
+        r.at_path(
+            &sn.key("listen"),
+            "at least one listen address is required".into(),
+            None,
+        );
+    }
+    let mut seen = HashSet::new();
+    for (i, addr) in m.listen.iter().enumerate() {
+        match addr.parse::<SocketAddr>() {
+            Ok(a) if !seen.insert(a) => r.at_path(
+                &sn.key("listen").index(i),
+                format!("`{addr}` is listed twice"),
+                None,
+            ),
+            Ok(a) => listen.push(a),
+            Err(_) => r.at_path(
+                &sn.key("listen").index(i),
+                format!("`{addr}` is not an IP socket address"),
+                Some("write `127.0.0.1:1883` or `[::1]:1883`".into()),
+            ),
+        }
+    }
+    let max_clients = int_in::<usize>(r, &sn.key("max_clients"), m.max_clients, 1, 10_000_000);
+    let max_packet_size = size_in(
+        r,
+        &sn.key("max_packet_size"),
+        &m.max_packet_size,
+        16,
+        65_535,
+    );
+    let recv_buffer = size_in(r, &sn.key("recv_buffer"), &m.recv_buffer, 4096, 1 << 30);
+    let send_buffer = size_in(r, &sn.key("send_buffer"), &m.send_buffer, 4096, 1 << 30);
+    let recv_batch = int_in::<usize>(r, &sn.key("recv_batch"), m.recv_batch, 1, 1024);
+    let max_client_id_len = int_in::<usize>(
+        r,
+        &sn.key("max_client_id_len"),
+        m.max_client_id_len,
+        1,
+        1024,
+    );
+    let max_topics = int_in::<usize>(
+        r,
+        &sn.key("max_topics_per_client"),
+        m.max_topics_per_client,
+        1,
+        65_000,
+    );
+    let max_inflight = int_in::<usize>(
+        r,
+        &sn.key("max_inflight_per_client"),
+        m.max_inflight_per_client,
+        1,
+        1024,
+    );
+
+    let mut predefined = Vec::new();
+    // (id, client or "*") -> index of the first definition, to refuse ambiguous ids.
+    let mut defined: BTreeMap<(u16, String), usize> = BTreeMap::new();
+    for (i, p) in m.predefined_topic.iter().enumerate() {
+        let path = sn.key("predefined_topic").index(i);
+        let id = int_in::<u16>(r, &path.key("id"), p.id, 1, 65_534);
+        if let Err(e) = check_topic_name(&p.topic) {
+            r.at_path(&path.key("topic"), e, None);
+        }
+        if p.clients.is_empty() {
+            r.at_path(
+                &path.key("clients"),
+                "must name at least one ClientId, or `*` for all".into(),
+                None,
+            );
+        }
+        let all = p.clients.iter().any(|c| c == "*");
+        if all && p.clients.len() > 1 {
+            r.at_path(
+                &path.key("clients"),
+                "`*` already covers every client".into(),
+                None,
+            );
+        }
+        let Some(id) = id else { continue };
+        for c in &p.clients {
+            for key in [(id, c.clone()), (id, "*".to_owned())] {
+                if let Some(first) = defined.get(&key) {
+                    if *first != i {
+                        r.at_path(
+                            &path.key("id"),
+                            format!(
+                                "predefined topic id {id} is already defined for {} \
+                                 (mqttsn.predefined_topic[{first}])",
+                                if key.1 == "*" {
+                                    "all clients".to_owned()
+                                } else {
+                                    format!("client `{c}`")
+                                }
+                            ),
+                            None,
+                        );
+                    }
+                }
+            }
+            if c == "*" {
+                if let Some((_, first)) = defined.iter().find(|((k, _), _)| *k == id) {
+                    if *first != i {
+                        r.at_path(
+                            &path.key("id"),
+                            format!(
+                                "predefined topic id {id} is already defined for some clients \
+                                 (mqttsn.predefined_topic[{first}])"
+                            ),
+                            None,
+                        );
+                    }
+                }
+            }
+            defined.entry((id, c.clone())).or_insert(i);
+        }
+        predefined.push(PredefinedTopic {
+            id,
+            topic: p.topic.clone(),
+            clients: if all {
+                ClientSet::All
+            } else {
+                ClientSet::Only(p.clients.clone())
+            },
+        });
+    }
+
+    let mut upstreams = Vec::new();
+    if raw.upstream.is_empty() {
+        r.at_span(
+            Some(0..0),
+            "no `[[upstream]]` is configured: sensor data would have nowhere to go".into(),
+            Some("add an [[upstream]] section with name, kind and url".into()),
+        );
+    }
+    let mut names = HashSet::new();
+    for (i, u) in raw.upstream.iter().enumerate() {
+        let path = KeyPath::root("upstream").index(i);
+        if let Some(up) = compile_upstream(&path, u, gw_id.unwrap_or(0), base, r) {
+            if !names.insert(up.name.clone()) {
+                r.at_path(
+                    &path.key("name"),
+                    format!("upstream name `{}` is used twice", up.name),
+                    None,
+                );
+            }
+            upstreams.push(up);
+        }
+    }
+
+    Some(Config {
+        file: file.to_owned(),
+        gateway: GatewaySection {
+            id: gw_id?,
+            name: raw.gateway.name,
+            state_dir,
+        },
+        log: LogSection {
+            level: raw.log.level,
+        },
+        mqttsn: MqttSnSection {
+            listen,
+            recv_buffer: recv_buffer?,
+            send_buffer: send_buffer?,
+            recv_batch: recv_batch?,
+            core: CoreConfig {
+                gw_id: gw_id?,
+                max_clients: max_clients?,
+                max_packet_size: max_packet_size?,
+                max_client_id_len: max_client_id_len?,
+                max_topics_per_client: max_topics?,
+                max_inflight_per_client: max_inflight?,
+                qos_minus_one: m.qos_minus_one,
+                predefined,
+            },
+        },
+        upstreams,
+    })
+}
+
+fn compile_upstream(
+    path: &KeyPath,
+    u: &RawUpstream,
+    gw_id: u8,
+    base: &Path,
+    r: &mut Reporter<'_>,
+) -> Option<Upstream> {
+    let name_ok = !u.name.is_empty()
+        && u.name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !name_ok {
+        r.at_path(
+            &path.key("name"),
+            format!("`{}` is not a valid upstream name", u.name),
+            Some("use letters, digits, `-` and `_`".into()),
+        );
+    }
+    match u.kind.as_str() {
+        "mqtt" => {}
+        "amqp" => {
+            r.at_path(
+                &path.key("kind"),
+                "kind `amqp` is not supported yet".into(),
+                None,
+            );
+            return None;
+        }
+        other => {
+            let hint = diag::did_you_mean(other, &["mqtt", "amqp"])
+                .map(|b| format!("did you mean `{b}`?"));
+            r.at_path(
+                &path.key("kind"),
+                format!("unknown upstream kind `{other}`"),
+                hint,
+            );
+            return None;
+        }
+    }
+    let endpoint = match MqttUpstreamConfig::parse_url(&u.url) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            r.at_path(
+                &path.key("url"),
+                e.to_string(),
+                Some("write `mqtt://host:1883` or `mqtts://host:8883`".into()),
+            );
+            None
+        }
+    };
+    let version = match u.protocol.as_str() {
+        "5" | "5.0" => Some(MqttVersion::V5),
+        "3.1.1" | "4" => Some(MqttVersion::V311),
+        other => {
+            r.at_path(
+                &path.key("protocol"),
+                format!("unknown MQTT protocol version `{other}`"),
+                Some("use \"5\" or \"3.1.1\"".into()),
+            );
+            None
+        }
+    };
+    let file_of = |s: &Option<String>| s.as_ref().map(|p| base.join(p));
+    let tls_wanted = endpoint.as_ref().is_some_and(|e| e.2);
+    let has_tls_files = u.ca_file.is_some() || u.client_cert.is_some() || u.client_key.is_some();
+    if has_tls_files && !tls_wanted && endpoint.is_some() {
+        r.at_path(
+            &path.key("url"),
+            "TLS files are set but the URL is not `mqtts://`".into(),
+            Some("use an `mqtts://` URL, or remove ca_file/client_cert/client_key".into()),
+        );
+    }
+    if u.client_cert.is_some() != u.client_key.is_some() {
+        r.at_path(
+            &path.key(if u.client_cert.is_some() {
+                "client_cert"
+            } else {
+                "client_key"
+            }),
+            "client_cert and client_key must be given together".into(),
+            None,
+        );
+    }
+    for (key, value) in [
+        ("ca_file", &u.ca_file),
+        ("client_cert", &u.client_cert),
+        ("client_key", &u.client_key),
+    ] {
+        if let Some(p) = file_of(value) {
+            if !p.is_file() {
+                r.at_path(
+                    &path.key(key),
+                    format!("file {} does not exist", p.display()),
+                    None,
+                );
+            }
+        }
+    }
+    if u.password.is_some() && u.username.is_none() {
+        r.at_path(
+            &path.key("password"),
+            "a password needs a username".into(),
+            None,
+        );
+    }
+    let client_id = u
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("sensorgate-{gw_id}-{}", u.name));
+    if client_id.is_empty() || client_id.len() > 65_535 {
+        r.at_path(
+            &path.key("client_id"),
+            "must be 1..=65535 bytes".into(),
+            None,
+        );
+    }
+    let keep_alive = duration_in(
+        r,
+        &path.key("keep_alive"),
+        &u.keep_alive,
+        Duration::from_secs(1),
+        Duration::from_secs(65_535),
+    );
+    let connect_timeout = duration_in(
+        r,
+        &path.key("connect_timeout"),
+        &u.connect_timeout,
+        Duration::from_millis(100),
+        Duration::from_secs(600),
+    );
+    let backoff_initial = duration_in(
+        r,
+        &path.key("backoff_initial"),
+        &u.backoff_initial,
+        Duration::from_millis(10),
+        Duration::from_secs(3600),
+    );
+    let backoff_max = duration_in(
+        r,
+        &path.key("backoff_max"),
+        &u.backoff_max,
+        Duration::from_millis(10),
+        Duration::from_secs(3600),
+    );
+    if let (Some(a), Some(b)) = (backoff_initial, backoff_max) {
+        if a > b {
+            r.at_path(
+                &path.key("backoff_max"),
+                "must not be below backoff_initial".into(),
+                None,
+            );
+        }
+    }
+    let max_inflight = int_in::<u16>(r, &path.key("max_inflight"), u.max_inflight, 1, 65_535);
+    let queue = int_in::<usize>(r, &path.key("queue"), u.queue, 1, 1_000_000);
+    if u.remote_prefix.contains(['+', '#']) {
+        r.at_path(
+            &path.key("remote_prefix"),
+            "must not contain wildcards".into(),
+            None,
+        );
+    }
+    let (host, port, tls) = endpoint?;
+    let config = MqttUpstreamConfig {
+        name: u.name.clone(),
+        host,
+        port,
+        tls: tls.then(|| TlsSettings {
+            ca_file: file_of(&u.ca_file),
+            client_cert: file_of(&u.client_cert),
+            client_key: file_of(&u.client_key),
+        }),
+        version: version?,
+        client_id,
+        username: u.username.clone(),
+        password: u.password.clone(),
+        keep_alive: keep_alive?,
+        connect_timeout: connect_timeout?,
+        backoff_initial: backoff_initial?,
+        backoff_max: backoff_max?,
+        max_inflight: max_inflight?,
+        remote_prefix: u.remote_prefix.clone(),
+        request_queue: queue?,
+    };
+    Some(Upstream {
+        name: u.name.clone(),
+        url: u.url.clone(),
+        kind: UpstreamKind::Mqtt(config),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,154 @@
+//! Config validation tests: every error located, all of them reported.
+
+use std::path::Path;
+
+use super::*;
+
+const MINIMAL: &str = r#"
+[gateway]
+id = 1
+state_dir = "/tmp/sg"
+[mqttsn]
+listen = ["127.0.0.1:1883", "[::1]:1883"]
+[[mqttsn.predefined_topic]]
+id = 1
+topic = "sensors/predefined/1"
+clients = ["*"]
+[[upstream]]
+name = "local"
+kind = "mqtt"
+url = "mqtt://127.0.0.1:1883"
+remote_prefix = ""
+"#;
+
+fn errors(text: &str) -> Vec<Diagnostic> {
+    match Config::parse(Path::new("test.toml"), text) {
+        Ok(_) => panic!("expected errors"),
+        Err(LoadError::Invalid(d)) => d,
+        Err(e) => panic!("unexpected {e}"),
+    }
+}
+
+#[test]
+fn the_fixed_example_is_valid() {
+    let c = Config::parse(Path::new("test.toml"), MINIMAL).unwrap();
+    assert_eq!(c.gateway.id, 1);
+    assert_eq!(c.mqttsn.listen.len(), 2);
+    assert_eq!(c.mqttsn.core.predefined.len(), 1);
+    assert_eq!(c.upstreams.len(), 1);
+    let UpstreamKind::Mqtt(m) = &c.upstreams[0].kind;
+    assert_eq!(
+        (m.host.as_str(), m.port, m.tls.is_none()),
+        ("127.0.0.1", 1883, true)
+    );
+    assert!(
+        c.summary()
+            .contains("upstream local: MQTT 5 at mqtt://127.0.0.1:1883")
+    );
+}
+
+#[test]
+fn unknown_keys_are_all_reported_with_location_and_hint() {
+    let text = MINIMAL.replace(
+        "[mqttsn]\n",
+        "[mqttsn]\nmax_client = 5\nlisten_adress = 1\n",
+    ) + "\n[gatway]\nid = 2\n";
+    let d = errors(&text);
+    assert_eq!(d.len(), 3, "{d:#?}");
+    assert_eq!(d[0].message, "unknown key `max_client` in `[mqttsn]`");
+    assert_eq!(d[0].hint.as_deref(), Some("did you mean `max_clients`?"));
+    assert_eq!((d[0].line, d[0].column), (6, 1));
+    assert_eq!(d[1].message, "unknown key `listen_adress` in `[mqttsn]`");
+    assert_eq!(d[1].hint.as_deref(), Some("did you mean `listen`?"));
+    assert_eq!(d[2].message, "unknown key `gatway`");
+    assert_eq!(d[2].hint.as_deref(), Some("did you mean `gateway`?"));
+    assert!(
+        d[0].to_string()
+            .starts_with("test.toml:6:1: error: unknown key `max_client`")
+    );
+}
+
+#[test]
+fn semantic_errors_are_collected_together() {
+    let text = MINIMAL
+        .replace("id = 1\nstate_dir", "id = 300\nstate_dir")
+        .replace("\"[::1]:1883\"", "\"localhost:1883\"")
+        .replace(
+            "remote_prefix = \"\"",
+            "remote_prefix = \"\"\nbackoff_max = \"abc\"\nprotocol = \"6\"",
+        );
+    let d = errors(&text);
+    let msgs: Vec<&str> = d.iter().map(|d| d.message.as_str()).collect();
+    assert_eq!(d.len(), 4, "{msgs:#?}");
+    assert!(msgs[0].starts_with("`gateway.id`: 300 is out of range 0..=255"));
+    assert_eq!((d[0].line, d[0].column), (3, 6));
+    assert!(
+        msgs[1].starts_with("`mqttsn.listen[1]`: `localhost:1883` is not an IP socket address")
+    );
+    assert_eq!(d[1].line, 6);
+    assert!(msgs[2].starts_with("`upstream[0].backoff_max`: invalid duration `abc`"));
+    assert!(msgs[3].starts_with("`upstream[0].protocol`: unknown MQTT protocol version `6`"));
+}
+
+#[test]
+fn syntax_errors_point_at_the_spot() {
+    let d = errors("[gateway]\nid = = 1\n");
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].line, 2);
+    assert!(d[0].message.starts_with("invalid TOML"));
+}
+
+#[test]
+fn type_errors_are_located() {
+    let d = errors(&MINIMAL.replace("id = 1\nstate_dir", "id = \"one\"\nstate_dir"));
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_eq!(d[0].line, 3);
+}
+
+#[test]
+fn predefined_ids_must_be_unambiguous() {
+    let text = MINIMAL.to_owned()
+        + "[[mqttsn.predefined_topic]]\nid = 1\ntopic = \"other\"\nclients = [\"dev1\"]\n"
+        + "[[mqttsn.predefined_topic]]\nid = 0\ntopic = \"a/+\"\n";
+    let d = errors(&text);
+    let msgs: Vec<&str> = d.iter().map(|d| d.message.as_str()).collect();
+    assert_eq!(d.len(), 3, "{msgs:#?}");
+    assert!(msgs[0].contains("predefined topic id 1 is already defined for all clients"));
+    assert!(msgs[1].contains("0 is out of range 1..=65534"));
+    assert!(msgs[2].contains("must not contain wildcards"));
+}
+
+#[test]
+fn an_upstream_is_required_and_kinds_are_checked() {
+    let d = errors("[mqttsn]\nlisten = [\"127.0.0.1:1\"]\n");
+    assert!(d[0].message.contains("no `[[upstream]]`"));
+    let d = errors(&MINIMAL.replace("kind = \"mqtt\"", "kind = \"mqt\""));
+    assert_eq!(d[0].hint.as_deref(), Some("did you mean `mqtt`?"));
+    let d = errors(&MINIMAL.replace("mqtt://127.0.0.1:1883", "http://x"));
+    assert!(d[0].message.starts_with("`upstream[0].url`"));
+}
+
+#[test]
+fn sizes_and_durations_use_strings() {
+    let text = MINIMAL.replace(
+        "[mqttsn]\n",
+        "[mqttsn]\nmax_packet_size = \"2KiB\"\nrecv_buffer = \"1\"\n",
+    );
+    let d = errors(&text);
+    assert_eq!(d.len(), 1);
+    assert!(d[0].message.contains("missing unit"));
+    let ok = MINIMAL.replace("[mqttsn]\n", "[mqttsn]\nmax_packet_size = \"2KiB\"\n");
+    let c = Config::parse(Path::new("t.toml"), &ok).unwrap();
+    assert_eq!(c.mqttsn.core.max_packet_size, 2048);
+}
+
+#[test]
+fn reference_configs_are_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for file in ["config/sensorgate.toml", "config/local.toml"] {
+        let path = root.join(file);
+        if let Err(e) = Config::load(&path) {
+            panic!("{file}: {e}");
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! IO adapters: thin tasks that move bytes between sockets and the sans-IO cores.
+
+pub mod batch;
+pub mod udp;

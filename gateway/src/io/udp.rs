@@ -1,0 +1,264 @@
+//! The MQTT-SN over UDP adapter: owns the listening sockets and the [`Core`], and moves
+//! datagrams, upstream acknowledgements and timer expiries into it and its output out.
+//!
+//! It makes no protocol decisions. Per wake-up it reads up to `recv_batch` datagrams from each
+//! ready socket, then drains the core's events (to the upstreams) and transmits (to the
+//! sockets), so a burst is handled with one flush.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Instant;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use sensorgate_bridges::mqtt::{AckReport, Delivery, MqttUpstream};
+
+use super::batch::{RecvBatch, SendBatch};
+use crate::mqttsn::core::{Core, Event, Peer, PublishOutcome};
+
+/// Replies sent per `sendmmsg`.
+const SEND_BATCH: usize = 64;
+
+/// Socket settings from `[mqttsn]`.
+#[derive(Debug, Clone, Copy)]
+pub struct SocketOptions {
+    /// `SO_RCVBUF` request in bytes.
+    pub recv_buffer: usize,
+    /// `SO_SNDBUF` request in bytes.
+    pub send_buffer: usize,
+}
+
+/// Binds one UDP listener. IPv6 sockets are v6-only so `0.0.0.0:P` and `[::]:P` can coexist.
+///
+/// # Errors
+/// The OS error from socket, option or bind calls.
+pub fn bind(addr: SocketAddr, options: SocketOptions) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    // The kernel may cap these (net.core.rmem_max); the effective sizes are logged.
+    socket.set_recv_buffer_size(options.recv_buffer)?;
+    socket.set_send_buffer_size(options.send_buffer)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    let socket = UdpSocket::from_std(socket.into())?;
+    let sock = socket2::SockRef::from(&socket);
+    tracing::info!(
+        %addr,
+        recv_buffer = sock.recv_buffer_size().unwrap_or(0),
+        send_buffer = sock.send_buffer_size().unwrap_or(0),
+        "MQTT-SN UDP listener bound."
+    );
+    Ok(socket)
+}
+
+/// Aggregates the per-upstream reports of one token: the sensor is answered once every
+/// upstream has reported, accepted only if all accepted.
+#[derive(Debug, Default)]
+struct AckJoin {
+    waiting: HashMap<u64, (usize, bool)>,
+}
+
+impl AckJoin {
+    fn expect(&mut self, token: u64, upstreams: usize) {
+        self.waiting.insert(token, (upstreams, false));
+    }
+
+    fn report(&mut self, report: &AckReport) -> Option<PublishOutcome> {
+        let entry = self.waiting.get_mut(&report.token)?;
+        entry.0 = entry.0.saturating_sub(1);
+        if !matches!(report.delivery, Delivery::Acknowledged) {
+            entry.1 = true;
+        }
+        if entry.0 > 0 {
+            return None;
+        }
+        let (_, failed) = self.waiting.remove(&report.token)?;
+        Some(if failed {
+            PublishOutcome::Congestion
+        } else {
+            PublishOutcome::Accepted
+        })
+    }
+}
+
+/// The task owning the core and its sockets.
+pub struct UdpDriver {
+    core: Core,
+    sockets: Vec<Arc<UdpSocket>>,
+    upstreams: Vec<MqttUpstream>,
+    acks: mpsc::Receiver<AckReport>,
+    rx: RecvBatch,
+    tx: Vec<SendBatch>,
+    joins: AckJoin,
+}
+
+impl UdpDriver {
+    /// Assembles a driver; `acks` receives the reports of every upstream in `upstreams`.
+    pub fn new(
+        core: Core,
+        sockets: Vec<UdpSocket>,
+        upstreams: Vec<MqttUpstream>,
+        acks: mpsc::Receiver<AckReport>,
+        recv_batch: usize,
+        max_packet_size: usize,
+    ) -> Self {
+        let tx = sockets.iter().map(|_| SendBatch::new(SEND_BATCH)).collect();
+        UdpDriver {
+            core,
+            sockets: sockets.into_iter().map(Arc::new).collect(),
+            upstreams,
+            acks,
+            // One byte more than the limit so oversize datagrams are seen as such.
+            rx: RecvBatch::new(recv_batch, max_packet_size + 1),
+            tx,
+            joins: AckJoin::default(),
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled.
+    ///
+    /// # Errors
+    /// A socket error other than the transient ones (the gateway cannot serve without its
+    /// sockets).
+    #[allow(clippy::disallowed_methods)] // The adapter is where the clock is read.
+    pub async fn run(mut self, shutdown: CancellationToken) -> io::Result<()> {
+        let mut tx_buf = Vec::with_capacity(256);
+        loop {
+            let deadline = self.core.poll_timeout();
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let readable = std::future::poll_fn(|cx| {
+                for (i, s) in self.sockets.iter().enumerate() {
+                    if let Poll::Ready(r) = s.poll_recv_ready(cx) {
+                        return Poll::Ready((i, r));
+                    }
+                }
+                Poll::Pending
+            });
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                (index, ready) = readable => {
+                    ready?;
+                    self.receive_batch(index)?;
+                }
+                Some(report) = self.acks.recv() => {
+                    let now = Instant::now();
+                    self.on_report(now, &report);
+                    while let Ok(report) = self.acks.try_recv() {
+                        self.on_report(now, &report);
+                    }
+                }
+                () = sleep => {}
+            }
+            self.core.handle_timeout(Instant::now());
+            self.flush(&mut tx_buf).await?;
+        }
+    }
+
+    #[allow(clippy::disallowed_methods)]
+    fn receive_batch(&mut self, index: usize) -> io::Result<()> {
+        let Some(socket) = self.sockets.get(index).cloned() else {
+            return Ok(());
+        };
+        match self.rx.recv(&socket) {
+            Ok(_) => {}
+            Err(e) if is_peer_error(&e) => {
+                // ICMP errors from earlier sends surface here; they are about one peer.
+                tracing::debug!(error = %e, "Transient UDP receive error.");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+        let now = Instant::now();
+        for (from, datagram) in self.rx.datagrams() {
+            self.core
+                .handle_datagram(now, Peer::udp(index as u16, from), datagram);
+        }
+        Ok(())
+    }
+
+    fn on_report(&mut self, now: Instant, report: &AckReport) {
+        if let Some(outcome) = self.joins.report(report) {
+            self.core.handle_publish_result(now, report.token, outcome);
+        }
+    }
+
+    #[allow(clippy::disallowed_methods)]
+    async fn flush(&mut self, tx_buf: &mut Vec<u8>) -> io::Result<()> {
+        let now = Instant::now();
+        while let Some(event) = self.core.poll_event() {
+            match event {
+                Event::Publish { message, token } => {
+                    if let Some(token) = token {
+                        self.joins.expect(token, self.upstreams.len());
+                    }
+                    let count = self.upstreams.len();
+                    let mut message = Some(message);
+                    for (index, up) in self.upstreams.iter().enumerate() {
+                        // Clone for all but the last upstream.
+                        let msg = if index + 1 == count {
+                            message.take()
+                        } else {
+                            message.clone()
+                        };
+                        let Some(msg) = msg else { break };
+                        // A refused publish gets no report from the upstream: count it here.
+                        if let (Err(reason), Some(token)) = (up.publish(msg, token), token) {
+                            let report = AckReport {
+                                token,
+                                upstream: index,
+                                delivery: Delivery::Failed(reason),
+                            };
+                            if let Some(outcome) = self.joins.report(&report) {
+                                self.core.handle_publish_result(now, token, outcome);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        while let Some(peer) = self.core.poll_transmit(tx_buf) {
+            let index = usize::from(peer.listener);
+            let (Some(batch), Some(socket)) = (self.tx.get_mut(index), self.sockets.get(index))
+            else {
+                continue;
+            };
+            if batch.is_full() {
+                batch.flush(socket).await?;
+            }
+            batch.push(peer.addr, tx_buf);
+        }
+        for (batch, socket) in self.tx.iter_mut().zip(&self.sockets) {
+            if !batch.is_empty() {
+                batch.flush(socket).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Errors a UDP socket reports about one peer (ICMP unreachable and the like), not about itself.
+pub(crate) fn is_peer_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+            | io::ErrorKind::AddrNotAvailable
+            | io::ErrorKind::PermissionDenied
+            | io::ErrorKind::Interrupted
+    ) || e.raw_os_error() == Some(nix::errno::Errno::EMSGSIZE as i32)
+}
