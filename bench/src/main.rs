@@ -173,18 +173,28 @@ async fn main() -> anyhow::Result<()> {
     let total = args.clients as u64 * args.messages;
     let received = Arc::new(AtomicU64::new(0));
     let first_last = Arc::new(std::sync::Mutex::new((None::<Instant>, None::<Instant>)));
+    // The subscriber's client handle must outlive the run: its event loop ends when it drops.
+    let mut _subscriber = None;
     if let Some(broker) = &args.broker {
         let (host, port) = broker.rsplit_once(':').context("--broker host:port")?;
         let mut opts = MqttOptions::new("sg-load-counter", (host.to_owned(), port.parse::<u16>()?));
         opts.set_keep_alive(30);
         let (client, mut eventloop) = AsyncClient::builder(opts).capacity(1000).build();
         client.subscribe("bench/#", QoS::AtMostOnce).await?;
+        _subscriber = Some(client.clone());
         let received = received.clone();
         let fl = first_last.clone();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let mut ready_tx = Some(ready_tx);
         tokio::spawn(async move {
-            while let Ok(ev) = eventloop.poll().await {
+            loop {
+                let ev = match eventloop.poll().await {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        eprintln!("counting subscriber: {e}");
+                        break;
+                    }
+                };
                 match ev {
                     Event::Incoming(Incoming::SubAck(_)) => {
                         if let Some(tx) = ready_tx.take() {

@@ -48,31 +48,45 @@ pub enum RunError {
 /// # Errors
 /// [`RunError`] when start-up fails or a listener dies.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
-    let options = SocketOptions {
-        recv_buffer: config.mqttsn.recv_buffer,
-        send_buffer: config.mqttsn.send_buffer,
-    };
-    let mut sockets = Vec::new();
-    for &addr in &config.mqttsn.listen {
-        sockets.push(udp::bind(addr, options).map_err(|source| RunError::Bind { addr, source })?);
-    }
-
     let upstream_stop = CancellationToken::new();
     let (ack_tx, ack_rx) = mpsc::channel(ACK_CHANNEL);
     let mut upstreams = Vec::new();
     let mut tasks = Vec::new();
     for (index, upstream) in config.upstreams.iter().enumerate() {
         let UpstreamKind::Mqtt(mqtt) = &upstream.kind;
-        let (handle, task) =
-            MqttUpstream::spawn(index, mqtt.clone(), ack_tx.clone(), upstream_stop.clone())
-                .map_err(|source| RunError::Upstream {
+        let spawned =
+            MqttUpstream::spawn(index, mqtt.clone(), ack_tx.clone(), upstream_stop.clone());
+        let (handle, task) = match spawned {
+            Ok(spawned) => spawned,
+            Err(source) => {
+                upstream_stop.cancel();
+                return Err(RunError::Upstream {
                     name: upstream.name.clone(),
                     source,
-                })?;
+                });
+            }
+        };
         upstreams.push(handle);
         tasks.push(task);
     }
     drop(ack_tx);
+
+    // Upstreams start first (their setup errors come before any port is taken); a bind failure
+    // stops them again.
+    let options = SocketOptions {
+        recv_buffer: config.mqttsn.recv_buffer,
+        send_buffer: config.mqttsn.send_buffer,
+    };
+    let mut sockets = Vec::new();
+    for &addr in &config.mqttsn.listen {
+        match udp::bind(addr, options) {
+            Ok(socket) => sockets.push(socket),
+            Err(source) => {
+                upstream_stop.cancel();
+                return Err(RunError::Bind { addr, source });
+            }
+        }
+    }
 
     let core = Core::new(config.mqttsn.core.clone());
     let driver = UdpDriver::new(

@@ -860,15 +860,30 @@ fn compile_upstream(
         );
     }
     let (host, port, tls) = endpoint?;
+    let tls = tls.then(|| TlsSettings {
+        ca_file: file_of(&u.ca_file),
+        client_cert: file_of(&u.client_cert),
+        client_key: file_of(&u.client_key),
+    });
+    // Load the TLS material now, so check-config catches a wrong PEM or a mismatched key.
+    let files_exist = [&u.ca_file, &u.client_cert, &u.client_key]
+        .iter()
+        .all(|f| file_of(f).is_none_or(|p| p.is_file()));
+    if let (Some(settings), true) = (&tls, files_exist) {
+        if let Err(e) = sensorgate_bridges::mqtt::build_tls_config(settings) {
+            let key = if u.client_cert.is_some() {
+                "client_cert"
+            } else {
+                "url"
+            };
+            r.at_path(&path.key(key), e.to_string(), None);
+        }
+    }
     let config = MqttUpstreamConfig {
         name: u.name.clone(),
         host,
         port,
-        tls: tls.then(|| TlsSettings {
-            ca_file: file_of(&u.ca_file),
-            client_cert: file_of(&u.client_cert),
-            client_key: file_of(&u.client_key),
-        }),
+        tls,
         version: version?,
         client_id,
         username: u.username.clone(),

@@ -1,0 +1,53 @@
+//! Fuzzes the gateway core: any sequence of datagrams from a few peers, interleaved with time
+//! steps and upstream verdicts, must never panic, and the session maps must stay consistent.
+
+#![no_main]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use libfuzzer_sys::fuzz_target;
+use sensorgate::mqttsn::core::{
+    ClientSet, Core, CoreConfig, Event, Peer, PredefinedTopic, PublishOutcome,
+};
+
+fuzz_target!(|data: &[u8]| {
+    let mut core = Core::new(CoreConfig {
+        gw_id: 1,
+        max_clients: 4,
+        max_packet_size: 256,
+        max_client_id_len: 23,
+        max_topics_per_client: 4,
+        max_inflight_per_client: 2,
+        qos_minus_one: true,
+        predefined: vec![PredefinedTopic { id: 1, topic: "p".into(), clients: ClientSet::All }],
+    });
+    #[allow(clippy::disallowed_methods)]
+    let mut now = Instant::now();
+    let mut tokens = Vec::new();
+    let mut buf = Vec::new();
+    // Input: records of [control, len, bytes...]; control picks the peer, a time step, and what
+    // to answer the oldest outstanding token.
+    let mut rest = data;
+    while let [control, len, tail @ ..] = rest {
+        let n = usize::from(*len).min(tail.len());
+        let (datagram, next) = tail.split_at(n);
+        rest = next;
+        let port = 1000 + u16::from(control & 0x03);
+        let peer = Peer::udp(0, SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+        core.handle_datagram(now, peer, datagram);
+        now += Duration::from_millis(u64::from(control >> 2) * 500);
+        core.handle_timeout(now);
+        while let Some(Event::Publish { token, .. }) = core.poll_event() {
+            tokens.extend(token);
+        }
+        if control & 0x80 != 0 && !tokens.is_empty() {
+            let token = tokens.remove(0);
+            let outcome =
+                if control & 0x40 != 0 { PublishOutcome::Accepted } else { PublishOutcome::Congestion };
+            core.handle_publish_result(now, token, outcome);
+        }
+        while core.poll_transmit(&mut buf).is_some() {}
+        assert!(core.session_count() <= 4);
+    }
+});
