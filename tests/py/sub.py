@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Broker observer for the sensorgate end-to-end tests.
 
-Subscribes (QoS 2) to one or more topic filters on an MQTT broker with paho-mqtt v2 and writes
+Subscribes (QoS 2 unless --qos says otherwise) to one or more topic filters on an MQTT broker with paho-mqtt v2 and writes
 to stdout, one line each, flushed:
 
     READY                      once every subscription is acknowledged (SUBACK)
@@ -29,6 +29,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--topic", action="append", required=True, help="filter; repeatable")
     parser.add_argument("--protocol", choices=["3.1.1", "5"], default="5")
+    parser.add_argument("--qos", type=int, choices=[0, 1, 2], default=2, help="subscription QoS")
     parser.add_argument("--count", type=int, default=0, help="exit after N messages; 0: never")
     parser.add_argument("--timeout", type=float, default=300.0, help="exit after this many s")
     args = parser.parse_args()
@@ -54,10 +55,10 @@ def main() -> int:
             done.set()
             return
         if v5:
-            opts = SubscribeOptions(qos=2, retainAsPublished=True)
+            opts = SubscribeOptions(qos=args.qos, retainAsPublished=True)
             c.subscribe([(t, opts) for t in args.topic])
         else:
-            c.subscribe([(t, 2) for t in args.topic])
+            c.subscribe([(t, args.qos) for t in args.topic])
 
     def on_subscribe(_c, _userdata, _mid, reason_codes, _properties):
         bad = [str(rc) for rc in reason_codes if rc.is_failure]

@@ -18,8 +18,6 @@
 //!   `<workspace>/.venv/bin/python3`); the `mqtt_sn_pub` CLI is taken from the same directory.
 //! - `SENSORGATE_MOSQUITTO`: the broker (default `/usr/sbin/mosquitto`).
 
-use std::collections::VecDeque;
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -189,7 +187,12 @@ struct Proc {
 
 impl Proc {
     fn spawn(name: &str, cmd: &mut Command, log: &Path, stdout_to_log: bool) -> Result<Proc> {
-        let file = File::create(log).with_context(|| format!("create {}", log.display()))?;
+        // Append: a restarted process keeps its predecessor's output in front of its own.
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("open {}", log.display()))?;
         cmd.stdin(Stdio::null()).stderr(file.try_clone()?);
         if stdout_to_log {
             cmd.stdout(file);
@@ -265,7 +268,7 @@ impl Drop for Proc {
             // The tail is what matters; a debug log of a load test is long.
             let tail: String = {
                 let lines: Vec<&str> = text.lines().collect();
-                let skip = lines.len().saturating_sub(200);
+                let skip = lines.len().saturating_sub(60);
                 lines.into_iter().skip(skip).collect::<Vec<_>>().join("\n")
             };
             eprintln!("{tail}\n----- end of {} output -----", self.name);
@@ -688,20 +691,58 @@ impl Gateway {
     /// # Errors
     /// When it exits or does not answer within [`READY_TIMEOUT`].
     pub fn start_in(dir: TempDir, text: &str, sn_addr: SocketAddr) -> Result<Gateway> {
-        let config = dir.path().join("sensorgate.toml");
-        std::fs::write(&config, text)?;
-        let log = dir.path().join("sensorgate.log");
-        let mut cmd = Command::new(sensorgate_bin());
-        cmd.arg("run").arg("-c").arg(&config).env_remove("RUST_LOG");
-        let proc = Proc::spawn("sensorgate", &mut cmd, &log, true)?;
+        std::fs::write(dir.path().join("sensorgate.toml"), text)?;
         let mut gw = Gateway {
-            proc: Some(proc),
+            proc: None,
             sn_addr,
             dir,
         };
-        gw.wait_ready()
+        gw.launch()
             .with_context(|| format!("gateway config:\n{text}"))?;
         Ok(gw)
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        let config = self.dir.path().join("sensorgate.toml");
+        let log = self.dir.path().join("sensorgate.log");
+        let mut cmd = Command::new(sensorgate_bin());
+        cmd.arg("run").arg("-c").arg(&config).env_remove("RUST_LOG");
+        self.proc = Some(Proc::spawn("sensorgate", &mut cmd, &log, true)?);
+        self.wait_ready()
+    }
+
+    /// SIGKILL: no shutdown path runs at all.
+    ///
+    /// # Errors
+    /// When it was not running.
+    pub fn kill9(&mut self) -> Result<ExitStatus> {
+        let mut proc = self
+            .proc
+            .take()
+            .ok_or_else(|| anyhow!("gateway is not running"))?;
+        let mut child = proc
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("gateway was reaped"))?;
+        send_signal(child.id(), "KILL")?;
+        Ok(child.wait()?)
+    }
+
+    /// Starts it again on the same config, state dir and ports (after [`Gateway::stop`] or
+    /// [`Gateway::kill9`]) and waits until it is ready.
+    ///
+    /// # Errors
+    /// When it still runs, or does not come up within [`READY_TIMEOUT`].
+    pub fn restart(&mut self) -> Result<()> {
+        if let Some(proc) = self.proc.as_mut() {
+            // A stopped gateway keeps its reaped guard (for the log); only a live child counts.
+            ensure!(
+                !matches!(proc.exited(), Ok(None)),
+                "gateway still runs; stop it first"
+            );
+        }
+        self.proc = None;
+        self.launch()
     }
 
     fn wait_ready(&mut self) -> Result<()> {
@@ -794,7 +835,7 @@ pub struct Message {
     pub topic: String,
     /// Payload bytes.
     pub payload: Vec<u8>,
-    /// Delivered QoS (the observer subscribes with QoS 2, so this is the publish QoS).
+    /// Delivered QoS (the publish QoS capped by the subscription's, which is 2 by default).
     pub qos: u8,
     /// The retain flag as delivered.
     pub retain: bool,
@@ -813,8 +854,6 @@ pub struct Subscriber {
     proc: Proc,
     /// Lines from its stdout.
     rx: mpsc::Receiver<SubLine>,
-    /// Messages taken off `rx` but not yet consumed (by [`Subscriber::expect_none_before`]).
-    pending: VecDeque<Message>,
     /// Keeps its log.
     _dir: TempDir,
 }
@@ -833,6 +872,18 @@ impl Subscriber {
     /// # Errors
     /// When the subscriber does not print READY within [`READY_TIMEOUT`].
     pub fn start_with(port: u16, filters: &[&str], protocol: &str) -> Result<Subscriber> {
+        Subscriber::start_full(port, filters, protocol, 2)
+    }
+
+    /// As [`Subscriber::start_with`], subscribing with QoS `qos` instead of 2.
+    ///
+    /// A QoS 2 subscription hands a message to the observer only when the broker's PUBREL
+    /// arrives, so a later QoS 1 message can overtake it; order-sensitive checks subscribe with
+    /// QoS 1, where delivery follows the broker's sending order.
+    ///
+    /// # Errors
+    /// When the subscriber does not print READY within [`READY_TIMEOUT`].
+    pub fn start_full(port: u16, filters: &[&str], protocol: &str, qos: u8) -> Result<Subscriber> {
         let dir = temp_dir()?;
         let log = dir.path().join("sub.log");
         let mut cmd = Command::new(python());
@@ -841,7 +892,9 @@ impl Subscriber {
             .arg("--port")
             .arg(port.to_string())
             .arg("--protocol")
-            .arg(protocol);
+            .arg(protocol)
+            .arg("--qos")
+            .arg(qos.to_string());
         for f in filters {
             cmd.arg("--topic").arg(f);
         }
@@ -861,23 +914,18 @@ impl Subscriber {
         let sub = Subscriber {
             proc,
             rx,
-            pending: VecDeque::new(),
             _dir: dir,
         };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match sub.rx.recv_timeout(left) {
-                Ok(SubLine::Ready) => return Ok(sub),
-                Ok(SubLine::Msg(_)) => bail!("sub.py sent a message before READY"),
-                Ok(SubLine::Other(l)) => bail!("sub.py: {l}\n{}", sub.proc.log_text()),
-                Err(e) => bail!(
-                    "sub.py did not subscribe within {READY_TIMEOUT:?} ({e}); is paho-mqtt \
-                     installed for {}?\n{}",
-                    python().display(),
-                    sub.proc.log_text()
-                ),
-            }
+        match sub.rx.recv_timeout(READY_TIMEOUT) {
+            Ok(SubLine::Ready) => Ok(sub),
+            Ok(SubLine::Msg(_)) => bail!("sub.py sent a message before READY"),
+            Ok(SubLine::Other(l)) => bail!("sub.py: {l}\n{}", sub.proc.log_text()),
+            Err(e) => bail!(
+                "sub.py did not subscribe within {READY_TIMEOUT:?} ({e}); is paho-mqtt \
+                 installed for {}?\n{}",
+                python().display(),
+                sub.proc.log_text()
+            ),
         }
     }
 
@@ -886,9 +934,6 @@ impl Subscriber {
     /// # Errors
     /// When the subscriber died or printed something unexpected.
     pub fn next(&mut self, timeout: Duration) -> Result<Option<Message>> {
-        if let Some(m) = self.pending.pop_front() {
-            return Ok(Some(m));
-        }
         match self.rx.recv_timeout(timeout) {
             Ok(SubLine::Msg(m)) => Ok(Some(m)),
             Ok(SubLine::Ready) => bail!("sub.py printed READY twice"),

@@ -317,7 +317,7 @@ fn short(class: &Class) -> Vec<Vec<u8>> {
 fn seeded_random_garbage_does_not_hurt_the_gateway() {
     let rig = Rig::start().unwrap();
     let mut sub = rig.subscribe(&["healthy/#"]).unwrap();
-    let mut rng = XorShift64::new(0x5EED_0F_6A7B_A6E5);
+    let mut rng = XorShift64::new(0x5EED_F00D_6A7B_A6E5);
     let attackers: Vec<SnClient> = (0..8)
         .map(|_| SnClient::new(rig.gateway.sn_addr()).unwrap())
         .collect();
@@ -407,7 +407,10 @@ fn bit_flipped_and_truncated_valid_packets_do_not_hurt_the_gateway() {
                 d[bit / 8] ^= 1 << (bit % 8);
             }
             1 => d.truncate(rng.below(d.len() as u64) as usize),
-            _ => d.extend(rng.bytes(1 + rng.below(8) as usize)),
+            _ => {
+                let n = 1 + rng.below(8) as usize;
+                d.extend(rng.bytes(n));
+            }
         }
         mutant.send(&d).unwrap();
     }
@@ -418,4 +421,59 @@ fn bit_flipped_and_truncated_valid_packets_do_not_hurt_the_gateway() {
         "gateway died:\n{}",
         rig.gateway.log()
     );
+}
+
+#[test]
+fn topic_names_with_nul_never_reach_the_broker() {
+    // MQTT forbids U+0000 in topic names (MQTT 3.1.1 4.7.3, MQTT 5 4.7.3): forwarding one makes
+    // the broker drop the gateway's upstream connection, and every sensor gets congestion.
+    let rig = Rig::start().unwrap();
+    let mut sub = rig.subscribe(&["healthy/#"]).unwrap();
+
+    // Without a session: QoS -1 to the short topic "a\0".
+    let anon = SnClient::new(rig.gateway.sn_addr()).unwrap();
+    anon.send(&sn::publish(
+        sn::flags(Qos::MinusOne, false, TopicType::Short),
+        sn::short_id(b"a\0"),
+        0,
+        b"p",
+    ))
+    .unwrap();
+    anon.assert_no_reply().unwrap();
+    assert_healthy(&rig, &mut sub, "QoS -1 to short topic a\\0");
+
+    // In a session: REGISTER "a\0b" must be refused (no reply or a REGACK rejection).
+    let mut c = rig.connected("nul-topic").unwrap();
+    c.send(&sn::register(77, b"a\0b")).unwrap();
+    if let Some(p) = c.recv(std::time::Duration::from_secs(2)).unwrap() {
+        match p {
+            sn::Packet::Regack {
+                msg_id: 77,
+                rc,
+                topic_id,
+            } => {
+                if rc == sn::RC_ACCEPTED {
+                    c.publish(Qos::Zero, TopicType::Normal, topic_id, false, b"p")
+                        .unwrap();
+                }
+            }
+            p => panic!("REGISTER a\\0b answered with {p:?}"),
+        }
+    }
+    let short = c.publish(
+        Qos::One,
+        TopicType::Short,
+        sn::short_id(b"\0\0"),
+        false,
+        b"q",
+    );
+    let (_, rc) = c
+        .puback(short.unwrap(), std::time::Duration::from_secs(3))
+        .unwrap_or((0, 0xEE));
+    assert_ne!(
+        rc,
+        sn::RC_ACCEPTED,
+        "QoS 1 to short topic \\0\\0 was accepted"
+    );
+    assert_healthy(&rig, &mut sub, "REGISTER a\\0b and short \\0\\0");
 }

@@ -3,7 +3,8 @@
 //!
 //! "Forwarded exactly once" is checked without waiting for silence: after the exchange, the
 //! same client publishes a marker on the same topic through the same upstream, so any duplicate
-//! would reach the subscriber before the marker.
+//! would reach the subscriber before the marker. The subscriber uses QoS 1 (see
+//! [`Subscriber::start_full`]) so that delivery order is the broker's sending order.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -11,6 +12,12 @@ use std::time::Duration;
 
 use sensorgate_tests::sn::{self, Qos, TopicType};
 use sensorgate_tests::{Rig, SnClient, Subscriber};
+
+/// A QoS 1 subscriber: QoS 2 deliveries would be handed over on the broker's PUBREL, letting
+/// the QoS 1 marker overtake them.
+fn ordered_sub(rig: &Rig) -> Subscriber {
+    Subscriber::start_full(rig.broker.port(), &["q2/#"], "5", 1).unwrap()
+}
 
 fn payloads_until_marker(sub: &mut Subscriber, marker: &[u8]) -> Vec<Vec<u8>> {
     let mut seen = Vec::new();
@@ -32,7 +39,7 @@ fn send_marker(c: &mut SnClient, topic_id: u16) {
 #[test]
 fn qos2_pubrec_then_pubrel_pubcomp_and_exactly_one_copy() {
     let rig = Rig::start().unwrap();
-    let mut sub = rig.subscribe(&["q2/#"]).unwrap();
+    let mut sub = ordered_sub(&rig);
     let mut c = rig.connected("q2-basic").unwrap();
     let id = c.register("q2/basic").unwrap();
     let msg_id = c
@@ -81,7 +88,7 @@ fn qos2_pubrec_waits_for_the_broker() {
 #[test]
 fn duplicate_publish_after_pubrec_is_not_forwarded_twice() {
     let rig = Rig::start().unwrap();
-    let mut sub = rig.subscribe(&["q2/#"]).unwrap();
+    let mut sub = ordered_sub(&rig);
     let mut c = rig.connected("q2-dup").unwrap();
     let id = c.register("q2/dup").unwrap();
     let msg_id = c.msg_id();
@@ -123,7 +130,7 @@ fn duplicate_publish_after_pubrec_is_not_forwarded_twice() {
 #[test]
 fn duplicate_publish_while_the_broker_has_not_acked_is_not_forwarded_twice() {
     let rig = Rig::start().unwrap();
-    let mut sub = rig.subscribe(&["q2/#"]).unwrap();
+    let mut sub = ordered_sub(&rig);
     let mut c = rig.connected("q2-racer").unwrap();
     let id = c.register("q2/race").unwrap();
     let msg_id = c.msg_id();
@@ -171,7 +178,7 @@ fn retransmitted_pubrel_gets_pubcomp_again() {
 #[test]
 fn msg_id_is_reusable_after_pubcomp() {
     let rig = Rig::start().unwrap();
-    let mut sub = rig.subscribe(&["q2/#"]).unwrap();
+    let mut sub = ordered_sub(&rig);
     let mut c = rig.connected("q2-reuse").unwrap();
     let id = c.register("q2/reuse").unwrap();
     let flags = sn::flags(Qos::Two, false, TopicType::Normal);

@@ -485,8 +485,11 @@ fn check_topic_name(topic: &str) -> Result<(), String> {
             "topic `{topic}` must not contain wildcards (`+`, `#`)"
         ));
     }
-    if topic.contains('\0') {
-        return Err("topic must not contain NUL".into());
+    if !crate::mqttsn::core::is_mqtt_topic_name(topic) {
+        return Err(format!(
+            "topic `{}` contains control characters",
+            topic.escape_debug()
+        ));
     }
     Ok(())
 }

@@ -783,7 +783,7 @@ impl Core {
         let Some(session) = slot_mut(&mut self.slots, sref) else {
             return Reply::Disconnect;
         };
-        if name.contains(['+', '#']) {
+        if !is_mqtt_topic_name(name) {
             self.stats.rejections += 1;
             return Reply::RegAck {
                 topic_id: 0,
@@ -909,9 +909,23 @@ fn topic_id_of(topic: TopicRef) -> u16 {
     }
 }
 
-/// A short topic name is its two characters; both must make valid UTF-8.
+/// A short topic name is its two characters; they must make a valid MQTT topic.
 fn short_topic(s: [u8; 2]) -> Option<Arc<str>> {
-    std::str::from_utf8(&s).ok().map(Arc::from)
+    std::str::from_utf8(&s)
+        .ok()
+        .filter(|t| is_mqtt_topic_name(t))
+        .map(Arc::from)
+}
+
+/// Whether `topic` may be published to an MQTT broker: non-empty, no wildcards, and no
+/// character MQTT forbids (U+0000) or brokers refuse (other C0/C1 controls, U+FFFE/U+FFFF).
+/// A broker that gets one of these drops the whole connection, which would cost every sensor
+/// its upstream: such topics are refused here, at the sensor that sent them.
+pub fn is_mqtt_topic_name(topic: &str) -> bool {
+    !topic.is_empty()
+        && !topic.chars().any(|c| {
+            matches!(c, '+' | '#' | '\u{0}'..='\u{1F}' | '\u{7F}'..='\u{9F}' | '\u{FFFE}' | '\u{FFFF}')
+        })
 }
 
 #[cfg(test)]

@@ -419,6 +419,34 @@ fn register_with_wildcards_is_rejected_as_invalid_topic() {
 }
 
 #[test]
+fn topics_a_broker_would_refuse_never_go_upstream() {
+    let mut h = Harness::new(config());
+    let p = peer(1000);
+    h.connect(&p, "bob", 60);
+    for (i, name) in ["a\0b", "x\u{1}", "\u{85}", "a\u{FFFF}"].iter().enumerate() {
+        let (id, rc) = h.register(&p, name, i as u16);
+        assert_eq!((id, rc), (0, ReturnCode::InvalidTopicId), "{name:?}");
+    }
+    h.send(
+        &p,
+        publish(QoS::AtLeastOnce, TopicRef::Short(*b"a\0"), 4, b"x"),
+    );
+    assert_eq!(
+        decode(&h.reply(&p)),
+        Packet::PubAck {
+            topic_id: 0x6100,
+            msg_id: 4,
+            rc: ReturnCode::InvalidTopicId
+        }
+    );
+    h.send(
+        &peer(9),
+        publish(QoS::MinusOne, TopicRef::Short(*b"\0\0"), 0, b"x"),
+    );
+    assert!(h.events().is_empty());
+}
+
+#[test]
 fn unknown_topic_ids_get_invalid_topic_id() {
     let mut h = Harness::new(config());
     let p = peer(1000);

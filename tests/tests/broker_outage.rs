@@ -1,0 +1,135 @@
+//! Upstream outages: while the broker is down QoS ≥ 1 publishes get PUBACK rc 0x01
+//! (congestion); once it is back on the same port the gateway reconnects by itself and
+//! publishes succeed again. A gateway started with no broker at all still serves sensors.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::time::{Duration, Instant};
+
+use sensorgate_tests::sn::{self, Packet, Qos, TopicType};
+use sensorgate_tests::{Gateway, GatewayConfig, Mosquitto, Rig, SnClient, free_tcp_port};
+
+const NOTICE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one probe publish waits for its PUBACK before the next probe.
+const PROBE_WAIT: Duration = Duration::from_secs(2);
+
+/// Publishes QoS 1 probes (fresh MsgId and payload each) until one gets PUBACK `want_rc`;
+/// returns that probe's payload. Other return codes and silence are retried.
+fn publish_until_rc(c: &mut SnClient, topic_id: u16, want_rc: u8, what: &str) -> Vec<u8> {
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    for attempt in 0..1_000 {
+        if start.elapsed() > NOTICE_TIMEOUT {
+            break;
+        }
+        let payload = format!("probe-{attempt}").into_bytes();
+        let msg_id = c
+            .publish(Qos::One, TopicType::Normal, topic_id, false, &payload)
+            .unwrap();
+        let deadline = Instant::now() + PROBE_WAIT;
+        // PUBACKs of earlier probes may still trickle in; look for this probe's.
+        while let Some(p) = c
+            .recv(deadline.saturating_duration_since(Instant::now()))
+            .unwrap()
+        {
+            match p {
+                Packet::Puback { msg_id: m, rc, .. } if m == msg_id => {
+                    if rc == want_rc {
+                        return payload;
+                    }
+                    seen.push(rc);
+                    std::thread::sleep(Duration::from_millis(200));
+                    break;
+                }
+                Packet::Puback { .. } => {}
+                p => panic!("{what}: unexpected {p:?}"),
+            }
+        }
+    }
+    panic!("{what}: no PUBACK rc {want_rc:#04x} within {NOTICE_TIMEOUT:?}; got rcs {seen:?}");
+}
+
+#[test]
+fn broker_outage_gives_congestion_then_recovers_on_restart() {
+    let mut rig = Rig::start().unwrap();
+    let mut c = rig.connected("outage").unwrap();
+    let id = c.register("outage/t").unwrap();
+    c.publish_qos1_ok(TopicType::Normal, id, b"before").unwrap();
+
+    rig.broker.stop().unwrap();
+    publish_until_rc(&mut c, id, sn::RC_CONGESTION, "broker down");
+    // QoS 2 is refused the same way (PUBACK rc 0x01 instead of PUBREC).
+    let msg_id = c
+        .publish(Qos::Two, TopicType::Normal, id, false, b"q2-down")
+        .unwrap();
+    assert_eq!(
+        c.expect(
+            "PUBACK",
+            Duration::from_secs(10),
+            |p| matches!(p, Packet::Puback { msg_id: m, .. } if *m == msg_id)
+        )
+        .unwrap(),
+        Packet::Puback {
+            topic_id: id,
+            msg_id,
+            rc: sn::RC_CONGESTION
+        },
+        "QoS 2 PUBLISH while the broker is down"
+    );
+    // The sensor session itself survives the outage.
+    c.ping().unwrap();
+
+    rig.broker.restart().unwrap();
+    let mut sub = rig.subscribe(&["outage/#"]).unwrap();
+    let ok_payload = publish_until_rc(&mut c, id, sn::RC_ACCEPTED, "broker back");
+    // The accepted probe reaches the broker (earlier probes may too, if they were retried).
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        let m = sub.expect().unwrap();
+        if m.payload == ok_payload {
+            c.publish_qos2_ok(TopicType::Normal, id, false, b"q2-back")
+                .unwrap();
+            return;
+        }
+        seen.push(String::from_utf8_lossy(&m.payload).into_owned());
+    }
+    panic!("accepted probe never reached the broker; saw {seen:?}");
+}
+
+#[test]
+fn gateway_without_any_broker_serves_connect_and_qos0_then_connects_later() {
+    let broker_port = free_tcp_port().unwrap();
+    let cfg = GatewayConfig::new(broker_port).unwrap();
+    let gateway = Gateway::start(&cfg).unwrap();
+    let mut c = SnClient::new(gateway.sn_addr()).unwrap();
+    c.connect_ok("lonely").unwrap();
+    let id = c.register("lonely/t").unwrap();
+    c.publish(Qos::Zero, TopicType::Normal, id, false, b"into the void")
+        .unwrap();
+    c.publish(
+        Qos::Zero,
+        TopicType::Short,
+        sn::short_id(b"ab"),
+        false,
+        b"void",
+    )
+    .unwrap();
+    // QoS 0 is not answered, and the session is still there.
+    c.ping().unwrap();
+    let msg_id = c
+        .publish(Qos::One, TopicType::Normal, id, false, b"nobody")
+        .unwrap();
+    let (_, rc) = c.puback(msg_id, Duration::from_secs(15)).unwrap();
+    assert_eq!(rc, sn::RC_CONGESTION, "QoS 1 with no broker ever reachable");
+
+    // The broker appears: the gateway connects by itself.
+    let broker = Mosquitto::start_on(broker_port).unwrap();
+    let mut sub = sensorgate_tests::Subscriber::start(broker.port(), &["lonely/#"]).unwrap();
+    let payload = publish_until_rc(&mut c, id, sn::RC_ACCEPTED, "broker appeared");
+    for _ in 0..100 {
+        if sub.expect().unwrap().payload == payload {
+            return;
+        }
+    }
+    panic!("accepted message never reached the broker");
+}
