@@ -7,20 +7,22 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
+use sensorgate_bridges::message::Qos;
 use sensorgate::mqttsn::core::{
     ClientSet, Core, CoreConfig, Event, Peer, PredefinedTopic, PublishOutcome,
 };
 
 fuzz_target!(|data: &[u8]| {
     let mut core = Core::new(CoreConfig {
-        gw_id: 1,
         max_clients: 4,
         max_packet_size: 256,
-        max_client_id_len: 23,
         max_topics_per_client: 4,
         max_inflight_per_client: 2,
-        qos_minus_one: true,
         predefined: vec![PredefinedTopic { id: 1, topic: "p".into(), clients: ClientSet::All }],
+        max_queued_per_client: 4,
+        max_buffered_per_sleeping_client: 4,
+        retry_interval: Duration::from_secs(1),
+        ..CoreConfig::with_defaults(1)
     });
     #[allow(clippy::disallowed_methods)]
     let mut now = Instant::now();
@@ -36,10 +38,16 @@ fuzz_target!(|data: &[u8]| {
         let port = 1000 + u16::from(control & 0x03);
         let peer = Peer::udp(0, SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
         core.handle_datagram(now, peer, datagram);
+        if control & 0x20 != 0 {
+            // Downlink on a topic the fuzzer's clients may have subscribed to.
+            core.handle_downlink(now, "p", bytes::Bytes::from_static(b"d"), Qos::AtLeastOnce, control & 1 == 1);
+        }
         now += Duration::from_millis(u64::from(control >> 2) * 500);
         core.handle_timeout(now);
-        while let Some(Event::Publish { token, .. }) = core.poll_event() {
-            tokens.extend(token);
+        while let Some(event) = core.poll_event() {
+            if let Event::Publish { token, .. } = event {
+                tokens.extend(token);
+            }
         }
         if control & 0x80 != 0 && !tokens.is_empty() {
             let token = tokens.remove(0);

@@ -128,22 +128,27 @@ fn searchgw_gets_gwinfo_with_the_gateway_id() {
 }
 
 #[test]
-fn connect_without_clean_session_or_with_will_is_not_supported() {
+fn persistent_sessions_are_accepted_and_will_starts_the_handshake() {
     let rig = Rig::start().unwrap();
     let mut c = rig.client().unwrap();
     assert_eq!(
         c.connect_flags("persistent", 0x00).unwrap(),
-        sn::RC_NOT_SUPPORTED
+        sn::RC_ACCEPTED
     );
-    let mut c = rig.client().unwrap();
+    // With the Will flag the gateway asks for the Will topic first: 02 06.
+    let w = rig.client().unwrap();
+    w.send(&sn::connect(
+        sn::FLAG_CLEAN | sn::FLAG_WILL,
+        30,
+        b"with-will",
+    ))
+    .unwrap();
     assert_eq!(
-        c.connect_flags("with-will", sn::FLAG_CLEAN | sn::FLAG_WILL)
+        w.recv_raw(sensorgate_tests::REPLY_TIMEOUT)
+            .unwrap()
             .unwrap(),
-        sn::RC_NOT_SUPPORTED
+        vec![0x02, sn::WILLTOPICREQ]
     );
-    // Rejected means no session: the address still gets DISCONNECT.
-    c.send(&sn::pingreq()).unwrap();
-    assert_eq!(c.next_packet().unwrap(), Packet::Disconnect);
     // Exact CONNACK bytes for a plain accepted CONNECT: 03 05 00.
     let ok = rig.client().unwrap();
     ok.send(&sn::connect(sn::FLAG_CLEAN, 30, b"exact")).unwrap();

@@ -22,7 +22,7 @@ use serde::Deserialize;
 pub use diag::{Diagnostic, KeyPath};
 use diag::{Reporter, fields_of};
 
-use crate::mqttsn::core::{ClientSet, CoreConfig, PredefinedTopic};
+use crate::mqttsn::core::{ClientSet, CoreConfig, Peer, PredefinedTopic, QueueFull};
 
 /// Default config path of the packaged daemon.
 pub const DEFAULT_PATH: &str = "/etc/sensorgate/sensorgate.toml";
@@ -317,6 +317,17 @@ struct RawMqttSn {
     max_topics_per_client: i64,
     max_inflight_per_client: i64,
     qos_minus_one: bool,
+    max_subscriptions_per_client: i64,
+    max_queued_per_client: i64,
+    max_buffered_per_sleeping_client: i64,
+    queue_full: String,
+    retry_interval: String,
+    max_retries: i64,
+    session_expiry: String,
+    max_retained: i64,
+    advertise_interval: String,
+    advertise_destinations: Vec<String>,
+    searchgw_reply: String,
     predefined_topic: Vec<RawPredefined>,
 }
 
@@ -333,6 +344,17 @@ impl Default for RawMqttSn {
             max_topics_per_client: 64,
             max_inflight_per_client: 16,
             qos_minus_one: true,
+            max_subscriptions_per_client: 32,
+            max_queued_per_client: 100,
+            max_buffered_per_sleeping_client: 1000,
+            queue_full: "drop_oldest".into(),
+            retry_interval: "10s".into(),
+            max_retries: 3,
+            session_expiry: "1h".into(),
+            max_retained: 10_000,
+            advertise_interval: "15m".into(),
+            advertise_destinations: Vec::new(),
+            searchgw_reply: "searcher".into(),
             predefined_topic: Vec::new(),
         }
     }
@@ -575,6 +597,99 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
         1024,
     );
 
+    let max_subs = int_in::<usize>(
+        r,
+        &sn.key("max_subscriptions_per_client"),
+        m.max_subscriptions_per_client,
+        1,
+        10_000,
+    );
+    let max_queued = int_in::<usize>(
+        r,
+        &sn.key("max_queued_per_client"),
+        m.max_queued_per_client,
+        1,
+        1_000_000,
+    );
+    let max_buffered = int_in::<usize>(
+        r,
+        &sn.key("max_buffered_per_sleeping_client"),
+        m.max_buffered_per_sleeping_client,
+        1,
+        1_000_000,
+    );
+    let queue_full = match m.queue_full.as_str() {
+        "drop_oldest" => Some(QueueFull::DropOldest),
+        "drop_new" => Some(QueueFull::DropNew),
+        other => {
+            let hint = diag::did_you_mean(other, &["drop_oldest", "drop_new"])
+                .map(|b| format!("did you mean `{b}`?"));
+            r.at_path(
+                &sn.key("queue_full"),
+                format!("unknown policy `{other}`"),
+                hint,
+            );
+            None
+        }
+    };
+    let retry_interval = duration_in(
+        r,
+        &sn.key("retry_interval"),
+        &m.retry_interval,
+        Duration::from_millis(100),
+        Duration::from_secs(3600),
+    );
+    let max_retries = int_in::<u32>(r, &sn.key("max_retries"), m.max_retries, 0, 100);
+    let session_expiry = duration_in(
+        r,
+        &sn.key("session_expiry"),
+        &m.session_expiry,
+        Duration::from_secs(1),
+        Duration::from_secs(30 * 24 * 3600),
+    );
+    let max_retained = int_in::<usize>(r, &sn.key("max_retained"), m.max_retained, 0, 10_000_000);
+    let advertise_interval = duration_in(
+        r,
+        &sn.key("advertise_interval"),
+        &m.advertise_interval,
+        Duration::from_secs(1),
+        Duration::from_secs(65_535),
+    );
+    let mut advertise_to = Vec::new();
+    for (i, dest) in m.advertise_destinations.iter().enumerate() {
+        let path = sn.key("advertise_destinations").index(i);
+        match dest.parse::<SocketAddr>() {
+            Ok(addr) => match listen.iter().position(|l| l.is_ipv4() == addr.is_ipv4()) {
+                Some(listener) => advertise_to.push(Peer::udp(listener as u16, addr)),
+                None => r.at_path(
+                    &path,
+                    format!("no listener of the address family of `{dest}` to send from"),
+                    None,
+                ),
+            },
+            Err(_) => r.at_path(&path, format!("`{dest}` is not an IP socket address"), None),
+        }
+    }
+    let gwinfo_to_destinations = match m.searchgw_reply.as_str() {
+        "searcher" => false,
+        "destinations" => true,
+        other => {
+            r.at_path(
+                &sn.key("searchgw_reply"),
+                format!("unknown value `{other}`"),
+                Some("use \"searcher\" or \"destinations\"".into()),
+            );
+            false
+        }
+    };
+    if gwinfo_to_destinations && advertise_to.is_empty() {
+        r.at_path(
+            &sn.key("searchgw_reply"),
+            "\"destinations\" needs advertise_destinations".into(),
+            None,
+        );
+    }
+
     let mut predefined = Vec::new();
     // (id, client or "*") -> index of the first definition, to refuse ambiguous ids.
     let mut defined: BTreeMap<(u16, String), usize> = BTreeMap::new();
@@ -694,6 +809,17 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
                 max_inflight_per_client: max_inflight?,
                 qos_minus_one: m.qos_minus_one,
                 predefined,
+                max_subscriptions_per_client: max_subs?,
+                max_queued_per_client: max_queued?,
+                max_buffered_per_sleeping_client: max_buffered?,
+                queue_full: queue_full?,
+                retry_interval: retry_interval?,
+                max_retries: max_retries?,
+                session_expiry: session_expiry?,
+                max_retained: max_retained?,
+                advertise_to,
+                advertise_interval: advertise_interval?,
+                gwinfo_to_destinations,
             },
         },
         upstreams,

@@ -42,6 +42,9 @@ pub fn bind(addr: SocketAddr, options: SocketOptions) -> io::Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
+    } else {
+        // ADVERTISE / GWINFO destinations may be broadcast addresses.
+        socket.set_broadcast(true)?;
     }
     // The kernel may cap these (net.core.rmem_max); the effective sizes are logged.
     socket.set_recv_buffer_size(options.recv_buffer)?;
@@ -162,6 +165,8 @@ impl UdpDriver {
                 }
                 () = sleep => {}
             }
+            let available = self.upstreams.iter().any(MqttUpstream::is_connected);
+            self.core.set_upstream_available(available);
             self.core.handle_timeout(Instant::now());
             self.flush(&mut tx_buf).await?;
         }
@@ -226,6 +231,12 @@ impl UdpDriver {
                             }
                         }
                     }
+                }
+                Event::Subscribe { filter, qos } => {
+                    tracing::debug!(%filter, ?qos, "Upstream subscription wanted.");
+                }
+                Event::Unsubscribe { filter } => {
+                    tracing::debug!(%filter, "Upstream subscription released.");
                 }
             }
         }

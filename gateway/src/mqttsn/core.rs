@@ -1,33 +1,54 @@
-//! The MQTT-SN gateway core: sessions, topic registration and the uplink, with no IO.
+//! The MQTT-SN gateway core: sessions, topic registration, uplink, subscriptions and downlink,
+//! Will, sleeping clients, persistent sessions and discovery, with no IO.
 //!
 //! # Driving the core
 //!
 //! The IO adapter owns one [`Core`] and, in a loop:
-//! 1. feeds every received datagram to [`Core::handle_datagram`] and every upstream
-//!    acknowledgement to [`Core::handle_publish_result`];
+//! 1. feeds every received datagram to [`Core::handle_datagram`], every upstream verdict on a
+//!    tokened publish to [`Core::handle_publish_result`], every message from an upstream
+//!    subscription to [`Core::handle_downlink`], and the upstreams' availability to
+//!    [`Core::set_upstream_available`];
 //! 2. calls [`Core::handle_timeout`] once the instant from [`Core::poll_timeout`] has passed
 //!    (calling it early is harmless: nothing is due, nothing happens);
-//! 3. drains [`Core::poll_transmit`] (datagrams to send) and [`Core::poll_event`] (messages for
-//!    the upstreams) until both return `None`;
-//! 4. sleeps until the next datagram, acknowledgement or [`Core::poll_timeout`].
+//! 3. drains [`Core::poll_transmit`] (datagrams to send) and [`Core::poll_event`] (publishes
+//!    and subscription changes for the upstreams) until both return `None`;
+//! 4. sleeps until the next input or [`Core::poll_timeout`].
 //!
 //! Time is always passed in; the core never reads a clock.
 //!
+//! # Client states (spec 6.14)
+//!
+//! ```text
+//!   CONNECT(Will) --> Connecting --WILLMSG--> Active <--CONNECT-- Asleep / Disconnected
+//!   CONNECT ----------------------------------> Active --DISCONNECT(d)--> Asleep
+//!   Asleep --PINGREQ(ClientId)--> Awake --(buffer sent, each acked)--> PINGRESP, Asleep
+//!   Active/Asleep/Awake --timer or retries exhausted--> lost: Will published, then
+//!       removed (CleanSession=1) or Disconnected until session expiry (CleanSession=0)
+//!   Active --DISCONNECT--> removed (CleanSession=1) or Disconnected (CleanSession=0)
+//! ```
+//!
 //! # Invariants
-//! - Clients are keyed by ClientId; an address maps to at most one session and a session to
-//!   exactly one address. A datagram is only ever applied to the session its address maps to.
+//! - Clients are keyed by ClientId. An address maps to at most one session and a session to at
+//!   most one address; a datagram only ever acts on the session its address is bound to. A
+//!   session is rebound to a new address only by CONNECT or PINGREQ carrying its ClientId, and
+//!   the old address then loses its binding (it cannot inject into the session).
 //! - A QoS 1/2 PUBLISH is acknowledged to the sensor (PUBACK / PUBREC) only after
-//!   [`Core::handle_publish_result`] reports it accepted for its token; a failure is answered
-//!   with PUBACK rc 0x01 (congestion) so the sensor retries later.
-//! - A QoS 2 message is forwarded at most once per MsgId until the sensor's PUBREL: a duplicate
-//!   PUBLISH while it is pending or after PUBREC is never forwarded again.
-//! - Everything is bounded: sessions ([`CoreConfig::max_clients`]), topics per client,
-//!   unacknowledged publishes per client, queued output (one reply per input at most, drained by
-//!   the adapter after every batch).
+//!   [`Core::handle_publish_result`] reported it accepted; a failure is answered with PUBACK
+//!   rc 0x01 (congestion) so the sensor retries later.
+//! - A QoS 2 message is forwarded at most once per MsgId until the sensor's PUBREL.
+//! - Downlink: at most one QoS 1/2 PUBLISH (or REGISTER) in flight per client; retransmitted
+//!   with DUP after `retry_interval`, up to `max_retries` times, then the client is lost.
+//! - Upstream subscriptions are the union of the sessions' filters, reference-counted: an
+//!   [`Event::Subscribe`] when a filter gains its first subscriber (or a higher QoS), an
+//!   [`Event::Unsubscribe`] when its last subscriber leaves.
+//! - Everything is bounded: sessions, topics, subscriptions and queued messages per client,
+//!   retained messages, unacknowledged uplink publishes per client.
 //! - Bytes from the network never cause a panic: malformed datagrams are counted and dropped.
 
+mod filter;
+
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,7 +56,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use sensorgate_bridges::message::{Message, Qos};
 
-use super::codec::{self, DecodeLimits, Frame, Packet, QoS, ReturnCode, TopicRef};
+pub use filter::{has_wildcards, is_mqtt_topic_filter, is_mqtt_topic_name, matches};
+
+use super::codec::{
+    self, DecodeLimits, Frame, Packet, QoS, ReturnCode, SubscribeTopic, TopicRef, WillFlags,
+};
 
 /// Which clients a predefined topic applies to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,25 +82,87 @@ pub struct PredefinedTopic {
     pub clients: ClientSet,
 }
 
+/// What happens when a client's downlink queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueFull {
+    /// Drop the oldest queued message to make room (the freshest data wins).
+    DropOldest,
+    /// Drop the new message.
+    DropNew,
+}
+
 /// Settings of the core, compiled from `[mqttsn]`.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
     /// GwId in GWINFO and ADVERTISE.
     pub gw_id: u8,
-    /// Maximum number of sessions; a CONNECT beyond it gets rc 0x01 (congestion).
+    /// Maximum number of sessions (persistent and sleeping ones included); a CONNECT beyond it
+    /// gets rc 0x01 (congestion).
     pub max_clients: usize,
-    /// Datagrams longer than this are dropped.
+    /// Datagrams longer than this are dropped; downlink PUBLISHes longer than this are not
+    /// sent (spec 6.10: "silently aborted") and counted.
     pub max_packet_size: usize,
     /// Longest accepted ClientId (the spec says 23).
     pub max_client_id_len: usize,
     /// Topic registrations per client; a REGISTER beyond it gets rc 0x01 (congestion).
     pub max_topics_per_client: usize,
-    /// QoS 1/2 publishes per client awaiting the upstream; beyond it: PUBACK rc 0x01.
+    /// QoS 1/2 uplink publishes per client awaiting the upstream; beyond it: PUBACK rc 0x01.
     pub max_inflight_per_client: usize,
     /// Accept QoS -1 publishes from senders without a session.
     pub qos_minus_one: bool,
     /// Predefined topics.
     pub predefined: Vec<PredefinedTopic>,
+    /// Subscriptions per client; beyond it SUBACK rc 0x01.
+    pub max_subscriptions_per_client: usize,
+    /// Downlink messages queued per client that is awake (active) or disconnected with a
+    /// persistent session.
+    pub max_queued_per_client: usize,
+    /// Downlink messages buffered per sleeping client.
+    pub max_buffered_per_sleeping_client: usize,
+    /// Policy when a queue is full.
+    pub queue_full: QueueFull,
+    /// Tretry: wait for an acknowledgement before retransmitting.
+    pub retry_interval: Duration,
+    /// Nretry: retransmissions before the client is lost.
+    pub max_retries: u32,
+    /// How long a CleanSession=0 session outlives its connection.
+    pub session_expiry: Duration,
+    /// Retained messages remembered for new subscribers.
+    pub max_retained: usize,
+    /// Where ADVERTISE goes (empty: never advertise) and, with `gwinfo_to_destinations`,
+    /// GWINFO answers.
+    pub advertise_to: Vec<Peer>,
+    /// ADVERTISE period (TADV).
+    pub advertise_interval: Duration,
+    /// Answer SEARCHGW by sending GWINFO to `advertise_to` instead of the searcher.
+    pub gwinfo_to_destinations: bool,
+}
+
+impl CoreConfig {
+    /// Defaults as documented in `config/sensorgate.toml`.
+    pub fn with_defaults(gw_id: u8) -> Self {
+        CoreConfig {
+            gw_id,
+            max_clients: 100_000,
+            max_packet_size: 4096,
+            max_client_id_len: codec::MAX_CLIENT_ID_LEN_SPEC,
+            max_topics_per_client: 64,
+            max_inflight_per_client: 16,
+            qos_minus_one: true,
+            predefined: Vec::new(),
+            max_subscriptions_per_client: 32,
+            max_queued_per_client: 100,
+            max_buffered_per_sleeping_client: 1000,
+            queue_full: QueueFull::DropOldest,
+            retry_interval: Duration::from_secs(10),
+            max_retries: 3,
+            session_expiry: Duration::from_secs(3600),
+            max_retained: 10_000,
+            advertise_to: Vec::new(),
+            advertise_interval: Duration::from_secs(900),
+            gwinfo_to_destinations: false,
+        }
+    }
 }
 
 /// Keep-alive supervision: a session silent for this multiple of its Duration is lost.
@@ -106,13 +193,25 @@ impl Peer {
 /// Output for the upstream side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// A sensor published; with a token, report the outcome through
+    /// A sensor published (or a Will is due); with a token, report the outcome through
     /// [`Core::handle_publish_result`] exactly once.
     Publish {
         /// The message, topic already resolved to its MQTT name.
         message: Message,
-        /// Present for QoS 1/2 (the sensor waits for the outcome).
+        /// Present for sensor QoS 1/2 (the sensor waits for the outcome).
         token: Option<u64>,
+    },
+    /// Subscribe every upstream to this filter (first subscriber, or a higher QoS).
+    Subscribe {
+        /// The MQTT topic filter.
+        filter: Arc<str>,
+        /// Highest QoS any subscriber asked for.
+        qos: Qos,
+    },
+    /// The filter's last subscriber left.
+    Unsubscribe {
+        /// The MQTT topic filter.
+        filter: Arc<str>,
     },
 }
 
@@ -134,14 +233,26 @@ pub struct Stats {
     pub malformed: u64,
     /// Datagrams dropped for exceeding `max_packet_size`.
     pub oversize: u64,
-    /// Accepted publishes per QoS: [-1, 0, 1, 2].
+    /// Accepted uplink publishes per QoS: [-1, 0, 1, 2].
     pub publishes: [u64; 4],
     /// QoS -1 publishes dropped (disabled, or unknown topic).
     pub qos_m1_dropped: u64,
-    /// PUBACK / REGACK / CONNACK rejections sent.
+    /// PUBACK / REGACK / CONNACK / SUBACK rejections sent.
     pub rejections: u64,
-    /// Sessions dropped by keep-alive expiry.
-    pub keep_alive_expired: u64,
+    /// Clients lost (keep-alive, sleep timer, retransmissions exhausted).
+    pub clients_lost: u64,
+    /// Wills published.
+    pub wills_published: u64,
+    /// Downlink messages accepted from upstreams.
+    pub downlink_in: u64,
+    /// Downlink PUBLISHes sent to clients (first transmissions).
+    pub downlink_sent: u64,
+    /// Downlink messages acknowledged by clients (QoS 1/2) or sent (QoS 0).
+    pub downlink_delivered: u64,
+    /// Downlink messages dropped: queue full, topic rejected by the client, too large.
+    pub downlink_dropped: u64,
+    /// Retransmissions to clients.
+    pub retransmissions: u64,
     /// Current sessions.
     pub sessions: u64,
 }
@@ -153,22 +264,125 @@ struct SessionRef {
     generation: u32,
 }
 
-/// One connected client.
+/// Where a session is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    /// CONNECT with the Will flag: waiting for WILLTOPIC, then WILLMSG.
+    Connecting {
+        will_topic: Option<(Arc<str>, QoS, bool)>,
+    },
+    /// Connected and supervised by keep-alive.
+    Active,
+    /// Asleep until `until` (sleep duration plus tolerance); downlink is buffered.
+    Asleep { until: Instant },
+    /// Woken by PINGREQ(ClientId): buffered messages are being delivered.
+    Awake,
+    /// CleanSession=0 session without a connection, kept until `expires`.
+    Disconnected { expires: Instant },
+}
+
+/// The Will of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Will {
+    topic: Arc<str>,
+    payload: Bytes,
+    qos: QoS,
+    retain: bool,
+}
+
+/// A downlink message waiting for (or in) delivery to one client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Down {
+    topic: Arc<str>,
+    payload: Bytes,
+    /// 0, 1 or 2: min(subscription, message).
+    qos: u8,
+    retain: bool,
+}
+
+/// The one downlink exchange in flight with a client.
+#[derive(Debug, Clone)]
+struct InFlight {
+    msg: Down,
+    /// MsgId of the REGISTER (phase `Register`) or of the PUBLISH.
+    msg_id: u16,
+    topic: TopicRef,
+    phase: Phase,
+    retries: u32,
+    deadline: Instant,
+    /// The client answered PUBACK rc 0x02 once already: a second time drops the message.
+    reregistered: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Register,
+    PubAck,
+    PubRec,
+    PubComp,
+}
+
+/// One subscription of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Subscription {
+    filter: Arc<str>,
+    qos: u8,
+}
+
+/// One client's session.
 #[derive(Debug)]
 struct Session {
     client_id: Arc<str>,
-    peer: Peer,
+    /// Bound address; `None` while disconnected or after another client took the address.
+    peer: Option<Peer>,
     generation: u32,
+    state: State,
+    clean_session: bool,
     /// Keep-alive Duration from CONNECT; zero disables supervision.
     keep_alive: Duration,
+    /// Sleep duration from the last DISCONNECT(duration).
+    sleep: Duration,
     last_seen: Instant,
     topics: TopicTable,
     /// Client-specific predefined topics (global ones are looked up in the core).
     own_predefined: Option<Arc<HashMap<u16, Arc<str>>>>,
-    /// QoS 1/2 publishes awaiting the upstream: (MsgId, token).
-    inflight: Vec<(u16, u64)>,
-    /// QoS 2 MsgIds answered with PUBREC, awaiting PUBREL.
+    /// QoS 1/2 uplink publishes awaiting the upstream: (MsgId, token).
+    inflight_up: Vec<(u16, u64)>,
+    /// QoS 2 uplink MsgIds answered with PUBREC, awaiting PUBREL.
     qos2_received: Vec<u16>,
+    will: Option<Will>,
+    subscriptions: Vec<Subscription>,
+    queue: VecDeque<Down>,
+    inflight_down: Option<InFlight>,
+    next_msg_id: u16,
+}
+
+impl Session {
+    fn next_msg_id(&mut self) -> u16 {
+        self.next_msg_id = self.next_msg_id.checked_add(1).unwrap_or(1);
+        self.next_msg_id
+    }
+
+    /// The earliest instant something is due for this session.
+    fn next_deadline(&self, retry_all: Duration) -> Option<Instant> {
+        let state = match &self.state {
+            State::Active if self.keep_alive.is_zero() => None,
+            State::Active => Some(self.last_seen + keep_alive_limit(self.keep_alive)),
+            State::Connecting { .. } => Some(self.last_seen + retry_all),
+            State::Asleep { until } => Some(*until),
+            State::Awake => None,
+            State::Disconnected { expires } => Some(*expires),
+        };
+        let retry = self.inflight_down.as_ref().map(|f| f.deadline);
+        match (state, retry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn can_send(&self) -> bool {
+        self.peer.is_some() && matches!(self.state, State::Active | State::Awake)
+    }
 }
 
 /// Per-client topic name <-> id table (spec 7.3 recommends per-client tables).
@@ -177,6 +391,11 @@ struct TopicTable {
     by_name: HashMap<Arc<str>, u16>,
     by_id: HashMap<u16, Arc<str>>,
     next_id: u16,
+    /// Ids the client currently knows (registered by it, or acknowledged by its REGACK). After a
+    /// CleanSession=0 reconnect it knows none and the gateway registers again before use.
+    known: HashSet<u16>,
+    /// Topics the client refused with a REGACK rejection: not delivered any more (spec 6.5).
+    refused: HashSet<Arc<str>>,
 }
 
 /// A tokened publish awaiting its outcome.
@@ -188,8 +407,65 @@ struct Pending {
     qos2: bool,
 }
 
-/// A timer: when it fires the session's keep-alive is checked (it may have been extended since).
+/// Subscribers of one filter, for upstream reference counting.
+#[derive(Debug, Default)]
+struct FilterEntry {
+    subscribers: HashMap<SessionRef, u8>,
+    /// QoS the upstreams were asked for.
+    upstream_qos: u8,
+}
+
+/// A timer: when it fires the session's deadlines are checked (they may have moved since).
 type TimerEntry = Reverse<(Instant, SessionRef)>;
+
+/// A packet the gateway sends; owned so it can be queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reply {
+    ConnAck(ReturnCode),
+    WillTopicReq,
+    WillMsgReq,
+    RegAck {
+        topic_id: u16,
+        msg_id: u16,
+        rc: ReturnCode,
+    },
+    Register {
+        topic_id: u16,
+        msg_id: u16,
+        name: Arc<str>,
+    },
+    PubAck {
+        topic_id: u16,
+        msg_id: u16,
+        rc: ReturnCode,
+    },
+    PubRec(u16),
+    PubRel(u16),
+    PubComp(u16),
+    Publish {
+        dup: bool,
+        qos: u8,
+        retain: bool,
+        topic: TopicRef,
+        msg_id: u16,
+        payload: Bytes,
+    },
+    SubAck {
+        qos: u8,
+        topic_id: u16,
+        msg_id: u16,
+        rc: ReturnCode,
+    },
+    UnsubAck(u16),
+    PingResp,
+    Disconnect,
+    GwInfo {
+        radius: u8,
+    },
+    Advertise,
+    WillTopicResp(ReturnCode),
+    WillMsgResp(ReturnCode),
+}
 
 /// The gateway core. See the module docs for the call order.
 #[derive(Debug)]
@@ -202,41 +478,20 @@ pub struct Core {
     by_client: HashMap<Arc<str>, SessionRef>,
     by_peer: HashMap<Peer, SessionRef>,
     global_predefined: HashMap<u16, Arc<str>>,
+    global_predefined_by_name: HashMap<Arc<str>, u16>,
     client_predefined: HashMap<Arc<str>, Arc<HashMap<u16, Arc<str>>>>,
     pending: HashMap<u64, Pending>,
     next_token: u64,
     timers: BinaryHeap<TimerEntry>,
+    /// Exact-topic filters and wildcard filters, each with their subscribers.
+    exact_filters: HashMap<Arc<str>, FilterEntry>,
+    wild_filters: HashMap<Arc<str>, FilterEntry>,
+    retained: HashMap<Arc<str>, Down>,
+    upstream_available: bool,
+    next_advertise: Option<Instant>,
     transmits: VecDeque<(Peer, Reply)>,
     events: VecDeque<Event>,
     stats: Stats,
-}
-
-/// A packet the gateway sends; small and owned so it can be queued without allocation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reply {
-    ConnAck(ReturnCode),
-    RegAck {
-        topic_id: u16,
-        msg_id: u16,
-        rc: ReturnCode,
-    },
-    PubAck {
-        topic_id: u16,
-        msg_id: u16,
-        rc: ReturnCode,
-    },
-    PubRec(u16),
-    PubComp(u16),
-    SubAck {
-        msg_id: u16,
-        rc: ReturnCode,
-    },
-    UnsubAck(u16),
-    PingResp,
-    Disconnect,
-    GwInfo,
-    WillTopicResp(ReturnCode),
-    WillMsgResp(ReturnCode),
 }
 
 impl Core {
@@ -264,13 +519,16 @@ impl Core {
             max_client_id_len: config.max_client_id_len,
         };
         Core {
-            config,
             limits,
             slots: Vec::new(),
             free: Vec::new(),
             generations: Vec::new(),
             by_client: HashMap::new(),
             by_peer: HashMap::new(),
+            global_predefined_by_name: global_predefined
+                .iter()
+                .map(|(id, t)| (t.clone(), *id))
+                .collect(),
             global_predefined,
             client_predefined: per_client
                 .into_iter()
@@ -279,9 +537,15 @@ impl Core {
             pending: HashMap::new(),
             next_token: 1,
             timers: BinaryHeap::new(),
+            exact_filters: HashMap::new(),
+            wild_filters: HashMap::new(),
+            retained: HashMap::new(),
+            upstream_available: true,
+            next_advertise: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
+            config,
         }
     }
 
@@ -293,9 +557,15 @@ impl Core {
         }
     }
 
-    /// Number of connected sessions.
+    /// Number of sessions (connected, asleep or persisted).
     pub fn session_count(&self) -> usize {
         self.by_client.len()
+    }
+
+    /// Tells the core whether any upstream is connected; ADVERTISE is sent only while one is
+    /// (spec 6.1).
+    pub fn set_upstream_available(&mut self, available: bool) {
+        self.upstream_available = available;
     }
 
     /// Handles one received datagram.
@@ -307,15 +577,17 @@ impl Core {
             return;
         }
         match codec::decode(datagram, &self.limits) {
-            Ok(Frame::Plain(packet)) => self.handle_packet(now, peer, packet),
+            Ok(Frame::Plain(packet)) => self.handle_packet(now, peer, packet, 0),
             Ok(Frame::Encapsulated {
-                node_id, packet, ..
+                node_id,
+                packet,
+                radius,
             }) => {
                 let peer = Peer {
                     node: Some(node_id.into()),
                     ..peer
                 };
-                self.handle_packet(now, peer, packet);
+                self.handle_packet(now, peer, packet, radius);
             }
             Err(error) => {
                 self.stats.malformed += 1;
@@ -329,11 +601,13 @@ impl Core {
         let Some(p) = self.pending.remove(&token) else {
             return;
         };
-        let Some(session) = self.session_mut(p.session) else {
+        let Some(session) = slot_mut(&mut self.slots, p.session) else {
             return;
         };
-        session.inflight.retain(|&(_, t)| t != token);
-        let peer = session.peer.clone();
+        session.inflight_up.retain(|&(_, t)| t != token);
+        let Some(peer) = session.peer.clone() else {
+            return;
+        };
         let reply = match outcome {
             PublishOutcome::Accepted if p.qos2 => {
                 if !session.qos2_received.contains(&p.msg_id) {
@@ -358,96 +632,198 @@ impl Core {
         self.transmits.push_back((peer, reply));
     }
 
-    /// Runs due timers (keep-alive supervision). Early calls do nothing.
+    /// A message from an upstream subscription: queued for every matching session with QoS =
+    /// min(subscription, message), and remembered when retained.
+    pub fn handle_downlink(
+        &mut self,
+        now: Instant,
+        topic: &str,
+        payload: Bytes,
+        qos: Qos,
+        retain: bool,
+    ) {
+        self.stats.downlink_in += 1;
+        let msg_qos = qos_level(qos);
+        if retain {
+            self.remember_retained(topic, &payload, msg_qos);
+        }
+        let mut targets: HashMap<SessionRef, u8> = HashMap::new();
+        let mut collect = |entry: &FilterEntry| {
+            for (&sref, &sub_qos) in &entry.subscribers {
+                let q = targets.entry(sref).or_insert(0);
+                *q = (*q).max(sub_qos.min(msg_qos));
+            }
+        };
+        if let Some(entry) = self.exact_filters.get(topic) {
+            collect(entry);
+        }
+        for (filter, entry) in &self.wild_filters {
+            if matches(filter, topic) {
+                collect(entry);
+            }
+        }
+        if targets.is_empty() {
+            return;
+        }
+        let topic: Arc<str> = Arc::from(topic);
+        for (sref, qos) in targets {
+            let down = Down {
+                topic: topic.clone(),
+                payload: payload.clone(),
+                qos,
+                retain,
+            };
+            self.enqueue(now, sref, down);
+        }
+    }
+
+    /// Runs due timers (keep-alive, sleep, retransmission, session expiry, ADVERTISE). Early
+    /// calls do nothing.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.advertise_if_due(now);
+        let retry_all = self.handshake_timeout();
         while let Some(Reverse((deadline, sref))) = self.timers.peek().copied() {
             if deadline > now {
                 break;
             }
             self.timers.pop();
-            let Some(session) = self.session_mut(sref) else {
+            let Some(session) = slot_mut(&mut self.slots, sref) else {
                 continue;
             };
-            let due = session.last_seen + keep_alive_limit(session.keep_alive);
-            if due > now {
-                self.timers.push(Reverse((due, sref)));
-                continue;
+            match session.next_deadline(retry_all) {
+                Some(due) if due <= now => self.on_session_timer(now, sref),
+                Some(due) => self.timers.push(Reverse((due, sref))),
+                None => {}
             }
-            tracing::debug!(client_id = %session.client_id, "Keep-alive expired; session dropped.");
-            self.stats.keep_alive_expired += 1;
-            self.remove_session(sref);
         }
     }
 
     /// The next instant [`Core::handle_timeout`] has work, if any.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.peek().map(|Reverse((t, _))| *t)
+        let timer = self.timers.peek().map(|Reverse((t, _))| *t);
+        let adv = if self.config.advertise_to.is_empty() {
+            None
+        } else {
+            self.next_advertise
+        };
+        match (timer, adv) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Writes the next datagram to send into `buf` (cleared first) and returns its destination.
     #[must_use]
     pub fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> Option<Peer> {
-        let (peer, reply) = self.transmits.pop_front()?;
-        buf.clear();
-        let packet = self.reply_packet(reply);
-        let result = match &peer.node {
-            None => packet.encode(buf),
-            Some(node) => codec::encode_encapsulated(0, node, &packet, buf),
-        };
-        // Replies are a few bytes: encoding cannot exceed the u16 length form.
-        debug_assert!(result.is_ok());
-        Some(peer)
+        loop {
+            let (peer, reply) = self.transmits.pop_front()?;
+            buf.clear();
+            let radius = match reply {
+                Reply::GwInfo { radius } => radius,
+                _ => 0,
+            };
+            let packet = self.reply_packet(&reply);
+            let result = match &peer.node {
+                None => packet.encode(buf),
+                Some(node) => codec::encode_encapsulated(radius, node, &packet, buf),
+            };
+            // Only a PUBLISH can be long, and its size was checked when it was built.
+            if result.is_ok() {
+                return Some(peer);
+            }
+        }
     }
 
-    /// The next message for the upstream side.
+    /// The next event for the upstream side.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
 
-    fn reply_packet(&self, reply: Reply) -> Packet<'static> {
+    fn handshake_timeout(&self) -> Duration {
+        self.config.retry_interval * (self.config.max_retries + 1)
+    }
+
+    fn reply_packet<'a>(&self, reply: &'a Reply) -> Packet<'a> {
         match reply {
-            Reply::ConnAck(rc) => Packet::ConnAck { rc },
+            Reply::ConnAck(rc) => Packet::ConnAck { rc: *rc },
+            Reply::WillTopicReq => Packet::WillTopicReq,
+            Reply::WillMsgReq => Packet::WillMsgReq,
             Reply::RegAck {
                 topic_id,
                 msg_id,
                 rc,
             } => Packet::RegAck {
+                topic_id: *topic_id,
+                msg_id: *msg_id,
+                rc: *rc,
+            },
+            Reply::Register {
                 topic_id,
                 msg_id,
-                rc,
+                name,
+            } => Packet::Register {
+                topic_id: *topic_id,
+                msg_id: *msg_id,
+                topic_name: name,
             },
             Reply::PubAck {
                 topic_id,
                 msg_id,
                 rc,
             } => Packet::PubAck {
+                topic_id: *topic_id,
+                msg_id: *msg_id,
+                rc: *rc,
+            },
+            Reply::PubRec(msg_id) => Packet::PubRec { msg_id: *msg_id },
+            Reply::PubRel(msg_id) => Packet::PubRel { msg_id: *msg_id },
+            Reply::PubComp(msg_id) => Packet::PubComp { msg_id: *msg_id },
+            Reply::Publish {
+                dup,
+                qos,
+                retain,
+                topic,
+                msg_id,
+                payload,
+            } => Packet::Publish {
+                dup: *dup,
+                qos: wire_qos(*qos),
+                retain: *retain,
+                topic: *topic,
+                msg_id: *msg_id,
+                data: payload,
+            },
+            Reply::SubAck {
+                qos,
                 topic_id,
                 msg_id,
                 rc,
+            } => Packet::SubAck {
+                qos: wire_qos(*qos),
+                topic_id: *topic_id,
+                msg_id: *msg_id,
+                rc: *rc,
             },
-            Reply::PubRec(msg_id) => Packet::PubRec { msg_id },
-            Reply::PubComp(msg_id) => Packet::PubComp { msg_id },
-            Reply::SubAck { msg_id, rc } => Packet::SubAck {
-                qos: QoS::AtMostOnce,
-                topic_id: 0,
-                msg_id,
-                rc,
-            },
-            Reply::UnsubAck(msg_id) => Packet::UnsubAck { msg_id },
+            Reply::UnsubAck(msg_id) => Packet::UnsubAck { msg_id: *msg_id },
             Reply::PingResp => Packet::PingResp,
             Reply::Disconnect => Packet::Disconnect { duration: None },
-            Reply::GwInfo => Packet::GwInfo {
+            Reply::GwInfo { .. } => Packet::GwInfo {
                 gw_id: self.config.gw_id,
                 gw_addr: &[],
             },
-            Reply::WillTopicResp(rc) => Packet::WillTopicResp { rc },
-            Reply::WillMsgResp(rc) => Packet::WillMsgResp { rc },
+            Reply::Advertise => Packet::Advertise {
+                gw_id: self.config.gw_id,
+                duration: u16::try_from(self.config.advertise_interval.as_secs())
+                    .unwrap_or(u16::MAX),
+            },
+            Reply::WillTopicResp(rc) => Packet::WillTopicResp { rc: *rc },
+            Reply::WillMsgResp(rc) => Packet::WillMsgResp { rc: *rc },
         }
     }
 
-    fn handle_packet(&mut self, now: Instant, peer: Peer, packet: Packet<'_>) {
+    fn handle_packet(&mut self, now: Instant, peer: Peer, packet: Packet<'_>, radius: u8) {
         match packet {
             Packet::Connect {
                 will,
@@ -457,7 +833,28 @@ impl Core {
             } => {
                 self.handle_connect(now, peer, will, clean_session, duration, client_id);
             }
-            Packet::SearchGw { .. } => self.transmits.push_back((peer, Reply::GwInfo)),
+            Packet::SearchGw {
+                radius: search_radius,
+            } => {
+                if self.config.gwinfo_to_destinations && !self.config.advertise_to.is_empty() {
+                    for dest in self.config.advertise_to.clone() {
+                        self.transmits.push_back((
+                            dest,
+                            Reply::GwInfo {
+                                radius: search_radius,
+                            },
+                        ));
+                    }
+                } else {
+                    // Through a forwarder, the reply is broadcast with the searcher's radius.
+                    let radius = if peer.node.is_some() {
+                        search_radius
+                    } else {
+                        radius
+                    };
+                    self.transmits.push_back((peer, Reply::GwInfo { radius }));
+                }
+            }
             Packet::Publish {
                 qos: QoS::MinusOne,
                 topic,
@@ -499,64 +896,81 @@ impl Core {
                 // PUBCOMP even for an unknown MsgId: the sensor may be retrying after a lost one.
                 self.transmits.push_back((peer, Reply::PubComp(msg_id)));
             }
-            Packet::PingReq { .. } => {
-                if self.touch(now, &peer).is_some() {
-                    self.transmits.push_back((peer, Reply::PingResp));
-                } else {
-                    self.unknown_peer(peer, packet.name());
-                }
-            }
-            Packet::Disconnect { .. } => {
-                if let Some(&sref) = self.by_peer.get(&peer) {
-                    if let Some(s) = self.session_mut(sref) {
-                        tracing::debug!(client_id = %s.client_id, "Client disconnected.");
-                    }
-                    self.remove_session(sref);
-                }
-                self.transmits.push_back((peer, Reply::Disconnect));
-            }
-            Packet::Subscribe { msg_id, .. } => {
-                if self.touch(now, &peer).is_none() {
+            Packet::PingReq { client_id } => self.handle_pingreq(now, peer, client_id),
+            Packet::Disconnect { duration } => self.handle_disconnect(now, peer, duration),
+            Packet::Subscribe {
+                msg_id, qos, topic, ..
+            } => {
+                let Some(sref) = self.touch(now, &peer) else {
                     return self.unknown_peer(peer, packet.name());
-                }
-                self.stats.rejections += 1;
-                let reply = Reply::SubAck {
-                    msg_id,
-                    rc: ReturnCode::NotSupported,
                 };
-                self.transmits.push_back((peer, reply));
+                self.handle_subscribe(now, sref, peer, msg_id, qos, topic);
             }
-            Packet::Unsubscribe { msg_id, .. } => {
-                if self.touch(now, &peer).is_none() {
+            Packet::Unsubscribe { msg_id, topic } => {
+                let Some(sref) = self.touch(now, &peer) else {
                     return self.unknown_peer(peer, packet.name());
+                };
+                if let Some(filter) = self.subscribe_filter(sref, topic) {
+                    self.remove_subscription(sref, &filter);
                 }
                 self.transmits.push_back((peer, Reply::UnsubAck(msg_id)));
             }
-            Packet::WillTopicUpd { .. } | Packet::WillMsgUpd { .. } => {
-                if self.touch(now, &peer).is_none() {
+            Packet::WillTopic { will, topic } => self.handle_will_topic(now, peer, will, topic),
+            Packet::WillMsg { msg } => self.handle_will_msg(now, peer, msg),
+            Packet::WillTopicUpd { will, topic } => {
+                let Some(sref) = self.touch(now, &peer) else {
                     return self.unknown_peer(peer, packet.name());
-                }
-                let reply = if matches!(packet, Packet::WillTopicUpd { .. }) {
-                    Reply::WillTopicResp(ReturnCode::NotSupported)
-                } else {
-                    Reply::WillMsgResp(ReturnCode::NotSupported)
                 };
-                self.transmits.push_back((peer, reply));
+                let rc = self.update_will_topic(sref, will, topic);
+                self.transmits.push_back((peer, Reply::WillTopicResp(rc)));
             }
-            Packet::PubAck { .. }
-            | Packet::PubRec { .. }
-            | Packet::PubComp { .. }
-            | Packet::RegAck { .. } => {
-                // Acknowledgements of gateway-to-client traffic; the uplink sends none yet.
-                let _ = self.touch(now, &peer);
+            Packet::WillMsgUpd { msg } => {
+                let Some(sref) = self.touch(now, &peer) else {
+                    return self.unknown_peer(peer, packet.name());
+                };
+                let rc = match self.session_mut(sref) {
+                    Some(Session { will: Some(w), .. }) => {
+                        w.payload = Bytes::copy_from_slice(msg);
+                        ReturnCode::Accepted
+                    }
+                    // No Will topic to attach the message to.
+                    _ => ReturnCode::NotSupported,
+                };
+                self.transmits.push_back((peer, Reply::WillMsgResp(rc)));
+            }
+            Packet::PubAck {
+                topic_id,
+                msg_id,
+                rc,
+            } => {
+                if let Some(sref) = self.touch(now, &peer) {
+                    self.on_puback(now, sref, topic_id, msg_id, rc);
+                }
+            }
+            Packet::PubRec { msg_id } => {
+                if let Some(sref) = self.touch(now, &peer) {
+                    self.on_pubrec(now, sref, msg_id);
+                }
+            }
+            Packet::PubComp { msg_id } => {
+                if let Some(sref) = self.touch(now, &peer) {
+                    self.on_pubcomp(now, sref, msg_id);
+                }
+            }
+            Packet::RegAck {
+                topic_id,
+                msg_id,
+                rc,
+            } => {
+                if let Some(sref) = self.touch(now, &peer) {
+                    self.on_regack(now, sref, topic_id, msg_id, rc);
+                }
             }
             Packet::Advertise { .. }
             | Packet::GwInfo { .. }
             | Packet::ConnAck { .. }
             | Packet::WillTopicReq
-            | Packet::WillTopic { .. }
             | Packet::WillMsgReq
-            | Packet::WillMsg { .. }
             | Packet::SubAck { .. }
             | Packet::UnsubAck { .. }
             | Packet::PingResp
@@ -574,6 +988,9 @@ impl Core {
         self.transmits.push_back((peer, Reply::Disconnect));
     }
 
+    // ------------------------------------------------------------------------------------
+    // Connection, Will, sleep.
+
     fn handle_connect(
         &mut self,
         now: Instant,
@@ -583,73 +1000,418 @@ impl Core {
         duration: u16,
         client_id: &str,
     ) {
-        if !clean_session || will {
-            // Persistent sessions and Will come with the sessions work; refuse honestly.
-            self.stats.rejections += 1;
-            self.transmits
-                .push_back((peer, Reply::ConnAck(ReturnCode::NotSupported)));
+        let keep_alive = Duration::from_secs(u64::from(duration));
+        let existing = self.by_client.get(client_id).copied();
+        let sref = match existing {
+            Some(old) if !clean_session => {
+                // Resume the persistent session (also from asleep or disconnected), possibly
+                // from a new address.
+                self.bind(old, peer.clone());
+                let Some(s) = self.session_mut(old) else {
+                    return;
+                };
+                s.clean_session = false;
+                s.keep_alive = keep_alive;
+                s.last_seen = now;
+                // The client's own topic table was lost with its connection.
+                s.topics.known.clear();
+                if let Some(f) = s.inflight_down.take() {
+                    s.queue.push_front(f.msg);
+                }
+                old
+            }
+            _ => {
+                if let Some(old) = existing {
+                    self.remove_session(old);
+                }
+                if let Some(&other) = self.by_peer.get(&peer) {
+                    // A new client on this address: the old one loses the binding only.
+                    self.unbind(other);
+                }
+                if self.by_client.len() >= self.config.max_clients {
+                    self.stats.rejections += 1;
+                    tracing::debug!(client_id, "Session table full; CONNECT refused.");
+                    self.transmits
+                        .push_back((peer, Reply::ConnAck(ReturnCode::Congestion)));
+                    return;
+                }
+                match self.create_session(now, peer.clone(), client_id, clean_session, keep_alive) {
+                    Some(sref) => sref,
+                    None => return,
+                }
+            }
+        };
+        let Some(s) = self.session_mut(sref) else {
             return;
-        }
-        // A second CONNECT with the same ClientId replaces the old session; a new client on an
-        // address replaces whoever was there.
-        if let Some(&old) = self.by_client.get(client_id) {
-            self.remove_session(old);
-        }
-        if let Some(&old) = self.by_peer.get(&peer) {
-            self.remove_session(old);
-        }
-        if self.by_client.len() >= self.config.max_clients {
-            self.stats.rejections += 1;
-            tracing::debug!(client_id, "Session table full; CONNECT refused.");
+        };
+        tracing::debug!(client_id, peer = %peer.addr, keep_alive_secs = duration, clean_session, will, "Client connecting.");
+        if will {
+            s.state = State::Connecting { will_topic: None };
+            self.transmits.push_back((peer, Reply::WillTopicReq));
+        } else {
+            if clean_session {
+                s.will = None;
+            }
+            s.state = State::Active;
             self.transmits
-                .push_back((peer, Reply::ConnAck(ReturnCode::Congestion)));
-            return;
+                .push_back((peer, Reply::ConnAck(ReturnCode::Accepted)));
+            self.pump(now, sref);
         }
+        self.schedule(sref);
+    }
+
+    fn create_session(
+        &mut self,
+        now: Instant,
+        peer: Peer,
+        client_id: &str,
+        clean_session: bool,
+        keep_alive: Duration,
+    ) -> Option<SessionRef> {
         let client_id: Arc<str> = Arc::from(client_id);
         let slot = match self.free.pop() {
             Some(slot) => slot,
             None => {
                 self.slots.push(None);
                 self.generations.push(0);
-                (self.slots.len() - 1) as u32
+                u32::try_from(self.slots.len() - 1).ok()?
             }
         };
-        let Some(generation) = self.generations.get_mut(slot as usize) else {
-            return;
-        };
+        let generation = self.generations.get_mut(slot as usize)?;
         *generation = generation.wrapping_add(1);
         let sref = SessionRef {
             slot,
             generation: *generation,
         };
-        let keep_alive = Duration::from_secs(u64::from(duration));
         let session = Session {
             own_predefined: self.client_predefined.get(&client_id).cloned(),
             client_id: client_id.clone(),
-            peer: peer.clone(),
+            peer: Some(peer.clone()),
             generation: sref.generation,
+            state: State::Active,
+            clean_session,
             keep_alive,
+            sleep: Duration::ZERO,
             last_seen: now,
             topics: TopicTable {
                 next_id: 1,
                 ..TopicTable::default()
             },
-            inflight: Vec::new(),
+            inflight_up: Vec::new(),
             qos2_received: Vec::new(),
+            will: None,
+            subscriptions: Vec::new(),
+            queue: VecDeque::new(),
+            inflight_down: None,
+            next_msg_id: 0,
         };
-        if let Some(s) = self.slots.get_mut(slot as usize) {
-            *s = Some(session);
+        *self.slots.get_mut(slot as usize)? = Some(session);
+        self.by_client.insert(client_id, sref);
+        self.by_peer.insert(peer, sref);
+        Some(sref)
+    }
+
+    fn handle_will_topic(
+        &mut self,
+        now: Instant,
+        peer: Peer,
+        will: Option<WillFlags>,
+        topic: &str,
+    ) {
+        let Some(sref) = self.touch(now, &peer) else {
+            return;
+        };
+        let Some(s) = self.session_mut(sref) else {
+            return;
+        };
+        if !matches!(s.state, State::Connecting { will_topic: None }) {
+            return;
         }
-        self.by_client.insert(client_id.clone(), sref);
-        self.by_peer.insert(peer.clone(), sref);
-        if !keep_alive.is_zero() {
-            self.timers
-                .push(Reverse((now + keep_alive_limit(keep_alive), sref)));
+        match will {
+            // An empty WILLTOPIC: no Will after all.
+            None => {
+                s.will = None;
+                s.state = State::Active;
+                self.transmits
+                    .push_back((peer, Reply::ConnAck(ReturnCode::Accepted)));
+                self.pump(now, sref);
+            }
+            Some(_) if !is_mqtt_topic_name(topic) => {
+                self.stats.rejections += 1;
+                self.remove_session(sref);
+                self.transmits
+                    .push_back((peer, Reply::ConnAck(ReturnCode::InvalidTopicId)));
+            }
+            Some(flags) => {
+                s.state = State::Connecting {
+                    will_topic: Some((Arc::from(topic), flags.qos, flags.retain)),
+                };
+                self.transmits.push_back((peer, Reply::WillMsgReq));
+            }
         }
-        tracing::debug!(client_id = %client_id, peer = %peer.addr, keep_alive_secs = duration, "Client connected.");
+    }
+
+    fn handle_will_msg(&mut self, now: Instant, peer: Peer, msg: &[u8]) {
+        let Some(sref) = self.touch(now, &peer) else {
+            return;
+        };
+        let Some(s) = self.session_mut(sref) else {
+            return;
+        };
+        let State::Connecting {
+            will_topic: Some((topic, qos, retain)),
+        } = &s.state
+        else {
+            return;
+        };
+        s.will = Some(Will {
+            topic: topic.clone(),
+            payload: Bytes::copy_from_slice(msg),
+            qos: *qos,
+            retain: *retain,
+        });
+        s.state = State::Active;
         self.transmits
             .push_back((peer, Reply::ConnAck(ReturnCode::Accepted)));
+        self.pump(now, sref);
+        self.schedule(sref);
     }
+
+    fn update_will_topic(
+        &mut self,
+        sref: SessionRef,
+        will: Option<WillFlags>,
+        topic: &str,
+    ) -> ReturnCode {
+        let Some(s) = self.session_mut(sref) else {
+            return ReturnCode::NotSupported;
+        };
+        match will {
+            // An empty WILLTOPICUPD deletes topic and message (spec 6.4).
+            None => {
+                s.will = None;
+                ReturnCode::Accepted
+            }
+            Some(_) if !is_mqtt_topic_name(topic) => ReturnCode::InvalidTopicId,
+            Some(flags) => {
+                let payload = s.will.take().map(|w| w.payload).unwrap_or_default();
+                s.will = Some(Will {
+                    topic: Arc::from(topic),
+                    payload,
+                    qos: flags.qos,
+                    retain: flags.retain,
+                });
+                ReturnCode::Accepted
+            }
+        }
+    }
+
+    fn handle_pingreq(&mut self, now: Instant, peer: Peer, client_id: Option<&str>) {
+        let sref = match client_id {
+            // PINGREQ with a ClientId identifies the session even from a new address (a
+            // sleeping client behind NAT); without one, only the address does.
+            Some(id) => match self.by_client.get(id).copied() {
+                Some(sref) => {
+                    let bound_elsewhere = self
+                        .session(sref)
+                        .is_some_and(|s| s.peer.as_ref() != Some(&peer));
+                    if bound_elsewhere {
+                        self.bind(sref, peer.clone());
+                    }
+                    sref
+                }
+                None => return self.unknown_peer(peer, "PINGREQ"),
+            },
+            None => match self.by_peer.get(&peer).copied() {
+                Some(sref) => sref,
+                None => return self.unknown_peer(peer, "PINGREQ"),
+            },
+        };
+        let Some(s) = self.session_mut(sref) else {
+            return;
+        };
+        s.last_seen = now;
+        match s.state {
+            State::Asleep { .. } | State::Awake if client_id.is_some() => {
+                s.state = State::Awake;
+                self.pump(now, sref);
+            }
+            State::Disconnected { .. } | State::Connecting { .. } => {
+                // Not connected: it must CONNECT first.
+                self.transmits.push_back((peer, Reply::Disconnect));
+            }
+            _ => self.transmits.push_back((peer, Reply::PingResp)),
+        }
+        self.schedule(sref);
+    }
+
+    fn handle_disconnect(&mut self, now: Instant, peer: Peer, duration: Option<u16>) {
+        let Some(&sref) = self.by_peer.get(&peer) else {
+            // Idempotent: answer even without a session.
+            self.transmits.push_back((peer, Reply::Disconnect));
+            return;
+        };
+        let Some(s) = self.session_mut(sref) else {
+            return;
+        };
+        s.last_seen = now;
+        match duration {
+            Some(d)
+                if d > 0
+                    && !matches!(
+                        s.state,
+                        State::Disconnected { .. } | State::Connecting { .. }
+                    ) =>
+            {
+                let sleep = Duration::from_secs(u64::from(d));
+                s.sleep = sleep;
+                s.state = State::Asleep {
+                    until: now + sleep_limit(sleep),
+                };
+                if let Some(f) = s.inflight_down.take() {
+                    s.queue.push_front(f.msg);
+                }
+                tracing::debug!(client_id = %s.client_id, sleep_secs = d, "Client asleep.");
+                self.transmits.push_back((peer, Reply::Disconnect));
+                self.schedule(sref);
+            }
+            _ => {
+                tracing::debug!(client_id = %s.client_id, "Client disconnected.");
+                self.transmits.push_back((peer, Reply::Disconnect));
+                // A clean DISCONNECT never publishes the Will.
+                self.end_connection(now, sref);
+            }
+        }
+    }
+
+    /// The connection ended: a CleanSession=1 session goes away, a persistent one waits.
+    fn end_connection(&mut self, now: Instant, sref: SessionRef) {
+        let expiry = self.config.session_expiry;
+        let Some(s) = self.session_mut(sref) else {
+            return;
+        };
+        if s.clean_session {
+            self.remove_session(sref);
+            return;
+        }
+        s.state = State::Disconnected {
+            expires: now + expiry,
+        };
+        if let Some(f) = s.inflight_down.take() {
+            s.queue.push_front(f.msg);
+        }
+        // QoS 0 messages are not kept for a disconnected client.
+        s.queue.retain(|d| d.qos > 0);
+        self.unbind(sref);
+        self.schedule(sref);
+    }
+
+    /// The client is lost (spec 6.14): its Will goes upstream, then the connection ends.
+    fn lose(&mut self, now: Instant, sref: SessionRef, why: &'static str) {
+        let Some(s) = self.session_mut(sref) else {
+            return;
+        };
+        tracing::debug!(client_id = %s.client_id, reason = why, "Client lost.");
+        let will = s.will.clone();
+        self.stats.clients_lost += 1;
+        if let Some(will) = will {
+            self.stats.wills_published += 1;
+            let qos = match will.qos {
+                QoS::AtLeastOnce => Qos::AtLeastOnce,
+                QoS::ExactlyOnce => Qos::ExactlyOnce,
+                QoS::AtMostOnce | QoS::MinusOne => Qos::AtMostOnce,
+            };
+            self.events.push_back(Event::Publish {
+                message: Message {
+                    topic: will.topic.to_string(),
+                    payload: will.payload,
+                    qos,
+                    retain: will.retain,
+                },
+                token: None,
+            });
+        }
+        self.end_connection(now, sref);
+    }
+
+    fn on_session_timer(&mut self, now: Instant, sref: SessionRef) {
+        let retry_all = self.handshake_timeout();
+        let retry = self.config.retry_interval;
+        let max_retries = self.config.max_retries;
+        let Some(s) = self.session_mut(sref) else {
+            return;
+        };
+        // Retransmission first: it may lose the client.
+        let mut resend = None;
+        if let Some(f) = s.inflight_down.as_mut().filter(|f| f.deadline <= now) {
+            if f.retries >= max_retries {
+                return self.lose(now, sref, "retransmissions exhausted");
+            }
+            f.retries += 1;
+            f.deadline = now + retry;
+            resend = Some(f.clone());
+        }
+        if let (Some(f), Some(peer)) = (resend, s.peer.clone()) {
+            self.stats.retransmissions += 1;
+            let reply = match f.phase {
+                Phase::Register => Reply::Register {
+                    topic_id: topic_id_of(f.topic),
+                    msg_id: f.msg_id,
+                    name: f.msg.topic,
+                },
+                Phase::PubComp => Reply::PubRel(f.msg_id),
+                Phase::PubAck | Phase::PubRec => Reply::Publish {
+                    dup: true,
+                    qos: f.msg.qos,
+                    retain: f.msg.retain,
+                    topic: f.topic,
+                    msg_id: f.msg_id,
+                    payload: f.msg.payload,
+                },
+            };
+            self.transmits.push_back((peer, reply));
+        }
+        let Some(s) = self.session_mut(sref) else {
+            return;
+        };
+        match s.state {
+            State::Active
+                if !s.keep_alive.is_zero()
+                    && s.last_seen + keep_alive_limit(s.keep_alive) <= now =>
+            {
+                self.lose(now, sref, "keep-alive expired");
+            }
+            State::Asleep { until } if until <= now => self.lose(now, sref, "sleep timer expired"),
+            State::Connecting { .. } if s.last_seen + retry_all <= now => {
+                tracing::debug!(client_id = %s.client_id, "Will handshake timed out.");
+                self.remove_session(sref);
+            }
+            State::Disconnected { expires } if expires <= now => {
+                tracing::debug!(client_id = %s.client_id, "Persistent session expired.");
+                self.remove_session(sref);
+            }
+            _ => self.schedule(sref),
+        }
+    }
+
+    fn advertise_if_due(&mut self, now: Instant) {
+        if self.config.advertise_to.is_empty() {
+            return;
+        }
+        if self.next_advertise.is_some_and(|t| t > now) {
+            return;
+        }
+        self.next_advertise = Some(now + self.config.advertise_interval);
+        if !self.upstream_available {
+            return;
+        }
+        for dest in self.config.advertise_to.clone() {
+            self.transmits.push_back((dest, Reply::Advertise));
+        }
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Uplink.
 
     #[allow(clippy::too_many_arguments)]
     fn handle_publish(
@@ -684,7 +1446,7 @@ impl Core {
         };
         let mut token = None;
         if qos != QoS::AtMostOnce {
-            if session.inflight.iter().any(|&(m, _)| m == msg_id) {
+            if session.inflight_up.iter().any(|&(m, _)| m == msg_id) {
                 // A retransmission of a publish the upstream has not answered yet: the answer
                 // will come once, for both.
                 return;
@@ -693,7 +1455,7 @@ impl Core {
                 self.transmits.push_back((peer, Reply::PubRec(msg_id)));
                 return;
             }
-            let full = session.inflight.len() >= max_inflight
+            let full = session.inflight_up.len() >= max_inflight
                 || (qos == QoS::ExactlyOnce && session.qos2_received.len() >= max_inflight);
             if full {
                 self.stats.rejections += 1;
@@ -707,7 +1469,7 @@ impl Core {
             }
             let t = self.next_token;
             self.next_token += 1;
-            session.inflight.push((msg_id, t));
+            session.inflight_up.push((msg_id, t));
             self.pending.insert(
                 t,
                 Pending {
@@ -767,22 +1529,31 @@ impl Core {
         let session = self.session(sref)?;
         match topic {
             TopicRef::Normal(id) => session.topics.by_id.get(&id).cloned(),
-            TopicRef::Predefined(id) => session
-                .own_predefined
-                .as_ref()
-                .and_then(|own| own.get(&id))
-                .or_else(|| self.global_predefined.get(&id))
-                .cloned(),
+            TopicRef::Predefined(id) => self.predefined_for(session, id),
             TopicRef::Short(s) => short_topic(s),
         }
     }
 
+    fn predefined_for(&self, session: &Session, id: u16) -> Option<Arc<str>> {
+        session
+            .own_predefined
+            .as_ref()
+            .and_then(|own| own.get(&id))
+            .or_else(|| self.global_predefined.get(&id))
+            .cloned()
+    }
+
+    /// The predefined id this client can use for `topic`, if any.
+    fn predefined_id_of(&self, session: &Session, topic: &str) -> Option<u16> {
+        if let Some(own) = &session.own_predefined {
+            if let Some((&id, _)) = own.iter().find(|(_, t)| &***t == topic) {
+                return Some(id);
+            }
+        }
+        self.global_predefined_by_name.get(topic).copied()
+    }
+
     fn register(&mut self, sref: SessionRef, name: &str, msg_id: u16) -> Reply {
-        let max_topics = self.config.max_topics_per_client;
-        let global = &self.global_predefined;
-        let Some(session) = slot_mut(&mut self.slots, sref) else {
-            return Reply::Disconnect;
-        };
         if !is_mqtt_topic_name(name) {
             self.stats.rejections += 1;
             return Reply::RegAck {
@@ -791,22 +1562,40 @@ impl Core {
                 rc: ReturnCode::InvalidTopicId,
             };
         }
+        match self.topic_id_for(sref, name) {
+            Some(id) => {
+                if let Some(s) = self.session_mut(sref) {
+                    s.topics.known.insert(id);
+                }
+                Reply::RegAck {
+                    topic_id: id,
+                    msg_id,
+                    rc: ReturnCode::Accepted,
+                }
+            }
+            None => {
+                self.stats.rejections += 1;
+                Reply::RegAck {
+                    topic_id: 0,
+                    msg_id,
+                    rc: ReturnCode::Congestion,
+                }
+            }
+        }
+    }
+
+    /// The session's id for `name`, allocating one when needed. `None` when the table is full.
+    /// Dynamic ids never collide with a predefined id this client could use.
+    fn topic_id_for(&mut self, sref: SessionRef, name: &str) -> Option<u16> {
+        let max_topics = self.config.max_topics_per_client;
+        let global = &self.global_predefined;
+        let session = slot_mut(&mut self.slots, sref)?;
         if let Some(&id) = session.topics.by_name.get(name) {
-            return Reply::RegAck {
-                topic_id: id,
-                msg_id,
-                rc: ReturnCode::Accepted,
-            };
+            return Some(id);
         }
         if session.topics.by_id.len() >= max_topics {
-            self.stats.rejections += 1;
-            return Reply::RegAck {
-                topic_id: 0,
-                msg_id,
-                rc: ReturnCode::Congestion,
-            };
+            return None;
         }
-        // Dynamic ids never collide with a predefined id this client could use.
         let own = session.own_predefined.clone();
         let taken = |id: u16, table: &TopicTable| {
             id == 0
@@ -821,23 +1610,492 @@ impl Core {
             id = id.wrapping_add(1);
             tries += 1;
             if tries > 0x1_0000 {
-                return Reply::RegAck {
-                    topic_id: 0,
-                    msg_id,
-                    rc: ReturnCode::Congestion,
-                };
+                return None;
             }
         }
         session.topics.next_id = id.wrapping_add(1);
         let topic: Arc<str> = Arc::from(name);
         session.topics.by_name.insert(topic.clone(), id);
         session.topics.by_id.insert(id, topic);
-        Reply::RegAck {
-            topic_id: id,
-            msg_id,
-            rc: ReturnCode::Accepted,
+        Some(id)
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Subscriptions.
+
+    /// The MQTT filter a SUBSCRIBE/UNSUBSCRIBE topic stands for.
+    fn subscribe_filter(&self, sref: SessionRef, topic: SubscribeTopic<'_>) -> Option<Arc<str>> {
+        match topic {
+            SubscribeTopic::Name(name) => is_mqtt_topic_filter(name).then(|| Arc::from(name)),
+            SubscribeTopic::Predefined(id) => self.predefined_for(self.session(sref)?, id),
+            SubscribeTopic::Short(s) => short_topic(s),
         }
     }
+
+    fn handle_subscribe(
+        &mut self,
+        now: Instant,
+        sref: SessionRef,
+        peer: Peer,
+        msg_id: u16,
+        qos: QoS,
+        topic: SubscribeTopic<'_>,
+    ) {
+        let granted = match qos {
+            QoS::AtMostOnce | QoS::MinusOne => 0,
+            QoS::AtLeastOnce => 1,
+            QoS::ExactlyOnce => 2,
+        };
+        let reject = |rc| Reply::SubAck {
+            qos: 0,
+            topic_id: 0,
+            msg_id,
+            rc,
+        };
+        let Some(filter) = self.subscribe_filter(sref, topic) else {
+            self.stats.rejections += 1;
+            self.transmits
+                .push_back((peer, reject(ReturnCode::InvalidTopicId)));
+            return;
+        };
+        let max_subs = self.config.max_subscriptions_per_client;
+        let Some(s) = self.session_mut(sref) else {
+            return;
+        };
+        let existing = s.subscriptions.iter().position(|x| x.filter == filter);
+        if existing.is_none() && s.subscriptions.len() >= max_subs {
+            self.stats.rejections += 1;
+            self.transmits
+                .push_back((peer, reject(ReturnCode::Congestion)));
+            return;
+        }
+        // The topic id in SUBACK: the predefined or short id as given, 0 for a wildcard
+        // filter, otherwise the (possibly new) registered id.
+        let topic_id = match topic {
+            SubscribeTopic::Predefined(id) => id,
+            SubscribeTopic::Short([a, b]) => u16::from_be_bytes([a, b]),
+            SubscribeTopic::Name(name) if has_wildcards(name) => 0,
+            SubscribeTopic::Name(name) => match self.topic_id_for(sref, name) {
+                Some(id) => {
+                    if let Some(s) = self.session_mut(sref) {
+                        s.topics.known.insert(id);
+                    }
+                    id
+                }
+                None => {
+                    self.stats.rejections += 1;
+                    self.transmits
+                        .push_back((peer, reject(ReturnCode::Congestion)));
+                    return;
+                }
+            },
+        };
+        let Some(s) = self.session_mut(sref) else {
+            return;
+        };
+        match existing.and_then(|i| s.subscriptions.get_mut(i)) {
+            Some(sub) => sub.qos = granted,
+            None => s.subscriptions.push(Subscription {
+                filter: filter.clone(),
+                qos: granted,
+            }),
+        }
+        self.index_subscription(sref, &filter, granted);
+        self.transmits.push_back((
+            peer,
+            Reply::SubAck {
+                qos: granted,
+                topic_id,
+                msg_id,
+                rc: ReturnCode::Accepted,
+            },
+        ));
+        // Retained messages reach the new subscriber (after its SUBACK).
+        let retained: Vec<Down> = if has_wildcards(&filter) {
+            self.retained
+                .values()
+                .filter(|d| matches(&filter, &d.topic))
+                .cloned()
+                .collect()
+        } else {
+            self.retained.get(&filter).cloned().into_iter().collect()
+        };
+        for mut d in retained {
+            d.qos = d.qos.min(granted);
+            d.retain = true;
+            self.enqueue(now, sref, d);
+        }
+    }
+
+    fn index_subscription(&mut self, sref: SessionRef, filter: &Arc<str>, qos: u8) {
+        let map = if has_wildcards(filter) {
+            &mut self.wild_filters
+        } else {
+            &mut self.exact_filters
+        };
+        let entry = map.entry(filter.clone()).or_default();
+        entry.subscribers.insert(sref, qos);
+        let wanted = entry.subscribers.values().copied().max().unwrap_or(0);
+        if entry.subscribers.len() == 1 || wanted > entry.upstream_qos {
+            entry.upstream_qos = wanted;
+            self.events.push_back(Event::Subscribe {
+                filter: filter.clone(),
+                qos: upstream_qos(wanted),
+            });
+        }
+    }
+
+    fn remove_subscription(&mut self, sref: SessionRef, filter: &Arc<str>) {
+        if let Some(s) = self.session_mut(sref) {
+            s.subscriptions.retain(|x| &x.filter != filter);
+        }
+        let map = if has_wildcards(filter) {
+            &mut self.wild_filters
+        } else {
+            &mut self.exact_filters
+        };
+        if let Some(entry) = map.get_mut(filter) {
+            entry.subscribers.remove(&sref);
+            if entry.subscribers.is_empty() {
+                map.remove(filter);
+                self.events.push_back(Event::Unsubscribe {
+                    filter: filter.clone(),
+                });
+            }
+        }
+    }
+
+    fn remember_retained(&mut self, topic: &str, payload: &Bytes, qos: u8) {
+        if payload.is_empty() {
+            // An empty retained message clears the topic.
+            self.retained.remove(topic);
+            return;
+        }
+        if !self.retained.contains_key(topic) && self.retained.len() >= self.config.max_retained {
+            return;
+        }
+        let topic: Arc<str> = Arc::from(topic);
+        self.retained.insert(
+            topic.clone(),
+            Down {
+                topic,
+                payload: payload.clone(),
+                qos,
+                retain: true,
+            },
+        );
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Downlink delivery.
+
+    fn enqueue(&mut self, now: Instant, sref: SessionRef, down: Down) {
+        let policy = self.config.queue_full;
+        let (limit, keep) = match self.session(sref).map(|s| &s.state) {
+            Some(State::Asleep { .. } | State::Awake) => {
+                (self.config.max_buffered_per_sleeping_client, true)
+            }
+            // A disconnected persistent session keeps QoS >= 1 only.
+            Some(State::Disconnected { .. }) => (self.config.max_queued_per_client, down.qos > 0),
+            Some(_) => (self.config.max_queued_per_client, true),
+            None => return,
+        };
+        let Some(s) = slot_mut(&mut self.slots, sref) else {
+            return;
+        };
+        if !keep {
+            self.stats.downlink_dropped += 1;
+            return;
+        }
+        if s.queue.len() >= limit {
+            self.stats.downlink_dropped += 1;
+            match policy {
+                QueueFull::DropNew => return,
+                QueueFull::DropOldest => {
+                    s.queue.pop_front();
+                }
+            }
+        }
+        s.queue.push_back(down);
+        self.pump(now, sref);
+    }
+
+    /// Sends queued downlink messages while the client can take them: QoS 0 directly, QoS 1/2
+    /// one at a time. An awake sleeper with nothing left gets PINGRESP and goes back to sleep.
+    fn pump(&mut self, now: Instant, sref: SessionRef) {
+        let retry = self.config.retry_interval;
+        let max_packet = self.config.max_packet_size;
+        loop {
+            let Some(s) = self.session(sref) else { return };
+            if !s.can_send() || s.inflight_down.is_some() {
+                return;
+            }
+            let Some(peer) = s.peer.clone() else { return };
+            let Some(front) = s.queue.front() else {
+                if s.state == State::Awake {
+                    let until = now + sleep_limit(s.sleep);
+                    if let Some(s) = self.session_mut(sref) {
+                        s.state = State::Asleep { until };
+                    }
+                    self.transmits.push_back((peer, Reply::PingResp));
+                    self.schedule(sref);
+                }
+                return;
+            };
+            let topic_name = front.topic.clone();
+            // How the client will know the topic: predefined, short, or registered.
+            let predefined = self.predefined_id_of(s, &topic_name);
+            let refused = s.topics.refused.contains(&topic_name);
+            let known_id = s
+                .topics
+                .by_name
+                .get(&topic_name)
+                .copied()
+                .filter(|id| s.topics.known.contains(id));
+            let topic = if let Some(id) = predefined {
+                Some(TopicRef::Predefined(id))
+            } else if let [a, b] = topic_name.as_bytes() {
+                Some(TopicRef::Short([*a, *b]))
+            } else {
+                known_id.map(TopicRef::Normal)
+            };
+            if refused {
+                if let Some(s) = self.session_mut(sref) {
+                    s.queue.pop_front();
+                }
+                self.stats.downlink_dropped += 1;
+                continue;
+            }
+            let Some(topic) = topic else {
+                // REGISTER first, then PUBLISH on REGACK.
+                let Some(id) = self.topic_id_for(sref, &topic_name) else {
+                    if let Some(s) = self.session_mut(sref) {
+                        s.queue.pop_front();
+                    }
+                    self.stats.downlink_dropped += 1;
+                    continue;
+                };
+                let Some(s) = self.session_mut(sref) else {
+                    return;
+                };
+                let Some(msg) = s.queue.pop_front() else {
+                    return;
+                };
+                let msg_id = s.next_msg_id();
+                s.inflight_down = Some(InFlight {
+                    msg,
+                    msg_id,
+                    topic: TopicRef::Normal(id),
+                    phase: Phase::Register,
+                    retries: 0,
+                    deadline: now + retry,
+                    reregistered: false,
+                });
+                self.transmits.push_back((
+                    peer,
+                    Reply::Register {
+                        topic_id: id,
+                        msg_id,
+                        name: topic_name,
+                    },
+                ));
+                self.schedule(sref);
+                return;
+            };
+            let Some(s) = self.session_mut(sref) else {
+                return;
+            };
+            let Some(msg) = s.queue.pop_front() else {
+                return;
+            };
+            // PUBLISH header: 7 octets (9 in the long form) plus the payload.
+            if msg.payload.len() + 9 > max_packet {
+                self.stats.downlink_dropped += 1;
+                continue;
+            }
+            self.send_publish(now, sref, peer, msg, topic, false);
+        }
+    }
+
+    fn send_publish(
+        &mut self,
+        now: Instant,
+        sref: SessionRef,
+        peer: Peer,
+        msg: Down,
+        topic: TopicRef,
+        reregistered: bool,
+    ) {
+        let retry = self.config.retry_interval;
+        let Some(s) = self.session_mut(sref) else {
+            return;
+        };
+        let msg_id = if msg.qos == 0 { 0 } else { s.next_msg_id() };
+        let reply = Reply::Publish {
+            dup: false,
+            qos: msg.qos,
+            retain: msg.retain,
+            topic,
+            msg_id,
+            payload: msg.payload.clone(),
+        };
+        if msg.qos > 0 {
+            let phase = if msg.qos == 1 {
+                Phase::PubAck
+            } else {
+                Phase::PubRec
+            };
+            s.inflight_down = Some(InFlight {
+                msg,
+                msg_id,
+                topic,
+                phase,
+                retries: 0,
+                deadline: now + retry,
+                reregistered,
+            });
+        } else {
+            self.stats.downlink_delivered += 1;
+        }
+        self.stats.downlink_sent += 1;
+        self.transmits.push_back((peer, reply));
+        self.schedule(sref);
+    }
+
+    fn on_regack(
+        &mut self,
+        now: Instant,
+        sref: SessionRef,
+        topic_id: u16,
+        msg_id: u16,
+        rc: ReturnCode,
+    ) {
+        let Some(s) = self.session_mut(sref) else {
+            return;
+        };
+        let Some(f) = s
+            .inflight_down
+            .take_if(|f| f.phase == Phase::Register && f.msg_id == msg_id)
+        else {
+            return;
+        };
+        let Some(peer) = s.peer.clone() else { return };
+        if rc != ReturnCode::Accepted {
+            // The client refuses this topic: stop sending it (spec 6.5).
+            s.topics.refused.insert(f.msg.topic.clone());
+            self.stats.downlink_dropped += 1;
+            return self.pump(now, sref);
+        }
+        let id = topic_id_of(f.topic);
+        if topic_id != id && topic_id != 0 {
+            tracing::debug!(client_id = %s.client_id, topic_id, expected = id, "REGACK with another topic id.");
+        }
+        s.topics.known.insert(id);
+        self.send_publish(now, sref, peer, f.msg, f.topic, f.reregistered);
+        self.pump(now, sref);
+    }
+
+    fn on_puback(
+        &mut self,
+        now: Instant,
+        sref: SessionRef,
+        topic_id: u16,
+        msg_id: u16,
+        rc: ReturnCode,
+    ) {
+        let retry = self.config.retry_interval;
+        let Some(s) = slot_mut(&mut self.slots, sref) else {
+            return;
+        };
+        let matching = s.inflight_down.as_ref().is_some_and(|f| {
+            f.msg_id == msg_id && matches!(f.phase, Phase::PubAck | Phase::PubRec)
+        });
+        if !matching {
+            // A PUBACK rc 0x02 to a QoS 0 PUBLISH still tells us the client lost the id.
+            if rc == ReturnCode::InvalidTopicId {
+                s.topics.known.remove(&topic_id);
+            }
+            return;
+        }
+        let Some(f) = s.inflight_down.take() else {
+            return;
+        };
+        match rc {
+            ReturnCode::Accepted => self.stats.downlink_delivered += 1,
+            ReturnCode::InvalidTopicId
+                if !f.reregistered && matches!(f.topic, TopicRef::Normal(_)) =>
+            {
+                // The client lost the registration: register again, then resend (once).
+                s.topics.known.remove(&topic_id_of(f.topic));
+                let msg_id = s.next_msg_id();
+                let name = f.msg.topic.clone();
+                let Some(peer) = s.peer.clone() else { return };
+                s.inflight_down = Some(InFlight {
+                    msg_id,
+                    phase: Phase::Register,
+                    retries: 0,
+                    deadline: now + retry,
+                    reregistered: true,
+                    ..f
+                });
+                self.transmits.push_back((
+                    peer,
+                    Reply::Register {
+                        topic_id: topic_id_of(f.topic),
+                        msg_id,
+                        name,
+                    },
+                ));
+                self.schedule(sref);
+                return;
+            }
+            ReturnCode::Congestion => {
+                // Try again after Tretry (TWAIT would be minutes; a gateway retries sooner).
+                s.inflight_down = Some(InFlight {
+                    deadline: now + retry,
+                    ..f
+                });
+                self.schedule(sref);
+                return;
+            }
+            _ => self.stats.downlink_dropped += 1,
+        }
+        self.pump(now, sref);
+    }
+
+    fn on_pubrec(&mut self, now: Instant, sref: SessionRef, msg_id: u16) {
+        let retry = self.config.retry_interval;
+        let Some(s) = self.session_mut(sref) else {
+            return;
+        };
+        let Some(peer) = s.peer.clone() else { return };
+        match s.inflight_down.as_mut() {
+            Some(f) if f.msg_id == msg_id && matches!(f.phase, Phase::PubRec | Phase::PubComp) => {
+                f.phase = Phase::PubComp;
+                f.retries = 0;
+                f.deadline = now + retry;
+                self.transmits.push_back((peer, Reply::PubRel(msg_id)));
+                self.schedule(sref);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_pubcomp(&mut self, now: Instant, sref: SessionRef, msg_id: u16) {
+        let Some(s) = self.session_mut(sref) else {
+            return;
+        };
+        if s.inflight_down
+            .take_if(|f| f.msg_id == msg_id && f.phase == Phase::PubComp)
+            .is_some()
+        {
+            self.stats.downlink_delivered += 1;
+            self.pump(now, sref);
+        }
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Session table.
 
     /// The session for `peer`, with its keep-alive refreshed.
     fn touch(&mut self, now: Instant, peer: &Peer) -> Option<SessionRef> {
@@ -845,6 +2103,39 @@ impl Core {
         let session = self.session_mut(sref)?;
         session.last_seen = now;
         Some(sref)
+    }
+
+    /// Binds `sref` to `peer`, taking the address from any other session and dropping the
+    /// session's old address.
+    fn bind(&mut self, sref: SessionRef, peer: Peer) {
+        if let Some(&other) = self.by_peer.get(&peer) {
+            if other != sref {
+                self.unbind(other);
+            }
+        }
+        self.unbind(sref);
+        if let Some(s) = self.session_mut(sref) {
+            s.peer = Some(peer.clone());
+            self.by_peer.insert(peer, sref);
+        }
+    }
+
+    fn unbind(&mut self, sref: SessionRef) {
+        let Some(s) = self.session_mut(sref) else {
+            return;
+        };
+        if let Some(old) = s.peer.take() {
+            if self.by_peer.get(&old) == Some(&sref) {
+                self.by_peer.remove(&old);
+            }
+        }
+    }
+
+    fn schedule(&mut self, sref: SessionRef) {
+        let retry_all = self.handshake_timeout();
+        if let Some(at) = self.session(sref).and_then(|s| s.next_deadline(retry_all)) {
+            self.timers.push(Reverse((at, sref)));
+        }
     }
 
     fn session(&self, sref: SessionRef) -> Option<&Session> {
@@ -867,16 +2158,21 @@ impl Core {
             return;
         };
         self.by_client.remove(&session.client_id);
-        if self.by_peer.get(&session.peer) == Some(&sref) {
-            self.by_peer.remove(&session.peer);
+        if let Some(peer) = &session.peer {
+            if self.by_peer.get(peer) == Some(&sref) {
+                self.by_peer.remove(peer);
+            }
         }
-        for (_, token) in session.inflight {
-            self.pending.remove(&token);
+        for (_, token) in &session.inflight_up {
+            self.pending.remove(token);
+        }
+        for sub in &session.subscriptions {
+            self.remove_subscription(sref, &sub.filter);
         }
         self.free.push(sref.slot);
-        // Timer entries of removed sessions are skipped when they fire; under connect/disconnect
-        // churn, drop them early so the heap stays proportional to the live sessions.
-        if self.timers.len() > 2 * self.by_client.len() + 1024 {
+        // Timer entries of removed sessions are skipped when they fire; under churn, drop them
+        // early so the heap stays proportional to the live sessions.
+        if self.timers.len() > 4 * self.by_client.len() + 1024 {
             let slots = &self.slots;
             self.timers.retain(|Reverse((_, r))| {
                 slots
@@ -901,6 +2197,16 @@ fn keep_alive_limit(keep_alive: Duration) -> Duration {
     keep_alive * KEEP_ALIVE_FACTOR_PERCENT / 100
 }
 
+/// How long a sleeping client may stay silent: its sleep duration plus the spec's tolerance
+/// (7.2: +10% for durations over a minute, +50% for shorter ones).
+fn sleep_limit(sleep: Duration) -> Duration {
+    if sleep > Duration::from_secs(60) {
+        sleep * 110 / 100
+    } else {
+        sleep * 150 / 100
+    }
+}
+
 /// The TopicId field to echo in a PUBACK.
 fn topic_id_of(topic: TopicRef) -> u16 {
     match topic {
@@ -917,15 +2223,28 @@ fn short_topic(s: [u8; 2]) -> Option<Arc<str>> {
         .map(Arc::from)
 }
 
-/// Whether `topic` may be published to an MQTT broker: non-empty, no wildcards, and no
-/// character MQTT forbids (U+0000) or brokers refuse (other C0/C1 controls, U+FFFE/U+FFFF).
-/// A broker that gets one of these drops the whole connection, which would cost every sensor
-/// its upstream: such topics are refused here, at the sensor that sent them.
-pub fn is_mqtt_topic_name(topic: &str) -> bool {
-    !topic.is_empty()
-        && !topic.chars().any(|c| {
-            matches!(c, '+' | '#' | '\u{0}'..='\u{1F}' | '\u{7F}'..='\u{9F}' | '\u{FFFE}' | '\u{FFFF}')
-        })
+fn qos_level(qos: Qos) -> u8 {
+    match qos {
+        Qos::AtMostOnce => 0,
+        Qos::AtLeastOnce => 1,
+        Qos::ExactlyOnce => 2,
+    }
+}
+
+fn upstream_qos(level: u8) -> Qos {
+    match level {
+        0 => Qos::AtMostOnce,
+        1 => Qos::AtLeastOnce,
+        _ => Qos::ExactlyOnce,
+    }
+}
+
+fn wire_qos(level: u8) -> QoS {
+    match level {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
 }
 
 #[cfg(test)]

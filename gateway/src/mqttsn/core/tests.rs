@@ -11,7 +11,6 @@ use crate::mqttsn::codec::{self, DecodeLimits, Frame, Packet, QoS, ReturnCode, T
 
 fn config() -> CoreConfig {
     CoreConfig {
-        gw_id: 7,
         max_clients: 100,
         max_packet_size: 1024,
         max_client_id_len: 23,
@@ -30,6 +29,11 @@ fn config() -> CoreConfig {
                 clients: ClientSet::Only(vec!["alice".into()]),
             },
         ],
+        retry_interval: Duration::from_secs(10),
+        max_retries: 3,
+        max_queued_per_client: 8,
+        max_buffered_per_sleeping_client: 20,
+        ..CoreConfig::with_defaults(7)
     }
 }
 
@@ -150,6 +154,7 @@ fn single_publish(events: Vec<Event>) -> (Message, Option<u64>) {
     assert_eq!(events.len(), 1, "expected one event, got {events:?}");
     match events.into_iter().next().unwrap() {
         Event::Publish { message, token } => (message, token),
+        other => panic!("expected a publish, got {other:?}"),
     }
 }
 
@@ -161,43 +166,6 @@ fn connect_is_answered_with_connack_accepted() {
 }
 
 #[test]
-fn persistent_session_and_will_are_refused_as_not_supported_for_now() {
-    let mut h = Harness::new(config());
-    let p = peer(1000);
-    h.send(
-        &p,
-        Packet::Connect {
-            will: false,
-            clean_session: false,
-            duration: 60,
-            client_id: "a",
-        },
-    );
-    assert_eq!(
-        decode(&h.reply(&p)),
-        Packet::ConnAck {
-            rc: ReturnCode::NotSupported
-        }
-    );
-    h.send(
-        &p,
-        Packet::Connect {
-            will: true,
-            clean_session: true,
-            duration: 60,
-            client_id: "a",
-        },
-    );
-    assert_eq!(
-        decode(&h.reply(&p)),
-        Packet::ConnAck {
-            rc: ReturnCode::NotSupported
-        }
-    );
-    assert_eq!(h.core.session_count(), 0);
-}
-
-#[test]
 fn keep_alive_expires_after_one_and_a_half_durations_of_silence() {
     let mut h = Harness::new(config());
     let p = peer(1000);
@@ -206,7 +174,7 @@ fn keep_alive_expires_after_one_and_a_half_durations_of_silence() {
     assert_eq!(h.core.session_count(), 1);
     h.advance(Duration::from_millis(1));
     assert_eq!(h.core.session_count(), 0);
-    assert_eq!(h.core.stats().keep_alive_expired, 1);
+    assert_eq!(h.core.stats().clients_lost, 1);
     // The expired client's packets now get DISCONNECT.
     h.send(&p, Packet::PingReq { client_id: None });
     assert_eq!(decode(&h.reply(&p)), Packet::Disconnect { duration: None });
@@ -492,7 +460,10 @@ fn predefined_short_and_retained_publishes_resolve() {
     let topics: Vec<(String, bool, Option<u64>)> = h
         .events()
         .into_iter()
-        .map(|Event::Publish { message, token }| (message.topic, message.retain, token))
+        .map(|e| match e {
+            Event::Publish { message, token } => (message.topic, message.retain, token),
+            other => panic!("unexpected {other:?}"),
+        })
         .collect();
     assert_eq!(
         topics,
@@ -737,7 +708,14 @@ proptest! {
             h.now += Duration::from_millis(100);
             h.core.handle_timeout(h.now);
         }
-        let tokens: Vec<u64> = h.events().into_iter().filter_map(|Event::Publish { token, .. }| token).collect();
+        let tokens: Vec<u64> = h
+            .events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Publish { token, .. } => token,
+                _ => None,
+            })
+            .collect();
         for (token, ok) in tokens.iter().zip(results.iter()) {
             let outcome = if *ok { PublishOutcome::Accepted } else { PublishOutcome::Congestion };
             h.core.handle_publish_result(h.now, *token, outcome);
