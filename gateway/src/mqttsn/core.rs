@@ -1135,6 +1135,7 @@ impl Core {
                 self.transmits
                     .push_back((peer, Reply::ConnAck(ReturnCode::Accepted)));
                 self.pump(now, sref);
+                self.schedule(sref);
             }
             Some(_) if !is_mqtt_topic_name(topic) => {
                 self.stats.rejections += 1;

@@ -725,3 +725,1050 @@ proptest! {
         prop_assert_eq!(h.core.by_client.len(), h.core.by_peer.len());
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Sessions: subscriptions, downlink, Will, sleep, persistence, discovery.
+
+impl Harness {
+    fn subscribe(&mut self, from: &Peer, filter: &str, qos: QoS, msg_id: u16) -> (u16, ReturnCode) {
+        self.send(
+            from,
+            Packet::Subscribe {
+                dup: false,
+                qos,
+                msg_id,
+                topic: SubscribeTopic::Name(filter),
+            },
+        );
+        match decode(&self.reply(from)) {
+            Packet::SubAck {
+                topic_id,
+                msg_id: m,
+                rc,
+                ..
+            } => {
+                assert_eq!(m, msg_id);
+                (topic_id, rc)
+            }
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    fn downlink(&mut self, topic: &str, payload: &'static [u8], qos: Qos) {
+        self.core
+            .handle_downlink(self.now, topic, Bytes::from_static(payload), qos, false);
+    }
+
+    fn connect_with_will(&mut self, from: &Peer, client_id: &str, will_topic: &str, will: &[u8]) {
+        self.send(
+            from,
+            Packet::Connect {
+                will: true,
+                clean_session: true,
+                duration: 10,
+                client_id,
+            },
+        );
+        assert_eq!(decode(&self.reply(from)), Packet::WillTopicReq);
+        self.send(
+            from,
+            Packet::WillTopic {
+                will: Some(WillFlags {
+                    qos: QoS::AtLeastOnce,
+                    retain: false,
+                }),
+                topic: will_topic,
+            },
+        );
+        assert_eq!(decode(&self.reply(from)), Packet::WillMsgReq);
+        self.send(from, Packet::WillMsg { msg: will });
+        assert_eq!(
+            decode(&self.reply(from)),
+            Packet::ConnAck {
+                rc: ReturnCode::Accepted
+            }
+        );
+    }
+}
+
+use crate::mqttsn::codec::{SubscribeTopic, WillFlags};
+use bytes::Bytes;
+
+fn owned(bytes: &[u8]) -> Packet<'static> {
+    // Tests only: leak to get 'static packets out of transmitted buffers.
+    decode(Box::leak(bytes.to_vec().into_boxed_slice()))
+}
+
+fn publishes(events: Vec<Event>) -> Vec<Message> {
+    events
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Publish { message, .. } => Some(message),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn subscriptions_are_reference_counted_upstream() {
+    let mut h = Harness::new(config());
+    let (a, b) = (peer(1), peer(2));
+    h.connect(&a, "a", 60);
+    h.connect(&b, "b", 60);
+    let (id, rc) = h.subscribe(&a, "room/temp", QoS::AtLeastOnce, 1);
+    assert_eq!(rc, ReturnCode::Accepted);
+    assert!(id != 0, "a concrete topic gets a topic id");
+    assert_eq!(
+        h.subscribe(&b, "room/+", QoS::AtMostOnce, 1),
+        (0, ReturnCode::Accepted)
+    );
+    assert_eq!(
+        h.subscribe(&b, "room/temp", QoS::AtMostOnce, 2).1,
+        ReturnCode::Accepted
+    );
+    let events = h.events();
+    assert_eq!(
+        events,
+        vec![
+            Event::Subscribe {
+                filter: "room/temp".into(),
+                qos: Qos::AtLeastOnce
+            },
+            Event::Subscribe {
+                filter: "room/+".into(),
+                qos: Qos::AtMostOnce
+            },
+        ],
+        "the second subscriber of room/temp adds no upstream subscription"
+    );
+    h.send(
+        &a,
+        Packet::Unsubscribe {
+            msg_id: 3,
+            topic: SubscribeTopic::Name("room/temp"),
+        },
+    );
+    assert_eq!(decode(&h.reply(&a)), Packet::UnsubAck { msg_id: 3 });
+    assert!(h.events().is_empty(), "b still holds room/temp");
+    // b's session ends: its filters are released.
+    h.send(&b, Packet::Disconnect { duration: None });
+    let _ = h.transmits();
+    let mut released = h.events();
+    released.sort_by_key(|e| format!("{e:?}"));
+    assert_eq!(
+        released,
+        vec![
+            Event::Unsubscribe {
+                filter: "room/+".into()
+            },
+            Event::Unsubscribe {
+                filter: "room/temp".into()
+            },
+        ]
+    );
+}
+
+#[test]
+fn invalid_filters_and_too_many_subscriptions_are_refused() {
+    let mut h = Harness::new(CoreConfig {
+        max_subscriptions_per_client: 1,
+        ..config()
+    });
+    let p = peer(1);
+    h.connect(&p, "a", 60);
+    assert_eq!(
+        h.subscribe(&p, "a/#/b", QoS::AtMostOnce, 1),
+        (0, ReturnCode::InvalidTopicId)
+    );
+    assert_eq!(
+        h.subscribe(&p, "x", QoS::AtMostOnce, 2).1,
+        ReturnCode::Accepted
+    );
+    assert_eq!(
+        h.subscribe(&p, "y", QoS::AtMostOnce, 3),
+        (0, ReturnCode::Congestion)
+    );
+    // Re-subscribing to a held filter is an update, not a new subscription.
+    assert_eq!(
+        h.subscribe(&p, "x", QoS::AtLeastOnce, 4).1,
+        ReturnCode::Accepted
+    );
+}
+
+#[test]
+fn downlink_registers_unknown_topics_first_and_sends_one_qos1_at_a_time() {
+    let mut h = Harness::new(config());
+    let p = peer(1);
+    h.connect(&p, "a", 60);
+    h.subscribe(&p, "d/#", QoS::AtLeastOnce, 1);
+    h.downlink("d/x", b"one", Qos::AtLeastOnce);
+    h.downlink("d/x", b"two", Qos::AtLeastOnce);
+    let Packet::Register {
+        topic_id,
+        msg_id,
+        topic_name,
+    } = owned(&h.reply(&p))
+    else {
+        panic!("expected REGISTER")
+    };
+    assert_eq!(topic_name, "d/x");
+    h.send(
+        &p,
+        Packet::RegAck {
+            topic_id,
+            msg_id,
+            rc: ReturnCode::Accepted,
+        },
+    );
+    let Packet::Publish {
+        qos,
+        topic,
+        msg_id,
+        data,
+        dup,
+        ..
+    } = owned(&h.reply(&p))
+    else {
+        panic!("expected PUBLISH")
+    };
+    assert_eq!(
+        (qos, topic, data, dup),
+        (
+            QoS::AtLeastOnce,
+            TopicRef::Normal(topic_id),
+            &b"one"[..],
+            false
+        )
+    );
+    // The second waits for the first's PUBACK.
+    assert!(h.transmits().is_empty());
+    h.send(
+        &p,
+        Packet::PubAck {
+            topic_id,
+            msg_id,
+            rc: ReturnCode::Accepted,
+        },
+    );
+    let Packet::Publish { data, .. } = owned(&h.reply(&p)) else {
+        panic!("expected PUBLISH")
+    };
+    assert_eq!(data, b"two");
+}
+
+#[test]
+fn downlink_qos_is_the_minimum_of_subscription_and_message() {
+    let mut h = Harness::new(config());
+    let p = peer(1);
+    h.connect(&p, "a", 60);
+    let (id, _) = h.subscribe(&p, "t/q", QoS::AtMostOnce, 1);
+    h.downlink("t/q", b"x", Qos::ExactlyOnce);
+    let Packet::Publish {
+        qos, topic, msg_id, ..
+    } = owned(&h.reply(&p))
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (qos, topic, msg_id),
+        (QoS::AtMostOnce, TopicRef::Normal(id), 0)
+    );
+    assert_eq!(h.core.stats().downlink_delivered, 1);
+}
+
+#[test]
+fn predefined_and_short_topics_are_used_for_downlink() {
+    let mut h = Harness::new(config());
+    let p = peer(1);
+    h.connect(&p, "alice", 60);
+    h.send(
+        &p,
+        Packet::Subscribe {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            msg_id: 1,
+            topic: SubscribeTopic::Predefined(2),
+        },
+    );
+    assert_eq!(
+        decode(&h.reply(&p)),
+        Packet::SubAck {
+            qos: QoS::AtMostOnce,
+            topic_id: 2,
+            msg_id: 1,
+            rc: ReturnCode::Accepted
+        }
+    );
+    h.send(
+        &p,
+        Packet::Subscribe {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            msg_id: 2,
+            topic: SubscribeTopic::Short(*b"ab"),
+        },
+    );
+    let _ = h.transmits();
+    h.downlink("pre/two", b"p", Qos::AtMostOnce);
+    h.downlink("ab", b"s", Qos::AtMostOnce);
+    let out: Vec<Packet<'static>> = h.transmits().iter().map(|(_, b)| owned(b)).collect();
+    let topics: Vec<TopicRef> = out
+        .iter()
+        .map(|p| match p {
+            Packet::Publish { topic, .. } => *topic,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        topics,
+        vec![TopicRef::Predefined(2), TopicRef::Short(*b"ab")]
+    );
+}
+
+#[test]
+fn retransmission_with_dup_then_the_client_is_lost_and_its_will_published() {
+    let mut h = Harness::new(config());
+    let p = peer(1);
+    h.connect_with_will(&p, "w", "wills/w", b"gone");
+    let (id, _) = h.subscribe(&p, "cmd", QoS::AtLeastOnce, 1);
+    h.downlink("cmd", b"go", Qos::AtLeastOnce);
+    let Packet::Publish {
+        dup: false, msg_id, ..
+    } = owned(&h.reply(&p))
+    else {
+        panic!()
+    };
+    for _ in 0..3 {
+        // Keep the session alive (PINGREQ) but never acknowledge the PUBLISH.
+        h.send(&p, Packet::PingReq { client_id: None });
+        assert_eq!(decode(&h.reply(&p)), Packet::PingResp);
+        h.advance(Duration::from_secs(10));
+        let Packet::Publish {
+            dup,
+            msg_id: m,
+            topic,
+            ..
+        } = owned(&h.reply(&p))
+        else {
+            panic!()
+        };
+        assert_eq!((dup, m, topic), (true, msg_id, TopicRef::Normal(id)));
+    }
+    assert!(
+        h.events()
+            .iter()
+            .all(|e| !matches!(e, Event::Publish { .. }))
+    );
+    h.send(&p, Packet::PingReq { client_id: None });
+    let _ = h.transmits();
+    h.advance(Duration::from_secs(10));
+    let wills = publishes(h.events());
+    assert_eq!(wills.len(), 1);
+    assert_eq!(
+        (wills[0].topic.as_str(), &wills[0].payload[..], wills[0].qos),
+        ("wills/w", &b"gone"[..], Qos::AtLeastOnce)
+    );
+    assert_eq!(h.core.session_count(), 0);
+    assert_eq!(h.core.stats().retransmissions, 3);
+}
+
+#[test]
+fn will_is_published_on_keep_alive_loss_but_never_after_a_clean_disconnect() {
+    let mut h = Harness::new(config());
+    let (a, b) = (peer(1), peer(2));
+    h.connect_with_will(&a, "a", "wills/a", b"a-lost");
+    h.connect_with_will(&b, "b", "wills/b", b"b-lost");
+    h.send(&b, Packet::Disconnect { duration: None });
+    let _ = h.transmits();
+    h.advance(Duration::from_secs(15));
+    let wills = publishes(h.events());
+    assert_eq!(
+        wills.iter().map(|m| m.topic.as_str()).collect::<Vec<_>>(),
+        vec!["wills/a"]
+    );
+}
+
+#[test]
+fn an_empty_willtopic_means_no_will_and_updates_are_answered() {
+    let mut h = Harness::new(config());
+    let p = peer(1);
+    h.send(
+        &p,
+        Packet::Connect {
+            will: true,
+            clean_session: true,
+            duration: 10,
+            client_id: "x",
+        },
+    );
+    assert_eq!(decode(&h.reply(&p)), Packet::WillTopicReq);
+    h.send(
+        &p,
+        Packet::WillTopic {
+            will: None,
+            topic: "",
+        },
+    );
+    assert_eq!(
+        decode(&h.reply(&p)),
+        Packet::ConnAck {
+            rc: ReturnCode::Accepted
+        }
+    );
+    // No Will yet: a WILLMSGUPD has nothing to attach to.
+    h.send(&p, Packet::WillMsgUpd { msg: b"m" });
+    assert_eq!(
+        decode(&h.reply(&p)),
+        Packet::WillMsgResp {
+            rc: ReturnCode::NotSupported
+        }
+    );
+    let flags = Some(WillFlags {
+        qos: QoS::AtMostOnce,
+        retain: true,
+    });
+    h.send(
+        &p,
+        Packet::WillTopicUpd {
+            will: flags,
+            topic: "w/x",
+        },
+    );
+    assert_eq!(
+        decode(&h.reply(&p)),
+        Packet::WillTopicResp {
+            rc: ReturnCode::Accepted
+        }
+    );
+    h.send(&p, Packet::WillMsgUpd { msg: b"bye" });
+    assert_eq!(
+        decode(&h.reply(&p)),
+        Packet::WillMsgResp {
+            rc: ReturnCode::Accepted
+        }
+    );
+    h.advance(Duration::from_secs(15));
+    let events = h.events();
+    let wills = publishes(events);
+    assert_eq!(wills.len(), 1);
+    assert_eq!(
+        (
+            wills[0].topic.as_str(),
+            &wills[0].payload[..],
+            wills[0].retain
+        ),
+        ("w/x", &b"bye"[..], true)
+    );
+}
+
+#[test]
+fn full_sleep_cycle_delivers_buffered_messages_one_at_a_time_then_pingresp() {
+    let mut h = Harness::new(config());
+    let p = peer(1);
+    h.connect(&p, "s", 60);
+    h.subscribe(&p, "s/in", QoS::AtLeastOnce, 1);
+    h.send(
+        &p,
+        Packet::Disconnect {
+            duration: Some(100),
+        },
+    );
+    assert_eq!(decode(&h.reply(&p)), Packet::Disconnect { duration: None });
+    for payload in [&b"1"[..], b"2", b"3"] {
+        h.core.handle_downlink(
+            h.now,
+            "s/in",
+            Bytes::copy_from_slice(payload),
+            Qos::AtLeastOnce,
+            false,
+        );
+    }
+    assert!(h.transmits().is_empty(), "buffered while asleep");
+    h.advance(Duration::from_secs(100));
+    // Wakes from a new port (NAT rebinding): PINGREQ carries the ClientId.
+    let woken = peer(2);
+    h.send(
+        &woken,
+        Packet::PingReq {
+            client_id: Some("s"),
+        },
+    );
+    let mut got = Vec::new();
+    loop {
+        let out = h.transmits();
+        assert_eq!(out.len(), 1, "one at a time: {out:?}");
+        let (to, bytes) = &out[0];
+        assert_eq!(to, &woken);
+        match owned(bytes) {
+            Packet::Publish {
+                msg_id,
+                data,
+                topic,
+                ..
+            } => {
+                got.push(data.to_vec());
+                h.send(
+                    &woken,
+                    Packet::PubAck {
+                        topic_id: topic_id_of(topic),
+                        msg_id,
+                        rc: ReturnCode::Accepted,
+                    },
+                );
+            }
+            Packet::Register {
+                topic_id, msg_id, ..
+            } => {
+                h.send(
+                    &woken,
+                    Packet::RegAck {
+                        topic_id,
+                        msg_id,
+                        rc: ReturnCode::Accepted,
+                    },
+                );
+            }
+            Packet::PingResp => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, vec![b"1".to_vec(), b"2".to_vec(), b"3".to_vec()]);
+    // Asleep again: the old address cannot act for the session.
+    h.send(&p, Packet::PingReq { client_id: None });
+    assert_eq!(decode(&h.reply(&p)), Packet::Disconnect { duration: None });
+    // Nothing buffered: PINGRESP at once.
+    h.send(
+        &woken,
+        Packet::PingReq {
+            client_id: Some("s"),
+        },
+    );
+    assert_eq!(decode(&h.reply(&woken)), Packet::PingResp);
+    // The sleep timer (100 s + 10%) expires: lost.
+    h.advance(Duration::from_secs(109));
+    assert_eq!(h.core.session_count(), 1);
+    h.advance(Duration::from_secs(2));
+    assert_eq!(h.core.stats().clients_lost, 1);
+}
+
+#[test]
+fn a_new_sleep_duration_updates_the_timer_and_connect_makes_it_active() {
+    let mut h = Harness::new(config());
+    let p = peer(1);
+    h.connect(&p, "s", 60);
+    h.send(&p, Packet::Disconnect { duration: Some(10) });
+    let _ = h.transmits();
+    h.send(
+        &p,
+        Packet::Disconnect {
+            duration: Some(1000),
+        },
+    );
+    assert_eq!(decode(&h.reply(&p)), Packet::Disconnect { duration: None });
+    h.advance(Duration::from_secs(20));
+    assert_eq!(
+        h.core.session_count(),
+        1,
+        "the 10 s timer was replaced by 1000 s"
+    );
+    h.send(
+        &p,
+        Packet::Connect {
+            will: false,
+            clean_session: false,
+            duration: 60,
+            client_id: "s",
+        },
+    );
+    assert_eq!(
+        decode(&h.reply(&p)),
+        Packet::ConnAck {
+            rc: ReturnCode::Accepted
+        }
+    );
+    h.advance(Duration::from_secs(89));
+    assert_eq!(h.core.session_count(), 1);
+    h.advance(Duration::from_secs(2));
+    assert_eq!(
+        h.core.stats().clients_lost,
+        1,
+        "active again: keep-alive 60 s x 1.5 applies"
+    );
+}
+
+#[test]
+fn a_stolen_address_cannot_inject_into_a_rebound_session() {
+    let mut h = Harness::new(config());
+    let (old, new) = (peer(1), peer(2));
+    h.connect(&old, "victim", 60);
+    h.send(&old, Packet::Disconnect { duration: Some(60) });
+    let _ = h.transmits();
+    h.send(
+        &new,
+        Packet::PingReq {
+            client_id: Some("victim"),
+        },
+    );
+    assert_eq!(decode(&h.reply(&new)), Packet::PingResp);
+    // Someone else now holding the old address publishes: not the victim's session.
+    h.send(
+        &old,
+        publish(QoS::AtLeastOnce, TopicRef::Predefined(1), 1, b"evil"),
+    );
+    assert_eq!(
+        decode(&h.reply(&old)),
+        Packet::Disconnect { duration: None }
+    );
+    assert!(h.events().is_empty());
+}
+
+#[test]
+fn persistent_sessions_keep_subscriptions_and_qos1_downlink_and_reregister() {
+    let mut h = Harness::new(config());
+    let p = peer(1);
+    h.send(
+        &p,
+        Packet::Connect {
+            will: false,
+            clean_session: false,
+            duration: 60,
+            client_id: "ps",
+        },
+    );
+    assert_eq!(
+        decode(&h.reply(&p)),
+        Packet::ConnAck {
+            rc: ReturnCode::Accepted
+        }
+    );
+    let (id, _) = h.subscribe(&p, "ps/cmd", QoS::AtLeastOnce, 1);
+    assert_eq!(h.events().len(), 1);
+    h.send(&p, Packet::Disconnect { duration: None });
+    let _ = h.transmits();
+    assert_eq!(h.core.session_count(), 1, "kept after DISCONNECT");
+    assert!(h.events().is_empty(), "its subscription stays upstream");
+    h.downlink("ps/cmd", b"kept", Qos::AtLeastOnce);
+    h.downlink("ps/cmd", b"dropped-qos0", Qos::AtMostOnce);
+    let q = peer(2);
+    h.send(
+        &q,
+        Packet::Connect {
+            will: false,
+            clean_session: false,
+            duration: 60,
+            client_id: "ps",
+        },
+    );
+    // After the reconnect the client knows no ids: the gateway registers again, same id.
+    let out = h.transmits();
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert_eq!(
+        owned(&out[0].1),
+        Packet::ConnAck {
+            rc: ReturnCode::Accepted
+        }
+    );
+    let Packet::Register {
+        topic_id,
+        msg_id,
+        topic_name,
+    } = owned(&out[1].1)
+    else {
+        panic!()
+    };
+    assert_eq!((topic_id, topic_name), (id, "ps/cmd"));
+    h.send(
+        &q,
+        Packet::RegAck {
+            topic_id,
+            msg_id,
+            rc: ReturnCode::Accepted,
+        },
+    );
+    let Packet::Publish { data, .. } = owned(&h.reply(&q)) else {
+        panic!()
+    };
+    assert_eq!(data, b"kept");
+    // Session expiry removes a disconnected persistent session.
+    h.send(&q, Packet::Disconnect { duration: None });
+    let _ = h.transmits();
+    h.advance(Duration::from_secs(3601));
+    assert_eq!(h.core.session_count(), 0);
+    assert_eq!(
+        h.events(),
+        vec![Event::Unsubscribe {
+            filter: "ps/cmd".into()
+        }]
+    );
+}
+
+#[test]
+fn a_rejecting_regack_stops_the_topic_and_puback_invalid_id_reregisters() {
+    let mut h = Harness::new(config());
+    let p = peer(1);
+    h.connect(&p, "c", 60);
+    h.subscribe(&p, "r/#", QoS::AtLeastOnce, 1);
+    h.downlink("r/no", b"x", Qos::AtLeastOnce);
+    let Packet::Register {
+        topic_id, msg_id, ..
+    } = owned(&h.reply(&p))
+    else {
+        panic!()
+    };
+    h.send(
+        &p,
+        Packet::RegAck {
+            topic_id,
+            msg_id,
+            rc: ReturnCode::InvalidTopicId,
+        },
+    );
+    h.downlink("r/no", b"y", Qos::AtLeastOnce);
+    assert!(h.transmits().is_empty(), "refused topic is not sent again");
+
+    h.downlink("r/yes", b"z", Qos::AtLeastOnce);
+    let Packet::Register {
+        topic_id, msg_id, ..
+    } = owned(&h.reply(&p))
+    else {
+        panic!()
+    };
+    h.send(
+        &p,
+        Packet::RegAck {
+            topic_id,
+            msg_id,
+            rc: ReturnCode::Accepted,
+        },
+    );
+    let Packet::Publish { msg_id, .. } = owned(&h.reply(&p)) else {
+        panic!()
+    };
+    // The client lost the id: re-REGISTER, then the same message again.
+    h.send(
+        &p,
+        Packet::PubAck {
+            topic_id,
+            msg_id,
+            rc: ReturnCode::InvalidTopicId,
+        },
+    );
+    let Packet::Register {
+        topic_id: again,
+        msg_id,
+        topic_name,
+    } = owned(&h.reply(&p))
+    else {
+        panic!()
+    };
+    assert_eq!((again, topic_name), (topic_id, "r/yes"));
+    h.send(
+        &p,
+        Packet::RegAck {
+            topic_id,
+            msg_id,
+            rc: ReturnCode::Accepted,
+        },
+    );
+    let Packet::Publish { data, msg_id, .. } = owned(&h.reply(&p)) else {
+        panic!()
+    };
+    assert_eq!(data, b"z");
+    h.send(
+        &p,
+        Packet::PubAck {
+            topic_id,
+            msg_id,
+            rc: ReturnCode::Accepted,
+        },
+    );
+    assert_eq!(h.core.stats().downlink_delivered, 1);
+}
+
+#[test]
+fn qos2_downlink_does_the_full_exchange() {
+    let mut h = Harness::new(config());
+    let p = peer(1);
+    h.connect(&p, "c", 60);
+    h.subscribe(&p, "q2", QoS::ExactlyOnce, 1);
+    h.downlink("q2", b"x", Qos::ExactlyOnce);
+    let Packet::Publish {
+        qos: QoS::ExactlyOnce,
+        msg_id,
+        ..
+    } = owned(&h.reply(&p))
+    else {
+        panic!()
+    };
+    h.send(&p, Packet::PubRec { msg_id });
+    assert_eq!(decode(&h.reply(&p)), Packet::PubRel { msg_id });
+    // PUBREL is retransmitted until PUBCOMP.
+    h.advance(Duration::from_secs(10));
+    assert_eq!(decode(&h.reply(&p)), Packet::PubRel { msg_id });
+    h.send(&p, Packet::PubComp { msg_id });
+    assert!(h.transmits().is_empty());
+    assert_eq!(h.core.stats().downlink_delivered, 1);
+}
+
+#[test]
+fn retained_messages_reach_new_subscribers() {
+    let mut h = Harness::new(config());
+    h.core.handle_downlink(
+        h.now,
+        "cfg/a",
+        Bytes::from_static(b"v1"),
+        Qos::AtLeastOnce,
+        true,
+    );
+    h.core.handle_downlink(
+        h.now,
+        "cfg/b",
+        Bytes::from_static(b"v2"),
+        Qos::AtMostOnce,
+        true,
+    );
+    h.core
+        .handle_downlink(h.now, "cfg/b", Bytes::new(), Qos::AtMostOnce, true);
+    let p = peer(1);
+    h.connect(&p, "c", 60);
+    h.send(
+        &p,
+        Packet::Subscribe {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            msg_id: 1,
+            topic: SubscribeTopic::Name("cfg/#"),
+        },
+    );
+    let out = h.transmits();
+    assert_eq!(out.len(), 2, "SUBACK, then the retained message's REGISTER");
+    assert!(matches!(
+        owned(&out[0].1),
+        Packet::SubAck {
+            rc: ReturnCode::Accepted,
+            ..
+        }
+    ));
+    let Packet::Register {
+        topic_id,
+        msg_id,
+        topic_name,
+    } = owned(&out[1].1)
+    else {
+        panic!()
+    };
+    assert_eq!(
+        topic_name, "cfg/a",
+        "cfg/b was cleared by an empty retained message"
+    );
+    h.send(
+        &p,
+        Packet::RegAck {
+            topic_id,
+            msg_id,
+            rc: ReturnCode::Accepted,
+        },
+    );
+    let Packet::Publish {
+        retain, data, qos, ..
+    } = owned(&h.reply(&p))
+    else {
+        panic!()
+    };
+    assert_eq!((retain, data, qos), (true, &b"v1"[..], QoS::AtMostOnce));
+}
+
+#[test]
+fn queues_are_bounded_with_the_configured_policy() {
+    // 30 messages for a sleeper with room for 20: drop_oldest keeps 10..30, drop_new 0..20.
+    for (policy, first, last) in [
+        (QueueFull::DropOldest, 10u8, 29u8),
+        (QueueFull::DropNew, 0, 19),
+    ] {
+        let mut h = Harness::new(CoreConfig {
+            queue_full: policy,
+            ..config()
+        });
+        let p = peer(1);
+        h.connect(&p, "c", 60);
+        h.subscribe(&p, "t", QoS::AtLeastOnce, 1);
+        h.send(
+            &p,
+            Packet::Disconnect {
+                duration: Some(600),
+            },
+        );
+        let _ = h.transmits();
+        for i in 0..30u8 {
+            h.core
+                .handle_downlink(h.now, "t", Bytes::from(vec![i]), Qos::AtLeastOnce, false);
+        }
+        assert_eq!(h.core.stats().downlink_dropped, 10, "{policy:?}");
+        h.send(
+            &p,
+            Packet::PingReq {
+                client_id: Some("c"),
+            },
+        );
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            let out = h.transmits();
+            let Some((_, bytes)) = out.first() else { break };
+            match owned(bytes) {
+                Packet::Publish {
+                    msg_id,
+                    topic,
+                    data,
+                    ..
+                } => {
+                    got.extend_from_slice(data);
+                    let ack = Packet::PubAck {
+                        topic_id: topic_id_of(topic),
+                        msg_id,
+                        rc: ReturnCode::Accepted,
+                    };
+                    h.send(&p, ack);
+                }
+                Packet::PingResp => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(got, (first..=last).collect::<Vec<u8>>(), "{policy:?}");
+    }
+}
+
+#[test]
+fn advertise_goes_to_configured_destinations_only_while_an_upstream_is_up() {
+    let dest = peer(5000);
+    let mut h = Harness::new(CoreConfig {
+        advertise_to: vec![dest.clone()],
+        advertise_interval: Duration::from_secs(900),
+        ..config()
+    });
+    h.core.handle_timeout(h.now);
+    assert_eq!(
+        decode(&h.reply(&dest)),
+        Packet::Advertise {
+            gw_id: 7,
+            duration: 900
+        }
+    );
+    h.core.set_upstream_available(false);
+    h.advance(Duration::from_secs(900));
+    assert!(h.transmits().is_empty());
+    h.core.set_upstream_available(true);
+    h.advance(Duration::from_secs(900));
+    assert_eq!(
+        decode(&h.reply(&dest)),
+        Packet::Advertise {
+            gw_id: 7,
+            duration: 900
+        }
+    );
+    // No destinations: no ADVERTISE, ever.
+    let mut quiet = Harness::new(config());
+    quiet.advance(Duration::from_secs(10_000));
+    assert!(quiet.transmits().is_empty());
+}
+
+#[test]
+fn searchgw_can_be_answered_to_the_destinations() {
+    let dest = peer(5000);
+    let mut h = Harness::new(CoreConfig {
+        advertise_to: vec![dest.clone()],
+        gwinfo_to_destinations: true,
+        ..config()
+    });
+    h.send(&peer(1), Packet::SearchGw { radius: 2 });
+    assert_eq!(
+        decode(&h.reply(&dest)),
+        Packet::GwInfo {
+            gw_id: 7,
+            gw_addr: &[]
+        }
+    );
+}
+
+/// A seeded, lossy and reordering link: the gateway's datagrams to the client are dropped with
+/// probability 1/4 and delivered in shuffled order; the client acknowledges every PUBLISH and
+/// REGISTER it receives. Every message must reach the application exactly once (DUP copies of
+/// an already delivered MsgId aside) and the session must survive.
+#[test]
+fn downlink_over_a_lossy_reordering_link_delivers_every_message_once() {
+    use rand::{Rng, SeedableRng, rngs::SmallRng};
+    for seed in 0..20u64 {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut h = Harness::new(CoreConfig {
+            max_retries: 8,
+            max_queued_per_client: 100,
+            ..config()
+        });
+        let p = peer(1);
+        h.connect(&p, "lossy", 0);
+        h.subscribe(&p, "l/#", QoS::AtLeastOnce, 1);
+        for i in 0..20u32 {
+            h.core.handle_downlink(
+                h.now,
+                &format!("l/{}", i % 3),
+                Bytes::from(i.to_be_bytes().to_vec()),
+                Qos::AtLeastOnce,
+                false,
+            );
+        }
+        let mut seen_ids = HashSet::new();
+        let mut app = Vec::new();
+        for _step in 0..2_000 {
+            let mut out = h.transmits();
+            // Reorder what is in the air at once.
+            for i in (1..out.len()).rev() {
+                out.swap(i, rng.random_range(0..=i));
+            }
+            for (_, bytes) in out {
+                if rng.random_range(0..4) == 0 {
+                    continue;
+                }
+                match owned(&bytes) {
+                    Packet::Publish {
+                        msg_id,
+                        data,
+                        topic,
+                        ..
+                    } => {
+                        if seen_ids.insert((msg_id, data.to_vec())) {
+                            app.push(data.to_vec());
+                        }
+                        h.send(
+                            &p,
+                            Packet::PubAck {
+                                topic_id: topic_id_of(topic),
+                                msg_id,
+                                rc: ReturnCode::Accepted,
+                            },
+                        );
+                    }
+                    Packet::Register {
+                        topic_id, msg_id, ..
+                    } => h.send(
+                        &p,
+                        Packet::RegAck {
+                            topic_id,
+                            msg_id,
+                            rc: ReturnCode::Accepted,
+                        },
+                    ),
+                    _ => {}
+                }
+            }
+            if app.len() == 20 {
+                break;
+            }
+            h.advance(Duration::from_secs(10));
+        }
+        let mut expected: Vec<Vec<u8>> = (0..20u32).map(|i| i.to_be_bytes().to_vec()).collect();
+        let mut got = app.clone();
+        got.sort();
+        expected.sort();
+        assert_eq!(got, expected, "seed {seed}");
+        assert_eq!(h.core.session_count(), 1, "seed {seed}");
+    }
+}
