@@ -6,7 +6,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 
-use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrLike, SockaddrStorage, recvmmsg, sendmmsg};
+use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
@@ -84,8 +84,11 @@ impl RecvBatch {
 pub struct SendBatch {
     headers: MultiHeaders<SockaddrStorage>,
     capacity: usize,
+    /// Datagram buffers, reused across batches (only the first `queued` are live).
     data: Vec<Vec<u8>>,
     addrs: Vec<Option<SockaddrStorage>>,
+    /// Datagrams queued in `data`.
+    queued: usize,
     /// Datagrams of `data` already sent.
     sent: usize,
 }
@@ -98,29 +101,36 @@ impl SendBatch {
             capacity: batch,
             data: Vec::with_capacity(batch),
             addrs: Vec::with_capacity(batch),
+            queued: 0,
             sent: 0,
         }
     }
 
     /// True when [`SendBatch::push`] would exceed the batch.
     pub fn is_full(&self) -> bool {
-        self.data.len() >= self.capacity
+        self.queued >= self.capacity
     }
 
     /// True when nothing is queued.
     pub fn is_empty(&self) -> bool {
-        self.sent >= self.data.len()
+        self.sent >= self.queued
     }
 
     /// Queues a datagram.
     pub fn push(&mut self, to: SocketAddr, datagram: &[u8]) {
         // Reuse the allocation of a previously sent datagram at this position.
-        let index = self.data.len();
-        self.data.push(Vec::new());
-        if let Some(slot) = self.data.get_mut(index) {
-            slot.extend_from_slice(datagram);
+        match self.data.get_mut(self.queued) {
+            Some(slot) => {
+                slot.clear();
+                slot.extend_from_slice(datagram);
+            }
+            None => self.data.push(datagram.to_vec()),
         }
-        self.addrs.push(Some(SockaddrStorage::from(to)));
+        match self.addrs.get_mut(self.queued) {
+            Some(slot) => *slot = Some(SockaddrStorage::from(to)),
+            None => self.addrs.push(Some(SockaddrStorage::from(to))),
+        }
+        self.queued += 1;
     }
 
     /// Sends everything queued, waiting for the socket to become writable when its buffer is
@@ -130,19 +140,19 @@ impl SendBatch {
     /// Socket-level errors.
     pub async fn flush(&mut self, socket: &UdpSocket) -> io::Result<()> {
         let fd = socket.as_raw_fd();
-        while self.sent < self.data.len() {
-            let start = self.sent;
+        while self.sent < self.queued {
+            let (start, end) = (self.sent, self.queued);
             let headers = &mut self.headers;
             let data = &self.data;
             let addrs = &self.addrs;
             let result = socket.try_io(Interest::WRITABLE, || {
                 let slices: Vec<[IoSlice<'_>; 1]> = data
-                    .get(start..)
+                    .get(start..end)
                     .unwrap_or_default()
                     .iter()
                     .map(|d| [IoSlice::new(d)])
                     .collect();
-                let addrs = addrs.get(start..).unwrap_or_default();
+                let addrs = addrs.get(start..end).unwrap_or_default();
                 let results = sendmmsg(
                     fd,
                     headers,
@@ -155,7 +165,7 @@ impl SendBatch {
                 Ok(results.count())
             });
             match result {
-                Ok(n) => self.sent += n.max(1).min(self.data.len() - start),
+                Ok(n) => self.sent += n.clamp(1, end - start),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket.writable().await?,
                 Err(e) if super::udp::is_peer_error(&e) => {
                     // The first datagram of the batch failed for its peer: skip it.
@@ -165,8 +175,7 @@ impl SendBatch {
                 Err(e) => return Err(e),
             }
         }
-        self.data.clear();
-        self.addrs.clear();
+        self.queued = 0;
         self.sent = 0;
         Ok(())
     }
@@ -175,11 +184,43 @@ impl SendBatch {
 impl std::fmt::Debug for SendBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SendBatch")
-            .field("queued", &self.data.len())
+            .field("queued", &self.queued)
             .finish()
     }
 }
 
-/// `SockaddrLike` is needed in scope for `len()` in nix's generic code paths.
-#[allow(dead_code)]
-fn _assert_sockaddr_like<S: SockaddrLike>() {}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn batches_carry_datagrams_both_ways_beyond_one_batch() {
+        let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = b.local_addr().unwrap();
+        let mut tx = SendBatch::new(8);
+        let mut sent = 0u16;
+        for round in 0..3 {
+            for _ in 0..5 {
+                if tx.is_full() {
+                    tx.flush(&a).await.unwrap();
+                }
+                tx.push(to, &sent.to_be_bytes());
+                sent += 1;
+            }
+            tx.flush(&a).await.unwrap();
+            assert!(tx.is_empty(), "round {round}");
+        }
+        let mut rx = RecvBatch::new(4, 16);
+        let mut got = Vec::new();
+        while got.len() < usize::from(sent) {
+            b.readable().await.unwrap();
+            rx.recv(&b).unwrap();
+            for (from, d) in rx.datagrams() {
+                assert_eq!(from, a.local_addr().unwrap());
+                got.push(u16::from_be_bytes([d[0], d[1]]));
+            }
+        }
+        assert_eq!(got, (0..sent).collect::<Vec<_>>());
+    }
+}
