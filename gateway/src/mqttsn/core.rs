@@ -1052,11 +1052,19 @@ impl Core {
             if clean_session {
                 s.will = None;
             }
-            s.state = State::Active;
-            self.transmits
-                .push_back((peer, Reply::ConnAck(ReturnCode::Accepted)));
-            self.pump(now, sref);
+            return self.activate(now, sref, peer);
         }
+        self.schedule(sref);
+    }
+
+    /// The connection is established: CONNACK, then whatever is queued, with timers re-armed.
+    fn activate(&mut self, now: Instant, sref: SessionRef, peer: Peer) {
+        if let Some(s) = self.session_mut(sref) {
+            s.state = State::Active;
+        }
+        self.transmits
+            .push_back((peer, Reply::ConnAck(ReturnCode::Accepted)));
+        self.pump(now, sref);
         self.schedule(sref);
     }
 
@@ -1131,11 +1139,7 @@ impl Core {
             // An empty WILLTOPIC: no Will after all.
             None => {
                 s.will = None;
-                s.state = State::Active;
-                self.transmits
-                    .push_back((peer, Reply::ConnAck(ReturnCode::Accepted)));
-                self.pump(now, sref);
-                self.schedule(sref);
+                self.activate(now, sref, peer);
             }
             Some(_) if !is_mqtt_topic_name(topic) => {
                 self.stats.rejections += 1;
@@ -1171,11 +1175,7 @@ impl Core {
             qos: *qos,
             retain: *retain,
         });
-        s.state = State::Active;
-        self.transmits
-            .push_back((peer, Reply::ConnAck(ReturnCode::Accepted)));
-        self.pump(now, sref);
-        self.schedule(sref);
+        self.activate(now, sref, peer);
     }
 
     fn update_will_topic(
