@@ -19,6 +19,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Bound of the channel carrying upstream acknowledgements to the core.
 const ACK_CHANNEL: usize = 65_536;
 
+/// Bound of the channel carrying downlink messages from the upstreams to the core; when full,
+/// the upstream connections wait (backpressure toward the brokers).
+const DOWNLINK_CHANNEL: usize = 4096;
+
 /// Why the gateway could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -50,12 +54,18 @@ pub enum RunError {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
     let upstream_stop = CancellationToken::new();
     let (ack_tx, ack_rx) = mpsc::channel(ACK_CHANNEL);
+    let (downlink_tx, downlink_rx) = mpsc::channel(DOWNLINK_CHANNEL);
     let mut upstreams = Vec::new();
     let mut tasks = Vec::new();
     for (index, upstream) in config.upstreams.iter().enumerate() {
         let UpstreamKind::Mqtt(mqtt) = &upstream.kind;
-        let spawned =
-            MqttUpstream::spawn(index, mqtt.clone(), ack_tx.clone(), upstream_stop.clone());
+        let spawned = MqttUpstream::spawn_with_downlink(
+            index,
+            mqtt.clone(),
+            ack_tx.clone(),
+            Some(downlink_tx.clone()),
+            upstream_stop.clone(),
+        );
         let (handle, task) = match spawned {
             Ok(spawned) => spawned,
             Err(source) => {
@@ -70,6 +80,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         tasks.push(task);
     }
     drop(ack_tx);
+    drop(downlink_tx);
 
     // Upstreams start first (their setup errors come before any port is taken); a bind failure
     // stops them again.
@@ -94,6 +105,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         sockets,
         upstreams,
         ack_rx,
+        downlink_rx,
         config.mqttsn.recv_batch,
         config.mqttsn.core.max_packet_size,
     );

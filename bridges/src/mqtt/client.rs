@@ -53,13 +53,61 @@ pub(crate) enum Notice {
     V5(v5::PublishNotice),
 }
 
+macro_rules! qos_from {
+    ($module:ident, $qos:expr) => {
+        match $qos {
+            $module::QoS::AtMostOnce => Qos::AtMostOnce,
+            $module::QoS::AtLeastOnce => Qos::AtLeastOnce,
+            $module::QoS::ExactlyOnce => Qos::ExactlyOnce,
+        }
+    };
+}
+
 /// What one `EventLoop::poll` reported, reduced to what the upstream acts on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) enum LinkEvent {
     /// A CONNACK accepted the connection.
     Connected,
+    /// A PUBLISH from the broker (manual acknowledgement mode: see [`Client::prepare_ack`]).
+    /// Boxed: a v5 PUBLISH with its properties is large next to the other variants.
+    Publish(Box<IncomingPublish>),
     /// Any other packet in or out.
     Other,
+}
+
+/// A PUBLISH received from the broker.
+#[derive(Debug)]
+pub(crate) enum IncomingPublish {
+    V4(v4::Publish),
+    V5(v5::Publish),
+}
+
+impl IncomingPublish {
+    /// Topic, payload, QoS and retain flag, whatever the protocol version.
+    pub(crate) fn parts(&self) -> (&Bytes, &Bytes, Qos, bool) {
+        match self {
+            Self::V4(p) => (&p.topic, &p.payload, qos_from!(v4, p.qos), p.retain),
+            Self::V5(p) => (&p.topic, &p.payload, qos_from!(v5, p.qos), p.retain),
+        }
+    }
+}
+
+/// An acknowledgement to send later for a QoS 1/2 incoming PUBLISH.
+#[derive(Debug)]
+pub(crate) enum PendingAck {
+    V4(v4::AsyncClient, v4::ManualAck),
+    V5(v5::AsyncClient, v5::ManualAck),
+}
+
+impl PendingAck {
+    /// Queues it without blocking. A full request queue or a stale packet id (the connection
+    /// it belongs to is gone) is ignored: the broker then redelivers, or already forgot.
+    pub(crate) fn send(self) {
+        match self {
+            Self::V4(client, ack) => drop(client.try_manual_ack(ack)),
+            Self::V5(client, ack) => drop(client.try_manual_ack(ack)),
+        }
+    }
 }
 
 /// Why the connection (or a connection attempt) ended.
@@ -221,6 +269,53 @@ impl Client {
 
     /// Asks the event loop to wait up to `drain` for in-flight publishes, then send
     /// DISCONNECT. Returns whether the request was queued.
+    /// Queues one SUBSCRIBE for `filters` (remote filters, prefix applied). MQTT 5 subscribes
+    /// with retain-as-published so live retained updates keep their flag.
+    pub(crate) fn try_subscribe(&self, filters: &[(String, Qos)]) -> Result<(), SubmitError> {
+        if filters.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Self::V4(client) => client
+                .try_subscribe_many(
+                    filters
+                        .iter()
+                        .map(|(f, q)| v4::SubscribeFilter::new(f.clone(), qos!(v4, *q))),
+                )
+                .map_err(|e| submit_error!(v4, e)),
+            Self::V5(client) => client
+                .try_subscribe_many(filters.iter().map(|(f, q)| {
+                    v5::SubscribeFilterInput::new(f.clone(), qos!(v5, *q)).preserve_retain(true)
+                }))
+                .map_err(|e| submit_error!(v5, e)),
+        }
+    }
+
+    /// Queues an UNSUBSCRIBE for one remote filter.
+    pub(crate) fn try_unsubscribe(&self, filter: &str) -> Result<(), SubmitError> {
+        match self {
+            Self::V4(client) => client
+                .try_unsubscribe(filter.to_owned())
+                .map_err(|e| submit_error!(v4, e)),
+            Self::V5(client) => client
+                .try_unsubscribe(filter.to_owned())
+                .map_err(|e| submit_error!(v5, e)),
+        }
+    }
+
+    /// The acknowledgement to send for `publish` once the gateway holds it (QoS 1/2).
+    pub(crate) fn prepare_ack(&self, publish: &IncomingPublish) -> Option<PendingAck> {
+        match (self, publish) {
+            (Self::V4(client), IncomingPublish::V4(p)) => client
+                .prepare_ack(p)
+                .map(|a| PendingAck::V4(client.clone(), a)),
+            (Self::V5(client), IncomingPublish::V5(p)) => client
+                .prepare_ack(p)
+                .map(|a| PendingAck::V5(client.clone(), a)),
+            _ => None,
+        }
+    }
+
     pub(crate) fn try_disconnect(&self, drain: Duration) -> bool {
         match self {
             Self::V4(client) => client.try_disconnect_with_timeout(drain).is_ok(),
@@ -266,11 +361,17 @@ impl EventLoop {
         match self {
             Self::V4(eventloop) => match eventloop.poll().await {
                 Ok(v4::Event::Incoming(v4::Packet::ConnAck(_))) => Ok(LinkEvent::Connected),
+                Ok(v4::Event::Incoming(v4::Packet::Publish(p))) => {
+                    Ok(LinkEvent::Publish(Box::new(IncomingPublish::V4(p))))
+                }
                 Ok(_) => Ok(LinkEvent::Other),
                 Err(error) => Err(LinkError::V4(error)),
             },
             Self::V5(eventloop) => match eventloop.poll().await {
                 Ok(v5::Event::Incoming(v5::Packet::ConnAck(_))) => Ok(LinkEvent::Connected),
+                Ok(v5::Event::Incoming(v5::Packet::Publish(p))) => {
+                    Ok(LinkEvent::Publish(Box::new(IncomingPublish::V5(p))))
+                }
                 Ok(_) => Ok(LinkEvent::Other),
                 Err(error) => Err(LinkError::V5(error)),
             },
@@ -296,6 +397,8 @@ pub(crate) fn build(
             let mut options =
                 v4::MqttOptions::new(config.client_id.clone(), (config.host.clone(), config.port));
             options.set_keep_alive(keep_alive);
+            // Downlink is acknowledged by the gateway once it holds the message.
+            options.set_ack_mode(v4::AckMode::Manual);
             options
                 .try_set_clean_session(true)
                 .map_err(|e| client_error(&e))?;
@@ -344,6 +447,7 @@ pub(crate) fn build(
             let mut options =
                 v5::MqttOptions::new(config.client_id.clone(), (config.host.clone(), config.port));
             options.set_keep_alive(keep_alive);
+            options.set_ack_mode(v5::AckMode::Manual);
             options.set_clean_start(true);
             // No session survives the connection (session expiry 0 is the MQTT 5 default).
             options.set_session_expiry_interval(None);

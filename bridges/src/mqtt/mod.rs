@@ -43,6 +43,7 @@ pub mod config;
 mod sink;
 
 pub use client::MAX_PUBLISH_BYTES;
+pub(crate) use client::PendingAck;
 pub use config::{
     MqttUpstreamConfig, MqttVersion, SetupError, TlsSettings, UrlError, build_tls_config,
 };

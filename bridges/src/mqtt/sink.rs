@@ -18,6 +18,7 @@
 //! So a publish accepted on a connection is failed when *that* connection drops, even if the
 //! client has reconnected before the waiter looks.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -31,10 +32,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, trace, warn};
 
 use super::backoff::Backoff;
-use super::client::{self, Client, EventLoop, LinkEvent, Notice, NoticeError};
+use super::client::{self, Client, EventLoop, IncomingPublish, LinkEvent, Notice, NoticeError};
 use super::config::{MqttUpstreamConfig, MqttVersion, SetupError, build_tls_config};
 use super::{AckReport, Delivery, FailReason};
-use crate::message::{Message, Qos};
+use crate::message::{Downlink, DownlinkAck, Message, Qos};
+
+/// Filters per SUBSCRIBE packet when subscriptions are made again after a reconnect.
+const RESUBSCRIBE_BATCH: usize = 64;
 
 /// Most tracked publishes the ack task takes from its channel per wake-up.
 const RECV_BATCH: usize = 64;
@@ -73,6 +77,10 @@ pub struct UpstreamStats {
     pub dropped_qos0: u64,
     /// Successful connections after the first one.
     pub reconnects: u64,
+    /// Messages received from the upstream's subscriptions and passed on.
+    pub downlink_received: u64,
+    /// Messages received but dropped (topic outside `remote_prefix`, not UTF-8, no receiver).
+    pub downlink_dropped: u64,
 }
 
 /// What the handle and both tasks share.
@@ -85,6 +93,8 @@ struct Shared {
     link: Mutex<Link>,
     /// Statistics, updated lock-free.
     counters: Counters,
+    /// Remote filters (prefix applied) and their QoS, made again after every reconnect.
+    subscriptions: Mutex<BTreeMap<String, Qos>>,
 }
 
 /// Connection state as seen by `publish`.
@@ -103,6 +113,8 @@ struct Counters {
     failed: AtomicU64,
     dropped_qos0: AtomicU64,
     reconnects: AtomicU64,
+    downlink_received: AtomicU64,
+    downlink_dropped: AtomicU64,
 }
 
 /// An accepted tracked publish on its way to the ack task.
@@ -145,6 +157,23 @@ impl MqttUpstream {
         acks: mpsc::Sender<AckReport>,
         shutdown: CancellationToken,
     ) -> Result<(Self, JoinHandle<()>), SetupError> {
+        Self::spawn_with_downlink(index, config, acks, None, shutdown)
+    }
+
+    /// [`Self::spawn`], and messages from the upstream's subscriptions (see
+    /// [`Self::subscribe`]) are sent to `downlink`. The link task waits on a full `downlink`
+    /// channel: backpressure toward the broker, never an unbounded buffer.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::spawn`].
+    pub fn spawn_with_downlink(
+        index: usize,
+        config: MqttUpstreamConfig,
+        acks: mpsc::Sender<AckReport>,
+        downlink: Option<mpsc::Sender<Downlink>>,
+        shutdown: CancellationToken,
+    ) -> Result<(Self, JoinHandle<()>), SetupError> {
         config.validate()?;
         let tls = config.tls.as_ref().map(build_tls_config).transpose()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| SetupError::NoRuntime)?;
@@ -158,6 +187,7 @@ impl MqttUpstream {
                 lost: CancellationToken::new(),
             }),
             counters: Counters::default(),
+            subscriptions: Mutex::new(BTreeMap::new()),
         });
         let window = usize::from(config.max_inflight);
         let (tracked_tx, tracked_rx) = mpsc::channel(window);
@@ -178,6 +208,8 @@ impl MqttUpstream {
             drain: config.connect_timeout,
             broker: format!("{}:{}", config.host, config.port),
             version: config.version,
+            index,
+            downlink,
         };
         let link = runtime.spawn(link.run());
         let acks = AckTask {
@@ -261,6 +293,43 @@ impl MqttUpstream {
         Ok(())
     }
 
+    /// Adds (or changes the QoS of) an upstream subscription to `remote_prefix + filter`. It is
+    /// remembered and made again after every reconnect (sessions are clean). Non-blocking.
+    ///
+    /// # Errors
+    ///
+    /// [`FailReason::Shutdown`] after shutdown; [`FailReason::QueueFull`] when the request could
+    /// not be queued now (the subscription is still remembered and made on the next
+    /// reconnect).
+    pub fn subscribe(&self, filter: &str, qos: Qos) -> Result<(), FailReason> {
+        if self.shutdown.is_cancelled() {
+            return Err(FailReason::Shutdown);
+        }
+        let remote = self.shared.remote_topic(filter.to_owned());
+        self.shared.subscriptions().insert(remote.clone(), qos);
+        if self.is_connected() {
+            self.client.try_subscribe(&[(remote, qos)])?;
+        }
+        Ok(())
+    }
+
+    /// Removes an upstream subscription made with [`Self::subscribe`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::subscribe`]; the subscription is forgotten either way.
+    pub fn unsubscribe(&self, filter: &str) -> Result<(), FailReason> {
+        let remote = self.shared.remote_topic(filter.to_owned());
+        self.shared.subscriptions().remove(&remote);
+        if self.shutdown.is_cancelled() {
+            return Err(FailReason::Shutdown);
+        }
+        if self.is_connected() {
+            self.client.try_unsubscribe(&remote)?;
+        }
+        Ok(())
+    }
+
     /// Whether the broker accepted the current connection (CONNACK) and it has not failed
     /// since.
     #[must_use]
@@ -284,6 +353,8 @@ impl MqttUpstream {
             failed: c.failed.load(Ordering::Relaxed),
             dropped_qos0: c.dropped_qos0.load(Ordering::Relaxed),
             reconnects: c.reconnects.load(Ordering::Relaxed),
+            downlink_received: c.downlink_received.load(Ordering::Relaxed),
+            downlink_dropped: c.downlink_dropped.load(Ordering::Relaxed),
         }
     }
 }
@@ -301,6 +372,13 @@ impl Shared {
     /// The link state; a poisoned lock is still consistent (two plain fields).
     fn link(&self) -> MutexGuard<'_, Link> {
         self.link.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The remembered subscriptions; a poisoned lock still holds a consistent map.
+    fn subscriptions(&self) -> MutexGuard<'_, BTreeMap<String, Qos>> {
+        self.subscriptions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The current connection's `lost` token, if connected.
@@ -357,6 +435,10 @@ struct LinkTask {
     /// `host:port`, for logs.
     broker: String,
     version: MqttVersion,
+    /// This upstream's index, for [`Downlink::upstream`].
+    index: usize,
+    /// Where messages from subscriptions go; `None`: they are dropped (counted).
+    downlink: Option<mpsc::Sender<Downlink>>,
 }
 
 /// The link as last logged, so each change is logged once.
@@ -395,7 +477,9 @@ impl LinkTask {
                     connections = connections.saturating_add(1);
                     info!(upstream = %name, broker = %self.broker, "Upstream connected.");
                     phase = Phase::Up;
+                    self.resubscribe();
                 }
+                Ok(LinkEvent::Publish(publish)) => self.deliver(*publish).await,
                 Ok(LinkEvent::Other) => {}
                 Err(error) => {
                     self.shared.set_lost();
@@ -426,6 +510,52 @@ impl LinkTask {
         }
         self.stop(phase == Phase::Up).await;
         info!(upstream = %name, "Upstream stopped.");
+    }
+
+    /// Makes every remembered subscription again on a new (clean) connection, in batches.
+    fn resubscribe(&self) {
+        let filters: Vec<(String, Qos)> = self
+            .shared
+            .subscriptions()
+            .iter()
+            .map(|(f, q)| (f.clone(), *q))
+            .collect();
+        for batch in filters.chunks(RESUBSCRIBE_BATCH) {
+            if let Err(error) = self.client.try_subscribe(batch) {
+                warn!(upstream = %self.shared.name, error = ?error, "Upstream resubscribe failed.");
+            }
+        }
+    }
+
+    /// Passes a message from a subscription on, with `remote_prefix` removed; its
+    /// acknowledgement travels with it.
+    async fn deliver(&self, publish: IncomingPublish) {
+        let counters = &self.shared.counters;
+        let (topic, payload, qos, retain) = publish.parts();
+        let topic = std::str::from_utf8(topic)
+            .ok()
+            .and_then(|t| t.strip_prefix(self.shared.remote_prefix.as_str()));
+        let (Some(topic), Some(downlink)) = (topic, &self.downlink) else {
+            counters.downlink_dropped.fetch_add(1, Ordering::Relaxed);
+            // Not ours to deliver: acknowledge so the broker does not keep it in flight.
+            if let Some(ack) = self.client.prepare_ack(&publish) {
+                ack.send();
+            }
+            return;
+        };
+        let message = Downlink {
+            upstream: self.index,
+            topic: topic.to_owned(),
+            payload: payload.clone(),
+            qos,
+            retain,
+            ack: DownlinkAck(self.client.prepare_ack(&publish)),
+        };
+        if downlink.send(message).await.is_ok() {
+            counters.downlink_received.fetch_add(1, Ordering::Relaxed);
+        } else {
+            counters.downlink_dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Lets the broker acknowledge what is in flight (bounded by `drain`), then disconnects.

@@ -17,6 +17,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use sensorgate_bridges::message::Downlink;
 use sensorgate_bridges::mqtt::{AckReport, Delivery, MqttUpstream};
 
 use super::batch::{RecvBatch, SendBatch};
@@ -24,6 +25,9 @@ use crate::mqttsn::core::{Core, Event, Peer, PublishOutcome};
 
 /// Replies sent per `sendmmsg`.
 const SEND_BATCH: usize = 64;
+
+/// Downlink messages taken per wake-up beyond the first, before output is flushed.
+const DOWNLINK_BATCH: usize = 255;
 
 /// Socket settings from `[mqttsn]`.
 #[derive(Debug, Clone, Copy)]
@@ -98,6 +102,7 @@ pub struct UdpDriver {
     sockets: Vec<Arc<UdpSocket>>,
     upstreams: Vec<MqttUpstream>,
     acks: mpsc::Receiver<AckReport>,
+    downlink: mpsc::Receiver<Downlink>,
     rx: RecvBatch,
     tx: Vec<SendBatch>,
     joins: AckJoin,
@@ -110,6 +115,7 @@ impl UdpDriver {
         sockets: Vec<UdpSocket>,
         upstreams: Vec<MqttUpstream>,
         acks: mpsc::Receiver<AckReport>,
+        downlink: mpsc::Receiver<Downlink>,
         recv_batch: usize,
         max_packet_size: usize,
     ) -> Self {
@@ -119,6 +125,7 @@ impl UdpDriver {
             sockets: sockets.into_iter().map(Arc::new).collect(),
             upstreams,
             acks,
+            downlink,
             // One byte more than the limit so oversize datagrams are seen as such.
             rx: RecvBatch::new(recv_batch, max_packet_size + 1),
             tx,
@@ -163,6 +170,14 @@ impl UdpDriver {
                         self.on_report(now, &report);
                     }
                 }
+                Some(message) = self.downlink.recv() => {
+                    let now = Instant::now();
+                    self.on_downlink(now, message);
+                    for _ in 0..DOWNLINK_BATCH {
+                        let Ok(message) = self.downlink.try_recv() else { break };
+                        self.on_downlink(now, message);
+                    }
+                }
                 () = sleep => {}
             }
             let available = self.upstreams.iter().any(MqttUpstream::is_connected);
@@ -192,6 +207,21 @@ impl UdpDriver {
                 .handle_datagram(now, Peer::udp(index as u16, from), datagram);
         }
         Ok(())
+    }
+
+    /// Hands a message from an upstream subscription to the core, then acknowledges it to the
+    /// broker: the core has queued it for every matching client.
+    fn on_downlink(&mut self, now: Instant, message: Downlink) {
+        let Downlink {
+            topic,
+            payload,
+            qos,
+            retain,
+            ack,
+            ..
+        } = message;
+        self.core.handle_downlink(now, &topic, payload, qos, retain);
+        ack.ack();
     }
 
     fn on_report(&mut self, now: Instant, report: &AckReport) {
@@ -233,10 +263,18 @@ impl UdpDriver {
                     }
                 }
                 Event::Subscribe { filter, qos } => {
-                    tracing::debug!(%filter, ?qos, "Upstream subscription wanted.");
+                    for up in &self.upstreams {
+                        if let Err(reason) = up.subscribe(&filter, qos) {
+                            tracing::debug!(upstream = up.name(), %filter, reason = reason.error_code(), "Upstream subscribe deferred.");
+                        }
+                    }
                 }
                 Event::Unsubscribe { filter } => {
-                    tracing::debug!(%filter, "Upstream subscription released.");
+                    for up in &self.upstreams {
+                        if let Err(reason) = up.unsubscribe(&filter) {
+                            tracing::debug!(upstream = up.name(), %filter, reason = reason.error_code(), "Upstream unsubscribe deferred.");
+                        }
+                    }
                 }
             }
         }
