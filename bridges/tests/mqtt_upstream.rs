@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rumqttc_v5 as v5;
-use sensorgate_bridges::message::{Message, Qos};
+use sensorgate_bridges::message::{Downlink, Message, Qos};
 use sensorgate_bridges::mqtt::{
     AckReport, Delivery, FailReason, MqttUpstream, MqttUpstreamConfig, MqttVersion, TlsSettings,
 };
@@ -879,4 +879,154 @@ async fn sustained_publishing_reports_every_token_once_v311() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sustained_publishing_reports_every_token_once_v5() {
     sustained_publishing_reports_every_token_once(MqttVersion::V5).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Downlink: subscriptions and messages from the broker
+// ---------------------------------------------------------------------------------------------
+
+/// Publishes with `mosquitto_pub` (an independent client) and returns when it exited.
+fn mosquitto_pub(port: u16, topic: &str, payload: &str, qos: u8, retain: bool) {
+    let mut cmd = Command::new("mosquitto_pub");
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-t",
+        topic,
+        "-m",
+        payload,
+    ]);
+    cmd.args(["-q", &qos.to_string()]);
+    if retain {
+        cmd.arg("-r");
+    }
+    let status = cmd
+        .status()
+        .expect("mosquitto_pub runs (Debian package mosquitto-clients)");
+    assert!(status.success(), "mosquitto_pub failed");
+}
+
+/// Publishes `topic` until a downlink for it arrives (the SUBSCRIBE is asynchronous), bounded.
+async fn publish_until_received(
+    port: u16,
+    rx: &mut mpsc::Receiver<Downlink>,
+    remote_topic: &str,
+    payload: &str,
+) -> Downlink {
+    let deadline = Instant::now() + RECONNECT_BOUND;
+    loop {
+        assert!(Instant::now() < deadline, "no downlink for {remote_topic}");
+        mosquitto_pub(port, remote_topic, payload, 1, false);
+        if let Ok(Some(d)) = timeout(Duration::from_secs(1), rx.recv()).await {
+            return d;
+        }
+    }
+}
+
+async fn downlink_arrives_with_prefix_stripped_and_survives_restart(version: MqttVersion) {
+    init_tracing();
+    let mut broker = Broker::start();
+    let mut cfg = config(&broker.url(), version);
+    cfg.remote_prefix = "site-7/".into();
+    let (acks_tx, _acks) = mpsc::channel(16);
+    let (dl_tx, mut dl_rx) = mpsc::channel(16);
+    let shutdown = CancellationToken::new();
+    let (upstream, task) =
+        MqttUpstream::spawn_with_downlink(5, cfg, acks_tx, Some(dl_tx), shutdown.clone())
+            .expect("upstream starts");
+    let running_deadline = Instant::now() + RECONNECT_BOUND;
+    while !upstream.is_connected() {
+        assert!(Instant::now() < running_deadline, "never connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    upstream
+        .subscribe("cmd/#", Qos::AtLeastOnce)
+        .expect("subscribe");
+    let d = publish_until_received(broker.port, &mut dl_rx, "site-7/cmd/x", "one").await;
+    assert_eq!(
+        (d.upstream, d.topic.as_str(), &d.payload[..], d.qos),
+        (5, "cmd/x", &b"one"[..], Qos::AtLeastOnce)
+    );
+    d.ack.ack();
+    // Outside the prefix: not ours (the broker still delivers nothing for it: no subscription).
+    // After a broker restart the subscription is made again.
+    broker.restart();
+    let d = publish_until_received(broker.port, &mut dl_rx, "site-7/cmd/y", "two").await;
+    assert_eq!(d.topic, "cmd/y");
+    d.ack.ack();
+    // Unsubscribed: the marker subscription is made after the UNSUBSCRIBE on the same
+    // connection, so once a marker arrives the UNSUBSCRIBE has taken effect; from then on a
+    // cmd/ message published before a marker must not arrive before it.
+    upstream.unsubscribe("cmd/#").expect("unsubscribe");
+    upstream
+        .subscribe("marker", Qos::AtMostOnce)
+        .expect("subscribe");
+    let d = publish_until_received(broker.port, &mut dl_rx, "site-7/marker", "m").await;
+    assert_eq!(d.topic, "marker");
+    while let Ok(Some(d)) = timeout(Duration::from_millis(1), dl_rx.recv()).await {
+        // Markers still in the channel from the retries above.
+        assert_eq!(d.topic, "marker");
+    }
+    mosquitto_pub(broker.port, "site-7/cmd/z", "three", 1, false);
+    mosquitto_pub(broker.port, "site-7/marker", "last", 1, false);
+    loop {
+        let d = timeout(EVENT_BOUND, dl_rx.recv())
+            .await
+            .expect("a downlink")
+            .expect("open");
+        assert_ne!(d.topic, "cmd/z", "delivered after unsubscribe");
+        if &d.payload[..] == b"last" {
+            break;
+        }
+    }
+    assert!(upstream.stats().downlink_received >= 3);
+    shutdown.cancel();
+    timeout(EVENT_BOUND, task)
+        .await
+        .expect("stops")
+        .expect("no panic");
+}
+
+#[tokio::test]
+async fn downlink_arrives_with_prefix_stripped_and_survives_restart_v311() {
+    downlink_arrives_with_prefix_stripped_and_survives_restart(MqttVersion::V311).await;
+}
+
+#[tokio::test]
+async fn downlink_arrives_with_prefix_stripped_and_survives_restart_v5() {
+    downlink_arrives_with_prefix_stripped_and_survives_restart(MqttVersion::V5).await;
+}
+
+#[tokio::test]
+async fn retained_messages_arrive_flagged_on_subscribe() {
+    init_tracing();
+    let broker = Broker::start();
+    mosquitto_pub(broker.port, "cfg/a", "retained", 1, true);
+    let cfg = config(&broker.url(), MqttVersion::V5);
+    let (acks_tx, _acks) = mpsc::channel(16);
+    let (dl_tx, mut dl_rx) = mpsc::channel(16);
+    let shutdown = CancellationToken::new();
+    let (upstream, task) =
+        MqttUpstream::spawn_with_downlink(0, cfg, acks_tx, Some(dl_tx), shutdown.clone())
+            .expect("upstream starts");
+    // Subscribing before the connection is up is remembered and made on connect.
+    upstream
+        .subscribe("cfg/#", Qos::AtLeastOnce)
+        .expect("subscribe");
+    let d = timeout(RECONNECT_BOUND, dl_rx.recv())
+        .await
+        .expect("retained arrives")
+        .expect("open");
+    assert_eq!(
+        (d.topic.as_str(), &d.payload[..], d.retain),
+        ("cfg/a", &b"retained"[..], true)
+    );
+    d.ack.ack();
+    shutdown.cancel();
+    timeout(EVENT_BOUND, task)
+        .await
+        .expect("stops")
+        .expect("no panic");
 }
