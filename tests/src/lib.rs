@@ -572,6 +572,8 @@ pub struct GatewayConfig {
     pub protocol: String,
     /// `remote_prefix`.
     pub remote_prefix: String,
+    /// Extra `key = value` lines for `[mqttsn]`.
+    pub extra_mqttsn: String,
 }
 
 /// The predefined topic every default config has.
@@ -605,6 +607,7 @@ impl GatewayConfig {
             broker_port,
             protocol: "5".into(),
             remote_prefix: String::new(),
+            extra_mqttsn: String::new(),
         })
     }
 
@@ -644,6 +647,7 @@ impl GatewayConfig {
             self.max_inflight_per_client,
             self.qos_minus_one,
         );
+        s.push_str(&self.extra_mqttsn);
         for p in &self.predefined {
             let clients: Vec<String> = p.clients.iter().map(|c| format!("\"{c}\"")).collect();
             s.push_str(&format!(
