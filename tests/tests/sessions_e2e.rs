@@ -329,3 +329,126 @@ fn a_thousand_sleeping_clients_each_get_ten_messages_exactly_once() {
         }
     });
 }
+
+#[test]
+fn mqtt_sn_12_will_handshake_and_updates_then_the_updated_will_on_loss() {
+    let rig = Rig::start().unwrap();
+    let mut wills = rig.subscribe(&["pywill/#"]).unwrap();
+    let out = Command::new(sensorgate_tests::python())
+        .arg(sensorgate_tests::py_script("sn_will.py"))
+        .args([&rig.gateway.sn_addr().port().to_string(), "py-will", "2"])
+        .args(["pywill/first", "first", "pywill/updated", "updated"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("UPDATED"),
+        "mqtt-sn-12: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // It vanished without DISCONNECT: lost after 1.5 x 2 s, with the updated Will.
+    let m = wills.expect().unwrap();
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..], m.qos),
+        ("pywill/updated", &b"updated"[..], 1)
+    );
+}
+
+#[test]
+fn mqtt_sn_12_subscriber_receives_downlink() {
+    use std::io::BufRead;
+    let rig = Rig::start().unwrap();
+    let mut sub = Command::new(sensorgate_tests::venv_script("mqtt_sn_sub"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &rig.gateway.sn_addr().port().to_string(),
+        ])
+        .args(["-t", "pysub/#", "-q", "0", "--timeout", "60"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = sub.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Publish until the subscriber prints the message (its SUBSCRIBE is asynchronous).
+    let deadline = Instant::now() + BOUND;
+    let mut seen = Vec::new();
+    'outer: loop {
+        assert!(
+            Instant::now() < deadline,
+            "mqtt_sn_sub printed only {seen:?}"
+        );
+        mosquitto_pub(rig.broker.port(), "pysub/x", "to-the-sensor", 0);
+        while let Ok(line) = rx.recv_timeout(Duration::from_millis(300)) {
+            if line.contains("to-the-sensor") {
+                break 'outer;
+            }
+            seen.push(line);
+        }
+    }
+    let _ = sub.kill();
+    let _ = sub.wait();
+}
+
+#[test]
+fn advertise_goes_to_the_configured_loopback_destination() {
+    let listener = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dest = listener.local_addr().unwrap();
+    let rig = Rig::start_with(|c| {
+        c.extra_mqttsn =
+            format!("advertise_destinations = [\"{dest}\"]\nadvertise_interval = \"1s\"\n");
+        Ok(())
+    })
+    .unwrap();
+    listener.set_read_timeout(Some(BOUND)).unwrap();
+    let mut buf = [0u8; 16];
+    let (n, from) = listener
+        .recv_from(&mut buf)
+        .expect("ADVERTISE within the bound");
+    // ADVERTISE: length 5, type 0x00, GwId 7, Duration 1 s.
+    assert_eq!(&buf[..n], &[0x05, 0x00, 0x07, 0x00, 0x01]);
+    assert_eq!(from, rig.gateway.sn_addr());
+}
+
+#[test]
+fn persistent_session_keeps_subscription_and_queued_downlink_across_reconnect() {
+    let rig = Rig::start().unwrap();
+    let mut first = rig.client().unwrap();
+    assert_eq!(first.connect_flags("persist", 0x00).unwrap(), 0);
+    assert_eq!(subscribe(&first, 1, 0x20, "ps/cmd").1, 0);
+    let deadline = Instant::now() + BOUND;
+    loop {
+        assert!(Instant::now() < deadline, "subscription never became live");
+        mosquitto_pub(rig.broker.port(), "ps/cmd", "probe", 1);
+        if !receive(&first, Duration::from_millis(500), |t, _| t == 0x0C).is_empty() {
+            break;
+        }
+    }
+    first.send(&sn::disconnect()).unwrap();
+    assert_eq!(first.next_packet().unwrap(), Packet::Disconnect);
+    mosquitto_pub(rig.broker.port(), "ps/cmd", "while-away", 1);
+    // Back from another port, CleanSession=0: CONNACK, then the gateway registers the topic
+    // again (the client's table is gone) and delivers what was queued (bounded retries while
+    // the message may still be on its way from the broker).
+    let mut second = rig.client().unwrap();
+    let mut got = Vec::new();
+    for _ in 0..20 {
+        assert_eq!(second.connect_flags("persist", 0x00).unwrap(), 0);
+        got.extend(receive(&second, Duration::from_millis(500), |t, _| {
+            t == 0x0C
+        }));
+        if !got.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(got, vec![b"while-away".to_vec()]);
+}
