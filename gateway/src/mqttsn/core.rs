@@ -355,6 +355,8 @@ struct Session {
     queue: VecDeque<Down>,
     inflight_down: Option<InFlight>,
     next_msg_id: u16,
+    /// Deadline of this session's earliest timer entry in the heap, if any.
+    armed: Option<Instant>,
 }
 
 impl Session {
@@ -690,9 +692,12 @@ impl Core {
             let Some(session) = slot_mut(&mut self.slots, sref) else {
                 continue;
             };
+            if session.armed == Some(deadline) {
+                session.armed = None;
+            }
             match session.next_deadline(retry_all) {
                 Some(due) if due <= now => self.on_session_timer(now, sref),
-                Some(due) => self.timers.push(Reverse((due, sref))),
+                Some(_) => self.schedule(sref),
                 None => {}
             }
         }
@@ -1112,6 +1117,7 @@ impl Core {
             queue: VecDeque::new(),
             inflight_down: None,
             next_msg_id: 0,
+            armed: None,
         };
         *self.slots.get_mut(slot as usize)? = Some(session);
         self.by_client.insert(client_id, sref);
@@ -1427,14 +1433,7 @@ impl Core {
     ) {
         let max_inflight = self.config.max_inflight_per_client;
         let Some(resolved) = self.resolve_topic(sref, topic) else {
-            self.stats.rejections += 1;
-            let reply = Reply::PubAck {
-                topic_id: topic_id_of(topic),
-                msg_id,
-                rc: ReturnCode::InvalidTopicId,
-            };
-            self.transmits.push_back((peer, reply));
-            return;
+            return self.reject_publish(peer, topic, msg_id, ReturnCode::InvalidTopicId);
         };
         let Some(session) = slot_mut(&mut self.slots, sref) else {
             return;
@@ -1459,14 +1458,7 @@ impl Core {
             let full = session.inflight_up.len() >= max_inflight
                 || (qos == QoS::ExactlyOnce && session.qos2_received.len() >= max_inflight);
             if full {
-                self.stats.rejections += 1;
-                let reply = Reply::PubAck {
-                    topic_id: topic_id_of(topic),
-                    msg_id,
-                    rc: ReturnCode::Congestion,
-                };
-                self.transmits.push_back((peer, reply));
-                return;
+                return self.reject_publish(peer, topic, msg_id, ReturnCode::Congestion);
             }
             let t = self.next_token;
             self.next_token += 1;
@@ -1492,6 +1484,17 @@ impl Core {
             retain,
         };
         self.events.push_back(Event::Publish { message, token });
+    }
+
+    /// Refuses a sensor's PUBLISH with PUBACK carrying `rc`.
+    fn reject_publish(&mut self, peer: Peer, topic: TopicRef, msg_id: u16, rc: ReturnCode) {
+        self.stats.rejections += 1;
+        let reply = Reply::PubAck {
+            topic_id: topic_id_of(topic),
+            msg_id,
+            rc,
+        };
+        self.transmits.push_back((peer, reply));
     }
 
     fn handle_publish_m1(&mut self, peer: Peer, topic: TopicRef, data: &[u8], retain: bool) {
@@ -2132,11 +2135,22 @@ impl Core {
         }
     }
 
+    /// Makes sure the session's next deadline has a timer entry. An entry at or before it
+    /// already exists when `armed` says so (it re-evaluates when it fires), so the heap holds
+    /// about one entry per session however often deadlines move.
     fn schedule(&mut self, sref: SessionRef) {
         let retry_all = self.handshake_timeout();
-        if let Some(at) = self.session(sref).and_then(|s| s.next_deadline(retry_all)) {
-            self.timers.push(Reverse((at, sref)));
+        let Some(s) = slot_mut(&mut self.slots, sref) else {
+            return;
+        };
+        let Some(at) = s.next_deadline(retry_all) else {
+            return;
+        };
+        if s.armed.is_some_and(|armed| armed <= at) {
+            return;
         }
+        s.armed = Some(at);
+        self.timers.push(Reverse((at, sref)));
     }
 
     fn session(&self, sref: SessionRef) -> Option<&Session> {

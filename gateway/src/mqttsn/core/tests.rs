@@ -1772,3 +1772,42 @@ fn downlink_over_a_lossy_reordering_link_delivers_every_message_once() {
         assert_eq!(h.core.session_count(), 1, "seed {seed}");
     }
 }
+
+#[test]
+fn timer_heap_holds_about_one_entry_per_session_under_heavy_downlink() {
+    let mut h = Harness::new(CoreConfig {
+        max_queued_per_client: 20_000,
+        ..config()
+    });
+    let p = peer(1);
+    h.connect(&p, "busy", 60);
+    let (id, _) = h.subscribe(&p, "t", QoS::AtLeastOnce, 1);
+    for i in 0..2_000u16 {
+        h.downlink("t", b"x", Qos::AtMostOnce);
+        h.downlink("t", b"y", Qos::AtLeastOnce);
+        // Acknowledge whatever QoS 1 PUBLISH is out, so the next one goes.
+        for (_, bytes) in h.transmits() {
+            if let Packet::Publish {
+                qos: QoS::AtLeastOnce,
+                msg_id,
+                ..
+            } = owned(&bytes)
+            {
+                h.send(
+                    &p,
+                    Packet::PubAck {
+                        topic_id: id,
+                        msg_id,
+                        rc: ReturnCode::Accepted,
+                    },
+                );
+            }
+        }
+        h.now += Duration::from_millis(u64::from(i % 3));
+    }
+    assert!(
+        h.core.timers.len() <= 4,
+        "{} timer entries",
+        h.core.timers.len()
+    );
+}
