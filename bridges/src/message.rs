@@ -1,9 +1,14 @@
-//! The unit of northbound traffic: one message travelling from a sensor toward an upstream.
+//! The units of traffic between the sensors and the upstreams: a [`Message`] travelling from a
+//! sensor toward an upstream, and a [`Downlink`] travelling from an upstream to the sensors.
 //!
 //! A [`Message`] is cheap to clone: the payload is a reference-counted [`Bytes`], so routing
-//! one reading to several upstreams shares a single buffer.
+//! one reading to several upstreams shares a single buffer. A [`Downlink`] carries a
+//! [`DownlinkAck`], the handle that acknowledges it to the broker.
+
+use std::fmt;
 
 use bytes::Bytes;
+use tokio::sync::mpsc::OwnedPermit;
 
 /// QoS toward the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -37,41 +42,104 @@ pub struct Message {
     pub retain: bool,
 }
 
-/// A message from an upstream subscription, travelling south to the sensors.
+/// A message from an upstream for the sensors: one PUBLISH the broker delivered on a
+/// subscription made with [`MqttUpstream::subscribe`](crate::mqtt::MqttUpstream::subscribe).
 #[derive(Debug)]
 pub struct Downlink {
-    /// Index of the upstream it came from.
+    /// The `index` given to [`MqttUpstream::spawn`](crate::mqtt::MqttUpstream::spawn).
     pub upstream: usize,
-    /// The topic, with the upstream's `remote_prefix` removed.
+    /// Topic relative to the upstream: the broker's topic with `remote_prefix` stripped.
     pub topic: String,
-    /// The payload.
+    /// Application payload, passed through unchanged.
     pub payload: Bytes,
-    /// The QoS the broker delivered it with.
+    /// QoS the broker delivered with (the lower of the publisher's and the subscription's).
     pub qos: Qos,
-    /// The retain flag as delivered (MQTT 5: as published, the gateway subscribes with
-    /// retain-as-published).
+    /// The retain flag as delivered. Set for retained messages sent because of a new
+    /// subscription; for live messages MQTT 5 keeps the publisher's flag (the upstream
+    /// subscribes with Retain As Published) while MQTT 3.1.1 brokers clear it.
     pub retain: bool,
-    /// Acknowledges it to the broker.
+    /// Acknowledges the message to the broker; see [`DownlinkAck`].
     pub ack: DownlinkAck,
 }
 
-/// Acknowledges a QoS 1/2 downlink message to the broker (PUBACK, or PUBREC for QoS 2) when
-/// [`DownlinkAck::ack`] is called. The gateway calls it once it has taken responsibility for the
-/// message. Dropping it unacknowledged leaves the message to the broker's redelivery rules; an
-/// acknowledgement for a connection that has since dropped is a harmless no-op.
-#[derive(Debug, Default)]
-pub struct DownlinkAck(pub(crate) Option<crate::mqtt::PendingAck>);
+/// Acknowledges a QoS >= 1 downlink message to the broker (PUBACK, or PUBREC and then
+/// PUBREL / PUBCOMP) when [`Self::ack`] is called.
+///
+/// The gateway calls it once it has taken responsibility for the message (today: once it is
+/// queued for every matching client; later: once it is durable). Dropping the handle without
+/// `ack()` leaves the message unacknowledged: the broker does not send more than its in-flight
+/// window of unacknowledged messages (the upstream's `max_unacked_downlinks` for MQTT 5), and
+/// would redeliver the message after a reconnect if it kept a session (the upstream uses clean
+/// sessions, so the broker discards it then).
+///
+/// Holding the handle holds one of the upstream's `max_unacked_downlinks` slots; while all are
+/// held the upstream stops reading from the broker (backpressure). `ack()` never blocks. An
+/// `ack()` after the connection the message arrived on has ended does nothing: the packet id
+/// belongs to the old connection and could name a different message on the new one. For QoS 0
+/// the handle is a no-op.
+pub struct DownlinkAck {
+    /// `None` for QoS 0 and [`Self::none`].
+    inner: Option<(OwnedPermit<AckRequest>, AckRequest)>,
+}
+
+/// What the upstream's link task needs to acknowledge one downlink message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AckRequest {
+    /// The connection the message arrived on (counted from 1 per upstream).
+    pub(crate) generation: u64,
+    /// The broker's packet id, valid on that connection only.
+    pub(crate) pkid: u16,
+    /// QoS 1 (PUBACK) or 2 (PUBREC).
+    pub(crate) qos: Qos,
+}
 
 impl DownlinkAck {
-    /// A handle with nothing to acknowledge (QoS 0, tests).
-    pub fn none() -> Self {
-        DownlinkAck(None)
+    /// A handle whose `ack()` does nothing: for QoS 0 messages and tests.
+    #[must_use]
+    pub const fn none() -> Self {
+        Self { inner: None }
     }
 
-    /// Sends the acknowledgement (non-blocking).
+    /// A handle that sends `request` through the reserved slot `permit`.
+    pub(crate) const fn new(permit: OwnedPermit<AckRequest>, request: AckRequest) -> Self {
+        Self {
+            inner: Some((permit, request)),
+        }
+    }
+
+    /// Whether `ack()` acknowledges anything (a QoS >= 1 message).
+    #[must_use]
+    pub const fn is_required(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Acknowledges the message to the broker. Never blocks; a no-op for QoS 0, after the
+    /// message's connection ended, or after the upstream stopped.
     pub fn ack(self) {
-        if let Some(pending) = self.0 {
-            pending.send();
+        if let Some((permit, request)) = self.inner {
+            // The slot was reserved when the message arrived, so this cannot fail; if the
+            // upstream has stopped, the request is dropped, which is the documented no-op.
+            drop(permit.send(request));
+        }
+    }
+}
+
+impl Default for DownlinkAck {
+    fn default() -> Self {
+        Self::none()
+    }
+}
+
+impl fmt::Debug for DownlinkAck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.inner {
+            Some((_, request)) => f
+                .debug_struct("DownlinkAck")
+                .field("generation", &request.generation)
+                .field("pkid", &request.pkid)
+                .field("qos", &request.qos)
+                .finish(),
+            None => f.write_str("DownlinkAck(none)"),
         }
     }
 }

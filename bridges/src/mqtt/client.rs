@@ -29,9 +29,14 @@ pub const MAX_PUBLISH_BYTES: usize = 256 * 1024;
 /// [`MAX_PUBLISH_BYTES`].
 const PACKET_OVERHEAD_BYTES: usize = 16;
 
-/// Limit on packets from the broker: the upstream subscribes to nothing, so only small
-/// acknowledgements arrive.
-const MAX_INCOMING_PACKET_BYTES: usize = 16 * 1024;
+/// MQTT 3.1.1 cannot tell the broker `max_downlink_bytes`, and the client's decoder fails the
+/// whole connection on a packet over its limit. So the decoder gets this many times
+/// `max_downlink_bytes` (at least [`V311_MIN_DECODE_BYTES`]): packets in between are decoded,
+/// then acknowledged, dropped and counted, and only bigger ones cost the connection.
+const V311_DECODE_FACTOR: usize = 4;
+
+/// Lower bound of the MQTT 3.1.1 decoding limit; see [`V311_DECODE_FACTOR`].
+const V311_MIN_DECODE_BYTES: usize = 1024 * 1024;
 
 /// Handle used to queue requests into the event loop (cheap to clone).
 #[derive(Clone, Debug)]
@@ -53,60 +58,77 @@ pub(crate) enum Notice {
     V5(v5::PublishNotice),
 }
 
-macro_rules! qos_from {
-    ($module:ident, $qos:expr) => {
-        match $qos {
-            $module::QoS::AtMostOnce => Qos::AtMostOnce,
-            $module::QoS::AtLeastOnce => Qos::AtLeastOnce,
-            $module::QoS::ExactlyOnce => Qos::ExactlyOnce,
-        }
-    };
-}
-
 /// What one `EventLoop::poll` reported, reduced to what the upstream acts on.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum LinkEvent {
     /// A CONNACK accepted the connection.
     Connected,
-    /// A PUBLISH from the broker (manual acknowledgement mode: see [`Client::prepare_ack`]).
-    /// Boxed: a v5 PUBLISH with its properties is large next to the other variants.
-    Publish(Box<IncomingPublish>),
+    /// The broker delivered a message (acknowledged only by [`Client::try_ack`]).
+    Publish(IncomingPublish),
     /// Any other packet in or out.
     Other,
 }
 
-/// A PUBLISH received from the broker.
-#[derive(Debug)]
-pub(crate) enum IncomingPublish {
-    V4(v4::Publish),
-    V5(v5::Publish),
+/// A PUBLISH from the broker, both versions alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct IncomingPublish {
+    /// The full broker topic, not yet checked for UTF-8.
+    pub(crate) topic: Bytes,
+    pub(crate) payload: Bytes,
+    pub(crate) qos: Qos,
+    pub(crate) retain: bool,
+    /// Packet id on the current connection (0 for QoS 0).
+    pub(crate) pkid: u16,
+    /// Size of the whole packet on the wire.
+    pub(crate) packet_bytes: usize,
 }
 
-impl IncomingPublish {
-    /// Topic, payload, QoS and retain flag, whatever the protocol version.
-    pub(crate) fn parts(&self) -> (&Bytes, &Bytes, Qos, bool) {
+/// Resolves with the broker's SUBACK for one SUBSCRIBE of several filters.
+#[derive(Debug)]
+pub(crate) enum SubscribeWait {
+    V4(v4::SubscribeNotice),
+    V5(v5::SubscribeNotice),
+}
+
+impl SubscribeWait {
+    /// Per filter, in request order: `None` if granted, else the broker's reason. `Err` when
+    /// no SUBACK came (the connection ended first), with the client's error for logs.
+    pub(crate) async fn outcome(self) -> Result<Vec<Option<&'static str>>, String> {
         match self {
-            Self::V4(p) => (&p.topic, &p.payload, qos_from!(v4, p.qos), p.retain),
-            Self::V5(p) => (&p.topic, &p.payload, qos_from!(v5, p.qos), p.retain),
+            Self::V4(notice) => match notice.wait_async().await {
+                Ok(suback) => Ok(suback
+                    .return_codes
+                    .iter()
+                    .map(|code| match code {
+                        v4::SubscribeReasonCode::Success(_) => None,
+                        v4::SubscribeReasonCode::Failure => Some("failure"),
+                    })
+                    .collect()),
+                Err(error) => Err(error.to_string()),
+            },
+            Self::V5(notice) => match notice.wait_async().await {
+                Ok(suback) => Ok(suback.return_codes.iter().map(v5_refusal).collect()),
+                Err(error) => Err(error.to_string()),
+            },
         }
     }
 }
 
-/// An acknowledgement to send later for a QoS 1/2 incoming PUBLISH.
-#[derive(Debug)]
-pub(crate) enum PendingAck {
-    V4(v4::AsyncClient, v4::ManualAck),
-    V5(v5::AsyncClient, v5::ManualAck),
-}
-
-impl PendingAck {
-    /// Queues it without blocking. A full request queue or a stale packet id (the connection
-    /// it belongs to is gone) is ignored: the broker then redelivers, or already forgot.
-    pub(crate) fn send(self) {
-        match self {
-            Self::V4(client, ack) => drop(client.try_manual_ack(ack)),
-            Self::V5(client, ack) => drop(client.try_manual_ack(ack)),
-        }
+/// `None` for a granted MQTT 5 subscription, else a short tag for the reason code.
+const fn v5_refusal(code: &v5::SubscribeReasonCode) -> Option<&'static str> {
+    use v5::SubscribeReasonCode as Code;
+    match code {
+        Code::Success(_) => None,
+        Code::Failure => Some("failure"),
+        Code::Unspecified => Some("unspecified"),
+        Code::ImplementationSpecific => Some("implementation_specific"),
+        Code::NotAuthorized => Some("not_authorized"),
+        Code::TopicFilterInvalid => Some("topic_filter_invalid"),
+        Code::PkidInUse => Some("pkid_in_use"),
+        Code::QuotaExceeded => Some("quota_exceeded"),
+        Code::SharedSubscriptionsNotSupported => Some("shared_subscriptions_not_supported"),
+        Code::SubscriptionIdNotSupported => Some("subscription_id_not_supported"),
+        Code::WildcardSubscriptionsNotSupported => Some("wildcard_subscriptions_not_supported"),
     }
 }
 
@@ -210,6 +232,23 @@ macro_rules! qos {
     };
 }
 
+/// Maps a version's `QoS` onto ours.
+macro_rules! from_qos {
+    ($module:ident, $qos:expr) => {
+        match $qos {
+            $module::QoS::AtMostOnce => Qos::AtMostOnce,
+            $module::QoS::AtLeastOnce => Qos::AtLeastOnce,
+            $module::QoS::ExactlyOnce => Qos::ExactlyOnce,
+        }
+    };
+}
+
+/// Whether `filter` is a valid MQTT topic filter (wildcard placement, no NUL, at most 65535
+/// bytes); the rules are the same in both versions.
+pub(crate) fn valid_filter(filter: &str) -> bool {
+    v5::ValidatedTopicFilter::new(filter).is_ok()
+}
+
 impl Client {
     /// Queues a publish without tracking; fails at once if the request channel is full.
     pub(crate) fn try_publish(
@@ -267,55 +306,71 @@ impl Client {
         }
     }
 
-    /// Asks the event loop to wait up to `drain` for in-flight publishes, then send
-    /// DISCONNECT. Returns whether the request was queued.
-    /// Queues one SUBSCRIBE for `filters` (remote filters, prefix applied). MQTT 5 subscribes
-    /// with retain-as-published so live retained updates keep their flag.
-    pub(crate) fn try_subscribe(&self, filters: &[(String, Qos)]) -> Result<(), SubmitError> {
-        if filters.is_empty() {
-            return Ok(());
+    /// Queues the PUBACK (QoS 1) or PUBREC (QoS 2) of the incoming publish `pkid` received on
+    /// the current connection. The client fails the connection on an ack for a packet id it
+    /// does not hold, so the caller must make sure the id belongs to the current connection.
+    pub(crate) fn try_ack(&self, pkid: u16, qos: Qos) -> Result<(), SubmitError> {
+        match (self, qos) {
+            (_, Qos::AtMostOnce) => Ok(()),
+            (Self::V4(client), Qos::AtLeastOnce) => client
+                .try_manual_ack(v4::ManualAck::PubAck(v4::PubAck::new(pkid)))
+                .map_err(|e| submit_error!(v4, e)),
+            (Self::V4(client), Qos::ExactlyOnce) => client
+                .try_manual_ack(v4::ManualAck::PubRec(v4::PubRec::new(pkid)))
+                .map_err(|e| submit_error!(v4, e)),
+            (Self::V5(client), Qos::AtLeastOnce) => client
+                .try_manual_ack(v5::ManualAck::PubAck(v5::PubAck::new(pkid, None)))
+                .map_err(|e| submit_error!(v5, e)),
+            (Self::V5(client), Qos::ExactlyOnce) => client
+                .try_manual_ack(v5::ManualAck::PubRec(v5::PubRec::new(pkid, None)))
+                .map_err(|e| submit_error!(v5, e)),
         }
+    }
+
+    /// Queues one SUBSCRIBE for `filters` (full broker filters, already validated).
+    ///
+    /// MQTT 5 subscribes with No Local (the upstream's own publishes do not come back),
+    /// Retain As Published (live retained messages keep their flag) and Retain Handling 0
+    /// (retained messages are sent on every subscribe). MQTT 3.1.1 has none of these options.
+    pub(crate) fn try_subscribe_many(
+        &self,
+        filters: &[(String, Qos)],
+    ) -> Result<SubscribeWait, SubmitError> {
         match self {
             Self::V4(client) => client
-                .try_subscribe_many(
+                .try_subscribe_many_tracked(
                     filters
                         .iter()
-                        .map(|(f, q)| v4::SubscribeFilter::new(f.clone(), qos!(v4, *q))),
+                        .map(|(filter, qos)| v4::SubscribeFilterInput::new(filter, qos!(v4, qos))),
                 )
+                .map(SubscribeWait::V4)
                 .map_err(|e| submit_error!(v4, e)),
             Self::V5(client) => client
-                .try_subscribe_many(filters.iter().map(|(f, q)| {
-                    v5::SubscribeFilterInput::new(f.clone(), qos!(v5, *q)).preserve_retain(true)
+                .try_subscribe_many_tracked(filters.iter().map(|(filter, qos)| {
+                    v5::SubscribeFilterInput::new(filter, qos!(v5, qos))
+                        .no_local(true)
+                        .preserve_retain(true)
+                        .retain_forward_rule(v5::RetainForwardRule::OnEverySubscribe)
                 }))
+                .map(SubscribeWait::V5)
                 .map_err(|e| submit_error!(v5, e)),
         }
     }
 
-    /// Queues an UNSUBSCRIBE for one remote filter.
-    pub(crate) fn try_unsubscribe(&self, filter: &str) -> Result<(), SubmitError> {
+    /// Queues one UNSUBSCRIBE for `filters` (full broker filters).
+    pub(crate) fn try_unsubscribe_many(&self, filters: &[String]) -> Result<(), SubmitError> {
         match self {
             Self::V4(client) => client
-                .try_unsubscribe(filter.to_owned())
+                .try_unsubscribe_many(filters.iter().map(String::as_str))
                 .map_err(|e| submit_error!(v4, e)),
             Self::V5(client) => client
-                .try_unsubscribe(filter.to_owned())
+                .try_unsubscribe_many(filters.iter().map(String::as_str))
                 .map_err(|e| submit_error!(v5, e)),
         }
     }
 
-    /// The acknowledgement to send for `publish` once the gateway holds it (QoS 1/2).
-    pub(crate) fn prepare_ack(&self, publish: &IncomingPublish) -> Option<PendingAck> {
-        match (self, publish) {
-            (Self::V4(client), IncomingPublish::V4(p)) => client
-                .prepare_ack(p)
-                .map(|a| PendingAck::V4(client.clone(), a)),
-            (Self::V5(client), IncomingPublish::V5(p)) => client
-                .prepare_ack(p)
-                .map(|a| PendingAck::V5(client.clone(), a)),
-            _ => None,
-        }
-    }
-
+    /// Asks the event loop to wait up to `drain` for in-flight publishes, then send
+    /// DISCONNECT. Returns whether the request was queued.
     pub(crate) fn try_disconnect(&self, drain: Duration) -> bool {
         match self {
             Self::V4(client) => client.try_disconnect_with_timeout(drain).is_ok(),
@@ -357,20 +412,39 @@ impl Notice {
 
 impl EventLoop {
     /// Drives the connection one step; after an error the next call reconnects.
+    ///
+    /// Not cancel safe in general (it may be cut off mid-write), so the upstream never drops
+    /// an unfinished call except on shutdown. The client cleans up a lost connection (drops
+    /// queued acknowledgements, replays nothing on the clean session) inside the same call that
+    /// returns its error.
     pub(crate) async fn poll(&mut self) -> Result<LinkEvent, LinkError> {
         match self {
             Self::V4(eventloop) => match eventloop.poll().await {
                 Ok(v4::Event::Incoming(v4::Packet::ConnAck(_))) => Ok(LinkEvent::Connected),
-                Ok(v4::Event::Incoming(v4::Packet::Publish(p))) => {
-                    Ok(LinkEvent::Publish(Box::new(IncomingPublish::V4(p))))
+                Ok(v4::Event::Incoming(v4::Packet::Publish(publish))) => {
+                    Ok(LinkEvent::Publish(IncomingPublish {
+                        packet_bytes: publish.size(),
+                        qos: from_qos!(v4, publish.qos),
+                        retain: publish.retain,
+                        pkid: publish.pkid,
+                        topic: publish.topic,
+                        payload: publish.payload,
+                    }))
                 }
                 Ok(_) => Ok(LinkEvent::Other),
                 Err(error) => Err(LinkError::V4(error)),
             },
             Self::V5(eventloop) => match eventloop.poll().await {
                 Ok(v5::Event::Incoming(v5::Packet::ConnAck(_))) => Ok(LinkEvent::Connected),
-                Ok(v5::Event::Incoming(v5::Packet::Publish(p))) => {
-                    Ok(LinkEvent::Publish(Box::new(IncomingPublish::V5(p))))
+                Ok(v5::Event::Incoming(v5::Packet::Publish(publish))) => {
+                    Ok(LinkEvent::Publish(IncomingPublish {
+                        packet_bytes: publish.size(),
+                        qos: from_qos!(v5, publish.qos),
+                        retain: publish.retain,
+                        pkid: publish.pkid,
+                        topic: publish.topic,
+                        payload: publish.payload,
+                    }))
                 }
                 Ok(_) => Ok(LinkEvent::Other),
                 Err(error) => Err(LinkError::V5(error)),
@@ -382,7 +456,8 @@ impl EventLoop {
 /// Creates the client pair for `config`; `tls` is the prepared rustls config of `mqtts://`.
 ///
 /// Clean session / clean start is always on: this module reports every unacknowledged
-/// publish as failed, and the spool, not the client library, resends.
+/// publish as failed, and the spool, not the client library, resends. Incoming QoS >= 1
+/// publishes are acknowledged manually (`DownlinkAck`), never by the client on its own.
 pub(crate) fn build(
     config: &MqttUpstreamConfig,
     tls: Option<Arc<rustls::ClientConfig>>,
@@ -397,8 +472,6 @@ pub(crate) fn build(
             let mut options =
                 v4::MqttOptions::new(config.client_id.clone(), (config.host.clone(), config.port));
             options.set_keep_alive(keep_alive);
-            // Downlink is acknowledged by the gateway once it holds the message.
-            options.set_ack_mode(v4::AckMode::Manual);
             options
                 .try_set_clean_session(true)
                 .map_err(|e| client_error(&e))?;
@@ -406,9 +479,11 @@ pub(crate) fn build(
                 .try_set_inflight(config.max_inflight)
                 .map_err(|e| client_error(&e))?;
             options.set_max_packet_size(
-                MAX_INCOMING_PACKET_BYTES,
+                v311_decode_limit(config.max_downlink_bytes),
                 MAX_PUBLISH_BYTES + PACKET_OVERHEAD_BYTES,
             );
+            // Downlink is acknowledged by the gateway once it holds the message (`DownlinkAck`).
+            options.set_ack_mode(v4::AckMode::Manual);
             match (&config.username, &config.password) {
                 (Some(user), Some(password)) => {
                     options.set_credentials(user.clone(), Bytes::from(password.clone()));
@@ -447,12 +522,24 @@ pub(crate) fn build(
             let mut options =
                 v5::MqttOptions::new(config.client_id.clone(), (config.host.clone(), config.port));
             options.set_keep_alive(keep_alive);
-            options.set_ack_mode(v5::AckMode::Manual);
             options.set_clean_start(true);
             // No session survives the connection (session expiry 0 is the MQTT 5 default).
             options.set_session_expiry_interval(None);
             options.set_outgoing_inflight_upper_limit(config.max_inflight);
             options.set_connect_timeout(config.connect_timeout);
+            // Downlink is acknowledged by the gateway once it holds the message (`DownlinkAck`).
+            options.set_ack_mode(v5::AckMode::Manual);
+            // Maximum Packet Size: the broker must not send bigger packets (it drops them);
+            // the client's decoder enforces the same limit.
+            let max_packet = u32::try_from(config.max_downlink_bytes).map_err(|_| {
+                SetupError::InvalidConfig {
+                    field: "max_downlink_bytes",
+                    reason: "must not exceed the MQTT packet size limit (268435460)",
+                }
+            })?;
+            options.set_max_packet_size(Some(max_packet));
+            // Receive Maximum: at most this many unacknowledged QoS >= 1 deliveries.
+            options.set_receive_maximum(Some(config.max_unacked_downlinks));
             match (&config.username, &config.password) {
                 (Some(user), Some(password)) => {
                     options.set_credentials(user.clone(), Bytes::from(password.clone()));
@@ -493,6 +580,14 @@ fn bracket_ipv6(address: String) -> String {
     }
 }
 
+/// The MQTT 3.1.1 decoder's limit on a packet's remaining length; see
+/// [`V311_DECODE_FACTOR`].
+fn v311_decode_limit(max_downlink_bytes: usize) -> usize {
+    max_downlink_bytes
+        .saturating_mul(V311_DECODE_FACTOR)
+        .max(V311_MIN_DECODE_BYTES)
+}
+
 /// Whole seconds, rounded up, at least 1.
 fn ceil_secs(duration: Duration) -> u64 {
     let secs = duration.as_secs();
@@ -527,6 +622,26 @@ mod tests {
         assert_eq!(ceil_secs(Duration::from_millis(1)), 1);
         assert_eq!(ceil_secs(Duration::from_millis(1500)), 2);
         assert_eq!(ceil_secs(Duration::from_secs(10)), 10);
+    }
+
+    #[test]
+    fn the_v311_decode_limit_leaves_room_to_drop_oversized_downlinks() {
+        assert_eq!(v311_decode_limit(1024), V311_MIN_DECODE_BYTES);
+        assert_eq!(
+            v311_decode_limit(1024 * 1024),
+            V311_DECODE_FACTOR * 1024 * 1024
+        );
+        assert_eq!(v311_decode_limit(usize::MAX), usize::MAX);
+    }
+
+    #[test]
+    fn filters_are_validated_like_the_broker_does() {
+        assert!(valid_filter("site/a/+/temp"));
+        assert!(valid_filter("site/#"));
+        assert!(!valid_filter("site/#/x"));
+        assert!(!valid_filter("site/a+"));
+        assert!(!valid_filter("nul\0byte"));
+        assert!(!valid_filter(&"x".repeat(70_000)));
     }
 
     #[test]

@@ -42,6 +42,17 @@ pub const DEFAULT_MAX_INFLIGHT: u16 = 100;
 /// Default capacity of the request channel into the MQTT client used by
 /// [`MqttUpstreamConfig::new`].
 pub const DEFAULT_REQUEST_QUEUE: usize = 1024;
+/// Default largest downlink PUBLISH packet accepted from the broker used by
+/// [`MqttUpstreamConfig::new`].
+pub const DEFAULT_MAX_DOWNLINK_BYTES: usize = 64 * 1024;
+/// Default bound on QoS >= 1 downlink messages delivered and not yet acknowledged used by
+/// [`MqttUpstreamConfig::new`].
+pub const DEFAULT_MAX_UNACKED_DOWNLINKS: u16 = 256;
+/// Smallest accepted `max_downlink_bytes`: the broker's CONNACK and SUBACK packets must fit.
+pub const MIN_DOWNLINK_BYTES: usize = 1024;
+/// Largest accepted `max_downlink_bytes`: the largest packet MQTT can encode (a 4-byte
+/// remaining length plus the fixed header).
+pub const MAX_DOWNLINK_BYTES: usize = 268_435_455 + 5;
 
 /// MQTT protocol version spoken to the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +109,16 @@ pub struct MqttUpstreamConfig {
     pub remote_prefix: String,
     /// Capacity of the request channel into the MQTT client (all publishes, any QoS).
     pub request_queue: usize,
+    /// Largest downlink PUBLISH packet (fixed header included) accepted from the broker.
+    /// MQTT 5 announces it as the CONNECT Maximum Packet Size, so the broker does not send
+    /// bigger ones; bigger ones that arrive anyway (MQTT 3.1.1 has no such announcement) are
+    /// acknowledged, dropped and counted, up to the decoding limit described in
+    /// `MqttUpstream::spawn`.
+    pub max_downlink_bytes: usize,
+    /// Most QoS >= 1 downlink messages delivered to the gateway and not yet acknowledged with
+    /// [`DownlinkAck::ack`](crate::message::DownlinkAck::ack). MQTT 5 announces it as the
+    /// CONNECT Receive Maximum; beyond it the upstream stops reading from the broker.
+    pub max_unacked_downlinks: u16,
 }
 
 impl MqttUpstreamConfig {
@@ -128,6 +149,8 @@ impl MqttUpstreamConfig {
             max_inflight: DEFAULT_MAX_INFLIGHT,
             remote_prefix: String::new(),
             request_queue: DEFAULT_REQUEST_QUEUE,
+            max_downlink_bytes: DEFAULT_MAX_DOWNLINK_BYTES,
+            max_unacked_downlinks: DEFAULT_MAX_UNACKED_DOWNLINKS,
         })
     }
 
@@ -204,6 +227,18 @@ impl MqttUpstreamConfig {
         }
         if self.request_queue == 0 {
             return invalid("request_queue", "must be at least 1");
+        }
+        if self.max_downlink_bytes < MIN_DOWNLINK_BYTES {
+            return invalid("max_downlink_bytes", "must be at least 1024");
+        }
+        if self.max_downlink_bytes > MAX_DOWNLINK_BYTES {
+            return invalid(
+                "max_downlink_bytes",
+                "must not exceed the MQTT packet size limit (268435460)",
+            );
+        }
+        if self.max_unacked_downlinks == 0 {
+            return invalid("max_unacked_downlinks", "must be at least 1");
         }
         if self.version == MqttVersion::V311 && self.password.is_some() && self.username.is_none() {
             return invalid("password", "MQTT 3.1.1 needs a username with a password");
@@ -526,6 +561,15 @@ mod tests {
         c.request_queue = 0;
         assert_eq!(field_of(c), "request_queue");
         let mut c = base.clone();
+        c.max_downlink_bytes = MIN_DOWNLINK_BYTES - 1;
+        assert_eq!(field_of(c), "max_downlink_bytes");
+        let mut c = base.clone();
+        c.max_downlink_bytes = MAX_DOWNLINK_BYTES + 1;
+        assert_eq!(field_of(c), "max_downlink_bytes");
+        let mut c = base.clone();
+        c.max_unacked_downlinks = 0;
+        assert_eq!(field_of(c), "max_unacked_downlinks");
+        let mut c = base.clone();
         c.keep_alive = Duration::from_millis(1500);
         assert_eq!(field_of(c), "keep_alive");
         let mut c = base.clone();
@@ -545,6 +589,20 @@ mod tests {
         assert_eq!(field_of(c.clone()), "password");
         c.version = MqttVersion::V5;
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn downlink_limit_errors_name_the_limits() {
+        let reason_of = |bytes: usize| {
+            let mut config = MqttUpstreamConfig::new("main", "mqtt://broker").unwrap();
+            config.max_downlink_bytes = bytes;
+            match config.validate() {
+                Err(SetupError::InvalidConfig { reason, .. }) => reason,
+                other => panic!("expected InvalidConfig, got {other:?}"),
+            }
+        };
+        assert!(reason_of(MIN_DOWNLINK_BYTES - 1).contains(&MIN_DOWNLINK_BYTES.to_string()));
+        assert!(reason_of(MAX_DOWNLINK_BYTES + 1).contains(&MAX_DOWNLINK_BYTES.to_string()));
     }
 
     fn file_with(dir: &tempfile::TempDir, name: &str, contents: &[u8]) -> PathBuf {

@@ -1,8 +1,11 @@
 //! Northbound MQTT: one aggregated connection per configured upstream broker.
 //!
-//! [`MqttUpstream::spawn`] validates the configuration, then starts the connection; the
-//! returned handle publishes without blocking, and the broker's verdict on each tracked
-//! publish comes back as an [`AckReport`] on a channel shared by all upstreams.
+//! [`MqttUpstream::spawn_with_downlink`] validates the configuration, then starts the
+//! connection; the returned handle publishes and subscribes without blocking. The broker's
+//! verdict on each tracked publish comes back as an [`AckReport`] on a channel shared by all
+//! upstreams; messages from subscriptions come back as [`Downlink`]s on another.
+//!
+//! Uplink:
 //!
 //! ```text
 //!  gateway ── publish(msg, token) ──> MqttUpstream ──try_publish_tracked──> rumqttc request queue
@@ -11,6 +14,22 @@
 //!     │                                  v                               event loop task ──> broker
 //!     └─── AckReport {token, delivery} ── ack task: FuturesUnordered of notices <── PUBACK/PUBCOMP
 //! ```
+//!
+//! Downlink:
+//!
+//! ```text
+//!  gateway ── subscribe(filter, qos) ──> subscription table ── notify ──> link task
+//!          ── unsubscribe(filter) ────>  (wanted / applied)               │ batched SUBSCRIBE /
+//!                                                                         │ UNSUBSCRIBE of
+//!                                                                         v remote_prefix + filter
+//!  broker ── PUBLISH ──> link task: size / UTF-8 / prefix checks ──> Downlink {topic, .., ack}
+//!                         (dropped: acked + counted)               bounded channel, send().await
+//!                         QoS >= 1: waits for an ack slot
+//!  gateway ── DownlinkAck::ack() ── ack slot ──> link task ──> PUBACK / PUBREC (if the message's
+//!                                                              connection is still up)
+//! ```
+//!
+//! [`Downlink`]: crate::message::Downlink
 //!
 //! Invariants (MUST hold; the integration tests check them against a real broker):
 //!
@@ -36,18 +55,48 @@
 //! - **Shutdown.** Cancelling the token refuses new publishes ([`FailReason::Shutdown`]), lets
 //!   the broker acknowledge what is in flight for up to `connect_timeout`, sends DISCONNECT,
 //!   reports everything still open as `Failed(Shutdown)`, and then the task ends.
+//!
+//! Downlink invariants:
+//!
+//! - **Acknowledged only when taken.** A QoS >= 1 message is acknowledged to the broker
+//!   (PUBACK; PUBREC, then PUBCOMP to the broker's PUBREL) only when the gateway calls
+//!   [`DownlinkAck::ack`], or when this module drops it itself (over `max_downlink_bytes`, topic
+//!   not UTF-8 or outside `remote_prefix`, no receiver), which is counted as `downlink_dropped`.
+//!   The client library never acknowledges on its own (manual acknowledgement mode).
+//! - **An acknowledgement belongs to its connection.** It is sent only while the connection the
+//!   message arrived on is up; later it is a no-op (the packet id may name another message on
+//!   the new connection, and the client would fail the connection on an unknown one). With
+//!   clean sessions the broker discards unacknowledged messages of a lost connection.
+//! - **Subscriptions are remembered.** Every filter passed to [`MqttUpstream::subscribe`] and
+//!   not unsubscribed is asked for on every connection: after each CONNACK all of them, batched,
+//!   then each change as it happens. A full request queue delays a change, never loses it.
+//! - **Prefix.** The broker is asked for `remote_prefix + filter`; a delivered topic loses the
+//!   prefix, and one without it is dropped.
+//! - **Bounded.** At most [`MAX_SUBSCRIPTIONS`] filters; at most `max_unacked_downlinks`
+//!   [`DownlinkAck`]s of QoS >= 1 messages outstanding (MQTT 5 tells the broker as Receive
+//!   Maximum); the downlink channel is the gateway's bounded channel. When a slot or channel
+//!   space is missing, the link task waits and reads nothing more from the broker
+//!   (backpressure), while still sending acknowledgements and subscription changes.
+//! - **MQTT 3.1.1 differences.** No No Local: the gateway's own uplink publishes on a
+//!   subscribed topic come back as downlinks. No Retain As Published: live retained messages
+//!   arrive with retain = 0 (retained messages sent because of a subscribe still carry
+//!   retain = 1). No Maximum Packet Size: see [`MqttUpstream::spawn_with_downlink`].
+//!
+//! [`DownlinkAck`]: crate::message::DownlinkAck
+//! [`DownlinkAck::ack`]: crate::message::DownlinkAck::ack
 
 mod backoff;
 mod client;
 pub mod config;
 mod sink;
+mod subscriptions;
 
 pub use client::MAX_PUBLISH_BYTES;
-pub(crate) use client::PendingAck;
 pub use config::{
     MqttUpstreamConfig, MqttVersion, SetupError, TlsSettings, UrlError, build_tls_config,
 };
 pub use sink::{MqttUpstream, UpstreamStats};
+pub use subscriptions::MAX_SUBSCRIPTIONS;
 
 /// Outcome of a QoS >= 1 publish, reported back to the gateway core.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,10 +121,11 @@ impl Delivery {
 pub enum FailReason {
     /// The link to the broker was down, or dropped before the acknowledgement.
     Disconnected,
-    /// `max_inflight` publishes are outstanding, or the client's request queue is full.
+    /// `max_inflight` publishes are outstanding, or the client's request queue is full; for
+    /// [`MqttUpstream::subscribe`]: [`MAX_SUBSCRIPTIONS`] filters are subscribed.
     QueueFull,
-    /// Refused: by the broker (MQTT 5 failure reason code), or locally (invalid topic, over
-    /// [`MAX_PUBLISH_BYTES`]). Retrying the same message will not help.
+    /// Refused: by the broker (MQTT 5 failure reason code), or locally (invalid topic or
+    /// filter, over [`MAX_PUBLISH_BYTES`]). Retrying the same message will not help.
     Rejected,
     /// The client reconnected without a broker session and dropped the publish.
     SessionReset,

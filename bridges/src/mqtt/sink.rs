@@ -5,11 +5,13 @@
 //!   ────────────────────              ──────────────────────────────        ─────────
 //!   publish():                        owns: FuturesUnordered<settled>       owns: EventLoop
 //!     link up? slot free?             recv Tracked ─> push waiter           poll() forever:
-//!     try_publish_tracked ─ Tracked ─>waiter = notice | link lost | stop      CONNACK -> link up
-//!                          (bounded)  settled ─> acks.send(AckReport)         error -> link lost,
-//!                                     then frees the in-flight slot                    backoff
-//!                                     joins the link task on shutdown       shutdown -> drain,
-//!                                                                                     DISCONNECT
+//!     try_publish_tracked ─ Tracked ─>waiter = notice | link lost | stop      CONNACK -> link up,
+//!                          (bounded)  settled ─> acks.send(AckReport)           subscribe all
+//!                                     then frees the in-flight slot          PUBLISH -> Downlink
+//!   subscribe() / unsubscribe():      joins the link task on shutdown         error -> link lost,
+//!     edit the subscription table ─ notify ───────────────────────────────>           backoff
+//!                                                                            shutdown -> drain,
+//!   DownlinkAck::ack() ── ack slot (bounded) ─────────────────────────────>          DISCONNECT
 //! ```
 //!
 //! The link state (`Link`) has one writer, the link task; `publish` reads it under a short
@@ -17,28 +19,47 @@
 //! the generation it saw as connected, and the link task cancels it when that connection ends.
 //! So a publish accepted on a connection is failed when *that* connection drops, even if the
 //! client has reconnected before the waiter looks.
+//!
+//! While the link task waits, for the next event (`EventLoop::poll`), for a free
+//! acknowledgement slot or for room in the downlink channel, `Control::drive` keeps serving
+//! downlink acknowledgements, SUBACKs and subscription changes, so a full downlink channel
+//! never blocks the acknowledgements that would drain it. Downlink acknowledgements carry their
+//! connection's generation, the link task's count of CONNACKs, and are dropped unless that
+//! connection is still up (see [`Control`]).
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::mpsc::error::{SendError, TrySendError};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, trace, warn};
 
 use super::backoff::Backoff;
-use super::client::{self, Client, EventLoop, IncomingPublish, LinkEvent, Notice, NoticeError};
+use super::client::{
+    self, Client, EventLoop, IncomingPublish, LinkEvent, Notice, NoticeError, SubmitError,
+};
 use super::config::{MqttUpstreamConfig, MqttVersion, SetupError, build_tls_config};
+use super::subscriptions::{MAX_SUBSCRIPTIONS, SubscriptionTable, TableFull};
 use super::{AckReport, Delivery, FailReason};
-use crate::message::{Downlink, DownlinkAck, Message, Qos};
+use crate::message::{AckRequest, Downlink, DownlinkAck, Message, Qos};
 
-/// Filters per SUBSCRIBE packet when subscriptions are made again after a reconnect.
-const RESUBSCRIBE_BATCH: usize = 64;
+/// Most filters in one SUBSCRIBE or UNSUBSCRIBE packet.
+const FILTERS_PER_PACKET: usize = 64;
+
+/// Most filter bytes in one SUBSCRIBE or UNSUBSCRIBE packet (beyond a single filter, which
+/// always fits the client's outgoing packet limit).
+const FILTER_BYTES_PER_PACKET: usize = 16 * 1024;
+
+/// Most SUBSCRIBE packets awaiting their SUBACK; further changes wait for one to arrive.
+const MAX_PENDING_SUBACKS: usize = 16;
 
 /// Most tracked publishes the ack task takes from its channel per wake-up.
 const RECV_BATCH: usize = 64;
@@ -77,10 +98,24 @@ pub struct UpstreamStats {
     pub dropped_qos0: u64,
     /// Successful connections after the first one.
     pub reconnects: u64,
-    /// Messages received from the upstream's subscriptions and passed on.
+    /// PUBLISH packets the broker delivered on the upstream's subscriptions.
     pub downlink_received: u64,
-    /// Messages received but dropped (topic outside `remote_prefix`, not UTF-8, no receiver).
+    /// Of those, messages acknowledged to the broker and dropped instead of being passed on:
+    /// over `max_downlink_bytes`, topic not UTF-8 or outside `remote_prefix`, no downlink
+    /// receiver.
     pub downlink_dropped: u64,
+    /// PUBACKs / PUBRECs of downlink messages handed to the client (after `DownlinkAck::ack`,
+    /// or for dropped messages).
+    pub downlink_acknowledged: u64,
+    /// `DownlinkAck::ack` calls that came after the message's connection had ended, and so
+    /// acknowledged nothing (the broker discarded the message with the clean session).
+    pub downlink_acks_stale: u64,
+    /// Filters the broker granted (SUBACK), counted per SUBSCRIBE, so re-subscribing after a
+    /// reconnect counts again.
+    pub subscribe_granted: u64,
+    /// Filters the broker refused (SUBACK failure, e.g. not authorized). They stay wanted and
+    /// are asked for again after the next reconnect.
+    pub subscribe_refused: u64,
 }
 
 /// What the handle and both tasks share.
@@ -93,8 +128,11 @@ struct Shared {
     link: Mutex<Link>,
     /// Statistics, updated lock-free.
     counters: Counters,
-    /// Remote filters (prefix applied) and their QoS, made again after every reconnect.
-    subscriptions: Mutex<BTreeMap<String, Qos>>,
+    /// The gateway's filters (without `remote_prefix`): wanted, and applied on the current
+    /// connection. Edited by the handle, applied by the link task.
+    subscriptions: Mutex<SubscriptionTable>,
+    /// Wakes the link task when `subscriptions` changed.
+    subscriptions_changed: Notify,
 }
 
 /// Connection state as seen by `publish`.
@@ -115,6 +153,10 @@ struct Counters {
     reconnects: AtomicU64,
     downlink_received: AtomicU64,
     downlink_dropped: AtomicU64,
+    downlink_acknowledged: AtomicU64,
+    downlink_acks_stale: AtomicU64,
+    subscribe_granted: AtomicU64,
+    subscribe_refused: AtomicU64,
 }
 
 /// An accepted tracked publish on its way to the ack task.
@@ -141,7 +183,9 @@ struct Settled {
 
 impl MqttUpstream {
     /// Starts the connection task (reconnects forever until `shutdown` is cancelled).
-    /// `index` identifies this upstream in [`AckReport`]s.
+    /// `index` identifies this upstream in [`AckReport`]s. Messages from subscriptions are
+    /// acknowledged and dropped (counted as `downlink_dropped`); use
+    /// [`Self::spawn_with_downlink`] to receive them.
     ///
     /// Validates `config` and reads the TLS files first; nothing is started on error. Must be
     /// called from within a Tokio runtime. The returned task ends after `shutdown` was
@@ -161,8 +205,20 @@ impl MqttUpstream {
     }
 
     /// [`Self::spawn`], and messages from the upstream's subscriptions (see
-    /// [`Self::subscribe`]) are sent to `downlink`. The link task waits on a full `downlink`
-    /// channel: backpressure toward the broker, never an unbounded buffer.
+    /// [`Self::subscribe`]) are sent to `downlink` as [`Downlink`]s, `remote_prefix` stripped.
+    ///
+    /// The link task waits on a full `downlink` channel, and, before handing out a QoS >= 1
+    /// message, for one of the `max_unacked_downlinks` acknowledgement slots (held by each
+    /// [`DownlinkAck`] until `ack()` or drop). While it waits it reads nothing from the broker:
+    /// backpressure toward the broker, never an unbounded buffer. Waiting longer than the
+    /// broker's keep-alive tolerance costs the connection.
+    ///
+    /// Size limit: MQTT 5 tells the broker `max_downlink_bytes` (CONNECT Maximum Packet Size),
+    /// so it does not send bigger packets. MQTT 3.1.1 cannot: bigger packets are read,
+    /// acknowledged, dropped and counted up to a decoding limit of a few times
+    /// `max_downlink_bytes`; a packet beyond that fails the connection (the client library
+    /// cannot skip it), and a *retained* one on a subscribed topic would then fail every
+    /// reconnect. Use MQTT 5 or the broker's `message_size_limit` where that matters.
     ///
     /// # Errors
     ///
@@ -187,7 +243,8 @@ impl MqttUpstream {
                 lost: CancellationToken::new(),
             }),
             counters: Counters::default(),
-            subscriptions: Mutex::new(BTreeMap::new()),
+            subscriptions: Mutex::new(SubscriptionTable::new(MAX_SUBSCRIPTIONS)),
+            subscriptions_changed: Notify::new(),
         });
         let window = usize::from(config.max_inflight);
         let (tracked_tx, tracked_rx) = mpsc::channel(window);
@@ -199,17 +256,31 @@ impl MqttUpstream {
             shutdown: shutdown.clone(),
         };
 
+        let unacked = usize::from(config.max_unacked_downlinks);
+        let (ack_slots, ack_requests) = mpsc::channel(unacked);
         let link = LinkTask {
             eventloop,
-            client,
-            shared: Arc::clone(&shared),
+            control: Control {
+                client,
+                shared: Arc::clone(&shared),
+                shutdown: shutdown.clone(),
+                acks: ack_requests,
+                ack_backlog: VecDeque::new(),
+                ack_backlog_cap: unacked,
+                generation: 0,
+                up: false,
+                resync: false,
+                subacks: FuturesUnordered::new(),
+            },
             backoff: Backoff::new(config.backoff_initial, config.backoff_max),
-            shutdown: shutdown.clone(),
             drain: config.connect_timeout,
             broker: format!("{}:{}", config.host, config.port),
             version: config.version,
             index,
             downlink,
+            ack_slots,
+            max_downlink_bytes: config.max_downlink_bytes,
+            downlink_closed_logged: false,
         };
         let link = runtime.spawn(link.run());
         let acks = AckTask {
@@ -293,39 +364,55 @@ impl MqttUpstream {
         Ok(())
     }
 
-    /// Adds (or changes the QoS of) an upstream subscription to `remote_prefix + filter`. It is
-    /// remembered and made again after every reconnect (sessions are clean). Non-blocking.
+    /// Adds (or updates the QoS of) an upstream subscription for `filter`, the sensors' filter:
+    /// the broker is asked for `remote_prefix + filter`. Non-blocking.
+    ///
+    /// The subscription is remembered and made again after every reconnect (sessions are
+    /// clean). The link task sends it as soon as the link is up and the client's request queue
+    /// has room, batched with other changes; a full queue only delays it. MQTT 5 subscribes
+    /// with No Local (the upstream's own publishes do not come back), Retain As Published (live
+    /// retained messages keep their retain flag) and Retain Handling 0 (retained messages are
+    /// sent on every subscribe). MQTT 3.1.1 has neither option: live retained messages arrive
+    /// with retain = 0, and the gateway's own uplink publishes to a subscribed topic come back
+    /// as downlinks. The broker's SUBACK is counted in [`UpstreamStats`]; a refused filter stays
+    /// remembered.
     ///
     /// # Errors
     ///
-    /// [`FailReason::Shutdown`] after shutdown; [`FailReason::QueueFull`] when the request could
-    /// not be queued now (the subscription is still remembered and made on the next
-    /// reconnect).
+    /// [`FailReason::Shutdown`] after shutdown; [`FailReason::Rejected`] for an empty or invalid
+    /// filter (wildcards, NUL, over 65535 bytes with the prefix); [`FailReason::QueueFull`] when
+    /// [`MAX_SUBSCRIPTIONS`] other filters are subscribed. Nothing is remembered on error.
     pub fn subscribe(&self, filter: &str, qos: Qos) -> Result<(), FailReason> {
         if self.shutdown.is_cancelled() {
             return Err(FailReason::Shutdown);
         }
-        let remote = self.shared.remote_topic(filter.to_owned());
-        self.shared.subscriptions().insert(remote.clone(), qos);
-        if self.is_connected() {
-            self.client.try_subscribe(&[(remote, qos)])?;
+        if filter.is_empty() || !client::valid_filter(&self.shared.remote_topic(filter.to_owned()))
+        {
+            return Err(FailReason::Rejected);
+        }
+        let changed = self
+            .shared
+            .subscriptions()
+            .set(filter, qos)
+            .map_err(|TableFull| FailReason::QueueFull)?;
+        if changed {
+            self.shared.subscriptions_changed.notify_one();
         }
         Ok(())
     }
 
-    /// Removes an upstream subscription made with [`Self::subscribe`].
+    /// Removes the subscription for `filter` made with [`Self::subscribe`] (UNSUBSCRIBE
+    /// upstream, sent like a subscription change) and forgets it. Unknown filters are ignored.
     ///
     /// # Errors
     ///
-    /// As [`Self::subscribe`]; the subscription is forgotten either way.
+    /// [`FailReason::Shutdown`] after shutdown.
     pub fn unsubscribe(&self, filter: &str) -> Result<(), FailReason> {
-        let remote = self.shared.remote_topic(filter.to_owned());
-        self.shared.subscriptions().remove(&remote);
         if self.shutdown.is_cancelled() {
             return Err(FailReason::Shutdown);
         }
-        if self.is_connected() {
-            self.client.try_unsubscribe(&remote)?;
+        if self.shared.subscriptions().remove(filter) {
+            self.shared.subscriptions_changed.notify_one();
         }
         Ok(())
     }
@@ -355,6 +442,10 @@ impl MqttUpstream {
             reconnects: c.reconnects.load(Ordering::Relaxed),
             downlink_received: c.downlink_received.load(Ordering::Relaxed),
             downlink_dropped: c.downlink_dropped.load(Ordering::Relaxed),
+            downlink_acknowledged: c.downlink_acknowledged.load(Ordering::Relaxed),
+            downlink_acks_stale: c.downlink_acks_stale.load(Ordering::Relaxed),
+            subscribe_granted: c.subscribe_granted.load(Ordering::Relaxed),
+            subscribe_refused: c.subscribe_refused.load(Ordering::Relaxed),
         }
     }
 }
@@ -374,8 +465,9 @@ impl Shared {
         self.link.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The remembered subscriptions; a poisoned lock still holds a consistent map.
-    fn subscriptions(&self) -> MutexGuard<'_, BTreeMap<String, Qos>> {
+    /// The subscription table; a poisoned lock still holds a consistent table (its methods
+    /// do not panic midway).
+    fn subscriptions(&self) -> MutexGuard<'_, SubscriptionTable> {
         self.subscriptions
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -410,7 +502,7 @@ impl Shared {
         self.link().connected = false;
     }
 
-    /// `remote_prefix + topic`, reusing `topic`'s buffer when there is no prefix.
+    /// `remote_prefix + topic` (or filter), reusing `topic`'s buffer when there is no prefix.
     fn remote_topic(&self, topic: String) -> String {
         if self.remote_prefix.is_empty() {
             return topic;
@@ -422,14 +514,13 @@ impl Shared {
     }
 }
 
-/// Owns the event loop: connects, reconnects with backoff, tracks the link state.
+/// Owns the event loop: connects, reconnects with backoff, tracks the link state, passes
+/// downlink messages on.
 struct LinkTask {
     eventloop: EventLoop,
-    /// For the shutdown DISCONNECT.
-    client: Client,
-    shared: Arc<Shared>,
+    /// What runs while `eventloop.poll()` is pending: acknowledgements, subscriptions.
+    control: Control,
     backoff: Backoff,
-    shutdown: CancellationToken,
     /// How long in-flight publishes may drain on shutdown (`connect_timeout`).
     drain: Duration,
     /// `host:port`, for logs.
@@ -439,7 +530,54 @@ struct LinkTask {
     index: usize,
     /// Where messages from subscriptions go; `None`: they are dropped (counted).
     downlink: Option<mpsc::Sender<Downlink>>,
+    /// One slot per QoS >= 1 downlink handed out and not yet acknowledged
+    /// (`max_unacked_downlinks`); the [`DownlinkAck`] sends its request through the slot, to
+    /// `Control::acks`.
+    ack_slots: mpsc::Sender<AckRequest>,
+    /// `MqttUpstreamConfig::max_downlink_bytes`.
+    max_downlink_bytes: usize,
+    /// The closed downlink receiver was logged.
+    downlink_closed_logged: bool,
 }
+
+/// The part of the link task that must also run while the event loop is being polled: it
+/// turns [`DownlinkAck::ack`] calls and subscription changes into client requests.
+///
+/// The client fails the connection on an acknowledgement for a packet id it does not hold, and
+/// a packet id of an old connection may name another message on the new one. So requests tied
+/// to a connection are queued only from this task, only while that connection is up, and only
+/// at a point where the event loop cannot be between noticing the loss and reporting it:
+/// between two `poll` calls, or while one is pending (the client cleans up a lost connection,
+/// dropping queued acknowledgements, inside the call that returns the error). A request queued
+/// for a connection is then either sent on it or dropped with it.
+struct Control {
+    client: Client,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    /// `DownlinkAck::ack` requests, through the slots of `LinkTask::ack_slots`.
+    acks: mpsc::Receiver<AckRequest>,
+    /// Acknowledgements the client's request queue had no room for, retried after each event;
+    /// at most `ack_backlog_cap`, emptied when the connection ends.
+    ack_backlog: VecDeque<AckRequest>,
+    /// `max_unacked_downlinks`.
+    ack_backlog_cap: usize,
+    /// Counts connections (CONNACKs). A downlink's acknowledgement names the connection it
+    /// arrived on and is sent only while that one is up.
+    generation: u64,
+    /// Connection `generation` is up: CONNACK seen, no error since.
+    up: bool,
+    /// Subscription changes wait for room (request queue or `MAX_PENDING_SUBACKS`).
+    resync: bool,
+    /// SUBACKs awaited, with the gateway's filters they answer.
+    subacks: FuturesUnordered<SubackFuture>,
+}
+
+/// The gateway's filters of one SUBSCRIBE and, per filter, `None` if granted or the broker's
+/// refusal; `Err` when no SUBACK came.
+type SubackOutcome = (Vec<String>, Result<Vec<Option<&'static str>>, String>);
+
+/// Resolves with a [`SubackOutcome`].
+type SubackFuture = Pin<Box<dyn Future<Output = SubackOutcome> + Send>>;
 
 /// The link as last logged, so each change is logged once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -452,24 +590,67 @@ enum Phase {
     Down,
 }
 
+/// Why a downlink message was dropped (acknowledged, counted, not passed on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DropReason {
+    /// Packet over `max_downlink_bytes`.
+    Oversize,
+    /// Topic not valid UTF-8.
+    NotUtf8,
+    /// Topic does not start with `remote_prefix`, or is only the prefix.
+    OutsidePrefix,
+    /// No downlink receiver (none given, or dropped).
+    NoReceiver,
+}
+
+impl DropReason {
+    /// A short stable tag for logs.
+    const fn error_code(self) -> &'static str {
+        match self {
+            Self::Oversize => "oversize",
+            Self::NotUtf8 => "not_utf8",
+            Self::OutsidePrefix => "outside_prefix",
+            Self::NoReceiver => "no_receiver",
+        }
+    }
+}
+
+/// The gateway's topic of a delivered PUBLISH: checks the size, UTF-8 and the prefix, and
+/// strips the prefix.
+fn downlink_topic(
+    remote_prefix: &str,
+    topic: &[u8],
+    packet_bytes: usize,
+    max_downlink_bytes: usize,
+) -> Result<String, DropReason> {
+    if packet_bytes > max_downlink_bytes {
+        return Err(DropReason::Oversize);
+    }
+    let topic = std::str::from_utf8(topic).map_err(|_| DropReason::NotUtf8)?;
+    match topic.strip_prefix(remote_prefix) {
+        Some(local) if !local.is_empty() => Ok(local.to_owned()),
+        _ => Err(DropReason::OutsidePrefix),
+    }
+}
+
 impl LinkTask {
     async fn run(mut self) {
-        let name = self.shared.name.clone();
+        let name = self.control.shared.name.clone();
         info!(upstream = %name, broker = %self.broker, version = ?self.version, "Upstream starting.");
         let mut phase = Phase::Starting;
         let mut connections: u64 = 0;
         loop {
-            let polled = tokio::select! {
-                biased;
-                () = self.shutdown.cancelled() => break,
-                polled = self.eventloop.poll() => polled,
+            // `None`: shutdown. The poll is dropped unfinished only then.
+            let Some(polled) = self.control.drive(self.eventloop.poll()).await else {
+                break;
             };
             match polled {
                 Ok(LinkEvent::Connected) => {
-                    self.shared.set_connected();
+                    self.control.shared.set_connected();
                     self.backoff.reset();
                     if connections > 0 {
-                        self.shared
+                        self.control
+                            .shared
                             .counters
                             .reconnects
                             .fetch_add(1, Ordering::Relaxed);
@@ -477,12 +658,16 @@ impl LinkTask {
                     connections = connections.saturating_add(1);
                     info!(upstream = %name, broker = %self.broker, "Upstream connected.");
                     phase = Phase::Up;
-                    self.resubscribe();
+                    self.control.connected();
                 }
-                Ok(LinkEvent::Publish(publish)) => self.deliver(*publish).await,
+                Ok(LinkEvent::Publish(publish)) => {
+                    if !self.deliver(publish).await {
+                        break;
+                    }
+                }
                 Ok(LinkEvent::Other) => {}
                 Err(error) => {
-                    self.shared.set_lost();
+                    self.control.lost();
                     match phase {
                         Phase::Up => {
                             warn!(upstream = %name, error = %error, "Upstream connection lost.");
@@ -500,69 +685,124 @@ impl LinkTask {
                     phase = Phase::Down;
                     let delay = self.backoff.next_delay();
                     debug!(upstream = %name, delay = ?delay, "Upstream reconnecting after backoff.");
-                    tokio::select! {
-                        biased;
-                        () = self.shutdown.cancelled() => break,
-                        () = tokio::time::sleep(delay) => {}
+                    if self
+                        .control
+                        .drive(tokio::time::sleep(delay))
+                        .await
+                        .is_none()
+                    {
+                        break;
                     }
                 }
             }
+            self.control.retry();
         }
         self.stop(phase == Phase::Up).await;
         info!(upstream = %name, "Upstream stopped.");
     }
 
-    /// Makes every remembered subscription again on a new (clean) connection, in batches.
-    fn resubscribe(&self) {
-        let filters: Vec<(String, Qos)> = self
-            .shared
-            .subscriptions()
-            .iter()
-            .map(|(f, q)| (f.clone(), *q))
-            .collect();
-        for batch in filters.chunks(RESUBSCRIBE_BATCH) {
-            if let Err(error) = self.client.try_subscribe(batch) {
-                warn!(upstream = %self.shared.name, error = ?error, "Upstream resubscribe failed.");
+    /// Passes a message from a subscription on, with `remote_prefix` stripped and, for QoS >= 1,
+    /// an acknowledgement handle for the current connection. Waits for an acknowledgement slot
+    /// and for room in the downlink channel. Returns `false` on shutdown.
+    async fn deliver(&mut self, publish: IncomingPublish) -> bool {
+        let IncomingPublish {
+            topic,
+            payload,
+            qos,
+            retain,
+            pkid,
+            packet_bytes,
+        } = publish;
+        let counters = &self.control.shared.counters;
+        counters.downlink_received.fetch_add(1, Ordering::Relaxed);
+        let request = AckRequest {
+            generation: self.control.generation,
+            pkid,
+            qos,
+        };
+        let topic = match downlink_topic(
+            &self.control.shared.remote_prefix,
+            &topic,
+            packet_bytes,
+            self.max_downlink_bytes,
+        ) {
+            Ok(topic) => topic,
+            Err(reason) => {
+                self.drop_downlink(request, packet_bytes, reason);
+                return true;
+            }
+        };
+        let Some(downlink) = &self.downlink else {
+            self.drop_downlink(request, packet_bytes, DropReason::NoReceiver);
+            return true;
+        };
+        let ack = if qos.is_acknowledged() {
+            match self
+                .control
+                .drive(self.ack_slots.clone().reserve_owned())
+                .await
+            {
+                None => return false,
+                Some(Ok(slot)) => DownlinkAck::new(slot, request),
+                // Unreachable: the receiver lives in `self.control`.
+                Some(Err(_)) => DownlinkAck::none(),
+            }
+        } else {
+            DownlinkAck::none()
+        };
+        let message = Downlink {
+            upstream: self.index,
+            topic,
+            payload,
+            qos,
+            retain,
+            ack,
+        };
+        match self.control.drive(downlink.send(message)).await {
+            None => false,
+            Some(Ok(())) => true,
+            Some(Err(SendError(message))) => {
+                if !self.downlink_closed_logged {
+                    self.downlink_closed_logged = true;
+                    warn!(upstream = %self.control.shared.name, "Downlink receiver dropped, discarding downlink messages.");
+                }
+                self.control
+                    .shared
+                    .counters
+                    .downlink_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+                message.ack.ack();
+                true
             }
         }
     }
 
-    /// Passes a message from a subscription on, with `remote_prefix` removed; its
-    /// acknowledgement travels with it.
-    async fn deliver(&self, publish: IncomingPublish) {
-        let counters = &self.shared.counters;
-        let (topic, payload, qos, retain) = publish.parts();
-        let topic = std::str::from_utf8(topic)
-            .ok()
-            .and_then(|t| t.strip_prefix(self.shared.remote_prefix.as_str()));
-        let (Some(topic), Some(downlink)) = (topic, &self.downlink) else {
-            counters.downlink_dropped.fetch_add(1, Ordering::Relaxed);
-            // Not ours to deliver: acknowledge so the broker does not keep it in flight.
-            if let Some(ack) = self.client.prepare_ack(&publish) {
-                ack.send();
-            }
-            return;
-        };
-        let message = Downlink {
-            upstream: self.index,
-            topic: topic.to_owned(),
-            payload: payload.clone(),
-            qos,
-            retain,
-            ack: DownlinkAck(self.client.prepare_ack(&publish)),
-        };
-        if downlink.send(message).await.is_ok() {
-            counters.downlink_received.fetch_add(1, Ordering::Relaxed);
-        } else {
-            counters.downlink_dropped.fetch_add(1, Ordering::Relaxed);
+    /// Acknowledges a message that will not be passed on, so it does not hold the broker's
+    /// in-flight window, and counts it.
+    fn drop_downlink(&mut self, request: AckRequest, packet_bytes: usize, reason: DropReason) {
+        self.control
+            .shared
+            .counters
+            .downlink_dropped
+            .fetch_add(1, Ordering::Relaxed);
+        debug!(
+            upstream = %self.control.shared.name,
+            reason = reason.error_code(),
+            packet_bytes,
+            "Downlink message dropped."
+        );
+        if request.qos.is_acknowledged() {
+            self.control.forward_ack(request);
         }
     }
 
     /// Lets the broker acknowledge what is in flight (bounded by `drain`), then disconnects.
-    /// Dropping the event loop afterwards resolves every remaining notice.
+    /// Dropping the event loop afterwards resolves every remaining notice. Downlink messages
+    /// arriving meanwhile are neither passed on nor acknowledged (the session is clean).
     async fn stop(mut self, connected: bool) {
-        self.shared.set_stopped();
-        if !connected || !self.client.try_disconnect(self.drain) {
+        let shared = &self.control.shared;
+        shared.set_stopped();
+        if !connected || !self.control.client.try_disconnect(self.drain) {
             return;
         }
         let deadline = tokio::time::sleep(self.drain.saturating_add(DISCONNECT_MARGIN));
@@ -571,15 +811,195 @@ impl LinkTask {
             tokio::select! {
                 biased;
                 () = &mut deadline => {
-                    debug!(upstream = %self.shared.name, "Upstream disconnect timed out.");
+                    debug!(upstream = %shared.name, "Upstream disconnect timed out.");
                     return;
                 }
                 polled = self.eventloop.poll() => if let Err(error) = polled {
                     // `RequestsDone` after a clean DISCONNECT, or the drain timed out.
-                    debug!(upstream = %self.shared.name, error = %error, "Upstream disconnected.");
+                    debug!(upstream = %shared.name, error = %error, "Upstream disconnected.");
                     return;
                 }
             }
+        }
+    }
+}
+
+impl Control {
+    /// Runs `work` to completion while serving acknowledgements, SUBACKs and subscription
+    /// changes; `None` if shutdown came first (`work` is dropped then).
+    async fn drive<F: Future>(&mut self, work: F) -> Option<F::Output> {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => return None,
+                Some(request) = self.acks.recv() => self.forward_ack(request),
+                Some((filters, outcome)) = self.subacks.next(), if !self.subacks.is_empty() => {
+                    self.on_suback(&filters, outcome);
+                }
+                () = self.shared.subscriptions_changed.notified() => self.sync_subscriptions(),
+                output = &mut work => return Some(output),
+            }
+        }
+    }
+
+    /// CONNACK: a new connection without subscriptions.
+    fn connected(&mut self) {
+        self.generation = self.generation.wrapping_add(1);
+        self.up = true;
+        self.ack_backlog.clear();
+        self.shared.subscriptions().reset_link();
+        self.sync_subscriptions();
+    }
+
+    /// The connection (attempt) ended: acknowledgements for it are void from now on.
+    fn lost(&mut self) {
+        self.up = false;
+        self.ack_backlog.clear();
+        self.shared.set_lost();
+    }
+
+    /// After each event: retries what found the request queue full.
+    fn retry(&mut self) {
+        while let Some(&request) = self.ack_backlog.front() {
+            if !self.submit_ack(request) {
+                break;
+            }
+            self.ack_backlog.pop_front();
+        }
+        if self.resync {
+            self.sync_subscriptions();
+        }
+    }
+
+    /// Sends a downlink acknowledgement if its connection is still up; otherwise drops it.
+    fn forward_ack(&mut self, request: AckRequest) {
+        if !self.up || request.generation != self.generation {
+            self.shared
+                .counters
+                .downlink_acks_stale
+                .fetch_add(1, Ordering::Relaxed);
+            trace!(upstream = %self.shared.name, pkid = request.pkid, "Stale downlink acknowledgement ignored.");
+            return;
+        }
+        if !self.ack_backlog.is_empty() || !self.submit_ack(request) {
+            if self.ack_backlog.len() < self.ack_backlog_cap {
+                self.ack_backlog.push_back(request);
+            } else {
+                // Cannot happen while each backlog entry came through one of the slots; the
+                // message stays unacknowledged until the connection ends.
+                warn!(upstream = %self.shared.name, pkid = request.pkid, "Downlink acknowledgement dropped, backlog full.");
+            }
+        }
+    }
+
+    /// Queues one acknowledgement; `false` if the request queue is full (retry later).
+    fn submit_ack(&self, request: AckRequest) -> bool {
+        match self.client.try_ack(request.pkid, request.qos) {
+            Ok(()) => {
+                self.shared
+                    .counters
+                    .downlink_acknowledged
+                    .fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(SubmitError::Full) => false,
+            // The event loop is gone (shutdown): nothing left to acknowledge.
+            Err(SubmitError::Closed | SubmitError::Invalid) => true,
+        }
+    }
+
+    /// Sends the subscription changes while the link is up, in batches, as far as the request
+    /// queue and `MAX_PENDING_SUBACKS` allow; sets `resync` if some must wait.
+    fn sync_subscriptions(&mut self) {
+        self.resync = false;
+        if !self.up {
+            // `connected` sends everything on the next connection.
+            return;
+        }
+        let prefix = self.shared.remote_prefix.as_str();
+        let mut table = self.shared.subscriptions();
+        while table.has_changes() {
+            if self.subacks.len() >= MAX_PENDING_SUBACKS {
+                self.resync = true;
+                return;
+            }
+            let batch = table.next_batch(FILTERS_PER_PACKET, FILTER_BYTES_PER_PACKET, prefix.len());
+            if !batch.unsubscribe.is_empty() {
+                let remote: Vec<String> = batch
+                    .unsubscribe
+                    .iter()
+                    .map(|filter| format!("{prefix}{filter}"))
+                    .collect();
+                match self.client.try_unsubscribe_many(&remote) {
+                    Ok(()) => table.commit_unsubscribe(&batch.unsubscribe),
+                    Err(error) => {
+                        table.requeue(batch.unsubscribe.iter().map(String::as_str));
+                        table.requeue(batch.subscribe.iter().map(|(f, _)| f.as_str()));
+                        self.resync = error == SubmitError::Full;
+                        return;
+                    }
+                }
+            }
+            if !batch.subscribe.is_empty() {
+                let remote: Vec<(String, Qos)> = batch
+                    .subscribe
+                    .iter()
+                    .map(|(filter, qos)| (format!("{prefix}{filter}"), *qos))
+                    .collect();
+                match self.client.try_subscribe_many(&remote) {
+                    Ok(wait) => {
+                        table.commit_subscribe(&batch.subscribe);
+                        let filters: Vec<String> =
+                            batch.subscribe.into_iter().map(|(f, _)| f).collect();
+                        self.subacks
+                            .push(Box::pin(async move { (filters, wait.outcome().await) }));
+                    }
+                    Err(SubmitError::Invalid) => {
+                        // Cannot happen: `subscribe` validated every filter. Forget them
+                        // rather than retrying forever.
+                        error!(upstream = %self.shared.name, filters = ?remote, "Upstream subscription refused by the client.");
+                        table.commit_subscribe(&batch.subscribe);
+                    }
+                    Err(error) => {
+                        table.requeue(batch.subscribe.iter().map(|(f, _)| f.as_str()));
+                        self.resync = error == SubmitError::Full;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Counts the broker's answer to one SUBSCRIBE.
+    fn on_suback(
+        &mut self,
+        filters: &[String],
+        outcome: Result<Vec<Option<&'static str>>, String>,
+    ) {
+        let counters = &self.shared.counters;
+        match outcome {
+            Ok(codes) => {
+                if codes.len() != filters.len() {
+                    debug!(upstream = %self.shared.name, filters = filters.len(), codes = codes.len(), "SUBACK does not match its SUBSCRIBE.");
+                }
+                for (filter, code) in filters.iter().zip(codes) {
+                    match code {
+                        None => counters.subscribe_granted.fetch_add(1, Ordering::Relaxed),
+                        Some(reason) => {
+                            // Sensor-triggered (their filters), so at debug; counted.
+                            debug!(upstream = %self.shared.name, %filter, reason, "Upstream refused a subscription.");
+                            counters.subscribe_refused.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            }
+            Err(error) => {
+                trace!(upstream = %self.shared.name, error = %error, "Subscription not confirmed before the link dropped.");
+            }
+        }
+        if self.resync {
+            self.sync_subscriptions();
         }
     }
 }

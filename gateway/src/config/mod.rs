@@ -1024,6 +1024,8 @@ fn compile_upstream(
         max_inflight: max_inflight?,
         remote_prefix: u.remote_prefix.clone(),
         request_queue: queue?,
+        max_downlink_bytes: sensorgate_bridges::mqtt::config::DEFAULT_MAX_DOWNLINK_BYTES,
+        max_unacked_downlinks: sensorgate_bridges::mqtt::config::DEFAULT_MAX_UNACKED_DOWNLINKS,
     };
     Some(Upstream {
         name: u.name.clone(),
