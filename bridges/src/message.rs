@@ -6,6 +6,7 @@
 //! [`DownlinkAck`], the handle that acknowledges it to the broker.
 
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::mpsc::OwnedPermit;
@@ -58,6 +59,13 @@ pub struct Downlink {
     /// subscription; for live messages MQTT 5 keeps the publisher's flag (the upstream
     /// subscribes with Retain As Published) while MQTT 3.1.1 brokers clear it.
     pub retain: bool,
+    /// The filters (as given to `subscribe`) this copy was delivered for, when the broker
+    /// says so (MQTT 5 subscription identifiers); `None` when it does not (MQTT 3.1.1).
+    ///
+    /// A broker sends one copy per matching subscription, so with overlapping filters the
+    /// same message arrives several times: each copy is for the subscribers of its filters
+    /// only. Without this information every copy matches every overlapping filter.
+    pub filters: Option<Vec<Arc<str>>>,
     /// Acknowledges the message to the broker; see [`DownlinkAck`].
     pub ack: DownlinkAck,
 }

@@ -40,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
         core.handle_datagram(now, peer, datagram);
         if control & 0x20 != 0 {
             // Downlink on a topic the fuzzer's clients may have subscribed to.
-            core.handle_downlink(now, "p", bytes::Bytes::from_static(b"d"), Qos::AtLeastOnce, control & 1 == 1);
+            core.handle_downlink(now, "p", bytes::Bytes::from_static(b"d"), Qos::AtLeastOnce, control & 1 == 1, None);
         }
         now += Duration::from_millis(u64::from(control >> 2) * 500);
         core.handle_timeout(now);

@@ -81,6 +81,9 @@ pub(crate) struct IncomingPublish {
     pub(crate) pkid: u16,
     /// Size of the whole packet on the wire.
     pub(crate) packet_bytes: usize,
+    /// MQTT 5: the subscription identifiers the broker sent this copy for. Empty for MQTT
+    /// 3.1.1 and for brokers without subscription identifiers.
+    pub(crate) subscription_ids: Vec<usize>,
 }
 
 /// Resolves with the broker's SUBACK for one SUBSCRIBE of several filters.
@@ -327,14 +330,23 @@ impl Client {
         }
     }
 
+    /// Whether SUBSCRIBE carries a subscription identifier (MQTT 5), which then applies to
+    /// every filter of the packet.
+    pub(crate) const fn has_subscription_ids(&self) -> bool {
+        matches!(self, Self::V5(_))
+    }
+
     /// Queues one SUBSCRIBE for `filters` (full broker filters, already validated).
     ///
-    /// MQTT 5 subscribes with No Local (the upstream's own publishes do not come back),
-    /// Retain As Published (live retained messages keep their flag) and Retain Handling 0
-    /// (retained messages are sent on every subscribe). MQTT 3.1.1 has none of these options.
+    /// MQTT 5 subscribes with subscription identifier `id`, No Local (the upstream's own
+    /// publishes do not come back), Retain As Published (live retained messages keep their
+    /// flag) and Retain Handling 1 (retained messages are sent for a new subscription, not
+    /// again when a QoS change resubscribes). MQTT 3.1.1 has none of these options and
+    /// ignores `id`.
     pub(crate) fn try_subscribe_many(
         &self,
         filters: &[(String, Qos)],
+        id: Option<usize>,
     ) -> Result<SubscribeWait, SubmitError> {
         match self {
             Self::V4(client) => client
@@ -346,12 +358,18 @@ impl Client {
                 .map(SubscribeWait::V4)
                 .map_err(|e| submit_error!(v4, e)),
             Self::V5(client) => client
-                .try_subscribe_many_tracked(filters.iter().map(|(filter, qos)| {
-                    v5::SubscribeFilterInput::new(filter, qos!(v5, qos))
-                        .no_local(true)
-                        .preserve_retain(true)
-                        .retain_forward_rule(v5::RetainForwardRule::OnEverySubscribe)
-                }))
+                .try_subscribe_many_with_properties_tracked(
+                    filters.iter().map(|(filter, qos)| {
+                        v5::SubscribeFilterInput::new(filter, qos!(v5, qos))
+                            .no_local(true)
+                            .preserve_retain(true)
+                            .retain_forward_rule(v5::RetainForwardRule::OnNewSubscribe)
+                    }),
+                    v5::SubscribeProperties {
+                        id,
+                        user_properties: Vec::new(),
+                    },
+                )
                 .map(SubscribeWait::V5)
                 .map_err(|e| submit_error!(v5, e)),
         }
@@ -429,6 +447,7 @@ impl EventLoop {
                         pkid: publish.pkid,
                         topic: publish.topic,
                         payload: publish.payload,
+                        subscription_ids: Vec::new(),
                     }))
                 }
                 Ok(_) => Ok(LinkEvent::Other),
@@ -444,6 +463,10 @@ impl EventLoop {
                         pkid: publish.pkid,
                         topic: publish.topic,
                         payload: publish.payload,
+                        subscription_ids: publish
+                            .properties
+                            .map(|p| p.subscription_identifiers)
+                            .unwrap_or_default(),
                     }))
                 }
                 Ok(_) => Ok(LinkEvent::Other),

@@ -712,6 +712,7 @@ impl LinkTask {
             retain,
             pkid,
             packet_bytes,
+            subscription_ids,
         } = publish;
         let counters = &self.control.shared.counters;
         counters.downlink_received.fetch_add(1, Ordering::Relaxed);
@@ -750,12 +751,24 @@ impl LinkTask {
         } else {
             DownlinkAck::none()
         };
+        let filters = if subscription_ids.is_empty() {
+            None
+        } else {
+            let table = self.control.shared.subscriptions();
+            Some(
+                subscription_ids
+                    .iter()
+                    .filter_map(|&id| table.filter_for(id))
+                    .collect(),
+            )
+        };
         let message = Downlink {
             upstream: self.index,
             topic,
             payload,
             qos,
             retain,
+            filters,
             ack,
         };
         match self.control.drive(downlink.send(message)).await {
@@ -924,7 +937,14 @@ impl Control {
                 self.resync = true;
                 return;
             }
-            let batch = table.next_batch(FILTERS_PER_PACKET, FILTER_BYTES_PER_PACKET, prefix.len());
+            // A subscription identifier covers a whole SUBSCRIBE, so with identifiers every
+            // filter gets its own packet.
+            let per_packet = if self.client.has_subscription_ids() {
+                1
+            } else {
+                FILTERS_PER_PACKET
+            };
+            let batch = table.next_batch(per_packet, FILTER_BYTES_PER_PACKET, prefix.len());
             if !batch.unsubscribe.is_empty() {
                 let remote: Vec<String> = batch
                     .unsubscribe
@@ -947,7 +967,11 @@ impl Control {
                     .iter()
                     .map(|(filter, qos)| (format!("{prefix}{filter}"), *qos))
                     .collect();
-                match self.client.try_subscribe_many(&remote) {
+                let id = match batch.subscribe.as_slice() {
+                    [(filter, _)] if self.client.has_subscription_ids() => table.id(filter),
+                    _ => None,
+                };
+                match self.client.try_subscribe_many(&remote, id) {
                     Ok(wait) => {
                         table.commit_subscribe(&batch.subscribe);
                         let filters: Vec<String> =

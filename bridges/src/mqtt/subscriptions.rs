@@ -19,13 +19,24 @@
 //! UNSUBSCRIBE requests of one connection go out in queue order, and the broker's SUBACK is
 //! only logged and counted (a refused filter stays wanted and is asked for again after the next
 //! reconnect).
+//!
+//! Every wanted filter also has a subscription identifier (MQTT 5), unique among the wanted
+//! filters and kept while the filter is wanted, so a message the broker delivers tells which of
+//! the gateway's filters it was sent for ([`SubscriptionTable::filter_for`]). Identifiers are
+//! taken from a counter over the whole MQTT 5 range, so one is not reused for a different
+//! filter until some 268 million subscriptions later (a copy still in flight for a removed
+//! filter finds no filter and reaches nobody).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use crate::message::Qos;
 
 /// Most filters the gateway may have subscribed on one upstream at a time.
 pub const MAX_SUBSCRIPTIONS: usize = 65_536;
+
+/// The largest MQTT 5 subscription identifier (a variable byte integer).
+const MAX_SUBSCRIPTION_ID: usize = 268_435_455;
 
 /// The table holds `capacity` filters and this one is new.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,16 +70,25 @@ pub(crate) struct SubscriptionTable {
     dirty: BTreeSet<String>,
     /// Bound on `wanted`.
     capacity: usize,
+    /// Subscription identifier of every wanted filter.
+    ids: HashMap<String, usize>,
+    /// The inverse of `ids`.
+    filters: HashMap<usize, Arc<str>>,
+    /// The identifier tried next.
+    next_id: usize,
 }
 
 impl SubscriptionTable {
     /// An empty table holding at most `capacity` wanted filters.
-    pub(crate) const fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
         Self {
             wanted: BTreeMap::new(),
             applied: BTreeMap::new(),
             dirty: BTreeSet::new(),
             capacity,
+            ids: HashMap::new(),
+            filters: HashMap::new(),
+            next_id: 1,
         }
     }
 
@@ -84,6 +104,9 @@ impl SubscriptionTable {
             None if full => return Err(TableFull),
             None => {
                 self.wanted.insert(filter.to_owned(), qos);
+                let id = self.allocate_id();
+                self.ids.insert(filter.to_owned(), id);
+                self.filters.insert(id, Arc::from(filter));
             }
         }
         Ok(self.mark(filter))
@@ -91,8 +114,34 @@ impl SubscriptionTable {
 
     /// No longer wants `filter`. Returns whether something is now to send.
     pub(crate) fn remove(&mut self, filter: &str) -> bool {
-        self.wanted.remove(filter);
+        if self.wanted.remove(filter).is_some()
+            && let Some(id) = self.ids.remove(filter)
+        {
+            self.filters.remove(&id);
+        }
         self.mark(filter)
+    }
+
+    /// The next identifier not in use. At most `capacity` are in use, far fewer than the
+    /// range, so the search ends quickly.
+    fn allocate_id(&mut self) -> usize {
+        loop {
+            let id = self.next_id;
+            self.next_id = if id >= MAX_SUBSCRIPTION_ID { 1 } else { id + 1 };
+            if !self.filters.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// The subscription identifier of a wanted filter.
+    pub(crate) fn id(&self, filter: &str) -> Option<usize> {
+        self.ids.get(filter).copied()
+    }
+
+    /// The wanted filter subscribed with identifier `id`, if it is still wanted.
+    pub(crate) fn filter_for(&self, id: usize) -> Option<Arc<str>> {
+        self.filters.get(&id).cloned()
     }
 
     /// Re-evaluates whether `filter` differs; returns whether it does.
@@ -295,6 +344,39 @@ mod tests {
         let batch = flush(&mut table);
         assert_eq!(subs(&batch), [("a", Qos::AtLeastOnce)]);
         assert!(batch.unsubscribe.is_empty());
+    }
+
+    #[test]
+    fn identifiers_are_unique_stable_and_not_reused_at_once() {
+        let mut table = SubscriptionTable::new(10);
+        table.set("a/#", Qos::AtMostOnce).unwrap();
+        table.set("a/t", Qos::AtMostOnce).unwrap();
+        let (a, t) = (table.id("a/#").unwrap(), table.id("a/t").unwrap());
+        assert_ne!(a, t);
+        assert_eq!(table.filter_for(a).as_deref(), Some("a/#"));
+        table.set("a/#", Qos::ExactlyOnce).unwrap();
+        assert_eq!(
+            table.id("a/#"),
+            Some(a),
+            "a QoS change keeps the identifier"
+        );
+        table.remove("a/t");
+        assert_eq!((table.id("a/t"), table.filter_for(t)), (None, None));
+        table.set("a/t", Qos::AtMostOnce).unwrap();
+        let again = table.id("a/t").unwrap();
+        assert!(again != t && again != a, "{again}");
+    }
+
+    #[test]
+    fn identifiers_wrap_around_skipping_those_in_use() {
+        let mut table = SubscriptionTable::new(10);
+        table.set("low", Qos::AtMostOnce).unwrap();
+        table.next_id = MAX_SUBSCRIPTION_ID;
+        table.set("top", Qos::AtMostOnce).unwrap();
+        table.set("wrapped", Qos::AtMostOnce).unwrap();
+        assert_eq!(table.id("low"), Some(1));
+        assert_eq!(table.id("top"), Some(MAX_SUBSCRIPTION_ID));
+        assert_eq!(table.id("wrapped"), Some(2), "1 is in use");
     }
 
     #[test]

@@ -217,10 +217,12 @@ impl UdpDriver {
             payload,
             qos,
             retain,
+            filters,
             ack,
             ..
         } = message;
-        self.core.handle_downlink(now, &topic, payload, qos, retain);
+        self.core
+            .handle_downlink(now, &topic, payload, qos, retain, filters.as_deref());
         ack.ack();
     }
 

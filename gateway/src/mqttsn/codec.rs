@@ -939,15 +939,6 @@ fn client_id<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<&'a str, Deco
     utf8(bytes)
 }
 
-/// A concrete topic name: UTF-8 without wildcards, possibly empty.
-fn concrete_topic(bytes: &[u8]) -> Result<&str, DecodeError> {
-    let topic = utf8(bytes)?;
-    if topic.contains(['+', '#']) {
-        return Err(DecodeError::WildcardInTopic);
-    }
-    Ok(topic)
-}
-
 /// A REGISTER topic name: non-empty UTF-8. Wildcards are left to the core, which answers them
 /// with REGACK rc 0x02 (a decode error would leave the sender without an answer).
 fn topic_name(bytes: &[u8]) -> Result<&str, DecodeError> {
@@ -957,13 +948,15 @@ fn topic_name(bytes: &[u8]) -> Result<&str, DecodeError> {
     utf8(bytes)
 }
 
-/// The Will part of WILLTOPIC/WILLTOPICUPD; an empty variable part deletes the Will.
+/// The Will part of WILLTOPIC/WILLTOPICUPD; an empty variable part deletes the Will. The topic
+/// is only checked for UTF-8: an empty or wildcard topic is left to the core, which answers it
+/// (CONNACK / WILLTOPICRESP rc 0x02) where a decode error would leave the client waiting.
 fn will_topic<'a>(r: &mut Reader<'a>) -> Result<(Option<WillFlags>, &'a str), DecodeError> {
     if r.is_empty() {
         return Ok((None, ""));
     }
     let flags = WillFlags::from_flags(r.u8()?);
-    Ok((Some(flags), concrete_topic(r.rest())?))
+    Ok((Some(flags), utf8(r.rest())?))
 }
 
 /// The topic of SUBSCRIBE/UNSUBSCRIBE by its (non-reserved) id type.
@@ -1819,7 +1812,9 @@ mod tests {
         rejects(b"\x05\x12\x00\x00\x01", DecodeError::EmptyTopic);
         rejects(b"\x05\x14\x00\x00\x01", DecodeError::EmptyTopic);
         rejects(b"\x06\x12\x00\x00\x01\xff", DecodeError::InvalidUtf8);
-        rejects(b"\x05\x07\x00a#", DecodeError::WildcardInTopic);
+        // A wildcard Will topic decodes; the core answers CONNACK / WILLTOPICRESP rc 0x02.
+        assert!(decode(b"\x05\x07\x00a#", &DecodeLimits::default()).is_ok());
+        assert!(decode(b"\x05\x1a\x00a+", &DecodeLimits::default()).is_ok());
         rejects(b"\x04\x1a\x00\xfe", DecodeError::InvalidUtf8);
     }
 

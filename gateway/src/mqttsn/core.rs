@@ -636,6 +636,12 @@ impl Core {
 
     /// A message from an upstream subscription: queued for every matching session with QoS =
     /// min(subscription, message), and remembered when retained.
+    ///
+    /// `filters` names the subscriptions this copy was delivered for when the upstream knows
+    /// (MQTT 5 subscription identifiers): the broker sends one copy per matching upstream
+    /// filter, so each copy goes to the subscribers of its own filters only and a client
+    /// matched by two different clients' filters still gets one copy. `None` matches every
+    /// subscribed filter.
     pub fn handle_downlink(
         &mut self,
         now: Instant,
@@ -643,6 +649,7 @@ impl Core {
         payload: Bytes,
         qos: Qos,
         retain: bool,
+        filters: Option<&[Arc<str>]>,
     ) {
         self.stats.downlink_in += 1;
         let msg_qos = qos_level(qos);
@@ -656,12 +663,32 @@ impl Core {
                 *q = (*q).max(sub_qos.min(msg_qos));
             }
         };
-        if let Some(entry) = self.exact_filters.get(topic) {
-            collect(entry);
-        }
-        for (filter, entry) in &self.wild_filters {
-            if matches(filter, topic) {
-                collect(entry);
+        match filters {
+            Some(filters) => {
+                for filter in filters {
+                    let entry = if has_wildcards(filter) {
+                        self.wild_filters
+                            .get(filter)
+                            .filter(|_| matches(filter, topic))
+                    } else {
+                        self.exact_filters
+                            .get(filter)
+                            .filter(|_| **filter == *topic)
+                    };
+                    if let Some(entry) = entry {
+                        collect(entry);
+                    }
+                }
+            }
+            None => {
+                if let Some(entry) = self.exact_filters.get(topic) {
+                    collect(entry);
+                }
+                for (filter, entry) in &self.wild_filters {
+                    if matches(filter, topic) {
+                        collect(entry);
+                    }
+                }
             }
         }
         if targets.is_empty() {
@@ -1704,7 +1731,7 @@ impl Core {
                 qos: granted,
             }),
         }
-        self.index_subscription(sref, &filter, granted);
+        let new_upstream = self.index_subscription(sref, &filter, granted);
         self.transmits.push_back((
             peer,
             Reply::SubAck {
@@ -1714,8 +1741,12 @@ impl Core {
                 rc: ReturnCode::Accepted,
             },
         ));
-        // Retained messages reach the new subscriber (after its SUBACK).
-        let retained: Vec<Down> = if has_wildcards(&filter) {
+        // Retained messages reach the new subscriber (after its SUBACK): from the broker when
+        // the filter is new upstream (it sends them on the new subscription; serving the cache
+        // too would deliver them twice), else from the cache.
+        let retained: Vec<Down> = if new_upstream {
+            Vec::new()
+        } else if has_wildcards(&filter) {
             self.retained
                 .values()
                 .filter(|d| matches(&filter, &d.topic))
@@ -1731,12 +1762,15 @@ impl Core {
         }
     }
 
-    fn index_subscription(&mut self, sref: SessionRef, filter: &Arc<str>, qos: u8) {
+    /// Adds `sref` to the subscribers of `filter`; returns whether the filter is new (its
+    /// upstream subscription is asked for now).
+    fn index_subscription(&mut self, sref: SessionRef, filter: &Arc<str>, qos: u8) -> bool {
         let map = if has_wildcards(filter) {
             &mut self.wild_filters
         } else {
             &mut self.exact_filters
         };
+        let new = !map.contains_key(filter);
         let entry = map.entry(filter.clone()).or_default();
         entry.subscribers.insert(sref, qos);
         let wanted = entry.subscribers.values().copied().max().unwrap_or(0);
@@ -1747,6 +1781,7 @@ impl Core {
                 qos: upstream_qos(wanted),
             });
         }
+        new
     }
 
     fn remove_subscription(&mut self, sref: SessionRef, filter: &Arc<str>) {

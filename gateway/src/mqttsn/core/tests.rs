@@ -755,8 +755,14 @@ impl Harness {
     }
 
     fn downlink(&mut self, topic: &str, payload: &'static [u8], qos: Qos) {
-        self.core
-            .handle_downlink(self.now, topic, Bytes::from_static(payload), qos, false);
+        self.core.handle_downlink(
+            self.now,
+            topic,
+            Bytes::from_static(payload),
+            qos,
+            false,
+            None,
+        );
     }
 
     fn connect_with_will(&mut self, from: &Peer, client_id: &str, will_topic: &str, will: &[u8]) {
@@ -1181,6 +1187,7 @@ fn full_sleep_cycle_delivers_buffered_messages_one_at_a_time_then_pingresp() {
             Bytes::copy_from_slice(payload),
             Qos::AtLeastOnce,
             false,
+            None,
         );
     }
     assert!(h.transmits().is_empty(), "buffered while asleep");
@@ -1513,12 +1520,18 @@ fn qos2_downlink_does_the_full_exchange() {
 #[test]
 fn retained_messages_reach_new_subscribers() {
     let mut h = Harness::new(config());
+    // An earlier subscriber of the same filter: the upstream subscription exists, so the
+    // broker will not send the retained messages again and the cache serves them.
+    let first = peer(9);
+    h.connect(&first, "first", 60);
+    h.subscribe(&first, "cfg/#", QoS::AtMostOnce, 1);
     h.core.handle_downlink(
         h.now,
         "cfg/a",
         Bytes::from_static(b"v1"),
         Qos::AtLeastOnce,
         true,
+        None,
     );
     h.core.handle_downlink(
         h.now,
@@ -1526,9 +1539,11 @@ fn retained_messages_reach_new_subscribers() {
         Bytes::from_static(b"v2"),
         Qos::AtMostOnce,
         true,
+        None,
     );
     h.core
-        .handle_downlink(h.now, "cfg/b", Bytes::new(), Qos::AtMostOnce, true);
+        .handle_downlink(h.now, "cfg/b", Bytes::new(), Qos::AtMostOnce, true, None);
+    h.transmits();
     let p = peer(1);
     h.connect(&p, "c", 60);
     h.send(
@@ -1578,6 +1593,160 @@ fn retained_messages_reach_new_subscribers() {
     assert_eq!((retain, data, qos), (true, &b"v1"[..], QoS::AtMostOnce));
 }
 
+/// Peers that got at least one datagram, in order, without repeats.
+fn recipients(out: &[(Peer, Vec<u8>)]) -> Vec<Peer> {
+    let mut who: Vec<Peer> = Vec::new();
+    for (p, _) in out {
+        if !who.contains(p) {
+            who.push(p.clone());
+        }
+    }
+    who
+}
+
+#[test]
+fn a_new_upstream_filter_leaves_retained_messages_to_the_broker() {
+    let mut h = Harness::new(config());
+    let (a, b) = (peer(1), peer(2));
+    h.connect(&a, "a", 60);
+    h.subscribe(&a, "cfg/#", QoS::AtMostOnce, 1);
+    h.core.handle_downlink(
+        h.now,
+        "cfg/x",
+        Bytes::from_static(b"v"),
+        Qos::AtMostOnce,
+        true,
+        None,
+    );
+    assert_eq!(
+        recipients(&h.transmits()),
+        std::slice::from_ref(&a),
+        "REGISTER of cfg/x to a"
+    );
+    // b's filter is new upstream: the broker answers its SUBSCRIBE with the retained
+    // message, so the cache must not deliver a second copy.
+    h.connect(&b, "b", 60);
+    h.subscribe(&b, "cfg/x", QoS::AtMostOnce, 1);
+    assert!(h.transmits().is_empty());
+    assert!(h.core.poll_event().is_some(), "upstream SUBSCRIBE cfg/x");
+    // The broker's copy names b's filter: a, subscribed to cfg/# all along, gets nothing.
+    let only_x: [Arc<str>; 1] = [Arc::from("cfg/x")];
+    h.core.handle_downlink(
+        h.now,
+        "cfg/x",
+        Bytes::from_static(b"v"),
+        Qos::AtMostOnce,
+        true,
+        Some(&only_x),
+    );
+    let out = h.transmits();
+    assert_eq!(recipients(&out), [b]);
+    assert!(matches!(
+        owned(&out[0].1),
+        Packet::Publish { retain: true, .. }
+    ));
+}
+
+#[test]
+fn each_upstream_copy_goes_to_the_subscribers_of_its_own_filters() {
+    let mut h = Harness::new(config());
+    let (a, b) = (peer(1), peer(2));
+    h.connect(&a, "a", 60);
+    h.connect(&b, "b", 60);
+    h.subscribe(&a, "dup/#", QoS::AtMostOnce, 1);
+    h.subscribe(&b, "dup/t", QoS::AtMostOnce, 1);
+    let copy = |h: &mut Harness, filters: Option<&[Arc<str>]>| {
+        h.core.handle_downlink(
+            h.now,
+            "dup/t",
+            Bytes::from_static(b"m"),
+            Qos::AtMostOnce,
+            false,
+            filters,
+        );
+        let mut out = h.transmits();
+        // a's first copy REGISTERs dup/t: acknowledge it so the PUBLISH follows.
+        let mut i = 0;
+        while let Some((p, bytes)) = out.get(i).cloned() {
+            if let Packet::Register {
+                topic_id, msg_id, ..
+            } = owned(&bytes)
+            {
+                let rc = ReturnCode::Accepted;
+                h.send(
+                    &p,
+                    Packet::RegAck {
+                        topic_id,
+                        msg_id,
+                        rc,
+                    },
+                );
+                out.extend(h.transmits());
+            }
+            i += 1;
+        }
+        recipients(&out)
+    };
+    // The broker sends one copy per matching upstream filter.
+    assert_eq!(
+        copy(&mut h, Some(&[Arc::from("dup/#")])),
+        std::slice::from_ref(&a)
+    );
+    assert_eq!(
+        copy(&mut h, Some(&[Arc::from("dup/t")])),
+        std::slice::from_ref(&b)
+    );
+    // One copy for both filters (a broker that merges overlapping subscriptions).
+    let both: [Arc<str>; 2] = [Arc::from("dup/t"), Arc::from("dup/#")];
+    let mut got = copy(&mut h, Some(&both));
+    got.sort_by_key(|p| p.addr);
+    assert_eq!(got, [a, b]);
+    // Unknown (MQTT 3.1.1): every matching filter.
+    assert_eq!(copy(&mut h, None).len(), 2);
+    // Filters nobody holds any more, or that do not match the topic, reach nobody.
+    assert!(copy(&mut h, Some(&[Arc::from("gone/#")])).is_empty());
+    assert!(copy(&mut h, Some(&[Arc::from("dup/u")])).is_empty());
+}
+
+#[test]
+fn a_wildcard_will_topic_is_answered_with_invalid_topic() {
+    let mut h = Harness::new(config());
+    let p = peer(1);
+    let flags = Some(WillFlags {
+        qos: QoS::AtMostOnce,
+        retain: false,
+    });
+    h.send(
+        &p,
+        Packet::Connect {
+            will: true,
+            clean_session: true,
+            duration: 10,
+            client_id: "w",
+        },
+    );
+    assert_eq!(decode(&h.reply(&p)), Packet::WillTopicReq);
+    h.send(
+        &p,
+        Packet::WillTopic {
+            will: flags,
+            topic: "w/#",
+        },
+    );
+    let rc = ReturnCode::InvalidTopicId;
+    assert_eq!(decode(&h.reply(&p)), Packet::ConnAck { rc });
+    // Connected without a Will: a WILLTOPICUPD with a wildcard is refused the same way.
+    h.connect(&p, "w", 10);
+    h.send(
+        &p,
+        Packet::WillTopicUpd {
+            will: flags,
+            topic: "w/+",
+        },
+    );
+    assert_eq!(decode(&h.reply(&p)), Packet::WillTopicResp { rc });
+}
+
 #[test]
 fn queues_are_bounded_with_the_configured_policy() {
     // 30 messages for a sleeper with room for 20: drop_oldest keeps 10..30, drop_new 0..20.
@@ -1600,8 +1769,14 @@ fn queues_are_bounded_with_the_configured_policy() {
         );
         let _ = h.transmits();
         for i in 0..30u8 {
-            h.core
-                .handle_downlink(h.now, "t", Bytes::from(vec![i]), Qos::AtLeastOnce, false);
+            h.core.handle_downlink(
+                h.now,
+                "t",
+                Bytes::from(vec![i]),
+                Qos::AtLeastOnce,
+                false,
+                None,
+            );
         }
         assert_eq!(h.core.stats().downlink_dropped, 10, "{policy:?}");
         h.send(
@@ -1713,6 +1888,7 @@ fn downlink_over_a_lossy_reordering_link_delivers_every_message_once() {
                 Bytes::from(i.to_be_bytes().to_vec()),
                 Qos::AtLeastOnce,
                 false,
+                None,
             );
         }
         let mut seen_ids = HashSet::new();
