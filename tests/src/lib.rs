@@ -18,6 +18,7 @@
 //!   `<workspace>/.venv/bin/python3`); the `mqtt_sn_pub` CLI is taken from the same directory.
 //! - `SENSORGATE_MOSQUITTO`: the broker (default `/usr/sbin/mosquitto`).
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -464,6 +465,36 @@ impl Mosquitto {
         )
     }
 
+    /// Everything it logged so far, every launch in order. With `log_type subscribe` and
+    /// `unsubscribe`, a SUBSCRIBE is logged as `<time>: <client id> <qos> <filter>` and an
+    /// UNSUBSCRIBE as `<time>: <client id> <filter>`.
+    pub fn log(&self) -> String {
+        let mut text = String::new();
+        for launch in 1..=self.launches {
+            let path = self.dir.path().join(format!("mosquitto-{launch}.log"));
+            if let Ok(bytes) = std::fs::read(&path) {
+                text.push_str(&String::from_utf8_lossy(&bytes));
+            }
+        }
+        text
+    }
+
+    /// Waits up to `timeout` until a line of [`Mosquitto::log`] satisfies `want`; returns it.
+    ///
+    /// # Errors
+    /// On timeout, with the log.
+    pub fn wait_log(
+        &self,
+        what: &str,
+        timeout: Duration,
+        want: impl Fn(&str) -> bool,
+    ) -> Result<String> {
+        poll_until(what, timeout, Duration::from_millis(50), || {
+            Ok(self.log().lines().find(|l| want(l)).map(str::to_owned))
+        })
+        .with_context(|| format!("mosquitto log:\n{}", self.log()))
+    }
+
     fn launch(&mut self) -> Result<()> {
         let conf = self.dir.path().join("mosquitto.conf");
         // max_queued_messages: the load test fans 1,000 QoS 1 messages into one subscriber.
@@ -472,6 +503,7 @@ impl Mosquitto {
             format!(
                 "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n\
                  log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n\
+                 log_type subscribe\nlog_type unsubscribe\n\
                  max_queued_messages 100000\nmax_inflight_messages 0\n",
                 self.port
             ),
@@ -609,6 +641,15 @@ impl GatewayConfig {
             remote_prefix: String::new(),
             extra_mqttsn: String::new(),
         })
+    }
+
+    /// Appends `key = value` lines to `[mqttsn]` (see [`GatewayConfig::extra_mqttsn`]).
+    pub fn mqttsn(&mut self, lines: &str) -> &mut GatewayConfig {
+        self.extra_mqttsn.push_str(lines);
+        if !lines.ends_with('\n') {
+            self.extra_mqttsn.push('\n');
+        }
+        self
     }
 
     /// Replaces the listeners with one on a free UDP port of `ip`.
@@ -1015,6 +1056,127 @@ fn from_hex(s: &str) -> Option<Vec<u8>> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// A long-running client script whose stdout is read line by line.
+
+/// A child process (a python client script or CLI) whose stdout lines are read as they come;
+/// killed on drop, its stderr kept for diagnosis.
+pub struct Script {
+    /// The process.
+    proc: Proc,
+    /// Lines from its stdout.
+    rx: mpsc::Receiver<String>,
+    /// Keeps its log.
+    _dir: TempDir,
+}
+
+impl Script {
+    /// Spawns `cmd` (stdin closed, stdout piped, stderr to a log), with `PYTHONUNBUFFERED=1`.
+    ///
+    /// # Errors
+    /// When it cannot be spawned.
+    pub fn spawn(name: &str, cmd: &mut Command) -> Result<Script> {
+        let dir = temp_dir()?;
+        let log = dir.path().join(format!("{name}.log"));
+        cmd.env("PYTHONUNBUFFERED", "1");
+        let mut proc = Proc::spawn(name, cmd, &log, false)?;
+        let stdout = proc
+            .take_stdout()
+            .ok_or_else(|| anyhow!("{name} has no stdout"))?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Script {
+            proc,
+            rx,
+            _dir: dir,
+        })
+    }
+
+    /// Runs `tests/py/<script>` with the venv python and `args`.
+    ///
+    /// # Errors
+    /// When it cannot be spawned.
+    pub fn python(script: &str, args: &[String]) -> Result<Script> {
+        let mut cmd = Command::new(python());
+        cmd.arg("-u").arg(py_script(script)).args(args);
+        Script::spawn(script, &mut cmd)
+    }
+
+    /// The next stdout line, or `None` after `timeout`.
+    ///
+    /// # Errors
+    /// When the process exited and every line was read (the error carries its stderr).
+    pub fn line(&self, timeout: Duration) -> Result<Option<String>> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(l) => Ok(Some(l)),
+            Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("{} exited:\n{}", self.proc.name, self.proc.log_text())
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for a line satisfying `want`, skipping others; a line starting
+    /// with `ERROR` fails at once.
+    ///
+    /// # Errors
+    /// On timeout, exit, or an `ERROR` line.
+    pub fn expect_line(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut want: impl FnMut(&str) -> bool,
+    ) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        let mut skipped = Vec::new();
+        for _ in 0..100_000 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match self.line(left)? {
+                Some(l) if l.starts_with("ERROR") => {
+                    bail!("{}: {l}\n{}", self.proc.name, self.proc.log_text())
+                }
+                Some(l) if want(&l) => return Ok(l),
+                Some(l) => skipped.push(l),
+                None => break,
+            }
+        }
+        bail!(
+            "{}: no {what} within {timeout:?}; printed {skipped:?}\n{}",
+            self.proc.name,
+            self.proc.log_text()
+        )
+    }
+
+    /// Waits up to `timeout` for it to exit; returns the status.
+    ///
+    /// # Errors
+    /// When it is still running after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let name = self.proc.name.clone();
+        poll_until(
+            &format!("{name} to exit"),
+            timeout,
+            Duration::from_millis(20),
+            || self.proc.exited(),
+        )
+    }
+
+    /// Its stderr so far.
+    pub fn stderr(&self) -> String {
+        self.proc.log_text()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The mqtt_sn_pub CLI.
 
 /// Runs the PyPI `mqtt_sn_pub` CLI with `args` against `gw`, bounded to 30 s.
@@ -1032,6 +1194,214 @@ pub fn mqtt_sn_pub(gw: SocketAddr, args: &[&str]) -> Result<Output> {
         .arg("10")
         .args(args);
     run_bounded(&mut cmd, Duration::from_secs(30))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Downlink injection: an independent MQTT publisher (paho-mqtt, `tests/py/pub.py`).
+
+/// A message for [`publish_upstream`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpMsg {
+    /// MQTT topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Vec<u8>,
+    /// QoS 0, 1 or 2.
+    pub qos: u8,
+    /// Retain flag.
+    pub retain: bool,
+    /// A barrier instead of a message: everything before it is acknowledged by the broker
+    /// before anything after it is sent.
+    pub barrier: bool,
+}
+
+impl UpMsg {
+    /// A message that is not retained.
+    pub fn new(topic: &str, payload: impl AsRef<[u8]>, qos: u8) -> UpMsg {
+        UpMsg {
+            topic: topic.to_owned(),
+            payload: payload.as_ref().to_vec(),
+            qos,
+            retain: false,
+            barrier: false,
+        }
+    }
+
+    /// A retained message.
+    pub fn retained(topic: &str, payload: impl AsRef<[u8]>, qos: u8) -> UpMsg {
+        UpMsg {
+            retain: true,
+            ..UpMsg::new(topic, payload, qos)
+        }
+    }
+
+    /// A barrier (see [`UpMsg::barrier`]).
+    pub fn barrier() -> UpMsg {
+        UpMsg {
+            barrier: true,
+            ..UpMsg::new("", b"", 0)
+        }
+    }
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Publishes `msgs` in order over one MQTT 5 connection to the broker on 127.0.0.1:`port`
+/// with paho-mqtt, and returns once the broker acknowledged every QoS 1/2 message.
+///
+/// The broker forwards a QoS 1 message to its subscribers before it acknowledges it, so once
+/// this returns, every QoS 1 message is queued toward the gateway's connection, in order.
+///
+/// # Errors
+/// When the publisher fails or does not finish in time.
+pub fn publish_upstream(port: u16, msgs: &[UpMsg]) -> Result<()> {
+    let dir = temp_dir()?;
+    let file = dir.path().join("messages.jsonl");
+    let mut text = String::new();
+    for m in msgs {
+        let line = if m.barrier {
+            serde_json::json!({ "barrier": true })
+        } else {
+            serde_json::json!({
+                "topic": m.topic,
+                "payload_hex": to_hex(&m.payload),
+                "qos": m.qos,
+                "retain": m.retain,
+            })
+        };
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    std::fs::write(&file, text)?;
+    let mut cmd = Command::new(python());
+    cmd.arg("-u")
+        .arg(py_script("pub.py"))
+        .arg("--port")
+        .arg(port.to_string())
+        .arg("--file")
+        .arg(&file);
+    let bound = Duration::from_secs(60 + (msgs.len() / 100) as u64);
+    let out = run_bounded(&mut cmd, bound)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && stdout.contains("DONE"),
+        "pub.py failed ({}): {stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Payload prefix of the messages [`await_live`] publishes.
+pub const PROBE_PREFIX: &str = "probe-";
+
+/// Whether a delivery is one of [`await_live`]'s probes (a late one may still arrive).
+pub fn is_probe(d: &Delivery) -> bool {
+    d.payload.starts_with(PROBE_PREFIX.as_bytes())
+}
+
+/// Waits until the gateway's upstream subscription covering `topic` is in place: publishes a
+/// QoS 1 probe on `topic` and waits for `client` (subscribed, active) to receive it, a bounded
+/// number of times. The gateway subscribes upstream after its SUBACK, so a message published
+/// right after SUBACK may otherwise find no subscription at the broker. Probes are answered
+/// as [`SnClient::accept`] does.
+///
+/// # Errors
+/// When no probe arrives within [`READY_TIMEOUT`].
+pub fn await_live(client: &mut SnClient, broker_port: u16, topic: &str) -> Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    for round in 0..20 {
+        let payload = format!("{PROBE_PREFIX}{round}");
+        publish_upstream(broker_port, &[UpMsg::new(topic, &payload, 1)])?;
+        let wait = Duration::from_secs(3).min(deadline.saturating_duration_since(Instant::now()));
+        let got = match client.downlink(1, wait) {
+            Ok(got) => got,
+            Err(_) if Instant::now() < deadline => continue,
+            Err(e) => return Err(e.context(format!("subscription to {topic} never went live"))),
+        };
+        if got.iter().any(is_probe) {
+            return Ok(());
+        }
+        bail!("waiting for a probe on {topic}, got {got:?}");
+    }
+    bail!("subscription to {topic} never went live")
+}
+
+/// A synchronisation point through the upstream: an active client subscribed (QoS 1) to its
+/// own topic. [`Marker::publish`] publishes messages and then, after a barrier, a marker on
+/// that topic through the same broker connection; once the marker client has the marker, the
+/// gateway has handled every message published before it (the broker forwards one
+/// connection's QoS 1/2 messages to the gateway in order, and the gateway handles them in
+/// order). So "nothing arrived for client X before the marker" proves nothing was sent.
+#[derive(Debug)]
+pub struct Marker {
+    client: SnClient,
+    topic: String,
+    broker_port: u16,
+    seq: u32,
+}
+
+impl Marker {
+    /// Connects a marker client (`mk-<name>`, keep-alive one hour) and waits until its
+    /// subscription is live.
+    ///
+    /// # Errors
+    /// When it cannot connect or subscribe.
+    pub fn new(gw: SocketAddr, broker_port: u16, name: &str) -> Result<Marker> {
+        let mut client = SnClient::new(gw)?;
+        let rc = client.connect_full(&format!("mk-{name}"), sn::FLAG_CLEAN, 3600)?;
+        ensure!(rc == sn::RC_ACCEPTED, "marker CONNECT got rc {rc:#04x}");
+        let topic = format!("marker/{name}");
+        client.subscribe_ok(sn::Qos::One, sn::SubTopic::Name(&topic))?;
+        await_live(&mut client, broker_port, &topic)?;
+        Ok(Marker {
+            client,
+            topic,
+            broker_port,
+            seq: 0,
+        })
+    }
+
+    /// A marker for `rig`.
+    ///
+    /// # Errors
+    /// As [`Marker::new`].
+    pub fn for_rig(rig: &Rig, name: &str) -> Result<Marker> {
+        Marker::new(rig.gateway.sn_addr(), rig.broker.port(), name)
+    }
+
+    /// Publishes `msgs`, a barrier and a marker; returns once the marker arrived, i.e. the
+    /// gateway has handled `msgs`.
+    ///
+    /// # Errors
+    /// When publishing fails or the marker does not arrive within [`DELIVERY_TIMEOUT`].
+    pub fn publish(&mut self, msgs: &[UpMsg]) -> Result<()> {
+        self.seq += 1;
+        let payload = format!("mark-{}", self.seq);
+        let mut all = msgs.to_vec();
+        all.push(UpMsg::barrier());
+        all.push(UpMsg::new(&self.topic, &payload, 1));
+        publish_upstream(self.broker_port, &all)?;
+        let deadline = Instant::now() + DELIVERY_TIMEOUT;
+        for _ in 0..1000 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let got = self.client.downlink(1, left)?;
+            if got.iter().any(|d| d.payload == payload.as_bytes()) {
+                return Ok(());
+            }
+        }
+        bail!("marker {payload} did not arrive")
+    }
+
+    /// A marker alone: the gateway has handled everything published before this call.
+    ///
+    /// # Errors
+    /// As [`Marker::publish`].
+    pub fn sync(&mut self) -> Result<()> {
+        self.publish(&[])
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1053,6 +1423,12 @@ pub mod sn {
     pub const CONNACK: u8 = 0x05;
     /// WILLTOPICREQ.
     pub const WILLTOPICREQ: u8 = 0x06;
+    /// WILLTOPIC.
+    pub const WILLTOPIC: u8 = 0x07;
+    /// WILLMSGREQ.
+    pub const WILLMSGREQ: u8 = 0x08;
+    /// WILLMSG.
+    pub const WILLMSG: u8 = 0x09;
     /// REGISTER.
     pub const REGISTER: u8 = 0x0A;
     /// REGACK.
@@ -1067,12 +1443,28 @@ pub mod sn {
     pub const PUBREC: u8 = 0x0F;
     /// PUBREL.
     pub const PUBREL: u8 = 0x10;
+    /// SUBSCRIBE.
+    pub const SUBSCRIBE: u8 = 0x12;
+    /// SUBACK.
+    pub const SUBACK: u8 = 0x13;
+    /// UNSUBSCRIBE.
+    pub const UNSUBSCRIBE: u8 = 0x14;
+    /// UNSUBACK.
+    pub const UNSUBACK: u8 = 0x15;
     /// PINGREQ.
     pub const PINGREQ: u8 = 0x16;
     /// PINGRESP.
     pub const PINGRESP: u8 = 0x17;
     /// DISCONNECT.
     pub const DISCONNECT: u8 = 0x18;
+    /// WILLTOPICUPD.
+    pub const WILLTOPICUPD: u8 = 0x1A;
+    /// WILLTOPICRESP.
+    pub const WILLTOPICRESP: u8 = 0x1B;
+    /// WILLMSGUPD.
+    pub const WILLMSGUPD: u8 = 0x1C;
+    /// WILLMSGRESP.
+    pub const WILLMSGRESP: u8 = 0x1D;
     /// Forwarder encapsulation.
     pub const ENCAPSULATED: u8 = 0xFE;
 
@@ -1108,12 +1500,42 @@ pub mod sn {
     }
 
     impl Qos {
-        fn bits(self) -> u8 {
+        /// Its bits in a flags octet.
+        pub fn bits(self) -> u8 {
             match self {
                 Qos::Zero => 0x00,
                 Qos::One => 0x20,
                 Qos::Two => 0x40,
                 Qos::MinusOne => 0x60,
+            }
+        }
+
+        /// The QoS a flags octet carries.
+        pub fn from_flags(flags: u8) -> Qos {
+            match flags & 0x60 {
+                0x00 => Qos::Zero,
+                0x20 => Qos::One,
+                0x40 => Qos::Two,
+                _ => Qos::MinusOne,
+            }
+        }
+
+        /// The QoS from a level 0, 1 or 2 (anything else is -1).
+        pub fn from_level(level: u8) -> Qos {
+            match level {
+                0 => Qos::Zero,
+                1 => Qos::One,
+                2 => Qos::Two,
+                _ => Qos::MinusOne,
+            }
+        }
+
+        /// The level 0, 1 or 2; QoS -1 counts as 0 (at most once, no session).
+        pub fn level(self) -> u8 {
+            match self {
+                Qos::Zero | Qos::MinusOne => 0,
+                Qos::One => 1,
+                Qos::Two => 2,
             }
         }
     }
@@ -1132,7 +1554,8 @@ pub mod sn {
     }
 
     impl TopicType {
-        fn bits(self) -> u8 {
+        /// Its bits in a flags octet.
+        pub fn bits(self) -> u8 {
             match self {
                 TopicType::Normal => 0,
                 TopicType::Predefined => 1,
@@ -1140,6 +1563,57 @@ pub mod sn {
                 TopicType::Reserved => 3,
             }
         }
+
+        /// The TopicIdType a flags octet carries.
+        pub fn from_flags(flags: u8) -> TopicType {
+            match flags & 0x03 {
+                0 => TopicType::Normal,
+                1 => TopicType::Predefined,
+                2 => TopicType::Short,
+                _ => TopicType::Reserved,
+            }
+        }
+    }
+
+    /// How a SUBSCRIBE or UNSUBSCRIBE names its topic.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum SubTopic<'a> {
+        /// 0b00: a topic name or filter (wildcards allowed).
+        Name(&'a str),
+        /// 0b01: a predefined topic id.
+        Predefined(u16),
+        /// 0b10: a two-character short topic name.
+        Short([u8; 2]),
+    }
+
+    impl SubTopic<'_> {
+        /// The TopicIdType bits.
+        pub fn type_bits(&self) -> u8 {
+            match self {
+                SubTopic::Name(_) => TopicType::Normal.bits(),
+                SubTopic::Predefined(_) => TopicType::Predefined.bits(),
+                SubTopic::Short(_) => TopicType::Short.bits(),
+            }
+        }
+
+        /// The TopicName or TopicId field.
+        pub fn field(&self) -> Vec<u8> {
+            match self {
+                SubTopic::Name(n) => n.as_bytes().to_vec(),
+                SubTopic::Predefined(id) => id.to_be_bytes().to_vec(),
+                SubTopic::Short(s) => s.to_vec(),
+            }
+        }
+    }
+
+    /// Whether the DUP flag is set.
+    pub fn is_dup(flags: u8) -> bool {
+        flags & FLAG_DUP != 0
+    }
+
+    /// Whether the Retain flag is set.
+    pub fn is_retain(flags: u8) -> bool {
+        flags & FLAG_RETAIN != 0
     }
 
     /// A flags octet.
@@ -1243,6 +1717,97 @@ pub mod sn {
         frame(SEARCHGW, &[radius])
     }
 
+    /// SUBSCRIBE with `qos` (DUP clear).
+    pub fn subscribe(qos: Qos, msg_id: u16, topic: &SubTopic<'_>) -> Vec<u8> {
+        subscribe_flags(qos.bits() | topic.type_bits(), msg_id, topic)
+    }
+
+    /// SUBSCRIBE with a raw flags octet.
+    pub fn subscribe_flags(flags: u8, msg_id: u16, topic: &SubTopic<'_>) -> Vec<u8> {
+        let mut b = vec![flags];
+        b.extend_from_slice(&msg_id.to_be_bytes());
+        b.extend_from_slice(&topic.field());
+        frame(SUBSCRIBE, &b)
+    }
+
+    /// UNSUBSCRIBE.
+    pub fn unsubscribe(msg_id: u16, topic: &SubTopic<'_>) -> Vec<u8> {
+        let mut b = vec![topic.type_bits()];
+        b.extend_from_slice(&msg_id.to_be_bytes());
+        b.extend_from_slice(&topic.field());
+        frame(UNSUBSCRIBE, &b)
+    }
+
+    /// WILLTOPIC with QoS and retain flags.
+    pub fn willtopic(qos: Qos, retain: bool, topic: &str) -> Vec<u8> {
+        let mut b = vec![qos.bits() | if retain { FLAG_RETAIN } else { 0 }];
+        b.extend_from_slice(topic.as_bytes());
+        frame(WILLTOPIC, &b)
+    }
+
+    /// The empty WILLTOPIC (no flags, no topic): 02 07, "no Will after all".
+    pub fn willtopic_empty() -> Vec<u8> {
+        frame(WILLTOPIC, &[])
+    }
+
+    /// WILLMSG.
+    pub fn willmsg(msg: &[u8]) -> Vec<u8> {
+        frame(WILLMSG, msg)
+    }
+
+    /// WILLTOPICUPD with QoS and retain flags.
+    pub fn willtopicupd(qos: Qos, retain: bool, topic: &str) -> Vec<u8> {
+        let mut b = vec![qos.bits() | if retain { FLAG_RETAIN } else { 0 }];
+        b.extend_from_slice(topic.as_bytes());
+        frame(WILLTOPICUPD, &b)
+    }
+
+    /// The empty WILLTOPICUPD: 02 1A, which deletes the Will.
+    pub fn willtopicupd_empty() -> Vec<u8> {
+        frame(WILLTOPICUPD, &[])
+    }
+
+    /// WILLMSGUPD.
+    pub fn willmsgupd(msg: &[u8]) -> Vec<u8> {
+        frame(WILLMSGUPD, msg)
+    }
+
+    /// REGACK from a client.
+    pub fn regack(topic_id: u16, msg_id: u16, rc: u8) -> Vec<u8> {
+        let mut b = topic_id.to_be_bytes().to_vec();
+        b.extend_from_slice(&msg_id.to_be_bytes());
+        b.push(rc);
+        frame(REGACK, &b)
+    }
+
+    /// PUBACK from a client.
+    pub fn puback(topic_id: u16, msg_id: u16, rc: u8) -> Vec<u8> {
+        let mut b = topic_id.to_be_bytes().to_vec();
+        b.extend_from_slice(&msg_id.to_be_bytes());
+        b.push(rc);
+        frame(PUBACK, &b)
+    }
+
+    /// PUBREC.
+    pub fn pubrec(msg_id: u16) -> Vec<u8> {
+        frame(PUBREC, &msg_id.to_be_bytes())
+    }
+
+    /// PUBCOMP.
+    pub fn pubcomp(msg_id: u16) -> Vec<u8> {
+        frame(PUBCOMP, &msg_id.to_be_bytes())
+    }
+
+    /// PINGREQ carrying a ClientId (a sleeping client waking up).
+    pub fn pingreq_with_id(client_id: &[u8]) -> Vec<u8> {
+        frame(PINGREQ, client_id)
+    }
+
+    /// DISCONNECT with a sleep duration in seconds.
+    pub fn disconnect_sleep(duration_secs: u16) -> Vec<u8> {
+        frame(DISCONNECT, &duration_secs.to_be_bytes())
+    }
+
     /// Forwarder encapsulation of `inner` (5.5): Length, 0xFE, Ctrl, Wireless Node Id, message.
     pub fn encapsulate(radius: u8, node_id: &[u8], inner: &[u8]) -> Vec<u8> {
         let mut v = vec![(3 + node_id.len()) as u8, ENCAPSULATED, radius & 0x03];
@@ -1254,6 +1819,68 @@ pub mod sn {
     /// A message from the gateway.
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub enum Packet {
+        /// ADVERTISE.
+        Advertise {
+            /// GwId.
+            gw_id: u8,
+            /// Duration in seconds.
+            duration: u16,
+        },
+        /// WILLTOPICREQ.
+        WillTopicReq,
+        /// WILLMSGREQ.
+        WillMsgReq,
+        /// REGISTER from the gateway.
+        Register {
+            /// TopicId.
+            topic_id: u16,
+            /// MsgId.
+            msg_id: u16,
+            /// TopicName.
+            name: String,
+        },
+        /// PUBLISH from the gateway.
+        Publish {
+            /// Flags (DUP, QoS, Retain, TopicIdType).
+            flags: u8,
+            /// TopicId.
+            topic_id: u16,
+            /// MsgId.
+            msg_id: u16,
+            /// Data.
+            data: Vec<u8>,
+        },
+        /// PUBREL.
+        Pubrel {
+            /// MsgId.
+            msg_id: u16,
+        },
+        /// SUBACK.
+        Suback {
+            /// Flags (the granted QoS).
+            flags: u8,
+            /// TopicId.
+            topic_id: u16,
+            /// MsgId.
+            msg_id: u16,
+            /// ReturnCode.
+            rc: u8,
+        },
+        /// UNSUBACK.
+        Unsuback {
+            /// MsgId.
+            msg_id: u16,
+        },
+        /// WILLTOPICRESP.
+        WillTopicResp {
+            /// ReturnCode.
+            rc: u8,
+        },
+        /// WILLMSGRESP.
+        WillMsgResp {
+            /// ReturnCode.
+            rc: u8,
+        },
         /// GWINFO.
         GwInfo {
             /// GwId.
@@ -1363,6 +1990,68 @@ pub mod sn {
             (PUBCOMP, 2) => Packet::Pubcomp {
                 msg_id: u16_at(body, 0).unwrap_or(0),
             },
+            (ADVERTISE, 3) => Packet::Advertise {
+                gw_id: body.first().copied().unwrap_or(0),
+                duration: u16_at(body, 1).unwrap_or(0),
+            },
+            (WILLTOPICREQ, 0) => Packet::WillTopicReq,
+            (WILLMSGREQ, 0) => Packet::WillMsgReq,
+            (REGISTER, n) if n >= 4 => {
+                let (Some(topic_id), Some(msg_id), Some(name)) =
+                    (u16_at(body, 0), u16_at(body, 2), body.get(4..))
+                else {
+                    return Ok(other());
+                };
+                let Ok(name) = String::from_utf8(name.to_vec()) else {
+                    return Ok(other());
+                };
+                Packet::Register {
+                    topic_id,
+                    msg_id,
+                    name,
+                }
+            }
+            (PUBLISH, n) if n >= 5 => {
+                let (Some(&flags), Some(topic_id), Some(msg_id), Some(data)) = (
+                    body.first(),
+                    u16_at(body, 1),
+                    u16_at(body, 3),
+                    body.get(5..),
+                ) else {
+                    return Ok(other());
+                };
+                Packet::Publish {
+                    flags,
+                    topic_id,
+                    msg_id,
+                    data: data.to_vec(),
+                }
+            }
+            (PUBREL, 2) => Packet::Pubrel {
+                msg_id: u16_at(body, 0).unwrap_or(0),
+            },
+            (SUBACK, 6) => {
+                let (Some(&flags), Some(topic_id), Some(msg_id), Some(&rc)) =
+                    (body.first(), u16_at(body, 1), u16_at(body, 3), body.get(5))
+                else {
+                    return Ok(other());
+                };
+                Packet::Suback {
+                    flags,
+                    topic_id,
+                    msg_id,
+                    rc,
+                }
+            }
+            (UNSUBACK, 2) => Packet::Unsuback {
+                msg_id: u16_at(body, 0).unwrap_or(0),
+            },
+            (WILLTOPICRESP, 1) => Packet::WillTopicResp {
+                rc: body.first().copied().unwrap_or(0),
+            },
+            (WILLMSGRESP, 1) => Packet::WillMsgResp {
+                rc: body.first().copied().unwrap_or(0),
+            },
             (PINGRESP, 0) => Packet::Pingresp,
             (DISCONNECT, 0) | (DISCONNECT, 2) => Packet::Disconnect,
             _ => other(),
@@ -1383,6 +2072,57 @@ pub struct SnClient {
     gw: SocketAddr,
     /// The next MsgId (never 0).
     next_msg_id: u16,
+    /// Topic names this client knows by id: from its REGACKs, SUBACKs of concrete names, and
+    /// the gateway's REGISTERs.
+    names: HashMap<u16, String>,
+}
+
+/// A SUBACK's content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubAck {
+    /// The granted QoS (from the flags).
+    pub qos: sn::Qos,
+    /// TopicId.
+    pub topic_id: u16,
+    /// ReturnCode.
+    pub rc: u8,
+}
+
+/// A downlink PUBLISH as the client received (and, by [`SnClient::downlink`], acknowledged) it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// TopicIdType of the PUBLISH.
+    pub topic_type: sn::TopicType,
+    /// TopicId of the PUBLISH.
+    pub topic_id: u16,
+    /// The topic name, when the client knows it: a registered id, or a short topic name.
+    pub topic: Option<String>,
+    /// QoS of the PUBLISH.
+    pub qos: sn::Qos,
+    /// Retain flag.
+    pub retain: bool,
+    /// DUP flag.
+    pub dup: bool,
+    /// MsgId.
+    pub msg_id: u16,
+    /// Data.
+    pub payload: Vec<u8>,
+}
+
+impl Delivery {
+    /// The payload as text (lossy).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.payload).into_owned()
+    }
+}
+
+/// How [`SnClient::downlink`] answers what the gateway sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// REGACK rc 0 to REGISTER, PUBACK rc 0 to QoS 1, PUBREC / PUBCOMP to QoS 2.
+    Accept,
+    /// Nothing at all (the test answers itself).
+    Silent,
 }
 
 impl SnClient {
@@ -1400,6 +2140,7 @@ impl SnClient {
             sock,
             gw,
             next_msg_id: 1,
+            names: HashMap::new(),
         })
     }
 
@@ -1576,7 +2317,327 @@ impl SnClient {
             rc == sn::RC_ACCEPTED,
             "REGISTER {topic:?} got REGACK rc {rc:#04x}"
         );
+        self.names.insert(id, topic.to_owned());
         Ok(id)
+    }
+
+    /// The topic name this client knows for a registered id.
+    pub fn topic_name(&self, topic_id: u16) -> Option<&str> {
+        self.names.get(&topic_id).map(String::as_str)
+    }
+
+    /// Forgets every registered id (as a device does when it reboots).
+    pub fn forget_topics(&mut self) {
+        self.names.clear();
+    }
+
+    /// Switches the socket between blocking (with the per-call timeouts) and non-blocking
+    /// (every receive returns at once).
+    ///
+    /// # Errors
+    /// When the OS refuses.
+    pub fn set_nonblocking(&self, on: bool) -> Result<()> {
+        Ok(self.sock.set_nonblocking(on)?)
+    }
+
+    /// CONNECT with `flags` and keep-alive `duration_secs`; returns the CONNACK return code.
+    /// Without the Will flag only.
+    ///
+    /// # Errors
+    /// When no CONNACK arrives.
+    pub fn connect_full(&mut self, client_id: &str, flags: u8, duration_secs: u16) -> Result<u8> {
+        self.send(&sn::connect(flags, duration_secs, client_id.as_bytes()))?;
+        match self.expect("CONNACK", REPLY_TIMEOUT, |p| {
+            matches!(p, sn::Packet::Connack { .. })
+        })? {
+            sn::Packet::Connack { rc } => Ok(rc),
+            p => bail!("unreachable: {p:?}"),
+        }
+    }
+
+    /// The CONNECT + Will handshake, checking every step's exact bytes: CONNECT (Will flag)
+    /// → WILLTOPICREQ `02 06`, WILLTOPIC → WILLMSGREQ `02 08`, WILLMSG → CONNACK `03 05 00`.
+    ///
+    /// # Errors
+    /// When a step is answered differently.
+    #[allow(clippy::too_many_arguments)]
+    pub fn connect_with_will(
+        &mut self,
+        client_id: &str,
+        clean: bool,
+        duration_secs: u16,
+        will_qos: sn::Qos,
+        will_retain: bool,
+        will_topic: &str,
+        will_msg: &[u8],
+    ) -> Result<()> {
+        let flags = sn::FLAG_WILL | if clean { sn::FLAG_CLEAN } else { 0 };
+        self.send(&sn::connect(flags, duration_secs, client_id.as_bytes()))?;
+        self.expect_raw("WILLTOPICREQ", &[0x02, sn::WILLTOPICREQ])?;
+        self.send(&sn::willtopic(will_qos, will_retain, will_topic))?;
+        self.expect_raw("WILLMSGREQ", &[0x02, sn::WILLMSGREQ])?;
+        self.send(&sn::willmsg(will_msg))?;
+        self.expect_raw("CONNACK", &[0x03, sn::CONNACK, sn::RC_ACCEPTED])
+    }
+
+    /// Requires the very next datagram (within [`REPLY_TIMEOUT`]) to be exactly `bytes`.
+    ///
+    /// # Errors
+    /// When something else or nothing arrives.
+    pub fn expect_raw(&self, what: &str, bytes: &[u8]) -> Result<()> {
+        match self.recv_raw(REPLY_TIMEOUT)? {
+            Some(raw) if raw == bytes => Ok(()),
+            Some(raw) => bail!("expected {what} {bytes:02x?}, got {raw:02x?}"),
+            None => bail!("expected {what} {bytes:02x?}, got nothing within {REPLY_TIMEOUT:?}"),
+        }
+    }
+
+    /// SUBSCRIBE; returns the SUBACK (whose MsgId must match). A concrete topic name's id is
+    /// remembered.
+    ///
+    /// # Errors
+    /// When the next packet is not the SUBACK.
+    pub fn subscribe(&mut self, qos: sn::Qos, topic: sn::SubTopic<'_>) -> Result<SubAck> {
+        let msg_id = self.msg_id();
+        self.send(&sn::subscribe(qos, msg_id, &topic))?;
+        match self.next_packet()? {
+            sn::Packet::Suback {
+                flags,
+                topic_id,
+                msg_id: m,
+                rc,
+            } if m == msg_id => {
+                if let (sn::SubTopic::Name(name), true) = (topic, rc == sn::RC_ACCEPTED) {
+                    if topic_id != 0 && !name.contains(['+', '#']) {
+                        self.names.insert(topic_id, name.to_owned());
+                    }
+                }
+                Ok(SubAck {
+                    qos: sn::Qos::from_flags(flags),
+                    topic_id,
+                    rc,
+                })
+            }
+            p => bail!("SUBSCRIBE {topic:?} (msg id {msg_id}) answered with {p:?}"),
+        }
+    }
+
+    /// SUBSCRIBE that must be accepted with the QoS asked for; returns the topic id.
+    ///
+    /// # Errors
+    /// When rejected, granted another QoS, or unanswered.
+    pub fn subscribe_ok(&mut self, qos: sn::Qos, topic: sn::SubTopic<'_>) -> Result<u16> {
+        let ack = self.subscribe(qos, topic)?;
+        ensure!(
+            ack.rc == sn::RC_ACCEPTED && ack.qos == qos,
+            "SUBSCRIBE {topic:?} at {qos:?} got {ack:?}"
+        );
+        Ok(ack.topic_id)
+    }
+
+    /// UNSUBSCRIBE; requires the UNSUBACK with the same MsgId as the next packet.
+    ///
+    /// # Errors
+    /// When something else or nothing arrives.
+    pub fn unsubscribe(&mut self, topic: sn::SubTopic<'_>) -> Result<()> {
+        let msg_id = self.msg_id();
+        self.send(&sn::unsubscribe(msg_id, &topic))?;
+        match self.next_packet()? {
+            sn::Packet::Unsuback { msg_id: m } if m == msg_id => Ok(()),
+            p => bail!("UNSUBSCRIBE {topic:?} (msg id {msg_id}) answered with {p:?}"),
+        }
+    }
+
+    /// DISCONNECT with a sleep duration; requires the gateway's DISCONNECT `02 18`.
+    ///
+    /// # Errors
+    /// When something else or nothing arrives.
+    pub fn sleep(&self, duration_secs: u16) -> Result<()> {
+        self.send(&sn::disconnect_sleep(duration_secs))?;
+        self.expect_raw("DISCONNECT", &[0x02, sn::DISCONNECT])
+    }
+
+    /// Turns a PUBLISH from the gateway into a [`Delivery`], without answering it.
+    pub fn delivery(&self, p: &sn::Packet) -> Option<Delivery> {
+        let sn::Packet::Publish {
+            flags,
+            topic_id,
+            msg_id,
+            data,
+        } = p
+        else {
+            return None;
+        };
+        let topic_type = sn::TopicType::from_flags(*flags);
+        let topic = match topic_type {
+            sn::TopicType::Normal => self.names.get(topic_id).cloned(),
+            sn::TopicType::Short => String::from_utf8(topic_id.to_be_bytes().to_vec()).ok(),
+            sn::TopicType::Predefined | sn::TopicType::Reserved => None,
+        };
+        Some(Delivery {
+            topic_type,
+            topic_id: *topic_id,
+            topic,
+            qos: sn::Qos::from_flags(*flags),
+            retain: sn::is_retain(*flags),
+            dup: sn::is_dup(*flags),
+            msg_id: *msg_id,
+            payload: data.clone(),
+        })
+    }
+
+    /// Answers one packet from the gateway as a well-behaved client: REGACK rc 0 to a REGISTER
+    /// (remembering the name), PUBACK rc 0 to a QoS 1 PUBLISH, PUBREC to a QoS 2 PUBLISH and
+    /// then, as the next packet, PUBREL → PUBCOMP. Returns the delivery for a PUBLISH; `Ok(None)`
+    /// for a REGISTER.
+    ///
+    /// # Errors
+    /// For any other packet, or when the PUBREL does not follow.
+    pub fn accept(&mut self, p: &sn::Packet) -> Result<Option<Delivery>> {
+        match p {
+            sn::Packet::Register {
+                topic_id,
+                msg_id,
+                name,
+            } => {
+                self.names.insert(*topic_id, name.clone());
+                self.send(&sn::regack(*topic_id, *msg_id, sn::RC_ACCEPTED))?;
+                Ok(None)
+            }
+            sn::Packet::Publish { .. } => {
+                let d = self
+                    .delivery(p)
+                    .ok_or_else(|| anyhow!("unreachable: {p:?}"))?;
+                match d.qos {
+                    sn::Qos::One => {
+                        self.send(&sn::puback(d.topic_id, d.msg_id, sn::RC_ACCEPTED))?;
+                    }
+                    sn::Qos::Two => {
+                        self.send(&sn::pubrec(d.msg_id))?;
+                        match self.next_packet()? {
+                            sn::Packet::Pubrel { msg_id } if msg_id == d.msg_id => {}
+                            other => bail!(
+                                "PUBREC for msg id {} answered with {other:?} instead of PUBREL",
+                                d.msg_id
+                            ),
+                        }
+                        self.send(&sn::pubcomp(d.msg_id))?;
+                    }
+                    sn::Qos::Zero | sn::Qos::MinusOne => {}
+                }
+                Ok(Some(d))
+            }
+            other => bail!("expected REGISTER or PUBLISH from the gateway, got {other:?}"),
+        }
+    }
+
+    /// Receives `n` downlink PUBLISHes within `timeout`, answering as [`SnClient::accept`]
+    /// does. Anything but REGISTER and PUBLISH is an error.
+    ///
+    /// # Errors
+    /// On timeout (saying what arrived) or an unexpected packet.
+    pub fn downlink(&mut self, n: usize, timeout: Duration) -> Result<Vec<Delivery>> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::with_capacity(n);
+        for _ in 0..(4 * n + 16) {
+            if got.len() >= n {
+                return Ok(got);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.recv(left)? {
+                Some(p) => {
+                    if let Some(d) = self
+                        .accept(&p)
+                        .with_context(|| format!("after {} deliveries: {got:?}", got.len()))?
+                    {
+                        got.push(d);
+                    }
+                }
+                None => break,
+            }
+        }
+        ensure!(
+            got.len() >= n,
+            "only {} of {n} downlink messages within {timeout:?}: {got:?}",
+            got.len()
+        );
+        Ok(got)
+    }
+
+    /// Receives downlink (answered as [`SnClient::accept`] does) until a packet for which
+    /// `stop` is true; returns the deliveries and that packet.
+    ///
+    /// # Errors
+    /// On timeout, or a packet that is neither downlink nor `stop`.
+    pub fn downlink_until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut stop: impl FnMut(&sn::Packet) -> bool,
+    ) -> Result<(Vec<Delivery>, sn::Packet)> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        for _ in 0..100_000 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.recv(left)? {
+                Some(p) if stop(&p) => return Ok((got, p)),
+                Some(p) => {
+                    if let Some(d) = self
+                        .accept(&p)
+                        .with_context(|| format!("waiting for {what} after {got:?}"))?
+                    {
+                        got.push(d);
+                    }
+                }
+                None => break,
+            }
+        }
+        bail!("no {what} within {timeout:?}; downlink received: {got:?}")
+    }
+
+    /// Collects everything the gateway has pending for this client, answering it as
+    /// [`SnClient::accept`] does, without waiting for silence: sends SEARCHGW and takes
+    /// downlink until the GWINFO (one socket's datagrams are handled in order, so whatever an
+    /// acknowledgement released comes before it), until a round brings nothing.
+    ///
+    /// # Errors
+    /// When GWINFO does not come, or on anything but downlink and GWINFO.
+    pub fn drain_pending(&mut self) -> Result<Vec<Delivery>> {
+        let mut all = Vec::new();
+        for _ in 0..1000 {
+            self.send(&sn::searchgw(0))?;
+            let mut quiet = true;
+            let mut answered = false;
+            for _ in 0..10_000 {
+                let p = self
+                    .recv(REPLY_TIMEOUT)?
+                    .ok_or_else(|| anyhow!("no GWINFO within {REPLY_TIMEOUT:?} after {all:?}"))?;
+                if matches!(p, sn::Packet::GwInfo { .. }) {
+                    answered = true;
+                    break;
+                }
+                // A REGISTER is progress too: its REGACK releases the PUBLISH.
+                quiet = false;
+                all.extend(self.accept(&p)?);
+            }
+            ensure!(answered, "downlink never stopped: {} messages", all.len());
+            if quiet {
+                return Ok(all);
+            }
+        }
+        bail!("downlink never stopped: {} messages", all.len())
+    }
+
+    /// Wakes a sleeping client: PINGREQ with `client_id`, then the buffered downlink (each
+    /// answered), until PINGRESP.
+    ///
+    /// # Errors
+    /// When PINGRESP does not come within [`DELIVERY_TIMEOUT`].
+    pub fn wake(&mut self, client_id: &str) -> Result<Vec<Delivery>> {
+        self.send(&sn::pingreq_with_id(client_id.as_bytes()))?;
+        let (got, _) =
+            self.downlink_until("PINGRESP", DELIVERY_TIMEOUT, |p| *p == sn::Packet::Pingresp)?;
+        Ok(got)
     }
 
     /// Sends a PUBLISH (MsgId allocated for QoS 1/2, 0 otherwise); returns the MsgId.
