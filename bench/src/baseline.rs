@@ -1,0 +1,99 @@
+//! The native MQTT publisher: the same stamped messages straight into the broker, for the
+//! baseline of the uplink scenarios and as the upstream source of the downlink scenario.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rumqttc_v5::{AsyncClient, Event, Incoming, MqttOptions, PublishOptions, QoS};
+
+use crate::{elapsed_ns, sn};
+
+/// What the native publisher sends.
+#[derive(Debug, Clone)]
+pub struct Native {
+    /// The broker's port on 127.0.0.1.
+    pub port: u16,
+    /// Topic to publish to.
+    pub topic: String,
+    /// Client index written into the stamps.
+    pub client: u32,
+    /// Number of messages.
+    pub messages: u64,
+    /// QoS 0 or 1.
+    pub qos: u8,
+    /// Payload bytes.
+    pub payload: usize,
+    /// Offered msg/s; `None` for unpaced.
+    pub rate: Option<f64>,
+    /// Bound on the run.
+    pub max: Duration,
+}
+
+/// Publishes the stamped messages of `n`. Returns how many were handed to the connection and
+/// the seconds it took.
+///
+/// # Errors
+/// When the broker is unreachable.
+pub async fn publish(n: &Native) -> anyhow::Result<(u64, f64)> {
+    let Native {
+        port,
+        ref topic,
+        client,
+        messages,
+        qos,
+        payload,
+        rate,
+        max,
+    } = *n;
+    let mut opts = MqttOptions::new(format!("sg-bench-native-{client}"), ("127.0.0.1", port));
+    opts.set_keep_alive(30);
+    let (mqtt, mut eventloop) = AsyncClient::builder(opts).capacity(1024).build();
+    let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
+    let driver = tokio::spawn(async move {
+        let mut connected = Some(connected_tx);
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                    if let Some(tx) = connected.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), connected_rx)
+        .await
+        .context("the native publisher got no CONNACK within 10 s")??;
+    let options = if qos == 0 {
+        PublishOptions::new(QoS::AtMostOnce)
+    } else {
+        PublishOptions::new(QoS::AtLeastOnce)
+    };
+    let start = Instant::now();
+    let until = start + max;
+    let mut sent = 0u64;
+    let mut body = Vec::with_capacity(payload);
+    while sent < messages && Instant::now() < until {
+        if let Some(rate) = rate {
+            let at = start + Duration::from_secs_f64(sent as f64 / rate);
+            tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+        }
+        body.clear();
+        sn::stamp_into(&mut body, client, sent, elapsed_ns(), payload);
+        if mqtt
+            .publish(topic.to_owned(), body.clone(), options.clone())
+            .await
+            .is_err()
+        {
+            break;
+        }
+        sent += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    // Let the event loop write what is queued, then leave.
+    let _ = mqtt.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), driver).await;
+    Ok((sent, secs))
+}

@@ -1,0 +1,761 @@
+//! The standard scenario set and its report.
+//!
+//! Each scenario runs against a fresh sensorgate (clean CPU and memory figures) and the same
+//! mosquitto; the counting subscriber is reset between runs. Sizes are the issue's; `quick`
+//! shrinks them for a smoke run.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+use tempfile::TempDir;
+
+use crate::baseline::{self, Native};
+use crate::generator::{Load, LoadSpec, TopicMode};
+use crate::procs::{Broker, Gateway};
+use crate::subscriber::{Counter, Tally};
+use crate::sys::{self, ProcSample};
+
+/// Options of one suite run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The sensorgate binary.
+    pub gateway_bin: PathBuf,
+    /// Scenario numbers to run (1-6).
+    pub only: Vec<u8>,
+    /// Smaller sizes.
+    pub quick: bool,
+    /// Payload bytes.
+    pub payload: usize,
+}
+
+/// One measured figure.
+#[derive(Debug, Clone, Serialize)]
+pub struct Metric {
+    pub name: String,
+    pub value: f64,
+    pub unit: &'static str,
+}
+
+/// One scenario's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct Scenario {
+    pub id: u8,
+    pub name: String,
+    pub metrics: Vec<Metric>,
+    pub notes: Vec<String>,
+    /// It could not run (the error is in `notes`).
+    pub failed: bool,
+}
+
+impl Scenario {
+    fn new(id: u8, name: &str) -> Scenario {
+        Scenario {
+            id,
+            name: name.to_owned(),
+            metrics: Vec::new(),
+            notes: Vec::new(),
+            failed: false,
+        }
+    }
+
+    fn put(&mut self, name: &str, value: f64, unit: &'static str) {
+        self.metrics.push(Metric {
+            name: name.to_owned(),
+            value,
+            unit,
+        });
+    }
+
+    fn get(&self, name: &str) -> Option<f64> {
+        self.metrics
+            .iter()
+            .find(|m| m.name == name)
+            .map(|m| m.value)
+    }
+}
+
+/// A target of the benchmark issue and whether this run met it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub scenario: u8,
+    pub target: String,
+    pub measured: String,
+    pub met: bool,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub machine: std::collections::BTreeMap<&'static str, String>,
+    pub sensorgate: String,
+    pub mosquitto: String,
+    pub quick: bool,
+    pub payload_bytes: usize,
+    pub scenarios: Vec<Scenario>,
+    pub targets: Vec<Target>,
+}
+
+/// Fields drop in order: the subscriber leaves before the broker stops, the directory goes last.
+struct Env {
+    opts: Options,
+    counter: Counter,
+    broker: Broker,
+    dir: TempDir,
+    runs: u32,
+}
+
+impl Env {
+    fn gateway(&mut self, max_clients: usize, extra: &str) -> anyhow::Result<Gateway> {
+        self.runs += 1;
+        let dir = self.dir.path().join(format!("gw-{}", self.runs));
+        std::fs::create_dir_all(&dir)?;
+        Gateway::start(
+            &self.opts.gateway_bin,
+            &dir,
+            self.broker.port,
+            max_clients,
+            extra,
+        )
+    }
+
+    fn spec(&self, gw: &Gateway) -> LoadSpec {
+        let mut spec = LoadSpec::new(gw.addr);
+        spec.payload = self.opts.payload;
+        spec.id_prefix = format!("r{}-", self.runs);
+        spec
+    }
+}
+
+fn sample(pid: u32) -> ProcSample {
+    sys::sample(pid).unwrap_or_default()
+}
+
+/// CPU seconds of gateway, broker and harness over a phase.
+struct Cpu {
+    gw: (u32, f64),
+    broker: (u32, f64),
+    own: f64,
+    wall: std::time::Instant,
+}
+
+impl Cpu {
+    fn start(gw: u32, broker: u32) -> Cpu {
+        Cpu {
+            gw: (gw, sample(gw).cpu_secs),
+            broker: (broker, sample(broker).cpu_secs),
+            own: sys::own_cpu_secs(),
+            wall: std::time::Instant::now(),
+        }
+    }
+
+    /// Puts gateway CPU seconds, µs per `per` message, and each process's CPU share.
+    fn put(&self, s: &mut Scenario, per: u64, per_name: &str) {
+        let gw = sample(self.gw.0).cpu_secs - self.gw.1;
+        let broker = sample(self.broker.0).cpu_secs - self.broker.1;
+        let own = sys::own_cpu_secs() - self.own;
+        let wall = self.wall.elapsed().as_secs_f64().max(1e-9);
+        s.put("gateway CPU", gw, "s");
+        if per > 0 {
+            s.put(
+                &format!("gateway CPU per {per_name}"),
+                gw * 1e6 / per as f64,
+                "us",
+            );
+        }
+        s.put("gateway CPU share", 100.0 * gw / wall, "% of a core");
+        s.put("broker CPU share", 100.0 * broker / wall, "% of a core");
+        s.put("harness CPU share", 100.0 * own / wall, "% of a core");
+    }
+}
+
+fn put_latency(s: &mut Scenario, prefix: &str, h: &hdrhistogram::Histogram<u64>) {
+    if h.is_empty() {
+        return;
+    }
+    for (label, q) in [("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)] {
+        s.put(
+            &format!("{prefix} {label}"),
+            h.value_at_quantile(q) as f64 / 1000.0,
+            "ms",
+        );
+    }
+    s.put(&format!("{prefix} max"), h.max() as f64 / 1000.0, "ms");
+}
+
+fn put_tally(s: &mut Scenario, t: &Tally, expected: u64) {
+    s.put("delivered", t.unique as f64, "msgs");
+    s.put(
+        "loss",
+        100.0 * expected.saturating_sub(t.unique) as f64 / expected.max(1) as f64,
+        "%",
+    );
+    s.put("duplicates", t.duplicates as f64, "msgs");
+    s.put("reordered", t.reordered as f64, "msgs");
+    s.put("delivered rate", t.rate(), "msg/s");
+}
+
+const IDLE: Duration = Duration::from_secs(2);
+
+/// Runs the scenarios in `opts.only` and returns the report.
+///
+/// # Errors
+/// When mosquitto, sensorgate or the subscriber cannot be started.
+pub async fn run(opts: Options) -> anyhow::Result<Report> {
+    let _ = crate::elapsed_ns();
+    let dir = tempfile::Builder::new().prefix("sg-bench-").tempdir()?;
+    let broker = Broker::start(dir.path())?;
+    let counter = Counter::start(broker.port, &["bench/#"], 1)?;
+    let mut env = Env {
+        opts: opts.clone(),
+        counter,
+        broker,
+        dir,
+        runs: 0,
+    };
+    let mut scenarios = Vec::new();
+    for id in opts.only.clone() {
+        let result = match id {
+            1 => qos0_one_client(&mut env).await,
+            2 => qos1(&mut env, 2, 1).await,
+            3 => qos1(&mut env, 3, 1000).await,
+            4 => connect_storm(&mut env).await,
+            5 => idle_and_active(&mut env).await,
+            6 => fan_out(&mut env).await,
+            _ => continue,
+        };
+        match result {
+            Ok(s) => {
+                print_scenario(&s);
+                scenarios.push(s);
+            }
+            Err(e) => {
+                let mut s = Scenario::new(id, "could not run");
+                s.failed = true;
+                s.notes.push(format!("{e:#}"));
+                print_scenario(&s);
+                scenarios.push(s);
+            }
+        }
+    }
+    let targets = targets(&scenarios);
+    Ok(Report {
+        machine: sys::machine(),
+        sensorgate: sys::version_of(&opts.gateway_bin.to_string_lossy(), &["--version"]),
+        mosquitto: sys::version_of("/usr/sbin/mosquitto", &["-h"]),
+        quick: opts.quick,
+        payload_bytes: opts.payload,
+        scenarios,
+        targets,
+    })
+}
+
+/// Scenario 1: QoS 0 from one client, unpaced, the native baseline, then paced steps up to
+/// the highest rate without loss.
+async fn qos0_one_client(env: &mut Env) -> anyhow::Result<Scenario> {
+    let mut s = Scenario::new(
+        1,
+        "QoS 0, one client: unpaced, native baseline, paced steps",
+    );
+    let n: u64 = if env.opts.quick { 100_000 } else { 300_000 };
+    let gw = env.gateway(1000, "")?;
+    let (gpid, bpid) = (gw.pid(), env.broker.pid());
+
+    // Unpaced.
+    let mut spec = env.spec(&gw);
+    spec.messages = n;
+    spec.publish_for = Duration::from_secs(20);
+    env.counter.reset();
+    let mut load = Load::start(spec).await?;
+    load.wait_ready(Duration::from_secs(10)).await;
+    let cpu = Cpu::start(gpid, bpid);
+    load.start_publish();
+    let secs = load
+        .wait_published(Duration::from_secs(25))
+        .await
+        .as_secs_f64();
+    let sent = load
+        .counters
+        .sent
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let tally = env.counter.wait_for(sent, IDLE, Duration::from_secs(30))?;
+    load.finish().await;
+    s.put(
+        "unpaced offered rate",
+        sent as f64 / secs.max(1e-9),
+        "msg/s",
+    );
+    put_tally(&mut s, &tally, sent);
+    cpu.put(&mut s, tally.unique, "delivered msg");
+
+    // Native MQTT baseline: the same messages straight into the broker.
+    env.counter.reset();
+    let cpu = Cpu::start(gpid, bpid);
+    let (bsent, bsecs) = baseline::publish(&Native {
+        port: env.broker.port,
+        topic: "bench/native".into(),
+        client: u32::MAX,
+        messages: n,
+        qos: 0,
+        payload: env.opts.payload,
+        rate: None,
+        max: Duration::from_secs(20),
+    })
+    .await?;
+    let base = env.counter.wait_for(bsent, IDLE, Duration::from_secs(30))?;
+    let _ = cpu;
+    s.put(
+        "baseline offered rate",
+        bsent as f64 / bsecs.max(1e-9),
+        "msg/s",
+    );
+    s.put("baseline delivered rate", base.rate(), "msg/s");
+    s.put(
+        "baseline loss",
+        100.0 * bsent.saturating_sub(base.unique) as f64 / bsent.max(1) as f64,
+        "%",
+    );
+    let ratio = if base.rate() > 0.0 {
+        100.0 * s.get("delivered rate").unwrap_or(0.0) / base.rate()
+    } else {
+        0.0
+    };
+    s.put("gateway / baseline delivered rate", ratio, "%");
+
+    // Paced steps: the highest offered rate with zero loss.
+    let steps: &[f64] = if env.opts.quick {
+        &[10_000.0, 50_000.0, 100_000.0]
+    } else {
+        &[
+            10_000.0, 25_000.0, 50_000.0, 75_000.0, 100_000.0, 125_000.0, 150_000.0, 200_000.0,
+        ]
+    };
+    let mut best = 0.0;
+    for &rate in steps {
+        let secs = 2.0;
+        let mut spec = env.spec(&gw);
+        spec.id_prefix = format!("p{rate}-");
+        spec.messages = (rate * secs) as u64;
+        spec.rate = Some(rate);
+        spec.publish_for = Duration::from_secs(10);
+        env.counter.reset();
+        let mut load = Load::start(spec).await?;
+        load.wait_ready(Duration::from_secs(10)).await;
+        let cpu = Cpu::start(gpid, bpid);
+        load.start_publish();
+        let took = load
+            .wait_published(Duration::from_secs(15))
+            .await
+            .as_secs_f64();
+        let sent = load
+            .counters
+            .sent
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let t = env.counter.wait_for(sent, IDLE, Duration::from_secs(15))?;
+        load.finish().await;
+        let lost = sent.saturating_sub(t.unique);
+        let k = format!("{}k", rate / 1000.0);
+        s.put(
+            &format!("paced {k}: offered"),
+            sent as f64 / took.max(1e-9),
+            "msg/s",
+        );
+        s.put(&format!("paced {k}: lost"), lost as f64, "msgs");
+        let mut step = Scenario::new(0, "");
+        cpu.put(&mut step, t.unique, "delivered msg");
+        if let Some(us) = step.get("gateway CPU per delivered msg") {
+            s.put(&format!("paced {k}: gateway CPU per msg"), us, "us");
+        }
+        if rate <= 10_000.0 {
+            put_latency(&mut s, &format!("paced {k}: latency"), &t.latency);
+        }
+        if rate >= 100_000.0 && (rate - 100_000.0).abs() < 1.0 {
+            s.put("paced 100k lost", lost as f64, "msgs");
+        }
+        if lost > 0 {
+            s.notes.push(format!("first loss at {rate} msg/s offered"));
+            break;
+        }
+        best = rate;
+    }
+    s.put("highest paced rate without loss", best, "msg/s");
+    Ok(s)
+}
+
+/// Scenarios 2 and 3: QoS 1, window 1.
+async fn qos1(env: &mut Env, id: u8, clients: usize) -> anyhow::Result<Scenario> {
+    let mut s = Scenario::new(id, &format!("QoS 1, {clients} client(s), window 1"));
+    let per_client: u64 = match (clients, env.opts.quick) {
+        (1, false) => 20_000,
+        (1, true) => 5_000,
+        (_, false) => 100,
+        (_, true) => 30,
+    };
+    let gw = env.gateway(clients + 100, "")?;
+    let mut spec = env.spec(&gw);
+    spec.clients = clients;
+    spec.qos = 1;
+    spec.messages = per_client;
+    spec.publish_for = Duration::from_secs(30);
+    env.counter.reset();
+    let mut load = Load::start(spec).await?;
+    load.wait_ready(Duration::from_secs(30)).await;
+    let cpu = Cpu::start(gw.pid(), env.broker.pid());
+    load.start_publish();
+    let secs = load
+        .wait_published(Duration::from_secs(40))
+        .await
+        .as_secs_f64();
+    let c = &load.counters;
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let (sent, acked) = (get(&c.sent), get(&c.acked));
+    s.put("acknowledged", acked as f64, "msgs");
+    s.put("acknowledged rate", acked as f64 / secs.max(1e-9), "msg/s");
+    s.put("rejected", get(&c.rejected) as f64, "msgs");
+    s.put("retransmissions", get(&c.retransmits) as f64, "pkts");
+    s.put("unanswered", get(&c.unanswered) as f64, "msgs");
+    if let Ok(h) = load.ack_latency.lock() {
+        put_latency(&mut s, "PUBLISH to PUBACK", &h);
+    }
+    let tally = env.counter.wait_for(acked, IDLE, Duration::from_secs(30))?;
+    load.finish().await;
+    put_tally(&mut s, &tally, sent);
+    s.put(
+        "acknowledged but not delivered",
+        acked.saturating_sub(tally.unique) as f64,
+        "msgs",
+    );
+    cpu.put(&mut s, acked, "acknowledged msg");
+    Ok(s)
+}
+
+/// Scenario 4: connect storm; each client CONNECTs, REGISTERs and publishes one QoS 1 message.
+/// The clients (one socket each) are split over worker processes when they exceed the
+/// open-file limit.
+async fn connect_storm(env: &mut Env) -> anyhow::Result<Scenario> {
+    let mut s = Scenario::new(
+        4,
+        "Connect storm: CONNECT, REGISTER, one QoS 1 PUBLISH each",
+    );
+    let clients: usize = if env.opts.quick { 20_000 } else { 100_000 };
+    let limit = sys::raise_nofile(clients as u64 + 2000);
+    let per_worker = usize::try_from(limit)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(500)
+        .clamp(1, 20_000);
+    let workers = clients.div_ceil(per_worker);
+    s.notes.push(format!(
+        "{workers} generator process(es) of up to {per_worker} clients (open-file limit {limit})"
+    ));
+    let gw = env.gateway(clients + 100, "")?;
+    let before = sample(gw.pid());
+    env.counter.reset();
+    let cpu = Cpu::start(gw.pid(), env.broker.pid());
+    let exe = std::env::current_exe()?;
+    let gpid = gw.pid();
+    let mut registered = ProcSample::default();
+    let mut during = ProcSample::default();
+    let storm = crate::storm::run(
+        &exe,
+        gw.addr,
+        clients,
+        per_worker,
+        env.opts.payload,
+        |step, _| match step {
+            "registered" => registered = sample(gpid),
+            _ => during = sample(gpid),
+        },
+    )
+    .await?;
+    let tally = env
+        .counter
+        .wait_for(storm.acknowledged, IDLE, Duration::from_secs(30))?;
+    s.put("clients", clients as f64, "");
+    s.put("connected", storm.connected as f64, "");
+    s.put("failed set-up", storm.failed as f64, "");
+    s.put(
+        "CONNACK rate",
+        storm.connected as f64 / storm.connack_secs.max(1e-9),
+        "CONNACK/s",
+    );
+    s.put("start to last CONNACK", storm.connack_secs, "s");
+    s.put("retransmissions", storm.retransmissions as f64, "pkts");
+    s.put("acknowledged", storm.acknowledged as f64, "msgs");
+    s.put("unanswered", storm.unanswered as f64, "msgs");
+    s.put("delivered", tally.unique as f64, "msgs");
+    s.put("RSS before", before.rss_kb as f64 / 1024.0, "MiB");
+    s.put(
+        "RSS all connected + registered",
+        registered.rss_kb as f64 / 1024.0,
+        "MiB",
+    );
+    s.put("RSS after publishing", during.rss_kb as f64 / 1024.0, "MiB");
+    s.put(
+        "RSS per connected client",
+        (during.rss_kb.saturating_sub(before.rss_kb) as f64 * 1024.0)
+            / (storm.connected.max(1) as f64),
+        "bytes",
+    );
+    // Sessions are freed as the DISCONNECTs arrive; sample once they had time to.
+    let mut after = sample(gpid);
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        after = sample(gpid);
+    }
+    s.put("RSS after DISCONNECT", after.rss_kb as f64 / 1024.0, "MiB");
+    s.put("peak RSS", after.peak_rss_kb as f64 / 1024.0, "MiB");
+    cpu.put(&mut s, storm.connected, "client (set-up + 1 msg)");
+    Ok(s)
+}
+
+/// Scenario 5: idle connected clients pinging, plus active QoS 1 publishers.
+async fn idle_and_active(env: &mut Env) -> anyhow::Result<Scenario> {
+    let (idle_n, active_n, secs) = if env.opts.quick {
+        (2_000, 100, 5)
+    } else {
+        (10_000, 100, 10)
+    };
+    let mut s = Scenario::new(
+        5,
+        &format!("{idle_n} idle clients (keep-alive 10 s) + {active_n} QoS 1 publishers"),
+    );
+    let _ = sys::raise_nofile((idle_n + active_n) as u64 + 2000);
+    let gw = env.gateway(idle_n + active_n + 100, "")?;
+    let before = sample(gw.pid());
+    let mut idle_spec = env.spec(&gw);
+    idle_spec.clients = idle_n;
+    idle_spec.id_prefix = "idle-".into();
+    idle_spec.keep_alive = 10;
+    let mut idle = Load::start(idle_spec).await?;
+    idle.wait_ready(Duration::from_secs(60)).await;
+    let mut spec = env.spec(&gw);
+    spec.clients = active_n;
+    spec.id_prefix = "act-".into();
+    spec.topic = TopicMode::Register("bench/a/".into());
+    spec.qos = 1;
+    spec.messages = u64::MAX;
+    spec.publish_for = Duration::from_secs(secs);
+    env.counter.reset();
+    let mut active = Load::start(spec).await?;
+    active.wait_ready(Duration::from_secs(30)).await;
+    let cpu = Cpu::start(gw.pid(), env.broker.pid());
+    idle.start_publish();
+    active.start_publish();
+    let took = active
+        .wait_published(Duration::from_secs(secs + 10))
+        .await
+        .as_secs_f64();
+    let during = sample(gw.pid());
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let acked = get(&active.counters.acked);
+    s.put(
+        "active acknowledged rate",
+        acked as f64 / took.max(1e-9),
+        "msg/s",
+    );
+    if let Ok(h) = active.ack_latency.lock() {
+        put_latency(&mut s, "PUBLISH to PUBACK", &h);
+    }
+    let tally = env.counter.wait_for(acked, IDLE, Duration::from_secs(30))?;
+    s.put(
+        "acknowledged but not delivered",
+        acked.saturating_sub(tally.unique) as f64,
+        "msgs",
+    );
+    s.put("idle connected", get(&idle.counters.ready) as f64, "");
+    s.put("PINGRESP received", get(&idle.counters.pingresp) as f64, "");
+    s.put(
+        "sessions lost",
+        (get(&idle.counters.lost) + get(&active.counters.lost)) as f64,
+        "",
+    );
+    s.put("RSS before", before.rss_kb as f64 / 1024.0, "MiB");
+    s.put("RSS with all clients", during.rss_kb as f64 / 1024.0, "MiB");
+    cpu.put(&mut s, acked, "acknowledged msg");
+    active.finish().await;
+    idle.finish().await;
+    Ok(s)
+}
+
+/// Scenario 6: downlink fan-out to subscribed clients.
+async fn fan_out(env: &mut Env) -> anyhow::Result<Scenario> {
+    let (clients, messages): (usize, u64) = if env.opts.quick {
+        (2_000, 50)
+    } else {
+        (10_000, 100)
+    };
+    let mut s = Scenario::new(
+        6,
+        &format!("Downlink fan-out: {clients} subscribed clients, {messages} QoS 0 messages"),
+    );
+    let _ = sys::raise_nofile(clients as u64 + 2000);
+    let gw = env.gateway(clients + 100, "max_queued_per_client = 1000\n")?;
+    let mut spec = env.spec(&gw);
+    spec.clients = clients;
+    spec.subscribe = Some("fan/t".into());
+    spec.keep_alive = 600;
+    let mut load = Load::start(spec).await?;
+    load.wait_ready(Duration::from_secs(60)).await;
+    load.start_publish();
+    load.wait_published(Duration::from_secs(10)).await;
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    // Warm-up messages until one arrives: then the upstream subscription is in place.
+    let native = |client: u32, messages: u64| Native {
+        port: env.broker.port,
+        topic: "fan/t".into(),
+        client,
+        messages,
+        qos: 0,
+        payload: env.opts.payload,
+        rate: None,
+        max: Duration::from_secs(20),
+    };
+    for _ in 0..20 {
+        baseline::publish(&native(0, 1)).await?;
+        load.wait_downlink(1, Duration::from_millis(500), Duration::from_millis(500))
+            .await;
+        if get(&load.counters.downlink) > 0 {
+            break;
+        }
+    }
+    let mut seen = 0;
+    loop {
+        load.wait_downlink(seen + 1, Duration::from_millis(500), Duration::from_secs(5))
+            .await;
+        let now = get(&load.counters.downlink);
+        if now == seen {
+            break;
+        }
+        seen = now;
+    }
+    let warm = get(&load.counters.downlink);
+    if let Ok(mut h) = load.downlink_latency.lock() {
+        h.reset();
+    }
+    let cpu = Cpu::start(gw.pid(), env.broker.pid());
+    let start_ns = crate::elapsed_ns();
+    baseline::publish(&native(1, messages)).await?;
+    let expected = clients as u64 * messages;
+    load.wait_downlink(warm + expected, IDLE, Duration::from_secs(60))
+        .await;
+    let got = get(&load.counters.downlink).saturating_sub(warm);
+    let last = get(&load.counters.last_downlink_ns);
+    let secs = last.saturating_sub(start_ns) as f64 / 1e9;
+    s.put("subscribed clients", get(&load.counters.ready) as f64, "");
+    s.put("deliveries", got as f64, "msgs");
+    s.put(
+        "loss",
+        100.0 * expected.saturating_sub(got) as f64 / expected.max(1) as f64,
+        "%",
+    );
+    s.put("delivery rate", got as f64 / secs.max(1e-9), "deliveries/s");
+    if let Ok(h) = load.downlink_latency.lock() {
+        put_latency(&mut s, "publish to delivery", &h);
+    }
+    cpu.put(&mut s, got, "delivery");
+    load.finish().await;
+    Ok(s)
+}
+
+fn targets(scenarios: &[Scenario]) -> Vec<Target> {
+    let find = |id: u8, m: &str| scenarios.iter().find(|s| s.id == id).and_then(|s| s.get(m));
+    let mut out = Vec::new();
+    let mut add =
+        |scenario: u8, target: &str, value: Option<f64>, unit: &str, met: &dyn Fn(f64) -> bool| {
+            if let Some(v) = value {
+                out.push(Target {
+                    scenario,
+                    target: target.to_owned(),
+                    measured: format!("{v:.2} {unit}"),
+                    met: met(v),
+                });
+            }
+        };
+    add(
+        1,
+        "QoS 0: gateway CPU <= 3 us per forwarded message (unpaced)",
+        find(1, "gateway CPU per delivered msg"),
+        "us",
+        &|v| v <= 3.0,
+    );
+    add(
+        1,
+        "QoS 0: zero loss at 100,000 msg/s offered",
+        find(1, "paced 100k lost"),
+        "msgs lost",
+        &|v| v == 0.0,
+    );
+    add(
+        1,
+        "QoS 0: delivered rate >= 75% of the native baseline",
+        find(1, "gateway / baseline delivered rate"),
+        "%",
+        &|v| v >= 75.0,
+    );
+    add(
+        1,
+        "QoS 0 at 10,000 msg/s: p99 latency <= 2 ms",
+        find(1, "paced 10k: latency p99"),
+        "ms",
+        &|v| v <= 2.0,
+    );
+    add(
+        3,
+        "QoS 1, 1,000 clients, window 1: >= 50,000 msg/s acknowledged",
+        find(3, "acknowledged rate"),
+        "msg/s",
+        &|v| v >= 50_000.0,
+    );
+    add(
+        4,
+        "100,000 clients: RSS <= 150 MB",
+        find(4, "RSS after publishing"),
+        "MiB",
+        &|v| v * 1.048_576 <= 150.0,
+    );
+    add(
+        4,
+        "Connect storm: >= 20,000 CONNACK/s",
+        find(4, "CONNACK rate"),
+        "CONNACK/s",
+        &|v| v >= 20_000.0,
+    );
+    add(
+        6,
+        "Downlink fan-out: >= 100,000 deliveries/s",
+        find(6, "delivery rate"),
+        "deliveries/s",
+        &|v| v >= 100_000.0,
+    );
+    out
+}
+
+fn print_scenario(s: &Scenario) {
+    println!("\n## {}. {}", s.id, s.name);
+    for m in &s.metrics {
+        let v = if m.value.abs() >= 100.0 {
+            format!("{:.0}", m.value)
+        } else {
+            format!("{:.3}", m.value)
+        };
+        println!("  {:<48} {:>14} {}", m.name, v, m.unit);
+    }
+    for n in &s.notes {
+        println!("  note: {n}");
+    }
+}
+
+/// Prints the targets table.
+pub fn print_targets(report: &Report) {
+    println!("\n## Targets");
+    println!("| # | target | measured | met |\n|---|---|---|---|");
+    for t in &report.targets {
+        println!(
+            "| {} | {} | {} | {} |",
+            t.scenario,
+            t.target,
+            t.measured,
+            if t.met { "yes" } else { "NO" }
+        );
+    }
+}
