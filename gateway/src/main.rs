@@ -84,7 +84,11 @@ fn init_logging(level: &str) {
 }
 
 fn run(cfg: Config) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One thread runs every task: the UDP driver, the upstream link and acknowledgement tasks
+    // hand each message to one another several times, and on one thread each hand-over is a
+    // queue push instead of a cross-thread wake-up (futex) of a parked worker. The core is
+    // single-owner anyway, so more workers add wake-ups, not parallelism.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("sensorgate")
         .build()

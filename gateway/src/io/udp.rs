@@ -29,6 +29,10 @@ const SEND_BATCH: usize = 64;
 /// Downlink messages taken per wake-up beyond the first, before output is flushed.
 const DOWNLINK_BATCH: usize = 255;
 
+/// Receive batches taken from each socket per round beyond the one that woke the driver,
+/// before output is flushed.
+const DRAIN_ROUNDS: usize = 4;
+
 /// Socket settings from `[mqttsn]`.
 #[derive(Debug, Clone, Copy)]
 pub struct SocketOptions {
@@ -166,9 +170,6 @@ impl UdpDriver {
                 Some(report) = self.acks.recv() => {
                     let now = Instant::now();
                     self.on_report(now, &report);
-                    while let Ok(report) = self.acks.try_recv() {
-                        self.on_report(now, &report);
-                    }
                 }
                 Some(message) = self.downlink.recv() => {
                     let now = Instant::now();
@@ -180,6 +181,9 @@ impl UdpDriver {
                 }
                 () = sleep => {}
             }
+            // Whatever else is ready is taken in the same round, so one flush (one
+            // `sendmmsg`, one hand-over to the upstreams) serves all of it.
+            self.drain_ready()?;
             let available = self.upstreams.iter().any(MqttUpstream::is_connected);
             self.core.set_upstream_available(available);
             self.core.handle_timeout(Instant::now());
@@ -187,26 +191,52 @@ impl UdpDriver {
         }
     }
 
+    /// Takes, without waiting, the upstream reports and the datagrams already queued, within
+    /// a bound per round ([`DRAIN_ROUNDS`] receive batches per socket).
     #[allow(clippy::disallowed_methods)]
-    fn receive_batch(&mut self, index: usize) -> io::Result<()> {
-        let Some(socket) = self.sockets.get(index).cloned() else {
-            return Ok(());
+    fn drain_ready(&mut self) -> io::Result<()> {
+        let now = Instant::now();
+        while let Ok(report) = self.acks.try_recv() {
+            self.on_report(now, &report);
+        }
+        for index in 0..self.sockets.len() {
+            for _ in 0..DRAIN_ROUNDS {
+                if self.receive_batch(index)? == 0 {
+                    break;
+                }
+            }
+        }
+        while let Ok(report) = self.acks.try_recv() {
+            self.on_report(now, &report);
+        }
+        Ok(())
+    }
+
+    /// Reads one batch from socket `index` into the core; returns how many datagrams it had
+    /// (0 when none was waiting).
+    #[allow(clippy::disallowed_methods)]
+    fn receive_batch(&mut self, index: usize) -> io::Result<usize> {
+        let Some(socket) = self.sockets.get(index) else {
+            return Ok(0);
         };
-        match self.rx.recv(&socket) {
-            Ok(_) => {}
+        let received = match self.rx.recv(socket) {
+            Ok(n) => n,
             Err(e) if is_peer_error(&e) => {
                 // ICMP errors from earlier sends surface here; they are about one peer.
                 tracing::debug!(error = %e, "Transient UDP receive error.");
-                return Ok(());
+                return Ok(1);
             }
             Err(e) => return Err(e),
+        };
+        if received == 0 {
+            return Ok(0);
         }
         let now = Instant::now();
         for (from, datagram) in self.rx.datagrams() {
             self.core
                 .handle_datagram(now, Peer::udp(index as u16, from), datagram);
         }
-        Ok(())
+        Ok(received)
     }
 
     /// Hands a message from an upstream subscription to the core, then acknowledges it to the
