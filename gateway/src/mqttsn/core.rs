@@ -338,10 +338,10 @@ struct Session {
     generation: u32,
     state: State,
     clean_session: bool,
-    /// Keep-alive Duration from CONNECT; zero disables supervision.
-    keep_alive: Duration,
-    /// Sleep duration from the last DISCONNECT(duration).
-    sleep: Duration,
+    /// Keep-alive Duration from CONNECT, in seconds; zero disables supervision.
+    keep_alive_secs: u16,
+    /// Sleep duration from the last DISCONNECT(duration), in seconds.
+    sleep_secs: u16,
     last_seen: Instant,
     topics: TopicTable,
     /// Client-specific predefined topics (global ones are looked up in the core).
@@ -350,7 +350,8 @@ struct Session {
     inflight_up: Vec<(u16, u64)>,
     /// QoS 2 uplink MsgIds answered with PUBREC, awaiting PUBREL.
     qos2_received: Vec<u16>,
-    will: Option<Will>,
+    /// Boxed: most sessions have none, and it is large.
+    will: Option<Box<Will>>,
     subscriptions: Vec<Subscription>,
     queue: VecDeque<Down>,
     inflight_down: Option<InFlight>,
@@ -368,8 +369,8 @@ impl Session {
     /// The earliest instant something is due for this session.
     fn next_deadline(&self, retry_all: Duration) -> Option<Instant> {
         let state = match &self.state {
-            State::Active if self.keep_alive.is_zero() => None,
-            State::Active => Some(self.last_seen + keep_alive_limit(self.keep_alive)),
+            State::Active if self.keep_alive_secs == 0 => None,
+            State::Active => Some(self.last_seen + keep_alive_limit(self.keep_alive())),
             State::Connecting { .. } => Some(self.last_seen + retry_all),
             State::Asleep { until } => Some(*until),
             State::Awake => None,
@@ -382,22 +383,139 @@ impl Session {
         }
     }
 
+    fn keep_alive(&self) -> Duration {
+        Duration::from_secs(u64::from(self.keep_alive_secs))
+    }
+
+    fn sleep(&self) -> Duration {
+        Duration::from_secs(u64::from(self.sleep_secs))
+    }
+
     fn can_send(&self) -> bool {
         self.peer.is_some() && matches!(self.state, State::Active | State::Awake)
     }
 }
 
 /// Per-client topic name <-> id table (spec 7.3 recommends per-client tables).
+///
+/// Most clients register a handful of topics, and a gateway holds up to `max_clients` of
+/// these tables, so the table is a vector sorted by id (binary search by id, the uplink's
+/// lookup) with a name index only once it grows past [`TopicTable::NAME_INDEX_FROM`] entries.
+/// An empty table allocates nothing.
 #[derive(Debug, Default)]
 struct TopicTable {
-    by_name: HashMap<Arc<str>, u16>,
-    by_id: HashMap<u16, Arc<str>>,
+    /// Registered topics, sorted by id.
+    entries: Vec<TopicEntry>,
+    /// Name -> id, kept only for tables longer than [`TopicTable::NAME_INDEX_FROM`].
+    // Boxed on purpose: 8 bytes instead of 48 in each of up to `max_clients` tables.
+    #[allow(clippy::box_collection)]
+    by_name: Option<Box<HashMap<Arc<str>, u16>>>,
     next_id: u16,
-    /// Ids the client currently knows (registered by it, or acknowledged by its REGACK). After a
-    /// CleanSession=0 reconnect it knows none and the gateway registers again before use.
-    known: HashSet<u16>,
     /// Topics the client refused with a REGACK rejection: not delivered any more (spec 6.5).
-    refused: HashSet<Arc<str>>,
+    #[allow(clippy::box_collection)] // As `by_name`: rarely used, kept small.
+    refused: Option<Box<HashSet<Arc<str>>>>,
+}
+
+/// One registered topic of a client.
+#[derive(Debug)]
+struct TopicEntry {
+    name: Arc<str>,
+    id: u16,
+    /// The client currently knows the id (registered by it, or acknowledged by its REGACK).
+    /// After a CleanSession=0 reconnect it knows none and the gateway registers again before
+    /// use.
+    known: bool,
+}
+
+impl TopicTable {
+    /// Tables longer than this get a name index; shorter ones are scanned.
+    const NAME_INDEX_FROM: usize = 16;
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn position(&self, id: u16) -> Result<usize, usize> {
+        self.entries.binary_search_by_key(&id, |e| e.id)
+    }
+
+    fn contains_id(&self, id: u16) -> bool {
+        self.position(id).is_ok()
+    }
+
+    /// The topic registered as `id`.
+    fn name(&self, id: u16) -> Option<&Arc<str>> {
+        let index = self.position(id).ok()?;
+        self.entries.get(index).map(|e| &e.name)
+    }
+
+    /// The id registered for `name`.
+    fn id(&self, name: &str) -> Option<u16> {
+        match &self.by_name {
+            Some(index) => index.get(name).copied(),
+            None => self.entries.iter().find(|e| &*e.name == name).map(|e| e.id),
+        }
+    }
+
+    /// The id of `name` if the client knows it.
+    fn known_id(&self, name: &str) -> Option<u16> {
+        let id = self.id(name)?;
+        let index = self.position(id).ok()?;
+        self.entries.get(index).filter(|e| e.known).map(|e| e.id)
+    }
+
+    /// Adds `name` as `id` (neither registered yet).
+    fn insert(&mut self, id: u16, name: Arc<str>) {
+        let Err(at) = self.position(id) else {
+            return;
+        };
+        // Grow one step at a time while small: most tables hold one or two topics.
+        if self.entries.len() == self.entries.capacity() {
+            self.entries.reserve_exact(self.entries.len().clamp(1, 16));
+        }
+        if let Some(index) = &mut self.by_name {
+            index.insert(name.clone(), id);
+        } else if self.entries.len() >= Self::NAME_INDEX_FROM {
+            let mut index: HashMap<Arc<str>, u16> = self
+                .entries
+                .iter()
+                .map(|e| (e.name.clone(), e.id))
+                .collect();
+            index.insert(name.clone(), id);
+            self.by_name = Some(Box::new(index));
+        }
+        self.entries.insert(
+            at,
+            TopicEntry {
+                name,
+                id,
+                known: false,
+            },
+        );
+    }
+
+    fn set_known(&mut self, id: u16, known: bool) {
+        if let Ok(index) = self.position(id) {
+            if let Some(e) = self.entries.get_mut(index) {
+                e.known = known;
+            }
+        }
+    }
+
+    /// The client lost its registrations (CleanSession=0 reconnect).
+    fn forget_known(&mut self) {
+        for e in &mut self.entries {
+            e.known = false;
+        }
+    }
+
+    fn is_refused(&self, name: &str) -> bool {
+        self.refused.as_ref().is_some_and(|r| r.contains(name))
+    }
+
+    fn refuse(&mut self, name: Arc<str>) {
+        self.refused.get_or_insert_default().insert(name);
+    }
 }
 
 /// A tokened publish awaiting its outcome.
@@ -1032,7 +1150,7 @@ impl Core {
         duration: u16,
         client_id: &str,
     ) {
-        let keep_alive = Duration::from_secs(u64::from(duration));
+        let keep_alive = duration;
         let existing = self.by_client.get(client_id).copied();
         let sref = match existing {
             Some(old) if !clean_session => {
@@ -1043,10 +1161,10 @@ impl Core {
                     return;
                 };
                 s.clean_session = false;
-                s.keep_alive = keep_alive;
+                s.keep_alive_secs = keep_alive;
                 s.last_seen = now;
                 // The client's own topic table was lost with its connection.
-                s.topics.known.clear();
+                s.topics.forget_known();
                 if let Some(f) = s.inflight_down.take() {
                     s.queue.push_front(f.msg);
                 }
@@ -1106,7 +1224,7 @@ impl Core {
         peer: Peer,
         client_id: &str,
         clean_session: bool,
-        keep_alive: Duration,
+        keep_alive: u16,
     ) -> Option<SessionRef> {
         let client_id: Arc<str> = Arc::from(client_id);
         let slot = match self.free.pop() {
@@ -1130,8 +1248,8 @@ impl Core {
             generation: sref.generation,
             state: State::Active,
             clean_session,
-            keep_alive,
-            sleep: Duration::ZERO,
+            keep_alive_secs: keep_alive,
+            sleep_secs: 0,
             last_seen: now,
             topics: TopicTable {
                 next_id: 1,
@@ -1202,12 +1320,12 @@ impl Core {
         else {
             return;
         };
-        s.will = Some(Will {
+        s.will = Some(Box::new(Will {
             topic: topic.clone(),
             payload: Bytes::copy_from_slice(msg),
             qos: *qos,
             retain: *retain,
-        });
+        }));
         self.activate(now, sref, peer);
     }
 
@@ -1229,12 +1347,12 @@ impl Core {
             Some(_) if !is_mqtt_topic_name(topic) => ReturnCode::InvalidTopicId,
             Some(flags) => {
                 let payload = s.will.take().map(|w| w.payload).unwrap_or_default();
-                s.will = Some(Will {
+                s.will = Some(Box::new(Will {
                     topic: Arc::from(topic),
                     payload,
                     qos: flags.qos,
                     retain: flags.retain,
-                });
+                }));
                 ReturnCode::Accepted
             }
         }
@@ -1298,7 +1416,7 @@ impl Core {
                     ) =>
             {
                 let sleep = Duration::from_secs(u64::from(d));
-                s.sleep = sleep;
+                s.sleep_secs = d;
                 s.state = State::Asleep {
                     until: now + sleep_limit(sleep),
                 };
@@ -1410,8 +1528,8 @@ impl Core {
         };
         match s.state {
             State::Active
-                if !s.keep_alive.is_zero()
-                    && s.last_seen + keep_alive_limit(s.keep_alive) <= now =>
+                if s.keep_alive_secs != 0
+                    && s.last_seen + keep_alive_limit(s.keep_alive()) <= now =>
             {
                 self.lose(now, sref, "keep-alive expired");
             }
@@ -1559,7 +1677,7 @@ impl Core {
     fn resolve_topic(&self, sref: SessionRef, topic: TopicRef) -> Option<Arc<str>> {
         let session = self.session(sref)?;
         match topic {
-            TopicRef::Normal(id) => session.topics.by_id.get(&id).cloned(),
+            TopicRef::Normal(id) => session.topics.name(id).cloned(),
             TopicRef::Predefined(id) => self.predefined_for(session, id),
             TopicRef::Short(s) => short_topic(s),
         }
@@ -1596,7 +1714,7 @@ impl Core {
         match self.topic_id_for(sref, name) {
             Some(id) => {
                 if let Some(s) = self.session_mut(sref) {
-                    s.topics.known.insert(id);
+                    s.topics.set_known(id, true);
                 }
                 Reply::RegAck {
                     topic_id: id,
@@ -1621,17 +1739,17 @@ impl Core {
         let max_topics = self.config.max_topics_per_client;
         let global = &self.global_predefined;
         let session = slot_mut(&mut self.slots, sref)?;
-        if let Some(&id) = session.topics.by_name.get(name) {
+        if let Some(id) = session.topics.id(name) {
             return Some(id);
         }
-        if session.topics.by_id.len() >= max_topics {
+        if session.topics.len() >= max_topics {
             return None;
         }
         let own = session.own_predefined.clone();
         let taken = |id: u16, table: &TopicTable| {
             id == 0
                 || id == 0xFFFF
-                || table.by_id.contains_key(&id)
+                || table.contains_id(id)
                 || global.contains_key(&id)
                 || own.as_ref().is_some_and(|o| o.contains_key(&id))
         };
@@ -1646,8 +1764,7 @@ impl Core {
         }
         session.topics.next_id = id.wrapping_add(1);
         let topic: Arc<str> = Arc::from(name);
-        session.topics.by_name.insert(topic.clone(), id);
-        session.topics.by_id.insert(id, topic);
+        session.topics.insert(id, topic);
         Some(id)
     }
 
@@ -1709,7 +1826,7 @@ impl Core {
             SubscribeTopic::Name(name) => match self.topic_id_for(sref, name) {
                 Some(id) => {
                     if let Some(s) = self.session_mut(sref) {
-                        s.topics.known.insert(id);
+                        s.topics.set_known(id, true);
                     }
                     id
                 }
@@ -1872,7 +1989,7 @@ impl Core {
             let Some(peer) = s.peer.clone() else { return };
             let Some(front) = s.queue.front() else {
                 if s.state == State::Awake {
-                    let until = now + sleep_limit(s.sleep);
+                    let until = now + sleep_limit(s.sleep());
                     if let Some(s) = self.session_mut(sref) {
                         s.state = State::Asleep { until };
                     }
@@ -1884,13 +2001,8 @@ impl Core {
             let topic_name = front.topic.clone();
             // How the client will know the topic: predefined, short, or registered.
             let predefined = self.predefined_id_of(s, &topic_name);
-            let refused = s.topics.refused.contains(&topic_name);
-            let known_id = s
-                .topics
-                .by_name
-                .get(&topic_name)
-                .copied()
-                .filter(|id| s.topics.known.contains(id));
+            let refused = s.topics.is_refused(&topic_name);
+            let known_id = s.topics.known_id(&topic_name);
             let topic = if let Some(id) = predefined {
                 Some(TopicRef::Predefined(id))
             } else if let [a, b] = topic_name.as_bytes() {
@@ -2021,7 +2133,7 @@ impl Core {
         let Some(peer) = s.peer.clone() else { return };
         if rc != ReturnCode::Accepted {
             // The client refuses this topic: stop sending it (spec 6.5).
-            s.topics.refused.insert(f.msg.topic.clone());
+            s.topics.refuse(f.msg.topic.clone());
             self.stats.downlink_dropped += 1;
             return self.pump(now, sref);
         }
@@ -2029,7 +2141,7 @@ impl Core {
         if topic_id != id && topic_id != 0 {
             tracing::debug!(client_id = %s.client_id, topic_id, expected = id, "REGACK with another topic id.");
         }
-        s.topics.known.insert(id);
+        s.topics.set_known(id, true);
         self.send_publish(now, sref, peer, f.msg, f.topic, f.reregistered);
         self.pump(now, sref);
     }
@@ -2052,7 +2164,7 @@ impl Core {
         if !matching {
             // A PUBACK rc 0x02 to a QoS 0 PUBLISH still tells us the client lost the id.
             if rc == ReturnCode::InvalidTopicId {
-                s.topics.known.remove(&topic_id);
+                s.topics.set_known(topic_id, false);
             }
             return;
         }
@@ -2065,7 +2177,7 @@ impl Core {
                 if !f.reregistered && matches!(f.topic, TopicRef::Normal(_)) =>
             {
                 // The client lost the registration: register again, then resend (once).
-                s.topics.known.remove(&topic_id_of(f.topic));
+                s.topics.set_known(topic_id_of(f.topic), false);
                 let msg_id = s.next_msg_id();
                 let name = f.msg.topic.clone();
                 let Some(peer) = s.peer.clone() else { return };
