@@ -138,10 +138,10 @@ pub struct Counters {
     pub last_downlink_ns: AtomicU64,
 }
 
-impl Counters {
-    fn get(c: &AtomicU64) -> u64 {
-        c.load(Ordering::Relaxed)
-    }
+/// The current value of one counter.
+#[must_use]
+pub fn count(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
 }
 
 /// Phases the controller moves the clients through.
@@ -227,9 +227,7 @@ impl Load {
     pub async fn wait_ready(&self, max: Duration) -> Duration {
         let c = &self.counters;
         let until = Instant::now() + max;
-        while Counters::get(&c.ready) + Counters::get(&c.failed) < self.clients
-            && Instant::now() < until
-        {
+        while count(&c.ready) + count(&c.failed) < self.clients && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         self.started.elapsed()
@@ -238,7 +236,7 @@ impl Load {
     /// Seconds from start to the last CONNACK.
     #[must_use]
     pub fn connack_secs(&self) -> f64 {
-        let last = Counters::get(&self.counters.last_connack_ns);
+        let last = count(&self.counters.last_connack_ns);
         let start = u64::try_from(
             self.started
                 .saturating_duration_since(*crate::EPOCH.get_or_init(Instant::now))
@@ -259,8 +257,8 @@ impl Load {
     pub async fn wait_published(&self, max: Duration) -> Duration {
         let c = &self.counters;
         let until = Instant::now() + max;
-        let ready = Counters::get(&c.ready);
-        while Counters::get(&c.done) < ready && Instant::now() < until {
+        let ready = count(&c.ready);
+        while count(&c.done) < ready && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         self.publish_started.map_or(Duration::ZERO, |t| t.elapsed())
@@ -272,7 +270,7 @@ impl Load {
         let until = Instant::now() + max;
         let mut last = (0, Instant::now());
         loop {
-            let got = Counters::get(&c.downlink);
+            let got = count(&c.downlink);
             if got >= total || Instant::now() > until {
                 return;
             }

@@ -41,9 +41,9 @@ pub const fn qos_flags(qos: i8) -> u8 {
     }
 }
 
-/// Appends one packet: length (1 or 3 octets), type, body.
-pub fn frame_into(out: &mut Vec<u8>, msg_type: u8, body: &[u8]) {
-    let len = body.len() + 2;
+/// Appends the length (1 or 3 octets) and type of a packet whose body has `body_len` bytes.
+fn header_into(out: &mut Vec<u8>, msg_type: u8, body_len: usize) {
+    let len = body_len + 2;
     if let Ok(short) = u8::try_from(len) {
         out.push(short);
     } else {
@@ -52,6 +52,11 @@ pub fn frame_into(out: &mut Vec<u8>, msg_type: u8, body: &[u8]) {
         out.extend_from_slice(&long.to_be_bytes());
     }
     out.push(msg_type);
+}
+
+/// Appends one packet: length, type, body.
+pub fn frame_into(out: &mut Vec<u8>, msg_type: u8, body: &[u8]) {
+    header_into(out, msg_type, body.len());
     out.extend_from_slice(body);
 }
 
@@ -90,20 +95,10 @@ pub fn subscribe(topic: &str, qos: i8, msg_id: u16) -> Vec<u8> {
 
 /// Appends a PUBLISH (`flags`: QoS, DUP and topic id type bits).
 pub fn publish_into(out: &mut Vec<u8>, flags: u8, topic: [u8; 2], msg_id: u16, data: &[u8]) {
-    let mut head = [0u8; 5];
-    head[0] = flags;
-    head[1..3].copy_from_slice(&topic);
-    head[3..5].copy_from_slice(&msg_id.to_be_bytes());
-    let len = 2 + head.len() + data.len();
-    if let Ok(short) = u8::try_from(len) {
-        out.push(short);
-    } else {
-        out.push(1);
-        let long = u16::try_from(len + 2).unwrap_or(u16::MAX);
-        out.extend_from_slice(&long.to_be_bytes());
-    }
-    out.push(kind::PUBLISH);
-    out.extend_from_slice(&head);
+    header_into(out, kind::PUBLISH, 5 + data.len());
+    out.push(flags);
+    out.extend_from_slice(&topic);
+    out.extend_from_slice(&msg_id.to_be_bytes());
     out.extend_from_slice(data);
 }
 

@@ -18,7 +18,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::time::timeout;
 
-use crate::generator::{Load, LoadSpec, TopicMode};
+use crate::generator::{Load, LoadSpec, TopicMode, count};
 
 /// Nanoseconds since the Unix epoch (comparable across processes on one host).
 #[must_use]
@@ -74,11 +74,17 @@ pub async fn worker(spec: LoadSpec) -> anyhow::Result<()> {
     let mut out = tokio::io::stdout();
     let mut load = Load::start(spec).await?;
     load.wait_ready(Duration::from_secs(120)).await;
-    let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     let c = load.counters.clone();
-    let last = unix_at_epoch + get(&c.last_connack_ns);
-    out.write_all(format!("ready {} {} {last}\n", get(&c.connected), get(&c.failed)).as_bytes())
-        .await?;
+    let last = unix_at_epoch + count(&c.last_connack_ns);
+    out.write_all(
+        format!(
+            "ready {} {} {last}\n",
+            count(&c.connected),
+            count(&c.failed)
+        )
+        .as_bytes(),
+    )
+    .await?;
     out.flush().await?;
     if stdin.next_line().await?.as_deref() != Some("go") {
         bail!("expected go");
@@ -88,9 +94,9 @@ pub async fn worker(spec: LoadSpec) -> anyhow::Result<()> {
     out.write_all(
         format!(
             "done {} {} {} {}\n",
-            get(&c.acked),
-            get(&c.retransmits),
-            get(&c.unanswered),
+            count(&c.acked),
+            count(&c.retransmits),
+            count(&c.unanswered),
             (crate::sys::own_cpu_secs() * 1e6) as u64
         )
         .as_bytes(),

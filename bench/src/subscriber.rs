@@ -217,8 +217,11 @@ impl Counter {
         let until = Instant::now() + max;
         let mut last = (u64::MAX, Instant::now());
         loop {
-            let got = self.lock().received;
-            if self.lock().unique >= unique || Instant::now() > until {
+            let (got, distinct) = {
+                let t = self.lock();
+                (t.received, t.unique)
+            };
+            if distinct >= unique || Instant::now() > until {
                 break;
             }
             if got != last.0 {

@@ -11,7 +11,7 @@ use serde::Serialize;
 use tempfile::TempDir;
 
 use crate::baseline::{self, Native};
-use crate::generator::{Load, LoadSpec, TopicMode};
+use crate::generator::{Load, LoadSpec, TopicMode, count};
 use crate::procs::{Broker, Gateway};
 use crate::subscriber::{Counter, Tally};
 use crate::sys::{self, ProcSample};
@@ -250,6 +250,27 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     })
 }
 
+/// One uplink run: sets the clients up, publishes, waits for the subscriber. Returns the
+/// messages sent, the publish phase's seconds, the tally and the CPU meter started when
+/// publishing began.
+async fn uplink(
+    env: &Env,
+    gw: &Gateway,
+    spec: LoadSpec,
+    publish_max: Duration,
+) -> anyhow::Result<(u64, f64, Tally, Cpu)> {
+    env.counter.reset();
+    let mut load = Load::start(spec).await?;
+    load.wait_ready(Duration::from_secs(10)).await;
+    let cpu = Cpu::start(gw.pid(), env.broker.pid());
+    load.start_publish();
+    let secs = load.wait_published(publish_max).await.as_secs_f64();
+    let sent = count(&load.counters.sent);
+    let tally = env.counter.wait_for(sent, IDLE, Duration::from_secs(30))?;
+    load.finish().await;
+    Ok((sent, secs, tally, cpu))
+}
+
 /// Scenario 1: QoS 0 from one client, unpaced, the native baseline, then paced steps up to
 /// the highest rate without loss.
 async fn qos0_one_client(env: &mut Env) -> anyhow::Result<Scenario> {
@@ -259,27 +280,12 @@ async fn qos0_one_client(env: &mut Env) -> anyhow::Result<Scenario> {
     );
     let n: u64 = if env.opts.quick { 100_000 } else { 300_000 };
     let gw = env.gateway(1000, "")?;
-    let (gpid, bpid) = (gw.pid(), env.broker.pid());
 
     // Unpaced.
     let mut spec = env.spec(&gw);
     spec.messages = n;
     spec.publish_for = Duration::from_secs(20);
-    env.counter.reset();
-    let mut load = Load::start(spec).await?;
-    load.wait_ready(Duration::from_secs(10)).await;
-    let cpu = Cpu::start(gpid, bpid);
-    load.start_publish();
-    let secs = load
-        .wait_published(Duration::from_secs(25))
-        .await
-        .as_secs_f64();
-    let sent = load
-        .counters
-        .sent
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let tally = env.counter.wait_for(sent, IDLE, Duration::from_secs(30))?;
-    load.finish().await;
+    let (sent, secs, tally, cpu) = uplink(env, &gw, spec, Duration::from_secs(25)).await?;
     s.put(
         "unpaced offered rate",
         sent as f64 / secs.max(1e-9),
@@ -290,7 +296,6 @@ async fn qos0_one_client(env: &mut Env) -> anyhow::Result<Scenario> {
 
     // Native MQTT baseline: the same messages straight into the broker.
     env.counter.reset();
-    let cpu = Cpu::start(gpid, bpid);
     let (bsent, bsecs) = baseline::publish(&Native {
         port: env.broker.port,
         topic: "bench/native".into(),
@@ -303,7 +308,6 @@ async fn qos0_one_client(env: &mut Env) -> anyhow::Result<Scenario> {
     })
     .await?;
     let base = env.counter.wait_for(bsent, IDLE, Duration::from_secs(30))?;
-    let _ = cpu;
     s.put(
         "baseline offered rate",
         bsent as f64 / bsecs.max(1e-9),
@@ -338,21 +342,7 @@ async fn qos0_one_client(env: &mut Env) -> anyhow::Result<Scenario> {
         spec.messages = (rate * secs) as u64;
         spec.rate = Some(rate);
         spec.publish_for = Duration::from_secs(10);
-        env.counter.reset();
-        let mut load = Load::start(spec).await?;
-        load.wait_ready(Duration::from_secs(10)).await;
-        let cpu = Cpu::start(gpid, bpid);
-        load.start_publish();
-        let took = load
-            .wait_published(Duration::from_secs(15))
-            .await
-            .as_secs_f64();
-        let sent = load
-            .counters
-            .sent
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let t = env.counter.wait_for(sent, IDLE, Duration::from_secs(15))?;
-        load.finish().await;
+        let (sent, took, t, cpu) = uplink(env, &gw, spec, Duration::from_secs(15)).await?;
         let lost = sent.saturating_sub(t.unique);
         let k = format!("{}k", rate / 1000.0);
         s.put(
@@ -369,7 +359,7 @@ async fn qos0_one_client(env: &mut Env) -> anyhow::Result<Scenario> {
         if rate <= 10_000.0 {
             put_latency(&mut s, &format!("paced {k}: latency"), &t.latency);
         }
-        if rate >= 100_000.0 && (rate - 100_000.0).abs() < 1.0 {
+        if (rate - 100_000.0).abs() < 1.0 {
             s.put("paced 100k lost", lost as f64, "msgs");
         }
         if lost > 0 {
@@ -407,13 +397,12 @@ async fn qos1(env: &mut Env, id: u8, clients: usize) -> anyhow::Result<Scenario>
         .await
         .as_secs_f64();
     let c = &load.counters;
-    let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-    let (sent, acked) = (get(&c.sent), get(&c.acked));
+    let (sent, acked) = (count(&c.sent), count(&c.acked));
     s.put("acknowledged", acked as f64, "msgs");
     s.put("acknowledged rate", acked as f64 / secs.max(1e-9), "msg/s");
-    s.put("rejected", get(&c.rejected) as f64, "msgs");
-    s.put("retransmissions", get(&c.retransmits) as f64, "pkts");
-    s.put("unanswered", get(&c.unanswered) as f64, "msgs");
+    s.put("rejected", count(&c.rejected) as f64, "msgs");
+    s.put("retransmissions", count(&c.retransmits) as f64, "pkts");
+    s.put("unanswered", count(&c.unanswered) as f64, "msgs");
     if let Ok(h) = load.ack_latency.lock() {
         put_latency(&mut s, "PUBLISH to PUBACK", &h);
     }
@@ -546,8 +535,7 @@ async fn idle_and_active(env: &mut Env) -> anyhow::Result<Scenario> {
         .await
         .as_secs_f64();
     let during = sample(gw.pid());
-    let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-    let acked = get(&active.counters.acked);
+    let acked = count(&active.counters.acked);
     s.put(
         "active acknowledged rate",
         acked as f64 / took.max(1e-9),
@@ -562,11 +550,15 @@ async fn idle_and_active(env: &mut Env) -> anyhow::Result<Scenario> {
         acked.saturating_sub(tally.unique) as f64,
         "msgs",
     );
-    s.put("idle connected", get(&idle.counters.ready) as f64, "");
-    s.put("PINGRESP received", get(&idle.counters.pingresp) as f64, "");
+    s.put("idle connected", count(&idle.counters.ready) as f64, "");
+    s.put(
+        "PINGRESP received",
+        count(&idle.counters.pingresp) as f64,
+        "",
+    );
     s.put(
         "sessions lost",
-        (get(&idle.counters.lost) + get(&active.counters.lost)) as f64,
+        (count(&idle.counters.lost) + count(&active.counters.lost)) as f64,
         "",
     );
     s.put("RSS before", before.rss_kb as f64 / 1024.0, "MiB");
@@ -598,7 +590,6 @@ async fn fan_out(env: &mut Env) -> anyhow::Result<Scenario> {
     load.wait_ready(Duration::from_secs(60)).await;
     load.start_publish();
     load.wait_published(Duration::from_secs(10)).await;
-    let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     // Warm-up messages until one arrives: then the upstream subscription is in place.
     let native = |client: u32, messages: u64| Native {
         port: env.broker.port,
@@ -614,7 +605,7 @@ async fn fan_out(env: &mut Env) -> anyhow::Result<Scenario> {
         baseline::publish(&native(0, 1)).await?;
         load.wait_downlink(1, Duration::from_millis(500), Duration::from_millis(500))
             .await;
-        if get(&load.counters.downlink) > 0 {
+        if count(&load.counters.downlink) > 0 {
             break;
         }
     }
@@ -622,13 +613,13 @@ async fn fan_out(env: &mut Env) -> anyhow::Result<Scenario> {
     loop {
         load.wait_downlink(seen + 1, Duration::from_millis(500), Duration::from_secs(5))
             .await;
-        let now = get(&load.counters.downlink);
+        let now = count(&load.counters.downlink);
         if now == seen {
             break;
         }
         seen = now;
     }
-    let warm = get(&load.counters.downlink);
+    let warm = count(&load.counters.downlink);
     if let Ok(mut h) = load.downlink_latency.lock() {
         h.reset();
     }
@@ -638,10 +629,10 @@ async fn fan_out(env: &mut Env) -> anyhow::Result<Scenario> {
     let expected = clients as u64 * messages;
     load.wait_downlink(warm + expected, IDLE, Duration::from_secs(60))
         .await;
-    let got = get(&load.counters.downlink).saturating_sub(warm);
-    let last = get(&load.counters.last_downlink_ns);
+    let got = count(&load.counters.downlink).saturating_sub(warm);
+    let last = count(&load.counters.last_downlink_ns);
     let secs = last.saturating_sub(start_ns) as f64 / 1e9;
-    s.put("subscribed clients", get(&load.counters.ready) as f64, "");
+    s.put("subscribed clients", count(&load.counters.ready) as f64, "");
     s.put("deliveries", got as f64, "msgs");
     s.put(
         "loss",
