@@ -1,4 +1,5 @@
-//! MQTT-SN v1.2: the wire codec and the sans-IO gateway core.
+//! MQTT-SN v1.2: the wire codec, the sans-IO gateway core, and the persisted session format.
 
 pub mod codec;
 pub mod core;
+pub mod persist;
