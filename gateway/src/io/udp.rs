@@ -251,7 +251,9 @@ impl UdpDriver {
             ack,
             ..
         } = message;
-        self.core
+        // Persistence is not wired yet: acknowledged at once, as before.
+        let _ = self
+            .core
             .handle_downlink(now, &topic, payload, qos, retain, filters.as_deref());
         ack.ack();
     }

@@ -3,18 +3,36 @@
 //!
 //! # Driving the core
 //!
-//! The IO adapter owns one [`Core`] and, in a loop:
+//! The IO adapter owns one [`Core`]. Before any traffic it hands every stored session record
+//! to [`Core::restore`] (restored subscriptions come out of [`Core::poll_event`] as the usual
+//! [`Event::Subscribe`]s). Then, in a loop, it:
 //! 1. feeds every received datagram to [`Core::handle_datagram`], every upstream verdict on a
 //!    tokened publish to [`Core::handle_publish_result`], every message from an upstream
 //!    subscription to [`Core::handle_downlink`], and the upstreams' availability to
-//!    [`Core::set_upstream_available`];
+//!    [`Core::set_upstream_available`]. When the [`DownlinkOutcome`] of `handle_downlink`
+//!    says [`DownlinkOutcome::needs_durability`], the adapter holds the broker's
+//!    acknowledgement until the changes of step 4 of this round are durable; otherwise it
+//!    acknowledges at once;
 //! 2. calls [`Core::handle_timeout`] once the instant from [`Core::poll_timeout`] has passed
 //!    (calling it early is harmless: nothing is due, nothing happens);
 //! 3. drains [`Core::poll_transmit`] (datagrams to send) and [`Core::poll_event`] (publishes
 //!    and subscription changes for the upstreams) until both return `None`;
-//! 4. sleeps until the next input or [`Core::poll_timeout`].
+//! 4. takes [`Core::take_persist_changes`] and writes them durably (in order), then releases
+//!    the acknowledgements held in step 1;
+//! 5. sleeps until the next input or [`Core::poll_timeout`].
 //!
 //! Time is always passed in; the core never reads a clock.
+//!
+//! # Persistence
+//!
+//! A session is *persistent* while it has CleanSession=0 or is asleep (or awake, delivering
+//! its buffer): that is what must survive a gateway restart. Its record ([`persist`]) holds
+//! registrations, subscriptions, the Will and the queued QoS 1/2 downlink (a message in
+//! flight first, marked DUP if it was sent). QoS 0 downlink, addresses and timers are not
+//! kept: a restored session is asleep or disconnected with its timers restarted from the
+//! restore instant (the full sleep duration, or the full `session_expiry`).
+//!
+//! [`persist`]: super::persist
 //!
 //! # Client states (spec 6.14)
 //!
@@ -44,6 +62,13 @@
 //! - Everything is bounded: sessions, topics, subscriptions and queued messages per client,
 //!   retained messages, unacknowledged uplink publishes per client.
 //! - Bytes from the network never cause a panic: malformed datagrams are counted and dropped.
+//! - Persistence is O(changes): every change to the persisted content of a persistent session
+//!   (connect, disconnect, sleep, subscribe, unsubscribe, a new registration, the Will, a
+//!   QoS 1/2 downlink queued, delivered or dropped) marks it dirty once; a take encodes each
+//!   dirty session once. A session that ends, or stops being persistent, after a record was
+//!   emitted for it (or restored) gets a [`PersistChange::Remove`]. Within one take the
+//!   removals of ended sessions come first, so when a ClientId's session ended and a new one
+//!   began, the new one's change comes last and wins.
 
 mod filter;
 
@@ -60,6 +85,10 @@ pub use filter::{has_wildcards, is_mqtt_topic_filter, is_mqtt_topic_name, matche
 
 use super::codec::{
     self, DecodeLimits, Frame, Packet, QoS, ReturnCode, SubscribeTopic, TopicRef, WillFlags,
+};
+use super::persist::{
+    self, RecordError, RecordMessage, RecordState, RecordSubscription, RecordTopic, RecordWill,
+    SessionRecord,
 };
 
 /// Which clients a predefined topic applies to.
@@ -215,6 +244,71 @@ pub enum Event {
     },
 }
 
+/// A change for the session store, from [`Core::take_persist_changes`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PersistChange {
+    /// Store `bytes` (a [`persist`] record) as the session of `client_id`, replacing any
+    /// earlier one.
+    Upsert {
+        /// The session's ClientId.
+        client_id: Arc<str>,
+        /// The encoded [`SessionRecord`].
+        bytes: Vec<u8>,
+    },
+    /// The session of `client_id` ended, or needs no persistence any more: forget its record.
+    Remove {
+        /// The session's ClientId.
+        client_id: Arc<str>,
+    },
+}
+
+/// What [`Core::handle_downlink`] did with one message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[must_use]
+pub struct DownlinkOutcome {
+    /// Sessions the message was queued (or sent) for.
+    pub queued: usize,
+    /// Of these, persistent sessions that got it at QoS 1/2: their next records hold it.
+    pub persisted: usize,
+}
+
+impl DownlinkOutcome {
+    /// The message is part of persisted state: acknowledge it to the broker only once the
+    /// changes of the next [`Core::take_persist_changes`] are durable.
+    pub fn needs_durability(&self) -> bool {
+        self.persisted > 0
+    }
+}
+
+/// Why [`Core::restore`] refused a stored record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    /// The bytes are not a valid record.
+    #[error("invalid session record: {0}")]
+    Decode(#[from] RecordError),
+    /// A session with this ClientId exists already.
+    #[error("session {0} exists already")]
+    Duplicate(Arc<str>),
+    /// The session table is full (`max_clients`).
+    #[error("session table full")]
+    TableFull,
+    /// A CleanSession=1 session that is not asleep: nothing of it outlives its connection.
+    #[error("session {0} is neither persistent nor asleep")]
+    NotPersistent(Arc<str>),
+}
+
+impl RestoreError {
+    /// A snake_case tag for metrics and structured logs, stable across releases.
+    pub fn error_code(&self) -> &'static str {
+        match self {
+            Self::Decode(e) => e.error_code(),
+            Self::Duplicate(_) => "duplicate",
+            Self::TableFull => "table_full",
+            Self::NotPersistent(_) => "not_persistent",
+        }
+    }
+}
+
 /// The upstream's verdict on a tokened publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PublishOutcome {
@@ -298,6 +392,8 @@ struct Down {
     /// 0, 1 or 2: min(subscription, message).
     qos: u8,
     retain: bool,
+    /// Sent before (it was in flight when its session was stored): resend with DUP.
+    dup: bool,
 }
 
 /// The one downlink exchange in flight with a client.
@@ -358,6 +454,11 @@ struct Session {
     next_msg_id: u16,
     /// Deadline of this session's earliest timer entry in the heap, if any.
     armed: Option<Instant>,
+    /// The store holds a record of this session (emitted by a take, or restored): when the
+    /// session ends or stops being persistent, the record must be removed.
+    persisted: bool,
+    /// Listed in `Core::persist_dirty`: its persisted content changed since the last take.
+    dirty: bool,
 }
 
 impl Session {
@@ -394,6 +495,93 @@ impl Session {
     fn can_send(&self) -> bool {
         self.peer.is_some() && matches!(self.state, State::Active | State::Awake)
     }
+
+    /// Whether the session must survive a restart: CleanSession=0, or a sleeping client.
+    fn is_persistent(&self) -> bool {
+        !self.clean_session || matches!(self.state, State::Asleep { .. } | State::Awake)
+    }
+
+    /// Puts the message in flight back at the front of the queue (the connection it was sent
+    /// on is gone); one already sent goes out again with DUP.
+    fn requeue_in_flight(&mut self) {
+        if let Some(f) = self.inflight_down.take() {
+            let sent = f.phase != Phase::Register || f.reregistered;
+            self.queue.push_front(Down {
+                dup: f.msg.dup || sent,
+                ..f.msg
+            });
+        }
+    }
+
+    /// The record of this session as [`Core::restore`] takes it back.
+    fn record(&self) -> SessionRecord {
+        let message = |d: &Down| RecordMessage {
+            topic: d.topic.clone(),
+            payload: d.payload.clone(),
+            qos: d.qos,
+            retain: d.retain,
+            dup: d.dup,
+        };
+        let in_flight = self.inflight_down.as_ref().map(|f| RecordMessage {
+            dup: f.msg.dup || f.phase != Phase::Register || f.reregistered,
+            ..message(&f.msg)
+        });
+        SessionRecord {
+            client_id: self.client_id.clone(),
+            clean_session: self.clean_session,
+            keep_alive_secs: self.keep_alive_secs,
+            sleep_secs: self.sleep_secs,
+            state: match self.state {
+                State::Asleep { .. } | State::Awake => RecordState::Asleep,
+                _ => RecordState::Disconnected,
+            },
+            next_topic_id: self.topics.next_id,
+            topics: self
+                .topics
+                .entries
+                .iter()
+                .map(|e| RecordTopic {
+                    id: e.id,
+                    name: e.name.clone(),
+                })
+                .collect(),
+            refused: self
+                .topics
+                .refused
+                .iter()
+                .flat_map(|r| r.iter().cloned())
+                .collect(),
+            subscriptions: self
+                .subscriptions
+                .iter()
+                .map(|s| RecordSubscription {
+                    filter: s.filter.clone(),
+                    qos: s.qos,
+                })
+                .collect(),
+            will: self.will.as_ref().map(|w| RecordWill {
+                topic: w.topic.clone(),
+                payload: w.payload.clone(),
+                qos: qos_level_of(w.qos),
+                retain: w.retain,
+            }),
+            // QoS 0 is at most once: not worth a write, not kept.
+            queue: in_flight
+                .into_iter()
+                .chain(self.queue.iter().filter(|d| d.qos > 0).map(message))
+                .collect(),
+        }
+    }
+}
+
+/// Lists `session` as dirty (once) if its persisted content matters: it is persistent, or a
+/// record of it is stored and must be replaced or removed. Call after the change.
+fn mark_dirty(session: &mut Session, sref: SessionRef, dirty: &mut Vec<SessionRef>) {
+    if session.dirty || !(session.persisted || session.is_persistent()) {
+        return;
+    }
+    session.dirty = true;
+    dirty.push(sref);
 }
 
 /// Per-client topic name <-> id table (spec 7.3 recommends per-client tables).
@@ -612,6 +800,11 @@ pub struct Core {
     transmits: VecDeque<(Peer, Reply)>,
     events: VecDeque<Event>,
     stats: Stats,
+    /// Sessions whose persisted content changed since the last take (each listed once, see
+    /// [`Session::dirty`]); entries of sessions removed meanwhile are stale and skipped.
+    persist_dirty: Vec<SessionRef>,
+    /// ClientIds of ended sessions whose stored record must go.
+    persist_removed: Vec<Arc<str>>,
 }
 
 impl Core {
@@ -665,6 +858,8 @@ impl Core {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
+            persist_dirty: Vec::new(),
+            persist_removed: Vec::new(),
             config,
         }
     }
@@ -760,6 +955,9 @@ impl Core {
     /// filter, so each copy goes to the subscribers of its own filters only and a client
     /// matched by two different clients' filters still gets one copy. `None` matches every
     /// subscribed filter.
+    ///
+    /// The outcome says whether the message became part of a persistent session's state (see
+    /// the module docs, "Driving the core", for what to do with the broker's acknowledgement).
     pub fn handle_downlink(
         &mut self,
         now: Instant,
@@ -768,7 +966,7 @@ impl Core {
         qos: Qos,
         retain: bool,
         filters: Option<&[Arc<str>]>,
-    ) {
+    ) -> DownlinkOutcome {
         self.stats.downlink_in += 1;
         let msg_qos = qos_level(qos);
         if retain {
@@ -809,8 +1007,9 @@ impl Core {
                 }
             }
         }
+        let mut outcome = DownlinkOutcome::default();
         if targets.is_empty() {
-            return;
+            return outcome;
         }
         let topic: Arc<str> = Arc::from(topic);
         for (sref, qos) in targets {
@@ -819,9 +1018,18 @@ impl Core {
                 payload: payload.clone(),
                 qos,
                 retain,
+                dup: false,
             };
-            self.enqueue(now, sref, down);
+            match self.enqueue(now, sref, down) {
+                Queued::Persisted => {
+                    outcome.queued += 1;
+                    outcome.persisted += 1;
+                }
+                Queued::Volatile => outcome.queued += 1,
+                Queued::Dropped => {}
+            }
         }
+        outcome
     }
 
     /// Runs due timers (keep-alive, sleep, retransmission, session expiry, ADVERTISE). Early
@@ -889,6 +1097,205 @@ impl Core {
     #[must_use]
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
+    }
+
+    /// Appends to `out` what changed in the persisted sessions since the last call: the
+    /// removals of ended sessions first, then one change per dirty session (an
+    /// [`PersistChange::Upsert`] with its current record, or a [`PersistChange::Remove`] when
+    /// it stopped being persistent). The store applies them in order. Costs O(changes), not
+    /// O(sessions).
+    pub fn take_persist_changes(&mut self, out: &mut Vec<PersistChange>) {
+        out.extend(
+            self.persist_removed
+                .drain(..)
+                .map(|client_id| PersistChange::Remove { client_id }),
+        );
+        let mut dirty = std::mem::take(&mut self.persist_dirty);
+        for sref in dirty.drain(..) {
+            let Some(s) = slot_mut(&mut self.slots, sref) else {
+                continue;
+            };
+            s.dirty = false;
+            if s.is_persistent() {
+                let mut bytes = Vec::new();
+                match persist::encode(&s.record(), &mut bytes) {
+                    Ok(()) => {
+                        s.persisted = true;
+                        out.push(PersistChange::Upsert {
+                            client_id: s.client_id.clone(),
+                            bytes,
+                        });
+                    }
+                    // Unreachable with the core's own limits (ClientIds and topics fit 16
+                    // bits); the last stored record stays.
+                    Err(error) => {
+                        tracing::error!(client_id = %s.client_id, %error, "Cannot encode session record; not persisted.");
+                    }
+                }
+            } else if s.persisted {
+                s.persisted = false;
+                out.push(PersistChange::Remove {
+                    client_id: s.client_id.clone(),
+                });
+            }
+        }
+        // Keep the allocation for the next round.
+        self.persist_dirty = dirty;
+    }
+
+    /// Restores one stored session record (from [`Core::take_persist_changes`] of an earlier
+    /// run). Call at start, before any other input. The session comes back asleep or
+    /// disconnected, unbound to any address, with its timers restarted from `now` (the full
+    /// sleep duration plus tolerance, or the full `session_expiry`); registrations are
+    /// restored as unknown to the client, so topics are registered again before use; its
+    /// subscriptions are indexed as usual, so [`Core::poll_event`] yields the
+    /// [`Event::Subscribe`]s the upstreams need. Queues and lists longer than the current
+    /// limits are cut (the oldest queued messages go, the drops counted) and the record is
+    /// rewritten at the next take.
+    ///
+    /// # Errors
+    /// [`RestoreError`] when the bytes are no valid record, the ClientId has a session
+    /// already, the session table is full, or the record is of a session that needs no
+    /// persistence. Nothing changes then.
+    pub fn restore(&mut self, now: Instant, encoded: &[u8]) -> Result<(), RestoreError> {
+        let record = persist::decode(encoded)?;
+        if self.by_client.contains_key(&record.client_id) {
+            return Err(RestoreError::Duplicate(record.client_id));
+        }
+        if self.by_client.len() >= self.config.max_clients {
+            return Err(RestoreError::TableFull);
+        }
+        let state = match record.state {
+            RecordState::Asleep => State::Asleep {
+                until: now + sleep_limit(Duration::from_secs(u64::from(record.sleep_secs))),
+            },
+            RecordState::Disconnected if !record.clean_session => State::Disconnected {
+                expires: now + self.config.session_expiry,
+            },
+            RecordState::Disconnected => {
+                return Err(RestoreError::NotPersistent(record.client_id));
+            }
+        };
+        let queue_limit = match state {
+            State::Asleep { .. } => self.config.max_buffered_per_sleeping_client,
+            _ => self.config.max_queued_per_client,
+        };
+        let mut cut = false;
+        let mut topics = TopicTable {
+            next_id: record.next_topic_id,
+            ..TopicTable::default()
+        };
+        let topics_total = record.topics.len();
+        for t in record
+            .topics
+            .into_iter()
+            .take(self.config.max_topics_per_client)
+        {
+            topics.insert(t.id, t.name);
+        }
+        cut |= topics.len() < topics_total;
+        for name in record.refused {
+            topics.refuse(name);
+        }
+        let subs_total = record.subscriptions.len();
+        let subscriptions: Vec<Subscription> = record
+            .subscriptions
+            .into_iter()
+            .take(self.config.max_subscriptions_per_client)
+            .map(|s| Subscription {
+                filter: s.filter,
+                qos: s.qos,
+            })
+            .collect();
+        cut |= subscriptions.len() < subs_total;
+        let mut queue: VecDeque<Down> = record
+            .queue
+            .into_iter()
+            .map(|m| Down {
+                topic: m.topic,
+                payload: m.payload,
+                qos: m.qos,
+                retain: m.retain,
+                dup: m.dup,
+            })
+            .collect();
+        if queue.len() > queue_limit {
+            let excess = queue.len() - queue_limit;
+            self.stats.downlink_dropped += excess as u64;
+            match self.config.queue_full {
+                QueueFull::DropOldest => drop(queue.drain(..excess)),
+                QueueFull::DropNew => queue.truncate(queue_limit),
+            }
+            cut = true;
+        }
+        let will = record.will.map(|w| {
+            Box::new(Will {
+                topic: w.topic,
+                payload: w.payload,
+                qos: wire_qos(w.qos),
+                retain: w.retain,
+            })
+        });
+
+        let client_id = record.client_id;
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                let slot = u32::try_from(self.slots.len()).map_err(|_| RestoreError::TableFull)?;
+                self.slots.push(None);
+                self.generations.push(0);
+                slot
+            }
+        };
+        let Some(generation) = self.generations.get_mut(slot as usize) else {
+            return Err(RestoreError::TableFull);
+        };
+        *generation = generation.wrapping_add(1);
+        let sref = SessionRef {
+            slot,
+            generation: *generation,
+        };
+        let session = Session {
+            own_predefined: self.client_predefined.get(&client_id).cloned(),
+            client_id: client_id.clone(),
+            peer: None,
+            generation: sref.generation,
+            state,
+            clean_session: record.clean_session,
+            keep_alive_secs: record.keep_alive_secs,
+            sleep_secs: record.sleep_secs,
+            last_seen: now,
+            topics,
+            inflight_up: Vec::new(),
+            qos2_received: Vec::new(),
+            will,
+            subscriptions,
+            queue,
+            inflight_down: None,
+            next_msg_id: 0,
+            armed: None,
+            persisted: true,
+            dirty: false,
+        };
+        let Some(entry) = self.slots.get_mut(slot as usize) else {
+            return Err(RestoreError::TableFull);
+        };
+        let filters: Vec<(Arc<str>, u8)> = session
+            .subscriptions
+            .iter()
+            .map(|s| (s.filter.clone(), s.qos))
+            .collect();
+        *entry = Some(session);
+        self.by_client.insert(client_id.clone(), sref);
+        for (filter, qos) in filters {
+            self.index_subscription(sref, &filter, qos);
+        }
+        if cut {
+            self.mark_dirty(sref);
+        }
+        self.schedule(sref);
+        tracing::debug!(client_id = %client_id, "Session restored.");
+        Ok(())
     }
 
     fn handshake_timeout(&self) -> Duration {
@@ -1078,9 +1485,12 @@ impl Core {
                 let Some(sref) = self.touch(now, &peer) else {
                     return self.unknown_peer(peer, packet.name());
                 };
-                let rc = match self.session_mut(sref) {
-                    Some(Session { will: Some(w), .. }) => {
-                        w.payload = Bytes::copy_from_slice(msg);
+                let rc = match slot_mut(&mut self.slots, sref) {
+                    Some(s) if s.will.is_some() => {
+                        if let Some(w) = &mut s.will {
+                            w.payload = Bytes::copy_from_slice(msg);
+                        }
+                        mark_dirty(s, sref, &mut self.persist_dirty);
                         ReturnCode::Accepted
                     }
                     // No Will topic to attach the message to.
@@ -1165,9 +1575,7 @@ impl Core {
                 s.last_seen = now;
                 // The client's own topic table was lost with its connection.
                 s.topics.forget_known();
-                if let Some(f) = s.inflight_down.take() {
-                    s.queue.push_front(f.msg);
-                }
+                s.requeue_in_flight();
                 old
             }
             _ => {
@@ -1204,6 +1612,7 @@ impl Core {
             }
             return self.activate(now, sref, peer);
         }
+        self.mark_dirty(sref);
         self.schedule(sref);
     }
 
@@ -1212,6 +1621,8 @@ impl Core {
         if let Some(s) = self.session_mut(sref) {
             s.state = State::Active;
         }
+        // Covers a new or resumed session, its Will, and a sleeper that stopped sleeping.
+        self.mark_dirty(sref);
         self.transmits
             .push_back((peer, Reply::ConnAck(ReturnCode::Accepted)));
         self.pump(now, sref);
@@ -1263,6 +1674,8 @@ impl Core {
             inflight_down: None,
             next_msg_id: 0,
             armed: None,
+            persisted: false,
+            dirty: false,
         };
         *self.slots.get_mut(slot as usize)? = Some(session);
         self.by_client.insert(client_id, sref);
@@ -1335,13 +1748,14 @@ impl Core {
         will: Option<WillFlags>,
         topic: &str,
     ) -> ReturnCode {
-        let Some(s) = self.session_mut(sref) else {
+        let Some(s) = slot_mut(&mut self.slots, sref) else {
             return ReturnCode::NotSupported;
         };
         match will {
             // An empty WILLTOPICUPD deletes topic and message (spec 6.4).
             None => {
                 s.will = None;
+                mark_dirty(s, sref, &mut self.persist_dirty);
                 ReturnCode::Accepted
             }
             Some(_) if !is_mqtt_topic_name(topic) => ReturnCode::InvalidTopicId,
@@ -1353,6 +1767,7 @@ impl Core {
                     qos: flags.qos,
                     retain: flags.retain,
                 }));
+                mark_dirty(s, sref, &mut self.persist_dirty);
                 ReturnCode::Accepted
             }
         }
@@ -1420,11 +1835,10 @@ impl Core {
                 s.state = State::Asleep {
                     until: now + sleep_limit(sleep),
                 };
-                if let Some(f) = s.inflight_down.take() {
-                    s.queue.push_front(f.msg);
-                }
+                s.requeue_in_flight();
                 tracing::debug!(client_id = %s.client_id, sleep_secs = d, "Client asleep.");
                 self.transmits.push_back((peer, Reply::Disconnect));
+                self.mark_dirty(sref);
                 self.schedule(sref);
             }
             _ => {
@@ -1449,12 +1863,11 @@ impl Core {
         s.state = State::Disconnected {
             expires: now + expiry,
         };
-        if let Some(f) = s.inflight_down.take() {
-            s.queue.push_front(f.msg);
-        }
+        s.requeue_in_flight();
         // QoS 0 messages are not kept for a disconnected client.
         s.queue.retain(|d| d.qos > 0);
         self.unbind(sref);
+        self.mark_dirty(sref);
         self.schedule(sref);
     }
 
@@ -1765,6 +2178,7 @@ impl Core {
         session.topics.next_id = id.wrapping_add(1);
         let topic: Arc<str> = Arc::from(name);
         session.topics.insert(id, topic);
+        mark_dirty(session, sref, &mut self.persist_dirty);
         Some(id)
     }
 
@@ -1838,7 +2252,7 @@ impl Core {
                 }
             },
         };
-        let Some(s) = self.session_mut(sref) else {
+        let Some(s) = slot_mut(&mut self.slots, sref) else {
             return;
         };
         match existing.and_then(|i| s.subscriptions.get_mut(i)) {
@@ -1848,6 +2262,7 @@ impl Core {
                 qos: granted,
             }),
         }
+        mark_dirty(s, sref, &mut self.persist_dirty);
         let new_upstream = self.index_subscription(sref, &filter, granted);
         self.transmits.push_back((
             peer,
@@ -1875,7 +2290,7 @@ impl Core {
         for mut d in retained {
             d.qos = d.qos.min(granted);
             d.retain = true;
-            self.enqueue(now, sref, d);
+            let _ = self.enqueue(now, sref, d);
         }
     }
 
@@ -1902,8 +2317,9 @@ impl Core {
     }
 
     fn remove_subscription(&mut self, sref: SessionRef, filter: &Arc<str>) {
-        if let Some(s) = self.session_mut(sref) {
+        if let Some(s) = slot_mut(&mut self.slots, sref) {
             s.subscriptions.retain(|x| &x.filter != filter);
+            mark_dirty(s, sref, &mut self.persist_dirty);
         }
         let map = if has_wildcards(filter) {
             &mut self.wild_filters
@@ -1938,6 +2354,7 @@ impl Core {
                 payload: payload.clone(),
                 qos,
                 retain: true,
+                dup: false,
             },
         );
     }
@@ -1945,7 +2362,7 @@ impl Core {
     // ------------------------------------------------------------------------------------
     // Downlink delivery.
 
-    fn enqueue(&mut self, now: Instant, sref: SessionRef, down: Down) {
+    fn enqueue(&mut self, now: Instant, sref: SessionRef, down: Down) -> Queued {
         let policy = self.config.queue_full;
         let (limit, keep) = match self.session(sref).map(|s| &s.state) {
             Some(State::Asleep { .. } | State::Awake) => {
@@ -1954,26 +2371,37 @@ impl Core {
             // A disconnected persistent session keeps QoS >= 1 only.
             Some(State::Disconnected { .. }) => (self.config.max_queued_per_client, down.qos > 0),
             Some(_) => (self.config.max_queued_per_client, true),
-            None => return,
+            None => return Queued::Dropped,
         };
         let Some(s) = slot_mut(&mut self.slots, sref) else {
-            return;
+            return Queued::Dropped;
         };
         if !keep {
             self.stats.downlink_dropped += 1;
-            return;
+            return Queued::Dropped;
         }
+        // Only QoS 1/2 messages are part of a session's record.
+        let mut changed = down.qos > 0;
         if s.queue.len() >= limit {
             self.stats.downlink_dropped += 1;
             match policy {
-                QueueFull::DropNew => return,
+                QueueFull::DropNew => return Queued::Dropped,
                 QueueFull::DropOldest => {
-                    s.queue.pop_front();
+                    changed |= s.queue.pop_front().is_some_and(|d| d.qos > 0);
                 }
             }
         }
+        let persisted = down.qos > 0 && s.is_persistent();
         s.queue.push_back(down);
+        if changed {
+            mark_dirty(s, sref, &mut self.persist_dirty);
+        }
         self.pump(now, sref);
+        if persisted {
+            Queued::Persisted
+        } else {
+            Queued::Volatile
+        }
     }
 
     /// Sends queued downlink messages while the client can take them: QoS 0 directly, QoS 1/2
@@ -2011,19 +2439,13 @@ impl Core {
                 known_id.map(TopicRef::Normal)
             };
             if refused {
-                if let Some(s) = self.session_mut(sref) {
-                    s.queue.pop_front();
-                }
-                self.stats.downlink_dropped += 1;
+                self.drop_front(sref);
                 continue;
             }
             let Some(topic) = topic else {
                 // REGISTER first, then PUBLISH on REGACK.
                 let Some(id) = self.topic_id_for(sref, &topic_name) else {
-                    if let Some(s) = self.session_mut(sref) {
-                        s.queue.pop_front();
-                    }
-                    self.stats.downlink_dropped += 1;
+                    self.drop_front(sref);
                     continue;
                 };
                 let Some(s) = self.session_mut(sref) else {
@@ -2053,7 +2475,7 @@ impl Core {
                 self.schedule(sref);
                 return;
             };
-            let Some(s) = self.session_mut(sref) else {
+            let Some(s) = slot_mut(&mut self.slots, sref) else {
                 return;
             };
             let Some(msg) = s.queue.pop_front() else {
@@ -2061,11 +2483,24 @@ impl Core {
             };
             // PUBLISH header: 7 octets (9 in the long form) plus the payload.
             if msg.payload.len() + 9 > max_packet {
+                if msg.qos > 0 {
+                    mark_dirty(s, sref, &mut self.persist_dirty);
+                }
                 self.stats.downlink_dropped += 1;
                 continue;
             }
             self.send_publish(now, sref, peer, msg, topic, false);
         }
+    }
+
+    /// Drops the front of the queue (undeliverable), counting it.
+    fn drop_front(&mut self, sref: SessionRef) {
+        if let Some(s) = slot_mut(&mut self.slots, sref) {
+            if s.queue.pop_front().is_some_and(|d| d.qos > 0) {
+                mark_dirty(s, sref, &mut self.persist_dirty);
+            }
+        }
+        self.stats.downlink_dropped += 1;
     }
 
     fn send_publish(
@@ -2083,7 +2518,7 @@ impl Core {
         };
         let msg_id = if msg.qos == 0 { 0 } else { s.next_msg_id() };
         let reply = Reply::Publish {
-            dup: false,
+            dup: msg.dup,
             qos: msg.qos,
             retain: msg.retain,
             topic,
@@ -2121,7 +2556,7 @@ impl Core {
         msg_id: u16,
         rc: ReturnCode,
     ) {
-        let Some(s) = self.session_mut(sref) else {
+        let Some(s) = slot_mut(&mut self.slots, sref) else {
             return;
         };
         let Some(f) = s
@@ -2134,6 +2569,7 @@ impl Core {
         if rc != ReturnCode::Accepted {
             // The client refuses this topic: stop sending it (spec 6.5).
             s.topics.refuse(f.msg.topic.clone());
+            mark_dirty(s, sref, &mut self.persist_dirty);
             self.stats.downlink_dropped += 1;
             return self.pump(now, sref);
         }
@@ -2211,6 +2647,8 @@ impl Core {
             }
             _ => self.stats.downlink_dropped += 1,
         }
+        // Delivered or dropped: gone from the session's record.
+        mark_dirty(s, sref, &mut self.persist_dirty);
         self.pump(now, sref);
     }
 
@@ -2241,6 +2679,7 @@ impl Core {
             .is_some()
         {
             self.stats.downlink_delivered += 1;
+            self.mark_dirty(sref);
             self.pump(now, sref);
         }
     }
@@ -2311,6 +2750,13 @@ impl Core {
         slot_mut(&mut self.slots, sref)
     }
 
+    /// See [`mark_dirty`].
+    fn mark_dirty(&mut self, sref: SessionRef) {
+        if let Some(s) = slot_mut(&mut self.slots, sref) {
+            mark_dirty(s, sref, &mut self.persist_dirty);
+        }
+    }
+
     fn remove_session(&mut self, sref: SessionRef) {
         let Some(session) = self
             .slots
@@ -2320,6 +2766,9 @@ impl Core {
             return;
         };
         self.by_client.remove(&session.client_id);
+        if session.persisted {
+            self.persist_removed.push(session.client_id.clone());
+        }
         if let Some(peer) = &session.peer {
             if self.by_peer.get(peer) == Some(&sref) {
                 self.by_peer.remove(peer);
@@ -2383,6 +2832,26 @@ fn short_topic(s: [u8; 2]) -> Option<Arc<str>> {
         .ok()
         .filter(|t| is_mqtt_topic_name(t))
         .map(Arc::from)
+}
+
+/// Where [`Core::enqueue`] put a downlink message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Queued {
+    /// Queued (or sent) as QoS 1/2 for a persistent session: part of its next record.
+    Persisted,
+    /// Queued (or sent), not persisted.
+    Volatile,
+    /// Dropped (queue full, QoS 0 for a disconnected session, no session).
+    Dropped,
+}
+
+/// The numeric QoS of a Will: 0..=2 (a Will cannot be QoS -1; it would be published at 0).
+fn qos_level_of(qos: QoS) -> u8 {
+    match qos {
+        QoS::AtMostOnce | QoS::MinusOne => 0,
+        QoS::AtLeastOnce => 1,
+        QoS::ExactlyOnce => 2,
+    }
 }
 
 fn qos_level(qos: Qos) -> u8 {

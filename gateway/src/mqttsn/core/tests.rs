@@ -755,7 +755,7 @@ impl Harness {
     }
 
     fn downlink(&mut self, topic: &str, payload: &'static [u8], qos: Qos) {
-        self.core.handle_downlink(
+        let _ = self.core.handle_downlink(
             self.now,
             topic,
             Bytes::from_static(payload),
@@ -1181,7 +1181,7 @@ fn full_sleep_cycle_delivers_buffered_messages_one_at_a_time_then_pingresp() {
     );
     assert_eq!(decode(&h.reply(&p)), Packet::Disconnect { duration: None });
     for payload in [&b"1"[..], b"2", b"3"] {
-        h.core.handle_downlink(
+        let _ = h.core.handle_downlink(
             h.now,
             "s/in",
             Bytes::copy_from_slice(payload),
@@ -1525,7 +1525,7 @@ fn retained_messages_reach_new_subscribers() {
     let first = peer(9);
     h.connect(&first, "first", 60);
     h.subscribe(&first, "cfg/#", QoS::AtMostOnce, 1);
-    h.core.handle_downlink(
+    let _ = h.core.handle_downlink(
         h.now,
         "cfg/a",
         Bytes::from_static(b"v1"),
@@ -1533,7 +1533,7 @@ fn retained_messages_reach_new_subscribers() {
         true,
         None,
     );
-    h.core.handle_downlink(
+    let _ = h.core.handle_downlink(
         h.now,
         "cfg/b",
         Bytes::from_static(b"v2"),
@@ -1541,7 +1541,8 @@ fn retained_messages_reach_new_subscribers() {
         true,
         None,
     );
-    h.core
+    let _ = h
+        .core
         .handle_downlink(h.now, "cfg/b", Bytes::new(), Qos::AtMostOnce, true, None);
     h.transmits();
     let p = peer(1);
@@ -1610,7 +1611,7 @@ fn a_new_upstream_filter_leaves_retained_messages_to_the_broker() {
     let (a, b) = (peer(1), peer(2));
     h.connect(&a, "a", 60);
     h.subscribe(&a, "cfg/#", QoS::AtMostOnce, 1);
-    h.core.handle_downlink(
+    let _ = h.core.handle_downlink(
         h.now,
         "cfg/x",
         Bytes::from_static(b"v"),
@@ -1631,7 +1632,7 @@ fn a_new_upstream_filter_leaves_retained_messages_to_the_broker() {
     assert!(h.core.poll_event().is_some(), "upstream SUBSCRIBE cfg/x");
     // The broker's copy names b's filter: a, subscribed to cfg/# all along, gets nothing.
     let only_x: [Arc<str>; 1] = [Arc::from("cfg/x")];
-    h.core.handle_downlink(
+    let _ = h.core.handle_downlink(
         h.now,
         "cfg/x",
         Bytes::from_static(b"v"),
@@ -1656,7 +1657,7 @@ fn each_upstream_copy_goes_to_the_subscribers_of_its_own_filters() {
     h.subscribe(&a, "dup/#", QoS::AtMostOnce, 1);
     h.subscribe(&b, "dup/t", QoS::AtMostOnce, 1);
     let copy = |h: &mut Harness, filters: Option<&[Arc<str>]>| {
-        h.core.handle_downlink(
+        let _ = h.core.handle_downlink(
             h.now,
             "dup/t",
             Bytes::from_static(b"m"),
@@ -1769,7 +1770,7 @@ fn queues_are_bounded_with_the_configured_policy() {
         );
         let _ = h.transmits();
         for i in 0..30u8 {
-            h.core.handle_downlink(
+            let _ = h.core.handle_downlink(
                 h.now,
                 "t",
                 Bytes::from(vec![i]),
@@ -1882,7 +1883,7 @@ fn downlink_over_a_lossy_reordering_link_delivers_every_message_once() {
         h.connect(&p, "lossy", 0);
         h.subscribe(&p, "l/#", QoS::AtLeastOnce, 1);
         for i in 0..20u32 {
-            h.core.handle_downlink(
+            let _ = h.core.handle_downlink(
                 h.now,
                 &format!("l/{}", i % 3),
                 Bytes::from(i.to_be_bytes().to_vec()),
@@ -1987,3 +1988,5 @@ fn timer_heap_holds_about_one_entry_per_session_under_heavy_downlink() {
         h.core.timers.len()
     );
 }
+
+mod persist;
