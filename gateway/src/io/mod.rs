@@ -1,4 +1,5 @@
 //! IO adapters: thin tasks that move bytes between sockets and the sans-IO cores.
 
 pub mod batch;
+pub mod session_store;
 pub mod udp;
