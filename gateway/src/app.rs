@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use sensorgate_bridges::mqtt::{MqttUpstream, SetupError};
 
 use crate::config::{Config, UpstreamKind};
+use crate::io::session_store::{self, SessionStore, StoreError, StoreLink, StoreThread};
 use crate::io::udp::{self, SocketOptions, UdpDriver};
 use crate::mqttsn::core::Core;
 
@@ -45,6 +46,9 @@ pub enum RunError {
     /// The MQTT-SN transport failed.
     #[error("MQTT-SN transport failed: {0}")]
     Transport(std::io::Error),
+    /// The session store could not be opened or started.
+    #[error("session store: {0}")]
+    SessionStore(#[from] StoreError),
 }
 
 /// Runs the gateway until `shutdown` is cancelled.
@@ -99,7 +103,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         }
     }
 
-    let core = Core::new(config.mqttsn.core.clone());
+    let mut core = Core::new(config.mqttsn.core.clone());
+    let (store, store_thread) = match restore_sessions(&config, &mut core) {
+        Ok(store) => store,
+        Err(e) => {
+            upstream_stop.cancel();
+            return Err(e);
+        }
+    };
     let driver = UdpDriver::new(
         core,
         sockets,
@@ -108,9 +119,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         downlink_rx,
         config.mqttsn.recv_batch,
         config.mqttsn.core.max_packet_size,
-    );
+    )
+    .with_session_store(store);
     tracing::info!(listeners = config.mqttsn.listen.len(), "sensorgate ready.");
     let result = driver.run(shutdown).await.map_err(RunError::Transport);
+
+    // The driver handed its last changes over and dropped its end: the store commits what is
+    // queued (releasing the acknowledgements that waited) before the upstreams stop.
+    if tokio::time::timeout(SHUTDOWN_GRACE, store_thread.finished())
+        .await
+        .is_err()
+    {
+        tracing::warn!("Session store did not finish within the grace period.");
+    }
 
     // Sources first (the driver has stopped), then the sinks.
     upstream_stop.cancel();
@@ -126,4 +147,43 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         tracing::warn!("Upstreams did not stop within the grace period.");
     }
     result
+}
+
+/// Opens the session store, restores every stored session into `core`, and starts the store
+/// thread. A record the core refuses is logged and removed from the store.
+fn restore_sessions(
+    config: &Config,
+    core: &mut Core,
+) -> Result<(StoreLink, StoreThread), RunError> {
+    let dir = config.gateway.state_dir.join(session_store::SESSIONS_DIR);
+    let (mut store, stored, report) = SessionStore::open(&dir, config.mqttsn.session_log_max_size)?;
+    if report.corrupt > 0 || report.truncated_bytes > 0 {
+        tracing::warn!(
+            corrupt_records = report.corrupt,
+            truncated_bytes = report.truncated_bytes,
+            dir = %dir.display(),
+            "Session log damaged; the readable records were kept."
+        );
+    }
+    #[allow(clippy::disallowed_methods)] // Timers of restored sessions start now.
+    let now = std::time::Instant::now();
+    let mut refused = session_store::Pending::new();
+    for session in &stored {
+        if let Err(error) = core.restore(now, &session.bytes) {
+            tracing::warn!(client_id = %session.client_id, %error, code = error.error_code(), "Stored session not restored; removed.");
+            refused.insert(session.client_id.clone(), None);
+        }
+    }
+    if !refused.is_empty() {
+        store.commit(&refused)?;
+    }
+    tracing::info!(
+        restored = stored.len() - refused.len(),
+        refused = refused.len(),
+        log_bytes = report.log_bytes,
+        compacted = report.compacted,
+        dir = %dir.display(),
+        "Persisted sessions restored."
+    );
+    session_store::spawn(store).map_err(|e| RunError::SessionStore(StoreError::Io(e)))
 }

@@ -71,6 +71,8 @@ pub struct MqttSnSection {
     pub send_buffer: usize,
     /// Datagrams read per wake-up before the core's output is flushed.
     pub recv_batch: usize,
+    /// Bound on the log of persisted sessions (`<state_dir>/sessions`), in bytes.
+    pub session_log_max_size: u64,
     /// The protocol core's settings.
     pub core: CoreConfig,
 }
@@ -191,6 +193,14 @@ impl Config {
             } else {
                 "off"
             },
+        ));
+        s.push_str(&format!(
+            "sessions: sleeping and CleanSession=0 sessions kept in {} (log up to {})\n",
+            self.gateway
+                .state_dir
+                .join(crate::io::session_store::SESSIONS_DIR)
+                .display(),
+            units::format_size(self.mqttsn.session_log_max_size),
         ));
         for u in &self.upstreams {
             match &u.kind {
@@ -313,6 +323,7 @@ struct RawMqttSn {
     recv_buffer: String,
     send_buffer: String,
     recv_batch: i64,
+    session_log_max_size: String,
     max_client_id_len: i64,
     max_topics_per_client: i64,
     max_inflight_per_client: i64,
@@ -340,6 +351,7 @@ impl Default for RawMqttSn {
             recv_buffer: "8MiB".into(),
             send_buffer: "4MiB".into(),
             recv_batch: 64,
+            session_log_max_size: "256MiB".into(),
             max_client_id_len: 23,
             max_topics_per_client: 64,
             max_inflight_per_client: 16,
@@ -575,6 +587,13 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
     let recv_buffer = size_in(r, &sn.key("recv_buffer"), &m.recv_buffer, 4096, 1 << 30);
     let send_buffer = size_in(r, &sn.key("send_buffer"), &m.send_buffer, 4096, 1 << 30);
     let recv_batch = int_in::<usize>(r, &sn.key("recv_batch"), m.recv_batch, 1, 1024);
+    let session_log_max_size = size_in(
+        r,
+        &sn.key("session_log_max_size"),
+        &m.session_log_max_size,
+        1 << 20,
+        64 << 30,
+    );
     let max_client_id_len = int_in::<usize>(
         r,
         &sn.key("max_client_id_len"),
@@ -800,6 +819,7 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
             recv_buffer: recv_buffer?,
             send_buffer: send_buffer?,
             recv_batch: recv_batch?,
+            session_log_max_size: session_log_max_size? as u64,
             core: CoreConfig {
                 gw_id: gw_id?,
                 max_clients: max_clients?,

@@ -143,6 +143,33 @@ fn sizes_and_durations_use_strings() {
 }
 
 #[test]
+fn the_session_log_bound_has_a_default_and_a_checked_range() {
+    let c = Config::parse(Path::new("t.toml"), MINIMAL).unwrap();
+    assert_eq!(c.mqttsn.session_log_max_size, 256 << 20);
+    assert!(
+        c.summary()
+            .contains("sessions: sleeping and CleanSession=0 sessions kept in")
+    );
+    let ok = MINIMAL.replace("[mqttsn]\n", "[mqttsn]\nsession_log_max_size = \"2GiB\"\n");
+    let c = Config::parse(Path::new("t.toml"), &ok).unwrap();
+    assert_eq!(c.mqttsn.session_log_max_size, 2 << 30);
+    let d = errors(&MINIMAL.replace("[mqttsn]\n", "[mqttsn]\nsession_log_max_size = \"64KiB\"\n"));
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert!(
+        d[0].message
+            .starts_with("`mqttsn.session_log_max_size`: 64KiB is out of range 1MiB..=64GiB"),
+        "{}",
+        d[0].message
+    );
+    assert_eq!(d[0].line, 6);
+    let d = errors(&MINIMAL.replace("[mqttsn]\n", "[mqttsn]\nsession_log_max_siz = \"1MiB\"\n"));
+    assert_eq!(
+        d[0].hint.as_deref(),
+        Some("did you mean `session_log_max_size`?")
+    );
+}
+
+#[test]
 fn reference_configs_are_valid() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     for file in ["config/sensorgate.toml", "config/local.toml"] {

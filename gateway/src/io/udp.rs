@@ -3,7 +3,9 @@
 //!
 //! It makes no protocol decisions. Per wake-up it reads up to `recv_batch` datagrams from each
 //! ready socket, then drains the core's events (to the upstreams) and transmits (to the
-//! sockets), so a burst is handled with one flush.
+//! sockets), so a burst is handled with one flush. With a session store, it then hands the
+//! round's persisted session changes and the broker acknowledgements that wait for them to the
+//! store thread ([`StoreLink`]), never waiting for the disk itself.
 
 use std::collections::HashMap;
 use std::io;
@@ -21,6 +23,7 @@ use sensorgate_bridges::message::Downlink;
 use sensorgate_bridges::mqtt::{AckReport, Delivery, MqttUpstream};
 
 use super::batch::{RecvBatch, SendBatch};
+use super::session_store::StoreLink;
 use crate::mqttsn::core::{Core, Event, Peer, PublishOutcome};
 
 /// Replies sent per `sendmmsg`.
@@ -110,6 +113,9 @@ pub struct UdpDriver {
     rx: RecvBatch,
     tx: Vec<SendBatch>,
     joins: AckJoin,
+    /// Where persisted session changes go, with the broker acknowledgements that wait for
+    /// them; `None` runs without persistence (every downlink acknowledged at once).
+    store: Option<StoreLink>,
 }
 
 impl UdpDriver {
@@ -134,7 +140,16 @@ impl UdpDriver {
             rx: RecvBatch::new(recv_batch, max_packet_size + 1),
             tx,
             joins: AckJoin::default(),
+            store: None,
         }
+    }
+
+    /// Persists sessions through `store`: downlink queued for a persistent session is
+    /// acknowledged to the broker once the store has made it durable.
+    #[must_use]
+    pub fn with_session_store(mut self, store: StoreLink) -> Self {
+        self.store = Some(store);
+        self
     }
 
     /// Runs until `shutdown` is cancelled.
@@ -145,11 +160,21 @@ impl UdpDriver {
     #[allow(clippy::disallowed_methods)] // The adapter is where the clock is read.
     pub async fn run(mut self, shutdown: CancellationToken) -> io::Result<()> {
         let mut tx_buf = Vec::with_capacity(256);
+        // Restored sessions' subscriptions go upstream now, not at the first wake-up.
+        self.flush(&mut tx_buf).await?;
         loop {
             let deadline = self.core.poll_timeout();
             let sleep = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            // Only when the store's channel was full: resolves once it has room again.
+            let store_room = self.store.as_ref().and_then(StoreLink::room);
+            let store_room = async {
+                match store_room {
+                    Some(room) => room.await.ok(),
                     None => std::future::pending().await,
                 }
             };
@@ -162,7 +187,12 @@ impl UdpDriver {
                 Poll::Pending
             });
             tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
+                () = shutdown.cancelled() => {
+                    if let Some(store) = self.store.as_mut() {
+                        store.finish(&mut self.core).await;
+                    }
+                    return Ok(());
+                }
                 (index, ready) = readable => {
                     ready?;
                     self.receive_batch(index)?;
@@ -179,6 +209,11 @@ impl UdpDriver {
                         self.on_downlink(now, message);
                     }
                 }
+                Some(permit) = store_room => {
+                    if let Some(store) = self.store.as_mut() {
+                        store.send_with(permit);
+                    }
+                }
                 () = sleep => {}
             }
             // Whatever else is ready is taken in the same round, so one flush (one
@@ -188,6 +223,9 @@ impl UdpDriver {
             self.core.set_upstream_available(available);
             self.core.handle_timeout(Instant::now());
             self.flush(&mut tx_buf).await?;
+            if let Some(store) = self.store.as_mut() {
+                store.end_round(&mut self.core);
+            }
         }
     }
 
@@ -240,7 +278,8 @@ impl UdpDriver {
     }
 
     /// Hands a message from an upstream subscription to the core, then acknowledges it to the
-    /// broker: the core has queued it for every matching client.
+    /// broker: at once when the core has queued it for the matching clients, or, when it is
+    /// part of a persistent session, once the store has made this round's changes durable.
     fn on_downlink(&mut self, now: Instant, message: Downlink) {
         let Downlink {
             topic,
@@ -251,11 +290,13 @@ impl UdpDriver {
             ack,
             ..
         } = message;
-        // Persistence is not wired yet: acknowledged at once, as before.
-        let _ = self
-            .core
-            .handle_downlink(now, &topic, payload, qos, retain, filters.as_deref());
-        ack.ack();
+        let outcome =
+            self.core
+                .handle_downlink(now, &topic, payload, qos, retain, filters.as_deref());
+        match self.store.as_mut() {
+            Some(store) if outcome.needs_durability() => store.hold_ack(ack),
+            _ => ack.ack(),
+        }
     }
 
     fn on_report(&mut self, now: Instant, report: &AckReport) {
