@@ -27,10 +27,13 @@
 //!
 //! A session is *persistent* while it has CleanSession=0 or is asleep (or awake, delivering
 //! its buffer): that is what must survive a gateway restart. Its record ([`persist`]) holds
-//! registrations, subscriptions, the Will and the queued QoS 1/2 downlink (a message in
-//! flight first, marked DUP if it was sent). QoS 0 downlink, addresses and timers are not
-//! kept: a restored session is asleep or disconnected with its timers restarted from the
-//! restore instant (the full sleep duration, or the full `session_expiry`).
+//! registrations (all unknown to the client after a restore), refused topics, subscriptions,
+//! the Will and the queued QoS 1/2 downlink (a message in flight first, marked DUP if it was
+//! sent). QoS 0 downlink, addresses, uplink exchanges and timers are not kept: a restored
+//! session is asleep or disconnected with its timers restarted from the restore instant (the
+//! full sleep duration, or the full `session_expiry`). Sending a message is not a change (a
+//! write per PUBLISH would double the writes): a message sent after the session's last
+//! record comes back without DUP; it is resent either way.
 //!
 //! [`persist`]: super::persist
 //!
@@ -392,7 +395,7 @@ struct Down {
     /// 0, 1 or 2: min(subscription, message).
     qos: u8,
     retain: bool,
-    /// Sent before (it was in flight when its session was stored): resend with DUP.
+    /// Sent before, on a connection that is gone or before a restart: resend with DUP.
     dup: bool,
 }
 
@@ -522,10 +525,15 @@ impl Session {
             retain: d.retain,
             dup: d.dup,
         };
-        let in_flight = self.inflight_down.as_ref().map(|f| RecordMessage {
-            dup: f.msg.dup || f.phase != Phase::Register || f.reregistered,
-            ..message(&f.msg)
-        });
+        // A QoS 0 message can be in flight too, waiting for its REGACK.
+        let in_flight = self
+            .inflight_down
+            .as_ref()
+            .filter(|f| f.msg.qos > 0)
+            .map(|f| RecordMessage {
+                dup: f.msg.dup || f.phase != Phase::Register || f.reregistered,
+                ..message(&f.msg)
+            });
         SessionRecord {
             client_id: self.client_id.clone(),
             clean_session: self.clean_session,
