@@ -60,9 +60,10 @@
 //!   It runs at open when the log is over twice the live size or over the bound, and before
 //!   an append that would take the log over the bound or (above [`COMPACT_MIN_BYTES`]) over
 //!   twice the live size.
-//! - Bounded: the log never exceeds `max_bytes`. A commit whose live set would exceed it is
-//!   refused ([`StoreError::Full`]) and retried like a write error; the channel holds at most
-//!   [`BATCH_CHANNEL`] batches.
+//! - Bounded: the log never exceeds `max_bytes` (unless the bound was lowered below what is
+//!   already stored; it then only shrinks). A commit that would grow the live records past it
+//!   is refused ([`StoreError::Full`]) and retried like a write error; the channel holds at
+//!   most [`BATCH_CHANNEL`] batches.
 //!
 //! [`Core::take_persist_changes`]: crate::mqttsn::core::Core::take_persist_changes
 //! [`persist`]: crate::mqttsn::persist
@@ -267,8 +268,9 @@ impl SessionStore {
         }
         let (magic, version) = header.split_at(4);
         if got < header.len() {
-            // A header cut short can only be a creation that never completed (it goes
-            // through a rename, but be lenient with what is clearly not someone's data).
+            // Creation goes through a synced rename, so this should not happen; an empty or
+            // cut-short header holds no records anyway: start afresh. Anything else is not
+            // ours to overwrite.
             let expected = header_bytes();
             if header.get(..got) != expected.get(..got) {
                 return Err(StoreError::NotALog { path });
@@ -353,8 +355,17 @@ impl SessionStore {
             fail_commits: 0,
         };
         if store.len > 2 * store.live || store.len > store.max_bytes {
-            store.compact(&Pending::new())?;
-            report.compacted = true;
+            // Best effort: the log as read is valid, so a failed compaction (a full disk) is
+            // no reason not to start; the next commit that needs one tries again.
+            match store.compact(&Pending::new()) {
+                Ok(()) => report.compacted = true,
+                Err(error) => tracing::warn!(
+                    %error,
+                    code = error.error_code(),
+                    log_bytes = store.len,
+                    "Session log compaction at start failed; continuing with the log as is."
+                ),
+            }
         }
         report.log_bytes = store.len;
         Ok((store, sessions, report))
@@ -388,7 +399,7 @@ impl SessionStore {
         let mut live = self.live;
         for (client_id, change) in pending {
             if let Some(old) = self.index.get(client_id) {
-                live -= old.len;
+                live = live.saturating_sub(old.len);
             }
             match change {
                 Some(bytes) => {
@@ -411,7 +422,9 @@ impl SessionStore {
         if buf.is_empty() {
             return Ok(());
         }
-        if live > self.max_bytes {
+        // Growth past the bound is refused; shrinking is always allowed (the bound may have been
+        // lowered below what is stored).
+        if live > self.max_bytes && live > self.live {
             return Err(StoreError::Full {
                 needed: live,
                 max: self.max_bytes,

@@ -236,6 +236,29 @@ fn the_log_stays_within_its_bound_and_a_live_set_over_it_is_refused() {
 }
 
 #[test]
+fn under_a_lowered_bound_the_stored_sessions_may_shrink_but_not_grow() {
+    let dir = tempdir();
+    let (mut store, _, _) = reopen(dir.path(), MAX);
+    for i in 0..10u8 {
+        store.commit(&upsert(&format!("c{i}"), &[i; 200])).unwrap();
+    }
+    drop(store);
+    let small = 1024;
+    let (mut store, sessions, _) = reopen(dir.path(), small);
+    assert_eq!(sessions.len(), 10, "nothing stored is dropped");
+    assert!(matches!(
+        store.commit(&upsert("c0", &[0; 300])),
+        Err(StoreError::Full { .. })
+    ));
+    store.commit(&remove("c1")).unwrap();
+    store.commit(&upsert("c2", b"smaller")).unwrap();
+    drop(store);
+    let (_, sessions, _) = reopen(dir.path(), small);
+    assert_eq!(sessions.len(), 9);
+    assert!(sessions.contains(&("c2".into(), b"smaller".to_vec())));
+}
+
+#[test]
 fn acknowledgements_wait_for_a_successful_commit_and_failures_keep_everything() {
     let dir = tempdir();
     let (mut store, _, _) = reopen(dir.path(), MAX);
