@@ -1,19 +1,22 @@
 //! Fuzzes the gateway core: any sequence of datagrams from a few peers, interleaved with time
-//! steps and upstream verdicts, must never panic, and the session maps must stay consistent.
+//! steps and upstream verdicts, must never panic, the session maps must stay consistent, and
+//! the persisted session records it emits must all restore into a fresh core.
 
 #![no_main]
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use sensorgate_bridges::message::Qos;
 use sensorgate::mqttsn::core::{
-    ClientSet, Core, CoreConfig, Event, Peer, PredefinedTopic, PublishOutcome,
+    ClientSet, Core, CoreConfig, Event, Peer, PersistChange, PredefinedTopic, PublishOutcome,
 };
 
-fuzz_target!(|data: &[u8]| {
-    let mut core = Core::new(CoreConfig {
+fn config() -> CoreConfig {
+    CoreConfig {
         max_clients: 4,
         max_packet_size: 256,
         max_topics_per_client: 4,
@@ -23,7 +26,13 @@ fuzz_target!(|data: &[u8]| {
         max_buffered_per_sleeping_client: 4,
         retry_interval: Duration::from_secs(1),
         ..CoreConfig::with_defaults(1)
-    });
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut core = Core::new(config());
+    let mut persist = Vec::new();
+    let mut stored: HashMap<Arc<str>, Vec<u8>> = HashMap::new();
     #[allow(clippy::disallowed_methods)]
     let mut now = Instant::now();
     let mut tokens = Vec::new();
@@ -40,7 +49,7 @@ fuzz_target!(|data: &[u8]| {
         core.handle_datagram(now, peer, datagram);
         if control & 0x20 != 0 {
             // Downlink on a topic the fuzzer's clients may have subscribed to.
-            core.handle_downlink(now, "p", bytes::Bytes::from_static(b"d"), Qos::AtLeastOnce, control & 1 == 1, None);
+            let _ = core.handle_downlink(now, "p", bytes::Bytes::from_static(b"d"), Qos::AtLeastOnce, control & 1 == 1, None);
         }
         now += Duration::from_millis(u64::from(control >> 2) * 500);
         core.handle_timeout(now);
@@ -57,5 +66,19 @@ fuzz_target!(|data: &[u8]| {
         }
         while core.poll_transmit(&mut buf).is_some() {}
         assert!(core.session_count() <= 4);
+        persist.clear();
+        core.take_persist_changes(&mut persist);
+        for change in persist.drain(..) {
+            match change {
+                PersistChange::Upsert { client_id, bytes } => stored.insert(client_id, bytes),
+                PersistChange::Remove { client_id } => stored.remove(&client_id),
+            };
+        }
     }
+    // What was stored is exactly what a restarted gateway can take back.
+    let mut restarted = Core::new(config());
+    for bytes in stored.values() {
+        restarted.restore(now, bytes).expect("every stored record restores");
+    }
+    assert_eq!(restarted.session_count(), stored.len());
 });
