@@ -5,3 +5,4 @@
 
 pub mod message;
 pub mod mqtt;
+pub mod spool;

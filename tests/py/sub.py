@@ -32,13 +32,29 @@ def main() -> int:
     parser.add_argument("--qos", type=int, choices=[0, 1, 2], default=2, help="subscription QoS")
     parser.add_argument("--count", type=int, default=0, help="exit after N messages; 0: never")
     parser.add_argument("--timeout", type=float, default=300.0, help="exit after this many s")
+    parser.add_argument(
+        "--session",
+        help="client id of a persistent session (clean session off, no expiry): the broker "
+        "keeps the subscription and queues messages while this subscriber is disconnected; "
+        "after a lost connection it reconnects by itself",
+    )
     args = parser.parse_args()
 
     v5 = args.protocol == "5"
-    client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2,
-        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-    )
+    if args.session and not v5:
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=args.session,
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+        )
+    else:
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=args.session or "",
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        )
+    client.reconnect_delay_set(min_delay=0.1, max_delay=1)
     done = threading.Event()
     failed = []
     received = [0]
@@ -49,11 +65,13 @@ def main() -> int:
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
 
-    def on_connect(c, _userdata, _flags, reason_code, _properties):
+    def on_connect(c, _userdata, flags, reason_code, _properties):
         if reason_code.is_failure:
             failed.append(f"connect refused: {reason_code}")
             done.set()
             return
+        if args.session and flags.session_present:
+            return  # The broker kept the subscription (and queued messages meanwhile).
         if v5:
             opts = SubscribeOptions(qos=args.qos, retainAsPublished=True)
             c.subscribe([(t, opts) for t in args.topic])
@@ -87,7 +105,15 @@ def main() -> int:
     client.on_subscribe = on_subscribe
     client.on_message = on_message
     try:
-        client.connect(args.host, args.port, keepalive=30)
+        if args.session and v5:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 0xFFFFFFFF
+            client.connect(args.host, args.port, keepalive=30, clean_start=False, properties=props)
+        else:
+            client.connect(args.host, args.port, keepalive=30)
     except OSError as e:
         emit(f"ERROR cannot connect to {args.host}:{args.port}: {e}")
         return 2

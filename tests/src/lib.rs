@@ -374,11 +374,30 @@ pub struct Mosquitto {
     proc: Option<Proc>,
     /// Number of launches, to keep each launch's log.
     launches: u32,
+    /// Keeps sessions and queued messages across restarts (`persistence true`).
+    persistent: bool,
     /// Holds the config and the logs; declared last so it outlives the process.
     dir: TempDir,
 }
 
 impl Mosquitto {
+    /// A broker on a free port that saves its sessions and queued messages on stop and loads
+    /// them on restart, so a persistent-session subscriber misses nothing across an outage.
+    ///
+    /// # Errors
+    /// When it does not come up within [`READY_TIMEOUT`].
+    pub fn start_persistent() -> Result<Mosquitto> {
+        let mut m = Mosquitto {
+            port: free_tcp_port()?,
+            proc: None,
+            launches: 0,
+            persistent: true,
+            dir: temp_dir()?,
+        };
+        m.launch()?;
+        Ok(m)
+    }
+
     /// Starts a broker on a free port and waits until it answers an MQTT CONNECT.
     ///
     /// # Errors
@@ -396,6 +415,7 @@ impl Mosquitto {
             port,
             proc: None,
             launches: 0,
+            persistent: false,
             dir: temp_dir()?,
         };
         m.launch()?;
@@ -497,11 +517,23 @@ impl Mosquitto {
 
     fn launch(&mut self) -> Result<()> {
         let conf = self.dir.path().join("mosquitto.conf");
+        let persistence = if self.persistent {
+            // Started as root, mosquitto drops to its own user: it must be able to write here.
+            let store = self.dir.path().join("persist");
+            std::fs::create_dir_all(&store)?;
+            std::fs::set_permissions(&store, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+            format!(
+                "persistence true\npersistence_location {}/\n",
+                store.display()
+            )
+        } else {
+            "persistence false\n".to_owned()
+        };
         // max_queued_messages: the load test fans 1,000 QoS 1 messages into one subscriber.
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                "listener {} 127.0.0.1\nallow_anonymous true\n{persistence}\
                  log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n\
                  log_type subscribe\nlog_type unsubscribe\n\
                  max_queued_messages 100000\nmax_inflight_messages 0\n",
@@ -606,6 +638,8 @@ pub struct GatewayConfig {
     pub remote_prefix: String,
     /// Extra `key = value` lines for `[mqttsn]`.
     pub extra_mqttsn: String,
+    /// Extra sections (e.g. `[spool]`), appended at the end.
+    pub extra_sections: String,
 }
 
 /// The predefined topic every default config has.
@@ -640,6 +674,7 @@ impl GatewayConfig {
             protocol: "5".into(),
             remote_prefix: String::new(),
             extra_mqttsn: String::new(),
+            extra_sections: String::new(),
         })
     }
 
@@ -704,6 +739,7 @@ impl GatewayConfig {
              backoff_max = \"1s\"\n",
             self.broker_port, self.remote_prefix, self.protocol
         ));
+        s.push_str(&self.extra_sections);
         s
     }
 }
@@ -929,6 +965,25 @@ impl Subscriber {
     /// # Errors
     /// When the subscriber does not print READY within [`READY_TIMEOUT`].
     pub fn start_full(port: u16, filters: &[&str], protocol: &str, qos: u8) -> Result<Subscriber> {
+        Subscriber::launch(port, filters, protocol, qos, None)
+    }
+
+    /// A QoS 1 MQTT 5 subscriber with a persistent session `client_id` that reconnects by
+    /// itself: with [`Mosquitto::start_persistent`] it misses nothing across broker restarts.
+    ///
+    /// # Errors
+    /// As [`Subscriber::start`].
+    pub fn start_session(port: u16, filters: &[&str], client_id: &str) -> Result<Subscriber> {
+        Subscriber::launch(port, filters, "5", 1, Some(client_id))
+    }
+
+    fn launch(
+        port: u16,
+        filters: &[&str],
+        protocol: &str,
+        qos: u8,
+        session: Option<&str>,
+    ) -> Result<Subscriber> {
         let dir = temp_dir()?;
         let log = dir.path().join("sub.log");
         let mut cmd = Command::new(python());
@@ -942,6 +997,9 @@ impl Subscriber {
             .arg(qos.to_string());
         for f in filters {
             cmd.arg("--topic").arg(f);
+        }
+        if let Some(id) = session {
+            cmd.arg("--session").arg(id);
         }
         let mut proc = Proc::spawn("sub.py", &mut cmd, &log, false)?;
         let stdout = proc
@@ -979,7 +1037,15 @@ impl Subscriber {
     /// # Errors
     /// When the subscriber died or printed something unexpected.
     pub fn next(&mut self, timeout: Duration) -> Result<Option<Message>> {
-        match self.rx.recv_timeout(timeout) {
+        let deadline = Instant::now() + timeout;
+        let mut line = self.rx.recv_timeout(timeout);
+        // A persistent-session subscriber says READY again after it subscribed again.
+        while matches!(line, Ok(SubLine::Ready)) {
+            line = self
+                .rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        }
+        match line {
             Ok(SubLine::Msg(m)) => Ok(Some(m)),
             Ok(SubLine::Ready) => bail!("sub.py printed READY twice"),
             Ok(SubLine::Other(l)) => bail!("sub.py: {l}\n{}", self.proc.log_text()),

@@ -147,6 +147,8 @@ const fn v5_refusal(code: &v5::SubscribeReasonCode) -> Option<&'static str> {
 pub(crate) enum LinkError {
     V4(v4::ConnectionError),
     V5(v5::ConnectionError),
+    /// The upstream dropped the connection itself (an acknowledgement took too long).
+    Reset,
 }
 
 impl fmt::Display for LinkError {
@@ -154,7 +156,22 @@ impl fmt::Display for LinkError {
         match self {
             Self::V4(error) => error.fmt(f),
             Self::V5(error) => error.fmt(f),
+            Self::Reset => f.write_str("connection reset: the broker stopped acknowledging"),
         }
+    }
+}
+
+/// The MQTT 5 user property that carries a spooled message's sequence id.
+pub const SEQ_PROPERTY: &str = "sg-seq";
+
+fn v5_options(qos: v5::QoS, retain: bool, seq: Option<u64>) -> v5::PublishOptions {
+    let options = v5::PublishOptions::new(qos).retain(retain);
+    match seq {
+        Some(seq) => options.properties(v5::PublishProperties {
+            user_properties: vec![(SEQ_PROPERTY.to_owned(), seq.to_string())],
+            ..v5::PublishProperties::default()
+        }),
+        None => options,
     }
 }
 
@@ -267,6 +284,7 @@ impl Client {
         payload: Bytes,
         qos: Qos,
         retain: bool,
+        seq: Option<u64>,
     ) -> Result<(), SubmitError> {
         check_size(&topic, &payload)?;
         match self {
@@ -278,11 +296,7 @@ impl Client {
                 )
                 .map_err(|e| submit_error!(v4, e)),
             Self::V5(client) => client
-                .try_publish(
-                    topic,
-                    payload,
-                    v5::PublishOptions::new(qos!(v5, qos)).retain(retain),
-                )
+                .try_publish(topic, payload, v5_options(qos!(v5, qos), retain, seq))
                 .map_err(|e| submit_error!(v5, e)),
         }
     }
@@ -294,6 +308,7 @@ impl Client {
         payload: Bytes,
         qos: Qos,
         retain: bool,
+        seq: Option<u64>,
     ) -> Result<Notice, SubmitError> {
         check_size(&topic, &payload)?;
         match self {
@@ -306,11 +321,7 @@ impl Client {
                 .map(Notice::V4)
                 .map_err(|e| submit_error!(v4, e)),
             Self::V5(client) => client
-                .try_publish_tracked(
-                    topic,
-                    payload,
-                    v5::PublishOptions::new(qos!(v5, qos)).retain(retain),
-                )
+                .try_publish_tracked(topic, payload, v5_options(qos!(v5, qos), retain, seq))
                 .map(Notice::V5)
                 .map_err(|e| submit_error!(v5, e)),
         }
@@ -442,6 +453,15 @@ impl EventLoop {
     /// an unfinished call except on shutdown. The client cleans up a lost connection (drops
     /// queued acknowledgements, replays nothing on the clean session) inside the same call that
     /// returns its error.
+    /// Drops the current connection (the next `poll` reconnects); what was in flight on it
+    /// fails like on any connection loss.
+    pub(crate) fn reset(&mut self) {
+        match self {
+            Self::V4(eventloop) => eventloop.clean(),
+            Self::V5(eventloop) => eventloop.clean(),
+        }
+    }
+
     pub(crate) async fn poll(&mut self) -> Result<LinkEvent, LinkError> {
         match self {
             Self::V4(eventloop) => match eventloop.poll().await {

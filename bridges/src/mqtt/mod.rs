@@ -91,7 +91,7 @@ pub mod config;
 mod sink;
 mod subscriptions;
 
-pub use client::MAX_PUBLISH_BYTES;
+pub use client::{MAX_PUBLISH_BYTES, SEQ_PROPERTY};
 pub use config::{
     MqttUpstreamConfig, MqttVersion, SetupError, TlsSettings, UrlError, build_tls_config,
 };

@@ -37,14 +37,15 @@ use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc::error::{SendError, TrySendError};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, trace, warn};
 
 use super::backoff::Backoff;
 use super::client::{
-    self, Client, EventLoop, IncomingPublish, LinkEvent, Notice, NoticeError, SubmitError,
+    self, Client, EventLoop, IncomingPublish, LinkError, LinkEvent, Notice, NoticeError,
+    SubmitError,
 };
 use super::config::{MqttUpstreamConfig, MqttVersion, SetupError, build_tls_config};
 use super::subscriptions::{MAX_SUBSCRIPTIONS, SubscriptionTable, TableFull};
@@ -133,6 +134,10 @@ struct Shared {
     subscriptions: Mutex<SubscriptionTable>,
     /// Wakes the link task when `subscriptions` changed.
     subscriptions_changed: Notify,
+    /// Whether the link is up, for those who wait for it (the spool's drain).
+    link_state: watch::Sender<bool>,
+    /// Asks the link task to drop the connection and reconnect.
+    reset: Notify,
 }
 
 /// Connection state as seen by `publish`.
@@ -245,6 +250,8 @@ impl MqttUpstream {
             counters: Counters::default(),
             subscriptions: Mutex::new(SubscriptionTable::new(MAX_SUBSCRIPTIONS)),
             subscriptions_changed: Notify::new(),
+            link_state: watch::Sender::new(false),
+            reset: Notify::new(),
         });
         let window = usize::from(config.max_inflight);
         let (tracked_tx, tracked_rx) = mpsc::channel(window);
@@ -310,8 +317,23 @@ impl MqttUpstream {
     /// topic or an oversized message, [`FailReason::Shutdown`] after shutdown. Refused QoS 0
     /// publishes count as `dropped_qos0`, others as `failed`.
     pub fn publish(&self, msg: Message, token: Option<u64>) -> Result<(), FailReason> {
+        self.publish_with_seq(msg, token, None)
+    }
+
+    /// [`Self::publish`] with the spool's sequence id, sent as the MQTT 5 user property
+    /// [`SEQ_PROPERTY`](super::SEQ_PROPERTY) so consumers can drop duplicates (MQTT 3.1.1 has
+    /// no properties: the id is not sent).
+    ///
+    /// # Errors
+    /// As [`Self::publish`].
+    pub fn publish_with_seq(
+        &self,
+        msg: Message,
+        token: Option<u64>,
+        seq: Option<u64>,
+    ) -> Result<(), FailReason> {
         let qos = msg.qos;
-        let result = self.submit(msg, token);
+        let result = self.submit(msg, token, seq);
         let counters = &self.shared.counters;
         match result {
             Ok(()) => counters.published.fetch_add(1, Ordering::Relaxed),
@@ -324,7 +346,7 @@ impl MqttUpstream {
     }
 
     /// [`Self::publish`] without the counting.
-    fn submit(&self, msg: Message, token: Option<u64>) -> Result<(), FailReason> {
+    fn submit(&self, msg: Message, token: Option<u64>, seq: Option<u64>) -> Result<(), FailReason> {
         if self.shutdown.is_cancelled() {
             return Err(FailReason::Shutdown);
         }
@@ -351,7 +373,7 @@ impl MqttUpstream {
                 })?;
                 let notice = self
                     .client
-                    .try_publish_tracked(topic, payload, qos, retain)?;
+                    .try_publish_tracked(topic, payload, qos, retain, seq)?;
                 slot.send(Tracked {
                     token,
                     notice,
@@ -359,7 +381,7 @@ impl MqttUpstream {
                     permit,
                 });
             }
-            _ => self.client.try_publish(topic, payload, qos, retain)?,
+            _ => self.client.try_publish(topic, payload, qos, retain, seq)?,
         }
         Ok(())
     }
@@ -424,6 +446,19 @@ impl MqttUpstream {
         self.shared.link().connected
     }
 
+    /// Follows the link state (`true` while connected).
+    #[must_use]
+    pub fn watch_link(&self) -> watch::Receiver<bool> {
+        self.shared.link_state.subscribe()
+    }
+
+    /// Drops the current connection and reconnects (after the backoff), failing what is in
+    /// flight on it: for a broker that stopped answering without closing the connection.
+    /// Does nothing while the link is down.
+    pub fn reset_link(&self) {
+        self.shared.reset.notify_one();
+    }
+
     /// The configured name of this upstream.
     #[must_use]
     pub fn name(&self) -> &str {
@@ -482,6 +517,7 @@ impl Shared {
     /// CONNACK received.
     fn set_connected(&self) {
         self.link().connected = true;
+        self.link_state.send_replace(true);
     }
 
     /// The connection (attempt) ended: fail what was accepted on it. Returns whether the link
@@ -494,12 +530,15 @@ impl Shared {
             link.lost.cancel();
             link.lost = CancellationToken::new();
         }
+        drop(link);
+        self.link_state.send_replace(false);
         was_connected
     }
 
     /// Shutting down: refuse publishes, but let in-flight ones drain.
     fn set_stopped(&self) {
         self.link().connected = false;
+        self.link_state.send_replace(false);
     }
 
     /// `remote_prefix + topic` (or filter), reusing `topic`'s buffer when there is no prefix.
@@ -641,9 +680,26 @@ impl LinkTask {
         let mut connections: u64 = 0;
         loop {
             // `None`: shutdown. The poll is dropped unfinished only then.
-            let Some(polled) = self.control.drive(self.eventloop.poll()).await else {
+            let shared = Arc::clone(&self.control.shared);
+            let reset = async {
+                if phase == Phase::Up {
+                    shared.reset.notified().await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
+            // `None`: shutdown. The poll is dropped unfinished only then, or when the
+            // connection is reset on purpose (it is discarded then anyway).
+            let polled = tokio::select! {
+                polled = self.control.drive(self.eventloop.poll()) => polled,
+                () = reset => Some(Err(LinkError::Reset)),
+            };
+            let Some(polled) = polled else {
                 break;
             };
+            if matches!(polled, Err(LinkError::Reset)) {
+                self.eventloop.reset();
+            }
             match polled {
                 Ok(LinkEvent::Connected) => {
                     self.control.shared.set_connected();

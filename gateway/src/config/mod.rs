@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sensorgate_bridges::mqtt::{MqttUpstreamConfig, MqttVersion, TlsSettings};
+use sensorgate_bridges::spool::{FsyncPolicy, SpoolConfig, WhenFull};
 use serde::Deserialize;
 
 pub use diag::{Diagnostic, KeyPath};
@@ -38,6 +39,8 @@ pub struct Config {
     pub log: LogSection,
     /// `[mqttsn]`.
     pub mqttsn: MqttSnSection,
+    /// `[spool]`.
+    pub spool: SpoolSection,
     /// `[[upstream]]`, in file order.
     pub upstreams: Vec<Upstream>,
 }
@@ -77,11 +80,28 @@ pub struct MqttSnSection {
     pub core: CoreConfig,
 }
 
+/// `[spool]`.
+#[derive(Debug, Clone)]
+pub struct SpoolSection {
+    /// The log's settings; `dir` is `<state_dir>/spool`.
+    pub spool: SpoolConfig,
+    /// Messages waiting for the spool writer at most; beyond it QoS >= 1 senders get
+    /// congestion and QoS 0 messages are dropped (counted).
+    pub queue: usize,
+    /// Per upstream, messages per second forwarded at most (`None`: unlimited).
+    pub drain_rate: Option<u32>,
+    /// Per upstream, topic and payload bytes per second forwarded at most (`None`: unlimited).
+    pub drain_bytes_rate: Option<u64>,
+}
+
 /// One `[[upstream]]`.
 #[derive(Debug, Clone)]
 pub struct Upstream {
     /// Its unique name.
     pub name: String,
+    /// A QoS >= 1 message unacknowledged this long means the broker is gone: reconnect and
+    /// resend.
+    pub ack_timeout: Duration,
     /// The URL as written (for summaries; credentials never appear in it).
     pub url: String,
     /// Kind-specific settings.
@@ -202,6 +222,21 @@ impl Config {
                 .display(),
             units::format_size(self.mqttsn.session_log_max_size),
         ));
+        let sp = &self.spool.spool;
+        s.push_str(&format!(
+            "spool: {} (up to {}, keep {} free, when full: {}, fsync: {})\n",
+            sp.dir.display(),
+            units::format_size(sp.max_bytes),
+            units::format_size(sp.min_free_bytes),
+            match sp.when_full {
+                WhenFull::RejectNew => "reject_new",
+                WhenFull::DropOldest => "drop_oldest",
+            },
+            match sp.fsync {
+                FsyncPolicy::Always => "always".to_owned(),
+                FsyncPolicy::Interval(d) => format!("every {}", humantime::format_duration(d)),
+            }
+        ));
         for u in &self.upstreams {
             match &u.kind {
                 UpstreamKind::Mqtt(m) => s.push_str(&format!(
@@ -265,6 +300,7 @@ fn known_fields(key: &KeyPath) -> &'static [&'static str] {
         ["log"] => fields_of::<RawLog>(),
         ["mqttsn"] => fields_of::<RawMqttSn>(),
         ["mqttsn", "predefined_topic"] => fields_of::<RawPredefined>(),
+        ["spool"] => fields_of::<RawSpool>(),
         ["upstream"] => fields_of::<RawUpstream>(),
         _ => &[],
     }
@@ -279,7 +315,40 @@ struct RawConfig {
     gateway: RawGateway,
     log: RawLog,
     mqttsn: RawMqttSn,
+    spool: RawSpool,
     upstream: Vec<RawUpstream>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+struct RawSpool {
+    max_bytes: String,
+    segment_bytes: String,
+    min_free_bytes: String,
+    max_age: String,
+    when_full: String,
+    fsync: String,
+    fsync_interval: String,
+    queue: i64,
+    drain_rate: i64,
+    drain_bytes_rate: String,
+}
+
+impl Default for RawSpool {
+    fn default() -> Self {
+        RawSpool {
+            max_bytes: "1GiB".into(),
+            segment_bytes: "8MiB".into(),
+            min_free_bytes: "64MiB".into(),
+            max_age: "0s".into(),
+            when_full: "reject_new".into(),
+            fsync: "always".into(),
+            fsync_interval: "1s".into(),
+            queue: 65_536,
+            drain_rate: 0,
+            drain_bytes_rate: "0B".into(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -417,13 +486,19 @@ struct RawUpstream {
     max_inflight: i64,
     #[serde(default = "default_queue")]
     queue: i64,
+    #[serde(default = "default_ack_timeout")]
+    ack_timeout: String,
+}
+
+fn default_ack_timeout() -> String {
+    "5s".into()
 }
 
 fn default_protocol() -> String {
     "5".into()
 }
 fn default_keep_alive() -> String {
-    "30s".into()
+    "15s".into()
 }
 fn default_connect_timeout() -> String {
     "10s".into()
@@ -781,6 +856,8 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
         });
     }
 
+    let spool = compile_spool(&raw.spool, &state_dir, r);
+
     let mut upstreams = Vec::new();
     if raw.upstream.is_empty() {
         r.at_span(
@@ -842,7 +919,99 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
                 gwinfo_to_destinations,
             },
         },
+        spool: spool?,
         upstreams,
+    })
+}
+
+fn compile_spool(raw: &RawSpool, state_dir: &Path, r: &mut Reporter<'_>) -> Option<SpoolSection> {
+    let path = KeyPath::root("spool");
+    const TIB: u64 = 1 << 40;
+    let max_bytes = size_in(r, &path.key("max_bytes"), &raw.max_bytes, 1 << 20, 64 * TIB);
+    let segment_bytes = size_in(
+        r,
+        &path.key("segment_bytes"),
+        &raw.segment_bytes,
+        64 << 10,
+        1 << 30,
+    );
+    let min_free_bytes = size_in(
+        r,
+        &path.key("min_free_bytes"),
+        &raw.min_free_bytes,
+        0,
+        64 * TIB,
+    );
+    let max_age = duration_in(
+        r,
+        &path.key("max_age"),
+        &raw.max_age,
+        Duration::ZERO,
+        Duration::from_secs(10 * 365 * 86_400),
+    );
+    let when_full = match raw.when_full.as_str() {
+        "reject_new" => Some(WhenFull::RejectNew),
+        "drop_oldest" => Some(WhenFull::DropOldest),
+        other => {
+            r.at_path(
+                &path.key("when_full"),
+                format!("unknown policy `{other}`"),
+                Some("use \"reject_new\" or \"drop_oldest\"".into()),
+            );
+            None
+        }
+    };
+    let interval = duration_in(
+        r,
+        &path.key("fsync_interval"),
+        &raw.fsync_interval,
+        Duration::from_millis(1),
+        Duration::from_secs(3600),
+    );
+    let fsync = match raw.fsync.as_str() {
+        "always" => Some(FsyncPolicy::Always),
+        "interval" => interval.map(FsyncPolicy::Interval),
+        other => {
+            r.at_path(
+                &path.key("fsync"),
+                format!("unknown fsync policy `{other}`"),
+                Some("use \"always\" or \"interval\"".into()),
+            );
+            None
+        }
+    };
+    let queue = int_in::<usize>(r, &path.key("queue"), raw.queue, 1, 10_000_000);
+    let drain_rate = int_in::<u32>(r, &path.key("drain_rate"), raw.drain_rate, 0, 100_000_000);
+    let drain_bytes_rate = size_in(
+        r,
+        &path.key("drain_bytes_rate"),
+        &raw.drain_bytes_rate,
+        0,
+        TIB,
+    );
+    if let (Some(rate), Some(seg)) = (drain_bytes_rate, segment_bytes) {
+        if rate != 0 && rate < 64 << 10 && seg > 0 {
+            // A message larger than one second's budget could never be sent.
+            r.at_path(
+                &path.key("drain_bytes_rate"),
+                "must be 0 (unlimited) or at least 64KiB".into(),
+                None,
+            );
+        }
+    }
+    Some(SpoolSection {
+        spool: SpoolConfig {
+            dir: state_dir.join("spool"),
+            max_bytes: max_bytes? as u64,
+            segment_bytes: segment_bytes? as u64,
+            min_free_bytes: min_free_bytes? as u64,
+            max_age: max_age.filter(|a| !a.is_zero()),
+            when_full: when_full?,
+            fsync: fsync?,
+        },
+        queue: queue?,
+        drain_rate: drain_rate.filter(|&r| r > 0),
+        drain_bytes_rate: drain_bytes_rate.map(|r| r as u64).filter(|&r| r > 0),
     })
 }
 
@@ -1000,6 +1169,13 @@ fn compile_upstream(
         }
     }
     let max_inflight = int_in::<u16>(r, &path.key("max_inflight"), u.max_inflight, 1, 65_535);
+    let ack_timeout = duration_in(
+        r,
+        &path.key("ack_timeout"),
+        &u.ack_timeout,
+        Duration::from_millis(100),
+        Duration::from_secs(3600),
+    );
     let queue = int_in::<usize>(r, &path.key("queue"), u.queue, 1, 1_000_000);
     if u.remote_prefix.contains(['+', '#']) {
         r.at_path(
@@ -1049,6 +1225,7 @@ fn compile_upstream(
     };
     Some(Upstream {
         name: u.name.clone(),
+        ack_timeout: ack_timeout?,
         url: u.url.clone(),
         kind: UpstreamKind::Mqtt(config),
     })

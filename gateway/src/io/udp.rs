@@ -7,7 +7,6 @@
 //! round's persisted session changes and the broker acknowledgements that wait for them to the
 //! store thread ([`StoreLink`]), never waiting for the disk itself.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +19,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use sensorgate_bridges::message::Downlink;
-use sensorgate_bridges::mqtt::{AckReport, Delivery, MqttUpstream};
+use sensorgate_bridges::mqtt::MqttUpstream;
+use sensorgate_bridges::spool::{AppendReply, Appender};
 
 use super::batch::{RecvBatch, SendBatch};
 use super::session_store::StoreLink;
@@ -73,58 +73,32 @@ pub fn bind(addr: SocketAddr, options: SocketOptions) -> io::Result<UdpSocket> {
     Ok(socket)
 }
 
-/// Aggregates the per-upstream reports of one token: the sensor is answered once every
-/// upstream has reported, accepted only if all accepted.
-#[derive(Debug, Default)]
-struct AckJoin {
-    waiting: HashMap<u64, (usize, bool)>,
-}
-
-impl AckJoin {
-    fn expect(&mut self, token: u64, upstreams: usize) {
-        self.waiting.insert(token, (upstreams, false));
-    }
-
-    fn report(&mut self, report: &AckReport) -> Option<PublishOutcome> {
-        let entry = self.waiting.get_mut(&report.token)?;
-        entry.0 = entry.0.saturating_sub(1);
-        if !matches!(report.delivery, Delivery::Acknowledged) {
-            entry.1 = true;
-        }
-        if entry.0 > 0 {
-            return None;
-        }
-        let (_, failed) = self.waiting.remove(&report.token)?;
-        Some(if failed {
-            PublishOutcome::Congestion
-        } else {
-            PublishOutcome::Accepted
-        })
-    }
-}
-
 /// The task owning the core and its sockets.
 pub struct UdpDriver {
     core: Core,
     sockets: Vec<Arc<UdpSocket>>,
+    /// For subscriptions and the link state; messages go through the spool.
     upstreams: Vec<MqttUpstream>,
-    acks: mpsc::Receiver<AckReport>,
+    spool: Appender,
+    replies: mpsc::Receiver<Vec<AppendReply>>,
     downlink: mpsc::Receiver<Downlink>,
     rx: RecvBatch,
     tx: Vec<SendBatch>,
-    joins: AckJoin,
     /// Where persisted session changes go, with the broker acknowledgements that wait for
     /// them; `None` runs without persistence (every downlink acknowledged at once).
     store: Option<StoreLink>,
 }
 
 impl UdpDriver {
-    /// Assembles a driver; `acks` receives the reports of every upstream in `upstreams`.
+    /// Assembles a driver: uplink messages go to `spool`, whose verdicts on tokened ones
+    /// come back on `replies`; `upstreams` take the subscriptions.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         core: Core,
         sockets: Vec<UdpSocket>,
         upstreams: Vec<MqttUpstream>,
-        acks: mpsc::Receiver<AckReport>,
+        spool: Appender,
+        replies: mpsc::Receiver<Vec<AppendReply>>,
         downlink: mpsc::Receiver<Downlink>,
         recv_batch: usize,
         max_packet_size: usize,
@@ -134,12 +108,12 @@ impl UdpDriver {
             core,
             sockets: sockets.into_iter().map(Arc::new).collect(),
             upstreams,
-            acks,
+            spool,
+            replies,
             downlink,
             // One byte more than the limit so oversize datagrams are seen as such.
             rx: RecvBatch::new(recv_batch, max_packet_size + 1),
             tx,
-            joins: AckJoin::default(),
             store: None,
         }
     }
@@ -197,9 +171,9 @@ impl UdpDriver {
                     ready?;
                     self.receive_batch(index)?;
                 }
-                Some(report) = self.acks.recv() => {
+                Some(replies) = self.replies.recv() => {
                     let now = Instant::now();
-                    self.on_report(now, &report);
+                    self.on_replies(now, &replies);
                 }
                 Some(message) = self.downlink.recv() => {
                     let now = Instant::now();
@@ -234,8 +208,8 @@ impl UdpDriver {
     #[allow(clippy::disallowed_methods)]
     fn drain_ready(&mut self) -> io::Result<()> {
         let now = Instant::now();
-        while let Ok(report) = self.acks.try_recv() {
-            self.on_report(now, &report);
+        while let Ok(replies) = self.replies.try_recv() {
+            self.on_replies(now, &replies);
         }
         for index in 0..self.sockets.len() {
             for _ in 0..DRAIN_ROUNDS {
@@ -244,8 +218,8 @@ impl UdpDriver {
                 }
             }
         }
-        while let Ok(report) = self.acks.try_recv() {
-            self.on_report(now, &report);
+        while let Ok(replies) = self.replies.try_recv() {
+            self.on_replies(now, &replies);
         }
         Ok(())
     }
@@ -299,9 +273,15 @@ impl UdpDriver {
         }
     }
 
-    fn on_report(&mut self, now: Instant, report: &AckReport) {
-        if let Some(outcome) = self.joins.report(report) {
-            self.core.handle_publish_result(now, report.token, outcome);
+    /// The spool's verdicts: accepted once durable, else congestion (the sensor retries).
+    fn on_replies(&mut self, now: Instant, replies: &[AppendReply]) {
+        for reply in replies {
+            let outcome = if reply.accepted {
+                PublishOutcome::Accepted
+            } else {
+                PublishOutcome::Congestion
+            };
+            self.core.handle_publish_result(now, reply.token, outcome);
         }
     }
 
@@ -311,29 +291,11 @@ impl UdpDriver {
         while let Some(event) = self.core.poll_event() {
             match event {
                 Event::Publish { message, token } => {
-                    if let Some(token) = token {
-                        self.joins.expect(token, self.upstreams.len());
-                    }
-                    let count = self.upstreams.len();
-                    let mut message = Some(message);
-                    for (index, up) in self.upstreams.iter().enumerate() {
-                        // Clone for all but the last upstream.
-                        let msg = if index + 1 == count {
-                            message.take()
-                        } else {
-                            message.clone()
-                        };
-                        let Some(msg) = msg else { break };
-                        // A refused publish gets no report from the upstream: count it here.
-                        if let (Err(reason), Some(token)) = (up.publish(msg, token), token) {
-                            let report = AckReport {
-                                token,
-                                upstream: index,
-                                delivery: Delivery::Failed(reason),
-                            };
-                            if let Some(outcome) = self.joins.report(&report) {
-                                self.core.handle_publish_result(now, token, outcome);
-                            }
+                    // A full spool queue refuses at once: congestion, the sensor retries.
+                    if self.spool.append(message, token).is_err() {
+                        if let Some(token) = token {
+                            self.core
+                                .handle_publish_result(now, token, PublishOutcome::Congestion);
                         }
                     }
                 }

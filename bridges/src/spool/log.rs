@@ -1,0 +1,1006 @@
+//! The spool proper: segments, cursors, limits and recovery, over an [`Fs`]. No threads, no
+//! clocks: the caller passes the wall-clock time and decides when to write and sync (see the
+//! module docs of [`super`] for the threads that drive it).
+
+use std::any::Any;
+use std::collections::VecDeque;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut};
+
+use super::fs::{Fs, SpoolFile};
+use super::record::{self, Parse, Record, SEGMENT_HEADER};
+use crate::message::Message;
+
+/// Sequence ids reserved per write of the reservation file: after a crash the spool continues
+/// above the reservation, so an id that may have left the gateway is never reused.
+const SEQ_RESERVATION: u64 = 1 << 20;
+
+/// Bytes read per `read_at` when scanning or draining.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// The name of the lock file in the spool directory.
+pub const LOCK_FILE: &str = "LOCK";
+
+/// What to do when the spool is full (`max_bytes`, or less than `min_free_bytes` on disk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Refuse new messages: QoS >= 1 senders get congestion; nothing accepted is dropped.
+    RejectNew,
+    /// Drop the oldest segment (counted), even if not every upstream has it yet.
+    DropOldest,
+}
+
+/// When appended data is made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Every write is followed by an fsync, and QoS >= 1 messages are acknowledged only after
+    /// it (group commit: one fsync covers every message written with it).
+    Always,
+    /// Fsync at most this often; QoS >= 1 messages are acknowledged once written to the OS,
+    /// so a power loss (not a crash of the process) can lose up to one interval.
+    Interval(Duration),
+}
+
+/// The spool's settings (the `[spool]` config section).
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    /// The spool directory (`<state_dir>/spool`).
+    pub dir: PathBuf,
+    /// Most bytes of segment files.
+    pub max_bytes: u64,
+    /// Target size of one segment file (clamped to `max_bytes / 4`, at least 64 KiB).
+    pub segment_bytes: u64,
+    /// The spool counts as full while the filesystem has less than this free.
+    pub min_free_bytes: u64,
+    /// Messages older than this are dropped (counted) instead of being forwarded.
+    pub max_age: Option<Duration>,
+    /// What happens when full.
+    pub when_full: WhenFull,
+    /// When data is made durable.
+    pub fsync: FsyncPolicy,
+}
+
+impl SpoolConfig {
+    /// The segment size in effect.
+    #[must_use]
+    pub fn effective_segment_bytes(&self) -> u64 {
+        self.segment_bytes.min(self.max_bytes / 4).max(64 * 1024)
+    }
+}
+
+/// Why the spool could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Another process holds the lock.
+    #[error(
+        "spool directory {} is in use by another sensorgate (lock {} is held); stop it or use another state_dir",
+        dir.display(), dir.join(LOCK_FILE).display()
+    )]
+    Locked {
+        /// The spool directory.
+        dir: PathBuf,
+    },
+    /// A filesystem operation failed.
+    #[error("spool directory {}: {source}", dir.display())]
+    Io {
+        /// The spool directory.
+        dir: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// Why one message was not appended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AppendError {
+    /// `max_bytes` or the free-disk watermark is reached and `when_full` is `reject_new` (or
+    /// nothing could be dropped).
+    #[error("spool full")]
+    Full,
+    /// The message alone is larger than the spool may hold, or its topic is too long.
+    #[error("message too large for the spool")]
+    TooLarge,
+}
+
+/// Counters, for metrics and logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpoolStats {
+    /// Records appended.
+    pub appended: u64,
+    /// Appends refused because the spool was full.
+    pub rejected_full: u64,
+    /// Records dropped unforwarded by `when_full = "drop_oldest"` (counted for the slowest
+    /// upstream).
+    pub dropped_oldest: u64,
+    /// Records dropped at read time because they were older than `max_age`.
+    pub expired: u64,
+    /// Records that failed their CRC (recovery or read) and were skipped.
+    pub corrupt: u64,
+    /// Bytes cut from torn segment tails at recovery.
+    pub truncated_bytes: u64,
+    /// Failed writes (each failed the records written with it).
+    pub write_errors: u64,
+    /// Failed fsyncs.
+    pub sync_errors: u64,
+    /// Record and header bytes handed to the OS.
+    pub bytes_written: u64,
+    /// Successful data fsyncs.
+    pub syncs: u64,
+    /// Segment files now.
+    pub segments: u64,
+    /// Bytes of segment files now.
+    pub bytes: u64,
+}
+
+/// What recovery found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Segment files kept.
+    pub segments: usize,
+    /// Valid records in them.
+    pub records: u64,
+    /// Records skipped for a bad CRC.
+    pub corrupt: u64,
+    /// Bytes cut from torn tails.
+    pub truncated_bytes: u64,
+    /// The next sequence id.
+    pub next_seq: u64,
+    /// Per upstream: its name and the first sequence id it has not acknowledged.
+    pub cursors: Vec<(String, u64)>,
+}
+
+/// One segment file.
+struct Segment<F> {
+    /// The first sequence id it may hold (its file name).
+    first_seq: u64,
+    /// The last record's sequence id.
+    last_seq: Option<u64>,
+    records: u64,
+    file: Arc<F>,
+    /// End of the data written to the OS; readers never read beyond it.
+    written: u64,
+    /// End of the data known durable.
+    durable: u64,
+    /// No more appends: a later segment exists, or a write to it failed.
+    sealed: bool,
+}
+
+/// A write whose fsync is due: run [`Pending::run`] without holding the spool, then report
+/// the result with [`Spool::synced`].
+pub struct Pending<F> {
+    file: Arc<F>,
+    first_seq: u64,
+    up_to: u64,
+}
+
+impl<F: SpoolFile> Pending<F> {
+    /// Runs the fsync.
+    ///
+    /// # Errors
+    /// The OS error.
+    pub fn run(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+/// Where a reader is: the next sequence id it wants, and the byte position that holds it if
+/// known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadPos {
+    next_seq: u64,
+    at: Option<(u64, u64)>,
+}
+
+impl ReadPos {
+    /// The next sequence id this reader returns (or a later one, if that one is gone).
+    #[must_use]
+    pub const fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+}
+
+/// The append-only log. See the module docs.
+pub struct Spool<F: Fs> {
+    fs: F,
+    config: SpoolConfig,
+    segment_bytes: u64,
+    _lock: Box<dyn Any + Send + Sync>,
+    segments: VecDeque<Segment<F::File>>,
+    upstreams: Vec<String>,
+    /// Per upstream, the first sequence id not acknowledged.
+    cursors: Vec<u64>,
+    cursors_dirty: bool,
+    cursors_gen: u64,
+    next_seq: u64,
+    /// Sequence ids below this are covered by the durable reservation.
+    reserved: u64,
+    reserved_gen: u64,
+    /// Encoded records not yet written, their first sequence id, count and last id.
+    buf: Vec<u8>,
+    buf_first: u64,
+    buf_records: u64,
+    buf_last: u64,
+    /// Sum of `written` over the segments.
+    bytes: u64,
+    disk_low: bool,
+    stats: SpoolStats,
+}
+
+fn segment_name(first_seq: u64) -> String {
+    format!("{first_seq:020}.seg")
+}
+
+fn io_err(dir: &Path) -> impl Fn(io::Error) -> OpenError + '_ {
+    move |source| OpenError::Io {
+        dir: dir.to_path_buf(),
+        source,
+    }
+}
+
+impl<F: Fs> Spool<F> {
+    /// Opens (creating if needed) the spool in `config.dir` for the upstreams `upstreams`
+    /// (their names key the cursors), recovering what is there: CRCs checked, torn tails
+    /// truncated, corrupt records skipped and counted.
+    ///
+    /// # Errors
+    /// [`OpenError::Locked`] when another process uses the directory; [`OpenError::Io`] when
+    /// it cannot be created, listed or read.
+    pub fn open(
+        fs: F,
+        config: SpoolConfig,
+        upstreams: &[String],
+    ) -> Result<(Self, Recovery), OpenError> {
+        let dir = config.dir.clone();
+        fs.create_dir_all(&dir).map_err(io_err(&dir))?;
+        let lock = fs.lock(&dir.join(LOCK_FILE)).map_err(|e| {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                OpenError::Locked { dir: dir.clone() }
+            } else {
+                io_err(&dir)(e)
+            }
+        })?;
+        let mut names: Vec<(u64, String)> = fs
+            .list(&dir)
+            .map_err(io_err(&dir))?
+            .into_iter()
+            .filter_map(|name| {
+                let seq = name.strip_suffix(".seg")?.parse::<u64>().ok()?;
+                Some((seq, name))
+            })
+            .collect();
+        names.sort_unstable();
+        let mut recovery = Recovery::default();
+        let mut segments = VecDeque::new();
+        let mut last_seq = 0u64;
+        let count = names.len();
+        for (i, (first_seq, name)) in names.into_iter().enumerate() {
+            let path = dir.join(&name);
+            let file = fs.open(&path, false).map_err(io_err(&dir))?;
+            let scan = scan_segment(&file, last_seq).map_err(io_err(&dir))?;
+            recovery.corrupt += scan.corrupt;
+            if scan.end < scan.len {
+                // A torn tail (the last segment after a crash) or a corrupt one: cut it, so
+                // that appends and readers never meet it again.
+                recovery.truncated_bytes += scan.len - scan.end;
+                tracing::warn!(segment = %path.display(), valid = scan.end, len = scan.len, last = i + 1 == count, "Spool segment tail is torn or corrupt; truncated.");
+                file.set_len(scan.end).map_err(io_err(&dir))?;
+                file.sync_data().map_err(io_err(&dir))?;
+            }
+            if scan.records == 0 {
+                fs.remove(&path).map_err(io_err(&dir))?;
+                continue;
+            }
+            recovery.records += scan.records;
+            last_seq = scan.last_seq.unwrap_or(last_seq);
+            segments.push_back(Segment {
+                first_seq,
+                last_seq: scan.last_seq,
+                records: scan.records,
+                file: Arc::new(file),
+                written: scan.end,
+                durable: scan.end,
+                sealed: true,
+            });
+        }
+        let (cursors_gen, saved) = read_slots(&fs, &dir, "cursors")
+            .map(|(g, p)| (g, decode_cursors(&p)))
+            .unwrap_or((0, Vec::new()));
+        let (reserved_gen, reserved) = read_slots(&fs, &dir, "seq")
+            .and_then(|(g, p)| Some((g, p.get(..8)?.try_into().ok().map(u64::from_le_bytes)?)))
+            .unwrap_or((0, 0));
+        let next_seq = (last_seq + 1).max(reserved).max(1);
+        let oldest = segments.front().map_or(next_seq, |s| s.first_seq);
+        let cursors: Vec<u64> = upstreams
+            .iter()
+            .map(|name| {
+                saved
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map_or(oldest, |&(_, c)| c)
+            })
+            .collect();
+        recovery.segments = segments.len();
+        recovery.next_seq = next_seq;
+        recovery.cursors = upstreams
+            .iter()
+            .cloned()
+            .zip(cursors.iter().copied())
+            .collect();
+        let bytes = segments.iter().map(|s| s.written).sum();
+        let stats = SpoolStats {
+            corrupt: recovery.corrupt,
+            truncated_bytes: recovery.truncated_bytes,
+            ..SpoolStats::default()
+        };
+        let mut spool = Spool {
+            fs,
+            segment_bytes: config.effective_segment_bytes(),
+            config,
+            _lock: lock,
+            segments,
+            upstreams: upstreams.to_vec(),
+            cursors,
+            cursors_dirty: false,
+            cursors_gen,
+            next_seq,
+            reserved: next_seq,
+            reserved_gen,
+            buf: Vec::new(),
+            buf_first: next_seq,
+            buf_records: 0,
+            buf_last: 0,
+            bytes,
+            disk_low: false,
+            stats,
+        };
+        spool.collect_garbage();
+        Ok((spool, recovery))
+    }
+
+    /// The counters.
+    #[must_use]
+    pub fn stats(&self) -> SpoolStats {
+        SpoolStats {
+            segments: self.segments.len() as u64,
+            bytes: self.bytes + self.buf.len() as u64,
+            ..self.stats
+        }
+    }
+
+    /// The settings.
+    #[must_use]
+    pub fn config(&self) -> &SpoolConfig {
+        &self.config
+    }
+
+    /// The sequence id the next append gets.
+    #[must_use]
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The last sequence id readers can see (written to the OS).
+    #[must_use]
+    pub fn written_seq(&self) -> u64 {
+        self.segments
+            .iter()
+            .rev()
+            .find_map(|s| s.last_seq)
+            .unwrap_or(0)
+    }
+
+    /// Records not yet acknowledged by upstream `index` (counted per whole segment, so an
+    /// upper bound within one segment).
+    #[must_use]
+    pub fn backlog(&self, index: usize) -> u64 {
+        let cursor = self.cursors.get(index).copied().unwrap_or(0);
+        self.segments
+            .iter()
+            .filter(|s| s.last_seq.is_some_and(|l| l >= cursor))
+            .map(|s| s.records)
+            .sum()
+    }
+
+    /// Updates the free-space state from the filesystem; call it now and then (it costs a
+    /// `statvfs`).
+    pub fn check_disk(&mut self) {
+        if self.config.min_free_bytes == 0 {
+            self.disk_low = false;
+            return;
+        }
+        match self.fs.available_bytes(&self.config.dir) {
+            Ok(free) => {
+                let low = free < self.config.min_free_bytes;
+                if low != self.disk_low {
+                    tracing::warn!(
+                        free,
+                        min_free_bytes = self.config.min_free_bytes,
+                        low,
+                        "Spool free-disk watermark crossed."
+                    );
+                }
+                self.disk_low = low;
+            }
+            Err(error) => tracing::debug!(%error, "Cannot read free disk space."),
+        }
+    }
+
+    /// Appends `msg` (stamped `time_ms`, wall-clock ms since the epoch) to the write buffer
+    /// and returns its sequence id. Nothing reaches the OS before [`Self::write`].
+    ///
+    /// # Errors
+    /// [`AppendError::Full`] when the limit is reached and nothing (more) may be dropped;
+    /// [`AppendError::TooLarge`] when the message cannot fit at all.
+    pub fn append(&mut self, time_ms: u64, msg: &Message) -> Result<u64, AppendError> {
+        let need = record::encoded_len(&msg.topic, &msg.payload) as u64;
+        if msg.topic.len() > usize::from(u16::MAX) || need > self.config.max_bytes / 2 {
+            self.stats.rejected_full += 1;
+            return Err(AppendError::TooLarge);
+        }
+        let limit = if self.disk_low {
+            self.bytes + self.buf.len() as u64
+        } else {
+            self.config.max_bytes
+        };
+        while self.bytes + self.buf.len() as u64 + need > limit {
+            if self.config.when_full == WhenFull::RejectNew || !self.drop_oldest() {
+                self.stats.rejected_full += 1;
+                return Err(AppendError::Full);
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if self.buf_records == 0 {
+            self.buf_first = seq;
+        }
+        record::encode(
+            &mut self.buf,
+            seq,
+            time_ms,
+            msg.qos,
+            msg.retain,
+            &msg.topic,
+            &msg.payload,
+        );
+        self.buf_records += 1;
+        self.buf_last = seq;
+        self.stats.appended += 1;
+        Ok(seq)
+    }
+
+    /// Drops the oldest sealed segment; false if there is none.
+    fn drop_oldest(&mut self) -> bool {
+        let Some(front) = self.segments.front() else {
+            return false;
+        };
+        if !front.sealed || self.segments.len() < 2 {
+            return false;
+        }
+        let Some(seg) = self.segments.pop_front() else {
+            return false;
+        };
+        let slowest = self.cursors.iter().copied().min().unwrap_or(u64::MAX);
+        let lost = match seg.last_seq {
+            Some(last) if slowest <= last => count_from(&*seg.file, seg.written, slowest),
+            _ => 0,
+        };
+        self.stats.dropped_oldest += lost;
+        if lost > 0 {
+            tracing::warn!(
+                lost,
+                first_seq = seg.first_seq,
+                "Spool full: oldest segment dropped (when_full = drop_oldest)."
+            );
+        }
+        let next = seg.last_seq.map_or(seg.first_seq, |l| l + 1);
+        for c in &mut self.cursors {
+            if *c < next {
+                *c = next;
+                self.cursors_dirty = true;
+            }
+        }
+        self.remove_segment(&seg);
+        true
+    }
+
+    fn remove_segment(&mut self, seg: &Segment<F::File>) {
+        self.bytes = self.bytes.saturating_sub(seg.written);
+        let path = self.config.dir.join(segment_name(seg.first_seq));
+        if let Err(error) = self.fs.remove(&path) {
+            tracing::warn!(%error, segment = %path.display(), "Cannot remove spool segment.");
+        }
+    }
+
+    /// Whether appended records wait in the buffer.
+    #[must_use]
+    pub fn has_unwritten(&self) -> bool {
+        self.buf_records > 0
+    }
+
+    /// Writes the buffered records to the active segment (a new one if it is full or
+    /// sealed), and returns the fsync that makes them durable. On error every buffered record
+    /// is lost (their senders must be told), the segment is sealed at its last good end, and
+    /// the next write starts a new segment: the spool stays consistent and recovers by itself
+    /// once the disk accepts writes again.
+    ///
+    /// # Errors
+    /// The OS error of the reservation, segment creation or write.
+    pub fn write(&mut self) -> io::Result<Option<Pending<F::File>>> {
+        if self.buf_records == 0 {
+            return Ok(None);
+        }
+        let result = self.write_buffered();
+        if result.is_err() {
+            self.stats.write_errors += 1;
+            self.buf.clear();
+            self.buf_records = 0;
+        }
+        result.map(Some)
+    }
+
+    fn write_buffered(&mut self) -> io::Result<Pending<F::File>> {
+        if self.buf_last >= self.reserved {
+            self.reserve(self.buf_last + 1 + SEQ_RESERVATION)?;
+        }
+        let need = self.buf.len() as u64;
+        let rotate = match self.segments.back() {
+            None => true,
+            Some(s) => s.sealed || (s.records > 0 && s.written + need > self.segment_bytes),
+        };
+        if rotate {
+            self.seal_active()?;
+            self.create_segment(self.buf_first)?;
+        }
+        let Some(seg) = self.segments.back_mut() else {
+            return Err(io::ErrorKind::NotFound.into());
+        };
+        if let Err(e) = seg.file.write_all_at(&self.buf, seg.written) {
+            seg.sealed = true;
+            // Best effort: the part written is beyond `written`, so readers never see it;
+            // recovery would cut it as a corrupt tail.
+            let _ = seg.file.set_len(seg.written);
+            return Err(e);
+        }
+        seg.written += need;
+        seg.records += self.buf_records;
+        seg.last_seq = Some(self.buf_last);
+        self.bytes += need;
+        self.stats.bytes_written += need;
+        self.buf.clear();
+        self.buf_records = 0;
+        Ok(Pending {
+            file: Arc::clone(&seg.file),
+            first_seq: seg.first_seq,
+            up_to: seg.written,
+        })
+    }
+
+    /// Seals the active segment, syncing what it has that is not durable yet.
+    fn seal_active(&mut self) -> io::Result<()> {
+        if let Some(seg) = self.segments.back_mut() {
+            if !seg.sealed && seg.durable < seg.written {
+                seg.file.sync_data()?;
+                seg.durable = seg.written;
+                self.stats.syncs += 1;
+            }
+            seg.sealed = true;
+        }
+        Ok(())
+    }
+
+    fn create_segment(&mut self, first_seq: u64) -> io::Result<()> {
+        let path = self.config.dir.join(segment_name(first_seq));
+        let file = self.fs.open(&path, true)?;
+        let header = record::segment_header();
+        let setup = file
+            .set_len(0)
+            .and_then(|()| file.write_all_at(&header, 0))
+            .and_then(|()| file.sync_data())
+            .and_then(|()| self.fs.sync_dir(&self.config.dir));
+        if let Err(e) = setup {
+            let _ = self.fs.remove(&path);
+            return Err(e);
+        }
+        self.stats.bytes_written += SEGMENT_HEADER;
+        self.bytes += SEGMENT_HEADER;
+        self.segments.push_back(Segment {
+            first_seq,
+            last_seq: None,
+            records: 0,
+            file: Arc::new(file),
+            written: SEGMENT_HEADER,
+            durable: SEGMENT_HEADER,
+            sealed: false,
+        });
+        Ok(())
+    }
+
+    fn reserve(&mut self, up_to: u64) -> io::Result<()> {
+        let gen_ = self.reserved_gen + 1;
+        write_slot(
+            &self.fs,
+            &self.config.dir,
+            "seq",
+            gen_,
+            &up_to.to_le_bytes(),
+        )?;
+        self.reserved_gen = gen_;
+        self.reserved = up_to;
+        Ok(())
+    }
+
+    /// Reports the result of a [`Pending`] fsync. A failure seals the segment (the next
+    /// write starts a new one); the data it covered has an unknown fate, so its senders must
+    /// be refused (they resend; a duplicate is possible, a loss is not).
+    pub fn synced(&mut self, pending: &Pending<F::File>, result: &io::Result<()>) {
+        let seg = self
+            .segments
+            .iter_mut()
+            .find(|s| s.first_seq == pending.first_seq);
+        match result {
+            Ok(()) => {
+                self.stats.syncs += 1;
+                if let Some(seg) = seg {
+                    seg.durable = seg.durable.max(pending.up_to);
+                }
+            }
+            Err(_) => {
+                self.stats.sync_errors += 1;
+                if let Some(seg) = seg {
+                    seg.sealed = true;
+                }
+            }
+        }
+    }
+
+    /// A reader positioned at upstream `index`'s cursor: the first record it has not
+    /// acknowledged.
+    #[must_use]
+    pub fn reader(&self, index: usize) -> ReadPos {
+        ReadPos {
+            next_seq: self.cursors.get(index).copied().unwrap_or(self.next_seq),
+            at: None,
+        }
+    }
+
+    /// Upstream `index`'s cursor.
+    #[must_use]
+    pub fn cursor(&self, index: usize) -> Option<u64> {
+        self.cursors.get(index).copied()
+    }
+
+    /// Reads up to `max` records from `pos` on, skipping (and counting) records older than
+    /// `max_age` at `now_ms`. Returns fewer when the reader reaches the written end.
+    ///
+    /// # Errors
+    /// The OS error of a read.
+    pub fn read(
+        &mut self,
+        pos: &mut ReadPos,
+        max: usize,
+        now_ms: u64,
+        out: &mut Vec<Record>,
+    ) -> io::Result<()> {
+        let max_age_ms = self
+            .config
+            .max_age
+            .map(|a| u64::try_from(a.as_millis()).unwrap_or(u64::MAX));
+        let mut chunk = Vec::new();
+        let mut taken = 0;
+        while taken < max {
+            let Some(index) = self.locate(pos) else { break };
+            let Some((first, offset)) = pos.at else { break };
+            let Some(seg) = self.segments.get(index) else {
+                break;
+            };
+            if offset >= seg.written {
+                match self.segments.get(index + 1) {
+                    Some(next) => {
+                        pos.at = Some((next.first_seq, SEGMENT_HEADER));
+                        continue;
+                    }
+                    None => break,
+                }
+            }
+            let remaining = usize::try_from(seg.written - offset).unwrap_or(usize::MAX);
+            chunk.resize(remaining.min(READ_CHUNK), 0);
+            let mut n = read_full(&*seg.file, &mut chunk, offset)?;
+            let mut at = 0usize;
+            let mut progressed = false;
+            while taken < max {
+                let Some(rest) = chunk.get(at..n) else { break };
+                if rest.is_empty() {
+                    break;
+                }
+                match record::parse(rest) {
+                    Parse::Record(rec, len) => {
+                        at += len;
+                        progressed = true;
+                        if rec.seq < pos.next_seq {
+                            continue;
+                        }
+                        pos.next_seq = rec.seq + 1;
+                        if max_age_ms.is_some_and(|m| now_ms.saturating_sub(rec.time_ms) > m) {
+                            self.stats.expired += 1;
+                            continue;
+                        }
+                        out.push(rec);
+                        taken += 1;
+                    }
+                    Parse::Incomplete if at > 0 => break,
+                    Parse::Incomplete => {
+                        // The record at `offset` is longer than one chunk: read all of it,
+                        // unless it claims to end beyond the written data (damage).
+                        let len =
+                            rest.get(..4)
+                                .and_then(|b| b.try_into().ok())
+                                .map_or(0, u32::from_le_bytes) as usize;
+                        let total = record::RECORD_HEADER + len;
+                        if total <= remaining && total > n && len <= record::MAX_BODY {
+                            chunk.resize(total, 0);
+                            n = read_full(&*seg.file, &mut chunk, offset)?;
+                            if n == total {
+                                continue;
+                            }
+                        }
+                        self.stats.corrupt += 1;
+                        progressed = true;
+                        at = remaining;
+                        break;
+                    }
+                    Parse::Invalid { skip } => {
+                        // Below the written end this is damage on disk: skip the record if its
+                        // length is plausible, else the rest of the segment.
+                        self.stats.corrupt += 1;
+                        progressed = true;
+                        match skip {
+                            Some(len) if at + len <= remaining => at += len,
+                            _ => at = remaining,
+                        }
+                        break;
+                    }
+                }
+            }
+            pos.at = Some((first, offset + at as u64));
+            if !progressed {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Finds the segment index for `pos`, fixing `pos.at` if it is unknown or stale.
+    fn locate(&self, pos: &mut ReadPos) -> Option<usize> {
+        if let Some((first, _)) = pos.at {
+            if let Some(i) = self.segments.iter().position(|s| s.first_seq == first) {
+                return Some(i);
+            }
+        }
+        // The segment with the largest first_seq <= next_seq; or the oldest, if the wanted
+        // records were dropped or removed.
+        let index = self
+            .segments
+            .iter()
+            .rposition(|s| s.first_seq <= pos.next_seq)
+            .unwrap_or(0);
+        let seg = self.segments.get(index)?;
+        pos.at = Some((seg.first_seq, SEGMENT_HEADER));
+        Some(index)
+    }
+
+    /// Records that upstream `index` acknowledged every record before `next_seq`, and removes
+    /// the segments no upstream needs any more.
+    pub fn set_cursor(&mut self, index: usize, next_seq: u64) {
+        if let Some(c) = self.cursors.get_mut(index) {
+            if next_seq > *c {
+                *c = next_seq;
+                self.cursors_dirty = true;
+                self.collect_garbage();
+            }
+        }
+    }
+
+    /// Removes the segments whose records every upstream has acknowledged. An active segment
+    /// that is consumed and past an eighth of its size is sealed first, so that the disk
+    /// space returns to near zero once everything is acknowledged.
+    fn collect_garbage(&mut self) {
+        let slowest = self.cursors.iter().copied().min().unwrap_or(u64::MAX);
+        if let Some(active) = self.segments.back_mut() {
+            let consumed = active.last_seq.is_none_or(|l| l < slowest);
+            if !active.sealed
+                && consumed
+                && active.written > self.segment_bytes / 8
+                && active.durable == active.written
+            {
+                active.sealed = true;
+            }
+        }
+        while let Some(front) = self.segments.front() {
+            let consumed = front.last_seq.is_none_or(|l| l < slowest);
+            if !(front.sealed && consumed) {
+                break;
+            }
+            if let Some(seg) = self.segments.pop_front() {
+                self.remove_segment(&seg);
+            }
+        }
+    }
+
+    /// Writes the cursors if they changed (two alternating files, so a torn write leaves
+    /// the previous state readable). Losing a cursor update only causes duplicates.
+    ///
+    /// # Errors
+    /// The OS error.
+    pub fn save_cursors(&mut self) -> io::Result<()> {
+        if !self.cursors_dirty {
+            return Ok(());
+        }
+        let mut payload = Vec::new();
+        payload.put_u32_le(u32::try_from(self.upstreams.len()).unwrap_or(u32::MAX));
+        for (name, cursor) in self.upstreams.iter().zip(&self.cursors) {
+            payload.put_u16_le(u16::try_from(name.len()).unwrap_or(u16::MAX));
+            payload.put_slice(name.as_bytes());
+            payload.put_u64_le(*cursor);
+        }
+        let gen_ = self.cursors_gen + 1;
+        write_slot(&self.fs, &self.config.dir, "cursors", gen_, &payload)?;
+        self.cursors_gen = gen_;
+        self.cursors_dirty = false;
+        Ok(())
+    }
+}
+
+/// What a recovery scan of one segment found.
+struct Scan {
+    len: u64,
+    end: u64,
+    records: u64,
+    corrupt: u64,
+    last_seq: Option<u64>,
+}
+
+fn read_full(file: &impl SpoolFile, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        let Some(rest) = buf.get_mut(n..) else { break };
+        match file.read_at(rest, offset + n as u64) {
+            Ok(0) => break,
+            Ok(m) => n += m,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Reads a whole segment file. Records must have sequence ids above `after` and increasing.
+fn scan_segment(file: &impl SpoolFile, after: u64) -> io::Result<Scan> {
+    let len = file.len()?;
+    let mut data = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
+    let n = read_full(file, &mut data, 0)?;
+    data.truncate(n);
+    let mut scan = Scan {
+        len,
+        end: 0,
+        records: 0,
+        corrupt: 0,
+        last_seq: None,
+    };
+    if !record::valid_segment_header(&data) {
+        return Ok(scan);
+    }
+    let mut at = SEGMENT_HEADER as usize;
+    let mut last = after;
+    while let Some(rest) = data.get(at..) {
+        match record::parse(rest) {
+            Parse::Record(rec, n) if rec.seq > last => {
+                last = rec.seq;
+                scan.last_seq = Some(rec.seq);
+                scan.records += 1;
+                at += n;
+            }
+            Parse::Record(_, n) => {
+                scan.corrupt += 1;
+                at += n;
+            }
+            Parse::Incomplete => break,
+            Parse::Invalid { skip } => {
+                // Skip one damaged record only if a valid one follows it; otherwise this is
+                // the torn end of the data.
+                let next = skip.and_then(|s| data.get(at + s..)).map(record::parse);
+                match (skip, next) {
+                    (Some(s), Some(Parse::Record(rec, _))) if rec.seq > last => {
+                        scan.corrupt += 1;
+                        at += s;
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+    scan.end = at as u64;
+    Ok(scan)
+}
+
+/// Counts the records of a segment with a sequence id of at least `from`.
+fn count_from(file: &impl SpoolFile, written: u64, from: u64) -> u64 {
+    let mut data = vec![0u8; usize::try_from(written).unwrap_or(0)];
+    let Ok(n) = read_full(file, &mut data, 0) else {
+        return 0;
+    };
+    let mut at = SEGMENT_HEADER as usize;
+    let mut count = 0;
+    while let Some(Parse::Record(rec, len)) = data.get(at..n).map(record::parse) {
+        if rec.seq >= from {
+            count += 1;
+        }
+        at += len;
+    }
+    count
+}
+
+/// Writes `payload` to `<name>.<gen % 2>` as `gen u64 | len u32 | payload | crc u32`, synced.
+fn write_slot<F: Fs>(fs: &F, dir: &Path, name: &str, gen_: u64, payload: &[u8]) -> io::Result<()> {
+    let mut data = Vec::with_capacity(payload.len() + 16);
+    data.put_u64_le(gen_);
+    data.put_u32_le(u32::try_from(payload.len()).unwrap_or(u32::MAX));
+    data.put_slice(payload);
+    let crc = crc32fast::hash(&data);
+    data.put_u32_le(crc);
+    let path = dir.join(format!("{name}.{}", gen_ % 2));
+    let file = fs.open(&path, true)?;
+    file.write_all_at(&data, 0)?;
+    file.set_len(data.len() as u64)?;
+    file.sync_data()
+}
+
+/// The valid slot of `name` with the highest generation: `(gen, payload)`.
+fn read_slots<F: Fs>(fs: &F, dir: &Path, name: &str) -> Option<(u64, Vec<u8>)> {
+    (0..2)
+        .filter_map(|i| {
+            let file = fs.open(&dir.join(format!("{name}.{i}")), false).ok()?;
+            let len = usize::try_from(file.len().ok()?).ok()?.min(1 << 20);
+            let mut data = vec![0u8; len];
+            let n = read_full(&file, &mut data, 0).ok()?;
+            let data = data.get(..n)?;
+            let body_len = data.len().checked_sub(4)?;
+            let (body, crc) = data.split_at(body_len);
+            let crc = u32::from_le_bytes(crc.try_into().ok()?);
+            if crc32fast::hash(body) != crc {
+                return None;
+            }
+            let mut b = body;
+            if b.remaining() < 12 {
+                return None;
+            }
+            let gen_ = b.get_u64_le();
+            let len = b.get_u32_le() as usize;
+            (b.len() == len).then(|| (gen_, b.to_vec()))
+        })
+        .max_by_key(|(g, _)| *g)
+}
+
+fn decode_cursors(mut p: &[u8]) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    if p.remaining() < 4 {
+        return out;
+    }
+    let n = p.get_u32_le();
+    for _ in 0..n {
+        if p.remaining() < 2 {
+            break;
+        }
+        let len = usize::from(p.get_u16_le());
+        if p.remaining() < len + 8 {
+            break;
+        }
+        let name = String::from_utf8_lossy(p.get(..len).unwrap_or_default()).into_owned();
+        p.advance(len);
+        out.push((name, p.get_u64_le()));
+    }
+    out
+}

@@ -1,0 +1,55 @@
+//! Store-and-forward: every uplink message is appended to a durable log on disk and each
+//! upstream forwards it from there, in order, at its own pace.
+//!
+//! ```text
+//!  sensors ─> core ─ Appender::append(msg, token) ─> writer thread ──────────────────────┐
+//!                 <─ AppendReply (after the fsync) ─  group: append all, one write,      │
+//!                                                     one fsync, answer all              v
+//!                                        segment files 00000000000000000001.seg ... (disk)
+//!                                                                                        │
+//!  broker <─ MqttUpstream::publish_with_seq <─ drain task (one per upstream) <── read ───┘
+//!         ──> AckReport ──────────────────────> cursor moves over the acknowledged prefix;
+//!                                               fully acknowledged segments are deleted
+//! ```
+//!
+//! Invariants (MUST hold; the property tests in `tests.rs` check them against a model, with
+//! crashes, torn writes, failing fsyncs and ENOSPC injected):
+//!
+//! - **Acknowledged means durable.** With `fsync = always` an [`AppendReply`] says
+//!   `accepted` only after the fsync covering the record succeeded. A failed write or fsync
+//!   answers every record of its group `accepted: false`.
+//! - **Nothing acknowledged is lost**: a record is deleted only when every upstream's cursor
+//!   has passed it (or by the configured `drop_oldest` / `max_age`, counted). Recovery keeps
+//!   every record that was durable; it cuts torn tails and skips records with a bad CRC
+//!   (counted), never a valid record before them.
+//! - **Order**: sequence ids increase through the log; each upstream receives its records in
+//!   that order; after a connection loss it resends from its first unacknowledged record.
+//! - **Unique ids**: a sequence id is never reused, across crashes too: ids are reserved on
+//!   disk in blocks before use, and recovery continues above the reservation. The id travels
+//!   with the message (MQTT 5 user property [`crate::mqtt::SEQ_PROPERTY`]) so consumers can
+//!   drop the duplicates a resend can cause.
+//! - **Bounded**: `max_bytes` of segment files, the free-disk watermark, the writer's queue,
+//!   each upstream's in-flight window.
+//! - **Disk errors do not corrupt**: a failed write or fsync seals its segment at its last
+//!   good end and the next group starts a new segment; writes resume by themselves once the
+//!   disk accepts them.
+//! - One process per directory: the `LOCK` file is held while the spool is open.
+
+mod fs;
+mod log;
+#[cfg(test)]
+mod memfs;
+mod record;
+mod service;
+#[cfg(test)]
+mod tests;
+
+pub use fs::{Fs, SpoolFile, StdFs};
+pub use log::{
+    AppendError, FsyncPolicy, LOCK_FILE, OpenError, Pending, ReadPos, Recovery, Spool, SpoolConfig,
+    SpoolStats, WhenFull,
+};
+pub use record::{RECORD_HEADER, Record, encoded_len};
+pub use service::{
+    AppendReply, Appender, DrainConfig, DrainStats, SharedSpool, drain, start_writer, wall_ms,
+};

@@ -1,0 +1,535 @@
+//! The threads around the [`Spool`]: one writer thread that appends, writes and syncs in
+//! groups and answers the senders, and one drain task per upstream that forwards in order
+//! and moves the upstream's cursor on the broker's acknowledgements.
+
+use std::collections::VecDeque;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::fs::Fs;
+use super::log::{FsyncPolicy, Spool, SpoolStats};
+use super::record::Record;
+use crate::message::Message;
+use crate::mqtt::{AckReport, Delivery, FailReason, MqttUpstream};
+
+/// Most appends taken into one group commit.
+const MAX_GROUP: usize = 8192;
+
+/// How often the writer saves the cursors and checks the free disk space.
+const HOUSEKEEPING: Duration = Duration::from_millis(100);
+
+/// Records read from the spool per read call at most.
+const READ_BATCH: usize = 512;
+
+/// How long the drain waits before retrying when the client's request queue is full.
+const QUEUE_FULL_RETRY: Duration = Duration::from_millis(2);
+
+/// The spool shared by the writer thread and the drain tasks. Critical sections are short:
+/// encoding a group, one `pwrite`, one read of at most 256 KiB; fsyncs run outside the lock.
+pub struct SharedSpool<F: Fs> {
+    spool: Mutex<Spool<F>>,
+    /// The last sequence id written; changes wake the drains.
+    written: watch::Sender<u64>,
+}
+
+impl<F: Fs> SharedSpool<F> {
+    /// Wraps an opened spool.
+    pub fn new(spool: Spool<F>) -> Arc<Self> {
+        let written = watch::Sender::new(spool.written_seq());
+        Arc::new(Self {
+            spool: Mutex::new(spool),
+            written,
+        })
+    }
+
+    /// The spool. A poisoned lock is still consistent: no method panics midway.
+    pub fn lock(&self) -> MutexGuard<'_, Spool<F>> {
+        self.spool.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> SpoolStats {
+        self.lock().stats()
+    }
+}
+
+/// One message for the spool; `token` asks for an [`AppendReply`].
+#[derive(Debug)]
+struct Append {
+    message: Message,
+    token: Option<u64>,
+}
+
+/// The spool's verdict on a tokened message: accepted means durable per the fsync policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendReply {
+    /// The token given to [`Appender::append`].
+    pub token: u64,
+    /// Stored; otherwise refused (full, or a disk error) and the sender must retry later.
+    pub accepted: bool,
+}
+
+/// Hands messages to the writer thread. Cheap to clone; the thread stops once every clone is
+/// dropped (after writing and syncing what it has).
+#[derive(Clone, Debug)]
+pub struct Appender {
+    tx: SyncSender<Append>,
+}
+
+impl Appender {
+    /// Queues `message`; with a token, an [`AppendReply`] follows. Never blocks.
+    ///
+    /// # Errors
+    /// The writer's queue is full (or the writer stopped): the message is given back, and no
+    /// reply follows.
+    pub fn append(&self, message: Message, token: Option<u64>) -> Result<(), Message> {
+        match self.tx.try_send(Append { message, token }) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(a) | TrySendError::Disconnected(a)) => Err(a.message),
+        }
+    }
+}
+
+/// Starts the writer thread: `queue` bounds the appends waiting for it, replies go to
+/// `replies` in batches.
+///
+/// # Errors
+/// The OS refused to start a thread.
+pub fn start_writer<F: Fs>(
+    shared: Arc<SharedSpool<F>>,
+    queue: usize,
+    replies: mpsc::Sender<Vec<AppendReply>>,
+) -> std::io::Result<(Appender, JoinHandle<()>)> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(queue);
+    let handle = std::thread::Builder::new()
+        .name("spool-writer".into())
+        .spawn(move || Writer::new(shared).run(&rx, &replies))?;
+    Ok((Appender { tx }, handle))
+}
+
+/// Milliseconds since the Unix epoch, the records' timestamps.
+#[must_use]
+pub fn wall_ms() -> u64 {
+    #[allow(clippy::disallowed_methods)] // The adapter is where the clock is read.
+    let now = SystemTime::now();
+    now.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+struct Writer<F: Fs> {
+    shared: Arc<SharedSpool<F>>,
+    policy: FsyncPolicy,
+    /// Written but not synced (interval policy).
+    unsynced: Option<super::log::Pending<F::File>>,
+    last_sync: Instant,
+    last_housekeeping: Instant,
+    /// A disk error is ongoing (logged once per episode).
+    failing: bool,
+}
+
+impl<F: Fs> Writer<F> {
+    #[allow(clippy::disallowed_methods)]
+    fn new(shared: Arc<SharedSpool<F>>) -> Self {
+        let policy = shared.lock().config().fsync;
+        Self {
+            shared,
+            policy,
+            unsynced: None,
+            last_sync: Instant::now(),
+            last_housekeeping: Instant::now(),
+            failing: false,
+        }
+    }
+
+    #[allow(clippy::disallowed_methods)]
+    fn run(mut self, rx: &Receiver<Append>, replies: &mpsc::Sender<Vec<AppendReply>>) {
+        self.shared.lock().check_disk();
+        let mut group = Vec::new();
+        loop {
+            match rx.recv_timeout(HOUSEKEEPING) {
+                Ok(a) => group.push(a),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(a) => group.push(a),
+                    Err(_) => break,
+                }
+            }
+            if !group.is_empty() {
+                let out = self.commit(&mut group);
+                if !out.is_empty() && replies.blocking_send(out).is_err() {
+                    tracing::debug!("Spool replies receiver gone.");
+                }
+            }
+            self.housekeeping(false);
+        }
+        self.housekeeping(true);
+    }
+
+    /// Appends, writes and (per policy) syncs one group; returns the replies.
+    #[allow(clippy::disallowed_methods)]
+    fn commit(&mut self, group: &mut Vec<Append>) -> Vec<AppendReply> {
+        let now_ms = wall_ms();
+        let mut replies = Vec::new();
+        let mut stored = Vec::new();
+        let written = {
+            let mut spool = self.shared.lock();
+            for a in group.drain(..) {
+                let ok = spool.append(now_ms, &a.message).is_ok();
+                match (a.token, ok) {
+                    (Some(token), true) => stored.push(token),
+                    (Some(token), false) => replies.push(AppendReply {
+                        token,
+                        accepted: false,
+                    }),
+                    (None, _) => {}
+                }
+            }
+            let written = spool.write();
+            self.shared.written.send_if_modified(|w| {
+                let now = spool.written_seq();
+                std::mem::replace(w, now) != now
+            });
+            written
+        };
+        let durable = match written {
+            Ok(None) => true,
+            Ok(Some(pending)) => match self.policy {
+                FsyncPolicy::Always => {
+                    let result = pending.run();
+                    self.shared.lock().synced(&pending, &result);
+                    self.health(result.as_ref().err(), "fsync");
+                    result.is_ok()
+                }
+                FsyncPolicy::Interval(_) => {
+                    self.unsynced = Some(pending);
+                    self.health(None, "write");
+                    true
+                }
+            },
+            Err(error) => {
+                self.health(Some(&error), "write");
+                false
+            }
+        };
+        replies.extend(stored.into_iter().map(|token| AppendReply {
+            token,
+            accepted: durable,
+        }));
+        replies
+    }
+
+    /// Logs the start and the end of a disk-error episode (not every failed write).
+    fn health(&mut self, error: Option<&std::io::Error>, op: &str) {
+        match (error, self.failing) {
+            (Some(error), false) => {
+                self.failing = true;
+                tracing::error!(%error, op, "Spool write failed: QoS >= 1 senders get congestion until the disk accepts writes again.");
+            }
+            (None, true) => {
+                self.failing = false;
+                tracing::info!("Spool writes succeed again.");
+            }
+            _ => {}
+        }
+    }
+
+    #[allow(clippy::disallowed_methods)]
+    fn housekeeping(&mut self, last: bool) {
+        let now = Instant::now();
+        if let FsyncPolicy::Interval(interval) = self.policy {
+            if last || now.duration_since(self.last_sync) >= interval {
+                self.last_sync = now;
+                if let Some(pending) = self.unsynced.take() {
+                    let result = pending.run();
+                    self.shared.lock().synced(&pending, &result);
+                    self.health(result.as_ref().err(), "fsync");
+                }
+            }
+        }
+        if last || now.duration_since(self.last_housekeeping) >= HOUSEKEEPING {
+            self.last_housekeeping = now;
+            let mut spool = self.shared.lock();
+            spool.check_disk();
+            if let Err(error) = spool.save_cursors() {
+                tracing::warn!(%error, "Cannot save the spool cursors (a restart may resend).");
+            }
+        }
+    }
+}
+
+/// How one upstream drains the spool.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainConfig {
+    /// Messages sent and not yet acknowledged, at most (the upstream's `max_inflight`).
+    pub window: usize,
+    /// Messages per second at most; `None`: unlimited.
+    pub rate_msgs: Option<u32>,
+    /// Bytes (payload and topic) per second at most; `None`: unlimited.
+    pub rate_bytes: Option<u64>,
+    /// A QoS >= 1 message unacknowledged this long means the broker is gone: the connection
+    /// is dropped and made again, and everything unacknowledged is sent again.
+    pub ack_timeout: Duration,
+}
+
+/// Counters of one drain.
+#[derive(Debug, Default)]
+pub struct DrainStats {
+    /// Messages the broker refused for good (MQTT 5 failure reason, invalid topic): dropped.
+    pub rejected: std::sync::atomic::AtomicU64,
+    /// Connections reset because an acknowledgement took longer than `ack_timeout`.
+    pub ack_timeouts: std::sync::atomic::AtomicU64,
+    /// Messages sent again after a connection loss.
+    pub resent: std::sync::atomic::AtomicU64,
+}
+
+/// A token bucket for the drain rate; a burst of one second.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64, now: Instant) -> Self {
+        Self {
+            rate,
+            tokens: rate,
+            at: now,
+        }
+    }
+
+    /// Takes `n` tokens, or returns how long until they are there.
+    fn take(&mut self, n: f64, now: Instant) -> Result<(), Duration> {
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate)
+            .min(self.rate.max(n));
+        self.at = now;
+        if self.tokens >= n {
+            self.tokens -= n;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((n - self.tokens) / self.rate))
+        }
+    }
+}
+
+/// One message sent upstream and not yet settled.
+#[derive(Debug)]
+struct Sent {
+    seq: u64,
+    acked: bool,
+    at: Instant,
+}
+
+/// Forwards the spool to `upstream` (index `index`) in order until `shutdown`: at most
+/// `window` unacknowledged, the cursor moved only over acknowledged messages (QoS 0: handed to
+/// the client), everything unacknowledged sent again after a connection loss. `acks` must be
+/// the report channel given to this upstream only.
+#[allow(clippy::disallowed_methods, clippy::too_many_lines)]
+pub async fn drain<F: Fs>(
+    shared: Arc<SharedSpool<F>>,
+    index: usize,
+    upstream: MqttUpstream,
+    mut acks: mpsc::Receiver<AckReport>,
+    config: DrainConfig,
+    stats: Arc<DrainStats>,
+    shutdown: CancellationToken,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let name = upstream.name().to_owned();
+    let mut pos = shared.lock().reader(index);
+    let mut cursor = pos.next_seq();
+    let mut pending: VecDeque<Record> = VecDeque::new();
+    let mut sent: VecDeque<Sent> = VecDeque::new();
+    let mut outstanding = 0usize;
+    let mut rewinding = false;
+    let mut reset_requested = false;
+    let mut resend_until = 0u64;
+    let mut written = shared.written.subscribe();
+    let mut link = upstream.watch_link();
+    let now = Instant::now();
+    let mut msgs = config.rate_msgs.map(|r| Bucket::new(f64::from(r), now));
+    let mut bytes = config.rate_bytes.map(|r| Bucket::new(r as f64, now));
+    let mut reports = Vec::new();
+    loop {
+        let now = Instant::now();
+        let mut wake: Option<Instant> = None;
+        // Send what the window, the rate and the link allow.
+        if !rewinding && *link.borrow() {
+            while sent.len() < config.window {
+                if pending.is_empty() {
+                    written.borrow_and_update();
+                    let want = (config.window - sent.len()).clamp(1, READ_BATCH);
+                    let mut out = Vec::with_capacity(want);
+                    let read = shared.lock().read(&mut pos, want, wall_ms(), &mut out);
+                    if let Err(error) = read {
+                        tracing::warn!(upstream = %name, %error, "Spool read failed; retrying.");
+                        wake = Some(now + Duration::from_millis(100));
+                        break;
+                    }
+                    if out.is_empty() {
+                        break;
+                    }
+                    pending.extend(out);
+                }
+                let Some(rec) = pending.pop_front() else {
+                    break;
+                };
+                let size = (rec.topic.len() + rec.payload.len()) as f64;
+                let limited = msgs
+                    .as_mut()
+                    .map_or(Ok(()), |b| b.take(1.0, now))
+                    .and_then(|()| bytes.as_mut().map_or(Ok(()), |b| b.take(size, now)));
+                if let Err(after) = limited {
+                    wake = Some(now + after);
+                    pending.push_front(rec);
+                    break;
+                }
+                let seq = rec.seq;
+                let tracked = rec.qos.is_acknowledged();
+                let message = Message {
+                    topic: rec.topic.clone(),
+                    payload: rec.payload.clone(),
+                    qos: rec.qos,
+                    retain: rec.retain,
+                };
+                match upstream.publish_with_seq(message, tracked.then_some(seq), Some(seq)) {
+                    Ok(()) => {
+                        if seq < resend_until {
+                            stats.resent.fetch_add(1, Relaxed);
+                        }
+                        outstanding += usize::from(tracked);
+                        sent.push_back(Sent {
+                            seq,
+                            acked: !tracked,
+                            at: now,
+                        });
+                    }
+                    Err(FailReason::Rejected) => {
+                        stats.rejected.fetch_add(1, Relaxed);
+                        tracing::warn!(upstream = %name, seq, topic = %rec.topic, "Upstream refuses a spooled message; dropped.");
+                        sent.push_back(Sent {
+                            seq,
+                            acked: true,
+                            at: now,
+                        });
+                    }
+                    Err(FailReason::QueueFull) => {
+                        pending.push_front(rec);
+                        wake = Some(now + QUEUE_FULL_RETRY);
+                        break;
+                    }
+                    Err(_) => {
+                        pending.push_front(rec);
+                        break;
+                    }
+                }
+            }
+        }
+        // Move the cursor over the acknowledged prefix.
+        while sent.front().is_some_and(|s| s.acked) {
+            sent.pop_front();
+        }
+        let next = sent
+            .front()
+            .map(|s| s.seq)
+            .or_else(|| pending.front().map(|r| r.seq))
+            .unwrap_or_else(|| pos.next_seq());
+        if next > cursor && !rewinding {
+            cursor = next;
+            shared.lock().set_cursor(index, cursor);
+        }
+        // A broker that stopped acknowledging: drop the connection once.
+        if let Some(oldest) = sent.iter().find(|s| !s.acked) {
+            let due = oldest.at + config.ack_timeout;
+            if due <= now && !reset_requested && !rewinding {
+                reset_requested = true;
+                stats.ack_timeouts.fetch_add(1, Relaxed);
+                tracing::warn!(upstream = %name, seq = oldest.seq, timeout = ?config.ack_timeout, "Upstream did not acknowledge in time; reconnecting.");
+                upstream.reset_link();
+            } else if !reset_requested {
+                wake = Some(wake.map_or(due, |w| w.min(due)));
+            }
+        }
+        if shutdown.is_cancelled() && outstanding == 0 {
+            break;
+        }
+        let sleep = async {
+            match wake {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let stopping = shutdown.is_cancelled();
+        tokio::select! {
+            () = shutdown.cancelled(), if !stopping => {}
+            n = acks.recv_many(&mut reports, 256) => {
+                if n == 0 {
+                    break;
+                }
+                for report in reports.drain(..) {
+                    outstanding = outstanding.saturating_sub(1);
+                    let ok = match report.delivery {
+                        Delivery::Acknowledged => true,
+                        Delivery::Failed(FailReason::Rejected) => {
+                            stats.rejected.fetch_add(1, Relaxed);
+                            tracing::warn!(upstream = %name, seq = report.token, "Upstream refused a spooled message; dropped.");
+                            true
+                        }
+                        Delivery::Failed(_) => false,
+                    };
+                    if ok {
+                        if let Ok(i) = sent.binary_search_by_key(&report.token, |s| s.seq) {
+                            if let Some(s) = sent.get_mut(i) {
+                                s.acked = true;
+                            }
+                        }
+                    } else {
+                        rewinding = true;
+                    }
+                }
+            }
+            r = written.changed(), if !stopping => {
+                if r.is_err() {
+                    break;
+                }
+            }
+            r = link.changed(), if !stopping => {
+                if r.is_err() {
+                    break;
+                }
+            }
+            () = sleep, if !stopping => {}
+        }
+        if rewinding && outstanding == 0 {
+            // Every report of the lost connection is in: start again at the first message
+            // the broker did not acknowledge.
+            while sent.front().is_some_and(|s| s.acked) {
+                sent.pop_front();
+            }
+            let from = sent.front().map_or(cursor, |s| s.seq).max(cursor);
+            resend_until = sent
+                .back()
+                .map_or(resend_until, |s| s.seq + 1)
+                .max(resend_until);
+            if from > cursor {
+                cursor = from;
+                shared.lock().set_cursor(index, cursor);
+            }
+            sent.clear();
+            pending.clear();
+            pos = shared.lock().reader(index);
+            rewinding = false;
+            reset_requested = false;
+            tracing::debug!(upstream = %name, from = pos.next_seq(), "Spool drain resumes after a connection loss.");
+        }
+    }
+}

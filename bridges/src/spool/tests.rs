@@ -1,0 +1,352 @@
+//! Model-based tests of the spool: random appends, writes, syncs, acknowledgements, reads,
+//! crashes and injected faults against a model of what must survive.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+
+use super::log::{AppendError, FsyncPolicy, ReadPos, Spool, SpoolConfig, WhenFull};
+use super::memfs::{Faults, MemFs};
+use crate::message::{Message, Qos};
+
+const UPSTREAMS: usize = 2;
+
+fn config(max_bytes: u64, when_full: WhenFull) -> SpoolConfig {
+    SpoolConfig {
+        dir: PathBuf::from("/spool"),
+        max_bytes,
+        segment_bytes: 64 * 1024,
+        min_free_bytes: 0,
+        max_age: None,
+        when_full,
+        fsync: FsyncPolicy::Always,
+    }
+}
+
+fn names() -> Vec<String> {
+    (0..UPSTREAMS).map(|i| format!("up{i}")).collect()
+}
+
+fn msg(i: u64, size: usize) -> Message {
+    let mut payload = i.to_le_bytes().to_vec();
+    payload.resize(size.max(8), b'x');
+    Message {
+        topic: format!("s/{}", i % 7),
+        payload: Bytes::from(payload),
+        qos: Qos::AtLeastOnce,
+        retain: false,
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Append n messages of a size, write, sync (a group commit).
+    Commit(u8, u16),
+    /// Upstream reads up to n records and acknowledges the first k of them.
+    Drain(usize, u8, u8),
+    SaveCursors,
+    Crash(u64),
+    Faults {
+        enospc: bool,
+        eio: bool,
+        fail_sync: bool,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (1u8..40, 8u16..3000).prop_map(|(n, s)| Op::Commit(n, s)),
+        5 => (0..UPSTREAMS, 1u8..60, 0u8..60).prop_map(|(u, n, k)| Op::Drain(u, n, k)),
+        1 => Just(Op::SaveCursors),
+        1 => any::<u64>().prop_map(Op::Crash),
+        1 => (prop::bool::weighted(0.3), prop::bool::weighted(0.2), prop::bool::weighted(0.3))
+            .prop_map(|(enospc, eio, fail_sync)| Op::Faults { enospc, eio, fail_sync }),
+    ]
+}
+
+/// The model: what was acknowledged (durable), and per upstream what it acknowledged.
+#[derive(Default)]
+struct Model {
+    /// seq -> payload of every record whose group commit succeeded.
+    durable: BTreeMap<u64, Bytes>,
+    /// Every seq ever handed out, acknowledged or not (a failed write may hand it out again).
+    issued: BTreeMap<u64, Bytes>,
+    /// Every seq written to the OS: readers may have seen it.
+    written: BTreeMap<u64, Bytes>,
+    /// Per upstream: every seq it acknowledged (moved its cursor over).
+    delivered: Vec<BTreeMap<u64, ()>>,
+}
+
+fn run(ops: Vec<Op>, max_bytes: u64) -> Result<(), TestCaseError> {
+    let fs = MemFs::new();
+    let open =
+        |fs: &MemFs| Spool::open(fs.clone(), config(max_bytes, WhenFull::RejectNew), &names());
+    let (mut spool, _) = open(&fs).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let mut model = Model {
+        delivered: vec![BTreeMap::new(); UPSTREAMS],
+        ..Model::default()
+    };
+    let mut readers: Vec<ReadPos> = (0..UPSTREAMS).map(|u| spool.reader(u)).collect();
+    let mut counter = 0u64;
+    for op in ops {
+        match op {
+            Op::Commit(n, size) => {
+                let mut group = Vec::new();
+                for _ in 0..n {
+                    counter += 1;
+                    let m = msg(counter, usize::from(size));
+                    match spool.append(1, &m) {
+                        Ok(seq) => {
+                            // An id that may have left (it was written) is never reused.
+                            prop_assert!(
+                                model.written.keys().next_back().is_none_or(|&l| seq > l),
+                                "seq {seq} reused"
+                            );
+                            model.issued.insert(seq, m.payload.clone());
+                            group.push((seq, m.payload));
+                        }
+                        Err(AppendError::Full | AppendError::TooLarge) => {}
+                    }
+                }
+                if let Ok(Some(pending)) = spool.write() {
+                    model
+                        .written
+                        .extend(group.iter().map(|(s, p)| (*s, p.clone())));
+                    let result = pending.run();
+                    spool.synced(&pending, &result);
+                    if result.is_ok() {
+                        model.durable.extend(group);
+                    }
+                }
+            }
+            Op::Drain(u, n, k) => {
+                let mut out = Vec::new();
+                spool
+                    .read(&mut readers[u], usize::from(n), 1, &mut out)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let mut last = None;
+                for r in &out {
+                    prop_assert!(last.is_none_or(|l| r.seq > l), "out of order");
+                    last = Some(r.seq);
+                    let issued = model.issued.get(&r.seq);
+                    prop_assert_eq!(issued, Some(&r.payload), "content of seq {}", r.seq);
+                }
+                // Acknowledge a prefix of what was read, as the drain does.
+                let k = usize::from(k).min(out.len());
+                if k > 0 {
+                    for r in &out[..k] {
+                        model.delivered[u].insert(r.seq, ());
+                    }
+                    let next = out.get(k).map_or(readers[u].next_seq(), |r| r.seq);
+                    spool.set_cursor(u, next);
+                }
+                // What was read and not acknowledged is sent again: read from the cursor.
+                readers[u] = spool.reader(u);
+            }
+            Op::SaveCursors => {
+                let _ = spool.save_cursors();
+            }
+            Op::Crash(seed) => {
+                drop(spool);
+                fs.crash(&mut SmallRng::seed_from_u64(seed));
+                let faults = fs.faults();
+                fs.set_faults(Faults {
+                    available: u64::MAX,
+                    ..Faults::default()
+                });
+                let (s, _) = open(&fs).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                spool = s;
+                fs.set_faults(faults);
+                readers = (0..UPSTREAMS).map(|u| spool.reader(u)).collect();
+            }
+            Op::Faults {
+                enospc,
+                eio,
+                fail_sync,
+            } => fs.set_faults(Faults {
+                enospc,
+                eio_writes: eio,
+                fail_sync,
+                available: u64::MAX,
+            }),
+        }
+    }
+    // Heal, restart, and drain everything: every durable record reaches every upstream
+    // (before or now), in order, with its content.
+    fs.set_faults(Faults {
+        available: u64::MAX,
+        ..Faults::default()
+    });
+    drop(spool);
+    let (mut spool, _) = open(&fs).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    for u in 0..UPSTREAMS {
+        let mut pos = spool.reader(u);
+        let mut all = Vec::new();
+        loop {
+            let mut out = Vec::new();
+            spool
+                .read(&mut pos, 1000, 1, &mut out)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            if out.is_empty() {
+                break;
+            }
+            all.extend(out);
+        }
+        for w in all.windows(2) {
+            prop_assert!(w[0].seq < w[1].seq);
+        }
+        for r in &all {
+            prop_assert_eq!(model.issued.get(&r.seq), Some(&r.payload));
+        }
+        for seq in model.durable.keys() {
+            let got = model.delivered[u].contains_key(seq) || all.iter().any(|r| r.seq == *seq);
+            prop_assert!(got, "durable seq {seq} lost for upstream {u}");
+        }
+        spool.set_cursor(u, pos.next_seq());
+    }
+    // Everything acknowledged: at most the active segment is left.
+    prop_assert!(
+        spool.stats().segments <= 1,
+        "segments left: {}",
+        spool.stats().segments
+    );
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn nothing_durable_is_lost(ops in proptest::collection::vec(op(), 1..60)) {
+        run(ops, 64 * 1024 * 1024)?;
+    }
+
+    #[test]
+    fn nothing_durable_is_lost_when_small(ops in proptest::collection::vec(op(), 1..60)) {
+        run(ops, 300 * 1024)?;
+    }
+}
+
+#[test]
+fn a_second_open_is_refused_until_the_first_closes() {
+    let fs = MemFs::new();
+    let (spool, _) =
+        Spool::open(fs.clone(), config(1 << 20, WhenFull::RejectNew), &names()).unwrap();
+    let err = Spool::open(fs.clone(), config(1 << 20, WhenFull::RejectNew), &names())
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("in use by another sensorgate"),
+        "{err}"
+    );
+    drop(spool);
+    assert!(Spool::open(fs, config(1 << 20, WhenFull::RejectNew), &names()).is_ok());
+}
+
+#[test]
+fn reject_new_refuses_and_keeps_everything() {
+    let fs = MemFs::new();
+    let (mut spool, _) =
+        Spool::open(fs, config(300 * 1024, WhenFull::RejectNew), &names()).unwrap();
+    let mut accepted = 0;
+    let mut refused = 0;
+    for i in 0..2000 {
+        match spool.append(1, &msg(i, 1000)) {
+            Ok(_) => accepted += 1,
+            Err(AppendError::Full) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+        if i % 10 == 0 {
+            spool.write().unwrap();
+        }
+    }
+    spool.write().unwrap();
+    assert!(
+        refused > 0 && accepted > 200,
+        "accepted {accepted} refused {refused}"
+    );
+    assert!(spool.stats().bytes <= 300 * 1024);
+    let mut pos = spool.reader(0);
+    let mut out = Vec::new();
+    spool.read(&mut pos, 10_000, 1, &mut out).unwrap();
+    assert_eq!(out.len(), accepted);
+}
+
+#[test]
+fn drop_oldest_counts_what_it_drops_and_keeps_the_newest() {
+    let fs = MemFs::new();
+    let (mut spool, _) =
+        Spool::open(fs, config(300 * 1024, WhenFull::DropOldest), &names()).unwrap();
+    for i in 0..2000 {
+        spool.append(1, &msg(i, 1000)).unwrap();
+        if i % 10 == 0 {
+            spool.write().unwrap();
+        }
+    }
+    spool.write().unwrap();
+    let stats = spool.stats();
+    assert!(stats.bytes <= 300 * 1024);
+    let mut pos = spool.reader(0);
+    let mut out = Vec::new();
+    spool.read(&mut pos, 10_000, 1, &mut out).unwrap();
+    assert_eq!(out.len() as u64 + stats.dropped_oldest, 2000);
+    assert_eq!(out.last().unwrap().seq, 2000);
+}
+
+#[test]
+fn a_corrupt_record_is_skipped_and_counted_the_rest_kept() {
+    let fs = MemFs::new();
+    let (mut spool, _) =
+        Spool::open(fs.clone(), config(1 << 20, WhenFull::RejectNew), &names()).unwrap();
+    for i in 0..10 {
+        spool.append(1, &msg(i, 100)).unwrap();
+    }
+    let p = spool.write().unwrap().unwrap();
+    p.run().unwrap();
+    drop(spool);
+    let seg = fs
+        .file_names()
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "seg"))
+        .unwrap();
+    // The third record's payload: header 16, then 3 records of 16 + 11 + 3 + 100.
+    fs.corrupt(&seg, 16 + 2 * 130 + 60);
+    let (mut spool, recovery) =
+        Spool::open(fs, config(1 << 20, WhenFull::RejectNew), &names()).unwrap();
+    assert_eq!(recovery.corrupt, 1);
+    assert_eq!(recovery.records, 9);
+    let mut pos = spool.reader(0);
+    let mut out = Vec::new();
+    spool.read(&mut pos, 100, 1, &mut out).unwrap();
+    assert_eq!(
+        out.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![1, 2, 4, 5, 6, 7, 8, 9, 10]
+    );
+}
+
+#[test]
+fn bytes_written_per_message_stay_close_to_the_record() {
+    let fs = MemFs::new();
+    let (mut spool, _) =
+        Spool::open(fs.clone(), config(64 << 20, WhenFull::RejectNew), &names()).unwrap();
+    let m = msg(1, 32);
+    let record = super::record::encoded_len(&m.topic, &m.payload) as u64;
+    for group in 0..1000 {
+        for i in 0..20 {
+            spool.append(1, &msg(group * 20 + i, 32)).unwrap();
+        }
+        let p = spool.write().unwrap().unwrap();
+        let r = p.run();
+        spool.synced(&p, &r);
+    }
+    let (written, _) = fs.io_counts();
+    let per_msg = written as f64 / 20_000.0;
+    assert!(
+        per_msg <= 1.1 * record as f64,
+        "{per_msg} bytes per {record}-byte record"
+    );
+}
