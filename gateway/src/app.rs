@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use sensorgate_bridges::mqtt::{MqttUpstream, SetupError};
 use sensorgate_bridges::spool::{
-    DrainConfig, DrainStats, OpenError, SharedSpool, Spool, StdFs, drain, start_writer,
+    DrainConfig, DrainStats, OpenError, SharedSpool, Spool, SpoolStats, StdFs, drain, start_writer,
 };
 
 use crate::config::{Config, UpstreamKind};
@@ -24,6 +24,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Bound of the channel carrying the spool's verdicts (batches) to the core.
 const REPLY_CHANNEL: usize = 1024;
+
+/// How often the spool's counters are logged (only when they changed).
+const STATUS_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Bound of the channel carrying downlink messages from the upstreams to the core; when full,
 /// the upstream connections wait (backpressure toward the brokers).
@@ -95,6 +98,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let mut upstreams = Vec::new();
     let mut tasks = Vec::new();
     let mut drains = Vec::new();
+    let mut drain_stats = Vec::new();
     for (index, upstream) in config.upstreams.iter().enumerate() {
         let UpstreamKind::Mqtt(mqtt) = &upstream.kind;
         let window = usize::from(mqtt.max_inflight);
@@ -122,19 +126,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             rate_bytes: config.spool.drain_bytes_rate,
             ack_timeout: upstream.ack_timeout,
         };
+        let stats = Arc::new(DrainStats::default());
+        drain_stats.push((upstream.name.clone(), Arc::clone(&stats)));
         drains.push(tokio::spawn(drain(
             Arc::clone(&spool),
             index,
             handle.clone(),
             ack_rx,
             drain_config,
-            Arc::new(DrainStats::default()),
+            stats,
             drain_stop.clone(),
         )));
         upstreams.push(handle);
         tasks.push(task);
     }
     drop(downlink_tx);
+    let status = tokio::spawn(report_status(
+        Arc::clone(&spool),
+        drain_stats.clone(),
+        drain_stop.clone(),
+    ));
 
     // Upstreams start first (their setup errors come before any port is taken); a bind failure
     // stops them again.
@@ -213,7 +224,124 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     if let Err(error) = spool.lock().save_cursors() {
         tracing::warn!(%error, "Cannot save the spool cursors.");
     }
+    let _ = status.await;
+    log_status(&Status::take(&spool, &drain_stats), None);
     result
+}
+
+/// A snapshot of the spool's and the drains' counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Status {
+    spool: SpoolStats,
+    queue_full: u64,
+    upstreams: Vec<UpstreamStatus>,
+}
+
+/// One upstream's drain counters (see [`DrainStats`]) and its backlog (at most).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct UpstreamStatus {
+    name: String,
+    backlog: u64,
+    forwarded: u64,
+    rejected: u64,
+    ack_timeouts: u64,
+    resent: u64,
+}
+
+impl Status {
+    fn take(spool: &SharedSpool<StdFs>, drains: &[(String, Arc<DrainStats>)]) -> Status {
+        use std::sync::atomic::Ordering::Relaxed;
+        let locked = spool.lock();
+        let upstreams = drains
+            .iter()
+            .enumerate()
+            .map(|(i, (name, d))| UpstreamStatus {
+                name: name.clone(),
+                backlog: locked.backlog(i),
+                forwarded: d.forwarded.load(Relaxed),
+                rejected: d.rejected.load(Relaxed),
+                ack_timeouts: d.ack_timeouts.load(Relaxed),
+                resent: d.resent.load(Relaxed),
+            })
+            .collect();
+        Status {
+            spool: locked.stats(),
+            queue_full: spool.queue_full(),
+            upstreams,
+        }
+    }
+
+    /// Counters of data given up (not merely refused to a sender who retries).
+    fn losses(&self) -> u64 {
+        self.spool.dropped_oldest
+            + self.spool.expired
+            + self.spool.corrupt
+            + self.upstreams.iter().map(|u| u.rejected).sum::<u64>()
+    }
+}
+
+/// Logs the spool's counters every [`STATUS_INTERVAL`] when they changed, until `stop`.
+async fn report_status(
+    spool: Arc<SharedSpool<StdFs>>,
+    drains: Vec<(String, Arc<DrainStats>)>,
+    stop: CancellationToken,
+) {
+    let mut last = Status::take(&spool, &drains);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(STATUS_INTERVAL) => {}
+        }
+        let now = Status::take(&spool, &drains);
+        if now != last {
+            log_status(&now, Some(&last));
+            last = now;
+        }
+    }
+}
+
+/// One line for the spool, one per upstream; a warning when data was given up since `last`.
+fn log_status(now: &Status, last: Option<&Status>) {
+    let s = &now.spool;
+    let lost = last.is_some_and(|l| now.losses() > l.losses());
+    macro_rules! spool_line {
+        ($level:ident, $msg:literal) => {
+            tracing::$level!(
+                appended = s.appended,
+                bytes = s.bytes,
+                segments = s.segments,
+                rejected_full = s.rejected_full,
+                queue_full = now.queue_full,
+                dropped_oldest = s.dropped_oldest,
+                expired = s.expired,
+                corrupt = s.corrupt,
+                write_errors = s.write_errors,
+                sync_errors = s.sync_errors,
+                syncs = s.syncs,
+                bytes_written = s.bytes_written,
+                $msg
+            )
+        };
+    }
+    if lost {
+        spool_line!(
+            warn,
+            "Spool status: messages were dropped (dropped_oldest, expired, corrupt or refused upstream)."
+        );
+    } else {
+        spool_line!(info, "Spool status.");
+    }
+    for u in &now.upstreams {
+        tracing::info!(
+            upstream = %u.name,
+            backlog = u.backlog,
+            forwarded = u.forwarded,
+            rejected = u.rejected,
+            ack_timeouts = u.ack_timeouts,
+            resent = u.resent,
+            "Upstream drain status."
+        );
+    }
 }
 
 /// Opens the session store, restores every stored session into `core`, and starts the store

@@ -70,16 +70,52 @@ fn broker_outage_keeps_accepting_then_recovers_on_restart() {
     let ok_payload = publish_until_rc(&mut c, id, sn::RC_ACCEPTED, "broker back");
     // The accepted probe reaches the broker (earlier probes may too, if they were retried).
     let mut seen = Vec::new();
-    for _ in 0..100 {
+    let mut want: &[u8] = &ok_payload;
+    while want != b"q2-back" {
+        assert!(
+            seen.len() < 100,
+            "{want:?} never reached the broker; saw {seen:?}"
+        );
         let m = sub.expect().unwrap();
-        if m.payload == ok_payload {
+        if m.payload == want {
             c.publish_qos2_ok(TopicType::Normal, id, false, b"q2-back")
                 .unwrap();
-            return;
+            want = b"q2-back";
         }
         seen.push(String::from_utf8_lossy(&m.payload).into_owned());
     }
-    panic!("accepted probe never reached the broker; saw {seen:?}");
+
+    // The counters, logged at shutdown: everything spooled was forwarded, nothing dropped.
+    rig.gateway.stop().unwrap();
+    let log = rig.gateway.log();
+    let field = |line: &str, name: &str| -> u64 {
+        let at = line
+            .find(&format!(" {name}="))
+            .unwrap_or_else(|| panic!("no {name} in {line}"));
+        let rest = &line[at + name.len() + 2..];
+        rest[..rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len())]
+            .parse()
+            .unwrap()
+    };
+    let spool = log
+        .lines()
+        .rfind(|l| l.contains("Spool status."))
+        .expect("spool status logged");
+    let drain = log
+        .lines()
+        .rfind(|l| l.contains("Upstream drain status."))
+        .expect("drain status logged");
+    let appended = field(spool, "appended");
+    assert!(appended >= 5, "{spool}");
+    assert_eq!(
+        field(spool, "dropped_oldest") + field(spool, "corrupt"),
+        0,
+        "{spool}"
+    );
+    assert_eq!(field(drain, "forwarded"), appended, "{drain}");
+    assert_eq!(field(drain, "rejected"), 0, "{drain}");
 }
 
 #[test]

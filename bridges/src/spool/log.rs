@@ -19,8 +19,9 @@ use crate::message::Message;
 /// above the reservation, so an id that may have left the gateway is never reused.
 const SEQ_RESERVATION: u64 = 1 << 20;
 
-/// Bytes read per `read_at` when scanning or draining.
-const READ_CHUNK: usize = 256 * 1024;
+/// Bytes read per `read_at` when scanning or draining (small in tests, so that the model
+/// tests cross chunk boundaries and records larger than a chunk).
+const READ_CHUNK: usize = if cfg!(test) { 2048 } else { 256 * 1024 };
 
 /// The name of the lock file in the spool directory.
 pub const LOCK_FILE: &str = "LOCK";
@@ -441,6 +442,10 @@ impl<F: Fs> Spool<F> {
             self.stats.rejected_full += 1;
             return Err(AppendError::TooLarge);
         }
+        if self.disk_low || self.bytes + self.buf.len() as u64 + need > self.config.max_bytes {
+            // Acknowledged segments may be waiting for the housekeeping.
+            self.collect_garbage();
+        }
         let limit = if self.disk_low {
             self.bytes + self.buf.len() as u64
         } else {
@@ -674,7 +679,8 @@ impl<F: Fs> Spool<F> {
     }
 
     /// Reads up to `max` records from `pos` on, skipping (and counting) records older than
-    /// `max_age` at `now_ms`. Returns fewer when the reader reaches the written end.
+    /// `max_age` at `now_ms`. Returns fewer when the reader reaches the written end. On an
+    /// error, `out` holds the records read before it and `pos` is just after them.
     ///
     /// # Errors
     /// The OS error of a read.
@@ -685,92 +691,39 @@ impl<F: Fs> Spool<F> {
         now_ms: u64,
         out: &mut Vec<Record>,
     ) -> io::Result<()> {
-        let max_age_ms = self
-            .config
-            .max_age
-            .map(|a| u64::try_from(a.as_millis()).unwrap_or(u64::MAX));
-        let mut chunk = Vec::new();
-        let mut taken = 0;
-        while taken < max {
-            let Some(index) = self.locate(pos) else { break };
-            let Some((first, offset)) = pos.at else { break };
-            let Some(seg) = self.segments.get(index) else {
-                break;
-            };
-            if offset >= seg.written {
-                match self.segments.get(index + 1) {
-                    Some(next) => {
-                        pos.at = Some((next.first_seq, SEGMENT_HEADER));
-                        continue;
-                    }
-                    None => break,
-                }
+        read_records(self, pos, max, now_ms, &mut Chunks::default(), out)
+    }
+
+    /// The segment `pos` reads next, moving `pos` to the start of the following segment when
+    /// it is at the end of one; `None` at the written end.
+    pub(crate) fn view(&self, pos: &mut ReadPos) -> Option<SegmentView<F::File>> {
+        loop {
+            let index = self.locate(pos)?;
+            let (first_seq, offset) = pos.at?;
+            let seg = self.segments.get(index)?;
+            if offset < seg.written {
+                return Some(SegmentView {
+                    file: Arc::clone(&seg.file),
+                    first_seq,
+                    written: seg.written,
+                });
             }
-            let remaining = usize::try_from(seg.written - offset).unwrap_or(usize::MAX);
-            chunk.resize(remaining.min(READ_CHUNK), 0);
-            let mut n = read_full(&*seg.file, &mut chunk, offset)?;
-            let mut at = 0usize;
-            let mut progressed = false;
-            while taken < max {
-                let Some(rest) = chunk.get(at..n) else { break };
-                if rest.is_empty() {
-                    break;
-                }
-                match record::parse(rest) {
-                    Parse::Record(rec, len) => {
-                        at += len;
-                        progressed = true;
-                        if rec.seq < pos.next_seq {
-                            continue;
-                        }
-                        pos.next_seq = rec.seq + 1;
-                        if max_age_ms.is_some_and(|m| now_ms.saturating_sub(rec.time_ms) > m) {
-                            self.stats.expired += 1;
-                            continue;
-                        }
-                        out.push(rec);
-                        taken += 1;
-                    }
-                    Parse::Incomplete if at > 0 => break,
-                    Parse::Incomplete => {
-                        // The record at `offset` is longer than one chunk: read all of it,
-                        // unless it claims to end beyond the written data (damage).
-                        let len =
-                            rest.get(..4)
-                                .and_then(|b| b.try_into().ok())
-                                .map_or(0, u32::from_le_bytes) as usize;
-                        let total = record::RECORD_HEADER + len;
-                        if total <= remaining && total > n && len <= record::MAX_BODY {
-                            chunk.resize(total, 0);
-                            n = read_full(&*seg.file, &mut chunk, offset)?;
-                            if n == total {
-                                continue;
-                            }
-                        }
-                        self.stats.corrupt += 1;
-                        progressed = true;
-                        at = remaining;
-                        break;
-                    }
-                    Parse::Invalid { skip } => {
-                        // Below the written end this is damage on disk: skip the record if its
-                        // length is plausible, else the rest of the segment.
-                        self.stats.corrupt += 1;
-                        progressed = true;
-                        match skip {
-                            Some(len) if at + len <= remaining => at += len,
-                            _ => at = remaining,
-                        }
-                        break;
-                    }
-                }
-            }
-            pos.at = Some((first, offset + at as u64));
-            if !progressed {
-                break;
-            }
+            let next = self.segments.get(index + 1)?;
+            pos.at = Some((next.first_seq, SEGMENT_HEADER));
         }
-        Ok(())
+    }
+
+    /// `max_age` in milliseconds.
+    fn max_age_ms(&self) -> Option<u64> {
+        self.config
+            .max_age
+            .map(|a| u64::try_from(a.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// Counts what a read skipped.
+    fn note_read(&mut self, counts: ReadCounts) {
+        self.stats.expired += counts.expired;
+        self.stats.corrupt += counts.corrupt;
     }
 
     /// Finds the segment index for `pos`, fixing `pos.at` if it is unknown or stale.
@@ -792,22 +745,23 @@ impl<F: Fs> Spool<F> {
         Some(index)
     }
 
-    /// Records that upstream `index` acknowledged every record before `next_seq`, and removes
-    /// the segments no upstream needs any more.
+    /// Records that upstream `index` acknowledged every record before `next_seq`. Cheap: the
+    /// segments this frees are removed by the next [`Self::collect_garbage`], so the drains
+    /// (on the async runtime) never wait for an unlink.
     pub fn set_cursor(&mut self, index: usize, next_seq: u64) {
         if let Some(c) = self.cursors.get_mut(index) {
             if next_seq > *c {
                 *c = next_seq;
                 self.cursors_dirty = true;
-                self.collect_garbage();
             }
         }
     }
 
     /// Removes the segments whose records every upstream has acknowledged. An active segment
     /// that is consumed and past an eighth of its size is sealed first, so that the disk
-    /// space returns to near zero once everything is acknowledged.
-    fn collect_garbage(&mut self) {
+    /// space returns to near zero once everything is acknowledged. The writer thread calls it
+    /// in its housekeeping, and `append` when the spool is full.
+    pub fn collect_garbage(&mut self) {
         let slowest = self.cursors.iter().copied().min().unwrap_or(u64::MAX);
         if let Some(active) = self.segments.back_mut() {
             let consumed = active.last_seq.is_none_or(|l| l < slowest);
@@ -877,12 +831,197 @@ fn read_full(file: &impl SpoolFile, buf: &mut [u8], offset: u64) -> io::Result<u
     Ok(n)
 }
 
-/// Reads a whole segment file. Records must have sequence ids above `after` and increasing.
+/// A reusable read buffer holding one chunk of a file, so that scans and reads never hold
+/// more than [`READ_CHUNK`] bytes (or one record, if larger) whatever the segment size.
+#[derive(Default)]
+pub struct Chunks {
+    buf: Vec<u8>,
+    /// The file offset of `buf[0]`.
+    start: u64,
+}
+
+impl Chunks {
+    /// The bytes of `file` from `at` up to at most `end`: at least `need` of them when the
+    /// file has them, from the held chunk if it covers them, else from a new read.
+    fn get(&mut self, file: &impl SpoolFile, at: u64, need: usize, end: u64) -> io::Result<&[u8]> {
+        let held_end = self.start + self.buf.len() as u64;
+        let need_end = (at + need as u64).min(end);
+        if at < self.start || need_end > held_end {
+            let want = usize::try_from(end.saturating_sub(at))
+                .unwrap_or(usize::MAX)
+                .min(need.max(READ_CHUNK));
+            self.buf.resize(want, 0);
+            let n = read_full(file, &mut self.buf, at)?;
+            self.buf.truncate(n);
+            self.start = at;
+        }
+        let from = usize::try_from(at - self.start).unwrap_or(usize::MAX);
+        let to = usize::try_from(end.saturating_sub(self.start))
+            .unwrap_or(usize::MAX)
+            .min(self.buf.len());
+        Ok(self.buf.get(from..to).unwrap_or_default())
+    }
+
+    /// Forgets the held chunk (another file, or data that may have changed).
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.start = 0;
+    }
+}
+
+/// Parses the record at `at` (below `end`), reading more than one chunk only for a record
+/// that is larger, and only if its claimed length is plausible and within `end`.
+fn parse_at(chunks: &mut Chunks, file: &impl SpoolFile, at: u64, end: u64) -> io::Result<Parse> {
+    let bytes = chunks.get(file, at, record::RECORD_HEADER, end)?;
+    let parsed = record::parse(bytes);
+    if parsed != Parse::Incomplete {
+        return Ok(parsed);
+    }
+    let Some(len) = bytes
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_le_bytes)
+    else {
+        return Ok(Parse::Incomplete);
+    };
+    let total = record::RECORD_HEADER + len as usize;
+    let held = bytes.len();
+    if len as usize > record::MAX_BODY || at + total as u64 > end || total <= held {
+        return Ok(Parse::Incomplete);
+    }
+    Ok(record::parse(chunks.get(file, at, total, end)?))
+}
+
+/// One segment to read without holding the spool: its file and the end of the data written
+/// to the OS when the view was taken (a reader never looks beyond). The open file stays
+/// readable even if the spool deletes the segment meanwhile.
+pub(crate) struct SegmentView<Fi> {
+    file: Arc<Fi>,
+    first_seq: u64,
+    written: u64,
+}
+
+/// What a read skipped, besides the records it returned.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ReadCounts {
+    expired: u64,
+    corrupt: u64,
+}
+
+/// Access to a spool for [`read_records`]: directly, or through the shared lock taken only
+/// for the bookkeeping (never for the file reads).
+pub(crate) trait Access<F: Fs> {
+    fn with<R>(&mut self, f: impl FnOnce(&mut Spool<F>) -> R) -> R;
+}
+
+impl<F: Fs> Access<F> for &mut Spool<F> {
+    fn with<R>(&mut self, f: impl FnOnce(&mut Spool<F>) -> R) -> R {
+        f(self)
+    }
+}
+
+/// Reads up to `max` records from `pos` on into `out` (see [`Spool::read`]). The spool is
+/// accessed only to find segments and to count; the file reads run without it.
+pub(crate) fn read_records<F: Fs>(
+    mut spool: impl Access<F>,
+    pos: &mut ReadPos,
+    max: usize,
+    now_ms: u64,
+    chunks: &mut Chunks,
+    out: &mut Vec<Record>,
+) -> io::Result<()> {
+    let max_age_ms = spool.with(|s| s.max_age_ms());
+    let mut taken = 0;
+    while taken < max {
+        let Some(view) = spool.with(|s| s.view(pos)) else {
+            break;
+        };
+        let before = *pos;
+        let mut counts = ReadCounts::default();
+        let result = read_view(
+            &view,
+            pos,
+            max - taken,
+            now_ms,
+            max_age_ms,
+            chunks,
+            &mut counts,
+            out,
+        );
+        if counts.expired + counts.corrupt > 0 {
+            spool.with(|s| s.note_read(counts));
+        }
+        taken += result?;
+        if *pos == before {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Reads up to `max` records of the segment in `view` from `pos` on; returns how many it
+/// added to `out`. Below the written end every record is complete, so anything that does
+/// not parse there is damage: it is counted and skipped (the record if its length is
+/// plausible, else the rest of the segment).
+#[allow(clippy::too_many_arguments)]
+fn read_view<Fi: SpoolFile>(
+    view: &SegmentView<Fi>,
+    pos: &mut ReadPos,
+    max: usize,
+    now_ms: u64,
+    max_age_ms: Option<u64>,
+    chunks: &mut Chunks,
+    counts: &mut ReadCounts,
+    out: &mut Vec<Record>,
+) -> io::Result<usize> {
+    let Some((_, mut at)) = pos.at else {
+        return Ok(0);
+    };
+    chunks.clear();
+    let mut taken = 0;
+    let result = loop {
+        if taken >= max || at >= view.written {
+            break Ok(());
+        }
+        let parsed = match parse_at(chunks, &*view.file, at, view.written) {
+            Ok(p) => p,
+            Err(e) => break Err(e),
+        };
+        match parsed {
+            Parse::Record(rec, len) => {
+                at += len as u64;
+                if rec.seq < pos.next_seq {
+                    continue;
+                }
+                pos.next_seq = rec.seq + 1;
+                if max_age_ms.is_some_and(|m| now_ms.saturating_sub(rec.time_ms) > m) {
+                    counts.expired += 1;
+                    continue;
+                }
+                out.push(rec);
+                taken += 1;
+            }
+            Parse::Incomplete => {
+                counts.corrupt += 1;
+                at = view.written;
+            }
+            Parse::Invalid { skip } => {
+                counts.corrupt += 1;
+                at = match skip {
+                    Some(len) if at + (len as u64) <= view.written => at + len as u64,
+                    _ => view.written,
+                };
+            }
+        }
+    };
+    pos.at = Some((view.first_seq, at));
+    result.map(|()| taken)
+}
+
+/// Scans a segment file in chunks. Records must have sequence ids above `after` and
+/// increasing.
 fn scan_segment(file: &impl SpoolFile, after: u64) -> io::Result<Scan> {
     let len = file.len()?;
-    let mut data = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
-    let n = read_full(file, &mut data, 0)?;
-    data.truncate(n);
     let mut scan = Scan {
         len,
         end: 0,
@@ -890,55 +1029,58 @@ fn scan_segment(file: &impl SpoolFile, after: u64) -> io::Result<Scan> {
         corrupt: 0,
         last_seq: None,
     };
-    if !record::valid_segment_header(&data) {
+    let mut chunks = Chunks::default();
+    if !record::valid_segment_header(chunks.get(file, 0, SEGMENT_HEADER as usize, len)?) {
         return Ok(scan);
     }
-    let mut at = SEGMENT_HEADER as usize;
+    let mut at = SEGMENT_HEADER;
     let mut last = after;
-    while let Some(rest) = data.get(at..) {
-        match record::parse(rest) {
+    while at < len {
+        match parse_at(&mut chunks, file, at, len)? {
             Parse::Record(rec, n) if rec.seq > last => {
                 last = rec.seq;
                 scan.last_seq = Some(rec.seq);
                 scan.records += 1;
-                at += n;
+                at += n as u64;
             }
             Parse::Record(_, n) => {
                 scan.corrupt += 1;
-                at += n;
+                at += n as u64;
             }
             Parse::Incomplete => break,
             Parse::Invalid { skip } => {
                 // Skip one damaged record only if a valid one follows it; otherwise this is
                 // the torn end of the data.
-                let next = skip.and_then(|s| data.get(at + s..)).map(record::parse);
+                let next = match skip {
+                    Some(s) if at + (s as u64) < len => {
+                        Some(parse_at(&mut chunks, file, at + s as u64, len)?)
+                    }
+                    _ => None,
+                };
                 match (skip, next) {
                     (Some(s), Some(Parse::Record(rec, _))) if rec.seq > last => {
                         scan.corrupt += 1;
-                        at += s;
+                        at += s as u64;
                     }
                     _ => break,
                 }
             }
         }
     }
-    scan.end = at as u64;
+    scan.end = at;
     Ok(scan)
 }
 
 /// Counts the records of a segment with a sequence id of at least `from`.
 fn count_from(file: &impl SpoolFile, written: u64, from: u64) -> u64 {
-    let mut data = vec![0u8; usize::try_from(written).unwrap_or(0)];
-    let Ok(n) = read_full(file, &mut data, 0) else {
-        return 0;
-    };
-    let mut at = SEGMENT_HEADER as usize;
+    let mut chunks = Chunks::default();
+    let mut at = SEGMENT_HEADER;
     let mut count = 0;
-    while let Some(Parse::Record(rec, len)) = data.get(at..n).map(record::parse) {
+    while let Ok(Parse::Record(rec, len)) = parse_at(&mut chunks, file, at, written) {
         if rec.seq >= from {
             count += 1;
         }
-        at += len;
+        at += len as u64;
     }
     count
 }

@@ -46,8 +46,8 @@ mod tests;
 
 pub use fs::{Fs, SpoolFile, StdFs};
 pub use log::{
-    AppendError, FsyncPolicy, LOCK_FILE, OpenError, Pending, ReadPos, Recovery, Spool, SpoolConfig,
-    SpoolStats, WhenFull,
+    AppendError, Chunks, FsyncPolicy, LOCK_FILE, OpenError, Pending, ReadPos, Recovery, Spool,
+    SpoolConfig, SpoolStats, WhenFull,
 };
 pub use record::{RECORD_HEADER, Record, encoded_len};
 pub use service::{

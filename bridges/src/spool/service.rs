@@ -3,6 +3,8 @@
 //! and moves the upstream's cursor on the broker's acknowledgements.
 
 use std::collections::VecDeque;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -12,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::fs::Fs;
-use super::log::{FsyncPolicy, Spool, SpoolStats};
+use super::log::{Access, Chunks, FsyncPolicy, ReadPos, Spool, SpoolStats, read_records};
 use super::record::Record;
 use crate::message::Message;
 use crate::mqtt::{AckReport, Delivery, FailReason, MqttUpstream};
@@ -35,6 +37,8 @@ pub struct SharedSpool<F: Fs> {
     spool: Mutex<Spool<F>>,
     /// The last sequence id written; changes wake the drains.
     written: watch::Sender<u64>,
+    /// Messages refused because the writer's queue was full (shared with the appenders).
+    queue_full: Arc<AtomicU64>,
 }
 
 impl<F: Fs> SharedSpool<F> {
@@ -44,7 +48,14 @@ impl<F: Fs> SharedSpool<F> {
         Arc::new(Self {
             spool: Mutex::new(spool),
             written,
+            queue_full: Arc::default(),
         })
+    }
+
+    /// Messages refused (QoS >= 1: answered with congestion; QoS 0: dropped) because the
+    /// writer's queue was full.
+    pub fn queue_full(&self) -> u64 {
+        self.queue_full.load(Relaxed)
     }
 
     /// The spool. A poisoned lock is still consistent: no method panics midway.
@@ -55,6 +66,29 @@ impl<F: Fs> SharedSpool<F> {
     /// The counters.
     pub fn stats(&self) -> SpoolStats {
         self.lock().stats()
+    }
+
+    /// [`Spool::read`], with the lock held only to find segments and to count: the file
+    /// reads run without it, so the writer never waits for a reader (a cold read from flash
+    /// can take milliseconds). Blocking: call it off the async runtime.
+    ///
+    /// # Errors
+    /// The OS error of a read; `out` keeps what was read before it.
+    pub fn read(
+        &self,
+        pos: &mut ReadPos,
+        max: usize,
+        now_ms: u64,
+        chunks: &mut Chunks,
+        out: &mut Vec<Record>,
+    ) -> std::io::Result<()> {
+        read_records(self, pos, max, now_ms, chunks, out)
+    }
+}
+
+impl<F: Fs> Access<F> for &SharedSpool<F> {
+    fn with<R>(&mut self, f: impl FnOnce(&mut Spool<F>) -> R) -> R {
+        f(&mut self.lock())
     }
 }
 
@@ -79,6 +113,7 @@ pub struct AppendReply {
 #[derive(Clone, Debug)]
 pub struct Appender {
     tx: SyncSender<Append>,
+    queue_full: Arc<AtomicU64>,
 }
 
 impl Appender {
@@ -90,7 +125,10 @@ impl Appender {
     pub fn append(&self, message: Message, token: Option<u64>) -> Result<(), Message> {
         match self.tx.try_send(Append { message, token }) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(a) | TrySendError::Disconnected(a)) => Err(a.message),
+            Err(TrySendError::Full(a) | TrySendError::Disconnected(a)) => {
+                self.queue_full.fetch_add(1, Relaxed);
+                Err(a.message)
+            }
         }
     }
 }
@@ -106,10 +144,11 @@ pub fn start_writer<F: Fs>(
     replies: mpsc::Sender<Vec<AppendReply>>,
 ) -> std::io::Result<(Appender, JoinHandle<()>)> {
     let (tx, rx) = std::sync::mpsc::sync_channel(queue);
+    let queue_full = Arc::clone(&shared.queue_full);
     let handle = std::thread::Builder::new()
         .name("spool-writer".into())
         .spawn(move || Writer::new(shared).run(&rx, &replies))?;
-    Ok((Appender { tx }, handle))
+    Ok((Appender { tx, queue_full }, handle))
 }
 
 /// Milliseconds since the Unix epoch, the records' timestamps.
@@ -258,6 +297,7 @@ impl<F: Fs> Writer<F> {
             self.last_housekeeping = now;
             let mut spool = self.shared.lock();
             spool.check_disk();
+            spool.collect_garbage();
             if let Err(error) = spool.save_cursors() {
                 tracing::warn!(%error, "Cannot save the spool cursors (a restart may resend).");
             }
@@ -279,15 +319,18 @@ pub struct DrainConfig {
     pub ack_timeout: Duration,
 }
 
-/// Counters of one drain.
+/// Counters of one drain, shared with whoever reports them.
 #[derive(Debug, Default)]
 pub struct DrainStats {
+    /// Messages forwarded: acknowledged by the broker (QoS >= 1) or handed to the
+    /// connection (QoS 0).
+    pub forwarded: AtomicU64,
     /// Messages the broker refused for good (MQTT 5 failure reason, invalid topic): dropped.
-    pub rejected: std::sync::atomic::AtomicU64,
+    pub rejected: AtomicU64,
     /// Connections reset because an acknowledgement took longer than `ack_timeout`.
-    pub ack_timeouts: std::sync::atomic::AtomicU64,
+    pub ack_timeouts: AtomicU64,
     /// Messages sent again after a connection loss.
-    pub resent: std::sync::atomic::AtomicU64,
+    pub resent: AtomicU64,
 }
 
 /// A token bucket for the drain rate; a burst of one second.
@@ -343,9 +386,9 @@ pub async fn drain<F: Fs>(
     stats: Arc<DrainStats>,
     shutdown: CancellationToken,
 ) {
-    use std::sync::atomic::Ordering::Relaxed;
     let name = upstream.name().to_owned();
     let mut pos = shared.lock().reader(index);
+    let mut chunks = Chunks::default();
     let mut cursor = pos.next_seq();
     let mut pending: VecDeque<Record> = VecDeque::new();
     let mut sent: VecDeque<Sent> = VecDeque::new();
@@ -367,18 +410,37 @@ pub async fn drain<F: Fs>(
             while sent.len() < config.window {
                 if pending.is_empty() {
                     written.borrow_and_update();
-                    let want = (config.window - sent.len()).clamp(1, READ_BATCH);
-                    let mut out = Vec::with_capacity(want);
-                    let read = shared.lock().read(&mut pos, want, wall_ms(), &mut out);
+                    // Read ahead a whole batch off the runtime (the window may take only part
+                    // of it now; the rest waits in `pending`).
+                    let job = {
+                        let shared = Arc::clone(&shared);
+                        let mut out = Vec::with_capacity(READ_BATCH);
+                        let mut chunks = std::mem::take(&mut chunks);
+                        tokio::task::spawn_blocking(move || {
+                            let r =
+                                shared.read(&mut pos, READ_BATCH, wall_ms(), &mut chunks, &mut out);
+                            (r, pos, chunks, out)
+                        })
+                    };
+                    let (read, out) = match job.await {
+                        Ok((read, p, c, out)) => {
+                            pos = p;
+                            chunks = c;
+                            (read, out)
+                        }
+                        Err(error) => (Err(std::io::Error::other(error)), Vec::new()),
+                    };
+                    let got = !out.is_empty();
+                    pending.extend(out);
                     if let Err(error) = read {
                         tracing::warn!(upstream = %name, %error, "Spool read failed; retrying.");
                         wake = Some(now + Duration::from_millis(100));
+                        if !got {
+                            break;
+                        }
+                    } else if !got {
                         break;
                     }
-                    if out.is_empty() {
-                        break;
-                    }
-                    pending.extend(out);
                 }
                 let Some(rec) = pending.pop_front() else {
                     break;
@@ -407,6 +469,9 @@ pub async fn drain<F: Fs>(
                             stats.resent.fetch_add(1, Relaxed);
                         }
                         outstanding += usize::from(tracked);
+                        if !tracked {
+                            stats.forwarded.fetch_add(1, Relaxed);
+                        }
                         sent.push_back(Sent {
                             seq,
                             acked: !tracked,
@@ -478,7 +543,10 @@ pub async fn drain<F: Fs>(
                 for report in reports.drain(..) {
                     outstanding = outstanding.saturating_sub(1);
                     let ok = match report.delivery {
-                        Delivery::Acknowledged => true,
+                        Delivery::Acknowledged => {
+                            stats.forwarded.fetch_add(1, Relaxed);
+                            true
+                        }
                         Delivery::Failed(FailReason::Rejected) => {
                             stats.rejected.fetch_add(1, Relaxed);
                             tracing::warn!(upstream = %name, seq = report.token, "Upstream refused a spooled message; dropped.");

@@ -291,7 +291,8 @@ impl UdpDriver {
         while let Some(event) = self.core.poll_event() {
             match event {
                 Event::Publish { message, token } => {
-                    // A full spool queue refuses at once: congestion, the sensor retries.
+                    // A full spool queue refuses at once: congestion, the sensor retries
+                    // (QoS 0: dropped). Counted as `queue_full` in the spool status.
                     if self.spool.append(message, token).is_err() {
                         if let Some(token) = token {
                             self.core
