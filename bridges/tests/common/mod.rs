@@ -399,6 +399,11 @@ impl Observer {
             .map(|item| item.expect("observer running"))
     }
 
+    /// A message that has already arrived, without waiting.
+    pub(crate) fn try_next(&mut self) -> Option<Observed> {
+        self.received.try_recv().ok()
+    }
+
     /// The next `n` messages, sorted by topic.
     pub(crate) async fn expect(&mut self, n: usize) -> Vec<(String, Bytes)> {
         let mut got = Vec::new();
