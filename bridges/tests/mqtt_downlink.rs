@@ -20,11 +20,9 @@
     clippy::indexing_slicing
 )]
 
-use std::fs::File;
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+mod common;
+
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -38,155 +36,18 @@ use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
-const MOSQUITTO: &str = "/usr/sbin/mosquitto";
-/// Bound for reconnects and anything that waits for one.
-const RECONNECT_BOUND: Duration = Duration::from_secs(30);
-/// Bound for any single expected event.
-const EVENT_BOUND: Duration = Duration::from_secs(10);
+use common::{Broker, EVENT_BOUND, RECONNECT_BOUND, fast_config, free_port, init_tracing, unique};
+
 /// mosquitto holds a second unacknowledged QoS >= 1 message back.
 const ONE_IN_FLIGHT: &str = "max_inflight_messages 1\n";
 
 // ---------------------------------------------------------------------------------------------
-// Harness
+// Harness (the broker and the rest are in `common`)
 // ---------------------------------------------------------------------------------------------
-
-/// A mosquitto child process on 127.0.0.1; killed (by PID) on drop.
-struct Broker {
-    dir: tempfile::TempDir,
-    port: u16,
-    /// Extra lines for `mosquitto.conf`.
-    extra_conf: String,
-    child: Option<Child>,
-}
-
-impl Broker {
-    fn start(extra_conf: &str) -> Self {
-        assert!(
-            Path::new(MOSQUITTO).exists(),
-            "mosquitto is required for these tests but {MOSQUITTO} does not exist; \
-             install the Debian package `mosquitto`"
-        );
-        let mut broker = Self {
-            dir: tempfile::tempdir().expect("temp dir"),
-            port: free_port(),
-            extra_conf: extra_conf.to_owned(),
-            child: None,
-        };
-        broker.launch();
-        broker
-    }
-
-    /// Starts mosquitto on `self.port` and waits until it accepts TCP connections.
-    fn launch(&mut self) {
-        assert!(self.child.is_none(), "broker already running");
-        let conf = self.dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n{extra}",
-                port = self.port,
-                extra = self.extra_conf
-            ),
-        )
-        .expect("write mosquitto.conf");
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("open mosquitto log");
-        let child = Command::new(MOSQUITTO)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log handle"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {MOSQUITTO}: {e}"));
-        self.child = Some(child);
-        let deadline = Instant::now() + EVENT_BOUND;
-        while TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_err() {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                panic!("mosquitto exited with {status}:\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "mosquitto not listening on 127.0.0.1:{}:\n{}",
-                self.port,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("mosquitto.log")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    /// Kills the broker (SIGKILL) and starts it again on the same port.
-    fn restart(&mut self) {
-        self.kill();
-        self.launch();
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|listener| listener.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "sensorgate_bridges=debug".into()),
-        )
-        .try_init();
-}
-
-static CLIENT_SEQ: AtomicU32 = AtomicU32::new(0);
-
-fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        CLIENT_SEQ.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 /// Fast-retrying configuration with prefix `site-7/` and one unacknowledged downlink.
 fn config(broker: &Broker, version: MqttVersion) -> MqttUpstreamConfig {
-    let mut config = MqttUpstreamConfig::new("down", &broker.url()).expect("valid url");
-    config.version = version;
-    config.client_id = unique("upstream");
-    config.keep_alive = Duration::from_secs(5);
-    config.connect_timeout = Duration::from_secs(1);
-    config.backoff_initial = Duration::from_millis(50);
-    config.backoff_max = Duration::from_millis(500);
+    let mut config = fast_config("down", &broker.url(), version);
     config.remote_prefix = "site-7/".into();
     config.max_unacked_downlinks = 1;
     config
@@ -331,7 +192,7 @@ impl Drop for Publisher {
 
 async fn qos1_downlink_is_acknowledged_only_by_ack(version: MqttVersion) {
     init_tracing();
-    let broker = Broker::start(ONE_IN_FLIGHT);
+    let broker = Broker::start_with(ONE_IN_FLIGHT);
     let publisher = Publisher::connect(&broker).await;
     let mut up = Running::start(config(&broker, version)).await;
     up.subscribe("cmd/#", Qos::ExactlyOnce).await;
@@ -402,7 +263,7 @@ async fn qos1_downlink_is_acknowledged_only_by_ack_v5() {
 
 async fn an_ack_from_before_a_reconnect_acknowledges_nothing(version: MqttVersion) {
     init_tracing();
-    let mut broker = Broker::start(ONE_IN_FLIGHT);
+    let mut broker = Broker::start_with(ONE_IN_FLIGHT);
     let mut up = Running::start(config(&broker, version)).await;
     up.subscribe("cmd/#", Qos::AtLeastOnce).await;
     {
@@ -463,7 +324,7 @@ async fn an_ack_from_before_a_reconnect_acknowledges_nothing_v5() {
 
 async fn unsubscribe_stops_delivery(version: MqttVersion) {
     init_tracing();
-    let broker = Broker::start("");
+    let broker = Broker::start();
     let publisher = Publisher::connect(&broker).await;
     let mut up = Running::start(config(&broker, version)).await;
     up.subscribe("a/#", Qos::AtLeastOnce).await;
@@ -504,7 +365,7 @@ async fn unsubscribe_stops_delivery_v5() {
 
 async fn retained_messages_keep_their_flag(version: MqttVersion) {
     init_tracing();
-    let broker = Broker::start("");
+    let broker = Broker::start();
     let publisher = Publisher::connect(&broker).await;
     publisher
         .publish("site-7/cfg/a", b"stored", Qos::AtLeastOnce, true)
@@ -538,7 +399,7 @@ async fn retained_messages_keep_their_flag_v5() {
 
 async fn own_uplink_echo(version: MqttVersion) {
     init_tracing();
-    let broker = Broker::start("");
+    let broker = Broker::start();
     let publisher = Publisher::connect(&broker).await;
     let mut up = Running::start(config(&broker, version)).await;
     up.subscribe("echo/#", Qos::AtLeastOnce).await;
@@ -578,7 +439,7 @@ async fn own_uplink_does_not_echo_back_on_v5() {
 
 async fn oversized_downlinks_are_dropped(version: MqttVersion) {
     init_tracing();
-    let broker = Broker::start(ONE_IN_FLIGHT);
+    let broker = Broker::start_with(ONE_IN_FLIGHT);
     let publisher = Publisher::connect(&broker).await;
     let mut cfg = config(&broker, version);
     cfg.max_downlink_bytes = 2048;

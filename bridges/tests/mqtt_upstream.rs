@@ -11,17 +11,16 @@
 // A test harness: failing loudly is its job, and it reads the wall clock to bound its waits.
 #![allow(clippy::expect_used, clippy::disallowed_methods)]
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::fs::{File, Permissions};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::fs::Permissions;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rumqttc_v5 as v5;
 use sensorgate_bridges::message::{Downlink, Message, Qos};
 use sensorgate_bridges::mqtt::{
     AckReport, Delivery, FailReason, MqttUpstream, MqttUpstreamConfig, MqttVersion, TlsSettings,
@@ -31,192 +30,17 @@ use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
-const MOSQUITTO: &str = "/usr/sbin/mosquitto";
-/// Bound for "the upstream reconnects" (the brief's limit).
-const RECONNECT_BOUND: Duration = Duration::from_secs(30);
-/// Bound for any single expected event (a report, a delivery, broker readiness).
-const EVENT_BOUND: Duration = Duration::from_secs(10);
+use common::{
+    Broker, EVENT_BOUND, Observer, RECONNECT_BOUND, fast_config, free_port, init_tracing,
+};
 
 // ---------------------------------------------------------------------------------------------
-// Harness
+// Harness (the broker, the observer and the rest are in `common`)
 // ---------------------------------------------------------------------------------------------
-
-/// A mosquitto child process on 127.0.0.1; killed (by PID) on drop.
-struct Broker {
-    dir: tempfile::TempDir,
-    port: u16,
-    /// Extra lines for `mosquitto.conf` (TLS).
-    extra_conf: String,
-    child: Option<Child>,
-}
-
-impl Broker {
-    fn start() -> Self {
-        Self::start_with(String::new(), tempfile::tempdir().expect("temp dir"))
-    }
-
-    fn start_with(extra_conf: String, dir: tempfile::TempDir) -> Self {
-        assert!(
-            Path::new(MOSQUITTO).exists(),
-            "mosquitto is required for these tests but {MOSQUITTO} does not exist; \
-             install the Debian package `mosquitto`"
-        );
-        let mut broker = Self {
-            dir,
-            port: free_port(),
-            extra_conf,
-            child: None,
-        };
-        broker.launch();
-        broker
-    }
-
-    /// Starts mosquitto on `self.port` and waits until it accepts TCP connections.
-    fn launch(&mut self) {
-        assert!(self.child.is_none(), "broker already running");
-        let conf = self.dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n{extra}",
-                port = self.port,
-                extra = self.extra_conf
-            ),
-        )
-        .expect("write mosquitto.conf");
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("open mosquitto log");
-        let child = Command::new(MOSQUITTO)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log handle"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {MOSQUITTO}: {e}"));
-        self.child = Some(child);
-
-        let deadline = Instant::now() + EVENT_BOUND;
-        loop {
-            if TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_ok() {
-                return;
-            }
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!(
-                        "mosquitto exited with {status} before listening on {}:\n{}",
-                        self.port,
-                        self.log()
-                    );
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "mosquitto not listening on 127.0.0.1:{} after {EVENT_BOUND:?}:\n{}",
-                self.port,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("mosquitto.log")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("broker running").id()
-    }
-
-    /// Kills the broker (SIGKILL, like a crash) and reaps it.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Restarts a killed broker on the same port.
-    fn restart(&mut self) {
-        self.kill();
-        self.launch();
-    }
-
-    /// Freezes the broker (SIGSTOP): connections stay open, nothing is acknowledged.
-    fn pause(&self) {
-        signal(self.pid(), "-STOP");
-    }
-
-    /// Thaws a paused broker (SIGCONT).
-    fn resume(&self) {
-        signal(self.pid(), "-CONT");
-    }
-
-    fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn signal(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .arg(signal)
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill {signal} {pid} failed");
-}
-
-/// A port that was free a moment ago (bound to 127.0.0.1:0, then released).
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|listener| listener.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "sensorgate_bridges=debug".into()),
-        )
-        .try_init();
-}
-
-static CLIENT_SEQ: AtomicU32 = AtomicU32::new(0);
-
-fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        CLIENT_SEQ.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 /// Fast-retrying configuration for tests.
 fn config(url: &str, version: MqttVersion) -> MqttUpstreamConfig {
-    let mut config = MqttUpstreamConfig::new("test", url).expect("valid url");
-    config.version = version;
-    config.client_id = unique("upstream");
-    config.keep_alive = Duration::from_secs(5);
-    config.connect_timeout = Duration::from_secs(1);
-    config.backoff_initial = Duration::from_millis(50);
-    config.backoff_max = Duration::from_millis(500);
+    let mut config = fast_config("test", url, version);
     config.max_inflight = 100;
     config.request_queue = 100;
     config
@@ -299,68 +123,6 @@ fn msg(topic: &str, payload: &'static str, qos: Qos) -> Message {
         payload: Bytes::from_static(payload.as_bytes()),
         qos,
         retain: false,
-    }
-}
-
-/// An independent MQTT 5 client subscribed to `#`.
-struct Observer {
-    received: mpsc::UnboundedReceiver<(String, Bytes)>,
-    task: JoinHandle<()>,
-    /// Dropping the last client handle would end the event loop.
-    _client: v5::AsyncClient,
-}
-
-impl Observer {
-    async fn connect(port: u16) -> Self {
-        let mut options = v5::MqttOptions::new(unique("observer"), ("127.0.0.1", port));
-        options.set_keep_alive(5);
-        let (client, mut eventloop) = v5::AsyncClient::builder(options).capacity(64).build();
-        let (tx, received) = mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(v5::Event::Incoming(v5::Packet::Publish(publish))) => {
-                        let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-                        let _ = tx.send((topic, publish.payload));
-                    }
-                    Ok(_) => {}
-                    Err(_) => break,
-                }
-            }
-        });
-        let notice = client
-            .subscribe_tracked("#", v5::QoS::ExactlyOnce)
-            .await
-            .expect("queue subscribe");
-        timeout(EVENT_BOUND, notice.wait_completion_async())
-            .await
-            .expect("SUBACK in time")
-            .expect("subscription accepted");
-        Self {
-            received,
-            task,
-            _client: client,
-        }
-    }
-
-    /// The next `n` messages, sorted by topic.
-    async fn expect(&mut self, n: usize) -> Vec<(String, Bytes)> {
-        let mut got = Vec::new();
-        while got.len() < n {
-            let item = timeout(EVENT_BOUND, self.received.recv())
-                .await
-                .unwrap_or_else(|_| panic!("observer got only {got:?}, expected {n}"))
-                .expect("observer running");
-            got.push(item);
-        }
-        got.sort();
-        got
-    }
-}
-
-impl Drop for Observer {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -790,7 +552,7 @@ async fn mutual_tls_with_the_ring_provider() {
         std::fs::set_permissions(entry.path(), Permissions::from_mode(0o644)).expect("chmod");
     }
     std::fs::set_permissions(dir.path(), Permissions::from_mode(0o755)).expect("chmod dir");
-    let broker = Broker::start_with(extra, dir);
+    let broker = Broker::start_in(dir, &extra);
 
     for version in [MqttVersion::V311, MqttVersion::V5] {
         let mut cfg = config(&format!("mqtts://127.0.0.1:{}", broker.port), version);
