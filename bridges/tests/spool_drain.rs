@@ -633,3 +633,36 @@ async fn a_broker_that_stops_acknowledging_is_dropped_after_the_ack_timeout() {
     assert_eq!(counts.rejected, 0);
     rig.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_drain_sends_nothing_new_and_settles_what_is_in_flight() {
+    init_tracing();
+    const N: usize = 600;
+    let broker = Broker::start_with(BROKER_CONF);
+    let mut rig = Rig::new();
+    rig.append(messages(0..N, 32)).await;
+    // Paced, so that most of the backlog is still unsent when the drain is told to stop.
+    rig.start_drain(&broker, drain_config(Some(200), None, PATIENT));
+    rig.wait_for("forwarding", EVENT_BOUND, |rig| {
+        rig.counts().forwarded >= 250
+    })
+    .await;
+    let running = rig.running.as_mut().expect("drain started");
+    running.stop_drain.cancel();
+    timeout(EVENT_BOUND, &mut running.drain_task)
+        .await
+        .expect("the drain stops once what is in flight is settled")
+        .expect("drain did not panic");
+    let counts = rig.counts();
+    // The upstream is still up: only the drain's own stop held the rest back.
+    assert!(rig.upstream().is_connected());
+    assert!(
+        counts.forwarded < N as u64,
+        "kept sending after stop: {counts:?}"
+    );
+    assert_eq!(
+        rig.cursor(),
+        rig.first_seq + counts.forwarded,
+        "the cursor covers exactly what the broker acknowledged"
+    );
+}

@@ -447,12 +447,6 @@ impl Notice {
 }
 
 impl EventLoop {
-    /// Drives the connection one step; after an error the next call reconnects.
-    ///
-    /// Not cancel safe in general (it may be cut off mid-write), so the upstream never drops
-    /// an unfinished call except on shutdown. The client cleans up a lost connection (drops
-    /// queued acknowledgements, replays nothing on the clean session) inside the same call that
-    /// returns its error.
     /// Drops the current connection (the next `poll` reconnects); what was in flight on it
     /// fails like on any connection loss.
     pub(crate) fn reset(&mut self) {
@@ -462,6 +456,12 @@ impl EventLoop {
         }
     }
 
+    /// Drives the connection one step; after an error the next call reconnects.
+    ///
+    /// Not cancel safe in general (it may be cut off mid-write), so the upstream never drops
+    /// an unfinished call except on shutdown or a [`Self::reset`]. The client cleans up a lost
+    /// connection (drops queued acknowledgements, replays nothing on the clean session) inside
+    /// the same call that returns its error.
     pub(crate) async fn poll(&mut self) -> Result<LinkEvent, LinkError> {
         match self {
             Self::V4(eventloop) => match eventloop.poll().await {

@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc::error::{SendError, TrySendError};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -702,6 +703,9 @@ impl LinkTask {
             }
             match polled {
                 Ok(LinkEvent::Connected) => {
+                    // A reset asked for while the link was down (or for the previous
+                    // connection) must not cut this new one: drop its stored permit.
+                    let _ = self.control.shared.reset.notified().now_or_never();
                     self.control.shared.set_connected();
                     self.backoff.reset();
                     if connections > 0 {

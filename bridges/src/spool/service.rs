@@ -350,17 +350,49 @@ impl Bucket {
         }
     }
 
-    /// Takes `n` tokens, or returns how long until they are there.
-    fn take(&mut self, n: f64, now: Instant) -> Result<(), Duration> {
+    /// Refills, then returns `Ok` if `n` tokens are there, else how long until they are.
+    fn ready(&mut self, n: f64, now: Instant) -> Result<(), Duration> {
         self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate)
             .min(self.rate.max(n));
         self.at = now;
         if self.tokens >= n {
-            self.tokens -= n;
             Ok(())
         } else {
             Err(Duration::from_secs_f64((n - self.tokens) / self.rate))
         }
+    }
+
+    /// Takes `n` tokens, or returns how long until they are there (taking none).
+    #[cfg(test)]
+    fn take(&mut self, n: f64, now: Instant) -> Result<(), Duration> {
+        self.ready(n, now)?;
+        self.tokens -= n;
+        Ok(())
+    }
+}
+
+/// Takes one message of `size` bytes from both limits, or from neither and returns how long
+/// until both allow it.
+fn take_limits(
+    msgs: &mut Option<Bucket>,
+    bytes: &mut Option<Bucket>,
+    size: f64,
+    now: Instant,
+) -> Result<(), Duration> {
+    let wait_msgs = msgs.as_mut().map_or(Ok(()), |b| b.ready(1.0, now));
+    let wait_bytes = bytes.as_mut().map_or(Ok(()), |b| b.ready(size, now));
+    match (wait_msgs, wait_bytes) {
+        (Ok(()), Ok(())) => {
+            if let Some(b) = msgs.as_mut() {
+                b.tokens -= 1.0;
+            }
+            if let Some(b) = bytes.as_mut() {
+                b.tokens -= size;
+            }
+            Ok(())
+        }
+        (Err(a), Err(b)) => Err(a.max(b)),
+        (Err(a), Ok(())) | (Ok(()), Err(a)) => Err(a),
     }
 }
 
@@ -405,8 +437,9 @@ pub async fn drain<F: Fs>(
     loop {
         let now = Instant::now();
         let mut wake: Option<Instant> = None;
-        // Send what the window, the rate and the link allow.
-        if !rewinding && *link.borrow() {
+        // Send what the window, the rate and the link allow; nothing new once stopping (what
+        // is in flight still settles).
+        if !rewinding && !shutdown.is_cancelled() && *link.borrow() {
             while sent.len() < config.window {
                 if pending.is_empty() {
                     written.borrow_and_update();
@@ -446,10 +479,7 @@ pub async fn drain<F: Fs>(
                     break;
                 };
                 let size = (rec.topic.len() + rec.payload.len()) as f64;
-                let limited = msgs
-                    .as_mut()
-                    .map_or(Ok(()), |b| b.take(1.0, now))
-                    .and_then(|()| bytes.as_mut().map_or(Ok(()), |b| b.take(size, now)));
+                let limited = take_limits(&mut msgs, &mut bytes, size, now);
                 if let Err(after) = limited {
                     wake = Some(now + after);
                     pending.push_front(rec);
@@ -512,15 +542,18 @@ pub async fn drain<F: Fs>(
             cursor = next;
             shared.lock().set_cursor(index, cursor);
         }
-        // A broker that stopped acknowledging: drop the connection once.
-        if let Some(oldest) = sent.iter().find(|s| !s.acked) {
+        // A broker that stopped acknowledging: drop the connection once. Only a live link is
+        // reset (a lost one fails what is in flight by itself); the link coming back or the
+        // rewind ending wakes the loop to look again.
+        let watching = !reset_requested && !rewinding && *link.borrow();
+        if let Some(oldest) = sent.iter().find(|s| !s.acked).filter(|_| watching) {
             let due = oldest.at + config.ack_timeout;
-            if due <= now && !reset_requested && !rewinding {
+            if due <= now {
                 reset_requested = true;
                 stats.ack_timeouts.fetch_add(1, Relaxed);
                 tracing::warn!(upstream = %name, seq = oldest.seq, timeout = ?config.ack_timeout, "Upstream did not acknowledge in time; reconnecting.");
                 upstream.reset_link();
-            } else if !reset_requested {
+            } else {
                 wake = Some(wake.map_or(due, |w| w.min(due)));
             }
         }
@@ -640,5 +673,20 @@ mod tests {
         assert!((wait.as_secs_f64() - 1.5).abs() < 1e-6, "{wait:?}");
         assert!(b.take(250.0, t0 + wait).is_ok());
         assert!(b.take(1.0, t0 + wait).is_err());
+    }
+
+    #[test]
+    fn a_refusal_by_one_limit_takes_nothing_from_the_other() {
+        let t0 = Instant::now();
+        let mut msgs = Some(Bucket::new(10.0, t0));
+        let mut bytes = Some(Bucket::new(100.0, t0));
+        // 150 bytes: the byte limit refuses for 0.5 s; the message token stays.
+        let wait = take_limits(&mut msgs, &mut bytes, 150.0, t0).unwrap_err();
+        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6, "{wait:?}");
+        assert!((msgs.as_ref().unwrap().tokens - 10.0).abs() < 1e-9);
+        take_limits(&mut msgs, &mut bytes, 150.0, t0 + wait).unwrap();
+        assert!((msgs.as_ref().unwrap().tokens - 9.0).abs() < 1e-9);
+        // Without limits everything passes.
+        take_limits(&mut None, &mut None, 1e12, t0).unwrap();
     }
 }
