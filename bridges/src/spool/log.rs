@@ -831,41 +831,63 @@ fn read_full(file: &impl SpoolFile, buf: &mut [u8], offset: u64) -> io::Result<u
     Ok(n)
 }
 
-/// A reusable read buffer holding one chunk of a file, so that scans and reads never hold
-/// more than [`READ_CHUNK`] bytes (or one record, if larger) whatever the segment size.
+/// A reusable read buffer holding one chunk of a segment, so that scans and reads never hold
+/// more than [`READ_CHUNK`] bytes (or one record, if larger) whatever the segment size. A
+/// reader keeps it across calls: what it holds stays valid (segments only grow, and nothing
+/// below the written end ever changes), so each call reads only bytes it has not read yet.
 #[derive(Default)]
 pub struct Chunks {
+    /// `len` valid bytes from file offset `start`; the rest is scratch space, kept so that
+    /// refills do not zero it again.
     buf: Vec<u8>,
-    /// The file offset of `buf[0]`.
+    len: usize,
     start: u64,
+    /// The segment (its first sequence id) the held bytes belong to.
+    segment: Option<u64>,
 }
 
 impl Chunks {
+    /// Starts reading segment `first_seq`, forgetting what was held of another one.
+    fn for_segment(&mut self, first_seq: u64) {
+        if self.segment != Some(first_seq) {
+            self.segment = Some(first_seq);
+            self.len = 0;
+            self.start = 0;
+        }
+    }
+
     /// The bytes of `file` from `at` up to at most `end`: at least `need` of them when the
-    /// file has them, from the held chunk if it covers them, else from a new read.
+    /// file has them. Held bytes from `at` on are kept; only the rest is read.
     fn get(&mut self, file: &impl SpoolFile, at: u64, need: usize, end: u64) -> io::Result<&[u8]> {
-        let held_end = self.start + self.buf.len() as u64;
+        let held_end = self.start + self.len as u64;
         let need_end = (at + need as u64).min(end);
         if at < self.start || need_end > held_end {
             let want = usize::try_from(end.saturating_sub(at))
                 .unwrap_or(usize::MAX)
                 .min(need.max(READ_CHUNK));
-            self.buf.resize(want, 0);
-            let n = read_full(file, &mut self.buf, at)?;
-            self.buf.truncate(n);
+            let keep = if (self.start..held_end).contains(&at) {
+                usize::try_from(held_end - at).unwrap_or(0).min(want)
+            } else {
+                0
+            };
+            let from = usize::try_from(at.saturating_sub(self.start)).unwrap_or(0);
+            if keep > 0 && from > 0 {
+                self.buf.copy_within(from..from + keep, 0);
+            }
+            if self.buf.len() < want {
+                self.buf.resize(want, 0);
+            }
             self.start = at;
+            self.len = keep;
+            if let Some(rest) = self.buf.get_mut(keep..want) {
+                self.len += read_full(file, rest, at + keep as u64)?;
+            }
         }
         let from = usize::try_from(at - self.start).unwrap_or(usize::MAX);
         let to = usize::try_from(end.saturating_sub(self.start))
             .unwrap_or(usize::MAX)
-            .min(self.buf.len());
+            .min(self.len);
         Ok(self.buf.get(from..to).unwrap_or_default())
-    }
-
-    /// Forgets the held chunk (another file, or data that may have changed).
-    fn clear(&mut self) {
-        self.buf.clear();
-        self.start = 0;
     }
 }
 
@@ -977,7 +999,7 @@ fn read_view<Fi: SpoolFile>(
     let Some((_, mut at)) = pos.at else {
         return Ok(0);
     };
-    chunks.clear();
+    chunks.for_segment(view.first_seq);
     let mut taken = 0;
     let result = loop {
         if taken >= max || at >= view.written {

@@ -9,7 +9,9 @@ use proptest::prelude::*;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
-use super::log::{AppendError, FsyncPolicy, ReadPos, Spool, SpoolConfig, WhenFull};
+use super::log::{
+    AppendError, Chunks, FsyncPolicy, ReadPos, Spool, SpoolConfig, WhenFull, read_records,
+};
 use super::memfs::{Faults, MemFs};
 use crate::message::{Message, Qos};
 
@@ -91,6 +93,8 @@ fn run(ops: Vec<Op>, max_bytes: u64) -> Result<(), TestCaseError> {
         ..Model::default()
     };
     let mut readers: Vec<ReadPos> = (0..UPSTREAMS).map(|u| spool.reader(u)).collect();
+    // Each reader keeps its read buffer across reads, as a drain does (until a crash).
+    let mut chunks: Vec<Chunks> = (0..UPSTREAMS).map(|_| Chunks::default()).collect();
     let mut counter = 0u64;
     for op in ops {
         match op {
@@ -125,9 +129,15 @@ fn run(ops: Vec<Op>, max_bytes: u64) -> Result<(), TestCaseError> {
             }
             Op::Drain(u, n, k) => {
                 let mut out = Vec::new();
-                spool
-                    .read(&mut readers[u], usize::from(n), 1, &mut out)
-                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                read_records(
+                    &mut spool,
+                    &mut readers[u],
+                    usize::from(n),
+                    1,
+                    &mut chunks[u],
+                    &mut out,
+                )
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let mut last = None;
                 for r in &out {
                     prop_assert!(last.is_none_or(|l| r.seq > l), "out of order");
@@ -164,6 +174,7 @@ fn run(ops: Vec<Op>, max_bytes: u64) -> Result<(), TestCaseError> {
                 spool = s;
                 fs.set_faults(faults);
                 readers = (0..UPSTREAMS).map(|u| spool.reader(u)).collect();
+                chunks = (0..UPSTREAMS).map(|_| Chunks::default()).collect();
             }
             Op::Faults {
                 enospc,
