@@ -27,7 +27,14 @@ pub struct Native {
     pub rate: Option<f64>,
     /// Bound on the run.
     pub max: Duration,
+    /// QoS 1 messages in flight at most, with the write tuning of the gateway's upstream
+    /// client (batched requests, no Nagle): the native equivalent of a gateway upstream with
+    /// this `max_inflight`. `None`: the client library's defaults.
+    pub window: Option<u16>,
 }
+
+/// Requests the client writes per batch with a `window`: as the gateway's upstream client.
+const REQUEST_BATCH: usize = 256;
 
 /// Publishes the stamped messages of `n`. Returns how many were handed to the connection and
 /// the seconds it took.
@@ -44,11 +51,20 @@ pub async fn publish(n: &Native) -> anyhow::Result<(u64, f64)> {
         payload,
         rate,
         max,
+        window,
     } = *n;
     let mut opts = MqttOptions::new(format!("sg-bench-native-{client}"), ("127.0.0.1", port));
     opts.set_keep_alive(30);
+    if let Some(window) = window {
+        opts.set_outgoing_inflight_upper_limit(window);
+        opts.set_max_request_batch(REQUEST_BATCH);
+        let mut network = opts.network_options();
+        network.set_tcp_nodelay(true);
+        opts.set_network_options(network);
+    }
     let (mqtt, mut eventloop) = AsyncClient::builder(opts).capacity(1024).build();
     let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
+    let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(0u64);
     let driver = tokio::spawn(async move {
         let mut connected = Some(connected_tx);
         loop {
@@ -57,6 +73,9 @@ pub async fn publish(n: &Native) -> anyhow::Result<(u64, f64)> {
                     if let Some(tx) = connected.take() {
                         let _ = tx.send(());
                     }
+                }
+                Ok(Event::Incoming(Incoming::PubAck(_))) => {
+                    acked_tx.send_modify(|n| *n += 1);
                 }
                 Ok(_) => {}
                 Err(_) => return,
@@ -92,7 +111,12 @@ pub async fn publish(n: &Native) -> anyhow::Result<(u64, f64)> {
         sent += 1;
     }
     let secs = start.elapsed().as_secs_f64();
-    // Let the event loop write what is queued, then leave.
+    // QoS 1: leave once the broker has every message (a DISCONNECT may overtake the publishes
+    // still queued in the client). QoS 0: let the event loop write what is queued, then leave.
+    if qos > 0 {
+        let all_acked = acked_rx.wait_for(|&n| n >= sent);
+        let _ = tokio::time::timeout(Duration::from_secs(10), all_acked).await;
+    }
     let _ = mqtt.disconnect().await;
     let _ = tokio::time::timeout(Duration::from_secs(10), driver).await;
     Ok((sent, secs))

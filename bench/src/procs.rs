@@ -8,6 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 use crate::sn;
 
@@ -21,6 +23,36 @@ pub fn free_port() -> anyhow::Result<u16> {
     // Also check UDP: the gateway listens on UDP.
     UdpSocket::bind(("127.0.0.1", port))?;
     Ok(port)
+}
+
+/// Lowest port tried by [`free_port_below_ephemeral`].
+const FIXED_PORTS_FROM: u16 = 10_000;
+
+/// A free TCP port on 127.0.0.1 below the ephemeral range, for a listener that starts only
+/// later: no outgoing connection takes it meanwhile, and repeated connection attempts to it
+/// cannot connect to themselves (a loopback connect from a port equal to its destination
+/// succeeds without a listener). Falls back to [`free_port`].
+///
+/// # Errors
+/// When nothing can be bound.
+pub fn free_port_below_ephemeral() -> anyhow::Result<u16> {
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral.saturating_sub(FIXED_PORTS_FROM);
+    if span > 0 {
+        // Start at a different place per process, so that parallel runs rarely collide.
+        let start = std::process::id() % u32::from(span);
+        for k in 0..u32::from(span) {
+            let offset = u16::try_from((start + k) % u32::from(span)).unwrap_or(0);
+            let port = FIXED_PORTS_FROM + offset;
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
+    free_port()
 }
 
 /// A child process killed (and reaped) on drop.
@@ -50,7 +82,14 @@ impl Broker {
     /// # Errors
     /// When it cannot be started or does not listen within 10 s.
     pub fn start(dir: &Path) -> anyhow::Result<Broker> {
-        let port = free_port()?;
+        Self::start_on(dir, free_port()?)
+    }
+
+    /// [`Broker::start`] on a given port.
+    ///
+    /// # Errors
+    /// When it cannot be started or does not listen within 10 s.
+    pub fn start_on(dir: &Path, port: u16) -> anyhow::Result<Broker> {
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
@@ -96,15 +135,48 @@ pub struct Gateway {
     pub addr: SocketAddr,
     /// Its config file.
     pub config: PathBuf,
+    /// Its `state_dir` (the spool is in `spool/`, persistent sessions in `sessions/`).
+    pub state_dir: PathBuf,
 }
 
 /// Predefined topic id every benchmark gateway has (for QoS -1), and its topic.
 pub const PREDEFINED: (u16, &str) = (1, "bench/predefined");
 
+/// The `[[upstream]]` tuning of the benchmark gateways: room for the uplink scenarios' bursts.
+pub const BENCH_UPSTREAM: &str = "max_inflight = 10000\nqueue = 100000\n";
+
+/// What a benchmark gateway's config has besides the common part (loopback listener, the
+/// predefined topic, one upstream to the broker).
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Sessions the gateway admits.
+    pub max_clients: usize,
+    /// Lines appended to `[mqttsn]`.
+    pub mqttsn: String,
+    /// Lines appended to `[[upstream]]` after its name, kind and url.
+    pub upstream: String,
+    /// Lines of `[spool]`; empty for the defaults.
+    pub spool: String,
+}
+
+impl GatewayConfig {
+    /// Room for `max_clients`, `mqttsn` appended to `[mqttsn]`, the upstream tuned with
+    /// [`BENCH_UPSTREAM`], a default spool.
+    #[must_use]
+    pub fn new(max_clients: usize, mqttsn: &str) -> GatewayConfig {
+        GatewayConfig {
+            max_clients,
+            mqttsn: mqttsn.to_owned(),
+            upstream: BENCH_UPSTREAM.to_owned(),
+            spool: String::new(),
+        }
+    }
+}
+
 impl Gateway {
-    /// Starts `bin` with a benchmark config (loopback listener, room for `max_clients`,
-    /// upstream to `broker_port`, `extra` appended to `[mqttsn]`), waits until it answers
-    /// SEARCHGW.
+    /// Starts `bin` with a benchmark config (`cfg`, upstream to `broker_port`, state in
+    /// `dir/state`) and waits until it answers SEARCHGW. Nothing needs to listen on
+    /// `broker_port` yet: the gateway spools until the broker is there.
     ///
     /// # Errors
     /// When it cannot be started or does not answer within 10 s.
@@ -112,8 +184,7 @@ impl Gateway {
         bin: &Path,
         dir: &Path,
         broker_port: u16,
-        max_clients: usize,
-        extra: &str,
+        cfg: &GatewayConfig,
     ) -> anyhow::Result<Gateway> {
         let port = free_port()?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -122,14 +193,17 @@ impl Gateway {
         let mut f = std::fs::File::create(&config)?;
         write!(
             f,
-            "[gateway]\nid = 1\nstate_dir = \"{}\"\n\n[log]\nlevel = \"warn\"\n\n[mqttsn]\n\
-             listen = [\"{addr}\"]\nmax_clients = {max_clients}\n{extra}\n\
+            "[gateway]\nid = 1\nstate_dir = \"{}\"\n\n[log]\nlevel = \"warn\"\n\n[spool]\n{}\n\
+             [mqttsn]\nlisten = [\"{addr}\"]\nmax_clients = {}\n{}\n\
              [[mqttsn.predefined_topic]]\nid = {}\ntopic = \"{}\"\nclients = [\"*\"]\n\n\
-             [[upstream]]\nname = \"bench\"\nkind = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{broker_port}\"\n\
-             max_inflight = 10000\nqueue = 100000\n",
+             [[upstream]]\nname = \"bench\"\nkind = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{broker_port}\"\n{}",
             state.display(),
+            cfg.spool,
+            cfg.max_clients,
+            cfg.mqttsn,
             PREDEFINED.0,
             PREDEFINED.1,
+            cfg.upstream,
         )?;
         drop(f);
         let log = std::fs::File::create(dir.join("sensorgate.log"))?;
@@ -165,6 +239,7 @@ impl Gateway {
             child,
             addr,
             config,
+            state_dir: state,
         })
     }
 
@@ -172,5 +247,27 @@ impl Gateway {
     #[must_use]
     pub fn pid(&self) -> u32 {
         self.child.0.id()
+    }
+
+    /// Stops the process (`SIGSTOP`) until [`Gateway::resume`]: it keeps its sockets and
+    /// state but does nothing, e.g. does not connect to a broker that is being set up.
+    ///
+    /// # Errors
+    /// When the signal cannot be sent.
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGSTOP)
+    }
+
+    /// Lets a paused process run again (`SIGCONT`).
+    ///
+    /// # Errors
+    /// When the signal cannot be sent.
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGCONT)
+    }
+
+    fn signal(&self, signal: Signal) -> anyhow::Result<()> {
+        let pid = i32::try_from(self.pid()).context("process id out of range")?;
+        kill(Pid::from_raw(pid), signal).with_context(|| format!("sending {signal} to sensorgate"))
     }
 }

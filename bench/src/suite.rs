@@ -1,18 +1,20 @@
 //! The standard scenario set and its report.
 //!
 //! Each scenario runs against a fresh sensorgate (clean CPU and memory figures) and the same
-//! mosquitto; the counting subscriber is reset between runs. Sizes are the issue's; `quick`
-//! shrinks them for a smoke run.
+//! mosquitto; the counting subscriber is reset between runs. Scenario 7 (spool drain) starts
+//! its own mosquitto, after the backlog is spooled. Sizes are the issue's; `quick` shrinks them
+//! for a smoke run.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use sensorgate_bridges::spool::{RECORD_HEADER, encoded_len};
 use serde::Serialize;
 use tempfile::TempDir;
 
 use crate::baseline::{self, Native};
 use crate::generator::{Load, LoadSpec, TopicMode, count};
-use crate::procs::{Broker, Gateway};
+use crate::procs::{self, Broker, Gateway, GatewayConfig};
 use crate::subscriber::{Counter, Tally};
 use crate::sys::{self, ProcSample};
 
@@ -21,7 +23,7 @@ use crate::sys::{self, ProcSample};
 pub struct Options {
     /// The sensorgate binary.
     pub gateway_bin: PathBuf,
-    /// Scenario numbers to run (1-6).
+    /// Scenario numbers to run (1-7).
     pub only: Vec<u8>,
     /// Smaller sizes.
     pub quick: bool,
@@ -106,17 +108,18 @@ struct Env {
 }
 
 impl Env {
+    /// A fresh gateway for the shared broker, `extra` appended to `[mqttsn]`.
     fn gateway(&mut self, max_clients: usize, extra: &str) -> anyhow::Result<Gateway> {
+        let port = self.broker.port;
+        self.gateway_with(port, &GatewayConfig::new(max_clients, extra))
+    }
+
+    /// A fresh gateway for the broker on `broker_port` (which need not run yet).
+    fn gateway_with(&mut self, broker_port: u16, cfg: &GatewayConfig) -> anyhow::Result<Gateway> {
         self.runs += 1;
         let dir = self.dir.path().join(format!("gw-{}", self.runs));
         std::fs::create_dir_all(&dir)?;
-        Gateway::start(
-            &self.opts.gateway_bin,
-            &dir,
-            self.broker.port,
-            max_clients,
-            extra,
-        )
+        Gateway::start(&self.opts.gateway_bin, &dir, broker_port, cfg)
     }
 
     fn spec(&self, gw: &Gateway) -> LoadSpec {
@@ -131,28 +134,35 @@ fn sample(pid: u32) -> ProcSample {
     sys::sample(pid).unwrap_or_default()
 }
 
-/// CPU seconds of gateway, broker and harness over a phase.
+/// CPU seconds of gateway, broker (if one runs) and harness over a phase.
 struct Cpu {
     gw: (u32, f64),
-    broker: (u32, f64),
+    broker: Option<(u32, f64)>,
     own: f64,
-    wall: std::time::Instant,
+    wall: Instant,
 }
 
 impl Cpu {
     fn start(gw: u32, broker: u32) -> Cpu {
         Cpu {
+            broker: Some((broker, sample(broker).cpu_secs)),
+            ..Cpu::gateway_only(gw)
+        }
+    }
+
+    /// Gateway and harness only: no broker runs.
+    fn gateway_only(gw: u32) -> Cpu {
+        Cpu {
             gw: (gw, sample(gw).cpu_secs),
-            broker: (broker, sample(broker).cpu_secs),
+            broker: None,
             own: sys::own_cpu_secs(),
-            wall: std::time::Instant::now(),
+            wall: Instant::now(),
         }
     }
 
     /// Puts gateway CPU seconds, µs per `per` message, and each process's CPU share.
     fn put(&self, s: &mut Scenario, per: u64, per_name: &str) {
         let gw = sample(self.gw.0).cpu_secs - self.gw.1;
-        let broker = sample(self.broker.0).cpu_secs - self.broker.1;
         let own = sys::own_cpu_secs() - self.own;
         let wall = self.wall.elapsed().as_secs_f64().max(1e-9);
         s.put("gateway CPU", gw, "s");
@@ -164,7 +174,10 @@ impl Cpu {
             );
         }
         s.put("gateway CPU share", 100.0 * gw / wall, "% of a core");
-        s.put("broker CPU share", 100.0 * broker / wall, "% of a core");
+        if let Some((pid, before)) = self.broker {
+            let broker = sample(pid).cpu_secs - before;
+            s.put("broker CPU share", 100.0 * broker / wall, "% of a core");
+        }
         s.put("harness CPU share", 100.0 * own / wall, "% of a core");
     }
 }
@@ -222,6 +235,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             4 => connect_storm(&mut env).await,
             5 => idle_and_active(&mut env).await,
             6 => fan_out(&mut env).await,
+            7 => spool_drain(&mut env).await,
             _ => continue,
         };
         match result {
@@ -305,6 +319,7 @@ async fn qos0_one_client(env: &mut Env) -> anyhow::Result<Scenario> {
         payload: env.opts.payload,
         rate: None,
         max: Duration::from_secs(20),
+        window: None,
     })
     .await?;
     let base = env.counter.wait_for(bsent, IDLE, Duration::from_secs(30))?;
@@ -600,6 +615,7 @@ async fn fan_out(env: &mut Env) -> anyhow::Result<Scenario> {
         payload: env.opts.payload,
         rate: None,
         max: Duration::from_secs(20),
+        window: None,
     };
     for _ in 0..20 {
         baseline::publish(&native(0, 1)).await?;
@@ -645,6 +661,332 @@ async fn fan_out(env: &mut Env) -> anyhow::Result<Scenario> {
     }
     cpu.put(&mut s, got, "delivery");
     load.finish().await;
+    Ok(s)
+}
+
+/// Scenario 7's spool segment size: the gateway's default, written out because "near zero"
+/// ([`SPOOL_NEAR_ZERO_BYTES`]) follows from it.
+const DRAIN_SEGMENT_BYTES: u64 = 8 << 20;
+
+/// Scenario 7's upstream `max_inflight` (the drain window): the gateway's default. The native
+/// client measuring the broker's limit uses the same window.
+const DRAIN_WINDOW: u16 = 1000;
+
+/// Native runs measuring the broker's limit in scenario 7. The best one counts: the machine
+/// is shared, and anything else running slows a run down.
+const BROKER_LIMIT_RUNS: u32 = 3;
+
+/// "Near zero" for the spool directory once everything is acknowledged: a consumed active
+/// segment is kept until it passes an eighth of its size, plus a page for the lock, cursor
+/// and sequence files.
+const SPOOL_NEAR_ZERO_BYTES: u64 = DRAIN_SEGMENT_BYTES / 8 + 4096;
+
+/// The size of one spooled message, averaged over the clients' topics.
+struct RecordSize {
+    /// Payload + topic + [`RECORD_HEADER`]: the issue's yardstick for bytes per message.
+    yardstick: f64,
+    /// The whole record as the spool encodes it ([`encoded_len`]).
+    encoded: f64,
+}
+
+impl RecordSize {
+    fn of(spec: &LoadSpec) -> RecordSize {
+        let payload = vec![0u8; spec.payload];
+        let topics: Vec<String> = match &spec.topic {
+            TopicMode::Register(prefix) => (0..spec.clients)
+                .map(|i| format!("{prefix}{}", spec.first_index as usize + i))
+                .collect(),
+            TopicMode::Predefined(_) => vec![procs::PREDEFINED.1.to_owned()],
+        };
+        let n = topics.len().max(1) as f64;
+        let topic = topics.iter().map(String::len).sum::<usize>() as f64 / n;
+        let encoded = topics
+            .iter()
+            .map(|t| encoded_len(t, &payload))
+            .sum::<usize>() as f64
+            / n;
+        RecordSize {
+            yardstick: (spec.payload + RECORD_HEADER) as f64 + topic,
+            encoded,
+        }
+    }
+}
+
+/// Copies `from`'s metrics named in `names` into `s`, prefixed.
+fn put_prefixed(s: &mut Scenario, prefix: &str, from: &Scenario, names: &[&str]) {
+    for m in from
+        .metrics
+        .iter()
+        .filter(|m| names.contains(&m.name.as_str()))
+    {
+        s.put(&format!("{prefix}{}", m.name), m.value, m.unit);
+    }
+}
+
+/// Scenario 7: QoS 1 messages spooled while no broker runs, then drained into a broker started
+/// afterwards; disk bytes per message, disk space after the drain, and the broker's own limit
+/// (one native QoS 1 connection with the gateway's window) for comparison.
+#[allow(clippy::too_many_lines)]
+async fn spool_drain(env: &mut Env) -> anyhow::Result<Scenario> {
+    let messages: u64 = if env.opts.quick { 100_000 } else { 1_000_000 };
+    let clients: usize = 1000;
+    let mut s = Scenario::new(
+        7,
+        &format!("Spool: drain after a {messages}-message QoS 1 backlog ({clients} clients)"),
+    );
+    // No broker listens there until the backlog is in.
+    let port = procs::free_port_below_ephemeral()?;
+    let _ = sys::raise_nofile(clients as u64 + 2000);
+    let gw = env.gateway_with(
+        port,
+        &GatewayConfig {
+            // The default upstream, with a short reconnect backoff so that the first connection
+            // follows the broker's start closely (the drain rate is measured from the first
+            // delivery on, whatever the backoff).
+            upstream: format!("max_inflight = {DRAIN_WINDOW}\nbackoff_max = \"1s\"\n"),
+            // The default spool (fsync always), with room for the whole backlog.
+            spool: format!("max_bytes = \"2GiB\"\nsegment_bytes = \"{DRAIN_SEGMENT_BYTES}B\"\n"),
+            ..GatewayConfig::new(clients + 100, "")
+        },
+    )?;
+    let spool_dir = gw.state_dir.join("spool");
+    let sessions_dir = gw.state_dir.join("sessions");
+
+    // 1. The backlog: the gateway acknowledges each message after the fsync covering it.
+    let mut spec = env.spec(&gw);
+    spec.clients = clients;
+    spec.qos = 1;
+    spec.messages = messages / clients as u64;
+    spec.publish_for = Duration::from_secs(if env.opts.quick { 40 } else { 150 });
+    let publish_max = spec.publish_for + Duration::from_secs(15);
+    let record = RecordSize::of(&spec);
+    let mut load = Load::start(spec).await?;
+    load.wait_ready(Duration::from_secs(30)).await;
+    let sessions_before = sys::dir_bytes(&sessions_dir);
+    let io_before = sys::io(gw.pid());
+    let cpu = Cpu::gateway_only(gw.pid());
+    load.start_publish();
+    let secs = load.wait_published(publish_max).await.as_secs_f64();
+    let c = &load.counters;
+    let acked = count(&c.acked);
+    s.put("acknowledged (spooled)", acked as f64, "msgs");
+    s.put("acknowledged rate", acked as f64 / secs.max(1e-9), "msg/s");
+    s.put("rejected", count(&c.rejected) as f64, "msgs");
+    s.put("unanswered", count(&c.unanswered) as f64, "msgs");
+    if let Ok(h) = load.ack_latency.lock() {
+        put_latency(&mut s, "PUBLISH to PUBACK", &h);
+    }
+    let mut step = Scenario::new(0, "");
+    cpu.put(&mut step, acked, "acknowledged msg");
+    put_prefixed(
+        &mut s,
+        "spooling: ",
+        &step,
+        &[
+            "gateway CPU per acknowledged msg",
+            "gateway CPU share",
+            "harness CPU share",
+        ],
+    );
+    load.finish().await;
+    let io_after = sys::io(gw.pid());
+    let sessions_after = sys::dir_bytes(&sessions_dir);
+    s.put(
+        "record size (payload + topic + record header)",
+        record.yardstick,
+        "bytes",
+    );
+    s.put("encoded record (all fields)", record.encoded, "bytes");
+    if let (Some(before), Some(after), true) = (io_before, io_after, acked > 0) {
+        let io = after.since(&before);
+        let per_msg = |bytes: u64| bytes as f64 / acked as f64;
+        s.put(
+            "disk bytes written per message (write_bytes)",
+            per_msg(io.write_bytes),
+            "bytes",
+        );
+        s.put(
+            "disk bytes per message / record size",
+            per_msg(io.write_bytes) / record.yardstick,
+            "x",
+        );
+        s.put(
+            "bytes handed to write() per message (wchar)",
+            per_msg(io.wchar),
+            "bytes",
+        );
+        s.put(
+            "wchar per message / record size",
+            per_msg(io.wchar) / record.yardstick,
+            "x",
+        );
+        s.notes.push(
+            "disk bytes: the gateway's write_bytes (/proc/<pid>/io), counted per page cache \
+             page turning dirty; the filesystem journal is not included"
+                .into(),
+        );
+    } else {
+        s.notes
+            .push("no disk bytes: /proc/<pid>/io unreadable, or nothing acknowledged".into());
+    }
+    let spooled = sys::dir_bytes(&spool_dir);
+    s.put(
+        "spool dir after the load",
+        spooled.len as f64 / 1_048_576.0,
+        "MiB",
+    );
+    s.put("spool files after the load", spooled.files as f64, "");
+    let grown = sessions_after.len.saturating_sub(sessions_before.len);
+    s.put("sessions dir growth during the load", grown as f64, "bytes");
+    if grown > 0 {
+        s.notes.push(format!(
+            "the session store grew by {grown} bytes with clean-session clients"
+        ));
+    }
+
+    // 2. The drain. Mosquitto and the counting subscriber start while the gateway is paused,
+    // so that the subscription is in place before the gateway's first message.
+    let broker_dir = env.dir.path().join(format!("broker-{}", env.runs));
+    std::fs::create_dir_all(&broker_dir)?;
+    gw.pause()?;
+    let broker = Broker::start_on(&broker_dir, port)?;
+    let counter = Counter::start(port, &["bench/#"], 1)?;
+    let started_ns = crate::elapsed_ns();
+    gw.resume()?;
+    let first_until = Instant::now() + Duration::from_secs(30);
+    while counter.received() == 0 && Instant::now() < first_until {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let cpu = Cpu::start(gw.pid(), broker.pid());
+    let io_before = sys::io(gw.pid());
+    let drain_max = Duration::from_secs(if env.opts.quick { 40 } else { 180 });
+    let tally = counter.wait_for(acked, Duration::from_secs(10), drain_max)?;
+    let mut step = Scenario::new(0, "");
+    cpu.put(&mut step, tally.unique, "delivered msg");
+    let io_after = sys::io(gw.pid());
+    let since_start = |ns: u64| ns.saturating_sub(started_ns) as f64 / 1e9;
+    s.put("delivered", tally.unique as f64, "msgs");
+    s.put(
+        "acknowledged but not delivered",
+        acked.saturating_sub(tally.unique) as f64,
+        "msgs",
+    );
+    s.put(
+        "loss",
+        100.0 * acked.saturating_sub(tally.unique) as f64 / acked.max(1) as f64,
+        "%",
+    );
+    s.put("duplicates", tally.duplicates as f64, "msgs");
+    s.put("reordered", tally.reordered as f64, "msgs");
+    s.put(
+        "first delivery after the broker started",
+        since_start(tally.first_ns),
+        "s",
+    );
+    s.put(
+        "drain time (broker start to last delivery)",
+        since_start(tally.last_ns),
+        "s",
+    );
+    s.put("drain rate (first to last delivery)", tally.rate(), "msg/s");
+    put_prefixed(
+        &mut s,
+        "drain: ",
+        &step,
+        &[
+            "gateway CPU per delivered msg",
+            "gateway CPU share",
+            "broker CPU share",
+            "harness CPU share",
+        ],
+    );
+    // What the drain reads: the spool (from the page cache, most likely) and the broker's
+    // acknowledgements.
+    if let (Some(before), Some(after), true) = (io_before, io_after, tally.unique > 0) {
+        s.put(
+            "drain: bytes read per delivered msg (rchar)",
+            after.since(&before).rchar as f64 / tally.unique as f64,
+            "bytes",
+        );
+    }
+
+    // 3. Disk space once everything is acknowledged: segments go as the cursor passes them.
+    let drained = Instant::now();
+    let settle_until = drained + Duration::from_secs(10);
+    let mut left = sys::dir_bytes(&spool_dir);
+    while left.len > SPOOL_NEAR_ZERO_BYTES && Instant::now() < settle_until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        left = sys::dir_bytes(&spool_dir);
+    }
+    s.put(
+        "spool dir near zero after the last delivery",
+        drained.elapsed().as_secs_f64(),
+        "s",
+    );
+    s.put("spool dir after the drain", left.len as f64, "bytes");
+    s.put(
+        "spool dir after the drain (allocated)",
+        left.allocated as f64,
+        "bytes",
+    );
+    s.put("spool files after the drain", left.files as f64, "");
+
+    // 4. The broker's own limit: one native QoS 1 connection with the gateway's default
+    // window, counted by the same subscriber; the best of a few runs.
+    let per_run = messages.min(if env.opts.quick { 50_000 } else { 200_000 });
+    let (mut sent, mut lost) = (0u64, 0u64);
+    let mut best: Option<(f64, Scenario)> = None;
+    for run in 1..=BROKER_LIMIT_RUNS {
+        counter.reset();
+        let cpu = Cpu::start(gw.pid(), broker.pid());
+        let (bsent, _) = baseline::publish(&Native {
+            port,
+            topic: "bench/native".into(),
+            client: u32::MAX,
+            messages: per_run,
+            qos: 1,
+            payload: env.opts.payload,
+            rate: None,
+            max: Duration::from_secs(60),
+            window: Some(DRAIN_WINDOW),
+        })
+        .await?;
+        let base = counter.wait_for(bsent, IDLE, Duration::from_secs(60))?;
+        let mut step = Scenario::new(0, "");
+        cpu.put(&mut step, base.unique, "delivered msg");
+        s.put(&format!("broker limit run {run}"), base.rate(), "msg/s");
+        sent += bsent;
+        lost += bsent.saturating_sub(base.unique);
+        if best.as_ref().is_none_or(|(rate, _)| base.rate() > *rate) {
+            best = Some((base.rate(), step));
+        }
+    }
+    let (limit, step) = best.unwrap_or_else(|| (0.0, Scenario::new(0, "")));
+    s.put(
+        "broker limit (native QoS 1, one connection)",
+        limit,
+        "msg/s",
+    );
+    s.put(
+        "broker limit: loss",
+        100.0 * lost as f64 / sent.max(1) as f64,
+        "%",
+    );
+    put_prefixed(
+        &mut s,
+        "broker limit (best run): ",
+        &step,
+        &["broker CPU share", "harness CPU share"],
+    );
+    if limit > 0.0 {
+        s.put("drain / broker limit", 100.0 * tally.rate() / limit, "%");
+    }
+    // Some seconds later (nothing was spooled meanwhile).
+    s.put(
+        "spool dir at the end",
+        sys::dir_bytes(&spool_dir).len as f64,
+        "bytes",
+    );
     Ok(s)
 }
 
@@ -718,6 +1060,43 @@ fn targets(scenarios: &[Scenario]) -> Vec<Target> {
         "deliveries/s",
         &|v| v >= 100_000.0,
     );
+    add(
+        7,
+        "Spool: disk bytes written per message <= 2.5 x (payload + topic + record header)",
+        find(7, "disk bytes per message / record size"),
+        "x",
+        &|v| v <= 2.5,
+    );
+    add(
+        7,
+        &format!(
+            "Spool: disk space near zero once everything is acknowledged \
+             (<= {SPOOL_NEAR_ZERO_BYTES} bytes)"
+        ),
+        find(7, "spool dir after the drain"),
+        "bytes",
+        &|v| v <= SPOOL_NEAR_ZERO_BYTES as f64,
+    );
+    if let Some(drain) = find(7, "drain rate (first to last delivery)") {
+        let limit = find(7, "broker limit (native QoS 1, one connection)").unwrap_or(0.0);
+        let share = find(7, "drain / broker limit").unwrap_or(0.0);
+        let (absolute, relative) = (drain >= 100_000.0, share >= 90.0);
+        let by = match (absolute, relative) {
+            (true, _) => "; met by the absolute rate",
+            (false, true) => "; met by the broker limit",
+            (false, false) => "",
+        };
+        out.push(Target {
+            scenario: 7,
+            target: "Spool: drain after a 1,000,000-message backlog >= 100,000 msg/s, or >= 90% \
+                     of the broker's limit measured in the same run (native QoS 1, one connection)"
+                .into(),
+            measured: format!(
+                "{drain:.0} msg/s = {share:.1}% of the broker limit ({limit:.0} msg/s){by}"
+            ),
+            met: absolute || relative,
+        });
+    }
     out
 }
 

@@ -1,7 +1,10 @@
-//! What the harness reads from the OS: a process's CPU time and memory from `/proc`, the machine
-//! description for the report, and the open-file limit the big scenarios need.
+//! What the harness reads from the OS: a process's CPU time, memory and I/O counters from
+//! `/proc`, the size of a directory, the machine description for the report, and the
+//! open-file limit the big scenarios need.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::process::Command;
 
 use serde::Serialize;
@@ -42,6 +45,93 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
         rss_kb: kb("VmRSS:")?,
         peak_rss_kb: kb("VmHWM:")?,
     })
+}
+
+/// I/O counters of one process, all its threads (`/proc/<pid>/io`).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct IoSample {
+    /// Bytes returned by `read(2)` and its relatives (files and sockets alike).
+    pub rchar: u64,
+    /// Bytes handed to `write(2)` and its relatives.
+    pub wchar: u64,
+    /// Bytes the process caused to be sent to the storage layer: counted when a page cache
+    /// page turns dirty, so a partly filled page written and synced again counts again.
+    pub write_bytes: u64,
+    /// Of those, bytes never written because their file was truncated or deleted first.
+    pub cancelled_write_bytes: u64,
+}
+
+impl IoSample {
+    /// The counters accumulated since `earlier`.
+    #[must_use]
+    pub fn since(&self, earlier: &IoSample) -> IoSample {
+        IoSample {
+            rchar: self.rchar.saturating_sub(earlier.rchar),
+            wchar: self.wchar.saturating_sub(earlier.wchar),
+            write_bytes: self.write_bytes.saturating_sub(earlier.write_bytes),
+            cancelled_write_bytes: self
+                .cancelled_write_bytes
+                .saturating_sub(earlier.cancelled_write_bytes),
+        }
+    }
+}
+
+/// Reads `/proc/<pid>/io`; `None` when the process is gone or the kernel has no I/O
+/// accounting.
+#[must_use]
+pub fn io(pid: u32) -> Option<IoSample> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let field = |key: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some(IoSample {
+        rchar: field("rchar")?,
+        wchar: field("wchar")?,
+        write_bytes: field("write_bytes")?,
+        cancelled_write_bytes: field("cancelled_write_bytes")?,
+    })
+}
+
+/// Bytes of the files under a directory: their lengths, and what they occupy on disk.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct DirBytes {
+    /// Sum of the file lengths.
+    pub len: u64,
+    /// Sum of the allocated blocks (what `du` shows).
+    pub allocated: u64,
+    /// Regular files.
+    pub files: u64,
+}
+
+/// Deepest directory level [`dir_bytes`] descends to.
+const MAX_DIR_DEPTH: usize = 4;
+
+/// Adds up the regular files under `dir` (down to [`MAX_DIR_DEPTH`] levels); zero when it
+/// does not exist. Files that vanish while it looks are skipped.
+#[must_use]
+pub fn dir_bytes(dir: &Path) -> DirBytes {
+    fn walk(dir: &Path, depth: usize, sum: &mut DirBytes) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() && depth < MAX_DIR_DEPTH {
+                walk(&entry.path(), depth + 1, sum);
+            } else if meta.is_file() {
+                sum.len += meta.len();
+                sum.allocated += meta.blocks() * 512;
+                sum.files += 1;
+            }
+        }
+    }
+    let mut sum = DirBytes::default();
+    walk(dir, 0, &mut sum);
+    sum
 }
 
 /// CPU seconds used by this process (generator and subscriber) so far.
@@ -132,5 +222,29 @@ pub fn version_of(program: &str, args: &[&str]) -> String {
                 .to_owned()
         }
         Err(_) => "unavailable".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_its_own_io_counters() {
+        let before = io(std::process::id()).unwrap();
+        std::fs::read_to_string("/proc/self/status").unwrap();
+        let after = io(std::process::id()).unwrap();
+        assert!(after.since(&before).rchar > 0);
+    }
+
+    #[test]
+    fn adds_up_the_files_below_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), [0u8; 10]).unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/b"), [0u8; 5]).unwrap();
+        let sum = dir_bytes(dir.path());
+        assert_eq!((sum.len, sum.files), (15, 2));
+        assert_eq!(dir_bytes(&dir.path().join("missing")).len, 0);
     }
 }
