@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rumqttc_v5::{AsyncClient, Event, Incoming, MqttOptions, PublishOptions, QoS};
 
+use sensorgate_bridges::mqtt::SEQ_PROPERTY;
+
 use crate::{elapsed_ns, sn};
 
 /// What the native publisher sends.
@@ -31,6 +33,9 @@ pub struct Native {
     /// client (batched requests, no Nagle): the native equivalent of a gateway upstream with
     /// this `max_inflight`. `None`: the client library's defaults.
     pub window: Option<u16>,
+    /// Send each message's index as the MQTT 5 user property the gateway's spool adds
+    /// (`sg-seq`), so the broker handles the same bytes as from a draining gateway.
+    pub seq_property: bool,
 }
 
 /// Requests the client writes per batch with a `window`: as the gateway's upstream client.
@@ -52,6 +57,7 @@ pub async fn publish(n: &Native) -> anyhow::Result<(u64, f64)> {
         rate,
         max,
         window,
+        seq_property,
     } = *n;
     let mut opts = MqttOptions::new(format!("sg-bench-native-{client}"), ("127.0.0.1", port));
     opts.set_keep_alive(30);
@@ -101,8 +107,16 @@ pub async fn publish(n: &Native) -> anyhow::Result<(u64, f64)> {
         }
         body.clear();
         sn::stamp_into(&mut body, client, sent, elapsed_ns(), payload);
+        let options = if seq_property {
+            options.clone().properties(rumqttc_v5::PublishProperties {
+                user_properties: vec![(SEQ_PROPERTY.to_owned(), sent.to_string())],
+                ..rumqttc_v5::PublishProperties::default()
+            })
+        } else {
+            options.clone()
+        };
         if mqtt
-            .publish(topic.to_owned(), body.clone(), options.clone())
+            .publish(topic.to_owned(), body.clone(), options)
             .await
             .is_err()
         {

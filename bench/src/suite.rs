@@ -320,6 +320,7 @@ async fn qos0_one_client(env: &mut Env) -> anyhow::Result<Scenario> {
         rate: None,
         max: Duration::from_secs(20),
         window: None,
+        seq_property: false,
     })
     .await?;
     let base = env.counter.wait_for(bsent, IDLE, Duration::from_secs(30))?;
@@ -616,6 +617,7 @@ async fn fan_out(env: &mut Env) -> anyhow::Result<Scenario> {
         rate: None,
         max: Duration::from_secs(20),
         window: None,
+        seq_property: false,
     };
     for _ in 0..20 {
         baseline::publish(&native(0, 1)).await?;
@@ -949,6 +951,7 @@ async fn spool_drain(env: &mut Env) -> anyhow::Result<Scenario> {
             rate: None,
             max: Duration::from_secs(60),
             window: Some(DRAIN_WINDOW),
+            seq_property: true,
         })
         .await?;
         let base = counter.wait_for(bsent, IDLE, Duration::from_secs(60))?;
@@ -963,7 +966,7 @@ async fn spool_drain(env: &mut Env) -> anyhow::Result<Scenario> {
     }
     let (limit, step) = best.unwrap_or_else(|| (0.0, Scenario::new(0, "")));
     s.put(
-        "broker limit (native QoS 1, one connection)",
+        "broker limit (native QoS 1 with sg-seq, one connection)",
         limit,
         "msg/s",
     );
@@ -1078,7 +1081,8 @@ fn targets(scenarios: &[Scenario]) -> Vec<Target> {
         &|v| v <= SPOOL_NEAR_ZERO_BYTES as f64,
     );
     if let Some(drain) = find(7, "drain rate (first to last delivery)") {
-        let limit = find(7, "broker limit (native QoS 1, one connection)").unwrap_or(0.0);
+        let limit =
+            find(7, "broker limit (native QoS 1 with sg-seq, one connection)").unwrap_or(0.0);
         let share = find(7, "drain / broker limit").unwrap_or(0.0);
         let (absolute, relative) = (drain >= 100_000.0, share >= 90.0);
         let by = match (absolute, relative) {
@@ -1089,7 +1093,7 @@ fn targets(scenarios: &[Scenario]) -> Vec<Target> {
         out.push(Target {
             scenario: 7,
             target: "Spool: drain after a 1,000,000-message backlog >= 100,000 msg/s, or >= 90% \
-                     of the broker's limit measured in the same run (native QoS 1, one connection)"
+                     of the broker's limit measured in the same run (native QoS 1 with sg-seq, one connection)"
                 .into(),
             measured: format!(
                 "{drain:.0} msg/s = {share:.1}% of the broker limit ({limit:.0} msg/s){by}"
