@@ -1087,6 +1087,8 @@ fn targets(scenarios: &[Scenario]) -> Vec<Target> {
             find(7, "broker limit (native QoS 1 with sg-seq, one connection)").unwrap_or(0.0);
         let share = find(7, "drain / broker limit").unwrap_or(0.0);
         let (absolute, relative) = (drain >= 100_000.0, share >= 90.0);
+        // The issue's target is for 1,000,000 messages; `--quick` drains fewer.
+        let backlog = find(7, "acknowledged (spooled)").unwrap_or(0.0);
         let by = match (absolute, relative) {
             (true, _) => "; met by the absolute rate",
             (false, true) => "; met by the broker limit",
@@ -1094,9 +1096,11 @@ fn targets(scenarios: &[Scenario]) -> Vec<Target> {
         };
         out.push(Target {
             scenario: 7,
-            target: "Spool: drain after a 1,000,000-message backlog >= 100,000 msg/s, or >= 90% \
-                     of the broker's limit measured in the same run (native QoS 1 with sg-seq, one connection)"
-                .into(),
+            target: format!(
+                "Spool: drain after a {backlog:.0}-message backlog >= 100,000 msg/s, or >= 90% \
+                 of the broker's limit measured in the same run (native QoS 1 with sg-seq, one \
+                 connection)"
+            ),
             measured: format!(
                 "{drain:.0} msg/s = {share:.1}% of the broker limit ({limit:.0} msg/s){by}"
             ),
