@@ -435,7 +435,7 @@ pub async fn drain<F: Fs>(
     let mut bytes = config.rate_bytes.map(|r| Bucket::new(r as f64, now));
     let mut reports = Vec::new();
     loop {
-        let now = Instant::now();
+        let mut now = Instant::now();
         let mut wake: Option<Instant> = None;
         // Send what the window, the rate and the link allow; nothing new once stopping (what
         // is in flight still settles).
@@ -455,7 +455,10 @@ pub async fn drain<F: Fs>(
                             (r, pos, chunks, out)
                         })
                     };
-                    let (read, out) = match job.await {
+                    let done = job.await;
+                    // A cold read may take a while: send times count from after it.
+                    now = Instant::now();
+                    let (read, out) = match done {
                         Ok((read, p, c, out)) => {
                             pos = p;
                             chunks = c;
