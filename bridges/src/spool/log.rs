@@ -872,6 +872,7 @@ impl Chunks {
             };
             let from = usize::try_from(at.saturating_sub(self.start)).unwrap_or(0);
             if keep > 0 && from > 0 {
+                // In bounds: from + keep <= len <= buf.len() (at lies in the held range).
                 self.buf.copy_within(from..from + keep, 0);
             }
             if self.buf.len() < want {
