@@ -197,6 +197,12 @@ fn put_latency(s: &mut Scenario, prefix: &str, h: &hdrhistogram::Histogram<u64>)
 }
 
 fn put_tally(s: &mut Scenario, t: &Tally, expected: u64) {
+    put_delivery(s, t, expected);
+    s.put("delivered rate", t.rate(), "msg/s");
+}
+
+/// What arrived of `expected` messages: delivered, loss, duplicates, reordering.
+fn put_delivery(s: &mut Scenario, t: &Tally, expected: u64) {
     s.put("delivered", t.unique as f64, "msgs");
     s.put(
         "loss",
@@ -205,7 +211,6 @@ fn put_tally(s: &mut Scenario, t: &Tally, expected: u64) {
     );
     s.put("duplicates", t.duplicates as f64, "msgs");
     s.put("reordered", t.reordered as f64, "msgs");
-    s.put("delivered rate", t.rate(), "msg/s");
 }
 
 const IDLE: Duration = Duration::from_secs(2);
@@ -868,19 +873,12 @@ async fn spool_drain(env: &mut Env) -> anyhow::Result<Scenario> {
     cpu.put(&mut step, tally.unique, "delivered msg");
     let io_after = sys::io(gw.pid());
     let since_start = |ns: u64| ns.saturating_sub(started_ns) as f64 / 1e9;
-    s.put("delivered", tally.unique as f64, "msgs");
+    put_delivery(&mut s, &tally, acked);
     s.put(
         "acknowledged but not delivered",
         acked.saturating_sub(tally.unique) as f64,
         "msgs",
     );
-    s.put(
-        "loss",
-        100.0 * acked.saturating_sub(tally.unique) as f64 / acked.max(1) as f64,
-        "%",
-    );
-    s.put("duplicates", tally.duplicates as f64, "msgs");
-    s.put("reordered", tally.reordered as f64, "msgs");
     s.put(
         "first delivery after the broker started",
         since_start(tally.first_ns),
