@@ -6,7 +6,8 @@
 //!
 //! Each pass sends what it may, moves the cursor, then sleeps until a wake source fires. It
 //! MUST NOT sleep with work pending: whatever stops a pass from sending arms a wake source
-//! that fires once sending may go on. The pairs, all covered by `tests/spool_drain.rs`:
+//! that fires once sending may go on. The pairs (`tests/spool_drain.rs` covers each one but
+//! the failed read against a real broker):
 //!
 //! - **The window is full** (`window` QoS >= 1 messages unacknowledged): every one of them
 //!   gets exactly one report on the `acks` channel (acknowledged, refused, or failed when its
@@ -454,8 +455,8 @@ struct Sent {
 /// Forwards the spool to `upstream` (index `index`) in order until `shutdown`: at most
 /// `window` QoS >= 1 messages unacknowledged, the cursor moved only over acknowledged messages
 /// (QoS 0: handed to the client), everything unacknowledged sent again after a connection
-/// loss. The module docs list what wakes it. `acks` must be
-/// the report channel given to this upstream only.
+/// loss. The module docs list what wakes it. `acks` must be the report channel given to this
+/// upstream only.
 #[allow(clippy::disallowed_methods, clippy::too_many_lines)]
 pub async fn drain<F: Fs>(
     shared: Arc<SharedSpool<F>>,
@@ -495,8 +496,8 @@ pub async fn drain<F: Fs>(
         }
         // Send what the window, the rate, the client's queue, the link and this pass's budget
         // allow; nothing new once stopping (what is in flight still settles). Every way out of
-        // this loop but `Ok` from the read with nothing in it, a full window and a link that is
-        // down arms `wake` (see the module docs: the drain never sleeps with work pending).
+        // this loop arms `wake`, except those an event ends: nothing more to read (`written`),
+        // a full window (the reports), a link that is down (`link`). See the module docs.
         if !rewinding && !shutdown.is_cancelled() && *link.borrow() {
             let mut budget = SENDS_PER_PASS;
             loop {
