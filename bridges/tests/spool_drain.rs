@@ -868,3 +868,34 @@ async fn a_window_of_one_drains_a_qos1_backlog_without_further_traffic() {
     rig.wait_settled().await;
     rig.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos0_backlog_spooled_during_an_outage_arrives_once_the_broker_is_back() {
+    init_tracing();
+    const N: usize = 10 * WINDOW as usize;
+    // The broker keeps the observer's session across the outage and queues QoS 0 messages
+    // for it while it reconnects, so the observer misses nothing the drain sends.
+    let mut broker = Broker::start_persistent("max_queued_messages 0\nqueue_qos0_messages true\n");
+    let mut observer = Observer::persistent(broker.port).await;
+    broker.save();
+    let mut rig = Rig::new();
+    rig.start_drain(&broker, drain_config(None, None, PATIENT));
+    rig.wait_for("the upstream connected", EVENT_BOUND, |rig| {
+        rig.upstream().is_connected()
+    })
+    .await;
+    broker.kill();
+    rig.wait_for("the link lost", EVENT_BOUND, |rig| {
+        !rig.upstream().is_connected()
+    })
+    .await;
+    // The whole backlog waits for the link; the reconnect is the last event.
+    rig.append(qos0_messages(0..N, 64)).await;
+    broker.launch();
+
+    let mut observed = Vec::new();
+    collect(&mut observer, &rig, &mut observed).await;
+    check_delivery(&observed, &rig);
+    rig.wait_settled().await;
+    rig.stop().await;
+}
