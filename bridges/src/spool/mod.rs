@@ -29,7 +29,8 @@
 //!   with the message (MQTT 5 user property [`crate::mqtt::SEQ_PROPERTY`]) so consumers can
 //!   drop the duplicates a resend can cause.
 //! - **Bounded**: `max_bytes` of segment files, the free-disk watermark, the writer's queue,
-//!   each upstream's in-flight window.
+//!   each upstream's in-flight window (QoS >= 1) and its client's request queue (QoS 0).
+//! - **A drain never sleeps with work pending**: see the wake sources in `service.rs`.
 //! - **Disk errors do not corrupt**: a failed write or fsync seals its segment at its last
 //!   good end and the next group starts a new segment; writes resume by themselves once the
 //!   disk accepts them.

@@ -1,6 +1,40 @@
 //! The threads around the [`Spool`]: one writer thread that appends, writes and syncs in
 //! groups and answers the senders, and one drain task per upstream that forwards in order
 //! and moves the upstream's cursor on the broker's acknowledgements.
+//!
+//! # The drain loop
+//!
+//! Each pass sends what it may, moves the cursor, then sleeps until a wake source fires. It
+//! MUST NOT sleep with work pending: whatever stops a pass from sending arms a wake source
+//! that fires once sending may go on. The pairs (`tests/spool_drain.rs` covers each one but
+//! the failed read against a real broker):
+//!
+//! - **The window is full** (`window` QoS >= 1 messages unacknowledged): every one of them
+//!   gets exactly one report on the `acks` channel (acknowledged, refused, or failed when its
+//!   connection is lost), and the ack timeout is armed for the oldest. The pass a report
+//!   wakes frees the acknowledged slots *before* it sends, since that report may be the last
+//!   event for a while. QoS 0 messages take no slot: nothing would ever free it. They are
+//!   settled once the client's request queue took them, and that queue (`request_queue`)
+//!   bounds them instead.
+//! - **The rate limit** (`rate_msgs`, `rate_bytes`): a timer at the instant the token buckets
+//!   hold enough for the next message.
+//! - **The client's request queue is full** (or its in-flight permits are taken):
+//!   [`FailReason::QueueFull`] signals nothing when room appears, so a retry timer
+//!   ([`QUEUE_FULL_RETRY`]).
+//! - **The link is down** (the publish fails, or the link watch says so): the link watch
+//!   changes when it comes back. It is a `watch`, so a change between the look and the sleep
+//!   is not missed.
+//! - **The spool has nothing more** (a read returned no record): the `written` watch, marked
+//!   seen *before* the read, so a write racing with the read wakes the drain. A read returns
+//!   nothing only at the written end: it crosses segment boundaries and skips expired and
+//!   damaged records by itself.
+//! - **A read failed**: a retry timer ([`READ_RETRY`]).
+//! - **The pass's budget is spent** ([`SENDS_PER_PASS`] messages, bounded work per wake): an
+//!   immediate wake, after yielding to the runtime.
+//! - **Rewinding after a lost connection**: the remaining reports of that connection; the
+//!   pass after the last one sends again.
+//! - **Shutdown**: the drain stops sending, waits only for the reports of what is in flight,
+//!   and ends.
 
 use std::collections::VecDeque;
 use std::sync::atomic::AtomicU64;
@@ -30,6 +64,13 @@ const READ_BATCH: usize = 512;
 
 /// How long the drain waits before retrying when the client's request queue is full.
 const QUEUE_FULL_RETRY: Duration = Duration::from_millis(2);
+
+/// How long the drain waits before retrying a failed spool read.
+const READ_RETRY: Duration = Duration::from_millis(100);
+
+/// Most messages one pass of the drain loop hands to the client before it looks at the
+/// acknowledgements, the link and shutdown again.
+const SENDS_PER_PASS: usize = READ_BATCH;
 
 /// The spool shared by the writer thread and the drain tasks. Critical sections are short:
 /// encoding a group, one `pwrite`, one read of at most 256 KiB; fsyncs run outside the lock.
@@ -308,7 +349,9 @@ impl<F: Fs> Writer<F> {
 /// How one upstream drains the spool.
 #[derive(Debug, Clone, Copy)]
 pub struct DrainConfig {
-    /// Messages sent and not yet acknowledged, at most (the upstream's `max_inflight`).
+    /// QoS >= 1 messages sent and not yet acknowledged, at most (the upstream's
+    /// `max_inflight`). QoS 0 messages take no slot: they are settled once the client's
+    /// request queue took them.
     pub window: usize,
     /// Messages per second at most; `None`: unlimited.
     pub rate_msgs: Option<u32>,
@@ -396,7 +439,12 @@ fn take_limits(
     }
 }
 
-/// One message sent upstream and not yet settled.
+/// Sets `wake` to `at` unless it is set to an earlier instant.
+fn arm(wake: &mut Option<Instant>, at: Instant) {
+    *wake = Some(wake.map_or(at, |w| w.min(at)));
+}
+
+/// One QoS >= 1 message sent upstream and not yet moved over by the cursor.
 #[derive(Debug)]
 struct Sent {
     seq: u64,
@@ -405,9 +453,10 @@ struct Sent {
 }
 
 /// Forwards the spool to `upstream` (index `index`) in order until `shutdown`: at most
-/// `window` unacknowledged, the cursor moved only over acknowledged messages (QoS 0: handed to
-/// the client), everything unacknowledged sent again after a connection loss. `acks` must be
-/// the report channel given to this upstream only.
+/// `window` QoS >= 1 messages unacknowledged, the cursor moved only over acknowledged messages
+/// (QoS 0: handed to the client), everything unacknowledged sent again after a connection
+/// loss. The module docs list what wakes it. `acks` must be the report channel given to this
+/// upstream only.
 #[allow(clippy::disallowed_methods, clippy::too_many_lines)]
 pub async fn drain<F: Fs>(
     shared: Arc<SharedSpool<F>>,
@@ -428,6 +477,8 @@ pub async fn drain<F: Fs>(
     let mut rewinding = false;
     let mut reset_requested = false;
     let mut resend_until = 0u64;
+    // One past the last sequence id handed to the client (any QoS), for `resend_until`.
+    let mut handed_end = 0u64;
     let mut written = shared.written.subscribe();
     let mut link = upstream.watch_link();
     let now = Instant::now();
@@ -437,10 +488,25 @@ pub async fn drain<F: Fs>(
     loop {
         let mut now = Instant::now();
         let mut wake: Option<Instant> = None;
-        // Send what the window, the rate and the link allow; nothing new once stopping (what
-        // is in flight still settles).
+        // Free the slots of the acknowledged prefix before sending, not after: the report that
+        // woke this pass may be the last event for a while (a whole window acknowledged in one
+        // batch, a window of one), so this pass must see its slots free.
+        while sent.front().is_some_and(|s| s.acked) {
+            sent.pop_front();
+        }
+        // Send what the window, the rate, the client's queue, the link and this pass's budget
+        // allow; nothing new once stopping (what is in flight still settles). Every way out of
+        // this loop arms `wake`, except those an event ends: nothing more to read (`written`),
+        // a full window (the reports), a link that is down (`link`). See the module docs.
         if !rewinding && !shutdown.is_cancelled() && *link.borrow() {
-            while sent.len() < config.window {
+            let mut budget = SENDS_PER_PASS;
+            loop {
+                if budget == 0 {
+                    // More may be ready: come back at once, after a look at the other wake
+                    // sources (bounded work per wake).
+                    arm(&mut wake, now);
+                    break;
+                }
                 if pending.is_empty() {
                     written.borrow_and_update();
                     // Read ahead a whole batch off the runtime (the window may take only part
@@ -466,30 +532,30 @@ pub async fn drain<F: Fs>(
                         }
                         Err(error) => (Err(std::io::Error::other(error)), Vec::new()),
                     };
-                    let got = !out.is_empty();
                     pending.extend(out);
                     if let Err(error) = read {
                         tracing::warn!(upstream = %name, %error, "Spool read failed; retrying.");
-                        wake = Some(now + Duration::from_millis(100));
-                        if !got {
-                            break;
-                        }
-                    } else if !got {
-                        break;
+                        arm(&mut wake, now + READ_RETRY);
                     }
                 }
-                let Some(rec) = pending.pop_front() else {
+                // Nothing left below the written end: the next write wakes the drain (the
+                // watch was marked seen before the read, so a write racing with it counts).
+                let Some(rec) = pending.front() else {
                     break;
                 };
+                let tracked = rec.qos.is_acknowledged();
+                // Only a message the broker acknowledges takes a slot of the window: nothing
+                // would ever free one taken by a QoS 0 message. The acknowledgement (or the
+                // ack timeout) of the oldest slot wakes the drain.
+                if tracked && sent.len() >= config.window {
+                    break;
+                }
                 let size = (rec.topic.len() + rec.payload.len()) as f64;
-                let limited = take_limits(&mut msgs, &mut bytes, size, now);
-                if let Err(after) = limited {
-                    wake = Some(now + after);
-                    pending.push_front(rec);
+                if let Err(after) = take_limits(&mut msgs, &mut bytes, size, now) {
+                    arm(&mut wake, now + after);
                     break;
                 }
                 let seq = rec.seq;
-                let tracked = rec.qos.is_acknowledged();
                 let message = Message {
                     topic: rec.topic.clone(),
                     payload: rec.payload.clone(),
@@ -501,41 +567,42 @@ pub async fn drain<F: Fs>(
                         if seq < resend_until {
                             stats.resent.fetch_add(1, Relaxed);
                         }
-                        outstanding += usize::from(tracked);
-                        if !tracked {
+                        if tracked {
+                            outstanding += 1;
+                            sent.push_back(Sent {
+                                seq,
+                                acked: false,
+                                at: now,
+                            });
+                        } else {
+                            // Settled once the client's request queue took it (`request_queue`
+                            // bounds how many wait there).
                             stats.forwarded.fetch_add(1, Relaxed);
                         }
-                        sent.push_back(Sent {
-                            seq,
-                            acked: !tracked,
-                            at: now,
-                        });
                     }
                     Err(FailReason::Rejected) => {
                         stats.rejected.fetch_add(1, Relaxed);
                         tracing::warn!(upstream = %name, seq, topic = %rec.topic, "Upstream refuses a spooled message; dropped.");
-                        sent.push_back(Sent {
-                            seq,
-                            acked: true,
-                            at: now,
-                        });
                     }
                     Err(FailReason::QueueFull) => {
-                        pending.push_front(rec);
-                        wake = Some(now + QUEUE_FULL_RETRY);
+                        // The client's request queue (or its in-flight permits) has no room:
+                        // nothing signals room, so look again shortly.
+                        arm(&mut wake, now + QUEUE_FULL_RETRY);
                         break;
                     }
                     Err(_) => {
-                        pending.push_front(rec);
+                        // The link went down (its watch changes, and wakes the drain when it
+                        // is back) or the upstream stops.
                         break;
                     }
                 }
+                handed_end = seq + 1;
+                pending.pop_front();
+                budget -= 1;
             }
         }
-        // Move the cursor over the acknowledged prefix.
-        while sent.front().is_some_and(|s| s.acked) {
-            sent.pop_front();
-        }
+        // Move the cursor up to the first message not settled (`sent` starts with one that is
+        // not acknowledged: the prefix was freed above and nothing since was acknowledged).
         let next = sent
             .front()
             .map(|s| s.seq)
@@ -557,7 +624,7 @@ pub async fn drain<F: Fs>(
                 tracing::warn!(upstream = %name, seq = oldest.seq, timeout = ?config.ack_timeout, "Upstream did not acknowledge in time; reconnecting.");
                 upstream.reset_link();
             } else {
-                wake = Some(wake.map_or(due, |w| w.min(due)));
+                arm(&mut wake, due);
             }
         }
         if shutdown.is_cancelled() && outstanding == 0 {
@@ -565,6 +632,8 @@ pub async fn drain<F: Fs>(
         }
         let sleep = async {
             match wake {
+                // Work is ready now: let the runtime's other tasks run first.
+                Some(at) if at <= Instant::now() => tokio::task::yield_now().await,
                 Some(at) => tokio::time::sleep_until(at.into()).await,
                 None => std::future::pending().await,
             }
@@ -620,10 +689,7 @@ pub async fn drain<F: Fs>(
                 sent.pop_front();
             }
             let from = sent.front().map_or(cursor, |s| s.seq).max(cursor);
-            resend_until = sent
-                .back()
-                .map_or(resend_until, |s| s.seq + 1)
-                .max(resend_until);
+            resend_until = resend_until.max(handed_end);
             if from > cursor {
                 cursor = from;
                 shared.lock().set_cursor(index, cursor);
