@@ -103,7 +103,10 @@ impl UdpDriver {
         recv_batch: usize,
         max_packet_size: usize,
     ) -> Self {
-        let tx = sockets.iter().map(|_| SendBatch::new(SEND_BATCH)).collect();
+        let tx = sockets
+            .iter()
+            .map(|s| SendBatch::new(SEND_BATCH, s.local_addr().is_ok_and(|a| a.is_ipv6())))
+            .collect();
         UdpDriver {
             core,
             sockets: sockets.into_iter().map(Arc::new).collect(),
