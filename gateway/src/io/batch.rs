@@ -136,8 +136,6 @@ pub struct RecvBatch {
     names: Vec<libc::sockaddr_storage>,
     /// (source, length) of every datagram of the last `recvmmsg`, in order.
     raw: Vec<(Option<SocketAddr>, usize)>,
-    /// Datagrams of the last [`RecvBatch::recv`] with a decodable source.
-    received: usize,
     /// Datagrams dropped so far because their source address did not decode.
     rejected: u64,
 }
@@ -150,7 +148,6 @@ impl RecvBatch {
             // SAFETY: `sockaddr_storage` is plain integers; all-zero is valid (AF_UNSPEC).
             names: vec![unsafe { mem::zeroed() }; batch],
             raw: Vec::with_capacity(batch),
-            received: 0,
             rejected: 0,
         }
     }
@@ -163,7 +160,6 @@ impl RecvBatch {
     /// The OS error of `recvmmsg`, other than "would block".
     pub fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
         self.raw.clear();
-        self.received = 0;
         let fd = socket.as_raw_fd();
         let (bufs, names, raw) = (&mut self.bufs, &mut self.names, &mut self.raw);
         let result = socket.try_io(Interest::READABLE, || recv_into(fd, bufs, names, raw));
@@ -180,8 +176,7 @@ impl RecvBatch {
                 "UDP datagrams dropped: source address of unexpected family or length."
             );
         }
-        self.received = self.raw.len() - bad;
-        Ok(self.received)
+        Ok(self.raw.len() - bad)
     }
 
     /// The datagrams of the last [`RecvBatch::recv`], with their sources.
