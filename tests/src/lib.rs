@@ -150,6 +150,32 @@ pub fn free_tcp_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// Fails the calling test unless it runs as root (effective uid 0), naming what needs root.
+///
+/// Tests that need root are `#[ignore = "needs root: ..."]`, so a run without root reports
+/// them as skipped; `scripts/test` runs them as root or with `CI=true`. A root-only test that
+/// runs anyway without root must fail, never pass without having tested anything.
+///
+/// # Panics
+/// When not root, or when the effective uid cannot be read.
+pub fn require_root(why: &str) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    // "Uid:\t<real>\t<effective>\t<saved>\t<fs>"
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .and_then(|id| id.parse::<u32>().ok());
+    match euid {
+        Some(0) => {}
+        Some(uid) => panic!(
+            "this test needs root ({why}) and runs as uid {uid}: it did not test anything. \
+             Run it as root (scripts/test does, as root or with CI=true), or leave it ignored."
+        ),
+        None => panic!("this test needs root ({why}); cannot read the effective uid"),
+    }
+}
+
 /// A fresh temporary directory, removed on drop.
 ///
 /// # Errors
@@ -2201,7 +2227,17 @@ impl SnClient {
             SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
             SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
         };
-        let sock = UdpSocket::bind(SocketAddr::new(local, 0))?;
+        SnClient::bind(gw, local)
+    }
+
+    /// A client on a fresh socket bound to `local` (its source address: a test that needs
+    /// several hosts binds each client to another loopback address).
+    ///
+    /// # Errors
+    /// When the socket cannot be bound.
+    pub fn bind(gw: SocketAddr, local: IpAddr) -> Result<SnClient> {
+        let sock = UdpSocket::bind(SocketAddr::new(local, 0))
+            .with_context(|| format!("bind an MQTT-SN client to {local}"))?;
         Ok(SnClient {
             sock,
             gw,

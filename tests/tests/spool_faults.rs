@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use sensorgate_tests::sn::{self, TopicType};
 use sensorgate_tests::{
-    Gateway, GatewayConfig, Mosquitto, SnClient, Subscriber, run_bounded, temp_dir,
+    Gateway, GatewayConfig, Mosquitto, SnClient, Subscriber, require_root, run_bounded, temp_dir,
 };
 use tempfile::TempDir;
 
@@ -206,19 +206,16 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Mounts a tmpfs, or says why the test cannot run: with `CI=true` that fails the test,
-/// elsewhere it is skipped (`None`).
-fn tmpfs_or_skip(size: &str) -> Option<Tmpfs> {
+/// Mounts a tmpfs, or fails the test: a test that could not run must not pass. It is
+/// `#[ignore]`d for that reason, and `scripts/test` runs it only as root or with `CI=true`.
+fn tmpfs_or_fail(size: &str) -> Tmpfs {
+    require_root("mounts a tmpfs to fill a real file system");
     match Tmpfs::mount(size) {
-        Ok(t) => Some(t),
-        Err(reason) if std::env::var("CI").is_ok_and(|v| v == "true") => panic!(
-            "cannot mount a tmpfs ({reason}); this test needs root with CAP_SYS_ADMIN and \
-             must run in CI"
+        Ok(t) => t,
+        Err(reason) => panic!(
+            "cannot mount a tmpfs ({reason}); this test needs root with CAP_SYS_ADMIN: it did \
+             not test anything"
         ),
-        Err(reason) => {
-            eprintln!("skipped: cannot mount a tmpfs ({reason}); run as root to test ENOSPC");
-            None
-        }
     }
 }
 
@@ -321,15 +318,14 @@ struct DiskRig {
 }
 
 #[test]
+#[ignore = "needs root: mounts a tmpfs to hit a real ENOSPC"]
 fn a_full_disk_gives_congestion_and_service_resumes_by_itself() {
     /// Size of the tmpfs.
     const TMPFS_BYTES: u64 = 8 << 20;
     /// Room left by the first filler file for the spool to fill by itself.
     const ROOM: u64 = 512 << 10;
 
-    let Some(tmpfs) = tmpfs_or_skip("8m") else {
-        return;
-    };
+    let tmpfs = tmpfs_or_fail("8m");
     let mut broker = Mosquitto::start_persistent().unwrap();
     let mut sub =
         Subscriber::start_session(broker.port(), &["fleet/#"], "enospc-observer").unwrap();

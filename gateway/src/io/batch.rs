@@ -1,88 +1,205 @@
 //! Batched datagram IO: one `recvmmsg` reads up to a batch of datagrams, one `sendmmsg` sends up
 //! to a batch of replies (to different peers), so a burst costs a few syscalls instead of one
-//! per packet. Safe wrappers come from `nix`; this module holds no `unsafe`.
+//! per packet.
+//!
+//! One [`RecvBatch`] serves every listener of a driver, IPv4 and IPv6 alike, so a slot that held
+//! an IPv4 source in one call may hold an IPv6 source in the next. Invariants:
+//!
+//! - Every `recvmmsg` call starts from freshly built headers: each slot's `msg_namelen` is the
+//!   full size of its address buffer. (The kernel writes the source's real length back into
+//!   `msg_namelen` and copies at most the length it was given, so a header reused after an IPv4
+//!   datagram would receive only the first 16 of an IPv6 source's 28 bytes and keep the rest of
+//!   an earlier address: a session bound to `[::]` or to another host.)
+//! - A source address is decoded from the family and the length the kernel returned, and only
+//!   when the two agree (`AF_INET` with a `sockaddr_in`, `AF_INET6` with a `sockaddr_in6`);
+//!   anything else drops the datagram and is counted ([`RecvBatch::rejected`]), never guessed.
+//! - A [`SendBatch`] belongs to one socket's address family; a destination of the other family
+//!   is refused at [`SendBatch::push`] (counted, not sent) instead of failing the whole
+//!   `sendmmsg` for the datagrams queued behind it. Each `sendmmsg` sets every header's address
+//!   and length afresh (`nix` does), so nothing stale carries over between batches.
+//!
+//! # Why this module holds `unsafe`
+//!
+//! `nix`'s `recvmmsg` wrapper neither resets `msg_namelen` between calls nor exposes the length
+//! the kernel returned, so neither invariant above can be kept through it. [`recv_into`] calls
+//! `libc::recvmmsg` itself; its `unsafe` blocks are the only ones in the crate, and each states
+//! why it is sound. Sending stays on `nix`'s safe `sendmmsg`.
 
-use std::io::{self, IoSlice, IoSliceMut};
-use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::AsRawFd;
+#![allow(unsafe_code)]
 
-use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
+use std::io::{self, IoSlice};
+use std::mem;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, RawFd};
+
+use nix::libc;
+use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-fn to_std(addr: &SockaddrStorage) -> Option<SocketAddr> {
-    if let Some(v4) = addr.as_sockaddr_in() {
-        return Some(SocketAddr::V4(SocketAddrV4::from(*v4)));
+/// The size of one source-address slot, as the kernel is told before every call.
+const NAME_LEN: libc::socklen_t = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+
+/// A source address from what `recvmmsg` wrote: `name` read as the family it names, only when
+/// `len` (the length the kernel returned) is exactly that family's address size.
+fn decode_source(name: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    let len = usize::try_from(len).ok()?;
+    match i32::from(name.ss_family) {
+        libc::AF_INET if len == size_of::<libc::sockaddr_in>() => {
+            // SAFETY: `sockaddr_storage` is at least as large as and aligned for every
+            // `sockaddr_*`; the family and length say the kernel wrote a whole `sockaddr_in`;
+            // every bit pattern is a valid `sockaddr_in` (plain integers).
+            let sin: libc::sockaddr_in =
+                unsafe { std::ptr::read(std::ptr::from_ref(name).cast::<libc::sockaddr_in>()) };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 if len == size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, for a whole `sockaddr_in6`.
+            let sin6: libc::sockaddr_in6 =
+                unsafe { std::ptr::read(std::ptr::from_ref(name).cast::<libc::sockaddr_in6>()) };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
     }
-    addr.as_sockaddr_in6()
-        .map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
 }
 
-/// Receive buffers for one socket.
+/// One non-blocking `recvmmsg` on `fd` into `bufs` (one datagram each) with their sources in
+/// `names`; returns, per datagram received, its decoded source (`None`: inconsistent, see the
+/// module invariants) and its length.
+///
+/// # Errors
+/// The OS error of `recvmmsg` ("would block" included).
+fn recv_into(
+    fd: RawFd,
+    bufs: &mut [Vec<u8>],
+    names: &mut [libc::sockaddr_storage],
+    out: &mut Vec<(Option<SocketAddr>, usize)>,
+) -> io::Result<()> {
+    let mut iovecs: Vec<libc::iovec> = bufs
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
+    // Built afresh for every call: this is where each slot's `msg_namelen` is reset.
+    let mut headers: Vec<libc::mmsghdr> = iovecs
+        .iter_mut()
+        .zip(names.iter_mut())
+        .map(|(iov, name)| {
+            // SAFETY: `mmsghdr` is plain integers and pointers, for which all-zero is valid
+            // (null pointers, zero lengths); the fields that matter are set just below.
+            let mut h: libc::mmsghdr = unsafe { mem::zeroed() };
+            h.msg_hdr.msg_name = std::ptr::from_mut(name).cast();
+            h.msg_hdr.msg_namelen = NAME_LEN;
+            h.msg_hdr.msg_iov = std::ptr::from_mut(iov);
+            h.msg_hdr.msg_iovlen = 1;
+            h
+        })
+        .collect();
+    let vlen = libc::c_uint::try_from(headers.len()).unwrap_or(libc::c_uint::MAX);
+    // SAFETY: every header points at an iovec of `iovecs` (itself pointing at a live buffer of
+    // `bufs` with its true length) and at a `sockaddr_storage` of `names` of `NAME_LEN` bytes;
+    // all of them outlive the call and nothing else touches them meanwhile. `vlen` is at most
+    // `headers.len()`. No timeout pointer is passed.
+    let n = unsafe {
+        libc::recvmmsg(
+            fd,
+            headers.as_mut_ptr(),
+            vlen,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut(),
+        )
+    };
+    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+    for (h, name) in headers.iter().zip(names.iter()).take(n) {
+        // Truncated datagrams are longer than the buffer: `msg_len` is then the full buffer,
+        // so the core sees them as oversize.
+        let len = usize::try_from(h.msg_len).unwrap_or(usize::MAX);
+        out.push((decode_source(name, h.msg_hdr.msg_namelen), len));
+    }
+    Ok(())
+}
+
+/// Receive buffers, shared by all the sockets of one driver (one call at a time).
 pub struct RecvBatch {
-    headers: MultiHeaders<SockaddrStorage>,
     bufs: Vec<Vec<u8>>,
-    /// (source, length) of the datagrams of the last [`RecvBatch::recv`].
-    received: Vec<(SocketAddr, usize)>,
+    /// One source-address slot per buffer (zeroed once; the kernel writes into it).
+    names: Vec<libc::sockaddr_storage>,
+    /// (source, length) of every datagram of the last `recvmmsg`, in order.
+    raw: Vec<(Option<SocketAddr>, usize)>,
+    /// Datagrams dropped so far because their source address did not decode.
+    rejected: u64,
 }
 
 impl RecvBatch {
     /// Buffers for `batch` datagrams of up to `max_len` bytes each.
     pub fn new(batch: usize, max_len: usize) -> Self {
         RecvBatch {
-            headers: MultiHeaders::preallocate(batch, None),
             bufs: vec![vec![0u8; max_len]; batch],
-            received: Vec::with_capacity(batch),
+            // SAFETY: `sockaddr_storage` is plain integers; all-zero is valid (AF_UNSPEC).
+            names: vec![unsafe { mem::zeroed() }; batch],
+            raw: Vec::with_capacity(batch),
+            rejected: 0,
         }
     }
 
-    /// Reads what the socket has (without waiting), up to a batch. `Ok(0)` when nothing was
-    /// ready; tokio's readiness is cleared in that case.
+    /// Reads what the socket has (without waiting), up to a batch. Returns how many datagrams
+    /// [`RecvBatch::datagrams`] now yields; `Ok(0)` when nothing was ready (tokio's readiness is
+    /// cleared in that case) or nothing had a valid source.
     ///
     /// # Errors
     /// The OS error of `recvmmsg`, other than "would block".
     pub fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
-        self.received.clear();
+        self.raw.clear();
         let fd = socket.as_raw_fd();
-        let headers = &mut self.headers;
-        let bufs = &mut self.bufs;
-        let received = &mut self.received;
-        let result = socket.try_io(Interest::READABLE, || {
-            let mut slices: Vec<[IoSliceMut<'_>; 1]> = bufs
-                .iter_mut()
-                .map(|b| [IoSliceMut::new(b.as_mut_slice())])
-                .collect();
-            let msgs = recvmmsg(fd, headers, slices.iter_mut(), MsgFlags::MSG_DONTWAIT, None)
-                .map_err(io::Error::from)?;
-            for msg in msgs {
-                // Truncated datagrams are longer than the buffer: report the full buffer so the
-                // core sees them as oversize.
-                let len = msg.bytes;
-                if let Some(addr) = msg.address.as_ref().and_then(to_std) {
-                    received.push((addr, len));
-                }
-            }
-            Ok(())
-        });
+        let (bufs, names, raw) = (&mut self.bufs, &mut self.names, &mut self.raw);
+        let result = socket.try_io(Interest::READABLE, || recv_into(fd, bufs, names, raw));
         match result {
-            Ok(()) => Ok(self.received.len()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
-            Err(e) => Err(e),
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+            Err(e) => return Err(e),
         }
+        let bad = self.raw.iter().filter(|(addr, _)| addr.is_none()).count();
+        if bad > 0 {
+            self.rejected = self.rejected.saturating_add(bad as u64);
+            tracing::debug!(
+                datagrams = bad,
+                "UDP datagrams dropped: source address of unexpected family or length."
+            );
+        }
+        Ok(self.raw.len() - bad)
     }
 
-    /// The datagrams of the last [`RecvBatch::recv`].
+    /// The datagrams of the last [`RecvBatch::recv`], with their sources.
     pub fn datagrams(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> + '_ {
-        self.received
+        self.raw
             .iter()
             .zip(&self.bufs)
-            .map(|(&(addr, len), buf)| (addr, buf.get(..len.min(buf.len())).unwrap_or_default()))
+            .filter_map(|(&(addr, len), buf)| {
+                Some((addr?, buf.get(..len.min(buf.len())).unwrap_or_default()))
+            })
+    }
+
+    /// Datagrams dropped so far because their source address did not decode.
+    pub fn rejected(&self) -> u64 {
+        self.rejected
     }
 }
 
 /// Replies queued for one socket, sent with `sendmmsg`.
 pub struct SendBatch {
     headers: MultiHeaders<SockaddrStorage>,
+    /// The family of the socket this batch sends on: the only one it accepts.
+    ipv6: bool,
     capacity: usize,
     /// Datagram buffers, reused across batches (only the first `queued` are live).
     data: Vec<Vec<u8>>,
@@ -91,18 +208,22 @@ pub struct SendBatch {
     queued: usize,
     /// Datagrams of `data` already sent.
     sent: usize,
+    /// Datagrams refused so far because their destination was of the other family.
+    refused: u64,
 }
 
 impl SendBatch {
-    /// Room for `batch` datagrams per `sendmmsg`.
-    pub fn new(batch: usize) -> Self {
+    /// Room for `batch` datagrams per `sendmmsg`, on an IPv6 socket when `ipv6`, else IPv4.
+    pub fn new(batch: usize, ipv6: bool) -> Self {
         SendBatch {
             headers: MultiHeaders::preallocate(batch, None),
+            ipv6,
             capacity: batch,
             data: Vec::with_capacity(batch),
             addrs: Vec::with_capacity(batch),
             queued: 0,
             sent: 0,
+            refused: 0,
         }
     }
 
@@ -116,8 +237,15 @@ impl SendBatch {
         self.sent >= self.queued
     }
 
-    /// Queues a datagram.
+    /// Queues a datagram; one to an address of the other family than the socket's is refused
+    /// (counted in [`SendBatch::refused`]): the kernel would fail it, and with it the
+    /// `sendmmsg` of every datagram queued behind it.
     pub fn push(&mut self, to: SocketAddr, datagram: &[u8]) {
+        if to.is_ipv6() != self.ipv6 {
+            self.refused = self.refused.saturating_add(1);
+            tracing::debug!(%to, "UDP reply dropped: address family differs from the socket's.");
+            return;
+        }
         // Reuse the allocation of a previously sent datagram at this position.
         match self.data.get_mut(self.queued) {
             Some(slot) => {
@@ -181,6 +309,13 @@ impl SendBatch {
     }
 }
 
+impl SendBatch {
+    /// Datagrams refused so far because their destination was of the other family.
+    pub fn refused(&self) -> u64 {
+        self.refused
+    }
+}
+
 impl std::fmt::Debug for SendBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SendBatch")
@@ -198,7 +333,7 @@ mod tests {
         let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let to = b.local_addr().unwrap();
-        let mut tx = SendBatch::new(8);
+        let mut tx = SendBatch::new(8, false);
         let mut sent = 0u16;
         for round in 0..3 {
             for _ in 0..5 {
@@ -222,5 +357,105 @@ mod tests {
             }
         }
         assert_eq!(got, (0..sent).collect::<Vec<_>>());
+    }
+
+    /// Receives on `socket` through `rx` until `n` datagrams arrived; returns (source, bytes).
+    async fn recv_n(
+        rx: &mut RecvBatch,
+        socket: &UdpSocket,
+        n: usize,
+    ) -> Vec<(SocketAddr, Vec<u8>)> {
+        let mut got = Vec::new();
+        for _ in 0..1000 {
+            if got.len() >= n {
+                break;
+            }
+            socket.readable().await.unwrap();
+            rx.recv(socket).unwrap();
+            got.extend(rx.datagrams().map(|(a, d)| (a, d.to_vec())));
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn one_batch_shared_by_v4_and_v6_sockets_reports_each_source_exactly() {
+        let gw4 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let gw6 = UdpSocket::bind("[::1]:0").await.unwrap();
+        let (to4, to6) = (gw4.local_addr().unwrap(), gw6.local_addr().unwrap());
+        let clients4: Vec<_> = (0..3)
+            .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let clients6: Vec<_> = (0..3)
+            .map(|_| std::net::UdpSocket::bind("[::1]:0").unwrap())
+            .collect();
+        // The driver's sequence: every slot first takes an IPv4 source (16 bytes), then the
+        // same slot an IPv6 one (28 bytes), round after round.
+        let mut rx = RecvBatch::new(4, 64);
+        for round in 0u8..4 {
+            for (i, c) in clients4.iter().enumerate() {
+                c.send_to(&[round, i as u8], to4).unwrap();
+            }
+            let got = recv_n(&mut rx, &gw4, clients4.len()).await;
+            let want: Vec<_> = clients4
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.local_addr().unwrap(), vec![round, i as u8]))
+                .collect();
+            assert_eq!(got, want, "IPv4 round {round}");
+            for (i, c) in clients6.iter().enumerate() {
+                c.send_to(&[round, i as u8], to6).unwrap();
+            }
+            let got = recv_n(&mut rx, &gw6, clients6.len()).await;
+            let want: Vec<_> = clients6
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.local_addr().unwrap(), vec![round, i as u8]))
+                .collect();
+            assert_eq!(got, want, "IPv6 round {round}");
+        }
+        assert_eq!(rx.rejected(), 0);
+    }
+
+    fn storage(family: i32) -> libc::sockaddr_storage {
+        let mut s: libc::sockaddr_storage = unsafe { mem::zeroed() };
+        s.ss_family = family as libc::sa_family_t;
+        s
+    }
+
+    #[test]
+    fn a_source_decodes_only_when_family_and_returned_length_agree() {
+        let len4 = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let len6 = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+        let v4 = storage(libc::AF_INET);
+        let v6 = storage(libc::AF_INET6);
+        assert_eq!(decode_source(&v4, len4), Some("0.0.0.0:0".parse().unwrap()));
+        assert_eq!(decode_source(&v6, len6), Some("[::]:0".parse().unwrap()));
+        // An IPv6 family with an IPv4 length is the truncated copy of a stale header.
+        assert_eq!(decode_source(&v6, len4), None);
+        assert_eq!(decode_source(&v4, len6), None);
+        assert_eq!(decode_source(&v6, NAME_LEN), None);
+        assert_eq!(decode_source(&v6, 0), None);
+        assert_eq!(decode_source(&storage(libc::AF_UNSPEC), len4), None);
+        assert_eq!(decode_source(&storage(libc::AF_UNIX), len6), None);
+    }
+
+    #[tokio::test]
+    async fn a_destination_of_the_other_family_is_refused_and_the_rest_still_sent() {
+        let sender = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = peer.local_addr().unwrap();
+        let mut tx = SendBatch::new(8, false);
+        tx.push(to, b"first");
+        tx.push("[::1]:9".parse().unwrap(), b"wrong family");
+        tx.push(to, b"last");
+        tx.flush(&sender).await.unwrap();
+        assert_eq!(tx.refused(), 1);
+        let mut rx = RecvBatch::new(4, 64);
+        let got = recv_n(&mut rx, &peer, 2).await;
+        let from = sender.local_addr().unwrap();
+        assert_eq!(
+            got,
+            vec![(from, b"first".to_vec()), (from, b"last".to_vec())]
+        );
     }
 }

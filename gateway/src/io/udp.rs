@@ -45,7 +45,63 @@ pub struct SocketOptions {
     pub send_buffer: usize,
 }
 
+/// A socket buffer as asked for and as the kernel granted it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferSize {
+    /// The request (`SO_RCVBUF` / `SO_SNDBUF`), in bytes.
+    pub requested: usize,
+    /// What the kernel granted, in the request's terms (bytes of datagram data).
+    pub granted: usize,
+}
+
+impl BufferSize {
+    /// From the request and what `getsockopt` reported after it. Linux doubles a granted size
+    /// to leave room for its bookkeeping and reports the doubled value (socket(7)), so the
+    /// report is halved there to be comparable with the request.
+    fn from_report(requested: usize, reported: usize) -> BufferSize {
+        let granted = if cfg!(target_os = "linux") {
+            reported / 2
+        } else {
+            reported
+        };
+        BufferSize { requested, granted }
+    }
+
+    /// True when the kernel granted less than asked: its cap (`net.core.rmem_max` /
+    /// `net.core.wmem_max`) applied.
+    pub fn capped(&self) -> bool {
+        self.granted < self.requested
+    }
+}
+
+/// The receive and send buffers of `socket` after the requests of `options`.
+///
+/// # Errors
+/// The OS error of `getsockopt`.
+pub fn buffer_sizes(
+    socket: &UdpSocket,
+    options: SocketOptions,
+) -> io::Result<(BufferSize, BufferSize)> {
+    let sock = socket2::SockRef::from(socket);
+    Ok((
+        BufferSize::from_report(options.recv_buffer, sock.recv_buffer_size()?),
+        BufferSize::from_report(options.send_buffer, sock.send_buffer_size()?),
+    ))
+}
+
+/// The sysctls that capped `recv` and `send`, for the log ("" when none did).
+fn capping_sysctls(recv: BufferSize, send: BufferSize) -> &'static str {
+    match (recv.capped(), send.capped()) {
+        (true, true) => "net.core.rmem_max, net.core.wmem_max",
+        (true, false) => "net.core.rmem_max",
+        (false, true) => "net.core.wmem_max",
+        (false, false) => "",
+    }
+}
+
 /// Binds one UDP listener. IPv6 sockets are v6-only so `0.0.0.0:P` and `[::]:P` can coexist.
+/// Logs one line with the buffer sizes asked for and granted, at warn when the kernel capped
+/// them.
 ///
 /// # Errors
 /// The OS error from socket, option or bind calls.
@@ -57,19 +113,36 @@ pub fn bind(addr: SocketAddr, options: SocketOptions) -> io::Result<UdpSocket> {
         // ADVERTISE / GWINFO destinations may be broadcast addresses.
         socket.set_broadcast(true)?;
     }
-    // The kernel may cap these (net.core.rmem_max); the effective sizes are logged.
+    // The kernel silently caps these (net.core.rmem_max / wmem_max): what it granted is logged.
     socket.set_recv_buffer_size(options.recv_buffer)?;
     socket.set_send_buffer_size(options.send_buffer)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     let socket = UdpSocket::from_std(socket.into())?;
-    let sock = socket2::SockRef::from(&socket);
-    tracing::info!(
-        %addr,
-        recv_buffer = sock.recv_buffer_size().unwrap_or(0),
-        send_buffer = sock.send_buffer_size().unwrap_or(0),
-        "MQTT-SN UDP listener bound."
-    );
+    let (recv, send) = buffer_sizes(&socket, options)?;
+    let capped_by = capping_sysctls(recv, send);
+    if capped_by.is_empty() {
+        tracing::info!(
+            %addr,
+            recv_buffer_requested = recv.requested,
+            recv_buffer_granted = recv.granted,
+            send_buffer_requested = send.requested,
+            send_buffer_granted = send.granted,
+            "MQTT-SN UDP listener bound."
+        );
+    } else {
+        // Bursts beyond the granted buffer are dropped by the kernel, unseen by the gateway.
+        tracing::warn!(
+            %addr,
+            recv_buffer_requested = recv.requested,
+            recv_buffer_granted = recv.granted,
+            send_buffer_requested = send.requested,
+            send_buffer_granted = send.granted,
+            capped_by,
+            "MQTT-SN UDP listener bound with smaller socket buffers than configured; raise \
+             the sysctl named in capped_by to get them."
+        );
+    }
     Ok(socket)
 }
 
@@ -103,7 +176,10 @@ impl UdpDriver {
         recv_batch: usize,
         max_packet_size: usize,
     ) -> Self {
-        let tx = sockets.iter().map(|_| SendBatch::new(SEND_BATCH)).collect();
+        let tx = sockets
+            .iter()
+            .map(|s| SendBatch::new(SEND_BATCH, s.local_addr().is_ok_and(|a| a.is_ipv6())))
+            .collect();
         UdpDriver {
             core,
             sockets: sockets.into_iter().map(Arc::new).collect(),
@@ -348,4 +424,56 @@ pub(crate) fn is_peer_error(e: &io::Error) -> bool {
             | io::ErrorKind::PermissionDenied
             | io::ErrorKind::Interrupted
     ) || e.raw_os_error() == Some(nix::errno::Errno::EMSGSIZE as i32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A kernel limit from `/proc/sys/net/core/`.
+    fn sysctl(name: &str) -> usize {
+        let path = format!("/proc/sys/net/core/{name}");
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_reported_size_is_halved_to_what_was_granted() {
+        // rmem_max = 4 MiB capped a request of 8 MiB; getsockopt says 8 MiB.
+        let capped = BufferSize::from_report(8 << 20, 8 << 20);
+        assert_eq!(capped.granted, 4 << 20);
+        assert!(capped.capped());
+        let full = BufferSize::from_report(64 << 10, 128 << 10);
+        assert_eq!(full.granted, 64 << 10);
+        assert!(!full.capped());
+        assert_eq!(capping_sysctls(capped, full), "net.core.rmem_max");
+        assert_eq!(capping_sysctls(full, capped), "net.core.wmem_max");
+        assert_eq!(capping_sysctls(full, full), "");
+    }
+
+    #[tokio::test]
+    async fn buffers_are_reported_as_granted_and_capped_at_the_kernel_limits() {
+        let (rmem_max, wmem_max) = (sysctl("rmem_max"), sysctl("wmem_max"));
+        let above = SocketOptions {
+            recv_buffer: rmem_max + (1 << 20),
+            send_buffer: wmem_max + (1 << 20),
+        };
+        let socket = bind("127.0.0.1:0".parse().unwrap(), above).unwrap();
+        let (recv, send) = buffer_sizes(&socket, above).unwrap();
+        assert_eq!((recv.granted, recv.capped()), (rmem_max, true));
+        assert_eq!((send.granted, send.capped()), (wmem_max, true));
+
+        // Below the limits (and above the kernel's minimum) a request is granted exactly.
+        let below = SocketOptions {
+            recv_buffer: (rmem_max / 2).max(16 << 10),
+            send_buffer: (wmem_max / 2).max(16 << 10),
+        };
+        let socket = bind("[::1]:0".parse().unwrap(), below).unwrap();
+        let (recv, send) = buffer_sizes(&socket, below).unwrap();
+        assert_eq!((recv.granted, recv.capped()), (below.recv_buffer, false));
+        assert_eq!((send.granted, send.capped()), (below.send_buffer, false));
+    }
 }
