@@ -131,6 +131,61 @@ fn check_config_reports_every_error_with_file_line_and_column() {
 }
 
 #[test]
+fn check_config_reports_four_mistakes_of_different_kinds_at_once() {
+    let dir = temp_dir().unwrap();
+    let cfg = GatewayConfig::new(free_tcp_port().unwrap()).unwrap();
+    let good = cfg.render(&dir.path().join("state"));
+    // A string for an integer, an integer for a duration, an unknown key, a value out of range.
+    let bad = good
+        .replace(
+            "max_clients = 100000\n",
+            "max_clients = \"5\"\nretry_interval = 10\n",
+        )
+        .replace(
+            "max_topics_per_client = 64\n",
+            "max_topics_per_clint = 64\n",
+        )
+        .replace("max_client_id_len = 23\n", "max_client_id_len = 0\n");
+    let path = dir.path().join("four.toml");
+    std::fs::write(&path, &bad).unwrap();
+    let out = check_config(&path);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(EX_CONFIG), "{all}");
+    let errors: Vec<&str> = all.lines().filter(|l| l.contains(": error: ")).collect();
+    assert_eq!(errors.len(), 4, "{all}");
+    let file = path.to_str().unwrap();
+    for (needle, value_at, message) in [
+        (
+            "max_clients = ",
+            true,
+            "expected an integer, found the string \"5\"",
+        ),
+        (
+            "retry_interval = ",
+            true,
+            "expected a duration such as \"10s\", found the integer 10",
+        ),
+        (
+            "max_topics_per_clint",
+            false,
+            "unknown key `max_topics_per_clint`",
+        ),
+        ("max_client_id_len = ", true, "0 is out of range"),
+    ] {
+        let line = line_of(&bad, needle);
+        let column = if value_at { needle.len() + 1 } else { 1 };
+        let prefix = format!("{file}:{line}:{column}: error: ");
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with(&prefix) && e.contains(message)),
+            "no `{prefix}...{message}` in:\n{all}"
+        );
+    }
+    assert!(!all.contains("i64"), "{all}");
+}
+
+#[test]
 fn check_config_on_a_missing_file_fails() {
     let dir = temp_dir().unwrap();
     let path = dir.path().join("nope.toml");
