@@ -48,22 +48,28 @@ pub enum PreflightError {
     },
     /// The directory (or the ancestor it would be created in) is on a read-only file system.
     #[error(
-        "state_dir: {} is on a read-only file system, so the spool and sessions cannot be written; \
+        "state_dir: {} on a read-only file system, so the spool and sessions cannot be written; \
          mount it read-write or set [gateway] state_dir to a writable place",
-        path.display()
+        located(dir, path, "is")
     )]
     ReadOnly {
-        /// The existing directory that was checked.
+        /// The directory sensorgate needs.
+        dir: PathBuf,
+        /// The existing directory that was checked (`dir` or the ancestor it would be created
+        /// in).
         path: PathBuf,
     },
     /// The running user may not write (or create entries in) the directory.
     #[error(
-        "state_dir: {} is not writable by the user running sensorgate ({user}); \
+        "state_dir: {} not writable by the user running sensorgate ({user}); \
          give that user write access (e.g. chown it) or set [gateway] state_dir elsewhere",
-        path.display()
+        located(dir, path, "is")
     )]
     NotWritable {
-        /// The existing directory that was checked.
+        /// The directory sensorgate needs.
+        dir: PathBuf,
+        /// The existing directory that was checked (`dir` or the ancestor it would be created
+        /// in).
         path: PathBuf,
         /// The user, as far as it can be told (`uid N`).
         user: String,
@@ -135,9 +141,15 @@ pub fn check(config: &Config) -> Result<(), PreflightError> {
         let existing = nearest_existing_dir(dir)?;
         match nix::unistd::access(&existing, AccessFlags::W_OK | AccessFlags::X_OK) {
             Ok(()) => {}
-            Err(Errno::EROFS) => return Err(PreflightError::ReadOnly { path: existing }),
+            Err(Errno::EROFS) => {
+                return Err(PreflightError::ReadOnly {
+                    dir: dir.clone(),
+                    path: existing,
+                });
+            }
             Err(Errno::EACCES | Errno::EPERM) => {
                 return Err(PreflightError::NotWritable {
+                    dir: dir.clone(),
                     path: existing,
                     user: running_user(),
                 });
@@ -169,6 +181,19 @@ pub fn check(config: &Config) -> Result<(), PreflightError> {
         }
     }
     Ok(())
+}
+
+/// `"<path> is"` when `dir` exists, else `"<dir> would be created in <path>, which is"`.
+fn located(dir: &Path, path: &Path, verb: &str) -> String {
+    if dir == path {
+        format!("{} {verb}", path.display())
+    } else {
+        format!(
+            "{} would be created in {}, which {verb}",
+            dir.display(),
+            path.display()
+        )
+    }
 }
 
 /// `dir` itself when it exists, else its nearest existing ancestor (where it would be created).
@@ -206,6 +231,7 @@ fn nearest_existing_dir(dir: &Path) -> Result<PathBuf, PreflightError> {
             }
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
                 return Err(PreflightError::NotWritable {
+                    dir: dir.to_owned(),
                     path: path.to_owned(),
                     user: running_user(),
                 });

@@ -200,6 +200,15 @@ fn shipped_configs_pass_check_config() {
         let path = workspace_dir().join("config").join(name);
         assert!(path.is_file(), "{} is missing", path.display());
         let out = check_config(&path);
+        // The packaged config keeps its state in /var/lib/sensorgate, which only the service's
+        // user (or root) may create: for anyone else check-config says so, and that is all it
+        // may say.
+        let host_refuses = name == "sensorgate.toml"
+            && matches!(out.status.code(), Some(EX_NOPERM | EX_CANTCREAT))
+            && String::from_utf8_lossy(&out.stderr).contains("state_dir: /var/lib");
+        if host_refuses {
+            continue;
+        }
         assert_eq!(
             out.status.code(),
             Some(0),
