@@ -18,6 +18,7 @@ use crate::config::{Config, UpstreamKind};
 use crate::io::session_store::{self, SessionStore, StoreError, StoreLink, StoreThread};
 use crate::io::udp::{self, SocketOptions, UdpDriver};
 use crate::mqttsn::core::Core;
+use crate::preflight::{ErrorClass, class_of_io};
 
 /// How long stopping tasks may take before they are abandoned.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -33,15 +34,18 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(60);
 const DOWNLINK_CHANNEL: usize = 4096;
 
 /// Why the gateway could not run.
+///
+/// Each message says what failed, names the path or address and, where it helps, what to do;
+/// a wrapped error's own text is part of the message only once.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// A listener could not be bound.
-    #[error("cannot bind MQTT-SN listener {addr}: {source}")]
+    #[error("cannot bind MQTT-SN listener {addr}: {error}{hint}", hint = bind_hint(.error))]
     Bind {
         /// The configured address.
         addr: SocketAddr,
-        /// The OS error.
-        source: std::io::Error,
+        /// The OS error (not a `source`: the message already says it).
+        error: std::io::Error,
     },
     /// An upstream could not be set up (TLS files and the like).
     #[error("upstream `{name}`: {source}")]
@@ -52,7 +56,7 @@ pub enum RunError {
         source: SetupError,
     },
     /// The spool could not be opened (locked by another process, unreadable).
-    #[error("{0}")]
+    #[error(transparent)]
     Spool(#[from] OpenError),
     /// The spool writer thread could not start.
     #[error("cannot start the spool writer: {0}")]
@@ -61,8 +65,43 @@ pub enum RunError {
     #[error("MQTT-SN transport failed: {0}")]
     Transport(std::io::Error),
     /// The session store could not be opened or started.
-    #[error("session store: {0}")]
+    #[error(transparent)]
     SessionStore(#[from] StoreError),
+}
+
+impl RunError {
+    /// The class of this failure (the binary's exit status).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            RunError::Bind { error, .. } => match class_of_io(error) {
+                ErrorClass::CantCreate | ErrorClass::Other => ErrorClass::Unavailable,
+                class => class,
+            },
+            RunError::Upstream { .. } => ErrorClass::Config,
+            RunError::Spool(OpenError::Locked { .. }) => ErrorClass::Unavailable,
+            RunError::Spool(OpenError::Io { source, .. }) => class_of_io(source),
+            RunError::SessionStore(StoreError::Dir { source, .. }) => class_of_io(source),
+            RunError::SpoolWriter(_) | RunError::Transport(_) | RunError::SessionStore(_) => {
+                ErrorClass::Other
+            }
+        }
+    }
+}
+
+/// What to do about a bind error, when it is clear.
+fn bind_hint(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            "; another program (another sensorgate?) uses it: stop it or change [mqttsn] listen"
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            "; no interface of this host has that address: change [mqttsn] listen"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            "; ports below 1024 need root or CAP_NET_BIND_SERVICE: grant it or use another port"
+        }
+        _ => "",
+    }
 }
 
 /// Runs the gateway until `shutdown` is cancelled.
@@ -157,9 +196,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     for &addr in &config.mqttsn.listen {
         match udp::bind(addr, options) {
             Ok(socket) => sockets.push(socket),
-            Err(source) => {
+            Err(error) => {
                 upstream_stop.cancel();
-                return Err(RunError::Bind { addr, source });
+                return Err(RunError::Bind { addr, error });
             }
         }
     }

@@ -12,3 +12,4 @@ pub mod app;
 pub mod config;
 pub mod io;
 pub mod mqttsn;
+pub mod preflight;

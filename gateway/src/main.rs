@@ -1,22 +1,44 @@
 //! The `sensorgate` daemon: CLI, config, logging, runtime and signals only.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use sensorgate::app::RunError;
 use sensorgate::config::{self, Config, LoadError};
+use sensorgate::preflight::{self, ErrorClass, PreflightError};
 
 /// Exit status for configuration errors (EX_CONFIG, sysexits.h).
 const EX_CONFIG: u8 = 78;
+/// Exit status when the running user lacks a permission (EX_NOPERM).
+const EX_NOPERM: u8 = 77;
+/// Exit status when a directory or file cannot be created or written (EX_CANTCREAT).
+const EX_CANTCREAT: u8 = 73;
+/// Exit status when a resource is taken: an address in use, a state directory locked by
+/// another instance (EX_UNAVAILABLE).
+const EX_UNAVAILABLE: u8 = 69;
+/// Exit status for any other failure.
+const EX_FAILURE: u8 = 1;
+
+const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0   success (run: stopped by SIGTERM or SIGINT)
+  1   the gateway failed while running
+  69  unavailable: a listen address is in use, or the state_dir is locked by another instance
+  73  cannot create: state_dir is not a directory or is on a read-only file system, or a file
+      in it cannot be created
+  77  permission denied: the running user may not write state_dir or bind the address
+  78  configuration error (every error is listed as file:line:column)";
 
 #[derive(Parser)]
 #[command(
     name = "sensorgate",
     version,
-    about = "MQTT-SN gateway and protocol bridge"
+    about = "MQTT-SN gateway and protocol bridge",
+    after_help = EXIT_STATUS_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -31,7 +53,8 @@ enum Command {
         #[arg(short, long, default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
-    /// Validate a config file, print a summary, and exit (78 on errors).
+    /// Validate a config file and what it needs on this host (state_dir, free space), print a
+    /// summary, and exit (78 on config errors; 73, 77 as `run` would fail).
     CheckConfig {
         /// Config file.
         #[arg(short, long, default_value = config::DEFAULT_PATH)]
@@ -42,35 +65,111 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { config } => match Config::load(&config) {
-            Ok(cfg) => {
-                println!("config OK: {}", config.display());
-                print!("{}", cfg.summary());
-                ExitCode::SUCCESS
+        Command::CheckConfig { config } => {
+            let cfg = match Config::load(&config) {
+                Ok(cfg) => cfg,
+                Err(e) => return config_error(&e),
+            };
+            if let Err(e) = preflight::check(&cfg) {
+                print_err(&format!(
+                    "sensorgate: {} is valid, but `sensorgate run` would fail: {e}\n",
+                    config.display()
+                ));
+                return exit_code(e.class());
             }
-            Err(e) => config_error(&e),
-        },
+            print_out(&format!(
+                "config OK: {}\n{}",
+                config.display(),
+                cfg.summary()
+            ));
+            ExitCode::SUCCESS
+        }
         Command::Run { config } => {
             let cfg = match Config::load(&config) {
                 Ok(cfg) => cfg,
                 Err(e) => return config_error(&e),
             };
+            if let Err(e) = preflight::check(&cfg) {
+                return fatal(&Fatal::from(e));
+            }
             init_logging(&cfg.log.level);
             match run(cfg) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), "sensorgate stopped.");
-                    eprintln!("sensorgate: {e:#}");
-                    ExitCode::FAILURE
-                }
+                Err(e) => fatal(&e),
             }
         }
     }
 }
 
+/// Writes to stdout; a reader that went away (`| head`) ends the output quietly.
+fn print_out(text: &str) {
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+/// Writes to stderr; nothing to be done when that fails.
+fn print_err(text: &str) {
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+}
+
 fn config_error(e: &LoadError) -> ExitCode {
-    eprintln!("{e}");
+    print_err(&format!("{e}\n"));
     ExitCode::from(EX_CONFIG)
+}
+
+fn exit_code(class: ErrorClass) -> ExitCode {
+    ExitCode::from(match class {
+        ErrorClass::Config => EX_CONFIG,
+        ErrorClass::Permission => EX_NOPERM,
+        ErrorClass::CantCreate => EX_CANTCREAT,
+        ErrorClass::Unavailable => EX_UNAVAILABLE,
+        ErrorClass::Other => EX_FAILURE,
+    })
+}
+
+/// A failure that ends the program: its message (said once) and its class.
+struct Fatal {
+    class: ErrorClass,
+    message: String,
+}
+
+impl From<PreflightError> for Fatal {
+    fn from(e: PreflightError) -> Self {
+        Fatal {
+            class: e.class(),
+            message: describe(&e),
+        }
+    }
+}
+
+impl From<RunError> for Fatal {
+    fn from(e: RunError) -> Self {
+        Fatal {
+            class: e.class(),
+            message: describe(&e),
+        }
+    }
+}
+
+/// The error's message followed by those of its sources, each only if not already said (many
+/// errors repeat their source's text in their own message).
+fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let more = e.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = e.source();
+    }
+    text
+}
+
+/// Reports a fatal error once, on stderr (the log), and returns its exit status.
+fn fatal(e: &Fatal) -> ExitCode {
+    print_err(&format!("sensorgate: {}\n", e.message));
+    exit_code(e.class)
 }
 
 fn init_logging(level: &str) {
@@ -86,7 +185,7 @@ fn init_logging(level: &str) {
         .init();
 }
 
-fn run(cfg: Config) -> anyhow::Result<()> {
+fn run(cfg: Config) -> Result<(), Fatal> {
     // One thread runs every task: the UDP driver, the upstream link and acknowledgement tasks
     // hand each message to one another several times, and on one thread each hand-over is a
     // queue push instead of a cross-thread wake-up (futex) of a parked worker. The core is
@@ -95,8 +194,12 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         .enable_all()
         .thread_name("sensorgate")
         .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+        .map_err(|e| Fatal {
+            class: ErrorClass::Other,
+            message: format!("cannot start the async runtime: {e}"),
+        })?;
+    runtime
+        .block_on(async move {
         tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %cfg.file.display(), "sensorgate starting.");
         for line in cfg.summary().lines() {
             tracing::info!("{line}");
@@ -110,8 +213,9 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         });
         sensorgate::app::run(cfg, shutdown).await?;
         tracing::info!("sensorgate stopped.");
-        Ok(())
+        Ok::<(), RunError>(())
     })
+        .map_err(Fatal::from)
 }
 
 async fn wait_for_signal() {

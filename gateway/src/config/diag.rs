@@ -1,9 +1,12 @@
 //! Config diagnostics: every error names file, line and column, with a hint where one helps.
 //!
-//! Errors are found in three passes over one document: TOML syntax (the parser's own span),
-//! unknown keys (collected by `serde_ignored` so that all of them are reported, each with a
-//! "did you mean" hint from the fields the section actually has), and semantic validation (which
-//! records the key path of the offending value; the path is resolved to a span here).
+//! Errors are found in four passes over one document: TOML syntax (the parser's own span),
+//! value types (a value of the wrong type is reported in the config's terms, "expected an
+//! integer", and taken out of the document so that typed parsing goes on with the default and
+//! finds the next one), unknown keys (collected by `serde_ignored` so that all of them are
+//! reported, each with a "did you mean" hint from the fields the section actually has), and
+//! semantic validation (which records the key path of the offending value; the path is resolved
+//! to a span here). A value reported for its type is not reported again by a later pass.
 
 use std::fmt;
 use std::ops::Range;
@@ -114,6 +117,9 @@ pub(crate) struct Reporter<'a> {
     root: Option<&'a Spanned<DeTable<'a>>>,
     /// Errors found so far, in document order once sorted.
     pub(crate) errors: Vec<Diagnostic>,
+    /// Values already reported for their type (and taken out of the document): later errors
+    /// about them or below them would only restate the same mistake.
+    reported: Vec<KeyPath>,
 }
 
 impl<'a> Reporter<'a> {
@@ -127,6 +133,7 @@ impl<'a> Reporter<'a> {
             text,
             root,
             errors: Vec::new(),
+            reported: Vec::new(),
         }
     }
 
@@ -148,8 +155,12 @@ impl<'a> Reporter<'a> {
         });
     }
 
-    /// Records an error about the value at `path` (or the closest enclosing item that exists).
+    /// Records an error about the value at `path` (or the closest enclosing item that exists),
+    /// unless that value was already reported for its type.
     pub(crate) fn at_path(&mut self, path: &KeyPath, message: String, hint: Option<String>) {
+        if self.was_reported(path) {
+            return;
+        }
         let span = self.root.and_then(|root| span_of(root, path, false));
         self.at_span(span, format!("`{path}`: {message}"), hint);
     }
@@ -179,6 +190,21 @@ impl<'a> Reporter<'a> {
                 (!known.is_empty()).then(|| format!("valid keys here: {}", known.join(", ")))
             });
         self.at_span(span, message, hint);
+    }
+
+    /// Records a value of the wrong type at `path`, taken out of the document with everything
+    /// under `removed`; `message` is the deserializer's (`invalid type: string "5", expected
+    /// i64`), said again in the config's terms.
+    pub(crate) fn wrong_type(&mut self, path: &KeyPath, removed: KeyPath, message: &str) {
+        let (message, hint) = type_message(message);
+        let span = self.root.and_then(|root| span_of(root, path, false));
+        self.at_span(span, format!("`{path}`: {message}"), hint);
+        self.reported.push(removed);
+    }
+
+    /// Whether the value at `path` (or one above it) was reported for its type.
+    pub(crate) fn was_reported(&self, path: &KeyPath) -> bool {
+        self.reported.iter().any(|r| path.0.starts_with(&r.0))
     }
 
     pub(crate) fn finish(mut self) -> Vec<Diagnostic> {
@@ -231,6 +257,146 @@ fn span_of(root: &Spanned<DeTable<'_>>, path: &KeyPath, key_span: bool) -> Optio
         }
     }
     best
+}
+
+/// The path of the value whose span is exactly `span` (where the deserializer located an
+/// error), if there is one.
+pub(crate) fn path_of_span(root: &Spanned<DeTable<'_>>, span: &Range<usize>) -> Option<KeyPath> {
+    fn in_table(table: &DeTable<'_>, span: &Range<usize>, path: &mut Vec<PathSeg>) -> bool {
+        for (key, value) in table {
+            path.push(PathSeg::Key(key.get_ref().to_string()));
+            if in_value(value, span, path) {
+                return true;
+            }
+            path.pop();
+        }
+        false
+    }
+    fn in_value(
+        value: &Spanned<DeValue<'_>>,
+        span: &Range<usize>,
+        path: &mut Vec<PathSeg>,
+    ) -> bool {
+        if value.span() == *span {
+            return true;
+        }
+        match value.get_ref() {
+            DeValue::Table(t) => in_table(t, span, path),
+            DeValue::Array(a) => {
+                for (i, v) in a.iter().enumerate() {
+                    path.push(PathSeg::Index(i));
+                    if in_value(v, span, path) {
+                        return true;
+                    }
+                    path.pop();
+                }
+                false
+            }
+            _ => false,
+        }
+    }
+    let mut path = Vec::new();
+    in_table(root.get_ref(), span, &mut path).then_some(KeyPath(path))
+}
+
+/// Takes the value at `path` out of the document, so that its default applies; an element of
+/// an array goes with its whole array (the later elements keep their index, so errors about
+/// them are still located right). Returns the path of what was removed.
+pub(crate) fn remove_value(root: &mut Spanned<DeTable<'_>>, path: &KeyPath) -> Option<KeyPath> {
+    fn table_at<'a, 'i>(
+        table: &'a mut DeTable<'i>,
+        segs: &[PathSeg],
+    ) -> Option<&'a mut DeTable<'i>> {
+        let Some((first, rest)) = segs.split_first() else {
+            return Some(table);
+        };
+        let PathSeg::Key(key) = first else {
+            return None;
+        };
+        value_table(table.get_mut(key.as_str())?.get_mut(), rest)
+    }
+    fn value_table<'a, 'i>(
+        value: &'a mut DeValue<'i>,
+        segs: &[PathSeg],
+    ) -> Option<&'a mut DeTable<'i>> {
+        match (value, segs.split_first()) {
+            (DeValue::Table(t), _) => table_at(t, segs),
+            (DeValue::Array(a), Some((PathSeg::Index(i), rest))) => {
+                value_table(a.get_mut(*i)?.get_mut(), rest)
+            }
+            _ => None,
+        }
+    }
+    let last_key = path.0.iter().rposition(|s| matches!(s, PathSeg::Key(_)))?;
+    let target = path.0.get(..=last_key)?;
+    let (PathSeg::Key(key), parents) = target.split_last()? else {
+        return None;
+    };
+    table_at(root.get_mut(), parents)?.remove(key.as_str())?;
+    Some(KeyPath(target.to_vec()))
+}
+
+/// Says a deserializer's type error (`invalid type: string "5", expected i64`) in the config's
+/// terms (`expected an integer, found the string "5"`), with a hint for the usual slips.
+pub(crate) fn type_message(message: &str) -> (String, Option<String>) {
+    let Some((found, expected)) = message
+        .strip_prefix("invalid type: ")
+        .and_then(|rest| rest.rsplit_once(", expected "))
+    else {
+        return (message.to_owned(), None);
+    };
+    let expected = match expected {
+        "i8" | "i16" | "i32" | "i64" | "u8" | "u16" | "u32" | "u64" | "usize" => "an integer",
+        "a boolean" => "true or false",
+        "a sequence" => "an array",
+        e if e.starts_with("struct ") || e == "a map" => "a table",
+        e => e,
+    };
+    // serde writes scalars as `integer \`10\`` and strings as `string "x"`.
+    let scalar = |prefix: &str| {
+        found
+            .strip_prefix(prefix)
+            .map(|v| v.trim_matches('`').to_owned())
+    };
+    let (found_text, hint) = if let Some(n) = scalar("integer ") {
+        let hint = if expected.starts_with("a duration") {
+            Some(format!(
+                "durations are strings with a unit: write \"{n}s\" for {n} seconds"
+            ))
+        } else if expected.starts_with("a size") {
+            Some(format!(
+                "sizes are strings with a unit: write \"{n}B\" for {n} bytes"
+            ))
+        } else {
+            None
+        };
+        (format!("the integer {n}"), hint)
+    } else if let Some(x) = scalar("floating point ") {
+        (format!("the number {x}"), None)
+    } else if let Some(b) = scalar("boolean ") {
+        (b, None)
+    } else if let Some(text) = found.strip_prefix("string ") {
+        let unquoted = text.trim_matches('"');
+        let hint = match expected {
+            "an integer" if unquoted.trim().parse::<i64>().is_ok() => Some(format!(
+                "write the number without quotes: {}",
+                unquoted.trim()
+            )),
+            "true or false" if matches!(unquoted, "true" | "false") => {
+                Some(format!("write it without quotes: {unquoted}"))
+            }
+            _ => None,
+        };
+        (format!("the string {text}"), hint)
+    } else {
+        let found = match found {
+            "sequence" => "an array",
+            "map" => "a table",
+            other => other,
+        };
+        (found.to_owned(), None)
+    };
+    (format!("expected {expected}, found {found_text}"), hint)
 }
 
 /// The closest known name, if it is close enough to be a plausible typo.
@@ -297,6 +463,34 @@ mod tests {
         assert_eq!(line_col(text, 6), (2, 1));
         assert_eq!(line_col(text, 9), (2, 4));
         assert_eq!(line_col(text, 999), (3, 1));
+    }
+
+    #[test]
+    fn type_errors_are_said_in_the_configs_terms() {
+        let t = |m: &str| type_message(m);
+        assert_eq!(
+            t("invalid type: string \"5\", expected i64"),
+            (
+                "expected an integer, found the string \"5\"".to_owned(),
+                Some("write the number without quotes: 5".to_owned())
+            )
+        );
+        assert_eq!(
+            t("invalid type: integer `10`, expected a duration such as \"10s\""),
+            (
+                "expected a duration such as \"10s\", found the integer 10".to_owned(),
+                Some("durations are strings with a unit: write \"10s\" for 10 seconds".to_owned())
+            )
+        );
+        assert_eq!(
+            t("invalid type: string \"yes\", expected a boolean").0,
+            "expected true or false, found the string \"yes\""
+        );
+        assert_eq!(
+            t("invalid type: sequence, expected a string").0,
+            "expected a string, found an array"
+        );
+        assert_eq!(t("something else").0, "something else");
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //!
 //! Invariants:
 //! - Unknown keys are errors, each reported with file, line, column and a "did you mean" hint.
-//! - Every error in the file is reported at once (syntax errors stop at the first, since nothing
-//!   after them can be trusted; a wrongly typed value stops typed parsing, but unknown keys and
-//!   the semantic checks of everything else are still reported).
+//! - Every error in the file is reported at once, each in the config's terms ("expected an
+//!   integer", "expected a duration such as \"10s\""): wrong types, unknown keys and semantic
+//!   checks together. Only syntax errors stop at the first, since nothing after them can be
+//!   trusted.
 //! - Durations and sizes are strings everywhere (see [`units`]).
 //! - Every bound has a key and a documented default (`config/sensorgate.toml`).
 
@@ -19,9 +20,10 @@ use std::time::Duration;
 use sensorgate_bridges::mqtt::{MqttUpstreamConfig, MqttVersion, TlsSettings};
 use sensorgate_bridges::spool::{FsyncPolicy, SpoolConfig, WhenFull};
 use serde::Deserialize;
+use serde::de::{Deserializer, Visitor};
 
 pub use diag::{Diagnostic, KeyPath};
-use diag::{Reporter, fields_of};
+use diag::{Reporter, fields_of, path_of_span, remove_value};
 
 use crate::mqttsn::core::{ClientSet, CoreConfig, Peer, PredefinedTopic, QueueFull};
 
@@ -169,20 +171,8 @@ impl Config {
             }
         };
         let mut reporter = Reporter::new(path, text, Some(&root));
-        let mut unknown: Vec<KeyPath> = Vec::new();
-        let de = toml::de::Deserializer::from(root.clone());
-        let raw: Result<RawConfig, _> = serde_ignored::deserialize(de, |p| {
-            unknown.push(ignored_path(&p));
-        });
-        for key in &unknown {
-            reporter.unknown_key(key, known_fields(key));
-        }
-        let raw = match raw {
-            Ok(raw) => raw,
-            Err(e) => {
-                reporter.at_span(e.span(), e.message().to_owned(), None);
-                return Err(LoadError::Invalid(reporter.finish()));
-            }
+        let Some(raw) = deserialize_raw(&root, &mut reporter) else {
+            return Err(LoadError::Invalid(reporter.finish()));
         };
         let config = compile(path, raw, &mut reporter);
         let errors = reporter.finish();
@@ -259,6 +249,49 @@ impl Config {
     }
 }
 
+/// Deserializes the document into the raw config, reporting every unknown key and every value
+/// of the wrong type. A wrongly typed value is reported and taken out of the document (its
+/// default applies), and deserializing starts again, so that one wrong type does not hide the
+/// others; each round removes a value, so this ends. `None` after an error that cannot be
+/// located (reported as it is).
+fn deserialize_raw(
+    root: &toml::Spanned<toml::de::DeTable<'_>>,
+    r: &mut Reporter<'_>,
+) -> Option<RawConfig> {
+    let mut doc = root.clone();
+    loop {
+        let mut unknown: Vec<KeyPath> = Vec::new();
+        let de = toml::de::Deserializer::from(doc.clone());
+        let result: Result<RawConfig, _> = serde_ignored::deserialize(de, |p| {
+            unknown.push(ignored_path(&p));
+        });
+        let error = match result {
+            Ok(raw) => {
+                for key in &unknown {
+                    r.unknown_key(key, known_fields(key));
+                }
+                return Some(raw);
+            }
+            Err(error) => error,
+        };
+        let located = error
+            .span()
+            .and_then(|span| path_of_span(&doc, &span))
+            .and_then(|at| Some((at.clone(), remove_value(&mut doc, &at)?)));
+        match located {
+            Some((at, removed)) => r.wrong_type(&at, removed, error.message()),
+            None => {
+                let (message, hint) = diag::type_message(error.message());
+                r.at_span(error.span(), message, hint);
+                for key in &unknown {
+                    r.unknown_key(key, known_fields(key));
+                }
+                return None;
+            }
+        }
+    }
+}
+
 /// Converts a `serde_ignored` path into ours.
 fn ignored_path(path: &serde_ignored::Path<'_>) -> KeyPath {
     fn walk(p: &serde_ignored::Path<'_>, out: &mut Vec<diag::PathSeg>) {
@@ -309,6 +342,48 @@ fn known_fields(key: &KeyPath) -> &'static [&'static str] {
 // ---------------------------------------------------------------------------------------------
 // Raw, as written. Defaults live here and in `config/sensorgate.toml`, which documents them.
 
+/// A string value that stands for something else (a duration, a size): its own type, so that
+/// a value of the wrong type is reported as what the key expects ("expected a duration such
+/// as \"10s\""), not as "expected a string". Parsed in [`compile`].
+macro_rules! text_value {
+    ($name:ident, $expecting:literal) => {
+        #[derive(Debug, Clone)]
+        struct $name(String);
+
+        impl From<&str> for $name {
+            fn from(text: &str) -> Self {
+                $name(text.to_owned())
+            }
+        }
+
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct Text;
+                impl Visitor<'_> for Text {
+                    type Value = String;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str($expecting)
+                    }
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+                        Ok(v.to_owned())
+                    }
+                }
+                deserializer.deserialize_str(Text).map($name)
+            }
+        }
+    };
+}
+
+text_value!(DurationText, "a duration such as \"10s\"");
+text_value!(SizeText, "a size such as \"4KiB\"");
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct RawConfig {
@@ -322,16 +397,16 @@ struct RawConfig {
 #[derive(Debug, Deserialize)]
 #[serde(default)]
 struct RawSpool {
-    max_bytes: String,
-    segment_bytes: String,
-    min_free_bytes: String,
-    max_age: String,
+    max_bytes: SizeText,
+    segment_bytes: SizeText,
+    min_free_bytes: SizeText,
+    max_age: DurationText,
     when_full: String,
     fsync: String,
-    fsync_interval: String,
+    fsync_interval: DurationText,
     queue: i64,
     drain_rate: i64,
-    drain_bytes_rate: String,
+    drain_bytes_rate: SizeText,
 }
 
 impl Default for RawSpool {
@@ -388,11 +463,11 @@ impl Default for RawLog {
 struct RawMqttSn {
     listen: Vec<String>,
     max_clients: i64,
-    max_packet_size: String,
-    recv_buffer: String,
-    send_buffer: String,
+    max_packet_size: SizeText,
+    recv_buffer: SizeText,
+    send_buffer: SizeText,
     recv_batch: i64,
-    session_log_max_size: String,
+    session_log_max_size: SizeText,
     max_client_id_len: i64,
     max_topics_per_client: i64,
     max_inflight_per_client: i64,
@@ -401,11 +476,11 @@ struct RawMqttSn {
     max_queued_per_client: i64,
     max_buffered_per_sleeping_client: i64,
     queue_full: String,
-    retry_interval: String,
+    retry_interval: DurationText,
     max_retries: i64,
-    session_expiry: String,
+    session_expiry: DurationText,
     max_retained: i64,
-    advertise_interval: String,
+    advertise_interval: DurationText,
     advertise_destinations: Vec<String>,
     searchgw_reply: String,
     predefined_topic: Vec<RawPredefined>,
@@ -443,8 +518,12 @@ impl Default for RawMqttSn {
 
 #[derive(Debug, Deserialize)]
 struct RawPredefined {
-    id: i64,
-    topic: String,
+    /// Required (reported in [`compile`], with the other errors).
+    #[serde(default)]
+    id: Option<i64>,
+    /// Required.
+    #[serde(default)]
+    topic: Option<String>,
     #[serde(default = "all_clients")]
     clients: Vec<String>,
 }
@@ -455,9 +534,15 @@ fn all_clients() -> Vec<String> {
 
 #[derive(Debug, Deserialize)]
 struct RawUpstream {
-    name: String,
-    kind: String,
-    url: String,
+    /// Required (reported in [`compile`], with the other errors).
+    #[serde(default)]
+    name: Option<String>,
+    /// Required.
+    #[serde(default)]
+    kind: Option<String>,
+    /// Required.
+    #[serde(default)]
+    url: Option<String>,
     #[serde(default)]
     remote_prefix: String,
     #[serde(default = "default_protocol")]
@@ -475,38 +560,38 @@ struct RawUpstream {
     #[serde(default)]
     client_key: Option<String>,
     #[serde(default = "default_keep_alive")]
-    keep_alive: String,
+    keep_alive: DurationText,
     #[serde(default = "default_connect_timeout")]
-    connect_timeout: String,
+    connect_timeout: DurationText,
     #[serde(default = "default_backoff_initial")]
-    backoff_initial: String,
+    backoff_initial: DurationText,
     #[serde(default = "default_backoff_max")]
-    backoff_max: String,
+    backoff_max: DurationText,
     #[serde(default = "default_max_inflight")]
     max_inflight: i64,
     #[serde(default = "default_queue")]
     queue: i64,
     #[serde(default = "default_ack_timeout")]
-    ack_timeout: String,
+    ack_timeout: DurationText,
 }
 
-fn default_ack_timeout() -> String {
+fn default_ack_timeout() -> DurationText {
     "5s".into()
 }
 
 fn default_protocol() -> String {
     "5".into()
 }
-fn default_keep_alive() -> String {
+fn default_keep_alive() -> DurationText {
     "15s".into()
 }
-fn default_connect_timeout() -> String {
+fn default_connect_timeout() -> DurationText {
     "10s".into()
 }
-fn default_backoff_initial() -> String {
+fn default_backoff_initial() -> DurationText {
     "500ms".into()
 }
-fn default_backoff_max() -> String {
+fn default_backoff_max() -> DurationText {
     "30s".into()
 }
 fn default_max_inflight() -> i64 {
@@ -789,10 +874,25 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
     let mut defined: BTreeMap<(u16, String), usize> = BTreeMap::new();
     for (i, p) in m.predefined_topic.iter().enumerate() {
         let path = sn.key("predefined_topic").index(i);
-        let id = int_in::<u16>(r, &path.key("id"), p.id, 1, 65_534);
-        if let Err(e) = check_topic_name(&p.topic) {
-            r.at_path(&path.key("topic"), e, None);
-        }
+        let id = match p.id {
+            Some(id) => int_in::<u16>(r, &path.key("id"), id, 1, 65_534),
+            None => {
+                r.at_path(&path.key("id"), "is required".into(), None);
+                None
+            }
+        };
+        let topic = match &p.topic {
+            Some(topic) => {
+                if let Err(e) = check_topic_name(topic) {
+                    r.at_path(&path.key("topic"), e, None);
+                }
+                topic.clone()
+            }
+            None => {
+                r.at_path(&path.key("topic"), "is required".into(), None);
+                String::new()
+            }
+        };
         if p.clients.is_empty() {
             r.at_path(
                 &path.key("clients"),
@@ -847,7 +947,7 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
         }
         predefined.push(PredefinedTopic {
             id,
-            topic: p.topic.clone(),
+            topic,
             clients: if all {
                 ClientSet::All
             } else {
@@ -859,7 +959,8 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
     let spool = compile_spool(&raw.spool, &state_dir, r);
 
     let mut upstreams = Vec::new();
-    if raw.upstream.is_empty() {
+    // Unless `upstream` was there with a wrong type (and is reported for that).
+    if raw.upstream.is_empty() && !r.was_reported(&KeyPath::root("upstream")) {
         r.at_span(
             Some(0..0),
             "no `[[upstream]]` is configured: sensor data would have nowhere to go".into(),
@@ -1022,20 +1123,33 @@ fn compile_upstream(
     base: &Path,
     r: &mut Reporter<'_>,
 ) -> Option<Upstream> {
-    let name_ok = !u.name.is_empty()
-        && u.name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if !name_ok {
-        r.at_path(
-            &path.key("name"),
-            format!("`{}` is not a valid upstream name", u.name),
-            Some("use letters, digits, `-` and `_`".into()),
-        );
-    }
-    match u.kind.as_str() {
-        "mqtt" => {}
-        "amqp" => {
+    let name = match &u.name {
+        Some(name) => {
+            let name_ok = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !name_ok {
+                r.at_path(
+                    &path.key("name"),
+                    format!("`{name}` is not a valid upstream name"),
+                    Some("use letters, digits, `-` and `_`".into()),
+                );
+            }
+            name.clone()
+        }
+        None => {
+            r.at_path(
+                &path.key("name"),
+                "is required".into(),
+                Some("name each upstream, e.g. name = \"central\"".into()),
+            );
+            String::new()
+        }
+    };
+    match u.kind.as_deref() {
+        Some("mqtt") => {}
+        Some("amqp") => {
             r.at_path(
                 &path.key("kind"),
                 "kind `amqp` is not supported yet".into(),
@@ -1043,7 +1157,7 @@ fn compile_upstream(
             );
             return None;
         }
-        other => {
+        Some(other) => {
             let hint = diag::did_you_mean(other, &["mqtt", "amqp"])
                 .map(|b| format!("did you mean `{b}`?"));
             r.at_path(
@@ -1053,8 +1167,25 @@ fn compile_upstream(
             );
             return None;
         }
+        None => {
+            r.at_path(
+                &path.key("kind"),
+                "is required".into(),
+                Some("write kind = \"mqtt\"".into()),
+            );
+            return None;
+        }
     }
-    let endpoint = match MqttUpstreamConfig::parse_url(&u.url) {
+    let url = u.url.clone().unwrap_or_default();
+    let endpoint = match MqttUpstreamConfig::parse_url(&url) {
+        _ if u.url.is_none() => {
+            r.at_path(
+                &path.key("url"),
+                "is required".into(),
+                Some("write `mqtt://host:1883` or `mqtts://host:8883`".into()),
+            );
+            None
+        }
         Ok(e) => Some(e),
         Err(e) => {
             r.at_path(
@@ -1123,7 +1254,7 @@ fn compile_upstream(
     let client_id = u
         .client_id
         .clone()
-        .unwrap_or_else(|| format!("sensorgate-{gw_id}-{}", u.name));
+        .unwrap_or_else(|| format!("sensorgate-{gw_id}-{name}"));
     if client_id.is_empty() || client_id.len() > 65_535 {
         r.at_path(
             &path.key("client_id"),
@@ -1205,7 +1336,7 @@ fn compile_upstream(
         }
     }
     let config = MqttUpstreamConfig {
-        name: u.name.clone(),
+        name: name.clone(),
         host,
         port,
         tls,
@@ -1224,9 +1355,9 @@ fn compile_upstream(
         max_unacked_downlinks: sensorgate_bridges::mqtt::config::DEFAULT_MAX_UNACKED_DOWNLINKS,
     };
     Some(Upstream {
-        name: u.name.clone(),
+        name,
         ack_timeout: ack_timeout?,
-        url: u.url.clone(),
+        url,
         kind: UpstreamKind::Mqtt(config),
     })
 }

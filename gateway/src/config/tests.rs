@@ -106,6 +106,87 @@ fn type_errors_are_located() {
 }
 
 #[test]
+fn four_wrong_types_give_four_errors_in_the_configs_terms() {
+    let text = MINIMAL.replace(
+        "[mqttsn]\n",
+        "[mqttsn]\nretry_interval = 10\nmax_packet_size = 4096\nqos_minus_one = \"yes\"\n",
+    ) + "[spool]\nqueue = \"5\"\n";
+    let d = errors(&text);
+    let msgs: Vec<String> = d.iter().map(|d| d.to_string()).collect();
+    assert_eq!(d.len(), 4, "{msgs:#?}");
+    let at = |needle: &str| {
+        let line = text.lines().position(|l| l.starts_with(needle)).unwrap() + 1;
+        (line, needle.len() + 1)
+    };
+    assert_eq!((d[0].line, d[0].column), at("retry_interval = "));
+    assert_eq!(
+        d[0].message,
+        "`mqttsn.retry_interval`: expected a duration such as \"10s\", found the integer 10"
+    );
+    assert_eq!((d[1].line, d[1].column), at("max_packet_size = "));
+    assert_eq!(
+        d[1].message,
+        "`mqttsn.max_packet_size`: expected a size such as \"4KiB\", found the integer 4096"
+    );
+    assert_eq!((d[2].line, d[2].column), at("qos_minus_one = "));
+    assert_eq!(
+        d[2].message,
+        "`mqttsn.qos_minus_one`: expected true or false, found the string \"yes\""
+    );
+    assert_eq!((d[3].line, d[3].column), at("queue = "));
+    assert_eq!(
+        d[3].message,
+        "`spool.queue`: expected an integer, found the string \"5\""
+    );
+    assert_eq!(
+        d[3].hint.as_deref(),
+        Some("write the number without quotes: 5")
+    );
+    assert!(msgs[0].starts_with("test.toml:"), "{}", msgs[0]);
+}
+
+#[test]
+fn wrong_types_unknown_keys_and_bad_values_are_reported_together() {
+    let text = MINIMAL
+        .replace("id = 1\nstate_dir", "id = 300\nstate_dir")
+        .replace(
+            "[mqttsn]\n",
+            "[mqttsn]\nmax_client = 5\nmax_retries = \"3\"\n",
+        )
+        .replace("name = \"local\"", "name = 7");
+    let d = errors(&text);
+    let msgs: Vec<&str> = d.iter().map(|d| d.message.as_str()).collect();
+    assert_eq!(d.len(), 4, "{msgs:#?}");
+    assert!(
+        msgs[0].starts_with("`gateway.id`: 300 is out of range"),
+        "{msgs:#?}"
+    );
+    assert_eq!(msgs[1], "unknown key `max_client` in `[mqttsn]`");
+    assert_eq!(
+        msgs[2],
+        "`mqttsn.max_retries`: expected an integer, found the string \"3\""
+    );
+    // A wrongly typed required key is reported once, not again as missing or invalid.
+    assert_eq!(
+        msgs[3],
+        "`upstream[0].name`: expected a string, found the integer 7"
+    );
+}
+
+#[test]
+fn required_keys_are_reported_as_missing() {
+    let d = errors(&MINIMAL.replace("name = \"local\"\n", ""));
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_eq!(d[0].message, "`upstream[0].name`: is required");
+    let d = errors(&MINIMAL.replace("topic = \"sensors/predefined/1\"\n", ""));
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_eq!(
+        d[0].message,
+        "`mqttsn.predefined_topic[0].topic`: is required"
+    );
+}
+
+#[test]
 fn predefined_ids_must_be_unambiguous() {
     let text = MINIMAL.to_owned()
         + "[[mqttsn.predefined_topic]]\nid = 1\ntopic = \"other\"\nclients = [\"dev1\"]\n"
