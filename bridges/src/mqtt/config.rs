@@ -24,6 +24,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
 use url::{Host, Url};
 
+use super::subscriptions::MAX_SUBSCRIPTIONS;
+
 /// Default port of `mqtt://` URLs.
 pub const DEFAULT_MQTT_PORT: u16 = 1883;
 /// Default port of `mqtts://` URLs.
@@ -119,6 +121,10 @@ pub struct MqttUpstreamConfig {
     /// [`DownlinkAck::ack`](crate::message::DownlinkAck::ack). MQTT 5 announces it as the
     /// CONNECT Receive Maximum; beyond it the upstream stops reading from the broker.
     pub max_unacked_downlinks: u16,
+    /// Most filters subscribed at a time (1..=[`MAX_SUBSCRIPTIONS`]); a new one beyond it is
+    /// refused by `MqttUpstream::subscribe`. The gateway sets it to the MQTT-SN core's
+    /// `max_filters`, which refuses the SUBSCRIBE first, so the table never overflows.
+    pub max_subscriptions: usize,
 }
 
 impl MqttUpstreamConfig {
@@ -151,6 +157,7 @@ impl MqttUpstreamConfig {
             request_queue: DEFAULT_REQUEST_QUEUE,
             max_downlink_bytes: DEFAULT_MAX_DOWNLINK_BYTES,
             max_unacked_downlinks: DEFAULT_MAX_UNACKED_DOWNLINKS,
+            max_subscriptions: MAX_SUBSCRIPTIONS,
         })
     }
 
@@ -239,6 +246,9 @@ impl MqttUpstreamConfig {
         }
         if self.max_unacked_downlinks == 0 {
             return invalid("max_unacked_downlinks", "must be at least 1");
+        }
+        if !(1..=MAX_SUBSCRIPTIONS).contains(&self.max_subscriptions) {
+            return invalid("max_subscriptions", "must be 1..=65536");
         }
         if self.version == MqttVersion::V311 && self.password.is_some() && self.username.is_none() {
             return invalid("password", "MQTT 3.1.1 needs a username with a password");
@@ -569,6 +579,11 @@ mod tests {
         let mut c = base.clone();
         c.max_unacked_downlinks = 0;
         assert_eq!(field_of(c), "max_unacked_downlinks");
+        for bad in [0, MAX_SUBSCRIPTIONS + 1] {
+            let mut c = base.clone();
+            c.max_subscriptions = bad;
+            assert_eq!(field_of(c), "max_subscriptions");
+        }
         let mut c = base.clone();
         c.keep_alive = Duration::from_millis(1500);
         assert_eq!(field_of(c), "keep_alive");

@@ -49,7 +49,7 @@ use super::client::{
     SubmitError,
 };
 use super::config::{MqttUpstreamConfig, MqttVersion, SetupError, build_tls_config};
-use super::subscriptions::{MAX_SUBSCRIPTIONS, SubscriptionTable, TableFull};
+use super::subscriptions::{SubscriptionTable, TableFull};
 use super::{AckReport, Delivery, FailReason};
 use crate::message::{AckRequest, Downlink, DownlinkAck, Message, Qos};
 
@@ -249,7 +249,7 @@ impl MqttUpstream {
                 lost: CancellationToken::new(),
             }),
             counters: Counters::default(),
-            subscriptions: Mutex::new(SubscriptionTable::new(MAX_SUBSCRIPTIONS)),
+            subscriptions: Mutex::new(SubscriptionTable::new(config.max_subscriptions)),
             subscriptions_changed: Notify::new(),
             link_state: watch::Sender::new(false),
             reset: Notify::new(),
@@ -404,7 +404,9 @@ impl MqttUpstream {
     ///
     /// [`FailReason::Shutdown`] after shutdown; [`FailReason::Rejected`] for an empty or invalid
     /// filter (wildcards, NUL, over 65535 bytes with the prefix); [`FailReason::QueueFull`] when
-    /// [`MAX_SUBSCRIPTIONS`] other filters are subscribed. Nothing is remembered on error.
+    /// `max_subscriptions` (at most [`MAX_SUBSCRIPTIONS`](super::MAX_SUBSCRIPTIONS)) other
+    /// filters are subscribed.
+    /// Nothing is remembered on error.
     pub fn subscribe(&self, filter: &str, qos: Qos) -> Result<(), FailReason> {
         if self.shutdown.is_cancelled() {
             return Err(FailReason::Shutdown);
