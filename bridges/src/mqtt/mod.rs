@@ -69,7 +69,10 @@
 //!   clean sessions the broker discards unacknowledged messages of a lost connection.
 //! - **Subscriptions are remembered.** Every filter passed to [`MqttUpstream::subscribe`] and
 //!   not unsubscribed is asked for on every connection: after each CONNACK all of them, batched,
-//!   then each change as it happens. A full request queue delays a change, never loses it.
+//!   then each change as it happens. A full request queue delays a change, never loses it. A
+//!   filter the broker refuses (SUBACK failure) is logged at warn (rate-limited) and asked for
+//!   again after a delay; one whose SUBACK the dropped link never brought is asked for on the
+//!   next connection like every other.
 //! - **Prefix.** The broker is asked for `remote_prefix + filter`; a delivered topic loses the
 //!   prefix, and one without it is dropped.
 //! - **Bounded.** At most `max_subscriptions` filters (configured, at most

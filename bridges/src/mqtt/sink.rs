@@ -27,7 +27,7 @@
 //! connection's generation, the link task's count of CONNACKs, and are dropped unless that
 //! connection is still up (see [`Control`]).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -52,6 +52,10 @@ use super::config::{MqttUpstreamConfig, MqttVersion, SetupError, build_tls_confi
 use super::subscriptions::{SubscriptionTable, TableFull};
 use super::{AckReport, Delivery, FailReason};
 use crate::message::{AckRequest, Downlink, DownlinkAck, Message, Qos};
+
+/// How long a filter the broker refused waits before it is asked for again, and the least
+/// time between two warnings about refusals.
+const REFUSED_SUBSCRIPTION_RETRY: Duration = Duration::from_secs(60);
 
 /// Most filters in one SUBSCRIBE or UNSUBSCRIBE packet.
 const FILTERS_PER_PACKET: usize = 64;
@@ -115,8 +119,9 @@ pub struct UpstreamStats {
     /// Filters the broker granted (SUBACK), counted per SUBSCRIBE, so re-subscribing after a
     /// reconnect counts again.
     pub subscribe_granted: u64,
-    /// Filters the broker refused (SUBACK failure, e.g. not authorized). They stay wanted and
-    /// are asked for again after the next reconnect.
+    /// Filters the broker refused (SUBACK failure, e.g. not authorized), counted per refusal.
+    /// They stay wanted and are asked for again every `REFUSED_SUBSCRIPTION_RETRY` and after
+    /// every reconnect; each refusal is logged at warn (rate-limited).
     pub subscribe_refused: u64,
 }
 
@@ -279,6 +284,10 @@ impl MqttUpstream {
                 up: false,
                 resync: false,
                 subacks: FuturesUnordered::new(),
+                refused: BTreeSet::new(),
+                retry_refused_at: None,
+                refusal_warned: None,
+                refusals_unlogged: 0,
             },
             backoff: Backoff::new(config.backoff_initial, config.backoff_max),
             drain: config.connect_timeout,
@@ -398,7 +407,7 @@ impl MqttUpstream {
     /// sent on every subscribe). MQTT 3.1.1 has neither option: live retained messages arrive
     /// with retain = 0, and the gateway's own uplink publishes to a subscribed topic come back
     /// as downlinks. The broker's SUBACK is counted in [`UpstreamStats`]; a refused filter stays
-    /// remembered.
+    /// remembered, is logged at warn (rate-limited) and asked for again after a delay.
     ///
     /// # Errors
     ///
@@ -612,6 +621,15 @@ struct Control {
     resync: bool,
     /// SUBACKs awaited, with the gateway's filters they answer.
     subacks: FuturesUnordered<SubackFuture>,
+    /// Filters the broker refused on this connection, asked for again at `retry_refused_at`;
+    /// wanted filters only, so bounded by the table's capacity.
+    refused: BTreeSet<String>,
+    /// When `refused` is asked for again.
+    retry_refused_at: Option<tokio::time::Instant>,
+    /// When a refusal was last logged at warn, and how many came since (sensors choose the
+    /// filters, so the warning is rate-limited).
+    refusal_warned: Option<tokio::time::Instant>,
+    refusals_unlogged: u64,
 }
 
 /// The gateway's filters of one SUBSCRIBE and, per filter, `None` if granted or the broker's
@@ -905,6 +923,13 @@ impl Control {
     async fn drive<F: Future>(&mut self, work: F) -> Option<F::Output> {
         tokio::pin!(work);
         loop {
+            let retry_at = self.retry_refused_at;
+            let retry_refused = async {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => return None,
@@ -913,6 +938,7 @@ impl Control {
                     self.on_suback(&filters, outcome);
                 }
                 () = self.shared.subscriptions_changed.notified() => self.sync_subscriptions(),
+                () = retry_refused => self.retry_refused(),
                 output = &mut work => return Some(output),
             }
         }
@@ -923,7 +949,23 @@ impl Control {
         self.generation = self.generation.wrapping_add(1);
         self.up = true;
         self.ack_backlog.clear();
+        // Everything wanted is asked for again, refused filters included.
+        self.refused.clear();
+        self.retry_refused_at = None;
         self.shared.subscriptions().reset_link();
+        self.sync_subscriptions();
+    }
+
+    /// Asks the broker again for the filters it refused.
+    fn retry_refused(&mut self) {
+        self.retry_refused_at = None;
+        let refused = std::mem::take(&mut self.refused);
+        {
+            let mut table = self.shared.subscriptions();
+            for filter in &refused {
+                table.unapply(filter);
+            }
+        }
         self.sync_subscriptions();
     }
 
@@ -1073,14 +1115,37 @@ impl Control {
                     match code {
                         None => counters.subscribe_granted.fetch_add(1, Ordering::Relaxed),
                         Some(reason) => {
-                            // Sensor-triggered (their filters), so at debug; counted.
-                            debug!(upstream = %self.shared.name, %filter, reason, "Upstream refused a subscription.");
+                            // Subscribers of this filter get nothing from this upstream: seen
+                            // at warn, rate-limited (sensors choose the filters), and retried.
+                            self.refusals_unlogged += 1;
+                            let now = tokio::time::Instant::now();
+                            let quiet = self.refusal_warned.is_some_and(|at| {
+                                now.saturating_duration_since(at) < REFUSED_SUBSCRIPTION_RETRY
+                            });
+                            if !quiet {
+                                warn!(
+                                    upstream = %self.shared.name,
+                                    %filter,
+                                    reason,
+                                    refused = self.refusals_unlogged,
+                                    retry_secs = REFUSED_SUBSCRIPTION_RETRY.as_secs(),
+                                    "Upstream refused a subscription; asking again later."
+                                );
+                                self.refusal_warned = Some(now);
+                                self.refusals_unlogged = 0;
+                            }
+                            if self.up {
+                                self.refused.insert(filter.clone());
+                                self.retry_refused_at
+                                    .get_or_insert(now + REFUSED_SUBSCRIPTION_RETRY);
+                            }
                             counters.subscribe_refused.fetch_add(1, Ordering::Relaxed)
                         }
                     };
                 }
             }
             Err(error) => {
+                // The next connection asks for every wanted filter again (`connected`).
                 trace!(upstream = %self.shared.name, error = %error, "Subscription not confirmed before the link dropped.");
             }
         }
