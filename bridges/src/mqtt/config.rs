@@ -50,6 +50,9 @@ pub const DEFAULT_MAX_DOWNLINK_BYTES: usize = 64 * 1024;
 /// Default bound on QoS >= 1 downlink messages delivered and not yet acknowledged used by
 /// [`MqttUpstreamConfig::new`].
 pub const DEFAULT_MAX_UNACKED_DOWNLINKS: u16 = 256;
+
+/// Default [`MqttUpstreamConfig::subscribe_retry`].
+pub const DEFAULT_SUBSCRIBE_RETRY: Duration = Duration::from_secs(60);
 /// Smallest accepted `max_downlink_bytes`: the broker's CONNACK and SUBACK packets must fit.
 pub const MIN_DOWNLINK_BYTES: usize = 1024;
 /// Largest accepted `max_downlink_bytes`: the largest packet MQTT can encode (a 4-byte
@@ -125,6 +128,9 @@ pub struct MqttUpstreamConfig {
     /// refused by `MqttUpstream::subscribe`. The gateway sets it to the MQTT-SN core's
     /// `max_filters`, which refuses the SUBSCRIBE first, so the table never overflows.
     pub max_subscriptions: usize,
+    /// How long a filter the broker refused (SUBACK failure) waits before it is asked for
+    /// again, and the least time between two warnings about refusals.
+    pub subscribe_retry: Duration,
 }
 
 impl MqttUpstreamConfig {
@@ -158,6 +164,7 @@ impl MqttUpstreamConfig {
             max_downlink_bytes: DEFAULT_MAX_DOWNLINK_BYTES,
             max_unacked_downlinks: DEFAULT_MAX_UNACKED_DOWNLINKS,
             max_subscriptions: MAX_SUBSCRIPTIONS,
+            subscribe_retry: DEFAULT_SUBSCRIBE_RETRY,
         })
     }
 
@@ -249,6 +256,9 @@ impl MqttUpstreamConfig {
         }
         if !(1..=MAX_SUBSCRIPTIONS).contains(&self.max_subscriptions) {
             return invalid("max_subscriptions", "must be 1..=65536");
+        }
+        if self.subscribe_retry.is_zero() {
+            return invalid("subscribe_retry", "must be more than zero");
         }
         if self.version == MqttVersion::V311 && self.password.is_some() && self.username.is_none() {
             return invalid("password", "MQTT 3.1.1 needs a username with a password");
@@ -584,6 +594,9 @@ mod tests {
             c.max_subscriptions = bad;
             assert_eq!(field_of(c), "max_subscriptions");
         }
+        let mut c = base.clone();
+        c.subscribe_retry = Duration::ZERO;
+        assert_eq!(field_of(c), "subscribe_retry");
         let mut c = base.clone();
         c.keep_alive = Duration::from_millis(1500);
         assert_eq!(field_of(c), "keep_alive");

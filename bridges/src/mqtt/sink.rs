@@ -53,10 +53,6 @@ use super::subscriptions::{SubscriptionTable, TableFull};
 use super::{AckReport, Delivery, FailReason};
 use crate::message::{AckRequest, Downlink, DownlinkAck, Message, Qos};
 
-/// How long a filter the broker refused waits before it is asked for again, and the least
-/// time between two warnings about refusals.
-const REFUSED_SUBSCRIPTION_RETRY: Duration = Duration::from_secs(60);
-
 /// Most filters in one SUBSCRIBE or UNSUBSCRIBE packet.
 const FILTERS_PER_PACKET: usize = 64;
 
@@ -120,7 +116,7 @@ pub struct UpstreamStats {
     /// reconnect counts again.
     pub subscribe_granted: u64,
     /// Filters the broker refused (SUBACK failure, e.g. not authorized), counted per refusal.
-    /// They stay wanted and are asked for again every `REFUSED_SUBSCRIPTION_RETRY` and after
+    /// They stay wanted and are asked for again every `subscribe_retry` and after
     /// every reconnect; each refusal is logged at warn (rate-limited).
     pub subscribe_refused: u64,
 }
@@ -286,6 +282,7 @@ impl MqttUpstream {
                 subacks: FuturesUnordered::new(),
                 refused: BTreeSet::new(),
                 retry_refused_at: None,
+                refused_retry: config.subscribe_retry,
                 refusal_warned: None,
                 refusals_unlogged: 0,
             },
@@ -626,6 +623,9 @@ struct Control {
     refused: BTreeSet<String>,
     /// When `refused` is asked for again.
     retry_refused_at: Option<tokio::time::Instant>,
+    /// `subscribe_retry`: the wait before `refused` is asked for again, and between two
+    /// warnings.
+    refused_retry: Duration,
     /// When a refusal was last logged at warn, and how many came since (sensors choose the
     /// filters, so the warning is rate-limited).
     refusal_warned: Option<tokio::time::Instant>,
@@ -1120,7 +1120,7 @@ impl Control {
                             self.refusals_unlogged += 1;
                             let now = tokio::time::Instant::now();
                             let quiet = self.refusal_warned.is_some_and(|at| {
-                                now.saturating_duration_since(at) < REFUSED_SUBSCRIPTION_RETRY
+                                now.saturating_duration_since(at) < self.refused_retry
                             });
                             if !quiet {
                                 warn!(
@@ -1128,7 +1128,7 @@ impl Control {
                                     %filter,
                                     reason,
                                     refused = self.refusals_unlogged,
-                                    retry_secs = REFUSED_SUBSCRIPTION_RETRY.as_secs(),
+                                    retry_secs = self.refused_retry.as_secs(),
                                     "Upstream refused a subscription; asking again later."
                                 );
                                 self.refusal_warned = Some(now);
@@ -1137,7 +1137,7 @@ impl Control {
                             if self.up {
                                 self.refused.insert(filter.clone());
                                 self.retry_refused_at
-                                    .get_or_insert(now + REFUSED_SUBSCRIPTION_RETRY);
+                                    .get_or_insert(now + self.refused_retry);
                             }
                             counters.subscribe_refused.fetch_add(1, Ordering::Relaxed)
                         }

@@ -1239,6 +1239,7 @@ fn compile_upstream(
         max_unacked_downlinks: sensorgate_bridges::mqtt::config::DEFAULT_MAX_UNACKED_DOWNLINKS,
         // Set from `[mqttsn] max_filters` by `compile`.
         max_subscriptions: MAX_SUBSCRIPTIONS,
+        subscribe_retry: sensorgate_bridges::mqtt::config::DEFAULT_SUBSCRIBE_RETRY,
     };
     Some(Upstream {
         name: u.name.clone(),
