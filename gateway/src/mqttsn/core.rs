@@ -9,12 +9,11 @@
 //! 1. feeds every received datagram to [`Core::handle_datagram`], the spool's verdict on every
 //!    tokened publish to [`Core::handle_publish_result`] (accepted once the message is durable
 //!    in the spool, i.e. written and fsync'd; refused when the spool cannot take it), every
-//!    message from an upstream
-//!    subscription to [`Core::handle_downlink`], and the upstreams' availability to
-//!    [`Core::set_upstream_available`]. When the [`DownlinkOutcome`] of `handle_downlink`
-//!    says [`DownlinkOutcome::needs_durability`], the adapter holds the broker's
-//!    acknowledgement until the changes of step 4 of this round are durable; otherwise it
-//!    acknowledges at once;
+//!    message from an upstream subscription to [`Core::handle_downlink`], and the upstreams'
+//!    availability to [`Core::set_upstream_available`]. When the [`DownlinkOutcome`] of
+//!    `handle_downlink` says [`DownlinkOutcome::needs_durability`], the adapter holds the
+//!    broker's acknowledgement until the changes of step 4 of this round are durable;
+//!    otherwise it acknowledges at once;
 //! 2. calls [`Core::handle_timeout`] once the instant from [`Core::poll_timeout`] has passed
 //!    (calling it early is harmless: nothing is due, nothing happens);
 //! 3. drains [`Core::poll_transmit`] (datagrams to send) and [`Core::poll_event`] (publishes
@@ -98,9 +97,9 @@
 //! # Invariants
 //! - Clients are keyed by ClientId. An address maps to at most one session and a session to at
 //!   most one address; a datagram only ever acts on the session its address is bound to, and
-//!   only as the session's state allows (see above). A
-//!   session is rebound to a new address only by CONNECT or PINGREQ carrying its ClientId, and
-//!   the old address then loses its binding (it cannot inject into the session).
+//!   only as the session's state allows (see above). A session is rebound to a new address
+//!   only by CONNECT or PINGREQ carrying its ClientId, and the old address then loses its
+//!   binding (it cannot inject into the session).
 //! - A QoS 1/2 PUBLISH is acknowledged to the sensor (PUBACK / PUBREC) only after
 //!   [`Core::handle_publish_result`] reported it accepted, which the adapter does once the
 //!   spool holds it durably (fsync'd), not when a broker acknowledged it; a refusal is
