@@ -562,6 +562,40 @@ async fn refused_subscriptions_are_counted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscription_is_asked_for_again_on_the_same_connection() {
+    init_tracing();
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("bind 127.0.0.1:0");
+    let port = listener.local_addr().expect("local addr").port();
+    let broker = tokio::spawn(refusing_broker(listener));
+    let mut cfg =
+        MqttUpstreamConfig::new("down", &format!("mqtt://127.0.0.1:{port}")).expect("valid url");
+    cfg.remote_prefix = "site-7/".into();
+    cfg.subscribe_retry = Duration::from_millis(50);
+    let up = Running::start(cfg).await;
+    up.upstream
+        .subscribe("allowed/#", Qos::AtLeastOnce)
+        .expect("remembered");
+    up.upstream
+        .subscribe("denied/#", Qos::AtLeastOnce)
+        .expect("remembered");
+    // The refusing broker accepts one connection only: every answer is on the first.
+    up.wait_for("asked again", |up| up.stats().subscribe_refused >= 3)
+        .await;
+    assert_eq!(
+        up.stats().subscribe_granted,
+        1,
+        "a granted filter is not re-sent"
+    );
+    // (That a filter no longer wanted is not asked for again is checked by the table's
+    // tests: `SubscriptionTable::unapply` of an unwanted filter sends nothing.)
+    assert!(up.upstream.is_connected());
+    up.shut_down().await;
+    broker.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_refuses_invalid_filters_and_works_while_down() {
     init_tracing();
     // Nothing listens on this port: subscriptions are only remembered.

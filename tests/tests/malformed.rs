@@ -152,18 +152,14 @@ fn classes() -> Vec<Class> {
                 .map(|&q| sn::publish(sn::flags(q, false, TopicType::Reserved), 1, 5, b"r"))
                 .collect(),
         ),
+        // Empty or over-limit ClientIds are well-formed: they get CONNACK rc 0x03
+        // (connect_refused.rs). Beyond the decoder's hard cap they are malformed.
         class(
-            "empty ClientId",
-            false,
-            vec![sn::connect(sn::FLAG_CLEAN, 60, b"")],
-        ),
-        class(
-            "ClientId longer than 23 octets",
+            "ClientId longer than the decoder's cap (1024 octets)",
             false,
             vec![
-                sn::connect(sn::FLAG_CLEAN, 60, &[b'x'; 24]),
-                sn::connect(sn::FLAG_CLEAN, 60, &[b'y'; 100]),
-                sn::connect(sn::FLAG_CLEAN, 60, &[b'z'; 250]),
+                sn::connect(sn::FLAG_CLEAN, 60, &[b'x'; 1025]),
+                sn::connect(sn::FLAG_CLEAN, 60, &[b'y'; 4000]),
             ],
         ),
         class(

@@ -24,6 +24,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
 use url::{Host, Url};
 
+use super::subscriptions::MAX_SUBSCRIPTIONS;
+
 /// Default port of `mqtt://` URLs.
 pub const DEFAULT_MQTT_PORT: u16 = 1883;
 /// Default port of `mqtts://` URLs.
@@ -48,6 +50,9 @@ pub const DEFAULT_MAX_DOWNLINK_BYTES: usize = 64 * 1024;
 /// Default bound on QoS >= 1 downlink messages delivered and not yet acknowledged used by
 /// [`MqttUpstreamConfig::new`].
 pub const DEFAULT_MAX_UNACKED_DOWNLINKS: u16 = 256;
+
+/// Default [`MqttUpstreamConfig::subscribe_retry`].
+pub const DEFAULT_SUBSCRIBE_RETRY: Duration = Duration::from_secs(60);
 /// Smallest accepted `max_downlink_bytes`: the broker's CONNACK and SUBACK packets must fit.
 pub const MIN_DOWNLINK_BYTES: usize = 1024;
 /// Largest accepted `max_downlink_bytes`: the largest packet MQTT can encode (a 4-byte
@@ -119,6 +124,13 @@ pub struct MqttUpstreamConfig {
     /// [`DownlinkAck::ack`](crate::message::DownlinkAck::ack). MQTT 5 announces it as the
     /// CONNECT Receive Maximum; beyond it the upstream stops reading from the broker.
     pub max_unacked_downlinks: u16,
+    /// Most filters subscribed at a time (1..=[`MAX_SUBSCRIPTIONS`]); a new one beyond it is
+    /// refused by `MqttUpstream::subscribe`. The gateway sets it to the MQTT-SN core's
+    /// `max_filters`, which refuses the SUBSCRIBE first, so the table never overflows.
+    pub max_subscriptions: usize,
+    /// How long a filter the broker refused (SUBACK failure) waits before it is asked for
+    /// again, and the least time between two warnings about refusals.
+    pub subscribe_retry: Duration,
 }
 
 impl MqttUpstreamConfig {
@@ -151,6 +163,8 @@ impl MqttUpstreamConfig {
             request_queue: DEFAULT_REQUEST_QUEUE,
             max_downlink_bytes: DEFAULT_MAX_DOWNLINK_BYTES,
             max_unacked_downlinks: DEFAULT_MAX_UNACKED_DOWNLINKS,
+            max_subscriptions: MAX_SUBSCRIPTIONS,
+            subscribe_retry: DEFAULT_SUBSCRIBE_RETRY,
         })
     }
 
@@ -239,6 +253,12 @@ impl MqttUpstreamConfig {
         }
         if self.max_unacked_downlinks == 0 {
             return invalid("max_unacked_downlinks", "must be at least 1");
+        }
+        if !(1..=MAX_SUBSCRIPTIONS).contains(&self.max_subscriptions) {
+            return invalid("max_subscriptions", "must be 1..=65536");
+        }
+        if self.subscribe_retry.is_zero() {
+            return invalid("subscribe_retry", "must be more than zero");
         }
         if self.version == MqttVersion::V311 && self.password.is_some() && self.username.is_none() {
             return invalid("password", "MQTT 3.1.1 needs a username with a password");
@@ -569,6 +589,14 @@ mod tests {
         let mut c = base.clone();
         c.max_unacked_downlinks = 0;
         assert_eq!(field_of(c), "max_unacked_downlinks");
+        for bad in [0, MAX_SUBSCRIPTIONS + 1] {
+            let mut c = base.clone();
+            c.max_subscriptions = bad;
+            assert_eq!(field_of(c), "max_subscriptions");
+        }
+        let mut c = base.clone();
+        c.subscribe_retry = Duration::ZERO;
+        assert_eq!(field_of(c), "subscribe_retry");
         let mut c = base.clone();
         c.keep_alive = Duration::from_millis(1500);
         assert_eq!(field_of(c), "keep_alive");

@@ -69,10 +69,14 @@
 //!   clean sessions the broker discards unacknowledged messages of a lost connection.
 //! - **Subscriptions are remembered.** Every filter passed to [`MqttUpstream::subscribe`] and
 //!   not unsubscribed is asked for on every connection: after each CONNACK all of them, batched,
-//!   then each change as it happens. A full request queue delays a change, never loses it.
+//!   then each change as it happens. A full request queue delays a change, never loses it. A
+//!   filter the broker refuses (SUBACK failure) is logged at warn (rate-limited) and asked for
+//!   again after a delay; one whose SUBACK the dropped link never brought is asked for on the
+//!   next connection like every other.
 //! - **Prefix.** The broker is asked for `remote_prefix + filter`; a delivered topic loses the
 //!   prefix, and one without it is dropped.
-//! - **Bounded.** At most [`MAX_SUBSCRIPTIONS`] filters; at most `max_unacked_downlinks`
+//! - **Bounded.** At most `max_subscriptions` filters (configured, at most
+//!   [`MAX_SUBSCRIPTIONS`]); at most `max_unacked_downlinks`
 //!   [`DownlinkAck`]s of QoS >= 1 messages outstanding (MQTT 5 tells the broker as Receive
 //!   Maximum); the downlink channel is the gateway's bounded channel. When a slot or channel
 //!   space is missing, the link task waits and reads nothing more from the broker
@@ -122,7 +126,7 @@ pub enum FailReason {
     /// The link to the broker was down, or dropped before the acknowledgement.
     Disconnected,
     /// `max_inflight` publishes are outstanding, or the client's request queue is full; for
-    /// [`MqttUpstream::subscribe`]: [`MAX_SUBSCRIPTIONS`] filters are subscribed.
+    /// [`MqttUpstream::subscribe`]: `max_subscriptions` filters are subscribed.
     QueueFull,
     /// Refused: by the broker (MQTT 5 failure reason code), or locally (invalid topic or
     /// filter, over [`MAX_PUBLISH_BYTES`]). Retrying the same message will not help.

@@ -27,7 +27,7 @@
 //! connection's generation, the link task's count of CONNACKs, and are dropped unless that
 //! connection is still up (see [`Control`]).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -49,7 +49,7 @@ use super::client::{
     SubmitError,
 };
 use super::config::{MqttUpstreamConfig, MqttVersion, SetupError, build_tls_config};
-use super::subscriptions::{MAX_SUBSCRIPTIONS, SubscriptionTable, TableFull};
+use super::subscriptions::{SubscriptionTable, TableFull};
 use super::{AckReport, Delivery, FailReason};
 use crate::message::{AckRequest, Downlink, DownlinkAck, Message, Qos};
 
@@ -115,8 +115,9 @@ pub struct UpstreamStats {
     /// Filters the broker granted (SUBACK), counted per SUBSCRIBE, so re-subscribing after a
     /// reconnect counts again.
     pub subscribe_granted: u64,
-    /// Filters the broker refused (SUBACK failure, e.g. not authorized). They stay wanted and
-    /// are asked for again after the next reconnect.
+    /// Filters the broker refused (SUBACK failure, e.g. not authorized), counted per refusal.
+    /// They stay wanted and are asked for again every `subscribe_retry` and after
+    /// every reconnect; each refusal is logged at warn (rate-limited).
     pub subscribe_refused: u64,
 }
 
@@ -249,7 +250,7 @@ impl MqttUpstream {
                 lost: CancellationToken::new(),
             }),
             counters: Counters::default(),
-            subscriptions: Mutex::new(SubscriptionTable::new(MAX_SUBSCRIPTIONS)),
+            subscriptions: Mutex::new(SubscriptionTable::new(config.max_subscriptions)),
             subscriptions_changed: Notify::new(),
             link_state: watch::Sender::new(false),
             reset: Notify::new(),
@@ -279,6 +280,11 @@ impl MqttUpstream {
                 up: false,
                 resync: false,
                 subacks: FuturesUnordered::new(),
+                refused: BTreeSet::new(),
+                retry_refused_at: None,
+                refused_retry: config.subscribe_retry,
+                refusal_warned: None,
+                refusals_unlogged: 0,
             },
             backoff: Backoff::new(config.backoff_initial, config.backoff_max),
             drain: config.connect_timeout,
@@ -398,13 +404,15 @@ impl MqttUpstream {
     /// sent on every subscribe). MQTT 3.1.1 has neither option: live retained messages arrive
     /// with retain = 0, and the gateway's own uplink publishes to a subscribed topic come back
     /// as downlinks. The broker's SUBACK is counted in [`UpstreamStats`]; a refused filter stays
-    /// remembered.
+    /// remembered, is logged at warn (rate-limited) and asked for again after a delay.
     ///
     /// # Errors
     ///
     /// [`FailReason::Shutdown`] after shutdown; [`FailReason::Rejected`] for an empty or invalid
     /// filter (wildcards, NUL, over 65535 bytes with the prefix); [`FailReason::QueueFull`] when
-    /// [`MAX_SUBSCRIPTIONS`] other filters are subscribed. Nothing is remembered on error.
+    /// `max_subscriptions` (at most [`MAX_SUBSCRIPTIONS`](super::MAX_SUBSCRIPTIONS)) other
+    /// filters are subscribed.
+    /// Nothing is remembered on error.
     pub fn subscribe(&self, filter: &str, qos: Qos) -> Result<(), FailReason> {
         if self.shutdown.is_cancelled() {
             return Err(FailReason::Shutdown);
@@ -610,6 +618,18 @@ struct Control {
     resync: bool,
     /// SUBACKs awaited, with the gateway's filters they answer.
     subacks: FuturesUnordered<SubackFuture>,
+    /// Filters the broker refused on this connection, asked for again at `retry_refused_at`;
+    /// wanted filters only, so bounded by the table's capacity.
+    refused: BTreeSet<String>,
+    /// When `refused` is asked for again.
+    retry_refused_at: Option<tokio::time::Instant>,
+    /// `subscribe_retry`: the wait before `refused` is asked for again, and between two
+    /// warnings.
+    refused_retry: Duration,
+    /// When a refusal was last logged at warn, and how many came since (sensors choose the
+    /// filters, so the warning is rate-limited).
+    refusal_warned: Option<tokio::time::Instant>,
+    refusals_unlogged: u64,
 }
 
 /// The gateway's filters of one SUBSCRIBE and, per filter, `None` if granted or the broker's
@@ -903,6 +923,13 @@ impl Control {
     async fn drive<F: Future>(&mut self, work: F) -> Option<F::Output> {
         tokio::pin!(work);
         loop {
+            let retry_at = self.retry_refused_at;
+            let retry_refused = async {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => return None,
@@ -911,6 +938,7 @@ impl Control {
                     self.on_suback(&filters, outcome);
                 }
                 () = self.shared.subscriptions_changed.notified() => self.sync_subscriptions(),
+                () = retry_refused => self.retry_refused(),
                 output = &mut work => return Some(output),
             }
         }
@@ -921,7 +949,23 @@ impl Control {
         self.generation = self.generation.wrapping_add(1);
         self.up = true;
         self.ack_backlog.clear();
+        // Everything wanted is asked for again, refused filters included.
+        self.refused.clear();
+        self.retry_refused_at = None;
         self.shared.subscriptions().reset_link();
+        self.sync_subscriptions();
+    }
+
+    /// Asks the broker again for the filters it refused.
+    fn retry_refused(&mut self) {
+        self.retry_refused_at = None;
+        let refused = std::mem::take(&mut self.refused);
+        {
+            let mut table = self.shared.subscriptions();
+            for filter in &refused {
+                table.unapply(filter);
+            }
+        }
         self.sync_subscriptions();
     }
 
@@ -1071,14 +1115,37 @@ impl Control {
                     match code {
                         None => counters.subscribe_granted.fetch_add(1, Ordering::Relaxed),
                         Some(reason) => {
-                            // Sensor-triggered (their filters), so at debug; counted.
-                            debug!(upstream = %self.shared.name, %filter, reason, "Upstream refused a subscription.");
+                            // Subscribers of this filter get nothing from this upstream: seen
+                            // at warn, rate-limited (sensors choose the filters), and retried.
+                            self.refusals_unlogged += 1;
+                            let now = tokio::time::Instant::now();
+                            let quiet = self.refusal_warned.is_some_and(|at| {
+                                now.saturating_duration_since(at) < self.refused_retry
+                            });
+                            if !quiet {
+                                warn!(
+                                    upstream = %self.shared.name,
+                                    %filter,
+                                    reason,
+                                    refused = self.refusals_unlogged,
+                                    retry_secs = self.refused_retry.as_secs(),
+                                    "Upstream refused a subscription; asking again later."
+                                );
+                                self.refusal_warned = Some(now);
+                                self.refusals_unlogged = 0;
+                            }
+                            if self.up {
+                                self.refused.insert(filter.clone());
+                                self.retry_refused_at
+                                    .get_or_insert(now + self.refused_retry);
+                            }
                             counters.subscribe_refused.fetch_add(1, Ordering::Relaxed)
                         }
                     };
                 }
             }
             Err(error) => {
+                // The next connection asks for every wanted filter again (`connected`).
                 trace!(upstream = %self.shared.name, error = %error, "Subscription not confirmed before the link dropped.");
             }
         }

@@ -16,9 +16,10 @@
 //! ```
 //!
 //! "Applied" means queued in the client, not acknowledged by the broker: SUBSCRIBE and
-//! UNSUBSCRIBE requests of one connection go out in queue order, and the broker's SUBACK is
-//! only logged and counted (a refused filter stays wanted and is asked for again after the next
-//! reconnect).
+//! UNSUBSCRIBE requests of one connection go out in queue order. A filter the broker refuses
+//! (SUBACK failure) stays wanted and is made unapplied again
+//! ([`SubscriptionTable::unapply`]), so it is asked for again (after a delay, see the link
+//! task) and after every reconnect.
 //!
 //! Every wanted filter also has a subscription identifier (MQTT 5), unique among the wanted
 //! filters and kept while the filter is wanted, so a message the broker delivers tells which of
@@ -227,6 +228,14 @@ impl SubscriptionTable {
         }
     }
 
+    /// The broker refused the subscription of `filter` (SUBACK failure): it is not applied
+    /// after all, so the next batch asks for it again if it is still wanted. Returns whether
+    /// something is now to send.
+    pub(crate) fn unapply(&mut self, filter: &str) -> bool {
+        self.applied.remove(filter);
+        self.mark(filter)
+    }
+
     /// The client could not queue these changes: send them later.
     pub(crate) fn requeue<'a>(&mut self, filters: impl IntoIterator<Item = &'a str>) {
         for filter in filters {
@@ -303,6 +312,21 @@ mod tests {
         table.set("a", Qos::AtLeastOnce).unwrap();
         assert!(!table.remove("a"));
         assert!(!table.has_changes());
+        assert!(flush(&mut table).is_empty());
+    }
+
+    #[test]
+    fn a_refused_filter_is_asked_for_again_while_wanted() {
+        let mut table = SubscriptionTable::new(10);
+        table.set("a", Qos::AtLeastOnce).unwrap();
+        table.set("b", Qos::AtMostOnce).unwrap();
+        flush(&mut table);
+        assert!(table.unapply("a"));
+        assert_eq!(subs(&flush(&mut table)), [("a", Qos::AtLeastOnce)]);
+        // No longer wanted: nothing to ask for, nothing to unsubscribe.
+        table.remove("b");
+        flush(&mut table);
+        assert!(!table.unapply("b"));
         assert!(flush(&mut table).is_empty());
     }
 

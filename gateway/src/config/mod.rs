@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sensorgate_bridges::mqtt::{MqttUpstreamConfig, MqttVersion, TlsSettings};
+use sensorgate_bridges::mqtt::{MAX_SUBSCRIPTIONS, MqttUpstreamConfig, MqttVersion, TlsSettings};
 use sensorgate_bridges::spool::{FsyncPolicy, SpoolConfig, WhenFull};
 use serde::Deserialize;
 use serde::de::{Deserializer, Visitor};
@@ -25,6 +25,7 @@ use serde::de::{Deserializer, Visitor};
 pub use diag::{Diagnostic, KeyPath};
 use diag::{Reporter, fields_of, path_of_span, remove_value};
 
+use crate::mqttsn::codec::MAX_CLIENT_ID_LEN_DECODE;
 use crate::mqttsn::core::{ClientSet, CoreConfig, Peer, PredefinedTopic, QueueFull};
 
 /// Default config path of the packaged daemon.
@@ -473,6 +474,7 @@ struct RawMqttSn {
     max_inflight_per_client: i64,
     qos_minus_one: bool,
     max_subscriptions_per_client: i64,
+    max_filters: i64,
     max_queued_per_client: i64,
     max_buffered_per_sleeping_client: i64,
     queue_full: String,
@@ -501,6 +503,7 @@ impl Default for RawMqttSn {
             max_inflight_per_client: 16,
             qos_minus_one: true,
             max_subscriptions_per_client: 32,
+            max_filters: 65_536,
             max_queued_per_client: 100,
             max_buffered_per_sleeping_client: 1000,
             queue_full: "drop_oldest".into(),
@@ -759,7 +762,7 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
         &sn.key("max_client_id_len"),
         m.max_client_id_len,
         1,
-        1024,
+        MAX_CLIENT_ID_LEN_DECODE as i64,
     );
     let max_topics = int_in::<usize>(
         r,
@@ -782,6 +785,14 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
         m.max_subscriptions_per_client,
         1,
         10_000,
+    );
+    // The upstreams' subscription tables are sized from it (see `compile`).
+    let max_filters = int_in::<usize>(
+        r,
+        &sn.key("max_filters"),
+        m.max_filters,
+        1,
+        MAX_SUBSCRIPTIONS as i64,
     );
     let max_queued = int_in::<usize>(
         r,
@@ -970,7 +981,10 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
     let mut names = HashSet::new();
     for (i, u) in raw.upstream.iter().enumerate() {
         let path = KeyPath::root("upstream").index(i);
-        if let Some(up) = compile_upstream(&path, u, gw_id.unwrap_or(0), base, r) {
+        if let Some(mut up) = compile_upstream(&path, u, gw_id.unwrap_or(0), base, r) {
+            // Every filter the MQTT-SN core acknowledges fits every upstream's table.
+            let UpstreamKind::Mqtt(c) = &mut up.kind;
+            c.max_subscriptions = max_filters.unwrap_or(MAX_SUBSCRIPTIONS);
             if !names.insert(up.name.clone()) {
                 r.at_path(
                     &path.key("name"),
@@ -1008,6 +1022,7 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
                 qos_minus_one: m.qos_minus_one,
                 predefined,
                 max_subscriptions_per_client: max_subs?,
+                max_filters: max_filters?,
                 max_queued_per_client: max_queued?,
                 max_buffered_per_sleeping_client: max_buffered?,
                 queue_full: queue_full?,
@@ -1353,6 +1368,9 @@ fn compile_upstream(
         request_queue: queue?,
         max_downlink_bytes: sensorgate_bridges::mqtt::config::DEFAULT_MAX_DOWNLINK_BYTES,
         max_unacked_downlinks: sensorgate_bridges::mqtt::config::DEFAULT_MAX_UNACKED_DOWNLINKS,
+        // Set from `[mqttsn] max_filters` by `compile`.
+        max_subscriptions: MAX_SUBSCRIPTIONS,
+        subscribe_retry: sensorgate_bridges::mqtt::config::DEFAULT_SUBSCRIBE_RETRY,
     };
     Some(Upstream {
         name,

@@ -260,3 +260,19 @@ fn reference_configs_are_valid() {
         }
     }
 }
+
+#[test]
+fn max_filters_bounds_the_core_and_sizes_every_upstream_table() {
+    let c = Config::parse(Path::new("test.toml"), MINIMAL).unwrap();
+    assert_eq!(c.mqttsn.core.max_filters, MAX_SUBSCRIPTIONS);
+    let text = MINIMAL.replace("[mqttsn]\n", "[mqttsn]\nmax_filters = 500\n");
+    let c = Config::parse(Path::new("test.toml"), &text).unwrap();
+    assert_eq!(c.mqttsn.core.max_filters, 500);
+    let UpstreamKind::Mqtt(m) = &c.upstreams[0].kind;
+    assert_eq!(m.max_subscriptions, 500);
+    for bad in ["0", "65537"] {
+        let text = MINIMAL.replace("[mqttsn]\n", &format!("[mqttsn]\nmax_filters = {bad}\n"));
+        let d = errors(&text);
+        assert!(d[0].message.contains("out of range"), "{d:?}");
+    }
+}

@@ -1,5 +1,6 @@
 //! The MQTT-SN over UDP adapter: owns the listening sockets and the [`Core`], and moves
-//! datagrams, upstream acknowledgements and timer expiries into it and its output out.
+//! datagrams, the spool's verdicts (a sensor's QoS 1/2 publish is accepted once it is durable
+//! in the spool), downlink messages and timer expiries into it and its output out.
 //!
 //! It makes no protocol decisions. Per wake-up it reads up to `recv_batch` datagrams from each
 //! ready socket, then drains the core's events (to the upstreams) and transmits (to the
@@ -11,7 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
@@ -25,6 +26,10 @@ use sensorgate_bridges::spool::{AppendReply, Appender};
 use super::batch::{RecvBatch, SendBatch};
 use super::session_store::StoreLink;
 use crate::mqttsn::core::{Core, Event, Peer, PublishOutcome};
+
+/// Least time between two warnings about refused upstream subscription changes (the refusals
+/// in between are counted in the next one).
+const SUBSCRIBE_WARN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Replies sent per `sendmmsg`.
 const SEND_BATCH: usize = 64;
@@ -160,6 +165,10 @@ pub struct UdpDriver {
     /// Where persisted session changes go, with the broker acknowledgements that wait for
     /// them; `None` runs without persistence (every downlink acknowledged at once).
     store: Option<StoreLink>,
+    /// When the last refused subscription change was logged, and how many were refused since:
+    /// sensors trigger them, so the warning is rate-limited.
+    subscribe_warned: Option<Instant>,
+    subscribe_refused: u64,
 }
 
 impl UdpDriver {
@@ -191,6 +200,8 @@ impl UdpDriver {
             rx: RecvBatch::new(recv_batch, max_packet_size + 1),
             tx,
             store: None,
+            subscribe_warned: None,
+            subscribe_refused: 0,
         }
     }
 
@@ -376,17 +387,28 @@ impl UdpDriver {
                         }
                     }
                 }
+                // The core keeps the distinct filters within every upstream's table, so a
+                // refusal here is a bug or a filter the upstream cannot take (its prefix): the
+                // sensor was told it is subscribed, so it must be seen.
                 Event::Subscribe { filter, qos } => {
-                    for up in &self.upstreams {
+                    for i in 0..self.upstreams.len() {
+                        let Some(up) = self.upstreams.get(i) else {
+                            continue;
+                        };
                         if let Err(reason) = up.subscribe(&filter, qos) {
-                            tracing::debug!(upstream = up.name(), %filter, reason = reason.error_code(), "Upstream subscribe deferred.");
+                            let name = up.name().to_owned();
+                            self.subscribe_failed(now, &name, &filter, reason.error_code());
                         }
                     }
                 }
                 Event::Unsubscribe { filter } => {
-                    for up in &self.upstreams {
+                    for i in 0..self.upstreams.len() {
+                        let Some(up) = self.upstreams.get(i) else {
+                            continue;
+                        };
                         if let Err(reason) = up.unsubscribe(&filter) {
-                            tracing::debug!(upstream = up.name(), %filter, reason = reason.error_code(), "Upstream unsubscribe deferred.");
+                            let name = up.name().to_owned();
+                            self.subscribe_failed(now, &name, &filter, reason.error_code());
                         }
                     }
                 }
@@ -409,6 +431,29 @@ impl UdpDriver {
             }
         }
         Ok(())
+    }
+}
+
+impl UdpDriver {
+    /// Logs a refused upstream subscription change at warn, at most once per
+    /// [`SUBSCRIBE_WARN_INTERVAL`], with the number refused since the last warning.
+    fn subscribe_failed(&mut self, now: Instant, upstream: &str, filter: &str, reason: &str) {
+        self.subscribe_refused += 1;
+        if self
+            .subscribe_warned
+            .is_some_and(|at| now.saturating_duration_since(at) < SUBSCRIBE_WARN_INTERVAL)
+        {
+            return;
+        }
+        tracing::warn!(
+            upstream,
+            filter,
+            reason,
+            refused = self.subscribe_refused,
+            "Upstream refused a subscription change; subscribers of this filter get nothing from it."
+        );
+        self.subscribe_warned = Some(now);
+        self.subscribe_refused = 0;
     }
 }
 

@@ -24,6 +24,8 @@
 //! # What decode leaves to the core
 //!
 //! These are well-formed on the wire and have a protocol answer, so they decode `Ok`:
+//! a CONNECT ClientId that is empty or longer than the configured limit (up to
+//! [`MAX_CLIENT_ID_LEN_DECODE`]; the core answers CONNACK rc=not supported),
 //! QoS -1 with topic id type normal (the core answers PUBACK rc=invalid topic id), reserved
 //! topic ids 0x0000 and 0xFFFF, MsgId 0 on a QoS 1/2 PUBLISH, QoS -1 in SUBSCRIBE/SUBACK, and
 //! the syntax of topic filters in SUBSCRIBE/UNSUBSCRIBE (where `+` and `#` are allowed).
@@ -91,6 +93,11 @@ pub const PROTOCOL_ID: u8 = 0x01;
 
 /// The longest ClientId the specification allows, in octets (spec 5.3.1).
 pub const MAX_CLIENT_ID_LEN_SPEC: usize = 23;
+
+/// The longest ClientId a CONNECT may carry and still decode, in octets: a hard cap on the
+/// work spent on one. Shorter ones decode whatever their length (also empty), so the core can
+/// answer a ClientId it does not accept with CONNACK; no configured limit may exceed this.
+pub const MAX_CLIENT_ID_LEN_DECODE: usize = 1024;
 
 /// First octet that announces the 3-octet Length form.
 const LONG_LENGTH_MARKER: u8 = 0x01;
@@ -370,7 +377,8 @@ pub enum Packet<'a> {
         clean_session: bool,
         /// Keep-alive period in seconds.
         duration: u16,
-        /// ClientId, 1..=[`DecodeLimits::max_client_id_len`] octets.
+        /// ClientId, 0..=[`MAX_CLIENT_ID_LEN_DECODE`] octets; the core refuses an empty one
+        /// or one longer than its limit with CONNACK.
         client_id: &'a str,
     },
     /// CONNACK.
@@ -567,8 +575,9 @@ impl<'a> Frame<'a> {
 /// Limits applied while decoding, set from the gateway configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct DecodeLimits {
-    /// Longest ClientId accepted in CONNECT and PINGREQ, in octets. The default is
-    /// [`MAX_CLIENT_ID_LEN_SPEC`]; some clients need longer ids.
+    /// Longest ClientId accepted in PINGREQ, in octets. The default is
+    /// [`MAX_CLIENT_ID_LEN_SPEC`]; some clients need longer ids. (CONNECT decodes ClientIds
+    /// up to [`MAX_CLIENT_ID_LEN_DECODE`] so that the core can refuse them with CONNACK.)
     pub max_client_id_len: usize,
 }
 
@@ -607,7 +616,8 @@ pub enum DecodeError {
     /// CONNECT carries a ProtocolId other than [`PROTOCOL_ID`].
     #[error("unsupported protocol id {0:#04x}")]
     BadProtocolId(u8),
-    /// The ClientId is empty or longer than [`DecodeLimits::max_client_id_len`].
+    /// A PINGREQ's ClientId is empty or longer than [`DecodeLimits::max_client_id_len`], or
+    /// a CONNECT's is longer than [`MAX_CLIENT_ID_LEN_DECODE`].
     #[error("client id of {0} octets")]
     ClientIdLength(usize),
     /// A string field is not valid UTF-8.
@@ -811,7 +821,7 @@ fn parse_body<'a>(
                 will: flags & FLAG_WILL != 0,
                 clean_session: flags & FLAG_CLEAN_SESSION != 0,
                 duration: r.u16()?,
-                client_id: client_id(r.rest(), limits)?,
+                client_id: connect_client_id(r.rest())?,
             }
         }
         CONNACK => Packet::ConnAck {
@@ -932,6 +942,16 @@ fn utf8(bytes: &[u8]) -> Result<&str, DecodeError> {
     str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8)
 }
 
+/// A CONNECT's ClientId: any length up to [`MAX_CLIENT_ID_LEN_DECODE`]; the core judges it.
+fn connect_client_id(bytes: &[u8]) -> Result<&str, DecodeError> {
+    if bytes.len() > MAX_CLIENT_ID_LEN_DECODE {
+        return Err(DecodeError::ClientIdLength(bytes.len()));
+    }
+    utf8(bytes)
+}
+
+/// A PINGREQ's ClientId: it names an existing session, so one the core would not accept for
+/// a session is malformed here.
 fn client_id<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<&'a str, DecodeError> {
     if bytes.is_empty() || bytes.len() > limits.max_client_id_len {
         return Err(DecodeError::ClientIdLength(bytes.len()));
@@ -1784,17 +1804,31 @@ mod tests {
     #[test]
     fn connect_errors() {
         rejects(b"\x07\x04\x00\x02\x00\x3cx", DecodeError::BadProtocolId(2));
-        rejects(b"\x06\x04\x00\x01\x00\x3c", DecodeError::ClientIdLength(0));
+        // Empty and over-limit ClientIds decode: the core answers them with CONNACK.
+        assert!(matches!(
+            decode(b"\x06\x04\x00\x01\x00\x3c", &LIMITS),
+            Ok(Frame::Plain(Packet::Connect { client_id: "", .. }))
+        ));
         let mut long = b"\x1e\x04\x00\x01\x00\x3c".to_vec();
         long.extend_from_slice(&[b'c'; 24]);
-        rejects(&long, DecodeError::ClientIdLength(24));
-        let roomy = DecodeLimits {
-            max_client_id_len: 64,
-        };
         assert!(matches!(
-            decode(&long, &roomy),
+            decode(&long, &LIMITS),
             Ok(Frame::Plain(Packet::Connect { client_id, .. })) if client_id.len() == 24
         ));
+        // Up to the hard cap, not beyond.
+        let capped = |n: usize| {
+            let mut d = vec![0x01, 0, 0, 0x04, 0x00, 0x01, 0x00, 0x3c];
+            d.extend(std::iter::repeat_n(b'c', n));
+            let len = u16::try_from(d.len()).unwrap().to_be_bytes();
+            d[1] = len[0];
+            d[2] = len[1];
+            d
+        };
+        assert!(decode(&capped(MAX_CLIENT_ID_LEN_DECODE), &LIMITS).is_ok());
+        rejects(
+            &capped(MAX_CLIENT_ID_LEN_DECODE + 1),
+            DecodeError::ClientIdLength(MAX_CLIENT_ID_LEN_DECODE + 1),
+        );
         rejects(b"\x07\x04\x00\x01\x00\x3c\xff", DecodeError::InvalidUtf8);
         let mut long_ping = vec![0x1A, 0x16];
         long_ping.extend_from_slice(&[b'c'; 24]);

@@ -6,13 +6,14 @@
 //! The IO adapter owns one [`Core`]. Before any traffic it hands every stored session record
 //! to [`Core::restore`] (restored subscriptions come out of [`Core::poll_event`] as the usual
 //! [`Event::Subscribe`]s). Then, in a loop, it:
-//! 1. feeds every received datagram to [`Core::handle_datagram`], every upstream verdict on a
-//!    tokened publish to [`Core::handle_publish_result`], every message from an upstream
-//!    subscription to [`Core::handle_downlink`], and the upstreams' availability to
-//!    [`Core::set_upstream_available`]. When the [`DownlinkOutcome`] of `handle_downlink`
-//!    says [`DownlinkOutcome::needs_durability`], the adapter holds the broker's
-//!    acknowledgement until the changes of step 4 of this round are durable; otherwise it
-//!    acknowledges at once;
+//! 1. feeds every received datagram to [`Core::handle_datagram`], the spool's verdict on every
+//!    tokened publish to [`Core::handle_publish_result`] (accepted once the message is durable
+//!    in the spool, i.e. written and fsync'd; refused when the spool cannot take it), every
+//!    message from an upstream subscription to [`Core::handle_downlink`], and the upstreams'
+//!    availability to [`Core::set_upstream_available`]. When the [`DownlinkOutcome`] of
+//!    `handle_downlink` says [`DownlinkOutcome::needs_durability`], the adapter holds the
+//!    broker's acknowledgement until the changes of step 4 of this round are durable;
+//!    otherwise it acknowledges at once;
 //! 2. calls [`Core::handle_timeout`] once the instant from [`Core::poll_timeout`] has passed
 //!    (calling it early is harmless: nothing is due, nothing happens);
 //! 3. drains [`Core::poll_transmit`] (datagrams to send) and [`Core::poll_event`] (publishes
@@ -48,20 +49,71 @@
 //!   Active --DISCONNECT--> removed (CleanSession=1) or Disconnected (CleanSession=0)
 //! ```
 //!
+//! # CONNECT
+//!
+//! A CONNECT that decodes is always answered. It is refused with a CONNACK carrying the reason
+//! (spec 6.2), before anything else happens (no session, no address binding, no Will
+//! handshake; counted in [`Stats::connects_refused`]; the 3-octet CONNACK is never larger than
+//! the CONNECT, so the refusal cannot amplify):
+//! - rc 0x03 (not supported) for an empty ClientId or one longer than `max_client_id_len`. An
+//!   empty ClientId is refused rather than assigned one (as MQTT 3.1.1 would): v1.2 allows
+//!   1-23 characters, and its CONNACK cannot tell the client an assigned id, without which a
+//!   sleeping client cannot wake (PINGREQ carries the ClientId) nor a session be resumed;
+//! - rc 0x01 (congestion) when `max_clients` sessions exist and the ClientId has none.
+//!
+//! # Packets by session state
+//!
+//! Every packet passes one table, [`admission`], keyed by the sender's standing: the state of
+//! the session its address is bound to (for PINGREQ with a ClientId, of the session it names).
+//! A packet the table does not allow is never acted on: it gets DISCONNECT ("not connected,
+//! CONNECT first", spec 6.12) or is dropped, and is counted in [`Stats::out_of_state`].
+//!
+//! ```text
+//!                          no session*  Will: topic  Will: msg  Active  Asleep  Awake
+//!  CONNECT, SEARCHGW,        act          act          act       act     act     act
+//!    PUBLISH QoS -1, DISCONNECT
+//!  WILLTOPIC                 drop         act          act**     drop    drop    drop
+//!  WILLMSG                   drop         drop         act       drop    drop    drop
+//!  PINGREQ (with or          DISC         DISC         DISC      act     act     act
+//!    without ClientId)
+//!  PUBACK, PUBREC,           drop         drop         drop      act     drop    act
+//!    PUBCOMP, REGACK
+//!  PUBREL                    DISC         DISC         DISC      act     DISC    act
+//!  PUBLISH QoS 0/1/2,        DISC         DISC         DISC      act     DISC    DISC
+//!    REGISTER, SUBSCRIBE, UNSUBSCRIBE, WILLTOPICUPD, WILLMSGUPD
+//!  packets only a gateway    drop         drop         drop      drop    drop    drop
+//!    sends (CONNACK, GWINFO, ADVERTISE, SUBACK, ...)
+//!
+//!  act: handled; DISC: answered with DISCONNECT, nothing else; drop: ignored
+//!  *  also a session without a connection (disconnected, or lost): it is bound to no address,
+//!     and PINGREQ(ClientId) does not bind it
+//!  ** a retransmitted WILLTOPIC (our WILLMSGREQ was lost) is answered with WILLMSGREQ again
+//! ```
+//!
+//! An asleep client must wake (PINGREQ with its ClientId) or CONNECT before it publishes or
+//! subscribes; an awake one only takes its buffered messages (and may finish a QoS 2
+//! exchange with PUBREL).
+//!
 //! # Invariants
 //! - Clients are keyed by ClientId. An address maps to at most one session and a session to at
-//!   most one address; a datagram only ever acts on the session its address is bound to. A
-//!   session is rebound to a new address only by CONNECT or PINGREQ carrying its ClientId, and
-//!   the old address then loses its binding (it cannot inject into the session).
+//!   most one address; a datagram only ever acts on the session its address is bound to, and
+//!   only as the session's state allows (see above). A session is rebound to a new address
+//!   only by CONNECT or PINGREQ carrying its ClientId, and the old address then loses its
+//!   binding (it cannot inject into the session).
 //! - A QoS 1/2 PUBLISH is acknowledged to the sensor (PUBACK / PUBREC) only after
-//!   [`Core::handle_publish_result`] reported it accepted; a failure is answered with PUBACK
-//!   rc 0x01 (congestion) so the sensor retries later.
+//!   [`Core::handle_publish_result`] reported it accepted, which the adapter does once the
+//!   spool holds it durably (fsync'd), not when a broker acknowledged it; a refusal is
+//!   answered with PUBACK rc 0x01 (congestion) so the sensor retries later.
 //! - A QoS 2 message is forwarded at most once per MsgId until the sensor's PUBREL.
 //! - Downlink: at most one QoS 1/2 PUBLISH (or REGISTER) in flight per client; retransmitted
 //!   with DUP after `retry_interval`, up to `max_retries` times, then the client is lost.
 //! - Upstream subscriptions are the union of the sessions' filters, reference-counted: an
 //!   [`Event::Subscribe`] when a filter gains its first subscriber (or a higher QoS), an
-//!   [`Event::Unsubscribe`] when its last subscriber leaves.
+//!   [`Event::Unsubscribe`] when its last subscriber leaves. The union holds at most
+//!   `max_filters` distinct filters, the capacity of the upstreams' subscription tables: a
+//!   SUBSCRIBE that would add one more gets SUBACK rc 0x01 (congestion), and a restored session
+//!   keeps only the subscriptions that fit. A SUBACK rc 0x00 is never sent for a filter the
+//!   gateway does not hold.
 //! - Everything is bounded: sessions, topics, subscriptions and queued messages per client,
 //!   retained messages, unacknowledged uplink publishes per client.
 //! - Bytes from the network never cause a panic: malformed datagrams are counted and dropped.
@@ -138,7 +190,8 @@ pub struct CoreConfig {
     pub max_client_id_len: usize,
     /// Topic registrations per client; a REGISTER beyond it gets rc 0x01 (congestion).
     pub max_topics_per_client: usize,
-    /// QoS 1/2 uplink publishes per client awaiting the upstream; beyond it: PUBACK rc 0x01.
+    /// QoS 1/2 uplink publishes per client awaiting the spool's verdict; beyond it: PUBACK
+    /// rc 0x01.
     pub max_inflight_per_client: usize,
     /// Accept QoS -1 publishes from senders without a session.
     pub qos_minus_one: bool,
@@ -146,6 +199,10 @@ pub struct CoreConfig {
     pub predefined: Vec<PredefinedTopic>,
     /// Subscriptions per client; beyond it SUBACK rc 0x01.
     pub max_subscriptions_per_client: usize,
+    /// Distinct filters subscribed upstream (the union of all sessions' filters); a SUBSCRIBE
+    /// that would add one more gets SUBACK rc 0x01 (congestion). The upstreams' subscription
+    /// tables hold this many, so a filter acknowledged to a sensor always fits upstream.
+    pub max_filters: usize,
     /// Downlink messages queued per client that is awake (active) or disconnected with a
     /// persistent session.
     pub max_queued_per_client: usize,
@@ -183,6 +240,7 @@ impl CoreConfig {
             qos_minus_one: true,
             predefined: Vec::new(),
             max_subscriptions_per_client: 32,
+            max_filters: 65_536,
             max_queued_per_client: 100,
             max_buffered_per_sleeping_client: 1000,
             queue_full: QueueFull::DropOldest,
@@ -312,12 +370,14 @@ impl RestoreError {
     }
 }
 
-/// The upstream's verdict on a tokened publish.
+/// The spool's verdict on a tokened publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PublishOutcome {
-    /// Every target has it; acknowledge the sensor.
+    /// Durable in the spool for every target upstream (written and fsync'd); acknowledge the
+    /// sensor. Delivery to the brokers follows from the spool.
     Accepted,
-    /// Could not be delivered now; the sensor gets rc 0x01 (congestion) and retries.
+    /// Could not be taken now (spool full or its queue full); the sensor gets rc 0x01
+    /// (congestion) and retries.
     Congestion,
 }
 
@@ -336,6 +396,15 @@ pub struct Stats {
     pub qos_m1_dropped: u64,
     /// PUBACK / REGACK / CONNACK / SUBACK rejections sent.
     pub rejections: u64,
+    /// CONNECTs refused (ClientId empty or too long, session table full); also counted in
+    /// `rejections`.
+    pub connects_refused: u64,
+    /// SUBSCRIBEs refused, and restored sessions cut, because `max_filters` distinct filters
+    /// are subscribed upstream.
+    pub filters_full: u64,
+    /// Packets not allowed in the sender's session state (see "Packets by session state" in
+    /// the module docs): answered with DISCONNECT or ignored, never acted on.
+    pub out_of_state: u64,
     /// Clients lost (keep-alive, sleep timer, retransmissions exhausted).
     pub clients_lost: u64,
     /// Wills published.
@@ -445,7 +514,7 @@ struct Session {
     topics: TopicTable,
     /// Client-specific predefined topics (global ones are looked up in the core).
     own_predefined: Option<Arc<HashMap<u16, Arc<str>>>>,
-    /// QoS 1/2 uplink publishes awaiting the upstream: (MsgId, token).
+    /// QoS 1/2 uplink publishes awaiting the spool's verdict: (MsgId, token).
     inflight_up: Vec<(u16, u64)>,
     /// QoS 2 uplink MsgIds answered with PUBREC, awaiting PUBREL.
     qos2_received: Vec<u16>,
@@ -783,6 +852,156 @@ enum Reply {
     WillMsgResp(ReturnCode),
 }
 
+/// Where the sender of a packet stands, for [`admission`]: the state of the session its
+/// address is bound to (for PINGREQ with a ClientId: of the session it names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    /// No session, or one without a connection (disconnected, lost).
+    NoSession,
+    /// CONNECT with the Will flag answered with WILLTOPICREQ.
+    AwaitingWillTopic,
+    /// WILLTOPIC answered with WILLMSGREQ.
+    AwaitingWillMsg,
+    Active,
+    Asleep,
+    Awake,
+}
+
+impl Standing {
+    fn of(state: &State) -> Self {
+        match state {
+            State::Connecting { will_topic: None } => Self::AwaitingWillTopic,
+            State::Connecting {
+                will_topic: Some(_),
+            } => Self::AwaitingWillMsg,
+            State::Active => Self::Active,
+            State::Asleep { .. } => Self::Asleep,
+            State::Awake => Self::Awake,
+            State::Disconnected { .. } => Self::NoSession,
+        }
+    }
+}
+
+/// Packet types as [`admission`] tells them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Connect,
+    SearchGw,
+    /// PUBLISH with QoS -1 (needs no session, spec 6.8).
+    PublishMinusOne,
+    Publish,
+    Register,
+    RegAck,
+    PubAck,
+    PubRec,
+    PubRel,
+    PubComp,
+    Subscribe,
+    Unsubscribe,
+    /// PINGREQ without a ClientId.
+    PingReq,
+    /// PINGREQ with a ClientId (wakes a sleeping client, spec 6.14).
+    PingReqWake,
+    Disconnect,
+    WillTopic,
+    WillMsg,
+    WillTopicUpd,
+    WillMsgUpd,
+    /// A type only a gateway sends (ADVERTISE, GWINFO, CONNACK, ...).
+    GatewayOnly,
+}
+
+impl Kind {
+    fn of(packet: &Packet<'_>) -> Self {
+        match packet {
+            Packet::Connect { .. } => Self::Connect,
+            Packet::SearchGw { .. } => Self::SearchGw,
+            Packet::Publish {
+                qos: QoS::MinusOne, ..
+            } => Self::PublishMinusOne,
+            Packet::Publish { .. } => Self::Publish,
+            Packet::Register { .. } => Self::Register,
+            Packet::RegAck { .. } => Self::RegAck,
+            Packet::PubAck { .. } => Self::PubAck,
+            Packet::PubRec { .. } => Self::PubRec,
+            Packet::PubRel { .. } => Self::PubRel,
+            Packet::PubComp { .. } => Self::PubComp,
+            Packet::Subscribe { .. } => Self::Subscribe,
+            Packet::Unsubscribe { .. } => Self::Unsubscribe,
+            Packet::PingReq { client_id: None } => Self::PingReq,
+            Packet::PingReq { client_id: Some(_) } => Self::PingReqWake,
+            Packet::Disconnect { .. } => Self::Disconnect,
+            Packet::WillTopic { .. } => Self::WillTopic,
+            Packet::WillMsg { .. } => Self::WillMsg,
+            Packet::WillTopicUpd { .. } => Self::WillTopicUpd,
+            Packet::WillMsgUpd { .. } => Self::WillMsgUpd,
+            Packet::Advertise { .. }
+            | Packet::GwInfo { .. }
+            | Packet::ConnAck { .. }
+            | Packet::WillTopicReq
+            | Packet::WillMsgReq
+            | Packet::SubAck { .. }
+            | Packet::UnsubAck { .. }
+            | Packet::PingResp
+            | Packet::WillTopicResp { .. }
+            | Packet::WillMsgResp { .. } => Self::GatewayOnly,
+        }
+    }
+}
+
+/// What [`admission`] decides for a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// Allowed: act on it.
+    Handle,
+    /// Needs a connection the sender does not have: answer DISCONNECT (spec 6.12, "CONNECT
+    /// first") and change nothing.
+    Reconnect,
+    /// Not allowed and not worth an answer (a stray acknowledgement, a late handshake
+    /// retransmission, a gateway's packet): drop it, change nothing.
+    Ignore,
+}
+
+/// The state x packet table of the module docs ("Packets by session state"): the one place
+/// that decides whether a packet is acted on. Packets that are not are counted in
+/// [`Stats::out_of_state`].
+fn admission(standing: Standing, kind: Kind) -> Admission {
+    use Admission::{Handle, Ignore, Reconnect};
+    use Standing::{Active, Asleep, AwaitingWillMsg, AwaitingWillTopic, Awake};
+    match (kind, standing) {
+        (Kind::GatewayOnly, _) => Ignore,
+        (Kind::Connect | Kind::SearchGw | Kind::PublishMinusOne | Kind::Disconnect, _) => Handle,
+        (Kind::WillTopic, AwaitingWillTopic | AwaitingWillMsg) => Handle,
+        (Kind::WillMsg, AwaitingWillMsg) => Handle,
+        (Kind::WillTopic | Kind::WillMsg, _) => Ignore,
+        (Kind::PingReq | Kind::PingReqWake, Active | Asleep | Awake) => Handle,
+        (Kind::PubAck | Kind::PubRec | Kind::PubComp | Kind::RegAck, Active | Awake) => Handle,
+        (Kind::PubAck | Kind::PubRec | Kind::PubComp | Kind::RegAck, _) => Ignore,
+        (Kind::PubRel, Active | Awake) => Handle,
+        (
+            Kind::Publish
+            | Kind::Register
+            | Kind::Subscribe
+            | Kind::Unsubscribe
+            | Kind::WillTopicUpd
+            | Kind::WillMsgUpd,
+            Active,
+        ) => Handle,
+        (
+            Kind::PingReq
+            | Kind::PingReqWake
+            | Kind::PubRel
+            | Kind::Publish
+            | Kind::Register
+            | Kind::Subscribe
+            | Kind::Unsubscribe
+            | Kind::WillTopicUpd
+            | Kind::WillMsgUpd,
+            _,
+        ) => Reconnect,
+    }
+}
+
 /// The gateway core. See the module docs for the call order.
 #[derive(Debug)]
 pub struct Core {
@@ -919,7 +1138,8 @@ impl Core {
         }
     }
 
-    /// Reports the upstream's verdict for a token from [`Event::Publish`].
+    /// Reports the spool's verdict for a token from [`Event::Publish`]: accepted once the
+    /// message is durable (fsync'd), congestion when it could not be taken.
     pub fn handle_publish_result(&mut self, _now: Instant, token: u64, outcome: PublishOutcome) {
         let Some(p) = self.pending.remove(&token) else {
             return;
@@ -1206,15 +1426,33 @@ impl Core {
             topics.refuse(name);
         }
         let subs_total = record.subscriptions.len();
+        // New distinct filters only while `max_filters` allows (as for a SUBSCRIBE).
+        let mut room = self.config.max_filters.saturating_sub(self.filter_count());
+        let mut new_filters: HashSet<Arc<str>> = HashSet::new();
         let subscriptions: Vec<Subscription> = record
             .subscriptions
             .into_iter()
             .take(self.config.max_subscriptions_per_client)
+            .filter(|s| {
+                if self.is_indexed(&s.filter) || new_filters.contains(&s.filter) {
+                    return true;
+                }
+                if room == 0 {
+                    return false;
+                }
+                room -= 1;
+                new_filters.insert(s.filter.clone());
+                true
+            })
             .map(|s| Subscription {
                 filter: s.filter,
                 qos: s.qos,
             })
             .collect();
+        if subscriptions.len() < subs_total.min(self.config.max_subscriptions_per_client) {
+            self.stats.filters_full += 1;
+            tracing::debug!(client_id = %record.client_id, "Distinct filter limit reached; restored session lost subscriptions.");
+        }
         cut |= subscriptions.len() < subs_total;
         let mut queue: VecDeque<Down> = record
             .queue
@@ -1389,6 +1627,32 @@ impl Core {
     }
 
     fn handle_packet(&mut self, now: Instant, peer: Peer, packet: Packet<'_>, radius: u8) {
+        let kind = Kind::of(&packet);
+        // PINGREQ(ClientId) names its session; every other packet acts on the session its
+        // address is bound to.
+        let sref = match packet {
+            Packet::PingReq {
+                client_id: Some(id),
+            } => self.by_client.get(id).copied(),
+            _ => self.by_peer.get(&peer).copied(),
+        };
+        let standing = sref
+            .and_then(|sref| self.session(sref))
+            .map_or(Standing::NoSession, |s| Standing::of(&s.state));
+        match admission(standing, kind) {
+            Admission::Handle => {}
+            Admission::Reconnect => {
+                self.stats.out_of_state += 1;
+                tracing::debug!(peer = %peer.addr, packet = packet.name(), ?standing, "Packet needs a connection; sent DISCONNECT.");
+                self.transmits.push_back((peer, Reply::Disconnect));
+                return;
+            }
+            Admission::Ignore => {
+                self.stats.out_of_state += 1;
+                tracing::debug!(peer = %peer.addr, packet = packet.name(), ?standing, "Packet not allowed in this state ignored.");
+                return;
+            }
+        }
         match packet {
             Packet::Connect {
                 will,
@@ -1534,6 +1798,7 @@ impl Core {
                     self.on_regack(now, sref, topic_id, msg_id, rc);
                 }
             }
+            // Only a gateway sends these: `admission` ignores them.
             Packet::Advertise { .. }
             | Packet::GwInfo { .. }
             | Packet::ConnAck { .. }
@@ -1543,9 +1808,7 @@ impl Core {
             | Packet::UnsubAck { .. }
             | Packet::PingResp
             | Packet::WillTopicResp { .. }
-            | Packet::WillMsgResp { .. } => {
-                tracing::debug!(peer = %peer.addr, packet = packet.name(), "Unexpected packet ignored.");
-            }
+            | Packet::WillMsgResp { .. } => {}
         }
     }
 
@@ -1569,7 +1832,14 @@ impl Core {
         client_id: &str,
     ) {
         let keep_alive = duration;
+        // Refusals come first and change nothing: no session, no binding, no Will handshake.
+        if client_id.is_empty() || client_id.len() > self.config.max_client_id_len {
+            return self.refuse_connect(peer, client_id.len(), ReturnCode::NotSupported);
+        }
         let existing = self.by_client.get(client_id).copied();
+        if existing.is_none() && self.by_client.len() >= self.config.max_clients {
+            return self.refuse_connect(peer, client_id.len(), ReturnCode::Congestion);
+        }
         let sref = match existing {
             Some(old) if !clean_session => {
                 // Resume the persistent session (also from asleep or disconnected), possibly
@@ -1594,13 +1864,6 @@ impl Core {
                     // A new client on this address: the old one loses the binding only.
                     self.unbind(other);
                 }
-                if self.by_client.len() >= self.config.max_clients {
-                    self.stats.rejections += 1;
-                    tracing::debug!(client_id, "Session table full; CONNECT refused.");
-                    self.transmits
-                        .push_back((peer, Reply::ConnAck(ReturnCode::Congestion)));
-                    return;
-                }
                 match self.create_session(now, peer.clone(), client_id, clean_session, keep_alive) {
                     Some(sref) => sref,
                     None => return,
@@ -1622,6 +1885,15 @@ impl Core {
         }
         self.mark_dirty(sref);
         self.schedule(sref);
+    }
+
+    /// Answers a CONNECT the gateway does not accept with CONNACK `rc` (spec 6.2), and nothing
+    /// else: the reply (3 octets) is never larger than the CONNECT, nothing is stored.
+    fn refuse_connect(&mut self, peer: Peer, client_id_len: usize, rc: ReturnCode) {
+        self.stats.rejections += 1;
+        self.stats.connects_refused += 1;
+        tracing::debug!(peer = %peer.addr, client_id_len, ?rc, "CONNECT refused.");
+        self.transmits.push_back((peer, Reply::ConnAck(rc)));
     }
 
     /// The connection is established: CONNACK, then whatever is queued, with timers re-armed.
@@ -1704,7 +1976,9 @@ impl Core {
         let Some(s) = self.session_mut(sref) else {
             return;
         };
-        if !matches!(s.state, State::Connecting { will_topic: None }) {
+        // Also while waiting for WILLMSG: the client retransmits WILLTOPIC when our
+        // WILLMSGREQ was lost (spec 6.13), and gets it again.
+        if !matches!(s.state, State::Connecting { .. }) {
             return;
         }
         match will {
@@ -2013,7 +2287,7 @@ impl Core {
         let mut token = None;
         if qos != QoS::AtMostOnce {
             if session.inflight_up.iter().any(|&(m, _)| m == msg_id) {
-                // A retransmission of a publish the upstream has not answered yet: the answer
+                // A retransmission of a publish the spool has not answered yet: the answer
                 // will come once, for both.
                 return;
             }
@@ -2239,6 +2513,16 @@ impl Core {
                 .push_back((peer, reject(ReturnCode::Congestion)));
             return;
         }
+        // A new distinct filter must fit the upstreams' subscription tables: a SUBACK rc 0x00
+        // promises a subscription the gateway holds.
+        if !self.is_indexed(&filter) && self.filter_count() >= self.config.max_filters {
+            self.stats.rejections += 1;
+            self.stats.filters_full += 1;
+            tracing::debug!(%filter, max_filters = self.config.max_filters, "Distinct filter limit reached; SUBSCRIBE refused.");
+            self.transmits
+                .push_back((peer, reject(ReturnCode::Congestion)));
+            return;
+        }
         // The topic id in SUBACK: the predefined or short id as given, 0 for a wildcard
         // filter, otherwise the (possibly new) registered id.
         let topic_id = match topic {
@@ -2299,6 +2583,20 @@ impl Core {
             d.qos = d.qos.min(granted);
             d.retain = true;
             let _ = self.enqueue(now, sref, d);
+        }
+    }
+
+    /// Distinct filters subscribed upstream (bounded by `max_filters`).
+    fn filter_count(&self) -> usize {
+        self.exact_filters.len() + self.wild_filters.len()
+    }
+
+    /// Whether some session subscribes `filter` (it is subscribed upstream).
+    fn is_indexed(&self, filter: &str) -> bool {
+        if has_wildcards(filter) {
+            self.wild_filters.contains_key(filter)
+        } else {
+            self.exact_filters.contains_key(filter)
         }
     }
 

@@ -1990,3 +1990,4 @@ fn timer_heap_holds_about_one_entry_per_session_under_heavy_downlink() {
 }
 
 mod persist;
+mod states;
