@@ -78,9 +78,10 @@
 //!    without ClientId)
 //!  PUBACK, PUBREC,           drop         drop         drop      act     drop    act
 //!    PUBCOMP, REGACK
-//!  PUBREL                    DISC         DISC         DISC      act     DISC    act
-//!  PUBLISH QoS 0/1/2,        DISC         DISC         DISC      act     DISC    DISC
-//!    REGISTER, SUBSCRIBE, UNSUBSCRIBE, WILLTOPICUPD, WILLMSGUPD
+//!  PUBLISH QoS 0/1/2,        DISC         DISC         DISC      act     act     act
+//!    REGISTER, PUBREL
+//!  SUBSCRIBE, UNSUBSCRIBE,   DISC         DISC         DISC      act     DISC    DISC
+//!    WILLTOPICUPD, WILLMSGUPD
 //!  packets only a gateway    drop         drop         drop      drop    drop    drop
 //!    sends (CONNACK, GWINFO, ADVERTISE, SUBACK, ...)
 //!
@@ -90,9 +91,10 @@
 //!  ** a retransmitted WILLTOPIC (our WILLMSGREQ was lost) is answered with WILLMSGREQ again
 //! ```
 //!
-//! An asleep client must wake (PINGREQ with its ClientId) or CONNECT before it publishes or
-//! subscribes; an awake one only takes its buffered messages (and may finish a QoS 2
-//! exchange with PUBREL).
+//! An asleep or awake client may publish (and register a topic, and finish a QoS 2 exchange)
+//! without leaving its sleep: battery sensors wake, publish and sleep again, and the Paho
+//! gateway serves them so. It stays asleep (its sleep timer unchanged); changing its
+//! subscriptions or its Will needs a CONNECT.
 //!
 //! # Invariants
 //! - Clients are keyed by ClientId. An address maps to at most one session and a session to at
@@ -977,16 +979,12 @@ fn admission(standing: Standing, kind: Kind) -> Admission {
         (Kind::PingReq | Kind::PingReqWake, Active | Asleep | Awake) => Handle,
         (Kind::PubAck | Kind::PubRec | Kind::PubComp | Kind::RegAck, Active | Awake) => Handle,
         (Kind::PubAck | Kind::PubRec | Kind::PubComp | Kind::RegAck, _) => Ignore,
-        (Kind::PubRel, Active | Awake) => Handle,
-        (
-            Kind::Publish
-            | Kind::Register
-            | Kind::Subscribe
-            | Kind::Unsubscribe
-            | Kind::WillTopicUpd
-            | Kind::WillMsgUpd,
-            Active,
-        ) => Handle,
+        // A sleeping sensor may wake, publish and sleep again without a CONNECT (as the Paho
+        // gateway allows): its registrations and QoS 2 exchanges stay usable while asleep.
+        (Kind::Publish | Kind::Register | Kind::PubRel, Active | Asleep | Awake) => Handle,
+        (Kind::Subscribe | Kind::Unsubscribe | Kind::WillTopicUpd | Kind::WillMsgUpd, Active) => {
+            Handle
+        }
         (
             Kind::PingReq
             | Kind::PingReqWake

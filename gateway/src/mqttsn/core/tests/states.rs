@@ -295,6 +295,7 @@ use Outcome::{Acted, Ignored, Refused};
 /// The table, written out: (state, packet) -> outcome.
 fn expected(at: At, packet: &Packet<'_>) -> Outcome {
     let connected = matches!(at, At::Active);
+    let publishes = matches!(at, At::Active | At::Asleep | At::Awake);
     match packet {
         // Only a gateway sends these.
         Packet::Advertise { .. }
@@ -362,21 +363,18 @@ fn expected(at: At, packet: &Packet<'_>) -> Outcome {
             At::Active | At::Awake => Acted(&[], 0),
             _ => Ignored,
         },
-        // Completing a QoS 2 exchange the client started while connected.
-        Packet::PubRel { .. } => match at {
-            At::Active | At::Awake => Acted(&["PUBCOMP"], 0),
-            _ => Refused,
-        },
+        // A sleeping sensor may wake, publish and sleep again: publishing, registering and
+        // completing a QoS 2 exchange need a session that is connected, asleep or awake.
+        Packet::PubRel { .. } if publishes => Acted(&["PUBCOMP"], 0),
+        Packet::Publish { .. } if publishes => Acted(&[], 1),
+        Packet::Register { .. } if publishes => Acted(&["REGACK"], 0),
+        Packet::PubRel { .. } | Packet::Publish { .. } | Packet::Register { .. } => Refused,
         // Everything else needs an active connection.
-        Packet::Publish { .. } if connected => Acted(&[], 1),
-        Packet::Register { .. } if connected => Acted(&["REGACK"], 0),
         Packet::Subscribe { .. } if connected => Acted(&["SUBACK"], 1),
         Packet::Unsubscribe { .. } if connected => Acted(&["UNSUBACK"], 0),
         Packet::WillTopicUpd { .. } if connected => Acted(&["WILLTOPICRESP"], 0),
         Packet::WillMsgUpd { .. } if connected => Acted(&["WILLMSGRESP"], 0),
-        Packet::Publish { .. }
-        | Packet::Register { .. }
-        | Packet::Subscribe { .. }
+        Packet::Subscribe { .. }
         | Packet::Unsubscribe { .. }
         | Packet::WillTopicUpd { .. }
         | Packet::WillMsgUpd { .. } => Refused,
