@@ -433,8 +433,9 @@ impl MqttUpstream {
     /// with No Local (the upstream's own publishes do not come back), Retain As Published (live
     /// retained messages keep their retain flag) and Retain Handling 0 (retained messages are
     /// sent on every subscribe). MQTT 3.1.1 has neither option: live retained messages arrive
-    /// with retain = 0, and the gateway's own uplink publishes to a subscribed topic come back
-    /// as downlinks. The broker's SUBACK is counted in [`UpstreamStats`]; a refused filter stays
+    /// with retain = 0, and the broker echoes the gateway's own uplink publishes to a
+    /// subscribed topic, which the link task recognises and drops (see the module docs of
+    /// `mqtt`). The broker's SUBACK is counted in [`UpstreamStats`]; a refused filter stays
     /// remembered.
     ///
     /// # Errors
