@@ -60,9 +60,7 @@ impl Site {
             .unwrap();
         await_live(&mut lamp, port, TOPIC).unwrap();
         let mut panel = rig.connected("panel").unwrap();
-        panel
-            .subscribe_ok(Qos::Two, SubTopic::Name(TOPIC))
-            .unwrap();
+        panel.subscribe_ok(Qos::Two, SubTopic::Name(TOPIC)).unwrap();
         await_live(&mut panel, port, TOPIC).unwrap();
         let mut switch = rig.connected("switch").unwrap();
         let topic_id = switch.register(TOPIC).unwrap();
@@ -142,9 +140,11 @@ fn receive_until_barrier(c: &mut SnClient, broker_port: u16, name: &str) -> Vec<
     let barrier = format!("{BARRIER_PREFIX}{name}");
     publish_upstream(broker_port, &[UpMsg::new(TOPIC, &barrier, 0)]).unwrap();
     let (mut got, last) = c
-        .downlink_until("barrier", DELIVERY_TIMEOUT, |p| {
-            matches!(p, Packet::Publish { data, .. } if *data == barrier.as_bytes())
-        })
+        .downlink_until(
+            "barrier",
+            DELIVERY_TIMEOUT,
+            |p| matches!(p, Packet::Publish { data, .. } if *data == barrier.as_bytes()),
+        )
         .unwrap();
     assert!(matches!(last, Packet::Publish { .. }));
     got.retain(|d| !is_probe(d) && !d.payload.starts_with(BARRIER_PREFIX.as_bytes()));
@@ -201,7 +201,11 @@ fn broker_stopped(protocol: &str) {
     for (name, c) in [("lamp", &mut site.lamp), ("panel", &mut site.panel)] {
         let mut got = receive_n(c, PAYLOADS.len());
         got.extend(receive_for(c, QUIET));
-        assert_eq!(payloads_and_qos(&got), expected("down-"), "{name} during the outage");
+        assert_eq!(
+            payloads_and_qos(&got),
+            expected("down-"),
+            "{name} during the outage"
+        );
     }
     // The broker comes back and the spool drains the three messages to it (in order, then a
     // later one of the same sender): their echo (MQTT 3.1.1) must not deliver them again.
