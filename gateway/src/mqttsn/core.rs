@@ -59,6 +59,10 @@
 //! - A QoS 2 message is forwarded at most once per MsgId until the sensor's PUBREL.
 //! - Downlink: at most one QoS 1/2 PUBLISH (or REGISTER) in flight per client; retransmitted
 //!   with DUP after `retry_interval`, up to `max_retries` times, then the client is lost.
+//! - Local delivery: a sensor's publish reaches the core's own matching sessions (the
+//!   publisher's included) like a downlink, without the upstream, once per session: QoS 0/-1
+//!   when received, QoS 1/2 when [`Core::handle_publish_result`] reports it accepted (never a
+//!   refused one), a Will when published. The upstreams never bring the same message back.
 //! - Upstream subscriptions are the union of the sessions' filters, reference-counted: an
 //!   [`Event::Subscribe`] when a filter gains its first subscriber (or a higher QoS), an
 //!   [`Event::Unsubscribe`] when its last subscriber leaves.
