@@ -1004,7 +1004,7 @@ impl Core {
     /// Reports the upstream's verdict for a token from [`Event::Publish`].
     ///
     /// An accepted publish is durable: it now also goes to the core's own matching sessions
-    /// (local delivery, see [`Core::deliver_local`]), after the publisher's acknowledgement.
+    /// (local delivery, see the module docs), after the publisher's acknowledgement.
     /// A refused one does not (the sensor retries it; delivering it now would deliver it
     /// twice).
     pub fn handle_publish_result(&mut self, now: Instant, token: u64, outcome: PublishOutcome) {
