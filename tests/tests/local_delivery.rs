@@ -134,11 +134,16 @@ fn receive_n(c: &mut SnClient, n: usize) -> Vec<Delivery> {
 const BARRIER_PREFIX: &str = "barrier-";
 
 /// Everything `c` receives until a QoS 0 barrier an independent client publishes now on
-/// [`TOPIC`] arrives (it follows any echo already queued toward the gateway); probes and
+/// `topic` arrives (it follows any echo already queued toward the gateway); probes and
 /// barriers (also those for the other subscriber) left out.
-fn receive_until_barrier(c: &mut SnClient, broker_port: u16, name: &str) -> Vec<Delivery> {
+fn receive_until_barrier(
+    c: &mut SnClient,
+    broker_port: u16,
+    topic: &str,
+    name: &str,
+) -> Vec<Delivery> {
     let barrier = format!("{BARRIER_PREFIX}{name}");
-    publish_upstream(broker_port, &[UpMsg::new(TOPIC, &barrier, 0)]).unwrap();
+    publish_upstream(broker_port, &[UpMsg::new(topic, &barrier, 0)]).unwrap();
     let (mut got, last) = c
         .downlink_until(
             "barrier",
@@ -188,7 +193,7 @@ fn broker_up(protocol: &str) {
     broker_has(&mut observer, "up-");
     for (name, c) in [("lamp", &mut site.lamp), ("panel", &mut site.panel)] {
         let mut got = receive_n(c, PAYLOADS.len());
-        got.extend(receive_until_barrier(c, port, name));
+        got.extend(receive_until_barrier(c, port, TOPIC, name));
         assert_eq!(payloads_and_qos(&got), expected("up-"), "{name}");
     }
 }
@@ -223,7 +228,7 @@ fn broker_stopped(protocol: &str) {
         }
     }
     for (name, c) in [("lamp", &mut site.lamp), ("panel", &mut site.panel)] {
-        let got = receive_until_barrier(c, port, name);
+        let got = receive_until_barrier(c, port, TOPIC, name);
         assert_eq!(
             payloads_and_qos(&got),
             vec![("after-q1".to_owned(), Qos::One)],
@@ -250,4 +255,48 @@ fn sensors_get_each_others_messages_once_through_an_outage_with_mqtt5() {
 #[test]
 fn sensors_get_each_others_messages_once_through_an_outage_with_mqtt311() {
     broker_stopped("3.1.1");
+}
+
+/// A retained message of one sensor reaches a sensor that subscribes later exactly once,
+/// whether its filter is new upstream (then the broker sends the retained message) or already
+/// held by another sensor (then the gateway's retained cache, kept current by local delivery,
+/// does).
+fn retained_reaches_later_subscribers_once(protocol: &str) {
+    let mut site = Site::start(protocol);
+    let port = site.rig.broker.port();
+    let id = site.switch.register("site/2/state").unwrap();
+    site.switch
+        .publish_qos1(TopicType::Normal, id, true, b"on")
+        .unwrap();
+    // Make sure the broker has it before anyone subscribes.
+    let mut observer = site.rig.subscribe(&["site/2/state"]).unwrap();
+    assert_eq!(observer.expect().unwrap().payload, b"on");
+    // New upstream filter: from the broker.
+    let mut first = site.rig.connected("first").unwrap();
+    first
+        .subscribe_ok(Qos::One, SubTopic::Name("site/2/state"))
+        .unwrap();
+    let got = receive_n(&mut first, 1);
+    assert_eq!((got[0].text().as_str(), got[0].retain), ("on", true));
+    // Filter already held: from the gateway's cache.
+    let mut second = site.rig.connected("second").unwrap();
+    second
+        .subscribe_ok(Qos::One, SubTopic::Name("site/2/state"))
+        .unwrap();
+    let got = receive_n(&mut second, 1);
+    assert_eq!((got[0].text().as_str(), got[0].retain), ("on", true));
+    for (name, c) in [("first", &mut first), ("second", &mut second)] {
+        let more = receive_until_barrier(c, port, "site/2/state", name);
+        assert!(more.is_empty(), "{name} got more: {more:?}");
+    }
+}
+
+#[test]
+fn a_retained_message_reaches_later_subscribers_once_with_mqtt5() {
+    retained_reaches_later_subscribers_once("5");
+}
+
+#[test]
+fn a_retained_message_reaches_later_subscribers_once_with_mqtt311() {
+    retained_reaches_later_subscribers_once("3.1.1");
 }
