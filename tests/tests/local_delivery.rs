@@ -257,36 +257,33 @@ fn sensors_get_each_others_messages_once_through_an_outage_with_mqtt311() {
     broker_stopped("3.1.1");
 }
 
-/// A retained message of one sensor reaches a sensor that subscribes later exactly once,
-/// whether its filter is new upstream (then the broker sends the retained message) or already
-/// held by another sensor (then the gateway's retained cache, kept current by local delivery,
-/// does).
+/// A retained message one sensor publishes while another holds the filter: the holder gets it
+/// live once (retain flag as published), and a sensor subscribing later gets it once from the
+/// gateway's retained cache (the filter is held upstream already, so the broker does not send
+/// it again), which local delivery keeps current.
 fn retained_reaches_later_subscribers_once(protocol: &str) {
+    const STATE: &str = "site/2/state";
     let mut site = Site::start(protocol);
     let port = site.rig.broker.port();
-    let id = site.switch.register("site/2/state").unwrap();
-    site.switch
+    let mut first = site.rig.connected("first").unwrap();
+    first.subscribe_ok(Qos::One, SubTopic::Name(STATE)).unwrap();
+    await_live(&mut first, port, STATE).unwrap();
+    let id = site.switch.register(STATE).unwrap();
+    let rc = site
+        .switch
         .publish_qos1(TopicType::Normal, id, true, b"on")
         .unwrap();
-    // Make sure the broker has it before anyone subscribes.
-    let mut observer = site.rig.subscribe(&["site/2/state"]).unwrap();
-    assert_eq!(observer.expect().unwrap().payload, b"on");
-    // New upstream filter: from the broker.
-    let mut first = site.rig.connected("first").unwrap();
-    first
-        .subscribe_ok(Qos::One, SubTopic::Name("site/2/state"))
-        .unwrap();
+    assert_eq!(rc, 0);
     let got = receive_n(&mut first, 1);
     assert_eq!((got[0].text().as_str(), got[0].retain), ("on", true));
-    // Filter already held: from the gateway's cache.
     let mut second = site.rig.connected("second").unwrap();
     second
-        .subscribe_ok(Qos::One, SubTopic::Name("site/2/state"))
+        .subscribe_ok(Qos::One, SubTopic::Name(STATE))
         .unwrap();
     let got = receive_n(&mut second, 1);
     assert_eq!((got[0].text().as_str(), got[0].retain), ("on", true));
     for (name, c) in [("first", &mut first), ("second", &mut second)] {
-        let more = receive_until_barrier(c, port, "site/2/state", name);
+        let more = receive_until_barrier(c, port, STATE, name);
         assert!(more.is_empty(), "{name} got more: {more:?}");
     }
 }
