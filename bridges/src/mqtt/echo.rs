@@ -25,6 +25,10 @@
 //! subscription went away meanwhile, or the record was evicted) can such an identical
 //! message of another client be lost.
 //!
+//! One echo is expected per publish, as mosquitto sends a 3.1.1 client one copy however many
+//! of its subscriptions match. A broker sending one copy per matching subscription lets the
+//! extra copies through: the duplicates any 3.1.1 downlink has with overlapping filters.
+//!
 //! Retained messages are never taken for echoes: the broker sends the live echo with
 //! retain = 0 (MQTT 3.1.1), and retain = 1 only for a retained message sent because of a new
 //! subscription, which the gateway's subscribers must get.
