@@ -454,3 +454,49 @@ fn a_retained_local_publish_goes_live_with_its_flag_and_into_the_cache() {
     assert!(delivered[0].retain);
     assert_eq!(delivered[0].data, b"on");
 }
+
+#[test]
+fn a_disconnected_persistent_subscriber_gets_a_local_qos1_publish_on_reconnect() {
+    let mut h = Harness::new(config());
+    let (alice, bob) = (peer(1), peer(2));
+    h.connect(&alice, "alice", 60);
+    let persistent = |h: &mut Harness| {
+        h.send(
+            &bob,
+            Packet::Connect {
+                will: false,
+                clean_session: false,
+                duration: 60,
+                client_id: "bob",
+            },
+        );
+    };
+    persistent(&mut h);
+    let _ = h.transmits();
+    h.subscribe(&bob, "ab", QoS::AtLeastOnce, 1);
+    let _ = h.events();
+    h.send(&bob, Packet::Disconnect { duration: None });
+    let _ = h.transmits();
+    h.send(
+        &alice,
+        publish(QoS::AtLeastOnce, TopicRef::Short(*b"ab"), 4, b"kept"),
+    );
+    let token = token_of(h.events()).unwrap();
+    h.core
+        .handle_publish_result(h.now, token, PublishOutcome::Accepted);
+    let _ = h.transmits();
+    // Part of bob's stored record, like a QoS 1 downlink.
+    let mut changes = Vec::new();
+    h.core.take_persist_changes(&mut changes);
+    assert!(
+        changes
+            .iter()
+            .any(|c| matches!(c, PersistChange::Upsert { client_id, .. } if &**client_id == "bob")),
+        "{changes:?}"
+    );
+    persistent(&mut h);
+    let (delivered, _) = deliveries(&mut h);
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].to, bob);
+    assert_eq!(delivered[0].data, b"kept");
+}
