@@ -81,10 +81,16 @@
 //!   Maximum); the downlink channel is the gateway's bounded channel. When a slot or channel
 //!   space is missing, the link task waits and reads nothing more from the broker
 //!   (backpressure), while still sending acknowledgements and subscription changes.
-//! - **MQTT 3.1.1 differences.** No No Local: the gateway's own uplink publishes on a
-//!   subscribed topic come back as downlinks. No Retain As Published: live retained messages
-//!   arrive with retain = 0 (retained messages sent because of a subscribe still carry
-//!   retain = 1). No Maximum Packet Size: see [`MqttUpstream::spawn_with_downlink`].
+//! - **No echo of the gateway's own publishes.** The gateway delivers its sensors' messages to
+//!   its own subscribers itself (local delivery), so the broker's copy must not come back:
+//!   MQTT 5 subscribes with No Local; MQTT 3.1.1 has no such option, and the link task drops
+//!   (acknowledges and counts as `downlink_echoes_dropped`) each incoming non-retained
+//!   message matching an open fingerprint of a recent publish (bounded; see `echo.rs` for
+//!   the bounds and the caveat).
+//! - **MQTT 3.1.1 differences.** No No Local (see above). No Retain As Published: live
+//!   retained messages arrive with retain = 0 (retained messages sent because of a subscribe
+//!   still carry retain = 1). No Maximum Packet Size: see
+//!   [`MqttUpstream::spawn_with_downlink`].
 //!
 //! [`DownlinkAck`]: crate::message::DownlinkAck
 //! [`DownlinkAck::ack`]: crate::message::DownlinkAck::ack
@@ -92,6 +98,7 @@
 mod backoff;
 mod client;
 pub mod config;
+mod echo;
 mod sink;
 mod subscriptions;
 

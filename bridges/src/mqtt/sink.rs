@@ -33,7 +33,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -49,6 +49,7 @@ use super::client::{
     SubmitError,
 };
 use super::config::{MqttUpstreamConfig, MqttVersion, SetupError, build_tls_config};
+use super::echo::EchoFilter;
 use super::subscriptions::{SubscriptionTable, TableFull};
 use super::{AckReport, Delivery, FailReason};
 use crate::message::{AckRequest, Downlink, DownlinkAck, Message, Qos};
@@ -112,6 +113,12 @@ pub struct UpstreamStats {
     /// `DownlinkAck::ack` calls that came after the message's connection had ended, and so
     /// acknowledged nothing (the broker discarded the message with the clean session).
     pub downlink_acks_stale: u64,
+    /// MQTT 3.1.1: messages taken for the broker's echo of the gateway's own publishes,
+    /// acknowledged and dropped (local delivery served the gateway's subscribers already).
+    pub downlink_echoes_dropped: u64,
+    /// MQTT 3.1.1: records of the gateway's publishes that no echo consumed (aged out,
+    /// evicted by the count bound, or dropped with their connection).
+    pub echo_records_expired: u64,
     /// Filters the broker granted (SUBACK), counted per SUBSCRIBE, so re-subscribing after a
     /// reconnect counts again.
     pub subscribe_granted: u64,
@@ -140,6 +147,9 @@ struct Shared {
     link_state: watch::Sender<bool>,
     /// Asks the link task to drop the connection and reconnect.
     reset: Notify,
+    /// MQTT 3.1.1 only: fingerprints of recent publishes, to drop the broker's echo of them
+    /// (MQTT 5 subscribes with No Local). See [`EchoFilter`].
+    echo: Option<Mutex<EchoFilter>>,
 }
 
 /// Connection state as seen by `publish`.
@@ -162,6 +172,7 @@ struct Counters {
     downlink_dropped: AtomicU64,
     downlink_acknowledged: AtomicU64,
     downlink_acks_stale: AtomicU64,
+    downlink_echoes_dropped: AtomicU64,
     subscribe_granted: AtomicU64,
     subscribe_refused: AtomicU64,
 }
@@ -254,6 +265,12 @@ impl MqttUpstream {
             subscriptions_changed: Notify::new(),
             link_state: watch::Sender::new(false),
             reset: Notify::new(),
+            echo: (config.version == MqttVersion::V311).then(|| {
+                Mutex::new(EchoFilter::new(
+                    EchoFilter::capacity_for(config.request_queue, config.max_inflight),
+                    EchoFilter::max_age_for(config.keep_alive),
+                ))
+            }),
         });
         let window = usize::from(config.max_inflight);
         let (tracked_tx, tracked_rx) = mpsc::channel(window);
@@ -361,13 +378,33 @@ impl MqttUpstream {
             .shared
             .link_if_connected()
             .ok_or(FailReason::Disconnected)?;
+        let mut msg = msg;
+        msg.topic = self.shared.remote_topic(std::mem::take(&mut msg.topic));
+        // MQTT 3.1.1: remember the publish before the client can send it, so its echo is
+        // recognised; taken back if the client refuses it.
+        let echo = self.shared.record_echo(&msg.topic, &msg.payload);
+        let result = self.submit_to_client(msg, token, seq, lost);
+        if result.is_err() {
+            self.shared.cancel_echo(echo);
+        }
+        result
+    }
+
+    /// Hands one publish (`msg.topic` with the prefix already) to the client, tracked when it
+    /// has a token and QoS >= 1.
+    fn submit_to_client(
+        &self,
+        msg: Message,
+        token: Option<u64>,
+        seq: Option<u64>,
+        lost: CancellationToken,
+    ) -> Result<(), FailReason> {
         let Message {
             topic,
             payload,
             qos,
             retain,
         } = msg;
-        let topic = self.shared.remote_topic(topic);
         match token {
             Some(token) if qos.is_acknowledged() => {
                 let permit = Arc::clone(&self.inflight)
@@ -402,8 +439,9 @@ impl MqttUpstream {
     /// with No Local (the upstream's own publishes do not come back), Retain As Published (live
     /// retained messages keep their retain flag) and Retain Handling 0 (retained messages are
     /// sent on every subscribe). MQTT 3.1.1 has neither option: live retained messages arrive
-    /// with retain = 0, and the gateway's own uplink publishes to a subscribed topic come back
-    /// as downlinks. The broker's SUBACK is counted in [`UpstreamStats`]; a refused filter stays
+    /// with retain = 0, and the broker echoes the gateway's own uplink publishes to a
+    /// subscribed topic, which the link task recognises and drops (see the module docs of
+    /// `mqtt`). The broker's SUBACK is counted in [`UpstreamStats`]; a refused filter stays
     /// remembered, is logged at warn (rate-limited) and asked for again after a delay.
     ///
     /// # Errors
@@ -488,6 +526,8 @@ impl MqttUpstream {
             downlink_dropped: c.downlink_dropped.load(Ordering::Relaxed),
             downlink_acknowledged: c.downlink_acknowledged.load(Ordering::Relaxed),
             downlink_acks_stale: c.downlink_acks_stale.load(Ordering::Relaxed),
+            downlink_echoes_dropped: c.downlink_echoes_dropped.load(Ordering::Relaxed),
+            echo_records_expired: self.shared.echo().map_or(0, |echo| echo.expired()),
             subscribe_granted: c.subscribe_granted.load(Ordering::Relaxed),
             subscribe_refused: c.subscribe_refused.load(Ordering::Relaxed),
         }
@@ -517,6 +557,46 @@ impl Shared {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The echo filter (MQTT 3.1.1); a poisoned lock still holds a consistent filter (its
+    /// methods do not panic midway).
+    fn echo(&self) -> Option<MutexGuard<'_, EchoFilter>> {
+        self.echo
+            .as_ref()
+            .map(|echo| echo.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// MQTT 3.1.1: records a publish about to be sent, if any subscription could bring it
+    /// back; returns what [`Self::cancel_echo`] needs.
+    fn record_echo(&self, topic: &str, payload: &[u8]) -> Option<(u64, u64)> {
+        self.echo.as_ref()?;
+        if self.subscriptions().is_empty() {
+            return None;
+        }
+        let mut echo = self.echo()?;
+        let fingerprint = echo.fingerprint(topic.as_bytes(), payload);
+        #[allow(clippy::disallowed_methods)] // The filter's clock; the sink is not sans-IO.
+        let seq = echo.record(Instant::now(), fingerprint);
+        Some((fingerprint, seq))
+    }
+
+    /// Takes back a record of [`Self::record_echo`] for a publish that was not sent.
+    fn cancel_echo(&self, record: Option<(u64, u64)>) {
+        if let (Some((fingerprint, seq)), Some(mut echo)) = (record, self.echo()) {
+            echo.cancel(fingerprint, seq);
+        }
+    }
+
+    /// MQTT 3.1.1: whether an incoming message is the broker's echo of a recorded publish
+    /// (consuming the record).
+    fn take_echo(&self, topic: &[u8], payload: &[u8], retain: bool) -> bool {
+        let Some(mut echo) = self.echo() else {
+            return false;
+        };
+        #[allow(clippy::disallowed_methods)] // As in `record_echo`.
+        let now = Instant::now();
+        echo.take_echo(now, topic, payload, retain)
+    }
+
     /// The current connection's `lost` token, if connected.
     fn link_if_connected(&self) -> Option<CancellationToken> {
         let link = self.link();
@@ -540,6 +620,10 @@ impl Shared {
             link.lost = CancellationToken::new();
         }
         drop(link);
+        // With clean sessions no echo of what went out on that connection can come any more.
+        if was_connected && let Some(mut echo) = self.echo() {
+            echo.clear();
+        }
         self.link_state.send_replace(false);
         was_connected
     }
@@ -801,6 +885,16 @@ impl LinkTask {
             pkid,
             qos,
         };
+        if self.control.shared.take_echo(&topic, &payload, retain) {
+            counters
+                .downlink_echoes_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            trace!(upstream = %self.control.shared.name, "Echo of the gateway's own publish dropped.");
+            if qos.is_acknowledged() {
+                self.control.forward_ack(request);
+            }
+            return true;
+        }
         let topic = match downlink_topic(
             &self.control.shared.remote_prefix,
             &topic,

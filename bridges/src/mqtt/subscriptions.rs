@@ -169,6 +169,11 @@ impl SubscriptionTable {
         self.wanted.len()
     }
 
+    /// Whether no filter is wanted (then the broker sends nothing).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.wanted.is_empty()
+    }
+
     /// A new connection has no subscriptions: everything wanted is to be sent again.
     pub(crate) fn reset_link(&mut self) {
         self.applied.clear();

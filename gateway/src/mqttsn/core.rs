@@ -109,6 +109,10 @@
 //! - A QoS 2 message is forwarded at most once per MsgId until the sensor's PUBREL.
 //! - Downlink: at most one QoS 1/2 PUBLISH (or REGISTER) in flight per client; retransmitted
 //!   with DUP after `retry_interval`, up to `max_retries` times, then the client is lost.
+//! - Local delivery: a sensor's publish reaches the core's own matching sessions (the
+//!   publisher's included) like a downlink, without the upstream, once per session: QoS 0/-1
+//!   when received, QoS 1/2 when [`Core::handle_publish_result`] reports it accepted (never a
+//!   refused one), a Will when published. The upstreams never bring the same message back.
 //! - Upstream subscriptions are the union of the sessions' filters, reference-counted: an
 //!   [`Event::Subscribe`] when a filter gains its first subscriber (or a higher QoS), an
 //!   [`Event::Unsubscribe`] when its last subscriber leaves. The union holds at most
@@ -413,6 +417,9 @@ pub struct Stats {
     pub wills_published: u64,
     /// Downlink messages accepted from upstreams.
     pub downlink_in: u64,
+    /// Messages of the gateway's own sensors (and Wills) handed to local delivery, once
+    /// each however many sessions got them (those are counted in the `downlink_*` counters).
+    pub local_in: u64,
     /// Downlink PUBLISHes sent to clients (first transmissions).
     pub downlink_sent: u64,
     /// Downlink messages acknowledged by clients (QoS 1/2) or sent (QoS 0).
@@ -786,12 +793,28 @@ impl TopicTable {
 }
 
 /// A tokened publish awaiting its outcome.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Pending {
     session: SessionRef,
     msg_id: u16,
     topic_id: u16,
     qos2: bool,
+    /// The message for the core's own subscribers, delivered once the publish is accepted
+    /// (see [`Core::deliver_local`]): kept here because the publisher's session may be gone
+    /// by then, and the message still goes upstream.
+    local: LocalMessage,
+}
+
+/// A message one of the gateway's own sensors published (or a Will), as local delivery
+/// hands it to the core's matching sessions.
+#[derive(Debug, Clone)]
+struct LocalMessage {
+    /// The resolved MQTT topic name.
+    topic: Arc<str>,
+    payload: Bytes,
+    /// 0, 1 or 2 (QoS -1 is delivered as 0).
+    qos: u8,
+    retain: bool,
 }
 
 /// Subscribers of one filter, for upstream reference counting.
@@ -1030,6 +1053,9 @@ pub struct Core {
     persist_dirty: Vec<SessionRef>,
     /// ClientIds of ended sessions whose stored record must go.
     persist_removed: Vec<Arc<str>>,
+    /// QoS 0 / -1 publishes of the datagram being handled, delivered locally at its end
+    /// ([`Core::deliver_received_local`]); at most one per datagram.
+    received_local: Vec<LocalMessage>,
 }
 
 impl Core {
@@ -1085,6 +1111,7 @@ impl Core {
             stats: Stats::default(),
             persist_dirty: Vec::new(),
             persist_removed: Vec::new(),
+            received_local: Vec::new(),
             config,
         }
     }
@@ -1134,14 +1161,81 @@ impl Core {
                 tracing::debug!(peer = %peer.addr, %error, "Malformed datagram dropped.");
             }
         }
+        self.deliver_received_local(now);
+    }
+
+    /// Local delivery of the QoS 0 / -1 publishes the last datagram carried.
+    fn deliver_received_local(&mut self, now: Instant) {
+        let mut received = std::mem::take(&mut self.received_local);
+        for local in received.drain(..) {
+            self.deliver_local(now, local);
+        }
+        // Keep the allocation for the next datagram.
+        self.received_local = received;
+    }
+
+    /// Local delivery: a message the gateway's own sensors published (or a Will) goes to
+    /// every matching session of this core exactly like a downlink (see
+    /// [`Core::handle_downlink`]): QoS = min(subscription, message), each session once however
+    /// many of its filters match, sleeping clients buffered, the retain flag as published and
+    /// the retained cache updated. MQTT-SN has no No Local: the publisher gets its own message
+    /// when subscribed.
+    ///
+    /// Called when the message is accepted: QoS 0 / -1 when received, QoS 1/2 when
+    /// [`Core::handle_publish_result`] reports it durable, a Will when published. The
+    /// upstreams never bring it back a second time: MQTT 5 subscribes with No Local, and the
+    /// MQTT 3.1.1 upstream drops the broker's echo of the gateway's own publishes.
+    fn deliver_local(&mut self, now: Instant, msg: LocalMessage) {
+        self.stats.local_in += 1;
+        if msg.retain {
+            self.remember_retained(&msg.topic, &msg.payload, msg.qos);
+        }
+        let mut targets: HashMap<SessionRef, u8> = HashMap::new();
+        let mut collect = |entry: &FilterEntry| {
+            for (&sref, &sub_qos) in &entry.subscribers {
+                let q = targets.entry(sref).or_insert(0);
+                *q = (*q).max(sub_qos.min(msg.qos));
+            }
+        };
+        if let Some(entry) = self.exact_filters.get(&msg.topic) {
+            collect(entry);
+        }
+        for (filter, entry) in &self.wild_filters {
+            if matches(filter, &msg.topic) {
+                collect(entry);
+            }
+        }
+        for (sref, qos) in targets {
+            let down = Down {
+                topic: msg.topic.clone(),
+                payload: msg.payload.clone(),
+                qos,
+                retain: msg.retain,
+                dup: false,
+            };
+            // A drop (full queue) is counted by `enqueue`; nothing waits for the outcome.
+            let _ = self.enqueue(now, sref, down);
+        }
     }
 
     /// Reports the spool's verdict for a token from [`Event::Publish`]: accepted once the
     /// message is durable (fsync'd), congestion when it could not be taken.
-    pub fn handle_publish_result(&mut self, _now: Instant, token: u64, outcome: PublishOutcome) {
+    ///
+    /// An accepted publish also goes to the core's own matching sessions (local delivery, see
+    /// the module docs), after the publisher's acknowledgement. A refused one does not (the
+    /// sensor retries it; delivering it now would deliver it twice).
+    pub fn handle_publish_result(&mut self, now: Instant, token: u64, outcome: PublishOutcome) {
         let Some(p) = self.pending.remove(&token) else {
             return;
         };
+        self.answer_publish(&p, token, outcome);
+        if outcome == PublishOutcome::Accepted {
+            self.deliver_local(now, p.local);
+        }
+    }
+
+    /// Answers the sensor of a tokened publish: PUBACK / PUBREC, or PUBACK rc 0x01.
+    fn answer_publish(&mut self, p: &Pending, token: u64, outcome: PublishOutcome) {
         let Some(session) = slot_mut(&mut self.slots, p.session) else {
             return;
         };
@@ -2158,6 +2252,7 @@ impl Core {
         };
         tracing::debug!(client_id = %s.client_id, reason = why, "Client lost.");
         let will = s.will.clone();
+        let mut local = None;
         self.stats.clients_lost += 1;
         if let Some(will) = will {
             self.stats.wills_published += 1;
@@ -2169,14 +2264,25 @@ impl Core {
             self.events.push_back(Event::Publish {
                 message: Message {
                     topic: will.topic.to_string(),
-                    payload: will.payload,
+                    payload: will.payload.clone(),
                     qos,
                     retain: will.retain,
                 },
                 token: None,
             });
+            local = Some(LocalMessage {
+                topic: will.topic.clone(),
+                payload: will.payload,
+                qos: qos_level_of(will.qos),
+                retain: will.retain,
+            });
         }
         self.end_connection(now, sref);
+        // The Will reaches the gateway's own subscribers too, once the connection is over (a
+        // persistent session of the lost client queues its own copy like a broker would).
+        if let Some(local) = local {
+            self.deliver_local(now, local);
+        }
     }
 
     fn on_session_timer(&mut self, now: Instant, sref: SessionRef) {
@@ -2282,6 +2388,13 @@ impl Core {
             QoS::ExactlyOnce => (3, Qos::ExactlyOnce),
             QoS::MinusOne => return,
         };
+        let payload = Bytes::copy_from_slice(data);
+        let local = LocalMessage {
+            topic: resolved.clone(),
+            payload: payload.clone(),
+            qos: qos_level_of(qos),
+            retain,
+        };
         let mut token = None;
         if qos != QoS::AtMostOnce {
             if session.inflight_up.iter().any(|&(m, _)| m == msg_id) {
@@ -2308,6 +2421,7 @@ impl Core {
                     msg_id,
                     topic_id: topic_id_of(topic),
                     qos2: qos == QoS::ExactlyOnce,
+                    local: local.clone(),
                 },
             );
             token = Some(t);
@@ -2317,11 +2431,16 @@ impl Core {
         }
         let message = Message {
             topic: resolved.to_string(),
-            payload: Bytes::copy_from_slice(data),
+            payload,
             qos: upstream_qos,
             retain,
         };
         self.events.push_back(Event::Publish { message, token });
+        // QoS 0 is delivered locally when received: nobody waits for its verdict. QoS 1/2
+        // waits for `handle_publish_result`.
+        if token.is_none() {
+            self.received_local.push(local);
+        }
     }
 
     /// Refuses a sensor's PUBLISH with PUBACK carrying `rc`.
@@ -2355,15 +2474,22 @@ impl Core {
         if let Some(n) = self.stats.publishes.first_mut() {
             *n += 1;
         }
+        let payload = Bytes::copy_from_slice(data);
         let message = Message {
             topic: resolved.to_string(),
-            payload: Bytes::copy_from_slice(data),
+            payload: payload.clone(),
             qos: Qos::AtMostOnce,
             retain,
         };
         self.events.push_back(Event::Publish {
             message,
             token: None,
+        });
+        self.received_local.push(LocalMessage {
+            topic: resolved,
+            payload,
+            qos: 0,
+            retain,
         });
     }
 
@@ -3078,9 +3204,10 @@ impl Core {
                 self.by_peer.remove(peer);
             }
         }
-        for (_, token) in &session.inflight_up {
-            self.pending.remove(token);
-        }
+        // Tokens still awaiting their verdict stay in `pending`: an accepted publish goes to
+        // the local subscribers even after its sender left (it goes upstream too). Each token
+        // gets exactly one verdict, which removes it, so `pending` stays bounded by what the
+        // upstream side holds.
         for sub in &session.subscriptions {
             self.remove_subscription(sref, &sub.filter);
         }

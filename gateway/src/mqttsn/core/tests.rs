@@ -1989,5 +1989,6 @@ fn timer_heap_holds_about_one_entry_per_session_under_heavy_downlink() {
     );
 }
 
+mod local;
 mod persist;
 mod states;
