@@ -203,10 +203,16 @@ async fn publishing_while_the_broker_is_down_fails_immediately() {
         up.upstream.publish(msg("t", "x", Qos::AtMostOnce), None),
         Err(FailReason::Disconnected)
     );
+    // Refused for now, not lost: the caller (the spool's drain) still holds them.
     let stats = up.upstream.stats();
     assert_eq!(
-        (stats.failed, stats.dropped_qos0, stats.published),
-        (2, 1, 0)
+        (
+            stats.deferred,
+            stats.failed,
+            stats.dropped_qos0,
+            stats.published
+        ),
+        (3, 0, 0, 0)
     );
     let upstream = up.upstream.clone();
     // A refused publish never produces a report.
@@ -357,7 +363,11 @@ async fn a_full_window_refuses_with_queue_full_until_acknowledged() {
         BTreeMap::from([(4, Delivery::Acknowledged)])
     );
     let stats = up.upstream.stats();
-    assert_eq!((stats.acknowledged, stats.failed), (3, 1));
+    // The refusal of a full window is for now (the caller sends again), not a failure.
+    assert_eq!(
+        (stats.acknowledged, stats.failed, stats.deferred),
+        (3, 0, 1)
+    );
     assert!(up.shut_down().await.is_empty());
 }
 
@@ -441,6 +451,9 @@ async fn invalid_topics_are_rejected_locally() {
         up.upstream.is_connected(),
         "a refused message must not hurt the link"
     );
+    // Refused for good: counted as failed, not as deferred.
+    let stats = up.upstream.stats();
+    assert_eq!((stats.failed, stats.deferred), (2, 0));
     assert!(up.shut_down().await.is_empty());
 }
 

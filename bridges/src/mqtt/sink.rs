@@ -95,10 +95,14 @@ pub struct UpstreamStats {
     pub published: u64,
     /// Tracked publishes the broker acknowledged.
     pub acknowledged: u64,
-    /// QoS >= 1 publishes refused by `publish` or reported failed.
+    /// QoS >= 1 publishes refused by `publish` as invalid ([`FailReason::Rejected`]) or
+    /// reported failed.
     pub failed: u64,
-    /// QoS 0 publishes dropped (link down, queue full, refused).
+    /// QoS 0 publishes refused by `publish` as invalid ([`FailReason::Rejected`]).
     pub dropped_qos0: u64,
+    /// Publishes refused for now (link down, queue full, shutdown): the caller still holds
+    /// them, and the spool's drain sends them again, so these are not losses.
+    pub deferred: u64,
     /// Successful connections after the first one.
     pub reconnects: u64,
     /// PUBLISH packets the broker delivered on the upstream's subscriptions.
@@ -167,6 +171,7 @@ struct Counters {
     acknowledged: AtomicU64,
     failed: AtomicU64,
     dropped_qos0: AtomicU64,
+    deferred: AtomicU64,
     reconnects: AtomicU64,
     downlink_received: AtomicU64,
     downlink_dropped: AtomicU64,
@@ -338,8 +343,9 @@ impl MqttUpstream {
     /// The publish was refused now and no report will follow: [`FailReason::Disconnected`]
     /// while the link is down, [`FailReason::QueueFull`] when `max_inflight` tracked publishes
     /// are outstanding or the request queue is full, [`FailReason::Rejected`] for an invalid
-    /// topic or an oversized message, [`FailReason::Shutdown`] after shutdown. Refused QoS 0
-    /// publishes count as `dropped_qos0`, others as `failed`.
+    /// topic or an oversized message, [`FailReason::Shutdown`] after shutdown. A `Rejected`
+    /// QoS 0 publish counts as `dropped_qos0`, any other `Rejected` one as `failed`; the other
+    /// refusals count as `deferred` (the caller keeps the message and may send it again).
     pub fn publish(&self, msg: Message, token: Option<u64>) -> Result<(), FailReason> {
         self.publish_with_seq(msg, token, None)
     }
@@ -361,10 +367,11 @@ impl MqttUpstream {
         let counters = &self.shared.counters;
         match result {
             Ok(()) => counters.published.fetch_add(1, Ordering::Relaxed),
-            Err(_) if qos == Qos::AtMostOnce => {
+            Err(FailReason::Rejected) if qos == Qos::AtMostOnce => {
                 counters.dropped_qos0.fetch_add(1, Ordering::Relaxed)
             }
-            Err(_) => counters.failed.fetch_add(1, Ordering::Relaxed),
+            Err(FailReason::Rejected) => counters.failed.fetch_add(1, Ordering::Relaxed),
+            Err(_) => counters.deferred.fetch_add(1, Ordering::Relaxed),
         };
         result
     }
@@ -521,6 +528,7 @@ impl MqttUpstream {
             acknowledged: c.acknowledged.load(Ordering::Relaxed),
             failed: c.failed.load(Ordering::Relaxed),
             dropped_qos0: c.dropped_qos0.load(Ordering::Relaxed),
+            deferred: c.deferred.load(Ordering::Relaxed),
             reconnects: c.reconnects.load(Ordering::Relaxed),
             downlink_received: c.downlink_received.load(Ordering::Relaxed),
             downlink_dropped: c.downlink_dropped.load(Ordering::Relaxed),
