@@ -327,8 +327,8 @@ fn a_corrupt_record_is_skipped_and_counted_the_rest_kept() {
         .into_iter()
         .find(|p| p.extension().is_some_and(|e| e == "seg"))
         .unwrap();
-    // The third record's payload: header 16, then 3 records of 16 + 11 + 3 + 100.
-    fs.corrupt(&seg, 16 + 2 * 130 + 60);
+    // The third record's payload: header 16, then 3 records of 24 + 11 + 3 + 100.
+    fs.corrupt(&seg, 16 + 2 * 138 + 60);
     let (mut spool, recovery) =
         Spool::open(fs, config(1 << 20, WhenFull::RejectNew), &names()).unwrap();
     assert_eq!(recovery.corrupt, 1);
@@ -405,5 +405,157 @@ fn large_segments_and_records_are_recovered_and_read_in_chunks() {
     for (i, r) in all.iter().enumerate() {
         assert_eq!(r.seq, i as u64 + 1);
         assert_eq!(r.payload, msg(i as u64, sizes[i]).payload);
+    }
+}
+
+/// A spool with a closed segment of records and an active segment of 3 more: the
+/// filesystem, the closed segment's path, every record (sequence id and payload) and the byte
+/// range of each record of the closed segment.
+struct Closed {
+    fs: MemFs,
+    seg: PathBuf,
+    records: Vec<(u64, Bytes)>,
+    layout: Vec<(u64, std::ops::Range<usize>)>,
+}
+
+/// Builds a [`Closed`] spool whose closed segment holds `n` records of varying sizes.
+fn closed_segment(n: u64) -> Closed {
+    let fs = MemFs::new();
+    let cfg = config(1 << 20, WhenFull::RejectNew);
+    let mut layout = Vec::new();
+    let mut records = Vec::new();
+    let mut at = super::record::SEGMENT_HEADER as usize;
+    for (range, first) in [(0..n, true), (n..n + 3, false)] {
+        let (mut spool, _) = Spool::open(fs.clone(), cfg.clone(), &names()).unwrap();
+        for i in range {
+            let m = msg(i, 8 + (i as usize * 13) % 40);
+            let seq = spool.append(1, &m).unwrap();
+            if first {
+                let len = super::record::encoded_len(&m.topic, &m.payload);
+                layout.push((seq, at..at + len));
+                at += len;
+            }
+            records.push((seq, m.payload));
+        }
+        let p = spool.write().unwrap().unwrap();
+        p.run().unwrap();
+        drop(spool);
+    }
+    let mut segs: Vec<PathBuf> = fs
+        .file_names()
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    assert_eq!(segs.len(), 2);
+    assert_eq!(fs.file_len(&segs[0]), at, "layout of the closed segment");
+    Closed {
+        fs,
+        seg: segs[0].clone(),
+        records,
+        layout,
+    }
+}
+
+/// Opens `c.fs`, reads everything for both upstreams (checking content) and returns the
+/// sequence ids read (the same for both), the `corrupt` count of the recovery and the
+/// `corrupt` counter after the reads.
+fn recover_and_read(c: &Closed) -> (Vec<u64>, u64, u64) {
+    let (mut spool, recovery) =
+        Spool::open(c.fs.clone(), config(1 << 20, WhenFull::RejectNew), &names()).unwrap();
+    let mut seqs = Vec::new();
+    for u in 0..UPSTREAMS {
+        let mut pos = spool.reader(u);
+        let mut all = Vec::new();
+        loop {
+            let mut out = Vec::new();
+            spool.read(&mut pos, 7, 1, &mut out).unwrap();
+            if out.is_empty() {
+                break;
+            }
+            all.extend(out);
+        }
+        for r in &all {
+            let want = c.records.iter().find(|(s, _)| *s == r.seq).map(|(_, p)| p);
+            assert_eq!(want, Some(&r.payload), "content of {}", r.seq);
+        }
+        let got: Vec<u64> = all.iter().map(|r| r.seq).collect();
+        if u == 0 {
+            seqs = got;
+        } else {
+            assert_eq!(seqs, got, "both upstreams read the same records");
+        }
+    }
+    (seqs, recovery.corrupt, spool.stats().corrupt)
+}
+
+/// Asserts that after damage to the bytes `damaged` of the closed segment, exactly the records
+/// overlapping them are missing and each is counted once (at start-up, not again when read).
+fn assert_only_damaged_records_lost(c: &Closed, damaged: &[usize], what: &str) {
+    let (seqs, at_start, total) = recover_and_read(c);
+    let hit: Vec<u64> = c
+        .layout
+        .iter()
+        .filter(|(_, r)| damaged.iter().any(|d| r.contains(d)))
+        .map(|(s, _)| *s)
+        .collect();
+    let want: Vec<u64> = c
+        .records
+        .iter()
+        .map(|(s, _)| *s)
+        .filter(|s| !hit.contains(s))
+        .collect();
+    assert_eq!(seqs, want, "{what}: records read");
+    let last_hit = c.layout.last().is_some_and(|(s, _)| hit.contains(s));
+    if last_hit {
+        // Damage that runs to the end of a closed segment leaves nothing to tell how many
+        // records it held: at least one is counted.
+        assert!(
+            (1..=hit.len() as u64).contains(&at_start),
+            "{what}: corrupt counted at start-up: {at_start} of {}",
+            hit.len()
+        );
+    } else {
+        assert_eq!(
+            at_start,
+            hit.len() as u64,
+            "{what}: corrupt counted at start-up"
+        );
+    }
+    assert_eq!(total, at_start, "{what}: corrupt counted once in the stats");
+}
+
+#[test]
+fn every_single_flipped_byte_of_a_closed_segment_costs_at_most_its_own_record() {
+    let len = closed_segment(12).layout.last().unwrap().1.end;
+    for offset in 0..len {
+        for mask in [0x01u8, 0x40, 0xff] {
+            let c = closed_segment(12);
+            c.fs.corrupt_with(&c.seg, offset, &[mask]);
+            let what = format!("byte {offset} ^ {mask:#04x}");
+            assert_only_damaged_records_lost(&c, &[offset], &what);
+        }
+    }
+}
+
+#[test]
+fn multi_byte_damage_costs_only_the_records_it_touches() {
+    let len = closed_segment(12).layout.last().unwrap().1.end;
+    // Runs of damage, and two separate flips (in different records or the same).
+    let patterns: [&[u8]; 3] = [&[0xff, 0xff], &[0x5a; 4], &[0xa5; 24]];
+    for offset in 0..len {
+        for mask in patterns {
+            let c = closed_segment(12);
+            c.fs.corrupt_with(&c.seg, offset, mask);
+            let damaged: Vec<usize> = (offset..(offset + mask.len()).min(len)).collect();
+            let what = format!("{} bytes at {offset}", mask.len());
+            assert_only_damaged_records_lost(&c, &damaged, &what);
+        }
+        let other = (offset * 7 + 301) % len;
+        let c = closed_segment(12);
+        c.fs.corrupt_with(&c.seg, offset, &[0x10]);
+        c.fs.corrupt_with(&c.seg, other, &[0x08]);
+        let what = format!("bytes {offset} and {other}");
+        assert_only_damaged_records_lost(&c, &[offset, other], &what);
     }
 }
