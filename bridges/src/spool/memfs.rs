@@ -160,6 +160,14 @@ impl MemFs {
         }
     }
 
+    /// The current content of `path` (empty if absent).
+    pub(crate) fn contents(&self, path: &Path) -> Vec<u8> {
+        let s = lock(&self.state);
+        s.files
+            .get(path)
+            .map_or_else(Vec::new, |f| lock(f).current.clone())
+    }
+
     /// The current length of `path` (0 if absent).
     pub(crate) fn file_len(&self, path: &Path) -> usize {
         let s = lock(&self.state);

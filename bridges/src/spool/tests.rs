@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use rand::SeedableRng;
 use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
 use super::log::{
     AppendError, Chunks, FsyncPolicy, ReadPos, Spool, SpoolConfig, WhenFull, read_records,
@@ -57,6 +57,10 @@ enum Op {
         eio: bool,
         fail_sync: bool,
     },
+    /// Bit rot: XOR random bytes into a run of `n` bytes at a random place of a closed
+    /// segment (any but the newest file), while the spool runs (readers meet it) or before
+    /// a restart (recovery meets it).
+    Corrupt(u64, u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -67,6 +71,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u64>().prop_map(Op::Crash),
         1 => (prop::bool::weighted(0.3), prop::bool::weighted(0.2), prop::bool::weighted(0.3))
             .prop_map(|(enospc, eio, fail_sync)| Op::Faults { enospc, eio, fail_sync }),
+        1 => (any::<u64>(), prop_oneof![3 => Just(1u8), 1 => 2u8..40]).prop_map(|(seed, n)| Op::Corrupt(seed, n)),
     ]
 }
 
@@ -81,6 +86,48 @@ struct Model {
     written: BTreeMap<u64, Bytes>,
     /// Per upstream: every seq it acknowledged (moved its cursor over).
     delivered: Vec<BTreeMap<u64, ()>>,
+    /// Every seq whose record bytes were damaged: allowed to be lost, nothing else is.
+    damaged: BTreeMap<u64, ()>,
+}
+
+/// Damages `n` bytes of a random closed segment of `fs` and returns the sequence ids of the
+/// records they touched (found by walking the records that still parse, past earlier
+/// damage, byte by byte).
+fn rot(fs: &MemFs, seed: u64, n: u8) -> Vec<u64> {
+    use super::record::{Parse, SEGMENT_HEADER, parse};
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut segs: Vec<PathBuf> = fs
+        .file_names()
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    if segs.len() < 2 {
+        return Vec::new();
+    }
+    let seg = &segs[rng.random_range(0..segs.len() - 1)];
+    let bytes = fs.contents(seg);
+    if bytes.is_empty() {
+        return Vec::new();
+    }
+    let offset = rng.random_range(0..bytes.len());
+    let damaged = offset..offset + usize::from(n);
+    let mask: Vec<u8> = (0..n).map(|_| rng.random_range(1..=255u8)).collect();
+    let mut hit = Vec::new();
+    let mut at = SEGMENT_HEADER as usize;
+    while at < bytes.len() {
+        match parse(&bytes[at..]) {
+            Parse::Record(r, len) => {
+                if at < damaged.end && damaged.start < at + len {
+                    hit.push(r.seq);
+                }
+                at += len;
+            }
+            _ => at += 1,
+        }
+    }
+    fs.corrupt_with(seg, offset, &mask);
+    hit
 }
 
 fn run(ops: Vec<Op>, max_bytes: u64) -> Result<(), TestCaseError> {
@@ -186,6 +233,11 @@ fn run(ops: Vec<Op>, max_bytes: u64) -> Result<(), TestCaseError> {
                 fail_sync,
                 available: u64::MAX,
             }),
+            Op::Corrupt(seed, n) => {
+                model
+                    .damaged
+                    .extend(rot(&fs, seed, n).into_iter().map(|s| (s, ())));
+            }
         }
     }
     // Heal, restart, and drain everything: every durable record reaches every upstream
@@ -216,7 +268,9 @@ fn run(ops: Vec<Op>, max_bytes: u64) -> Result<(), TestCaseError> {
             prop_assert_eq!(model.issued.get(&r.seq), Some(&r.payload));
         }
         for seq in model.durable.keys() {
-            let got = model.delivered[u].contains_key(seq) || all.iter().any(|r| r.seq == *seq);
+            let got = model.delivered[u].contains_key(seq)
+                || model.damaged.contains_key(seq)
+                || all.iter().any(|r| r.seq == *seq);
             prop_assert!(got, "durable seq {seq} lost for upstream {u}");
         }
         spool.set_cursor(u, pos.next_seq());
