@@ -613,3 +613,73 @@ fn multi_byte_damage_costs_only_the_records_it_touches() {
         assert_only_damaged_records_lost(&c, &[offset, other], &what);
     }
 }
+
+#[test]
+fn a_damaged_segment_header_is_rewritten_and_its_records_kept() {
+    let c = closed_segment(5);
+    c.fs.corrupt_with(&c.seg, 3, &[0x20]);
+    c.fs.corrupt_with(&c.seg, 13, &[0x01]);
+    assert_only_damaged_records_lost(&c, &[], "header");
+    let header = super::record::segment_header();
+    assert_eq!(&c.fs.contents(&c.seg)[..header.len()], &header, "rewritten");
+}
+
+#[test]
+fn a_version_1_segment_is_refused_by_name_and_left_alone() {
+    let c = closed_segment(5);
+    let mut v1 = c.fs.contents(&c.seg);
+    let old = *b"SGSPOOL\0\x01\0\0\0\0\0\0\0";
+    let mask: Vec<u8> = v1.iter().zip(old).map(|(a, b)| a ^ b).collect();
+    c.fs.corrupt_with(&c.seg, 0, &mask);
+    v1[..16].copy_from_slice(&old);
+    let err = Spool::open(c.fs.clone(), config(1 << 20, WhenFull::RejectNew), &names())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("format version 1") && err.contains(&c.seg.display().to_string()),
+        "{err}"
+    );
+    assert_eq!(c.fs.contents(&c.seg), v1, "untouched");
+}
+
+#[test]
+fn an_unreadable_segment_with_a_damaged_header_is_set_aside_not_deleted() {
+    let c = closed_segment(3);
+    let len = c.fs.file_len(&c.seg);
+    let garbage = vec![0x5a; len];
+    c.fs.corrupt_with(&c.seg, 0, &garbage);
+    let before = c.fs.contents(&c.seg);
+    let (spool, recovery) =
+        Spool::open(c.fs.clone(), config(1 << 20, WhenFull::RejectNew), &names()).unwrap();
+    assert_eq!((recovery.records, recovery.corrupt), (3, 1));
+    drop(spool);
+    let aside = c.seg.with_extension("seg.damaged");
+    assert_eq!(c.fs.contents(&aside), before);
+}
+
+#[test]
+fn damage_met_by_two_readers_while_running_is_counted_once() {
+    let c = closed_segment(10);
+    let (mut spool, _) =
+        Spool::open(c.fs.clone(), config(1 << 20, WhenFull::RejectNew), &names()).unwrap();
+    // Rot after start-up: the 4th record's length, the 8th record's payload.
+    let (s4, r4) = c.layout[3].clone();
+    let (s8, r8) = c.layout[7].clone();
+    c.fs.corrupt_with(&c.seg, r4.start + 5, &[0x01]);
+    c.fs.corrupt_with(&c.seg, r8.end - 1, &[0x80]);
+    for u in 0..UPSTREAMS {
+        let mut pos = spool.reader(u);
+        let mut out = Vec::new();
+        spool.read(&mut pos, 100, 1, &mut out).unwrap();
+        let seqs: Vec<u64> = out.iter().map(|r| r.seq).collect();
+        let want: Vec<u64> = c
+            .records
+            .iter()
+            .map(|(s, _)| *s)
+            .filter(|s| *s != s4 && *s != s8)
+            .collect();
+        assert_eq!(seqs, want, "upstream {u}");
+    }
+    assert_eq!(spool.stats().corrupt, 2);
+}
