@@ -1305,6 +1305,92 @@ fn count_from(file: &impl SpoolFile, first_seq: u64, written: u64, from: u64) ->
     count
 }
 
+/// A read-only segment in memory, for [`fuzz_resync`].
+struct BytesFile(Vec<u8>);
+
+impl SpoolFile for BytesFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let from = usize::try_from(offset).unwrap_or(usize::MAX);
+        let rest = self.0.get(from..).unwrap_or_default();
+        let n = rest.len().min(buf.len());
+        if let (Some(dst), Some(src)) = (buf.get_mut(..n), rest.get(..n)) {
+            dst.copy_from_slice(src);
+        }
+        Ok(n)
+    }
+
+    fn write_all_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn set_len(&self, _len: u64) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.len() as u64)
+    }
+}
+
+/// For the `spool_record` fuzz target, not an API: builds a segment of 3 records, `garbage`
+/// (damage of any length and content), 3 more records, scans it as recovery does and reads
+/// it as a drain does. Returns the records the scan found and the ids the read returned
+/// (the records have ids 100 to 105).
+#[doc(hidden)]
+#[must_use]
+pub fn fuzz_resync(garbage: &[u8]) -> (u64, Vec<u64>) {
+    let first_seq: u64 = 100;
+    let mut data = record::segment_header().to_vec();
+    for seq in first_seq..first_seq + 6 {
+        if seq == first_seq + 3 {
+            data.extend_from_slice(garbage);
+        }
+        let payload = seq.to_le_bytes();
+        record::encode(
+            &mut data,
+            seq,
+            0,
+            crate::message::Qos::AtLeastOnce,
+            false,
+            "t",
+            &payload,
+        );
+    }
+    let file = BytesFile(data);
+    let scanned = scan_segment(&file, first_seq, 0)
+        .map(|s| s.records)
+        .unwrap_or_default();
+    let len = file.0.len() as u64;
+    let view = SegmentView {
+        file: Arc::new(file),
+        first_seq,
+        written: len,
+    };
+    let mut pos = ReadPos {
+        next_seq: 0,
+        at: Some((first_seq, SEGMENT_HEADER)),
+        base: first_seq - 1,
+    };
+    let mut out = Vec::new();
+    let mut counts = ReadCounts::default();
+    let mut chunks = Chunks::default();
+    let _ = read_view(
+        &view,
+        &mut pos,
+        usize::MAX,
+        0,
+        None,
+        &mut chunks,
+        &mut counts,
+        &mut out,
+    );
+    (scanned, out.iter().map(|r| r.seq).collect())
+}
+
 /// Writes `payload` to `<name>.<gen % 2>` as `gen u64 | len u32 | payload | crc u32`, synced.
 fn write_slot<F: Fs>(fs: &F, dir: &Path, name: &str, gen_: u64, payload: &[u8]) -> io::Result<()> {
     let mut data = Vec::with_capacity(payload.len() + 16);

@@ -50,10 +50,14 @@ mod service;
 mod tests;
 
 pub use fs::{Fs, SpoolFile, StdFs};
+#[doc(hidden)]
+pub use log::fuzz_resync;
 pub use log::{
     AppendError, Chunks, FsyncPolicy, LOCK_FILE, OpenError, Pending, ReadPos, Recovery, Spool,
     SpoolConfig, SpoolStats, WhenFull,
 };
+#[doc(hidden)]
+pub use record::fuzz_round_trip;
 pub use record::{RECORD_HEADER, Record, encoded_len};
 pub use service::{
     AppendReply, Appender, DrainConfig, DrainStats, SharedSpool, drain, start_writer, wall_ms,
