@@ -683,3 +683,39 @@ fn damage_met_by_two_readers_while_running_is_counted_once() {
     }
     assert_eq!(spool.stats().corrupt, 2);
 }
+
+#[test]
+fn every_single_flipped_byte_of_the_last_segment_costs_at_most_its_own_record() {
+    use super::fs::Fs;
+    let len = closed_segment(12).layout.last().unwrap().1.end;
+    for offset in 0..len {
+        let c = closed_segment(12);
+        // Without the newer segment, the damaged one is the last (the active one at a crash).
+        let newer = c.seg.with_file_name(format!("{:020}.seg", c.records[12].0));
+        c.fs.remove(&newer).unwrap();
+        c.fs.corrupt_with(&c.seg, offset, &[0x04]);
+        let (mut spool, recovery) =
+            Spool::open(c.fs.clone(), config(1 << 20, WhenFull::RejectNew), &names()).unwrap();
+        let mut pos = spool.reader(0);
+        let mut out = Vec::new();
+        spool.read(&mut pos, 100, 1, &mut out).unwrap();
+        let hit: Vec<u64> = c
+            .layout
+            .iter()
+            .filter(|(_, r)| r.contains(&offset))
+            .map(|(s, _)| *s)
+            .collect();
+        let want: Vec<u64> = c
+            .layout
+            .iter()
+            .map(|(s, _)| *s)
+            .filter(|s| !hit.contains(s))
+            .collect();
+        let seqs: Vec<u64> = out.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, want, "byte {offset}");
+        // Damage to the last record's header looks like a torn write: cut, counted in bytes.
+        let torn = u64::from(recovery.truncated_bytes > 0);
+        assert_eq!(recovery.corrupt + torn, hit.len() as u64, "byte {offset}");
+        assert_eq!(spool.stats().corrupt, recovery.corrupt, "byte {offset}");
+    }
+}
