@@ -143,6 +143,37 @@ impl MemFs {
         }
     }
 
+    /// XORs `mask` into the durable and current content of `path` from `offset` on (bit rot of
+    /// several bytes); bytes beyond the end are left alone.
+    pub(crate) fn corrupt_with(&self, path: &Path, offset: usize, mask: &[u8]) {
+        let s = lock(&self.state);
+        if let Some(file) = s.files.get(path) {
+            let mut f = lock(file);
+            for (i, m) in mask.iter().enumerate() {
+                if let Some(b) = f.durable.get_mut(offset + i) {
+                    *b ^= m;
+                }
+                if let Some(b) = f.current.get_mut(offset + i) {
+                    *b ^= m;
+                }
+            }
+        }
+    }
+
+    /// The current content of `path` (empty if absent).
+    pub(crate) fn contents(&self, path: &Path) -> Vec<u8> {
+        let s = lock(&self.state);
+        s.files
+            .get(path)
+            .map_or_else(Vec::new, |f| lock(f).current.clone())
+    }
+
+    /// The current length of `path` (0 if absent).
+    pub(crate) fn file_len(&self, path: &Path) -> usize {
+        let s = lock(&self.state);
+        s.files.get(path).map_or(0, |f| lock(f).current.len())
+    }
+
     pub(crate) fn file_names(&self) -> Vec<PathBuf> {
         lock(&self.state).files.keys().cloned().collect()
     }

@@ -20,8 +20,13 @@
 //!   answers every record of its group `accepted: false`.
 //! - **Nothing acknowledged is lost**: a record is deleted only when every upstream's cursor
 //!   has passed it (or by the configured `drop_oldest` / `max_age`, counted). Recovery keeps
-//!   every record that was durable; it cuts torn tails and skips records with a bad CRC
-//!   (counted), never a valid record before them.
+//!   every record that was durable; it cuts only the torn tail of the last segment.
+//! - **Damage costs only the damaged records**: a record whose bytes rotted is skipped and
+//!   counted (`corrupt`, once per damaged place, whether recovery or a reader meets it first);
+//!   recovery and readers resynchronise on the next record whose header CRC checks (see
+//!   `record.rs`), so every intact record after it is kept. A damaged segment header is
+//!   rewritten, never a reason to drop the segment. Damage that runs to the end of a closed
+//!   segment is counted as one record (at least), as nothing tells how many it held.
 //! - **Order**: sequence ids increase through the log; each upstream receives its records in
 //!   that order; after a connection loss it resends from its first unacknowledged record.
 //! - **Unique ids**: a sequence id is never reused, across crashes too: ids are reserved on
@@ -46,10 +51,14 @@ mod service;
 mod tests;
 
 pub use fs::{Fs, SpoolFile, StdFs};
+#[doc(hidden)]
+pub use log::fuzz_resync;
 pub use log::{
     AppendError, Chunks, FsyncPolicy, LOCK_FILE, OpenError, Pending, ReadPos, Recovery, Spool,
     SpoolConfig, SpoolStats, WhenFull,
 };
+#[doc(hidden)]
+pub use record::fuzz_round_trip;
 pub use record::{RECORD_HEADER, Record, encoded_len};
 pub use service::{
     AppendReply, Appender, DrainConfig, DrainStats, SharedSpool, drain, start_writer, wall_ms,

@@ -1,17 +1,39 @@
-//! The on-disk byte layout of segments and records. All integers are little-endian.
+//! The on-disk byte layout of segments and records, format version [`VERSION`]. All integers
+//! are little-endian. **Do not reorder, resize or reinterpret any field**: files written by one
+//! build are read by the next; a layout change needs a new [`VERSION`] (and a decision on the
+//! files of the old one, see below).
 //!
 //! ```text
-//! segment file  = header record*
-//! header        = magic "SGSPOOL\0" (8) | version u32 (= 1) | reserved u32 (= 0)     16 bytes
-//! record        = len u32 | crc u32 | seq u64 | body                                16 + len
-//!   len         = length of body (>= BODY_FIXED)
-//!   crc         = CRC-32 (IEEE) of the seq bytes followed by the body
-//!   seq         = the record's sequence id, strictly increasing through the spool
+//! segment file  = header record*            named <first_seq, 20 decimal digits>.seg
+//! header        = magic "SGSPOOL\0" (8) | version u32 | hcrc u32                 16 bytes
+//!   hcrc        = CRC-32 (IEEE) of magic and version
+//! record        = sync u32 | len u32 | seq u64 | hcrc u32 | crc u32 | body      24 + len
+//!   sync        = RECORD_SYNC, the same in every record: where a record may start
+//!   len         = length of body (BODY_FIXED ..= MAX_BODY)
+//!   seq         = the record's sequence id; within one segment the first record has the
+//!                 file name's first_seq and each next one the previous id + 1
+//!   hcrc        = CRC-32 (IEEE) of sync, len and seq: a damaged length is detected before
+//!                 it is used
+//!   crc         = CRC-32 (IEEE) of the body
 //! body          = flags u8 | time_ms u64 | topic_len u16 | topic | payload
 //!   flags       = bits 0-1 QoS (0, 1, 2), bit 2 retain, other bits 0
 //!   time_ms     = wall-clock time of the append, milliseconds since the Unix epoch
 //!   topic       = UTF-8, topic_len bytes;  payload = the rest of the body
 //! ```
+//!
+//! Resynchronisation (why the record header looks like this): a reader trusts a record's
+//! `len` only when the header CRC checks. A record whose header checks but whose body does not
+//! is skipped by its length; a record whose header does not check is skipped by searching
+//! forward, byte by byte, for the next offset with the sync word, a header CRC that checks
+//! and a plausible sequence id (see `log.rs`). A false match in random bytes needs 64 bits to
+//! agree by chance (sync word and header CRC), and the sequence id to fall in a narrow window.
+//! So one damaged byte anywhere costs at most the record that holds it; a damaged segment
+//! header costs nothing (its only field, the version, is rechecked and rewritten; the first
+//! sequence id is in the file name).
+//!
+//! Version 1 (`len | crc | seq | body`, no sync word, a header without CRC) was never
+//! released; a version 1 file (or any version but [`VERSION`] behind a valid header) is
+//! refused at start with an error naming it, never deleted.
 //!
 //! Decoding never panics: every length is checked against the bytes at hand, and anything
 //! that does not parse is reported as [`Parse::Invalid`] (corruption, or a torn write).
@@ -23,13 +45,18 @@ use crate::message::Qos;
 /// The segment file magic.
 pub(crate) const MAGIC: &[u8; 8] = b"SGSPOOL\0";
 /// The format version written and understood.
-pub(crate) const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 2;
 /// Bytes of the segment header.
 pub(crate) const SEGMENT_HEADER: u64 = 16;
-/// Bytes of the record header (len, crc, seq).
-pub const RECORD_HEADER: usize = 16;
+/// The word every record starts with. Not ASCII and not a small integer, so that it is rare
+/// in topics, payloads and lengths.
+pub(crate) const RECORD_SYNC: [u8; 4] = [0xD3, 0x5A, 0x9C, 0xE7];
+/// Bytes of the record header (sync, len, seq, hcrc, crc).
+pub const RECORD_HEADER: usize = 24;
 /// Bytes of the body before the topic.
 pub(crate) const BODY_FIXED: usize = 1 + 8 + 2;
+/// Fewest bytes a record takes.
+pub(crate) const MIN_RECORD: usize = RECORD_HEADER + BODY_FIXED;
 /// Largest body accepted when decoding: guards against a corrupt length making a reader
 /// allocate or skip gigabytes.
 pub(crate) const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -70,14 +97,41 @@ pub(crate) fn segment_header() -> [u8; SEGMENT_HEADER as usize] {
     let mut h = [0u8; SEGMENT_HEADER as usize];
     h[..8].copy_from_slice(MAGIC);
     h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    let crc = crc32fast::hash(&h[..12]);
+    h[12..].copy_from_slice(&crc.to_le_bytes());
     h
 }
 
-/// Whether `bytes` start with a valid segment header.
-pub(crate) fn valid_segment_header(bytes: &[u8]) -> bool {
-    bytes.len() >= SEGMENT_HEADER as usize
-        && bytes.get(..8) == Some(MAGIC.as_slice())
-        && bytes.get(8..12) == Some(VERSION.to_le_bytes().as_slice())
+/// What a segment file's first bytes say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SegmentHeader {
+    /// A valid header of this [`VERSION`].
+    Current,
+    /// A valid header of another version (a version 1 header has no CRC and is recognised
+    /// by its exact bytes).
+    Other(u32),
+    /// Not a valid header: damaged (or too short).
+    Damaged,
+}
+
+/// Checks the segment header at the start of `bytes`.
+pub(crate) fn segment_header_kind(bytes: &[u8]) -> SegmentHeader {
+    let Some(mut h) = bytes.get(..SEGMENT_HEADER as usize) else {
+        return SegmentHeader::Damaged;
+    };
+    if h.get(..8) != Some(MAGIC.as_slice()) {
+        return SegmentHeader::Damaged;
+    }
+    let covered = crc32fast::hash(h.get(..12).unwrap_or_default());
+    h.advance(8);
+    let version = h.get_u32_le();
+    let last = h.get_u32_le();
+    match (version, last) {
+        (VERSION, crc) if crc == covered => SegmentHeader::Current,
+        (1, 0) => SegmentHeader::Other(1),
+        (v, crc) if crc == covered => SegmentHeader::Other(v),
+        _ => SegmentHeader::Damaged,
+    }
 }
 
 fn qos_bits(qos: Qos) -> u8 {
@@ -102,18 +156,50 @@ pub(crate) fn encode(
     let body_len = BODY_FIXED + topic.len() + payload.len();
     let start = out.len();
     out.reserve(RECORD_HEADER + body_len);
+    out.put_slice(&RECORD_SYNC);
     out.put_u32_le(u32::try_from(body_len).unwrap_or(u32::MAX));
-    out.put_u32_le(0); // CRC, filled in below.
     out.put_u64_le(seq);
+    let hcrc = crc32fast::hash(out.get(start..).unwrap_or_default());
+    out.put_u32_le(hcrc);
+    out.put_u32_le(0); // Body CRC, filled in below.
     out.put_u8(qos_bits(qos) | if retain { 4 } else { 0 });
     out.put_u64_le(time_ms);
     out.put_u16_le(u16::try_from(topic.len()).unwrap_or(u16::MAX));
     out.put_slice(topic.as_bytes());
     out.put_slice(payload);
-    let crc = crc32fast::hash(out.get(start + 8..).unwrap_or_default());
-    if let Some(slot) = out.get_mut(start + 4..start + 8) {
+    let crc = crc32fast::hash(out.get(start + RECORD_HEADER..).unwrap_or_default());
+    if let Some(slot) = out.get_mut(start + 20..start + RECORD_HEADER) {
         slot.copy_from_slice(&crc.to_le_bytes());
     }
+}
+
+/// A record header whose CRC checks: its length and sequence id can be trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Header {
+    /// Bytes of the whole record (header and body).
+    pub(crate) total: usize,
+    /// The record's sequence id.
+    pub(crate) seq: u64,
+}
+
+/// Checks the record header at the start of `bytes`: `None` if the bytes are too short, the
+/// sync word or the header CRC does not match, or the length is out of range.
+pub(crate) fn header(bytes: &[u8]) -> Option<Header> {
+    let mut h = bytes.get(..RECORD_HEADER)?;
+    if h.get(..4)? != RECORD_SYNC.as_slice() {
+        return None;
+    }
+    let hcrc = crc32fast::hash(h.get(..16)?);
+    h.advance(4);
+    let len = h.get_u32_le() as usize;
+    let seq = h.get_u64_le();
+    if h.get_u32_le() != hcrc || !(BODY_FIXED..=MAX_BODY).contains(&len) {
+        return None;
+    }
+    Some(Header {
+        total: RECORD_HEADER + len,
+        seq,
+    })
 }
 
 /// The result of parsing the bytes at one offset.
@@ -121,55 +207,60 @@ pub(crate) fn encode(
 pub(crate) enum Parse {
     /// A valid record of `len` bytes.
     Record(Record, usize),
-    /// The bytes end inside the record: more may follow (a reader at the written end), or the
-    /// write was torn (recovery).
+    /// The bytes end inside the header, or inside a record whose header checks: more may
+    /// follow (a reader at the written end), or the write was torn (recovery).
     Incomplete,
-    /// The bytes do not form a valid record. `skip` is the record length the header claims,
-    /// if it is plausible: a reader may try to resynchronise after it.
+    /// The bytes do not form a valid record. `skip` is the record length when the header
+    /// checks (only the body is damaged): the next record starts there. Otherwise the
+    /// header is damaged and its length must not be trusted.
     Invalid {
-        /// Bytes the (possibly corrupt) header says the record takes.
+        /// Bytes the record takes, if its header checks.
         skip: Option<usize>,
     },
 }
 
 /// Parses one record at the start of `bytes`.
 pub(crate) fn parse(bytes: &[u8]) -> Parse {
-    let Some(mut header) = bytes.get(..RECORD_HEADER) else {
-        return Parse::Incomplete;
-    };
-    let len = header.get_u32_le() as usize;
-    let crc = header.get_u32_le();
-    let seq = header.get_u64_le();
-    if !(BODY_FIXED..=MAX_BODY).contains(&len) {
+    if bytes.len() < RECORD_HEADER {
+        // Too short to judge, unless what is there already differs from a sync word.
+        let n = bytes.len().min(4);
+        return if bytes.get(..n) == RECORD_SYNC.get(..n) {
+            Parse::Incomplete
+        } else {
+            Parse::Invalid { skip: None }
+        };
+    }
+    let Some(Header { total, seq }) = header(bytes) else {
         return Parse::Invalid { skip: None };
-    }
-    let total = RECORD_HEADER + len;
-    let Some(covered) = bytes.get(8..total) else {
+    };
+    let Some(mut fixed) = bytes.get(20..RECORD_HEADER) else {
         return Parse::Incomplete;
     };
-    if crc32fast::hash(covered) != crc {
-        return Parse::Invalid { skip: Some(total) };
-    }
+    let crc = fixed.get_u32_le();
     let Some(mut body) = bytes.get(RECORD_HEADER..total) else {
         return Parse::Incomplete;
     };
+    let invalid = Parse::Invalid { skip: Some(total) };
+    if crc32fast::hash(body) != crc {
+        return invalid;
+    }
     let flags = body.get_u8();
     let time_ms = body.get_u64_le();
     let topic_len = usize::from(body.get_u16_le());
     let qos = match flags {
-        f if f & !7 != 0 => return Parse::Invalid { skip: Some(total) },
+        f if f & !7 != 0 => return invalid,
         f => match f & 3 {
             0 => Qos::AtMostOnce,
             1 => Qos::AtLeastOnce,
             2 => Qos::ExactlyOnce,
-            _ => return Parse::Invalid { skip: Some(total) },
+            _ => return invalid,
         },
     };
     let (Some(topic), Some(payload)) = (body.get(..topic_len), body.get(topic_len..)) else {
-        return Parse::Invalid { skip: Some(total) };
+        return invalid;
     };
     let Ok(topic) = std::str::from_utf8(topic) else {
-        return Parse::Invalid { skip: Some(total) };
+        return invalid;
     };
     Parse::Record(
         Record {
@@ -184,6 +275,21 @@ pub(crate) fn parse(bytes: &[u8]) -> Parse {
     )
 }
 
+/// For the `spool_record` fuzz target, not an API: parses one record at the start of
+/// `bytes`; for a valid one returns its encoding made again and the bytes it took.
+#[doc(hidden)]
+#[must_use]
+pub fn fuzz_round_trip(bytes: &[u8]) -> Option<(Vec<u8>, usize)> {
+    let Parse::Record(r, len) = parse(bytes) else {
+        return None;
+    };
+    let mut out = Vec::new();
+    encode(
+        &mut out, r.seq, r.time_ms, r.qos, r.retain, &r.topic, &r.payload,
+    );
+    Some((out, len))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,20 +300,62 @@ mod tests {
         let mut out = Vec::new();
         encode(&mut out, 0x0102, 7, Qos::AtLeastOnce, true, "a/b", b"xy");
         assert_eq!(out.len(), encoded_len("a/b", b"xy"));
-        assert_eq!(&out[0..4], &(11u32 + 3 + 2).to_le_bytes());
+        assert_eq!(&out[0..4], &RECORD_SYNC);
+        assert_eq!(&out[4..8], &(11u32 + 3 + 2).to_le_bytes());
         assert_eq!(&out[8..16], &0x0102u64.to_le_bytes());
-        assert_eq!(out[16], 1 | 4);
-        assert_eq!(&out[17..25], &7u64.to_le_bytes());
-        assert_eq!(&out[25..27], &3u16.to_le_bytes());
-        assert_eq!(&out[27..30], b"a/b");
-        assert_eq!(&out[30..], b"xy");
+        assert_eq!(&out[16..20], &crc32fast::hash(&out[..16]).to_le_bytes());
+        assert_eq!(&out[20..24], &crc32fast::hash(&out[24..]).to_le_bytes());
+        assert_eq!(out[24], 1 | 4);
+        assert_eq!(&out[25..33], &7u64.to_le_bytes());
+        assert_eq!(&out[33..35], &3u16.to_le_bytes());
+        assert_eq!(&out[35..38], b"a/b");
+        assert_eq!(&out[38..], b"xy");
+    }
+
+    /// Known answers: the CRC is CRC-32/IEEE (crc32fast), and the segment header's bytes.
+    #[test]
+    fn crc_and_segment_header_known_answers() {
+        assert_eq!(crc32fast::hash(b"123456789"), 0xCBF4_3926);
+        let h = segment_header();
+        assert_eq!(&h[..12], b"SGSPOOL\0\x02\0\0\0");
+        assert_eq!(&h[12..], &crc32fast::hash(&h[..12]).to_le_bytes());
+        assert_eq!(segment_header_kind(&h), SegmentHeader::Current);
+        let v1 = *b"SGSPOOL\0\x01\0\0\0\0\0\0\0";
+        assert_eq!(segment_header_kind(&v1), SegmentHeader::Other(1));
+        for i in 0..h.len() {
+            let mut bad = h;
+            bad[i] ^= 0x04;
+            assert_eq!(
+                segment_header_kind(&bad),
+                SegmentHeader::Damaged,
+                "flip at {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_damaged_header_is_never_trusted_a_damaged_body_is_skipped_by_its_length() {
+        let mut out = Vec::new();
+        encode(&mut out, 9, 1, Qos::AtMostOnce, false, "t", b"payload");
+        for i in 0..out.len() {
+            let mut bad = out.clone();
+            bad[i] ^= 0x10;
+            let want = if i < 20 {
+                Parse::Invalid { skip: None }
+            } else {
+                Parse::Invalid {
+                    skip: Some(out.len()),
+                }
+            };
+            assert_eq!(parse(&bad), want, "bit flip at {i}");
+        }
     }
 
     #[test]
     fn a_flipped_bit_is_invalid_and_a_short_read_incomplete() {
         let mut out = Vec::new();
         encode(&mut out, 9, 1, Qos::AtMostOnce, false, "t", b"payload");
-        for i in 8..out.len() {
+        for i in 0..out.len() {
             let mut bad = out.clone();
             bad[i] ^= 0x10;
             assert!(
@@ -215,7 +363,7 @@ mod tests {
                 "bit flip at {i}"
             );
         }
-        for cut in 0..out.len() {
+        for cut in 4..out.len() {
             assert_eq!(parse(&out[..cut]), Parse::Incomplete, "cut at {cut}");
         }
     }

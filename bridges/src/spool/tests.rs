@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use rand::SeedableRng;
 use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
 use super::log::{
     AppendError, Chunks, FsyncPolicy, ReadPos, Spool, SpoolConfig, WhenFull, read_records,
@@ -57,6 +57,10 @@ enum Op {
         eio: bool,
         fail_sync: bool,
     },
+    /// Bit rot: XOR random bytes into a run of `n` bytes at a random place of a closed
+    /// segment (any but the newest file), while the spool runs (readers meet it) or before
+    /// a restart (recovery meets it).
+    Corrupt(u64, u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -67,6 +71,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u64>().prop_map(Op::Crash),
         1 => (prop::bool::weighted(0.3), prop::bool::weighted(0.2), prop::bool::weighted(0.3))
             .prop_map(|(enospc, eio, fail_sync)| Op::Faults { enospc, eio, fail_sync }),
+        1 => (any::<u64>(), prop_oneof![3 => Just(1u8), 1 => 2u8..40]).prop_map(|(seed, n)| Op::Corrupt(seed, n)),
     ]
 }
 
@@ -81,6 +86,48 @@ struct Model {
     written: BTreeMap<u64, Bytes>,
     /// Per upstream: every seq it acknowledged (moved its cursor over).
     delivered: Vec<BTreeMap<u64, ()>>,
+    /// Every seq whose record bytes were damaged: allowed to be lost, nothing else is.
+    damaged: BTreeMap<u64, ()>,
+}
+
+/// Damages `n` bytes of a random closed segment of `fs` and returns the sequence ids of the
+/// records they touched (found by walking the records that still parse, past earlier
+/// damage, byte by byte).
+fn rot(fs: &MemFs, seed: u64, n: u8) -> Vec<u64> {
+    use super::record::{Parse, SEGMENT_HEADER, parse};
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut segs: Vec<PathBuf> = fs
+        .file_names()
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    if segs.len() < 2 {
+        return Vec::new();
+    }
+    let seg = &segs[rng.random_range(0..segs.len() - 1)];
+    let bytes = fs.contents(seg);
+    if bytes.is_empty() {
+        return Vec::new();
+    }
+    let offset = rng.random_range(0..bytes.len());
+    let damaged = offset..offset + usize::from(n);
+    let mask: Vec<u8> = (0..n).map(|_| rng.random_range(1..=255u8)).collect();
+    let mut hit = Vec::new();
+    let mut at = SEGMENT_HEADER as usize;
+    while at < bytes.len() {
+        match parse(&bytes[at..]) {
+            Parse::Record(r, len) => {
+                if at < damaged.end && damaged.start < at + len {
+                    hit.push(r.seq);
+                }
+                at += len;
+            }
+            _ => at += 1,
+        }
+    }
+    fs.corrupt_with(seg, offset, &mask);
+    hit
 }
 
 fn run(ops: Vec<Op>, max_bytes: u64) -> Result<(), TestCaseError> {
@@ -186,6 +233,11 @@ fn run(ops: Vec<Op>, max_bytes: u64) -> Result<(), TestCaseError> {
                 fail_sync,
                 available: u64::MAX,
             }),
+            Op::Corrupt(seed, n) => {
+                model
+                    .damaged
+                    .extend(rot(&fs, seed, n).into_iter().map(|s| (s, ())));
+            }
         }
     }
     // Heal, restart, and drain everything: every durable record reaches every upstream
@@ -216,7 +268,9 @@ fn run(ops: Vec<Op>, max_bytes: u64) -> Result<(), TestCaseError> {
             prop_assert_eq!(model.issued.get(&r.seq), Some(&r.payload));
         }
         for seq in model.durable.keys() {
-            let got = model.delivered[u].contains_key(seq) || all.iter().any(|r| r.seq == *seq);
+            let got = model.delivered[u].contains_key(seq)
+                || model.damaged.contains_key(seq)
+                || all.iter().any(|r| r.seq == *seq);
             prop_assert!(got, "durable seq {seq} lost for upstream {u}");
         }
         spool.set_cursor(u, pos.next_seq());
@@ -327,8 +381,8 @@ fn a_corrupt_record_is_skipped_and_counted_the_rest_kept() {
         .into_iter()
         .find(|p| p.extension().is_some_and(|e| e == "seg"))
         .unwrap();
-    // The third record's payload: header 16, then 3 records of 16 + 11 + 3 + 100.
-    fs.corrupt(&seg, 16 + 2 * 130 + 60);
+    // The third record's payload: header 16, then 3 records of 24 + 11 + 3 + 100.
+    fs.corrupt(&seg, 16 + 2 * 138 + 60);
     let (mut spool, recovery) =
         Spool::open(fs, config(1 << 20, WhenFull::RejectNew), &names()).unwrap();
     assert_eq!(recovery.corrupt, 1);
@@ -405,5 +459,263 @@ fn large_segments_and_records_are_recovered_and_read_in_chunks() {
     for (i, r) in all.iter().enumerate() {
         assert_eq!(r.seq, i as u64 + 1);
         assert_eq!(r.payload, msg(i as u64, sizes[i]).payload);
+    }
+}
+
+/// A spool with a closed segment of records and an active segment of 3 more: the
+/// filesystem, the closed segment's path, every record (sequence id and payload) and the byte
+/// range of each record of the closed segment.
+struct Closed {
+    fs: MemFs,
+    seg: PathBuf,
+    records: Vec<(u64, Bytes)>,
+    layout: Vec<(u64, std::ops::Range<usize>)>,
+}
+
+/// Builds a [`Closed`] spool whose closed segment holds `n` records of varying sizes.
+fn closed_segment(n: u64) -> Closed {
+    let fs = MemFs::new();
+    let cfg = config(1 << 20, WhenFull::RejectNew);
+    let mut layout = Vec::new();
+    let mut records = Vec::new();
+    let mut at = super::record::SEGMENT_HEADER as usize;
+    for (range, first) in [(0..n, true), (n..n + 3, false)] {
+        let (mut spool, _) = Spool::open(fs.clone(), cfg.clone(), &names()).unwrap();
+        for i in range {
+            let m = msg(i, 8 + (i as usize * 13) % 40);
+            let seq = spool.append(1, &m).unwrap();
+            if first {
+                let len = super::record::encoded_len(&m.topic, &m.payload);
+                layout.push((seq, at..at + len));
+                at += len;
+            }
+            records.push((seq, m.payload));
+        }
+        let p = spool.write().unwrap().unwrap();
+        p.run().unwrap();
+        drop(spool);
+    }
+    let mut segs: Vec<PathBuf> = fs
+        .file_names()
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    assert_eq!(segs.len(), 2);
+    assert_eq!(fs.file_len(&segs[0]), at, "layout of the closed segment");
+    Closed {
+        fs,
+        seg: segs[0].clone(),
+        records,
+        layout,
+    }
+}
+
+/// Opens `c.fs`, reads everything for both upstreams (checking content) and returns the
+/// sequence ids read (the same for both), the `corrupt` count of the recovery and the
+/// `corrupt` counter after the reads.
+fn recover_and_read(c: &Closed) -> (Vec<u64>, u64, u64) {
+    let (mut spool, recovery) =
+        Spool::open(c.fs.clone(), config(1 << 20, WhenFull::RejectNew), &names()).unwrap();
+    let mut seqs = Vec::new();
+    for u in 0..UPSTREAMS {
+        let mut pos = spool.reader(u);
+        let mut all = Vec::new();
+        loop {
+            let mut out = Vec::new();
+            spool.read(&mut pos, 7, 1, &mut out).unwrap();
+            if out.is_empty() {
+                break;
+            }
+            all.extend(out);
+        }
+        for r in &all {
+            let want = c.records.iter().find(|(s, _)| *s == r.seq).map(|(_, p)| p);
+            assert_eq!(want, Some(&r.payload), "content of {}", r.seq);
+        }
+        let got: Vec<u64> = all.iter().map(|r| r.seq).collect();
+        if u == 0 {
+            seqs = got;
+        } else {
+            assert_eq!(seqs, got, "both upstreams read the same records");
+        }
+    }
+    (seqs, recovery.corrupt, spool.stats().corrupt)
+}
+
+/// Asserts that after damage to the bytes `damaged` of the closed segment, exactly the records
+/// overlapping them are missing and each is counted once (at start-up, not again when read).
+fn assert_only_damaged_records_lost(c: &Closed, damaged: &[usize], what: &str) {
+    let (seqs, at_start, total) = recover_and_read(c);
+    let hit: Vec<u64> = c
+        .layout
+        .iter()
+        .filter(|(_, r)| damaged.iter().any(|d| r.contains(d)))
+        .map(|(s, _)| *s)
+        .collect();
+    let want: Vec<u64> = c
+        .records
+        .iter()
+        .map(|(s, _)| *s)
+        .filter(|s| !hit.contains(s))
+        .collect();
+    assert_eq!(seqs, want, "{what}: records read");
+    let last_hit = c.layout.last().is_some_and(|(s, _)| hit.contains(s));
+    if last_hit {
+        // Damage that runs to the end of a closed segment leaves nothing to tell how many
+        // records it held: at least one is counted.
+        assert!(
+            (1..=hit.len() as u64).contains(&at_start),
+            "{what}: corrupt counted at start-up: {at_start} of {}",
+            hit.len()
+        );
+    } else {
+        assert_eq!(
+            at_start,
+            hit.len() as u64,
+            "{what}: corrupt counted at start-up"
+        );
+    }
+    assert_eq!(total, at_start, "{what}: corrupt counted once in the stats");
+}
+
+#[test]
+fn every_single_flipped_byte_of_a_closed_segment_costs_at_most_its_own_record() {
+    let len = closed_segment(12).layout.last().unwrap().1.end;
+    for offset in 0..len {
+        for mask in [0x01u8, 0x40, 0xff] {
+            let c = closed_segment(12);
+            c.fs.corrupt_with(&c.seg, offset, &[mask]);
+            let what = format!("byte {offset} ^ {mask:#04x}");
+            assert_only_damaged_records_lost(&c, &[offset], &what);
+        }
+    }
+}
+
+#[test]
+fn multi_byte_damage_costs_only_the_records_it_touches() {
+    let len = closed_segment(12).layout.last().unwrap().1.end;
+    // Runs of damage, and two separate flips (in different records or the same).
+    let patterns: [&[u8]; 3] = [&[0xff, 0xff], &[0x5a; 4], &[0xa5; 24]];
+    for offset in 0..len {
+        for mask in patterns {
+            let c = closed_segment(12);
+            c.fs.corrupt_with(&c.seg, offset, mask);
+            let damaged: Vec<usize> = (offset..(offset + mask.len()).min(len)).collect();
+            let what = format!("{} bytes at {offset}", mask.len());
+            assert_only_damaged_records_lost(&c, &damaged, &what);
+        }
+        let other = (offset * 7 + 301) % len;
+        let c = closed_segment(12);
+        c.fs.corrupt_with(&c.seg, offset, &[0x10]);
+        c.fs.corrupt_with(&c.seg, other, &[0x08]);
+        let what = format!("bytes {offset} and {other}");
+        assert_only_damaged_records_lost(&c, &[offset, other], &what);
+    }
+}
+
+#[test]
+fn a_damaged_segment_header_is_rewritten_and_its_records_kept() {
+    let c = closed_segment(5);
+    c.fs.corrupt_with(&c.seg, 3, &[0x20]);
+    c.fs.corrupt_with(&c.seg, 13, &[0x01]);
+    assert_only_damaged_records_lost(&c, &[], "header");
+    let header = super::record::segment_header();
+    assert_eq!(&c.fs.contents(&c.seg)[..header.len()], &header, "rewritten");
+}
+
+#[test]
+fn a_version_1_segment_is_refused_by_name_and_left_alone() {
+    let c = closed_segment(5);
+    let mut v1 = c.fs.contents(&c.seg);
+    let old = *b"SGSPOOL\0\x01\0\0\0\0\0\0\0";
+    let mask: Vec<u8> = v1.iter().zip(old).map(|(a, b)| a ^ b).collect();
+    c.fs.corrupt_with(&c.seg, 0, &mask);
+    v1[..16].copy_from_slice(&old);
+    let err = Spool::open(c.fs.clone(), config(1 << 20, WhenFull::RejectNew), &names())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("format version 1") && err.contains(&c.seg.display().to_string()),
+        "{err}"
+    );
+    assert_eq!(c.fs.contents(&c.seg), v1, "untouched");
+}
+
+#[test]
+fn an_unreadable_segment_with_a_damaged_header_is_set_aside_not_deleted() {
+    let c = closed_segment(3);
+    let len = c.fs.file_len(&c.seg);
+    let garbage = vec![0x5a; len];
+    c.fs.corrupt_with(&c.seg, 0, &garbage);
+    let before = c.fs.contents(&c.seg);
+    let (spool, recovery) =
+        Spool::open(c.fs.clone(), config(1 << 20, WhenFull::RejectNew), &names()).unwrap();
+    assert_eq!((recovery.records, recovery.corrupt), (3, 1));
+    drop(spool);
+    let aside = c.seg.with_extension("seg.damaged");
+    assert_eq!(c.fs.contents(&aside), before);
+}
+
+#[test]
+fn damage_met_by_two_readers_while_running_is_counted_once() {
+    let c = closed_segment(10);
+    let (mut spool, _) =
+        Spool::open(c.fs.clone(), config(1 << 20, WhenFull::RejectNew), &names()).unwrap();
+    // Rot after start-up: the 4th record's length, the 8th record's payload.
+    let (s4, r4) = c.layout[3].clone();
+    let (s8, r8) = c.layout[7].clone();
+    c.fs.corrupt_with(&c.seg, r4.start + 5, &[0x01]);
+    c.fs.corrupt_with(&c.seg, r8.end - 1, &[0x80]);
+    for u in 0..UPSTREAMS {
+        let mut pos = spool.reader(u);
+        let mut out = Vec::new();
+        spool.read(&mut pos, 100, 1, &mut out).unwrap();
+        let seqs: Vec<u64> = out.iter().map(|r| r.seq).collect();
+        let want: Vec<u64> = c
+            .records
+            .iter()
+            .map(|(s, _)| *s)
+            .filter(|s| *s != s4 && *s != s8)
+            .collect();
+        assert_eq!(seqs, want, "upstream {u}");
+    }
+    assert_eq!(spool.stats().corrupt, 2);
+}
+
+#[test]
+fn every_single_flipped_byte_of_the_last_segment_costs_at_most_its_own_record() {
+    use super::fs::Fs;
+    let len = closed_segment(12).layout.last().unwrap().1.end;
+    for offset in 0..len {
+        let c = closed_segment(12);
+        // Without the newer segment, the damaged one is the last (the active one at a crash).
+        let newer = c.seg.with_file_name(format!("{:020}.seg", c.records[12].0));
+        c.fs.remove(&newer).unwrap();
+        c.fs.corrupt_with(&c.seg, offset, &[0x04]);
+        let (mut spool, recovery) =
+            Spool::open(c.fs.clone(), config(1 << 20, WhenFull::RejectNew), &names()).unwrap();
+        let mut pos = spool.reader(0);
+        let mut out = Vec::new();
+        spool.read(&mut pos, 100, 1, &mut out).unwrap();
+        let hit: Vec<u64> = c
+            .layout
+            .iter()
+            .filter(|(_, r)| r.contains(&offset))
+            .map(|(s, _)| *s)
+            .collect();
+        let want: Vec<u64> = c
+            .layout
+            .iter()
+            .map(|(s, _)| *s)
+            .filter(|s| !hit.contains(s))
+            .collect();
+        let seqs: Vec<u64> = out.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, want, "byte {offset}");
+        // Damage to the last record's header looks like a torn write: cut, counted in bytes.
+        let torn = u64::from(recovery.truncated_bytes > 0);
+        assert_eq!(recovery.corrupt + torn, hit.len() as u64, "byte {offset}");
+        assert_eq!(spool.stats().corrupt, recovery.corrupt, "byte {offset}");
     }
 }
