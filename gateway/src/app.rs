@@ -79,6 +79,7 @@ impl RunError {
             },
             RunError::Upstream { .. } => ErrorClass::Config,
             RunError::Spool(OpenError::Locked { .. }) => ErrorClass::Unavailable,
+            RunError::Spool(OpenError::Format { .. }) => ErrorClass::Data,
             RunError::Spool(OpenError::Io { source, .. }) => class_of_io(source),
             RunError::SessionStore(StoreError::Dir { source, .. }) => class_of_io(source),
             RunError::SpoolWriter(_) | RunError::Transport(_) | RunError::SessionStore(_) => {

@@ -20,6 +20,8 @@ const EX_CANTCREAT: u8 = 73;
 /// Exit status when a resource is taken: an address in use, a state directory locked by
 /// another instance (EX_UNAVAILABLE).
 const EX_UNAVAILABLE: u8 = 69;
+/// Exit status when the state directory holds data this version cannot read (EX_DATAERR).
+const EX_DATAERR: u8 = 65;
 /// Exit status for any other failure.
 const EX_FAILURE: u8 = 1;
 
@@ -27,6 +29,7 @@ const EXIT_STATUS_HELP: &str = "\
 Exit status:
   0   success (run: stopped by SIGTERM or SIGINT)
   1   the gateway failed while running
+  65  the spool holds a segment of a format version this sensorgate cannot read (left as is)
   69  unavailable: a listen address is in use, or the state_dir is locked by another instance
   73  cannot create: state_dir is not a directory or is on a read-only file system, or a file
       in it cannot be created
@@ -122,6 +125,7 @@ fn exit_code(class: ErrorClass) -> ExitCode {
         ErrorClass::Permission => EX_NOPERM,
         ErrorClass::CantCreate => EX_CANTCREAT,
         ErrorClass::Unavailable => EX_UNAVAILABLE,
+        ErrorClass::Data => EX_DATAERR,
         ErrorClass::Other => EX_FAILURE,
     })
 }

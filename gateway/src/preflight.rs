@@ -28,6 +28,9 @@ pub enum ErrorClass {
     CantCreate,
     /// A resource is taken (an address in use, a state directory locked by another instance).
     Unavailable,
+    /// The state directory holds data this version cannot read (a spool segment of another
+    /// format version).
+    Data,
     /// Anything else (a failure while running).
     Other,
 }

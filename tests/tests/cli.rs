@@ -18,6 +18,7 @@ const EX_CONFIG: i32 = 78;
 const EX_NOPERM: i32 = 77;
 const EX_CANTCREAT: i32 = 73;
 const EX_UNAVAILABLE: i32 = 69;
+const EX_DATAERR: i32 = 65;
 
 fn sensorgate(args: &[&str]) -> Output {
     run_bounded(
@@ -389,6 +390,27 @@ fn a_state_dir_that_is_a_file_fails_check_config_and_run_with_73() {
         EX_CANTCREAT,
         &[&state.display().to_string(), "not a directory"],
     );
+}
+
+#[test]
+fn a_spool_segment_of_another_format_version_exits_65_and_is_left_as_it_was() {
+    let dir = temp_dir().unwrap();
+    let state = dir.path().join("state");
+    let spool = state.join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    // A version 1 segment header (magic, version 1, 4 reserved bytes) and one byte of a record.
+    let segment = spool.join(format!("{:020}.seg", 1));
+    let mut bytes = b"SGSPOOL\0\x01\0\0\0\0\0\0\0".to_vec();
+    bytes.push(0x2a);
+    std::fs::write(&segment, &bytes).unwrap();
+    let path = write_config(dir.path(), "v1.toml", &state, "");
+    let out = sensorgate(&["run", "-c", path.to_str().unwrap()]);
+    assert_fails_once(
+        &out,
+        EX_DATAERR,
+        &[&segment.display().to_string(), "format version 1"],
+    );
+    assert_eq!(std::fs::read(&segment).unwrap(), bytes, "left as it was");
 }
 
 /// Runs sensorgate without the capabilities that let root ignore file modes (when root), so
