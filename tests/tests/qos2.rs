@@ -1,5 +1,6 @@
-//! QoS 2 uplink: PUBREC only after the broker has the message, a duplicate PUBLISH before
-//! PUBREL is never forwarded twice, PUBREL → PUBCOMP, and MsgIds are reusable afterwards.
+//! QoS 2 uplink: PUBREC once the message is durable in the spool (even while the broker is
+//! frozen), a duplicate PUBLISH before PUBREL is never forwarded twice, PUBREL → PUBCOMP, and
+//! MsgIds are reusable afterwards.
 //!
 //! "Forwarded exactly once" is checked without waiting for silence: after the exchange, the
 //! same client publishes a marker on the same topic through the same upstream, so any duplicate
