@@ -1,10 +1,15 @@
-//! QoS 2 uplink: PUBREC only after the broker has the message, a duplicate PUBLISH before
-//! PUBREL is never forwarded twice, PUBREL → PUBCOMP, and MsgIds are reusable afterwards.
+//! QoS 2 uplink: PUBREC once the message is durable in the spool (even while the broker is
+//! frozen), a duplicate PUBLISH before PUBREL is never forwarded twice, PUBREL → PUBCOMP, and
+//! MsgIds are reusable afterwards.
 //!
 //! "Forwarded exactly once" is checked without waiting for silence: after the exchange, the
 //! same client publishes a marker on the same topic through the same upstream, so any duplicate
-//! would reach the subscriber before the marker. The subscriber uses QoS 1 (see
-//! [`Subscriber::start_full`]) so that delivery order is the broker's sending order.
+//! would reach the subscriber before the marker. The marker is QoS 2 like the messages it
+//! follows: the gateway keeps order in what it sends, but the broker passes a QoS 2 message on
+//! only when the gateway's PUBREL comes, and a QoS 1 message at once, so a QoS 1 marker sent
+//! while the QoS 2 exchange upstream is still open overtakes it at the subscriber (MQTT keeps
+//! order per QoS level only). Between QoS 2 messages the order of the gateway's PUBRELs, which
+//! follows its PUBLISHes, is the order the subscriber sees.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -13,8 +18,9 @@ use std::time::Duration;
 use sensorgate_tests::sn::{self, Qos, TopicType};
 use sensorgate_tests::{Rig, SnClient, Subscriber};
 
-/// A QoS 1 subscriber: QoS 2 deliveries would be handed over on the broker's PUBREL, letting
-/// the QoS 1 marker overtake them.
+/// A QoS 1 subscriber: a QoS 2 delivery is handed to the test only on the broker's PUBREL to
+/// the subscriber, a later step than a QoS 1 delivery; at QoS 1 they all come in the order the
+/// broker sends them.
 fn ordered_sub(rig: &Rig) -> Subscriber {
     Subscriber::start_full(rig.broker.port(), &["q2/#"], "5", 1).unwrap()
 }
@@ -31,8 +37,9 @@ fn payloads_until_marker(sub: &mut Subscriber, marker: &[u8]) -> Vec<Vec<u8>> {
     panic!("marker never arrived; saw {seen:?}");
 }
 
+/// Publishes the marker at QoS 2, the QoS of the messages it follows (see the module docs).
 fn send_marker(c: &mut SnClient, topic_id: u16) {
-    c.publish_qos1_ok(TopicType::Normal, topic_id, b"marker")
+    c.publish_qos2_ok(TopicType::Normal, topic_id, false, b"marker")
         .unwrap();
 }
 
