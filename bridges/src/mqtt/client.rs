@@ -202,12 +202,29 @@ impl NoticeError {
             }
             Self::V4(v4::PublishNoticeError::SessionReset)
             | Self::V5(v5::PublishNoticeError::SessionReset) => FailReason::SessionReset,
+            // What the broker will never take: dropping it is the only way not to hold up
+            // every message behind it (counted and logged at warn by the drain).
+            Self::V5(
+                v5::PublishNoticeError::V5PubAck(
+                    v5::PubAckReason::NotAuthorized
+                    | v5::PubAckReason::TopicNameInvalid
+                    | v5::PubAckReason::PayloadFormatInvalid,
+                )
+                | v5::PublishNoticeError::V5PubRec(
+                    v5::PubRecReason::NotAuthorized
+                    | v5::PubRecReason::TopicNameInvalid
+                    | v5::PubRecReason::PayloadFormatInvalid,
+                )
+                | v5::PublishNoticeError::RetainNotSupported,
+            ) => FailReason::Rejected,
+            // Quota exceeded, unspecified or implementation specific errors, packet id
+            // trouble: the broker may take the message later, so it is sent again (the spool
+            // has already acknowledged it to the sensor).
             Self::V5(
                 v5::PublishNoticeError::V5PubAck(_)
                 | v5::PublishNoticeError::V5PubRec(_)
-                | v5::PublishNoticeError::V5PubComp(_)
-                | v5::PublishNoticeError::RetainNotSupported,
-            ) => FailReason::Rejected,
+                | v5::PublishNoticeError::V5PubComp(_),
+            ) => FailReason::BrokerBusy,
             Self::V4(v4::PublishNoticeError::Qos0NotFlushed)
             | Self::V5(v5::PublishNoticeError::Qos0NotFlushed) => FailReason::Disconnected,
             // Lost local session state (persistence, replay): the broker never confirmed it.
@@ -708,5 +725,39 @@ mod tests {
         let payload = Bytes::from(vec![0u8; MAX_PUBLISH_BYTES]);
         assert_eq!(check_size("t", &payload), Err(SubmitError::Invalid));
         assert_eq!(check_size("", &payload), Ok(()));
+    }
+
+    #[test]
+    fn broker_refusals_for_now_are_sent_again_and_only_lasting_ones_drop() {
+        use v5::{PubAckReason as Ack, PubCompReason as Comp, PubRecReason as Rec};
+        let ack = |r| NoticeError::V5(v5::PublishNoticeError::V5PubAck(r)).reason();
+        let rec = |r| NoticeError::V5(v5::PublishNoticeError::V5PubRec(r)).reason();
+        for r in [
+            Ack::QuotaExceeded,
+            Ack::UnspecifiedError,
+            Ack::ImplementationSpecificError,
+            Ack::PacketIdentifierInUse,
+        ] {
+            assert_eq!(ack(r), FailReason::BrokerBusy, "{r:?}");
+            assert!(ack(r).is_recoverable());
+        }
+        for r in [Rec::QuotaExceeded, Rec::UnspecifiedError] {
+            assert_eq!(rec(r), FailReason::BrokerBusy, "{r:?}");
+        }
+        assert_eq!(
+            NoticeError::V5(v5::PublishNoticeError::V5PubComp(
+                Comp::PacketIdentifierNotFound
+            ))
+            .reason(),
+            FailReason::BrokerBusy
+        );
+        for r in [
+            Ack::NotAuthorized,
+            Ack::TopicNameInvalid,
+            Ack::PayloadFormatInvalid,
+        ] {
+            assert_eq!(ack(r), FailReason::Rejected, "{r:?}");
+        }
+        assert_eq!(rec(Rec::TopicNameInvalid), FailReason::Rejected);
     }
 }

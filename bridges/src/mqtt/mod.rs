@@ -135,9 +135,14 @@ pub enum FailReason {
     /// `max_inflight` publishes are outstanding, or the client's request queue is full; for
     /// [`MqttUpstream::subscribe`]: `max_subscriptions` filters are subscribed.
     QueueFull,
-    /// Refused: by the broker (MQTT 5 failure reason code), or locally (invalid topic or
-    /// filter, over [`MAX_PUBLISH_BYTES`]). Retrying the same message will not help.
+    /// Refused for good: by the broker (MQTT 5 reason code Not authorized, Topic Name
+    /// invalid or Payload format invalid), or locally (invalid topic or filter, over
+    /// [`MAX_PUBLISH_BYTES`]). Retrying the same message will not help.
     Rejected,
+    /// Refused for now by the broker (MQTT 5 reason code Quota exceeded, Unspecified error,
+    /// Implementation specific error, Packet Identifier in use or not found): the message
+    /// is sent again, never dropped.
+    BrokerBusy,
     /// The client reconnected without a broker session and dropped the publish.
     SessionReset,
     /// The upstream is shutting down.
@@ -152,6 +157,7 @@ impl FailReason {
             Self::Disconnected => "disconnected",
             Self::QueueFull => "queue_full",
             Self::Rejected => "rejected",
+            Self::BrokerBusy => "broker_busy",
             Self::SessionReset => "session_reset",
             Self::Shutdown => "shutdown",
         }
