@@ -80,8 +80,8 @@ pub enum PreflightError {
     /// `[spool] min_free_bytes` can never be met on the file system holding the spool.
     #[error(
         "[spool] min_free_bytes = {min_free} is larger than the whole file system holding {} \
-         ({total}): the spool would refuse every message; lower min_free_bytes or put \
-         state_dir on a larger file system",
+         ({total} without the blocks reserved for root): the spool would refuse every \
+         message; lower min_free_bytes or put state_dir on a larger file system",
         path.display(),
         min_free = units::format_size(*min_free),
         total = approx_size(*total)
@@ -91,7 +91,7 @@ pub enum PreflightError {
         path: PathBuf,
         /// The configured watermark, in bytes.
         min_free: u64,
-        /// The file system's size, in bytes.
+        /// The file system's size less the blocks reserved for root, in bytes.
         total: u64,
     },
     /// The check itself failed (a path that cannot be inspected).
@@ -172,9 +172,14 @@ pub fn check(config: &Config) -> Result<(), PreflightError> {
             path: existing.clone(),
             error: e.into(),
         })?;
-        let total = stat.blocks().saturating_mul(stat.fragment_size());
-        // The spool refuses while the available bytes are below the watermark; available
-        // bytes never exceed the size of the file system.
+        // The spool refuses while the available bytes (statvfs `f_bavail`, which leaves out
+        // the blocks reserved for root, 5% on ext4 by default) are below the watermark; they
+        // never exceed the file system's size less that reserve.
+        let reserved = stat.blocks_free().saturating_sub(stat.blocks_available());
+        let total = stat
+            .blocks()
+            .saturating_sub(reserved)
+            .saturating_mul(stat.fragment_size());
         if min_free > total {
             return Err(PreflightError::MinFreeTooLarge {
                 path: existing,

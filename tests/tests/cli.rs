@@ -506,6 +506,45 @@ fn min_free_bytes_larger_than_the_file_system_fails_with_78() {
     }
 }
 
+/// The file system holding `dir`, from `stat -f`: (blocks, free blocks, blocks available to
+/// unprivileged users, fragment size).
+fn statfs(dir: &Path) -> (u64, u64, u64, u64) {
+    let out = Command::new("stat")
+        .args(["-f", "-c", "%b %f %a %S"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stat -f: {out:?}");
+    let v: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    (v[0], v[1], v[2], v[3])
+}
+
+#[test]
+fn min_free_bytes_within_the_blocks_reserved_for_root_fails_with_78() {
+    let dir = temp_dir().unwrap();
+    let (blocks, free, available, fragment) = statfs(dir.path());
+    let reserved = free - available;
+    assert!(
+        reserved >= 2,
+        "this test needs a temp dir on a file system with blocks reserved for root (ext4's \
+         default 5%); {} has none",
+        dir.path().display()
+    );
+    // Less than the whole file system, more than the spool can ever see available.
+    let min_free = (blocks - reserved / 2) * fragment;
+    let path = write_config(
+        dir.path(),
+        "reserve.toml",
+        &dir.path().join("state"),
+        &format!("\n[spool]\nmin_free_bytes = \"{min_free}B\"\n"),
+    );
+    let out = check_config(&path);
+    assert_fails_once(&out, EX_CONFIG, &["min_free_bytes", "refuse every message"]);
+}
+
 /// Runs sensorgate with stdout or stderr on a pipe whose reader is already gone (every write
 /// gets EPIPE), through Python, which can close a pipe's read end before the child starts.
 fn sensorgate_into_closed_pipe(fd: &str, args: &[&str]) -> Output {
