@@ -444,8 +444,9 @@ impl MqttUpstream {
     /// clean). The link task sends it as soon as the link is up and the client's request queue
     /// has room, batched with other changes; a full queue only delays it. MQTT 5 subscribes
     /// with No Local (the upstream's own publishes do not come back), Retain As Published (live
-    /// retained messages keep their retain flag) and Retain Handling 0 (retained messages are
-    /// sent on every subscribe). MQTT 3.1.1 has neither option: live retained messages arrive
+    /// retained messages keep their retain flag) and Retain Handling 1 (retained messages are
+    /// sent for a new subscription, not again when a QoS change resubscribes). MQTT 3.1.1 has
+    /// none of these options: live retained messages arrive
     /// with retain = 0, and the broker echoes the gateway's own uplink publishes to a
     /// subscribed topic, which the link task recognises and drops (see the module docs of
     /// `mqtt`). The broker's SUBACK is counted in [`UpstreamStats`]; a refused filter stays
