@@ -420,6 +420,9 @@ pub struct Stats {
     /// Messages of the gateway's own sensors (and Wills) handed to local delivery, once
     /// each however many sessions got them (those are counted in the `downlink_*` counters).
     pub local_in: u64,
+    /// Retained messages from the broker that were its copy of a local sensor's retained
+    /// message every subscriber already had (delivered to no one).
+    pub downlink_own_retained: u64,
     /// Downlink PUBLISHes sent to clients (first transmissions).
     pub downlink_sent: u64,
     /// Downlink messages acknowledged by clients (QoS 1/2) or sent (QoS 0).
@@ -1043,6 +1046,12 @@ pub struct Core {
     exact_filters: HashMap<Arc<str>, FilterEntry>,
     wild_filters: HashMap<Arc<str>, FilterEntry>,
     retained: HashMap<Arc<str>, Down>,
+    /// Retained topics whose cached message a local sensor published and whose copy from the
+    /// broker has not come back yet (a subset of `retained`'s keys). A new upstream filter
+    /// gets these from the cache (the broker may not have them yet: an outage, a backlog),
+    /// and the broker's identical copy, once it comes, is delivered to no one (every
+    /// subscriber already has it: live, or from the cache).
+    retained_local: HashSet<Arc<str>>,
     upstream_available: bool,
     next_advertise: Option<Instant>,
     transmits: VecDeque<(Peer, Reply)>,
@@ -1104,6 +1113,7 @@ impl Core {
             exact_filters: HashMap::new(),
             wild_filters: HashMap::new(),
             retained: HashMap::new(),
+            retained_local: HashSet::new(),
             upstream_available: true,
             next_advertise: None,
             transmits: VecDeque::new(),
@@ -1189,6 +1199,9 @@ impl Core {
         self.stats.local_in += 1;
         if msg.retain {
             self.remember_retained(&msg.topic, &msg.payload, msg.qos);
+            if self.retained.contains_key(&*msg.topic) {
+                self.retained_local.insert(msg.topic.clone());
+            }
         }
         let mut targets: HashMap<SessionRef, u8> = HashMap::new();
         let mut collect = |entry: &FilterEntry| {
@@ -1240,16 +1253,19 @@ impl Core {
             return;
         };
         session.inflight_up.retain(|&(_, t)| t != token);
+        // Remembered even when the client is gone meanwhile: it will send the PUBLISH again
+        // (DUP) after reconnecting, and that copy must not be taken as new.
+        if p.qos2
+            && matches!(outcome, PublishOutcome::Accepted)
+            && !session.qos2_received.contains(&p.msg_id)
+        {
+            session.qos2_received.push(p.msg_id);
+        }
         let Some(peer) = session.peer.clone() else {
             return;
         };
         let reply = match outcome {
-            PublishOutcome::Accepted if p.qos2 => {
-                if !session.qos2_received.contains(&p.msg_id) {
-                    session.qos2_received.push(p.msg_id);
-                }
-                Reply::PubRec(p.msg_id)
-            }
+            PublishOutcome::Accepted if p.qos2 => Reply::PubRec(p.msg_id),
             PublishOutcome::Accepted => Reply::PubAck {
                 topic_id: p.topic_id,
                 msg_id: p.msg_id,
@@ -1290,7 +1306,19 @@ impl Core {
         self.stats.downlink_in += 1;
         let msg_qos = qos_level(qos);
         if retain {
+            // The broker's copy of a retained message a local sensor published: every
+            // subscriber has it already (live when it was published, or from the cache when
+            // it subscribed later), so it goes to no one.
+            let own = self.retained_local.remove(topic)
+                && self
+                    .retained
+                    .get(topic)
+                    .is_some_and(|d| d.payload == payload);
             self.remember_retained(topic, &payload, msg_qos);
+            if own {
+                self.stats.downlink_own_retained += 1;
+                return DownlinkOutcome::default();
+            }
         }
         let mut targets: HashMap<SessionRef, u8> = HashMap::new();
         let mut collect = |entry: &FilterEntry| {
@@ -2691,9 +2719,15 @@ impl Core {
         ));
         // Retained messages reach the new subscriber (after its SUBACK): from the broker when
         // the filter is new upstream (it sends them on the new subscription; serving the cache
-        // too would deliver them twice), else from the cache.
+        // too would deliver them twice), else from the cache. Those local sensors published
+        // come from the cache either way: the broker may not have them yet, and its copy is
+        // delivered to no one (see `retained_local`).
         let retained: Vec<Down> = if new_upstream {
-            Vec::new()
+            self.retained_local
+                .iter()
+                .filter(|topic| matches(&filter, topic))
+                .filter_map(|topic| self.retained.get(topic).cloned())
+                .collect()
         } else if has_wildcards(&filter) {
             self.retained
                 .values()
@@ -2771,6 +2805,7 @@ impl Core {
         if payload.is_empty() {
             // An empty retained message clears the topic.
             self.retained.remove(topic);
+            self.retained_local.remove(topic);
             return;
         }
         if !self.retained.contains_key(topic) && self.retained.len() >= self.config.max_retained {

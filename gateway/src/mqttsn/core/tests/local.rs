@@ -500,3 +500,176 @@ fn a_disconnected_persistent_subscriber_gets_a_local_qos1_publish_on_reconnect()
     assert_eq!(delivered[0].to, bob);
     assert_eq!(delivered[0].data, b"kept");
 }
+
+/// Alice publishes `payload` retained at QoS 0 to `topic` (registered as `id`).
+fn publish_retained(h: &mut Harness, alice: &Peer, id: u16, payload: &'static [u8]) {
+    h.send(
+        alice,
+        Packet::Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: true,
+            topic: TopicRef::Normal(id),
+            msg_id: 0,
+            data: payload,
+        },
+    );
+    let _ = h.events();
+}
+
+#[test]
+fn a_local_retained_message_reaches_a_filter_new_upstream_once_though_the_broker_lacks_it() {
+    let mut h = Harness::new(config());
+    let (alice, bob) = (peer(1), peer(2));
+    h.connect(&alice, "alice", 60);
+    h.connect(&bob, "bob", 60);
+    let (id, _) = h.register(&alice, "lamp/state", 1);
+    // Nobody subscribes yet: the broker is down, or the spool has not sent it there yet.
+    publish_retained(&mut h, &alice, id, b"on");
+    let (delivered, _) = deliveries(&mut h);
+    assert!(delivered.is_empty(), "{delivered:?}");
+    // A filter new upstream: the broker would send its retained messages, but it may not have
+    // this one yet, so the cache serves it.
+    h.send(
+        &bob,
+        Packet::Subscribe {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            msg_id: 1,
+            topic: SubscribeTopic::Name("lamp/#"),
+        },
+    );
+    let _ = h.events();
+    let (delivered, _) = deliveries(&mut h);
+    assert_eq!(delivered.len(), 1, "{delivered:?}");
+    assert_eq!(
+        (delivered[0].to.clone(), delivered[0].retain),
+        (bob.clone(), true)
+    );
+    assert_eq!(delivered[0].data, b"on");
+    // The broker's copy, once it has it, goes to no one: bob has it already.
+    let now = h.now;
+    let _ = h.core.handle_downlink(
+        now,
+        "lamp/state",
+        Bytes::from_static(b"on"),
+        Qos::AtMostOnce,
+        true,
+        None,
+    );
+    let (delivered, _) = deliveries(&mut h);
+    assert!(delivered.is_empty(), "{delivered:?}");
+    assert_eq!(h.core.stats().downlink_own_retained, 1);
+    // Only that one copy: the next retained message from the broker is delivered.
+    let _ = h.core.handle_downlink(
+        now,
+        "lamp/state",
+        Bytes::from_static(b"on"),
+        Qos::AtMostOnce,
+        true,
+        None,
+    );
+    let (delivered, _) = deliveries(&mut h);
+    assert_eq!(delivered.len(), 1, "{delivered:?}");
+}
+
+#[test]
+fn a_different_retained_message_from_the_broker_is_delivered_and_replaces_the_local_one() {
+    let mut h = Harness::new(config());
+    let (alice, bob) = (peer(1), peer(2));
+    h.connect(&alice, "alice", 60);
+    h.connect(&bob, "bob", 60);
+    let (id, _) = h.register(&alice, "lamp/state", 1);
+    publish_retained(&mut h, &alice, id, b"on");
+    h.send(
+        &bob,
+        Packet::Subscribe {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            msg_id: 1,
+            topic: SubscribeTopic::Name("lamp/state"),
+        },
+    );
+    let _ = h.events();
+    let (delivered, _) = deliveries(&mut h);
+    assert_eq!(delivered.len(), 1, "from the cache: {delivered:?}");
+    let now = h.now;
+    let _ = h.core.handle_downlink(
+        now,
+        "lamp/state",
+        Bytes::from_static(b"off"),
+        Qos::AtMostOnce,
+        true,
+        None,
+    );
+    let (delivered, _) = deliveries(&mut h);
+    assert_eq!(delivered.len(), 1, "{delivered:?}");
+    assert_eq!(delivered[0].data, b"off");
+    assert_eq!(h.core.stats().downlink_own_retained, 0);
+}
+
+#[test]
+fn a_qos2_publish_resent_after_a_reconnect_is_not_taken_as_new() {
+    let mut h = Harness::new(config());
+    let (alice, bob) = (peer(1), peer(2));
+    let connect_persistent = |h: &mut Harness| {
+        h.send(
+            &alice,
+            Packet::Connect {
+                will: false,
+                clean_session: false,
+                duration: 60,
+                client_id: "alice",
+            },
+        );
+        assert_eq!(
+            decode(&h.reply(&alice)),
+            Packet::ConnAck {
+                rc: ReturnCode::Accepted
+            }
+        );
+    };
+    connect_persistent(&mut h);
+    h.connect(&bob, "bob", 60);
+    h.subscribe(&bob, "room/#", QoS::ExactlyOnce, 1);
+    let (id, _) = h.register(&alice, "room/1", 1);
+    let _ = h.events();
+    h.send(
+        &alice,
+        publish(QoS::ExactlyOnce, TopicRef::Normal(id), 7, b"x"),
+    );
+    let token = token_of(h.events()).unwrap();
+    // The client goes before the spool's verdict, which then accepts the message.
+    h.send(&alice, Packet::Disconnect { duration: None });
+    let _ = h.transmits();
+    h.core
+        .handle_publish_result(h.now, token, PublishOutcome::Accepted);
+    let (delivered, _) = deliveries(&mut h);
+    assert_eq!(delivered.len(), 1, "{delivered:?}");
+    // It never got PUBREC, so it sends the PUBLISH again (DUP) after reconnecting.
+    connect_persistent(&mut h);
+    h.send(
+        &alice,
+        Packet::Publish {
+            dup: true,
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            topic: TopicRef::Normal(id),
+            msg_id: 7,
+            data: b"x",
+        },
+    );
+    let events = h.events();
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Publish { .. })),
+        "not spooled a second time: {events:?}"
+    );
+    let (delivered, other) = deliveries(&mut h);
+    assert!(delivered.is_empty(), "not delivered twice: {delivered:?}");
+    assert!(
+        other
+            .iter()
+            .any(|(to, p)| *to == alice && matches!(p, Packet::PubRec { msg_id: 7 })),
+        "{other:?}"
+    );
+}
