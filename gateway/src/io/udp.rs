@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use sensorgate_bridges::message::Downlink;
 use sensorgate_bridges::mqtt::MqttUpstream;
-use sensorgate_bridges::spool::{AppendReply, Appender};
+use sensorgate_bridges::spool::{AppendReply, IngressAppender};
 
 use super::batch::{RecvBatch, SendBatch};
 use super::session_store::StoreLink;
@@ -157,7 +157,7 @@ pub struct UdpDriver {
     sockets: Vec<Arc<UdpSocket>>,
     /// For subscriptions and the link state; messages go through the spool.
     upstreams: Vec<MqttUpstream>,
-    spool: Appender,
+    spool: IngressAppender,
     replies: mpsc::Receiver<Vec<AppendReply>>,
     downlink: mpsc::Receiver<Downlink>,
     rx: RecvBatch,
@@ -179,7 +179,7 @@ impl UdpDriver {
         core: Core,
         sockets: Vec<UdpSocket>,
         upstreams: Vec<MqttUpstream>,
-        spool: Appender,
+        spool: IngressAppender,
         replies: mpsc::Receiver<Vec<AppendReply>>,
         downlink: mpsc::Receiver<Downlink>,
         recv_batch: usize,
