@@ -147,3 +147,34 @@ fn a_dropped_ingress_receiver_does_not_affect_another() {
     writer.join().unwrap();
     assert!(rx_live.try_recv().is_err());
 }
+
+#[test]
+fn the_queue_bounds_all_ingresses_together_and_counts_refusals() {
+    let shared = open();
+    let (tx_a, mut rx_a) = mpsc::channel(4);
+    let (tx_b, mut rx_b) = mpsc::channel(4);
+    let (a, b, writer) = {
+        // The writer waits for the lock before taking anything: the queue alone holds.
+        let _guard = shared.lock();
+        let (appender, writer) = start_writer(Arc::clone(&shared), 2).unwrap();
+        let a = appender.for_ingress(tx_a);
+        let b = appender.for_ingress(tx_b);
+        a.append(qos1("a", 0), Some(0)).unwrap();
+        b.append(qos1("b", 0), Some(0)).unwrap();
+        // Full: the message comes back, no verdict follows, the refusal is counted.
+        assert_eq!(a.append(qos1("a", 1), Some(1)).unwrap_err().topic, "a/1");
+        assert_eq!(b.append(qos1("b", 1), Some(1)).unwrap_err().topic, "b/1");
+        assert_eq!(shared.queue_full(), 2);
+        (a, b, writer)
+    };
+    let accepted = |token| AppendReply {
+        token,
+        accepted: true,
+    };
+    assert_eq!(collect(&mut rx_a, 1).0, [accepted(0)]);
+    assert_eq!(collect(&mut rx_b, 1).0, [accepted(0)]);
+    drop((a, b));
+    writer.join().unwrap();
+    assert!(rx_a.try_recv().is_err());
+    assert!(rx_b.try_recv().is_err());
+}
