@@ -30,8 +30,8 @@ use bytes::Bytes;
 use sensorgate_bridges::message::{Message, Qos};
 use sensorgate_bridges::mqtt::{MqttUpstream, MqttUpstreamConfig, MqttVersion, SEQ_PROPERTY};
 use sensorgate_bridges::spool::{
-    AppendReply, Appender, DrainConfig, DrainStats, FsyncPolicy, SharedSpool, Spool, SpoolConfig,
-    StdFs, WhenFull, drain, encoded_len, start_writer,
+    AppendReply, DrainConfig, DrainStats, FsyncPolicy, IngressAppender, SharedSpool, Spool,
+    SpoolConfig, StdFs, WhenFull, drain, encoded_len, start_writer,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -136,7 +136,7 @@ struct Rig {
     dir: tempfile::TempDir,
     spool: Arc<SharedSpool<StdFs>>,
     /// Dropping the last appender stops the writer.
-    appender: Option<Appender>,
+    appender: Option<IngressAppender>,
     replies: mpsc::Receiver<Vec<AppendReply>>,
     writer: Option<std::thread::JoinHandle<()>>,
     /// The sequence id of `appended[0]`.
@@ -164,8 +164,8 @@ impl Rig {
         let first_seq = spool.next_seq();
         let spool = SharedSpool::new(spool);
         let (replies_tx, replies) = mpsc::channel(1024);
-        let (appender, writer) =
-            start_writer(Arc::clone(&spool), 8192, replies_tx).expect("writer starts");
+        let (appender, writer) = start_writer(Arc::clone(&spool), 8192).expect("writer starts");
+        let appender = appender.for_ingress(replies_tx);
         Self {
             dir,
             spool,

@@ -128,9 +128,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             tracing::info!(upstream = %name, backlog, "Spooled messages to forward.");
         }
     }
+    let (entrance, writer) =
+        start_writer(Arc::clone(&spool), config.spool.queue).map_err(RunError::SpoolWriter)?;
+    // The MQTT-SN driver is the one ingress today; each further one takes its own appender
+    // and reply channel the same way.
     let (reply_tx, reply_rx) = mpsc::channel(REPLY_CHANNEL);
-    let (appender, writer) = start_writer(Arc::clone(&spool), config.spool.queue, reply_tx)
-        .map_err(RunError::SpoolWriter)?;
+    let appender = entrance.for_ingress(reply_tx);
+    // The writer stops once every appender is gone: only the ingresses' keep it running.
+    drop(entrance);
 
     let upstream_stop = CancellationToken::new();
     let drain_stop = CancellationToken::new();

@@ -2,9 +2,9 @@
 //! upstream forwards it from there, in order, at its own pace.
 //!
 //! ```text
-//!  sensors ─> core ─ Appender::append(msg, token) ─> writer thread ──────────────────────┐
-//!                 <─ AppendReply (after the fsync) ─  group: append all, one write,      │
-//!                                                     one fsync, answer all              v
+//!  sensors ─> ingress ─ IngressAppender::append(msg, token) ─> writer thread ────────────┐
+//!  (one per core) <─ AppendReply, on that ingress's  ─  group: append all, one write,    │
+//!                    own channel, after the fsync       one fsync, answer each ingress   v
 //!                                        segment files 00000000000000000001.seg ... (disk)
 //!                                                                                        │
 //!  broker <─ MqttUpstream::publish_with_seq <─ drain task (one per upstream) <── read ───┘
@@ -18,6 +18,12 @@
 //! - **Acknowledged means durable.** With `fsync = always` an [`AppendReply`] says
 //!   `accepted` only after the fsync covering the record succeeded. A failed write or fsync
 //!   answers every record of its group `accepted: false`.
+//! - **Each ingress gets its own verdicts, and only those**: every append carries its
+//!   ingress's reply route ([`Appender::for_ingress`]); the writer sends the verdicts of one
+//!   group commit as one batch per ingress on that ingress's channel. Tokens need to be
+//!   unique within one ingress only. One fsync covers the whole group, whatever the number of
+//!   ingresses in it. An ingress whose receiver is gone loses only its own verdicts: the
+//!   writer skips its channel and goes on (`writer_tests.rs`).
 //! - **Nothing acknowledged is lost**: a record is deleted only when every upstream's cursor
 //!   has passed it (or by the configured `drop_oldest` / `max_age`, counted). Recovery keeps
 //!   every record that was durable; it cuts only the torn tail of the last segment.
@@ -49,6 +55,8 @@ mod record;
 mod service;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod writer_tests;
 
 pub use fs::{Fs, SpoolFile, StdFs};
 #[doc(hidden)]
@@ -61,5 +69,6 @@ pub use log::{
 pub use record::fuzz_round_trip;
 pub use record::{RECORD_HEADER, Record, encoded_len};
 pub use service::{
-    AppendReply, Appender, DrainConfig, DrainStats, SharedSpool, drain, start_writer, wall_ms,
+    AppendReply, Appender, DrainConfig, DrainStats, IngressAppender, SharedSpool, drain,
+    start_writer, wall_ms,
 };

@@ -133,24 +133,40 @@ impl<F: Fs> Access<F> for &SharedSpool<F> {
     }
 }
 
-/// One message for the spool; `token` asks for an [`AppendReply`].
+/// One message for the spool; `reply` asks for an [`AppendReply`] on its ingress's route.
 #[derive(Debug)]
 struct Append {
     message: Message,
-    token: Option<u64>,
+    reply: Option<ReplyTo>,
+}
+
+/// Where the verdict on one message goes: its token, on its ingress's channel.
+#[derive(Debug)]
+struct ReplyTo {
+    token: u64,
+    route: Arc<Route>,
+}
+
+/// The reply channel of one ingress, shared by its [`IngressAppender`] clones. The writer
+/// tells ingresses apart by the identity of this allocation (`Arc::ptr_eq`), so tokens need
+/// to be unique within one ingress only.
+#[derive(Debug)]
+struct Route {
+    replies: mpsc::Sender<Vec<AppendReply>>,
 }
 
 /// The spool's verdict on a tokened message: accepted means durable per the fsync policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppendReply {
-    /// The token given to [`Appender::append`].
+    /// The token given to [`IngressAppender::append`] (unique within that ingress only).
     pub token: u64,
     /// Stored; otherwise refused (full, or a disk error) and the sender must retry later.
     pub accepted: bool,
 }
 
-/// Hands messages to the writer thread. Cheap to clone; the thread stops once every clone is
-/// dropped (after writing and syncing what it has).
+/// The writer thread's entrance, from which each ingress takes its own
+/// [`IngressAppender`]. Cheap to clone; the thread stops once every clone of it and of the
+/// ingress appenders is dropped (after writing and syncing what it has).
 #[derive(Clone, Debug)]
 pub struct Appender {
     tx: SyncSender<Append>,
@@ -158,13 +174,43 @@ pub struct Appender {
 }
 
 impl Appender {
-    /// Queues `message`; with a token, an [`AppendReply`] follows. Never blocks.
+    /// An appender for one ingress (a protocol core's driver): the verdicts on its tokened
+    /// messages come back on `replies`, in batches, one batch per group commit, and never on
+    /// another ingress's channel. The ingress MUST keep reading `replies` while it appends
+    /// (the channel bounds the writer: a full one makes it wait); a dropped receiver only
+    /// loses that ingress's verdicts.
+    #[must_use]
+    pub fn for_ingress(&self, replies: mpsc::Sender<Vec<AppendReply>>) -> IngressAppender {
+        IngressAppender {
+            tx: self.tx.clone(),
+            queue_full: Arc::clone(&self.queue_full),
+            route: Arc::new(Route { replies }),
+        }
+    }
+}
+
+/// Hands one ingress's messages to the writer thread; made by [`Appender::for_ingress`].
+/// Clones share the ingress's reply channel (and so its token space).
+#[derive(Clone, Debug)]
+pub struct IngressAppender {
+    tx: SyncSender<Append>,
+    queue_full: Arc<AtomicU64>,
+    route: Arc<Route>,
+}
+
+impl IngressAppender {
+    /// Queues `message`; with a token, an [`AppendReply`] carrying it follows on this
+    /// ingress's reply channel. Never blocks.
     ///
     /// # Errors
     /// The writer's queue is full (or the writer stopped): the message is given back, and no
     /// reply follows.
     pub fn append(&self, message: Message, token: Option<u64>) -> Result<(), Message> {
-        match self.tx.try_send(Append { message, token }) {
+        let reply = token.map(|token| ReplyTo {
+            token,
+            route: Arc::clone(&self.route),
+        });
+        match self.tx.try_send(Append { message, reply }) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(a) | TrySendError::Disconnected(a)) => {
                 self.queue_full.fetch_add(1, Relaxed);
@@ -174,22 +220,54 @@ impl Appender {
     }
 }
 
-/// Starts the writer thread: `queue` bounds the appends waiting for it, replies go to
-/// `replies` in batches.
+/// Starts the writer thread: `queue` bounds the appends waiting for it (all ingresses
+/// together); each ingress registers with [`Appender::for_ingress`].
 ///
 /// # Errors
 /// The OS refused to start a thread.
 pub fn start_writer<F: Fs>(
     shared: Arc<SharedSpool<F>>,
     queue: usize,
-    replies: mpsc::Sender<Vec<AppendReply>>,
 ) -> std::io::Result<(Appender, JoinHandle<()>)> {
     let (tx, rx) = std::sync::mpsc::sync_channel(queue);
     let queue_full = Arc::clone(&shared.queue_full);
     let handle = std::thread::Builder::new()
         .name("spool-writer".into())
-        .spawn(move || Writer::new(shared).run(&rx, &replies))?;
+        .spawn(move || Writer::new(shared).run(&rx))?;
     Ok((Appender { tx, queue_full }, handle))
+}
+
+/// The verdicts of one group commit, one batch per ingress, in the order each ingress
+/// appended.
+#[derive(Debug, Default)]
+struct Verdicts {
+    batches: Vec<(Arc<Route>, Vec<AppendReply>)>,
+}
+
+impl Verdicts {
+    /// Adds `reply` to its ingress's batch. Few ingresses: a linear search, starting with
+    /// the last one used (appends come in runs per ingress).
+    fn push(&mut self, route: Arc<Route>, reply: AppendReply) {
+        let found = self
+            .batches
+            .iter_mut()
+            .rev()
+            .find(|(r, _)| Arc::ptr_eq(r, &route));
+        match found {
+            Some((_, batch)) => batch.push(reply),
+            None => self.batches.push((route, vec![reply])),
+        }
+    }
+
+    /// Sends each ingress its batch. A closed channel (the ingress is gone) is skipped: its
+    /// verdicts have nobody to tell, and the other ingresses still get theirs.
+    fn send(self) {
+        for (route, batch) in self.batches {
+            if route.replies.blocking_send(batch).is_err() {
+                tracing::debug!("Spool replies receiver of an ingress gone.");
+            }
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch, the records' timestamps.
@@ -227,7 +305,7 @@ impl<F: Fs> Writer<F> {
     }
 
     #[allow(clippy::disallowed_methods)]
-    fn run(mut self, rx: &Receiver<Append>, replies: &mpsc::Sender<Vec<AppendReply>>) {
+    fn run(mut self, rx: &Receiver<Append>) {
         self.shared.lock().check_disk();
         let mut group = Vec::new();
         loop {
@@ -243,32 +321,34 @@ impl<F: Fs> Writer<F> {
                 }
             }
             if !group.is_empty() {
-                let out = self.commit(&mut group);
-                if !out.is_empty() && replies.blocking_send(out).is_err() {
-                    tracing::debug!("Spool replies receiver gone.");
-                }
+                // Durable before told: the verdicts go out only after the group's write
+                // and (per policy) its fsync, one fsync for every ingress in the group.
+                self.commit(&mut group).send();
             }
             self.housekeeping(false);
         }
         self.housekeeping(true);
     }
 
-    /// Appends, writes and (per policy) syncs one group; returns the replies.
+    /// Appends, writes and (per policy) syncs one group; returns the verdicts per ingress.
     #[allow(clippy::disallowed_methods)]
-    fn commit(&mut self, group: &mut Vec<Append>) -> Vec<AppendReply> {
+    fn commit(&mut self, group: &mut Vec<Append>) -> Verdicts {
         let now_ms = wall_ms();
-        let mut replies = Vec::new();
+        let mut verdicts = Verdicts::default();
         let mut stored = Vec::new();
         let written = {
             let mut spool = self.shared.lock();
             for a in group.drain(..) {
                 let ok = spool.append(now_ms, &a.message).is_ok();
-                match (a.token, ok) {
-                    (Some(token), true) => stored.push(token),
-                    (Some(token), false) => replies.push(AppendReply {
-                        token,
-                        accepted: false,
-                    }),
+                match (a.reply, ok) {
+                    (Some(reply), true) => stored.push(reply),
+                    (Some(ReplyTo { token, route }), false) => verdicts.push(
+                        route,
+                        AppendReply {
+                            token,
+                            accepted: false,
+                        },
+                    ),
                     (None, _) => {}
                 }
             }
@@ -299,11 +379,16 @@ impl<F: Fs> Writer<F> {
                 false
             }
         };
-        replies.extend(stored.into_iter().map(|token| AppendReply {
-            token,
-            accepted: durable,
-        }));
-        replies
+        for ReplyTo { token, route } in stored {
+            verdicts.push(
+                route,
+                AppendReply {
+                    token,
+                    accepted: durable,
+                },
+            );
+        }
+        verdicts
     }
 
     /// Logs the start and the end of a disk-error episode (not every failed write).

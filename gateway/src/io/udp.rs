@@ -21,11 +21,11 @@ use tokio_util::sync::CancellationToken;
 
 use sensorgate_bridges::message::Downlink;
 use sensorgate_bridges::mqtt::MqttUpstream;
-use sensorgate_bridges::spool::{AppendReply, Appender};
+use sensorgate_bridges::spool::{AppendReply, IngressAppender};
 
 use super::batch::{RecvBatch, SendBatch};
 use super::session_store::StoreLink;
-use crate::mqttsn::core::{Core, Event, Peer, PublishOutcome};
+use crate::mqttsn::core::{Core, Event, Peer, PeerAddr, PublishOutcome};
 
 /// Least time between two warnings about refused upstream subscription changes (the refusals
 /// in between are counted in the next one).
@@ -157,7 +157,7 @@ pub struct UdpDriver {
     sockets: Vec<Arc<UdpSocket>>,
     /// For subscriptions and the link state; messages go through the spool.
     upstreams: Vec<MqttUpstream>,
-    spool: Appender,
+    spool: IngressAppender,
     replies: mpsc::Receiver<Vec<AppendReply>>,
     downlink: mpsc::Receiver<Downlink>,
     rx: RecvBatch,
@@ -179,7 +179,7 @@ impl UdpDriver {
         core: Core,
         sockets: Vec<UdpSocket>,
         upstreams: Vec<MqttUpstream>,
-        spool: Appender,
+        spool: IngressAppender,
         replies: mpsc::Receiver<Vec<AppendReply>>,
         downlink: mpsc::Receiver<Downlink>,
         recv_batch: usize,
@@ -415,7 +415,14 @@ impl UdpDriver {
             }
         }
         while let Some(peer) = self.core.poll_transmit(tx_buf) {
-            let index = usize::from(peer.listener);
+            // This core's peers all come from this driver's sockets (and the configured
+            // ADVERTISE destinations, UDP too): another transport's address is a wiring bug,
+            // nothing a peer can cause.
+            let PeerAddr::Udp { listener, addr } = peer.addr else {
+                tracing::debug!(%peer, "Datagram for a non-UDP peer dropped.");
+                continue;
+            };
+            let index = usize::from(listener);
             let (Some(batch), Some(socket)) = (self.tx.get_mut(index), self.sockets.get(index))
             else {
                 continue;
@@ -423,7 +430,7 @@ impl UdpDriver {
             if batch.is_full() {
                 batch.flush(socket).await?;
             }
-            batch.push(peer.addr, tx_buf);
+            batch.push(addr, tx_buf);
         }
         for (batch, socket) in self.tx.iter_mut().zip(&self.sockets) {
             if !batch.is_empty() {

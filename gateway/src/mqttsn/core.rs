@@ -123,6 +123,10 @@
 //! - Everything is bounded: sessions, topics, subscriptions and queued messages per client,
 //!   retained messages, unacknowledged uplink publishes per client.
 //! - Bytes from the network never cause a panic: malformed datagrams are counted and dropped.
+//! - Transport-neutral: a [`Peer`] is an opaque [`PeerAddr`] (UDP listener and address, a
+//!   serial line, ...) plus the forwarder node id. The core compares, hashes and logs it, and
+//!   reads only the node id (an MQTT-SN matter: encapsulation); it never matches on the
+//!   transport. The driver that made a `PeerAddr` maps it back. Addresses are never persisted.
 //! - Persistence is O(changes): every change to the persisted content of a persistent session
 //!   (connect, disconnect, sleep, subscribe, unsubscribe, a new registration, the Will, a
 //!   QoS 1/2 downlink queued, delivered or dropped) marks it dirty once; a take encodes each
@@ -264,14 +268,43 @@ impl CoreConfig {
 /// Keep-alive supervision: a session silent for this multiple of its Duration is lost.
 const KEEP_ALIVE_FACTOR_PERCENT: u32 = 150;
 
-/// Where a datagram came from (and where its answers go).
+/// How a peer is reached: its transport and its address within it. The core only compares,
+/// hashes and logs it (a session is bound to one); the transport's driver, which made it,
+/// maps it back to a socket or a line. Not `Copy`: a DTLS identity will not be.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PeerAddr {
+    /// A UDP datagram socket.
+    Udp {
+        /// Which listening socket (index in the listener list).
+        listener: u16,
+        /// The UDP source address.
+        addr: SocketAddr,
+    },
+    /// A serial line (index in the `[[serial]]` list): one client, or a forwarder's clients
+    /// told apart by their node ids.
+    Serial {
+        /// Which line (index in the line list).
+        line: u16,
+    },
+}
+
+impl std::fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerAddr::Udp { addr, .. } => write!(f, "{addr}"),
+            PeerAddr::Serial { line } => write!(f, "serial:{line}"),
+        }
+    }
+}
+
+/// Where a datagram came from (and where its answers go): a transport address, and the
+/// client's node id behind a forwarder.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Peer {
-    /// Which listening socket (index in the listener list).
-    pub listener: u16,
-    /// The UDP source address.
-    pub addr: SocketAddr,
-    /// Wireless Node Id when the client sits behind a forwarder (0xFE encapsulation).
+    /// The transport address (of the forwarder, for an encapsulated client).
+    pub addr: PeerAddr,
+    /// Wireless Node Id when the client sits behind a forwarder (0xFE encapsulation): the
+    /// one part of an address that is MQTT-SN's, so the core reads it (to encapsulate).
     pub node: Option<Box<[u8]>>,
 }
 
@@ -279,10 +312,30 @@ impl Peer {
     /// A peer reached directly over UDP.
     pub fn udp(listener: u16, addr: SocketAddr) -> Self {
         Peer {
-            listener,
-            addr,
+            addr: PeerAddr::Udp { listener, addr },
             node: None,
         }
+    }
+
+    /// A peer reached directly over a serial line.
+    pub fn serial(line: u16) -> Self {
+        Peer {
+            addr: PeerAddr::Serial { line },
+            node: None,
+        }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.addr)?;
+        if let Some(node) = &self.node {
+            f.write_str(" node ")?;
+            for b in node {
+                write!(f, "{b:02x}")?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1150,7 +1203,7 @@ impl Core {
         self.stats.datagrams += 1;
         if datagram.len() > self.config.max_packet_size {
             self.stats.oversize += 1;
-            tracing::debug!(peer = %peer.addr, len = datagram.len(), "Oversize datagram dropped.");
+            tracing::debug!(peer = %peer, len = datagram.len(), "Oversize datagram dropped.");
             return;
         }
         match codec::decode(datagram, &self.limits) {
@@ -1168,7 +1221,7 @@ impl Core {
             }
             Err(error) => {
                 self.stats.malformed += 1;
-                tracing::debug!(peer = %peer.addr, %error, "Malformed datagram dropped.");
+                tracing::debug!(peer = %peer, %error, "Malformed datagram dropped.");
             }
         }
         self.deliver_received_local(now);
@@ -1763,13 +1816,13 @@ impl Core {
             Admission::Handle => {}
             Admission::Reconnect => {
                 self.stats.out_of_state += 1;
-                tracing::debug!(peer = %peer.addr, packet = packet.name(), ?standing, "Packet needs a connection; sent DISCONNECT.");
+                tracing::debug!(peer = %peer, packet = packet.name(), ?standing, "Packet needs a connection; sent DISCONNECT.");
                 self.transmits.push_back((peer, Reply::Disconnect));
                 return;
             }
             Admission::Ignore => {
                 self.stats.out_of_state += 1;
-                tracing::debug!(peer = %peer.addr, packet = packet.name(), ?standing, "Packet not allowed in this state ignored.");
+                tracing::debug!(peer = %peer, packet = packet.name(), ?standing, "Packet not allowed in this state ignored.");
                 return;
             }
         }
@@ -1935,7 +1988,7 @@ impl Core {
     /// A packet that needs a session came from an address without one: tell it to reconnect
     /// (spec 6.12).
     fn unknown_peer(&mut self, peer: Peer, what: &'static str) {
-        tracing::debug!(peer = %peer.addr, packet = what, "Packet from unknown client; sent DISCONNECT.");
+        tracing::debug!(peer = %peer, packet = what, "Packet from unknown client; sent DISCONNECT.");
         self.transmits.push_back((peer, Reply::Disconnect));
     }
 
@@ -1993,7 +2046,7 @@ impl Core {
         let Some(s) = self.session_mut(sref) else {
             return;
         };
-        tracing::debug!(client_id, peer = %peer.addr, keep_alive_secs = duration, clean_session, will, "Client connecting.");
+        tracing::debug!(client_id, peer = %peer, keep_alive_secs = duration, clean_session, will, "Client connecting.");
         if will {
             s.state = State::Connecting { will_topic: None };
             self.transmits.push_back((peer, Reply::WillTopicReq));
@@ -2012,7 +2065,7 @@ impl Core {
     fn refuse_connect(&mut self, peer: Peer, client_id_len: usize, rc: ReturnCode) {
         self.stats.rejections += 1;
         self.stats.connects_refused += 1;
-        tracing::debug!(peer = %peer.addr, client_id_len, ?rc, "CONNECT refused.");
+        tracing::debug!(peer = %peer, client_id_len, ?rc, "CONNECT refused.");
         self.transmits.push_back((peer, Reply::ConnAck(rc)));
     }
 
@@ -2496,7 +2549,7 @@ impl Core {
         };
         let Some(resolved) = resolved else {
             self.stats.qos_m1_dropped += 1;
-            tracing::debug!(peer = %peer.addr, ?topic, "QoS -1 publish to unknown topic dropped.");
+            tracing::debug!(peer = %peer, ?topic, "QoS -1 publish to unknown topic dropped.");
             return;
         };
         if let Some(n) = self.stats.publishes.first_mut() {

@@ -1700,7 +1700,7 @@ fn each_upstream_copy_goes_to_the_subscribers_of_its_own_filters() {
     // One copy for both filters (a broker that merges overlapping subscriptions).
     let both: [Arc<str>; 2] = [Arc::from("dup/t"), Arc::from("dup/#")];
     let mut got = copy(&mut h, Some(&both));
-    got.sort_by_key(|p| p.addr);
+    got.sort_by(|x, y| x.addr.cmp(&y.addr));
     assert_eq!(got, [a, b]);
     // Unknown (MQTT 3.1.1): every matching filter.
     assert_eq!(copy(&mut h, None).len(), 2);
@@ -1990,5 +1990,6 @@ fn timer_heap_holds_about_one_entry_per_session_under_heavy_downlink() {
 }
 
 mod local;
+mod peers;
 mod persist;
 mod states;

@@ -1,0 +1,180 @@
+//! The writer thread with several ingresses: each gets exactly its own verdicts, one fsync
+//! covers a group whatever the number of ingresses in it, and a vanished ingress costs only
+//! its own verdicts.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::log::{FsyncPolicy, Spool, SpoolConfig, WhenFull};
+use super::memfs::MemFs;
+use super::service::{AppendReply, SharedSpool, start_writer};
+use crate::message::{Message, Qos};
+
+/// How long a verdict may take at most (a loaded CI machine included).
+const BOUND: Duration = Duration::from_secs(10);
+
+fn open() -> Arc<SharedSpool<MemFs>> {
+    let config = SpoolConfig {
+        dir: PathBuf::from("/spool"),
+        max_bytes: 64 << 20,
+        segment_bytes: 1 << 20,
+        min_free_bytes: 0,
+        max_age: None,
+        when_full: WhenFull::RejectNew,
+        fsync: FsyncPolicy::Always,
+    };
+    let (spool, _) = Spool::open(MemFs::new(), config, &["up".to_owned()]).unwrap();
+    SharedSpool::new(spool)
+}
+
+fn qos1(ingress: &str, i: u64) -> Message {
+    Message {
+        topic: format!("{ingress}/{i}"),
+        payload: Bytes::from(i.to_le_bytes().to_vec()),
+        qos: Qos::AtLeastOnce,
+        retain: false,
+    }
+}
+
+/// Collects verdicts from `rx` until `n` have come; panics past [`BOUND`].
+fn collect(rx: &mut mpsc::Receiver<Vec<AppendReply>>, n: usize) -> (Vec<AppendReply>, usize) {
+    let mut all = Vec::new();
+    let mut batches = 0;
+    let start = std::time::Instant::now();
+    while all.len() < n {
+        match rx.try_recv() {
+            Ok(batch) => {
+                assert!(!batch.is_empty(), "an empty batch is never sent");
+                batches += 1;
+                all.extend(batch);
+            }
+            Err(mpsc::error::TryRecvError::Empty) => {
+                assert!(
+                    start.elapsed() < BOUND,
+                    "verdicts late: {} of {n}",
+                    all.len()
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => panic!("writer gone"),
+        }
+    }
+    (all, batches)
+}
+
+#[test]
+fn two_ingresses_get_exactly_their_own_verdicts_under_one_fsync() {
+    const N: u64 = 50;
+    let shared = open();
+    let (tx_a, mut rx_a) = mpsc::channel(64);
+    let (tx_b, mut rx_b) = mpsc::channel(64);
+    let syncs_before;
+    let (appender, writer) = {
+        // The writer locks the spool before it takes its first append: holding the lock
+        // while appending puts every append in its first group.
+        let guard = shared.lock();
+        syncs_before = guard.stats().syncs;
+        let (appender, writer) = start_writer(Arc::clone(&shared), 1024).unwrap();
+        let a = appender.for_ingress(tx_a);
+        let b = appender.for_ingress(tx_b);
+        // Interleaved, with the same tokens on both: tokens are unique per ingress only.
+        for i in 0..N {
+            a.append(qos1("a", i), Some(i)).unwrap();
+            b.append(qos1("b", i), Some(i)).unwrap();
+            // An untokened message asks for no verdict.
+            b.append(qos1("b0", i), None).unwrap();
+        }
+        drop(guard);
+        (appender, writer)
+    };
+    let (got_a, batches_a) = collect(&mut rx_a, N as usize);
+    let (got_b, batches_b) = collect(&mut rx_b, N as usize);
+    // One group commit: one batch per ingress, in each ingress's append order.
+    assert_eq!((batches_a, batches_b), (1, 1));
+    let expect: Vec<AppendReply> = (0..N)
+        .map(|token| AppendReply {
+            token,
+            accepted: true,
+        })
+        .collect();
+    assert_eq!(got_a, expect);
+    assert_eq!(got_b, expect);
+    // Durable before told, and one fsync for both ingresses.
+    let stats = shared.stats();
+    assert_eq!(stats.syncs - syncs_before, 1, "{stats:?}");
+    assert_eq!(stats.appended, N * 3);
+    // Nothing more for anybody once the writer stops.
+    drop(appender);
+    writer.join().unwrap();
+    assert!(rx_a.try_recv().is_err());
+    assert!(rx_b.try_recv().is_err());
+}
+
+#[test]
+fn a_dropped_ingress_receiver_does_not_affect_another() {
+    const N: u64 = 200;
+    let shared = open();
+    let (appender, writer) = start_writer(Arc::clone(&shared), 1024).unwrap();
+    let (tx_gone, rx_gone) = mpsc::channel(1);
+    let (tx_live, mut rx_live) = mpsc::channel(4);
+    let gone = appender.for_ingress(tx_gone);
+    let live = appender.for_ingress(tx_live);
+    drop(appender);
+    drop(rx_gone);
+    let mut seen = BTreeSet::new();
+    for i in 0..N {
+        // Many commits, each with verdicts for the vanished ingress: none stalls the writer
+        // (a channel of 1 would, were it still sent to).
+        gone.append(qos1("gone", i), Some(i)).unwrap();
+        live.append(qos1("live", i), Some(1000 + i)).unwrap();
+        let (got, _) = collect(&mut rx_live, 1);
+        for reply in got {
+            assert!(reply.accepted);
+            assert!(seen.insert(reply.token), "one verdict per token");
+        }
+    }
+    assert_eq!(seen, (1000..1000 + N).collect());
+    // Both ingresses' messages are stored: a vanished receiver loses verdicts, not data.
+    assert_eq!(shared.stats().appended, 2 * N);
+    drop((gone, live));
+    writer.join().unwrap();
+    assert!(rx_live.try_recv().is_err());
+}
+
+#[test]
+fn the_queue_bounds_all_ingresses_together_and_counts_refusals() {
+    let shared = open();
+    let (tx_a, mut rx_a) = mpsc::channel(4);
+    let (tx_b, mut rx_b) = mpsc::channel(4);
+    let (a, b, writer) = {
+        // The writer waits for the lock before taking anything: the queue alone holds.
+        let _guard = shared.lock();
+        let (appender, writer) = start_writer(Arc::clone(&shared), 2).unwrap();
+        let a = appender.for_ingress(tx_a);
+        let b = appender.for_ingress(tx_b);
+        a.append(qos1("a", 0), Some(0)).unwrap();
+        b.append(qos1("b", 0), Some(0)).unwrap();
+        // Full: the message comes back, no verdict follows, the refusal is counted.
+        assert_eq!(a.append(qos1("a", 1), Some(1)).unwrap_err().topic, "a/1");
+        assert_eq!(b.append(qos1("b", 1), Some(1)).unwrap_err().topic, "b/1");
+        assert_eq!(shared.queue_full(), 2);
+        (a, b, writer)
+    };
+    let accepted = |token| AppendReply {
+        token,
+        accepted: true,
+    };
+    assert_eq!(collect(&mut rx_a, 1).0, [accepted(0)]);
+    assert_eq!(collect(&mut rx_b, 1).0, [accepted(0)]);
+    drop((a, b));
+    writer.join().unwrap();
+    assert!(rx_a.try_recv().is_err());
+    assert!(rx_b.try_recv().is_err());
+}
