@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use sensorgate_bridges::mqtt::{MAX_SUBSCRIPTIONS, MqttUpstreamConfig, MqttVersion, TlsSettings};
 use sensorgate_bridges::spool::{FsyncPolicy, SpoolConfig, WhenFull};
+use sensorgate_bridges::topic::{self, TopicError};
 use serde::Deserialize;
 use serde::de::{Deserializer, Visitor};
 
@@ -672,23 +673,21 @@ fn duration_in(
     }
 }
 
-/// A topic name usable for publishing: non-empty, no wildcards, no NUL.
-fn check_topic_name(topic: &str) -> Result<(), String> {
-    if topic.is_empty() {
-        return Err("topic must not be empty".into());
-    }
-    if topic.contains(['+', '#']) {
-        return Err(format!(
-            "topic `{topic}` must not contain wildcards (`+`, `#`)"
-        ));
-    }
-    if !crate::mqttsn::core::is_mqtt_topic_name(topic) {
-        return Err(format!(
-            "topic `{}` contains control characters",
-            topic.escape_debug()
-        ));
-    }
-    Ok(())
+/// A topic name usable for publishing ([`topic::validate_name`]).
+fn check_topic_name(name: &str) -> Result<(), String> {
+    topic::validate_name(name).map_err(|error| match error {
+        TopicError::Empty => "topic must not be empty".into(),
+        TopicError::Wildcard => {
+            format!("topic `{name}` must not contain wildcards (`+`, `#`)")
+        }
+        TopicError::ForbiddenChar => {
+            format!(
+                "topic `{}` contains control characters",
+                name.escape_debug()
+            )
+        }
+        TopicError::TooLong | TopicError::MisplacedWildcard => error.to_string(),
+    })
 }
 
 fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> {
