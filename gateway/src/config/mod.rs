@@ -1322,12 +1322,15 @@ fn compile_upstream(
         Duration::from_secs(3600),
     );
     let queue = int_in::<usize>(r, &path.key("queue"), u.queue, 1, 1_000_000);
-    if u.remote_prefix.contains(['+', '#']) {
-        r.at_path(
-            &path.key("remote_prefix"),
-            "must not contain wildcards".into(),
-            None,
-        );
+    // The prefix starts every published topic and subscribed filter: it must be a valid
+    // start of a topic name ([`topic::validate_name`]); empty means no prefix.
+    let prefix_key = path.key("remote_prefix");
+    match topic::validate_name(&u.remote_prefix) {
+        Ok(()) | Err(TopicError::Empty) => {}
+        Err(TopicError::Wildcard) => {
+            r.at_path(&prefix_key, "must not contain wildcards".into(), None);
+        }
+        Err(other) => r.at_path(&prefix_key, format!("invalid: {other}"), None),
     }
     let (host, port, tls) = endpoint?;
     let tls = tls.then(|| TlsSettings {
