@@ -25,7 +25,7 @@
 //!
 //! # Matching
 //!
-//! [`matches`] compares a filter with a name level by level (MQTT 3.1.1 section 4.7): `+`
+//! [`matches()`] compares a filter with a name level by level (MQTT 3.1.1 section 4.7): `+`
 //! matches exactly one level (possibly empty), `#` matches the parent level and any number of
 //! levels below it (`sport/#` matches `sport`), any other level matches only itself. A name
 //! whose first level starts with `$` (`$SYS/...`) is never matched by a filter whose first
