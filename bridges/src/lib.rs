@@ -1,8 +1,9 @@
-//! sensorgate's northbound side: the message type and the upstream connections that carry
-//! messages to brokers.
+//! sensorgate's northbound side: the message type, the topic rules, and the upstream
+//! connections that carry messages to brokers.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod message;
 pub mod mqtt;
 pub mod spool;
+pub mod topic;

@@ -53,6 +53,7 @@ use super::echo::EchoFilter;
 use super::subscriptions::{SubscriptionTable, TableFull};
 use super::{AckReport, Delivery, FailReason};
 use crate::message::{AckRequest, Downlink, DownlinkAck, Message, Qos};
+use crate::topic;
 
 /// Most filters in one SUBSCRIBE or UNSUBSCRIBE packet.
 const FILTERS_PER_PACKET: usize = 64;
@@ -387,6 +388,11 @@ impl MqttUpstream {
             .ok_or(FailReason::Disconnected)?;
         let mut msg = msg;
         msg.topic = self.shared.remote_topic(std::mem::take(&mut msg.topic));
+        // Refused here rather than by the client or, worse, by the broker, which would drop
+        // the connection and with it every other sensor's traffic.
+        if !topic::is_valid_name(&msg.topic) {
+            return Err(FailReason::Rejected);
+        }
         // MQTT 3.1.1: remember the publish before the client can send it, so its echo is
         // recognised; taken back if the client refuses it.
         let echo = self.shared.record_echo(&msg.topic, &msg.payload);
@@ -454,8 +460,8 @@ impl MqttUpstream {
     ///
     /// # Errors
     ///
-    /// [`FailReason::Shutdown`] after shutdown; [`FailReason::Rejected`] for an empty or invalid
-    /// filter (wildcards, NUL, over 65535 bytes with the prefix); [`FailReason::QueueFull`] when
+    /// [`FailReason::Shutdown`] after shutdown; [`FailReason::Rejected`] for an empty filter, or one
+    /// that is not valid with the prefix ([`topic::validate_filter`]); [`FailReason::QueueFull`] when
     /// `max_subscriptions` (at most [`MAX_SUBSCRIPTIONS`](super::MAX_SUBSCRIPTIONS)) other
     /// filters are subscribed.
     /// Nothing is remembered on error.
@@ -463,7 +469,8 @@ impl MqttUpstream {
         if self.shutdown.is_cancelled() {
             return Err(FailReason::Shutdown);
         }
-        if filter.is_empty() || !client::valid_filter(&self.shared.remote_topic(filter.to_owned()))
+        if filter.is_empty()
+            || !topic::is_valid_filter(&self.shared.remote_topic(filter.to_owned()))
         {
             return Err(FailReason::Rejected);
         }

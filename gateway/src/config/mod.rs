@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use sensorgate_bridges::mqtt::{MAX_SUBSCRIPTIONS, MqttUpstreamConfig, MqttVersion, TlsSettings};
 use sensorgate_bridges::spool::{FsyncPolicy, SpoolConfig, WhenFull};
+use sensorgate_bridges::topic::{self, TopicError};
 use serde::Deserialize;
 use serde::de::{Deserializer, Visitor};
 
@@ -672,23 +673,21 @@ fn duration_in(
     }
 }
 
-/// A topic name usable for publishing: non-empty, no wildcards, no NUL.
-fn check_topic_name(topic: &str) -> Result<(), String> {
-    if topic.is_empty() {
-        return Err("topic must not be empty".into());
-    }
-    if topic.contains(['+', '#']) {
-        return Err(format!(
-            "topic `{topic}` must not contain wildcards (`+`, `#`)"
-        ));
-    }
-    if !crate::mqttsn::core::is_mqtt_topic_name(topic) {
-        return Err(format!(
-            "topic `{}` contains control characters",
-            topic.escape_debug()
-        ));
-    }
-    Ok(())
+/// A topic name usable for publishing ([`topic::validate_name`]).
+fn check_topic_name(name: &str) -> Result<(), String> {
+    topic::validate_name(name).map_err(|error| match error {
+        TopicError::Empty => "topic must not be empty".into(),
+        TopicError::Wildcard => {
+            format!("topic `{name}` must not contain wildcards (`+`, `#`)")
+        }
+        TopicError::ForbiddenChar => {
+            format!(
+                "topic `{}` contains control characters",
+                name.escape_debug()
+            )
+        }
+        TopicError::TooLong | TopicError::MisplacedWildcard => error.to_string(),
+    })
 }
 
 fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> {
@@ -1323,12 +1322,15 @@ fn compile_upstream(
         Duration::from_secs(3600),
     );
     let queue = int_in::<usize>(r, &path.key("queue"), u.queue, 1, 1_000_000);
-    if u.remote_prefix.contains(['+', '#']) {
-        r.at_path(
-            &path.key("remote_prefix"),
-            "must not contain wildcards".into(),
-            None,
-        );
+    // The prefix starts every published topic and subscribed filter: it must be a valid
+    // start of a topic name ([`topic::validate_name`]); empty means no prefix.
+    let prefix_key = path.key("remote_prefix");
+    match topic::validate_name(&u.remote_prefix) {
+        Ok(()) | Err(TopicError::Empty) => {}
+        Err(TopicError::Wildcard) => {
+            r.at_path(&prefix_key, "must not contain wildcards".into(), None);
+        }
+        Err(other) => r.at_path(&prefix_key, format!("invalid: {other}"), None),
     }
     let (host, port, tls) = endpoint?;
     let tls = tls.then(|| TlsSettings {

@@ -200,6 +200,23 @@ fn predefined_ids_must_be_unambiguous() {
 }
 
 #[test]
+fn a_remote_prefix_must_start_a_valid_topic() {
+    for (prefix, expected) in [
+        ("site/+/", "must not contain wildcards"),
+        ("site\\u0007/", "control characters"),
+    ] {
+        let text = MINIMAL.replace(
+            "remote_prefix = \"\"",
+            &format!("remote_prefix = \"{prefix}\""),
+        );
+        let d = errors(&text);
+        assert_eq!(d.len(), 1, "{d:#?}");
+        assert!(d[0].message.contains(expected), "{}", d[0].message);
+        assert!(d[0].message.contains("remote_prefix"), "{}", d[0].message);
+    }
+}
+
+#[test]
 fn an_upstream_is_required_and_kinds_are_checked() {
     let d = errors("[mqttsn]\nlisten = [\"127.0.0.1:1\"]\n");
     assert!(d[0].message.contains("no `[[upstream]]`"));

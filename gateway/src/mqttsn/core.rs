@@ -135,8 +135,6 @@
 //!   removals of ended sessions come first, so when a ClientId's session ended and a new one
 //!   began, the new one's change comes last and wins.
 
-mod filter;
-
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -145,8 +143,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use sensorgate_bridges::message::{Message, Qos};
-
-pub use filter::{has_wildcards, is_mqtt_topic_filter, is_mqtt_topic_name, matches};
+use sensorgate_bridges::topic::{has_wildcards, is_valid_filter, is_valid_name, matches};
 
 use super::codec::{
     self, DecodeLimits, Frame, Packet, QoS, ReturnCode, SubscribeTopic, TopicRef, WillFlags,
@@ -2160,7 +2157,7 @@ impl Core {
                 s.will = None;
                 self.activate(now, sref, peer);
             }
-            Some(_) if !is_mqtt_topic_name(topic) => {
+            Some(_) if !is_valid_name(topic) => {
                 self.stats.rejections += 1;
                 self.remove_session(sref);
                 self.transmits
@@ -2213,7 +2210,7 @@ impl Core {
                 mark_dirty(s, sref, &mut self.persist_dirty);
                 ReturnCode::Accepted
             }
-            Some(_) if !is_mqtt_topic_name(topic) => ReturnCode::InvalidTopicId,
+            Some(_) if !is_valid_name(topic) => ReturnCode::InvalidTopicId,
             Some(flags) => {
                 let payload = s.will.take().map(|w| w.payload).unwrap_or_default();
                 s.will = Some(Box::new(Will {
@@ -2603,7 +2600,7 @@ impl Core {
     }
 
     fn register(&mut self, sref: SessionRef, name: &str, msg_id: u16) -> Reply {
-        if !is_mqtt_topic_name(name) {
+        if !is_valid_name(name) {
             self.stats.rejections += 1;
             return Reply::RegAck {
                 topic_id: 0,
@@ -2675,7 +2672,7 @@ impl Core {
     /// The MQTT filter a SUBSCRIBE/UNSUBSCRIBE topic stands for.
     fn subscribe_filter(&self, sref: SessionRef, topic: SubscribeTopic<'_>) -> Option<Arc<str>> {
         match topic {
-            SubscribeTopic::Name(name) => is_mqtt_topic_filter(name).then(|| Arc::from(name)),
+            SubscribeTopic::Name(name) => is_valid_filter(name).then(|| Arc::from(name)),
             SubscribeTopic::Predefined(id) => self.predefined_for(self.session(sref)?, id),
             SubscribeTopic::Short(s) => short_topic(s),
         }
@@ -3349,7 +3346,7 @@ fn topic_id_of(topic: TopicRef) -> u16 {
 fn short_topic(s: [u8; 2]) -> Option<Arc<str>> {
     std::str::from_utf8(&s)
         .ok()
-        .filter(|t| is_mqtt_topic_name(t))
+        .filter(|t| is_valid_name(t))
         .map(Arc::from)
 }
 

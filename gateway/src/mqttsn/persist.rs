@@ -55,8 +55,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
-
-use super::core::{is_mqtt_topic_filter, is_mqtt_topic_name};
+use sensorgate_bridges::topic::{is_valid_filter, is_valid_name};
 
 /// The layout version written by [`encode`] and the only one [`decode`] accepts.
 pub const FORMAT_VERSION: u8 = 1;
@@ -365,7 +364,7 @@ pub fn decode(bytes: &[u8]) -> Result<SessionRecord, RecordError> {
             return Err(RecordError::Qos(qos));
         }
         let filter = r.str()?;
-        if !is_mqtt_topic_filter(filter) {
+        if !is_valid_filter(filter) {
             return Err(RecordError::InvalidFilter);
         }
         if !filters.insert(filter) {
@@ -383,7 +382,7 @@ pub fn decode(bytes: &[u8]) -> Result<SessionRecord, RecordError> {
             return Err(RecordError::WillDup);
         }
         let topic = r.str()?;
-        if !is_mqtt_topic_name(topic) {
+        if !is_valid_name(topic) {
             return Err(RecordError::InvalidWillTopic);
         }
         let payload = Bytes::copy_from_slice(r.blob()?);
