@@ -581,11 +581,14 @@ impl Shared {
             .map(|echo| echo.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// MQTT 3.1.1: records a publish about to be sent, if any subscription could bring it
-    /// back; returns what [`Self::cancel_echo`] needs.
+    /// MQTT 3.1.1: records a publish about to be sent (`topic` with the remote prefix), if a
+    /// subscription will bring it back; returns what [`Self::cancel_echo`] needs. A publish
+    /// no subscription matches is not recorded: no echo would ever consume its record, which
+    /// would only crowd out records still waiting for theirs.
     fn record_echo(&self, topic: &str, payload: &[u8]) -> Option<(u64, u64)> {
         self.echo.as_ref()?;
-        if self.subscriptions().is_empty() {
+        let local = topic.strip_prefix(self.remote_prefix.as_str())?;
+        if !self.subscriptions().wants(local) {
             return None;
         }
         let mut echo = self.echo()?;

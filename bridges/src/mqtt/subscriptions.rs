@@ -32,6 +32,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use crate::message::Qos;
+use crate::topic;
 
 /// Most filters the gateway may have subscribed on one upstream at a time.
 pub const MAX_SUBSCRIPTIONS: usize = 65_536;
@@ -169,9 +170,15 @@ impl SubscriptionTable {
         self.wanted.len()
     }
 
-    /// Whether no filter is wanted (then the broker sends nothing).
-    pub(crate) fn is_empty(&self) -> bool {
-        self.wanted.is_empty()
+    /// Whether some wanted filter matches `topic` (the sensors' topic, without the remote
+    /// prefix): a publish to it comes back from the broker. One lookup, then one match per
+    /// wanted filter with wildcards.
+    pub(crate) fn wants(&self, topic: &str) -> bool {
+        self.wanted.contains_key(topic)
+            || self
+                .wanted
+                .keys()
+                .any(|filter| topic::has_wildcards(filter) && topic::matches(filter, topic))
     }
 
     /// A new connection has no subscriptions: everything wanted is to be sent again.
@@ -271,6 +278,20 @@ mod tests {
         table.commit_subscribe(&batch.subscribe);
         table.commit_unsubscribe(&batch.unsubscribe);
         batch
+    }
+
+    #[test]
+    fn wants_tells_whether_a_wanted_filter_matches_a_topic() {
+        let mut table = SubscriptionTable::new(10);
+        assert!(!table.wants("room/1/temp"));
+        table.set("room/+/temp", Qos::AtLeastOnce).unwrap();
+        table.set("door", Qos::AtMostOnce).unwrap();
+        assert!(table.wants("room/1/temp"));
+        assert!(table.wants("door"));
+        assert!(!table.wants("room/1/hum"));
+        assert!(!table.wants("door/bell"));
+        let _ = table.remove("room/+/temp");
+        assert!(!table.wants("room/1/temp"));
     }
 
     #[test]
