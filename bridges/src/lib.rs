@@ -6,3 +6,4 @@
 pub mod message;
 pub mod mqtt;
 pub mod spool;
+pub mod upstream;
