@@ -134,4 +134,3 @@ impl crate::upstream::Upstream for MqttUpstream {
         Self::reset_link(self);
     }
 }
-

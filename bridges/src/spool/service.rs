@@ -374,7 +374,8 @@ pub async fn drain<F: Fs, U: Upstream>(
                     tracked,
                     message,
                 } => {
-                    let result = upstream.publish_with_seq(message, tracked.then_some(seq), Some(seq));
+                    let result =
+                        upstream.publish_with_seq(message, tracked.then_some(seq), Some(seq));
                     machine.handle_publish(now, result);
                 }
                 Action::Read => {

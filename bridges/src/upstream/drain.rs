@@ -117,8 +117,8 @@ pub enum Action {
 /// The event an idle drain waits for (see [`Drain::waiting_for`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wait {
-    /// A report of a tracked send: the window is full, a lost connection's reports are still
-    /// coming, or shutdown waits for them.
+    /// A report of a tracked send: the window is full, a lost (or reset) connection's reports
+    /// are still coming, or shutdown waits for them.
     Ack,
     /// The link to come up.
     Link,
@@ -150,10 +150,14 @@ impl Bucket {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.rate.max(n));
         self.at = self.at.max(now);
-        if self.tokens >= n {
+        // A little slack, and waits rounded up to whole microseconds: float rounding must not
+        // leave a wait of zero that never fills the bucket (a spin under a virtual clock).
+        if self.tokens >= n - 1e-9 {
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((n - self.tokens) / self.rate))
+            let micros = ((n - self.tokens) / self.rate * 1e6).ceil();
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // Positive, small.
+            Err(Duration::from_micros(micros as u64))
         }
     }
 
@@ -429,7 +433,11 @@ impl Drain {
     /// Every report of the lost connection is in: start again at the first record the peer
     /// did not acknowledge.
     fn rewind(&mut self) {
-        let from = self.sent.front().map_or(self.cursor, |s| s.seq).max(self.cursor);
+        let from = self
+            .sent
+            .front()
+            .map_or(self.cursor, |s| s.seq)
+            .max(self.cursor);
         self.resend_until = self.resend_until.max(self.handed_end);
         if from > self.cursor {
             self.cursor = from;
@@ -598,6 +606,7 @@ impl Drain {
         }
         if self.outstanding > 0
             && (self.rewinding
+                || self.reset_requested
                 || self.stopping
                 || self
                     .pending
