@@ -362,8 +362,10 @@ pub async fn drain<F: Fs, U: Upstream>(
     let mut machine = Drain::new(name.clone(), config, stats, pos.next_seq(), clock());
     machine.handle_link(*link.borrow_and_update());
     let mut reports = Vec::new();
+    let mut stopping = false;
     loop {
-        if shutdown.is_cancelled() {
+        if !stopping && shutdown.is_cancelled() {
+            stopping = true;
             machine.handle_shutdown();
         }
         let mut now = clock();
@@ -416,7 +418,6 @@ pub async fn drain<F: Fs, U: Upstream>(
                 Action::Done => return,
             }
         }
-        let stopping = shutdown.is_cancelled();
         let wake = machine.poll_timeout();
         let sleep = async {
             match wake {

@@ -267,8 +267,11 @@ struct Harness {
     /// Sequence ids sent at least once, and the order of first sends.
     first_sent: Vec<u64>,
     sent_once: BTreeSet<u64>,
-    /// Send actions handed out (each took rate tokens).
+    /// Send actions handed out (each took rate tokens), and their bytes.
     sends: u64,
+    bytes: u64,
+    /// The largest message appended (topic and payload bytes).
+    largest: usize,
     done: bool,
 }
 
@@ -296,6 +299,8 @@ impl Harness {
             first_sent: Vec::new(),
             sent_once: BTreeSet::new(),
             sends: 0,
+            bytes: 0,
+            largest: 0,
             done: false,
         };
         h.pump();
@@ -308,6 +313,7 @@ impl Harness {
 
     fn append(&mut self, qos: Qos, len: usize) {
         let seq = self.log.len() as u64 + 1;
+        self.largest = self.largest.max(4 + len);
         self.log.push(Record {
             seq,
             time_ms: 0,
@@ -398,6 +404,7 @@ impl Harness {
                     message,
                 } => {
                     self.sends += 1;
+                    self.bytes += (message.topic.len() + message.payload.len()) as u64;
                     sends_this_turn += 1;
                     let rec = self.record(seq);
                     assert_eq!(tracked, rec.qos.is_acknowledged());
@@ -411,6 +418,8 @@ impl Harness {
                     };
                     if result.is_ok() || result == Err(FailReason::Rejected) {
                         if self.sent_once.insert(seq) {
+                            // Order of first sends is log order.
+                            assert!(self.first_sent.last().is_none_or(|&l| l < seq));
                             self.first_sent.push(seq);
                         }
                         if result.is_err() || !tracked {
@@ -467,8 +476,6 @@ impl Harness {
         assert!(sends_this_turn <= SENDS_PER_BATCH + 1);
         // Window: tracked sends without a report handled by the machine.
         assert!(self.drain.outstanding() <= self.config.window);
-        // Order of first sends is log order.
-        assert!(self.first_sent.windows(2).all(|w| w[0] < w[1]));
         // The rate: a one-second burst, then the rate.
         if let Some(rate) = self.config.rate_msgs {
             let secs = self.now.duration_since(self.t0).as_secs_f64();
@@ -477,6 +484,16 @@ impl Harness {
                 (self.sends as f64) <= most,
                 "{} sends in {secs} s",
                 self.sends
+            );
+        }
+        if let Some(rate) = self.config.rate_bytes {
+            // A message larger than the rate passes once the bucket holds all of it.
+            let secs = self.now.duration_since(self.t0).as_secs_f64();
+            let most = rate as f64 * (secs + 1.0) + self.largest as f64 + 1.0;
+            assert!(
+                (self.bytes as f64) <= most,
+                "{} bytes in {secs} s",
+                self.bytes
             );
         }
         // Never idle with work pending, and the named wait is true.
@@ -541,6 +558,8 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => (0u8..3, 0usize..40, 1usize..30).prop_map(|(qos, len, n)| Op::Append { qos, len, n }),
+        // More than one batch of sends: the budget.
+        1 => Just(Op::Append { qos: 0, len: 1, n: SENDS_PER_BATCH + 100 }),
         4 => (1usize..20).prop_map(Op::Deliver),
         3 => any::<usize>().prop_map(Op::Ack),
         1 => any::<usize>().prop_map(Op::Reject),
