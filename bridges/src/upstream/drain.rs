@@ -5,14 +5,17 @@
 //! # Call order
 //!
 //! ```text
-//!  new(cursor) ─> handle_link(up) ─┬─> loop: while let Some(a) = poll_action(now) { do a }
-//!                                  │        Action::Send  -> publish, then handle_publish(now, result)
-//!                                  │        Action::Read  -> read the spool, then handle_records(..)
-//!                                  │        Action::Rewind -> read again from the cursor
-//!                                  │        Action::Done  -> stop
-//!                                  └─< sleep until poll_timeout() or an event:
-//!                                      handle_ack / handle_link / handle_appended /
-//!                                      handle_timeout(now) / handle_shutdown
+//!  new(cursor), handle_link(up)
+//!    loop:
+//!      while let Some(action) = poll_action(now):
+//!        Send      -> publish; handle_publish(now, result) before the next poll
+//!        Read      -> read the spool; handle_records(now, records, next_seq)
+//!        SetCursor -> save the upstream's cursor
+//!        Rewind    -> read again from the cursor (after a lost connection)
+//!        ResetLink -> drop the upstream's link (ack timeout)
+//!        Done      -> stop
+//!      sleep until poll_timeout() or an event, then one of:
+//!        handle_ack / handle_link / handle_appended / handle_timeout(now) / handle_shutdown
 //! ```
 //!
 //! Time is always passed in; nothing here reads a clock, sleeps or touches the spool.
