@@ -7,3 +7,4 @@ pub mod message;
 pub mod mqtt;
 pub mod spool;
 pub mod topic;
+pub mod upstream;

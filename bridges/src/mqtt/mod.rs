@@ -109,74 +109,28 @@ pub use config::{
 pub use sink::{MqttUpstream, UpstreamStats};
 pub use subscriptions::MAX_SUBSCRIPTIONS;
 
-/// Outcome of a QoS >= 1 publish, reported back to the gateway core.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
-    /// The broker acknowledged the message (PUBACK / PUBCOMP).
-    Acknowledged,
-    /// Upstream down, queue full, rejected by the broker (v5 reason code), or session reset:
-    /// the sensor gets congestion.
-    Failed(FailReason),
-}
+// The upstream-neutral verdicts, here too so existing paths keep working.
+pub use crate::upstream::{AckReport, Delivery, FailReason};
 
-impl Delivery {
-    /// Whether the broker took the message.
-    #[must_use]
-    pub const fn is_acknowledged(self) -> bool {
-        matches!(self, Self::Acknowledged)
-    }
-}
-
-/// Why a publish was not acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailReason {
-    /// The link to the broker was down, or dropped before the acknowledgement.
-    Disconnected,
-    /// `max_inflight` publishes are outstanding, or the client's request queue is full; for
-    /// [`MqttUpstream::subscribe`]: `max_subscriptions` filters are subscribed.
-    QueueFull,
-    /// Refused for good: by the broker (MQTT 5 reason code Not authorized, Topic Name
-    /// invalid or Payload format invalid), or locally (invalid topic or filter, over
-    /// [`MAX_PUBLISH_BYTES`]). Retrying the same message will not help.
-    Rejected,
-    /// Refused for now by the broker (MQTT 5 reason code Quota exceeded, Unspecified error,
-    /// Implementation specific error, Packet Identifier in use or not found): the message
-    /// is sent again, never dropped.
-    BrokerBusy,
-    /// The client reconnected without a broker session and dropped the publish.
-    SessionReset,
-    /// The upstream is shutting down.
-    Shutdown,
-}
-
-impl FailReason {
-    /// A short stable tag for metrics and structured logs.
-    #[must_use]
-    pub const fn error_code(self) -> &'static str {
-        match self {
-            Self::Disconnected => "disconnected",
-            Self::QueueFull => "queue_full",
-            Self::Rejected => "rejected",
-            Self::BrokerBusy => "broker_busy",
-            Self::SessionReset => "session_reset",
-            Self::Shutdown => "shutdown",
-        }
+impl crate::upstream::Upstream for MqttUpstream {
+    fn name(&self) -> &str {
+        Self::name(self)
     }
 
-    /// Whether sending the same message again later can succeed.
-    #[must_use]
-    pub const fn is_recoverable(self) -> bool {
-        !matches!(self, Self::Rejected)
+    fn publish_with_seq(
+        &self,
+        message: crate::message::Message,
+        token: Option<u64>,
+        seq: Option<u64>,
+    ) -> Result<(), FailReason> {
+        Self::publish_with_seq(self, message, token, seq)
     }
-}
 
-/// The broker's verdict on one tracked publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AckReport {
-    /// The token given to [`MqttUpstream::publish`].
-    pub token: u64,
-    /// The `index` given to [`MqttUpstream::spawn`].
-    pub upstream: usize,
-    /// What happened.
-    pub delivery: Delivery,
+    fn watch_link(&self) -> tokio::sync::watch::Receiver<bool> {
+        Self::watch_link(self)
+    }
+
+    fn reset_link(&self) {
+        Self::reset_link(self);
+    }
 }

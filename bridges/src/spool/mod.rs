@@ -7,7 +7,7 @@
 //!                    own channel, after the fsync       one fsync, answer each ingress   v
 //!                                        segment files 00000000000000000001.seg ... (disk)
 //!                                                                                        │
-//!  broker <─ MqttUpstream::publish_with_seq <─ drain task (one per upstream) <── read ───┘
+//!  broker <─    Upstream::publish_with_seq <─ drain task (one per upstream) <── read ───┘
 //!         ──> AckReport ──────────────────────> cursor moves over the acknowledged prefix;
 //!                                               fully acknowledged segments are deleted
 //! ```
@@ -41,7 +41,8 @@
 //!   drop the duplicates a resend can cause.
 //! - **Bounded**: `max_bytes` of segment files, the free-disk watermark, the writer's queue,
 //!   each upstream's in-flight window (QoS >= 1) and its client's request queue (QoS 0).
-//! - **A drain never sleeps with work pending**: see the wake sources in `service.rs`.
+//! - **A drain never sleeps with work pending**: see the wake sources in `service.rs` and the
+//!   state machine in `upstream/drain.rs`.
 //! - **Disk errors do not corrupt**: a failed write or fsync seals its segment at its last
 //!   good end and the next group starts a new segment; writes resume by themselves once the
 //!   disk accepts them.
@@ -69,6 +70,7 @@ pub use log::{
 pub use record::fuzz_round_trip;
 pub use record::{RECORD_HEADER, Record, encoded_len};
 pub use service::{
-    AppendReply, Appender, DrainConfig, DrainStats, IngressAppender, SharedSpool, drain,
-    start_writer, wall_ms,
+    AppendReply, Appender, IngressAppender, SharedSpool, drain, start_writer, wall_ms,
 };
+
+pub use crate::upstream::drain::{DrainConfig, DrainStats};
