@@ -2,7 +2,7 @@
 //! covers a group whatever the number of ingresses in it, and a vanished ingress costs only
 //! its own verdicts.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // Tests bound their waits by the real clock.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
