@@ -256,13 +256,7 @@ fn nearest_existing_dir(dir: &Path) -> Result<PathBuf, PreflightError> {
 
 /// A byte count rounded for people (`"251.9GiB"`); exact sizes are rarely round.
 fn approx_size(bytes: u64) -> String {
-    const UNITS: [(u64, &str); 4] = [
-        (1 << 40, "TiB"),
-        (1 << 30, "GiB"),
-        (1 << 20, "MiB"),
-        (1 << 10, "KiB"),
-    ];
-    for (factor, unit) in UNITS {
+    for (factor, unit) in units::SIZE_UNITS {
         if bytes >= factor {
             // Lossy on purpose: one decimal is all a reader needs.
             #[allow(clippy::cast_precision_loss)]
