@@ -5,6 +5,7 @@
 
 pub mod message;
 pub mod mqtt;
+pub mod router;
 pub mod spool;
 pub mod topic;
 pub mod upstream;

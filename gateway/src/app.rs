@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use std::sync::Arc;
 
 use sensorgate_bridges::mqtt::{MqttUpstream, SetupError};
+use sensorgate_bridges::router::{RoutedUpstream, Router};
 use sensorgate_bridges::spool::{
     DrainConfig, DrainStats, OpenError, SharedSpool, Spool, SpoolStats, StdFs, drain, start_writer,
 };
@@ -130,12 +131,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     }
     let (entrance, writer) =
         start_writer(Arc::clone(&spool), config.spool.queue).map_err(RunError::SpoolWriter)?;
-    // The MQTT-SN driver is the one ingress today; each further one takes its own appender
-    // and reply channel the same way.
+    // The MQTT-SN driver is the one ingress today; each further one takes its own reply
+    // channel and `Router::ingress` the same way.
     let (reply_tx, reply_rx) = mpsc::channel(REPLY_CHANNEL);
-    let appender = entrance.for_ingress(reply_tx);
-    // The writer stops once every appender is gone: only the ingresses' keep it running.
-    drop(entrance);
 
     let upstream_stop = CancellationToken::new();
     let drain_stop = CancellationToken::new();
@@ -217,11 +215,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             return Err(e);
         }
     };
+    // The router takes every upstream's subscriptions and link state; the driver sees none.
+    let routed = upstreams
+        .into_iter()
+        .map(|up| RoutedUpstream {
+            link: up.watch_link(),
+            subscriber: Box::new(up),
+        })
+        .collect();
+    let router = Router::new(entrance, routed, config.mqttsn.core.max_filters);
+    let ingress = router.ingress(reply_tx);
+    // The writer stops once every appender is gone: only the ingresses' keep it running.
+    drop(router);
     let driver = UdpDriver::new(
         core,
         sockets,
-        upstreams,
-        appender,
+        ingress,
         reply_rx,
         downlink_rx,
         config.mqttsn.recv_batch,

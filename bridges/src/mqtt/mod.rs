@@ -134,3 +134,17 @@ impl crate::upstream::Upstream for MqttUpstream {
         Self::reset_link(self);
     }
 }
+
+impl crate::upstream::Subscriber for MqttUpstream {
+    fn name(&self) -> &str {
+        Self::name(self)
+    }
+
+    fn subscribe(&self, filter: &str, qos: crate::message::Qos) -> Result<(), FailReason> {
+        Self::subscribe(self, filter, qos)
+    }
+
+    fn unsubscribe(&self, filter: &str) -> Result<(), FailReason> {
+        Self::unsubscribe(self, filter)
+    }
+}

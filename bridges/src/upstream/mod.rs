@@ -125,3 +125,26 @@ pub struct AckReport {
     /// What happened.
     pub delivery: Delivery,
 }
+
+/// What the router needs from an upstream for the downlink: the filters to subscribe to.
+/// The router calls it with the union of every ingress's filters (reference counted there),
+/// so one `subscribe` per filter and QoS change and one `unsubscribe` when the last ingress
+/// leaves; neither may block (they queue the change for the upstream's own task).
+pub trait Subscriber: Send + Sync + 'static {
+    /// The configured name (for logs).
+    fn name(&self) -> &str;
+
+    /// Subscribes to `filter` at `qos`, or changes the QoS of an existing subscription.
+    ///
+    /// # Errors
+    /// Refused, and nothing is remembered: why, as a [`FailReason`] ([`FailReason::QueueFull`]
+    /// for a full subscription table, [`FailReason::Rejected`] for a filter this upstream
+    /// cannot take).
+    fn subscribe(&self, filter: &str, qos: crate::message::Qos) -> Result<(), FailReason>;
+
+    /// Removes the subscription to `filter`; an unknown filter is ignored.
+    ///
+    /// # Errors
+    /// Refused ([`FailReason::Shutdown`] after shutdown).
+    fn unsubscribe(&self, filter: &str) -> Result<(), FailReason>;
+}

@@ -2,9 +2,10 @@
 //! datagrams, the spool's verdicts (a sensor's QoS 1/2 publish is accepted once it is durable
 //! in the spool), downlink messages and timer expiries into it and its output out.
 //!
-//! It makes no protocol decisions. Per wake-up it reads up to `recv_batch` datagrams from each
-//! ready socket, then drains the core's events (to the upstreams) and transmits (to the
-//! sockets), so a burst is handled with one flush. With a session store, it then hands the
+//! It makes no protocol decisions and sees no upstream, only the router's [`IngressHandle`].
+//! Per wake-up it reads up to `recv_batch` datagrams from each ready socket, then drains the
+//! core's events (to the ingress handle) and transmits (to the sockets), so a burst is handled
+//! with one flush. With a session store, it then hands the
 //! round's persisted session changes and the broker acknowledgements that wait for them to the
 //! store thread ([`StoreLink`]), never waiting for the disk itself.
 
@@ -12,7 +13,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
@@ -20,16 +21,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use sensorgate_bridges::message::Downlink;
-use sensorgate_bridges::mqtt::MqttUpstream;
-use sensorgate_bridges::spool::{AppendReply, IngressAppender};
+use sensorgate_bridges::router::IngressHandle;
+use sensorgate_bridges::spool::AppendReply;
 
 use super::batch::{RecvBatch, SendBatch};
 use super::session_store::StoreLink;
 use crate::mqttsn::core::{Core, Event, Peer, PeerAddr, PublishOutcome};
-
-/// Least time between two warnings about refused upstream subscription changes (the refusals
-/// in between are counted in the next one).
-const SUBSCRIBE_WARN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Replies sent per `sendmmsg`.
 const SEND_BATCH: usize = 64;
@@ -155,9 +152,9 @@ pub fn bind(addr: SocketAddr, options: SocketOptions) -> io::Result<UdpSocket> {
 pub struct UdpDriver {
     core: Core,
     sockets: Vec<Arc<UdpSocket>>,
-    /// For subscriptions and the link state; messages go through the spool.
-    upstreams: Vec<MqttUpstream>,
-    spool: IngressAppender,
+    /// The way into the pipeline: appends to the spool, subscriptions (counted across
+    /// ingresses by the router) and the upstreams' link state. The driver sees no upstream.
+    ingress: IngressHandle,
     replies: mpsc::Receiver<Vec<AppendReply>>,
     downlink: mpsc::Receiver<Downlink>,
     rx: RecvBatch,
@@ -165,21 +162,16 @@ pub struct UdpDriver {
     /// Where persisted session changes go, with the broker acknowledgements that wait for
     /// them; `None` runs without persistence (every downlink acknowledged at once).
     store: Option<StoreLink>,
-    /// When the last refused subscription change was logged, and how many were refused since:
-    /// sensors trigger them, so the warning is rate-limited.
-    subscribe_warned: Option<Instant>,
-    subscribe_refused: u64,
 }
 
 impl UdpDriver {
-    /// Assembles a driver: uplink messages go to `spool`, whose verdicts on tokened ones
-    /// come back on `replies`; `upstreams` take the subscriptions.
-    #[allow(clippy::too_many_arguments)]
+    /// Assembles a driver: uplink messages and subscriptions go through `ingress`; the
+    /// spool's verdicts on tokened messages come back on `replies` (the channel `ingress` was
+    /// registered with), and messages from the upstreams' subscriptions on `downlink`.
     pub fn new(
         core: Core,
         sockets: Vec<UdpSocket>,
-        upstreams: Vec<MqttUpstream>,
-        spool: IngressAppender,
+        ingress: IngressHandle,
         replies: mpsc::Receiver<Vec<AppendReply>>,
         downlink: mpsc::Receiver<Downlink>,
         recv_batch: usize,
@@ -192,16 +184,13 @@ impl UdpDriver {
         UdpDriver {
             core,
             sockets: sockets.into_iter().map(Arc::new).collect(),
-            upstreams,
-            spool,
+            ingress,
             replies,
             downlink,
             // One byte more than the limit so oversize datagrams are seen as such.
             rx: RecvBatch::new(recv_batch, max_packet_size + 1),
             tx,
             store: None,
-            subscribe_warned: None,
-            subscribe_refused: 0,
         }
     }
 
@@ -280,8 +269,8 @@ impl UdpDriver {
             // Whatever else is ready is taken in the same round, so one flush (one
             // `sendmmsg`, one hand-over to the upstreams) serves all of it.
             self.drain_ready()?;
-            let available = self.upstreams.iter().any(MqttUpstream::is_connected);
-            self.core.set_upstream_available(available);
+            self.core
+                .set_upstream_available(self.ingress.upstream_available());
             self.core.handle_timeout(Instant::now());
             self.flush(&mut tx_buf).await?;
             if let Some(store) = self.store.as_mut() {
@@ -380,38 +369,21 @@ impl UdpDriver {
                 Event::Publish { message, token } => {
                     // A full spool queue refuses at once: congestion, the sensor retries
                     // (QoS 0: dropped). Counted as `queue_full` in the spool status.
-                    if self.spool.append(message, token).is_err() {
+                    if self.ingress.append(message, token).is_err() {
                         if let Some(token) = token {
                             self.core
                                 .handle_publish_result(now, token, PublishOutcome::Congestion);
                         }
                     }
                 }
-                // The core keeps the distinct filters within every upstream's table, so a
-                // refusal here is a bug or a filter the upstream cannot take (its prefix): the
-                // sensor was told it is subscribed, so it must be seen.
+                // The core keeps its distinct filters within `max_filters`, the router's
+                // limit too, so a refusal comes from another ingress's filters filling the
+                // router, or from an upstream (a filter it cannot take): the router logs both
+                // (rate-limited), since the sensor was told it is subscribed.
                 Event::Subscribe { filter, qos } => {
-                    for i in 0..self.upstreams.len() {
-                        let Some(up) = self.upstreams.get(i) else {
-                            continue;
-                        };
-                        if let Err(reason) = up.subscribe(&filter, qos) {
-                            let name = up.name().to_owned();
-                            self.subscribe_failed(now, &name, &filter, reason.error_code());
-                        }
-                    }
+                    let _ = self.ingress.subscribe(now, &filter, qos);
                 }
-                Event::Unsubscribe { filter } => {
-                    for i in 0..self.upstreams.len() {
-                        let Some(up) = self.upstreams.get(i) else {
-                            continue;
-                        };
-                        if let Err(reason) = up.unsubscribe(&filter) {
-                            let name = up.name().to_owned();
-                            self.subscribe_failed(now, &name, &filter, reason.error_code());
-                        }
-                    }
-                }
+                Event::Unsubscribe { filter } => self.ingress.unsubscribe(now, &filter),
             }
         }
         while let Some(peer) = self.core.poll_transmit(tx_buf) {
@@ -438,29 +410,6 @@ impl UdpDriver {
             }
         }
         Ok(())
-    }
-}
-
-impl UdpDriver {
-    /// Logs a refused upstream subscription change at warn, at most once per
-    /// [`SUBSCRIBE_WARN_INTERVAL`], with the number refused since the last warning.
-    fn subscribe_failed(&mut self, now: Instant, upstream: &str, filter: &str, reason: &str) {
-        self.subscribe_refused += 1;
-        if self
-            .subscribe_warned
-            .is_some_and(|at| now.saturating_duration_since(at) < SUBSCRIBE_WARN_INTERVAL)
-        {
-            return;
-        }
-        tracing::warn!(
-            upstream,
-            filter,
-            reason,
-            refused = self.subscribe_refused,
-            "Upstream refused a subscription change; subscribers of this filter get nothing from it."
-        );
-        self.subscribe_warned = Some(now);
-        self.subscribe_refused = 0;
     }
 }
 
