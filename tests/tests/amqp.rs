@@ -2,7 +2,8 @@
 //! (mosquitto) and one AMQP (a private RabbitMQ node) upstream at once. Both get every message
 //! in order; the AMQP copy is persistent, routed as `sensors.x`, with `message_id` equal to the
 //! MQTT copy's `sg-seq`; a RabbitMQ outage delays its copy (the backlog arrives in order after
-//! the restart) and never holds up mosquitto's.
+//! the restart) and never holds up mosquitto's. A message no queue is bound for is returned by
+//! the broker, logged, and does not hold up the ones after it.
 //!
 //! A RabbitMQ node takes several seconds to boot: the file keeps to two tests.
 
@@ -87,6 +88,11 @@ fn both_upstreams_get_every_message_in_order_with_the_same_sequence_id() {
     mqtt.expect_line("READY", WAIT, |l| l == "READY").unwrap();
 
     let mut c = rig.connected("amqp-both").unwrap();
+    // No queue is bound for `unrouted.x`: RabbitMQ returns it; the upstream counts it as
+    // refused (warn) and the drain moves on to the next.
+    let unrouted = c.register("unrouted/x").unwrap();
+    c.publish_qos1_ok(TopicType::Normal, unrouted, b"nobody")
+        .unwrap();
     let id = c.register("sensors/x").unwrap();
     for i in 0..20 {
         c.publish_qos1_ok(TopicType::Normal, id, format!("m{i}").as_bytes())
@@ -105,6 +111,11 @@ fn both_upstreams_get_every_message_in_order_with_the_same_sequence_id() {
         assert!(m["seq"].is_string(), "sg-seq present: {m}");
         assert_eq!(a["message_id"], m["seq"], "message_id == sg-seq");
     }
+    let log = rig.gateway.log();
+    assert!(
+        log.contains("AMQP broker returned a message as unroutable"),
+        "{log}"
+    );
 }
 
 #[test]

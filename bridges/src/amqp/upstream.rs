@@ -8,10 +8,12 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event, ExchangeKind,
+};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +27,9 @@ use crate::upstream::{AckReport, Delivery, FailReason};
 /// How often the task looks at the connection's and channel's state (a closed channel raises
 /// no connection event).
 const STATE_CHECK: Duration = Duration::from_millis(250);
+/// Untracked (QoS 0) publishes awaiting their confirm at once, beyond the tracked window;
+/// when reached, the task reads no more requests until confirms arrive (backpressure).
+const MAX_UNTRACKED_PENDING: usize = 1024;
 /// AMQP reply code of a normal close.
 const REPLY_SUCCESS: u16 = 200;
 
@@ -250,15 +255,22 @@ impl Task {
             }
             let attempt = tokio::select! {
                 () = self.stop.cancelled() => break,
-                r = tokio::time::timeout(self.config.connect_timeout, connect(&self.uri)) => r,
+                r = tokio::time::timeout(
+                    self.config.connect_timeout,
+                    connect(&self.uri, &self.config.exchange),
+                ) => r,
             };
             match attempt {
                 Ok(Ok((conn, channel))) => {
-                    backoff.reset();
                     failing = false;
                     tracing::info!(upstream = %name, url = %self.config.redacted_url(), "AMQP upstream connected.");
                     self.link_tx.send_replace(true);
-                    let end = self.serve(&conn, &channel).await;
+                    let (end, confirmed) = self.serve(&conn, &channel).await;
+                    // A connection that dies before any confirm (a broker that closes the
+                    // channel on every publish) keeps backing off instead of spinning.
+                    if confirmed {
+                        backoff.reset();
+                    }
                     self.link_tx.send_replace(false);
                     // Accepted before the link went down, never sent.
                     let reason = if matches!(end, End::Stop) {
@@ -315,8 +327,19 @@ impl Task {
         tracing::info!(upstream = %name, "AMQP upstream stopped.");
     }
 
-    /// Serves one connection until it ends.
-    async fn serve(&mut self, conn: &Connection, channel: &Channel) -> End {
+    /// Serves one connection until it ends; also tells whether the broker confirmed anything.
+    async fn serve(&mut self, conn: &Connection, channel: &Channel) -> (End, bool) {
+        let mut confirmed = false;
+        let end = self.serve_until_end(conn, channel, &mut confirmed).await;
+        (end, confirmed)
+    }
+
+    async fn serve_until_end(
+        &mut self,
+        conn: &Connection,
+        channel: &Channel,
+        confirmed: &mut bool,
+    ) -> End {
         let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
         // Tracked tokens sent and not yet reported: what a dropped link must fail.
         let mut open = BTreeSet::new();
@@ -343,6 +366,7 @@ impl Task {
                     if let Some(t) = token {
                         open.remove(&t);
                     }
+                    *confirmed |= confirm == Confirm::Ack;
                     if confirm == Confirm::Lost {
                         self.settle(token, confirm).await;
                         break End::Lost("channel closed before the confirm".into());
@@ -359,7 +383,9 @@ impl Task {
                         break End::Lost("connection or channel closed".into());
                     }
                 }
-                request = self.rx.recv() => {
+                // Bounded: tracked sends are at most `max_inflight` (the handle refuses more);
+                // untracked (QoS 0) confirms awaited at once are capped too.
+                request = self.rx.recv(), if pending.len() < self.pending_cap() => {
                     let Some(request) = request else { return End::Stop };
                     let token = request.token;
                     match publish(channel, &self.config.exchange, request).await {
@@ -383,6 +409,11 @@ impl Task {
         drop(pending);
         self.fail_open(&mut open, FailReason::Disconnected).await;
         end
+    }
+
+    /// Confirms awaited at once, at most: the tracked window plus [`MAX_UNTRACKED_PENDING`].
+    fn pending_cap(&self) -> usize {
+        usize::from(self.config.max_inflight) + MAX_UNTRACKED_PENDING
     }
 
     /// Reports one confirmation (untracked: counts only).
@@ -454,12 +485,28 @@ impl Task {
     }
 }
 
-/// Opens the connection and a confirm-mode channel.
-async fn connect(uri: &AMQPUri) -> lapin::Result<(Connection, Channel)> {
+/// Opens the connection and a confirm-mode channel, and checks that the exchange exists (a
+/// missing one is a connect failure, retried with backoff and logged once, instead of a
+/// channel closed by every publish).
+async fn connect(uri: &AMQPUri, exchange: &str) -> lapin::Result<(Connection, Channel)> {
     let props = ConnectionProperties::default()
         .with_connection_name(LongString::from("sensorgate".to_owned()));
     let conn = Connection::connect_uri(uri.clone(), props).await?;
     let channel = conn.create_channel().await?;
+    // The default exchange ("") always exists and cannot be declared.
+    if !exchange.is_empty() {
+        channel
+            .exchange_declare(
+                ShortString::from(exchange.to_owned()),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+    }
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
