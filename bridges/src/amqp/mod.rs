@@ -34,8 +34,12 @@
 //! - **QoS 0** records are published on the same confirm channel, untracked: no report, but
 //!   their confirms are still awaited (and a return still counted) so none piles up.
 //! - **Bounded**: at most `max_inflight` tracked publishes unreported (beyond: `QueueFull`),
-//!   at most `request_queue` requests queued.
-//! - **Reconnect** with jittered exponential backoff; each transition is logged once.
+//!   at most `request_queue` requests queued, and a fixed number of untracked confirms awaited
+//!   beyond the window (then the task reads no more requests until confirms arrive).
+//! - **Reconnect** with jittered exponential backoff; each transition is logged once. A
+//!   connection counts as a success for the backoff only once the broker confirmed a message
+//!   on it. The exchange must exist: it is checked (passive declare) on every connection, and
+//!   a missing one is a connect failure.
 //! - **Shutdown**: the stop token refuses new publishes, lets the broker confirm what is in
 //!   flight for up to `connect_timeout`, closes the connection and reports the rest
 //!   `Failed(Shutdown)`.

@@ -562,3 +562,81 @@ fn classify(result: lapin::Result<Confirmation>) -> Confirm {
         Err(_) => Confirm::Lost,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn message(topic: &str) -> Message {
+        Message {
+            topic: topic.into(),
+            payload: Bytes::from_static(b"x"),
+            qos: Qos::AtLeastOnce,
+            retain: false,
+        }
+    }
+
+    /// A port nothing listens on (bound, read, released).
+    fn dead_url() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
+    }
+
+    #[tokio::test]
+    async fn while_down_publishes_are_refused_and_after_stop_the_task_ends() {
+        let mut config = AmqpUpstreamConfig::new("t", dead_url());
+        config.backoff_initial = Duration::from_millis(10);
+        config.backoff_max = Duration::from_millis(50);
+        let (acks, mut ack_rx) = mpsc::channel(8);
+        let stop = CancellationToken::new();
+        let (up, task) = AmqpUpstream::spawn(0, config, acks, stop.clone()).unwrap();
+        assert!(!*up.watch_link().borrow());
+        assert_eq!(
+            up.publish_with_seq(message("a/b"), Some(1), Some(1)),
+            Err(FailReason::Disconnected)
+        );
+        // Reset while down does nothing (no permit is stored for the next connection).
+        up.reset_link();
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            up.publish_with_seq(message("a/b"), Some(2), Some(2)),
+            Err(FailReason::Shutdown)
+        );
+        // Refused sends get no report.
+        assert!(ack_rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn invalid_settings_start_nothing() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let (acks, _rx) = mpsc::channel(1);
+        let mut config = AmqpUpstreamConfig::new("t", "mqtt://h:1883");
+        assert!(
+            AmqpUpstream::spawn(0, config.clone(), acks.clone(), CancellationToken::new()).is_err()
+        );
+        config.url = "amqp://h/%2f".into();
+        config.max_inflight = 0;
+        assert!(AmqpUpstream::spawn(0, config, acks, CancellationToken::new()).is_err());
+    }
+
+    #[test]
+    fn returned_and_nacked_confirmations_are_classified() {
+        assert_eq!(classify(Ok(Confirmation::Ack(None))), Confirm::Ack);
+        assert_eq!(classify(Ok(Confirmation::Nack(None))), Confirm::Nack);
+        assert_eq!(
+            classify(Err(lapin::ErrorKind::ChannelsLimitReached.into())),
+            Confirm::Lost
+        );
+    }
+}
