@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use std::sync::Arc;
 
+use sensorgate_bridges::amqp::{AmqpConfigError, AmqpUpstream};
 use sensorgate_bridges::mqtt::{MqttUpstream, SetupError};
 use sensorgate_bridges::router::{RoutedUpstream, Router};
 use sensorgate_bridges::spool::{
@@ -56,6 +57,14 @@ pub enum RunError {
         /// What went wrong.
         source: SetupError,
     },
+    /// An AMQP upstream's settings were refused.
+    #[error("upstream `{name}`: {source}")]
+    AmqpUpstream {
+        /// The upstream's name.
+        name: String,
+        /// What went wrong.
+        source: AmqpConfigError,
+    },
     /// The spool could not be opened (locked by another process, unreadable).
     #[error(transparent)]
     Spool(#[from] OpenError),
@@ -78,7 +87,7 @@ impl RunError {
                 ErrorClass::CantCreate | ErrorClass::Other => ErrorClass::Unavailable,
                 class => class,
             },
-            RunError::Upstream { .. } => ErrorClass::Config,
+            RunError::Upstream { .. } | RunError::AmqpUpstream { .. } => ErrorClass::Config,
             RunError::Spool(OpenError::Locked { .. }) => ErrorClass::Unavailable,
             RunError::Spool(OpenError::Format { .. }) => ErrorClass::Data,
             RunError::Spool(OpenError::Io { source, .. }) => class_of_io(source),
@@ -143,27 +152,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let mut drains = Vec::new();
     let mut drain_stats = Vec::new();
     for (index, upstream) in config.upstreams.iter().enumerate() {
-        let UpstreamKind::Mqtt(mqtt) = &upstream.kind;
-        let window = usize::from(mqtt.max_inflight);
-        let (ack_tx, ack_rx) = mpsc::channel(window + 16);
-        let spawned = MqttUpstream::spawn_with_downlink(
-            index,
-            mqtt.clone(),
-            ack_tx,
-            Some(downlink_tx.clone()),
-            upstream_stop.clone(),
-        );
-        let (handle, task) = match spawned {
-            Ok(spawned) => spawned,
-            Err(source) => {
-                upstream_stop.cancel();
-                return Err(RunError::Upstream {
-                    name: upstream.name.clone(),
-                    source,
-                });
-            }
-        };
-        let drain_config = DrainConfig {
+        let drain_config = |window: usize| DrainConfig {
             window,
             rate_msgs: config.spool.drain_rate,
             rate_bytes: config.spool.drain_bytes_rate,
@@ -171,17 +160,68 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         };
         let stats = Arc::new(DrainStats::default());
         drain_stats.push((upstream.name.clone(), Arc::clone(&stats)));
-        drains.push(tokio::spawn(drain(
-            Arc::clone(&spool),
-            index,
-            handle.clone(),
-            ack_rx,
-            drain_config,
-            stats,
-            drain_stop.clone(),
-        )));
-        upstreams.push(handle);
-        tasks.push(task);
+        match &upstream.kind {
+            UpstreamKind::Mqtt(mqtt) => {
+                let window = usize::from(mqtt.max_inflight);
+                let (ack_tx, ack_rx) = mpsc::channel(window + 16);
+                let spawned = MqttUpstream::spawn_with_downlink(
+                    index,
+                    mqtt.clone(),
+                    ack_tx,
+                    Some(downlink_tx.clone()),
+                    upstream_stop.clone(),
+                );
+                let (handle, task) = match spawned {
+                    Ok(spawned) => spawned,
+                    Err(source) => {
+                        upstream_stop.cancel();
+                        return Err(RunError::Upstream {
+                            name: upstream.name.clone(),
+                            source,
+                        });
+                    }
+                };
+                drains.push(tokio::spawn(drain(
+                    Arc::clone(&spool),
+                    index,
+                    handle.clone(),
+                    ack_rx,
+                    drain_config(window),
+                    stats,
+                    drain_stop.clone(),
+                )));
+                upstreams.push(handle);
+                tasks.push(task);
+            }
+            // Uplink only: the drain sends through it; the MQTT-SN driver (subscriptions,
+            // downlink) sees only the MQTT upstreams.
+            UpstreamKind::Amqp(amqp) => {
+                let window = usize::from(amqp.max_inflight);
+                let (ack_tx, ack_rx) = mpsc::channel(window + 16);
+                let spawned =
+                    AmqpUpstream::spawn(index, amqp.clone(), ack_tx, upstream_stop.clone());
+                let (handle, task) = match spawned {
+                    Ok(spawned) => spawned,
+                    Err(source) => {
+                        upstream_stop.cancel();
+                        return Err(RunError::AmqpUpstream {
+                            name: upstream.name.clone(),
+                            source,
+                        });
+                    }
+                };
+                drains.push(tokio::spawn(drain(
+                    Arc::clone(&spool),
+                    index,
+                    handle,
+                    ack_rx,
+                    drain_config(window),
+                    stats,
+                    drain_stop.clone(),
+                )));
+                tasks.push(task);
+            }
+        }
     }
     drop(downlink_tx);
     let status = tokio::spawn(report_status(

@@ -2981,3 +2981,177 @@ impl XorShift64 {
         (0..len).map(|_| (self.next_u64() >> 24) as u8).collect()
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// RabbitMQ (AMQP upstream tests)
+
+/// The RabbitMQ server start script run directly (the `/usr/sbin` wrapper switches to the
+/// `rabbitmq` user and drops the environment).
+pub fn rabbitmq_server_bin() -> PathBuf {
+    let lib = Path::new("/usr/lib/rabbitmq/lib");
+    let found = std::fs::read_dir(lib).ok().and_then(|dir| {
+        dir.filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("rabbitmq_server-"))
+            })
+            .max()
+    });
+    match found {
+        Some(dir) => dir.join("sbin/rabbitmq-server"),
+        None => panic!(
+            "rabbitmq-server not found under {}: apt-get install rabbitmq-server",
+            lib.display()
+        ),
+    }
+}
+
+/// A private RabbitMQ node bound to loopback only: its own node name, AMQP port, distribution
+/// port, epmd port, and its data, log and config in its own temp dir. Stopped on drop.
+pub struct RabbitMq {
+    /// The AMQP port (fixed for the node's life, so `start` again comes back there).
+    port: u16,
+    /// Erlang distribution port.
+    dist_port: u16,
+    /// Its private epmd's port.
+    epmd_port: u16,
+    /// Unique per node: `sgtest-<pid>-<port>@localhost`.
+    node: String,
+    /// The start script while running.
+    proc: Option<Proc>,
+    /// Holds mnesia, logs, config and the Erlang cookie; declared last.
+    dir: TempDir,
+}
+
+/// A RabbitMQ node takes several seconds to boot; bounded anyway.
+pub const RABBITMQ_READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+impl RabbitMq {
+    /// Starts a node and waits (at most [`RABBITMQ_READY_TIMEOUT`]) until its AMQP listener
+    /// accepts a connection.
+    ///
+    /// # Errors
+    /// When it exits or does not come up in time.
+    pub fn start() -> Result<RabbitMq> {
+        let port = free_tcp_port()?;
+        let mut r = RabbitMq {
+            port,
+            dist_port: free_tcp_port()?,
+            epmd_port: free_tcp_port()?,
+            node: format!("sgtest-{}-{port}@localhost", std::process::id()),
+            proc: None,
+            dir: temp_dir()?,
+        };
+        std::fs::write(r.dir.path().join("enabled_plugins"), "[].\n")?;
+        std::fs::write(
+            r.dir.path().join("rabbitmq.conf"),
+            "loopback_users.guest = true\nlog.console = false\nlog.file.level = info\n",
+        )?;
+        r.launch()?;
+        Ok(r)
+    }
+
+    /// Its AMQP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        let d = self.dir.path();
+        let mut cmd = Command::new(rabbitmq_server_bin());
+        cmd.env("HOME", d)
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
+            .env(
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+                "-kernel inet_dist_use_interface {127,0,0,1}",
+            )
+            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", d.join("log"))
+            .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq.conf"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("enabled_plugins"))
+            .env("RABBITMQ_PID_FILE", d.join("pid"))
+            .env("RABBITMQ_CONF_ENV_FILE", d.join("rabbitmq-env.conf"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", d.join("advanced.config"))
+            .current_dir(d);
+        let mut proc = Proc::spawn("rabbitmq", &mut cmd, &d.join("server.log"), true)?;
+        let deadline = Instant::now() + RABBITMQ_READY_TIMEOUT;
+        loop {
+            if let Some(status) = proc.exited()? {
+                bail!("rabbitmq exited ({status}):\n{}", proc.log_text());
+            }
+            // The AMQP listener opens last in the boot; it then serves connections.
+            if TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "rabbitmq did not listen on {} within {RABBITMQ_READY_TIMEOUT:?}:\n{}",
+                    self.port,
+                    proc.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.proc = Some(proc);
+        Ok(())
+    }
+
+    /// Stops the node (SIGTERM to the start script, which stops the VM), waits for it, and
+    /// kills a VM that outlives the grace period by the PID it wrote.
+    ///
+    /// # Errors
+    /// When it was not running.
+    pub fn stop(&mut self) -> Result<()> {
+        let Some(mut proc) = self.proc.take() else {
+            bail!("rabbitmq is not running")
+        };
+        let result = proc.terminate(Duration::from_secs(30));
+        let pid_file = self.dir.path().join("pid");
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        {
+            // Already gone after a clean stop: the signal then fails, which is fine.
+            let _ = send_signal(pid, "KILL");
+        }
+        let _ = std::fs::remove_file(pid_file);
+        result.map(|_| ())
+    }
+
+    /// Starts it again on the same ports with the same data (durable queues and persistent
+    /// messages survive).
+    ///
+    /// # Errors
+    /// When it does not come up.
+    pub fn restart(&mut self) -> Result<()> {
+        if self.proc.is_some() {
+            self.stop()?;
+        }
+        self.launch()
+    }
+}
+
+impl Drop for RabbitMq {
+    fn drop(&mut self) {
+        if self.proc.is_some() {
+            let _ = self.stop();
+        }
+        // The node started its own epmd on the private port; stop it.
+        let _ = Command::new("epmd")
+            .args(["-port", &self.epmd_port.to_string(), "-kill"])
+            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}

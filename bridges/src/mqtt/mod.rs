@@ -95,7 +95,7 @@
 //! [`DownlinkAck`]: crate::message::DownlinkAck
 //! [`DownlinkAck::ack`]: crate::message::DownlinkAck::ack
 
-mod backoff;
+pub(crate) mod backoff;
 mod client;
 pub mod config;
 mod echo;

@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use sensorgate_bridges::amqp::AmqpUpstreamConfig;
 use sensorgate_bridges::mqtt::{MAX_SUBSCRIPTIONS, MqttUpstreamConfig, MqttVersion, TlsSettings};
 use sensorgate_bridges::spool::{FsyncPolicy, SpoolConfig, WhenFull};
 use sensorgate_bridges::topic::{self, TopicError};
@@ -117,6 +118,8 @@ pub struct Upstream {
 pub enum UpstreamKind {
     /// MQTT 3.1.1 or 5.
     Mqtt(MqttUpstreamConfig),
+    /// AMQP 0-9-1 (RabbitMQ), uplink only.
+    Amqp(AmqpUpstreamConfig),
 }
 
 /// Why a config could not be loaded.
@@ -244,6 +247,10 @@ impl Config {
                     } else {
                         format!(", topics prefixed with `{}`", m.remote_prefix)
                     }
+                )),
+                UpstreamKind::Amqp(a) => s.push_str(&format!(
+                    "upstream {}: AMQP 0-9-1 at {}, exchange `{}` (uplink only)\n",
+                    u.name, u.url, a.exchange
                 )),
             }
         }
@@ -577,6 +584,12 @@ struct RawUpstream {
     queue: i64,
     #[serde(default = "default_ack_timeout")]
     ack_timeout: DurationText,
+    /// `kind = "amqp"` only; default [`sensorgate_bridges::amqp::config::DEFAULT_EXCHANGE`].
+    #[serde(default)]
+    exchange: Option<String>,
+    /// `kind = "amqp"` only; default `30s`.
+    #[serde(default)]
+    heartbeat: Option<DurationText>,
 }
 
 fn default_ack_timeout() -> DurationText {
@@ -982,8 +995,9 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
         let path = KeyPath::root("upstream").index(i);
         if let Some(mut up) = compile_upstream(&path, u, gw_id.unwrap_or(0), base, r) {
             // Every filter the MQTT-SN core acknowledges fits every upstream's table.
-            let UpstreamKind::Mqtt(c) = &mut up.kind;
-            c.max_subscriptions = max_filters.unwrap_or(MAX_SUBSCRIPTIONS);
+            if let UpstreamKind::Mqtt(c) = &mut up.kind {
+                c.max_subscriptions = max_filters.unwrap_or(MAX_SUBSCRIPTIONS);
+            }
             if !names.insert(up.name.clone()) {
                 r.at_path(
                     &path.key("name"),
@@ -1162,15 +1176,21 @@ fn compile_upstream(
         }
     };
     match u.kind.as_deref() {
-        Some("mqtt") => {}
-        Some("amqp") => {
-            r.at_path(
-                &path.key("kind"),
-                "kind `amqp` is not supported yet".into(),
-                None,
-            );
-            return None;
+        Some("mqtt") => {
+            for (key, set) in [
+                ("exchange", u.exchange.is_some()),
+                ("heartbeat", u.heartbeat.is_some()),
+            ] {
+                if set {
+                    r.at_path(
+                        &path.key(key),
+                        "is an AMQP setting (kind = \"amqp\")".into(),
+                        Some("MQTT upstreams use keep_alive".into()),
+                    );
+                }
+            }
         }
+        Some("amqp") => return compile_amqp_upstream(path, u, name, r),
         Some(other) => {
             let hint = diag::did_you_mean(other, &["mqtt", "amqp"])
                 .map(|b| format!("did you mean `{b}`?"));
@@ -1379,6 +1399,123 @@ fn compile_upstream(
         ack_timeout: ack_timeout?,
         url,
         kind: UpstreamKind::Mqtt(config),
+    })
+}
+
+/// `[[upstream]] kind = "amqp"`: URL (credentials and vhost in it), exchange, heartbeat and
+/// the settings shared with MQTT (timeouts, backoff, window, queue).
+fn compile_amqp_upstream(
+    path: &KeyPath,
+    u: &RawUpstream,
+    name: String,
+    r: &mut Reporter<'_>,
+) -> Option<Upstream> {
+    use sensorgate_bridges::amqp::config::{DEFAULT_EXCHANGE, MAX_ROUTING_KEY_BYTES};
+    // MQTT-only keys are errors rather than silently ignored.
+    for (key, set) in [
+        ("remote_prefix", !u.remote_prefix.is_empty()),
+        ("client_id", u.client_id.is_some()),
+        ("username", u.username.is_some()),
+        ("password", u.password.is_some()),
+        ("ca_file", u.ca_file.is_some()),
+        ("client_cert", u.client_cert.is_some()),
+        ("client_key", u.client_key.is_some()),
+    ] {
+        if set {
+            r.at_path(
+                &path.key(key),
+                "is not an AMQP upstream setting".into(),
+                Some(
+                    "credentials and vhost go in the URL: amqp://user:pass@host:5672/vhost".into(),
+                ),
+            );
+        }
+    }
+    let hint = || Some("write `amqp://user:pass@host:5672/%2f` or `amqps://...`".to_owned());
+    let url = match &u.url {
+        None => {
+            r.at_path(&path.key("url"), "is required".into(), hint());
+            None
+        }
+        Some(url) => match AmqpUpstreamConfig::parse_url(url) {
+            Ok(_) => Some(url.clone()),
+            Err(e) => {
+                r.at_path(&path.key("url"), e.to_string(), hint());
+                None
+            }
+        },
+    };
+    let exchange = u
+        .exchange
+        .clone()
+        .unwrap_or_else(|| DEFAULT_EXCHANGE.to_owned());
+    if exchange.len() > MAX_ROUTING_KEY_BYTES {
+        r.at_path(
+            &path.key("exchange"),
+            "must be at most 255 bytes".into(),
+            None,
+        );
+    }
+    let heartbeat = duration_in(
+        r,
+        &path.key("heartbeat"),
+        u.heartbeat.as_deref().unwrap_or("30s"),
+        Duration::ZERO,
+        Duration::from_secs(65_535),
+    );
+    let connect_timeout = duration_in(
+        r,
+        &path.key("connect_timeout"),
+        &u.connect_timeout,
+        Duration::from_millis(100),
+        Duration::from_secs(600),
+    );
+    let backoff_initial = duration_in(
+        r,
+        &path.key("backoff_initial"),
+        &u.backoff_initial,
+        Duration::from_millis(10),
+        Duration::from_secs(3600),
+    );
+    let backoff_max = duration_in(
+        r,
+        &path.key("backoff_max"),
+        &u.backoff_max,
+        Duration::from_millis(10),
+        Duration::from_secs(3600),
+    );
+    if let (Some(a), Some(b)) = (backoff_initial, backoff_max) {
+        if a > b {
+            r.at_path(
+                &path.key("backoff_max"),
+                "must not be below backoff_initial".into(),
+                None,
+            );
+        }
+    }
+    let max_inflight = int_in::<u16>(r, &path.key("max_inflight"), u.max_inflight, 1, 65_535);
+    let ack_timeout = duration_in(
+        r,
+        &path.key("ack_timeout"),
+        &u.ack_timeout,
+        Duration::from_millis(100),
+        Duration::from_secs(3600),
+    );
+    let queue = int_in::<usize>(r, &path.key("queue"), u.queue, 1, 1_000_000);
+    let mut config = AmqpUpstreamConfig::new(name.clone(), url?);
+    config.exchange = exchange;
+    config.heartbeat = heartbeat?;
+    config.connect_timeout = connect_timeout?;
+    config.backoff_initial = backoff_initial?;
+    config.backoff_max = backoff_max?;
+    config.max_inflight = max_inflight?;
+    config.request_queue = queue?;
+    Some(Upstream {
+        name,
+        ack_timeout: ack_timeout?,
+        // Summaries and logs never show the password.
+        url: config.redacted_url(),
+        kind: UpstreamKind::Amqp(config),
     })
 }
 

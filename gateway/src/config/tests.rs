@@ -36,7 +36,9 @@ fn the_fixed_example_is_valid() {
     assert_eq!(c.mqttsn.listen.len(), 2);
     assert_eq!(c.mqttsn.core.predefined.len(), 1);
     assert_eq!(c.upstreams.len(), 1);
-    let UpstreamKind::Mqtt(m) = &c.upstreams[0].kind;
+    let UpstreamKind::Mqtt(m) = &c.upstreams[0].kind else {
+        panic!("an MQTT upstream")
+    };
     assert_eq!(
         (m.host.as_str(), m.port, m.tls.is_none()),
         ("127.0.0.1", 1883, true)
@@ -285,11 +287,85 @@ fn max_filters_bounds_the_core_and_sizes_every_upstream_table() {
     let text = MINIMAL.replace("[mqttsn]\n", "[mqttsn]\nmax_filters = 500\n");
     let c = Config::parse(Path::new("test.toml"), &text).unwrap();
     assert_eq!(c.mqttsn.core.max_filters, 500);
-    let UpstreamKind::Mqtt(m) = &c.upstreams[0].kind;
+    let UpstreamKind::Mqtt(m) = &c.upstreams[0].kind else {
+        panic!("an MQTT upstream")
+    };
     assert_eq!(m.max_subscriptions, 500);
     for bad in ["0", "65537"] {
         let text = MINIMAL.replace("[mqttsn]\n", &format!("[mqttsn]\nmax_filters = {bad}\n"));
         let d = errors(&text);
         assert!(d[0].message.contains("out of range"), "{d:?}");
     }
+}
+
+const AMQP: &str = r#"
+[[upstream]]
+name = "cloud"
+kind = "amqp"
+url = "amqp://guest:secret@127.0.0.1:5672/%2f"
+"#;
+
+#[test]
+fn an_amqp_upstream_takes_defaults_and_hides_its_password() {
+    let c = Config::parse(Path::new("test.toml"), &format!("{MINIMAL}{AMQP}")).unwrap();
+    assert_eq!(c.upstreams.len(), 2);
+    let up = &c.upstreams[1];
+    let UpstreamKind::Amqp(a) = &up.kind else {
+        panic!("an AMQP upstream")
+    };
+    assert_eq!(a.exchange, "amq.topic");
+    assert_eq!(a.heartbeat, Duration::from_secs(30));
+    assert_eq!(a.url, "amqp://guest:secret@127.0.0.1:5672/%2f");
+    assert_eq!(up.url, "amqp://guest:***@127.0.0.1:5672/%2f");
+    assert!(c.summary().contains(
+        "upstream cloud: AMQP 0-9-1 at amqp://guest:***@127.0.0.1:5672/%2f, exchange `amq.topic`"
+    ));
+    assert!(!c.summary().contains("secret"));
+}
+
+#[test]
+fn amqp_settings_are_read() {
+    let text = format!(
+        "{MINIMAL}{AMQP}exchange = \"sensors\"\nheartbeat = \"5s\"\nmax_inflight = 7\n\
+         ack_timeout = \"2s\"\nbackoff_initial = \"100ms\"\nbackoff_max = \"1s\"\n"
+    );
+    let c = Config::parse(Path::new("test.toml"), &text).unwrap();
+    let UpstreamKind::Amqp(a) = &c.upstreams[1].kind else {
+        panic!("an AMQP upstream")
+    };
+    assert_eq!(
+        (a.exchange.as_str(), a.heartbeat, a.max_inflight),
+        ("sensors", Duration::from_secs(5), 7)
+    );
+    assert_eq!(
+        (a.backoff_initial, a.backoff_max),
+        (Duration::from_millis(100), Duration::from_secs(1))
+    );
+    assert_eq!(c.upstreams[1].ack_timeout, Duration::from_secs(2));
+}
+
+#[test]
+fn a_bad_amqp_url_and_mqtt_only_keys_are_located() {
+    let text = format!("{MINIMAL}{AMQP}")
+        .replace("amqp://guest:secret@127.0.0.1:5672/%2f", "amqp://h:port/")
+        + "client_id = \"x\"\nexchang = \"e\"\n";
+    let d = errors(&text);
+    assert_eq!(d.len(), 3, "{d:#?}");
+    let line_of = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    let unknown = d.iter().find(|d| d.message.contains("exchang")).unwrap();
+    assert_eq!(unknown.hint.as_deref(), Some("did you mean `exchange`?"));
+    assert_eq!(unknown.line, line_of("exchang ="));
+    let url = d.iter().find(|d| d.message.contains("AMQP URL")).unwrap();
+    assert_eq!((url.line, url.column), (line_of("amqp://h:port/"), 7));
+    let id = d
+        .iter()
+        .find(|d| d.message.contains("not an AMQP"))
+        .unwrap();
+    assert_eq!(id.line, line_of("client_id"));
+}
+
+#[test]
+fn amqp_keys_on_an_mqtt_upstream_are_errors() {
+    let d = errors(&MINIMAL.replace("remote_prefix = \"\"", "exchange = \"x\""));
+    assert!(d[0].message.contains("is an AMQP setting"), "{d:#?}");
 }
