@@ -550,9 +550,11 @@ impl Drain {
         None
     }
 
-    /// When the oldest unacknowledged send times out, if that is watched now.
+    /// When the oldest unacknowledged send times out, if that is watched now. A rewind on a
+    /// live link (the peer refused a message for now) is watched too: it waits for the
+    /// remaining reports, and a peer that stopped acknowledging must not hold it forever.
     fn ack_due(&self) -> Option<Instant> {
-        let watching = !self.reset_requested && !self.rewinding && !self.stopping && self.link_up;
+        let watching = !self.reset_requested && !self.stopping && self.link_up;
         let oldest = self.sent.iter().find(|s| !s.acked).filter(|_| watching)?;
         Some(oldest.at + self.config.ack_timeout)
     }

@@ -85,7 +85,7 @@ pub enum FailReason {
     /// upstream's size limit). Retrying the same message will not help.
     Rejected,
     /// Refused for now by the broker (MQTT 5 reason code Quota exceeded, Unspecified error,
-    /// Implementation specific error, Packet Identifier in use or not found): the message
+    /// Implementation specific error, Packet Identifier in use): the message
     /// is sent again, never dropped.
     BrokerBusy,
     /// The client reconnected without a broker session and dropped the publish.

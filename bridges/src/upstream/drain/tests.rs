@@ -218,6 +218,33 @@ fn a_message_the_peer_refuses_for_now_is_sent_again_after_a_pause() {
 }
 
 #[test]
+fn a_peer_that_goes_silent_during_a_rewind_on_a_live_link_is_reset() {
+    let t0 = Instant::now();
+    let records = vec![rec(1, Qos::AtLeastOnce), rec(2, Qos::AtLeastOnce)];
+    let (mut d, stats) = started(unlimited(4), records, t0);
+    assert_eq!(send(&mut d, t0, Ok(())), 1);
+    assert_eq!(send(&mut d, t0, Ok(())), 2);
+    // 1 is refused for now; the rewind waits for 2's report, which never comes.
+    d.handle_ack(ack(1, Delivery::Failed(FailReason::BrokerBusy)));
+    while d.poll_action(t0).is_some() {}
+    // Follow the timers (the busy pause, then the ack timeout), a bounded number of them.
+    let mut actions = Vec::new();
+    for _ in 0..10 {
+        let due = d.poll_timeout().expect("a timer stays armed");
+        assert!(due <= t0 + unlimited(4).ack_timeout, "{due:?}");
+        d.handle_timeout(due);
+        while let Some(a) = d.poll_action(due) {
+            actions.push(a);
+        }
+        if actions.contains(&Action::ResetLink) {
+            break;
+        }
+    }
+    assert!(actions.contains(&Action::ResetLink), "{actions:?}");
+    assert_eq!(stats.ack_timeouts.load(Relaxed), 1);
+}
+
+#[test]
 fn a_stopping_drain_sends_nothing_new_and_ends_with_the_last_report() {
     let t0 = Instant::now();
     let records = vec![rec(1, Qos::AtLeastOnce), rec(2, Qos::AtLeastOnce)];
