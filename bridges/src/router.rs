@@ -18,7 +18,9 @@
 //!   upstream while at least one ingress wants it, at the highest QoS any of them wants; an
 //!   ingress's unsubscribe removes only its own interest, and a lower maximum is passed on.
 //!   Each ingress keeps its own reference count per filter (the MQTT-SN core counts its
-//!   sessions) and tells the router its current wanted QoS and when it leaves.
+//!   sessions) and tells the router the QoS it wants and when it leaves. (The MQTT-SN core
+//!   only ever raises a filter's QoS while it has subscribers; it does not pass on a lower
+//!   maximum when its highest subscriber leaves.)
 //! - **Bounded**: at most `max_filters` distinct filters over all ingresses (the capacity of
 //!   every upstream's subscription table); a new filter beyond it is refused with
 //!   [`FailReason::QueueFull`] and nothing is remembered.

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
@@ -264,6 +264,9 @@ impl Task {
                 Ok(Ok((conn, channel))) => {
                     failing = false;
                     tracing::info!(upstream = %name, url = %self.config.redacted_url(), "AMQP upstream connected.");
+                    // A reset asked for while the link was going down must not cut this new
+                    // connection: drop its stored permit.
+                    let _ = self.shared.reset.notified().now_or_never();
                     self.link_tx.send_replace(true);
                     let (end, confirmed) = self.serve(&conn, &channel).await;
                     // A connection that dies before any confirm (a broker that closes the

@@ -230,8 +230,9 @@ pub fn start_writer<F: Fs>(
     Ok((Appender { tx, queue_full }, handle))
 }
 
-/// The verdicts of one group commit, one batch per ingress, in the order each ingress
-/// appended.
+/// The verdicts of one group commit, one batch per ingress: those refused before the write
+/// (the spool full) first, then the written ones in the order each ingress appended them.
+/// Each token gets exactly one verdict; nothing orders verdicts across tokens.
 #[derive(Debug, Default)]
 struct Verdicts {
     batches: Vec<(Arc<Route>, Vec<AppendReply>)>,
