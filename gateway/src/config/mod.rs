@@ -1303,6 +1303,71 @@ fn compile_upstream(
         Duration::from_secs(1),
         Duration::from_secs(65_535),
     );
+    let link = link_settings(path, u, r);
+    // The prefix starts every published topic and subscribed filter: it must be a valid
+    // start of a topic name ([`topic::validate_name`]); empty means no prefix.
+    let prefix_key = path.key("remote_prefix");
+    match topic::validate_name(&u.remote_prefix) {
+        Ok(()) | Err(TopicError::Empty) => {}
+        Err(TopicError::Wildcard) => {
+            r.at_path(&prefix_key, "must not contain wildcards".into(), None);
+        }
+        Err(other) => r.at_path(&prefix_key, format!("invalid: {other}"), None),
+    }
+    let (host, port, tls) = endpoint?;
+    let tls = tls.then(|| TlsSettings {
+        ca_file: file_of(&u.ca_file),
+        client_cert: file_of(&u.client_cert),
+        client_key: file_of(&u.client_key),
+    });
+    // Load the TLS material now, so check-config catches a wrong PEM or a mismatched key.
+    let files_exist = [&u.ca_file, &u.client_cert, &u.client_key]
+        .iter()
+        .all(|f| file_of(f).is_none_or(|p| p.is_file()));
+    if let (Some(settings), true) = (&tls, files_exist) {
+        if let Err(e) = sensorgate_bridges::mqtt::build_tls_config(settings) {
+            let key = if u.client_cert.is_some() {
+                "client_cert"
+            } else {
+                "url"
+            };
+            r.at_path(&path.key(key), e.to_string(), None);
+        }
+    }
+    let link = link?;
+    let config = MqttUpstreamConfig {
+        name: name.clone(),
+        host,
+        port,
+        tls,
+        version: version?,
+        client_id,
+        username: u.username.clone(),
+        password: u.password.clone(),
+        keep_alive: keep_alive?,
+        connect_timeout: link.connect_timeout,
+        backoff_initial: link.backoff_initial,
+        backoff_max: link.backoff_max,
+        max_inflight: link.max_inflight,
+        remote_prefix: u.remote_prefix.clone(),
+        request_queue: link.queue,
+        max_downlink_bytes: sensorgate_bridges::mqtt::config::DEFAULT_MAX_DOWNLINK_BYTES,
+        max_unacked_downlinks: sensorgate_bridges::mqtt::config::DEFAULT_MAX_UNACKED_DOWNLINKS,
+        // Set from `[mqttsn] max_filters` by `compile`.
+        max_subscriptions: MAX_SUBSCRIPTIONS,
+        subscribe_retry: sensorgate_bridges::mqtt::config::DEFAULT_SUBSCRIBE_RETRY,
+    };
+    Some(Upstream {
+        name,
+        ack_timeout: link.ack_timeout,
+        url,
+        kind: UpstreamKind::Mqtt(config),
+    })
+}
+
+/// The settings every upstream kind has: connect timeout, reconnect backoff, in-flight
+/// window, ack timeout and request queue; `None` when one of them is wrong (reported).
+fn link_settings(path: &KeyPath, u: &RawUpstream, r: &mut Reporter<'_>) -> Option<LinkSettings> {
     let connect_timeout = duration_in(
         r,
         &path.key("connect_timeout"),
@@ -1342,64 +1407,24 @@ fn compile_upstream(
         Duration::from_secs(3600),
     );
     let queue = int_in::<usize>(r, &path.key("queue"), u.queue, 1, 1_000_000);
-    // The prefix starts every published topic and subscribed filter: it must be a valid
-    // start of a topic name ([`topic::validate_name`]); empty means no prefix.
-    let prefix_key = path.key("remote_prefix");
-    match topic::validate_name(&u.remote_prefix) {
-        Ok(()) | Err(TopicError::Empty) => {}
-        Err(TopicError::Wildcard) => {
-            r.at_path(&prefix_key, "must not contain wildcards".into(), None);
-        }
-        Err(other) => r.at_path(&prefix_key, format!("invalid: {other}"), None),
-    }
-    let (host, port, tls) = endpoint?;
-    let tls = tls.then(|| TlsSettings {
-        ca_file: file_of(&u.ca_file),
-        client_cert: file_of(&u.client_cert),
-        client_key: file_of(&u.client_key),
-    });
-    // Load the TLS material now, so check-config catches a wrong PEM or a mismatched key.
-    let files_exist = [&u.ca_file, &u.client_cert, &u.client_key]
-        .iter()
-        .all(|f| file_of(f).is_none_or(|p| p.is_file()));
-    if let (Some(settings), true) = (&tls, files_exist) {
-        if let Err(e) = sensorgate_bridges::mqtt::build_tls_config(settings) {
-            let key = if u.client_cert.is_some() {
-                "client_cert"
-            } else {
-                "url"
-            };
-            r.at_path(&path.key(key), e.to_string(), None);
-        }
-    }
-    let config = MqttUpstreamConfig {
-        name: name.clone(),
-        host,
-        port,
-        tls,
-        version: version?,
-        client_id,
-        username: u.username.clone(),
-        password: u.password.clone(),
-        keep_alive: keep_alive?,
+    Some(LinkSettings {
         connect_timeout: connect_timeout?,
         backoff_initial: backoff_initial?,
         backoff_max: backoff_max?,
         max_inflight: max_inflight?,
-        remote_prefix: u.remote_prefix.clone(),
-        request_queue: queue?,
-        max_downlink_bytes: sensorgate_bridges::mqtt::config::DEFAULT_MAX_DOWNLINK_BYTES,
-        max_unacked_downlinks: sensorgate_bridges::mqtt::config::DEFAULT_MAX_UNACKED_DOWNLINKS,
-        // Set from `[mqttsn] max_filters` by `compile`.
-        max_subscriptions: MAX_SUBSCRIPTIONS,
-        subscribe_retry: sensorgate_bridges::mqtt::config::DEFAULT_SUBSCRIBE_RETRY,
-    };
-    Some(Upstream {
-        name,
         ack_timeout: ack_timeout?,
-        url,
-        kind: UpstreamKind::Mqtt(config),
+        queue: queue?,
     })
+}
+
+/// See [`link_settings`].
+struct LinkSettings {
+    connect_timeout: Duration,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+    max_inflight: u16,
+    ack_timeout: Duration,
+    queue: usize,
 }
 
 /// `[[upstream]] kind = "amqp"`: URL (credentials and vhost in it), exchange, heartbeat and
@@ -1463,56 +1488,19 @@ fn compile_amqp_upstream(
         Duration::ZERO,
         Duration::from_secs(65_535),
     );
-    let connect_timeout = duration_in(
-        r,
-        &path.key("connect_timeout"),
-        &u.connect_timeout,
-        Duration::from_millis(100),
-        Duration::from_secs(600),
-    );
-    let backoff_initial = duration_in(
-        r,
-        &path.key("backoff_initial"),
-        &u.backoff_initial,
-        Duration::from_millis(10),
-        Duration::from_secs(3600),
-    );
-    let backoff_max = duration_in(
-        r,
-        &path.key("backoff_max"),
-        &u.backoff_max,
-        Duration::from_millis(10),
-        Duration::from_secs(3600),
-    );
-    if let (Some(a), Some(b)) = (backoff_initial, backoff_max) {
-        if a > b {
-            r.at_path(
-                &path.key("backoff_max"),
-                "must not be below backoff_initial".into(),
-                None,
-            );
-        }
-    }
-    let max_inflight = int_in::<u16>(r, &path.key("max_inflight"), u.max_inflight, 1, 65_535);
-    let ack_timeout = duration_in(
-        r,
-        &path.key("ack_timeout"),
-        &u.ack_timeout,
-        Duration::from_millis(100),
-        Duration::from_secs(3600),
-    );
-    let queue = int_in::<usize>(r, &path.key("queue"), u.queue, 1, 1_000_000);
+    let link = link_settings(path, u, r);
+    let link = link?;
     let mut config = AmqpUpstreamConfig::new(name.clone(), url?);
     config.exchange = exchange;
     config.heartbeat = heartbeat?;
-    config.connect_timeout = connect_timeout?;
-    config.backoff_initial = backoff_initial?;
-    config.backoff_max = backoff_max?;
-    config.max_inflight = max_inflight?;
-    config.request_queue = queue?;
+    config.connect_timeout = link.connect_timeout;
+    config.backoff_initial = link.backoff_initial;
+    config.backoff_max = link.backoff_max;
+    config.max_inflight = link.max_inflight;
+    config.request_queue = link.queue;
     Some(Upstream {
         name,
-        ack_timeout: ack_timeout?,
+        ack_timeout: link.ack_timeout,
         // Summaries and logs never show the password.
         url: config.redacted_url(),
         kind: UpstreamKind::Amqp(config),
