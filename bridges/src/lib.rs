@@ -6,6 +6,7 @@
 pub mod amqp;
 pub mod message;
 pub mod mqtt;
+pub mod route;
 pub mod router;
 pub mod spool;
 pub mod topic;

@@ -500,6 +500,7 @@ mod tests {
             payload: Bytes::from_static(b"1"),
             qos: Qos::AtLeastOnce,
             retain: false,
+            origin: Default::default(),
         };
         a.append(message("a"), Some(7)).unwrap();
         b.append(message("b"), Some(7)).unwrap();

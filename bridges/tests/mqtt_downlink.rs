@@ -408,6 +408,7 @@ async fn own_uplink_echo(version: MqttVersion) {
         payload: Bytes::from_static(b"mine"),
         qos: Qos::AtLeastOnce,
         retain: false,
+        origin: Default::default(),
     };
     up.upstream.publish(own, Some(1)).expect("publish accepted");
     let report = timeout(EVENT_BOUND, up.acks.recv())

@@ -123,6 +123,7 @@ fn msg(topic: &str, payload: &'static str, qos: Qos) -> Message {
         payload: Bytes::from_static(payload.as_bytes()),
         qos,
         retain: false,
+        origin: Default::default(),
     }
 }
 
@@ -442,6 +443,7 @@ async fn invalid_topics_are_rejected_locally() {
         payload: Bytes::from(vec![0u8; sensorgate_bridges::mqtt::MAX_PUBLISH_BYTES + 1]),
         qos: Qos::AtLeastOnce,
         retain: false,
+        origin: Default::default(),
     };
     assert_eq!(
         up.upstream.publish(huge, Some(2)),

@@ -29,9 +29,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use sensorgate_bridges::message::{Message, Qos};
 use sensorgate_bridges::mqtt::{MqttUpstream, MqttUpstreamConfig, MqttVersion, SEQ_PROPERTY};
+use sensorgate_bridges::route::RouteTable;
 use sensorgate_bridges::spool::{
-    AppendReply, DrainConfig, DrainStats, FsyncPolicy, IngressAppender, SharedSpool, Spool,
-    SpoolConfig, StdFs, WhenFull, drain, encoded_len, start_writer,
+    AppendReply, BacklogLimit, DrainConfig, DrainStats, FsyncPolicy, IngressAppender, SharedSpool,
+    Spool, SpoolConfig, StdFs, WhenFull, drain, encoded_len, start_writer,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -80,6 +81,7 @@ fn message(i: usize, len: usize) -> Message {
         payload: Bytes::from(payload),
         qos: Qos::AtLeastOnce,
         retain: false,
+        origin: Default::default(),
     }
 }
 
@@ -104,6 +106,7 @@ fn drain_config(
     ack_timeout: Duration,
 ) -> DrainConfig {
     DrainConfig {
+        max_backlog: BacklogLimit::default(),
         window: usize::from(WINDOW),
         rate_msgs,
         rate_bytes,
@@ -240,6 +243,7 @@ impl Rig {
             upstream.clone(),
             ack_rx,
             config,
+            Arc::new(RouteTable::everything()),
             Arc::clone(&stats),
             stop_drain.clone(),
         ));
@@ -856,6 +860,7 @@ async fn a_window_of_one_drains_a_qos1_backlog_without_further_traffic() {
     rig.start_drain(
         &broker,
         DrainConfig {
+            max_backlog: BacklogLimit::default(),
             window: 1,
             ..drain_config(None, None, PATIENT)
         },

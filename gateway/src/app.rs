@@ -11,9 +11,11 @@ use std::sync::Arc;
 
 use sensorgate_bridges::amqp::{AmqpConfigError, AmqpUpstream};
 use sensorgate_bridges::mqtt::{MqttUpstream, SetupError};
+use sensorgate_bridges::route::RouteTable;
 use sensorgate_bridges::router::{RoutedUpstream, Router};
 use sensorgate_bridges::spool::{
-    DrainConfig, DrainStats, OpenError, SharedSpool, Spool, SpoolStats, StdFs, drain, start_writer,
+    BacklogLimit, DrainConfig, DrainStats, OpenError, SharedSpool, Spool, SpoolStats, StdFs, drain,
+    start_writer,
 };
 
 use crate::config::{Config, UpstreamKind};
@@ -152,7 +154,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let mut drains = Vec::new();
     let mut drain_stats = Vec::new();
     for (index, upstream) in config.upstreams.iter().enumerate() {
+        // No `[[route]]` keys yet: every message goes to every upstream.
+        let routes = Arc::new(RouteTable::everything());
         let drain_config = |window: usize| DrainConfig {
+            max_backlog: BacklogLimit::default(),
             window,
             rate_msgs: config.spool.drain_rate,
             rate_bytes: config.spool.drain_bytes_rate,
@@ -187,6 +192,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                     handle.clone(),
                     ack_rx,
                     drain_config(window),
+                    Arc::clone(&routes),
                     stats,
                     drain_stop.clone(),
                 )));
@@ -216,6 +222,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                     handle,
                     ack_rx,
                     drain_config(window),
+                    Arc::clone(&routes),
                     stats,
                     drain_stop.clone(),
                 )));

@@ -578,6 +578,7 @@ mod tests {
             payload: Bytes::from_static(b"x"),
             qos: Qos::AtLeastOnce,
             retain: false,
+            origin: Default::default(),
         }
     }
 

@@ -417,6 +417,7 @@ impl MqttUpstream {
             payload,
             qos,
             retain,
+            origin: _,
         } = msg;
         match token {
             Some(token) if qos.is_acknowledged() => {

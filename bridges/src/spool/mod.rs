@@ -73,4 +73,4 @@ pub use service::{
     AppendReply, Appender, IngressAppender, SharedSpool, drain, start_writer, wall_ms,
 };
 
-pub use crate::upstream::drain::{DrainConfig, DrainStats};
+pub use crate::upstream::drain::{BacklogLimit, DrainConfig, DrainStats};

@@ -56,6 +56,7 @@ use super::fs::Fs;
 use super::log::{Access, Chunks, FsyncPolicy, ReadPos, Spool, SpoolStats, read_records};
 use super::record::Record;
 use crate::message::Message;
+use crate::route::RouteTable;
 use crate::upstream::drain::{Action, Drain, DrainConfig, DrainStats, READ_BATCH};
 use crate::upstream::{AckReport, Upstream};
 
@@ -431,15 +432,19 @@ impl<F: Fs> Writer<F> {
 /// publishes, and sleeps until the machine's timer or an event (a report on `acks`, a write
 /// to the spool, the link watch, shutdown). `acks` must be the report channel given to this
 /// upstream only.
+#[allow(clippy::too_many_arguments)] // each is a separate resource of the task
 pub async fn drain<F: Fs, U: Upstream>(
     shared: Arc<SharedSpool<F>>,
     index: usize,
     upstream: U,
     mut acks: mpsc::Receiver<AckReport>,
     config: DrainConfig,
+    routes: Arc<RouteTable>,
     stats: Arc<DrainStats>,
     shutdown: CancellationToken,
 ) {
+    // STATUS: the route table is applied to each record by the routing work of issue 12.
+    let _ = &routes;
     let name = upstream.name().to_owned();
     let mut pos = shared.lock().reader(index);
     let mut chunks = Chunks::default();

@@ -41,6 +41,7 @@ fn msg(i: u64, size: usize) -> Message {
         payload: Bytes::from(payload),
         qos: Qos::AtLeastOnce,
         retain: false,
+        origin: Default::default(),
     }
 }
 

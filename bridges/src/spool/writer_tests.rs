@@ -40,6 +40,7 @@ fn qos1(ingress: &str, i: u64) -> Message {
         payload: Bytes::from(i.to_le_bytes().to_vec()),
         qos: Qos::AtLeastOnce,
         retain: false,
+        origin: Default::default(),
     }
 }
 

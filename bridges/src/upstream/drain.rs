@@ -80,6 +80,21 @@ pub struct DrainConfig {
     /// A QoS >= 1 message unacknowledged this long means the broker is gone: the connection
     /// is dropped and made again, and everything unacknowledged is sent again.
     pub ack_timeout: Duration,
+    /// The most this upstream may fall behind; past it, its oldest records are given up
+    /// (counted), so a dead upstream cannot fill the disk and stop the others.
+    pub max_backlog: BacklogLimit,
+}
+
+/// How far one upstream may fall behind (`max_backlog`); `None` is unbounded (only the
+/// spool's own limits apply).
+///
+/// STATUS: carried through the configuration; enforced by the routing work of issue 12.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BacklogLimit {
+    /// Bytes of spool behind the upstream's cursor, at most.
+    pub bytes: Option<u64>,
+    /// Age of the oldest record behind the cursor, at most.
+    pub age: Option<Duration>,
 }
 
 /// Counters of one drain, shared with whoever reports them.
@@ -599,6 +614,7 @@ impl Drain {
                 payload: item.payload.clone(),
                 qos: item.qos,
                 retain: item.retain,
+                origin: Default::default(),
             },
         })
     }

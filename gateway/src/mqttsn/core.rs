@@ -2345,6 +2345,7 @@ impl Core {
                     payload: will.payload.clone(),
                     qos,
                     retain: will.retain,
+                    origin: Default::default(),
                 },
                 token: None,
             });
@@ -2512,6 +2513,7 @@ impl Core {
             payload,
             qos: upstream_qos,
             retain,
+            origin: Default::default(),
         };
         self.events.push_back(Event::Publish { message, token });
         // QoS 0 is delivered locally when received: nobody waits for its verdict. QoS 1/2
@@ -2558,6 +2560,7 @@ impl Core {
             payload: payload.clone(),
             qos: Qos::AtMostOnce,
             retain,
+            origin: Default::default(),
         };
         self.events.push_back(Event::Publish {
             message,

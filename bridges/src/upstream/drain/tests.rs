@@ -78,6 +78,7 @@ fn rec(seq: u64, qos: Qos) -> Record {
 
 fn unlimited(window: usize) -> DrainConfig {
     DrainConfig {
+        max_backlog: BacklogLimit::default(),
         window,
         rate_msgs: None,
         rate_bytes: None,
@@ -636,6 +637,7 @@ fn config() -> impl Strategy<Value = DrainConfig> {
         100u64..5000,
     )
         .prop_map(|(window, rate_msgs, rate_bytes, ack_ms)| DrainConfig {
+            max_backlog: BacklogLimit::default(),
             window,
             rate_msgs,
             rate_bytes,
