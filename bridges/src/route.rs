@@ -177,17 +177,14 @@ impl RouteTable {
             })
     }
 
-    /// The filter to subscribe on upstream `upstream` for a sensor's `filter`, or `None`
-    /// when no route carries downlink from that upstream for it.
+    /// The filters to subscribe on upstream `upstream` for a sensor's `filter` (deduplicated;
+    /// empty when no route carries downlink from that upstream for it).
     #[must_use]
-    pub fn upstream_filter(&self, upstream: usize, filter: &str) -> Option<String> {
-        if self.routes.is_empty() {
-            return Some(filter.to_owned());
+    pub fn upstream_filters(&self, upstream: usize, filter: &str) -> Vec<String> {
+        if self.routes.is_empty() || self.routes.iter().any(|r| r.upstreams.contains(&upstream)) {
+            return vec![filter.to_owned()];
         }
-        self.routes
-            .iter()
-            .any(|r| r.upstreams.contains(&upstream))
-            .then(|| filter.to_owned())
+        Vec::new()
     }
 
     /// The topic as the sensors see it for a downlink message that arrived on upstream

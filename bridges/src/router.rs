@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 use crate::message::{Message, Qos};
+use crate::route::RouteTable;
 use crate::spool::{AppendReply, Appender, IngressAppender};
 use crate::upstream::{FailReason, Subscriber};
 
@@ -65,6 +66,10 @@ pub struct Router {
 
 /// What the router and its handles share.
 struct Shared {
+    /// The `[[route]]` table: which messages are accepted, where subscriptions go.
+    /// STATUS: held, not applied yet (issue 12's routing work).
+    #[allow(dead_code)]
+    routes: Arc<RouteTable>,
     /// Every upstream; each takes every subscription.
     upstreams: Vec<RoutedUpstream>,
     /// The spool writer's entrance, from which each ingress gets its own appender.
@@ -117,9 +122,15 @@ impl Router {
     /// A router over `upstreams`, appending through `appender`, holding at most
     /// `max_filters` distinct filters (the same limit the protocol cores keep).
     #[must_use]
-    pub fn new(appender: Appender, upstreams: Vec<RoutedUpstream>, max_filters: usize) -> Self {
+    pub fn new(
+        appender: Appender,
+        upstreams: Vec<RoutedUpstream>,
+        max_filters: usize,
+        routes: Arc<RouteTable>,
+    ) -> Self {
         Router {
             shared: Arc::new(Shared {
+                routes,
                 upstreams,
                 appender,
                 max_filters,
@@ -374,7 +385,12 @@ mod tests {
             })
             .collect();
         Setup {
-            router: Router::new(appender, upstreams, max_filters),
+            router: Router::new(
+                appender,
+                upstreams,
+                max_filters,
+                Arc::new(RouteTable::everything()),
+            ),
             fakes,
             links,
             _dir: dir,

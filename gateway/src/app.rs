@@ -153,9 +153,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let mut tasks = Vec::new();
     let mut drains = Vec::new();
     let mut drain_stats = Vec::new();
+    // No `[[route]]` keys yet: every message goes to every upstream.
+    let routes = Arc::new(RouteTable::everything());
     for (index, upstream) in config.upstreams.iter().enumerate() {
-        // No `[[route]]` keys yet: every message goes to every upstream.
-        let routes = Arc::new(RouteTable::everything());
         let drain_config = |window: usize| DrainConfig {
             max_backlog: BacklogLimit::default(),
             window,
@@ -270,7 +270,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             subscriber: Box::new(up),
         })
         .collect();
-    let router = Router::new(entrance, routed, config.mqttsn.core.max_filters);
+    let router = Router::new(
+        entrance,
+        routed,
+        config.mqttsn.core.max_filters,
+        Arc::clone(&routes),
+    );
     let ingress = router.ingress(reply_tx);
     // The writer stops once every appender is gone: only the ingresses' keep it running.
     drop(router);
