@@ -1,12 +1,14 @@
-//! sensorgate's benchmark harness: starts mosquitto and a release sensorgate on loopback,
-//! drives them with emulated MQTT-SN clients ([`generator`]), counts what reaches the broker
-//! ([`subscriber`]), compares with a native MQTT publisher ([`baseline`]), samples the
-//! gateway's CPU and memory from `/proc` ([`sys`]) and reports the standard scenarios
-//! ([`suite`]) as a table and JSON.
+//! sensorgate's benchmark harness: starts mosquitto (and for scenario 8 RabbitMQ) and a
+//! release sensorgate on loopback, drives them with emulated MQTT-SN clients ([`generator`]),
+//! counts what reaches the broker ([`subscriber`]; AMQP: [`amqp`]), compares with a native
+//! MQTT publisher ([`baseline`]; AMQP: [`amqp`]), samples the gateway's CPU, memory and disk
+//! I/O from `/proc` ([`sys`]) and reports the standard scenarios ([`suite`]) as a table and
+//! JSON.
 //!
 //! Invariants: everything binds to 127.0.0.0/8 on free ports; every phase is bounded in time
 //! and count; every process started is killed when its handle drops.
 
+pub mod amqp;
 pub mod baseline;
 pub mod generator;
 pub mod procs;

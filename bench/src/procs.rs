@@ -157,6 +157,9 @@ pub struct GatewayConfig {
     pub upstream: String,
     /// Lines of `[spool]`; empty for the defaults.
     pub spool: String,
+    /// The whole upstream part (one or more `[[upstream]]` tables) in place of the default
+    /// MQTT upstream to the broker's port (then `upstream` is not used).
+    pub upstreams: Option<String>,
 }
 
 impl GatewayConfig {
@@ -169,6 +172,7 @@ impl GatewayConfig {
             mqttsn: mqttsn.to_owned(),
             upstream: BENCH_UPSTREAM.to_owned(),
             spool: String::new(),
+            upstreams: None,
         }
     }
 }
@@ -190,20 +194,25 @@ impl Gateway {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let config = dir.join("sensorgate.toml");
         let state = dir.join("state");
+        let upstreams = cfg.upstreams.clone().unwrap_or_else(|| {
+            format!(
+                "[[upstream]]\nname = \"bench\"\nkind = \"mqtt\"\n\
+                 url = \"mqtt://127.0.0.1:{broker_port}\"\n{}",
+                cfg.upstream
+            )
+        });
         let mut f = std::fs::File::create(&config)?;
         write!(
             f,
             "[gateway]\nid = 1\nstate_dir = \"{}\"\n\n[log]\nlevel = \"warn\"\n\n[spool]\n{}\n\
              [mqttsn]\nlisten = [\"{addr}\"]\nmax_clients = {}\n{}\n\
-             [[mqttsn.predefined_topic]]\nid = {}\ntopic = \"{}\"\nclients = [\"*\"]\n\n\
-             [[upstream]]\nname = \"bench\"\nkind = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{broker_port}\"\n{}",
+             [[mqttsn.predefined_topic]]\nid = {}\ntopic = \"{}\"\nclients = [\"*\"]\n\n{upstreams}",
             state.display(),
             cfg.spool,
             cfg.max_clients,
             cfg.mqttsn,
             PREDEFINED.0,
             PREDEFINED.1,
-            cfg.upstream,
         )?;
         drop(f);
         let log = std::fs::File::create(dir.join("sensorgate.log"))?;
@@ -269,5 +278,169 @@ impl Gateway {
     fn signal(&self, signal: Signal) -> anyhow::Result<()> {
         let pid = i32::try_from(self.pid()).context("process id out of range")?;
         kill(Pid::from_raw(pid), signal).with_context(|| format!("sending {signal} to sensorgate"))
+    }
+}
+
+/// Bound on a RabbitMQ node's boot (it takes several seconds, more on a busy machine).
+const RABBITMQ_READY: Duration = Duration::from_secs(90);
+
+/// Bound on a RabbitMQ node's orderly stop before it is killed.
+const RABBITMQ_STOP: Duration = Duration::from_secs(30);
+
+/// A private RabbitMQ node on 127.0.0.1 (scenario 8): its own node name, AMQP, distribution
+/// and epmd ports, and its data, logs and config under the given directory. Stopped on drop:
+/// SIGTERM to the start script (which stops the VM), then SIGKILL to the VM by the PID it
+/// wrote if it outlived the grace period, then its private epmd.
+#[derive(Debug)]
+pub struct Rabbit {
+    /// The start script; `None` once stopped.
+    script: Option<Child>,
+    /// Where the VM writes its PID.
+    pid_file: PathBuf,
+    epmd_port: u16,
+    /// Its AMQP port.
+    pub port: u16,
+}
+
+/// The RabbitMQ start script, run directly: the `/usr/sbin` wrapper switches to the
+/// `rabbitmq` user and drops the environment that keeps the node on loopback.
+fn rabbitmq_server_bin() -> anyhow::Result<PathBuf> {
+    let lib = Path::new("/usr/lib/rabbitmq/lib");
+    std::fs::read_dir(lib)
+        .ok()
+        .and_then(|dir| {
+            dir.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("rabbitmq_server-"))
+                })
+                .max()
+        })
+        .map(|d| d.join("sbin/rabbitmq-server"))
+        .with_context(|| {
+            format!(
+                "rabbitmq-server not found under {}: apt-get install rabbitmq-server",
+                lib.display()
+            )
+        })
+}
+
+impl Rabbit {
+    /// Starts a node with its state in `dir` and waits until its AMQP listener accepts a
+    /// connection.
+    ///
+    /// # Errors
+    /// When it is not installed, exits, or does not listen within 90 s.
+    pub fn start(dir: &Path) -> anyhow::Result<Rabbit> {
+        let bin = rabbitmq_server_bin()?;
+        let port = free_port()?;
+        let dist_port = free_port()?;
+        let epmd_port = free_port()?;
+        std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            "loopback_users.guest = true\nlog.console = false\nlog.file.level = warning\n",
+        )?;
+        let pid_file = dir.join("pid");
+        let log = std::fs::File::create(dir.join("server.log"))?;
+        let child = Command::new(&bin)
+            .env("HOME", dir)
+            .env(
+                "RABBITMQ_NODENAME",
+                format!("sgbench-{}-{port}@localhost", std::process::id()),
+            )
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", port.to_string())
+            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .env("ERL_EPMD_PORT", epmd_port.to_string())
+            .env(
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+                "-kernel inet_dist_use_interface {127,0,0,1}",
+            )
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_PID_FILE", &pid_file)
+            .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut rabbit = Rabbit {
+            script: Some(child),
+            pid_file,
+            epmd_port,
+            port,
+        };
+        let until = Instant::now() + RABBITMQ_READY;
+        // The AMQP listener opens last in the boot; it then serves connections.
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = rabbit.script.as_mut().and_then(|c| c.try_wait().ok()?) {
+                bail!(
+                    "rabbitmq-server exited ({status}); see {}",
+                    dir.join("server.log").display()
+                );
+            }
+            if Instant::now() > until {
+                bail!("rabbitmq did not listen on {port} within {RABBITMQ_READY:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(rabbit)
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// The Erlang VM's process id (for its CPU), from the PID file it wrote.
+    #[must_use]
+    pub fn vm_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(&self.pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+}
+
+impl Drop for Rabbit {
+    fn drop(&mut self) {
+        let vm = self.vm_pid();
+        let mut stopped = true;
+        if let Some(mut script) = self.script.take() {
+            if let Ok(pid) = i32::try_from(script.id()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+            let until = Instant::now() + RABBITMQ_STOP;
+            while matches!(script.try_wait(), Ok(None)) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            stopped = matches!(script.try_wait(), Ok(Some(_)));
+            let _ = script.kill();
+            let _ = script.wait();
+        }
+        // After an orderly stop the VM is gone (the script waits for it); otherwise kill it,
+        // checking first that the PID is still an Erlang VM.
+        if !stopped
+            && let Some(pid) = vm
+            && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim().starts_with("beam"))
+            && let Ok(pid) = i32::try_from(pid)
+        {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        // The node started its own epmd on the private port.
+        let _ = Command::new("epmd")
+            .args(["-port", &self.epmd_port.to_string(), "-kill"])
+            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }

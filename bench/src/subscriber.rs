@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use hdrhistogram::Histogram;
 use rumqttc_v5::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 
@@ -65,7 +65,8 @@ impl Default for Tally {
 const MAX_SEQ: u64 = 1 << 27;
 
 impl Tally {
-    fn record(&mut self, payload: &[u8], now: u64) {
+    /// Counts one payload that arrived at `now` (ns since the epoch).
+    pub(crate) fn record(&mut self, payload: &[u8], now: u64) {
         let Some((client, seq, sent)) = sn::read_stamp(payload) else {
             self.malformed += 1;
             return;
@@ -132,8 +133,21 @@ impl Counter {
     /// # Errors
     /// When the broker does not answer within 10 s.
     pub fn start(port: u16, filters: &[&str], qos: u8) -> anyhow::Result<Counter> {
+        Self::start_as("sg-bench-counter", port, filters, qos)
+    }
+
+    /// [`Counter::start`] with another MQTT client id (several counters on one broker).
+    ///
+    /// # Errors
+    /// When the broker does not answer within 10 s.
+    pub fn start_as(
+        client_id: &str,
+        port: u16,
+        filters: &[&str],
+        qos: u8,
+    ) -> anyhow::Result<Counter> {
         let tally = Arc::new(Mutex::new(Tally::default()));
-        let mut opts = MqttOptions::new("sg-bench-counter", ("127.0.0.1", port));
+        let mut opts = MqttOptions::new(client_id, ("127.0.0.1", port));
         opts.set_keep_alive(30);
         let (client, mut eventloop) = AsyncClient::builder(opts).capacity(1000).build();
         let qos = if qos == 0 {
@@ -220,32 +234,47 @@ impl Counter {
     /// # Errors
     /// When the subscriber's thread ended.
     pub fn wait_for(&self, unique: u64, idle: Duration, max: Duration) -> anyhow::Result<Tally> {
-        let until = Instant::now() + max;
-        let mut last = (u64::MAX, Instant::now());
-        loop {
-            let (got, distinct) = {
-                let t = self.lock();
-                (t.received, t.unique)
-            };
-            if distinct >= unique || Instant::now() > until {
-                break;
-            }
-            if got != last.0 {
-                last = (got, Instant::now());
-            } else if last.1.elapsed() > idle {
-                break;
-            }
-            if self
-                .thread
-                .as_ref()
-                .is_none_or(std::thread::JoinHandle::is_finished)
-            {
-                bail!("the counting subscriber stopped");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(self.snapshot())
+        let alive = || self.thread.as_ref().is_some_and(|t| !t.is_finished());
+        wait_tally(&self.tally, &alive, unique, idle, max)
+            .context("the counting subscriber stopped")
     }
+}
+
+/// Waits until `tally` holds `unique` distinct messages, nothing new came for `idle`, or
+/// `max` passed; returns a snapshot. `None` when `alive` says the counting thread ended.
+pub(crate) fn wait_tally(
+    tally: &Mutex<Tally>,
+    alive: &dyn Fn() -> bool,
+    unique: u64,
+    idle: Duration,
+    max: Duration,
+) -> Option<Tally> {
+    let lock = || {
+        tally
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    let until = Instant::now() + max;
+    let mut last = (u64::MAX, Instant::now());
+    loop {
+        let (got, distinct) = {
+            let t = lock();
+            (t.received, t.unique)
+        };
+        if distinct >= unique || Instant::now() > until {
+            break;
+        }
+        if got != last.0 {
+            last = (got, Instant::now());
+        } else if last.1.elapsed() > idle {
+            break;
+        }
+        if !alive() {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Some(lock().clone())
 }
 
 impl Drop for Counter {

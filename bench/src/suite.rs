@@ -2,8 +2,10 @@
 //!
 //! Each scenario runs against a fresh sensorgate (clean CPU and memory figures) and the same
 //! mosquitto; the counting subscriber is reset between runs. Scenario 7 (spool drain) starts
-//! its own mosquitto, after the backlog is spooled. Sizes are the issue's; `quick` shrinks them
-//! for a smoke run.
+//! its own mosquitto, after the backlog is spooled. Scenario 8 starts its own RabbitMQ node
+//! (stopped when the scenario ends) with a counting AMQP consumer; scenario 9 runs two
+//! gateways on the shared mosquitto, with one counting subscriber per upstream. Sizes are the
+//! issue's; `quick` shrinks them for a smoke run.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -12,9 +14,10 @@ use sensorgate_bridges::spool::{RECORD_HEADER, encoded_len};
 use serde::Serialize;
 use tempfile::TempDir;
 
+use crate::amqp::{self, AmqpCounter, NativeAmqp};
 use crate::baseline::{self, Native};
 use crate::generator::{Load, LoadSpec, TopicMode, count};
-use crate::procs::{self, Broker, Gateway, GatewayConfig};
+use crate::procs::{self, BENCH_UPSTREAM, Broker, Gateway, GatewayConfig, Rabbit};
 use crate::subscriber::{Counter, Tally};
 use crate::sys::{self, ProcSample};
 
@@ -23,7 +26,7 @@ use crate::sys::{self, ProcSample};
 pub struct Options {
     /// The sensorgate binary.
     pub gateway_bin: PathBuf,
-    /// Scenario numbers to run (1-7).
+    /// Scenario numbers to run (1-9).
     pub only: Vec<u8>,
     /// Smaller sizes.
     pub quick: bool,
@@ -241,6 +244,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             5 => idle_and_active(&mut env).await,
             6 => fan_out(&mut env).await,
             7 => spool_drain(&mut env).await,
+            8 => amqp_uplink(&mut env, &scenarios).await,
+            9 => fan_out_disk(&mut env).await,
             _ => continue,
         };
         match result {
@@ -993,6 +998,355 @@ async fn spool_drain(env: &mut Env) -> anyhow::Result<Scenario> {
     Ok(s)
 }
 
+/// Scenario 8's upstream `max_inflight` (the confirm window): the config's default. The
+/// native AMQP publisher uses the same window.
+const AMQP_WINDOW: u16 = 1000;
+
+/// Scenario 8's queue, bound to [`amqp::EXCHANGE`] with `bench.#`.
+const AMQP_QUEUE: &str = "sg-bench";
+
+/// Scenario 8: QoS 1 uplink from 1,000 clients (as scenario 3) through one `kind = "amqp"`
+/// upstream to a RabbitMQ node started for the scenario, counted by a consumer on a durable
+/// queue bound to `amq.topic`; then a native AMQP publisher (publisher confirms, the gateway's
+/// window, the same messages, topics, properties and headers) straight into the same node,
+/// counted by the same consumer. Scenario 3's MQTT figure, when it ran before in this run, is
+/// printed beside it.
+#[allow(clippy::too_many_lines)]
+async fn amqp_uplink(env: &mut Env, earlier: &[Scenario]) -> anyhow::Result<Scenario> {
+    let clients: usize = 1000;
+    let per_client: u64 = if env.opts.quick { 20 } else { 100 };
+    let mut s = Scenario::new(
+        8,
+        &format!(
+            "QoS 1 uplink to RabbitMQ with publisher confirms, {clients} clients, window 1 \
+             (AMQP max_inflight {AMQP_WINDOW})"
+        ),
+    );
+    let _ = sys::raise_nofile(clients as u64 + 2000);
+    let rabbit_dir = env.dir.path().join(format!("rabbit-{}", env.runs));
+    std::fs::create_dir_all(&rabbit_dir)?;
+    let boot = Instant::now();
+    let rabbit = Rabbit::start(&rabbit_dir)?;
+    s.put("RabbitMQ boot", boot.elapsed().as_secs_f64(), "s");
+    // Bound before the gateway publishes: a message no queue takes is returned (refused).
+    let counter = AmqpCounter::start(&rabbit.url(), AMQP_QUEUE, &["bench.#"])?;
+    let upstreams = format!(
+        "[[upstream]]\nname = \"rabbit\"\nkind = \"amqp\"\nurl = \"{}\"\nexchange = \"{}\"\n\
+         max_inflight = {AMQP_WINDOW}\nbackoff_max = \"1s\"\n",
+        rabbit.url(),
+        amqp::EXCHANGE
+    );
+    let gw = env.gateway_with(
+        rabbit.port,
+        &GatewayConfig {
+            upstreams: Some(upstreams),
+            ..GatewayConfig::new(clients + 100, "")
+        },
+    )?;
+    let vm = rabbit.vm_pid();
+    let meter = |gw: u32| match vm {
+        Some(vm) => Cpu::start(gw, vm),
+        None => Cpu::gateway_only(gw),
+    };
+
+    // 1. Through the gateway.
+    let mut spec = env.spec(&gw);
+    spec.clients = clients;
+    spec.qos = 1;
+    spec.messages = per_client;
+    spec.publish_for = Duration::from_secs(30);
+    let topic_prefix = match &spec.topic {
+        TopicMode::Register(prefix) => prefix.clone(),
+        TopicMode::Predefined(_) => procs::PREDEFINED.1.to_owned(),
+    };
+    counter.reset();
+    let mut load = Load::start(spec).await?;
+    load.wait_ready(Duration::from_secs(30)).await;
+    let cpu = meter(gw.pid());
+    load.start_publish();
+    let secs = load
+        .wait_published(Duration::from_secs(40))
+        .await
+        .as_secs_f64();
+    let c = &load.counters;
+    let (sent, acked) = (count(&c.sent), count(&c.acked));
+    s.put("acknowledged", acked as f64, "msgs");
+    s.put("acknowledged rate", acked as f64 / secs.max(1e-9), "msg/s");
+    s.put("rejected", count(&c.rejected) as f64, "msgs");
+    s.put("unanswered", count(&c.unanswered) as f64, "msgs");
+    if let Ok(h) = load.ack_latency.lock() {
+        put_latency(&mut s, "PUBLISH to PUBACK", &h);
+    }
+    let tally = counter.wait_for(acked, IDLE, Duration::from_secs(90))?;
+    load.finish().await;
+    put_tally(&mut s, &tally, sent);
+    s.put(
+        "acknowledged but not delivered",
+        acked.saturating_sub(tally.unique) as f64,
+        "msgs",
+    );
+    cpu.put(&mut s, acked, "acknowledged msg");
+
+    // 2. Native: the same number of messages straight into RabbitMQ.
+    counter.reset();
+    let cpu = meter(gw.pid());
+    let native = amqp::publish_native(&NativeAmqp {
+        url: rabbit.url(),
+        topic_prefix,
+        clients: u32::try_from(clients).unwrap_or(u32::MAX),
+        messages: sent,
+        payload: env.opts.payload,
+        window: AMQP_WINDOW,
+        max: Duration::from_secs(90),
+    })
+    .await?;
+    let base = counter.wait_for(native.acked, IDLE, Duration::from_secs(60))?;
+    let mut step = Scenario::new(0, "");
+    cpu.put(&mut step, base.unique, "delivered msg");
+    s.put(
+        "native confirmed rate (first publish to last confirm)",
+        native.acked as f64 / native.secs.max(1e-9),
+        "msg/s",
+    );
+    s.put("native not confirmed", native.failed as f64, "msgs");
+    s.put("native delivered rate", base.rate(), "msg/s");
+    s.put(
+        "native loss",
+        100.0 * native.sent.saturating_sub(base.unique) as f64 / native.sent.max(1) as f64,
+        "%",
+    );
+    s.put("native duplicates", base.duplicates as f64, "msgs");
+    s.put("native reordered", base.reordered as f64, "msgs");
+    put_prefixed(
+        &mut s,
+        "native: ",
+        &step,
+        &["broker CPU share", "harness CPU share"],
+    );
+    if base.rate() > 0.0 {
+        s.put(
+            "gateway / native delivered rate",
+            100.0 * tally.rate() / base.rate(),
+            "%",
+        );
+    }
+
+    // 3. Beside it, the MQTT upstream's figure of this run.
+    match earlier.iter().find(|e| e.id == 3 && !e.failed) {
+        Some(mqtt) => {
+            put_prefixed(
+                &mut s,
+                "MQTT upstream (scenario 3): ",
+                mqtt,
+                &["acknowledged rate", "delivered rate"],
+            );
+            if let Some(m) = mqtt.get("acknowledged rate").filter(|m| *m > 0.0) {
+                s.put(
+                    "AMQP / MQTT acknowledged rate",
+                    100.0 * s.get("acknowledged rate").unwrap_or(0.0) / m,
+                    "%",
+                );
+            }
+        }
+        None => s
+            .notes
+            .push("scenario 3 (the MQTT figure) did not run before this one".into()),
+    }
+    s.notes.push(format!(
+        "delivered rates: first to last arrival at one auto-ack consumer of a durable queue; \
+         persistent messages, {}-byte payloads, headers and message_id as the gateway sends",
+        env.opts.payload
+    ));
+    drop(gw);
+    drop(counter);
+    drop(rabbit);
+    Ok(s)
+}
+
+/// Scenario 9: the same QoS 1 uplink through a gateway with one upstream, then through one
+/// with two (both MQTT, to the shared mosquitto, with their own client ids and
+/// `remote_prefix`es, each counted by its own subscriber): the gateway's disk bytes per
+/// acknowledged message, from the first publish until both upstreams have everything and
+/// its writes settled (cursor saves included).
+async fn fan_out_disk(env: &mut Env) -> anyhow::Result<Scenario> {
+    let clients: usize = 1000;
+    let per_client: u64 = if env.opts.quick { 20 } else { 100 };
+    let mut s = Scenario::new(
+        9,
+        &format!(
+            "Uplink fan-out to one and to two upstreams: disk bytes per message \
+             ({} QoS 1 messages, {clients} clients)",
+            clients as u64 * per_client
+        ),
+    );
+    let _ = sys::raise_nofile(clients as u64 + 2000);
+    let mut per_msg = Vec::new();
+    for targets in [1u8, 2] {
+        per_msg.push(fan_out_disk_run(env, &mut s, targets, clients, per_client).await?);
+    }
+    if let [Some(one), Some(two)] = per_msg[..] {
+        if one.0 > 0.0 {
+            s.put(
+                "disk bytes per message: two upstreams / one",
+                two.0 / one.0,
+                "x",
+            );
+        }
+        if one.1 > 0.0 {
+            s.put("wchar per message: two upstreams / one", two.1 / one.1, "x");
+        }
+    }
+    s.notes.push(
+        "disk bytes: the gateway's write_bytes (/proc/<pid>/io) from the first publish until \
+         every upstream has every message and the writes settled; wchar also counts socket \
+         bytes sent with write(2)"
+            .into(),
+    );
+    Ok(s)
+}
+
+/// Settled: the gateway's `write_bytes` unchanged for this long (the spool saves its cursors
+/// every 100 ms while they change).
+const IO_SETTLED: Duration = Duration::from_millis(500);
+
+/// One run of scenario 9 with `targets` upstreams; returns write_bytes and wchar per
+/// acknowledged message.
+async fn fan_out_disk_run(
+    env: &mut Env,
+    s: &mut Scenario,
+    targets: u8,
+    clients: usize,
+    per_client: u64,
+) -> anyhow::Result<Option<(f64, f64)>> {
+    let label = if targets == 1 {
+        "one upstream"
+    } else {
+        "two upstreams"
+    };
+    let port = env.broker.port;
+    let mut counters = Vec::new();
+    let mut upstreams = String::new();
+    for k in 1..=targets {
+        counters.push(Counter::start_as(
+            &format!("sg-bench-fan{targets}-{k}"),
+            port,
+            &[&format!("fan{k}/bench/#")],
+            1,
+        )?);
+        upstreams.push_str(&format!(
+            "[[upstream]]\nname = \"up{k}\"\nkind = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{port}\"\n\
+             client_id = \"sg-bench-gw-fan{targets}-{k}\"\nremote_prefix = \"fan{k}/\"\n\
+             {BENCH_UPSTREAM}\n"
+        ));
+    }
+    let gw = env.gateway_with(
+        port,
+        &GatewayConfig {
+            upstreams: Some(upstreams),
+            ..GatewayConfig::new(clients + 100, "")
+        },
+    )?;
+    let mut spec = env.spec(&gw);
+    spec.clients = clients;
+    spec.qos = 1;
+    spec.messages = per_client;
+    spec.publish_for = Duration::from_secs(30);
+    let record = RecordSize::of(&spec);
+    if targets == 1 {
+        s.put(
+            "record size (payload + topic + record header)",
+            record.yardstick,
+            "bytes",
+        );
+    }
+    let mut load = Load::start(spec).await?;
+    load.wait_ready(Duration::from_secs(30)).await;
+    let io_before = sys::io(gw.pid());
+    let cpu = Cpu::start(gw.pid(), env.broker.pid());
+    load.start_publish();
+    let secs = load
+        .wait_published(Duration::from_secs(40))
+        .await
+        .as_secs_f64();
+    let acked = count(&load.counters.acked);
+    s.put(&format!("{label}: acknowledged"), acked as f64, "msgs");
+    s.put(
+        &format!("{label}: acknowledged rate"),
+        acked as f64 / secs.max(1e-9),
+        "msg/s",
+    );
+    let mut fewest = u64::MAX;
+    let (mut duplicates, mut reordered) = (0, 0);
+    for counter in &counters {
+        let t = counter.wait_for(acked, IDLE, Duration::from_secs(60))?;
+        fewest = fewest.min(t.unique);
+        duplicates += t.duplicates;
+        reordered += t.reordered;
+    }
+    load.finish().await;
+    s.put(
+        &format!("{label}: acknowledged but not delivered (worst upstream)"),
+        acked.saturating_sub(fewest) as f64,
+        "msgs",
+    );
+    s.put(
+        &format!("{label}: duplicates (all upstreams)"),
+        duplicates as f64,
+        "msgs",
+    );
+    s.put(
+        &format!("{label}: reordered (all upstreams)"),
+        reordered as f64,
+        "msgs",
+    );
+    let mut step = Scenario::new(0, "");
+    cpu.put(&mut step, acked, "acknowledged msg");
+    put_prefixed(
+        s,
+        &format!("{label}: "),
+        &step,
+        &["gateway CPU per acknowledged msg"],
+    );
+    // Until the cursor saves and segment removals are done.
+    let settle_until = Instant::now() + Duration::from_secs(5);
+    let mut io_after = sys::io(gw.pid());
+    let mut since = Instant::now();
+    while Instant::now() < settle_until && since.elapsed() < IO_SETTLED {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = sys::io(gw.pid());
+        if now.map(|n| n.write_bytes) != io_after.map(|n| n.write_bytes) {
+            since = Instant::now();
+        }
+        io_after = now;
+    }
+    drop(gw);
+    drop(counters);
+    let (Some(before), Some(after), true) = (io_before, io_after, acked > 0) else {
+        s.notes.push(format!(
+            "{label}: no disk bytes: /proc/<pid>/io unreadable, or nothing acknowledged"
+        ));
+        return Ok(None);
+    };
+    let io = after.since(&before);
+    let per = |bytes: u64| bytes as f64 / acked as f64;
+    s.put(
+        &format!("{label}: disk bytes written per message (write_bytes)"),
+        per(io.write_bytes),
+        "bytes",
+    );
+    s.put(
+        &format!("{label}: disk bytes per message / record size"),
+        per(io.write_bytes) / record.yardstick,
+        "x",
+    );
+    s.put(
+        &format!("{label}: wchar per message"),
+        per(io.wchar),
+        "bytes",
+    );
+    Ok(Some((per(io.write_bytes), per(io.wchar))))
+}
+
 fn targets(scenarios: &[Scenario]) -> Vec<Target> {
     let find = |id: u8, m: &str| scenarios.iter().find(|s| s.id == id).and_then(|s| s.get(m));
     let mut out = Vec::new();
@@ -1080,29 +1434,51 @@ fn targets(scenarios: &[Scenario]) -> Vec<Target> {
         "bytes",
         &|v| v <= SPOOL_NEAR_ZERO_BYTES as f64,
     );
+    add(
+        9,
+        "Fan-out: disk bytes written per message with two upstreams <= 1.2 x with one \
+         (one write per message; two writes would be 2.0)",
+        find(9, "disk bytes per message: two upstreams / one"),
+        "x",
+        &|v| v <= 1.2,
+    );
     if let Some(drain) = find(7, "drain rate (first to last delivery)") {
         let limit =
             find(7, "broker limit (native QoS 1 with sg-seq, one connection)").unwrap_or(0.0);
         let share = find(7, "drain / broker limit").unwrap_or(0.0);
-        let (absolute, relative) = (drain >= 100_000.0, share >= 90.0);
         // The issue's target is for 1,000,000 messages; `--quick` drains fewer.
         let backlog = find(7, "acknowledged (spooled)").unwrap_or(0.0);
-        let by = match (absolute, relative) {
-            (true, _) => "; met by the absolute rate",
-            (false, true) => "; met by the broker limit",
-            (false, false) => "",
-        };
         out.push(Target {
             scenario: 7,
             target: format!(
-                "Spool: drain after a {backlog:.0}-message backlog >= 100,000 msg/s, or >= 90% \
-                 of the broker's limit measured in the same run (native QoS 1 with sg-seq, one \
-                 connection)"
+                "Spool: drain after a {backlog:.0}-message backlog >= 90% of the broker's \
+                 limit measured in the same run (native QoS 1 with sg-seq, one connection)"
             ),
             measured: format!(
-                "{drain:.0} msg/s = {share:.1}% of the broker limit ({limit:.0} msg/s){by}"
+                "{drain:.0} msg/s = {share:.1}% of the broker limit ({limit:.0} msg/s)"
             ),
-            met: absolute || relative,
+            met: share >= 90.0,
+        });
+    }
+    if let Some(share) = find(8, "gateway / native delivered rate") {
+        let gw = find(8, "delivered rate").unwrap_or(0.0);
+        let native = find(8, "native delivered rate").unwrap_or(0.0);
+        let mqtt = find(8, "MQTT upstream (scenario 3): acknowledged rate")
+            .map(|m| {
+                format!(
+                    "; acknowledged {:.0} msg/s, MQTT upstream {m:.0}",
+                    find(8, "acknowledged rate").unwrap_or(0.0)
+                )
+            })
+            .unwrap_or_default();
+        out.push(Target {
+            scenario: 8,
+            target: format!(
+                "QoS 1 to RabbitMQ with confirms, 1,000 clients: delivered rate >= 80% of a \
+                 native AMQP publisher with the same confirm window ({AMQP_WINDOW})"
+            ),
+            measured: format!("{gw:.0} msg/s = {share:.1}% of native ({native:.0} msg/s){mqtt}"),
+            met: share >= 80.0,
         });
     }
     out

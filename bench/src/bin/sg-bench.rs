@@ -1,5 +1,6 @@
 //! `sg-bench`: runs sensorgate's standard benchmark scenarios against a release build, with
-//! mosquitto on loopback, and prints a table, a targets summary and (with `--json`) JSON.
+//! mosquitto (and for scenario 8 RabbitMQ) on loopback, and prints a table, a targets summary
+//! and (with `--json`) JSON.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,13 +11,13 @@ use clap::Parser;
 use sensorgate_bench::suite::{self, Options};
 
 #[derive(Parser, Debug)]
-#[command(about = "sensorgate benchmark suite (scenarios 1-7 of the benchmark issue)")]
+#[command(about = "sensorgate benchmark suite (scenarios 1-9)")]
 struct Args {
     /// Smaller sizes (a smoke run of a minute or so).
     #[arg(long)]
     quick: bool,
     /// Scenarios to run, comma-separated (default: all).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,7")]
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,7,8,9")]
     only: Vec<u8>,
     /// Payload bytes per message (at least 20: client, sequence, send time).
     #[arg(long, default_value_t = 32)]
