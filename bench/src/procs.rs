@@ -258,6 +258,22 @@ impl Gateway {
         self.child.0.id()
     }
 
+    /// The warnings and errors in its log so far, but the start-up one about socket buffers
+    /// smaller than configured (capped by the host's sysctls): how many, and the last one.
+    #[must_use]
+    pub fn log_warnings(&self) -> (usize, Option<String>) {
+        let Some(log) = self.config.parent().map(|d| d.join("sensorgate.log")) else {
+            return (0, None);
+        };
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let warnings: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .filter(|l| !l.contains("smaller socket buffers"))
+            .collect();
+        (warnings.len(), warnings.last().map(|l| (*l).to_owned()))
+    }
+
     /// Stops the process (`SIGSTOP`) until [`Gateway::resume`]: it keeps its sockets and
     /// state but does nothing, e.g. does not connect to a broker that is being set up.
     ///

@@ -1077,7 +1077,7 @@ async fn amqp_uplink(env: &mut Env, earlier: &[Scenario]) -> anyhow::Result<Scen
     if let Ok(h) = load.ack_latency.lock() {
         put_latency(&mut s, "PUBLISH to PUBACK", &h);
     }
-    let tally = counter.wait_for(acked, IDLE, Duration::from_secs(90))?;
+    let tally = counter.wait_for(acked, DRAIN_IDLE, Duration::from_secs(90))?;
     load.finish().await;
     put_tally(&mut s, &tally, sent);
     s.put(
@@ -1157,6 +1157,7 @@ async fn amqp_uplink(env: &mut Env, earlier: &[Scenario]) -> anyhow::Result<Scen
          persistent messages, {}-byte payloads, headers and message_id as the gateway sends",
         env.opts.payload
     ));
+    note_warnings(&mut s, "gateway", &gw);
     drop(gw);
     drop(counter);
     drop(rabbit);
@@ -1205,6 +1206,19 @@ async fn fan_out_disk(env: &mut Env) -> anyhow::Result<Scenario> {
     Ok(s)
 }
 
+/// Waiting for a draining gateway's last messages ends after this long without a new one (a
+/// link reset under load waits for `ack_timeout` and a reconnect).
+const DRAIN_IDLE: Duration = Duration::from_secs(10);
+
+/// Notes the warnings in `gw`'s log (link resets explain duplicates and reordering).
+fn note_warnings(s: &mut Scenario, label: &str, gw: &Gateway) {
+    if let (n @ 1.., Some(last)) = gw.log_warnings() {
+        s.notes.push(format!(
+            "{label}: the gateway logged {n} warning(s); the last: {last}"
+        ));
+    }
+}
+
 /// Settled: the gateway's `write_bytes` unchanged for this long (the spool saves its cursors
 /// every 100 ms while they change).
 const IO_SETTLED: Duration = Duration::from_millis(500);
@@ -1236,7 +1250,7 @@ async fn fan_out_disk_run(
         upstreams.push_str(&format!(
             "[[upstream]]\nname = \"up{k}\"\nkind = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{port}\"\n\
              client_id = \"sg-bench-gw-fan{targets}-{k}\"\nremote_prefix = \"fan{k}/\"\n\
-             {BENCH_UPSTREAM}\n"
+             backoff_max = \"1s\"\n{BENCH_UPSTREAM}\n"
         ));
     }
     let gw = env.gateway_with(
@@ -1278,7 +1292,7 @@ async fn fan_out_disk_run(
     let mut fewest = u64::MAX;
     let (mut duplicates, mut reordered) = (0, 0);
     for counter in &counters {
-        let t = counter.wait_for(acked, IDLE, Duration::from_secs(60))?;
+        let t = counter.wait_for(acked, DRAIN_IDLE, Duration::from_secs(60))?;
         fewest = fewest.min(t.unique);
         duplicates += t.duplicates;
         reordered += t.reordered;
@@ -1319,6 +1333,7 @@ async fn fan_out_disk_run(
         }
         io_after = now;
     }
+    note_warnings(s, label, &gw);
     drop(gw);
     drop(counters);
     let (Some(before), Some(after), true) = (io_before, io_after, acked > 0) else {
