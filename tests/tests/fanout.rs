@@ -218,7 +218,7 @@ fn kill_9_during_fanout_loses_no_acknowledged_message_on_either_broker() {
     let amqp = rig.amqp_observer().unwrap();
 
     let plan = Plan {
-        count: 2_000,
+        count: 5_000,
         pace: Duration::from_millis(5),
         ack_timeout: Duration::from_secs(5),
     };
