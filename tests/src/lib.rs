@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use tempfile::TempDir;
 
+pub mod fanout;
+
 /// How long a peer may take to become ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a reply the test expects may take.
