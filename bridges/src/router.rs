@@ -66,7 +66,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -128,6 +128,9 @@ struct Shared {
     max_filters: usize,
     /// Dropped or acknowledged-undelivered downlink.
     stats: Arc<DownlinkStats>,
+    /// How many ingresses take downlink (`State::downlinks.len()`), readable without the
+    /// lock: [`IngressHandle::has_peers`] is asked for every publish.
+    takers: AtomicUsize,
     /// The subscription tables and the warning limiter, under a short-held lock.
     state: Mutex<State>,
 }
@@ -217,6 +220,7 @@ impl Router {
                 upstreams,
                 max_filters,
                 stats: Arc::new(DownlinkStats::default()),
+                takers: AtomicUsize::new(0),
                 state: Mutex::new(state),
             }),
             appender,
@@ -235,6 +239,7 @@ impl Router {
         };
         IngressHandle {
             id,
+            takes_downlink: false,
             appender: self.appender.for_ingress(replies),
             shared: Arc::clone(&self.shared),
         }
@@ -528,6 +533,8 @@ impl DownlinkRouter {
 pub struct IngressHandle {
     /// Tells this ingress's interest apart in the subscription table.
     id: u64,
+    /// Whether it registered a downlink channel.
+    takes_downlink: bool,
     /// This ingress's entrance to the spool writer (its own reply route).
     appender: IngressAppender,
     shared: Arc<Shared>,
@@ -539,8 +546,13 @@ impl IngressHandle {
     /// reading (the downlink of every ingress waits while it is full). A QoS >= 1 copy's
     /// [`DownlinkAck`] is acknowledged once the ingress took responsibility for it.
     #[must_use]
-    pub fn with_downlink(self, downlink: mpsc::Sender<Downlink>) -> Self {
-        self.shared.lock().downlinks.insert(self.id, downlink);
+    pub fn with_downlink(mut self, downlink: mpsc::Sender<Downlink>) -> Self {
+        let mut state = self.shared.lock();
+        if state.downlinks.insert(self.id, downlink).is_none() {
+            self.shared.takers.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(state);
+        self.takes_downlink = true;
         self
     }
 
@@ -558,7 +570,7 @@ impl IngressHandle {
     /// anyone to deliver to (a driver may skip keeping copies otherwise).
     #[must_use]
     pub fn has_peers(&self) -> bool {
-        self.shared.lock().downlinks.keys().any(|&id| id != self.id)
+        self.shared.takers.load(Ordering::Relaxed) > usize::from(self.takes_downlink)
     }
 
     /// A sensor of this ingress published `message` and it was accepted (QoS 0 on receipt,
@@ -942,8 +954,8 @@ mod tests {
         upstream: usize,
         topic: &str,
         filters: Option<&[&str]>,
-    ) -> (Downlink, Arc<std::sync::atomic::AtomicUsize>) {
-        let acks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    ) -> (Downlink, Arc<AtomicUsize>) {
+        let acks = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&acks);
         let message = Downlink {
             upstream,
@@ -959,7 +971,7 @@ mod tests {
         (message, acks)
     }
 
-    fn acked(acks: &std::sync::atomic::AtomicUsize) -> usize {
+    fn acked(acks: &AtomicUsize) -> usize {
         acks.load(Ordering::SeqCst)
     }
 
