@@ -2,88 +2,149 @@
 //! an [`IngressHandle`] and never sees an upstream.
 //!
 //! ```text
-//!  driver (MQTT-SN today) ── IngressHandle ──┬── append(message, token) ──> spool writer
-//!     ^                                      │   (this ingress's IngressAppender; verdicts
-//!     │ AppendReply (own channel) <──────────┘    come back on its own reply channel)
-//!     │                                      ├── subscribe / unsubscribe ──> Router: filter ->
-//!     │                                      │   {ingress -> QoS}; each Subscriber gets the
-//!     │                                      │   union, at the highest QoS any ingress wants
-//!     │                                      └── upstream_available() <── any link watch up
-//!     └── Downlink (one channel from the upstreams, not routed here yet)
+//!  driver (MQTT-SN, CoAP ...) ── IngressHandle ──┬── append(message, token) ──> spool writer
+//!     ^  ^                                       │   (own IngressAppender; verdicts come
+//!     │  │ AppendReply (own channel) <───────────┘    back on its own reply channel)
+//!     │  │                                       ├── subscribe(F) / unsubscribe(F) ──> Router:
+//!     │  │                                       │   sensor filter F -> {ingress -> QoS};
+//!     │  │                                       │   upstream u takes routes.upstream_filters(u, F),
+//!     │  │                                       │   counted per upstream filter, highest QoS
+//!     │  │                                       ├── deliver_local(message) ──> the OTHER
+//!     │  │                                       │   ingresses whose filters match (try_send)
+//!     │  │                                       └── upstream_available() <── any link watch up
+//!     │  └── Downlink (own bounded channel, registered with IngressHandle::with_downlink)
+//!     │          ^
+//!     │   DownlinkRouter::run: upstreams' Downlink -> routes.downlink_topic -> matching
+//!     │   ingresses, DownlinkAck split across them
 //! ```
 //!
-//! Invariants (MUST hold; the unit tests below check them with a fake [`Subscriber`]):
+//! Invariants (MUST hold; the unit tests below check them with fake [`Subscriber`]s):
 //!
-//! - **Subscriptions are reference counted across ingresses.** A filter is subscribed
-//!   upstream while at least one ingress wants it, at the highest QoS any of them wants; an
+//! - **Subscriptions are reference counted across ingresses and routes.** A sensor filter F
+//!   is held while at least one ingress wants it, at the highest QoS any of them wants; an
 //!   ingress's unsubscribe removes only its own interest, and a lower maximum is passed on.
-//!   Each ingress keeps its own reference count per filter (the MQTT-SN core counts its
-//!   sessions) and tells the router the QoS it wants and when it leaves. (The MQTT-SN core
-//!   only ever raises a filter's QoS while it has subscribers; it does not pass on a lower
-//!   maximum when its highest subscriber leaves.)
-//! - **Bounded**: at most `max_filters` distinct filters over all ingresses (the capacity of
-//!   every upstream's subscription table); a new filter beyond it is refused with
+//!   For each upstream u, F takes the upstream filters `routes.upstream_filters(u, F)`
+//!   (possibly several, possibly none), remembered with F so that its release gives back
+//!   exactly what it took. An upstream filter is subscribed while at least one sensor filter
+//!   holds it, at the highest QoS of those sensor filters (the union at the highest QoS). Each
+//!   ingress keeps its own reference count per filter (the MQTT-SN core counts its sessions)
+//!   and tells the router the QoS it wants and when it leaves. (The MQTT-SN core only ever
+//!   raises a filter's QoS while it has subscribers; it does not pass on a lower maximum when
+//!   its highest subscriber leaves.)
+//! - **Bounded**: at most `max_filters` distinct sensor filters over all ingresses, and at
+//!   most `max_filters` distinct upstream filters per upstream (the capacity of every
+//!   upstream's subscription table); a new sensor filter beyond either is refused with
 //!   [`FailReason::QueueFull`] and nothing is remembered.
 //! - **Upstreams see changes in the order the router took them**: the calls to the
 //!   [`Subscriber`]s are made under the router's lock. They never block (they queue the
 //!   change for the upstream's own task), so the critical section stays short, and no lock
-//!   is held across an `.await` (the router has none).
+//!   is held across an `.await`: the downlink task and [`IngressHandle::deliver_local`]
+//!   decide the targets under the lock and send after releasing it.
 //! - A refused upstream change is logged at warn, at most once per
 //!   [`SUBSCRIBE_WARN_INTERVAL`] (sensors trigger them), with the number refused since.
-//!
-//! Downlink messages still travel on one channel from the upstreams to the one ingress that
-//! takes them (the MQTT-SN driver); fanning them out to several ingresses is not built yet.
+//! - **Downlink goes where it was subscribed.** [`DownlinkRouter::run`] maps a message's topic
+//!   back with `routes.downlink_topic` (no mapping: acknowledged, counted as `unrouted`),
+//!   then sends one copy to every ingress holding a sensor filter that matches it and that
+//!   took an upstream filter on the message's upstream. When the upstream says which
+//!   upstream filters the copy is for (`Downlink::filters`, MQTT 5 subscription
+//!   identifiers), only the sensor filters behind those count, and each copy's `filters`
+//!   names the ingress's own (sensor-side) filters. No ingress: acknowledged, counted as
+//!   `unmatched`. The [`DownlinkAck`] is split across the copies: the broker gets its
+//!   acknowledgement once every ingress acknowledged its copy, never if one was dropped.
+//! - **Downlink backpressure**: the task awaits each target ingress's bounded channel in
+//!   turn, so a slow ingress slows the downlink of every ingress (bounded memory; the
+//!   upstreams stop reading from their brokers once their unacknowledged window is held). An
+//!   ingress whose channel is closed loses its copy: the message is not acknowledged
+//!   (counted as `ingress_gone`). Messages keep their order per ingress (one task).
+//! - **Local delivery across ingresses**: [`IngressHandle::deliver_local`] hands a sensor's
+//!   accepted message to the other ingresses whose filters match (never back to its own,
+//!   whose core delivers it itself), with no acknowledgement to wait for. It never waits: a
+//!   driver waiting on another driver's channel could deadlock with it, so a full channel
+//!   loses the copy (counted as `local_dropped`).
+//! - An ingress without a downlink channel ([`Router::ingress`] alone: an uplink-only
+//!   ingress) is never a target.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
-use crate::message::{Message, Qos};
+use crate::message::{Downlink, DownlinkAck, Message, Qos};
 use crate::route::RouteTable;
 use crate::spool::{AppendReply, Appender, IngressAppender};
+use crate::topic;
 use crate::upstream::{FailReason, Subscriber};
 
 /// Least time between two warnings about refused subscription changes (the refusals in
 /// between are counted in the next one).
 pub const SUBSCRIBE_WARN_INTERVAL: Duration = Duration::from_secs(60);
 
+/// The [`Downlink::upstream`] of a copy made by [`IngressHandle::deliver_local`]: it comes
+/// from another ingress, not from an upstream.
+pub const LOCAL_UPSTREAM: usize = usize::MAX;
+
 /// One upstream as the router sees it: where subscriptions go, and its link state.
 pub struct RoutedUpstream {
-    /// Takes the union of the ingresses' filters.
+    /// Takes the union of the ingresses' filters (as routed).
     pub subscriber: Box<dyn Subscriber>,
     /// `true` while the upstream's link is up (the `Upstream::watch_link` of the same
     /// upstream).
     pub link: watch::Receiver<bool>,
 }
 
-/// The hub: hands out one [`IngressHandle`] per ingress. The spool writer keeps running
-/// while the router or any of its handles is alive.
-pub struct Router {
-    shared: Arc<Shared>,
+/// What the router dropped or acknowledged without delivering, since start.
+#[derive(Debug, Default)]
+pub struct DownlinkStats {
+    /// Downlink messages no route maps back to a sensor topic: acknowledged, dropped.
+    pub unrouted: AtomicU64,
+    /// Downlink messages no ingress subscribed for: acknowledged, dropped.
+    pub unmatched: AtomicU64,
+    /// Copies for an ingress whose channel is closed: dropped, the message not acknowledged.
+    pub ingress_gone: AtomicU64,
+    /// Local copies for another ingress whose channel was full or closed: dropped.
+    pub local_dropped: AtomicU64,
 }
 
-/// What the router and its handles share.
-struct Shared {
-    /// The `[[route]]` table: which messages are accepted, where subscriptions go.
-    /// STATUS: held, not applied yet (issue 12's routing work).
-    #[allow(dead_code)]
-    routes: Arc<RouteTable>,
-    /// Every upstream; each takes every subscription.
-    upstreams: Vec<RoutedUpstream>,
+/// The hub: hands out one [`IngressHandle`] per ingress, and the [`DownlinkRouter`]. The
+/// spool writer keeps running while the router or any of its handles is alive (the
+/// downlink task does not hold it).
+pub struct Router {
+    shared: Arc<Shared>,
     /// The spool writer's entrance, from which each ingress gets its own appender.
     appender: Appender,
-    /// Most distinct filters over all ingresses.
+}
+
+/// What the router, its handles and its downlink task share.
+struct Shared {
+    /// The `[[route]]` table: where subscriptions go, how downlink topics map back.
+    routes: Arc<RouteTable>,
+    /// Every upstream, by index (the index in [`Downlink::upstream`] and in `routes`).
+    upstreams: Vec<RoutedUpstream>,
+    /// Most distinct sensor filters over all ingresses, and upstream filters per upstream.
     max_filters: usize,
-    /// The subscription table and the warning limiter, under a short-held lock.
+    /// Dropped or acknowledged-undelivered downlink.
+    stats: Arc<DownlinkStats>,
+    /// How many ingresses take downlink (`State::downlinks.len()`), readable without the
+    /// lock: [`IngressHandle::has_peers`] is asked for every publish.
+    takers: AtomicUsize,
+    /// The subscription tables and the warning limiter, under a short-held lock.
     state: Mutex<State>,
 }
 
 #[derive(Default)]
 struct State {
-    /// Filter -> what each ingress wants; at most `max_filters` entries, none empty.
-    filters: HashMap<String, Wanted>,
+    /// Sensor filter -> what each ingress wants and what it took upstream; at most
+    /// `max_filters` entries, none empty.
+    filters: HashMap<Arc<str>, Wanted>,
+    /// Per upstream (by index): upstream filter -> the sensor filters holding it; at most
+    /// `max_filters` entries each, none empty.
+    upstream_filters: Vec<HashMap<String, UpstreamFilter>>,
+    /// Ingress id -> its downlink channel (ingresses that take downlink only).
+    downlinks: BTreeMap<u64, mpsc::Sender<Downlink>>,
     /// The id the next ingress gets.
     next_ingress: u64,
     /// When the last refused change was logged, and how many were refused since: sensors
@@ -92,22 +153,42 @@ struct State {
     refused: u64,
 }
 
-/// The interest in one filter.
+/// The interest in one sensor filter.
 struct Wanted {
     /// Ingress id -> the QoS it wants; never empty.
     by_ingress: BTreeMap<u64, Qos>,
-    /// The QoS the upstreams were asked for: the highest in `by_ingress`.
+    /// The QoS the upstream filters were asked for on its behalf: the highest in
+    /// `by_ingress`.
     upstream: Qos,
+    /// Per upstream (by index): the upstream filters this sensor filter took, as
+    /// `routes.upstream_filters` gave them when it was new; its release gives back exactly
+    /// these.
+    routed: Vec<Vec<String>>,
 }
 
 impl Wanted {
     fn highest(&self) -> Qos {
-        self.by_ingress
-            .values()
-            .copied()
-            .max_by_key(|q| qos_rank(*q))
-            .unwrap_or(Qos::AtMostOnce)
+        highest(self.by_ingress.values().copied())
     }
+}
+
+/// One filter on one upstream.
+struct UpstreamFilter {
+    /// Sensor filter -> the QoS it asked for; never empty.
+    by_sensor: BTreeMap<Arc<str>, Qos>,
+    /// The QoS the upstream was asked for: the highest in `by_sensor`.
+    asked: Qos,
+}
+
+/// What an upstream must be told after a change of interest in one of its filters.
+enum Change {
+    None,
+    Subscribe(Qos),
+    Unsubscribe,
+}
+
+fn highest(qos: impl Iterator<Item = Qos>) -> Qos {
+    qos.max_by_key(|q| qos_rank(*q)).unwrap_or(Qos::AtMostOnce)
 }
 
 const fn qos_rank(qos: Qos) -> u8 {
@@ -119,8 +200,9 @@ const fn qos_rank(qos: Qos) -> u8 {
 }
 
 impl Router {
-    /// A router over `upstreams`, appending through `appender`, holding at most
-    /// `max_filters` distinct filters (the same limit the protocol cores keep).
+    /// A router over `upstreams` (by index, as in `routes`), appending through `appender`,
+    /// holding at most `max_filters` distinct filters (the same limit the protocol cores
+    /// keep).
     #[must_use]
     pub fn new(
         appender: Appender,
@@ -128,19 +210,26 @@ impl Router {
         max_filters: usize,
         routes: Arc<RouteTable>,
     ) -> Self {
+        let state = State {
+            upstream_filters: upstreams.iter().map(|_| HashMap::new()).collect(),
+            ..State::default()
+        };
         Router {
             shared: Arc::new(Shared {
                 routes,
                 upstreams,
-                appender,
                 max_filters,
-                state: Mutex::new(State::default()),
+                stats: Arc::new(DownlinkStats::default()),
+                takers: AtomicUsize::new(0),
+                state: Mutex::new(state),
             }),
+            appender,
         }
     }
 
     /// Registers an ingress: the spool's verdicts on its tokened appends come back on
-    /// `replies` (see [`Appender::for_ingress`]: it MUST keep reading them).
+    /// `replies` (see [`Appender::for_ingress`]: it MUST keep reading them). It takes no
+    /// downlink until [`IngressHandle::with_downlink`] gives it a channel.
     #[must_use]
     pub fn ingress(&self, replies: mpsc::Sender<Vec<AppendReply>>) -> IngressHandle {
         let id = {
@@ -150,9 +239,25 @@ impl Router {
         };
         IngressHandle {
             id,
-            appender: self.shared.appender.for_ingress(replies),
+            takes_downlink: false,
+            appender: self.appender.for_ingress(replies),
             shared: Arc::clone(&self.shared),
         }
+    }
+
+    /// The task that takes the upstreams' downlink and hands it to the ingresses (see
+    /// [`DownlinkRouter::run`]). It does not keep the spool writer running.
+    #[must_use]
+    pub fn downlink_router(&self) -> DownlinkRouter {
+        DownlinkRouter {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// The downlink counters (shared with the downlink task and the handles).
+    #[must_use]
+    pub fn downlink_stats(&self) -> Arc<DownlinkStats> {
+        Arc::clone(&self.shared.stats)
     }
 }
 
@@ -163,20 +268,142 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Asks every upstream for `filter` at `qos`; called under the lock (see module docs).
-    fn subscribe_all(&self, state: &mut State, now: Instant, filter: &str, qos: Qos) {
-        for up in &self.upstreams {
-            if let Err(reason) = up.subscriber.subscribe(filter, qos) {
-                state.refused(now, up.subscriber.name(), filter, reason);
+    /// Sets (`Some`) or removes (`None`) sensor filter `sensor`'s interest in upstream filter
+    /// `filter` of upstream `upstream`, and tells the upstream when the union changes; called
+    /// under the lock (see module docs).
+    fn set_interest(
+        &self,
+        state: &mut State,
+        now: Instant,
+        upstream: usize,
+        filter: &str,
+        sensor: &Arc<str>,
+        qos: Option<Qos>,
+    ) {
+        let Some(table) = state.upstream_filters.get_mut(upstream) else {
+            return;
+        };
+        let change = match (qos, table.get_mut(filter)) {
+            (Some(qos), None) => {
+                let by_sensor = BTreeMap::from([(Arc::clone(sensor), qos)]);
+                table.insert(
+                    filter.to_owned(),
+                    UpstreamFilter {
+                        by_sensor,
+                        asked: qos,
+                    },
+                );
+                Change::Subscribe(qos)
+            }
+            (Some(qos), Some(entry)) => {
+                entry.by_sensor.insert(Arc::clone(sensor), qos);
+                entry.update()
+            }
+            (None, None) => Change::None,
+            (None, Some(entry)) => {
+                if entry.by_sensor.remove(sensor).is_none() {
+                    Change::None
+                } else if entry.by_sensor.is_empty() {
+                    table.remove(filter);
+                    Change::Unsubscribe
+                } else {
+                    entry.update()
+                }
+            }
+        };
+        let Some(up) = self.upstreams.get(upstream) else {
+            return;
+        };
+        let result = match change {
+            Change::None => Ok(()),
+            Change::Subscribe(qos) => up.subscriber.subscribe(filter, qos),
+            Change::Unsubscribe => up.subscriber.unsubscribe(filter),
+        };
+        if let Err(reason) = result {
+            state.refused(now, up.subscriber.name(), filter, reason);
+        }
+    }
+
+    /// Sets `sensor`'s interest in every upstream filter of `routed` (see [`Self::set_interest`]).
+    fn set_all(
+        &self,
+        state: &mut State,
+        now: Instant,
+        routed: &[Vec<String>],
+        sensor: &Arc<str>,
+        qos: Option<Qos>,
+    ) {
+        for (upstream, filters) in routed.iter().enumerate() {
+            for filter in filters {
+                self.set_interest(state, now, upstream, filter, sensor, qos);
             }
         }
     }
 
-    fn unsubscribe_all(&self, state: &mut State, now: Instant, filter: &str) {
-        for up in &self.upstreams {
-            if let Err(reason) = up.subscriber.unsubscribe(filter) {
-                state.refused(now, up.subscriber.name(), filter, reason);
+    /// Where a downlink message that arrived on `upstream` goes: per ingress, its channel and
+    /// the sensor filters the copy is for. `sensor_topic` is the topic mapped back; `filters`
+    /// the upstream filters the broker named, if it did. Decided under the lock, sent after.
+    fn downlink_targets(
+        &self,
+        upstream: usize,
+        sensor_topic: &str,
+        filters: Option<&[Arc<str>]>,
+    ) -> Vec<(mpsc::Sender<Downlink>, Vec<Arc<str>>)> {
+        let state = self.lock();
+        let Some(table) = state.upstream_filters.get(upstream) else {
+            return Vec::new();
+        };
+        let mut by_ingress: BTreeMap<u64, Vec<Arc<str>>> = BTreeMap::new();
+        let mut add = |sensor: &Arc<str>, wanted: &Wanted| {
+            if !topic::matches(sensor, sensor_topic) {
+                return;
             }
+            for &ingress in wanted.by_ingress.keys() {
+                let list = by_ingress.entry(ingress).or_default();
+                if !list.contains(sensor) {
+                    list.push(Arc::clone(sensor));
+                }
+            }
+        };
+        match filters {
+            // The copy is for the sensor filters behind the upstream filters it names.
+            Some(filters) => {
+                for filter in filters {
+                    let Some(entry) = table.get(&**filter) else {
+                        continue;
+                    };
+                    for sensor in entry.by_sensor.keys() {
+                        if let Some(wanted) = state.filters.get(sensor) {
+                            add(sensor, wanted);
+                        }
+                    }
+                }
+            }
+            // Every sensor filter that matches and was subscribed on this upstream.
+            None => {
+                for (sensor, wanted) in &state.filters {
+                    if wanted.routed.get(upstream).is_some_and(|f| !f.is_empty()) {
+                        add(sensor, wanted);
+                    }
+                }
+            }
+        }
+        by_ingress
+            .into_iter()
+            .filter_map(|(id, filters)| Some((state.downlinks.get(&id)?.clone(), filters)))
+            .collect()
+    }
+}
+
+impl UpstreamFilter {
+    /// Recomputes the union's QoS after a change; the upstream is asked again if it moved.
+    fn update(&mut self) -> Change {
+        let qos = highest(self.by_sensor.values().copied());
+        if qos == self.asked {
+            Change::None
+        } else {
+            self.asked = qos;
+            Change::Subscribe(qos)
         }
     }
 }
@@ -204,17 +431,131 @@ impl State {
     }
 }
 
+/// The downlink hub's task (made by [`Router::downlink_router`]).
+pub struct DownlinkRouter {
+    shared: Arc<Shared>,
+}
+
+impl DownlinkRouter {
+    /// Takes every upstream's downlink from `downlink` and hands each message to the
+    /// ingresses that subscribed for it (see the module docs), until `stop` is cancelled or
+    /// every upstream is gone. A message being sent when `stop` fires is dropped
+    /// unacknowledged.
+    pub async fn run(self, mut downlink: mpsc::Receiver<Downlink>, stop: CancellationToken) {
+        loop {
+            let message = tokio::select! {
+                () = stop.cancelled() => break,
+                message = downlink.recv() => match message {
+                    Some(message) => message,
+                    None => break,
+                },
+            };
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = self.route(message) => {}
+            }
+        }
+        let stats = &self.shared.stats;
+        tracing::debug!(
+            unrouted = stats.unrouted.load(Ordering::Relaxed),
+            unmatched = stats.unmatched.load(Ordering::Relaxed),
+            ingress_gone = stats.ingress_gone.load(Ordering::Relaxed),
+            local_dropped = stats.local_dropped.load(Ordering::Relaxed),
+            "Downlink router stopped."
+        );
+    }
+
+    /// Hands one message to its ingresses, waiting for room in each one's channel in turn.
+    async fn route(&self, message: Downlink) {
+        let Downlink {
+            upstream,
+            topic,
+            payload,
+            qos,
+            retain,
+            filters,
+            ack,
+        } = message;
+        let stats = &self.shared.stats;
+        // `None` inside: the topic is unchanged (no copy made).
+        let mapped =
+            self.shared
+                .routes
+                .downlink_topic(upstream, &topic)
+                .map(|mapped| match mapped {
+                    Cow::Borrowed(same) if same == topic.as_str() => None,
+                    Cow::Borrowed(part) => Some(part.to_owned()),
+                    Cow::Owned(mapped) => Some(mapped),
+                });
+        let sensor_topic = match mapped {
+            Some(None) => topic,
+            Some(Some(mapped)) => mapped,
+            None => {
+                stats.unrouted.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(upstream, %topic, "Downlink message no route maps back; dropped.");
+                ack.ack();
+                return;
+            }
+        };
+        let targets = self
+            .shared
+            .downlink_targets(upstream, &sensor_topic, filters.as_deref());
+        if targets.is_empty() {
+            stats.unmatched.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(upstream, topic = %sensor_topic, "Downlink message nobody subscribed for; dropped.");
+        }
+        let parts = ack.split(targets.len());
+        // Only with filters from the upstream do the copies name theirs (see `Downlink`).
+        let named = filters.is_some();
+        for ((channel, filters), ack) in targets.into_iter().zip(parts) {
+            let copy = Downlink {
+                upstream,
+                topic: sensor_topic.clone(),
+                payload: payload.clone(),
+                qos,
+                retain,
+                filters: named.then_some(filters),
+                ack,
+            };
+            // A closed channel hands the copy back and drops it: its ack part with it, so the
+            // broker is not acknowledged.
+            if channel.send(copy).await.is_err() {
+                stats.ingress_gone.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(upstream, "Downlink copy for a stopped ingress dropped.");
+            }
+        }
+    }
+}
+
 /// One ingress's way into the pipeline (made by [`Router::ingress`]): appends to the spool
-/// with its verdicts on its own channel, and subscriptions counted across all ingresses.
+/// with its verdicts on its own channel, subscriptions counted across all ingresses, and its
+/// share of the downlink on its own channel.
 pub struct IngressHandle {
     /// Tells this ingress's interest apart in the subscription table.
     id: u64,
+    /// Whether it registered a downlink channel.
+    takes_downlink: bool,
     /// This ingress's entrance to the spool writer (its own reply route).
     appender: IngressAppender,
     shared: Arc<Shared>,
 }
 
 impl IngressHandle {
+    /// This ingress takes downlink: the copies for its filters (from the upstreams, and the
+    /// other ingresses' local messages) come on `downlink`, a bounded channel it MUST keep
+    /// reading (the downlink of every ingress waits while it is full). A QoS >= 1 copy's
+    /// [`DownlinkAck`] is acknowledged once the ingress took responsibility for it.
+    #[must_use]
+    pub fn with_downlink(mut self, downlink: mpsc::Sender<Downlink>) -> Self {
+        let mut state = self.shared.lock();
+        if state.downlinks.insert(self.id, downlink).is_none() {
+            self.shared.takers.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(state);
+        self.takes_downlink = true;
+        self
+    }
+
     /// Queues `message` for the spool; with a token, an [`AppendReply`] carrying it follows
     /// on this ingress's reply channel. Never blocks.
     ///
@@ -225,50 +566,118 @@ impl IngressHandle {
         self.appender.append(message, token)
     }
 
+    /// Whether another ingress takes downlink: only then does [`Self::deliver_local`] have
+    /// anyone to deliver to (a driver may skip keeping copies otherwise).
+    #[must_use]
+    pub fn has_peers(&self) -> bool {
+        self.shared.takers.load(Ordering::Relaxed) > usize::from(self.takes_downlink)
+    }
+
+    /// A sensor of this ingress published `message` and it was accepted (QoS 0 on receipt,
+    /// QoS 1/2 once durable, a Will when published): a copy goes to every other ingress
+    /// whose filters match, at the QoS published, with nothing to acknowledge. This
+    /// ingress's own subscribers are its own business. Never waits: a full or closed channel
+    /// loses the copy (counted as `local_dropped`).
+    pub fn deliver_local(&self, message: &Message) {
+        let targets = {
+            let state = self.shared.lock();
+            if !state.downlinks.keys().any(|&id| id != self.id) {
+                return;
+            }
+            let mut by_ingress: BTreeMap<u64, Vec<Arc<str>>> = BTreeMap::new();
+            for (sensor, wanted) in &state.filters {
+                if !topic::matches(sensor, &message.topic) {
+                    continue;
+                }
+                for &ingress in wanted.by_ingress.keys().filter(|&&id| id != self.id) {
+                    by_ingress
+                        .entry(ingress)
+                        .or_default()
+                        .push(Arc::clone(sensor));
+                }
+            }
+            by_ingress
+                .into_iter()
+                .filter_map(|(id, filters)| Some((state.downlinks.get(&id)?.clone(), filters)))
+                .collect::<Vec<_>>()
+        };
+        for (channel, filters) in targets {
+            let copy = Downlink {
+                upstream: LOCAL_UPSTREAM,
+                topic: message.topic.clone(),
+                payload: message.payload.clone(),
+                qos: message.qos,
+                retain: message.retain,
+                filters: Some(filters),
+                ack: DownlinkAck::none(),
+            };
+            if channel.try_send(copy).is_err() {
+                self.shared
+                    .stats
+                    .local_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(topic = %message.topic, "Local copy for another ingress dropped: its channel is full or closed.");
+            }
+        }
+    }
+
     /// This ingress wants `filter` at `qos` (its current highest; lower than before lowers
-    /// it). The upstreams are asked when the filter is new or its highest QoS over all
-    /// ingresses changes; their refusals are logged (rate-limited) here, and do not fail the
-    /// call (another upstream may have taken it). `now` only rate-limits the warning.
+    /// it). The upstreams are asked (for the filters the routes give, see the module docs)
+    /// when the filter is new or its highest QoS over all ingresses changes; their refusals
+    /// are logged (rate-limited) here, and do not fail the call (another upstream may have
+    /// taken it). `now` only rate-limits the warning.
     ///
     /// # Errors
-    /// [`FailReason::QueueFull`] when `filter` is new and `max_filters` filters are
-    /// subscribed: nothing is remembered, and nothing is asked upstream.
+    /// [`FailReason::QueueFull`] when `filter` is new and `max_filters` sensor filters are
+    /// held, or it would take an upstream beyond `max_filters` upstream filters: nothing is
+    /// remembered, and nothing is asked upstream.
     pub fn subscribe(&self, now: Instant, filter: &str, qos: Qos) -> Result<(), FailReason> {
         let shared = &*self.shared;
         let mut guard = shared.lock();
         let state = &mut *guard;
-        let count = state.filters.len();
-        let ask = match state.filters.get_mut(filter) {
-            Some(wanted) => {
-                wanted.by_ingress.insert(self.id, qos);
-                let highest = wanted.highest();
-                (highest != wanted.upstream).then(|| {
-                    wanted.upstream = highest;
-                    highest
-                })
+        if let Some(wanted) = state.filters.get_mut(filter) {
+            wanted.by_ingress.insert(self.id, qos);
+            let highest = wanted.highest();
+            if highest != wanted.upstream {
+                wanted.upstream = highest;
+                let routed = wanted.routed.clone();
+                let sensor: Arc<str> = Arc::from(filter);
+                shared.set_all(state, now, &routed, &sensor, Some(highest));
             }
-            None if count >= shared.max_filters => {
-                state.refused(now, "router", filter, FailReason::QueueFull);
-                return Err(FailReason::QueueFull);
-            }
-            None => {
-                let wanted = Wanted {
-                    by_ingress: BTreeMap::from([(self.id, qos)]),
-                    upstream: qos,
-                };
-                state.filters.insert(filter.to_owned(), wanted);
-                Some(qos)
-            }
-        };
-        if let Some(qos) = ask {
-            shared.subscribe_all(state, now, filter, qos);
+            return Ok(());
         }
+        let routed: Vec<Vec<String>> = (0..shared.upstreams.len())
+            .map(|upstream| shared.routes.upstream_filters(upstream, filter))
+            .collect();
+        let room = state.filters.len() < shared.max_filters
+            && routed.iter().enumerate().all(|(upstream, filters)| {
+                let table = state.upstream_filters.get(upstream);
+                let held = table.map_or(0, HashMap::len);
+                let new = filters
+                    .iter()
+                    .filter(|f| !table.is_some_and(|t| t.contains_key(*f)))
+                    .count();
+                held + new <= shared.max_filters
+            });
+        if !room {
+            state.refused(now, "router", filter, FailReason::QueueFull);
+            return Err(FailReason::QueueFull);
+        }
+        let sensor: Arc<str> = Arc::from(filter);
+        shared.set_all(state, now, &routed, &sensor, Some(qos));
+        let wanted = Wanted {
+            by_ingress: BTreeMap::from([(self.id, qos)]),
+            upstream: qos,
+            routed,
+        };
+        state.filters.insert(sensor, wanted);
         Ok(())
     }
 
-    /// This ingress no longer wants `filter`. The upstreams unsubscribe once no ingress wants
-    /// it, or are asked for the lower highest QoS of the others; an unknown filter is
-    /// ignored. Upstream refusals are logged (rate-limited); `now` only rate-limits that.
+    /// This ingress no longer wants `filter`. Its upstream filters are released once no
+    /// ingress wants it (unsubscribed upstream once no sensor filter holds them), or asked
+    /// for the lower highest QoS of the others; an unknown filter is ignored. Upstream
+    /// refusals are logged (rate-limited); `now` only rate-limits that.
     pub fn unsubscribe(&self, now: Instant, filter: &str) {
         let shared = &*self.shared;
         let mut guard = shared.lock();
@@ -280,14 +689,17 @@ impl IngressHandle {
             return;
         }
         if wanted.by_ingress.is_empty() {
-            state.filters.remove(filter);
-            shared.unsubscribe_all(state, now, filter);
+            if let Some((sensor, wanted)) = state.filters.remove_entry(filter) {
+                shared.set_all(state, now, &wanted.routed, &sensor, None);
+            }
             return;
         }
         let highest = wanted.highest();
         if highest != wanted.upstream {
             wanted.upstream = highest;
-            shared.subscribe_all(state, now, filter, highest);
+            let routed = wanted.routed.clone();
+            let sensor: Arc<str> = Arc::from(filter);
+            shared.set_all(state, now, &routed, &sensor, Some(highest));
         }
     }
 
@@ -360,6 +772,10 @@ mod tests {
     }
 
     fn setup(fakes: Vec<Fake>, max_filters: usize) -> Setup {
+        setup_with(fakes, max_filters, RouteTable::everything())
+    }
+
+    fn setup_with(fakes: Vec<Fake>, max_filters: usize, routes: RouteTable) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let config = SpoolConfig {
             dir: PathBuf::from(dir.path()),
@@ -385,12 +801,7 @@ mod tests {
             })
             .collect();
         Setup {
-            router: Router::new(
-                appender,
-                upstreams,
-                max_filters,
-                Arc::new(RouteTable::everything()),
-            ),
+            router: Router::new(appender, upstreams, max_filters, Arc::new(routes)),
             fakes,
             links,
             _dir: dir,
@@ -527,5 +938,284 @@ mod tests {
             accepted: true,
         }];
         assert_eq!((a_reply, b_reply), (accepted.clone(), accepted));
+    }
+
+    /// An ingress taking downlink on its own channel (of `bound` messages).
+    fn downlink_ingress(
+        router: &Router,
+        bound: usize,
+    ) -> (IngressHandle, mpsc::Receiver<Downlink>) {
+        let (tx, rx) = mpsc::channel(bound);
+        (ingress(router).with_downlink(tx), rx)
+    }
+
+    /// A QoS 1 downlink message whose acknowledgements are counted.
+    fn downlink(
+        upstream: usize,
+        topic: &str,
+        filters: Option<&[&str]>,
+    ) -> (Downlink, Arc<AtomicUsize>) {
+        let acks = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&acks);
+        let message = Downlink {
+            upstream,
+            topic: topic.to_owned(),
+            payload: Bytes::from_static(b"d"),
+            qos: Qos::AtLeastOnce,
+            retain: false,
+            filters: filters.map(|f| f.iter().map(|f| Arc::from(*f)).collect()),
+            ack: DownlinkAck::from_fn(move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }),
+        };
+        (message, acks)
+    }
+
+    fn acked(acks: &AtomicUsize) -> usize {
+        acks.load(Ordering::SeqCst)
+    }
+
+    fn names(filters: Option<&Vec<Arc<str>>>) -> Option<Vec<&str>> {
+        filters.map(|f| f.iter().map(|f| &**f).collect())
+    }
+
+    #[tokio::test]
+    async fn downlink_goes_to_every_matching_ingress_and_is_acked_after_both() {
+        let s = setup(vec![Fake::default()], 8);
+        let (a, mut rx_a) = downlink_ingress(&s.router, 4);
+        let (b, mut rx_b) = downlink_ingress(&s.router, 4);
+        let (c, mut rx_c) = downlink_ingress(&s.router, 4);
+        a.subscribe(now(), "t/#", Qos::AtLeastOnce).unwrap();
+        b.subscribe(now(), "t/+", Qos::AtMostOnce).unwrap();
+        c.subscribe(now(), "other", Qos::AtLeastOnce).unwrap();
+        let (message, acks) = downlink(0, "t/1", None);
+        s.router.downlink_router().route(message).await;
+        let copy_a = rx_a.try_recv().unwrap();
+        let copy_b = rx_b.try_recv().unwrap();
+        assert!(rx_c.try_recv().is_err(), "c's filter does not match");
+        assert_eq!(
+            (copy_a.topic.as_str(), copy_b.topic.as_str()),
+            ("t/1", "t/1")
+        );
+        assert_eq!(copy_a.qos, Qos::AtLeastOnce, "the QoS as delivered");
+        assert_eq!(
+            copy_a.filters, None,
+            "no filters from the upstream: none named"
+        );
+        copy_a.ack.ack();
+        assert_eq!(acked(&acks), 0, "b has not acknowledged yet");
+        copy_b.ack.ack();
+        assert_eq!(acked(&acks), 1);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_or_undeliverable_copy_means_no_ack() {
+        let s = setup(vec![Fake::default()], 8);
+        let (a, mut rx_a) = downlink_ingress(&s.router, 4);
+        let (b, mut rx_b) = downlink_ingress(&s.router, 4);
+        a.subscribe(now(), "t", Qos::AtLeastOnce).unwrap();
+        b.subscribe(now(), "t", Qos::AtLeastOnce).unwrap();
+        let downlink_router = s.router.downlink_router();
+
+        let (message, acks) = downlink(0, "t", None);
+        downlink_router.route(message).await;
+        rx_a.try_recv().unwrap().ack.ack();
+        drop(rx_b.try_recv().unwrap());
+        assert_eq!(acked(&acks), 0, "b dropped its copy");
+
+        drop(rx_b);
+        let (message, acks) = downlink(0, "t", None);
+        downlink_router.route(message).await;
+        rx_a.try_recv().unwrap().ack.ack();
+        assert_eq!(acked(&acks), 0, "b is gone");
+        assert_eq!(
+            s.router
+                .downlink_stats()
+                .ingress_gone
+                .load(Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn downlink_nobody_wants_is_acked_and_counted() {
+        let s = setup(vec![Fake::default()], 8);
+        let (a, mut rx_a) = downlink_ingress(&s.router, 4);
+        // An uplink-only ingress is never a target, whatever it subscribed.
+        let uplink_only = ingress(&s.router);
+        a.subscribe(now(), "t", Qos::AtLeastOnce).unwrap();
+        uplink_only.subscribe(now(), "u", Qos::AtLeastOnce).unwrap();
+        for topic in ["u", "v"] {
+            let (message, acks) = downlink(0, topic, None);
+            s.router.downlink_router().route(message).await;
+            assert_eq!(acked(&acks), 1, "{topic}");
+        }
+        assert!(rx_a.try_recv().is_err());
+        assert_eq!(
+            s.router.downlink_stats().unmatched.load(Ordering::Relaxed),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn filters_from_the_upstream_pick_the_subscribers_of_the_copy() {
+        let s = setup(vec![Fake::default()], 8);
+        let (a, mut rx_a) = downlink_ingress(&s.router, 4);
+        let (b, mut rx_b) = downlink_ingress(&s.router, 4);
+        a.subscribe(now(), "t/#", Qos::AtLeastOnce).unwrap();
+        a.subscribe(now(), "t/1", Qos::AtLeastOnce).unwrap();
+        b.subscribe(now(), "t/1", Qos::AtLeastOnce).unwrap();
+        let downlink_router = s.router.downlink_router();
+
+        let (message, acks) = downlink(0, "t/1", Some(&["t/#"]));
+        downlink_router.route(message).await;
+        let copy = rx_a.try_recv().unwrap();
+        assert_eq!(names(copy.filters.as_ref()), Some(vec!["t/#"]));
+        assert!(rx_b.try_recv().is_err(), "the copy is for t/# only");
+        copy.ack.ack();
+        assert_eq!(acked(&acks), 1);
+
+        let (message, _) = downlink(0, "t/1", Some(&["t/1", "t/#"]));
+        downlink_router.route(message).await;
+        let copy = rx_a.try_recv().unwrap();
+        assert_eq!(names(copy.filters.as_ref()), Some(vec!["t/1", "t/#"]));
+        let copy = rx_b.try_recv().unwrap();
+        assert_eq!(names(copy.filters.as_ref()), Some(vec!["t/1"]));
+
+        // A filter nobody holds (any more) names no subscriber.
+        let (message, acks) = downlink(0, "t/1", Some(&["t/+"]));
+        downlink_router.route(message).await;
+        assert!(rx_a.try_recv().is_err() && rx_b.try_recv().is_err());
+        assert_eq!(acked(&acks), 1);
+    }
+
+    #[tokio::test]
+    async fn subscriptions_and_downlink_follow_the_routes() {
+        let spec = |filter: &str, upstream: &str| crate::route::RouteSpec {
+            filter: filter.to_owned(),
+            upstreams: vec![upstream.to_owned()],
+            ..Default::default()
+        };
+        let routes = RouteTable::compile(
+            &[spec("a/#", "one"), spec("b/#", "two")],
+            &["one", "two", "uplink-only"],
+            "gw",
+        )
+        .unwrap();
+        let s = setup_with(
+            vec![Fake::default(), Fake::default(), Fake::default()],
+            8,
+            routes,
+        );
+        let (a, mut rx_a) = downlink_ingress(&s.router, 4);
+        a.subscribe(now(), "a/#", Qos::AtLeastOnce).unwrap();
+        for fake in &s.fakes[..2] {
+            assert_eq!(fake.take(), [sub("a/#", Qos::AtLeastOnce)]);
+        }
+        assert_eq!(s.fakes[2].take(), [], "no route takes downlink from it");
+
+        // Downlink from the upstream without the subscription is nobody's.
+        let (message, acks) = downlink(2, "a/1", None);
+        s.router.downlink_router().route(message).await;
+        assert!(rx_a.try_recv().is_err());
+        assert_eq!(acked(&acks), 1);
+        let (message, _) = downlink(1, "a/1", None);
+        s.router.downlink_router().route(message).await;
+        assert_eq!(rx_a.try_recv().unwrap().topic, "a/1");
+
+        a.unsubscribe(now(), "a/#");
+        for fake in &s.fakes[..2] {
+            assert_eq!(fake.take(), [Call::Unsub("a/#".to_owned())]);
+        }
+        assert_eq!(s.fakes[2].take(), [], "released exactly what was taken");
+    }
+
+    #[tokio::test]
+    async fn the_downlink_router_runs_until_its_input_ends_or_it_is_stopped() {
+        let s = setup(vec![Fake::default()], 8);
+        let (a, mut rx_a) = downlink_ingress(&s.router, 4);
+        a.subscribe(now(), "t", Qos::AtLeastOnce).unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        let (message, acks) = downlink(0, "t", None);
+        tx.send(message).await.unwrap();
+        drop(tx);
+        s.router
+            .downlink_router()
+            .run(rx, CancellationToken::new())
+            .await;
+        rx_a.try_recv().unwrap().ack.ack();
+        assert_eq!(acked(&acks), 1);
+
+        // Stopped while waiting for room in a full ingress: that message is not acknowledged.
+        let (tx, rx) = mpsc::channel(8);
+        for _ in 0..4 {
+            tx.send(downlink(0, "t", None).0).await.unwrap();
+        }
+        let (message, acks) = downlink(0, "t", None);
+        tx.send(message).await.unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(s.router.downlink_router().run(rx, stop.clone()));
+        for _ in 0..100_000 {
+            if rx_a.len() == 4 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(rx_a.len(), 4, "the ingress's channel is full");
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(acked(&acks), 0);
+    }
+
+    #[test]
+    fn a_local_message_goes_to_the_other_matching_ingresses_only() {
+        let s = setup(vec![Fake::default()], 8);
+        let (a, mut rx_a) = downlink_ingress(&s.router, 4);
+        assert!(!a.has_peers(), "alone, local delivery has nobody to reach");
+        a.subscribe(now(), "t/#", Qos::AtLeastOnce).unwrap();
+        a.deliver_local(&Message::new("t/1", "x", Qos::ExactlyOnce, true));
+        assert!(rx_a.try_recv().is_err(), "never back to its own ingress");
+
+        let (b, mut rx_b) = downlink_ingress(&s.router, 4);
+        let (_c, mut rx_c) = downlink_ingress(&s.router, 4);
+        assert!(a.has_peers());
+        b.subscribe(now(), "t/+", Qos::AtMostOnce).unwrap();
+        b.subscribe(now(), "t/1", Qos::AtMostOnce).unwrap();
+        a.deliver_local(&Message::new("t/1", "x", Qos::ExactlyOnce, true));
+        assert!(rx_a.try_recv().is_err());
+        assert!(rx_c.try_recv().is_err(), "c subscribed nothing");
+        let copy = rx_b.try_recv().unwrap();
+        assert_eq!(copy.upstream, LOCAL_UPSTREAM);
+        assert_eq!(
+            (copy.topic.as_str(), copy.qos, copy.retain),
+            ("t/1", Qos::ExactlyOnce, true)
+        );
+        let mut filters = names(copy.filters.as_ref()).unwrap();
+        filters.sort_unstable();
+        assert_eq!(filters, ["t/+", "t/1"]);
+        assert!(!copy.ack.is_required(), "nothing to acknowledge");
+        assert!(rx_b.try_recv().is_err(), "one copy per ingress");
+
+        b.deliver_local(&Message::new("t/2", "y", Qos::AtMostOnce, false));
+        assert_eq!(rx_a.try_recv().unwrap().topic, "t/2");
+    }
+
+    #[test]
+    fn a_local_copy_for_a_full_ingress_is_dropped_not_waited_for() {
+        let s = setup(vec![Fake::default()], 8);
+        let (a, _rx_a) = downlink_ingress(&s.router, 4);
+        let (b, mut rx_b) = downlink_ingress(&s.router, 1);
+        b.subscribe(now(), "t", Qos::AtLeastOnce).unwrap();
+        a.deliver_local(&Message::new("t", "1", Qos::AtLeastOnce, false));
+        a.deliver_local(&Message::new("t", "2", Qos::AtLeastOnce, false));
+        assert_eq!(rx_b.try_recv().unwrap().payload, Bytes::from_static(b"1"));
+        assert!(rx_b.try_recv().is_err());
+        assert_eq!(
+            s.router
+                .downlink_stats()
+                .local_dropped
+                .load(Ordering::Relaxed),
+            1
+        );
     }
 }

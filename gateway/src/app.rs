@@ -33,8 +33,9 @@ const REPLY_CHANNEL: usize = 1024;
 /// How often the spool's counters are logged (only when they changed).
 const STATUS_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Bound of the channel carrying downlink messages from the upstreams to the core; when full,
-/// the upstream connections wait (backpressure toward the brokers).
+/// Bound of the channel carrying downlink messages from the upstreams to the router, and of
+/// each ingress's downlink channel from the router; when full, the router or the upstream
+/// connections wait (backpressure toward the brokers).
 const DOWNLINK_CHANNEL: usize = 4096;
 
 /// Why the gateway could not run.
@@ -276,7 +277,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         config.mqttsn.core.max_filters,
         Arc::clone(&routes),
     );
-    let ingress = router.ingress(reply_tx);
+    // The upstreams' downlink goes to the router's task, which hands each ingress its share
+    // on the ingress's own channel.
+    let (ingress_downlink_tx, ingress_downlink_rx) = mpsc::channel(DOWNLINK_CHANNEL);
+    let ingress = router.ingress(reply_tx).with_downlink(ingress_downlink_tx);
+    let downlink_stop = shutdown.child_token();
+    let downlink_router = tokio::spawn(
+        router
+            .downlink_router()
+            .run(downlink_rx, downlink_stop.clone()),
+    );
     // The writer stops once every appender is gone: only the ingresses' keep it running.
     drop(router);
     let driver = UdpDriver::new(
@@ -284,13 +294,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         sockets,
         ingress,
         reply_rx,
-        downlink_rx,
+        ingress_downlink_rx,
         config.mqttsn.recv_batch,
         config.mqttsn.core.max_packet_size,
     )
     .with_session_store(store);
     tracing::info!(listeners = config.mqttsn.listen.len(), "sensorgate ready.");
     let result = driver.run(shutdown).await.map_err(RunError::Transport);
+    // Also when the driver failed; what it still held is not acknowledged to the brokers.
+    downlink_stop.cancel();
+    let _ = downlink_router.await;
 
     // The driver handed its last changes over and dropped its end: the store commits what is
     // queued (releasing the acknowledgements that waited) before the upstreams stop.

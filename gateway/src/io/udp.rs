@@ -2,13 +2,17 @@
 //! datagrams, the spool's verdicts (a sensor's QoS 1/2 publish is accepted once it is durable
 //! in the spool), downlink messages and timer expiries into it and its output out.
 //!
-//! It makes no protocol decisions and sees no upstream, only the router's [`IngressHandle`].
+//! It makes no protocol decisions and sees no upstream, only the router's [`IngressHandle`]:
+//! downlink comes from the router on this ingress's own channel, and a sensor's accepted
+//! publish is handed back to it for the other ingresses' subscribers
+//! ([`IngressHandle::deliver_local`]; the core serves its own).
 //! Per wake-up it reads up to `recv_batch` datagrams from each ready socket, then drains the
 //! core's events (to the ingress handle) and transmits (to the sockets), so a burst is handled
 //! with one flush. With a session store, it then hands the
 //! round's persisted session changes and the broker acknowledgements that wait for them to the
 //! store thread ([`StoreLink`]), never waiting for the disk itself.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +24,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use sensorgate_bridges::message::Downlink;
+use sensorgate_bridges::message::{Downlink, Message};
 use sensorgate_bridges::router::IngressHandle;
 use sensorgate_bridges::spool::AppendReply;
 
@@ -33,6 +37,10 @@ const SEND_BATCH: usize = 64;
 
 /// Downlink messages taken per wake-up beyond the first, before output is flushed.
 const DOWNLINK_BATCH: usize = 255;
+
+/// Most accepted-pending QoS 1/2 publishes kept for local delivery to the other ingresses
+/// (a copy each while the spool's verdict is out; beyond it a copy is not delivered to them).
+const LOCAL_PENDING_MAX: usize = 65_536;
 
 /// Receive batches taken from each socket per round beyond the one that woke the driver,
 /// before output is flushed.
@@ -156,7 +164,14 @@ pub struct UdpDriver {
     /// ingresses by the router) and the upstreams' link state. The driver sees no upstream.
     ingress: IngressHandle,
     replies: mpsc::Receiver<Vec<AppendReply>>,
+    /// This ingress's share of the downlink, from the router (registered with
+    /// `IngressHandle::with_downlink`): the upstreams' messages for its filters and the other
+    /// ingresses' local messages.
     downlink: mpsc::Receiver<Downlink>,
+    /// Token -> a copy of a QoS 1/2 publish whose verdict is out, for the other ingresses
+    /// once accepted (only while another ingress takes downlink); at most
+    /// [`LOCAL_PENDING_MAX`].
+    local_pending: HashMap<u64, Message>,
     rx: RecvBatch,
     tx: Vec<SendBatch>,
     /// Where persisted session changes go, with the broker acknowledgements that wait for
@@ -167,7 +182,8 @@ pub struct UdpDriver {
 impl UdpDriver {
     /// Assembles a driver: uplink messages and subscriptions go through `ingress`; the
     /// spool's verdicts on tokened messages come back on `replies` (the channel `ingress` was
-    /// registered with), and messages from the upstreams' subscriptions on `downlink`.
+    /// registered with), and the router's downlink for this ingress on `downlink` (the channel
+    /// given to `IngressHandle::with_downlink`).
     pub fn new(
         core: Core,
         sockets: Vec<UdpSocket>,
@@ -187,6 +203,7 @@ impl UdpDriver {
             ingress,
             replies,
             downlink,
+            local_pending: HashMap::new(),
             // One byte more than the limit so oversize datagrams are seen as such.
             rx: RecvBatch::new(recv_batch, max_packet_size + 1),
             tx,
@@ -352,6 +369,7 @@ impl UdpDriver {
     /// The spool's verdicts: accepted once durable, else congestion (the sensor retries).
     fn on_replies(&mut self, now: Instant, replies: &[AppendReply]) {
         for reply in replies {
+            self.deliver_accepted(reply);
             let outcome = if reply.accepted {
                 PublishOutcome::Accepted
             } else {
@@ -361,16 +379,50 @@ impl UdpDriver {
         }
     }
 
+    /// Keeps a copy of a sensor's publish for the other ingresses (their subscribers), which
+    /// get it when it is accepted: at once without a token (QoS 0 and Wills, which the core
+    /// delivers to its own sessions at once too), with a token once the spool's verdict says
+    /// accepted. Nothing is kept while no other ingress takes downlink.
+    fn keep_local(&mut self, message: &Message, token: Option<u64>) {
+        if !self.ingress.has_peers() {
+            return;
+        }
+        match token {
+            None => self.ingress.deliver_local(message),
+            Some(token) if self.local_pending.len() < LOCAL_PENDING_MAX => {
+                self.local_pending.insert(token, message.clone());
+            }
+            Some(_) => tracing::debug!(
+                topic = %message.topic,
+                "Too many publishes awaiting their verdict; this one is not delivered to the other ingresses."
+            ),
+        }
+    }
+
+    /// A verdict on a kept copy: accepted goes to the other ingresses, refused is forgotten.
+    fn deliver_accepted(&mut self, reply: &AppendReply) {
+        if self.local_pending.is_empty() {
+            return;
+        }
+        if let Some(message) = self.local_pending.remove(&reply.token) {
+            if reply.accepted {
+                self.ingress.deliver_local(&message);
+            }
+        }
+    }
+
     #[allow(clippy::disallowed_methods)]
     async fn flush(&mut self, tx_buf: &mut Vec<u8>) -> io::Result<()> {
         let now = Instant::now();
         while let Some(event) = self.core.poll_event() {
             match event {
                 Event::Publish { message, token } => {
+                    self.keep_local(&message, token);
                     // A full spool queue refuses at once: congestion, the sensor retries
                     // (QoS 0: dropped). Counted as `queue_full` in the spool status.
                     if self.ingress.append(message, token).is_err() {
                         if let Some(token) = token {
+                            self.local_pending.remove(&token);
                             self.core
                                 .handle_publish_result(now, token, PublishOutcome::Congestion);
                         }
