@@ -1,6 +1,7 @@
 //! Config validation tests: every error located, all of them reported.
 
 use std::path::Path;
+use std::time::Duration;
 
 use super::*;
 
