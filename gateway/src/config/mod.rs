@@ -18,13 +18,16 @@ mod check;
 mod diag;
 mod gateway;
 mod mqttsn;
+mod route;
 mod spool;
 pub mod units;
 mod upstream;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sensorgate_bridges::mqtt::{MAX_SUBSCRIPTIONS, MqttVersion};
+use sensorgate_bridges::route::{RouteSpec, RouteTable};
 use sensorgate_bridges::spool::{FsyncPolicy, WhenFull};
 use serde::Deserialize;
 use serde::de::{Deserializer, Visitor};
@@ -35,6 +38,8 @@ pub use gateway::{GatewaySection, LogSection};
 use gateway::{RawGateway, RawLog};
 pub use mqttsn::MqttSnSection;
 use mqttsn::{RawMqttSn, RawPredefined};
+use route::RawRoute;
+pub use route::{MAX_ROUTES, PLACEHOLDERS};
 use spool::RawSpool;
 pub use spool::SpoolSection;
 use upstream::RawUpstream;
@@ -58,6 +63,11 @@ pub struct Config {
     pub spool: SpoolSection,
     /// `[[upstream]]`, in file order.
     pub upstreams: Vec<Upstream>,
+    /// `[[route]]`, compiled against `upstreams` (indexes are theirs);
+    /// [`RouteTable::everything`] when there is none.
+    pub routes: Arc<RouteTable>,
+    /// `[[route]]` as written, in file order (for summaries).
+    pub route_specs: Vec<RouteSpec>,
 }
 
 /// Why a config could not be loaded.
@@ -192,6 +202,32 @@ impl Config {
                 )),
             }
         }
+        if self.route_specs.is_empty() {
+            s.push_str("routes: none, every message goes to every upstream unchanged\n");
+        }
+        for (i, spec) in self.route_specs.iter().enumerate() {
+            s.push_str(&format!(
+                "route {i}: `{}` to {}",
+                spec.filter,
+                spec.upstreams.join(", ")
+            ));
+            if let Some(p) = &spec.strip_prefix {
+                s.push_str(&format!(", strip `{p}`"));
+            }
+            if let Some(p) = &spec.add_prefix {
+                s.push_str(&format!(", add `{p}`"));
+            }
+            if let Some(t) = &spec.template {
+                s.push_str(&format!(", as `{t}`"));
+            }
+            if let Some(q) = spec.qos_max {
+                s.push_str(&format!(", QoS at most {}", route::qos_number(q)));
+            }
+            s.push('\n');
+        }
+        if !self.route_specs.is_empty() {
+            s.push_str("routes: a message no route matches is refused\n");
+        }
         s
     }
 }
@@ -282,6 +318,7 @@ fn known_fields(key: &KeyPath) -> &'static [&'static str] {
         ["mqttsn", "predefined_topic"] => fields_of::<RawPredefined>(),
         ["spool"] => fields_of::<RawSpool>(),
         ["upstream"] => fields_of::<RawUpstream>(),
+        ["route"] => fields_of::<RawRoute>(),
         _ => &[],
     }
 }
@@ -340,6 +377,7 @@ struct RawConfig {
     mqttsn: RawMqttSn,
     spool: RawSpool,
     upstream: Vec<RawUpstream>,
+    route: Vec<RawRoute>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -359,6 +397,17 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
         .map_or(MAX_SUBSCRIPTIONS, |m| m.core.max_filters);
     let upstreams =
         upstream::compile_upstreams(&raw.upstream, gw_id.unwrap_or(0), base, max_filters, r);
+    let known: Vec<&str> = raw.upstream.iter().filter_map(|u| u.name()).collect();
+    let compiled: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+    let all_compiled = compiled.len() == raw.upstream.len();
+    let routes = route::compile_routes(
+        &raw.route,
+        &known,
+        all_compiled.then_some(compiled.as_slice()),
+        gw_id.unwrap_or(0),
+        r,
+    );
+    let routes = routes?;
     Some(Config {
         file: file.to_owned(),
         gateway: gateway?,
@@ -366,6 +415,8 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
         mqttsn: mqttsn?,
         spool: spool?,
         upstreams,
+        routes: routes.table,
+        route_specs: routes.specs,
     })
 }
 

@@ -86,6 +86,13 @@ pub(super) struct RawUpstream {
     heartbeat: Option<DurationText>,
 }
 
+impl RawUpstream {
+    /// The name as written, if any.
+    pub(super) fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+}
+
 fn default_ack_timeout() -> DurationText {
     "5s".into()
 }
