@@ -201,6 +201,18 @@ impl Config {
                     u.name, u.url, a.exchange
                 )),
             }
+            let limit = &u.max_backlog;
+            let bytes = limit.bytes.map(units::format_size);
+            let age = limit.age.map(|a| humantime::format_duration(a).to_string());
+            let bounds: Vec<String> = bytes.into_iter().chain(age).collect();
+            if !bounds.is_empty() {
+                s.push_str(&format!(
+                    "upstream {}: backlog at most {}, beyond it its oldest records are given up \
+                     for it alone (counted)\n",
+                    u.name,
+                    bounds.join(" and ")
+                ));
+            }
         }
         if self.route_specs.is_empty() {
             s.push_str("routes: none, every message goes to every upstream unchanged\n");

@@ -631,3 +631,77 @@ fn route_table_errors_are_located_at_their_key() {
     r.at_path(&route::route_error_path(&error), "wrong".into(), None);
     assert_eq!(r.finish()[0].line, position_of(&text, "[[route]]").0);
 }
+
+#[test]
+fn backlog_caps_default_to_unbounded_and_are_read_for_every_kind() {
+    use sensorgate_bridges::spool::BacklogLimit;
+    let c = Config::parse(Path::new("test.toml"), &with_routes("")).unwrap();
+    assert_eq!(c.upstreams[0].max_backlog, BacklogLimit::default());
+    assert_eq!(c.upstreams[1].max_backlog, BacklogLimit::default());
+    assert!(!c.summary().contains("backlog at most"));
+
+    let text = MINIMAL.replace(
+        "remote_prefix = \"\"",
+        "remote_prefix = \"\"\nmax_backlog_age = \"36h\"",
+    ) + AMQP
+        + "max_backlog = \"2GiB\"\nmax_backlog_age = \"7d\"\n";
+    let c = Config::parse(Path::new("test.toml"), &text).unwrap();
+    assert_eq!(
+        c.upstreams[0].max_backlog,
+        BacklogLimit {
+            bytes: None,
+            age: Some(Duration::from_secs(36 * 3600)),
+        }
+    );
+    assert_eq!(
+        c.upstreams[1].max_backlog,
+        BacklogLimit {
+            bytes: Some(2 << 30),
+            age: Some(Duration::from_secs(7 * 86_400)),
+        }
+    );
+    let summary = c.summary();
+    assert!(
+        summary.contains("upstream local: backlog at most 1day 12h, beyond it"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("upstream cloud: backlog at most 2GiB and 7days, beyond it"),
+        "{summary}"
+    );
+}
+
+#[test]
+fn backlog_caps_are_range_checked_and_located() {
+    let text = MINIMAL.replace(
+        "remote_prefix = \"\"",
+        "remote_prefix = \"\"\nmax_backlog = \"512KiB\"\nmax_backlog_age = \"0s\"",
+    ) + AMQP
+        + "max_backlog = 100\nmax_backlog_age = \"soon\"\n";
+    let d = errors(&text);
+    let msgs: Vec<&str> = d.iter().map(|d| d.message.as_str()).collect();
+    assert_eq!(d.len(), 4, "{msgs:#?}");
+    assert_eq!(
+        msgs[0],
+        "`upstream[0].max_backlog`: 512KiB is out of range 1MiB..=64TiB"
+    );
+    let at = position_of(&text, "max_backlog = \"512KiB\"");
+    assert_eq!(
+        (d[0].line, d[0].column),
+        (at.0, at.1 + "max_backlog = ".len())
+    );
+    assert!(
+        msgs[1].starts_with("`upstream[0].max_backlog_age`: 0s is out of range 1s..="),
+        "{}",
+        msgs[1]
+    );
+    assert_eq!(
+        msgs[2],
+        "`upstream[1].max_backlog`: expected a size such as \"4KiB\", found the integer 100"
+    );
+    assert!(
+        msgs[3].starts_with("`upstream[1].max_backlog_age`: invalid duration `soon`"),
+        "{}",
+        msgs[3]
+    );
+}

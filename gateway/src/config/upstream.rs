@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use sensorgate_bridges::amqp::AmqpUpstreamConfig;
 use sensorgate_bridges::mqtt::{MAX_SUBSCRIPTIONS, MqttUpstreamConfig, MqttVersion, TlsSettings};
+use sensorgate_bridges::spool::BacklogLimit;
 use sensorgate_bridges::topic::{self, TopicError};
 use serde::Deserialize;
 
-use super::DurationText;
-use super::check::{duration_in, int_in};
+use super::check::{duration_in, int_in, size_in};
 use super::diag::{self, KeyPath, Reporter};
+use super::{DurationText, SizeText};
 
 /// One `[[upstream]]`.
 #[derive(Debug, Clone)]
@@ -22,6 +23,10 @@ pub struct Upstream {
     /// A QoS >= 1 message unacknowledged this long means the broker is gone: reconnect and
     /// resend.
     pub ack_timeout: Duration,
+    /// How far this upstream may fall behind (`max_backlog`, `max_backlog_age`); past it, its
+    /// oldest records are given up for this upstream only (counted), so a dead link cannot
+    /// fill the spool and stop the others. Unbounded by default.
+    pub max_backlog: BacklogLimit,
     /// The URL as written (for summaries; credentials never appear in it).
     pub url: String,
     /// Kind-specific settings.
@@ -78,6 +83,12 @@ pub(super) struct RawUpstream {
     queue: i64,
     #[serde(default = "default_ack_timeout")]
     ack_timeout: DurationText,
+    /// Spool bytes behind this upstream's cursor at most; unbounded when absent.
+    #[serde(default)]
+    max_backlog: Option<SizeText>,
+    /// Age of the oldest record behind this upstream's cursor at most; unbounded when absent.
+    #[serde(default)]
+    max_backlog_age: Option<DurationText>,
     /// `kind = "amqp"` only; default [`sensorgate_bridges::amqp::config::DEFAULT_EXCHANGE`].
     #[serde(default)]
     exchange: Option<String>,
@@ -375,13 +386,15 @@ fn compile_upstream(
     Some(Upstream {
         name,
         ack_timeout: link.ack_timeout,
+        max_backlog: link.max_backlog,
         url,
         kind: UpstreamKind::Mqtt(config),
     })
 }
 
 /// The settings every upstream kind has: connect timeout, reconnect backoff, in-flight
-/// window, ack timeout and request queue; `None` when one of them is wrong (reported).
+/// window, ack timeout, request queue and backlog cap; `None` when one of them is wrong
+/// (reported).
 fn link_settings(path: &KeyPath, u: &RawUpstream, r: &mut Reporter<'_>) -> Option<LinkSettings> {
     let connect_timeout = duration_in(
         r,
@@ -422,15 +435,49 @@ fn link_settings(path: &KeyPath, u: &RawUpstream, r: &mut Reporter<'_>) -> Optio
         Duration::from_secs(3600),
     );
     let queue = int_in::<usize>(r, &path.key("queue"), u.queue, 1, 1_000_000);
+    let max_backlog = backlog_limit(path, u, r);
     Some(LinkSettings {
         connect_timeout: connect_timeout?,
         backoff_initial: backoff_initial?,
         backoff_max: backoff_max?,
         max_inflight: max_inflight?,
         ack_timeout: ack_timeout?,
+        max_backlog: max_backlog?,
         queue: queue?,
     })
 }
+
+/// `max_backlog` and `max_backlog_age`, each unbounded when absent; `None` when one is wrong
+/// (reported).
+fn backlog_limit(path: &KeyPath, u: &RawUpstream, r: &mut Reporter<'_>) -> Option<BacklogLimit> {
+    let bytes = match &u.max_backlog {
+        None => Some(None),
+        Some(text) => size_in(r, &path.key("max_backlog"), text, MIN_BACKLOG, MAX_BACKLOG)
+            .map(|b| Some(b as u64)),
+    };
+    let age = match &u.max_backlog_age {
+        None => Some(None),
+        Some(text) => duration_in(
+            r,
+            &path.key("max_backlog_age"),
+            text,
+            MIN_BACKLOG_AGE,
+            MAX_BACKLOG_AGE,
+        )
+        .map(Some),
+    };
+    Some(BacklogLimit {
+        bytes: bytes?,
+        age: age?,
+    })
+}
+
+/// The range of `max_backlog`: below a mebibyte a short hiccup would already cost records.
+const MIN_BACKLOG: u64 = 1 << 20;
+const MAX_BACKLOG: u64 = 64 << 40;
+/// The range of `max_backlog_age`.
+const MIN_BACKLOG_AGE: Duration = Duration::from_secs(1);
+const MAX_BACKLOG_AGE: Duration = Duration::from_secs(10 * 365 * 86_400);
 
 /// See [`link_settings`].
 struct LinkSettings {
@@ -440,6 +487,7 @@ struct LinkSettings {
     max_inflight: u16,
     ack_timeout: Duration,
     queue: usize,
+    max_backlog: BacklogLimit,
 }
 
 /// `[[upstream]] kind = "amqp"`: URL (credentials and vhost in it), exchange, heartbeat and
@@ -516,6 +564,7 @@ fn compile_amqp_upstream(
     Some(Upstream {
         name,
         ack_timeout: link.ack_timeout,
+        max_backlog: link.max_backlog,
         // Summaries and logs never show the password.
         url: config.redacted_url(),
         kind: UpstreamKind::Amqp(config),
