@@ -39,7 +39,7 @@ use gateway::{RawGateway, RawLog};
 pub use mqttsn::MqttSnSection;
 use mqttsn::{RawMqttSn, RawPredefined};
 use route::RawRoute;
-pub use route::{MAX_ROUTES, PLACEHOLDERS};
+pub use route::{MAX_REWRITE_BYTES, MAX_ROUTES, PLACEHOLDERS};
 use spool::RawSpool;
 pub use spool::SpoolSection;
 use upstream::RawUpstream;

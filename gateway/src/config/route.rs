@@ -24,7 +24,11 @@ use super::check::int_in;
 use super::diag::{self, KeyPath, Reporter};
 
 /// Routes at most: each message is matched against every route, so their number is bounded.
-pub const MAX_ROUTES: usize = 1024;
+/// The route table has the same bound (issue 12's routing work).
+pub const MAX_ROUTES: usize = 256;
+
+/// Longest `strip_prefix`, `add_prefix` or `template`, in bytes (the route table's bound).
+pub const MAX_REWRITE_BYTES: usize = 1024;
 
 /// The placeholders a `template` may use.
 pub const PLACEHOLDERS: [&str; 4] = ["topic", "client_id", "protocol", "gateway_id"];
@@ -86,7 +90,7 @@ pub(super) fn compile_routes(
     let table = match RouteTable::compile(&specs, compiled?, &gw_id.to_string()) {
         Ok(table) => table,
         Err(error) => {
-            r.at_path(&route_error_path(&error), error.message, None);
+            r.at_path(&route_error_path(&error), route_error_message(&error), None);
             return None;
         }
     };
@@ -107,6 +111,19 @@ pub(super) fn route_error_path(error: &RouteError) -> KeyPath {
         RouteField::QosMax => "qos_max",
     };
     KeyPath::root("route").index(error.route).key(key)
+}
+
+/// The table's message, without the key name it may start with (the diagnostic names the key).
+pub(super) fn route_error_message(error: &RouteError) -> String {
+    let key = match route_error_path(error).0.last() {
+        Some(diag::PathSeg::Key(key)) => format!("{key}: "),
+        _ => String::new(),
+    };
+    error
+        .message
+        .strip_prefix(key.as_str())
+        .unwrap_or(&error.message)
+        .to_owned()
 }
 
 /// One entry's keys, each checked and reported on its own; `None` when one is wrong.
@@ -239,6 +256,9 @@ fn check_prefix(
         return Some(None);
     };
     let message = match topic::validate_name(prefix) {
+        Ok(()) if prefix.len() > MAX_REWRITE_BYTES => {
+            format!("is longer than {MAX_REWRITE_BYTES} bytes")
+        }
         Ok(()) => return Some(Some(prefix.to_owned())),
         Err(TopicError::Empty) => "must not be empty (leave the key out for no prefix)".to_owned(),
         Err(TopicError::Wildcard) => "must not contain wildcards (`+`, `#`)".to_owned(),
@@ -248,8 +268,9 @@ fn check_prefix(
     None
 }
 
-/// A template: text with placeholders in braces, each one of [`PLACEHOLDERS`]; outside them,
-/// what a topic name may hold (no wildcards). The error is a message and a hint.
+/// A template: text with placeholders in braces, each one of [`PLACEHOLDERS`] (`{{` and `}}`
+/// are literal braces); outside them, what a topic name may hold (no wildcards), at most
+/// [`MAX_REWRITE_BYTES`]. The error is a message and a hint.
 pub(super) fn check_template(template: &str) -> Result<(), (String, Option<String>)> {
     let known = || {
         let list: Vec<String> = PLACEHOLDERS.iter().map(|p| format!("{{{p}}}")).collect();
@@ -264,22 +285,34 @@ pub(super) fn check_template(template: &str) -> Result<(), (String, Option<Strin
             )),
         ));
     }
+    if template.len() > MAX_REWRITE_BYTES {
+        return Err((format!("is longer than {MAX_REWRITE_BYTES} bytes"), None));
+    }
     // The literal text, placeholders left out, must be valid in a topic name.
     let mut literal = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(open) = rest.find(['{', '}']) {
         literal.push_str(rest.get(..open).unwrap_or_default());
-        let after = rest.get(open + 1..).unwrap_or_default();
-        if rest.get(open..=open) == Some("}") {
-            return Err(("has a `}` without a `{` before it".into(), Some(known())));
+        let tail = rest.get(open..).unwrap_or_default();
+        if let Some(after) = tail.strip_prefix("{{").or_else(|| tail.strip_prefix("}}")) {
+            literal.push_str(tail.get(..1).unwrap_or_default());
+            rest = after;
+            continue;
         }
+        if tail.starts_with('}') {
+            return Err((
+                "has a `}` that closes no placeholder".into(),
+                Some("write `}}` for a literal brace".into()),
+            ));
+        }
+        let after = tail.get(1..).unwrap_or_default();
         let Some(close) = after
             .find(['{', '}'])
             .filter(|&c| after.get(c..=c) == Some("}"))
         else {
             return Err((
                 "has a `{` that is not closed by a `}`".into(),
-                Some(known()),
+                Some(format!("write `{{{{` for a literal brace; {}", known())),
             ));
         };
         let name = after.get(..close).unwrap_or_default();

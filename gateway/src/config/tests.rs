@@ -520,8 +520,13 @@ fn templates_are_checked_locally() {
     );
     assert_eq!(
         check("a/topic}"),
-        Err("has a `}` without a `{` before it".into())
+        Err("has a `}` that closes no placeholder".into())
     );
+    // Doubled braces are literal braces.
+    assert_eq!(check("a/{{literal}}/{topic}"), Ok(()));
+    assert_eq!(check("a/}}{{"), Ok(()));
+    let long = format!("{}/{{topic}}", "x".repeat(MAX_REWRITE_BYTES));
+    assert_eq!(check(&long), Err("is longer than 1024 bytes".into()));
     assert_eq!(
         check("a/+/{topic}"),
         Err("must not contain wildcards (`+`, `#`)".into())
@@ -557,6 +562,31 @@ fn every_route_key_is_checked_and_all_errors_are_reported_together() {
     );
     // A missing key is reported at its entry.
     assert_eq!(d[0].line, position_of(&text, "[[route]]").0);
+}
+
+#[test]
+fn route_counts_and_prefix_lengths_are_bounded() {
+    let one = "[[route]]\nfilter = \"#\"\nupstreams = [\"local\"]\n";
+    let c = Config::parse(
+        Path::new("test.toml"),
+        &with_routes(&one.repeat(MAX_ROUTES)),
+    )
+    .unwrap();
+    assert_eq!(c.route_specs.len(), MAX_ROUTES);
+    let text = with_routes(&one.repeat(MAX_ROUTES + 1));
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_eq!(
+        d[0].message,
+        format!("`route[{MAX_ROUTES}]`: at most {MAX_ROUTES} routes can be configured")
+    );
+    let long = "x/".repeat(MAX_REWRITE_BYTES / 2 + 1);
+    let d = errors(&with_routes(&format!("{one}add_prefix = \"{long}\"\n")));
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_eq!(
+        d[0].message,
+        "`route[0].add_prefix`: is longer than 1024 bytes"
+    );
 }
 
 #[test]
@@ -621,6 +651,22 @@ fn route_table_errors_are_located_at_their_key() {
         );
         assert_eq!(d[0].message, format!("`route[1].{key}`: wrong"));
     }
+    // The table's messages may start with the key; the diagnostic names it already.
+    let error = RouteError {
+        route: 1,
+        field: RouteField::Template,
+        message: "template: unknown placeholder `{x}`".into(),
+    };
+    assert_eq!(
+        route::route_error_message(&error),
+        "unknown placeholder `{x}`"
+    );
+    let error = RouteError {
+        route: 1,
+        field: RouteField::Filter,
+        message: "template: is not stripped from another key's error".into(),
+    };
+    assert_eq!(route::route_error_message(&error), error.message);
     // A key the entry does not have: its entry.
     let error = RouteError {
         route: 0,
