@@ -11,11 +11,9 @@ use std::sync::Arc;
 
 use sensorgate_bridges::amqp::{AmqpConfigError, AmqpUpstream};
 use sensorgate_bridges::mqtt::{MqttUpstream, SetupError};
-use sensorgate_bridges::route::RouteTable;
 use sensorgate_bridges::router::{RoutedUpstream, Router};
 use sensorgate_bridges::spool::{
-    BacklogLimit, DrainConfig, DrainStats, OpenError, SharedSpool, Spool, SpoolStats, StdFs, drain,
-    start_writer,
+    DrainConfig, DrainStats, OpenError, SharedSpool, Spool, SpoolStats, StdFs, drain, start_writer,
 };
 
 use crate::config::{Config, UpstreamKind};
@@ -154,11 +152,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let mut tasks = Vec::new();
     let mut drains = Vec::new();
     let mut drain_stats = Vec::new();
-    // No `[[route]]` keys yet: every message goes to every upstream.
-    let routes = Arc::new(RouteTable::everything());
+    // `[[route]]`, or everything to every upstream when there is none.
+    let routes = Arc::clone(&config.routes);
     for (index, upstream) in config.upstreams.iter().enumerate() {
         let drain_config = |window: usize| DrainConfig {
-            max_backlog: BacklogLimit::default(),
+            max_backlog: upstream.max_backlog,
             window,
             rate_msgs: config.spool.drain_rate,
             rate_bytes: config.spool.drain_bytes_rate,

@@ -186,6 +186,83 @@ fn check_config_reports_four_mistakes_of_different_kinds_at_once() {
     assert!(!all.contains("i64"), "{all}");
 }
 
+/// Routes to a second upstream, a backlog cap on the first.
+const ROUTED: &str = "max_backlog = \"2GiB\"\nmax_backlog_age = \"7d\"\n\n\
+    [[upstream]]\nname = \"cloud\"\nkind = \"amqp\"\nurl = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\n\n\
+    [[route]]\nfilter = \"#\"\nupstreams = [\"local\"]\n\n\
+    [[route]]\nfilter = \"sensors/#\"\nupstreams = [\"local\", \"cloud\"]\n\
+    template = \"plants/{gateway_id}/{topic}\"\nqos_max = 1\n";
+
+#[test]
+fn check_config_accepts_routes_and_backlog_caps() {
+    let dir = temp_dir().unwrap();
+    let mut cfg = GatewayConfig::new(free_tcp_port().unwrap()).unwrap();
+    cfg.extra_sections = ROUTED.to_owned();
+    let path = dir.path().join("routes.toml");
+    std::fs::write(&path, cfg.render(&dir.path().join("state"))).unwrap();
+    let out = check_config(&path);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(all.contains("route 0: `#` to local\n"), "{all}");
+    assert!(
+        all.contains("route 1: `sensors/#` to local, cloud, as `plants/{gateway_id}/{topic}`"),
+        "{all}"
+    );
+    assert!(
+        all.contains("upstream local: backlog at most 2GiB and 7days"),
+        "{all}"
+    );
+}
+
+#[test]
+fn check_config_rejects_bad_routes_with_file_line_and_column() {
+    let dir = temp_dir().unwrap();
+    let mut cfg = GatewayConfig::new(free_tcp_port().unwrap()).unwrap();
+    cfg.extra_sections = ROUTED
+        .replace("[\"local\"]", "[\"clod\"]")
+        .replace("\"sensors/#\"", "\"sensors/#/t\"")
+        .replace("{gateway_id}", "{gw}");
+    let bad = cfg.render(&dir.path().join("state"));
+    let path = dir.path().join("bad-routes.toml");
+    std::fs::write(&path, &bad).unwrap();
+    let out = check_config(&path);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(EX_CONFIG), "{all}");
+    let errors: Vec<&str> = all.lines().filter(|l| l.contains(": error: ")).collect();
+    assert_eq!(errors.len(), 3, "{all}");
+    let file = path.to_str().unwrap();
+    for (needle, value, message) in [
+        (
+            "upstreams = [\"clod\"]",
+            "\"clod\"",
+            "`route[0].upstreams[0]`: no upstream is named `clod`",
+        ),
+        (
+            "filter = \"sensors/#/t\"",
+            "\"sensors/#/t\"",
+            "`route[1].filter`: `sensors/#/t` is not a valid topic filter",
+        ),
+        (
+            "template = ",
+            "\"plants/",
+            "`route[1].template`: unknown placeholder `{gw}`",
+        ),
+    ] {
+        let line = line_of(&bad, needle);
+        let column = bad.lines().nth(line - 1).unwrap().find(value).unwrap() + 1;
+        let prefix = format!("{file}:{line}:{column}: error: {message}");
+        assert!(
+            errors.iter().any(|e| e.starts_with(&prefix)),
+            "no `{prefix}` in:\n{all}"
+        );
+    }
+    assert!(all.contains("hint: did you mean `cloud`?"), "{all}");
+    assert!(
+        all.contains("hint: the placeholders are {topic}, {client_id}, {protocol}, {gateway_id}"),
+        "{all}"
+    );
+}
+
 #[test]
 fn check_config_on_a_missing_file_fails() {
     let dir = temp_dir().unwrap();

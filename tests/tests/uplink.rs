@@ -487,3 +487,34 @@ fn predefined_topic_limited_to_listed_clients() {
         msg(PREDEFINED_TOPIC, b"marker", 0, false)
     );
 }
+
+/// `run` takes `[[route]]` and the backlog caps from the config: a catch-all route to the one
+/// upstream delivers as without routes.
+#[test]
+fn a_catch_all_route_and_a_backlog_cap_deliver_as_before() {
+    let rig = Rig::start_with(|c| {
+        c.extra_sections = "max_backlog = \"1GiB\"\nmax_backlog_age = \"7d\"\n\n\
+                            [[route]]\nfilter = \"#\"\nupstreams = [\"local\"]\nqos_max = 2\n"
+            .into();
+        Ok(())
+    })
+    .unwrap();
+    let mut sub = rig.subscribe(&["sensors/#"]).unwrap();
+    let mut c = rig.connected("routed-client").unwrap();
+    let id = c.register("sensors/r/temp").unwrap();
+    let msg_id = c
+        .publish(Qos::One, TopicType::Normal, id, false, b"19.0")
+        .unwrap();
+    assert_eq!(
+        c.next_packet().unwrap(),
+        sn::Packet::Puback {
+            topic_id: id,
+            msg_id,
+            rc: sn::RC_ACCEPTED
+        }
+    );
+    assert_eq!(
+        sub.expect().unwrap(),
+        msg("sensors/r/temp", b"19.0", 1, false)
+    );
+}

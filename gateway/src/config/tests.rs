@@ -1,6 +1,7 @@
 //! Config validation tests: every error located, all of them reported.
 
 use std::path::Path;
+use std::time::Duration;
 
 use super::*;
 
@@ -368,4 +369,385 @@ fn a_bad_amqp_url_and_mqtt_only_keys_are_located() {
 fn amqp_keys_on_an_mqtt_upstream_are_errors() {
     let d = errors(&MINIMAL.replace("remote_prefix = \"\"", "exchange = \"x\""));
     assert!(d[0].message.contains("is an AMQP setting"), "{d:#?}");
+}
+
+/// MINIMAL and AMQP ("local" and "cloud") with two routes.
+fn with_routes(routes: &str) -> String {
+    format!("{MINIMAL}{AMQP}{routes}")
+}
+
+const ROUTES: &str = r##"
+[[route]]
+filter = "#"
+upstreams = ["local"]
+
+[[route]]
+filter = "sensors/#"
+upstreams = ["local", "cloud"]
+strip_prefix = "sensors/"
+template = "plants/{gateway_id}/{protocol}/{client_id}/{topic}"
+qos_max = 1
+"##;
+
+/// Line and column (1-based) of the first occurrence of `needle` in `text`.
+fn position_of(text: &str, needle: &str) -> (usize, usize) {
+    let offset = text.find(needle).unwrap();
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = offset - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+#[test]
+fn without_routes_everything_goes_everywhere() {
+    let c = Config::parse(Path::new("test.toml"), &with_routes("")).unwrap();
+    assert!(c.routes.is_everything());
+    assert!(c.route_specs.is_empty());
+    assert!(c.summary().contains("routes: none"), "{}", c.summary());
+}
+
+#[test]
+fn routes_are_compiled_against_the_upstreams() {
+    let c = Config::parse(Path::new("test.toml"), &with_routes(ROUTES)).unwrap();
+    assert!(!c.routes.is_everything());
+    assert_eq!(c.route_specs.len(), 2);
+    let spec = &c.route_specs[1];
+    assert_eq!(spec.filter, "sensors/#");
+    assert_eq!(spec.upstreams, ["local", "cloud"]);
+    assert_eq!(spec.strip_prefix.as_deref(), Some("sensors/"));
+    assert_eq!(spec.add_prefix, None);
+    assert_eq!(
+        spec.template.as_deref(),
+        Some("plants/{gateway_id}/{protocol}/{client_id}/{topic}")
+    );
+    assert_eq!(
+        spec.qos_max,
+        Some(sensorgate_bridges::message::Qos::AtLeastOnce)
+    );
+    let summary = c.summary();
+    assert!(summary.contains("route 0: `#` to local\n"), "{summary}");
+    assert!(
+        summary.contains("route 1: `sensors/#` to local, cloud, strip `sensors/`, as "),
+        "{summary}"
+    );
+    assert!(summary.contains("QoS at most 1"), "{summary}");
+    assert!(summary.contains("a message no route matches is refused"));
+
+    // Without a catch-all, a topic no route matches is refused.
+    let only = "[[route]]\nfilter = \"sensors/#\"\nupstreams = [\"cloud\"]\n";
+    let c = Config::parse(Path::new("test.toml"), &with_routes(only)).unwrap();
+    assert!(c.routes.accepts("sensors/t1"));
+    assert!(!c.routes.accepts("site/chatter"));
+}
+
+#[test]
+fn a_route_naming_an_unknown_upstream_is_located() {
+    let text = with_routes(&ROUTES.replace("[\"local\", \"cloud\"]", "[\"local\", \"clod\"]"));
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_eq!(
+        d[0].message,
+        "`route[1].upstreams[1]`: no upstream is named `clod`"
+    );
+    assert_eq!(d[0].hint.as_deref(), Some("did you mean `cloud`?"));
+    assert_eq!((d[0].line, d[0].column), position_of(&text, "\"clod\""));
+
+    let text = with_routes("[[route]]\nfilter = \"#\"\nupstreams = [\"elsewhere\"]\n");
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_eq!(
+        d[0].hint.as_deref(),
+        Some("the upstreams configured are: local, cloud")
+    );
+}
+
+#[test]
+fn an_invalid_route_filter_is_located() {
+    for filter in ["sensors/#/x", "sensors/t+", ""] {
+        let text = with_routes(&ROUTES.replace("\"sensors/#\"", &format!("\"{filter}\"")));
+        let d = errors(&text);
+        assert_eq!(d.len(), 1, "{filter}: {d:#?}");
+        assert!(
+            d[0].message.starts_with("`route[1].filter`: "),
+            "{}",
+            d[0].message
+        );
+        assert!(d[0].message.contains("not a valid topic filter"));
+        let at = position_of(&text, &format!("filter = \"{filter}\""));
+        assert_eq!((d[0].line, d[0].column), (at.0, at.1 + "filter = ".len()));
+    }
+}
+
+#[test]
+fn a_template_with_an_unknown_placeholder_is_located() {
+    let text = with_routes(&ROUTES.replace("{gateway_id}", "{gateway}"));
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_eq!(
+        d[0].message,
+        "`route[1].template`: unknown placeholder `{gateway}`"
+    );
+    assert_eq!(d[0].hint.as_deref(), Some("did you mean `{gateway_id}`?"));
+    let at = position_of(&text, "template = ");
+    assert_eq!((d[0].line, d[0].column), (at.0, at.1 + "template = ".len()));
+    assert!(
+        d[0].to_string()
+            .starts_with(&format!("test.toml:{}:{}: error: ", d[0].line, d[0].column))
+    );
+}
+
+#[test]
+fn templates_are_checked_locally() {
+    let check = |t: &str| route::check_template(t).map_err(|(message, _)| message);
+    assert_eq!(check("{topic}"), Ok(()));
+    assert_eq!(
+        check("a/{gateway_id}/{protocol}/{client_id}/{topic}/z"),
+        Ok(())
+    );
+    assert_eq!(check("fixed/topic"), Ok(()));
+    assert_eq!(
+        check("a/{nope}"),
+        Err("unknown placeholder `{nope}`".into())
+    );
+    assert_eq!(check("a/{}"), Err("unknown placeholder `{}`".into()));
+    assert_eq!(
+        check("a/{topic"),
+        Err("has a `{` that is not closed by a `}`".into())
+    );
+    assert_eq!(
+        check("a/{to{pic}"),
+        Err("has a `{` that is not closed by a `}`".into())
+    );
+    assert_eq!(
+        check("a/topic}"),
+        Err("has a `}` that closes no placeholder".into())
+    );
+    // Doubled braces are literal braces.
+    assert_eq!(check("a/{{literal}}/{topic}"), Ok(()));
+    assert_eq!(check("a/}}{{"), Ok(()));
+    let long = format!("{}/{{topic}}", "x".repeat(MAX_REWRITE_BYTES));
+    assert_eq!(check(&long), Err("is longer than 1024 bytes".into()));
+    assert_eq!(
+        check("a/+/{topic}"),
+        Err("must not contain wildcards (`+`, `#`)".into())
+    );
+    assert_eq!(check(""), Err("must not be empty".into()));
+    let (_, hint) = route::check_template("{x}").unwrap_err();
+    assert_eq!(
+        hint.as_deref(),
+        Some("the placeholders are {topic}, {client_id}, {protocol}, {gateway_id}")
+    );
+}
+
+#[test]
+fn every_route_key_is_checked_and_all_errors_are_reported_together() {
+    let text = with_routes(
+        "[[route]]\nupstreams = []\nstrip_prefix = \"\"\nadd_prefix = \"a/#\"\nqos_max = 3\n\
+         [[route]]\nfilter = \"x\"\nupstreams = [\"local\", \"local\"]\n\
+         add_prefix = \"p/\"\ntemplate = \"{topic}\"\n",
+    );
+    let d = errors(&text);
+    let msgs: Vec<&str> = d.iter().map(|d| d.message.as_str()).collect();
+    assert_eq!(
+        msgs,
+        [
+            "`route[0].filter`: is required",
+            "`route[0].upstreams`: must name at least one upstream",
+            "`route[0].strip_prefix`: must not be empty (leave the key out for no prefix)",
+            "`route[0].add_prefix`: must not contain wildcards (`+`, `#`)",
+            "`route[0].qos_max`: 3 is out of range 0..=2",
+            "`route[1].upstreams[1]`: `local` is listed twice",
+            "`route[1].add_prefix`: cannot be used with template",
+        ]
+    );
+    // A missing key is reported at its entry.
+    assert_eq!(d[0].line, position_of(&text, "[[route]]").0);
+}
+
+#[test]
+fn route_counts_and_prefix_lengths_are_bounded() {
+    let one = "[[route]]\nfilter = \"#\"\nupstreams = [\"local\"]\n";
+    let c = Config::parse(
+        Path::new("test.toml"),
+        &with_routes(&one.repeat(MAX_ROUTES)),
+    )
+    .unwrap();
+    assert_eq!(c.route_specs.len(), MAX_ROUTES);
+    let text = with_routes(&one.repeat(MAX_ROUTES + 1));
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_eq!(
+        d[0].message,
+        format!("`route[{MAX_ROUTES}]`: at most {MAX_ROUTES} routes can be configured")
+    );
+    let long = "x/".repeat(MAX_REWRITE_BYTES / 2 + 1);
+    let d = errors(&with_routes(&format!("{one}add_prefix = \"{long}\"\n")));
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_eq!(
+        d[0].message,
+        "`route[0].add_prefix`: is longer than 1024 bytes"
+    );
+}
+
+#[test]
+fn unknown_route_keys_get_a_hint() {
+    let text = with_routes("[[route]]\nfilter = \"#\"\nupstream = [\"local\"]\n");
+    let d = errors(&text);
+    assert_eq!(d.len(), 2, "{d:#?}");
+    // The missing key is reported at its entry, before the misspelt one.
+    assert_eq!(d[0].message, "`route[0].upstreams`: is required");
+    assert_eq!(d[1].message, "unknown key `upstream` in `[route]`");
+    assert_eq!(d[1].hint.as_deref(), Some("did you mean `upstreams`?"));
+    assert_eq!((d[1].line, d[1].column), position_of(&text, "upstream = "));
+}
+
+#[test]
+fn wrongly_typed_route_keys_are_reported_once() {
+    let text = with_routes("[[route]]\nfilter = \"#\"\nupstreams = \"local\"\nqos_max = \"1\"\n");
+    let d = errors(&text);
+    let msgs: Vec<&str> = d.iter().map(|d| d.message.as_str()).collect();
+    assert_eq!(
+        msgs,
+        [
+            "`route[0].upstreams`: expected an array, found the string \"local\"",
+            "`route[0].qos_max`: expected an integer, found the string \"1\"",
+        ]
+    );
+}
+
+/// The route table's own errors (the checks `RouteTable::compile` makes beyond the local
+/// ones) are reported at the key they name, in the entry they name.
+#[test]
+fn route_table_errors_are_located_at_their_key() {
+    use sensorgate_bridges::route::{RouteError, RouteField};
+    let text = with_routes(ROUTES);
+    let root = toml::de::DeTable::parse(&text).unwrap();
+    for (field, key, needle) in [
+        (RouteField::Filter, "filter", "filter = \"sensors/#\""),
+        (
+            RouteField::Upstreams,
+            "upstreams",
+            "upstreams = [\"local\", ",
+        ),
+        (RouteField::StripPrefix, "strip_prefix", "strip_prefix = "),
+        (RouteField::Template, "template", "template = "),
+        (RouteField::QosMax, "qos_max", "qos_max = "),
+    ] {
+        let error = RouteError {
+            route: 1,
+            field,
+            message: "wrong".into(),
+        };
+        let path = route::route_error_path(&error);
+        assert_eq!(path.to_string(), format!("route[1].{key}"));
+        let mut r = Reporter::new(Path::new("test.toml"), &text, Some(&root));
+        r.at_path(&path, error.message.clone(), None);
+        let d = r.finish();
+        let at = position_of(&text, needle);
+        assert_eq!(
+            (d[0].line, d[0].column),
+            (at.0, at.1 + key.len() + " = ".len()),
+            "{key}"
+        );
+        assert_eq!(d[0].message, format!("`route[1].{key}`: wrong"));
+    }
+    // The table's messages may start with the key; the diagnostic names it already.
+    let error = RouteError {
+        route: 1,
+        field: RouteField::Template,
+        message: "template: unknown placeholder `{x}`".into(),
+    };
+    assert_eq!(
+        route::route_error_message(&error),
+        "unknown placeholder `{x}`"
+    );
+    let error = RouteError {
+        route: 1,
+        field: RouteField::Filter,
+        message: "template: is not stripped from another key's error".into(),
+    };
+    assert_eq!(route::route_error_message(&error), error.message);
+    // A key the entry does not have: its entry.
+    let error = RouteError {
+        route: 0,
+        field: RouteField::AddPrefix,
+        message: "wrong".into(),
+    };
+    let mut r = Reporter::new(Path::new("test.toml"), &text, Some(&root));
+    r.at_path(&route::route_error_path(&error), "wrong".into(), None);
+    assert_eq!(r.finish()[0].line, position_of(&text, "[[route]]").0);
+}
+
+#[test]
+fn backlog_caps_default_to_unbounded_and_are_read_for_every_kind() {
+    use sensorgate_bridges::spool::BacklogLimit;
+    let c = Config::parse(Path::new("test.toml"), &with_routes("")).unwrap();
+    assert_eq!(c.upstreams[0].max_backlog, BacklogLimit::default());
+    assert_eq!(c.upstreams[1].max_backlog, BacklogLimit::default());
+    assert!(!c.summary().contains("backlog at most"));
+
+    let text = MINIMAL.replace(
+        "remote_prefix = \"\"",
+        "remote_prefix = \"\"\nmax_backlog_age = \"36h\"",
+    ) + AMQP
+        + "max_backlog = \"2GiB\"\nmax_backlog_age = \"7d\"\n";
+    let c = Config::parse(Path::new("test.toml"), &text).unwrap();
+    assert_eq!(
+        c.upstreams[0].max_backlog,
+        BacklogLimit {
+            bytes: None,
+            age: Some(Duration::from_secs(36 * 3600)),
+        }
+    );
+    assert_eq!(
+        c.upstreams[1].max_backlog,
+        BacklogLimit {
+            bytes: Some(2 << 30),
+            age: Some(Duration::from_secs(7 * 86_400)),
+        }
+    );
+    let summary = c.summary();
+    assert!(
+        summary.contains("upstream local: backlog at most 1day 12h, beyond it"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("upstream cloud: backlog at most 2GiB and 7days, beyond it"),
+        "{summary}"
+    );
+}
+
+#[test]
+fn backlog_caps_are_range_checked_and_located() {
+    let text = MINIMAL.replace(
+        "remote_prefix = \"\"",
+        "remote_prefix = \"\"\nmax_backlog = \"512KiB\"\nmax_backlog_age = \"0s\"",
+    ) + AMQP
+        + "max_backlog = 100\nmax_backlog_age = \"soon\"\n";
+    let d = errors(&text);
+    let msgs: Vec<&str> = d.iter().map(|d| d.message.as_str()).collect();
+    assert_eq!(d.len(), 4, "{msgs:#?}");
+    assert_eq!(
+        msgs[0],
+        "`upstream[0].max_backlog`: 512KiB is out of range 1MiB..=64TiB"
+    );
+    let at = position_of(&text, "max_backlog = \"512KiB\"");
+    assert_eq!(
+        (d[0].line, d[0].column),
+        (at.0, at.1 + "max_backlog = ".len())
+    );
+    assert!(
+        msgs[1].starts_with("`upstream[0].max_backlog_age`: 0s is out of range 1s..="),
+        "{}",
+        msgs[1]
+    );
+    assert_eq!(
+        msgs[2],
+        "`upstream[1].max_backlog`: expected a size such as \"4KiB\", found the integer 100"
+    );
+    assert!(
+        msgs[3].starts_with("`upstream[1].max_backlog_age`: invalid duration `soon`"),
+        "{}",
+        msgs[3]
+    );
 }
