@@ -35,6 +35,7 @@
 //! takes them (the MQTT-SN driver); fanning them out to several ingresses is not built yet.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -67,9 +68,9 @@ pub struct Router {
 /// What the router and its handles share.
 struct Shared {
     /// The `[[route]]` table: which messages are accepted, where subscriptions go.
-    /// STATUS: held, not applied yet (issue 12's routing work).
-    #[allow(dead_code)]
     routes: Arc<RouteTable>,
+    /// Messages refused by [`IngressHandle::append`] because no route matches their topic.
+    unrouted: AtomicU64,
     /// Every upstream; each takes every subscription.
     upstreams: Vec<RoutedUpstream>,
     /// The spool writer's entrance, from which each ingress gets its own appender.
@@ -131,6 +132,7 @@ impl Router {
         Router {
             shared: Arc::new(Shared {
                 routes,
+                unrouted: AtomicU64::new(0),
                 upstreams,
                 appender,
                 max_filters,
@@ -152,6 +154,45 @@ impl Router {
             id,
             appender: self.shared.appender.for_ingress(replies),
             shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Messages refused at the ingresses because no route matches their topic, since start.
+    #[must_use]
+    pub fn unrouted(&self) -> u64 {
+        self.shared.unrouted.load(Ordering::Relaxed)
+    }
+}
+
+/// Why [`IngressHandle::append`] refused a message; it is given back either way and no reply
+/// follows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppendRefused {
+    /// The spool writer's queue is full (or the writer stopped): congestion, the sender may
+    /// retry.
+    #[error("spool queue full")]
+    QueueFull(Message),
+    /// With `[[route]]`s configured, no route matches the topic: the message goes nowhere,
+    /// a retry would not help. Counted in [`Router::unrouted`].
+    #[error("no route matches the topic")]
+    NoRoute(Message),
+}
+
+impl AppendRefused {
+    /// The refused message.
+    #[must_use]
+    pub fn into_message(self) -> Message {
+        match self {
+            Self::QueueFull(m) | Self::NoRoute(m) => m,
+        }
+    }
+
+    /// A short tag for metrics and logs.
+    #[must_use]
+    pub const fn error_code(&self) -> &'static str {
+        match self {
+            Self::QueueFull(_) => "queue_full",
+            Self::NoRoute(_) => "no_route",
         }
     }
 }
@@ -219,10 +260,29 @@ impl IngressHandle {
     /// on this ingress's reply channel. Never blocks.
     ///
     /// # Errors
-    /// The writer's queue is full (or the writer stopped): the message is given back, and no
-    /// reply follows.
-    pub fn append(&self, message: Message, token: Option<u64>) -> Result<(), Message> {
-        self.appender.append(message, token)
+    /// The message is given back, and no reply follows:
+    /// - [`AppendRefused::NoRoute`]: routes are configured and none matches its topic
+    ///   (counted in [`Router::unrouted`]; logged at warn when the count reaches a power of
+    ///   two, so a sensor publishing to a wrong topic cannot flood the log, and at debug
+    ///   otherwise);
+    /// - [`AppendRefused::QueueFull`]: the writer's queue is full (or the writer stopped).
+    pub fn append(&self, message: Message, token: Option<u64>) -> Result<(), AppendRefused> {
+        if !self.shared.routes.accepts(&message.topic) {
+            let count = self.shared.unrouted.fetch_add(1, Ordering::Relaxed) + 1;
+            if count.is_power_of_two() {
+                tracing::warn!(
+                    topic = %message.topic,
+                    unrouted = count,
+                    "No route matches the topic of a message; it was refused."
+                );
+            } else {
+                tracing::debug!(topic = %message.topic, unrouted = count, "Message refused: no route.");
+            }
+            return Err(AppendRefused::NoRoute(message));
+        }
+        self.appender
+            .append(message, token)
+            .map_err(AppendRefused::QueueFull)
     }
 
     /// This ingress wants `filter` at `qos` (its current highest; lower than before lowers
@@ -360,6 +420,10 @@ mod tests {
     }
 
     fn setup(fakes: Vec<Fake>, max_filters: usize) -> Setup {
+        setup_with_routes(fakes, max_filters, RouteTable::everything())
+    }
+
+    fn setup_with_routes(fakes: Vec<Fake>, max_filters: usize, routes: RouteTable) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let config = SpoolConfig {
             dir: PathBuf::from(dir.path()),
@@ -385,12 +449,7 @@ mod tests {
             })
             .collect();
         Setup {
-            router: Router::new(
-                appender,
-                upstreams,
-                max_filters,
-                Arc::new(RouteTable::everything()),
-            ),
+            router: Router::new(appender, upstreams, max_filters, Arc::new(routes)),
             fakes,
             links,
             _dir: dir,
@@ -527,5 +586,34 @@ mod tests {
             accepted: true,
         }];
         assert_eq!((a_reply, b_reply), (accepted.clone(), accepted));
+    }
+
+    #[test]
+    fn a_message_no_route_matches_is_refused_and_counted() {
+        let spec = crate::route::RouteSpec {
+            filter: "sensors/#".to_owned(),
+            upstreams: vec!["up".to_owned()],
+            ..Default::default()
+        };
+        let routes = RouteTable::compile(&[spec], &["up"], "gw").unwrap();
+        let s = setup_with_routes(vec![Fake::default()], 8, routes);
+        let (tx, mut rx) = mpsc::channel(4);
+        let a = s.router.ingress(tx);
+        let message =
+            |topic: &str| Message::new(topic, Bytes::from_static(b"1"), Qos::AtLeastOnce, false);
+        let refused = a.append(message("other/t"), Some(1)).unwrap_err();
+        assert_eq!(refused.error_code(), "no_route");
+        assert_eq!(refused.into_message().topic, "other/t", "given back");
+        assert_eq!(s.router.unrouted(), 1);
+        a.append(message("sensors/t"), Some(2)).unwrap();
+        assert_eq!(
+            rx.blocking_recv().unwrap(),
+            [AppendReply {
+                token: 2,
+                accepted: true
+            }],
+            "no reply for the refused one"
+        );
+        assert_eq!(s.router.unrouted(), 1);
     }
 }
