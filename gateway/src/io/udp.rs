@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use sensorgate_bridges::message::Downlink;
-use sensorgate_bridges::router::IngressHandle;
+use sensorgate_bridges::router::{AppendRefused, IngressHandle};
 use sensorgate_bridges::spool::AppendReply;
 
 use super::batch::{RecvBatch, SendBatch};
@@ -368,12 +368,16 @@ impl UdpDriver {
             match event {
                 Event::Publish { message, token } => {
                     // A full spool queue refuses at once: congestion, the sensor retries
-                    // (QoS 0: dropped). Counted as `queue_full` in the spool status.
-                    if self.ingress.append(message, token).is_err() {
-                        if let Some(token) = token {
-                            self.core
-                                .handle_publish_result(now, token, PublishOutcome::Congestion);
-                        }
+                    // (QoS 0: dropped). Counted as `queue_full` in the spool status. A topic
+                    // no route takes is refused for good: rc 0x03 (QoS 0/-1: dropped);
+                    // counted by the router (`unrouted`).
+                    let outcome = match self.ingress.append(message, token) {
+                        Ok(()) => None,
+                        Err(AppendRefused::QueueFull(_)) => Some(PublishOutcome::Congestion),
+                        Err(AppendRefused::NoRoute(_)) => Some(PublishOutcome::NoRoute),
+                    };
+                    if let (Some(token), Some(outcome)) = (token, outcome) {
+                        self.core.handle_publish_result(now, token, outcome);
                     }
                 }
                 // The core keeps its distinct filters within `max_filters`, the router's
