@@ -162,13 +162,21 @@ pub fn filters_overlap(a: &str, b: &str) -> bool {
     }
     let mut x = a.split('/');
     let mut y = b.split('/');
+    // Whether the levels so far only admit the empty name, which is no topic: `+` against
+    // `/#` (whose `#` stands for the parent level there) has no witness.
+    let mut only_empty = false;
+    let mut first = true;
     loop {
         match (x.next(), y.next()) {
+            (None, Some("#")) | (Some("#"), None) => return !only_empty,
             (Some("#"), _) | (_, Some("#")) | (None, None) => return true,
-            (Some("+"), Some(_)) | (Some(_), Some("+")) => {}
-            (Some(l), Some(r)) if l == r => {}
+            (Some("+"), Some(level)) | (Some(level), Some("+")) => {
+                only_empty = first && level.is_empty();
+            }
+            (Some(l), Some(r)) if l == r => only_empty = first && l.is_empty(),
             _ => return false,
         }
+        first = false;
     }
 }
 
@@ -389,6 +397,9 @@ mod tests {
             ("+/#", "x", true),
             ("a//b", "a/+/b", true),
             ("a//b", "a/b", false),
+            ("+", "/#", false),
+            ("+", "+/#", true),
+            ("/", "+/#", true),
         ];
         for (a, b, expected) in table {
             assert!(is_valid_filter(a) && is_valid_filter(b), "{a} {b}");
