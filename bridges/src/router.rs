@@ -120,8 +120,11 @@ pub struct Router {
 
 /// What the router, its handles and its downlink task share.
 struct Shared {
-    /// The `[[route]]` table: where subscriptions go, how downlink topics map back.
+    /// The `[[route]]` table: which messages are accepted, where subscriptions go, how
+    /// downlink topics map back.
     routes: Arc<RouteTable>,
+    /// Messages refused by [`IngressHandle::append`] because no route matches their topic.
+    unrouted: AtomicU64,
     /// Every upstream, by index (the index in [`Downlink::upstream`] and in `routes`).
     upstreams: Vec<RoutedUpstream>,
     /// Most distinct sensor filters over all ingresses, and upstream filters per upstream.
@@ -217,6 +220,7 @@ impl Router {
         Router {
             shared: Arc::new(Shared {
                 routes,
+                unrouted: AtomicU64::new(0),
                 upstreams,
                 max_filters,
                 stats: Arc::new(DownlinkStats::default()),
@@ -258,6 +262,45 @@ impl Router {
     #[must_use]
     pub fn downlink_stats(&self) -> Arc<DownlinkStats> {
         Arc::clone(&self.shared.stats)
+    }
+
+    /// Messages refused at the ingresses because no route matches their topic, since start.
+    #[must_use]
+    pub fn unrouted(&self) -> u64 {
+        self.shared.unrouted.load(Ordering::Relaxed)
+    }
+}
+
+/// Why [`IngressHandle::append`] refused a message; it is given back either way and no reply
+/// follows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppendRefused {
+    /// The spool writer's queue is full (or the writer stopped): congestion, the sender may
+    /// retry.
+    #[error("spool queue full")]
+    QueueFull(Message),
+    /// With `[[route]]`s configured, no route matches the topic: the message goes nowhere,
+    /// a retry would not help. Counted in [`Router::unrouted`].
+    #[error("no route matches the topic")]
+    NoRoute(Message),
+}
+
+impl AppendRefused {
+    /// The refused message.
+    #[must_use]
+    pub fn into_message(self) -> Message {
+        match self {
+            Self::QueueFull(m) | Self::NoRoute(m) => m,
+        }
+    }
+
+    /// A short tag for metrics and logs.
+    #[must_use]
+    pub const fn error_code(&self) -> &'static str {
+        match self {
+            Self::QueueFull(_) => "queue_full",
+            Self::NoRoute(_) => "no_route",
+        }
     }
 }
 
@@ -560,10 +603,29 @@ impl IngressHandle {
     /// on this ingress's reply channel. Never blocks.
     ///
     /// # Errors
-    /// The writer's queue is full (or the writer stopped): the message is given back, and no
-    /// reply follows.
-    pub fn append(&self, message: Message, token: Option<u64>) -> Result<(), Message> {
-        self.appender.append(message, token)
+    /// The message is given back, and no reply follows:
+    /// - [`AppendRefused::NoRoute`]: routes are configured and none matches its topic
+    ///   (counted in [`Router::unrouted`]; logged at warn when the count reaches a power of
+    ///   two, so a sensor publishing to a wrong topic cannot flood the log, and at debug
+    ///   otherwise);
+    /// - [`AppendRefused::QueueFull`]: the writer's queue is full (or the writer stopped).
+    pub fn append(&self, message: Message, token: Option<u64>) -> Result<(), AppendRefused> {
+        if !self.shared.routes.accepts(&message.topic) {
+            let count = self.shared.unrouted.fetch_add(1, Ordering::Relaxed) + 1;
+            if count.is_power_of_two() {
+                tracing::warn!(
+                    topic = %message.topic,
+                    unrouted = count,
+                    "No route matches the topic of a message; it was refused."
+                );
+            } else {
+                tracing::debug!(topic = %message.topic, unrouted = count, "Message refused: no route.");
+            }
+            return Err(AppendRefused::NoRoute(message));
+        }
+        self.appender
+            .append(message, token)
+            .map_err(AppendRefused::QueueFull)
     }
 
     /// Whether another ingress takes downlink: only then does [`Self::deliver_local`] have
@@ -1109,25 +1171,31 @@ mod tests {
         );
         let (a, mut rx_a) = downlink_ingress(&s.router, 4);
         a.subscribe(now(), "a/#", Qos::AtLeastOnce).unwrap();
-        for fake in &s.fakes[..2] {
-            assert_eq!(fake.take(), [sub("a/#", Qos::AtLeastOnce)]);
-        }
+        assert_eq!(s.fakes[0].take(), [sub("a/#", Qos::AtLeastOnce)]);
+        assert_eq!(s.fakes[1].take(), [], "its route's filter does not overlap a/#");
         assert_eq!(s.fakes[2].take(), [], "no route takes downlink from it");
 
-        // Downlink from the upstream without the subscription is nobody's.
-        let (message, acks) = downlink(2, "a/1", None);
-        s.router.downlink_router().route(message).await;
-        assert!(rx_a.try_recv().is_err());
-        assert_eq!(acked(&acks), 1);
-        let (message, _) = downlink(1, "a/1", None);
+        // Downlink from an upstream whose routes do not take the topic is nobody's.
+        for upstream in [1, 2] {
+            let (message, acks) = downlink(upstream, "a/1", None);
+            s.router.downlink_router().route(message).await;
+            assert!(rx_a.try_recv().is_err());
+            assert_eq!(acked(&acks), 1);
+        }
+        let (message, _) = downlink(0, "a/1", None);
         s.router.downlink_router().route(message).await;
         assert_eq!(rx_a.try_recv().unwrap().topic, "a/1");
 
+        // A filter overlapping both routes' filters goes to both upstreams.
+        a.subscribe(now(), "+/x", Qos::AtMostOnce).unwrap();
+        assert_eq!(s.fakes[0].take(), [sub("+/x", Qos::AtMostOnce)]);
+        assert_eq!(s.fakes[1].take(), [sub("+/x", Qos::AtMostOnce)]);
+        assert_eq!(s.fakes[2].take(), []);
+
         a.unsubscribe(now(), "a/#");
-        for fake in &s.fakes[..2] {
-            assert_eq!(fake.take(), [Call::Unsub("a/#".to_owned())]);
-        }
-        assert_eq!(s.fakes[2].take(), [], "released exactly what was taken");
+        assert_eq!(s.fakes[0].take(), [Call::Unsub("a/#".to_owned())]);
+        assert_eq!(s.fakes[1].take(), [], "released exactly what was taken");
+        assert_eq!(s.fakes[2].take(), []);
     }
 
     #[tokio::test]
@@ -1217,5 +1285,34 @@ mod tests {
                 .load(Ordering::Relaxed),
             1
         );
+    }
+
+    #[test]
+    fn a_message_no_route_matches_is_refused_and_counted() {
+        let spec = crate::route::RouteSpec {
+            filter: "sensors/#".to_owned(),
+            upstreams: vec!["up".to_owned()],
+            ..Default::default()
+        };
+        let routes = RouteTable::compile(&[spec], &["up"], "gw").unwrap();
+        let s = setup_with(vec![Fake::default()], 8, routes);
+        let (tx, mut rx) = mpsc::channel(4);
+        let a = s.router.ingress(tx);
+        let message =
+            |topic: &str| Message::new(topic, Bytes::from_static(b"1"), Qos::AtLeastOnce, false);
+        let refused = a.append(message("other/t"), Some(1)).unwrap_err();
+        assert_eq!(refused.error_code(), "no_route");
+        assert_eq!(refused.into_message().topic, "other/t", "given back");
+        assert_eq!(s.router.unrouted(), 1);
+        a.append(message("sensors/t"), Some(2)).unwrap();
+        assert_eq!(
+            rx.blocking_recv().unwrap(),
+            [AppendReply {
+                token: 2,
+                accepted: true
+            }],
+            "no reply for the refused one"
+        );
+        assert_eq!(s.router.unrouted(), 1);
     }
 }

@@ -147,6 +147,46 @@ pub fn matches(filter: &str, name: &str) -> bool {
     }
 }
 
+/// Whether some topic name matches both filters `a` and `b` (see "Matching" in the module
+/// docs): level by level, `#` overlaps everything below it (and its parent level), `+`
+/// overlaps any one level, other levels only an equal one. A first level that is a wildcard
+/// in one filter and starts with `$` in the other never overlaps (no name matches both).
+///
+/// The result is meaningful for valid filters; for other strings it is some `bool` (never a
+/// panic). Symmetric.
+#[must_use]
+pub fn filters_overlap(a: &str, b: &str) -> bool {
+    let wild_first = |f: &str| f.starts_with(['+', '#']);
+    if (wild_first(a) && b.starts_with('$')) || (wild_first(b) && a.starts_with('$')) {
+        return false;
+    }
+    let mut x = a.split('/');
+    let mut y = b.split('/');
+    // Whether the levels so far only admit the empty name, which is no topic: `+` against
+    // `/#` (whose `#` stands for the parent level there) has no witness.
+    let mut only_empty = false;
+    let mut first = true;
+    loop {
+        match (x.next(), y.next()) {
+            (None, Some("#")) | (Some("#"), None) => return !only_empty,
+            (Some("#"), _) | (_, Some("#")) | (None, None) => return true,
+            (Some("+"), Some(level)) | (Some(level), Some("+")) => {
+                only_empty = first && level.is_empty();
+            }
+            (Some(l), Some(r)) if l == r => only_empty = first && l.is_empty(),
+            _ => return false,
+        }
+        first = false;
+    }
+}
+
+/// Whether no topic may hold `c`: C0 and C1 controls (NUL included), U+FFFE and U+FFFF (see
+/// the module docs).
+#[must_use]
+pub fn is_forbidden_char(c: char) -> bool {
+    matches!(c, '\u{0}'..='\u{1F}' | '\u{7F}'..='\u{9F}' | '\u{FFFE}' | '\u{FFFF}')
+}
+
 /// The rules names and filters share: length and characters.
 fn check_common(topic: &str) -> Result<(), TopicError> {
     if topic.is_empty() {
@@ -159,11 +199,6 @@ fn check_common(topic: &str) -> Result<(), TopicError> {
         return Err(TopicError::ForbiddenChar);
     }
     Ok(())
-}
-
-/// The characters no topic may hold: C0 and C1 controls (NUL included), U+FFFE and U+FFFF.
-fn is_forbidden_char(c: char) -> bool {
-    matches!(c, '\u{0}'..='\u{1F}' | '\u{7F}'..='\u{9F}' | '\u{FFFE}' | '\u{FFFF}')
 }
 
 #[cfg(test)]
@@ -342,7 +377,62 @@ mod tests {
         prop::collection::vec(level.prop_map(String::from), 1..6)
     }
 
+    #[test]
+    fn filters_overlap_by_the_table() {
+        let table = [
+            ("a/b", "a/b", true),
+            ("a/b", "a/c", false),
+            ("a/+", "a/b", true),
+            ("a/+", "+/b", true),
+            ("a/+", "a/b/c", false),
+            ("a/#", "a", true),
+            ("a/#", "+/x/y", true),
+            ("a/#", "b/#", false),
+            ("#", "x/y", true),
+            ("#", "$SYS/#", false),
+            ("+/x", "$SYS/x", false),
+            ("$SYS/#", "$SYS/+", true),
+            ("+", "+", true),
+            ("+", "+/+", false),
+            ("+/#", "x", true),
+            ("a//b", "a/+/b", true),
+            ("a//b", "a/b", false),
+            ("+", "/#", false),
+            ("+", "+/#", true),
+            ("/", "+/#", true),
+        ];
+        for (a, b, expected) in table {
+            assert!(is_valid_filter(a) && is_valid_filter(b), "{a} {b}");
+            assert_eq!(filters_overlap(a, b), expected, "{a} vs {b}");
+            assert_eq!(filters_overlap(b, a), expected, "{b} vs {a}");
+        }
+    }
+
+    /// Every name of up to six levels over the levels the strategies use.
+    fn all_names() -> Vec<String> {
+        let levels = ["", "a", "b", "$s"];
+        let mut names: Vec<String> = levels.iter().map(|l| (*l).to_owned()).collect();
+        let mut last = names.clone();
+        for _ in 1..6 {
+            last = last
+                .iter()
+                .flat_map(|n| levels.iter().map(move |l| format!("{n}/{l}")))
+                .collect();
+            names.extend(last.iter().cloned());
+        }
+        names.retain(|n| !n.is_empty());
+        names
+    }
+
     proptest! {
+        #[test]
+        fn filters_overlap_iff_some_name_matches_both(a in filter_levels(), b in filter_levels()) {
+            let (a, b) = (a.join("/"), b.join("/"));
+            prop_assume!(!a.is_empty() && !b.is_empty());
+            let witness = all_names().into_iter().find(|n| matches(&a, n) && matches(&b, n));
+            prop_assert_eq!(filters_overlap(&a, &b), witness.is_some(), "{} {} {:?}", a, b, witness);
+        }
+
         #[test]
         fn the_matcher_agrees_with_the_model(filter in filter_levels(), name in name_levels()) {
             let filter_str = filter.join("/");

@@ -23,12 +23,10 @@ use serde::Deserialize;
 use super::check::int_in;
 use super::diag::{self, KeyPath, Reporter};
 
-/// Routes at most: each message is matched against every route, so their number is bounded.
-/// The route table has the same bound (issue 12's routing work).
-pub const MAX_ROUTES: usize = 256;
-
-/// Longest `strip_prefix`, `add_prefix` or `template`, in bytes (the route table's bound).
-pub const MAX_REWRITE_BYTES: usize = 1024;
+/// Routes at most, and the longest `strip_prefix`, `add_prefix` or `template` in bytes: the
+/// route table's own bounds, checked here too so that every route's errors are reported
+/// together, at their keys.
+pub use sensorgate_bridges::route::{MAX_REWRITE_BYTES, MAX_ROUTES};
 
 /// The placeholders a `template` may use.
 pub const PLACEHOLDERS: [&str; 4] = ["topic", "client_id", "protocol", "gateway_id"];

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use sensorgate_bridges::message::{Downlink, Message};
-use sensorgate_bridges::router::IngressHandle;
+use sensorgate_bridges::router::{AppendRefused, IngressHandle};
 use sensorgate_bridges::spool::AppendReply;
 
 use super::batch::{RecvBatch, SendBatch};
@@ -419,13 +419,17 @@ impl UdpDriver {
                 Event::Publish { message, token } => {
                     self.keep_local(&message, token);
                     // A full spool queue refuses at once: congestion, the sensor retries
-                    // (QoS 0: dropped). Counted as `queue_full` in the spool status.
-                    if self.ingress.append(message, token).is_err() {
-                        if let Some(token) = token {
-                            self.local_pending.remove(&token);
-                            self.core
-                                .handle_publish_result(now, token, PublishOutcome::Congestion);
-                        }
+                    // (QoS 0: dropped). Counted as `queue_full` in the spool status. A topic
+                    // no route takes is refused for good: rc 0x03 (QoS 0/-1: dropped);
+                    // counted by the router (`unrouted`).
+                    let outcome = match self.ingress.append(message, token) {
+                        Ok(()) => None,
+                        Err(AppendRefused::QueueFull(_)) => Some(PublishOutcome::Congestion),
+                        Err(AppendRefused::NoRoute(_)) => Some(PublishOutcome::NoRoute),
+                    };
+                    if let (Some(token), Some(outcome)) = (token, outcome) {
+                        self.local_pending.remove(&token);
+                        self.core.handle_publish_result(now, token, outcome);
                     }
                 }
                 // The core keeps its distinct filters within `max_filters`, the router's

@@ -105,7 +105,11 @@
 //! - A QoS 1/2 PUBLISH is acknowledged to the sensor (PUBACK / PUBREC) only after
 //!   [`Core::handle_publish_result`] reported it accepted, which the adapter does once the
 //!   spool holds it durably (fsync'd), not when a broker acknowledged it; a refusal is
-//!   answered with PUBACK rc 0x01 (congestion) so the sensor retries later.
+//!   answered with PUBACK rc 0x01 (congestion) so the sensor retries later, or rc 0x03 (not
+//!   supported) when no `[[route]]` takes its topic ([`PublishOutcome::NoRoute`]: dropped).
+//! - Every uplink message (and Will) carries its [`Origin`]: MQTT-SN, the session's ClientId
+//!   (shared, not copied per message) and its address as text (QoS -1 from an unconnected
+//!   sender: the address only).
 //! - A QoS 2 message is forwarded at most once per MsgId until the sensor's PUBREL.
 //! - Downlink: at most one QoS 1/2 PUBLISH (or REGISTER) in flight per client; retransmitted
 //!   with DUP after `retry_interval`, up to `max_retries` times, then the client is lost.
@@ -142,7 +146,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use sensorgate_bridges::message::{Message, Qos};
+use sensorgate_bridges::message::{Message, Origin, Protocol, Qos};
 use sensorgate_bridges::topic::{has_wildcards, is_valid_filter, is_valid_name, matches};
 
 use super::codec::{
@@ -435,6 +439,9 @@ pub enum PublishOutcome {
     /// Could not be taken now (spool full or its queue full); the sensor gets rc 0x01
     /// (congestion) and retries.
     Congestion,
+    /// Refused for good: `[[route]]`s are configured and none takes the topic. The sensor
+    /// gets rc 0x03 (not supported) and the message is dropped, never acknowledged.
+    NoRoute,
 }
 
 /// Counters, monotonically increasing except `sessions`.
@@ -483,6 +490,20 @@ pub struct Stats {
     pub retransmissions: u64,
     /// Current sessions.
     pub sessions: u64,
+}
+
+/// The origin of a session's uplink messages.
+fn session_origin(client_id: &Arc<str>, peer: Option<&Peer>) -> Origin {
+    Origin {
+        protocol: Protocol::MqttSn,
+        client_id: Some(Arc::clone(client_id)),
+        peer: peer.map(peer_text),
+    }
+}
+
+/// A peer's address as an origin names it (its `Display`: made once per binding).
+fn peer_text(peer: &Peer) -> Arc<str> {
+    Arc::from(peer.to_string())
 }
 
 /// Index of a session slot plus its generation, so stale references are detected.
@@ -565,6 +586,9 @@ struct Session {
     client_id: Arc<str>,
     /// Bound address; `None` while disconnected or after another client took the address.
     peer: Option<Peer>,
+    /// What its uplink messages carry: the ClientId (shared with `client_id`) and the text of
+    /// the last bound address (kept after unbinding: a Will of a lost client names it).
+    origin: Origin,
     generation: u32,
     state: State,
     clean_session: bool,
@@ -1329,6 +1353,19 @@ impl Core {
                     rc: ReturnCode::Congestion,
                 }
             }
+            // Of the return codes of v1.2 section 5.3.10, 0x01 (congestion) would make the
+            // sensor retry what can never be taken, and 0x02 (invalid topic id) would make it
+            // re-register a topic the gateway knows; 0x03 (not supported) says the gateway
+            // does not take this publish. PUBACK is the refusal for QoS 2 too (PUBREC has no
+            // return code).
+            PublishOutcome::NoRoute => {
+                self.stats.rejections += 1;
+                Reply::PubAck {
+                    topic_id: p.topic_id,
+                    msg_id: p.msg_id,
+                    rc: ReturnCode::NotSupported,
+                }
+            }
         };
         self.transmits.push_back((peer, reply));
     }
@@ -1675,6 +1712,7 @@ impl Core {
             own_predefined: self.client_predefined.get(&client_id).cloned(),
             client_id: client_id.clone(),
             peer: None,
+            origin: session_origin(&client_id, None),
             generation: sref.generation,
             state,
             clean_session: record.clean_session,
@@ -2106,6 +2144,7 @@ impl Core {
             own_predefined: self.client_predefined.get(&client_id).cloned(),
             client_id: client_id.clone(),
             peer: Some(peer.clone()),
+            origin: session_origin(&client_id, Some(&peer)),
             generation: sref.generation,
             state: State::Active,
             clean_session,
@@ -2330,6 +2369,7 @@ impl Core {
         };
         tracing::debug!(client_id = %s.client_id, reason = why, "Client lost.");
         let will = s.will.clone();
+        let origin = s.origin.clone();
         let mut local = None;
         self.stats.clients_lost += 1;
         if let Some(will) = will {
@@ -2345,7 +2385,7 @@ impl Core {
                     payload: will.payload.clone(),
                     qos,
                     retain: will.retain,
-                    origin: Default::default(),
+                    origin,
                 },
                 token: None,
             });
@@ -2513,7 +2553,7 @@ impl Core {
             payload,
             qos: upstream_qos,
             retain,
-            origin: Default::default(),
+            origin: session.origin.clone(),
         };
         self.events.push_back(Event::Publish { message, token });
         // QoS 0 is delivered locally when received: nobody waits for its verdict. QoS 1/2
@@ -2540,7 +2580,16 @@ impl Core {
             return;
         }
         // A connected sender's own predefined topics apply; otherwise the global ones.
-        let resolved = match (topic, self.by_peer.get(&peer).copied()) {
+        let sender = self.by_peer.get(&peer).copied();
+        let origin = match sender.and_then(|sref| self.session(sref)) {
+            Some(session) => session.origin.clone(),
+            None => Origin {
+                protocol: Protocol::MqttSn,
+                client_id: None,
+                peer: Some(peer_text(&peer)),
+            },
+        };
+        let resolved = match (topic, sender) {
             (TopicRef::Normal(_), _) => None,
             (_, Some(sref)) => self.resolve_topic(sref, topic),
             (TopicRef::Predefined(id), None) => self.global_predefined.get(&id).cloned(),
@@ -2560,7 +2609,7 @@ impl Core {
             payload: payload.clone(),
             qos: Qos::AtMostOnce,
             retain,
-            origin: Default::default(),
+            origin,
         };
         self.events.push_back(Event::Publish {
             message,
@@ -3223,6 +3272,7 @@ impl Core {
         }
         self.unbind(sref);
         if let Some(s) = self.session_mut(sref) {
+            s.origin.peer = Some(peer_text(&peer));
             s.peer = Some(peer.clone());
             self.by_peer.insert(peer, sref);
         }

@@ -1992,4 +1992,5 @@ fn timer_heap_holds_about_one_entry_per_session_under_heavy_downlink() {
 mod local;
 mod peers;
 mod persist;
+mod routes;
 mod states;
