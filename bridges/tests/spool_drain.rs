@@ -932,8 +932,10 @@ async fn a_dead_upstream_over_its_backlog_cap_gives_up_its_oldest_records_only()
     let first_seq = spool.next_seq();
     let spool = SharedSpool::new(spool);
     let (replies_tx, mut replies) = mpsc::channel(1024);
-    let (appender, writer) = start_writer(Arc::clone(&spool), 8192).expect("writer starts");
-    let appender = appender.for_ingress(replies_tx);
+    let (entrance, writer) = start_writer(Arc::clone(&spool), 8192).expect("writer starts");
+    let appender = entrance.for_ingress(replies_tx);
+    // The writer stops once every appender is gone: keep only the ingress's.
+    drop(entrance);
 
     let closed = common::free_port();
     let stop = CancellationToken::new();
@@ -1035,10 +1037,14 @@ async fn a_dead_upstream_over_its_backlog_cap_gives_up_its_oldest_records_only()
     assert!(bytes <= CAP + SEGMENT_BYTES, "{bytes} bytes on disk");
 
     drop(appender);
-    tokio::task::spawn_blocking(move || writer.join())
-        .await
-        .expect("join task")
-        .expect("writer did not panic");
+    timeout(
+        EVENT_BOUND,
+        tokio::task::spawn_blocking(move || writer.join()),
+    )
+    .await
+    .expect("writer stops in time")
+    .expect("join task")
+    .expect("writer did not panic");
     stop.cancel();
     for task in tasks {
         timeout(EVENT_BOUND, task)
