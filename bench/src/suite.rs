@@ -715,7 +715,7 @@ impl RecordSize {
         let topic = topics.iter().map(String::len).sum::<usize>() as f64 / n;
         let encoded = topics
             .iter()
-            .map(|t| encoded_len(t, &payload))
+            .map(|t| encoded_len(t, &payload, &Default::default()))
             .sum::<usize>() as f64
             / n;
         RecordSize {

@@ -467,7 +467,7 @@ async fn every_message_arrives_in_spool_order_with_its_sequence_id() {
     let mut observer = Observer::connect(broker.port).await;
     let batch_bytes: usize = messages(0..BATCH, LEN)
         .iter()
-        .map(|m| encoded_len(&m.topic, &m.payload))
+        .map(|m| encoded_len(&m.topic, &m.payload, &m.origin))
         .sum();
     assert!(
         (batch_bytes as u64) < SEGMENT_BYTES,
@@ -903,4 +903,153 @@ async fn a_qos0_backlog_spooled_during_an_outage_arrives_once_the_broker_is_back
     check_delivery(&observed, &rig);
     rig.wait_settled().await;
     rig.stop().await;
+}
+
+/// Two upstreams on one spool: one live (a real mosquitto), one pointed at a closed loopback
+/// port with a small `max_backlog.bytes`. The live one gets everything; the dead one's
+/// backlog stays within its cap plus a segment, its cursor moves only by giving up, and
+/// `backlog_dropped` counts exactly the records it gave up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_upstream_over_its_backlog_cap_gives_up_its_oldest_records_only() {
+    init_tracing();
+    const N: usize = 3000;
+    const BATCH: usize = 200;
+    const LEN: usize = 150;
+    const CAP: u64 = 2 * SEGMENT_BYTES;
+    let broker = Broker::start_with(BROKER_CONF);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = SpoolConfig {
+        dir: dir.path().join("spool"),
+        max_bytes: 64 << 20,
+        segment_bytes: SEGMENT_BYTES,
+        min_free_bytes: 0,
+        max_age: None,
+        when_full: WhenFull::RejectNew,
+        fsync: FsyncPolicy::Always,
+    };
+    let names = ["live".to_owned(), "dead".to_owned()];
+    let (spool, _) = Spool::open(StdFs, config, &names).expect("spool opens");
+    let first_seq = spool.next_seq();
+    let spool = SharedSpool::new(spool);
+    let (replies_tx, mut replies) = mpsc::channel(1024);
+    let (entrance, writer) = start_writer(Arc::clone(&spool), 8192).expect("writer starts");
+    let appender = entrance.for_ingress(replies_tx);
+    // The writer stops once every appender is gone: keep only the ingress's.
+    drop(entrance);
+
+    let closed = common::free_port();
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    let mut stats = Vec::new();
+    for (index, (name, url, limit)) in [
+        ("live", broker.url(), BacklogLimit::default()),
+        (
+            "dead",
+            format!("mqtt://127.0.0.1:{closed}"),
+            BacklogLimit {
+                bytes: Some(CAP),
+                age: None,
+            },
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut upstream_config = fast_config(name, &url, MqttVersion::V5);
+        upstream_config.max_inflight = WINDOW;
+        let (ack_tx, ack_rx) = mpsc::channel(usize::from(WINDOW) + 16);
+        let (upstream, upstream_task) =
+            MqttUpstream::spawn(index, upstream_config, ack_tx, stop.clone())
+                .expect("upstream starts");
+        let drain_stats = Arc::new(DrainStats::default());
+        let config = DrainConfig {
+            max_backlog: limit,
+            ..drain_config(None, None, PATIENT)
+        };
+        let drain_task = tokio::spawn(drain(
+            Arc::clone(&spool),
+            index,
+            upstream,
+            ack_rx,
+            config,
+            Arc::new(RouteTable::everything()),
+            Arc::clone(&drain_stats),
+            stop.clone(),
+        ));
+        tasks.push(upstream_task);
+        tasks.push(drain_task);
+        stats.push(drain_stats);
+    }
+
+    for start in (0..N).step_by(BATCH) {
+        let batch = messages(start..start + BATCH, LEN);
+        let first = first_seq + start as u64;
+        for (i, m) in batch.into_iter().enumerate() {
+            appender
+                .append(m, Some(first + i as u64))
+                .expect("the writer's queue has room");
+        }
+        let mut accepted = 0;
+        while accepted < BATCH {
+            let got = timeout(EVENT_BOUND, replies.recv())
+                .await
+                .expect("the writer answers in time")
+                .expect("writer running");
+            assert!(got.iter().all(|r| r.accepted));
+            accepted += got.len();
+        }
+    }
+    let end = first_seq + N as u64;
+
+    // The live upstream gets everything.
+    let deadline = Instant::now() + EVENT_BOUND;
+    while spool.lock().cursor(0) != Some(end) {
+        assert!(Instant::now() < deadline, "live upstream not settled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(stats[0].forwarded.load(Relaxed), N as u64);
+    assert_eq!(stats[0].backlog_dropped.load(Relaxed), 0, "under no cap");
+
+    // The dead one gave up its oldest records, and its backlog is back within the cap plus a
+    // segment (checked after every group commit and every second).
+    let deadline = Instant::now() + EVENT_BOUND;
+    while spool.lock().backlog_bytes(1) > CAP + SEGMENT_BYTES {
+        assert!(
+            Instant::now() < deadline,
+            "dead upstream's backlog not bounded"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let dead_cursor = spool.lock().cursor(1).expect("two upstreams");
+    assert!(dead_cursor > first_seq, "records were given up");
+    assert_eq!(stats[1].forwarded.load(Relaxed), 0);
+    assert_eq!(
+        stats[1].backlog_dropped.load(Relaxed),
+        dead_cursor - first_seq,
+        "every record given up is counted, once"
+    );
+    // The spool freed what both cursors passed.
+    let bytes = {
+        let mut s = spool.lock();
+        s.collect_garbage();
+        s.stats().bytes
+    };
+    assert!(bytes <= CAP + SEGMENT_BYTES, "{bytes} bytes on disk");
+
+    drop(appender);
+    timeout(
+        EVENT_BOUND,
+        tokio::task::spawn_blocking(move || writer.join()),
+    )
+    .await
+    .expect("writer stops in time")
+    .expect("join task")
+    .expect("writer did not panic");
+    stop.cancel();
+    for task in tasks {
+        timeout(EVENT_BOUND, task)
+            .await
+            .expect("stops in time")
+            .expect("did not panic");
+    }
 }

@@ -1,9 +1,12 @@
 //! Fuzzes the spool's record decoder and its resynchronisation after damage (format version
-//! 2, `bridges/src/spool/record.rs`): any bytes must decode without panicking, every record
-//! it accepts must encode back to exactly the same bytes, and damage of any length and
+//! 3, and the version 2 records it still reads, `bridges/src/spool/record.rs`): any bytes
+//! must decode without panicking, every record it accepts must encode back to exactly the
+//! same bytes in the layout it was read in (with or without the origin; a record with an
+//! unknown protocol code, read as `internal`, is left out), and damage of any length and
 //! content between intact records must never cost a record before it, nor one after it
 //! unless the damage itself holds a forged record header (a sync word and a header CRC that
-//! checks).
+//! checks). The segment around the damage holds version 2 records before it and version 3
+//! records (with an origin) after it.
 
 #![no_main]
 

@@ -363,6 +363,8 @@ struct UpstreamStatus {
     rejected: u64,
     ack_timeouts: u64,
     resent: u64,
+    unrouted: u64,
+    backlog_dropped: u64,
 }
 
 impl Status {
@@ -379,6 +381,8 @@ impl Status {
                 rejected: d.rejected.load(Relaxed),
                 ack_timeouts: d.ack_timeouts.load(Relaxed),
                 resent: d.resent.load(Relaxed),
+                unrouted: d.unrouted.load(Relaxed),
+                backlog_dropped: d.backlog_dropped.load(Relaxed),
             })
             .collect();
         Status {
@@ -393,7 +397,11 @@ impl Status {
         self.spool.dropped_oldest
             + self.spool.expired
             + self.spool.corrupt
-            + self.upstreams.iter().map(|u| u.rejected).sum::<u64>()
+            + self
+                .upstreams
+                .iter()
+                .map(|u| u.rejected + u.backlog_dropped)
+                .sum::<u64>()
     }
 }
 
@@ -443,7 +451,7 @@ fn log_status(now: &Status, last: Option<&Status>) {
     if lost {
         spool_line!(
             warn,
-            "Spool status: messages were dropped (dropped_oldest, expired, corrupt or refused upstream)."
+            "Spool status: messages were dropped (dropped_oldest, expired, corrupt, refused upstream or backlog_dropped)."
         );
     } else {
         spool_line!(info, "Spool status.");
@@ -456,6 +464,8 @@ fn log_status(now: &Status, last: Option<&Status>) {
             rejected = u.rejected,
             ack_timeouts = u.ack_timeouts,
             resent = u.resent,
+            unrouted = u.unrouted,
+            backlog_dropped = u.backlog_dropped,
             "Upstream drain status."
         );
     }

@@ -16,6 +16,7 @@ use super::record::{
     self, MIN_RECORD, Parse, RECORD_HEADER, Record, SEGMENT_HEADER, SegmentHeader,
 };
 use crate::message::Message;
+use crate::upstream::drain::{BacklogCheck, BacklogLimit, GiveUp};
 
 /// Sequence ids reserved per write of the reservation file: after a crash the spool continues
 /// above the reservation, so an id that may have left the gateway is never reused.
@@ -90,8 +91,8 @@ pub enum OpenError {
     /// A segment file has a format version this build does not read. Nothing is deleted:
     /// the data stays for the build that wrote it.
     #[error(
-        "spool segment {} has format version {version}, this build reads version {}; nothing was changed: move the spool directory away or run the build that wrote it",
-        path.display(), record::VERSION
+        "spool segment {} has format version {version}, this build reads versions {} to {}; nothing was changed: move the spool directory away or run the build that wrote it",
+        path.display(), record::OLDEST_READ, record::VERSION
     )]
     Format {
         /// The segment file.
@@ -177,6 +178,8 @@ struct Segment<F> {
     first_seq: u64,
     /// The last record's sequence id.
     last_seq: Option<u64>,
+    /// The newest record's time (wall-clock ms), for `max_backlog.age`.
+    last_time_ms: u64,
     records: u64,
     file: Arc<F>,
     /// End of the data written to the OS; readers never read beyond it.
@@ -248,6 +251,8 @@ pub struct Spool<F: Fs> {
     buf_first: u64,
     buf_records: u64,
     buf_last: u64,
+    /// The newest time among the buffered records.
+    buf_time_ms: u64,
     /// Sum of `written` over the segments.
     bytes: u64,
     disk_low: bool,
@@ -348,7 +353,7 @@ impl<F: Fs> Spool<F> {
             }
             if scan.header == SegmentHeader::Damaged {
                 // The header's only content is the format version, which the records just
-                // confirmed: rewrite it.
+                // confirmed (each record says its own layout, version 2 or 3): rewrite it.
                 tracing::warn!(segment = %path.display(), "Spool segment header damaged; its records are kept and the header rewritten.");
                 file.write_all_at(&record::segment_header(), 0)
                     .and_then(|()| file.sync_data())
@@ -359,6 +364,7 @@ impl<F: Fs> Spool<F> {
             segments.push_back(Segment {
                 first_seq,
                 last_seq: scan.last_seq,
+                last_time_ms: scan.last_time_ms,
                 records: scan.records,
                 file: Arc::new(file),
                 written,
@@ -418,6 +424,7 @@ impl<F: Fs> Spool<F> {
             buf_first: next_seq,
             buf_records: 0,
             buf_last: 0,
+            buf_time_ms: 0,
             bytes,
             disk_low: false,
             stats,
@@ -470,6 +477,64 @@ impl<F: Fs> Spool<F> {
             .sum()
     }
 
+    /// Bytes of the segments holding records upstream `index` has not acknowledged (whole
+    /// segments, so an upper bound).
+    #[must_use]
+    pub fn backlog_bytes(&self, index: usize) -> u64 {
+        let cursor = self.cursors.get(index).copied().unwrap_or(0);
+        self.segments
+            .iter()
+            .filter(|s| s.last_seq.is_some_and(|l| l >= cursor))
+            .map(|s| s.written)
+            .sum()
+    }
+
+    /// Checks upstream `index`'s backlog against `limit` at `now_ms` (wall clock): the
+    /// oldest whole segments to give up, so that the bytes left are within `limit.bytes`
+    /// (never the newest segment) and no segment's newest record is older than `limit.age`.
+    /// Changes nothing: the drain moves the cursor ([`Self::set_cursor`]).
+    #[must_use]
+    pub fn check_backlog(&self, index: usize, limit: BacklogLimit, now_ms: u64) -> BacklogCheck {
+        let Some(cursor) = self.cursors.get(index).copied() else {
+            return BacklogCheck::default();
+        };
+        let behind: Vec<&Segment<F::File>> = self
+            .segments
+            .iter()
+            .filter(|s| s.last_seq.is_some_and(|l| l >= cursor))
+            .collect();
+        let age_ms = limit
+            .age
+            .map(|a| u64::try_from(a.as_millis()).unwrap_or(u64::MAX));
+        let mut bytes: u64 = behind.iter().map(|s| s.written).sum();
+        let mut give_up: Option<GiveUp> = None;
+        let mut left = behind.len();
+        for s in &behind {
+            let newest = left == 1;
+            let over_bytes = !newest && limit.bytes.is_some_and(|b| bytes > b);
+            let over_age = age_ms.is_some_and(|a| now_ms.saturating_sub(s.last_time_ms) > a);
+            let Some(last) = s.last_seq.filter(|_| over_bytes || over_age) else {
+                break;
+            };
+            // Ids within a segment are consecutive (see `write`): the count is exact
+            // unless writes failed in it, and never more than the records it holds.
+            let from = s.first_seq.max(cursor);
+            let records = (last + 1).saturating_sub(from).min(s.records);
+            let g = give_up.get_or_insert(GiveUp {
+                to: cursor,
+                records: 0,
+            });
+            g.to = last + 1;
+            g.records += records;
+            bytes = bytes.saturating_sub(s.written);
+            left -= 1;
+        }
+        BacklogCheck {
+            give_up,
+            caught_up: left <= 1,
+        }
+    }
+
     /// Updates the free-space state from the filesystem; call it now and then (it costs a
     /// `statvfs`).
     pub fn check_disk(&mut self) {
@@ -501,7 +566,7 @@ impl<F: Fs> Spool<F> {
     /// [`AppendError::Full`] when the limit is reached and nothing (more) may be dropped;
     /// [`AppendError::TooLarge`] when the message cannot fit at all.
     pub fn append(&mut self, time_ms: u64, msg: &Message) -> Result<u64, AppendError> {
-        let need = record::encoded_len(&msg.topic, &msg.payload) as u64;
+        let need = record::encoded_len(&msg.topic, &msg.payload, &msg.origin) as u64;
         if msg.topic.len() > usize::from(u16::MAX) || need > self.config.max_bytes / 2 {
             self.stats.rejected_full += 1;
             return Err(AppendError::TooLarge);
@@ -526,17 +591,10 @@ impl<F: Fs> Spool<F> {
         if self.buf_records == 0 {
             self.buf_first = seq;
         }
-        record::encode(
-            &mut self.buf,
-            seq,
-            time_ms,
-            msg.qos,
-            msg.retain,
-            &msg.topic,
-            &msg.payload,
-        );
+        record::encode(&mut self.buf, seq, time_ms, msg);
         self.buf_records += 1;
         self.buf_last = seq;
+        self.buf_time_ms = self.buf_time_ms.max(time_ms);
         self.stats.appended += 1;
         Ok(seq)
     }
@@ -644,6 +702,7 @@ impl<F: Fs> Spool<F> {
         seg.written += need;
         seg.records += self.buf_records;
         seg.last_seq = Some(self.buf_last);
+        seg.last_time_ms = seg.last_time_ms.max(self.buf_time_ms);
         self.bytes += need;
         self.stats.bytes_written += need;
         self.buf.clear();
@@ -686,6 +745,7 @@ impl<F: Fs> Spool<F> {
         self.segments.push_back(Segment {
             first_seq,
             last_seq: None,
+            last_time_ms: 0,
             records: 0,
             file: Arc::new(file),
             written: SEGMENT_HEADER,
@@ -907,6 +967,8 @@ struct Scan {
     records: u64,
     /// The last valid record's sequence id.
     last_seq: Option<u64>,
+    /// The newest valid record's time.
+    last_time_ms: u64,
     /// Damaged places before the last valid record: offset and records lost there.
     damaged: Vec<(u64, u64)>,
     /// Where a tail without any valid record starts, if the file has one.
@@ -1238,6 +1300,7 @@ fn scan_segment(file: &impl SpoolFile, first_seq: u64, after: u64) -> io::Result
         header,
         records: 0,
         last_seq: None,
+        last_time_ms: 0,
         damaged: Vec::new(),
         tail: None,
     };
@@ -1253,6 +1316,7 @@ fn scan_segment(file: &impl SpoolFile, first_seq: u64, after: u64) -> io::Result
                 last = rec.seq;
                 base = rec.seq;
                 scan.last_seq = Some(rec.seq);
+                scan.last_time_ms = scan.last_time_ms.max(rec.time_ms);
                 scan.records += 1;
                 at += n as u64;
             }
@@ -1339,7 +1403,8 @@ impl SpoolFile for BytesFile {
 /// For the `spool_record` fuzz target, not an API: builds a segment of 3 records, `garbage`
 /// (damage of any length and content), 3 more records, scans it as recovery does and reads
 /// it as a drain does. Returns the records the scan found and the ids the read returned
-/// (the records have ids 100 to 105).
+/// (the records have ids 100 to 105; the first three in format version 2, the others in
+/// version 3, as after a damaged version 2 header was rewritten).
 #[doc(hidden)]
 #[must_use]
 pub fn fuzz_resync(garbage: &[u8]) -> (u64, Vec<u64>) {
@@ -1349,16 +1414,18 @@ pub fn fuzz_resync(garbage: &[u8]) -> (u64, Vec<u64>) {
         if seq == first_seq + 3 {
             data.extend_from_slice(garbage);
         }
-        let payload = seq.to_le_bytes();
-        record::encode(
-            &mut data,
-            seq,
-            0,
+        let mut msg = Message::new(
+            "t",
+            bytes::Bytes::copy_from_slice(&seq.to_le_bytes()),
             crate::message::Qos::AtLeastOnce,
             false,
-            "t",
-            &payload,
         );
+        if seq < first_seq + 3 {
+            record::encode_v2(&mut data, seq, 0, &msg);
+        } else {
+            msg.origin.client_id = Some(Arc::from("c"));
+            record::encode(&mut data, seq, 0, &msg);
+        }
     }
     let file = BytesFile(data);
     let scanned = scan_segment(&file, first_seq, 0)

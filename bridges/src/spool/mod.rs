@@ -68,9 +68,9 @@ pub use log::{
 };
 #[doc(hidden)]
 pub use record::fuzz_round_trip;
-pub use record::{RECORD_HEADER, Record, encoded_len};
+pub use record::{MAX_ORIGIN_FIELD, RECORD_HEADER, Record, encoded_len};
 pub use service::{
     AppendReply, Appender, IngressAppender, SharedSpool, drain, start_writer, wall_ms,
 };
 
-pub use crate::upstream::drain::{BacklogLimit, DrainConfig, DrainStats};
+pub use crate::upstream::drain::{BacklogCheck, BacklogLimit, DrainConfig, DrainStats, GiveUp};

@@ -34,12 +34,16 @@
 //!   immediate timer, after yielding to the runtime.
 //! - **Rewinding after a lost connection**: the remaining reports of that connection; the
 //!   last one rewinds the read position to the first unacknowledged message.
+//! - **The backlog cap** (`max_backlog` set): a check after every append (the `written`
+//!   watch wakes the drain, link up or down) and a timer ([`BACKLOG_CHECK`]) for the age
+//!   limit.
 //! - **Shutdown**: the drain stops sending, waits only for the reports of what is in flight,
 //!   and ends.
 //!
 //! [`FailReason::QueueFull`]: crate::upstream::FailReason::QueueFull
 //! [`QUEUE_FULL_RETRY`]: crate::upstream::drain::QUEUE_FULL_RETRY
 //! [`READ_RETRY`]: crate::upstream::drain::READ_RETRY
+//! [`BACKLOG_CHECK`]: crate::upstream::drain::BACKLOG_CHECK
 //! [`SENDS_PER_BATCH`]: crate::upstream::drain::SENDS_PER_BATCH
 
 use std::sync::atomic::AtomicU64;
@@ -443,14 +447,14 @@ pub async fn drain<F: Fs, U: Upstream>(
     stats: Arc<DrainStats>,
     shutdown: CancellationToken,
 ) {
-    // STATUS: the route table is applied to each record by the routing work of issue 12.
-    let _ = &routes;
     let name = upstream.name().to_owned();
+    let limit = config.max_backlog;
     let mut pos = shared.lock().reader(index);
     let mut chunks = Chunks::default();
     let mut written = shared.written.subscribe();
     let mut link = upstream.watch_link();
-    let mut machine = Drain::new(name.clone(), config, stats, pos.next_seq(), clock());
+    let mut machine =
+        Drain::new(name.clone(), config, stats, pos.next_seq(), clock()).with_routes(index, routes);
     machine.handle_link(*link.borrow_and_update());
     let mut reports = Vec::new();
     let mut stopping = false;
@@ -504,6 +508,10 @@ pub async fn drain<F: Fs, U: Upstream>(
                     machine.handle_records(now, records, pos.next_seq());
                 }
                 Action::SetCursor(seq) => shared.lock().set_cursor(index, seq),
+                Action::CheckBacklog => {
+                    let check = shared.lock().check_backlog(index, limit, wall_ms());
+                    machine.handle_backlog(now, check);
+                }
                 Action::Rewind => pos = shared.lock().reader(index),
                 Action::ResetLink => upstream.reset_link(),
                 Action::Done => return,

@@ -403,7 +403,7 @@ fn bytes_written_per_message_stay_close_to_the_record() {
     let (mut spool, _) =
         Spool::open(fs.clone(), config(64 << 20, WhenFull::RejectNew), &names()).unwrap();
     let m = msg(1, 32);
-    let record = super::record::encoded_len(&m.topic, &m.payload) as u64;
+    let record = super::record::encoded_len(&m.topic, &m.payload, &m.origin) as u64;
     for group in 0..1000 {
         for i in 0..20 {
             spool.append(1, &msg(group * 20 + i, 32)).unwrap();
@@ -486,7 +486,7 @@ fn closed_segment(n: u64) -> Closed {
             let m = msg(i, 8 + (i as usize * 13) % 40);
             let seq = spool.append(1, &m).unwrap();
             if first {
-                let len = super::record::encoded_len(&m.topic, &m.payload);
+                let len = super::record::encoded_len(&m.topic, &m.payload, &m.origin);
                 layout.push((seq, at..at + len));
                 at += len;
             }

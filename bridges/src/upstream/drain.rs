@@ -11,6 +11,8 @@
 //!        Send      -> publish; handle_publish(now, result) before the next poll
 //!        Read      -> read the spool; handle_records(now, records, next_seq)
 //!        SetCursor -> save the upstream's cursor
+//!        CheckBacklog -> measure the backlog behind the cursor; handle_backlog(now, check)
+//!                     before the next poll
 //!        Rewind    -> read again from the cursor (after a lost connection)
 //!        ResetLink -> drop the upstream's link (ack timeout)
 //!        Done      -> stop
@@ -28,7 +30,15 @@
 //!   ([`Wait::Ack`]: a report is outstanding; [`Wait::Link`]: the link is down;
 //!   [`Wait::Append`]: the spool has nothing more; [`Wait::Read`]: a read is under way).
 //! - **The cursor never passes an unsettled record**: it moves only over records that are
-//!   acknowledged or refused for good (QoS >= 1) or taken by the upstream (QoS 0).
+//!   acknowledged or refused for good (QoS >= 1), taken by the upstream (QoS 0), not routed
+//!   to this upstream (skipped at read, counted once in `unrouted`), or given up by the
+//!   backlog cap (`max_backlog`, counted in `backlog_dropped`). A report of a send the cap
+//!   gave up (its sequence id is below the cursor) only frees its slot.
+//! - **Routing**: each record read goes through the route table ([`Drain::with_routes`]); a
+//!   targeted one is sent with the target's topic and QoS, an unrouted one holds nothing up.
+//! - **Backlog cap**: while `max_backlog` is set, the backlog is checked
+//!   ([`Action::CheckBacklog`]) after every append and every [`BACKLOG_CHECK`], link up or
+//!   down; an upstream under its cap is never affected.
 //! - **Order**: first sends follow log order; after a lost connection everything from the
 //!   first unacknowledged record is sent again, in order (counted in `resent`).
 //! - **Bounded**: at most `window` QoS >= 1 records unacknowledged (QoS 0 take no slot:
@@ -45,6 +55,7 @@ use std::time::{Duration, Instant};
 
 use super::{AckReport, Delivery, FailReason};
 use crate::message::Message;
+use crate::route::RouteTable;
 use crate::spool::Record;
 
 /// Records one spool read returns at most (what [`Action::Read`] asks for).
@@ -66,6 +77,30 @@ pub const BROKER_BUSY_RETRY: Duration = Duration::from_secs(1);
 /// How long to wait before retrying a failed spool read.
 pub const READ_RETRY: Duration = Duration::from_millis(100);
 
+/// How often the backlog is checked against `max_backlog` besides after every append (the
+/// age limit passes without appends).
+pub const BACKLOG_CHECK: Duration = Duration::from_secs(1);
+
+/// The spool's answer to [`Action::CheckBacklog`] (`Spool::check_backlog`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BacklogCheck {
+    /// The backlog is over the cap: move the cursor to this sequence id, giving up `records`
+    /// records (whole segments).
+    pub give_up: Option<GiveUp>,
+    /// The upstream has caught up: its backlog lies within the newest segment (ends the
+    /// over-cap state).
+    pub caught_up: bool,
+}
+
+/// Records given up by the backlog cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GiveUp {
+    /// The new cursor.
+    pub to: u64,
+    /// Records between the old cursor and `to`.
+    pub records: u64,
+}
+
 /// How one upstream drains the spool.
 #[derive(Debug, Clone, Copy)]
 pub struct DrainConfig {
@@ -86,15 +121,26 @@ pub struct DrainConfig {
 }
 
 /// How far one upstream may fall behind (`max_backlog`); `None` is unbounded (only the
-/// spool's own limits apply).
-///
-/// STATUS: carried through the configuration; enforced by the routing work of issue 12.
+/// spool's own limits apply). Past either limit the upstream's oldest whole segments are
+/// given up: its cursor moves past them (counted in [`DrainStats::backlog_dropped`]), so
+/// the spool deletes them once the other upstreams passed them too.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BacklogLimit {
-    /// Bytes of spool behind the upstream's cursor, at most.
+    /// Bytes of spool segments holding records at or after the upstream's cursor, at most
+    /// (the newest segment is never given up for bytes: the backlog may exceed this by up to
+    /// one segment).
     pub bytes: Option<u64>,
-    /// Age of the oldest record behind the cursor, at most.
+    /// Age of the records behind the cursor, at most: a segment whose newest record is older
+    /// is given up.
     pub age: Option<Duration>,
+}
+
+impl BacklogLimit {
+    /// Whether any limit is set.
+    #[must_use]
+    pub const fn is_set(&self) -> bool {
+        self.bytes.is_some() || self.age.is_some()
+    }
 }
 
 /// Counters of one drain, shared with whoever reports them.
@@ -109,6 +155,11 @@ pub struct DrainStats {
     pub ack_timeouts: AtomicU64,
     /// Messages sent again after a connection loss.
     pub resent: AtomicU64,
+    /// Records no route sends to this upstream: passed over by its cursor, unsent.
+    pub unrouted: AtomicU64,
+    /// Records this upstream gave up because its backlog was over `max_backlog`: lost for
+    /// this upstream only.
+    pub backlog_dropped: AtomicU64,
 }
 
 /// What the caller must do next.
@@ -129,6 +180,9 @@ pub enum Action {
     Read,
     /// Move the upstream's cursor to this sequence id (everything below is settled).
     SetCursor(u64),
+    /// Check the backlog behind the cursor against `max_backlog`, then call
+    /// [`Drain::handle_backlog`] before polling again.
+    CheckBacklog,
     /// Drop the read position and read again from the cursor (after a lost connection).
     Rewind,
     /// The upstream did not acknowledge in time: reset its link.
@@ -286,6 +340,20 @@ pub struct Drain {
     msgs: Option<Bucket>,
     bytes: Option<Bucket>,
     done: bool,
+    /// This upstream's index in the route table, and the table.
+    upstream: usize,
+    routes: Arc<RouteTable>,
+    /// Records from here on have not been counted in `unrouted` yet (a rewind reads them
+    /// again).
+    unrouted_from: u64,
+    /// When the backlog is checked next (`max_backlog` set).
+    backlog_due: Option<Instant>,
+    /// An append asked for a check; [`Self::poll_action`] turns it into `backlog_due`.
+    backlog_recheck: bool,
+    /// An [`Action::CheckBacklog`] is unanswered.
+    checking: bool,
+    /// Records are being given up (logged when it starts and ends).
+    over_cap: bool,
 }
 
 impl Drain {
@@ -330,7 +398,23 @@ impl Drain {
             #[allow(clippy::cast_precision_loss)] // A rate beyond 2^53 bytes/s is unlimited.
             bytes: config.rate_bytes.map(|r| Bucket::new(r as f64, now)),
             done: false,
+            upstream: 0,
+            routes: Arc::new(RouteTable::everything()),
+            unrouted_from: cursor,
+            backlog_due: config.max_backlog.is_set().then_some(now),
+            backlog_recheck: false,
+            checking: false,
+            over_cap: false,
         }
+    }
+
+    /// Applies `routes` as upstream `upstream` (its index in the table); without it every
+    /// record is sent unchanged.
+    #[must_use]
+    pub fn with_routes(mut self, upstream: usize, routes: Arc<RouteTable>) -> Self {
+        self.upstream = upstream;
+        self.routes = routes;
+        self
     }
 
     /// The cursor as last set.
@@ -369,8 +453,63 @@ impl Drain {
         if failed {
             self.read_retry_until = Some(now + READ_RETRY);
         }
-        self.pending.extend(records);
+        let mut skipped = 0;
+        for mut r in records {
+            if r.seq < self.cursor {
+                // Given up by the backlog cap while the read position was behind.
+                continue;
+            }
+            let target = self
+                .routes
+                .target(self.upstream, &r.topic, r.qos, &r.origin);
+            match target {
+                Some(t) => {
+                    r.qos = t.qos;
+                    let topic = t.topic.into_owned();
+                    r.topic = topic;
+                    self.pending.push_back(r);
+                }
+                None => {
+                    skipped += 1;
+                    if r.seq >= self.unrouted_from {
+                        self.unrouted_from = r.seq + 1;
+                        self.stats.unrouted.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+        }
+        // Skipping costs a turn's budget like sending: bounded work per wake.
+        if skipped > 0 {
+            self.budget = self.budget.saturating_sub(skipped);
+            if self.budget == 0 {
+                self.yield_at = Some(now);
+            }
+        }
         self.read_next = next_seq;
+    }
+
+    /// The answer to [`Action::CheckBacklog`]. Giving up moves the cursor (handed out as
+    /// [`Action::SetCursor`]), drops what was read ahead below it, and forgets the sends in
+    /// flight below it (their reports only free their slots).
+    pub fn handle_backlog(&mut self, now: Instant, check: BacklogCheck) {
+        self.checking = false;
+        self.backlog_due = Some(now + BACKLOG_CHECK);
+        if let Some(GiveUp { to, records }) = check.give_up.filter(|g| g.to > self.cursor) {
+            self.stats.backlog_dropped.fetch_add(records, Relaxed);
+            if !self.over_cap {
+                self.over_cap = true;
+                tracing::warn!(upstream = %self.name, records, to, limit = ?self.config.max_backlog, "Upstream backlog over max_backlog: giving up its oldest records (lost for this upstream only).");
+            }
+            self.cursor = to;
+            self.queued.push_back(Action::SetCursor(to));
+            self.pending.retain(|r| r.seq >= to);
+            self.sent.retain(|s| s.seq >= to);
+            self.unrouted_from = self.unrouted_from.max(to);
+            self.read_next = self.read_next.max(to);
+        } else if check.caught_up && self.over_cap {
+            self.over_cap = false;
+            tracing::warn!(upstream = %self.name, dropped = self.stats.backlog_dropped.load(Relaxed), "Upstream backlog back within max_backlog.");
+        }
     }
 
     /// The result of publishing the [`Action::Send`] just polled.
@@ -428,6 +567,14 @@ impl Drain {
     pub fn handle_ack(&mut self, report: AckReport) {
         self.turn();
         self.outstanding = self.outstanding.saturating_sub(1);
+        if report.token < self.cursor {
+            // Given up by the backlog cap while in flight (only the cap moves the cursor
+            // past an unreported send): it only frees its slot.
+            if self.rewinding && self.outstanding == 0 {
+                self.rewind();
+            }
+            return;
+        }
         let settled = match report.delivery {
             Delivery::Acknowledged => {
                 self.stats.forwarded.fetch_add(1, Relaxed);
@@ -498,6 +645,7 @@ impl Drain {
     pub fn handle_appended(&mut self) {
         self.turn();
         self.spool_empty = false;
+        self.backlog_recheck = self.config.max_backlog.is_set();
     }
 
     /// The instant of [`Self::poll_timeout`] has come (an early call does nothing harmful).
@@ -528,11 +676,19 @@ impl Drain {
             self.busy_pending = false;
             self.busy_until = Some(now + BROKER_BUSY_RETRY);
         }
-        if self.done || self.reading || self.sending {
+        if std::mem::take(&mut self.backlog_recheck) {
+            self.backlog_due = Some(self.backlog_due.map_or(now, |d| d.min(now)));
+        }
+        if self.done || self.reading || self.sending || self.checking {
             return None;
         }
         if let Some(a) = self.queued.pop_front() {
             return Some(a);
+        }
+        if !self.stopping && self.backlog_due.is_some_and(|d| d <= now) {
+            self.backlog_due = None;
+            self.checking = true;
+            return Some(Action::CheckBacklog);
         }
         if let Some(a) = self.poll_send(now) {
             return Some(a);
@@ -565,6 +721,12 @@ impl Drain {
         None
     }
 
+    /// Whether the window is full: sends not moved over by the cursor, or reports still
+    /// coming (sends the backlog cap gave up still hold their slot at the upstream).
+    fn window_full(&self) -> bool {
+        self.sent.len().max(self.outstanding) >= self.config.window
+    }
+
     /// When the oldest unacknowledged send times out, if that is watched now. A rewind on a
     /// live link (the peer refused a message for now) is watched too: it waits for the
     /// remaining reports, and a peer that stopped acknowledging must not hold it forever.
@@ -595,7 +757,7 @@ impl Drain {
             return Some(Action::Read);
         };
         let tracked = item.qos.is_acknowledged();
-        if tracked && self.sent.len() >= self.config.window {
+        if tracked && self.window_full() {
             return None;
         }
         #[allow(clippy::cast_precision_loss)] // Sizes are far below 2^53.
@@ -614,7 +776,7 @@ impl Drain {
                 payload: item.payload.clone(),
                 qos: item.qos,
                 retain: item.retain,
-                origin: Default::default(),
+                origin: item.origin.clone(),
             },
         })
     }
@@ -632,6 +794,7 @@ impl Drain {
             self.read_retry_until,
             self.busy_until,
             self.ack_due(),
+            self.backlog_due.filter(|_| !self.stopping),
         ]
         .into_iter()
         .flatten()
@@ -656,7 +819,7 @@ impl Drain {
                     .pending
                     .front()
                     .is_some_and(|i| i.qos.is_acknowledged())
-                    && self.sent.len() >= self.config.window)
+                    && self.window_full())
         {
             return Some(Wait::Ack);
         }

@@ -11,7 +11,28 @@ use bytes::Bytes;
 use proptest::prelude::*;
 
 use super::*;
-use crate::message::Qos;
+use crate::message::{Origin, Protocol, Qos};
+use crate::route::RouteSpec;
+
+/// Routes for upstream 0 ("model"): `t/0` unchanged, `t/1` under a prefix at QoS 1 at
+/// most; nothing for `t/2`.
+fn routes() -> Arc<RouteTable> {
+    let specs = [
+        RouteSpec {
+            filter: "t/0".into(),
+            upstreams: vec!["model".into()],
+            ..RouteSpec::default()
+        },
+        RouteSpec {
+            filter: "t/1".into(),
+            upstreams: vec!["model".into()],
+            add_prefix: Some("up/".into()),
+            qos_max: Some(Qos::AtLeastOnce),
+            ..RouteSpec::default()
+        },
+    ];
+    Arc::new(RouteTable::compile(&specs, &["model", "other"], "gw").unwrap())
+}
 
 #[test]
 fn the_bucket_allows_a_one_second_burst_then_the_rate() {
@@ -73,6 +94,7 @@ fn rec(seq: u64, qos: Qos) -> Record {
         retain: false,
         topic: "t".into(),
         payload: Bytes::from_static(b"x"),
+        origin: Default::default(),
     }
 }
 
@@ -282,6 +304,163 @@ fn a_full_request_queue_and_a_failed_read_arm_retry_timers() {
 
 // ---- The model: a fake spool, a fake upstream and a virtual clock around one `Drain`. ----
 
+fn rec_on(seq: u64, topic: &str) -> Record {
+    Record {
+        topic: topic.into(),
+        ..rec(seq, Qos::AtLeastOnce)
+    }
+}
+
+#[test]
+fn unrouted_records_pass_with_the_cursor_and_do_not_hold_up_the_others() {
+    let t0 = Instant::now();
+    let stats = Arc::new(DrainStats::default());
+    let mut d =
+        Drain::new("unit", unlimited(4), Arc::clone(&stats), 1, t0).with_routes(0, routes());
+    d.handle_link(true);
+    assert_eq!(d.poll_action(t0), Some(Action::Read));
+    let records = vec![
+        rec_on(1, "t/0"),
+        rec_on(2, "t/2"),
+        rec_on(3, "t/1"),
+        rec_on(4, "t/2"),
+    ];
+    d.handle_records(t0, Ok(records.clone()), 5);
+    assert_eq!(stats.unrouted.load(Relaxed), 2);
+    assert_eq!(send(&mut d, t0, Ok(())), 1);
+    let Some(Action::Send {
+        seq: 3, message, ..
+    }) = d.poll_action(t0)
+    else {
+        panic!("record 3 next");
+    };
+    let target = routes()
+        .target(0, "t/1", Qos::AtLeastOnce, &Origin::default())
+        .unwrap();
+    assert_eq!(message.topic, target.topic);
+    d.handle_publish(t0, Ok(()));
+    assert_eq!(d.poll_action(t0), Some(Action::Read));
+    d.handle_records(t0, Ok(vec![]), 5);
+    assert_eq!(d.poll_action(t0), None, "1 is not acknowledged yet");
+    // Out of order: 3 first, then 1; the cursor then passes the unrouted 4 as well.
+    d.handle_ack(ack(3, Delivery::Acknowledged));
+    assert_eq!(d.poll_action(t0), None);
+    d.handle_ack(ack(1, Delivery::Acknowledged));
+    assert_eq!(d.poll_action(t0), Some(Action::SetCursor(5)));
+    // A lost connection before the acks: the rewind reads 2 and 4 again, counted once.
+    let mut d =
+        Drain::new("unit", unlimited(4), Arc::clone(&stats), 1, t0).with_routes(0, routes());
+    d.handle_link(true);
+    assert_eq!(d.poll_action(t0), Some(Action::Read));
+    d.handle_records(t0, Ok(records.clone()), 5);
+    send(&mut d, t0, Ok(()));
+    send(&mut d, t0, Ok(()));
+    d.handle_ack(ack(1, Delivery::Failed(FailReason::Disconnected)));
+    d.handle_ack(ack(3, Delivery::Failed(FailReason::Disconnected)));
+    assert_eq!(d.poll_action(t0), Some(Action::Rewind));
+    assert_eq!(d.poll_action(t0), Some(Action::Read));
+    d.handle_records(t0, Ok(records), 5);
+    assert_eq!(stats.unrouted.load(Relaxed), 4, "2 + 2, not 2 + 4");
+}
+
+fn capped() -> DrainConfig {
+    DrainConfig {
+        max_backlog: BacklogLimit {
+            bytes: Some(1),
+            age: None,
+        },
+        ..unlimited(4)
+    }
+}
+
+#[test]
+fn the_backlog_is_checked_with_the_link_down_and_a_give_up_moves_the_cursor() {
+    let t0 = Instant::now();
+    let stats = Arc::new(DrainStats::default());
+    let mut d = Drain::new("unit", capped(), Arc::clone(&stats), 1, t0);
+    // Link down: nothing is sent, yet the backlog is checked at once, then on appends and
+    // on the timer.
+    assert_eq!(d.poll_action(t0), Some(Action::CheckBacklog));
+    d.handle_backlog(t0, BacklogCheck::default());
+    assert_eq!(d.poll_action(t0), None);
+    assert_eq!(d.poll_timeout(), Some(t0 + BACKLOG_CHECK));
+    d.handle_appended();
+    assert_eq!(d.poll_action(t0), Some(Action::CheckBacklog));
+    let give_up = BacklogCheck {
+        give_up: Some(GiveUp { to: 10, records: 9 }),
+        caught_up: false,
+    };
+    d.handle_backlog(t0, give_up);
+    assert_eq!(d.poll_action(t0), Some(Action::SetCursor(10)));
+    assert_eq!(stats.backlog_dropped.load(Relaxed), 9);
+    assert_eq!(d.poll_action(t0), None);
+    let later = t0 + BACKLOG_CHECK;
+    d.handle_timeout(later);
+    assert_eq!(d.poll_action(later), Some(Action::CheckBacklog));
+    d.handle_backlog(later, give_up);
+    assert_eq!(
+        d.poll_action(later),
+        None,
+        "an old answer moves nothing back"
+    );
+    assert_eq!(stats.backlog_dropped.load(Relaxed), 9);
+}
+
+#[test]
+fn sends_in_flight_that_are_given_up_only_free_their_slots() {
+    let t0 = Instant::now();
+    let stats = Arc::new(DrainStats::default());
+    let mut d = Drain::new("unit", capped(), Arc::clone(&stats), 1, t0);
+    assert_eq!(d.poll_action(t0), Some(Action::CheckBacklog));
+    d.handle_backlog(t0, BacklogCheck::default());
+    d.handle_link(true);
+    assert_eq!(d.poll_action(t0), Some(Action::Read));
+    let records: Vec<Record> = (1..=6).map(|s| rec(s, Qos::AtLeastOnce)).collect();
+    d.handle_records(t0, Ok(records), 7);
+    for want in 1..=4 {
+        assert_eq!(send(&mut d, t0, Ok(())), want);
+    }
+    assert_eq!(d.poll_action(t0), None, "window of 4 full");
+    // Records 1 to 5 are given up: 1-4 in flight, 5 read ahead.
+    d.handle_appended();
+    assert_eq!(d.poll_action(t0), Some(Action::CheckBacklog));
+    d.handle_backlog(
+        t0,
+        BacklogCheck {
+            give_up: Some(GiveUp { to: 6, records: 5 }),
+            caught_up: false,
+        },
+    );
+    assert_eq!(d.poll_action(t0), Some(Action::SetCursor(6)));
+    assert_eq!(
+        d.poll_action(t0),
+        None,
+        "the 4 reports still hold the window"
+    );
+    assert_eq!(d.waiting_for(), Some(Wait::Ack));
+    for seq in [3, 1, 4] {
+        d.handle_ack(ack(seq, Delivery::Acknowledged));
+    }
+    // A lost connection's report for a given-up send: no rewind below the cursor.
+    d.handle_ack(ack(2, Delivery::Failed(FailReason::Disconnected)));
+    assert_eq!(stats.forwarded.load(Relaxed), 0, "given up, not forwarded");
+    assert_eq!(
+        d.poll_action(t0),
+        Some(Action::Send {
+            seq: 6,
+            tracked: true,
+            message: Message::new("t", Bytes::from_static(b"x"), Qos::AtLeastOnce, false)
+        })
+    );
+    d.handle_publish(t0, Ok(()));
+    d.handle_ack(ack(6, Delivery::Acknowledged));
+    assert_eq!(d.poll_action(t0), Some(Action::Read));
+    d.handle_records(t0, Ok(vec![]), 7);
+    assert_eq!(d.poll_action(t0), Some(Action::SetCursor(7)));
+    assert_eq!(stats.forwarded.load(Relaxed), 1);
+    assert_eq!(stats.backlog_dropped.load(Relaxed), 5);
+}
+
 /// An event the drain task would see (in the order the task would see it).
 #[derive(Debug, Clone, Copy)]
 enum Event {
@@ -324,13 +503,27 @@ struct Harness {
     /// The largest message appended (topic and payload bytes).
     largest: usize,
     done: bool,
+    /// The route table in use (`everything` when the run does not route).
+    routes: Arc<RouteTable>,
+    /// Records the backlog cap may leave behind the cursor, if capped.
+    cap: Option<u64>,
+    /// Sequence ids the cap gave up.
+    given_up: BTreeSet<u64>,
 }
 
 impl Harness {
-    fn new(config: DrainConfig) -> Self {
+    fn new(mut config: DrainConfig, routed: bool, cap: Option<u64>) -> Self {
         let t0 = Instant::now();
         let stats = Arc::new(DrainStats::default());
-        let mut drain = Drain::new("model", config, Arc::clone(&stats), 1, t0);
+        // The machine only looks whether a limit is set; the model measures in records.
+        config.max_backlog.bytes = cap;
+        let routes = if routed {
+            routes()
+        } else {
+            Arc::new(RouteTable::everything())
+        };
+        let mut drain = Drain::new("model", config, Arc::clone(&stats), 1, t0)
+            .with_routes(0, Arc::clone(&routes));
         drain.handle_link(true);
         let mut h = Self {
             drain,
@@ -353,6 +546,9 @@ impl Harness {
             bytes: 0,
             largest: 0,
             done: false,
+            routes,
+            cap,
+            given_up: BTreeSet::new(),
         };
         h.pump();
         h
@@ -372,6 +568,11 @@ impl Harness {
             retain: false,
             topic: format!("t/{}", seq % 3),
             payload: Bytes::from(vec![0u8; len]),
+            origin: Origin {
+                protocol: Protocol::MqttSn,
+                client_id: Some(Arc::from(format!("c{seq}"))),
+                peer: None,
+            },
         });
         self.events.push_back(Event::Appended);
     }
@@ -458,8 +659,15 @@ impl Harness {
                     self.bytes += (message.topic.len() + message.payload.len()) as u64;
                     sends_this_turn += 1;
                     let rec = self.record(seq);
-                    assert_eq!(tracked, rec.qos.is_acknowledged());
-                    assert_eq!(message.topic, rec.topic);
+                    let target = self
+                        .routes
+                        .target(0, &rec.topic, rec.qos, &rec.origin)
+                        .expect("only routed records are sent");
+                    assert_eq!(tracked, target.qos.is_acknowledged());
+                    assert_eq!(message.topic, target.topic);
+                    assert_eq!(message.qos, target.qos);
+                    assert_eq!(message.origin, rec.origin);
+                    assert!(!self.given_up.contains(&seq), "{seq} was given up");
                     let result = if !self.link_up {
                         Err(FailReason::Disconnected)
                     } else if let Some(reason) = self.refuse.take() {
@@ -504,13 +712,32 @@ impl Harness {
                     assert!(seq > self.cursor, "the cursor moves forward only");
                     for s in self.cursor..seq {
                         assert!(
-                            self.settled.contains(&s),
+                            self.settled.contains(&s)
+                                || self.given_up.contains(&s)
+                                || !self.routed(s),
                             "the cursor passes {s}, not settled (cursor {seq})"
                         );
                     }
                     self.cursor = seq;
                 }
                 Action::Rewind => self.read_next = self.cursor,
+                Action::CheckBacklog => {
+                    let cap = self.cap.expect("checks only with a cap");
+                    let end = self.log.len() as u64 + 1;
+                    let behind = end - self.cursor;
+                    let give_up = (behind > cap).then(|| GiveUp {
+                        to: end - cap,
+                        records: end - cap - self.cursor,
+                    });
+                    if let Some(g) = give_up {
+                        self.given_up.extend(self.cursor..g.to);
+                    }
+                    let check = BacklogCheck {
+                        give_up,
+                        caught_up: behind <= cap,
+                    };
+                    self.drain.handle_backlog(self.now, check);
+                }
                 Action::ResetLink => {
                     self.lose_link();
                     // The upstream reconnects after its backoff.
@@ -520,6 +747,14 @@ impl Harness {
             }
         }
         self.check(sends_this_turn);
+    }
+
+    /// Whether record `seq` goes to this upstream.
+    fn routed(&self, seq: u64) -> bool {
+        let rec = self.record(seq);
+        self.routes
+            .target(0, &rec.topic, rec.qos, &rec.origin)
+            .is_some()
     }
 
     fn check(&self, sends_this_turn: usize) {
@@ -580,6 +815,12 @@ impl Harness {
                 self.answer(0, Delivery::Acknowledged);
             } else if !self.link_up {
                 self.restore_link();
+            } else if self.cap.is_some()
+                && self.cursor == self.log.len() as u64 + 1
+                && self.drain.waiting_for() == Some(Wait::Append)
+            {
+                // Only the periodic backlog check is left.
+                return;
             } else if let Some(at) = self.drain.poll_timeout() {
                 self.now = self.now.max(at);
                 self.drain.handle_timeout(self.now);
@@ -645,8 +886,8 @@ fn config() -> impl Strategy<Value = DrainConfig> {
         })
 }
 
-fn run(config: DrainConfig, ops: &[Op], stop: bool) -> Harness {
-    let mut h = Harness::new(config);
+fn run(config: DrainConfig, routed: bool, cap: Option<u64>, ops: &[Op], stop: bool) -> Harness {
+    let mut h = Harness::new(config, routed, cap);
     for op in ops {
         match *op {
             Op::Append { qos, len, n } => {
@@ -683,28 +924,52 @@ proptest! {
     #[test]
     fn every_record_is_settled_in_order_once_the_link_stays_up(
         config in config(),
+        routed in any::<bool>(),
         ops in prop::collection::vec(op(), 0..80),
     ) {
-        let h = run(config, &ops, false);
-        let all: Vec<u64> = (1..=h.log.len() as u64).collect();
+        let h = run(config, routed, None, &ops, false);
+        let all: Vec<u64> = (1..=h.log.len() as u64).filter(|&s| h.routed(s)).collect();
         prop_assert_eq!(&h.first_sent, &all);
         prop_assert!(all.iter().all(|s| h.settled.contains(s)));
+        let unrouted = h.log.len() - all.len();
+        prop_assert_eq!(h.stats.unrouted.load(Relaxed), unrouted as u64, "counted once each");
         prop_assert_eq!(h.cursor, h.log.len() as u64 + 1);
         prop_assert_eq!(h.drain.waiting_for(), Some(Wait::Append));
         let stats = &h.stats;
         prop_assert_eq!(
-            stats.forwarded.load(Relaxed) + stats.rejected.load(Relaxed) >= h.log.len() as u64,
+            stats.forwarded.load(Relaxed) + stats.rejected.load(Relaxed) >= all.len() as u64,
             true
         );
+    }
+
+    /// With a backlog cap (and routing): every routed record not given up is settled, first
+    /// sends keep log order, nothing given up is sent afterwards, the cursor ends past the
+    /// log, and the counters match what was skipped and given up.
+    #[test]
+    fn a_capped_backlog_gives_up_only_its_oldest_records(
+        config in config(),
+        routed in any::<bool>(),
+        cap in 1u64..40,
+        ops in prop::collection::vec(op(), 0..80),
+    ) {
+        let h = run(config, routed, Some(cap), &ops, false);
+        let kept: Vec<u64> = (1..=h.log.len() as u64)
+            .filter(|&s| h.routed(s) && !h.given_up.contains(&s))
+            .collect();
+        prop_assert!(kept.iter().all(|s| h.settled.contains(s)));
+        prop_assert_eq!(h.cursor, h.log.len() as u64 + 1);
+        prop_assert_eq!(h.stats.backlog_dropped.load(Relaxed), h.given_up.len() as u64);
     }
 
     /// A shutdown anywhere sends nothing new and ends once every report is in.
     #[test]
     fn a_shutdown_ends_once_every_report_is_in(
         config in config(),
+        routed in any::<bool>(),
+        cap in prop::option::of(1u64..40),
         ops in prop::collection::vec(op(), 0..80),
     ) {
-        let h = run(config, &ops, true);
+        let h = run(config, routed, cap, &ops, true);
         prop_assert!(h.done);
         prop_assert_eq!(h.drain.outstanding(), 0);
         prop_assert!(h.in_flight.is_empty());
