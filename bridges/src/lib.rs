@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod amqp;
+pub mod durable;
 pub mod message;
 pub mod mqtt;
 pub mod route;

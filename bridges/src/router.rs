@@ -1172,7 +1172,11 @@ mod tests {
         let (a, mut rx_a) = downlink_ingress(&s.router, 4);
         a.subscribe(now(), "a/#", Qos::AtLeastOnce).unwrap();
         assert_eq!(s.fakes[0].take(), [sub("a/#", Qos::AtLeastOnce)]);
-        assert_eq!(s.fakes[1].take(), [], "its route's filter does not overlap a/#");
+        assert_eq!(
+            s.fakes[1].take(),
+            [],
+            "its route's filter does not overlap a/#"
+        );
         assert_eq!(s.fakes[2].take(), [], "no route takes downlink from it");
 
         // Downlink from an upstream whose routes do not take the topic is nobody's.

@@ -12,9 +12,8 @@ use std::time::Duration;
 use bytes::{Buf, BufMut};
 
 use super::fs::{Fs, SpoolFile};
-use super::record::{
-    self, MIN_RECORD, Parse, RECORD_HEADER, Record, SEGMENT_HEADER, SegmentHeader,
-};
+use super::record::{self, Parse, RECORD_HEADER, Record, SEGMENT_HEADER, SegmentHeader};
+use crate::durable::frame;
 use crate::message::Message;
 use crate::upstream::drain::{BacklogCheck, BacklogLimit, GiveUp};
 
@@ -1142,18 +1141,8 @@ fn find_header(
         let Some(offsets) = bytes.len().checked_sub(RECORD_HEADER - 1) else {
             break;
         };
-        for i in 0..offsets {
-            let Some(rest) = bytes.get(i..) else { break };
-            if rest.get(..4) != Some(record::RECORD_SYNC.as_slice()) {
-                continue;
-            }
-            if let Some(h) = record::header(rest) {
-                let p = at + i as u64;
-                let most = base + 2 + (p - damaged_at) / MIN_RECORD as u64;
-                if h.seq > base && h.seq <= most {
-                    return Ok(Some((p, h.seq)));
-                }
-            }
+        if let Some((i, seq)) = frame::find_next(bytes, at - damaged_at, base, record::LIMITS) {
+            return Ok(Some((at + i as u64, seq)));
         }
         if offsets == 0 {
             break;

@@ -45,15 +45,15 @@ fn apply(data: &mut Vec<u8>, op: &Op) {
 
 /// Faults to inject; all off by default.
 #[derive(Debug, Default, Clone)]
-pub(crate) struct Faults {
+pub struct Faults {
     /// Writes fail with ENOSPC (after writing a part of their bytes, like a full disk does).
-    pub(crate) enospc: bool,
+    pub enospc: bool,
     /// Writes fail with EIO, writing nothing.
-    pub(crate) eio_writes: bool,
+    pub eio_writes: bool,
     /// `sync_data` fails with EIO (the data stays unsynced).
-    pub(crate) fail_sync: bool,
+    pub fail_sync: bool,
     /// What `available_bytes` reports.
-    pub(crate) available: u64,
+    pub available: u64,
 }
 
 #[derive(Debug, Default)]
@@ -68,7 +68,7 @@ struct State {
 
 /// The in-memory filesystem; clones share it.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct MemFs {
+pub struct MemFs {
     state: Arc<Mutex<State>>,
 }
 
@@ -77,7 +77,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl MemFs {
-    pub(crate) fn new() -> Self {
+    /// An empty filesystem with no faults and unlimited space.
+    #[must_use]
+    pub fn new() -> Self {
         let fs = Self::default();
         fs.set_faults(Faults {
             available: u64::MAX,
@@ -86,16 +88,19 @@ impl MemFs {
         fs
     }
 
-    pub(crate) fn set_faults(&self, faults: Faults) {
+    /// Sets the faults injected from now on.
+    pub fn set_faults(&self, faults: Faults) {
         lock(&self.state).faults = faults;
     }
 
-    pub(crate) fn faults(&self) -> Faults {
+    /// The faults injected now.
+    #[must_use]
+    pub fn faults(&self) -> Faults {
         lock(&self.state).faults.clone()
     }
 
     /// Total bytes written and syncs done.
-    pub(crate) fn io_counts(&self) -> (u64, u64) {
+    pub fn io_counts(&self) -> (u64, u64) {
         let s = lock(&self.state);
         (s.written, s.syncs)
     }
@@ -103,7 +108,7 @@ impl MemFs {
     /// Simulates a power loss: every file keeps its synced content plus a random prefix of
     /// its unsynced changes, the last kept write possibly torn; locks are released. Handles
     /// opened before the crash must not be used afterwards.
-    pub(crate) fn crash(&self, rng: &mut impl Rng) {
+    pub fn crash(&self, rng: &mut impl Rng) {
         let mut s = lock(&self.state);
         s.locks.clear();
         let files = std::mem::take(&mut s.files);
@@ -130,7 +135,7 @@ impl MemFs {
     }
 
     /// Flips one bit of the durable and current content of `path` at `offset`.
-    pub(crate) fn corrupt(&self, path: &Path, offset: usize) {
+    pub fn corrupt(&self, path: &Path, offset: usize) {
         let s = lock(&self.state);
         if let Some(file) = s.files.get(path) {
             let mut f = lock(file);
@@ -145,7 +150,7 @@ impl MemFs {
 
     /// XORs `mask` into the durable and current content of `path` from `offset` on (bit rot of
     /// several bytes); bytes beyond the end are left alone.
-    pub(crate) fn corrupt_with(&self, path: &Path, offset: usize, mask: &[u8]) {
+    pub fn corrupt_with(&self, path: &Path, offset: usize, mask: &[u8]) {
         let s = lock(&self.state);
         if let Some(file) = s.files.get(path) {
             let mut f = lock(file);
@@ -161,7 +166,7 @@ impl MemFs {
     }
 
     /// The current content of `path` (empty if absent).
-    pub(crate) fn contents(&self, path: &Path) -> Vec<u8> {
+    pub fn contents(&self, path: &Path) -> Vec<u8> {
         let s = lock(&self.state);
         s.files
             .get(path)
@@ -169,19 +174,21 @@ impl MemFs {
     }
 
     /// The current length of `path` (0 if absent).
-    pub(crate) fn file_len(&self, path: &Path) -> usize {
+    pub fn file_len(&self, path: &Path) -> usize {
         let s = lock(&self.state);
         s.files.get(path).map_or(0, |f| lock(f).current.len())
     }
 
-    pub(crate) fn file_names(&self) -> Vec<PathBuf> {
+    /// The paths of the files that exist.
+    #[must_use]
+    pub fn file_names(&self) -> Vec<PathBuf> {
         lock(&self.state).files.keys().cloned().collect()
     }
 }
 
 /// A handle to one in-memory file.
 #[derive(Debug)]
-pub(crate) struct MemFile {
+pub struct MemFile {
     file: Arc<Mutex<FileState>>,
     fs: Arc<Mutex<State>>,
 }

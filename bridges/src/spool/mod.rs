@@ -50,8 +50,10 @@
 
 mod fs;
 mod log;
-#[cfg(test)]
-mod memfs;
+// A test double: it panics on misuse (a model of a disk, not production code).
+#[cfg(any(test, feature = "test-util"))]
+#[allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
+pub(crate) mod memfs;
 mod record;
 mod service;
 #[cfg(test)]

@@ -36,6 +36,8 @@
 //! Origin strings longer than [`MAX_ORIGIN_FIELD`] bytes are cut at the last character
 //! boundary within it when written; an empty string is stored as absent.
 //!
+//! The record header is the framing all durable logs share, `crate::durable::frame`.
+//!
 //! Resynchronisation (why the record header looks like this): a reader trusts a record's
 //! `len` only when the header CRC checks. A record whose header checks but whose body does not
 //! is skipped by its length; a record whose header does not check is skipped by searching
@@ -57,6 +59,7 @@ use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes};
 
+use crate::durable::frame::{self, Frame};
 use crate::message::{Message, Origin, Protocol, Qos};
 
 /// The segment file magic.
@@ -72,21 +75,23 @@ pub const MAX_ORIGIN_FIELD: usize = 255;
 const HAS_ORIGIN: u8 = 8;
 /// Bytes of the segment header.
 pub(crate) const SEGMENT_HEADER: u64 = 16;
-/// The word every record starts with. Not ASCII and not a small integer, so that it is rare
-/// in topics, payloads and lengths.
-pub(crate) const RECORD_SYNC: [u8; 4] = [0xD3, 0x5A, 0x9C, 0xE7];
-/// Bytes of the record header (sync, len, seq, hcrc, crc).
-pub const RECORD_HEADER: usize = 24;
+/// The word every record starts with ([`frame::SYNC`]).
+#[cfg(test)]
+pub(crate) const RECORD_SYNC: [u8; 4] = frame::SYNC;
+/// Bytes of the record header (sync, len, seq, hcrc, crc): [`frame::HEADER_LEN`].
+pub const RECORD_HEADER: usize = frame::HEADER_LEN;
 /// Bytes of the body before the topic.
 pub(crate) const BODY_FIXED: usize = 1 + 8 + 2;
 /// Bytes of an origin besides its strings.
 const ORIGIN_FIXED: usize = 3;
-/// Fewest bytes a record takes (of any version read: the resynchronisation's estimate of how
-/// many records damaged bytes held relies on it being a lower bound).
-pub(crate) const MIN_RECORD: usize = RECORD_HEADER + BODY_FIXED;
 /// Largest body accepted when decoding: guards against a corrupt length making a reader
 /// allocate or skip gigabytes.
 pub(crate) const MAX_BODY: usize = 16 * 1024 * 1024;
+/// The body lengths a record header may carry.
+pub(crate) const LIMITS: frame::Limits = frame::Limits {
+    min_body: BODY_FIXED,
+    max_body: MAX_BODY,
+};
 
 /// A record read back from the spool.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,14 +217,8 @@ fn encode_as(out: &mut Vec<u8>, seq: u64, time_ms: u64, msg: &Message, with_orig
         0
     };
     let body_len = BODY_FIXED + msg.topic.len() + origin_len + msg.payload.len();
-    let start = out.len();
     out.reserve(RECORD_HEADER + body_len);
-    out.put_slice(&RECORD_SYNC);
-    out.put_u32_le(u32::try_from(body_len).unwrap_or(u32::MAX));
-    out.put_u64_le(seq);
-    let hcrc = crc32fast::hash(out.get(start..).unwrap_or_default());
-    out.put_u32_le(hcrc);
-    out.put_u32_le(0); // Body CRC, filled in below.
+    let start = frame::begin(out, seq);
     let origin_flag = if with_origin { HAS_ORIGIN } else { 0 };
     out.put_u8(qos_bits(msg.qos) | if msg.retain { 4 } else { 0 } | origin_flag);
     out.put_u64_le(time_ms);
@@ -234,39 +233,12 @@ fn encode_as(out: &mut Vec<u8>, seq: u64, time_ms: u64, msg: &Message, with_orig
         out.put_slice(peer.as_bytes());
     }
     out.put_slice(&msg.payload);
-    let crc = crc32fast::hash(out.get(start + RECORD_HEADER..).unwrap_or_default());
-    if let Some(slot) = out.get_mut(start + 20..start + RECORD_HEADER) {
-        slot.copy_from_slice(&crc.to_le_bytes());
-    }
+    frame::finish(out, start);
 }
 
-/// A record header whose CRC checks: its length and sequence id can be trusted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Header {
-    /// Bytes of the whole record (header and body).
-    pub(crate) total: usize,
-    /// The record's sequence id.
-    pub(crate) seq: u64,
-}
-
-/// Checks the record header at the start of `bytes`: `None` if the bytes are too short, the
-/// sync word or the header CRC does not match, or the length is out of range.
-pub(crate) fn header(bytes: &[u8]) -> Option<Header> {
-    let mut h = bytes.get(..RECORD_HEADER)?;
-    if h.get(..4)? != RECORD_SYNC.as_slice() {
-        return None;
-    }
-    let hcrc = crc32fast::hash(h.get(..16)?);
-    h.advance(4);
-    let len = h.get_u32_le() as usize;
-    let seq = h.get_u64_le();
-    if h.get_u32_le() != hcrc || !(BODY_FIXED..=MAX_BODY).contains(&len) {
-        return None;
-    }
-    Some(Header {
-        total: RECORD_HEADER + len,
-        seq,
-    })
+/// Checks the record header at the start of `bytes` ([`frame::header`]).
+pub(crate) fn header(bytes: &[u8]) -> Option<frame::Header> {
+    frame::header(bytes, LIMITS)
 }
 
 /// The result of parsing the bytes at one offset.
@@ -288,29 +260,12 @@ pub(crate) enum Parse {
 
 /// Parses one record at the start of `bytes`.
 pub(crate) fn parse(bytes: &[u8]) -> Parse {
-    if bytes.len() < RECORD_HEADER {
-        // Too short to judge, unless what is there already differs from a sync word.
-        let n = bytes.len().min(4);
-        return if bytes.get(..n) == RECORD_SYNC.get(..n) {
-            Parse::Incomplete
-        } else {
-            Parse::Invalid { skip: None }
-        };
-    }
-    let Some(Header { total, seq }) = header(bytes) else {
-        return Parse::Invalid { skip: None };
-    };
-    let Some(mut fixed) = bytes.get(20..RECORD_HEADER) else {
-        return Parse::Incomplete;
-    };
-    let crc = fixed.get_u32_le();
-    let Some(mut body) = bytes.get(RECORD_HEADER..total) else {
-        return Parse::Incomplete;
+    let (seq, mut body, total) = match frame::decode(bytes, LIMITS) {
+        Frame::Record { seq, body, total } => (seq, body, total),
+        Frame::Incomplete => return Parse::Incomplete,
+        Frame::Invalid { skip } => return Parse::Invalid { skip },
     };
     let invalid = Parse::Invalid { skip: Some(total) };
-    if crc32fast::hash(body) != crc {
-        return invalid;
-    }
     let flags = body.get_u8();
     let time_ms = body.get_u64_le();
     let topic_len = usize::from(body.get_u16_le());

@@ -40,44 +40,58 @@
 //! layout change MUST bump [`LOG_VERSION`]; an unknown version or magic refuses to open.
 //!
 //! ```text
-//! header   magic "SGSL" (4) | version u32
-//! record   len u32 | crc32 u32 (IEEE, over payload) | payload (len bytes)
+//! header   magic "SGSL" (4) | version u32 (2)
+//! record   the shared durable framing (sensorgate_bridges::durable::frame):
+//!          sync u32 | len u32 | seq u64 | hcrc u32 | crc u32 | payload (len bytes)
+//!          seq = the record's number in this file: 1, 2, 3, ... (restarts at a compaction)
 //! payload  op u8 (1 upsert, 2 remove) | client_id_len u16 | client_id (UTF-8)
 //!          | session record (upsert only, the `persist` format)
 //! ```
+//!
+//! Version 1 (`header` with version 1, then `len u32 | crc32 u32 | payload` records) is still
+//! read: a version 1 log is rewritten in version 2 at open (a compaction); until that
+//! succeeds (a full disk), every commit compacts, so a version 1 file never gets a version 2
+//! record appended. Files of version 2 are not readable by builds that only know version 1
+//! (they refuse to open them, naming the version).
 //!
 //! # Invariants
 //!
 //! - The latest record per ClientId wins; a remove deletes it.
 //! - The log is only appended to, at the end of what was committed. A failed append is cut
 //!   off again before the next one, so a record never follows garbage.
-//! - At open: every CRC is verified. A record whose length is impossible (below the minimum,
-//!   or past the end of the file) ends the log: the rest is a torn tail and is truncated. A
-//!   record within bounds whose CRC or payload is wrong is skipped and counted. (So damage to
-//!   a length field in the middle of the log loses the records after it.)
+//! - At open: every CRC is verified. A record whose header checks but whose payload does not
+//!   is skipped and counted; after a damaged header the next record is found again by its
+//!   sync word, header CRC and number (see the framing), and the records lost in between
+//!   are counted: damage costs only the records it touches. From where no record can be
+//!   found again to the end is a torn tail: it is truncated. (Version 1 logs: a record whose
+//!   length is impossible ends the log, so damage to a length loses the records after it.)
+//! - The log is read whole at open: its size is bounded by `max_bytes` (a log over it, from a
+//!   lowered bound, is read once and compacted).
 //! - Compaction writes the live records to [`TMP_FILE`], fsyncs it, renames it over the log
 //!   and fsyncs the directory: a crash at any point leaves either the old or the new log.
-//!   It runs at open when the log is over twice the live size or over the bound, and before
-//!   an append that would take the log over the bound or (above [`COMPACT_MIN_BYTES`]) over
-//!   twice the live size.
+//!   It runs at open when the log is over twice the live size or over the bound (or of an
+//!   older version), and before an append that would take the log over the bound or (above
+//!   [`COMPACT_MIN_BYTES`]) over twice the live size.
 //! - Bounded: the log never exceeds `max_bytes` (unless the bound was lowered below what is
 //!   already stored; it then only shrinks). A commit that would grow the live records past it
 //!   is refused ([`StoreError::Full`]) and retried like a write error; the channel holds at
 //!   most [`BATCH_CHANNEL`] batches.
+//! - All file access goes through the [`Fs`] seam, so tests inject torn writes, failing
+//!   fsyncs and ENOSPC with `MemFs`.
 //!
 //! [`Core::take_persist_changes`]: crate::mqttsn::core::Core::take_persist_changes
 //! [`persist`]: crate::mqttsn::persist
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read};
-use std::os::unix::fs::FileExt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+use sensorgate_bridges::durable::frame::{self, Item};
+use sensorgate_bridges::durable::{Fs, SpoolFile, StdFs};
 use sensorgate_bridges::message::DownlinkAck;
 
 use crate::mqttsn::core::{Core, PersistChange};
@@ -91,15 +105,26 @@ pub const LOG_FILE: &str = "sessions.log";
 /// Where a compaction writes before it renames over [`LOG_FILE`].
 pub const TMP_FILE: &str = "sessions.log.tmp";
 
-/// The log layout version.
-pub const LOG_VERSION: u32 = 1;
+/// The log layout version written.
+pub const LOG_VERSION: u32 = 2;
+
+/// The older layout still read (and rewritten at open).
+const LEGACY_VERSION: u32 = 1;
 
 const MAGIC: [u8; 4] = *b"SGSL";
 const HEADER_LEN: u64 = 8;
-/// len u32 + crc32 u32.
-const FRAME_HEADER_LEN: u64 = 8;
+/// Version 1: len u32 + crc32 u32.
+const LEGACY_FRAME_HEADER_LEN: u64 = 8;
 /// op u8 + client_id_len u16 + a client id of at least one byte.
 const MIN_PAYLOAD_LEN: u32 = 4;
+/// Largest payload accepted when reading: a ClientId (u16 length) and a session record are
+/// far smaller; a larger length is damage.
+const MAX_PAYLOAD_LEN: usize = 16 * 1024 * 1024;
+/// The payload lengths a record header may carry.
+const LIMITS: frame::Limits = frame::Limits {
+    min_body: MIN_PAYLOAD_LEN as usize,
+    max_body: MAX_PAYLOAD_LEN,
+};
 const OP_UPSERT: u8 = 1;
 const OP_REMOVE: u8 = 2;
 
@@ -134,7 +159,9 @@ pub enum StoreError {
         path: PathBuf,
     },
     /// The log was written by a version with another layout.
-    #[error("session log version {0} is not supported (this build reads {LOG_VERSION})")]
+    #[error(
+        "session log version {0} is not supported (this build reads {LEGACY_VERSION} and {LOG_VERSION})"
+    )]
     Version(u32),
     /// Reading, writing or syncing failed.
     #[error("session log I/O: {0}")]
@@ -185,22 +212,32 @@ pub struct StoredSession {
 pub struct OpenReport {
     /// Valid records read (upserts and removes, superseded ones included).
     pub records: usize,
-    /// Records skipped for a CRC or payload error.
+    /// Records skipped for a CRC or payload error (or lost in damage).
     pub corrupt: usize,
     /// Bytes of a torn tail cut off.
     pub truncated_bytes: u64,
     /// Whether the log was compacted.
     pub compacted: bool,
+    /// The format version the log had when opened (an older one is rewritten).
+    pub version: u32,
     /// Size of the log after opening.
     pub log_bytes: u64,
 }
 
-/// Where a live record sits in the log.
+/// Where a live record's payload sits in the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Loc {
+    /// Offset of the payload.
     offset: u64,
-    /// Frame length, header included.
-    len: u64,
+    /// Length of the payload.
+    len: usize,
+}
+
+impl Loc {
+    /// Bytes its record takes in a version 2 log (what a compaction writes).
+    fn frame_len(&self) -> u64 {
+        frame::encoded_len(self.len) as u64
+    }
 }
 
 /// The changes waiting to be committed: the latest per ClientId (`None` removes).
@@ -208,13 +245,19 @@ pub type Pending = HashMap<Arc<str>, Option<Vec<u8>>>;
 
 /// The session log. Single owner: the store thread after [`spawn`].
 #[derive(Debug)]
-pub struct SessionStore {
+pub struct SessionStore<F: Fs = StdFs> {
+    fs: F,
     /// The sessions directory.
     dir: PathBuf,
     /// The log, open for reading (compaction copies from it) and positional writes.
-    file: File,
+    file: F::File,
     /// Bytes of the log that were committed; appends go here.
     len: u64,
+    /// The number of the next record appended.
+    next_seq: u64,
+    /// The log is still of version 1: it is compacted (into version 2) before anything is
+    /// added, never appended to.
+    legacy: bool,
     /// The live records.
     index: HashMap<Arc<str>, Loc>,
     /// Header plus the live records' frames: the size of a compacted log.
@@ -229,124 +272,110 @@ pub struct SessionStore {
     fail_commits: usize,
 }
 
-impl SessionStore {
-    /// Opens (or creates) the log in `dir`, reads it, truncates a torn tail, compacts when
-    /// due, and returns the live sessions.
+/// What reading a log's records found: the latest record per ClientId, where reading
+/// stopped (the rest is a torn tail), and the next record number.
+struct Read {
+    latest: HashMap<Arc<str>, (Loc, Vec<u8>)>,
+    end: u64,
+    next_seq: u64,
+}
+
+impl SessionStore<StdFs> {
+    /// Opens (or creates) the log in `dir` on the real filesystem: see
+    /// [`SessionStore::open_with`].
     ///
     /// # Errors
-    /// [`StoreError`] when the directory or the log cannot be used: the gateway must not run
-    /// on a state it cannot read.
+    /// As [`SessionStore::open_with`].
     pub fn open(
         dir: &Path,
         max_bytes: u64,
     ) -> Result<(SessionStore, Vec<StoredSession>, OpenReport), StoreError> {
+        Self::open_with(StdFs, dir, max_bytes)
+    }
+}
+
+impl<F: Fs> SessionStore<F> {
+    /// Opens (or creates) the log in `dir`, reads it, truncates a torn tail, compacts when
+    /// due (an older version always), and returns the live sessions.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the directory or the log cannot be used: the gateway must not run
+    /// on a state it cannot read.
+    #[allow(clippy::type_complexity)]
+    pub fn open_with(
+        fs: F,
+        dir: &Path,
+        max_bytes: u64,
+    ) -> Result<(SessionStore<F>, Vec<StoredSession>, OpenReport), StoreError> {
         let dir_err = |source| StoreError::Dir {
             path: dir.to_owned(),
             source,
         };
-        fs::create_dir_all(dir).map_err(dir_err)?;
-        match fs::remove_file(dir.join(TMP_FILE)) {
+        fs.create_dir_all(dir).map_err(dir_err)?;
+        match fs.remove(&dir.join(TMP_FILE)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(dir_err(e)),
             _ => {}
         }
         let path = dir.join(LOG_FILE);
-        if !path.exists() {
-            write_log_file(dir, &mut std::iter::empty())?.dir_synced?;
-        }
-        let file = OpenOptions::new().read(true).write(true).open(&path)?;
-        let file_len = file.metadata()?.len();
-        let mut report = OpenReport::default();
-        let mut reader = BufReader::new(&file);
-
-        let mut header = [0u8; HEADER_LEN as usize];
-        let mut got = 0;
-        while got < header.len() {
-            match reader.read(header.get_mut(got..).unwrap_or_default())? {
-                0 => break,
-                n => got += n,
+        let file = match fs.open(&path, false) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let log = write_log_file(&fs, dir, &mut std::iter::empty())?;
+                log.dir_synced?;
+                log.file
             }
-        }
-        let (magic, version) = header.split_at(4);
-        if got < header.len() {
+            other => other?,
+        };
+        let bytes = read_all(&file)?;
+        let mut report = OpenReport::default();
+
+        let Some((magic, version)) = bytes
+            .get(..HEADER_LEN as usize)
+            .and_then(|h| h.split_first_chunk::<4>())
+        else {
             // Creation goes through a synced rename, so this should not happen; an empty or
             // cut-short header holds no records anyway: start afresh. Anything else is not
             // ours to overwrite.
             let expected = header_bytes();
-            if header.get(..got) != expected.get(..got) {
+            if expected.get(..bytes.len()) != Some(bytes.as_slice()) {
                 return Err(StoreError::NotALog { path });
             }
-            drop(reader);
             drop(file);
-            write_log_file(dir, &mut std::iter::empty())?.dir_synced?;
-            return SessionStore::open(dir, max_bytes);
-        }
-        if magic != MAGIC {
+            write_log_file(&fs, dir, &mut std::iter::empty())?.dir_synced?;
+            return SessionStore::open_with(fs, dir, max_bytes);
+        };
+        if *magic != MAGIC {
             return Err(StoreError::NotALog { path });
         }
         let version = u32::from_le_bytes(version.try_into().unwrap_or_default());
-        if version != LOG_VERSION {
-            return Err(StoreError::Version(version));
+        report.version = version;
+        let read = match version {
+            LOG_VERSION => read_records(&bytes, &mut report),
+            LEGACY_VERSION => read_legacy_records(&bytes, &mut report),
+            v => return Err(StoreError::Version(v)),
+        };
+        drop(bytes);
+        let file_len = file.len()?;
+        if read.end < file_len {
+            report.truncated_bytes = file_len - read.end;
+            file.set_len(read.end)?;
+            file.sync_data()?;
         }
 
-        let mut latest: HashMap<Arc<str>, (Loc, Vec<u8>)> = HashMap::new();
-        let mut pos = HEADER_LEN;
-        while pos < file_len {
-            let mut frame_header = [0u8; FRAME_HEADER_LEN as usize];
-            if file_len - pos < FRAME_HEADER_LEN {
-                break;
-            }
-            reader.read_exact(&mut frame_header)?;
-            let (len, crc) = frame_header.split_at(4);
-            let len = u32::from_le_bytes(len.try_into().unwrap_or_default());
-            let crc = u32::from_le_bytes(crc.try_into().unwrap_or_default());
-            if len < MIN_PAYLOAD_LEN || u64::from(len) > file_len - pos - FRAME_HEADER_LEN {
-                break;
-            }
-            // Bounded by the file length (checked above).
-            let mut payload = vec![0u8; len as usize];
-            reader.read_exact(&mut payload)?;
-            let loc = Loc {
-                offset: pos,
-                len: FRAME_HEADER_LEN + u64::from(len),
-            };
-            pos += loc.len;
-            if crc32fast::hash(&payload) != crc {
-                report.corrupt += 1;
-                continue;
-            }
-            match parse_payload(&payload) {
-                Some((OP_UPSERT, client_id, bytes)) => {
-                    latest.insert(Arc::from(client_id), (loc, bytes.to_vec()));
-                }
-                Some((_, client_id, _)) => {
-                    latest.remove(client_id);
-                }
-                None => {
-                    report.corrupt += 1;
-                    continue;
-                }
-            }
-            report.records += 1;
-        }
-        drop(reader);
-        if pos < file_len {
-            report.truncated_bytes = file_len - pos;
-            file.set_len(pos)?;
-            file.sync_all()?;
-        }
-
-        let mut sessions = Vec::with_capacity(latest.len());
-        let mut index = HashMap::with_capacity(latest.len());
+        let mut sessions = Vec::with_capacity(read.latest.len());
+        let mut index = HashMap::with_capacity(read.latest.len());
         let mut live = HEADER_LEN;
-        for (client_id, (loc, bytes)) in latest {
-            live += loc.len;
+        for (client_id, (loc, bytes)) in read.latest {
+            live += loc.frame_len();
             index.insert(client_id.clone(), loc);
             sessions.push(StoredSession { client_id, bytes });
         }
         let mut store = SessionStore {
+            fs,
             dir: dir.to_owned(),
             file,
-            len: pos,
+            len: read.end,
+            next_seq: read.next_seq,
+            legacy: version != LOG_VERSION,
             index,
             live,
             max_bytes,
@@ -354,15 +383,17 @@ impl SessionStore {
             #[cfg(test)]
             fail_commits: 0,
         };
-        if store.len > 2 * store.live || store.len > store.max_bytes {
+        if store.legacy || store.len > 2 * store.live || store.len > store.max_bytes {
             // Best effort: the log as read is valid, so a failed compaction (a full disk) is
-            // no reason not to start; the next commit that needs one tries again.
+            // no reason not to start; the next commit that needs one tries again (a legacy
+            // log: every commit).
             match store.compact(&Pending::new()) {
                 Ok(()) => report.compacted = true,
                 Err(error) => tracing::warn!(
                     %error,
                     code = error.error_code(),
                     log_bytes = store.len,
+                    version,
                     "Session log compaction at start failed; continuing with the log as is."
                 ),
             }
@@ -383,7 +414,7 @@ impl SessionStore {
 
     /// Makes `pending` durable: appends a record per change (removes of unknown ClientIds
     /// need none) and fsyncs once, or compacts with the changes applied when the log would
-    /// grow past its bound or to over twice its live size.
+    /// grow past its bound or to over twice its live size (or is still of version 1).
     ///
     /// # Errors
     /// [`StoreError::Full`] when the live sessions would exceed the bound, or the I/O error;
@@ -397,23 +428,26 @@ impl SessionStore {
         let mut buf = Vec::new();
         let mut placed = Vec::with_capacity(pending.len());
         let mut live = self.live;
+        let mut seq = self.next_seq;
         for (client_id, change) in pending {
             if let Some(old) = self.index.get(client_id) {
-                live = live.saturating_sub(old.len);
+                live = live.saturating_sub(old.frame_len());
             }
             match change {
                 Some(bytes) => {
-                    let start = buf.len() as u64;
-                    push_frame(&mut buf, OP_UPSERT, client_id, bytes)?;
+                    let start = buf.len();
+                    push_frame(&mut buf, seq, OP_UPSERT, client_id, bytes)?;
+                    seq += 1;
                     let loc = Loc {
-                        offset: self.len + start,
-                        len: buf.len() as u64 - start,
+                        offset: self.len + (start + frame::HEADER_LEN) as u64,
+                        len: buf.len() - start - frame::HEADER_LEN,
                     };
-                    live += loc.len;
+                    live += loc.frame_len();
                     placed.push((client_id.clone(), Some(loc)));
                 }
                 None if self.index.contains_key(client_id) => {
-                    push_frame(&mut buf, OP_REMOVE, client_id, &[])?;
+                    push_frame(&mut buf, seq, OP_REMOVE, client_id, &[])?;
+                    seq += 1;
                     placed.push((client_id.clone(), None));
                 }
                 None => {}
@@ -431,7 +465,8 @@ impl SessionStore {
             });
         }
         let grown = self.len + buf.len() as u64;
-        if grown > self.max_bytes || (grown > COMPACT_MIN_BYTES && grown > 2 * live) {
+        if self.legacy || grown > self.max_bytes || (grown > COMPACT_MIN_BYTES && grown > 2 * live)
+        {
             return self.compact(pending);
         }
         if self.tail_dirty {
@@ -450,6 +485,7 @@ impl SessionStore {
         }
         self.len = grown;
         self.live = live;
+        self.next_seq = seq;
         for (client_id, loc) in placed {
             match loc {
                 Some(loc) => self.index.insert(client_id, loc),
@@ -459,8 +495,8 @@ impl SessionStore {
         Ok(())
     }
 
-    /// Rewrites the log as its live records with `pending` applied: to [`TMP_FILE`], fsync,
-    /// rename over [`LOG_FILE`], fsync the directory.
+    /// Rewrites the log (in the current version) as its live records with `pending`
+    /// applied: to [`TMP_FILE`], fsync, rename over [`LOG_FILE`], fsync the directory.
     fn compact(&mut self, pending: &Pending) -> Result<(), StoreError> {
         let old = &self.file;
         let kept = self
@@ -468,27 +504,136 @@ impl SessionStore {
             .iter()
             .filter(|(client_id, _)| !pending.contains_key(*client_id))
             .map(|(client_id, loc)| {
-                // Frames are copied verbatim: their CRC does not depend on their position.
-                let len = usize::try_from(loc.len).map_err(|_| StoreError::TooLarge(usize::MAX))?;
-                let mut frame = vec![0u8; len];
-                old.read_exact_at(&mut frame, loc.offset)?;
-                Ok((client_id.clone(), frame))
+                // Payloads are copied and framed again: record numbers restart in the new log.
+                let mut payload = vec![0u8; loc.len];
+                if read_full(old, &mut payload, loc.offset)? < loc.len {
+                    return Err(StoreError::Io(io::ErrorKind::UnexpectedEof.into()));
+                }
+                Ok((client_id.clone(), payload))
             });
         let upserts = pending.iter().filter_map(|(client_id, change)| {
             let bytes = change.as_ref()?;
-            let mut frame = Vec::new();
+            let mut payload = Vec::new();
             Some(
-                push_frame(&mut frame, OP_UPSERT, client_id, bytes)
-                    .map(|()| (client_id.clone(), frame)),
+                push_payload(&mut payload, OP_UPSERT, client_id, bytes)
+                    .map(|()| (client_id.clone(), payload)),
             )
         });
-        let log = write_log_file(&self.dir, &mut kept.chain(upserts))?;
+        let log = write_log_file(&self.fs, &self.dir, &mut kept.chain(upserts))?;
         self.file = log.file;
         self.tail_dirty = false;
+        self.legacy = false;
         self.index = log.index;
         self.len = log.len;
         self.live = log.len;
+        self.next_seq = log.next_seq;
         Ok(log.dir_synced?)
+    }
+}
+
+/// Reads all of `file`.
+fn read_all(file: &impl SpoolFile) -> io::Result<Vec<u8>> {
+    let len =
+        usize::try_from(file.len()?).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+    let mut bytes = vec![0u8; len];
+    let n = read_full(file, &mut bytes, 0)?;
+    bytes.truncate(n);
+    Ok(bytes)
+}
+
+/// Reads into `buf` at `offset` until it is full or the file ends; returns the bytes read.
+fn read_full(file: &impl SpoolFile, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut n = 0;
+    while let Some(rest) = buf.get_mut(n..).filter(|r| !r.is_empty()) {
+        match file.read_at(rest, offset + n as u64) {
+            Ok(0) => break,
+            Ok(m) => n += m,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Applies one valid payload at `offset` to `latest`; false when the payload is malformed.
+fn apply_payload(
+    latest: &mut HashMap<Arc<str>, (Loc, Vec<u8>)>,
+    payload: &[u8],
+    offset: u64,
+) -> bool {
+    match parse_payload(payload) {
+        Some((OP_UPSERT, client_id, bytes)) => {
+            let loc = Loc {
+                offset,
+                len: payload.len(),
+            };
+            latest.insert(Arc::from(client_id), (loc, bytes.to_vec()));
+            true
+        }
+        Some((_, client_id, _)) => {
+            latest.remove(client_id);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Reads the records of a version 2 log (`bytes` is the whole file).
+fn read_records(bytes: &[u8], report: &mut OpenReport) -> Read {
+    let mut read = Read {
+        latest: HashMap::new(),
+        end: bytes.len() as u64,
+        next_seq: 1,
+    };
+    for item in frame::scan(bytes, HEADER_LEN as usize, 1, LIMITS) {
+        match item {
+            Item::Record {
+                offset, seq, body, ..
+            } => {
+                read.next_seq = read.next_seq.max(seq.saturating_add(1));
+                let at = (offset + frame::HEADER_LEN) as u64;
+                if apply_payload(&mut read.latest, body, at) {
+                    report.records += 1;
+                } else {
+                    report.corrupt += 1;
+                }
+            }
+            Item::Damaged { lost, .. } => {
+                report.corrupt += usize::try_from(lost).unwrap_or(usize::MAX);
+            }
+            Item::Tail { offset } => read.end = offset as u64,
+        }
+    }
+    read
+}
+
+/// Reads the records of a version 1 log (`bytes` is the whole file): a length that is
+/// impossible ends it.
+fn read_legacy_records(bytes: &[u8], report: &mut OpenReport) -> Read {
+    let mut latest = HashMap::new();
+    let mut pos = HEADER_LEN as usize;
+    while let Some((len, rest)) = bytes.get(pos..).and_then(|r| r.split_first_chunk::<4>()) {
+        let Some((crc, rest)) = rest.split_first_chunk::<4>() else {
+            break;
+        };
+        let len = u32::from_le_bytes(*len);
+        let Some(payload) = rest.get(..len as usize).filter(|_| len >= MIN_PAYLOAD_LEN) else {
+            break;
+        };
+        let at = (pos + LEGACY_FRAME_HEADER_LEN as usize) as u64;
+        pos += LEGACY_FRAME_HEADER_LEN as usize + payload.len();
+        if crc32fast::hash(payload) != u32::from_le_bytes(*crc)
+            || !apply_payload(&mut latest, payload, at)
+        {
+            report.corrupt += 1;
+            continue;
+        }
+        report.records += 1;
+    }
+    Read {
+        latest,
+        end: pos as u64,
+        next_seq: 1,
     }
 }
 
@@ -502,44 +647,44 @@ fn header_bytes() -> [u8; HEADER_LEN as usize] {
 }
 
 /// A log just written by [`write_log_file`].
-struct NewLog {
-    file: File,
+struct NewLog<Fi> {
+    file: Fi,
     index: HashMap<Arc<str>, Loc>,
     len: u64,
+    next_seq: u64,
     /// Whether the rename was made durable. The new log is in place either way (and must be
     /// used: the old one is unlinked), but a failure withholds the commit's acknowledgements.
     dir_synced: io::Result<()>,
 }
 
-/// Writes a new log of `frames` (ClientId, whole frame) through [`TMP_FILE`] and a rename,
-/// and returns it with its index and length.
-/// Nothing is renamed when a frame cannot be produced or written.
-fn write_log_file(
+/// Writes a new log of `payloads` (ClientId, record payload) through [`TMP_FILE`] and a
+/// rename, and returns it with its index and length.
+/// Nothing is renamed when a payload cannot be produced or written.
+fn write_log_file<F: Fs>(
+    fs: &F,
     dir: &Path,
-    frames: &mut dyn Iterator<Item = Result<(Arc<str>, Vec<u8>), StoreError>>,
-) -> Result<NewLog, StoreError> {
+    payloads: &mut dyn Iterator<Item = Result<(Arc<str>, Vec<u8>), StoreError>>,
+) -> Result<NewLog<F::File>, StoreError> {
     let tmp = dir.join(TMP_FILE);
     let result = (|| {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
+        let file = fs.open(&tmp, true)?;
+        file.set_len(0)?;
         let mut index = HashMap::new();
         let mut buf = header_bytes().to_vec();
         let mut len = 0u64;
-        for frame in frames {
-            let (client_id, frame) = frame?;
-            let offset = len + buf.len() as u64;
+        let mut seq = 1;
+        for payload in payloads {
+            let (client_id, payload) = payload?;
+            let offset = len + (buf.len() + frame::HEADER_LEN) as u64;
             index.insert(
                 client_id,
                 Loc {
                     offset,
-                    len: frame.len() as u64,
+                    len: payload.len(),
                 },
             );
-            buf.extend_from_slice(&frame);
+            frame::encode(&mut buf, seq, &payload);
+            seq += 1;
             // Write in chunks so a large compaction does not hold the whole log in memory.
             if buf.len() >= 1 << 20 {
                 file.write_all_at(&buf, len)?;
@@ -549,42 +694,60 @@ fn write_log_file(
         }
         file.write_all_at(&buf, len)?;
         len += buf.len() as u64;
-        file.sync_all()?;
-        Ok::<_, StoreError>((file, index, len))
+        file.sync_data()?;
+        Ok::<_, StoreError>((file, index, len, seq))
     })();
-    let (file, index, len) = match result {
+    let (file, index, len, next_seq) = match result {
         Ok(written) => written,
         Err(e) => {
-            let _ = fs::remove_file(&tmp);
+            let _ = fs.remove(&tmp);
             return Err(e);
         }
     };
-    fs::rename(&tmp, dir.join(LOG_FILE))?;
+    fs.rename(&tmp, &dir.join(LOG_FILE))?;
     Ok(NewLog {
         file,
         index,
         len,
-        dir_synced: File::open(dir).and_then(|d| d.sync_all()),
+        next_seq,
+        dir_synced: fs.sync_dir(dir),
     })
 }
 
-/// Appends one record (frame header and payload) to `buf`.
-fn push_frame(buf: &mut Vec<u8>, op: u8, client_id: &str, bytes: &[u8]) -> Result<(), StoreError> {
+/// Appends one record payload (op, ClientId, session bytes) to `buf`.
+fn push_payload(
+    buf: &mut Vec<u8>,
+    op: u8,
+    client_id: &str,
+    bytes: &[u8],
+) -> Result<(), StoreError> {
     let id_len =
         u16::try_from(client_id.len()).map_err(|_| StoreError::TooLarge(client_id.len()))?;
     let payload_len = 3 + client_id.len() + bytes.len();
-    let len = u32::try_from(payload_len).map_err(|_| StoreError::TooLarge(payload_len))?;
-    let start = buf.len();
-    buf.extend_from_slice(&len.to_le_bytes());
-    buf.extend_from_slice(&[0; 4]);
+    if payload_len > MAX_PAYLOAD_LEN {
+        return Err(StoreError::TooLarge(payload_len));
+    }
     buf.push(op);
     buf.extend_from_slice(&id_len.to_le_bytes());
     buf.extend_from_slice(client_id.as_bytes());
     buf.extend_from_slice(bytes);
-    let crc = crc32fast::hash(buf.get(start + 8..).unwrap_or_default());
-    if let Some(slot) = buf.get_mut(start + 4..start + 8) {
-        slot.copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
+/// Appends one whole record (the shared framing, number `seq`) to `buf`.
+fn push_frame(
+    buf: &mut Vec<u8>,
+    seq: u64,
+    op: u8,
+    client_id: &str,
+    bytes: &[u8],
+) -> Result<(), StoreError> {
+    let start = frame::begin(buf, seq);
+    if let Err(e) = push_payload(buf, op, client_id, bytes) {
+        buf.truncate(start);
+        return Err(e);
     }
+    frame::finish(buf, start);
     Ok(())
 }
 
@@ -600,6 +763,46 @@ fn parse_payload(payload: &[u8]) -> Option<(u8, &str, &[u8])> {
         _ => false,
     };
     valid.then_some((op, client_id, bytes))
+}
+
+/// Sessions as the fuzz target sees them: (ClientId, session bytes).
+#[doc(hidden)]
+pub type FuzzSessions = Vec<(String, Vec<u8>)>;
+
+/// For the `session_log` fuzz target, not an API: reads `bytes` as a whole session log file
+/// and returns the live sessions (ClientId, session bytes), sorted, and the end of the valid
+/// part (the rest is a torn tail). Never panics.
+#[doc(hidden)]
+#[must_use]
+pub fn fuzz_read_log(bytes: &[u8]) -> Option<(FuzzSessions, u64)> {
+    let (magic, version) = bytes.get(..HEADER_LEN as usize)?.split_first_chunk::<4>()?;
+    if *magic != MAGIC {
+        return None;
+    }
+    let mut report = OpenReport::default();
+    let read = match u32::from_le_bytes(version.try_into().ok()?) {
+        LOG_VERSION => read_records(bytes, &mut report),
+        LEGACY_VERSION => read_legacy_records(bytes, &mut report),
+        _ => return None,
+    };
+    let mut live: Vec<_> = read
+        .latest
+        .into_iter()
+        .map(|(id, (_, b))| (id.to_string(), b))
+        .collect();
+    live.sort();
+    Some((live, read.end))
+}
+
+/// For the fuzz target: a version 2 log of `sessions`, as a compaction writes it.
+#[doc(hidden)]
+#[must_use]
+pub fn fuzz_write_log(sessions: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut out = header_bytes().to_vec();
+    for (seq, (id, bytes)) in (1..).zip(sessions) {
+        let _ = push_frame(&mut out, seq, OP_UPSERT, id, bytes);
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -762,7 +965,9 @@ impl StoreThread {
 ///
 /// # Errors
 /// When the OS refuses a thread.
-pub fn spawn<A: Acknowledge>(store: SessionStore) -> io::Result<(StoreLink<A>, StoreThread)> {
+pub fn spawn<A: Acknowledge, F: Fs>(
+    store: SessionStore<F>,
+) -> io::Result<(StoreLink<A>, StoreThread)> {
     let (tx, rx) = mpsc::channel(BATCH_CHANNEL);
     let (done_tx, done) = oneshot::channel();
     std::thread::Builder::new()
@@ -790,7 +995,7 @@ struct Failing {
 }
 
 #[allow(clippy::disallowed_methods)] // The store thread is an IO adapter: it reads the clock.
-fn run<A: Acknowledge>(mut store: SessionStore, mut rx: mpsc::Receiver<Batch<A>>) {
+fn run<A: Acknowledge, F: Fs>(mut store: SessionStore<F>, mut rx: mpsc::Receiver<Batch<A>>) {
     let mut pending = Pending::new();
     let mut acks: Vec<A> = Vec::new();
     let mut failing: Option<Failing> = None;
@@ -850,8 +1055,8 @@ fn run<A: Acknowledge>(mut store: SessionStore, mut rx: mpsc::Receiver<Batch<A>>
 /// Commits `pending` and releases `acks` once it is durable; on failure keeps both for the
 /// next round and logs as the module docs say.
 #[allow(clippy::disallowed_methods)] // As `run`.
-fn commit_round<A: Acknowledge>(
-    store: &mut SessionStore,
+fn commit_round<A: Acknowledge, F: Fs>(
+    store: &mut SessionStore<F>,
     pending: &mut Pending,
     acks: &mut Vec<A>,
     failing: &mut Option<Failing>,

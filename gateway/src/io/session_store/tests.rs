@@ -1,9 +1,13 @@
 //! Session store tests: the log format with a known-answer CRC, torn tails and corruption,
 //! compaction and the size bound, acknowledgements only after durability, and a model test.
 
+use std::fs;
 use std::sync::mpsc as std_mpsc;
 
 use proptest::prelude::*;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use sensorgate_bridges::durable::memfs::{Faults, MemFs};
 
 use super::*;
 
@@ -50,9 +54,12 @@ fn known_answer_crc_and_record_layout() {
     // The IEEE CRC-32 check value.
     assert_eq!(crc32fast::hash(b"123456789"), 0xCBF4_3926);
     let mut frame = Vec::new();
-    push_frame(&mut frame, OP_UPSERT, "ab", &[0x09]).unwrap();
+    push_frame(&mut frame, 1, OP_UPSERT, "ab", &[0x09]).unwrap();
     let payload = [OP_UPSERT, 2, 0, b'a', b'b', 0x09];
-    let mut expected = vec![6, 0, 0, 0];
+    // The shared framing: sync | len | seq | header CRC | payload CRC | payload.
+    let mut expected = vec![0xD3, 0x5A, 0x9C, 0xE7, 6, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+    let hcrc = crc32fast::hash(&expected);
+    expected.extend_from_slice(&hcrc.to_le_bytes());
     expected.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
     expected.extend_from_slice(&payload);
     assert_eq!(frame, expected);
@@ -61,8 +68,12 @@ fn known_answer_crc_and_record_layout() {
     let (mut store, _, _) = reopen(dir.path(), MAX);
     store.commit(&upsert("ab", &[0x09])).unwrap();
     let file = fs::read(dir.path().join(LOG_FILE)).unwrap();
-    assert_eq!(&file[..8], b"SGSL\x01\x00\x00\x00");
+    assert_eq!(&file[..8], b"SGSL\x02\x00\x00\x00");
     assert_eq!(&file[8..], &expected[..]);
+    // The next record is number 2.
+    store.commit(&upsert("cd", &[])).unwrap();
+    let file = fs::read(dir.path().join(LOG_FILE)).unwrap();
+    assert_eq!(&file[8 + expected.len() + 8..][..8], &2u64.to_le_bytes());
 }
 
 #[test]
@@ -147,8 +158,8 @@ fn a_record_with_a_bad_crc_is_skipped_and_counted_and_the_earlier_one_stands() {
     drop(store);
     let path = dir.path().join(LOG_FILE);
     let mut file = fs::read(&path).unwrap();
-    // Flip a byte of the second record's payload (after its 8-byte frame header).
-    file[second as usize + 9] ^= 0xFF;
+    // Flip a byte of the second record's payload (after its 24-byte frame header).
+    file[second as usize + 25] ^= 0xFF;
     fs::write(&path, &file).unwrap();
     let (_, sessions, report) = reopen(dir.path(), MAX);
     assert_eq!((report.records, report.corrupt), (2, 1));
@@ -169,10 +180,10 @@ fn a_foreign_file_or_version_is_refused_and_a_stale_compaction_is_removed() {
         SessionStore::open(dir.path(), MAX),
         Err(StoreError::NotALog { .. })
     ));
-    fs::write(dir.path().join(LOG_FILE), b"SGSL\x02\x00\x00\x00").unwrap();
+    fs::write(dir.path().join(LOG_FILE), b"SGSL\x03\x00\x00\x00").unwrap();
     assert!(matches!(
         SessionStore::open(dir.path(), MAX),
-        Err(StoreError::Version(2))
+        Err(StoreError::Version(3))
     ));
     // A header cut short by a crash while creating the log: started afresh.
     fs::write(dir.path().join(LOG_FILE), b"SGS").unwrap();
@@ -290,7 +301,7 @@ fn acknowledgements_wait_for_a_successful_commit_and_failures_keep_everything() 
 fn the_thread_acknowledges_once_the_batch_is_on_disk_and_drains_its_queue_at_shutdown() {
     let dir = tempdir();
     let (store, _, _) = reopen(dir.path(), MAX);
-    let (mut link, thread) = spawn::<TestAck>(store).unwrap();
+    let (mut link, thread) = spawn::<TestAck, _>(store).unwrap();
     let (tx, rx) = std_mpsc::channel();
     for i in 0..3u32 {
         link.next.changes.push(PersistChange::Upsert {
@@ -422,5 +433,216 @@ proptest! {
         drop(store);
         let (_, sessions, _) = reopen(dir.path(), bound);
         prop_assert_eq!(sessions, model.into_iter().collect::<Vec<_>>());
+    }
+}
+
+/// The sessions in the version 1 fixture (see `fixtures/README.md`).
+fn fixture_sessions() -> Vec<(String, Vec<u8>)> {
+    vec![
+        ("capteur-\u{e9}t\u{e9}".into(), vec![0, 1, 2, 0xFF]),
+        ("empty".into(), Vec::new()),
+        ("sensor-a".into(), b"a-second".to_vec()),
+        ("sensor-b".into(), b"b-only".to_vec()),
+    ]
+}
+
+const V1_FIXTURE: &[u8] = include_bytes!("fixtures/sessions-v1.log");
+
+#[test]
+fn a_version_1_log_is_read_and_rewritten_in_version_2() {
+    let dir = tempdir();
+    let path = dir.path().join(LOG_FILE);
+    fs::write(&path, V1_FIXTURE).unwrap();
+    let (mut store, sessions, report) = reopen(dir.path(), MAX);
+    assert_eq!(sessions, fixture_sessions());
+    assert_eq!((report.version, report.records, report.corrupt), (1, 7, 0));
+    assert!(report.compacted, "rewritten at open");
+    let file = fs::read(&path).unwrap();
+    assert_eq!(&file[..8], b"SGSL\x02\x00\x00\x00");
+    // Appends follow in version 2 and everything reads back.
+    store.commit(&upsert("sensor-c", b"c")).unwrap();
+    store.commit(&remove("empty")).unwrap();
+    drop(store);
+    let (_, sessions, report) = reopen(dir.path(), MAX);
+    assert_eq!(
+        (report.version, report.corrupt, report.compacted),
+        (2, 0, false)
+    );
+    let mut want = fixture_sessions();
+    want.retain(|(id, _)| id != "empty");
+    want.push(("sensor-c".into(), b"c".to_vec()));
+    want.sort();
+    assert_eq!(sessions, want);
+}
+
+type Opened<F> = (SessionStore<F>, Vec<(String, Vec<u8>)>, OpenReport);
+
+fn mem_open(fs: &MemFs, max: u64) -> Opened<MemFs> {
+    let (store, sessions, report) =
+        SessionStore::open_with(fs.clone(), Path::new("/state/sessions"), max).unwrap();
+    (store, loaded(sessions), report)
+}
+
+#[test]
+fn a_version_1_log_that_cannot_be_rewritten_at_open_is_never_appended_to() {
+    let fs = MemFs::new();
+    let path = Path::new("/state/sessions").join(LOG_FILE);
+    fs.open(&path, true)
+        .unwrap()
+        .write_all_at(V1_FIXTURE, 0)
+        .unwrap();
+    fs.set_faults(Faults {
+        enospc: true,
+        ..fs.faults()
+    });
+    let (mut store, sessions, report) = mem_open(&fs, MAX);
+    assert_eq!(
+        sessions,
+        fixture_sessions(),
+        "a full disk does not stop the start"
+    );
+    assert!(!report.compacted);
+    assert!(store.commit(&upsert("new", b"n")).is_err());
+    assert_eq!(
+        fs.contents(&path),
+        V1_FIXTURE,
+        "the version 1 log is untouched"
+    );
+    fs.set_faults(Faults {
+        enospc: false,
+        ..fs.faults()
+    });
+    store.commit(&upsert("new", b"n")).unwrap();
+    assert_eq!(&fs.contents(&path)[..8], b"SGSL\x02\x00\x00\x00");
+    drop(store);
+    let (_, sessions, report) = mem_open(&fs, MAX);
+    assert_eq!(report.corrupt, 0);
+    let mut want = fixture_sessions();
+    want.push(("new".into(), b"n".to_vec()));
+    want.sort();
+    assert_eq!(sessions, want);
+}
+
+#[test]
+fn damage_in_the_middle_costs_only_the_record_it_touches() {
+    // Unlike version 1, a damaged length does not end the log.
+    let fs = MemFs::new();
+    let (mut store, _, _) = mem_open(&fs, MAX);
+    let mut starts = Vec::new();
+    for i in 0..5u8 {
+        starts.push(store.log_bytes());
+        store.commit(&upsert(&format!("c{i}"), &[i; 10])).unwrap();
+    }
+    drop(store);
+    let path = Path::new("/state/sessions").join(LOG_FILE);
+    // The length field of the third record.
+    fs.corrupt(&path, starts[2] as usize + 5);
+    let (_, sessions, report) = mem_open(&fs, MAX);
+    assert_eq!(
+        (report.records, report.corrupt, report.truncated_bytes),
+        (4, 1, 0)
+    );
+    let ids: Vec<_> = sessions.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["c0", "c1", "c3", "c4"]);
+}
+
+#[test]
+fn enospc_or_a_failed_write_leaves_the_committed_log_and_the_next_commit_succeeds() {
+    for faults in [
+        Faults {
+            enospc: true,
+            available: u64::MAX,
+            ..Faults::default()
+        },
+        Faults {
+            eio_writes: true,
+            available: u64::MAX,
+            ..Faults::default()
+        },
+    ] {
+        let fs = MemFs::new();
+        let (mut store, _, _) = mem_open(&fs, MAX);
+        store.commit(&upsert("a", b"one")).unwrap();
+        fs.set_faults(faults.clone());
+        assert!(store.commit(&upsert("b", &[7; 100])).is_err(), "{faults:?}");
+        // What the failed write left is not part of the log.
+        let (_, sessions, report) = mem_open(&fs, MAX);
+        assert_eq!(sessions, vec![("a".into(), b"one".to_vec())], "{faults:?}");
+        assert_eq!(report.corrupt, 0);
+        fs.set_faults(Faults {
+            available: u64::MAX,
+            ..Faults::default()
+        });
+        store.commit(&upsert("b", b"two")).unwrap();
+        drop(store);
+        let (_, sessions, report) = mem_open(&fs, MAX);
+        assert_eq!(report.corrupt, 0);
+        assert_eq!(
+            sessions,
+            vec![("a".into(), b"one".to_vec()), ("b".into(), b"two".to_vec())]
+        );
+    }
+}
+
+/// Crashes (power loss) after commits, some of them under a failing fsync: every commit
+/// that succeeded survives with its value; a failed one may or may not have reached the
+/// disk (its acknowledgements were withheld), but never damages what was there.
+#[test]
+fn a_crash_keeps_every_successful_commit_and_a_failed_fsync_loses_nothing_committed() {
+    for seed in 0..200u64 {
+        let fs = MemFs::new();
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut model: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+        let mut maybe: Vec<(String, Option<Vec<u8>>)> = Vec::new();
+        let (mut store, _, _) = mem_open(&fs, 4096);
+        for step in 0..12u8 {
+            let id = format!("c{}", rand::Rng::random_range(&mut rng, 0..4u8));
+            let value = vec![step; usize::from(rand::Rng::random_range(&mut rng, 0..60u8))];
+            let fail_sync = rand::Rng::random_bool(&mut rng, 0.3);
+            fs.set_faults(Faults {
+                fail_sync,
+                available: u64::MAX,
+                ..Faults::default()
+            });
+            let change = if rand::Rng::random_bool(&mut rng, 0.2) {
+                remove(&id)
+            } else {
+                upsert(&id, &value)
+            };
+            match store.commit(&change) {
+                Ok(()) => {
+                    maybe.retain(|(m, _)| *m != id);
+                    match &change[id.as_str()] {
+                        Some(v) => model.insert(id, v.clone()),
+                        None => model.remove(&id),
+                    };
+                }
+                Err(_) => {
+                    let v = change[id.as_str()].clone();
+                    maybe.push((id, v));
+                }
+            }
+        }
+        drop(store);
+        fs.set_faults(Faults {
+            available: u64::MAX,
+            ..Faults::default()
+        });
+        fs.crash(&mut rng);
+        let (_, sessions, _) = mem_open(&fs, 4096);
+        let got: std::collections::BTreeMap<_, _> = sessions.into_iter().collect();
+        let ids: HashSet<&String> = got.keys().chain(model.keys()).collect();
+        for id in ids {
+            let ok = got.get(id) == model.get(id)
+                || maybe
+                    .iter()
+                    .any(|(m, v)| m == id && got.get(id) == v.as_ref());
+            assert!(
+                ok,
+                "seed {seed}: {id}: got {:?}, committed {:?}",
+                got.get(id),
+                model.get(id)
+            );
+        }
     }
 }
