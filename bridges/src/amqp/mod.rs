@@ -1,5 +1,7 @@
-//! Northbound AMQP 0-9-1 (RabbitMQ), uplink only: one connection and one confirm-mode channel
-//! per configured upstream, implementing [`Upstream`](crate::upstream::Upstream).
+//! Northbound AMQP 0-9-1 (RabbitMQ): one connection per configured upstream with a
+//! confirm-mode channel for uplink ([`Upstream`](crate::upstream::Upstream)) and, with a
+//! downlink channel given, a consuming channel for downlink
+//! ([`Subscriber`](crate::upstream::Subscriber): subscriptions become queue bindings).
 //!
 //! ```text
 //!  drain ── publish_with_seq(msg, token, seq) ──> AmqpUpstream ── bounded request channel ──┐
@@ -44,7 +46,23 @@
 //!   flight for up to `connect_timeout`, closes the connection and reports the rest
 //!   `Failed(Shutdown)`.
 //!
-//! No subscriptions: an AMQP upstream takes part in uplink only.
+//! Downlink invariants (MUST hold):
+//!
+//! - **The queue** is a server-named exclusive auto-delete one per connection (default), a
+//!   durable one the gateway declares, or an existing one checked with a passive declare and
+//!   used as-is (no bindings). Configured `bindings` are made on every connection and never
+//!   removed; a sensor filter becomes a binding with [`binding_key`] while the router wants
+//!   it, and is unbound when the last subscriber leaves. Every binding is made again after a
+//!   reconnect (`bindings.rs`).
+//! - **Acknowledged only when taken.** A delivery is `basic.ack`ed only when the gateway calls
+//!   [`DownlinkAck::ack`](crate::message::DownlinkAck::ack), or when this module drops it
+//!   (body over `max_downlink_bytes`, a routing key that is no valid topic name, or this
+//!   upstream's own publish coming back: `app_id`), counted. An ack after its connection ended
+//!   is a no-op: the broker has requeued the message and redelivers it.
+//! - **Bounded.** `basic.qos` prefetch = `max_unacked_downlinks` per connection, and as many
+//!   acknowledgement slots over all connections: while all are held the task reads no more
+//!   deliveries (it keeps serving uplink and acknowledgements). The downlink channel is the
+//!   gateway's bounded one.
 
 mod bindings;
 pub mod config;
