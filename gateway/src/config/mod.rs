@@ -119,7 +119,7 @@ pub struct Upstream {
 pub enum UpstreamKind {
     /// MQTT 3.1.1 or 5.
     Mqtt(MqttUpstreamConfig),
-    /// AMQP 0-9-1 (RabbitMQ), uplink only.
+    /// AMQP 0-9-1 (RabbitMQ): uplink with publisher confirms, downlink from a queue.
     Amqp(AmqpUpstreamConfig),
 }
 
