@@ -152,6 +152,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let mut tasks = Vec::new();
     let mut drains = Vec::new();
     let mut drain_stats = Vec::new();
+    let mut amqp_upstreams = Vec::new();
     // `[[route]]`, or everything to every upstream when there is none.
     let routes = Arc::clone(&config.routes);
     for (index, upstream) in config.upstreams.iter().enumerate() {
@@ -195,16 +196,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                     stats,
                     drain_stop.clone(),
                 )));
-                upstreams.push(handle);
+                upstreams.push(RoutedUpstream {
+                    link: handle.watch_link(),
+                    subscriber: Box::new(handle),
+                });
                 tasks.push(task);
             }
-            // Uplink only: the drain sends through it; the MQTT-SN driver (subscriptions,
-            // downlink) sees only the MQTT upstreams.
+            // Like an MQTT upstream: the drain sends through it, the router gives it the
+            // subscriptions (queue bindings), and its deliveries join the same downlink channel.
             UpstreamKind::Amqp(amqp) => {
                 let window = usize::from(amqp.max_inflight);
                 let (ack_tx, ack_rx) = mpsc::channel(window + 16);
-                let spawned =
-                    AmqpUpstream::spawn(index, amqp.clone(), ack_tx, upstream_stop.clone());
+                let spawned = AmqpUpstream::spawn_with_downlink(
+                    index,
+                    amqp.clone(),
+                    ack_tx,
+                    Some(downlink_tx.clone()),
+                    upstream_stop.clone(),
+                );
                 let (handle, task) = match spawned {
                     Ok(spawned) => spawned,
                     Err(source) => {
@@ -218,13 +227,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                 drains.push(tokio::spawn(drain(
                     Arc::clone(&spool),
                     index,
-                    handle,
+                    handle.clone(),
                     ack_rx,
                     drain_config(window),
                     Arc::clone(&routes),
                     stats,
                     drain_stop.clone(),
                 )));
+                amqp_upstreams.push(handle.clone());
+                upstreams.push(RoutedUpstream {
+                    link: handle.watch_link(),
+                    subscriber: Box::new(handle),
+                });
                 tasks.push(task);
             }
         }
@@ -233,6 +247,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let status = tokio::spawn(report_status(
         Arc::clone(&spool),
         drain_stats.clone(),
+        amqp_upstreams.clone(),
         drain_stop.clone(),
     ));
 
@@ -262,16 +277,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         }
     };
     // The router takes every upstream's subscriptions and link state; the driver sees none.
-    let routed = upstreams
-        .into_iter()
-        .map(|up| RoutedUpstream {
-            link: up.watch_link(),
-            subscriber: Box::new(up),
-        })
-        .collect();
     let router = Router::new(
         entrance,
-        routed,
+        upstreams,
         config.mqttsn.core.max_filters,
         Arc::clone(&routes),
     );
@@ -342,7 +350,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         tracing::warn!(%error, "Cannot save the spool cursors.");
     }
     let _ = status.await;
-    log_status(&Status::take(&spool, &drain_stats), None);
+    log_status(&Status::take(&spool, &drain_stats, &amqp_upstreams), None);
     result
 }
 
@@ -352,6 +360,21 @@ struct Status {
     spool: SpoolStats,
     queue_full: u64,
     upstreams: Vec<UpstreamStatus>,
+    amqp: Vec<AmqpStatus>,
+}
+
+/// One AMQP upstream's counters (see [`AmqpStats`](sensorgate_bridges::amqp::AmqpStats)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AmqpStatus {
+    name: String,
+    published: u64,
+    confirmed: u64,
+    nacked: u64,
+    returned: u64,
+    downlink_delivered: u64,
+    downlink_acked: u64,
+    downlink_dropped: u64,
+    downlink_echoes_dropped: u64,
 }
 
 /// One upstream's drain counters (see [`DrainStats`]) and its backlog (at most).
@@ -368,7 +391,11 @@ struct UpstreamStatus {
 }
 
 impl Status {
-    fn take(spool: &SharedSpool<StdFs>, drains: &[(String, Arc<DrainStats>)]) -> Status {
+    fn take(
+        spool: &SharedSpool<StdFs>,
+        drains: &[(String, Arc<DrainStats>)],
+        amqp: &[AmqpUpstream],
+    ) -> Status {
         use std::sync::atomic::Ordering::Relaxed;
         let locked = spool.lock();
         let upstreams = drains
@@ -385,10 +412,28 @@ impl Status {
                 backlog_dropped: d.backlog_dropped.load(Relaxed),
             })
             .collect();
+        let amqp = amqp
+            .iter()
+            .map(|up| {
+                let a = up.stats();
+                AmqpStatus {
+                    name: up.name().to_owned(),
+                    published: a.published.load(Relaxed),
+                    confirmed: a.acknowledged.load(Relaxed),
+                    nacked: a.nacked.load(Relaxed),
+                    returned: a.returned.load(Relaxed),
+                    downlink_delivered: a.downlink_delivered.load(Relaxed),
+                    downlink_acked: a.downlink_acked.load(Relaxed),
+                    downlink_dropped: a.downlink_dropped.load(Relaxed),
+                    downlink_echoes_dropped: a.downlink_echoes_dropped.load(Relaxed),
+                }
+            })
+            .collect();
         Status {
             spool: locked.stats(),
             queue_full: spool.queue_full(),
             upstreams,
+            amqp,
         }
     }
 
@@ -409,15 +454,16 @@ impl Status {
 async fn report_status(
     spool: Arc<SharedSpool<StdFs>>,
     drains: Vec<(String, Arc<DrainStats>)>,
+    amqp: Vec<AmqpUpstream>,
     stop: CancellationToken,
 ) {
-    let mut last = Status::take(&spool, &drains);
+    let mut last = Status::take(&spool, &drains, &amqp);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(STATUS_INTERVAL) => {}
         }
-        let now = Status::take(&spool, &drains);
+        let now = Status::take(&spool, &drains, &amqp);
         if now != last {
             log_status(&now, Some(&last));
             last = now;
@@ -467,6 +513,20 @@ fn log_status(now: &Status, last: Option<&Status>) {
             unrouted = u.unrouted,
             backlog_dropped = u.backlog_dropped,
             "Upstream drain status."
+        );
+    }
+    for a in &now.amqp {
+        tracing::info!(
+            upstream = %a.name,
+            published = a.published,
+            confirmed = a.confirmed,
+            nacked = a.nacked,
+            returned = a.returned,
+            downlink_delivered = a.downlink_delivered,
+            downlink_acked = a.downlink_acked,
+            downlink_dropped = a.downlink_dropped,
+            downlink_echoes_dropped = a.downlink_echoes_dropped,
+            "AMQP upstream status."
         );
     }
 }

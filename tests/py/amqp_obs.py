@@ -5,6 +5,8 @@
     get --port P --queue Q --count N         consumes N messages from Q (acks them), one JSON
         line each: {"routing_key", "message_id", "body_hex", "delivery_mode", "headers"};
         then DONE (or after --timeout s)
+    publish --port P --routing-key K --body B  publishes B to amq.topic with K (persistent,
+        mandatory, publisher confirms); PUBLISHED, or RETURNED when no queue took it
     mqtt --port P --topic F                  MQTT 5 QoS 1 subscriber (paho): READY after
         SUBACK, then one JSON line per message: {"topic", "payload_hex", "seq"} where seq is
         the "sg-seq" user property; DONE after --count messages or --timeout s
@@ -76,6 +78,26 @@ def get(args) -> int:
     return 0
 
 
+def publish(args) -> int:
+    import pika
+
+    conn, ch = amqp_channel(args.port)
+    ch.confirm_delivery()
+    try:
+        ch.basic_publish(
+            exchange="amq.topic",
+            routing_key=args.routing_key,
+            body=args.body.encode(),
+            properties=pika.BasicProperties(delivery_mode=2),
+            mandatory=True,
+        )
+        emit("PUBLISHED")
+    except pika.exceptions.UnroutableError:
+        emit("RETURNED")
+    conn.close()
+    return 0
+
+
 def mqtt(args) -> int:
     import paho.mqtt.client as paho
     from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -119,15 +141,17 @@ def mqtt(args) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["declare", "get", "mqtt"])
+    parser.add_argument("mode", choices=["declare", "get", "publish", "mqtt"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--queue", default="sg-test")
     parser.add_argument("--binding", default="sensors.#")
     parser.add_argument("--topic", default="sensors/#")
+    parser.add_argument("--routing-key", default="")
+    parser.add_argument("--body", default="")
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args()
-    return {"declare": declare, "get": get, "mqtt": mqtt}[args.mode](args)
+    return {"declare": declare, "get": get, "publish": publish, "mqtt": mqtt}[args.mode](args)
 
 
 if __name__ == "__main__":

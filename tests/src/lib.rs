@@ -3021,8 +3021,19 @@ pub struct RabbitMq {
     node: String,
     /// The start script while running.
     proc: Option<Proc>,
+    /// The AMQPS port, when started with [`RabbitMq::start_tls`].
+    tls_port: Option<u16>,
     /// Holds mnesia, logs, config and the Erlang cookie; declared last.
     dir: TempDir,
+}
+
+/// PEM files for a TLS listener that requires a client certificate (`verify_peer`).
+pub struct RabbitTls {
+    /// The CA that signed the server's and the client's certificates.
+    pub ca_file: PathBuf,
+    /// The server's certificate (SAN IP 127.0.0.1) and key.
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
 }
 
 /// A RabbitMQ node takes several seconds to boot; bounded anyway.
@@ -3035,6 +3046,20 @@ impl RabbitMq {
     /// # Errors
     /// When it exits or does not come up in time.
     pub fn start() -> Result<RabbitMq> {
+        Self::start_inner(None)
+    }
+
+    /// As [`RabbitMq::start`], plus an AMQPS listener on 127.0.0.1 with `tls`'s files that
+    /// requires a client certificate signed by its CA (`verify_peer`,
+    /// `fail_if_no_peer_cert`).
+    ///
+    /// # Errors
+    /// When it exits or does not come up in time.
+    pub fn start_tls(tls: &RabbitTls) -> Result<RabbitMq> {
+        Self::start_inner(Some(tls))
+    }
+
+    fn start_inner(tls: Option<&RabbitTls>) -> Result<RabbitMq> {
         let port = free_tcp_port()?;
         let mut r = RabbitMq {
             port,
@@ -3042,15 +3067,83 @@ impl RabbitMq {
             epmd_port: free_tcp_port()?,
             node: format!("sgtest-{}-{port}@localhost", std::process::id()),
             proc: None,
+            tls_port: None,
             dir: temp_dir()?,
         };
         std::fs::write(r.dir.path().join("enabled_plugins"), "[].\n")?;
-        std::fs::write(
-            r.dir.path().join("rabbitmq.conf"),
-            "loopback_users.guest = true\nlog.console = false\nlog.file.level = info\n",
-        )?;
+        let mut conf =
+            "loopback_users.guest = true\nlog.console = false\nlog.file.level = info\n".to_owned();
+        if let Some(tls) = tls {
+            let tls_port = free_tcp_port()?;
+            r.tls_port = Some(tls_port);
+            conf.push_str(&format!(
+                "listeners.ssl.default = 127.0.0.1:{tls_port}\n\
+                 ssl_options.cacertfile = {}\nssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\nssl_options.verify = verify_peer\n\
+                 ssl_options.fail_if_no_peer_cert = true\n",
+                tls.ca_file.display(),
+                tls.server_cert.display(),
+                tls.server_key.display()
+            ));
+        }
+        std::fs::write(r.dir.path().join("rabbitmq.conf"), conf)?;
         r.launch()?;
         Ok(r)
+    }
+
+    /// The AMQPS port (after [`RabbitMq::start_tls`]).
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
+    }
+
+    /// Runs `rabbitmqctl <args>` against this node (bounded) and returns its stdout.
+    ///
+    /// # Errors
+    /// When it fails or times out.
+    pub fn ctl(&self, args: &[&str]) -> Result<String> {
+        let d = self.dir.path();
+        // The node's own CLI, not Debian's /usr/sbin wrapper (which switches to the
+        // `rabbitmq` user and its home, so its Erlang cookie differs from this node's).
+        let mut cmd = Command::new(rabbitmq_server_bin().with_file_name("rabbitmqctl"));
+        cmd.args(["-q", "-n", &self.node])
+            .args(args)
+            .env("HOME", d)
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
+            .env("RABBITMQ_CONF_ENV_FILE", d.join("rabbitmq-env.conf"))
+            .current_dir(d);
+        let out = run_bounded(&mut cmd, Duration::from_secs(60))?;
+        if !out.status.success() {
+            bail!(
+                "rabbitmqctl {args:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `(messages_ready, messages_unacknowledged)` of `queue`, `None` when it does not exist.
+    ///
+    /// # Errors
+    /// When `rabbitmqctl` fails.
+    pub fn queue_counts(&self, queue: &str) -> Result<Option<(u64, u64)>> {
+        let out = self.ctl(&[
+            "list_queues",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])?;
+        for line in out.lines() {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if let [name, ready, unacked] = cols.as_slice() {
+                if *name == queue {
+                    return Ok(Some((ready.parse()?, unacked.parse()?)));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Its AMQP port.

@@ -5,14 +5,23 @@
 //! the restart) and never holds up mosquitto's. A message no queue is bound for is returned by
 //! the broker, logged, and does not hold up the ones after it.
 //!
-//! A RabbitMQ node takes several seconds to boot: the file keeps to two tests.
+//!
+//! Downlink: a message published to `amq.topic` as `cmd.s1` reaches an MQTT-SN subscriber of
+//! `cmd/s1` at QoS 1 through the gateway's binding, and is acknowledged to RabbitMQ only once
+//! the gateway took it (while the gateway is stopped it stays unacknowledged); the binding
+//! goes when the last subscriber leaves. TLS: `amqps://` with a CA file and a client
+//! certificate against a listener that requires one.
+//!
+//! A RabbitMQ node takes several seconds to boot: the file keeps to few tests.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
-use sensorgate_tests::sn::TopicType;
-use sensorgate_tests::{RabbitMq, Rig, Script};
+use sensorgate_tests::sn::{Packet, Qos, SubTopic, TopicType};
+use sensorgate_tests::{RabbitMq, RabbitTls, Rig, Script, poll_until, send_signal, temp_dir};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -187,4 +196,208 @@ fn a_rabbitmq_outage_delays_only_the_amqp_copy_and_its_backlog_arrives_in_order(
         log.matches("AMQP upstream connected.").count() >= 2,
         "{log}"
     );
+}
+
+/// Sends SIGCONT to a stopped gateway on drop, so a failing assertion never leaves it stopped.
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = send_signal(self.0, "CONT");
+    }
+}
+
+/// Whether `queue` is bound with `key` (on any exchange).
+fn bound(rabbit: &RabbitMq, queue: &str, key: &str) -> bool {
+    let out = rabbit
+        .ctl(&[
+            "list_bindings",
+            "--no-table-headers",
+            "destination_name",
+            "routing_key",
+        ])
+        .unwrap();
+    out.lines().any(|l| {
+        let cols: Vec<&str> = l.split_whitespace().collect();
+        cols.as_slice() == [queue, key]
+    })
+}
+
+#[test]
+fn an_amqp_message_reaches_an_mqtt_sn_subscriber_and_is_acknowledged_only_once_the_gateway_took_it()
+{
+    let rabbit = RabbitMq::start().unwrap();
+    let rig = Rig::start_with(|c| {
+        c.extra_sections.push_str(&amqp_section(&rabbit));
+        c.extra_sections
+            .push_str("downlink_queue = \"sg-down\"\nmax_unacked_downlinks = 4\n");
+        Ok(())
+    })
+    .unwrap();
+    let mut c = rig.connected("amqp-down").unwrap();
+    let topic_id = c.subscribe_ok(Qos::One, SubTopic::Name("cmd/s1")).unwrap();
+    assert_ne!(topic_id, 0);
+    // The subscription became a binding of the gateway's queue, mapped like the MQTT plugin.
+    poll_until("binding cmd.s1", WAIT, Duration::from_millis(200), || {
+        Ok(bound(&rabbit, "sg-down", "cmd.s1").then_some(()))
+    })
+    .unwrap();
+
+    // With the gateway stopped, RabbitMQ hands the message out and it stays unacknowledged.
+    let pid = rig.gateway.pid().unwrap();
+    send_signal(pid, "STOP").unwrap();
+    let resume = Resume(pid);
+    let port = rabbit.port().to_string();
+    obs(&[
+        "publish",
+        "--port",
+        &port,
+        "--routing-key",
+        "cmd.s1",
+        "--body",
+        "go",
+    ])
+    .expect_line("PUBLISHED", WAIT, |l| l == "PUBLISHED")
+    .unwrap();
+    poll_until(
+        "one unacknowledged",
+        WAIT,
+        Duration::from_millis(200),
+        || Ok((rabbit.queue_counts("sg-down")? == Some((0, 1))).then_some(())),
+    )
+    .unwrap();
+    drop(resume);
+
+    // The sensor gets it at QoS 1 on its subscription's topic id.
+    match c.recv(WAIT).unwrap() {
+        Some(Packet::Publish {
+            flags,
+            topic_id: tid,
+            msg_id,
+            data,
+        }) => {
+            assert_eq!((flags & 0x60, tid, &data[..]), (0x20, topic_id, &b"go"[..]));
+            c.send(&sensorgate_tests::sn::puback(tid, msg_id, 0))
+                .unwrap();
+        }
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+    // The gateway queued it for its subscriber, then acknowledged it: nothing left.
+    poll_until("queue empty", WAIT, Duration::from_millis(200), || {
+        Ok((rabbit.queue_counts("sg-down")? == Some((0, 0))).then_some(()))
+    })
+    .unwrap();
+
+    // The last subscriber leaving removes the binding.
+    c.unsubscribe(SubTopic::Name("cmd/s1")).unwrap();
+    poll_until("binding gone", WAIT, Duration::from_millis(200), || {
+        Ok((!bound(&rabbit, "sg-down", "cmd.s1")).then_some(()))
+    })
+    .unwrap();
+    let mut rig = rig;
+    rig.gateway.stop().unwrap();
+    let log = rig.gateway.log();
+    assert!(log.contains("AMQP upstream status."), "{log}");
+    assert!(log.contains("downlink_delivered=1"), "{log}");
+    assert!(log.contains("downlink_acked=1"), "{log}");
+}
+
+/// Makes a CA, a server certificate for 127.0.0.1 and a client certificate with the openssl
+/// CLI, in `dir`.
+fn make_certs(dir: &Path) -> RabbitTls {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=sensorgate test CA",
+    ]);
+    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for (name, cn) in [("server", "127.0.0.1"), ("client", "sensorgate")] {
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={cn}"),
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            &format!("{name}.pem"),
+            "-extfile",
+            &format!("{name}.ext"),
+        ]);
+    }
+    RabbitTls {
+        ca_file: dir.join("ca.pem"),
+        server_cert: dir.join("server.pem"),
+        server_key: dir.join("server.key"),
+    }
+}
+
+#[test]
+fn amqps_with_a_ca_file_and_a_client_certificate_carries_the_uplink() {
+    let certs = temp_dir().unwrap();
+    let tls = make_certs(certs.path());
+    let rabbit = RabbitMq::start_tls(&tls).unwrap();
+    declare_queue(&rabbit);
+    let tls_port = rabbit.tls_port().unwrap();
+    let dir = certs.path().display().to_string();
+    let rig = Rig::start_with(|c| {
+        c.extra_sections.push_str(&format!(
+            "\n[[upstream]]\nname = \"cloud\"\nkind = \"amqp\"\n\
+             url = \"amqps://guest:guest@127.0.0.1:{tls_port}/%2f\"\n\
+             ca_file = \"{dir}/ca.pem\"\nclient_cert = \"{dir}/client.pem\"\n\
+             client_key = \"{dir}/client.key\"\nbackoff_initial = \"100ms\"\n\
+             backoff_max = \"1s\"\n"
+        ));
+        Ok(())
+    })
+    .unwrap();
+    let mut c = rig.connected("amqps").unwrap();
+    let id = c.register("sensors/tls").unwrap();
+    c.publish_qos1_ok(TopicType::Normal, id, b"secret").unwrap();
+    let got = get_amqp(&rabbit, 1);
+    assert_eq!(payload(&got[0], "body_hex"), "secret");
+    assert_eq!(got[0]["routing_key"], "sensors.tls");
+    let log = rig.gateway.log();
+    assert!(log.contains("AMQP upstream connected."), "{log}");
+    assert!(log.contains("amqps://guest:***@"), "{log}");
 }

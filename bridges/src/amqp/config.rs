@@ -10,10 +10,18 @@
 //!
 //! Unlike an MQTT upstream's URL, this one may carry credentials: the gateway logs only
 //! [`AmqpUpstreamConfig::redacted_url`].
+//!
+//! `amqps://` uses the same rustls configuration as an `mqtts://` upstream
+//! ([`build_tls_config`](crate::mqtt::build_tls_config), the ring provider): `ca_file` (PEM)
+//! replaces the system roots, `client_cert` + `client_key` (PEM) present a client certificate.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::uri::{AMQPScheme, AMQPUri};
+use rustls::ClientConfig;
+
+pub use crate::mqtt::TlsSettings;
 
 /// Default exchange the messages are published to (RabbitMQ's MQTT plugin uses it too).
 pub const DEFAULT_EXCHANGE: &str = "amq.topic";
@@ -31,6 +39,28 @@ pub const DEFAULT_MAX_INFLIGHT: u16 = 100;
 pub const DEFAULT_REQUEST_QUEUE: usize = 1024;
 /// Largest routing key AMQP 0-9-1 can carry (a short string).
 pub const MAX_ROUTING_KEY_BYTES: usize = 255;
+/// Default prefetch (`basic.qos`): downlink deliveries handed out and not yet acknowledged.
+pub const DEFAULT_MAX_UNACKED_DOWNLINKS: u16 = crate::mqtt::config::DEFAULT_MAX_UNACKED_DOWNLINKS;
+/// Default largest downlink body; bigger ones are acknowledged, dropped and counted.
+pub const DEFAULT_MAX_DOWNLINK_BYTES: usize = crate::mqtt::config::DEFAULT_MAX_DOWNLINK_BYTES;
+/// Most configured `bindings`.
+pub const MAX_BINDINGS: usize = 64;
+
+/// Where downlink messages are consumed from.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum DownlinkQueue {
+    /// A server-named, exclusive, auto-delete queue declared on every connection (the
+    /// default): the broker deletes it with the connection, so nothing is kept for the
+    /// gateway while the link is down (like an MQTT clean session).
+    #[default]
+    ServerNamed,
+    /// A named durable queue the gateway declares (and binds): messages wait in it while the
+    /// gateway is away, and unacknowledged ones are redelivered.
+    Durable(String),
+    /// An existing queue, used as-is: checked with a passive declare (missing is a connect
+    /// failure), never bound by the gateway (neither `bindings` nor subscriptions).
+    Passive(String),
+}
 
 /// Settings of one AMQP upstream.
 #[derive(Clone, Debug)]
@@ -53,6 +83,20 @@ pub struct AmqpUpstreamConfig {
     pub max_inflight: u16,
     /// Capacity of the request channel into the connection task.
     pub request_queue: usize,
+    /// The queue downlink messages are consumed from.
+    pub downlink_queue: DownlinkQueue,
+    /// Binding keys (AMQP syntax) the downlink queue is bound with on the exchange on every
+    /// connection, besides the subscriptions' keys; never unbound by the gateway.
+    pub bindings: Vec<String>,
+    /// Prefetch (`basic.qos`) of the downlink channel, and the most downlink acknowledgement
+    /// handles outstanding over all connections.
+    pub max_unacked_downlinks: u16,
+    /// Largest downlink body accepted; bigger ones are acknowledged, dropped and counted.
+    pub max_downlink_bytes: usize,
+    /// Most binding keys the subscriptions may want at once.
+    pub max_subscriptions: usize,
+    /// `amqps://` only: CA file and client certificate (the system roots when unset).
+    pub tls: TlsSettings,
 }
 
 /// Why an AMQP upstream's settings were refused.
@@ -64,6 +108,9 @@ pub enum AmqpConfigError {
     /// A setting is out of range.
     #[error("{0}")]
     Invalid(String),
+    /// The TLS files cannot be used.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl AmqpUpstreamConfig {
@@ -80,6 +127,12 @@ impl AmqpUpstreamConfig {
             backoff_max: DEFAULT_BACKOFF_MAX,
             max_inflight: DEFAULT_MAX_INFLIGHT,
             request_queue: DEFAULT_REQUEST_QUEUE,
+            downlink_queue: DownlinkQueue::default(),
+            bindings: Vec::new(),
+            max_unacked_downlinks: DEFAULT_MAX_UNACKED_DOWNLINKS,
+            max_downlink_bytes: DEFAULT_MAX_DOWNLINK_BYTES,
+            max_subscriptions: crate::mqtt::MAX_SUBSCRIPTIONS,
+            tls: TlsSettings::default(),
         }
     }
 
@@ -120,12 +173,84 @@ impl AmqpUpstreamConfig {
                 "backoff_initial: must be > 0 and <= backoff_max".into(),
             ));
         }
+        if self.max_unacked_downlinks == 0 {
+            return Err(AmqpConfigError::Invalid(
+                "max_unacked_downlinks: must be > 0".into(),
+            ));
+        }
+        if self.max_downlink_bytes == 0 {
+            return Err(AmqpConfigError::Invalid(
+                "max_downlink_bytes: must be > 0".into(),
+            ));
+        }
+        if self.max_subscriptions == 0 {
+            return Err(AmqpConfigError::Invalid(
+                "max_subscriptions: must be > 0".into(),
+            ));
+        }
+        if self.bindings.len() > MAX_BINDINGS {
+            return Err(AmqpConfigError::Invalid(format!(
+                "bindings: at most {MAX_BINDINGS}"
+            )));
+        }
+        if let Some(key) = self
+            .bindings
+            .iter()
+            .find(|k| k.len() > MAX_ROUTING_KEY_BYTES)
+        {
+            return Err(AmqpConfigError::Invalid(format!(
+                "bindings: `{key:.32}...` is longer than 255 bytes"
+            )));
+        }
+        match &self.downlink_queue {
+            DownlinkQueue::ServerNamed => {}
+            DownlinkQueue::Durable(name) | DownlinkQueue::Passive(name) => {
+                if name.is_empty() || name.len() > MAX_ROUTING_KEY_BYTES {
+                    return Err(AmqpConfigError::Invalid(
+                        "downlink_queue: 1 to 255 bytes".into(),
+                    ));
+                }
+            }
+        }
+        if matches!(self.downlink_queue, DownlinkQueue::Passive(_)) && !self.bindings.is_empty() {
+            return Err(AmqpConfigError::Invalid(
+                "bindings: a passive downlink queue is used as-is, the gateway binds nothing"
+                    .into(),
+            ));
+        }
+        let has_tls_files = self.tls.ca_file.is_some()
+            || self.tls.client_cert.is_some()
+            || self.tls.client_key.is_some();
+        if has_tls_files && !is_tls(&uri) {
+            return Err(AmqpConfigError::Invalid(
+                "ca_file, client_cert, client_key: only for an `amqps://` URL".into(),
+            ));
+        }
+        if self.tls.client_cert.is_some() != self.tls.client_key.is_some() {
+            return Err(AmqpConfigError::Invalid(
+                "client_cert and client_key must be given together".into(),
+            ));
+        }
         let heartbeat = u16::try_from(self.heartbeat.as_secs())
             .map_err(|_| AmqpConfigError::Invalid("heartbeat: at most 65535 s".into()))?;
         uri.query.heartbeat = Some(heartbeat);
         uri.query.connection_timeout =
             Some(u64::try_from(self.connect_timeout.as_millis()).unwrap_or(u64::MAX));
         Ok(uri)
+    }
+
+    /// The rustls configuration of an `amqps://` URL (`None` for `amqp://`): the files are
+    /// read here, at start.
+    ///
+    /// # Errors
+    /// [`AmqpConfigError::Tls`] when a file cannot be read or holds no certificate or key.
+    pub fn tls_config(&self, uri: &AMQPUri) -> Result<Option<Arc<ClientConfig>>, AmqpConfigError> {
+        if !is_tls(uri) {
+            return Ok(None);
+        }
+        crate::mqtt::build_tls_config(&self.tls)
+            .map(Some)
+            .map_err(|e| AmqpConfigError::Tls(e.to_string()))
     }
 
     /// The URL without its password, for logs and summaries.
@@ -189,6 +314,36 @@ mod tests {
         assert_eq!(c.validate().unwrap().query.heartbeat, Some(7));
         c.max_inflight = 0;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn downlink_settings_are_checked() {
+        let mut c = AmqpUpstreamConfig::new("a", "amqp://127.0.0.1/%2f");
+        c.max_unacked_downlinks = 0;
+        assert!(c.validate().is_err());
+        c.max_unacked_downlinks = 1;
+        c.downlink_queue = DownlinkQueue::Passive("q".into());
+        c.bindings = vec!["cmd.#".into()];
+        assert!(c.validate().is_err(), "a passive queue gets no bindings");
+        c.downlink_queue = DownlinkQueue::Durable("q".into());
+        assert!(c.validate().is_ok());
+        c.bindings = vec!["x".repeat(256)];
+        assert!(c.validate().is_err());
+        c.bindings.clear();
+        c.downlink_queue = DownlinkQueue::Durable(String::new());
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn tls_files_need_amqps_and_come_in_pairs() {
+        let mut c = AmqpUpstreamConfig::new("a", "amqp://127.0.0.1/%2f");
+        c.tls.ca_file = Some("/nonexistent/ca.pem".into());
+        assert!(c.validate().is_err(), "ca_file with amqp://");
+        c.url = "amqps://127.0.0.1/%2f".into();
+        let uri = c.validate().unwrap();
+        assert!(matches!(c.tls_config(&uri), Err(AmqpConfigError::Tls(_))));
+        c.tls.client_cert = Some("/nonexistent/c.pem".into());
+        assert!(c.validate().is_err(), "client_cert without client_key");
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! Northbound AMQP 0-9-1 (RabbitMQ), uplink only: one connection and one confirm-mode channel
-//! per configured upstream, implementing [`Upstream`](crate::upstream::Upstream).
+//! Northbound AMQP 0-9-1 (RabbitMQ): one connection per configured upstream with a
+//! confirm-mode channel for uplink ([`Upstream`](crate::upstream::Upstream)) and, with a
+//! downlink channel given, a consuming channel for downlink
+//! ([`Subscriber`](crate::upstream::Subscriber): subscriptions become queue bindings).
 //!
 //! ```text
 //!  drain ── publish_with_seq(msg, token, seq) ──> AmqpUpstream ── bounded request channel ──┐
@@ -44,8 +46,25 @@
 //!   flight for up to `connect_timeout`, closes the connection and reports the rest
 //!   `Failed(Shutdown)`.
 //!
-//! No subscriptions: an AMQP upstream takes part in uplink only.
+//! Downlink invariants (MUST hold):
+//!
+//! - **The queue** is a server-named exclusive auto-delete one per connection (default), a
+//!   durable one the gateway declares, or an existing one checked with a passive declare and
+//!   used as-is (no bindings). Configured `bindings` are made on every connection and never
+//!   removed; a sensor filter becomes a binding with [`binding_key`] while the router wants
+//!   it, and is unbound when the last subscriber leaves. Every binding is made again after a
+//!   reconnect (`bindings.rs`).
+//! - **Acknowledged only when taken.** A delivery is `basic.ack`ed only when the gateway calls
+//!   [`DownlinkAck::ack`](crate::message::DownlinkAck::ack), or when this module drops it
+//!   (body over `max_downlink_bytes`, a routing key that is no valid topic name, or this
+//!   upstream's own publish coming back: `app_id`), counted. An ack after its connection ended
+//!   is a no-op: the broker has requeued the message and redelivers it.
+//! - **Bounded.** `basic.qos` prefetch = `max_unacked_downlinks` per connection, and as many
+//!   acknowledgement slots over all connections: while all are held the task reads no more
+//!   deliveries (it keeps serving uplink and acknowledgements). The downlink channel is the
+//!   gateway's bounded one.
 
+mod bindings;
 pub mod config;
 mod upstream;
 
@@ -72,6 +91,39 @@ pub fn routing_key(topic: &str) -> String {
             c => c,
         })
         .collect()
+}
+
+/// The binding key for an MQTT topic `filter`, as RabbitMQ's MQTT plugin makes it: the
+/// characters of [`routing_key`] (`/` and `.` swap places), then a `+` level becomes `*` and
+/// `#` stays `#`. So a message whose topic matches `filter` has a routing key the binding
+/// matches, and nothing else does.
+///
+/// # Errors
+/// [`FailReason::Rejected`] for a filter that is not a valid MQTT filter, whose key would be
+/// longer than 255 bytes, or with a level that is exactly `*` (an ordinary character in MQTT
+/// but a wildcard in AMQP: the binding would match more than the filter).
+pub fn binding_key(filter: &str) -> Result<String, FailReason> {
+    if !crate::topic::is_valid_filter(filter) || filter.len() > config::MAX_ROUTING_KEY_BYTES {
+        return Err(FailReason::Rejected);
+    }
+    let mapped = routing_key(filter);
+    let mut levels = Vec::new();
+    for level in mapped.split('.') {
+        levels.push(match level {
+            "*" => return Err(FailReason::Rejected),
+            "+" => "*",
+            other => other,
+        });
+    }
+    Ok(levels.join("."))
+}
+
+/// The topic a delivered message's routing key stands for (the inverse of [`routing_key`]),
+/// if it is a valid MQTT topic name.
+#[must_use]
+pub fn topic_of(routing_key_text: &str) -> Option<String> {
+    let topic = routing_key(routing_key_text);
+    crate::topic::is_valid_name(&topic).then_some(topic)
 }
 
 /// What a broker confirmation means for a tracked send.
@@ -117,6 +169,39 @@ mod tests {
         for t in ["a/b.c", "x.y.z", "s/1/2", ""] {
             assert_eq!(routing_key(&routing_key(t)), t);
         }
+    }
+
+    #[test]
+    fn filters_become_binding_keys_like_the_mqtt_plugin_makes_them() {
+        assert_eq!(binding_key("cmd/s1").unwrap(), "cmd.s1");
+        assert_eq!(binding_key("cmd/+/set").unwrap(), "cmd.*.set");
+        assert_eq!(binding_key("cmd/#").unwrap(), "cmd.#");
+        assert_eq!(binding_key("#").unwrap(), "#");
+        assert_eq!(binding_key("+").unwrap(), "*");
+        // A dot is an ordinary character in MQTT: it swaps with the separator.
+        assert_eq!(binding_key("v1.2/+").unwrap(), "v1/2.*");
+        // `*` inside a level is literal for RabbitMQ too.
+        assert_eq!(binding_key("a*b/c").unwrap(), "a*b.c");
+    }
+
+    #[test]
+    fn filters_the_broker_would_widen_or_cannot_take_are_refused() {
+        assert_eq!(binding_key("cmd/*"), Err(FailReason::Rejected));
+        assert_eq!(binding_key("cmd/#/x"), Err(FailReason::Rejected));
+        assert_eq!(binding_key(""), Err(FailReason::Rejected));
+        assert_eq!(binding_key(&"x".repeat(256)), Err(FailReason::Rejected));
+        assert!(binding_key(&"x".repeat(255)).is_ok());
+    }
+
+    #[test]
+    fn a_routing_key_maps_back_to_the_topic_it_came_from() {
+        for t in ["cmd/s1", "v1.2/x", "a", "/lead"] {
+            assert_eq!(topic_of(&routing_key(t)).as_deref(), Some(t));
+        }
+        // Wildcard characters and empty keys are no topic names: such deliveries are dropped.
+        assert_eq!(topic_of("a.#"), None);
+        assert_eq!(topic_of("a.+"), None);
+        assert_eq!(topic_of(""), None);
     }
 
     #[test]

@@ -1,26 +1,32 @@
 //! The AMQP upstream's handle and its connection task (see the module docs of `amqp`).
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event, ExchangeKind,
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer, Event,
+    ExchangeKind,
 };
-use tokio::sync::{Notify, mpsc, watch};
+use rustls::ClientConfig;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::config::{AmqpConfigError, AmqpUpstreamConfig, MAX_ROUTING_KEY_BYTES};
-use super::{Confirm, HEADER_QOS, HEADER_RETAIN, HEADER_TOPIC, routing_key};
-use crate::message::{Message, Qos};
+use super::bindings::{BindingTable, Change};
+use super::config::{AmqpConfigError, AmqpUpstreamConfig, DownlinkQueue, MAX_ROUTING_KEY_BYTES};
+use super::{Confirm, HEADER_QOS, HEADER_RETAIN, HEADER_TOPIC, binding_key, routing_key, topic_of};
+use crate::message::{Downlink, DownlinkAck, Message, Qos};
 use crate::mqtt::backoff::Backoff;
 use crate::upstream::{AckReport, Delivery, FailReason};
 
@@ -36,12 +42,24 @@ const REPLY_SUCCESS: u16 = 200;
 /// Counters of one AMQP upstream.
 #[derive(Debug, Default)]
 pub struct AmqpStats {
+    /// Messages sent with `basic.publish` (tracked or not).
+    pub published: AtomicU64,
     /// Messages the broker returned as unroutable (reported `Failed(Rejected)` when tracked).
     pub returned: AtomicU64,
     /// Messages the broker nacked (reported `Failed(BrokerBusy)`, sent again by the spool).
     pub nacked: AtomicU64,
     /// Messages the broker acknowledged.
     pub acknowledged: AtomicU64,
+    /// Downlink deliveries handed to the gateway.
+    pub downlink_delivered: AtomicU64,
+    /// Downlink deliveries acknowledged to the broker after the gateway took them.
+    pub downlink_acked: AtomicU64,
+    /// Downlink deliveries acknowledged and dropped here: over `max_downlink_bytes`, or a
+    /// routing key that maps to no valid topic name.
+    pub downlink_dropped: AtomicU64,
+    /// Downlink deliveries that were this upstream's own publishes coming back through a
+    /// binding (acknowledged and dropped: the gateway delivered them locally already).
+    pub downlink_echoes_dropped: AtomicU64,
 }
 
 /// One queued publish.
@@ -71,6 +89,30 @@ struct Shared {
     stop: CancellationToken,
     /// Counters.
     stats: AmqpStats,
+    /// The binding keys the subscriptions want (short-held lock, never across an await).
+    bindings: Mutex<BindingTable>,
+    /// Tells the task the binding table changed.
+    bindings_changed: Notify,
+    /// Sent as `app_id` on every publish and unique per process and upstream, so this
+    /// upstream's own messages coming back on the downlink queue are recognised.
+    app_id: String,
+}
+
+impl Shared {
+    fn bindings(&self) -> MutexGuard<'_, BindingTable> {
+        // Every edit of the table is complete at each step; a panic elsewhere leaves it valid.
+        self.bindings.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What a downlink acknowledgement asks of the task: `basic.ack` of `tag` if the connection
+/// `generation` is still the current one. Carries its slot, so the ack channel (capacity
+/// `max_unacked_downlinks`) never holds more than the slots, and `try_send` never finds it
+/// full.
+struct AckMsg {
+    generation: u64,
+    tag: u64,
+    _slot: OwnedSemaphorePermit,
 }
 
 /// Handle to one AMQP upstream: cheap to clone; the task runs until the stop token fires.
@@ -99,8 +141,27 @@ impl AmqpUpstream {
         acks: mpsc::Sender<AckReport>,
         stop: CancellationToken,
     ) -> Result<(Self, JoinHandle<()>), AmqpConfigError> {
+        Self::spawn_with_downlink(index, config, acks, None, stop)
+    }
+
+    /// [`Self::spawn`], and with `downlink` also consumes from the configured queue: each
+    /// delivery goes to `downlink` as a [`Downlink`] (`upstream: index`) whose ack does
+    /// `basic.ack`. Without it nothing is consumed and no binding is made.
+    ///
+    /// # Errors
+    /// [`AmqpConfigError`] when a setting is bad or a TLS file unusable; nothing was started.
+    pub fn spawn_with_downlink(
+        index: usize,
+        config: AmqpUpstreamConfig,
+        acks: mpsc::Sender<AckReport>,
+        downlink: Option<mpsc::Sender<Downlink>>,
+        stop: CancellationToken,
+    ) -> Result<(Self, JoinHandle<()>), AmqpConfigError> {
         let uri = config.validate()?;
+        let tls = config.tls_config(&uri)?;
         let (requests, rx) = mpsc::channel(config.request_queue);
+        let unacked = usize::from(config.max_unacked_downlinks);
+        let (ack_tx, ack_rx) = mpsc::channel(unacked);
         let (link_tx, link) = watch::channel(false);
         let shared = Arc::new(Shared {
             name: config.name.clone(),
@@ -112,15 +173,30 @@ impl AmqpUpstream {
             reset: Notify::new(),
             stop: stop.clone(),
             stats: AmqpStats::default(),
+            bindings: Mutex::new(BindingTable::new(
+                config.max_subscriptions,
+                config.bindings.iter().cloned(),
+            )),
+            bindings_changed: Notify::new(),
+            app_id: format!("sensorgate-{:016x}", {
+                use rand::{Rng, SeedableRng};
+                rand::rngs::SmallRng::from_os_rng().random::<u64>()
+            }),
         });
         let task = Task {
             shared: Arc::clone(&shared),
             config,
             uri,
+            tls,
             rx,
             acks,
             link_tx,
             stop,
+            downlink,
+            ack_tx,
+            ack_rx,
+            slots: Arc::new(Semaphore::new(unacked)),
+            generation: 0,
         };
         let handle = tokio::spawn(task.run());
         Ok((Self { shared }, handle))
@@ -194,6 +270,60 @@ impl AmqpUpstream {
             self.shared.reset.notify_one();
         }
     }
+
+    /// Binds the downlink queue with the binding key of `filter` ([`binding_key`]), now and
+    /// after every reconnect. The QoS is not used: every delivery is acknowledged manually.
+    ///
+    /// # Errors
+    /// `Rejected` (a filter with no faithful binding key), `QueueFull` (`max_subscriptions`
+    /// keys wanted), `Shutdown`.
+    pub fn subscribe(&self, filter: &str, _qos: Qos) -> Result<(), FailReason> {
+        if self.shared.stop.is_cancelled() {
+            return Err(FailReason::Shutdown);
+        }
+        let key = binding_key(filter)?;
+        let changed = self
+            .shared
+            .bindings()
+            .set(&key)
+            .map_err(|_| FailReason::QueueFull)?;
+        if changed {
+            self.shared.bindings_changed.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Removes the binding of `filter` (the router calls it when the last subscriber left); a
+    /// configured binding with the same key stays.
+    ///
+    /// # Errors
+    /// `Shutdown` after the stop token fired.
+    pub fn unsubscribe(&self, filter: &str) -> Result<(), FailReason> {
+        if self.shared.stop.is_cancelled() {
+            return Err(FailReason::Shutdown);
+        }
+        // A filter with no key was never subscribed.
+        if let Ok(key) = binding_key(filter) {
+            if self.shared.bindings().remove(&key) {
+                self.shared.bindings_changed.notify_one();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl crate::upstream::Subscriber for AmqpUpstream {
+    fn name(&self) -> &str {
+        Self::name(self)
+    }
+
+    fn subscribe(&self, filter: &str, qos: Qos) -> Result<(), FailReason> {
+        Self::subscribe(self, filter, qos)
+    }
+
+    fn unsubscribe(&self, filter: &str) -> Result<(), FailReason> {
+        Self::unsubscribe(self, filter)
+    }
 }
 
 impl crate::upstream::Upstream for AmqpUpstream {
@@ -237,10 +367,38 @@ struct Task {
     shared: Arc<Shared>,
     config: AmqpUpstreamConfig,
     uri: AMQPUri,
+    /// `amqps://`: the rustls configuration (ring).
+    tls: Option<Arc<ClientConfig>>,
     rx: mpsc::Receiver<Request>,
     acks: mpsc::Sender<AckReport>,
     link_tx: watch::Sender<bool>,
     stop: CancellationToken,
+    /// Where deliveries go; `None`: no downlink (or the receiver is gone).
+    downlink: Option<mpsc::Sender<Downlink>>,
+    /// Acknowledgement handles queue their `basic.ack` here (see [`AckMsg`]).
+    ack_tx: mpsc::Sender<AckMsg>,
+    ack_rx: mpsc::Receiver<AckMsg>,
+    /// `max_unacked_downlinks` slots: each delivery handed out holds one until its handle is
+    /// acknowledged (and the task has read that) or dropped.
+    slots: Arc<Semaphore>,
+    /// The current connection, counted from 1; an acknowledgement of another is a no-op.
+    generation: u64,
+}
+
+/// The consuming side of one connection.
+struct DownlinkLink {
+    /// Not in confirm mode; deliveries and their `basic.ack`s belong to it.
+    channel: Channel,
+    /// The queue's name (server-made for [`DownlinkQueue::ServerNamed`]).
+    queue: String,
+    consumer: Consumer,
+}
+
+/// One live connection.
+struct Link {
+    conn: Connection,
+    channel: Channel,
+    downlink: Option<DownlinkLink>,
 }
 
 impl Task {
@@ -257,18 +415,27 @@ impl Task {
                 () = self.stop.cancelled() => break,
                 r = tokio::time::timeout(
                     self.config.connect_timeout,
-                    connect(&self.uri, &self.config.exchange),
+                    connect(&self.uri, self.tls.clone(), &self.config, self.downlink.is_some()),
                 ) => r,
             };
             match attempt {
-                Ok(Ok((conn, channel))) => {
+                Ok(Ok(link)) => {
                     failing = false;
+                    self.generation += 1;
+                    let fresh = matches!(self.config.downlink_queue, DownlinkQueue::ServerNamed);
+                    self.shared.bindings().reset_link(fresh);
+                    self.shared.bindings_changed.notify_one();
                     tracing::info!(upstream = %name, url = %self.config.redacted_url(), "AMQP upstream connected.");
                     // A reset asked for while the link was going down must not cut this new
                     // connection: drop its stored permit.
                     let _ = self.shared.reset.notified().now_or_never();
                     self.link_tx.send_replace(true);
-                    let (end, confirmed) = self.serve(&conn, &channel).await;
+                    let Link {
+                        conn,
+                        channel,
+                        mut downlink,
+                    } = link;
+                    let (end, confirmed) = self.serve(&conn, &channel, downlink.as_mut()).await;
                     // A connection that dies before any confirm (a broker that closes the
                     // channel on every publish) keeps backing off instead of spinning.
                     if confirmed {
@@ -331,9 +498,16 @@ impl Task {
     }
 
     /// Serves one connection until it ends; also tells whether the broker confirmed anything.
-    async fn serve(&mut self, conn: &Connection, channel: &Channel) -> (End, bool) {
+    async fn serve(
+        &mut self,
+        conn: &Connection,
+        channel: &Channel,
+        mut downlink: Option<&mut DownlinkLink>,
+    ) -> (End, bool) {
         let mut confirmed = false;
-        let end = self.serve_until_end(conn, channel, &mut confirmed).await;
+        let end = self
+            .serve_until_end(conn, channel, &mut downlink, &mut confirmed)
+            .await;
         (end, confirmed)
     }
 
@@ -341,8 +515,14 @@ impl Task {
         &mut self,
         conn: &Connection,
         channel: &Channel,
+        downlink: &mut Option<&mut DownlinkLink>,
         confirmed: &mut bool,
     ) -> End {
+        // The slot the next delivery takes; acquired before reading one (backpressure).
+        let mut slot: Option<OwnedSemaphorePermit> = None;
+        let binds = downlink.is_some()
+            && !self.config.exchange.is_empty()
+            && !matches!(self.config.downlink_queue, DownlinkQueue::Passive(_));
         let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
         // Tracked tokens sent and not yet reported: what a dropped link must fail.
         let mut open = BTreeSet::new();
@@ -382,8 +562,44 @@ impl Task {
                     None => break End::Lost("connection events ended".into()),
                 },
                 _ = check.tick() => {
-                    if !conn.status().connected() || !channel.status().connected() {
+                    let downlink_down = downlink
+                        .as_ref()
+                        .is_some_and(|d| !d.channel.status().connected());
+                    if !conn.status().connected() || !channel.status().connected() || downlink_down {
                         break End::Lost("connection or channel closed".into());
+                    }
+                }
+                Some(msg) = self.ack_rx.recv() => {
+                    if let Err(end) = self.ack(downlink.as_deref(), msg).await {
+                        break end;
+                    }
+                }
+                () = self.shared.bindings_changed.notified(), if binds => {
+                    if let Some(d) = downlink.as_deref() {
+                        if let Err(end) = self.apply_bindings(d).await {
+                            break end;
+                        }
+                    }
+                }
+                permit = Arc::clone(&self.slots).acquire_owned(),
+                    if slot.is_none() && downlink.is_some() && self.downlink.is_some() =>
+                {
+                    // The semaphore is never closed.
+                    slot = permit.ok();
+                }
+                delivery = next_delivery(downlink.as_deref_mut()),
+                    if slot.is_some() && self.downlink.is_some() =>
+                {
+                    match delivery {
+                        Some(Ok(delivery)) => {
+                            if let (Some(d), Some(s)) = (downlink.as_deref(), slot.take()) {
+                                if let Err(end) = self.deliver(d, delivery, s).await {
+                                    break end;
+                                }
+                            }
+                        }
+                        Some(Err(error)) => break End::Lost(error.to_string()),
+                        None => break End::Lost("the broker cancelled the downlink consumer".into()),
                     }
                 }
                 // Bounded: tracked sends are at most `max_inflight` (the handle refuses more);
@@ -391,8 +607,9 @@ impl Task {
                 request = self.rx.recv(), if pending.len() < self.pending_cap() => {
                     let Some(request) = request else { return End::Stop };
                     let token = request.token;
-                    match publish(channel, &self.config.exchange, request).await {
+                    match publish(channel, &self.config.exchange, &self.shared.app_id, request).await {
                         Ok(confirm) => {
+                            self.shared.stats.published.fetch_add(1, Ordering::Relaxed);
                             if let Some(t) = token {
                                 open.insert(t);
                             }
@@ -412,6 +629,158 @@ impl Task {
         drop(pending);
         self.fail_open(&mut open, FailReason::Disconnected).await;
         end
+    }
+
+    /// Makes the binding table's changes on the broker, one at a time (each a short RPC,
+    /// bounded by `connect_timeout`); a failure ends the connection (retried with backoff).
+    async fn apply_bindings(&self, d: &DownlinkLink) -> Result<(), End> {
+        loop {
+            let Some(change) = self.shared.bindings().next_change() else {
+                return Ok(());
+            };
+            let queue = ShortString::from(d.queue.clone());
+            let exchange = ShortString::from(self.config.exchange.clone());
+            let rpc = async {
+                match &change {
+                    Change::Bind(key) => {
+                        d.channel
+                            .queue_bind(
+                                queue,
+                                exchange,
+                                ShortString::from(key.clone()),
+                                QueueBindOptions::default(),
+                                FieldTable::default(),
+                            )
+                            .await
+                    }
+                    Change::Unbind(key) => {
+                        d.channel
+                            .queue_unbind(
+                                queue,
+                                exchange,
+                                ShortString::from(key.clone()),
+                                FieldTable::default(),
+                            )
+                            .await
+                    }
+                }
+            };
+            match tokio::time::timeout(self.config.connect_timeout, rpc).await {
+                Ok(Ok(())) => {
+                    tracing::debug!(upstream = %self.shared.name, ?change, "AMQP binding changed.");
+                    self.shared.bindings().done(&change);
+                }
+                Ok(Err(error)) => {
+                    return Err(End::Lost(format!(
+                        "binding change {change:?} failed: {error}"
+                    )));
+                }
+                Err(_) => return Err(End::Lost(format!("binding change {change:?} timed out"))),
+            }
+        }
+    }
+
+    /// One delivery: dropped here (acknowledged and counted) or handed to the gateway with a
+    /// handle that acknowledges it on this connection.
+    async fn deliver(
+        &mut self,
+        d: &DownlinkLink,
+        delivery: lapin::message::Delivery,
+        slot: OwnedSemaphorePermit,
+    ) -> Result<(), End> {
+        let stats = &self.shared.stats;
+        let tag = delivery.delivery_tag;
+        let echo = delivery
+            .properties
+            .app_id()
+            .as_ref()
+            .is_some_and(|id| id.as_str() == self.shared.app_id);
+        let topic = topic_of(delivery.routing_key.as_str());
+        let dropped = if echo {
+            stats
+                .downlink_echoes_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            Some("echo")
+        } else if delivery.data.len() > self.config.max_downlink_bytes {
+            stats.downlink_dropped.fetch_add(1, Ordering::Relaxed);
+            Some("too_big")
+        } else if topic.is_none() {
+            stats.downlink_dropped.fetch_add(1, Ordering::Relaxed);
+            Some("invalid_topic")
+        } else {
+            None
+        };
+        let (Some(topic), None) = (topic, dropped) else {
+            // Peers trigger these: debug only; the counters tell.
+            tracing::debug!(
+                upstream = %self.shared.name,
+                routing_key = %delivery.routing_key,
+                bytes = delivery.data.len(),
+                reason = dropped.unwrap_or("invalid_topic"),
+                "AMQP downlink message dropped (acknowledged)."
+            );
+            return d
+                .channel
+                .basic_ack(tag, BasicAckOptions::default())
+                .await
+                .map_err(|e| End::Lost(e.to_string()));
+        };
+        let ack_tx = self.ack_tx.clone();
+        let generation = self.generation;
+        let ack = DownlinkAck::from_fn(move || {
+            // Never full (each queued message holds one of the slots the capacity counts);
+            // closed only once the upstream stopped: the documented no-op.
+            let _ = ack_tx.try_send(AckMsg {
+                generation,
+                tag,
+                _slot: slot,
+            });
+        });
+        let message = Downlink {
+            upstream: self.shared.index,
+            topic,
+            payload: bytes::Bytes::from(delivery.data),
+            qos: Qos::AtLeastOnce,
+            retain: false,
+            filters: None,
+            ack,
+        };
+        let Some(tx) = &self.downlink else {
+            return Ok(());
+        };
+        tokio::select! {
+            biased;
+            () = self.stop.cancelled() => return Err(End::Stop),
+            sent = tx.send(message) => {
+                if sent.is_err() {
+                    // The gateway stopped taking downlink: read no more; what is unacknowledged
+                    // is redelivered by the broker to the next consumer.
+                    self.downlink = None;
+                } else {
+                    stats.downlink_delivered.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `basic.ack` for a handle acknowledged by the gateway, if its connection is this one.
+    async fn ack(&self, d: Option<&DownlinkLink>, msg: AckMsg) -> Result<(), End> {
+        let Some(d) = d.filter(|_| msg.generation == self.generation) else {
+            // The delivery tag belongs to a connection that ended: the broker has requeued
+            // the message already and redelivers it.
+            tracing::debug!(upstream = %self.shared.name, "AMQP downlink ack after a reconnect ignored.");
+            return Ok(());
+        };
+        d.channel
+            .basic_ack(msg.tag, BasicAckOptions::default())
+            .await
+            .map_err(|e| End::Lost(e.to_string()))?;
+        self.shared
+            .stats
+            .downlink_acked
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Confirms awaited at once, at most: the tracked window plus [`MAX_UNTRACKED_PENDING`].
@@ -488,19 +857,63 @@ impl Task {
     }
 }
 
+/// The next delivery of the consumer (pending forever without one).
+async fn next_delivery(
+    d: Option<&mut DownlinkLink>,
+) -> Option<lapin::Result<lapin::message::Delivery>> {
+    match d {
+        Some(d) => d.consumer.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Opens the connection: plain TCP, or TLS with the given rustls configuration (the ring
+/// provider, `ca_file` / client certificate; see `config`).
+async fn open(
+    uri: &AMQPUri,
+    tls: Option<Arc<ClientConfig>>,
+    props: ConnectionProperties,
+) -> lapin::Result<Connection> {
+    let Some(tls) = tls else {
+        return Connection::connect_uri(uri.clone(), props).await;
+    };
+    let runtime = lapin::runtime::default_runtime()?;
+    let connector = lapin::tcp::RustlsConnector::from(tls);
+    Connection::connector(
+        uri.clone(),
+        runtime,
+        async move |uri: AMQPUri, runtime| {
+            let host = uri.authority.host.clone();
+            let addrs = runtime.to_socket_addrs((host.clone(), uri.authority.port));
+            let stream = lapin::AsyncTcpStream::connect(&runtime, addrs).await?;
+            Ok(stream.into_rustls(&connector, &host).await?)
+        },
+        props,
+    )
+    .await
+}
+
 /// Opens the connection and a confirm-mode channel, and checks that the exchange exists (a
 /// missing one is a connect failure, retried with backoff and logged once, instead of a
-/// channel closed by every publish).
-async fn connect(uri: &AMQPUri, exchange: &str) -> lapin::Result<(Connection, Channel)> {
+/// channel closed by every publish). With `downlink`, also opens the consuming channel:
+/// prefetch, the queue (declared, or checked with a passive declare), the configured
+/// bindings, and the consumer (manual acknowledgement).
+async fn connect(
+    uri: &AMQPUri,
+    tls: Option<Arc<ClientConfig>>,
+    config: &AmqpUpstreamConfig,
+    downlink: bool,
+) -> lapin::Result<Link> {
     let props = ConnectionProperties::default()
         .with_connection_name(LongString::from("sensorgate".to_owned()));
-    let conn = Connection::connect_uri(uri.clone(), props).await?;
+    let conn = open(uri, tls, props).await?;
     let channel = conn.create_channel().await?;
+    let exchange = &config.exchange;
     // The default exchange ("") always exists and cannot be declared.
     if !exchange.is_empty() {
         channel
             .exchange_declare(
-                ShortString::from(exchange.to_owned()),
+                ShortString::from(exchange.clone()),
                 ExchangeKind::Topic,
                 ExchangeDeclareOptions {
                     passive: true,
@@ -513,13 +926,87 @@ async fn connect(uri: &AMQPUri, exchange: &str) -> lapin::Result<(Connection, Ch
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    Ok((conn, channel))
+    let downlink = if downlink {
+        Some(open_downlink(&conn, config).await?)
+    } else {
+        None
+    };
+    Ok(Link {
+        conn,
+        channel,
+        downlink,
+    })
+}
+
+async fn open_downlink(
+    conn: &Connection,
+    config: &AmqpUpstreamConfig,
+) -> lapin::Result<DownlinkLink> {
+    let channel = conn.create_channel().await?;
+    channel
+        .basic_qos(config.max_unacked_downlinks, BasicQosOptions::default())
+        .await?;
+    let (name, options) = match &config.downlink_queue {
+        DownlinkQueue::ServerNamed => (
+            String::new(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+        ),
+        DownlinkQueue::Durable(name) => (
+            name.clone(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+        ),
+        DownlinkQueue::Passive(name) => (
+            name.clone(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+        ),
+    };
+    let queue = channel
+        .queue_declare(ShortString::from(name), options, FieldTable::default())
+        .await?;
+    let queue = queue.name().as_str().to_owned();
+    if !matches!(config.downlink_queue, DownlinkQueue::Passive(_)) && !config.exchange.is_empty() {
+        for key in &config.bindings {
+            channel
+                .queue_bind(
+                    ShortString::from(queue.clone()),
+                    ShortString::from(config.exchange.clone()),
+                    ShortString::from(key.clone()),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+    }
+    let consumer = channel
+        .basic_consume(
+            ShortString::from(queue.clone()),
+            ShortString::from(String::new()),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(DownlinkLink {
+        channel,
+        queue,
+        consumer,
+    })
 }
 
 /// Sends one message: persistent, mandatory, message id = the spool sequence id.
 async fn publish(
     channel: &Channel,
     exchange: &str,
+    app_id: &str,
     request: Request,
 ) -> lapin::Result<lapin::PublisherConfirm> {
     let Request { message, seq, .. } = request;
@@ -537,6 +1024,7 @@ async fn publish(
     headers.insert(HEADER_RETAIN.into(), AMQPValue::Boolean(message.retain));
     let mut properties = BasicProperties::default()
         .with_delivery_mode(2)
+        .with_app_id(ShortString::from(app_id.to_owned()))
         .with_headers(headers);
     if let Some(seq) = seq {
         properties = properties.with_message_id(ShortString::from(seq.to_string()));

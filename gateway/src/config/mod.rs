@@ -26,6 +26,7 @@ mod upstream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use sensorgate_bridges::amqp::config::DownlinkQueue;
 use sensorgate_bridges::mqtt::{MAX_SUBSCRIPTIONS, MqttVersion};
 use sensorgate_bridges::route::{RouteSpec, RouteTable};
 use sensorgate_bridges::spool::{FsyncPolicy, WhenFull};
@@ -197,8 +198,15 @@ impl Config {
                     }
                 )),
                 UpstreamKind::Amqp(a) => s.push_str(&format!(
-                    "upstream {}: AMQP 0-9-1 at {}, exchange `{}` (uplink only)\n",
-                    u.name, u.url, a.exchange
+                    "upstream {}: AMQP 0-9-1 at {}, exchange `{}`, downlink from {}\n",
+                    u.name,
+                    u.url,
+                    a.exchange,
+                    match &a.downlink_queue {
+                        DownlinkQueue::ServerNamed => "a server-named queue".to_owned(),
+                        DownlinkQueue::Durable(q) => format!("durable queue `{q}`"),
+                        DownlinkQueue::Passive(q) => format!("existing queue `{q}`"),
+                    }
                 )),
             }
             let limit = &u.max_backlog;

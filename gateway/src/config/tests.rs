@@ -751,3 +751,62 @@ fn backlog_caps_are_range_checked_and_located() {
         msgs[3]
     );
 }
+
+#[test]
+fn amqp_downlink_and_tls_settings_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "not a certificate\n").unwrap();
+    let text = format!(
+        "{MINIMAL}{AMQP}downlink_queue = \"sg-down\"\nbindings = [\"cmd.#\"]\n\
+         max_unacked_downlinks = 9\nmax_downlink_bytes = \"1KiB\"\n"
+    );
+    let c = Config::parse(Path::new("test.toml"), &text).unwrap();
+    let UpstreamKind::Amqp(a) = &c.upstreams[1].kind else {
+        panic!("an AMQP upstream")
+    };
+    assert_eq!(a.downlink_queue, DownlinkQueue::Durable("sg-down".into()));
+    assert_eq!(a.bindings, vec!["cmd.#".to_owned()]);
+    assert_eq!((a.max_unacked_downlinks, a.max_downlink_bytes), (9, 1024));
+    assert!(
+        c.summary()
+            .contains("downlink from durable queue `sg-down`")
+    );
+    // TLS files need amqps://, and an unreadable CA is reported at its key.
+    let d = errors(&format!("{MINIMAL}{AMQP}ca_file = \"{}\"\n", ca.display()));
+    assert!(
+        d.iter().any(|d| d.message.contains("not `amqps://`")),
+        "{d:#?}"
+    );
+    let text = format!("{MINIMAL}{AMQP}ca_file = \"{}\"\n", ca.display())
+        .replace("amqp://guest", "amqps://guest");
+    let d = errors(&text);
+    let line = text.lines().position(|l| l.starts_with("ca_file")).unwrap() + 1;
+    assert!(d.iter().any(|d| d.line == line), "{d:#?}");
+}
+
+#[test]
+fn amqp_downlink_mistakes_are_located() {
+    let text = format!("{MINIMAL}{AMQP}downlink_queue_passive = true\nmax_unacked_downlinks = 0\n");
+    let d = errors(&text);
+    let line_of = |needle: &str| text.lines().position(|l| l.starts_with(needle)).unwrap() + 1;
+    assert!(
+        d.iter()
+            .any(|d| d.line == line_of("downlink_queue_passive") && d.message.contains("needs")),
+        "{d:#?}"
+    );
+    assert!(
+        d.iter()
+            .any(|d| d.line == line_of("max_unacked_downlinks")
+                && d.message.contains("out of range")),
+        "{d:#?}"
+    );
+    let text = format!(
+        "{MINIMAL}{AMQP}downlink_queue = \"q\"\ndownlink_queue_passive = true\nbindings = [\"a\"]\n"
+    );
+    let d = errors(&text);
+    assert!(d.iter().any(|d| d.message.contains("used as-is")), "{d:#?}");
+    // An AMQP key on an MQTT upstream is an error.
+    let d = errors(&MINIMAL.replace("remote_prefix = \"\"", "bindings = [\"x\"]"));
+    assert!(d[0].message.contains("is an AMQP setting"), "{d:#?}");
+}

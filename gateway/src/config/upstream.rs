@@ -38,7 +38,7 @@ pub struct Upstream {
 pub enum UpstreamKind {
     /// MQTT 3.1.1 or 5.
     Mqtt(MqttUpstreamConfig),
-    /// AMQP 0-9-1 (RabbitMQ), uplink only.
+    /// AMQP 0-9-1 (RabbitMQ): uplink with publisher confirms, downlink from a queue.
     Amqp(AmqpUpstreamConfig),
 }
 
@@ -95,6 +95,21 @@ pub(super) struct RawUpstream {
     /// `kind = "amqp"` only; default `30s`.
     #[serde(default)]
     heartbeat: Option<DurationText>,
+    /// `kind = "amqp"` only: the named downlink queue; default a server-named exclusive one.
+    #[serde(default)]
+    downlink_queue: Option<String>,
+    /// `kind = "amqp"` only: use `downlink_queue` as-is (passive declare, no bindings).
+    #[serde(default)]
+    downlink_queue_passive: Option<bool>,
+    /// `kind = "amqp"` only: binding keys (AMQP syntax) of the downlink queue.
+    #[serde(default)]
+    bindings: Option<Vec<String>>,
+    /// `kind = "amqp"` only: prefetch of the downlink consumer.
+    #[serde(default)]
+    max_unacked_downlinks: Option<i64>,
+    /// `kind = "amqp"` only: largest downlink body.
+    #[serde(default)]
+    max_downlink_bytes: Option<SizeText>,
 }
 
 impl RawUpstream {
@@ -206,6 +221,11 @@ fn compile_upstream(
             for (key, set) in [
                 ("exchange", u.exchange.is_some()),
                 ("heartbeat", u.heartbeat.is_some()),
+                ("downlink_queue", u.downlink_queue.is_some()),
+                ("downlink_queue_passive", u.downlink_queue_passive.is_some()),
+                ("bindings", u.bindings.is_some()),
+                ("max_unacked_downlinks", u.max_unacked_downlinks.is_some()),
+                ("max_downlink_bytes", u.max_downlink_bytes.is_some()),
             ] {
                 if set {
                     r.at_path(
@@ -216,7 +236,7 @@ fn compile_upstream(
                 }
             }
         }
-        Some("amqp") => return compile_amqp_upstream(path, u, name, r),
+        Some("amqp") => return compile_amqp_upstream(path, u, name, base, r),
         Some(other) => {
             let hint = diag::did_you_mean(other, &["mqtt", "amqp"])
                 .map(|b| format!("did you mean `{b}`?"));
@@ -490,24 +510,26 @@ struct LinkSettings {
     max_backlog: BacklogLimit,
 }
 
-/// `[[upstream]] kind = "amqp"`: URL (credentials and vhost in it), exchange, heartbeat and
-/// the settings shared with MQTT (timeouts, backoff, window, queue).
+/// `[[upstream]] kind = "amqp"`: URL (credentials and vhost in it), exchange, heartbeat,
+/// TLS files, the downlink queue and its bindings, and the settings shared with MQTT
+/// (timeouts, backoff, window, queue).
 fn compile_amqp_upstream(
     path: &KeyPath,
     u: &RawUpstream,
     name: String,
+    base: &Path,
     r: &mut Reporter<'_>,
 ) -> Option<Upstream> {
-    use sensorgate_bridges::amqp::config::{DEFAULT_EXCHANGE, MAX_ROUTING_KEY_BYTES};
+    use sensorgate_bridges::amqp::config::{
+        DEFAULT_EXCHANGE, DEFAULT_MAX_DOWNLINK_BYTES, DEFAULT_MAX_UNACKED_DOWNLINKS, DownlinkQueue,
+        MAX_BINDINGS, MAX_ROUTING_KEY_BYTES, TlsSettings,
+    };
     // MQTT-only keys are errors rather than silently ignored.
     for (key, set) in [
         ("remote_prefix", !u.remote_prefix.is_empty()),
         ("client_id", u.client_id.is_some()),
         ("username", u.username.is_some()),
         ("password", u.password.is_some()),
-        ("ca_file", u.ca_file.is_some()),
-        ("client_cert", u.client_cert.is_some()),
-        ("client_key", u.client_key.is_some()),
     ] {
         if set {
             r.at_path(
@@ -551,9 +573,136 @@ fn compile_amqp_upstream(
         Duration::ZERO,
         Duration::from_secs(65_535),
     );
+    let tls_url = url.as_deref().is_some_and(|u| u.starts_with("amqps://"));
+    let file_of = |s: &Option<String>| s.as_ref().map(|p| base.join(p));
+    let has_tls_files = u.ca_file.is_some() || u.client_cert.is_some() || u.client_key.is_some();
+    if has_tls_files && !tls_url && url.is_some() {
+        r.at_path(
+            &path.key("url"),
+            "TLS files are set but the URL is not `amqps://`".into(),
+            Some("use an `amqps://` URL, or remove ca_file/client_cert/client_key".into()),
+        );
+    }
+    if u.client_cert.is_some() != u.client_key.is_some() {
+        let key = if u.client_cert.is_some() {
+            "client_cert"
+        } else {
+            "client_key"
+        };
+        r.at_path(
+            &path.key(key),
+            "client_cert and client_key must be given together".into(),
+            None,
+        );
+    }
+    let mut files_exist = true;
+    for (key, value) in [
+        ("ca_file", &u.ca_file),
+        ("client_cert", &u.client_cert),
+        ("client_key", &u.client_key),
+    ] {
+        if let Some(p) = file_of(value).filter(|p| !p.is_file()) {
+            files_exist = false;
+            r.at_path(
+                &path.key(key),
+                format!("file {} does not exist", p.display()),
+                None,
+            );
+        }
+    }
+    let tls = TlsSettings {
+        ca_file: file_of(&u.ca_file),
+        client_cert: file_of(&u.client_cert),
+        client_key: file_of(&u.client_key),
+    };
+    // Load the TLS material now, so check-config catches a wrong PEM or a mismatched key.
+    if tls_url && files_exist && u.client_cert.is_some() == u.client_key.is_some() {
+        if let Err(e) = sensorgate_bridges::mqtt::build_tls_config(&tls) {
+            let key = if u.client_cert.is_some() {
+                "client_cert"
+            } else if u.ca_file.is_some() {
+                "ca_file"
+            } else {
+                "url"
+            };
+            r.at_path(&path.key(key), e.to_string(), None);
+        }
+    }
+    let passive = u.downlink_queue_passive.unwrap_or(false);
+    let downlink_queue = match (&u.downlink_queue, passive) {
+        (None, false) => Some(DownlinkQueue::ServerNamed),
+        (None, true) => {
+            r.at_path(
+                &path.key("downlink_queue_passive"),
+                "needs `downlink_queue`: the name of the existing queue".into(),
+                None,
+            );
+            None
+        }
+        (Some(q), _) if q.is_empty() || q.len() > MAX_ROUTING_KEY_BYTES => {
+            r.at_path(
+                &path.key("downlink_queue"),
+                "must be 1 to 255 bytes".into(),
+                None,
+            );
+            None
+        }
+        (Some(q), false) => Some(DownlinkQueue::Durable(q.clone())),
+        (Some(q), true) => Some(DownlinkQueue::Passive(q.clone())),
+    };
+    let bindings = u.bindings.clone().unwrap_or_default();
+    let bindings_path = path.key("bindings");
+    if passive && !bindings.is_empty() {
+        r.at_path(
+            &bindings_path,
+            "a passive downlink queue is used as-is: the gateway binds nothing".into(),
+            Some("bind the queue on the broker, or drop downlink_queue_passive".into()),
+        );
+    }
+    if bindings.len() > MAX_BINDINGS {
+        r.at_path(
+            &bindings_path,
+            format!("at most {MAX_BINDINGS} binding keys"),
+            None,
+        );
+    }
+    for (i, key) in bindings.iter().enumerate() {
+        if key.len() > MAX_ROUTING_KEY_BYTES {
+            r.at_path(
+                &bindings_path.index(i),
+                "must be at most 255 bytes".into(),
+                None,
+            );
+        }
+    }
+    let max_unacked_downlinks = match u.max_unacked_downlinks {
+        Some(v) => int_in::<u16>(
+            r,
+            &path.key("max_unacked_downlinks"),
+            v,
+            1,
+            i64::from(u16::MAX),
+        ),
+        None => Some(DEFAULT_MAX_UNACKED_DOWNLINKS),
+    };
+    let max_downlink_bytes = match &u.max_downlink_bytes {
+        Some(text) => size_in(
+            r,
+            &path.key("max_downlink_bytes"),
+            text,
+            1,
+            128 * 1024 * 1024,
+        ),
+        None => Some(DEFAULT_MAX_DOWNLINK_BYTES),
+    };
     let link = link_settings(path, u, r);
     let link = link?;
     let mut config = AmqpUpstreamConfig::new(name.clone(), url?);
+    config.tls = tls;
+    config.downlink_queue = downlink_queue?;
+    config.bindings = bindings;
+    config.max_unacked_downlinks = max_unacked_downlinks?;
+    config.max_downlink_bytes = max_downlink_bytes?;
     config.exchange = exchange;
     config.heartbeat = heartbeat?;
     config.connect_timeout = link.connect_timeout;
