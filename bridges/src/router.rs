@@ -96,7 +96,8 @@ pub struct RoutedUpstream {
     pub link: watch::Receiver<bool>,
 }
 
-/// What the router dropped or acknowledged without delivering, since start.
+/// The router's counters since start: downlink it dropped or acknowledged without delivering,
+/// and uplink it refused.
 #[derive(Debug, Default)]
 pub struct DownlinkStats {
     /// Downlink messages no route maps back to a sensor topic: acknowledged, dropped.
@@ -107,6 +108,9 @@ pub struct DownlinkStats {
     pub ingress_gone: AtomicU64,
     /// Local copies for another ingress whose channel was full or closed: dropped.
     pub local_dropped: AtomicU64,
+    /// Uplink messages refused by [`IngressHandle::append`] because no route matches their
+    /// topic (see [`Router::unrouted`]).
+    pub refused_no_route: AtomicU64,
 }
 
 /// The hub: hands out one [`IngressHandle`] per ingress, and the [`DownlinkRouter`]. The
@@ -123,8 +127,6 @@ struct Shared {
     /// The `[[route]]` table: which messages are accepted, where subscriptions go, how
     /// downlink topics map back.
     routes: Arc<RouteTable>,
-    /// Messages refused by [`IngressHandle::append`] because no route matches their topic.
-    unrouted: AtomicU64,
     /// Every upstream, by index (the index in [`Downlink::upstream`] and in `routes`).
     upstreams: Vec<RoutedUpstream>,
     /// Most distinct sensor filters over all ingresses, and upstream filters per upstream.
@@ -220,7 +222,6 @@ impl Router {
         Router {
             shared: Arc::new(Shared {
                 routes,
-                unrouted: AtomicU64::new(0),
                 upstreams,
                 max_filters,
                 stats: Arc::new(DownlinkStats::default()),
@@ -267,7 +268,7 @@ impl Router {
     /// Messages refused at the ingresses because no route matches their topic, since start.
     #[must_use]
     pub fn unrouted(&self) -> u64 {
-        self.shared.unrouted.load(Ordering::Relaxed)
+        self.shared.stats.refused_no_route.load(Ordering::Relaxed)
     }
 }
 
@@ -611,7 +612,12 @@ impl IngressHandle {
     /// - [`AppendRefused::QueueFull`]: the writer's queue is full (or the writer stopped).
     pub fn append(&self, message: Message, token: Option<u64>) -> Result<(), AppendRefused> {
         if !self.shared.routes.accepts(&message.topic) {
-            let count = self.shared.unrouted.fetch_add(1, Ordering::Relaxed) + 1;
+            let count = self
+                .shared
+                .stats
+                .refused_no_route
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
             if count.is_power_of_two() {
                 tracing::warn!(
                     topic = %message.topic,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use sensorgate_bridges::amqp::{AmqpConfigError, AmqpUpstream};
 use sensorgate_bridges::mqtt::{MqttUpstream, SetupError};
-use sensorgate_bridges::router::{RoutedUpstream, Router};
+use sensorgate_bridges::router::{DownlinkStats, RoutedUpstream, Router};
 use sensorgate_bridges::spool::{
     DrainConfig, DrainStats, OpenError, SharedSpool, Spool, SpoolStats, StdFs, drain, start_writer,
 };
@@ -244,10 +244,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         }
     }
     drop(downlink_tx);
+    // The router takes every upstream's subscriptions and link state; the driver sees none.
+    let router = Router::new(
+        entrance,
+        upstreams,
+        config.mqttsn.core.max_filters,
+        Arc::clone(&routes),
+    );
     let status = tokio::spawn(report_status(
         Arc::clone(&spool),
         drain_stats.clone(),
         amqp_upstreams.clone(),
+        router.downlink_stats(),
         drain_stop.clone(),
     ));
 
@@ -276,13 +284,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             return Err(e);
         }
     };
-    // The router takes every upstream's subscriptions and link state; the driver sees none.
-    let router = Router::new(
-        entrance,
-        upstreams,
-        config.mqttsn.core.max_filters,
-        Arc::clone(&routes),
-    );
     // The upstreams' downlink goes to the router's task, which hands each ingress its share
     // on the ingress's own channel.
     let (ingress_downlink_tx, ingress_downlink_rx) = mpsc::channel(DOWNLINK_CHANNEL);
@@ -294,6 +295,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             .run(downlink_rx, downlink_stop.clone()),
     );
     // The writer stops once every appender is gone: only the ingresses' keep it running.
+    let router_stats = router.downlink_stats();
     drop(router);
     let driver = UdpDriver::new(
         core,
@@ -350,7 +352,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         tracing::warn!(%error, "Cannot save the spool cursors.");
     }
     let _ = status.await;
-    log_status(&Status::take(&spool, &drain_stats, &amqp_upstreams), None);
+    log_status(
+        &Status::take(&spool, &drain_stats, &amqp_upstreams, &router_stats),
+        None,
+    );
     result
 }
 
@@ -361,6 +366,17 @@ struct Status {
     queue_full: u64,
     upstreams: Vec<UpstreamStatus>,
     amqp: Vec<AmqpStatus>,
+    router: RouterStatus,
+}
+
+/// The router's counters (see [`DownlinkStats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RouterStatus {
+    refused_no_route: u64,
+    downlink_unrouted: u64,
+    downlink_unmatched: u64,
+    downlink_ingress_gone: u64,
+    local_dropped: u64,
 }
 
 /// One AMQP upstream's counters (see [`AmqpStats`](sensorgate_bridges::amqp::AmqpStats)).
@@ -395,6 +411,7 @@ impl Status {
         spool: &SharedSpool<StdFs>,
         drains: &[(String, Arc<DrainStats>)],
         amqp: &[AmqpUpstream],
+        router: &DownlinkStats,
     ) -> Status {
         use std::sync::atomic::Ordering::Relaxed;
         let locked = spool.lock();
@@ -434,6 +451,13 @@ impl Status {
             queue_full: spool.queue_full(),
             upstreams,
             amqp,
+            router: RouterStatus {
+                refused_no_route: router.refused_no_route.load(Relaxed),
+                downlink_unrouted: router.unrouted.load(Relaxed),
+                downlink_unmatched: router.unmatched.load(Relaxed),
+                downlink_ingress_gone: router.ingress_gone.load(Relaxed),
+                local_dropped: router.local_dropped.load(Relaxed),
+            },
         }
     }
 
@@ -455,15 +479,16 @@ async fn report_status(
     spool: Arc<SharedSpool<StdFs>>,
     drains: Vec<(String, Arc<DrainStats>)>,
     amqp: Vec<AmqpUpstream>,
+    router: Arc<DownlinkStats>,
     stop: CancellationToken,
 ) {
-    let mut last = Status::take(&spool, &drains, &amqp);
+    let mut last = Status::take(&spool, &drains, &amqp, &router);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(STATUS_INTERVAL) => {}
         }
-        let now = Status::take(&spool, &drains, &amqp);
+        let now = Status::take(&spool, &drains, &amqp, &router);
         if now != last {
             log_status(&now, Some(&last));
             last = now;
@@ -515,6 +540,15 @@ fn log_status(now: &Status, last: Option<&Status>) {
             "Upstream drain status."
         );
     }
+    let r = &now.router;
+    tracing::info!(
+        refused_no_route = r.refused_no_route,
+        downlink_unrouted = r.downlink_unrouted,
+        downlink_unmatched = r.downlink_unmatched,
+        downlink_ingress_gone = r.downlink_ingress_gone,
+        local_dropped = r.local_dropped,
+        "Router status."
+    );
     for a in &now.amqp {
         tracing::info!(
             upstream = %a.name,

@@ -117,6 +117,8 @@ fn both_upstreams_get_every_message_in_order_with_the_same_sequence_id() {
         assert_eq!(a["delivery_mode"], 2, "persistent");
         assert_eq!(a["headers"]["sg-topic"], "sensors/x");
         assert_eq!(a["headers"]["sg-qos"], 1);
+        assert_eq!(a["headers"]["sg-protocol"], "mqttsn", "origin protocol");
+        assert_eq!(a["headers"]["sg-client"], "amqp-both", "origin ClientId");
         assert!(m["seq"].is_string(), "sg-seq present: {m}");
         assert_eq!(a["message_id"], m["seq"], "message_id == sg-seq");
     }
@@ -400,4 +402,124 @@ fn amqps_with_a_ca_file_and_a_client_certificate_carries_the_uplink() {
     let log = rig.gateway.log();
     assert!(log.contains("AMQP upstream connected."), "{log}");
     assert!(log.contains("amqps://guest:***@"), "{log}");
+}
+
+/// Routes: sensor data goes to mosquitto unchanged and to RabbitMQ rewritten by a template
+/// (`sensors/t1` -> `plants/7/t1`, at most QoS 1); a topic no route takes is refused with
+/// PUBACK rc 0x03; a sensor's subscription goes to RabbitMQ through the route's reverse
+/// mapping (binding `plants.7.cmd`), and what is published there reaches the sensor under its
+/// own topic.
+#[test]
+fn routes_rewrite_toward_rabbitmq_refuse_the_unrouted_and_map_downlink_back() {
+    let rabbit = RabbitMq::start().unwrap();
+    let port = rabbit.port().to_string();
+    obs(&[
+        "declare",
+        "--port",
+        &port,
+        "--queue",
+        "plants",
+        "--binding",
+        "plants.#",
+    ])
+    .expect_line("READY", WAIT, |l| l == "READY")
+    .unwrap();
+    let rig = Rig::start_with(|c| {
+        c.gateway_id = 7;
+        c.extra_sections.push_str(&amqp_section(&rabbit));
+        c.extra_sections.push_str(
+            "downlink_queue = \"sg-routed\"\n\n\
+             [[route]]\nfilter = \"sensors/#\"\nupstreams = [\"cloud\"]\n\
+             strip_prefix = \"sensors/\"\ntemplate = \"plants/{gateway_id}/{topic}\"\nqos_max = 1\n\n\
+             [[route]]\nfilter = \"sensors/#\"\nupstreams = [\"local\"]\n\n\
+             [[route]]\nfilter = \"site/#\"\nupstreams = [\"local\"]\n",
+        );
+        Ok(())
+    })
+    .unwrap();
+    let mqtt = obs(&[
+        "mqtt",
+        "--port",
+        &rig.broker.port().to_string(),
+        "--topic",
+        "#",
+        "--count",
+        "2",
+    ]);
+    mqtt.expect_line("READY", WAIT, |l| l == "READY").unwrap();
+
+    let mut c = rig.connected("routed-1").unwrap();
+    let other = c.register("other/x").unwrap();
+    let rc = c
+        .publish_qos1(TopicType::Normal, other, false, b"nowhere")
+        .unwrap();
+    assert_eq!(
+        rc,
+        sensorgate_tests::sn::RC_NOT_SUPPORTED,
+        "a topic no route takes: rc 0x03"
+    );
+    let site = c.register("site/x").unwrap();
+    c.publish_qos1_ok(TopicType::Normal, site, b"local only")
+        .unwrap();
+    let t1 = c.register("sensors/t1").unwrap();
+    c.publish_qos1_ok(TopicType::Normal, t1, b"21.5").unwrap();
+
+    let got = obs(&["get", "--port", &port, "--queue", "plants", "--count", "1"]);
+    let to_cloud = json_lines(&got, 1);
+    let a = &to_cloud[0];
+    assert_eq!(payload(a, "body_hex"), "21.5");
+    assert_eq!(a["routing_key"], "plants.7.t1", "rewritten by the template");
+    assert_eq!(a["headers"]["sg-topic"], "plants/7/t1");
+    assert_eq!(a["headers"]["sg-client"], "routed-1");
+    let to_local = json_lines(&mqtt, 2);
+    let topics: Vec<&str> = to_local
+        .iter()
+        .map(|m| m["topic"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        topics,
+        ["site/x", "sensors/t1"],
+        "local gets both, unchanged"
+    );
+
+    // Downlink through the reverse mapping.
+    let cmd = c
+        .subscribe_ok(Qos::One, SubTopic::Name("sensors/cmd"))
+        .unwrap();
+    poll_until(
+        "binding plants.7.cmd",
+        WAIT,
+        Duration::from_millis(200),
+        || Ok(bound(&rabbit, "sg-routed", "plants.7.cmd").then_some(())),
+    )
+    .unwrap();
+    obs(&[
+        "publish",
+        "--port",
+        &port,
+        "--routing-key",
+        "plants.7.cmd",
+        "--body",
+        "open",
+    ])
+    .expect_line("PUBLISHED", WAIT, |l| l == "PUBLISHED")
+    .unwrap();
+    match c.recv(WAIT).unwrap() {
+        Some(Packet::Publish {
+            topic_id,
+            msg_id,
+            data,
+            ..
+        }) => {
+            assert_eq!((topic_id, &data[..]), (cmd, &b"open"[..]));
+            c.send(&sensorgate_tests::sn::puback(topic_id, msg_id, 0))
+                .unwrap();
+        }
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+    let log = rig.gateway.log();
+    assert!(
+        log.contains("No route matches the topic of a message"),
+        "the refusal is logged: {log}"
+    );
 }

@@ -39,7 +39,15 @@ fn payload_at(bytes: &[u8], at: usize) -> (usize, u64) {
     let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
     let body = &bytes[at + RECORD_HEADER..at + RECORD_HEADER + len];
     let topic_len = usize::from(u16::from_le_bytes(body[9..11].try_into().unwrap()));
-    parse_payload(&body[BODY_FIXED + topic_len..])
+    let mut at = BODY_FIXED + topic_len;
+    // Format version 3: flags bit 3 says an origin (protocol u8, client id and peer, each
+    // with a u8 length) sits between the topic and the payload.
+    if body[0] & 8 != 0 {
+        at += 1;
+        at += 1 + usize::from(body[at]);
+        at += 1 + usize::from(body[at]);
+    }
+    parse_payload(&body[at..])
 }
 
 #[test]

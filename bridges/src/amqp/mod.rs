@@ -21,7 +21,8 @@
 //! - `delivery_mode` 2 (persistent), `mandatory` set;
 //! - `message_id`: the spool sequence id in decimal (the same value MQTT upstreams send as the
 //!   `sg-seq` user property), so consumers can drop duplicates;
-//! - headers [`HEADER_TOPIC`] (the original topic), [`HEADER_QOS`] and [`HEADER_RETAIN`].
+//! - headers [`HEADER_TOPIC`] (the topic as routed), [`HEADER_QOS`], [`HEADER_RETAIN`], and the
+//!   origin: [`HEADER_PROTOCOL`] and, when the sender has an identity, [`HEADER_CLIENT`].
 //!
 //! Invariants (the [`Upstream`](crate::upstream::Upstream) contract; MUST hold):
 //!
@@ -79,6 +80,11 @@ pub const HEADER_TOPIC: &str = "sg-topic";
 pub const HEADER_QOS: &str = "sg-qos";
 /// Header carrying the retain flag.
 pub const HEADER_RETAIN: &str = "sg-retain";
+/// Header carrying the southbound protocol the message arrived by (`mqttsn`, `coap`, `http`,
+/// `internal`).
+pub const HEADER_PROTOCOL: &str = "sg-protocol";
+/// Header carrying the sender's identity (MQTT-SN ClientId); absent when it has none.
+pub const HEADER_CLIENT: &str = "sg-client";
 
 /// The routing key for `topic`, as RabbitMQ's MQTT plugin maps it: `/` and `.` swap places.
 #[must_use]

@@ -25,7 +25,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::bindings::{BindingTable, Change};
 use super::config::{AmqpConfigError, AmqpUpstreamConfig, DownlinkQueue, MAX_ROUTING_KEY_BYTES};
-use super::{Confirm, HEADER_QOS, HEADER_RETAIN, HEADER_TOPIC, binding_key, routing_key, topic_of};
+use super::{
+    Confirm, HEADER_CLIENT, HEADER_PROTOCOL, HEADER_QOS, HEADER_RETAIN, HEADER_TOPIC, binding_key,
+    routing_key, topic_of,
+};
 use crate::message::{Downlink, DownlinkAck, Message, Qos};
 use crate::mqtt::backoff::Backoff;
 use crate::upstream::{AckReport, Delivery, FailReason};
@@ -1022,6 +1025,16 @@ async fn publish(
     );
     headers.insert(HEADER_QOS.into(), AMQPValue::ShortShortUInt(qos));
     headers.insert(HEADER_RETAIN.into(), AMQPValue::Boolean(message.retain));
+    headers.insert(
+        HEADER_PROTOCOL.into(),
+        AMQPValue::LongString(LongString::from(message.origin.protocol.as_str())),
+    );
+    if let Some(client) = &message.origin.client_id {
+        headers.insert(
+            HEADER_CLIENT.into(),
+            AMQPValue::LongString(LongString::from(client.to_string())),
+        );
+    }
     let mut properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_app_id(ShortString::from(app_id.to_owned()))
