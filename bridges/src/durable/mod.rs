@@ -3,7 +3,7 @@
 //! ([`Fs`], with [`StdFs`] on `std::fs` and, for tests, [`memfs::MemFs`] that injects torn
 //! writes, failing fsyncs, ENOSPC and crashes).
 //!
-//! Users: the spool (`crate::spool`, segment format version 2) and the gateway's session
+//! Users: the spool (`crate::spool`, segment format versions 2 and 3) and the gateway's session
 //! store (`sensorgate::io::session_store`, log format version 2).
 
 pub mod frame;
