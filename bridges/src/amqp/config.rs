@@ -67,8 +67,14 @@ pub enum DownlinkQueue {
 pub struct AmqpUpstreamConfig {
     /// Name used in logs.
     pub name: String,
-    /// `amqp://` or `amqps://` URL with credentials and vhost.
+    /// `amqp://` or `amqps://` URL, with credentials and vhost unless given below.
     pub url: String,
+    /// User name; replaces the URL's (so the password need not be in a URL).
+    pub username: Option<String>,
+    /// Password; replaces the URL's.
+    pub password: Option<String>,
+    /// Virtual host; replaces the URL's path (unescaped: `/`, not `%2f`).
+    pub vhost: Option<String>,
     /// Exchange every message is published to.
     pub exchange: String,
     /// Heartbeat interval asked of the broker (whole seconds; zero turns heartbeats off).
@@ -133,6 +139,9 @@ impl AmqpUpstreamConfig {
             max_downlink_bytes: DEFAULT_MAX_DOWNLINK_BYTES,
             max_subscriptions: crate::mqtt::MAX_SUBSCRIPTIONS,
             tls: TlsSettings::default(),
+            username: None,
+            password: None,
+            vhost: None,
         }
     }
 
@@ -155,6 +164,15 @@ impl AmqpUpstreamConfig {
     /// [`AmqpConfigError`] naming the first bad setting.
     pub fn validate(&self) -> Result<AMQPUri, AmqpConfigError> {
         let mut uri = Self::parse_url(&self.url)?;
+        if let Some(username) = &self.username {
+            uri.authority.userinfo.username.clone_from(username);
+        }
+        if let Some(password) = &self.password {
+            uri.authority.userinfo.password.clone_from(password);
+        }
+        if let Some(vhost) = &self.vhost {
+            uri.vhost.clone_from(vhost);
+        }
         if self.exchange.len() > MAX_ROUTING_KEY_BYTES {
             return Err(AmqpConfigError::Invalid(
                 "exchange: longer than 255 bytes".into(),
@@ -304,6 +322,20 @@ mod tests {
     #[test]
     fn another_scheme_is_refused() {
         assert!(AmqpUpstreamConfig::parse_url("mqtt://h:1883").is_err());
+        let mut keyed = AmqpUpstreamConfig::new("k".into(), "amqp://u:p@127.0.0.1/%2f".into());
+        keyed.username = Some("gw".into());
+        keyed.password = Some("s3cret/+".into());
+        keyed.vhost = Some("site/7".into());
+        let uri = keyed.validate().unwrap();
+        assert_eq!(
+            (
+                uri.authority.userinfo.username.as_str(),
+                uri.authority.userinfo.password.as_str(),
+                uri.vhost.as_str()
+            ),
+            ("gw", "s3cret/+", "site/7"),
+            "keys replace the URL's credentials and vhost"
+        );
         assert!(AmqpUpstreamConfig::parse_url("amqp://h:notaport/").is_err());
     }
 

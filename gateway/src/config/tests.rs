@@ -810,3 +810,29 @@ fn amqp_downlink_mistakes_are_located() {
     let d = errors(&MINIMAL.replace("remote_prefix = \"\"", "bindings = [\"x\"]"));
     assert!(d[0].message.contains("is an AMQP setting"), "{d:#?}");
 }
+
+#[test]
+fn amqp_credentials_and_vhost_may_be_keys_instead_of_url_parts() {
+    let text = format!(
+        "{MINIMAL}{}username = \"gw7\"\npassword = \"p@ss/word\"\nvhost = \"fleet\"\n",
+        AMQP.replace("guest:secret@", "")
+    );
+    let c = Config::parse(Path::new("test.toml"), &text).unwrap();
+    let UpstreamKind::Amqp(a) = &c.upstreams[1].kind else {
+        panic!("not AMQP: {:?}", c.upstreams[1].kind)
+    };
+    assert_eq!(
+        (
+            a.username.as_deref(),
+            a.password.as_deref(),
+            a.vhost.as_deref()
+        ),
+        (Some("gw7"), Some("p@ss/word"), Some("fleet"))
+    );
+    let uri = a.validate().unwrap();
+    assert_eq!(uri.vhost, "fleet");
+    assert!(!c.summary().contains("p@ss"), "the password is never shown");
+    // vhost is an AMQP key: an error on an MQTT upstream.
+    let d = errors(&MINIMAL.replace("remote_prefix = \"\"", "vhost = \"x\""));
+    assert!(d[0].message.contains("is an AMQP setting"), "{d:#?}");
+}

@@ -95,6 +95,9 @@ pub(super) struct RawUpstream {
     /// `kind = "amqp"` only; default `30s`.
     #[serde(default)]
     heartbeat: Option<DurationText>,
+    /// `kind = "amqp"` only: the virtual host, replacing the URL's.
+    #[serde(default)]
+    vhost: Option<String>,
     /// `kind = "amqp"` only: the named downlink queue; default a server-named exclusive one.
     #[serde(default)]
     downlink_queue: Option<String>,
@@ -221,6 +224,7 @@ fn compile_upstream(
             for (key, set) in [
                 ("exchange", u.exchange.is_some()),
                 ("heartbeat", u.heartbeat.is_some()),
+                ("vhost", u.vhost.is_some()),
                 ("downlink_queue", u.downlink_queue.is_some()),
                 ("downlink_queue_passive", u.downlink_queue_passive.is_some()),
                 ("bindings", u.bindings.is_some()),
@@ -528,16 +532,12 @@ fn compile_amqp_upstream(
     for (key, set) in [
         ("remote_prefix", !u.remote_prefix.is_empty()),
         ("client_id", u.client_id.is_some()),
-        ("username", u.username.is_some()),
-        ("password", u.password.is_some()),
     ] {
         if set {
             r.at_path(
                 &path.key(key),
                 "is not an AMQP upstream setting".into(),
-                Some(
-                    "credentials and vhost go in the URL: amqp://user:pass@host:5672/vhost".into(),
-                ),
+                Some("AMQP takes username, password and vhost (or all in the URL)".into()),
             );
         }
     }
@@ -704,6 +704,9 @@ fn compile_amqp_upstream(
     config.max_unacked_downlinks = max_unacked_downlinks?;
     config.max_downlink_bytes = max_downlink_bytes?;
     config.exchange = exchange;
+    config.username.clone_from(&u.username);
+    config.password.clone_from(&u.password);
+    config.vhost.clone_from(&u.vhost);
     config.heartbeat = heartbeat?;
     config.connect_timeout = link.connect_timeout;
     config.backoff_initial = link.backoff_initial;
