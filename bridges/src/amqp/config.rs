@@ -322,7 +322,7 @@ mod tests {
     #[test]
     fn another_scheme_is_refused() {
         assert!(AmqpUpstreamConfig::parse_url("mqtt://h:1883").is_err());
-        let mut keyed = AmqpUpstreamConfig::new("k".into(), "amqp://u:p@127.0.0.1/%2f".into());
+        let mut keyed = AmqpUpstreamConfig::new("k", "amqp://u:p@127.0.0.1/%2f");
         keyed.username = Some("gw".into());
         keyed.password = Some("s3cret/+".into());
         keyed.vhost = Some("site/7".into());
