@@ -52,9 +52,9 @@
 //! Bounds: at most [`MAX_ROUTES`] routes; prefixes and templates at most
 //! [`MAX_REWRITE_BYTES`] bytes each.
 //!
-//! STATUS: implemented (compile, accepts, target with rewrites and QoS cap, the reverse
-//! mapping). Applied at the ingress (`Router`); the drains' use of `target` and the
-//! subscriptions' use of `upstream_filters` / `downlink_topic` are wired elsewhere.
+//! Users: the router asks `accepts` for every uplink message, `upstream_filters` for every
+//! subscription and `downlink_topic` for every downlink message; each upstream's drain asks
+//! `target` for every record it reads.
 
 use std::borrow::Cow;
 
