@@ -464,9 +464,15 @@ impl Drain {
                 .target(self.upstream, &r.topic, r.qos, &r.origin);
             match target {
                 Some(t) => {
+                    // Only a rewrite allocates: an unchanged topic stays the record's own.
+                    let rewritten = match t.topic {
+                        std::borrow::Cow::Owned(topic) => Some(topic),
+                        std::borrow::Cow::Borrowed(_) => None,
+                    };
                     r.qos = t.qos;
-                    let topic = t.topic.into_owned();
-                    r.topic = topic;
+                    if let Some(topic) = rewritten {
+                        r.topic = topic;
+                    }
                     self.pending.push_back(r);
                 }
                 None => {
