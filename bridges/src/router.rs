@@ -634,6 +634,20 @@ impl IngressHandle {
             .map_err(AppendRefused::QueueFull)
     }
 
+    /// A mark of the spool writer's progress, for [`Self::room_since`]: take it before an
+    /// [`Self::append`] that may be refused with [`AppendRefused::QueueFull`].
+    #[must_use]
+    pub fn room_mark(&self) -> u64 {
+        self.appender.room_mark()
+    }
+
+    /// Resolves once the spool writer has taken from its queue since `mark` (room for
+    /// appends again) or has stopped; a driver refused with [`AppendRefused::QueueFull`]
+    /// waits on it before reading its sockets again (backpressure). Never polls.
+    pub async fn room_since(&self, mark: u64) {
+        self.appender.room_since(mark).await;
+    }
+
     /// Whether another ingress takes downlink: only then does [`Self::deliver_local`] have
     /// anyone to deliver to (a driver may skip keeping copies otherwise).
     #[must_use]

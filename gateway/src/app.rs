@@ -17,6 +17,7 @@ use sensorgate_bridges::spool::{
 };
 
 use crate::config::{Config, UpstreamKind};
+use crate::io::kernel_drops::KernelDrops;
 use crate::io::session_store::{self, SessionStore, StoreError, StoreLink, StoreThread};
 use crate::io::udp::{self, SocketOptions, UdpDriver};
 use crate::mqttsn::core::Core;
@@ -251,14 +252,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         config.mqttsn.core.max_filters,
         Arc::clone(&routes),
     );
-    let status = tokio::spawn(report_status(
-        Arc::clone(&spool),
-        drain_stats.clone(),
-        amqp_upstreams.clone(),
-        router.downlink_stats(),
-        drain_stop.clone(),
-    ));
-
     // Upstreams start first (their setup errors come before any port is taken); a bind failure
     // stops them again.
     let options = SocketOptions {
@@ -275,6 +268,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             }
         }
     }
+    // Counted from here: what the kernel dropped on these sockets before is none of ours.
+    let kernel_drops = Arc::new(KernelDrops::new(&sockets));
+    let status = tokio::spawn(report_status(
+        Arc::clone(&spool),
+        drain_stats.clone(),
+        amqp_upstreams.clone(),
+        router.downlink_stats(),
+        Arc::clone(&kernel_drops),
+        drain_stop.clone(),
+    ));
 
     let mut core = Core::new(config.mqttsn.core.clone());
     let (store, store_thread) = match restore_sessions(&config, &mut core) {
@@ -353,7 +356,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     }
     let _ = status.await;
     log_status(
-        &Status::take(&spool, &drain_stats, &amqp_upstreams, &router_stats),
+        &Status::take(
+            &spool,
+            &drain_stats,
+            &amqp_upstreams,
+            &router_stats,
+            &kernel_drops,
+        ),
         None,
     );
     result
@@ -364,6 +373,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
 struct Status {
     spool: SpoolStats,
     queue_full: u64,
+    /// Datagrams the kernel dropped on the MQTT-SN sockets since bind (receive buffer full).
+    kernel_drops: u64,
     upstreams: Vec<UpstreamStatus>,
     amqp: Vec<AmqpStatus>,
     router: RouterStatus,
@@ -412,6 +423,7 @@ impl Status {
         drains: &[(String, Arc<DrainStats>)],
         amqp: &[AmqpUpstream],
         router: &DownlinkStats,
+        kernel_drops: &KernelDrops,
     ) -> Status {
         use std::sync::atomic::Ordering::Relaxed;
         let locked = spool.lock();
@@ -449,6 +461,7 @@ impl Status {
         Status {
             spool: locked.stats(),
             queue_full: spool.queue_full(),
+            kernel_drops: kernel_drops.read(),
             upstreams,
             amqp,
             router: RouterStatus {
@@ -480,15 +493,16 @@ async fn report_status(
     drains: Vec<(String, Arc<DrainStats>)>,
     amqp: Vec<AmqpUpstream>,
     router: Arc<DownlinkStats>,
+    kernel_drops: Arc<KernelDrops>,
     stop: CancellationToken,
 ) {
-    let mut last = Status::take(&spool, &drains, &amqp, &router);
+    let mut last = Status::take(&spool, &drains, &amqp, &router, &kernel_drops);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(STATUS_INTERVAL) => {}
         }
-        let now = Status::take(&spool, &drains, &amqp, &router);
+        let now = Status::take(&spool, &drains, &amqp, &router, &kernel_drops);
         if now != last {
             log_status(&now, Some(&last));
             last = now;
@@ -508,6 +522,7 @@ fn log_status(now: &Status, last: Option<&Status>) {
                 segments = s.segments,
                 rejected_full = s.rejected_full,
                 queue_full = now.queue_full,
+                kernel_drops = now.kernel_drops,
                 dropped_oldest = s.dropped_oldest,
                 expired = s.expired,
                 corrupt = s.corrupt,

@@ -47,7 +47,7 @@
 //! [`SENDS_PER_BATCH`]: crate::upstream::drain::SENDS_PER_BATCH
 
 use std::sync::atomic::AtomicU64;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -162,6 +162,32 @@ pub struct AppendReply {
     pub accepted: bool,
 }
 
+/// Tells appenders refused for a full queue that the writer has taken from it since: a count
+/// of the groups taken (and of the writer's end), and the waiters on it.
+#[derive(Debug, Default)]
+struct Room {
+    taken: AtomicU64,
+    notify: tokio::sync::Notify,
+}
+
+impl Room {
+    /// The writer took appends from the queue (or stopped): wakes every waiter.
+    fn signal(&self) {
+        self.taken.fetch_add(1, Release);
+        self.notify.notify_waiters();
+    }
+}
+
+/// Signals [`Room`] when the writer thread ends however it ends (a panic included), so no
+/// appender waits for room that never comes.
+struct SignalOnDrop(Arc<Room>);
+
+impl Drop for SignalOnDrop {
+    fn drop(&mut self) {
+        self.0.signal();
+    }
+}
+
 /// The writer thread's entrance, from which each ingress takes its own
 /// [`IngressAppender`]. Cheap to clone; the thread stops once every clone of it and of the
 /// ingress appenders is dropped (after writing and syncing what it has).
@@ -169,6 +195,7 @@ pub struct AppendReply {
 pub struct Appender {
     tx: SyncSender<Append>,
     queue_full: Arc<AtomicU64>,
+    room: Arc<Room>,
 }
 
 impl Appender {
@@ -182,6 +209,7 @@ impl Appender {
         IngressAppender {
             tx: self.tx.clone(),
             queue_full: Arc::clone(&self.queue_full),
+            room: Arc::clone(&self.room),
             route: Arc::new(Route { replies }),
         }
     }
@@ -193,6 +221,7 @@ impl Appender {
 pub struct IngressAppender {
     tx: SyncSender<Append>,
     queue_full: Arc<AtomicU64>,
+    room: Arc<Room>,
     route: Arc<Route>,
 }
 
@@ -216,6 +245,28 @@ impl IngressAppender {
             }
         }
     }
+
+    /// A mark of the writer's progress, for [`Self::room_since`]: take it before an
+    /// [`Self::append`] that may be refused, so a take between the two is not missed.
+    #[must_use]
+    pub fn room_mark(&self) -> u64 {
+        self.room.taken.load(Acquire)
+    }
+
+    /// Resolves once the writer has taken appends from its queue since `mark` was taken
+    /// (there is room again), or has stopped. Waits without polling: the writer wakes it.
+    pub async fn room_since(&self, mark: u64) {
+        loop {
+            let notified = self.room.notify.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the check, so a signal between the two still wakes it.
+            notified.as_mut().enable();
+            if self.room.taken.load(Acquire) != mark {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// Starts the writer thread: `queue` bounds the appends waiting for it (all ingresses
@@ -229,10 +280,22 @@ pub fn start_writer<F: Fs>(
 ) -> std::io::Result<(Appender, JoinHandle<()>)> {
     let (tx, rx) = std::sync::mpsc::sync_channel(queue);
     let queue_full = Arc::clone(&shared.queue_full);
+    let room = Arc::new(Room::default());
+    let signal = SignalOnDrop(Arc::clone(&room));
     let handle = std::thread::Builder::new()
         .name("spool-writer".into())
-        .spawn(move || Writer::new(shared).run(&rx))?;
-    Ok((Appender { tx, queue_full }, handle))
+        .spawn(move || {
+            let signal = signal;
+            Writer::new(shared).run(&rx, &signal.0);
+        })?;
+    Ok((
+        Appender {
+            tx,
+            queue_full,
+            room,
+        },
+        handle,
+    ))
 }
 
 /// The verdicts of one group commit, one batch per ingress: those refused before the write
@@ -304,7 +367,7 @@ impl<F: Fs> Writer<F> {
     }
 
     #[allow(clippy::disallowed_methods)]
-    fn run(mut self, rx: &Receiver<Append>) {
+    fn run(mut self, rx: &Receiver<Append>, room: &Room) {
         self.shared.lock().check_disk();
         let mut group = Vec::new();
         loop {
@@ -320,6 +383,9 @@ impl<F: Fs> Writer<F> {
                 }
             }
             if !group.is_empty() {
+                // The queue has room now: appenders paused on a full one read again while
+                // this group is written.
+                room.signal();
                 // Durable before told: the verdicts go out only after the group's write
                 // and (per policy) its fsync, one fsync for every ingress in the group.
                 self.commit(&mut group).send();

@@ -179,3 +179,41 @@ fn the_queue_bounds_all_ingresses_together_and_counts_refusals() {
     assert!(rx_a.try_recv().is_err());
     assert!(rx_b.try_recv().is_err());
 }
+
+/// An appender refused for a full queue waits for room without polling: not woken while the
+/// writer takes nothing (here: it waits for the spool's lock), woken once it takes a group.
+#[test]
+fn a_refused_appender_waits_for_room_and_is_woken_when_the_writer_takes() {
+    let shared = open();
+    let (tx, mut rx) = mpsc::channel(4);
+    let guard = shared.lock();
+    let (appender, writer) = start_writer(Arc::clone(&shared), 2).unwrap();
+    let a = appender.for_ingress(tx);
+    drop(appender);
+    a.append(qos1("a", 0), Some(0)).unwrap();
+    a.append(qos1("a", 1), Some(1)).unwrap();
+    let mark = a.room_mark();
+    assert!(a.append(qos1("a", 2), Some(2)).is_err());
+
+    {
+        let mut wait = std::pin::pin!(a.room_since(mark));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        // The writer cannot take while the lock is held: no room yet.
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        drop(guard);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime
+            .block_on(async { tokio::time::timeout(BOUND, wait).await })
+            .expect("woken once the writer took from the queue");
+    }
+    // Room indeed: the next append is taken.
+    a.append(qos1("a", 3), Some(3)).unwrap();
+    let tokens: BTreeSet<u64> = collect(&mut rx, 3).0.iter().map(|r| r.token).collect();
+    assert_eq!(tokens, BTreeSet::from([0, 1, 3]));
+
+    drop(a);
+    writer.join().unwrap();
+}

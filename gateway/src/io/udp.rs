@@ -11,6 +11,17 @@
 //! with one flush. With a session store, it then hands the
 //! round's persisted session changes and the broker acknowledgements that wait for them to the
 //! store thread ([`StoreLink`]), never waiting for the disk itself.
+//!
+//! Backpressure: when the spool writer's queue refuses an append ([`AppendRefused::QueueFull`])
+//! the driver stops reading its sockets ([`ReadGate`]) until the writer has taken from the
+//! queue again ([`IngressHandle::room_since`], woken by the writer, no polling), so a burst
+//! waits in the kernel's receive buffers (`recv_buffer`) instead of being read and discarded;
+//! what overflows those is counted by the kernel (`kernel_drops` in the status line). The
+//! message that met the full queue keeps its answer (QoS 1/2: congestion, the sensor retries;
+//! QoS 0/-1: dropped, counted as `queue_full`), as do the others already read in the same
+//! round (at most `1 + DRAIN_ROUNDS` receive batches per socket). While paused, the spool's
+//! verdicts, downlink, the session store and the timers are served as usual, so the queue
+//! drains and sessions do not time out.
 
 use std::collections::HashMap;
 use std::io;
@@ -45,6 +56,40 @@ const LOCAL_PENDING_MAX: usize = 65_536;
 /// Receive batches taken from each socket per round beyond the one that woke the driver,
 /// before output is flushed.
 const DRAIN_ROUNDS: usize = 4;
+
+/// Whether the driver reads its sockets (see the module doc, backpressure): paused by a
+/// refusal for a full spool queue until the writer has made progress past the mark taken
+/// before that append.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct ReadGate {
+    /// The writer's progress mark (`IngressHandle::room_mark`) before the latest refused
+    /// append; `None` while reading.
+    paused_at: Option<u64>,
+}
+
+impl ReadGate {
+    /// An append taken with progress mark `mark` was refused for a full queue: pause. The
+    /// latest refusal's mark is kept (an earlier one may be passed already while the queue
+    /// is full again).
+    fn refused(&mut self, mark: u64) {
+        self.paused_at = Some(mark);
+    }
+
+    /// Whether the sockets are read.
+    fn reading(&self) -> bool {
+        self.paused_at.is_none()
+    }
+
+    /// The mark to wait past while paused.
+    fn waiting_for(&self) -> Option<u64> {
+        self.paused_at
+    }
+
+    /// The writer took from the queue since the mark: read again.
+    fn room(&mut self) {
+        self.paused_at = None;
+    }
+}
 
 /// Socket settings from `[mqttsn]`.
 #[derive(Debug, Clone, Copy)]
@@ -177,6 +222,8 @@ pub struct UdpDriver {
     /// Where persisted session changes go, with the broker acknowledgements that wait for
     /// them; `None` runs without persistence (every downlink acknowledged at once).
     store: Option<StoreLink>,
+    /// Paused while the spool writer's queue is full (backpressure).
+    gate: ReadGate,
 }
 
 impl UdpDriver {
@@ -208,6 +255,7 @@ impl UdpDriver {
             rx: RecvBatch::new(recv_batch, max_packet_size + 1),
             tx,
             store: None,
+            gate: ReadGate::default(),
         }
     }
 
@@ -245,6 +293,15 @@ impl UdpDriver {
                     None => std::future::pending().await,
                 }
             };
+            // Backpressure: while the writer's queue is full the sockets are not read; this
+            // resolves once it has taken from the queue (woken by the writer).
+            let reading = self.gate.reading();
+            let room = async {
+                match self.gate.waiting_for() {
+                    Some(mark) => self.ingress.room_since(mark).await,
+                    None => std::future::pending().await,
+                }
+            };
             let readable = std::future::poll_fn(|cx| {
                 for (i, s) in self.sockets.iter().enumerate() {
                     if let Poll::Ready(r) = s.poll_recv_ready(cx) {
@@ -260,9 +317,13 @@ impl UdpDriver {
                     }
                     return Ok(());
                 }
-                (index, ready) = readable => {
+                (index, ready) = readable, if reading => {
                     ready?;
                     self.receive_batch(index)?;
+                }
+                () = room, if !reading => {
+                    tracing::trace!("Spool queue has room again; reading the sockets.");
+                    self.gate.room();
                 }
                 Some(replies) = self.replies.recv() => {
                     let now = Instant::now();
@@ -304,7 +365,13 @@ impl UdpDriver {
         while let Ok(replies) = self.replies.try_recv() {
             self.on_replies(now, &replies);
         }
-        for index in 0..self.sockets.len() {
+        // Paused (backpressure): the datagrams wait in the kernel's buffers.
+        let sockets = if self.gate.reading() {
+            self.sockets.len()
+        } else {
+            0
+        };
+        for index in 0..sockets {
             for _ in 0..DRAIN_ROUNDS {
                 if self.receive_batch(index)? == 0 {
                     break;
@@ -419,12 +486,23 @@ impl UdpDriver {
                 Event::Publish { message, token } => {
                     self.keep_local(&message, token);
                     // A full spool queue refuses at once: congestion, the sensor retries
-                    // (QoS 0: dropped). Counted as `queue_full` in the spool status. A topic
+                    // (QoS 0: dropped). Counted as `queue_full` in the spool status; the
+                    // sockets are not read until the queue has room (backpressure). A topic
                     // no route takes is refused for good: rc 0x03 (QoS 0/-1: dropped);
                     // counted by the router (`unrouted`).
+                    // Taken before the append, so a take by the writer in between is seen.
+                    let mark = self.ingress.room_mark();
                     let outcome = match self.ingress.append(message, token) {
                         Ok(()) => None,
-                        Err(AppendRefused::QueueFull(_)) => Some(PublishOutcome::Congestion),
+                        Err(AppendRefused::QueueFull(_)) => {
+                            if self.gate.reading() {
+                                tracing::debug!(
+                                    "Spool queue full; pausing reads until it has room."
+                                );
+                            }
+                            self.gate.refused(mark);
+                            Some(PublishOutcome::Congestion)
+                        }
                         Err(AppendRefused::NoRoute(_)) => Some(PublishOutcome::NoRoute),
                     };
                     if let (Some(token), Some(outcome)) = (token, outcome) {
@@ -495,6 +573,22 @@ mod tests {
             .trim()
             .parse()
             .unwrap()
+    }
+
+    #[test]
+    fn reading_pauses_on_a_full_queue_until_the_writer_passed_the_latest_mark() {
+        let mut gate = ReadGate::default();
+        assert!(gate.reading());
+        assert_eq!(gate.waiting_for(), None);
+        gate.refused(7);
+        assert!(!gate.reading());
+        assert_eq!(gate.waiting_for(), Some(7));
+        // A later refusal in the same round, after the writer took once more: its mark.
+        gate.refused(8);
+        assert_eq!(gate.waiting_for(), Some(8));
+        gate.room();
+        assert!(gate.reading());
+        assert_eq!(gate.waiting_for(), None);
     }
 
     #[test]
