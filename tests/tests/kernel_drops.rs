@@ -5,9 +5,25 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
 
-use sensorgate_tests::{Rig, send_signal};
+use sensorgate_tests::{Rig, poll_until, send_signal};
+
+/// Bytes waiting in the receive queue of the IPv4 UDP socket bound to `addr`, from
+/// `/proc/net/udp` (`local_address` and `rx_queue` are hex); `None` when no such socket.
+fn rx_queue(addr: SocketAddr) -> Option<u64> {
+    let want = format!(":{:04X}", addr.port());
+    let table = std::fs::read_to_string("/proc/net/udp").ok()?;
+    table.lines().skip(1).find_map(|l| {
+        let cols: Vec<&str> = l.split_whitespace().collect();
+        if !cols.get(1)?.ends_with(&want) {
+            return None;
+        }
+        let (_, rx) = cols.get(4)?.split_once(':')?;
+        u64::from_str_radix(rx, 16).ok()
+    })
+}
 
 /// The value of ` name=<digits>` in a log line.
 fn field(line: &str, name: &str) -> u64 {
@@ -39,7 +55,16 @@ fn datagrams_the_kernel_dropped_while_the_gateway_stood_still_are_counted() {
         flood.send_to(&[0x02, 0x16], rig.gateway.sn_addr()).unwrap();
     }
     send_signal(pid, "CONT").unwrap();
-    // It serves again after the burst.
+    // Once the resumed gateway has read what the kernel kept (a CONNECT sent before that
+    // would meet a still full buffer and be dropped too), it serves again.
+    let addr = rig.gateway.sn_addr();
+    poll_until(
+        "receive queue read",
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        || Ok((rx_queue(addr) == Some(0)).then_some(())),
+    )
+    .unwrap();
     rig.connected("after-flood").unwrap();
 
     rig.gateway.stop().unwrap();
