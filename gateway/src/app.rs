@@ -11,10 +11,12 @@ use std::sync::Arc;
 
 use sensorgate_bridges::amqp::{AmqpConfigError, AmqpUpstream};
 use sensorgate_bridges::mqtt::{MqttUpstream, SetupError};
+use sensorgate_bridges::route::RouteTable;
 use sensorgate_bridges::router::{DownlinkStats, RoutedUpstream, Router};
 use sensorgate_bridges::spool::{
     DrainConfig, DrainStats, OpenError, SharedSpool, Spool, SpoolStats, StdFs, drain, start_writer,
 };
+use sensorgate_bridges::upstream::{AckReport, Subscriber, Upstream};
 
 use crate::config::{Config, UpstreamKind};
 use crate::io::kernel_drops::KernelDrops;
@@ -156,6 +158,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let mut amqp_upstreams = Vec::new();
     // `[[route]]`, or everything to every upstream when there is none.
     let routes = Arc::clone(&config.routes);
+    let wiring = DrainWiring {
+        spool: &spool,
+        routes: &routes,
+        stop: &drain_stop,
+    };
     for (index, upstream) in config.upstreams.iter().enumerate() {
         let drain_config = |window: usize| DrainConfig {
             max_backlog: upstream.max_backlog,
@@ -187,20 +194,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                         });
                     }
                 };
-                drains.push(tokio::spawn(drain(
-                    Arc::clone(&spool),
-                    index,
-                    handle.clone(),
-                    ack_rx,
-                    drain_config(window),
-                    Arc::clone(&routes),
-                    stats,
-                    drain_stop.clone(),
-                )));
-                upstreams.push(RoutedUpstream {
-                    link: handle.watch_link(),
-                    subscriber: Box::new(handle),
-                });
+                let (drain_task, routed) =
+                    wiring.start(index, handle, ack_rx, drain_config(window), stats);
+                drains.push(drain_task);
+                upstreams.push(routed);
                 tasks.push(task);
             }
             // Like an MQTT upstream: the drain sends through it, the router gives it the
@@ -225,21 +222,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                         });
                     }
                 };
-                drains.push(tokio::spawn(drain(
-                    Arc::clone(&spool),
-                    index,
-                    handle.clone(),
-                    ack_rx,
-                    drain_config(window),
-                    Arc::clone(&routes),
-                    stats,
-                    drain_stop.clone(),
-                )));
                 amqp_upstreams.push(handle.clone());
-                upstreams.push(RoutedUpstream {
-                    link: handle.watch_link(),
-                    subscriber: Box::new(handle),
-                });
+                let (drain_task, routed) =
+                    wiring.start(index, handle, ack_rx, drain_config(window), stats);
+                drains.push(drain_task);
+                upstreams.push(routed);
                 tasks.push(task);
             }
         }
@@ -366,6 +353,42 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         None,
     );
     result
+}
+
+/// What every upstream's drain shares, whatever the upstream's kind.
+struct DrainWiring<'a> {
+    spool: &'a Arc<SharedSpool<StdFs>>,
+    routes: &'a Arc<RouteTable>,
+    stop: &'a CancellationToken,
+}
+
+impl DrainWiring<'_> {
+    /// Starts the drain of a spawned upstream (any kind) and returns it with the upstream as
+    /// the router takes it (subscriptions, link state): the one step every kind shares.
+    fn start<U: Upstream + Subscriber + Clone>(
+        &self,
+        index: usize,
+        handle: U,
+        acks: mpsc::Receiver<AckReport>,
+        config: DrainConfig,
+        stats: Arc<DrainStats>,
+    ) -> (tokio::task::JoinHandle<()>, RoutedUpstream) {
+        let task = tokio::spawn(drain(
+            Arc::clone(self.spool),
+            index,
+            handle.clone(),
+            acks,
+            config,
+            Arc::clone(self.routes),
+            stats,
+            self.stop.clone(),
+        ));
+        let routed = RoutedUpstream {
+            link: handle.watch_link(),
+            subscriber: Box::new(handle),
+        };
+        (task, routed)
+    }
 }
 
 /// A snapshot of the spool's and the drains' counters.
