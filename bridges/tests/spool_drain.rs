@@ -161,6 +161,7 @@ impl Rig {
             max_age: None,
             when_full: WhenFull::RejectNew,
             fsync: FsyncPolicy::Always,
+            memory_tail_bytes: 8 << 20,
         };
         assert_eq!(config.effective_segment_bytes(), SEGMENT_BYTES);
         let (spool, _) = Spool::open(StdFs, config, &[UPSTREAM.to_owned()]).expect("spool opens");
@@ -926,6 +927,7 @@ async fn a_dead_upstream_over_its_backlog_cap_gives_up_its_oldest_records_only()
         max_age: None,
         when_full: WhenFull::RejectNew,
         fsync: FsyncPolicy::Always,
+        memory_tail_bytes: 8 << 20,
     };
     let names = ["live".to_owned(), "dead".to_owned()];
     let (spool, _) = Spool::open(StdFs, config, &names).expect("spool opens");

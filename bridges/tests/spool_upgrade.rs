@@ -24,6 +24,7 @@ fn config(dir: &Path) -> SpoolConfig {
         max_age: None,
         when_full: WhenFull::RejectNew,
         fsync: FsyncPolicy::Always,
+        memory_tail_bytes: 8 << 20,
     }
 }
 

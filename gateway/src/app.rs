@@ -553,6 +553,8 @@ fn log_status(now: &Status, last: Option<&Status>) {
                 sync_errors = s.sync_errors,
                 syncs = s.syncs,
                 bytes_written = s.bytes_written,
+                read_memory = s.read_memory,
+                read_disk = s.read_disk,
                 $msg
             )
         };

@@ -13,6 +13,7 @@ use bytes::{Buf, BufMut};
 
 use super::fs::{Fs, SpoolFile};
 use super::record::{self, Parse, RECORD_HEADER, Record, SEGMENT_HEADER, SegmentHeader};
+use super::tail::Tail;
 use crate::durable::frame;
 use crate::message::Message;
 use crate::upstream::drain::{BacklogCheck, BacklogLimit, GiveUp};
@@ -65,6 +66,9 @@ pub struct SpoolConfig {
     pub when_full: WhenFull,
     /// When data is made durable.
     pub fsync: FsyncPolicy,
+    /// Bytes of the newest records kept in memory, so that a caught-up upstream takes what
+    /// was just appended without reading it back from disk; 0 reads everything from disk.
+    pub memory_tail_bytes: u64,
 }
 
 impl SpoolConfig {
@@ -152,6 +156,10 @@ pub struct SpoolStats {
     pub segments: u64,
     /// Bytes of segment files now.
     pub bytes: u64,
+    /// Records the drains took from the tail in memory (the fast path).
+    pub read_memory: u64,
+    /// Records the drains read back from disk (backlog).
+    pub read_disk: u64,
 }
 
 /// What recovery found.
@@ -252,6 +260,11 @@ pub struct Spool<F: Fs> {
     buf_last: u64,
     /// The newest time among the buffered records.
     buf_time_ms: u64,
+    /// The buffered records, for the tail once written: each with its end offset in `buf`
+    /// and its encoded length.
+    buf_tail: Vec<(Record, usize, usize)>,
+    /// The newest written records, in memory.
+    tail: Tail,
     /// Sum of `written` over the segments.
     bytes: u64,
     disk_low: bool,
@@ -406,6 +419,7 @@ impl<F: Fs> Spool<F> {
             truncated_bytes: recovery.truncated_bytes,
             ..SpoolStats::default()
         };
+        let tail = Tail::new(config.memory_tail_bytes, next_seq);
         let mut spool = Spool {
             fs,
             segment_bytes: config.effective_segment_bytes(),
@@ -424,6 +438,8 @@ impl<F: Fs> Spool<F> {
             buf_records: 0,
             buf_last: 0,
             buf_time_ms: 0,
+            buf_tail: Vec::new(),
+            tail,
             bytes,
             disk_low: false,
             stats,
@@ -565,6 +581,49 @@ impl<F: Fs> Spool<F> {
     /// [`AppendError::Full`] when the limit is reached and nothing (more) may be dropped;
     /// [`AppendError::TooLarge`] when the message cannot fit at all.
     pub fn append(&mut self, time_ms: u64, msg: &Message) -> Result<u64, AppendError> {
+        let seq = self.append_encoded(time_ms, msg)?;
+        if self.tail.enabled() {
+            self.stage_tail(seq, time_ms, msg.clone());
+        }
+        Ok(seq)
+    }
+
+    /// [`Self::append`], taking the message: kept for the tail in memory without a copy.
+    ///
+    /// # Errors
+    /// As [`Self::append`].
+    pub fn append_owned(&mut self, time_ms: u64, msg: Message) -> Result<u64, AppendError> {
+        let seq = self.append_encoded(time_ms, &msg)?;
+        if self.tail.enabled() {
+            self.stage_tail(seq, time_ms, msg);
+        }
+        Ok(seq)
+    }
+
+    /// Keeps the record just encoded (the end of `buf`) until its write says where it is.
+    fn stage_tail(&mut self, seq: u64, time_ms: u64, msg: Message) {
+        let end = self.buf.len();
+        let len = end - self.buf_tail.last().map_or(0, |t| t.1);
+        let Message {
+            topic,
+            payload,
+            qos,
+            retain,
+            origin,
+        } = msg;
+        let record = Record {
+            seq,
+            time_ms,
+            qos,
+            retain,
+            topic,
+            payload,
+            origin,
+        };
+        self.buf_tail.push((record, end, len));
+    }
+
+    fn append_encoded(&mut self, time_ms: u64, msg: &Message) -> Result<u64, AppendError> {
         let need = record::encoded_len(&msg.topic, &msg.payload, &msg.origin) as u64;
         if msg.topic.len() > usize::from(u16::MAX) || need > self.config.max_bytes / 2 {
             self.stats.rejected_full += 1;
@@ -637,6 +696,9 @@ impl<F: Fs> Spool<F> {
 
     fn remove_segment(&mut self, seg: &Segment<F::File>) {
         self.bytes = self.bytes.saturating_sub(seg.written);
+        if let Some(last) = seg.last_seq {
+            self.tail.forget_through(last);
+        }
         let path = self.config.dir.join(segment_name(seg.first_seq));
         if let Err(error) = self.fs.remove(&path) {
             tracing::warn!(%error, segment = %path.display(), "Cannot remove spool segment.");
@@ -665,6 +727,7 @@ impl<F: Fs> Spool<F> {
         if result.is_err() {
             self.stats.write_errors += 1;
             self.buf.clear();
+            self.buf_tail.clear();
             self.buf_records = 0;
             // The ids of the lost records are not reused; sealing keeps the ids within a
             // segment consecutive, which the search for the next record after damage uses.
@@ -698,6 +761,8 @@ impl<F: Fs> Spool<F> {
             let _ = seg.file.set_len(seg.written);
             return Err(e);
         }
+        let base = seg.written;
+        let segment = seg.first_seq;
         seg.written += need;
         seg.records += self.buf_records;
         seg.last_seq = Some(self.buf_last);
@@ -706,6 +771,9 @@ impl<F: Fs> Spool<F> {
         self.stats.bytes_written += need;
         self.buf.clear();
         self.buf_records = 0;
+        for (record, end, len) in self.buf_tail.drain(..) {
+            self.tail.push(record, segment, base + end as u64, len);
+        }
         Ok(Pending {
             file: Arc::clone(&seg.file),
             first_seq: seg.first_seq,
@@ -824,6 +892,33 @@ impl<F: Fs> Spool<F> {
         out: &mut Vec<Record>,
     ) -> io::Result<()> {
         read_records(self, pos, max, now_ms, &mut Chunks::default(), out)
+    }
+
+    /// Serves a read from the tail in memory (the newest records written) when it holds
+    /// everything from `pos` on: the same records, expiry and resulting position as
+    /// [`Self::read`] would give, without touching the disk. Returns false, doing nothing,
+    /// when the read must go to disk (`pos` is behind the tail: backlog).
+    pub fn read_tail(
+        &mut self,
+        pos: &mut ReadPos,
+        max: usize,
+        now_ms: u64,
+        out: &mut Vec<Record>,
+    ) -> bool {
+        if !self.tail.covers(pos.next_seq) {
+            return false;
+        }
+        let before = out.len();
+        let max_age_ms = self.max_age_ms();
+        let (at, expired) = self.tail.read(pos.next_seq, max, now_ms, max_age_ms, out);
+        if let Some(t) = at {
+            pos.next_seq = t.next_seq;
+            pos.at = Some((t.segment, t.end));
+            pos.base = t.seq;
+        }
+        self.stats.expired += expired;
+        self.stats.read_memory += (out.len() - before) as u64;
+        true
     }
 
     /// The segment `pos` reads next, moving `pos` to the start of the following segment when
@@ -1193,7 +1288,27 @@ pub(crate) fn read_records<F: Fs>(
 ) -> io::Result<()> {
     let max_age_ms = spool.with(|s| s.max_age_ms());
     let mut taken = 0;
-    while taken < max {
+    let result = read_segments(
+        &mut spool, pos, max, now_ms, max_age_ms, chunks, out, &mut taken,
+    );
+    if taken > 0 {
+        spool.with(|s| s.stats.read_disk += taken as u64);
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn read_segments<F: Fs>(
+    spool: &mut impl Access<F>,
+    pos: &mut ReadPos,
+    max: usize,
+    now_ms: u64,
+    max_age_ms: Option<u64>,
+    chunks: &mut Chunks,
+    out: &mut Vec<Record>,
+    taken: &mut usize,
+) -> io::Result<()> {
+    while *taken < max {
         let Some(view) = spool.with(|s| s.view(pos)) else {
             break;
         };
@@ -1202,7 +1317,7 @@ pub(crate) fn read_records<F: Fs>(
         let result = read_view(
             &view,
             pos,
-            max - taken,
+            max - *taken,
             now_ms,
             max_age_ms,
             chunks,
@@ -1212,7 +1327,7 @@ pub(crate) fn read_records<F: Fs>(
         if counts.expired > 0 || !counts.damaged.is_empty() {
             spool.with(|s| s.note_read(counts));
         }
-        taken += result?;
+        *taken += result?;
         if *pos == before {
             break;
         }

@@ -56,6 +56,10 @@ mod log;
 pub(crate) mod memfs;
 mod record;
 mod service;
+mod tail;
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tail_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -4,6 +4,12 @@
 //!
 //! # The drain task
 //!
+//! A drain at the spool's written end takes the newest records from the tail in memory
+//! ([`Spool::read_tail`], `spool/tail.rs`): what the writer just wrote, with no file read and
+//! no hop to a blocking thread. Behind the tail (a backlog after an outage or a restart, or a
+//! burst larger than `memory_tail`) it reads the disk off the runtime, and switches back once
+//! it has caught up; both give the same records and positions (`tail_tests.rs`).
+//!
 //! [`drain`] is a thin task around the sans-IO [`Drain`] (`upstream/drain.rs`), which makes
 //! every decision. The task performs its actions, then sleeps until the machine's timer or
 //! an event. It MUST NOT sleep with work pending: whatever stops the machine from sending
@@ -69,6 +75,12 @@ const MAX_GROUP: usize = 8192;
 
 /// How often the writer saves the cursors and checks the free disk space.
 const HOUSEKEEPING: Duration = Duration::from_millis(100);
+
+/// With `fsync = "always"`, how long a group that holds no QoS >= 1 message (nobody waits
+/// for its fsync) may stay written but unsynced: it is synced with the next group that
+/// needs one, or after this. QoS 0 carries no durability promise, and an fsync per QoS 0
+/// group would cost the flash a rewrite of the same page per group.
+const UNACKED_SYNC_DELAY: Duration = Duration::from_secs(1);
 
 /// The spool shared by the writer thread and the drain tasks. Critical sections are short:
 /// encoding a group, one `pwrite`, one read of at most 256 KiB; fsyncs run outside the lock.
@@ -278,6 +290,15 @@ pub fn start_writer<F: Fs>(
     shared: Arc<SharedSpool<F>>,
     queue: usize,
 ) -> std::io::Result<(Appender, JoinHandle<()>)> {
+    start_writer_with(shared, queue, UNACKED_SYNC_DELAY)
+}
+
+/// [`start_writer`] with another [`UNACKED_SYNC_DELAY`] (tests).
+pub(crate) fn start_writer_with<F: Fs>(
+    shared: Arc<SharedSpool<F>>,
+    queue: usize,
+    unacked_sync_delay: Duration,
+) -> std::io::Result<(Appender, JoinHandle<()>)> {
     let (tx, rx) = std::sync::mpsc::sync_channel(queue);
     let queue_full = Arc::clone(&shared.queue_full);
     let room = Arc::new(Room::default());
@@ -286,7 +307,7 @@ pub fn start_writer<F: Fs>(
         .name("spool-writer".into())
         .spawn(move || {
             let signal = signal;
-            Writer::new(shared).run(&rx, &signal.0);
+            Writer::new(shared, unacked_sync_delay).run(&rx, &signal.0);
         })?;
     Ok((
         Appender {
@@ -344,8 +365,11 @@ pub fn wall_ms() -> u64 {
 struct Writer<F: Fs> {
     shared: Arc<SharedSpool<F>>,
     policy: FsyncPolicy,
-    /// Written but not synced (interval policy).
+    /// Written but not synced: the interval policy's writes, and with `always` a group
+    /// nobody waits for (QoS 0 only), since `unsynced_at`.
     unsynced: Option<super::log::Pending<F::File>>,
+    unsynced_at: Instant,
+    unacked_sync_delay: Duration,
     last_sync: Instant,
     last_housekeeping: Instant,
     /// A disk error is ongoing (logged once per episode).
@@ -354,12 +378,14 @@ struct Writer<F: Fs> {
 
 impl<F: Fs> Writer<F> {
     #[allow(clippy::disallowed_methods)]
-    fn new(shared: Arc<SharedSpool<F>>) -> Self {
+    fn new(shared: Arc<SharedSpool<F>>, unacked_sync_delay: Duration) -> Self {
         let policy = shared.lock().config().fsync;
         Self {
             shared,
             policy,
             unsynced: None,
+            unsynced_at: Instant::now(),
+            unacked_sync_delay,
             last_sync: Instant::now(),
             last_housekeeping: Instant::now(),
             failing: false,
@@ -404,7 +430,7 @@ impl<F: Fs> Writer<F> {
         let written = {
             let mut spool = self.shared.lock();
             for a in group.drain(..) {
-                let ok = spool.append(now_ms, &a.message).is_ok();
+                let ok = spool.append_owned(now_ms, a.message).is_ok();
                 match (a.reply, ok) {
                     (Some(reply), true) => stored.push(reply),
                     (Some(ReplyTo { token, route }), false) => verdicts.push(
@@ -427,10 +453,23 @@ impl<F: Fs> Writer<F> {
         let durable = match written {
             Ok(None) => true,
             Ok(Some(pending)) => match self.policy {
+                // Nobody waits for this group's fsync (QoS 0 only): deferred, see
+                // UNACKED_SYNC_DELAY.
+                FsyncPolicy::Always if stored.is_empty() => {
+                    if self.unsynced.is_none() {
+                        self.unsynced_at = Instant::now();
+                    }
+                    self.unsynced = Some(pending);
+                    self.health(None, "write");
+                    true
+                }
                 FsyncPolicy::Always => {
                     let result = pending.run();
                     self.shared.lock().synced(&pending, &result);
                     self.health(result.as_ref().err(), "fsync");
+                    // It covered a deferred group too: the same file up to a later end, or
+                    // an older segment, synced when it was sealed.
+                    self.unsynced = None;
                     result.is_ok()
                 }
                 FsyncPolicy::Interval(_) => {
@@ -474,14 +513,16 @@ impl<F: Fs> Writer<F> {
     #[allow(clippy::disallowed_methods)]
     fn housekeeping(&mut self, last: bool) {
         let now = Instant::now();
-        if let FsyncPolicy::Interval(interval) = self.policy {
-            if last || now.duration_since(self.last_sync) >= interval {
-                self.last_sync = now;
-                if let Some(pending) = self.unsynced.take() {
-                    let result = pending.run();
-                    self.shared.lock().synced(&pending, &result);
-                    self.health(result.as_ref().err(), "fsync");
-                }
+        let due = match self.policy {
+            FsyncPolicy::Interval(interval) => now.duration_since(self.last_sync) >= interval,
+            FsyncPolicy::Always => now.duration_since(self.unsynced_at) >= self.unacked_sync_delay,
+        };
+        if last || due {
+            self.last_sync = now;
+            if let Some(pending) = self.unsynced.take() {
+                let result = pending.run();
+                self.shared.lock().synced(&pending, &result);
+                self.health(result.as_ref().err(), "fsync");
             }
         }
         if last || now.duration_since(self.last_housekeeping) >= HOUSEKEEPING {
@@ -544,6 +585,16 @@ pub async fn drain<F: Fs, U: Upstream>(
                 Action::Read => {
                     // Marked seen before the read, so a write racing with it wakes the drain.
                     written.borrow_and_update();
+                    // The fast path: a drain at the written end takes the newest records
+                    // from memory, on this task (a short lock, no file read).
+                    let mut out = Vec::new();
+                    if shared
+                        .lock()
+                        .read_tail(&mut pos, READ_BATCH, wall_ms(), &mut out)
+                    {
+                        machine.handle_records(now, Ok(out), pos.next_seq());
+                        continue;
+                    }
                     let job = {
                         let shared = Arc::clone(&shared);
                         let mut out = Vec::with_capacity(READ_BATCH);

@@ -26,6 +26,7 @@ fn config(max_bytes: u64, when_full: WhenFull) -> SpoolConfig {
         max_age: None,
         when_full,
         fsync: FsyncPolicy::Always,
+        memory_tail_bytes: 8 << 20,
     }
 }
 

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::log::{FsyncPolicy, Spool, SpoolConfig, WhenFull};
 use super::memfs::MemFs;
-use super::service::{AppendReply, SharedSpool, start_writer};
+use super::service::{AppendReply, SharedSpool, start_writer, start_writer_with};
 use crate::message::{Message, Qos};
 
 /// How long a verdict may take at most (a loaded CI machine included).
@@ -29,6 +29,7 @@ fn open() -> Arc<SharedSpool<MemFs>> {
         max_age: None,
         when_full: WhenFull::RejectNew,
         fsync: FsyncPolicy::Always,
+        memory_tail_bytes: 8 << 20,
     };
     let (spool, _) = Spool::open(MemFs::new(), config, &["up".to_owned()]).unwrap();
     SharedSpool::new(spool)
@@ -216,4 +217,54 @@ fn a_refused_appender_waits_for_room_and_is_woken_when_the_writer_takes() {
 
     drop(a);
     writer.join().unwrap();
+}
+
+/// With `fsync = "always"`, a group nobody waits for (QoS 0 only) is written but not synced
+/// on its own: the next group with a QoS >= 1 message syncs both with one fsync, and the
+/// writer syncs what is left when it stops.
+#[test]
+fn a_group_nobody_waits_for_is_synced_with_the_next_or_at_the_end() {
+    let shared = open();
+    let (tx, mut rx) = mpsc::channel(64);
+    let syncs_before = shared.stats().syncs;
+    // A delay no test run reaches: only the events below can cause a sync.
+    let (appender, writer) =
+        start_writer_with(Arc::clone(&shared), 1024, Duration::from_secs(3600)).unwrap();
+    let ingress = appender.for_ingress(tx);
+    let mut qos0 = qos1("q0", 0);
+    qos0.qos = Qos::AtMostOnce;
+    for _ in 0..10 {
+        ingress.append(qos0.clone(), None).unwrap();
+    }
+    let start = std::time::Instant::now();
+    while shared.stats().appended < 10 {
+        assert!(
+            start.elapsed() < BOUND,
+            "the writer did not take the appends"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The group is written (the drains can read it) and not synced.
+    assert_eq!(shared.stats().syncs - syncs_before, 0);
+    ingress.append(qos1("q1", 1), Some(1)).unwrap();
+    let (got, _) = collect(&mut rx, 1);
+    assert_eq!(
+        got,
+        vec![AppendReply {
+            token: 1,
+            accepted: true
+        }]
+    );
+    assert_eq!(
+        shared.stats().syncs - syncs_before,
+        1,
+        "one fsync for both groups"
+    );
+    // QoS 0 again, then the writer stops: it syncs before it ends.
+    ingress.append(qos0, None).unwrap();
+    drop(ingress);
+    drop(appender);
+    writer.join().unwrap();
+    assert_eq!(shared.stats().appended, 12);
+    assert_eq!(shared.stats().syncs - syncs_before, 2);
 }

@@ -37,6 +37,7 @@ pub(super) struct RawSpool {
     queue: i64,
     drain_rate: i64,
     drain_bytes_rate: SizeText,
+    memory_tail: SizeText,
 }
 
 impl Default for RawSpool {
@@ -52,6 +53,7 @@ impl Default for RawSpool {
             queue: 65_536,
             drain_rate: 0,
             drain_bytes_rate: "0B".into(),
+            memory_tail: "8MiB".into(),
         }
     }
 }
@@ -125,6 +127,7 @@ pub(super) fn compile_spool(
         0,
         TIB,
     );
+    let memory_tail = size_in(r, &path.key("memory_tail"), &raw.memory_tail, 0, 1 << 30);
     if let (Some(rate), Some(seg)) = (drain_bytes_rate, segment_bytes) {
         if rate != 0 && rate < 64 << 10 && seg > 0 {
             // A message larger than one second's budget could never be sent.
@@ -144,6 +147,7 @@ pub(super) fn compile_spool(
             max_age: max_age.filter(|a| !a.is_zero()),
             when_full: when_full?,
             fsync: fsync?,
+            memory_tail_bytes: memory_tail? as u64,
         },
         queue: queue?,
         drain_rate: drain_rate.filter(|&r| r > 0),
