@@ -276,8 +276,8 @@ impl Router {
 /// follows.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AppendRefused {
-    /// The spool writer's queue is full (or the writer stopped): congestion, the sender may
-    /// retry.
+    /// The spool writer's queue is full (or the writer stopped): a transient refusal, the
+    /// message may be appended again once there is room ([`IngressHandle::room_since`]).
     #[error("spool queue full")]
     QueueFull(Message),
     /// With `[[route]]`s configured, no route matches the topic: the message goes nowhere,

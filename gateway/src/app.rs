@@ -21,7 +21,7 @@ use sensorgate_bridges::upstream::{AckReport, Subscriber, Upstream};
 use crate::config::{Config, UpstreamKind};
 use crate::io::kernel_drops::KernelDrops;
 use crate::io::session_store::{self, SessionStore, StoreError, StoreLink, StoreThread};
-use crate::io::udp::{self, SocketOptions, UdpDriver};
+use crate::io::udp::{self, SocketOptions, UdpDriver, UdpStats};
 use crate::mqttsn::core::Core;
 use crate::preflight::{ErrorClass, class_of_io};
 
@@ -257,12 +257,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     }
     // Counted from here: what the kernel dropped on these sockets before is none of ours.
     let kernel_drops = Arc::new(KernelDrops::new(&sockets));
+    let udp_stats = Arc::new(UdpStats::default());
     let status = tokio::spawn(report_status(
         Arc::clone(&spool),
         drain_stats.clone(),
         amqp_upstreams.clone(),
         router.downlink_stats(),
         Arc::clone(&kernel_drops),
+        Arc::clone(&udp_stats),
         drain_stop.clone(),
     ));
 
@@ -296,7 +298,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         config.mqttsn.recv_batch,
         config.mqttsn.core.max_packet_size,
     )
-    .with_session_store(store);
+    .with_session_store(store)
+    .with_stats(Arc::clone(&udp_stats));
     tracing::info!(listeners = config.mqttsn.listen.len(), "sensorgate ready.");
     let result = driver.run(shutdown).await.map_err(RunError::Transport);
     // Also when the driver failed; what it still held is not acknowledged to the brokers.
@@ -349,6 +352,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             &amqp_upstreams,
             &router_stats,
             &kernel_drops,
+            &udp_stats,
         ),
         None,
     );
@@ -395,7 +399,10 @@ impl DrainWiring<'_> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Status {
     spool: SpoolStats,
+    /// Appends refused for a full writer queue (each retry of a held publish counts again).
     queue_full: u64,
+    /// Publishes without a token the MQTT-SN driver gave up for a full writer queue.
+    queue_dropped: u64,
     /// Datagrams the kernel dropped on the MQTT-SN sockets since bind (receive buffer full).
     kernel_drops: u64,
     upstreams: Vec<UpstreamStatus>,
@@ -447,6 +454,7 @@ impl Status {
         amqp: &[AmqpUpstream],
         router: &DownlinkStats,
         kernel_drops: &KernelDrops,
+        udp: &UdpStats,
     ) -> Status {
         use std::sync::atomic::Ordering::Relaxed;
         let locked = spool.lock();
@@ -484,6 +492,7 @@ impl Status {
         Status {
             spool: locked.stats(),
             queue_full: spool.queue_full(),
+            queue_dropped: udp.queue_dropped(),
             kernel_drops: kernel_drops.read(),
             upstreams,
             amqp,
@@ -500,6 +509,7 @@ impl Status {
     /// Counters of data given up (not merely refused to a sender who retries).
     fn losses(&self) -> u64 {
         self.spool.dropped_oldest
+            + self.queue_dropped
             + self.spool.expired
             + self.spool.corrupt
             + self
@@ -517,15 +527,16 @@ async fn report_status(
     amqp: Vec<AmqpUpstream>,
     router: Arc<DownlinkStats>,
     kernel_drops: Arc<KernelDrops>,
+    udp: Arc<UdpStats>,
     stop: CancellationToken,
 ) {
-    let mut last = Status::take(&spool, &drains, &amqp, &router, &kernel_drops);
+    let mut last = Status::take(&spool, &drains, &amqp, &router, &kernel_drops, &udp);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(STATUS_INTERVAL) => {}
         }
-        let now = Status::take(&spool, &drains, &amqp, &router, &kernel_drops);
+        let now = Status::take(&spool, &drains, &amqp, &router, &kernel_drops, &udp);
         if now != last {
             log_status(&now, Some(&last));
             last = now;
@@ -545,6 +556,7 @@ fn log_status(now: &Status, last: Option<&Status>) {
                 segments = s.segments,
                 rejected_full = s.rejected_full,
                 queue_full = now.queue_full,
+                queue_dropped = now.queue_dropped,
                 kernel_drops = now.kernel_drops,
                 dropped_oldest = s.dropped_oldest,
                 expired = s.expired,
@@ -562,7 +574,7 @@ fn log_status(now: &Status, last: Option<&Status>) {
     if lost {
         spool_line!(
             warn,
-            "Spool status: messages were dropped (dropped_oldest, expired, corrupt, refused upstream or backlog_dropped)."
+            "Spool status: messages were dropped (dropped_oldest, queue_dropped, expired, corrupt, refused upstream or backlog_dropped)."
         );
     } else {
         spool_line!(info, "Spool status.");

@@ -88,7 +88,7 @@ pub struct SharedSpool<F: Fs> {
     spool: Mutex<Spool<F>>,
     /// The last sequence id written; changes wake the drains.
     written: watch::Sender<u64>,
-    /// Messages refused because the writer's queue was full (shared with the appenders).
+    /// Appends refused because the writer's queue was full (shared with the appenders).
     queue_full: Arc<AtomicU64>,
 }
 
@@ -103,8 +103,11 @@ impl<F: Fs> SharedSpool<F> {
         })
     }
 
-    /// Messages refused (QoS >= 1: answered with congestion; QoS 0: dropped) because the
-    /// writer's queue was full.
+    /// Appends refused because the writer's queue was full (or the writer stopped). A
+    /// refusal is not a loss: the MQTT-SN driver holds a refused message and appends it
+    /// again once the writer has room (each refused retry counts again), so a count here
+    /// says the queue was full and the driver paused its reads; what it gave up is its own
+    /// counter (`queue_dropped`).
     pub fn queue_full(&self) -> u64 {
         self.queue_full.load(Relaxed)
     }

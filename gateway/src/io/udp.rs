@@ -13,20 +13,40 @@
 //! store thread ([`StoreLink`]), never waiting for the disk itself.
 //!
 //! Backpressure: when the spool writer's queue refuses an append ([`AppendRefused::QueueFull`])
-//! the driver stops reading its sockets ([`ReadGate`]) until the writer has taken from the
-//! queue again ([`IngressHandle::room_since`], woken by the writer, no polling), so a burst
-//! waits in the kernel's receive buffers (`recv_buffer`) instead of being read and discarded;
-//! what overflows those is counted by the kernel (`kernel_drops` in the status line). The
-//! message that met the full queue keeps its answer (QoS 1/2: congestion, the sensor retries;
-//! QoS 0/-1: dropped, counted as `queue_full`), as do the others already read in the same
-//! round (at most `1 + DRAIN_ROUNDS` receive batches per socket). While paused, the spool's
+//! the driver holds the refused publish, and every publish the core emits after it, in order
+//! (`held`), and stops reading its sockets ([`ReadGate`]) until the writer has taken from the
+//! queue again ([`IngressHandle::room_since`], woken by the writer, no polling). Then it
+//! appends the held publishes first, in order, taking a fresh progress mark before each
+//! try; if the queue fills again the rest stay held and it waits again. Only with nothing
+//! held does it read again. So a burst waits in the kernel's receive buffers (`recv_buffer`)
+//! instead of being read and discarded, what overflows those is counted by the kernel
+//! (`kernel_drops` in the status line), and nothing read is dropped: a QoS 1/2 sensor gets
+//! its PUBACK / PUBREC (accepted) once the held publish is appended and durable, never
+//! congestion for a transient full queue. The log order per sender is the order the core
+//! emitted the publishes, held or not.
+//!
+//! Invariants: while anything is held the sockets are not read (`held` non-empty implies a
+//! paused [`ReadGate`]); hence at most what one round read is held, [`HELD_ROUNDS`] receive
+//! batches per socket ([`held_max`]). Publishes emitted without reading while
+//! paused (a Will due at a keep-alive expiry) go behind the held ones too; one that would
+//! exceed the bound gets the old answer instead (QoS 1/2: congestion, the sensor retries;
+//! QoS 0/-1 and Wills: dropped, counted in [`UdpStats::queue_dropped`]). A spool verdict
+//! for a held publish cannot come (none was taken), so `local_pending` keeps its copy until
+//! the verdict of the append that took it. At shutdown the held publishes are tried once
+//! more without waiting; what is still refused is not acknowledged (QoS 1/2 senders resend
+//! it to the next run) or, without a token, lost and counted. While paused, the spool's
 //! verdicts, downlink, the session store and the timers are served as usual, so the queue
 //! drains and sessions do not time out.
+//!
+//! Every refusal, the first one and each failed retry, is counted as `queue_full` in the
+//! spool status (`SharedSpool::queue_full`): a count there says the writer's queue was full
+//! and reading paused, not that anything was lost.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Instant;
 
@@ -56,6 +76,27 @@ const LOCAL_PENDING_MAX: usize = 65_536;
 /// Receive batches taken from each socket per round beyond the one that woke the driver,
 /// before output is flushed.
 const DRAIN_ROUNDS: usize = 4;
+
+/// Receive batches per socket whose publishes may be held at once (see the module doc,
+/// backpressure): one round's reads, the batch that woke the driver and [`DRAIN_ROUNDS`].
+const HELD_ROUNDS: usize = 1 + DRAIN_ROUNDS;
+
+/// The driver's counters, read by the status line.
+#[derive(Debug, Default)]
+pub struct UdpStats {
+    /// Publishes without a token (QoS 0/-1, Wills) given up for a full spool queue: beyond
+    /// the held bound, or still held at shutdown. A QoS 1/2 publish is never counted here:
+    /// it is answered with congestion (beyond the bound) or left unacknowledged (shutdown),
+    /// and its sender resends it.
+    pub queue_dropped: AtomicU64,
+}
+
+impl UdpStats {
+    /// [`Self::queue_dropped`], now.
+    pub fn queue_dropped(&self) -> u64 {
+        self.queue_dropped.load(Ordering::Relaxed)
+    }
+}
 
 /// Whether the driver reads its sockets (see the module doc, backpressure): paused by a
 /// refusal for a full spool queue until the writer has made progress past the mark taken
@@ -224,6 +265,13 @@ pub struct UdpDriver {
     store: Option<StoreLink>,
     /// Paused while the spool writer's queue is full (backpressure).
     gate: ReadGate,
+    /// Publishes refused for a full spool queue and those emitted after them, in the core's
+    /// order, waiting for room (see the module doc, backpressure); at most `held_max`.
+    held: VecDeque<(Message, Option<u64>)>,
+    /// The most `held` takes: [`HELD_ROUNDS`] receive batches per socket.
+    held_max: usize,
+    /// Counters for the status line.
+    stats: Arc<UdpStats>,
 }
 
 impl UdpDriver {
@@ -244,6 +292,7 @@ impl UdpDriver {
             .iter()
             .map(|s| SendBatch::new(SEND_BATCH, s.local_addr().is_ok_and(|a| a.is_ipv6())))
             .collect();
+        let sockets_len = sockets.len();
         UdpDriver {
             core,
             sockets: sockets.into_iter().map(Arc::new).collect(),
@@ -256,7 +305,17 @@ impl UdpDriver {
             tx,
             store: None,
             gate: ReadGate::default(),
+            held: VecDeque::new(),
+            held_max: held_max(recv_batch, sockets_len),
+            stats: Arc::default(),
         }
+    }
+
+    /// Counts into `stats` (shared with the status line) instead of a counter of its own.
+    #[must_use]
+    pub fn with_stats(mut self, stats: Arc<UdpStats>) -> Self {
+        self.stats = stats;
+        self
     }
 
     /// Persists sessions through `store`: downlink queued for a persistent session is
@@ -312,6 +371,7 @@ impl UdpDriver {
             });
             tokio::select! {
                 () = shutdown.cancelled() => {
+                    self.release_held();
                     if let Some(store) = self.store.as_mut() {
                         store.finish(&mut self.core).await;
                     }
@@ -322,8 +382,12 @@ impl UdpDriver {
                     self.receive_batch(index)?;
                 }
                 () = room, if !reading => {
-                    tracing::trace!("Spool queue has room again; reading the sockets.");
+                    // The held publishes go first; reading resumes only once all are taken.
                     self.gate.room();
+                    self.append_held(Instant::now());
+                    if self.gate.reading() {
+                        tracing::trace!("Spool queue has room again; reading the sockets.");
+                    }
                 }
                 Some(replies) = self.replies.recv() => {
                     let now = Instant::now();
@@ -478,6 +542,112 @@ impl UdpDriver {
         }
     }
 
+    /// Hands a publish from the core to the spool, or holds it (see the module doc,
+    /// backpressure): behind those already held, so the log keeps the core's order, or when
+    /// the writer's queue is full, pausing the reads. A topic no route takes is refused for
+    /// good: rc 0x03 (QoS 0/-1: dropped), counted by the router (`unrouted`).
+    fn append_or_hold(&mut self, now: Instant, message: Message, token: Option<u64>) {
+        if !self.held.is_empty() {
+            self.hold(now, message, token);
+            return;
+        }
+        // Taken before the append, so a take by the writer in between is seen.
+        let mark = self.ingress.room_mark();
+        match self.ingress.append(message, token) {
+            Ok(()) => {}
+            Err(AppendRefused::QueueFull(message)) => {
+                tracing::debug!(
+                    "Spool queue full; holding publishes, reads paused until it has room."
+                );
+                self.gate.refused(mark);
+                self.hold(now, message, token);
+            }
+            Err(AppendRefused::NoRoute(_)) => self.answer(now, token, PublishOutcome::NoRoute),
+        }
+    }
+
+    /// Holds a publish refused for a full queue (or behind one); beyond `held_max`
+    /// (only publishes emitted while paused without reading, e.g. Wills, can get there) it
+    /// gets the answer of a full queue without holding: congestion, or dropped and counted.
+    fn hold(&mut self, now: Instant, message: Message, token: Option<u64>) {
+        if self.held.len() < self.held_max {
+            self.held.push_back((message, token));
+            return;
+        }
+        match token {
+            Some(_) => self.answer(now, token, PublishOutcome::Congestion),
+            None => {
+                self.stats.queue_dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    topic = %message.topic,
+                    "Spool queue full and too many publishes held; a publish without a token was dropped."
+                );
+            }
+        }
+    }
+
+    /// The writer took from its queue: appends the held publishes in order until the queue
+    /// refuses again (the rest stay held and the reads paused, with a fresh mark).
+    fn append_held(&mut self, now: Instant) {
+        while let Some((message, token)) = self.held.pop_front() {
+            let mark = self.ingress.room_mark();
+            match self.ingress.append(message, token) {
+                Ok(()) => {}
+                Err(AppendRefused::QueueFull(message)) => {
+                    self.held.push_front((message, token));
+                    self.gate.refused(mark);
+                    return;
+                }
+                Err(AppendRefused::NoRoute(_)) => {
+                    self.answer(now, token, PublishOutcome::NoRoute);
+                }
+            }
+        }
+    }
+
+    /// Shutdown: the held publishes are tried once more, without waiting; the rest are not
+    /// acknowledged (QoS 1/2: the sender resends to the next run) or, without a token, lost
+    /// and counted. Stops at the first refusal so a later publish never overtakes it.
+    fn release_held(&mut self) {
+        while let Some((message, token)) = self.held.pop_front() {
+            match self.ingress.append(message, token) {
+                // A verdict may still come; nobody reads it any more (like any in flight).
+                // A topic no route takes: refused for good, counted by the router.
+                Ok(()) | Err(AppendRefused::NoRoute(_)) => {}
+                Err(AppendRefused::QueueFull(message)) => {
+                    self.held.push_front((message, token));
+                    break;
+                }
+            }
+        }
+        if self.held.is_empty() {
+            return;
+        }
+        let mut dropped = 0;
+        for (_, token) in self.held.drain(..) {
+            match token {
+                Some(token) => drop(self.local_pending.remove(&token)),
+                None => dropped += 1,
+            }
+        }
+        self.stats
+            .queue_dropped
+            .fetch_add(dropped, Ordering::Relaxed);
+        tracing::debug!(
+            dropped,
+            "Stopping with the spool queue full; held publishes not taken (QoS 1/2 unacknowledged)."
+        );
+    }
+
+    /// Answers a tokened publish at once (its kept copy for the other ingresses forgotten);
+    /// without a token there is nobody to answer.
+    fn answer(&mut self, now: Instant, token: Option<u64>, outcome: PublishOutcome) {
+        if let Some(token) = token {
+            self.local_pending.remove(&token);
+            self.core.handle_publish_result(now, token, outcome);
+        }
+    }
+
     #[allow(clippy::disallowed_methods)]
     async fn flush(&mut self, tx_buf: &mut Vec<u8>) -> io::Result<()> {
         let now = Instant::now();
@@ -485,30 +655,7 @@ impl UdpDriver {
             match event {
                 Event::Publish { message, token } => {
                     self.keep_local(&message, token);
-                    // A full spool queue refuses at once: congestion, the sensor retries
-                    // (QoS 0: dropped). Counted as `queue_full` in the spool status; the
-                    // sockets are not read until the queue has room (backpressure). A topic
-                    // no route takes is refused for good: rc 0x03 (QoS 0/-1: dropped);
-                    // counted by the router (`unrouted`).
-                    // Taken before the append, so a take by the writer in between is seen.
-                    let mark = self.ingress.room_mark();
-                    let outcome = match self.ingress.append(message, token) {
-                        Ok(()) => None,
-                        Err(AppendRefused::QueueFull(_)) => {
-                            if self.gate.reading() {
-                                tracing::debug!(
-                                    "Spool queue full; pausing reads until it has room."
-                                );
-                            }
-                            self.gate.refused(mark);
-                            Some(PublishOutcome::Congestion)
-                        }
-                        Err(AppendRefused::NoRoute(_)) => Some(PublishOutcome::NoRoute),
-                    };
-                    if let (Some(token), Some(outcome)) = (token, outcome) {
-                        self.local_pending.remove(&token);
-                        self.core.handle_publish_result(now, token, outcome);
-                    }
+                    self.append_or_hold(now, message, token);
                 }
                 // The core keeps its distinct filters within `max_filters`, the router's
                 // limit too, so a refusal comes from another ingress's filters filling the
@@ -547,6 +694,14 @@ impl UdpDriver {
     }
 }
 
+/// The most publishes held at once: [`HELD_ROUNDS`] receive batches of `recv_batch` per
+/// socket (see the module doc, backpressure).
+fn held_max(recv_batch: usize, sockets: usize) -> usize {
+    HELD_ROUNDS
+        .saturating_mul(recv_batch)
+        .saturating_mul(sockets)
+}
+
 /// Errors a UDP socket reports about one peer (ICMP unreachable and the like), not about itself.
 pub(crate) fn is_peer_error(e: &io::Error) -> bool {
     matches!(
@@ -560,6 +715,9 @@ pub(crate) fn is_peer_error(e: &io::Error) -> bool {
             | io::ErrorKind::Interrupted
     ) || e.raw_os_error() == Some(nix::errno::Errno::EMSGSIZE as i32)
 }
+
+#[cfg(test)]
+mod driver_tests;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,385 @@
+//! The real [`UdpDriver`] against a real spool writer whose queue holds one append and whose
+//! disk is stalled by the test (it holds the spool's lock, so the writer cannot write): a
+//! client on a real UDP socket floods it, raw MQTT-SN bytes. Nothing read may be dropped:
+//! every publish ends up in the spool, in order, and a QoS 1 sender gets PUBACK accepted
+//! for each, only once its message is in the spool. Many more publishes are sent than the
+//! driver may hold (`held_max`), so this also fails if it kept reading while holding.
+//!
+//! No sleep synchronises anything: the test waits on conditions (the refusal counter, the
+//! spool's contents, datagrams) within generous bounds.
+
+#![allow(clippy::disallowed_methods)] // Waits are bounded by the real clock.
+
+use std::path::PathBuf;
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use sensorgate_bridges::durable::memfs::MemFs;
+use sensorgate_bridges::route::RouteTable;
+use sensorgate_bridges::router::Router;
+use sensorgate_bridges::spool::{
+    FsyncPolicy, Record, SharedSpool, Spool, SpoolConfig, WhenFull, start_writer, wall_ms,
+};
+
+use super::*;
+use crate::mqttsn::codec::{self, DecodeLimits, Frame, Packet, QoS, ReturnCode, TopicRef};
+use crate::mqttsn::core::CoreConfig;
+
+/// How long any awaited condition may take at most (a loaded CI machine included).
+const BOUND: Duration = Duration::from_secs(30);
+
+/// Datagrams per receive batch: small, so the driver may hold few publishes
+/// (`HELD_ROUNDS * RECV_BATCH`) compared with those sent.
+const RECV_BATCH: usize = 4;
+
+/// The writer's queue (`[spool] queue`): one append.
+const QUEUE: usize = 1;
+
+const TOPIC: &str = "held/t";
+
+/// A driver on 127.0.0.1 with its spool writer, and a client socket.
+struct Rig {
+    shared: Arc<SharedSpool<MemFs>>,
+    stats: Arc<UdpStats>,
+    stop: CancellationToken,
+    driver: tokio::task::JoinHandle<io::Result<()>>,
+    writer: std::thread::JoinHandle<()>,
+    client: UdpSocket,
+    gateway: SocketAddr,
+}
+
+impl Rig {
+    async fn start(max_inflight: usize) -> Rig {
+        let config = SpoolConfig {
+            dir: PathBuf::from("/spool"),
+            max_bytes: 64 << 20,
+            segment_bytes: 1 << 20,
+            min_free_bytes: 0,
+            max_age: None,
+            when_full: WhenFull::RejectNew,
+            fsync: FsyncPolicy::Always,
+        };
+        let (spool, _) = Spool::open(MemFs::new(), config, &["up".to_owned()]).unwrap();
+        let shared = SharedSpool::new(spool);
+        let (appender, writer) = start_writer(Arc::clone(&shared), QUEUE).unwrap();
+        let router = Router::new(
+            appender,
+            Vec::new(),
+            1024,
+            Arc::new(RouteTable::everything()),
+        );
+        let (reply_tx, reply_rx) = mpsc::channel(64);
+        let ingress = router.ingress(reply_tx);
+        // Only the ingress keeps the writer running, so it stops with the driver.
+        drop(router);
+        // Nobody sends downlink: the closed channel is simply never ready.
+        let (_, downlink_rx) = mpsc::channel(1);
+        let options = SocketOptions {
+            recv_buffer: 1 << 20,
+            send_buffer: 1 << 20,
+        };
+        let socket = bind("127.0.0.1:0".parse().unwrap(), options).unwrap();
+        let gateway = socket.local_addr().unwrap();
+        let core = Core::new(CoreConfig {
+            max_inflight_per_client: max_inflight,
+            ..CoreConfig::with_defaults(1)
+        });
+        let stats = Arc::new(UdpStats::default());
+        let driver = UdpDriver::new(
+            core,
+            vec![socket],
+            ingress,
+            reply_rx,
+            downlink_rx,
+            RECV_BATCH,
+            1024,
+        )
+        .with_stats(Arc::clone(&stats));
+        let stop = CancellationToken::new();
+        // The driver is not `Send` (its batches hold raw `mmsghdr`s): run on this thread,
+        // in the test's `LocalSet`.
+        let driver = tokio::task::spawn_local(driver.run(stop.clone()));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        Rig {
+            shared,
+            stats,
+            stop,
+            driver,
+            writer,
+            client,
+            gateway,
+        }
+    }
+
+    async fn send(&self, packet: Packet<'_>) {
+        let mut buf = Vec::new();
+        packet.encode(&mut buf).unwrap();
+        self.client.send_to(&buf, self.gateway).await.unwrap();
+    }
+
+    /// The next datagram from the gateway, decoded by `f`; panics past [`BOUND`].
+    async fn recv<T>(&self, f: impl FnOnce(Packet<'_>) -> T) -> T {
+        let mut buf = vec![0; 2048];
+        let (n, from) = tokio::time::timeout(BOUND, self.client.recv_from(&mut buf))
+            .await
+            .expect("a reply from the gateway")
+            .unwrap();
+        assert_eq!(from, self.gateway);
+        match codec::decode(&buf[..n], &DecodeLimits::default()).unwrap() {
+            Frame::Plain(p) | Frame::Encapsulated { packet: p, .. } => f(p),
+        }
+    }
+
+    /// CONNECT and REGISTER [`TOPIC`]: its topic id.
+    async fn connect_and_register(&self) -> u16 {
+        self.send(Packet::Connect {
+            will: false,
+            clean_session: true,
+            duration: 600,
+            client_id: "held-client",
+        })
+        .await;
+        let connack = self.recv(|p| {
+            p == Packet::ConnAck {
+                rc: ReturnCode::Accepted,
+            }
+        });
+        assert!(connack.await, "CONNACK accepted");
+        self.send(Packet::Register {
+            topic_id: 0,
+            msg_id: 1,
+            topic_name: TOPIC,
+        })
+        .await;
+        self.recv(|p| match p {
+            Packet::RegAck {
+                topic_id,
+                msg_id: 1,
+                rc: ReturnCode::Accepted,
+            } => topic_id,
+            other => panic!("expected REGACK, got {other:?}"),
+        })
+        .await
+    }
+
+    async fn publish(&self, qos: QoS, topic_id: u16, msg_id: u16, i: u32) {
+        self.send(Packet::Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic: TopicRef::Normal(topic_id),
+            msg_id,
+            data: &i.to_be_bytes(),
+        })
+        .await;
+    }
+
+    /// Every record in the spool, in log order.
+    fn records(&self) -> Vec<Record> {
+        let mut spool = self.shared.lock();
+        let mut pos = spool.reader(0);
+        let mut out = Vec::new();
+        spool.read(&mut pos, 1 << 16, wall_ms(), &mut out).unwrap();
+        out
+    }
+
+    /// Waits until `done` holds; panics with `what` past [`BOUND`].
+    async fn wait_for(&self, what: &str, mut done: impl FnMut(&Rig) -> bool) {
+        let start = Instant::now();
+        while !done(self) {
+            assert!(start.elapsed() < BOUND, "no {what} within {BOUND:?}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Stops the driver (it must end cleanly) and then the writer.
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(BOUND, self.driver)
+            .await
+            .expect("driver stopped")
+            .unwrap()
+            .unwrap();
+        let writer = self.writer;
+        tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Holds the spool's lock on a thread of its own until released: the writer, which needs it
+/// to write, takes at most one group from its queue and then waits.
+struct Stall {
+    release: std_mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Stall {
+    fn start(shared: &Arc<SharedSpool<MemFs>>) -> Stall {
+        let shared = Arc::clone(shared);
+        let (locked_tx, locked_rx) = std_mpsc::channel();
+        let (release, release_rx) = std_mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let _guard = shared.lock();
+            locked_tx.send(()).unwrap();
+            let _ = release_rx.recv();
+        });
+        locked_rx.recv().unwrap();
+        Stall { release, thread }
+    }
+
+    fn release(self) {
+        self.release.send(()).unwrap();
+        self.thread.join().unwrap();
+    }
+}
+
+/// The payloads of `records`, as the publishes' numbers.
+fn numbers(records: &[Record]) -> Vec<u32> {
+    records
+        .iter()
+        .map(|r| {
+            assert_eq!(r.topic, TOPIC);
+            u32::from_be_bytes(r.payload.as_ref().try_into().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_qos0_flood_meeting_a_full_spool_queue_is_held_and_spooled_in_order() {
+    tokio::task::LocalSet::new()
+        .run_until(qos0_flood_is_held_and_spooled_in_order())
+        .await;
+}
+
+async fn qos0_flood_is_held_and_spooled_in_order() {
+    // Five times what the driver may hold: it must stop reading while holding.
+    const N: u32 = 5 * (HELD_ROUNDS * RECV_BATCH) as u32;
+    let rig = Rig::start(16).await;
+    let topic_id = rig.connect_and_register().await;
+
+    let stall = Stall::start(&rig.shared);
+    for i in 0..N {
+        rig.publish(QoS::AtMostOnce, topic_id, 0, i).await;
+    }
+    rig.wait_for("refusal for a full queue", |r| r.shared.queue_full() > 0)
+        .await;
+    stall.release();
+
+    rig.wait_for("every publish spooled", |r| {
+        assert_eq!(r.stats.queue_dropped(), 0, "publishes dropped");
+        r.shared.stats().appended >= u64::from(N)
+    })
+    .await;
+    assert_eq!(numbers(&rig.records()), (0..N).collect::<Vec<_>>());
+    assert_eq!(rig.stats.queue_dropped(), 0, "nothing given up");
+    assert!(rig.shared.queue_full() > 0);
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn qos1_publishes_meeting_a_full_spool_queue_are_acknowledged_once_spooled() {
+    tokio::task::LocalSet::new()
+        .run_until(qos1_publishes_are_acknowledged_once_spooled())
+        .await;
+}
+
+async fn qos1_publishes_are_acknowledged_once_spooled() {
+    // More than the driver may hold, all in flight at once (the core allows it).
+    const N: u16 = 2 * (HELD_ROUNDS * RECV_BATCH) as u16;
+    let rig = Rig::start(usize::from(N)).await;
+    let topic_id = rig.connect_and_register().await;
+
+    let stall = Stall::start(&rig.shared);
+    for msg_id in 1..=N {
+        rig.publish(QoS::AtLeastOnce, topic_id, msg_id, u32::from(msg_id))
+            .await;
+    }
+    rig.wait_for("refusal for a full queue", |r| r.shared.queue_full() > 0)
+        .await;
+    stall.release();
+
+    let mut acknowledged = Vec::new();
+    for _ in 1..=N {
+        let msg_id = rig
+            .recv(|p| match p {
+                Packet::PubAck {
+                    topic_id: t,
+                    msg_id,
+                    rc,
+                } => {
+                    assert_eq!((t, rc), (topic_id, ReturnCode::Accepted), "PUBACK {msg_id}");
+                    msg_id
+                }
+                other => panic!("expected PUBACK, got {other:?}"),
+            })
+            .await;
+        // Acknowledged only once durable: the message is in the spool already.
+        assert!(
+            numbers(&rig.records()).contains(&u32::from(msg_id)),
+            "PUBACK {msg_id} before its message was spooled"
+        );
+        acknowledged.push(msg_id);
+    }
+    acknowledged.sort_unstable();
+    assert_eq!(acknowledged, (1..=N).collect::<Vec<_>>());
+    assert_eq!(
+        numbers(&rig.records()),
+        (1..=u32::from(N)).collect::<Vec<_>>()
+    );
+    assert_eq!(rig.stats.queue_dropped(), 0);
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn held_publishes_still_refused_at_shutdown_are_counted_as_dropped() {
+    tokio::task::LocalSet::new()
+        .run_until(held_publishes_at_shutdown_are_counted())
+        .await;
+}
+
+async fn held_publishes_at_shutdown_are_counted() {
+    const N: u32 = 2 * (HELD_ROUNDS * RECV_BATCH) as u32;
+    let rig = Rig::start(16).await;
+    let topic_id = rig.connect_and_register().await;
+
+    let stall = Stall::start(&rig.shared);
+    for i in 0..N {
+        rig.publish(QoS::AtMostOnce, topic_id, 0, i).await;
+    }
+    rig.wait_for("refusal for a full queue", |r| r.shared.queue_full() > 0)
+        .await;
+    let Rig {
+        shared,
+        stats,
+        stop,
+        driver,
+        writer,
+        ..
+    } = rig;
+    // Stopped while the writer still cannot take: the last try is refused too.
+    stop.cancel();
+    tokio::time::timeout(BOUND, driver)
+        .await
+        .expect("driver stopped")
+        .unwrap()
+        .unwrap();
+    stall.release();
+    tokio::task::spawn_blocking(move || writer.join())
+        .await
+        .unwrap()
+        .unwrap();
+    let dropped = stats.queue_dropped();
+    assert!(dropped > 0, "the held publishes were counted");
+    // What was taken before the queue filled is spooled, in order; nothing after a drop.
+    let mut spool = shared.lock();
+    let mut pos = spool.reader(0);
+    let mut records = Vec::new();
+    spool
+        .read(&mut pos, 1 << 16, wall_ms(), &mut records)
+        .unwrap();
+    let spooled = numbers(&records);
+    assert_eq!(spooled, (0..spooled.len() as u32).collect::<Vec<_>>());
+    assert!(spooled.len() as u64 + dropped <= u64::from(N));
+}
