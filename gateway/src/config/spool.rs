@@ -15,8 +15,8 @@ use super::{DurationText, SizeText};
 pub struct SpoolSection {
     /// The log's settings; `dir` is `<state_dir>/spool`.
     pub spool: SpoolConfig,
-    /// Messages waiting for the spool writer at most; beyond it QoS >= 1 senders get
-    /// congestion and QoS 0 messages are dropped (counted).
+    /// Messages waiting for the spool writer at most; beyond it the MQTT-SN driver keeps what
+    /// it read and pauses reading its sockets until the writer has room.
     pub queue: usize,
     /// Per upstream, messages per second forwarded at most (`None`: unlimited).
     pub drain_rate: Option<u32>,

@@ -58,6 +58,7 @@ impl Rig {
             max_age: None,
             when_full: WhenFull::RejectNew,
             fsync: FsyncPolicy::Always,
+            memory_tail_bytes: 8 << 20,
         };
         let (spool, _) = Spool::open(MemFs::new(), config, &["up".to_owned()]).unwrap();
         let shared = SharedSpool::new(spool);
