@@ -39,7 +39,9 @@ pub struct Tally {
     /// First and last arrival, ns since the epoch.
     pub first_ns: u64,
     pub last_ns: u64,
-    /// Send stamp → arrival, µs.
+    /// Send stamp → first arrival of each distinct message, µs (a QoS 1 message's stamp is
+    /// its first transmission's: retransmissions resend the same bytes; a duplicate's later
+    /// arrival is not a delivery latency).
     pub latency: Histogram<u64>,
     per_client: HashMap<u32, Seen>,
 }
@@ -76,7 +78,6 @@ impl Tally {
             self.first_ns = now;
         }
         self.last_ns = now;
-        let _ = self.latency.record(now.saturating_sub(sent) / 1000);
         if seq >= MAX_SEQ {
             self.malformed += 1;
             return;
@@ -94,6 +95,7 @@ impl Tally {
             *w |= 1 << bit;
         }
         self.unique += 1;
+        let _ = self.latency.record(now.saturating_sub(sent) / 1000);
         match seen.max {
             Some(max) if seq < max => self.reordered += 1,
             _ => seen.max = Some(seq),
@@ -306,6 +308,7 @@ mod tests {
             t.record(&stamp(c, s), 5_000);
         }
         t.record(b"short", 5_000);
+        assert_eq!(t.latency.len(), 5, "one latency per distinct message");
         assert_eq!(
             (
                 t.received,

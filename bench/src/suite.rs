@@ -1,4 +1,9 @@
-//! The standard scenario set and its report.
+//! The standard scenario set and its report. The ten scenarios: 1 QoS 0 from one client
+//! (unpaced flood beside a native MQTT baseline, then paced steps with their latency); 2, 10
+//! and 3 QoS 1 with window 1 from 1, 100 and 1,000 clients (10 was added after 9, hence its
+//! number); 4 connect storm; 5 idle clients beside active publishers; 6 downlink fan-out;
+//! 7 spool drain after a backlog; 8 QoS 1 uplink to RabbitMQ; 9 uplink fan-out to two
+//! upstreams (disk bytes). `targets` checks the issues' targets (issue 13's among them).
 //!
 //! Each scenario runs against a fresh sensorgate (clean CPU and memory figures) and the same
 //! mosquitto; the counting subscriber is reset between runs. Scenario 7 (spool drain) starts
@@ -26,7 +31,7 @@ use crate::sys::{self, ProcSample};
 pub struct Options {
     /// The sensorgate binary.
     pub gateway_bin: PathBuf,
-    /// Scenario numbers to run (1-9).
+    /// Scenario numbers to run (1-10), in this order.
     pub only: Vec<u8>,
     /// Smaller sizes.
     pub quick: bool,
@@ -240,6 +245,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             1 => qos0_one_client(&mut env).await,
             2 => qos1(&mut env, 2, 1).await,
             3 => qos1(&mut env, 3, 1000).await,
+            10 => qos1(&mut env, 10, 100).await,
             4 => connect_storm(&mut env).await,
             5 => idle_and_active(&mut env).await,
             6 => fan_out(&mut env).await,
@@ -295,8 +301,18 @@ async fn uplink(
     Ok((sent, secs, tally, cpu))
 }
 
-/// Scenario 1: QoS 0 from one client, unpaced, the native baseline, then paced steps up to
-/// the highest rate without loss.
+/// A paced step of scenario 1 counts as offered at its rate when the generator sent at least
+/// this share of it (on a busy machine it can fall behind).
+const PACED_OFFERED_SHARE: f64 = 0.95;
+
+/// Paced steps of scenario 1 up to this rate run even after a loss at a lower one: their
+/// latency is a target (issue 13: p99 at 10k and at 100k msg/s).
+const PACED_LATENCY_STEPS_UP_TO: f64 = 100_000.0;
+
+/// Scenario 1: QoS 0 from one client, unpaced (with the kernel's drops at the gateway's
+/// socket), the native baseline, then paced steps up to the highest rate without loss, with
+/// the end-to-end latency of each.
+#[allow(clippy::too_many_lines)]
 async fn qos0_one_client(env: &mut Env) -> anyhow::Result<Scenario> {
     let mut s = Scenario::new(
         1,
@@ -309,14 +325,36 @@ async fn qos0_one_client(env: &mut Env) -> anyhow::Result<Scenario> {
     let mut spec = env.spec(&gw);
     spec.messages = n;
     spec.publish_for = Duration::from_secs(20);
+    let drops_before = sys::udp_drops(gw.addr);
     let (sent, secs, tally, cpu) = uplink(env, &gw, spec, Duration::from_secs(25)).await?;
+    let drops_after = sys::udp_drops(gw.addr);
     s.put(
         "unpaced offered rate",
         sent as f64 / secs.max(1e-9),
         "msg/s",
     );
     put_tally(&mut s, &tally, sent);
+    put_latency(&mut s, "unpaced: latency", &tally.latency);
     cpu.put(&mut s, tally.unique, "delivered msg");
+    // Where the unpaced loss happened: datagrams the kernel dropped at the gateway's socket
+    // (receive buffer full while the gateway does not read: its backpressure) are counted by
+    // the kernel; the rest was lost inside the gateway. This assumes the broker and the
+    // counting subscriber lose nothing: the baseline's loss below, through the same broker and
+    // subscriber, shows when they do (then "lost inside the gateway" is overstated by it).
+    if let (Some(before), Some(after)) = (drops_before, drops_after) {
+        let kernel = after.saturating_sub(before);
+        s.put("kernel drops at the gateway socket", kernel as f64, "msgs");
+        s.put(
+            "lost inside the gateway",
+            sent.saturating_sub(tally.unique).saturating_sub(kernel) as f64,
+            "msgs",
+        );
+    } else {
+        s.notes.push(format!(
+            "no kernel drop count: /proc/net/udp{{,6}} lists no socket bound to {}",
+            gw.addr
+        ));
+    }
 
     // Native MQTT baseline: the same messages straight into the broker.
     env.counter.reset();
@@ -352,16 +390,20 @@ async fn qos0_one_client(env: &mut Env) -> anyhow::Result<Scenario> {
     };
     s.put("gateway / baseline delivered rate", ratio, "%");
 
-    // Paced steps: the highest offered rate with zero loss.
+    // Paced steps: the highest offered rate with zero loss, and each step's latency.
     let steps: &[f64] = if env.opts.quick {
-        &[10_000.0, 50_000.0, 100_000.0]
+        &[10_000.0, 50_000.0, 100_000.0, 150_000.0]
     } else {
         &[
             10_000.0, 25_000.0, 50_000.0, 75_000.0, 100_000.0, 125_000.0, 150_000.0, 200_000.0,
         ]
     };
-    let mut best = 0.0;
+    let (mut best, mut best_offered) = (0.0, 0.0);
+    let mut first_loss = None;
     for &rate in steps {
+        if first_loss.is_some() && rate > PACED_LATENCY_STEPS_UP_TO {
+            break;
+        }
         let secs = 2.0;
         let mut spec = env.spec(&gw);
         spec.id_prefix = format!("p{rate}-");
@@ -371,39 +413,50 @@ async fn qos0_one_client(env: &mut Env) -> anyhow::Result<Scenario> {
         let (sent, took, t, cpu) = uplink(env, &gw, spec, Duration::from_secs(15)).await?;
         let lost = sent.saturating_sub(t.unique);
         let k = format!("{}k", rate / 1000.0);
-        s.put(
-            &format!("paced {k}: offered"),
-            sent as f64 / took.max(1e-9),
-            "msg/s",
-        );
+        let offered = sent as f64 / took.max(1e-9);
+        s.put(&format!("paced {k}: offered"), offered, "msg/s");
+        if offered < PACED_OFFERED_SHARE * rate {
+            s.notes.push(format!(
+                "paced {k}: the generator offered only {offered:.0} msg/s (it fell behind)"
+            ));
+        }
         s.put(&format!("paced {k}: lost"), lost as f64, "msgs");
         let mut step = Scenario::new(0, "");
         cpu.put(&mut step, t.unique, "delivered msg");
         if let Some(us) = step.get("gateway CPU per delivered msg") {
             s.put(&format!("paced {k}: gateway CPU per msg"), us, "us");
         }
-        if rate <= 10_000.0 {
-            put_latency(&mut s, &format!("paced {k}: latency"), &t.latency);
-        }
+        put_latency(&mut s, &format!("paced {k}: latency"), &t.latency);
         if (rate - 100_000.0).abs() < 1.0 {
             s.put("paced 100k lost", lost as f64, "msgs");
         }
-        if lost > 0 {
+        if lost > 0 && first_loss.is_none() {
             s.notes.push(format!("first loss at {rate} msg/s offered"));
-            break;
+            first_loss = Some(rate);
         }
-        best = rate;
+        if first_loss.is_none() {
+            (best, best_offered) = (rate, offered);
+        }
     }
     s.put("highest paced rate without loss", best, "msg/s");
+    s.put(
+        "highest paced rate without loss: offered",
+        best_offered,
+        "msg/s",
+    );
     Ok(s)
 }
 
-/// Scenarios 2 and 3: QoS 1, window 1.
+/// Scenarios 2, 10 and 3: QoS 1, window 1, from 1, 100 and 1,000 clients; acknowledged rate
+/// and the end-to-end latency to the counting subscriber.
 async fn qos1(env: &mut Env, id: u8, clients: usize) -> anyhow::Result<Scenario> {
     let mut s = Scenario::new(id, &format!("QoS 1, {clients} client(s), window 1"));
+    // Full runs take some 5-20 s of publishing, quick ones one to a few seconds.
     let per_client: u64 = match (clients, env.opts.quick) {
         (1, false) => 20_000,
         (1, true) => 5_000,
+        (100, false) => 2_500,
+        (100, true) => 500,
         (_, false) => 100,
         (_, true) => 30,
     };
@@ -440,6 +493,8 @@ async fn qos1(env: &mut Env, id: u8, clients: usize) -> anyhow::Result<Scenario>
         acked.saturating_sub(tally.unique) as f64,
         "msgs",
     );
+    // From the first transmission's send stamp to the subscriber (same clock).
+    put_latency(&mut s, "end-to-end latency", &tally.latency);
     cpu.put(&mut s, acked, "acknowledged msg");
     Ok(s)
 }
@@ -1364,11 +1419,12 @@ async fn fan_out_disk_run(
 
 fn targets(scenarios: &[Scenario]) -> Vec<Target> {
     let find = |id: u8, m: &str| scenarios.iter().find(|s| s.id == id).and_then(|s| s.get(m));
-    let mut out = Vec::new();
-    let mut add =
+    // A cell: `add` and the targets with their own wording push to it in turn.
+    let out = std::cell::RefCell::new(Vec::new());
+    let add =
         |scenario: u8, target: &str, value: Option<f64>, unit: &str, met: &dyn Fn(f64) -> bool| {
             if let Some(v) = value {
-                out.push(Target {
+                out.borrow_mut().push(Target {
                     scenario,
                     target: target.to_owned(),
                     measured: format!("{v:.2} {unit}"),
@@ -1390,19 +1446,84 @@ fn targets(scenarios: &[Scenario]) -> Vec<Target> {
         "msgs lost",
         &|v| v == 0.0,
     );
+    if let Some(best) = find(1, "highest paced rate without loss") {
+        let offered = find(1, "highest paced rate without loss: offered").unwrap_or(0.0);
+        out.borrow_mut().push(Target {
+            scenario: 1,
+            target: format!(
+                "QoS 0: zero loss up to 150,000 msg/s paced (the generator offering >= {:.0}% \
+                 of it)",
+                100.0 * PACED_OFFERED_SHARE
+            ),
+            measured: format!(
+                "no loss up to the {best:.0} msg/s step (offered {offered:.0} msg/s)"
+            ),
+            met: best >= 150_000.0 && offered >= PACED_OFFERED_SHARE * 150_000.0,
+        });
+    }
     add(
         1,
-        "QoS 0: delivered rate >= 75% of the native baseline",
+        "QoS 0 unpaced flood: delivered rate >= 90% of the native baseline",
         find(1, "gateway / baseline delivered rate"),
         "%",
-        &|v| v >= 75.0,
+        &|v| v >= 90.0,
     );
+    if let Some(inside) = find(1, "lost inside the gateway") {
+        let kernel = find(1, "kernel drops at the gateway socket").unwrap_or(0.0);
+        let baseline = find(1, "baseline loss").unwrap_or(0.0);
+        out.borrow_mut().push(Target {
+            scenario: 1,
+            target: "QoS 0 unpaced flood: no message dropped inside the gateway \
+                     (kernel drops at its socket counted separately)"
+                .into(),
+            measured: format!(
+                "{inside:.0} msgs lost inside (kernel drops {kernel:.0}; \
+                 baseline loss {baseline:.2}%)"
+            ),
+            met: inside == 0.0,
+        });
+    }
     add(
         1,
-        "QoS 0 at 10,000 msg/s: p99 latency <= 2 ms",
+        "QoS 0 paced at 10,000 msg/s: p99 latency <= 2 ms",
         find(1, "paced 10k: latency p99"),
         "ms",
         &|v| v <= 2.0,
+    );
+    add(
+        1,
+        "QoS 0 paced at 100,000 msg/s: p99 latency <= 5 ms",
+        find(1, "paced 100k: latency p99"),
+        "ms",
+        &|v| v <= 5.0,
+    );
+    add(
+        2,
+        "QoS 1, one client, window 1: >= 4,000 msg/s acknowledged",
+        find(2, "acknowledged rate"),
+        "msg/s",
+        &|v| v >= 4_000.0,
+    );
+    add(
+        2,
+        "QoS 1, one client, window 1: <= 100 us gateway CPU per acknowledged msg",
+        find(2, "gateway CPU per acknowledged msg"),
+        "us",
+        &|v| v <= 100.0,
+    );
+    add(
+        10,
+        "QoS 1, 100 clients, window 1: end-to-end p99 to the subscriber <= 20 ms",
+        find(10, "end-to-end latency p99"),
+        "ms",
+        &|v| v <= 20.0,
+    );
+    add(
+        3,
+        "QoS 1, 1,000 clients, window 1: end-to-end p99 to the subscriber <= 20 ms",
+        find(3, "end-to-end latency p99"),
+        "ms",
+        &|v| v <= 20.0,
     );
     add(
         3,
@@ -1457,6 +1578,7 @@ fn targets(scenarios: &[Scenario]) -> Vec<Target> {
         "x",
         &|v| v <= 1.2,
     );
+    let mut out = out.into_inner();
     if let Some(drain) = find(7, "drain rate (first to last delivery)") {
         let limit =
             find(7, "broker limit (native QoS 1 with sg-seq, one connection)").unwrap_or(0.0);

@@ -1,8 +1,9 @@
 //! What the harness reads from the OS: a process's CPU time, memory and I/O counters from
-//! `/proc`, the size of a directory, the machine description for the report, and the
-//! open-file limit the big scenarios need.
+//! `/proc`, the kernel's drop counter of a UDP socket, the size of a directory, the machine
+//! description for the report, and the open-file limit the big scenarios need.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
@@ -94,6 +95,71 @@ pub fn io(pid: u32) -> Option<IoSample> {
         write_bytes: field("write_bytes")?,
         cancelled_write_bytes: field("cancelled_write_bytes")?,
     })
+}
+
+/// The system-wide UDP socket tables of this network namespace, IPv4 then IPv6.
+const UDP_TABLES: [&str; 2] = ["/proc/net/udp", "/proc/net/udp6"];
+
+/// Datagrams the kernel dropped at the UDP sockets bound to `local` (receive buffer full),
+/// summed over the rows of `/proc/net/udp` and `/proc/net/udp6` whose local address is
+/// `local` (or the wildcard address) with `local`'s port. The counter is kept per socket since
+/// it was created, so callers take a difference. `None` when no table lists such a socket.
+#[must_use]
+pub fn udp_drops(local: SocketAddr) -> Option<u64> {
+    let mut found = None;
+    for table in UDP_TABLES {
+        if let Ok(text) = std::fs::read_to_string(table)
+            && let Some(drops) = parse_udp_drops(&text, local)
+        {
+            found = Some(found.unwrap_or(0u64).saturating_add(drops));
+        }
+    }
+    found
+}
+
+/// The `drops` sum of a `/proc/net/udp{,6}` table's rows bound to `local` (see [`udp_drops`]);
+/// `None` when no row is. The header and unreadable rows are skipped.
+fn parse_udp_drops(table: &str, local: SocketAddr) -> Option<u64> {
+    let mut found = None;
+    for line in table.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let Some(addr) = fields.get(1).and_then(|a| parse_proc_addr(a)) else {
+            continue;
+        };
+        let ip_matches = addr.ip() == local.ip() || addr.ip().is_unspecified();
+        if !ip_matches || addr.port() != local.port() {
+            continue;
+        }
+        // `drops` is the last column of a row.
+        if let Some(drops) = fields.last().and_then(|d| d.parse::<u64>().ok()) {
+            found = Some(found.unwrap_or(0u64).saturating_add(drops));
+        }
+    }
+    found
+}
+
+/// An address as `/proc/net/udp{,6}` prints it: the address as 32-bit words, each in host
+/// byte order and printed as `%08X` (one word for IPv4, four for IPv6), a colon, the port in
+/// hexadecimal.
+fn parse_proc_addr(field: &str) -> Option<SocketAddr> {
+    let (ip, port) = field.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |k: usize| -> Option<[u8; 4]> {
+        let hex = ip.get(k * 8..k * 8 + 8)?;
+        Some(u32::from_str_radix(hex, 16).ok()?.to_ne_bytes())
+    };
+    let ip = match ip.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(word(0)?)),
+        32 => {
+            let mut octets = [0u8; 16];
+            for (k, chunk) in octets.chunks_exact_mut(4).enumerate() {
+                chunk.copy_from_slice(&word(k)?);
+            }
+            IpAddr::V6(Ipv6Addr::from(octets))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 /// Bytes of the files under a directory: their lengths, and what they occupy on disk.
@@ -235,6 +301,44 @@ mod tests {
         std::fs::read_to_string("/proc/self/status").unwrap();
         let after = io(std::process::id()).unwrap();
         assert!(after.since(&before).rchar > 0);
+    }
+
+    /// The sample rows are as a little-endian host prints them (words in host byte order).
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn reads_the_drops_of_the_socket_bound_to_an_address() {
+        let v4 = concat!(
+            "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  ",
+            "timeout inode ref pointer drops\n",
+            "  12: 0100007F:1F90 00000000:0000 07 00000000:00000000 00:00000000 00000000  1000 ",
+            "       0 4242 2 0000000000000000 17\n",
+            "  13: 01004D7F:1F90 0100007F:1F90 01 00000000:00000000 00:00000000 00000000  1000 ",
+            "       0 4243 2 0000000000000000 5\n",
+            "  14: 0100007F:1F91 00000000:0000 07 00000000:00000000 00:00000000 00000000  1000 ",
+            "       0 4244 2 0000000000000000 9\n",
+            "garbage\n",
+        );
+        let gw: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(
+            parse_udp_drops(v4, gw),
+            Some(17),
+            "127.0.0.1:8080 only: not a client on 127.77.0.1 with the same port"
+        );
+        let other: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        assert_eq!(parse_udp_drops(v4, other), None);
+        let v6 = concat!(
+            "  1: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 ",
+            "07 00000000:00000000 00:00000000 00000000  1000        0 77 2 0000000000000000 3\n",
+        );
+        let gw6: SocketAddr = "[::1]:8080".parse().unwrap();
+        assert_eq!(parse_udp_drops(v6, gw6), Some(3));
+    }
+
+    #[test]
+    fn reads_the_drops_of_a_bound_socket_from_proc() {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = sock.local_addr().unwrap();
+        assert_eq!(udp_drops(addr), Some(0));
     }
 
     #[test]
