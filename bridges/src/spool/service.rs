@@ -568,6 +568,8 @@ pub async fn drain<F: Fs, U: Upstream>(
     machine.handle_link(*link.borrow_and_update());
     let mut reports = Vec::new();
     let mut stopping = false;
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(clock().into()));
+    let mut timer_at = None;
     loop {
         if !stopping && shutdown.is_cancelled() {
             stopping = true;
@@ -638,11 +640,19 @@ pub async fn drain<F: Fs, U: Upstream>(
             }
         }
         let wake = machine.poll_timeout();
+        // One timer for the task's life, moved only when the deadline changes: registering
+        // a fresh one each turn would wake the runtime's driver every time.
+        if let Some(at) = wake {
+            if timer_at != Some(at) {
+                timer.as_mut().reset(at.into());
+                timer_at = Some(at);
+            }
+        }
         let sleep = async {
             match wake {
                 // Work is ready now: let the runtime's other tasks run first.
                 Some(at) if at <= clock() => tokio::task::yield_now().await,
-                Some(at) => tokio::time::sleep_until(at.into()).await,
+                Some(_) => timer.as_mut().await,
                 None => std::future::pending().await,
             }
         };

@@ -336,11 +336,21 @@ impl UdpDriver {
         let mut tx_buf = Vec::with_capacity(256);
         // Restored sessions' subscriptions go upstream now, not at the first wake-up.
         self.flush(&mut tx_buf).await?;
+        let mut timer = std::pin::pin!(tokio::time::sleep_until(Instant::now().into()));
+        let mut timer_at = None;
         loop {
             let deadline = self.core.poll_timeout();
+            // One timer, moved only when the deadline changes: a fresh registration each
+            // round would wake the runtime's driver every time.
+            if let Some(d) = deadline {
+                if timer_at != Some(d) {
+                    timer.as_mut().reset(d.into());
+                    timer_at = Some(d);
+                }
+            }
             let sleep = async {
                 match deadline {
-                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    Some(_) => timer.as_mut().await,
                     None => std::future::pending().await,
                 }
             };
