@@ -721,3 +721,66 @@ fn every_single_flipped_byte_of_the_last_segment_costs_at_most_its_own_record() 
         assert_eq!(spool.stats().corrupt, recovery.corrupt, "byte {offset}");
     }
 }
+
+/// Segments are preallocated: a gateway that stops (or crashes) leaves its active segment
+/// with a zero tail, which recovery reads as the clean end of the records, neither torn nor
+/// damaged; a closed segment whose truncation was lost is read the same way.
+#[test]
+fn preallocated_space_is_the_clean_end_of_a_segment() {
+    use super::fs::{Fs, SpoolFile};
+    let fs = MemFs::new();
+    let cfg = || config(64 << 20, WhenFull::RejectNew);
+    let (mut spool, _) = Spool::open(fs.clone(), cfg(), &names()).unwrap();
+    for i in 0..200 {
+        spool.append(1, &msg(i, 1000)).unwrap();
+        let pending = spool.write().unwrap().unwrap();
+        let result = pending.run();
+        spool.synced(&pending, &result);
+    }
+    assert!(spool.stats().segments >= 3, "{:?}", spool.stats());
+    drop(spool);
+    let mut segs: Vec<PathBuf> = fs
+        .file_names()
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    // The newest segment still has its preallocated zeros; give a closed one zeros too.
+    let last = fs.contents(segs.last().unwrap());
+    assert_eq!(last.len(), 64 * 1024, "preallocated to the segment size");
+    assert_eq!(*last.last().unwrap(), 0);
+    let closed = fs.open(&segs[0], false).unwrap();
+    let len = closed.len().unwrap();
+    closed.set_len(len + 5000).unwrap();
+    closed.sync_data().unwrap();
+    let (mut spool, recovery) = Spool::open(fs.clone(), cfg(), &names()).unwrap();
+    assert_eq!(recovery.truncated_bytes, 0, "{recovery:?}");
+    assert_eq!(recovery.corrupt, 0, "{recovery:?}");
+    assert_eq!(recovery.records, 200);
+    let mut pos = spool.reader(0);
+    let mut out = Vec::new();
+    spool.read(&mut pos, 1000, 1, &mut out).unwrap();
+    let seqs: Vec<u64> = out.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
+    // A torn write in the zeros is still a torn tail.
+    drop(spool);
+    let segs2: Vec<PathBuf> = {
+        let mut v: Vec<PathBuf> = fs
+            .file_names()
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+            .collect();
+        v.sort();
+        v
+    };
+    let newest = fs.open(segs2.last().unwrap(), false).unwrap();
+    let end = newest.len().unwrap();
+    newest.set_len(end + 4096).unwrap();
+    newest
+        .write_all_at(&[0xD3, 0x5A, 0x9C, 0xE7, 9, 9], end + 10)
+        .unwrap();
+    newest.sync_data().unwrap();
+    let (_spool, recovery) = Spool::open(fs, cfg(), &names()).unwrap();
+    assert!(recovery.truncated_bytes > 0, "{recovery:?}");
+    assert_eq!(recovery.records, 200);
+}
