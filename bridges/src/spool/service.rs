@@ -446,13 +446,9 @@ impl<F: Fs> Writer<F> {
                     (None, _) => {}
                 }
             }
-            let written = spool.write();
-            self.shared.written.send_if_modified(|w| {
-                let now = spool.written_seq();
-                std::mem::replace(w, now) != now
-            });
-            written
+            (spool.write(), spool.written_seq())
         };
+        let (written, written_seq) = written;
         let durable = match written {
             Ok(None) => true,
             Ok(Some(pending)) => match self.policy {
@@ -486,6 +482,13 @@ impl<F: Fs> Writer<F> {
                 false
             }
         };
+        // The drains hear of the group once its fsync (if any) has run, together with the
+        // verdicts: one wake of the runtime per group instead of two. (A drain awake for
+        // another reason may take the records from the tail before: they are written, and a
+        // crash before the fsync can only cause a duplicate, as the sender resends.)
+        self.shared
+            .written
+            .send_if_modified(|w| std::mem::replace(w, written_seq) != written_seq);
         for ReplyTo { token, route } in stored {
             verdicts.push(
                 route,
