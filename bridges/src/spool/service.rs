@@ -82,6 +82,10 @@ const HOUSEKEEPING: Duration = Duration::from_millis(100);
 /// group would cost the flash a rewrite of the same page per group.
 const UNACKED_SYNC_DELAY: Duration = Duration::from_secs(1);
 
+/// ... or once this many message bytes wait for it. Such fsyncs run on their own thread
+/// (`spool-syncer`), so that nobody's appends wait for an fsync nobody waits for.
+const UNACKED_SYNC_BYTES: usize = 1 << 20;
+
 /// The spool shared by the writer thread and the drain tasks. Critical sections are short:
 /// encoding a group, one `pwrite`, one read of at most 256 KiB; fsyncs run outside the lock.
 pub struct SharedSpool<F: Fs> {
@@ -372,6 +376,10 @@ struct Writer<F: Fs> {
     /// nobody waits for (QoS 0 only), since `unsynced_at`.
     unsynced: Option<super::log::Pending<F::File>>,
     unsynced_at: Instant,
+    /// Message bytes (topic and payload) in the deferred groups.
+    unsynced_bytes: usize,
+    /// The thread that runs the deferred fsyncs (one at a time), while it runs.
+    syncer: Option<SyncSender<super::log::Pending<F::File>>>,
     unacked_sync_delay: Duration,
     last_sync: Instant,
     last_housekeeping: Instant,
@@ -388,6 +396,8 @@ impl<F: Fs> Writer<F> {
             policy,
             unsynced: None,
             unsynced_at: Instant::now(),
+            unsynced_bytes: 0,
+            syncer: None,
             unacked_sync_delay,
             last_sync: Instant::now(),
             last_housekeeping: Instant::now(),
@@ -398,6 +408,7 @@ impl<F: Fs> Writer<F> {
     #[allow(clippy::disallowed_methods)]
     fn run(mut self, rx: &Receiver<Append>, room: &Room) {
         self.shared.lock().check_disk();
+        let syncer = self.start_syncer();
         let mut group = Vec::new();
         loop {
             match rx.recv_timeout(HOUSEKEEPING) {
@@ -422,6 +433,44 @@ impl<F: Fs> Writer<F> {
             self.housekeeping(false);
         }
         self.housekeeping(true);
+        // The syncer finishes what it was given, then ends.
+        self.syncer = None;
+        if let Some(handle) = syncer {
+            let _ = handle.join();
+        }
+    }
+
+    /// Starts the syncer thread (`fsync = "always"` only); without it (the OS refused a
+    /// thread) the writer runs the deferred fsyncs itself.
+    fn start_syncer(&mut self) -> Option<JoinHandle<()>> {
+        if self.policy != FsyncPolicy::Always {
+            return None;
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<super::log::Pending<F::File>>(1);
+        let shared = Arc::clone(&self.shared);
+        let spawned = std::thread::Builder::new()
+            .name("spool-syncer".into())
+            .spawn(move || {
+                for pending in rx {
+                    let result = pending.run();
+                    if let Err(error) = &result {
+                        // Counted (sync_errors) and the segment sealed by `synced`; the
+                        // writer logs the disk error episode with the next acknowledged group.
+                        tracing::debug!(%error, "Deferred spool fsync failed.");
+                    }
+                    shared.lock().synced(&pending, &result);
+                }
+            });
+        match spawned {
+            Ok(handle) => {
+                self.syncer = Some(tx);
+                Some(handle)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Cannot start the spool syncer thread; the writer syncs by itself.");
+                None
+            }
+        }
     }
 
     /// Appends, writes and (per policy) syncs one group; returns the verdicts per ingress.
@@ -430,9 +479,11 @@ impl<F: Fs> Writer<F> {
         let now_ms = wall_ms();
         let mut verdicts = Verdicts::default();
         let mut stored = Vec::new();
+        let mut group_bytes = 0;
         let written = {
             let mut spool = self.shared.lock();
             for a in group.drain(..) {
+                group_bytes += a.message.topic.len() + a.message.payload.len();
                 let ok = spool.append_owned(now_ms, a.message).is_ok();
                 match (a.reply, ok) {
                     (Some(reply), true) => stored.push(reply),
@@ -459,6 +510,10 @@ impl<F: Fs> Writer<F> {
                         self.unsynced_at = Instant::now();
                     }
                     self.unsynced = Some(pending);
+                    self.unsynced_bytes += group_bytes;
+                    if self.unsynced_bytes >= UNACKED_SYNC_BYTES {
+                        self.hand_off_sync();
+                    }
                     self.health(None, "write");
                     true
                 }
@@ -469,6 +524,7 @@ impl<F: Fs> Writer<F> {
                     // It covered a deferred group too: the same file up to a later end, or
                     // an older segment, synced when it was sealed.
                     self.unsynced = None;
+                    self.unsynced_bytes = 0;
                     result.is_ok()
                 }
                 FsyncPolicy::Interval(_) => {
@@ -516,15 +572,48 @@ impl<F: Fs> Writer<F> {
         }
     }
 
+    /// Hands the deferred fsync (`fsync = "always"`, groups nobody waits for) to the syncer
+    /// thread; if it is still busy with the previous one, the fsync stays deferred and is
+    /// handed over at the next chance.
+    fn hand_off_sync(&mut self) {
+        let Some(pending) = self.unsynced.take() else {
+            return;
+        };
+        let sent = match self.syncer.as_ref() {
+            Some(syncer) => syncer.try_send(pending),
+            None => Err(TrySendError::Disconnected(pending)),
+        };
+        match sent {
+            Ok(()) => {
+                self.unsynced_bytes = 0;
+            }
+            Err(TrySendError::Full(pending)) => self.unsynced = Some(pending),
+            Err(TrySendError::Disconnected(pending)) => {
+                let result = pending.run();
+                self.shared.lock().synced(&pending, &result);
+                self.health(result.as_ref().err(), "fsync");
+                self.unsynced_bytes = 0;
+            }
+        }
+    }
+
     #[allow(clippy::disallowed_methods)]
     fn housekeeping(&mut self, last: bool) {
         let now = Instant::now();
+        if !last
+            && self.policy == FsyncPolicy::Always
+            && self.unsynced.is_some()
+            && now.duration_since(self.unsynced_at) >= self.unacked_sync_delay
+        {
+            self.hand_off_sync();
+        }
         let due = match self.policy {
             FsyncPolicy::Interval(interval) => now.duration_since(self.last_sync) >= interval,
-            FsyncPolicy::Always => now.duration_since(self.unsynced_at) >= self.unacked_sync_delay,
+            FsyncPolicy::Always => false,
         };
         if last || due {
             self.last_sync = now;
+            self.unsynced_bytes = 0;
             if let Some(pending) = self.unsynced.take() {
                 let result = pending.run();
                 self.shared.lock().synced(&pending, &result);

@@ -268,3 +268,32 @@ fn a_group_nobody_waits_for_is_synced_with_the_next_or_at_the_end() {
     assert_eq!(shared.stats().appended, 12);
     assert_eq!(shared.stats().syncs - syncs_before, 2);
 }
+
+/// A flood of QoS 0 is synced once a megabyte waits for it, on the syncer thread, without a
+/// QoS >= 1 message or the timer.
+#[test]
+fn a_megabyte_nobody_waits_for_is_synced_by_the_syncer() {
+    let shared = open();
+    let (tx, _rx) = mpsc::channel(64);
+    let syncs_before = shared.stats().syncs;
+    let (appender, writer) =
+        start_writer_with(Arc::clone(&shared), 1024, Duration::from_secs(3600)).unwrap();
+    let ingress = appender.for_ingress(tx);
+    let mut big = qos1("q0", 0);
+    big.qos = Qos::AtMostOnce;
+    big.payload = Bytes::from(vec![7u8; 32 * 1024]);
+    for _ in 0..40 {
+        while ingress.append(big.clone(), None).is_err() {
+            std::thread::yield_now();
+        }
+    }
+    let start = std::time::Instant::now();
+    while shared.stats().syncs == syncs_before {
+        assert!(start.elapsed() < BOUND, "no sync after 1.25 MiB of QoS 0");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(ingress);
+    drop(appender);
+    writer.join().unwrap();
+    assert_eq!(shared.stats().appended, 40);
+}
