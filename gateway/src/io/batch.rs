@@ -161,26 +161,11 @@ impl RecvBatch {
     pub fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
         self.raw.clear();
         let fd = socket.as_raw_fd();
-        let capacity = self.bufs.len();
         let (bufs, names, raw) = (&mut self.bufs, &mut self.names, &mut self.raw);
-        let result = socket.try_io(Interest::READABLE, || {
-            recv_into(fd, bufs, names, raw)?;
-            if raw.len() < capacity {
-                // A short batch emptied the queue: clear the readiness now rather than with
-                // one more `recvmmsg` that would return EAGAIN. tokio clears it only if no
-                // readiness event came since this call began, so a datagram that arrived
-                // meanwhile still wakes the reader.
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(())
-        });
+        let result = socket.try_io(Interest::READABLE, || recv_into(fd, bufs, names, raw));
         match result {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if self.raw.is_empty() {
-                    return Ok(0);
-                }
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
             Err(e) => return Err(e),
         }
         let bad = self.raw.iter().filter(|(addr, _)| addr.is_none()).count();
