@@ -1,6 +1,8 @@
 //! The threads around the [`Spool`]: one writer thread that appends, writes and syncs in
-//! groups and answers the senders, and one drain task per upstream that forwards in order
-//! and moves the upstream's cursor on the broker's acknowledgements.
+//! groups and answers the senders (with a syncer thread for the fsyncs nobody waits for:
+//! groups of QoS 0 only, synced after [`UNACKED_SYNC_DELAY`] or [`UNACKED_SYNC_BYTES`]), and
+//! one drain task per upstream that forwards in order and moves the upstream's cursor on the
+//! broker's acknowledgements.
 //!
 //! # The drain task
 //!
