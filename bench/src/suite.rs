@@ -309,6 +309,35 @@ const PACED_OFFERED_SHARE: f64 = 0.95;
 /// latency is a target (issue 13: p99 at 10k and at 100k msg/s).
 const PACED_LATENCY_STEPS_UP_TO: f64 = 100_000.0;
 
+/// The native MQTT baseline: `messages` QoS 0 messages straight into the broker (paced at
+/// `rate` if given, for at most `max`), counted by the same subscriber. Returns what was
+/// sent, in how many seconds, and what arrived.
+async fn native_qos0(
+    env: &mut Env,
+    messages: u64,
+    rate: Option<f64>,
+    max: Duration,
+) -> anyhow::Result<(u64, f64, Tally)> {
+    env.counter.reset();
+    let (sent, secs) = baseline::publish(&Native {
+        port: env.broker.port,
+        topic: "bench/native".into(),
+        client: u32::MAX,
+        messages,
+        qos: 0,
+        payload: env.opts.payload,
+        rate,
+        max,
+        window: None,
+        seq_property: false,
+    })
+    .await?;
+    let tally = env
+        .counter
+        .wait_for(sent, IDLE, max + Duration::from_secs(10))?;
+    Ok((sent, secs, tally))
+}
+
 /// Scenario 1: QoS 0 from one client, unpaced (with the kernel's drops at the gateway's
 /// socket), the native baseline, then paced steps up to the highest rate without loss, with
 /// the end-to-end latency of each.
@@ -357,21 +386,7 @@ async fn qos0_one_client(env: &mut Env) -> anyhow::Result<Scenario> {
     }
 
     // Native MQTT baseline: the same messages straight into the broker.
-    env.counter.reset();
-    let (bsent, bsecs) = baseline::publish(&Native {
-        port: env.broker.port,
-        topic: "bench/native".into(),
-        client: u32::MAX,
-        messages: n,
-        qos: 0,
-        payload: env.opts.payload,
-        rate: None,
-        max: Duration::from_secs(20),
-        window: None,
-        seq_property: false,
-    })
-    .await?;
-    let base = env.counter.wait_for(bsent, IDLE, Duration::from_secs(30))?;
+    let (bsent, bsecs, base) = native_qos0(env, n, None, Duration::from_secs(20)).await?;
     s.put(
         "baseline offered rate",
         bsent as f64 / bsecs.max(1e-9),
@@ -432,21 +447,13 @@ async fn qos0_one_client(env: &mut Env) -> anyhow::Result<Scenario> {
             // The yardstick for the latency at this rate: the same paced messages straight
             // into the broker, through the same subscriber. Whatever latency the broker and
             // the subscriber add at this rate, the gateway cannot remove.
-            env.counter.reset();
-            let (nsent, nsecs) = baseline::publish(&Native {
-                port: env.broker.port,
-                topic: "bench/native".into(),
-                client: u32::MAX,
-                messages: (rate * secs) as u64,
-                qos: 0,
-                payload: env.opts.payload,
-                rate: Some(rate),
-                max: Duration::from_secs(10),
-                window: None,
-                seq_property: false,
-            })
+            let (nsent, nsecs, native) = native_qos0(
+                env,
+                (rate * secs) as u64,
+                Some(rate),
+                Duration::from_secs(10),
+            )
             .await?;
-            let native = env.counter.wait_for(nsent, IDLE, Duration::from_secs(15))?;
             s.put(
                 "paced 100k native: offered",
                 nsent as f64 / nsecs.max(1e-9),

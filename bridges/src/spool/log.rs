@@ -612,7 +612,7 @@ impl<F: Fs> Spool<F> {
     /// Keeps the record just encoded (the end of `buf`) until its write says where it is.
     fn stage_tail(&mut self, seq: u64, time_ms: u64, msg: Message) {
         let end = self.buf.len();
-        let len = end - self.buf_tail.last().map_or(0, |t| t.1);
+        let len = end.saturating_sub(self.buf_tail.last().map_or(0, |t| t.1));
         let Message {
             topic,
             payload,

@@ -92,18 +92,24 @@ struct Model {
     damaged: BTreeMap<u64, ()>,
 }
 
-/// Damages `n` bytes of a random closed segment of `fs` and returns the sequence ids of the
-/// records they touched (found by walking the records that still parse, past earlier
-/// damage, byte by byte).
-fn rot(fs: &MemFs, seed: u64, n: u8) -> Vec<u64> {
-    use super::record::{Parse, SEGMENT_HEADER, parse};
-    let mut rng = SmallRng::seed_from_u64(seed);
+/// The segment files of `fs`, in log order.
+fn segment_files(fs: &MemFs) -> Vec<PathBuf> {
     let mut segs: Vec<PathBuf> = fs
         .file_names()
         .into_iter()
         .filter(|p| p.extension().is_some_and(|e| e == "seg"))
         .collect();
     segs.sort();
+    segs
+}
+
+/// Damages `n` bytes of a random closed segment of `fs` and returns the sequence ids of the
+/// records they touched (found by walking the records that still parse, past earlier
+/// damage, byte by byte).
+fn rot(fs: &MemFs, seed: u64, n: u8) -> Vec<u64> {
+    use super::record::{Parse, SEGMENT_HEADER, parse};
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let segs = segment_files(fs);
     if segs.len() < 2 {
         return Vec::new();
     }
@@ -497,12 +503,7 @@ fn closed_segment(n: u64) -> Closed {
         p.run().unwrap();
         drop(spool);
     }
-    let mut segs: Vec<PathBuf> = fs
-        .file_names()
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .collect();
-    segs.sort();
+    let segs = segment_files(&fs);
     assert_eq!(segs.len(), 2);
     assert_eq!(fs.file_len(&segs[0]), at, "layout of the closed segment");
     Closed {
@@ -739,12 +740,7 @@ fn preallocated_space_is_the_clean_end_of_a_segment() {
     }
     assert!(spool.stats().segments >= 3, "{:?}", spool.stats());
     drop(spool);
-    let mut segs: Vec<PathBuf> = fs
-        .file_names()
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .collect();
-    segs.sort();
+    let segs = segment_files(&fs);
     // The newest segment still has its preallocated zeros; give a closed one zeros too.
     let last = fs.contents(segs.last().unwrap());
     assert_eq!(last.len(), 64 * 1024, "preallocated to the segment size");
@@ -764,16 +760,7 @@ fn preallocated_space_is_the_clean_end_of_a_segment() {
     assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
     // A torn write in the zeros is still a torn tail.
     drop(spool);
-    let segs2: Vec<PathBuf> = {
-        let mut v: Vec<PathBuf> = fs
-            .file_names()
-            .into_iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-            .collect();
-        v.sort();
-        v
-    };
-    let newest = fs.open(segs2.last().unwrap(), false).unwrap();
+    let newest = fs.open(segment_files(&fs).last().unwrap(), false).unwrap();
     let end = newest.len().unwrap();
     newest.set_len(end + 4096).unwrap();
     newest

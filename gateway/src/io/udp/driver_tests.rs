@@ -163,6 +163,23 @@ impl Rig {
         .await
     }
 
+    /// Stalls the writer, sends `publishes` (message id, number) and waits until the driver
+    /// met the full queue; the writer stays stalled until the returned [`Stall`] is released.
+    async fn stall_and_publish(
+        &self,
+        qos: QoS,
+        topic_id: u16,
+        publishes: impl IntoIterator<Item = (u16, u32)>,
+    ) -> Stall {
+        let stall = Stall::start(&self.shared);
+        for (msg_id, i) in publishes {
+            self.publish(qos, topic_id, msg_id, i).await;
+        }
+        self.wait_for("refusal for a full queue", |r| r.shared.queue_full() > 0)
+            .await;
+        stall
+    }
+
     async fn publish(&self, qos: QoS, topic_id: u16, msg_id: u16, i: u32) {
         self.send(Packet::Publish {
             dup: false,
@@ -260,11 +277,8 @@ async fn qos0_flood_is_held_and_spooled_in_order() {
     let rig = Rig::start(16).await;
     let topic_id = rig.connect_and_register().await;
 
-    let stall = Stall::start(&rig.shared);
-    for i in 0..N {
-        rig.publish(QoS::AtMostOnce, topic_id, 0, i).await;
-    }
-    rig.wait_for("refusal for a full queue", |r| r.shared.queue_full() > 0)
+    let stall = rig
+        .stall_and_publish(QoS::AtMostOnce, topic_id, (0..N).map(|i| (0, i)))
         .await;
     stall.release();
 
@@ -292,12 +306,12 @@ async fn qos1_publishes_are_acknowledged_once_spooled() {
     let rig = Rig::start(usize::from(N)).await;
     let topic_id = rig.connect_and_register().await;
 
-    let stall = Stall::start(&rig.shared);
-    for msg_id in 1..=N {
-        rig.publish(QoS::AtLeastOnce, topic_id, msg_id, u32::from(msg_id))
-            .await;
-    }
-    rig.wait_for("refusal for a full queue", |r| r.shared.queue_full() > 0)
+    let stall = rig
+        .stall_and_publish(
+            QoS::AtLeastOnce,
+            topic_id,
+            (1..=N).map(|msg_id| (msg_id, u32::from(msg_id))),
+        )
         .await;
     stall.release();
 
@@ -345,11 +359,8 @@ async fn held_publishes_at_shutdown_are_counted() {
     let rig = Rig::start(16).await;
     let topic_id = rig.connect_and_register().await;
 
-    let stall = Stall::start(&rig.shared);
-    for i in 0..N {
-        rig.publish(QoS::AtMostOnce, topic_id, 0, i).await;
-    }
-    rig.wait_for("refusal for a full queue", |r| r.shared.queue_full() > 0)
+    let stall = rig
+        .stall_and_publish(QoS::AtMostOnce, topic_id, (0..N).map(|i| (0, i)))
         .await;
     let Rig {
         shared,
