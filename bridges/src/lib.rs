@@ -10,5 +10,6 @@ pub mod mqtt;
 pub mod route;
 pub mod router;
 pub mod spool;
+pub mod telemetry;
 pub mod topic;
 pub mod upstream;

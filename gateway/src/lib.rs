@@ -12,4 +12,5 @@ pub mod app;
 pub mod config;
 pub mod io;
 pub mod mqttsn;
+pub mod observe;
 pub mod preflight;

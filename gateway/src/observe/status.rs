@@ -1,0 +1,173 @@
+//! The `/status` document: one JSON object saying how the gateway is, read by
+//! `sensorgate status`, the field console and scripts.
+//!
+//! The field names are an interface (scripts parse them): add fields, never rename or remove
+//! one. Times are wall-clock milliseconds since the Unix epoch (`*_ms`) or durations in
+//! seconds (`*_secs`); sizes are bytes.
+
+use serde::{Deserialize, Serialize};
+
+/// How the gateway is, as `/readyz` and `sensorgate status` judge it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Serving, every upstream connected, nothing refused for lack of room.
+    Healthy,
+    /// Serving and accepting data, with a reason: an upstream is down (data is spooled), the
+    /// spool is full (new data is refused or the oldest dropped), or the disk failed.
+    Degraded,
+    /// Not serving: starting, stopping, or a loop stopped turning.
+    Unhealthy,
+}
+
+/// The whole document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusDoc {
+    /// Who this gateway is.
+    pub gateway: GatewayInfo,
+    /// The verdict and its reasons.
+    pub health: HealthInfo,
+    /// What it listens on.
+    pub listeners: Vec<ListenerInfo>,
+    /// Per southbound protocol: sessions and counters.
+    pub protocols: Vec<ProtocolInfo>,
+    /// Per upstream: link, forwarding, backlog.
+    pub upstreams: Vec<UpstreamInfo>,
+    /// The spool's use.
+    pub spool: SpoolInfo,
+    /// The most recent notable events, oldest first (a bounded ring: `[admin] event_history`).
+    pub events: Vec<EventInfo>,
+}
+
+/// The gateway's identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayInfo {
+    /// `[gateway] id` (the MQTT-SN GwId).
+    pub id: u8,
+    /// `[gateway] name`.
+    pub name: String,
+    /// The sensorgate version.
+    pub version: String,
+    /// When it started (wall clock, ms since the epoch).
+    pub started_ms: u64,
+    /// Seconds since it started.
+    pub uptime_secs: u64,
+    /// The config file it runs on.
+    pub config: String,
+}
+
+/// The verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthInfo {
+    /// Healthy, degraded or unhealthy.
+    pub state: Health,
+    /// `/healthz`: the process runs and its loops turn.
+    pub live: bool,
+    /// `/readyz`: listeners bound, spool open, accepting data (also while degraded).
+    pub ready: bool,
+    /// Why it is not healthy, one sentence each (empty when healthy).
+    pub reasons: Vec<String>,
+}
+
+/// One listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerInfo {
+    /// `mqtt-sn`, `admin`, later `coap`, `http`.
+    pub protocol: String,
+    /// `udp`, `tcp`, later `serial`, `dtls`.
+    pub transport: String,
+    /// The bound address.
+    pub address: String,
+}
+
+/// One southbound protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProtocolInfo {
+    /// The protocol's label.
+    pub protocol: String,
+    /// Sessions per state (`active`, `asleep`, `awake`, `lost` ...; every state listed).
+    pub sessions: std::collections::BTreeMap<String, u64>,
+    /// Every session.
+    pub sessions_total: u64,
+    /// Accepted uplink messages since start (every QoS).
+    pub messages_in: u64,
+    /// Refusals since start, every reason.
+    pub refused: u64,
+    /// Downlink messages delivered to clients since start.
+    pub downlink_delivered: u64,
+}
+
+/// One upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamInfo {
+    /// `[[upstream]] name`.
+    pub name: String,
+    /// `mqtt` or `amqp`.
+    pub kind: String,
+    /// The broker's address (credentials removed).
+    pub url: String,
+    /// Whether the link is up.
+    pub connected: bool,
+    /// Since when it is in that state (wall clock ms; 0: no attempt yet).
+    pub since_ms: u64,
+    /// Why it last went down or failed to connect.
+    pub last_error: Option<String>,
+    /// Connections established after the first.
+    pub reconnects: u64,
+    /// Messages the broker acknowledged (or taken, QoS 0) since start.
+    pub forwarded: u64,
+    /// Messages sent and not yet acknowledged.
+    pub in_flight: u64,
+    /// What is waiting for it.
+    pub backlog: BacklogInfo,
+}
+
+/// An upstream's backlog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BacklogInfo {
+    /// Records not yet acknowledged.
+    pub records: u64,
+    /// Bytes of the segments holding them (an upper bound).
+    pub bytes: u64,
+    /// Age of the oldest of them, seconds (0 when none).
+    pub oldest_age_secs: u64,
+}
+
+/// The spool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpoolInfo {
+    /// Its directory.
+    pub dir: String,
+    /// Bytes of segment files.
+    pub bytes: u64,
+    /// `[spool] max_bytes`.
+    pub max_bytes: u64,
+    /// Segment files.
+    pub segments: u64,
+    /// Records held for the slowest upstream.
+    pub records: u64,
+    /// Records appended since start.
+    pub appended: u64,
+    /// `reject_new` or `drop_oldest`.
+    pub when_full: String,
+    /// Whether appends are refused now for want of room (spool or disk).
+    pub full: bool,
+    /// Data given up since start: `drop_oldest`, `expired`, `corrupt`.
+    pub dropped: std::collections::BTreeMap<String, u64>,
+    /// Failed writes and fsyncs since start.
+    pub disk_errors: u64,
+}
+
+/// One notable event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventInfo {
+    /// When (wall clock ms).
+    pub at_ms: u64,
+    /// `started`, `upstream_up`, `upstream_down`, `spool_full`, `disk_error`, `data_dropped`,
+    /// `config_reloaded`, `stopping`.
+    pub kind: String,
+    /// `info` or `warning`.
+    pub level: String,
+    /// One sentence.
+    pub message: String,
+}
