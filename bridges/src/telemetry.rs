@@ -226,6 +226,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::disallowed_methods)] // Any instant will do; beats count from the first.
     fn a_beat_tells_how_long_the_loop_was_silent() {
         let beat = Beat::new();
         let now = Instant::now();
