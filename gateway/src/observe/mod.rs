@@ -3,5 +3,6 @@
 //! [`model`] is the protocol-neutral shape every ingress reports in; [`status`] the `/status`
 //! document.
 
+pub mod cli;
 pub mod model;
 pub mod status;
