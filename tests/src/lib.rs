@@ -668,6 +668,11 @@ pub struct GatewayConfig {
     pub extra_mqttsn: String,
     /// Extra sections (e.g. `[spool]`), appended at the end.
     pub extra_sections: String,
+    /// `[admin] listen` on 127.0.0.1 at this TCP port; `None` switches the admin listener off
+    /// (`listen = ""`: its default port is shared by every test on the machine).
+    pub admin: Option<u16>,
+    /// `[admin] token`.
+    pub admin_token: Option<String>,
 }
 
 /// The predefined topic every default config has.
@@ -703,7 +708,24 @@ impl GatewayConfig {
             remote_prefix: String::new(),
             extra_mqttsn: String::new(),
             extra_sections: String::new(),
+            admin: None,
+            admin_token: None,
         })
+    }
+
+    /// Switches the admin listener on, on a free 127.0.0.1 TCP port.
+    ///
+    /// # Errors
+    /// When no port can be found.
+    pub fn with_admin(&mut self) -> Result<&mut GatewayConfig> {
+        self.admin = Some(free_tcp_port()?);
+        Ok(self)
+    }
+
+    /// The admin listener's address, when on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+            .map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
     }
 
     /// Appends `key = value` lines to `[mqttsn]` (see [`GatewayConfig::extra_mqttsn`]).
@@ -767,6 +789,13 @@ impl GatewayConfig {
              backoff_max = \"1s\"\n",
             self.broker_port, self.remote_prefix, self.protocol
         ));
+        match self.admin_addr() {
+            Some(addr) => s.push_str(&format!("\n[admin]\nlisten = \"{addr}\"\n")),
+            None => s.push_str("\n[admin]\nlisten = \"\"\n"),
+        }
+        if let Some(token) = &self.admin_token {
+            s.push_str(&format!("token = \"{token}\"\n"));
+        }
         s.push_str(&self.extra_sections);
         s
     }
@@ -779,6 +808,10 @@ pub struct Gateway {
     proc: Option<Proc>,
     /// Where clients send datagrams.
     sn_addr: SocketAddr,
+    /// The admin listener (`[admin] listen`), when on.
+    admin_addr: Option<SocketAddr>,
+    /// `[admin] token`.
+    admin_token: Option<String>,
     /// Holds the config, the state dir and the log; declared last so it outlives the process.
     dir: TempDir,
 }
@@ -792,7 +825,17 @@ impl Gateway {
     pub fn start(cfg: &GatewayConfig) -> Result<Gateway> {
         let dir = temp_dir()?;
         let text = cfg.render(&dir.path().join("state"));
-        Gateway::start_in(dir, &text, cfg.sn_addr())
+        std::fs::write(dir.path().join("sensorgate.toml"), &text)?;
+        let mut gw = Gateway {
+            proc: None,
+            sn_addr: cfg.sn_addr(),
+            admin_addr: cfg.admin_addr(),
+            admin_token: cfg.admin_token.clone(),
+            dir,
+        };
+        gw.launch()
+            .with_context(|| format!("gateway config:\n{text}"))?;
+        Ok(gw)
     }
 
     /// Starts the gateway on config `text` (written into `dir`), probing `sn_addr`.
@@ -804,6 +847,8 @@ impl Gateway {
         let mut gw = Gateway {
             proc: None,
             sn_addr,
+            admin_addr: None,
+            admin_token: None,
             dir,
         };
         gw.launch()
@@ -877,7 +922,43 @@ impl Gateway {
         )?;
         probe.send(&sn::disconnect())?;
         // The reply is not needed; the probe socket closes when it drops.
+        if let Some(addr) = self.admin_addr {
+            poll_until(
+                "the admin listener to answer /healthz",
+                READY_TIMEOUT,
+                Duration::from_millis(50),
+                || {
+                    if let Some(status) = self.exited()? {
+                        bail!("sensorgate exited early ({status}):\n{}", self.log());
+                    }
+                    Ok(admin_get(addr, "/healthz", None)
+                        .ok()
+                        .filter(|(code, _)| *code == 200))
+                },
+            )?;
+        }
         Ok(())
+    }
+
+    /// The admin listener's address, when `[admin]` is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// `GET path` from its admin listener with its token (see [`admin_get`]).
+    ///
+    /// # Errors
+    /// When the admin listener is off, or as [`admin_get`].
+    pub fn admin_get(&self, path: &str) -> Result<(u16, String)> {
+        let addr = self
+            .admin_addr
+            .ok_or_else(|| anyhow!("this gateway has no admin listener"))?;
+        admin_get(addr, path, self.admin_token.as_deref())
+    }
+
+    /// Its config file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("sensorgate.toml")
     }
 
     /// Where clients send datagrams.
@@ -1268,6 +1349,60 @@ impl Script {
     pub fn stderr(&self) -> String {
         self.proc.log_text()
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The admin listener, through curl (an independent HTTP client).
+
+/// How long one admin request may take.
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `GET http://<addr><path>` with curl, with `Authorization: Bearer <token>` when given;
+/// returns the HTTP status and the body.
+///
+/// # Errors
+/// When curl cannot connect or fails otherwise (its stderr says why), or exceeds
+/// [`ADMIN_TIMEOUT`].
+pub fn admin_get(addr: SocketAddr, path: &str, token: Option<&str>) -> Result<(u16, String)> {
+    // The status goes on a line of its own after the body.
+    const MARK: &str = "\n--sensorgate-http-status:";
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--noproxy", "*", "--max-time", "5", "-w"])
+        .arg(format!("{MARK}%{{http_code}}"));
+    if let Some(token) = token {
+        cmd.arg("-H").arg(format!("Authorization: Bearer {token}"));
+    }
+    cmd.arg(format!("http://{addr}{path}"));
+    let out = run_bounded(&mut cmd, ADMIN_TIMEOUT)?;
+    ensure!(
+        out.status.success(),
+        "curl http://{addr}{path} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text
+        .rsplit_once(MARK)
+        .ok_or_else(|| anyhow!("curl printed no status: {text}"))?;
+    let code = code
+        .trim()
+        .parse::<u16>()
+        .with_context(|| format!("curl status {code:?}"))?;
+    Ok((code, body.to_owned()))
+}
+
+/// Runs `sensorgate status -c <config> [args]` (bounded to 30 s).
+///
+/// # Errors
+/// When it cannot run or does not finish.
+pub fn sensorgate_status(config: &Path, args: &[&str]) -> Result<Output> {
+    let mut cmd = Command::new(sensorgate_bin());
+    cmd.arg("status")
+        .arg("-c")
+        .arg(config)
+        .args(args)
+        .env_remove("RUST_LOG");
+    run_bounded(&mut cmd, Duration::from_secs(30))
 }
 
 // ---------------------------------------------------------------------------------------------
