@@ -1138,6 +1138,22 @@ mod tests {
             up.publish_with_seq(message("a/b"), Some(1), Some(1)),
             Err(FailReason::Disconnected)
         );
+        // The link status counts the failed attempts and says why, in an operator's words.
+        let attempted = async {
+            loop {
+                let status = up.link_info().status();
+                if status.failed_attempts >= 1 {
+                    break status;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let status = tokio::time::timeout(Duration::from_secs(10), attempted)
+            .await
+            .unwrap();
+        assert!(!status.connected);
+        assert_eq!(status.connects, 0);
+        assert_eq!(status.last_error.as_deref(), Some("connection refused"));
         // Reset while down does nothing (no permit is stored for the next connection).
         up.reset_link();
         stop.cancel();

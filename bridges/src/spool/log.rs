@@ -26,6 +26,10 @@ const SEQ_RESERVATION: u64 = 1 << 20;
 /// tests cross chunk boundaries and records larger than a chunk).
 const READ_CHUNK: usize = if cfg!(test) { 2048 } else { 256 * 1024 };
 
+/// The encoded size of a small record (a sensor reading: a short topic and payload with the
+/// record header and origin), for [`Spool::refusing`].
+pub const SMALL_RECORD: u64 = 256;
+
 /// The name of the lock file in the spool directory.
 pub const LOCK_FILE: &str = "LOCK";
 
@@ -567,9 +571,10 @@ impl<F: Fs> Spool<F> {
     }
 
     /// Whether an append now would be refused for lack of room: the free-disk watermark is
-    /// crossed, or a small record would not fit within `max_bytes` (once the acknowledged
-    /// segments are collected), and `when_full = "drop_oldest"` has no older segment to
-    /// drop. As the next small append finds it; a large one may be refused earlier.
+    /// crossed, or less than [`SMALL_RECORD`] bytes are left within `max_bytes` (once the
+    /// acknowledged segments are collected), and `when_full = "drop_oldest"` has no older
+    /// segment to drop. As a small append (a sensor reading) would find it; a larger one may
+    /// be refused earlier.
     #[must_use]
     pub fn refusing(&self) -> bool {
         let slowest = self.slowest();
@@ -580,7 +585,7 @@ impl<F: Fs> Spool<F> {
             .map(|s| s.written)
             .sum();
         let used = (self.bytes + self.buf.len() as u64).saturating_sub(reclaimable);
-        let full = self.disk_low || used + RECORD_HEADER as u64 > self.config.max_bytes;
+        let full = self.disk_low || used + SMALL_RECORD > self.config.max_bytes;
         let can_drop = self.config.when_full == WhenFull::DropOldest
             && self.segments.len() >= 2
             && self.segments.front().is_some_and(|s| s.sealed);

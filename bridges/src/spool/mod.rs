@@ -70,7 +70,7 @@ pub use fs::{Fs, SpoolFile, StdFs};
 pub use log::fuzz_resync;
 pub use log::{
     AppendError, BacklogInfo, Chunks, FsyncPolicy, LOCK_FILE, OpenError, Pending, ReadPos,
-    Recovery, Spool, SpoolConfig, SpoolStats, WhenFull,
+    Recovery, SMALL_RECORD, Spool, SpoolConfig, SpoolStats, WhenFull,
 };
 #[doc(hidden)]
 pub use record::fuzz_round_trip;

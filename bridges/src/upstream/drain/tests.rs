@@ -166,6 +166,45 @@ fn a_window_of_one_sends_the_next_record_when_the_ack_comes() {
 }
 
 #[test]
+fn the_ack_latency_counts_acknowledged_sends_from_send_to_report() {
+    let t0 = Instant::now();
+    let records = vec![
+        rec(1, Qos::AtLeastOnce),
+        rec(2, Qos::AtLeastOnce),
+        rec(3, Qos::AtMostOnce),
+        rec(4, Qos::AtLeastOnce),
+    ];
+    let (mut d, stats) = started(unlimited(4), records, t0);
+    assert_eq!(send(&mut d, t0, Ok(())), 1);
+    let t1 = t0 + Duration::from_millis(3);
+    assert_eq!(send(&mut d, t1, Ok(())), 2);
+    assert_eq!(send(&mut d, t1, Ok(())), 3);
+    assert_eq!(send(&mut d, t1, Ok(())), 4);
+    // Out of order: 2 after 7 ms, 1 after 20 ms; 4 refused for good (no latency); the
+    // QoS 0 send 3 has none either.
+    d.handle_ack(
+        t1 + Duration::from_millis(7),
+        ack(2, Delivery::Acknowledged),
+    );
+    d.handle_ack(
+        t0 + Duration::from_millis(20),
+        ack(1, Delivery::Acknowledged),
+    );
+    d.handle_ack(
+        t0 + Duration::from_millis(30),
+        ack(4, Delivery::Failed(FailReason::Rejected)),
+    );
+    let latency = stats.ack_latency.snapshot();
+    assert_eq!(latency.count, 2, "{latency:?}");
+    assert!((latency.sum_secs - 0.027).abs() < 1e-9, "{latency:?}");
+    // 7 ms and 20 ms: one at or below 10 ms, both at or below 25 ms.
+    assert!(latency.buckets.contains(&(0.01, 1)), "{latency:?}");
+    assert!(latency.buckets.contains(&(0.025, 2)), "{latency:?}");
+    assert_eq!(d.outstanding(), 0);
+    assert_eq!(stats.forwarded.load(Relaxed), 3);
+}
+
+#[test]
 fn qos0_records_take_no_slot_of_the_window() {
     let t0 = Instant::now();
     let records = vec![
@@ -232,7 +271,7 @@ fn a_message_the_peer_refuses_for_now_is_sent_again_after_a_pause() {
     assert_eq!(d.poll_action(later), Some(Action::Read));
     d.handle_records(later, Ok(records), 2);
     assert_eq!(send(&mut d, later, Ok(())), 1);
-    d.handle_ack(t0, ack(1, Delivery::Acknowledged));
+    d.handle_ack(later, ack(1, Delivery::Acknowledged));
     assert_eq!(d.poll_action(later), Some(Action::Read));
     d.handle_records(later, Ok(Vec::new()), 2);
     assert_eq!(d.poll_action(later), Some(Action::SetCursor(2)));
