@@ -542,7 +542,8 @@ impl<F: Fs> Spool<F> {
 
     /// Upstream `index`'s backlog at `now_ms` (wall clock): records, bytes and the time of
     /// the oldest unacknowledged record. Cheap (O(segments), no read): for the admin
-    /// listener, under the spool lock. An unknown index reads as caught up.
+    /// listener, under the spool lock. An unknown index reads as caught up. `oldest_ms` is
+    /// never later than `now_ms` (a wall clock stepped back makes no negative age).
     #[must_use]
     pub fn backlog_info(&self, index: usize, now_ms: u64) -> BacklogInfo {
         let Some(cursor) = self.cursors.get(index).copied() else {

@@ -48,6 +48,10 @@
 //! - **Shutdown**: the drain stops sending, waits only for the reports of what is in flight,
 //!   and ends.
 //!
+//! Besides, the task wakes at least every [`BEAT_IDLE`] to beat ([`DrainStats::beat`], read by
+//! the health check); that wake is not a machine input unless the machine's own timer is
+//! due. After each turn it stores the tracked sends in flight ([`DrainStats::in_flight`]).
+//!
 //! [`FailReason::QueueFull`]: crate::upstream::FailReason::QueueFull
 //! [`QUEUE_FULL_RETRY`]: crate::upstream::drain::QUEUE_FULL_RETRY
 //! [`READ_RETRY`]: crate::upstream::drain::READ_RETRY

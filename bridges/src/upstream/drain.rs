@@ -345,7 +345,7 @@ pub struct Drain {
     queue_full_until: Option<Instant>,
     read_retry_until: Option<Instant>,
     /// A report said the peer refused a message for now; [`Self::poll_action`] turns it into
-    /// `busy_until` (reports carry no time).
+    /// `busy_until`, counted from that poll.
     busy_pending: bool,
     busy_until: Option<Instant>,
     msgs: Option<Bucket>,
