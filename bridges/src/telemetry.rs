@@ -208,6 +208,26 @@ impl LinkInfo {
     }
 }
 
+/// A short text for a link's I/O error, as [`LinkStatus::last_error`] shows it: the
+/// common cases in an operator's words ("connection refused", "broker closed the
+/// connection"), others as the OS says them.
+#[must_use]
+pub fn io_error_summary(error: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match error.kind() {
+        ErrorKind::ConnectionRefused => "connection refused".into(),
+        ErrorKind::ConnectionReset
+        | ErrorKind::ConnectionAborted
+        | ErrorKind::UnexpectedEof
+        | ErrorKind::BrokenPipe => BROKER_CLOSED.into(),
+        ErrorKind::TimedOut => "network timeout".into(),
+        _ => format!("I/O: {error}"),
+    }
+}
+
+/// [`LinkStatus::last_error`] when the peer ended the connection.
+pub const BROKER_CLOSED: &str = "broker closed the connection";
+
 #[cfg(test)]
 mod tests {
     use super::*;

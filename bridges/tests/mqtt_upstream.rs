@@ -25,6 +25,7 @@ use sensorgate_bridges::message::{Downlink, Message, Qos};
 use sensorgate_bridges::mqtt::{
     AckReport, Delivery, FailReason, MqttUpstream, MqttUpstreamConfig, MqttVersion, TlsSettings,
 };
+use sensorgate_bridges::telemetry::LinkStatus;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -75,6 +76,23 @@ impl Running {
                 Instant::now() < deadline,
                 "upstream connected={} not reached within {RECONNECT_BOUND:?}",
                 connected
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the link status (as the admin listener reads it) satisfies `condition`,
+    /// and returns it.
+    async fn wait_link(&self, what: &str, condition: impl Fn(&LinkStatus) -> bool) -> LinkStatus {
+        let deadline = Instant::now() + RECONNECT_BOUND;
+        loop {
+            let status = self.upstream.link_info().status();
+            if condition(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "link status not {what} within {RECONNECT_BOUND:?}: {status:?}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -190,6 +208,14 @@ async fn publishing_while_the_broker_is_down_fails_immediately() {
         MqttVersion::V311,
     ));
     assert!(!up.upstream.is_connected());
+    // The link status says why, in an operator's words, and counts the attempts.
+    let status = up
+        .wait_link("a failed attempt", |s| s.failed_attempts >= 1)
+        .await;
+    assert!(!status.connected);
+    assert_eq!(status.connects, 0);
+    assert_eq!(status.last_error.as_deref(), Some("connection refused"));
+    assert!(status.since_ms > 0);
     assert_eq!(
         up.upstream
             .publish(msg("t", "x", Qos::AtLeastOnce), Some(1)),
@@ -229,6 +255,10 @@ async fn reconnects_after_broker_restart(version: MqttVersion) {
     let mut broker = Broker::start();
     let mut up = spawn(config(&broker.url(), version));
     up.wait_connected(true).await;
+    let first = up.wait_link("up", |s| s.connected).await;
+    assert_eq!((first.connects, first.failed_attempts), (1, 0), "{first:?}");
+    assert_eq!(first.last_error, None);
+    assert!(first.since_ms > 0);
     up.upstream
         .publish(msg("before", "1", Qos::AtLeastOnce), Some(1))
         .expect("accepted");
@@ -239,6 +269,22 @@ async fn reconnects_after_broker_restart(version: MqttVersion) {
 
     broker.kill();
     up.wait_connected(false).await;
+    let down = up.wait_link("down", |s| !s.connected).await;
+    assert!(down.last_error.is_some(), "{down:?}");
+    if down.failed_attempts == 0 {
+        // No reconnect attempt has failed yet: the error is the lost connection's own.
+        assert_eq!(
+            down.last_error.as_deref(),
+            Some("broker closed the connection")
+        );
+    }
+    assert!(down.since_ms >= first.since_ms);
+    // Attempts against the dead port fail, each counted, with the reason.
+    let retrying = up
+        .wait_link("a failed reconnect", |s| s.failed_attempts >= 1)
+        .await;
+    assert_eq!(retrying.last_error.as_deref(), Some("connection refused"));
+    assert_eq!(retrying.connects, 1);
     assert_eq!(
         up.upstream
             .publish(msg("during", "2", Qos::AtLeastOnce), Some(2)),
@@ -247,6 +293,9 @@ async fn reconnects_after_broker_restart(version: MqttVersion) {
 
     broker.restart();
     up.wait_connected(true).await;
+    let again = up.wait_link("up again", |s| s.connected).await;
+    assert_eq!(again.connects, 2, "{again:?}");
+    assert!(again.since_ms >= down.since_ms);
     let mut observer = Observer::connect(broker.port).await;
     up.upstream
         .publish(msg("after", "3", Qos::AtLeastOnce), Some(3))

@@ -32,7 +32,7 @@ use sensorgate_bridges::mqtt::{MqttUpstream, MqttUpstreamConfig, MqttVersion, SE
 use sensorgate_bridges::route::RouteTable;
 use sensorgate_bridges::spool::{
     AppendReply, BacklogLimit, DrainConfig, DrainStats, FsyncPolicy, IngressAppender, SharedSpool,
-    Spool, SpoolConfig, StdFs, WhenFull, drain, encoded_len, start_writer,
+    Spool, SpoolConfig, StdFs, WhenFull, drain, encoded_len, start_writer, wall_ms,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -492,7 +492,36 @@ async fn every_message_arrives_in_spool_order_with_its_sequence_id() {
         assert_eq!(counts.resent, 0);
         assert_eq!(counts.ack_timeouts, 0);
         assert_eq!(counts.forwarded, N as u64);
+        // Every acknowledgement was timed, once.
+        let latency = rig.running().stats.ack_latency.snapshot();
+        assert_eq!(latency.count, N as u64, "{latency:?}");
+        assert!(latency.sum_secs > 0.0);
     }
+    // Nothing is in flight once everything is settled, and the drain's loop turns.
+    rig.wait_for("nothing in flight", EVENT_BOUND, |rig| {
+        rig.running().stats.in_flight.load(Relaxed) == 0
+    })
+    .await;
+    // Idle (nothing to send, no backlog cap, so no timer of the machine's), the drain task
+    // still beats.
+    let idle = Instant::now();
+    rig.wait_for("an idle beat", EVENT_BOUND, |rig| {
+        let now = Instant::now();
+        rig.running()
+            .stats
+            .beat
+            .silent_for(now)
+            .is_some_and(|silent| silent + Duration::from_millis(2) <= now.duration_since(idle))
+    })
+    .await;
+    // Caught up: no backlog, nothing held, no age.
+    let info = rig.spool.lock().backlog_info(0, wall_ms());
+    assert_eq!((info.records, info.oldest_ms), (0, None), "{info:?}");
+    assert_eq!(rig.spool.lock().held_records(), 0);
+    // One fsync timed per group commit (fsync always, QoS 1: no deferred or seal-time one).
+    let syncs = rig.spool.stats().syncs;
+    assert!(syncs > 0);
+    assert_eq!(rig.spool.fsync_latency().snapshot().count, syncs);
 
     // Everything is acknowledged: once collected, at most the active segment remains.
     let stats = {
@@ -594,6 +623,21 @@ async fn messages_in_flight_when_the_broker_crashes_are_sent_again() {
         rig.upstream().stats().published >= (BEFORE + usize::from(WINDOW)) as u64
     })
     .await;
+    // The gauge shows the full window, and the backlog is exactly what is not acknowledged.
+    rig.wait_for("the gauge at the window", EVENT_BOUND, |rig| {
+        rig.running().stats.in_flight.load(Relaxed) == u64::from(WINDOW)
+    })
+    .await;
+    {
+        let spool = rig.spool.lock();
+        let cursor = spool.cursor(0).expect("one upstream");
+        let info = spool.backlog_info(0, wall_ms());
+        assert_eq!(info.records, rig.end() - cursor, "{info:?}");
+        assert_eq!(spool.held_records(), info.records);
+        assert!(info.oldest_ms.is_some_and(|t| t <= wall_ms()), "{info:?}");
+        assert_eq!(spool.oldest_ms(), info.oldest_ms);
+        assert!(info.bytes > 0);
+    }
     let published = rig.upstream().stats().published;
     assert!(rig.cursor() < rig.end(), "the crash comes mid-way");
     broker.restart();

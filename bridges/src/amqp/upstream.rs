@@ -31,6 +31,8 @@ use super::{
 };
 use crate::message::{Downlink, DownlinkAck, Message, Qos};
 use crate::mqtt::backoff::Backoff;
+use crate::spool::wall_ms;
+use crate::telemetry::{LinkInfo, io_error_summary};
 use crate::upstream::{AckReport, Delivery, FailReason};
 
 /// How often the task looks at the connection's and channel's state (a closed channel raises
@@ -96,6 +98,8 @@ struct Shared {
     bindings: Mutex<BindingTable>,
     /// Tells the task the binding table changed.
     bindings_changed: Notify,
+    /// The link's transitions for the admin listener; written by the task only.
+    link_info: Arc<LinkInfo>,
     /// Sent as `app_id` on every publish and unique per process and upstream, so this
     /// upstream's own messages coming back on the downlink queue are recognised.
     app_id: String,
@@ -181,6 +185,7 @@ impl AmqpUpstream {
                 config.bindings.iter().cloned(),
             )),
             bindings_changed: Notify::new(),
+            link_info: Arc::default(),
             app_id: format!("sensorgate-{:016x}", {
                 use rand::{Rng, SeedableRng};
                 rand::rngs::SmallRng::from_os_rng().random::<u64>()
@@ -267,6 +272,12 @@ impl AmqpUpstream {
         self.shared.link.clone()
     }
 
+    /// The link's state, transitions and last error, for the admin listener.
+    #[must_use]
+    pub fn link_info(&self) -> Arc<LinkInfo> {
+        Arc::clone(&self.shared.link_info)
+    }
+
     /// Drops the live connection (failing what is in flight); nothing while it is down.
     pub fn reset_link(&self) {
         if *self.shared.link.borrow() {
@@ -345,6 +356,10 @@ impl crate::upstream::Upstream for AmqpUpstream {
 
     fn watch_link(&self) -> watch::Receiver<bool> {
         Self::watch_link(self)
+    }
+
+    fn link_info(&self) -> Arc<LinkInfo> {
+        Self::link_info(self)
     }
 
     fn reset_link(&self) {
@@ -433,6 +448,7 @@ impl Task {
                     // connection: drop its stored permit.
                     let _ = self.shared.reset.notified().now_or_never();
                     self.link_tx.send_replace(true);
+                    self.shared.link_info.up(wall_ms());
                     let Link {
                         conn,
                         channel,
@@ -457,6 +473,12 @@ impl Task {
                         conn.close(REPLY_SUCCESS, "sensorgate".into()),
                     )
                     .await;
+                    let why = match &end {
+                        End::Stop => "upstream stopped".to_owned(),
+                        End::Reset => "link reset: acknowledgements overdue".to_owned(),
+                        End::Lost(error) => error.clone(),
+                    };
+                    self.shared.link_info.down(wall_ms(), why);
                     match end {
                         End::Stop => break,
                         End::Reset => tracing::warn!(
@@ -471,6 +493,7 @@ impl Task {
                     }
                 }
                 Ok(Err(error)) => {
+                    self.shared.link_info.down(wall_ms(), error_summary(&error));
                     if !failing {
                         tracing::warn!(upstream = %name, %error, "AMQP upstream cannot connect; retrying with backoff.");
                     } else {
@@ -479,6 +502,7 @@ impl Task {
                     failing = true;
                 }
                 Err(_) => {
+                    self.shared.link_info.down(wall_ms(), "connect timed out");
                     if !failing {
                         tracing::warn!(upstream = %name, "AMQP upstream connect timed out; retrying with backoff.");
                     }
@@ -560,7 +584,7 @@ impl Task {
                     self.settle(token, confirm).await;
                 }
                 event = events.next() => match event {
-                    Some(Event::Error(error)) => break End::Lost(error.to_string()),
+                    Some(Event::Error(error)) => break End::Lost(error_summary(&error)),
                     Some(_) => {}
                     None => break End::Lost("connection events ended".into()),
                 },
@@ -1056,6 +1080,16 @@ async fn publish(
         .await
 }
 
+/// A short text for a connection error, as the link status shows it (the broker's refusal
+/// as it words it, e.g. `ACCESS_REFUSED - Login was refused ...`; never the credentials).
+fn error_summary(error: &lapin::Error) -> String {
+    match error.kind() {
+        lapin::ErrorKind::IOError(e) => io_error_summary(e),
+        lapin::ErrorKind::MissingHeartbeatError => "broker stopped sending heartbeats".into(),
+        _ => error.to_string(),
+    }
+}
+
 fn classify(result: lapin::Result<Confirmation>) -> Confirm {
     match result {
         Ok(Confirmation::Ack(None)) => Confirm::Ack,
@@ -1104,6 +1138,22 @@ mod tests {
             up.publish_with_seq(message("a/b"), Some(1), Some(1)),
             Err(FailReason::Disconnected)
         );
+        // The link status counts the failed attempts and says why, in an operator's words.
+        let attempted = async {
+            loop {
+                let status = up.link_info().status();
+                if status.failed_attempts >= 1 {
+                    break status;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let status = tokio::time::timeout(Duration::from_secs(10), attempted)
+            .await
+            .unwrap();
+        assert!(!status.connected);
+        assert_eq!(status.connects, 0);
+        assert_eq!(status.last_error.as_deref(), Some("connection refused"));
         // Reset while down does nothing (no permit is stored for the next connection).
         up.reset_link();
         stop.cancel();

@@ -17,6 +17,7 @@ use rumqttc_v5 as v5;
 use super::config::{MqttUpstreamConfig, MqttVersion, SetupError};
 use super::{Delivery, FailReason};
 use crate::message::Qos;
+use crate::telemetry::{BROKER_CLOSED, io_error_summary};
 
 /// Largest `topic + payload` accepted for publishing, in bytes.
 ///
@@ -159,6 +160,92 @@ impl fmt::Display for LinkError {
             Self::Reset => f.write_str("connection reset: the broker stopped acknowledging"),
         }
     }
+}
+
+impl LinkError {
+    /// A short text for the admin listener's link status: what an operator acts on
+    /// ("connection refused", "not authorised (CONNACK 0x87)"). Never the credentials: no
+    /// variant carries them.
+    pub(crate) fn summary(&self) -> String {
+        match self {
+            Self::V4(error) => match error {
+                v4::ConnectionError::Io(e) => io_error_summary(e),
+                v4::ConnectionError::Tls(e) => format!("TLS: {e}"),
+                v4::ConnectionError::NetworkTimeout | v4::ConnectionError::FlushTimeout => {
+                    "network timeout".into()
+                }
+                v4::ConnectionError::ConnectionRefused(code) => v4_connack_refusal(*code),
+                v4::ConnectionError::MqttState(v4::StateError::ConnectionAborted) => {
+                    BROKER_CLOSED.into()
+                }
+                v4::ConnectionError::MqttState(v4::StateError::Io(e)) => io_error_summary(e),
+                v4::ConnectionError::MqttState(v4::StateError::AwaitPingResp) => {
+                    "broker stopped answering pings".into()
+                }
+                other => other.to_string(),
+            },
+            Self::V5(error) => match error {
+                v5::ConnectionError::Io(e) => io_error_summary(e),
+                v5::ConnectionError::Tls(e) => format!("TLS: {e}"),
+                v5::ConnectionError::Timeout(_) => "network timeout".into(),
+                v5::ConnectionError::ConnectionRefused(code) => v5_connack_refusal(*code),
+                v5::ConnectionError::MqttState(v5::StateError::ConnectionAborted) => {
+                    BROKER_CLOSED.into()
+                }
+                v5::ConnectionError::MqttState(v5::StateError::Io(e)) => io_error_summary(e),
+                v5::ConnectionError::MqttState(v5::StateError::AwaitPingResp) => {
+                    "broker stopped answering pings".into()
+                }
+                other => other.to_string(),
+            },
+            Self::Reset => self.to_string(),
+        }
+    }
+}
+
+fn v4_connack_refusal(code: v4::ConnectReturnCode) -> String {
+    use v4::ConnectReturnCode as C;
+    let (what, hex) = match code {
+        C::Success => ("accepted", 0x00),
+        C::RefusedProtocolVersion => ("protocol version refused", 0x01),
+        C::BadClientId => ("client id refused", 0x02),
+        C::ServiceUnavailable => ("service unavailable", 0x03),
+        C::BadUserNamePassword => ("bad user name or password", 0x04),
+        C::NotAuthorized => ("not authorised", 0x05),
+    };
+    format!("{what} (CONNACK 0x{hex:02x})")
+}
+
+fn v5_connack_refusal(code: v5::ConnectReturnCode) -> String {
+    use v5::ConnectReturnCode as C;
+    let (what, hex) = match code {
+        C::Success => ("accepted", 0x00),
+        C::RefusedProtocolVersion => ("protocol version refused", 0x01),
+        C::BadClientId => ("client id refused", 0x02),
+        C::ServiceUnavailable => ("service unavailable", 0x03),
+        C::UnspecifiedError => ("unspecified error", 0x80),
+        C::MalformedPacket => ("malformed packet", 0x81),
+        C::ProtocolError => ("protocol error", 0x82),
+        C::ImplementationSpecificError => ("implementation specific error", 0x83),
+        C::UnsupportedProtocolVersion => ("unsupported protocol version", 0x84),
+        C::ClientIdentifierNotValid => ("client id not valid", 0x85),
+        C::BadUserNamePassword => ("bad user name or password", 0x86),
+        C::NotAuthorized => ("not authorised", 0x87),
+        C::ServerUnavailable => ("server unavailable", 0x88),
+        C::ServerBusy => ("server busy", 0x89),
+        C::Banned => ("banned", 0x8a),
+        C::BadAuthenticationMethod => ("bad authentication method", 0x8c),
+        C::TopicNameInvalid => ("topic name invalid", 0x90),
+        C::PacketTooLarge => ("packet too large", 0x95),
+        C::QuotaExceeded => ("quota exceeded", 0x97),
+        C::PayloadFormatInvalid => ("payload format invalid", 0x99),
+        C::RetainNotSupported => ("retain not supported", 0x9a),
+        C::QoSNotSupported => ("QoS not supported", 0x9b),
+        C::UseAnotherServer => ("use another server", 0x9c),
+        C::ServerMoved => ("server moved", 0x9d),
+        C::ConnectionRateExceeded => ("connection rate exceeded", 0x9f),
+    };
+    format!("{what} (CONNACK 0x{hex:02x})")
 }
 
 /// The MQTT 5 user property that carries a spooled message's sequence id.

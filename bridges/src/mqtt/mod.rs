@@ -133,6 +133,10 @@ impl crate::upstream::Upstream for MqttUpstream {
     fn reset_link(&self) {
         Self::reset_link(self);
     }
+
+    fn link_info(&self) -> std::sync::Arc<crate::telemetry::LinkInfo> {
+        Self::link_info(self)
+    }
 }
 
 impl crate::upstream::Subscriber for MqttUpstream {

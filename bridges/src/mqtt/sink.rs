@@ -53,6 +53,8 @@ use super::echo::EchoFilter;
 use super::subscriptions::{SubscriptionTable, TableFull};
 use super::{AckReport, Delivery, FailReason};
 use crate::message::{AckRequest, Downlink, DownlinkAck, Message, Qos};
+use crate::spool::wall_ms;
+use crate::telemetry::LinkInfo;
 use crate::topic;
 
 /// Most filters in one SUBSCRIBE or UNSUBSCRIBE packet.
@@ -152,6 +154,8 @@ struct Shared {
     link_state: watch::Sender<bool>,
     /// Asks the link task to drop the connection and reconnect.
     reset: Notify,
+    /// The link's transitions for the admin listener; written by the link task only.
+    link_info: Arc<LinkInfo>,
     /// MQTT 3.1.1 only: fingerprints of recent publishes, to drop the broker's echo of them
     /// (MQTT 5 subscribes with No Local). See [`EchoFilter`].
     echo: Option<Mutex<EchoFilter>>,
@@ -271,6 +275,7 @@ impl MqttUpstream {
             subscriptions_changed: Notify::new(),
             link_state: watch::Sender::new(false),
             reset: Notify::new(),
+            link_info: Arc::default(),
             echo: (config.version == MqttVersion::V311).then(|| {
                 Mutex::new(EchoFilter::new(
                     EchoFilter::capacity_for(config.request_queue, config.max_inflight),
@@ -513,6 +518,12 @@ impl MqttUpstream {
     #[must_use]
     pub fn watch_link(&self) -> watch::Receiver<bool> {
         self.shared.link_state.subscribe()
+    }
+
+    /// The link's state, transitions and last error, for the admin listener.
+    #[must_use]
+    pub fn link_info(&self) -> Arc<LinkInfo> {
+        Arc::clone(&self.shared.link_info)
     }
 
     /// Drops the current connection and reconnects (after the backoff), failing what is in
@@ -831,6 +842,7 @@ impl LinkTask {
                     // connection) must not cut this new one: drop its stored permit.
                     let _ = self.control.shared.reset.notified().now_or_never();
                     self.control.shared.set_connected();
+                    self.control.shared.link_info.up(wall_ms());
                     self.backoff.reset();
                     if connections > 0 {
                         self.control
@@ -852,6 +864,10 @@ impl LinkTask {
                 Ok(LinkEvent::Other) => {}
                 Err(error) => {
                     self.control.lost();
+                    self.control
+                        .shared
+                        .link_info
+                        .down(wall_ms(), error.summary());
                     match phase {
                         Phase::Up => {
                             warn!(upstream = %name, error = %error, "Upstream connection lost.");
@@ -880,6 +896,12 @@ impl LinkTask {
                 }
             }
             self.control.retry();
+        }
+        if phase == Phase::Up {
+            self.control
+                .shared
+                .link_info
+                .down(wall_ms(), "upstream stopped");
         }
         self.stop(phase == Phase::Up).await;
         info!(upstream = %name, "Upstream stopped.");

@@ -26,6 +26,10 @@ const SEQ_RESERVATION: u64 = 1 << 20;
 /// tests cross chunk boundaries and records larger than a chunk).
 const READ_CHUNK: usize = if cfg!(test) { 2048 } else { 256 * 1024 };
 
+/// The encoded size of a small record (a sensor reading: a short topic and payload with the
+/// record header and origin), for [`Spool::refusing`].
+pub const SMALL_RECORD: u64 = 256;
+
 /// The name of the lock file in the spool directory.
 pub const LOCK_FILE: &str = "LOCK";
 
@@ -162,6 +166,23 @@ pub struct SpoolStats {
     pub read_disk: u64,
 }
 
+/// One upstream's backlog as the admin listener shows it ([`Spool::backlog_info`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BacklogInfo {
+    /// Records written and not yet acknowledged by the upstream. Exact, except that records
+    /// skipped as damaged in the segment holding the cursor still count, and records
+    /// expired by `max_age` count until a read passes them.
+    pub records: u64,
+    /// Bytes of the segments holding those records (whole segments, as
+    /// [`Spool::backlog_bytes`]).
+    pub bytes: u64,
+    /// Wall-clock ms of the oldest record not yet acknowledged; `None` when caught up. Exact
+    /// while that record is still in the tail in memory; otherwise the time of the first
+    /// record of its segment (no read of the disk), so it may be older by up to one
+    /// segment's span.
+    pub oldest_ms: Option<u64>,
+}
+
 /// What recovery found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recovery {
@@ -187,6 +208,8 @@ struct Segment<F> {
     last_seq: Option<u64>,
     /// The newest record's time (wall-clock ms), for `max_backlog.age`.
     last_time_ms: u64,
+    /// The first record's time (wall-clock ms; 0 while it has none), for the backlog's age.
+    first_time_ms: u64,
     records: u64,
     file: Arc<F>,
     /// End of the data written to the OS; readers never read beyond it.
@@ -260,6 +283,8 @@ pub struct Spool<F: Fs> {
     buf_last: u64,
     /// The newest time among the buffered records.
     buf_time_ms: u64,
+    /// The first buffered record's time.
+    buf_first_time_ms: u64,
     /// The buffered records, for the tail once written: each with its end offset in `buf`
     /// and its encoded length.
     buf_tail: Vec<(Record, usize, usize)>,
@@ -386,6 +411,7 @@ impl<F: Fs> Spool<F> {
                 first_seq,
                 last_seq: scan.last_seq,
                 last_time_ms: scan.last_time_ms,
+                first_time_ms: scan.first_time_ms,
                 records: scan.records,
                 file: Arc::new(file),
                 written,
@@ -447,6 +473,7 @@ impl<F: Fs> Spool<F> {
             buf_records: 0,
             buf_last: 0,
             buf_time_ms: 0,
+            buf_first_time_ms: 0,
             buf_tail: Vec::new(),
             tail,
             bytes,
@@ -511,6 +538,93 @@ impl<F: Fs> Spool<F> {
             .filter(|s| s.last_seq.is_some_and(|l| l >= cursor))
             .map(|s| s.written)
             .sum()
+    }
+
+    /// Upstream `index`'s backlog at `now_ms` (wall clock): records, bytes and the time of
+    /// the oldest unacknowledged record. Cheap (O(segments), no read): for the admin
+    /// listener, under the spool lock. An unknown index reads as caught up. `oldest_ms` is
+    /// never later than `now_ms` (a wall clock stepped back makes no negative age).
+    #[must_use]
+    pub fn backlog_info(&self, index: usize, now_ms: u64) -> BacklogInfo {
+        let Some(cursor) = self.cursors.get(index).copied() else {
+            return BacklogInfo::default();
+        };
+        let oldest_ms = self.oldest_from(cursor).map(|t| t.min(now_ms));
+        BacklogInfo {
+            records: self.records_from(cursor),
+            bytes: self.backlog_bytes(index),
+            oldest_ms,
+        }
+    }
+
+    /// Records written that the slowest upstream has not acknowledged: what the spool holds
+    /// for someone (counted as in [`BacklogInfo::records`]).
+    #[must_use]
+    pub fn held_records(&self) -> u64 {
+        self.records_from(self.slowest())
+    }
+
+    /// Wall-clock ms of the oldest record some upstream has not acknowledged (as in
+    /// [`BacklogInfo::oldest_ms`]); `None` when every upstream has caught up.
+    #[must_use]
+    pub fn oldest_ms(&self) -> Option<u64> {
+        self.oldest_from(self.slowest())
+    }
+
+    /// Whether an append now would be refused for lack of room: the free-disk watermark is
+    /// crossed, or less than [`SMALL_RECORD`] bytes are left within `max_bytes` (once the
+    /// acknowledged segments are collected), and `when_full = "drop_oldest"` has no older
+    /// segment to drop. As a small append (a sensor reading) would find it; a larger one may
+    /// be refused earlier.
+    #[must_use]
+    pub fn refusing(&self) -> bool {
+        let slowest = self.slowest();
+        let reclaimable: u64 = self
+            .segments
+            .iter()
+            .take_while(|s| s.sealed && s.last_seq.is_none_or(|l| l < slowest))
+            .map(|s| s.written)
+            .sum();
+        let used = (self.bytes + self.buf.len() as u64).saturating_sub(reclaimable);
+        let full = self.disk_low || used + SMALL_RECORD > self.config.max_bytes;
+        let can_drop = self.config.when_full == WhenFull::DropOldest
+            && self.segments.len() >= 2
+            && self.segments.front().is_some_and(|s| s.sealed);
+        full && !can_drop
+    }
+
+    /// The slowest upstream's cursor (`u64::MAX` without upstreams: nothing is held).
+    fn slowest(&self) -> u64 {
+        self.cursors.iter().copied().min().unwrap_or(u64::MAX)
+    }
+
+    /// Records written at or after `cursor`. Ids within a segment are consecutive (a failed
+    /// write seals its segment), so the segment holding the cursor counts exactly what lies
+    /// from the cursor on, bounded by the records it holds.
+    fn records_from(&self, cursor: u64) -> u64 {
+        self.segments
+            .iter()
+            .filter_map(|s| {
+                let last = s.last_seq.filter(|&l| l >= cursor)?;
+                let from = s.first_seq.max(cursor);
+                Some((last + 1).saturating_sub(from).min(s.records))
+            })
+            .sum()
+    }
+
+    /// The time of the first record written at or after `cursor` (see
+    /// [`BacklogInfo::oldest_ms`]).
+    fn oldest_from(&self, cursor: u64) -> Option<u64> {
+        let seg = self
+            .segments
+            .iter()
+            .find(|s| s.records > 0 && s.last_seq.is_some_and(|l| l >= cursor))?;
+        if self.tail.covers(cursor) {
+            if let Some(t) = self.tail.time_from(cursor) {
+                return Some(t);
+            }
+        }
+        Some(seg.first_time_ms)
     }
 
     /// Checks upstream `index`'s backlog against `limit` at `now_ms` (wall clock): the
@@ -657,6 +771,7 @@ impl<F: Fs> Spool<F> {
         self.next_seq += 1;
         if self.buf_records == 0 {
             self.buf_first = seq;
+            self.buf_first_time_ms = time_ms;
         }
         record::encode(&mut self.buf, seq, time_ms, msg);
         self.buf_records += 1;
@@ -773,6 +888,9 @@ impl<F: Fs> Spool<F> {
         let base = seg.written;
         let segment = seg.first_seq;
         seg.written += need;
+        if seg.records == 0 {
+            seg.first_time_ms = self.buf_first_time_ms;
+        }
         seg.records += self.buf_records;
         seg.last_seq = Some(self.buf_last);
         seg.last_time_ms = seg.last_time_ms.max(self.buf_time_ms);
@@ -831,6 +949,7 @@ impl<F: Fs> Spool<F> {
             first_seq,
             last_seq: None,
             last_time_ms: 0,
+            first_time_ms: 0,
             records: 0,
             file: Arc::new(file),
             written: SEGMENT_HEADER,
@@ -1081,6 +1200,8 @@ struct Scan {
     last_seq: Option<u64>,
     /// The newest valid record's time.
     last_time_ms: u64,
+    /// The first valid record's time.
+    first_time_ms: u64,
     /// Damaged places before the last valid record: offset and records lost there.
     damaged: Vec<(u64, u64)>,
     /// Where a tail without any valid record starts, if the file has one.
@@ -1426,6 +1547,7 @@ fn scan_segment(file: &impl SpoolFile, first_seq: u64, after: u64) -> io::Result
         records: 0,
         last_seq: None,
         last_time_ms: 0,
+        first_time_ms: 0,
         damaged: Vec::new(),
         tail: None,
         unused: None,
@@ -1443,6 +1565,9 @@ fn scan_segment(file: &impl SpoolFile, first_seq: u64, after: u64) -> io::Result
                 base = rec.seq;
                 scan.last_seq = Some(rec.seq);
                 scan.last_time_ms = scan.last_time_ms.max(rec.time_ms);
+                if scan.records == 0 {
+                    scan.first_time_ms = rec.time_ms;
+                }
                 scan.records += 1;
                 at += n as u64;
             }

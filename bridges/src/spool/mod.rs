@@ -69,8 +69,8 @@ pub use fs::{Fs, SpoolFile, StdFs};
 #[doc(hidden)]
 pub use log::fuzz_resync;
 pub use log::{
-    AppendError, Chunks, FsyncPolicy, LOCK_FILE, OpenError, Pending, ReadPos, Recovery, Spool,
-    SpoolConfig, SpoolStats, WhenFull,
+    AppendError, BacklogInfo, Chunks, FsyncPolicy, LOCK_FILE, OpenError, Pending, ReadPos,
+    Recovery, SMALL_RECORD, Spool, SpoolConfig, SpoolStats, WhenFull,
 };
 #[doc(hidden)]
 pub use record::fuzz_round_trip;

@@ -48,6 +48,10 @@
 //! - **Shutdown**: the drain stops sending, waits only for the reports of what is in flight,
 //!   and ends.
 //!
+//! Besides, the task wakes at least every [`BEAT_IDLE`] to beat ([`DrainStats::beat`], read by
+//! the health check); that wake is not a machine input unless the machine's own timer is
+//! due. After each turn it stores the tracked sends in flight ([`DrainStats::in_flight`]).
+//!
 //! [`FailReason::QueueFull`]: crate::upstream::FailReason::QueueFull
 //! [`QUEUE_FULL_RETRY`]: crate::upstream::drain::QUEUE_FULL_RETRY
 //! [`READ_RETRY`]: crate::upstream::drain::READ_RETRY
@@ -69,6 +73,7 @@ use super::log::{Access, Chunks, FsyncPolicy, ReadPos, Spool, SpoolStats, read_r
 use super::record::Record;
 use crate::message::Message;
 use crate::route::RouteTable;
+use crate::telemetry::{BEAT_IDLE, Beat, Histogram};
 use crate::upstream::drain::{Action, Drain, DrainConfig, DrainStats, READ_BATCH};
 use crate::upstream::{AckReport, Upstream};
 
@@ -77,6 +82,9 @@ const MAX_GROUP: usize = 8192;
 
 /// How often the writer saves the cursors and checks the free disk space.
 const HOUSEKEEPING: Duration = Duration::from_millis(100);
+
+// The writer beats in its housekeeping, which an idle writer reaches every HOUSEKEEPING.
+const _: () = assert!(HOUSEKEEPING.as_millis() < BEAT_IDLE.as_millis());
 
 /// With `fsync = "always"`, how long a group that holds no QoS >= 1 message (nobody waits
 /// for its fsync) may stay written but unsynced: it is synced with the next group that
@@ -96,6 +104,10 @@ pub struct SharedSpool<F: Fs> {
     written: watch::Sender<u64>,
     /// Appends refused because the writer's queue was full (shared with the appenders).
     queue_full: Arc<AtomicU64>,
+    /// Durations of the successful data fsyncs the writer and the syncer run.
+    fsync_latency: Histogram,
+    /// The writer thread's loop.
+    writer_beat: Beat,
 }
 
 impl<F: Fs> SharedSpool<F> {
@@ -106,7 +118,39 @@ impl<F: Fs> SharedSpool<F> {
             spool: Mutex::new(spool),
             written,
             queue_full: Arc::default(),
+            fsync_latency: Histogram::default(),
+            writer_beat: Beat::new(),
         })
+    }
+
+    /// How long each successful data fsync took: every group commit's, and the deferred
+    /// ones (`spool-syncer`, housekeeping, shutdown). Not timed: the rare fsync of a
+    /// segment sealed at rotation while its last write was unsynced (it runs inside
+    /// [`Spool::write`], which reads no clock) — counted in [`SpoolStats::syncs`] all the
+    /// same, so `syncs` may exceed this count by those.
+    #[must_use]
+    pub fn fsync_latency(&self) -> &Histogram {
+        &self.fsync_latency
+    }
+
+    /// The writer thread's loop: it beats every turn, and at least every [`BEAT_IDLE`]
+    /// when no append comes.
+    #[must_use]
+    pub fn writer_beat(&self) -> &Beat {
+        &self.writer_beat
+    }
+
+    /// Runs `pending`'s fsync (without the lock), times it if it succeeded, and reports it
+    /// to the spool.
+    fn sync(&self, pending: &super::log::Pending<F::File>) -> std::io::Result<()> {
+        #[allow(clippy::disallowed_methods)] // An adapter timing the fsync it runs.
+        let start = Instant::now();
+        let result = pending.run();
+        if result.is_ok() {
+            self.fsync_latency.observe(start.elapsed());
+        }
+        self.lock().synced(pending, &result);
+        result
     }
 
     /// Appends refused because the writer's queue was full (or the writer stopped). A
@@ -454,13 +498,11 @@ impl<F: Fs> Writer<F> {
             .name("spool-syncer".into())
             .spawn(move || {
                 for pending in rx {
-                    let result = pending.run();
-                    if let Err(error) = &result {
+                    if let Err(error) = shared.sync(&pending) {
                         // Counted (sync_errors) and the segment sealed by `synced`; the
                         // writer logs the disk error episode with the next acknowledged group.
                         tracing::debug!(%error, "Deferred spool fsync failed.");
                     }
-                    shared.lock().synced(&pending, &result);
                 }
             });
         match spawned {
@@ -520,8 +562,7 @@ impl<F: Fs> Writer<F> {
                     true
                 }
                 FsyncPolicy::Always => {
-                    let result = pending.run();
-                    self.shared.lock().synced(&pending, &result);
+                    let result = self.shared.sync(&pending);
                     self.health(result.as_ref().err(), "fsync");
                     // It covered a deferred group too: the same file up to a later end, or
                     // an older segment, synced when it was sealed.
@@ -591,8 +632,7 @@ impl<F: Fs> Writer<F> {
             }
             Err(TrySendError::Full(pending)) => self.unsynced = Some(pending),
             Err(TrySendError::Disconnected(pending)) => {
-                let result = pending.run();
-                self.shared.lock().synced(&pending, &result);
+                let result = self.shared.sync(&pending);
                 self.health(result.as_ref().err(), "fsync");
                 self.unsynced_bytes = 0;
             }
@@ -602,6 +642,9 @@ impl<F: Fs> Writer<F> {
     #[allow(clippy::disallowed_methods)]
     fn housekeeping(&mut self, last: bool) {
         let now = Instant::now();
+        // Every turn of the writer's loop ends here, and an idle one turns every
+        // HOUSEKEEPING (< BEAT_IDLE): the beat costs no clock read of its own.
+        self.shared.writer_beat.beat(now);
         if !last
             && self.policy == FsyncPolicy::Always
             && self.unsynced.is_some()
@@ -617,8 +660,7 @@ impl<F: Fs> Writer<F> {
             self.last_sync = now;
             self.unsynced_bytes = 0;
             if let Some(pending) = self.unsynced.take() {
-                let result = pending.run();
-                self.shared.lock().synced(&pending, &result);
+                let result = self.shared.sync(&pending);
                 self.health(result.as_ref().err(), "fsync");
             }
         }
@@ -657,19 +699,32 @@ pub async fn drain<F: Fs, U: Upstream>(
     let mut chunks = Chunks::default();
     let mut written = shared.written.subscribe();
     let mut link = upstream.watch_link();
-    let mut machine =
-        Drain::new(name.clone(), config, stats, pos.next_seq(), clock()).with_routes(index, routes);
+    let mut machine = Drain::new(
+        name.clone(),
+        config,
+        Arc::clone(&stats),
+        pos.next_seq(),
+        clock(),
+    )
+    .with_routes(index, routes);
     machine.handle_link(*link.borrow_and_update());
     let mut reports = Vec::new();
     let mut stopping = false;
     let mut timer = std::pin::pin!(tokio::time::sleep_until(clock().into()));
     let mut timer_at = None;
+    // When an idle task wakes anyway, to beat: moved on only once passed (at most once per
+    // BEAT_IDLE), so the timer is not re-registered every turn.
+    let mut idle_due = clock() + BEAT_IDLE;
     loop {
         if !stopping && shutdown.is_cancelled() {
             stopping = true;
             machine.handle_shutdown();
         }
         let mut now = clock();
+        stats.beat.beat(now);
+        if idle_due <= now {
+            idle_due = now + BEAT_IDLE;
+        }
         while let Some(action) = machine.poll_action(now) {
             match action {
                 Action::Send {
@@ -730,24 +785,32 @@ pub async fn drain<F: Fs, U: Upstream>(
                 }
                 Action::Rewind => pos = shared.lock().reader(index),
                 Action::ResetLink => upstream.reset_link(),
-                Action::Done => return,
+                Action::Done => {
+                    stats.in_flight.store(0, Relaxed);
+                    return;
+                }
             }
         }
+        stats.in_flight.store(
+            u64::try_from(machine.outstanding()).unwrap_or(u64::MAX),
+            Relaxed,
+        );
         let wake = machine.poll_timeout();
+        // Idle, the task still wakes every BEAT_IDLE to beat (the health check tells a
+        // stuck drain from an idle one); the machine only hears of its own timer.
+        let at = wake.map_or(idle_due, |w| w.min(idle_due));
         // One timer for the task's life, moved only when the deadline changes: registering
         // a fresh one each turn would wake the runtime's driver every time.
-        if let Some(at) = wake {
-            if timer_at != Some(at) {
-                timer.as_mut().reset(at.into());
-                timer_at = Some(at);
-            }
+        if timer_at != Some(at) {
+            timer.as_mut().reset(at.into());
+            timer_at = Some(at);
         }
         let sleep = async {
-            match wake {
+            if at <= clock() {
                 // Work is ready now: let the runtime's other tasks run first.
-                Some(at) if at <= clock() => tokio::task::yield_now().await,
-                Some(_) => timer.as_mut().await,
-                None => std::future::pending().await,
+                tokio::task::yield_now().await;
+            } else {
+                timer.as_mut().await;
             }
         };
         tokio::select! {
@@ -756,8 +819,10 @@ pub async fn drain<F: Fs, U: Upstream>(
                 if n == 0 {
                     break;
                 }
+                // One clock read per batch of reports, for the ack latency.
+                let now = clock();
                 for report in reports.drain(..) {
-                    machine.handle_ack(report);
+                    machine.handle_ack(now, report);
                 }
             }
             r = written.changed(), if !stopping => {
@@ -772,7 +837,12 @@ pub async fn drain<F: Fs, U: Upstream>(
                 }
                 machine.handle_link(*link.borrow_and_update());
             }
-            () = sleep, if !stopping => machine.handle_timeout(clock()),
+            () = sleep, if !stopping => {
+                let now = clock();
+                if wake.is_some_and(|w| w <= now) {
+                    machine.handle_timeout(now);
+                }
+            }
         }
     }
 }

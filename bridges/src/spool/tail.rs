@@ -117,6 +117,13 @@ impl Tail {
         self.enabled() && next_seq >= self.from
     }
 
+    /// The time (wall-clock ms) of the first record at or after `seq`, if the tail holds it
+    /// (call only when [`Self::covers`] `seq`).
+    pub(crate) fn time_from(&self, seq: u64) -> Option<u64> {
+        let start = self.entries.partition_point(|e| e.record.seq < seq);
+        self.entries.get(start).map(|e| e.record.time_ms)
+    }
+
     /// Reads up to `max` records from `next_seq` on into `out`, skipping (and counting in the
     /// result's second part) those older than `max_age_ms` at `now_ms`, as a read from disk
     /// does. Returns where the reader is after the last record passed (`None` if it passed

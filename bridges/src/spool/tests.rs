@@ -10,7 +10,8 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use super::log::{
-    AppendError, Chunks, FsyncPolicy, ReadPos, Spool, SpoolConfig, WhenFull, read_records,
+    AppendError, BacklogInfo, Chunks, FsyncPolicy, ReadPos, Spool, SpoolConfig, WhenFull,
+    read_records,
 };
 use super::memfs::{Faults, MemFs};
 use crate::message::{Message, Qos};
@@ -770,4 +771,138 @@ fn preallocated_space_is_the_clean_end_of_a_segment() {
     let (_spool, recovery) = Spool::open(fs, cfg(), &names()).unwrap();
     assert!(recovery.truncated_bytes > 0, "{recovery:?}");
     assert_eq!(recovery.records, 200);
+}
+
+/// The first sequence ids of the segment files, oldest first.
+fn segment_firsts(fs: &MemFs) -> Vec<u64> {
+    segment_files(fs)
+        .iter()
+        .map(|p| {
+            let stem = p.file_stem().unwrap().to_str().unwrap();
+            stem.parse().unwrap()
+        })
+        .collect()
+}
+
+/// 200 records of 1000 bytes, stamped `1000 + i`, written in groups of 10 (several
+/// segments of 64 KiB).
+fn spool_with_backlog(memory_tail_bytes: u64) -> (Spool<MemFs>, MemFs) {
+    let fs = MemFs::new();
+    let mut config = config(8 << 20, WhenFull::RejectNew);
+    config.memory_tail_bytes = memory_tail_bytes;
+    let (mut spool, _) = Spool::open(fs.clone(), config, &names()).unwrap();
+    for i in 0..200 {
+        spool.append(1000 + i, &msg(i, 1000)).unwrap();
+        if i % 10 == 9 {
+            spool.write().unwrap();
+        }
+    }
+    (spool, fs)
+}
+
+#[test]
+fn backlog_info_is_exact_after_acks_and_caught_up_is_zero() {
+    const NOW: u64 = 1_000_000;
+    let (mut spool, fs) = spool_with_backlog(8 << 20);
+    assert!(segment_firsts(&fs).len() >= 3, "several segments");
+    let info = spool.backlog_info(0, NOW);
+    assert_eq!(info.records, 200);
+    assert_eq!(info.bytes, spool.backlog_bytes(0));
+    assert_eq!(info.oldest_ms, Some(1000));
+    // Acknowledged up to id 51 (ids start at 1): exact count, and the exact age while the
+    // record is in the tail in memory.
+    spool.set_cursor(0, 51);
+    let info = spool.backlog_info(0, NOW);
+    assert_eq!(info.records, 150);
+    assert_eq!(info.oldest_ms, Some(1050));
+    // The spool holds what the slowest upstream (1, at the start) has not acknowledged.
+    assert_eq!(spool.held_records(), 200);
+    assert_eq!(spool.oldest_ms(), Some(1000));
+    spool.set_cursor(1, 101);
+    assert_eq!(spool.held_records(), 150);
+    assert_eq!(spool.oldest_ms(), Some(1050));
+    // Caught up.
+    spool.set_cursor(0, 201);
+    let info = spool.backlog_info(0, NOW);
+    assert_eq!((info.records, info.bytes, info.oldest_ms), (0, 0, None));
+    assert_eq!(spool.held_records(), 100);
+    spool.set_cursor(1, 201);
+    assert_eq!((spool.held_records(), spool.oldest_ms()), (0, None));
+    // An unknown upstream reads as caught up.
+    assert_eq!(spool.backlog_info(7, NOW), BacklogInfo::default());
+}
+
+#[test]
+fn without_the_memory_tail_the_oldest_age_moves_by_segment() {
+    const NOW: u64 = 1_000_000;
+    let (mut spool, fs) = spool_with_backlog(0);
+    let firsts = segment_firsts(&fs);
+    let second = firsts[1];
+    assert_eq!(firsts[0], 1);
+    // Within the first segment: its first record's time.
+    spool.set_cursor(0, 10);
+    let info = spool.backlog_info(0, NOW);
+    assert_eq!(info.records, 191);
+    assert_eq!(info.oldest_ms, Some(1000));
+    // Past it: the second segment's first record (id `second`, stamped 1000 + second - 1).
+    spool.set_cursor(0, second + 1);
+    let info = spool.backlog_info(0, NOW);
+    assert_eq!(info.records, 200 - second);
+    assert_eq!(info.oldest_ms, Some(1000 + second - 1));
+    // The same after a restart: recovery finds each segment's first time.
+    drop(spool);
+    let (spool, _) =
+        Spool::open(fs.clone(), config(8 << 20, WhenFull::RejectNew), &names()).unwrap();
+    let info = spool.backlog_info(1, NOW);
+    assert_eq!((info.records, info.oldest_ms), (200, Some(1000)));
+}
+
+#[test]
+fn refusing_tells_when_the_next_append_would_be_refused() {
+    let fs = MemFs::new();
+    let (mut spool, _) = Spool::open(
+        fs.clone(),
+        config(300 * 1024, WhenFull::RejectNew),
+        &names(),
+    )
+    .unwrap();
+    assert!(!spool.refusing());
+    let mut i = 0;
+    loop {
+        match spool.append(1, &msg(i, 1000)) {
+            Ok(_) => {}
+            Err(AppendError::Full) => break,
+            Err(e) => panic!("{e}"),
+        }
+        i += 1;
+        spool.write().unwrap();
+    }
+    // Full of 1000-byte records, perhaps with room for a small one: refusing once even
+    // that is refused.
+    while spool.append(1, &msg(i, 8)).is_ok() {
+        i += 1;
+    }
+    spool.write().unwrap();
+    assert!(spool.refusing());
+    // Acknowledged by everyone: the segments can be collected, so an append has room.
+    let end = spool.next_seq();
+    spool.set_cursor(0, end);
+    spool.set_cursor(1, end);
+    assert!(!spool.refusing());
+
+    // The free-disk watermark.
+    let mut low = config(300 * 1024, WhenFull::DropOldest);
+    low.dir = PathBuf::from("/other");
+    low.min_free_bytes = 1 << 20;
+    let (mut spool, _) = Spool::open(fs.clone(), low, &names()).unwrap();
+    spool.check_disk();
+    assert!(!spool.refusing());
+    fs.set_faults(Faults {
+        available: 1000,
+        ..fs.faults()
+    });
+    spool.check_disk();
+    // drop_oldest with nothing older to drop: refused.
+    assert!(spool.refusing());
+    assert_eq!(spool.append(1, &msg(0, 100)), Err(AppendError::Full));
 }

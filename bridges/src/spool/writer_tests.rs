@@ -297,3 +297,57 @@ fn a_megabyte_nobody_waits_for_is_synced_by_the_syncer() {
     writer.join().unwrap();
     assert_eq!(shared.stats().appended, 40);
 }
+
+/// Whether `beat` beat after `t` (a margin for its millisecond resolution).
+fn beat_after(beat: &crate::telemetry::Beat, t: std::time::Instant) -> bool {
+    let now = std::time::Instant::now();
+    beat.silent_for(now)
+        .is_some_and(|silent| silent + Duration::from_millis(2) <= now.duration_since(t))
+}
+
+#[test]
+fn every_fsync_is_timed_and_an_idle_writer_keeps_beating() {
+    let shared = open();
+    assert_eq!(
+        shared.writer_beat().silent_for(std::time::Instant::now()),
+        None
+    );
+    let (tx, mut rx) = mpsc::channel(64);
+    // A short deferral, so the QoS 0 group's fsync runs on the syncer thread soon.
+    let (appender, writer) =
+        start_writer_with(Arc::clone(&shared), 1024, Duration::from_millis(20)).unwrap();
+    let ingress = appender.for_ingress(tx);
+    // Group commits one by one: each waits for its verdict, so each had its own fsync.
+    for i in 0..5 {
+        ingress.append(qos1("a", i), Some(i)).unwrap();
+        collect(&mut rx, 1);
+    }
+    let stats = shared.stats();
+    assert!(stats.syncs >= 5, "{stats:?}");
+    assert_eq!(shared.fsync_latency().snapshot().count, stats.syncs);
+    // A QoS 0 group nobody waits for: synced later by the syncer thread, timed too.
+    let before = stats.syncs;
+    let mut q0 = qos1("q0", 0);
+    q0.qos = Qos::AtMostOnce;
+    ingress.append(q0, None).unwrap();
+    let start = std::time::Instant::now();
+    while shared.stats().syncs == before {
+        assert!(start.elapsed() < BOUND, "deferred fsync late");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let h = shared.fsync_latency().snapshot();
+    assert_eq!(h.count, shared.stats().syncs, "{h:?}");
+    assert_eq!(
+        h.buckets.last().map(|b| b.1),
+        Some(h.count),
+        "every fsync within 10 s"
+    );
+    // Idle, the writer still beats.
+    let idle = std::time::Instant::now();
+    while !beat_after(shared.writer_beat(), idle) {
+        assert!(idle.elapsed() < BOUND, "the idle writer does not beat");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop((appender, ingress));
+    writer.join().unwrap();
+}

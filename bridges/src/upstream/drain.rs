@@ -57,6 +57,7 @@ use super::{AckReport, Delivery, FailReason};
 use crate::message::Message;
 use crate::route::RouteTable;
 use crate::spool::Record;
+use crate::telemetry::{Beat, Histogram};
 
 /// Records one spool read returns at most (what [`Action::Read`] asks for).
 pub const READ_BATCH: usize = 512;
@@ -160,6 +161,16 @@ pub struct DrainStats {
     /// Records this upstream gave up because its backlog was over `max_backlog`: lost for
     /// this upstream only.
     pub backlog_dropped: AtomicU64,
+    /// Tracked (QoS >= 1) sends without their report yet: a gauge the drain task stores
+    /// after each turn.
+    pub in_flight: AtomicU64,
+    /// From a tracked send to the peer's acknowledgement (acknowledged sends only, not
+    /// refusals or failures), measured by [`Drain`] from the `now` of the send's turn to the
+    /// `now` given with the report, so it may read up to one turn of the task long.
+    pub ack_latency: Histogram,
+    /// The drain task's loop: it beats every turn, and at least every
+    /// [`BEAT_IDLE`](crate::telemetry::BEAT_IDLE) when idle.
+    pub beat: Beat,
 }
 
 /// What the caller must do next.
@@ -334,7 +345,7 @@ pub struct Drain {
     queue_full_until: Option<Instant>,
     read_retry_until: Option<Instant>,
     /// A report said the peer refused a message for now; [`Self::poll_action`] turns it into
-    /// `busy_until` (reports carry no time).
+    /// `busy_until`, counted from that poll.
     busy_pending: bool,
     busy_until: Option<Instant>,
     msgs: Option<Bucket>,
@@ -569,8 +580,9 @@ impl Drain {
         }
     }
 
-    /// One report of a tracked send (`token` is its sequence id).
-    pub fn handle_ack(&mut self, report: AckReport) {
+    /// One report of a tracked send (`token` is its sequence id), received at `now` (an
+    /// acknowledgement's latency is measured from its send to `now`).
+    pub fn handle_ack(&mut self, now: Instant, report: AckReport) {
         self.turn();
         self.outstanding = self.outstanding.saturating_sub(1);
         if report.token < self.cursor {
@@ -601,6 +613,11 @@ impl Drain {
         if settled {
             if let Ok(i) = self.sent.binary_search_by_key(&report.token, |s| s.seq) {
                 if let Some(s) = self.sent.get_mut(i) {
+                    if !s.acked && report.delivery.is_acknowledged() {
+                        self.stats
+                            .ack_latency
+                            .observe(now.saturating_duration_since(s.at));
+                    }
                     s.acked = true;
                 }
             }

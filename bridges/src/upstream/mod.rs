@@ -26,9 +26,12 @@
 
 pub mod drain;
 
+use std::sync::Arc;
+
 use tokio::sync::watch;
 
 use crate::message::Message;
+use crate::telemetry::LinkInfo;
 
 /// What a drain needs from an upstream. See the module docs for the contract.
 pub trait Upstream: Send + Sync + 'static {
@@ -52,6 +55,10 @@ pub trait Upstream: Send + Sync + 'static {
 
     /// Drops the current link and connects again, failing what is in flight on it.
     fn reset_link(&self);
+
+    /// The link's state for the admin listener (up since when, last error, connects),
+    /// written by the upstream's connection task at each transition, never per message.
+    fn link_info(&self) -> Arc<LinkInfo>;
 }
 
 /// Outcome of a QoS >= 1 publish, reported back to the gateway core.

@@ -41,6 +41,13 @@
 //! Every refusal, the first one and each failed retry, is counted as `queue_full` in the
 //! spool status (`SharedSpool::queue_full`): a count there says the writer's queue was full
 //! and reading paused, not that anything was lost.
+//!
+//! Observability: the admin listener asks its [`IngressQuery`]s on a channel of its own
+//! ([`UdpDriver::with_queries`]); the driver answers one per turn from the core it owns
+//! ([`Core::report`], [`Core::clients`]), so the session table keeps one owner and no lock,
+//! and nothing is counted or copied per packet for it. With a [`Beat`]
+//! ([`UdpDriver::with_beat`]) each turn ends with one relaxed store of the instant already
+//! read for the timers, and an interval of [`BEAT_IDLE`] makes an idle driver turn too.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -53,15 +60,18 @@ use std::time::Instant;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
+use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use sensorgate_bridges::message::{Downlink, Message};
 use sensorgate_bridges::router::{AppendRefused, IngressHandle};
 use sensorgate_bridges::spool::AppendReply;
+use sensorgate_bridges::telemetry::{BEAT_IDLE, Beat};
 
 use super::batch::{RecvBatch, SendBatch};
 use super::session_store::StoreLink;
 use crate::mqttsn::core::{Core, Event, Peer, PeerAddr, PublishOutcome};
+use crate::observe::model::IngressQuery;
 
 /// Replies sent per `sendmmsg`.
 const SEND_BATCH: usize = 64;
@@ -272,6 +282,12 @@ pub struct UdpDriver {
     held_max: usize,
     /// Counters for the status line.
     stats: Arc<UdpStats>,
+    /// The admin listener's questions (report, clients), answered between two turns;
+    /// `None`: nobody asks.
+    queries: Option<mpsc::Receiver<IngressQuery>>,
+    /// Beaten once per turn for the health check; `None`: nobody watches (and an idle
+    /// driver sleeps until its next input or deadline).
+    beat: Option<Arc<Beat>>,
 }
 
 impl UdpDriver {
@@ -308,7 +324,26 @@ impl UdpDriver {
             held: VecDeque::new(),
             held_max: held_max(recv_batch, sockets_len),
             stats: Arc::default(),
+            queries: None,
+            beat: None,
         }
+    }
+
+    /// Answers the admin listener's [`IngressQuery`]s from `queries` (the core's report and
+    /// pages of its clients), between two turns of the loop. A query whose asker has gone
+    /// is answered into the void.
+    #[must_use]
+    pub fn with_queries(mut self, queries: mpsc::Receiver<IngressQuery>) -> Self {
+        self.queries = Some(queries);
+        self
+    }
+
+    /// Beats `beat` once per turn of the loop, and turns at least every [`BEAT_IDLE`] even
+    /// when idle, so a silent beat means a stuck loop.
+    #[must_use]
+    pub fn with_beat(mut self, beat: Arc<Beat>) -> Self {
+        self.beat = Some(beat);
+        self
     }
 
     /// Counts into `stats` (shared with the status line) instead of a counter of its own.
@@ -338,6 +373,11 @@ impl UdpDriver {
         self.flush(&mut tx_buf).await?;
         let mut timer = std::pin::pin!(tokio::time::sleep_until(Instant::now().into()));
         let mut timer_at = None;
+        // Independent of the core's timer (reset only when its deadline moves): an idle
+        // loop turns once per period to beat; a busy one barely notices the extra turn.
+        let mut idle = tokio::time::interval(BEAT_IDLE);
+        idle.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let beating = self.beat.is_some();
         loop {
             let deadline = self.core.poll_timeout();
             // One timer, moved only when the deadline changes: a fresh registration each
@@ -368,6 +408,13 @@ impl UdpDriver {
             let room = async {
                 match self.gate.waiting_for() {
                     Some(mark) => self.ingress.room_since(mark).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let asking = self.queries.is_some();
+            let query = async {
+                match self.queries.as_mut() {
+                    Some(queries) => queries.recv().await,
                     None => std::future::pending().await,
                 }
             };
@@ -416,6 +463,8 @@ impl UdpDriver {
                         store.send_with(permit);
                     }
                 }
+                Some(query) = query, if asking => self.answer_query(query),
+                _ = idle.tick(), if beating => {}
                 () = sleep => {}
             }
             // Whatever else is ready is taken in the same round, so one flush (one
@@ -423,10 +472,28 @@ impl UdpDriver {
             self.drain_ready()?;
             self.core
                 .set_upstream_available(self.ingress.upstream_available());
-            self.core.handle_timeout(Instant::now());
+            let now = Instant::now();
+            self.core.handle_timeout(now);
+            if let Some(beat) = &self.beat {
+                beat.beat(now);
+            }
             self.flush(&mut tx_buf).await?;
             if let Some(store) = self.store.as_mut() {
                 store.end_round(&mut self.core);
+            }
+        }
+    }
+
+    /// Answers one of the admin listener's questions from the core's state now.
+    #[allow(clippy::disallowed_methods)] // Dates the clients' last packets.
+    fn answer_query(&self, query: IngressQuery) {
+        // The asker may have given up (its request timed out): nothing to do then.
+        match query {
+            IngressQuery::Report(reply) => {
+                let _ = reply.send(self.core.report());
+            }
+            IngressQuery::Clients(query, reply) => {
+                let _ = reply.send(self.core.clients(Instant::now(), &query));
             }
         }
     }

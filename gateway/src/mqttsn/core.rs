@@ -38,6 +38,16 @@
 //!
 //! [`persist`]: super::persist
 //!
+//! # Observability
+//!
+//! [`Core::report`] and [`Core::clients`] answer the admin listener (through the adapter,
+//! which owns the core) in the protocol-neutral shape of [`crate::observe::model`], labelled
+//! [`PROTOCOL`]. Sessions by state are counted by walking the session table when asked,
+//! never per transition; the counters ([`Stats`]) are plain fields bumped where the event
+//! happens already, so the hot path pays an increment at most. A persistent session without
+//! a connection is `lost` when its client was lost, `disconnected` when it sent DISCONNECT
+//! (or it was restored: records do not keep the difference).
+//!
 //! # Client states (spec 6.14)
 //!
 //! ```text
@@ -156,6 +166,13 @@ use super::persist::{
     self, RecordError, RecordMessage, RecordState, RecordSubscription, RecordTopic, RecordWill,
     SessionRecord,
 };
+use crate::observe::model::{
+    ClientInfo, ClientQuery, ClientsPage, DownlinkDropReason, IngressCounters, IngressReport,
+    RefusalReason, SessionCounts, SessionState, SubscriptionInfo,
+};
+
+/// The protocol label of this core's sessions and counters in the admin listener's reports.
+pub const PROTOCOL: &str = "mqtt-sn";
 
 /// Which clients a predefined topic applies to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -484,12 +501,61 @@ pub struct Stats {
     pub downlink_sent: u64,
     /// Downlink messages acknowledged by clients (QoS 1/2) or sent (QoS 0).
     pub downlink_delivered: u64,
-    /// Downlink messages dropped: queue full, topic rejected by the client, too large.
+    /// Downlink messages dropped, every reason (the sum of `downlink_dropped_by`).
     pub downlink_dropped: u64,
+    /// Downlink messages dropped per reason (index: position in [`DownlinkDropReason::ALL`]):
+    /// queue full (also a restored queue cut to the limit, and a message whose topic the
+    /// client's full topic table cannot register), rejected by the client (a REGACK or PUBACK
+    /// rejection, or a topic it refused before), too large for `max_packet_size`, expired (a
+    /// QoS 0 message for a session without a connection, and whatever was queued or in
+    /// flight when the session ended or its connection did, QoS 0 being kept for no one).
+    pub downlink_dropped_by: [u64; 4],
     /// Retransmissions to clients.
     pub retransmissions: u64,
+    /// Refusals per reason (index: position in [`RefusalReason::ALL`]): every answer with a
+    /// rejection return code (CONNACK, REGACK, PUBACK, SUBACK, WILLTOPICRESP, WILLMSGRESP;
+    /// a spool's refusal counted even when its sender left before the answer), every QoS -1
+    /// publish dropped (not allowed), every datagram dropped as oversize (too large) or
+    /// malformed. Packets refused for the sender's session state are in `out_of_state`.
+    pub refusals: [u64; 5],
+    /// Accepted QoS 1/2 uplink publishes acknowledged to their sensor (PUBACK accepted, or
+    /// PUBREC), sent once the spool's verdict said durable.
+    pub acks: u64,
     /// Current sessions.
     pub sessions: u64,
+}
+
+impl Stats {
+    /// Counts one refusal.
+    fn refuse(&mut self, reason: RefusalReason) {
+        if let Some(n) = self.refusals.get_mut(reason as usize) {
+            *n += 1;
+        }
+    }
+
+    /// Counts a rejection return code sent (`rejections` and its refusal reason).
+    fn reject(&mut self, rc: ReturnCode) {
+        self.rejections += 1;
+        self.refuse(refusal_of(rc));
+    }
+
+    /// Counts `n` downlink messages dropped.
+    fn drop_downlink(&mut self, reason: DownlinkDropReason, n: u64) {
+        self.downlink_dropped += n;
+        if let Some(c) = self.downlink_dropped_by.get_mut(reason as usize) {
+            *c += n;
+        }
+    }
+}
+
+/// What a rejection return code tells the admin listener.
+fn refusal_of(rc: ReturnCode) -> RefusalReason {
+    match rc {
+        ReturnCode::InvalidTopicId => RefusalReason::InvalidTopic,
+        ReturnCode::NotSupported => RefusalReason::NotAllowed,
+        // Accepted is never a refusal; callers pass rejections only.
+        ReturnCode::Congestion | ReturnCode::Accepted => RefusalReason::Congestion,
+    }
 }
 
 /// The origin of a session's uplink messages.
@@ -527,7 +593,27 @@ enum State {
     /// Woken by PINGREQ(ClientId): buffered messages are being delivered.
     Awake,
     /// CleanSession=0 session without a connection, kept until `expires`.
-    Disconnected { expires: Instant },
+    Disconnected {
+        expires: Instant,
+        /// The connection was lost (keep-alive, sleep timer, retransmissions exhausted), not
+        /// ended by DISCONNECT; only the admin listener tells them apart. Not persisted: a
+        /// restored session says `false`.
+        lost: bool,
+    },
+}
+
+impl State {
+    /// The state as the admin listener names it.
+    fn observed(&self) -> SessionState {
+        match self {
+            State::Connecting { .. } => SessionState::Connecting,
+            State::Active => SessionState::Active,
+            State::Asleep { .. } => SessionState::Asleep,
+            State::Awake => SessionState::Awake,
+            State::Disconnected { lost: false, .. } => SessionState::Disconnected,
+            State::Disconnected { lost: true, .. } => SessionState::Lost,
+        }
+    }
 }
 
 /// The Will of a session.
@@ -633,7 +719,7 @@ impl Session {
             State::Connecting { .. } => Some(self.last_seen + retry_all),
             State::Asleep { until } => Some(*until),
             State::Awake => None,
-            State::Disconnected { expires } => Some(*expires),
+            State::Disconnected { expires, .. } => Some(*expires),
         };
         let retry = self.inflight_down.as_ref().map(|f| f.deadline);
         match (state, retry) {
@@ -1213,6 +1299,84 @@ impl Core {
         self.by_client.len()
     }
 
+    /// What the admin listener shows of this core: sessions by state, counted by walking the
+    /// session table now (O(sessions); nothing is kept per transition), and the counters.
+    #[must_use]
+    pub fn report(&self) -> IngressReport {
+        let mut sessions = SessionCounts::default();
+        for s in self.slots.iter().flatten() {
+            sessions.add(s.state.observed());
+        }
+        let stats = &self.stats;
+        IngressReport {
+            protocol: PROTOCOL,
+            sessions,
+            counters: IngressCounters {
+                messages_in: stats.publishes,
+                acks: stats.acks,
+                refusals: stats.refusals,
+                downlink_delivered: stats.downlink_delivered,
+                downlink_retransmitted: stats.retransmissions,
+                downlink_dropped: stats.downlink_dropped_by,
+                packets_in: stats.datagrams,
+            },
+        }
+    }
+
+    /// A page of sessions for the admin listener: those whose ClientId starts with
+    /// `query.prefix`, in `query.state`, and ordered after `query.after`, by ClientId, at most
+    /// `query.limit` of them (`more` says whether further ones match). `now` dates
+    /// `last_seen_ms_ago`. Costs O(sessions log sessions) per call, nothing per packet.
+    #[must_use]
+    pub fn clients(&self, now: Instant, query: &ClientQuery) -> ClientsPage {
+        let prefix = query.prefix.as_deref().unwrap_or("");
+        let after = query.after.as_deref();
+        let mut matching: Vec<&Session> = self
+            .slots
+            .iter()
+            .flatten()
+            .filter(|s| {
+                s.client_id.starts_with(prefix)
+                    && after.is_none_or(|a| &*s.client_id > a)
+                    && query.state.is_none_or(|st| s.state.observed() == st)
+            })
+            .collect();
+        let more = matching.len() > query.limit;
+        // Only the page needs sorting: select its members first.
+        if more && query.limit > 0 {
+            matching.select_nth_unstable_by(query.limit, |a, b| a.client_id.cmp(&b.client_id));
+        }
+        matching.truncate(query.limit);
+        matching.sort_unstable_by(|a, b| a.client_id.cmp(&b.client_id));
+        let clients = matching
+            .into_iter()
+            .map(|s| ClientInfo {
+                client_id: s.client_id.to_string(),
+                protocol: PROTOCOL,
+                address: s.peer.as_ref().map(ToString::to_string),
+                state: s.state.observed(),
+                keep_alive_secs: match s.state {
+                    State::Asleep { .. } | State::Awake => u64::from(s.sleep_secs),
+                    _ => u64::from(s.keep_alive_secs),
+                },
+                last_seen_ms_ago: u64::try_from(
+                    now.saturating_duration_since(s.last_seen).as_millis(),
+                )
+                .unwrap_or(u64::MAX),
+                subscriptions: s
+                    .subscriptions
+                    .iter()
+                    .map(|sub| SubscriptionInfo {
+                        filter: sub.filter.to_string(),
+                        qos: sub.qos,
+                    })
+                    .collect(),
+                queued_downlink: (s.queue.len() + usize::from(s.inflight_down.is_some())) as u64,
+            })
+            .collect();
+        ClientsPage { clients, more }
+    }
+
     /// Tells the core whether any upstream is connected; ADVERTISE is sent only while one is
     /// (spec 6.1).
     pub fn set_upstream_available(&mut self, available: bool) {
@@ -1224,6 +1388,7 @@ impl Core {
         self.stats.datagrams += 1;
         if datagram.len() > self.config.max_packet_size {
             self.stats.oversize += 1;
+            self.stats.refuse(RefusalReason::TooLarge);
             tracing::debug!(peer = %peer, len = datagram.len(), "Oversize datagram dropped.");
             return;
         }
@@ -1242,6 +1407,7 @@ impl Core {
             }
             Err(error) => {
                 self.stats.malformed += 1;
+                self.stats.refuse(RefusalReason::Malformed);
                 tracing::debug!(peer = %peer, %error, "Malformed datagram dropped.");
             }
         }
@@ -1323,6 +1489,12 @@ impl Core {
 
     /// Answers the sensor of a tokened publish: PUBACK / PUBREC, or PUBACK rc 0x01.
     fn answer_publish(&mut self, p: &Pending, token: u64, outcome: PublishOutcome) {
+        // Refused whether or not its sender is still there to be told.
+        match outcome {
+            PublishOutcome::Accepted => {}
+            PublishOutcome::Congestion => self.stats.refuse(RefusalReason::Congestion),
+            PublishOutcome::NoRoute => self.stats.refuse(RefusalReason::NotAllowed),
+        }
         let Some(session) = slot_mut(&mut self.slots, p.session) else {
             return;
         };
@@ -1339,12 +1511,18 @@ impl Core {
             return;
         };
         let reply = match outcome {
-            PublishOutcome::Accepted if p.qos2 => Reply::PubRec(p.msg_id),
-            PublishOutcome::Accepted => Reply::PubAck {
-                topic_id: p.topic_id,
-                msg_id: p.msg_id,
-                rc: ReturnCode::Accepted,
-            },
+            PublishOutcome::Accepted if p.qos2 => {
+                self.stats.acks += 1;
+                Reply::PubRec(p.msg_id)
+            }
+            PublishOutcome::Accepted => {
+                self.stats.acks += 1;
+                Reply::PubAck {
+                    topic_id: p.topic_id,
+                    msg_id: p.msg_id,
+                    rc: ReturnCode::Accepted,
+                }
+            }
             PublishOutcome::Congestion => {
                 self.stats.rejections += 1;
                 Reply::PubAck {
@@ -1606,6 +1784,7 @@ impl Core {
             },
             RecordState::Disconnected if !record.clean_session => State::Disconnected {
                 expires: now + self.config.session_expiry,
+                lost: false,
             },
             RecordState::Disconnected => {
                 return Err(RestoreError::NotPersistent(record.client_id));
@@ -1674,7 +1853,8 @@ impl Core {
             .collect();
         if queue.len() > queue_limit {
             let excess = queue.len() - queue_limit;
-            self.stats.downlink_dropped += excess as u64;
+            self.stats
+                .drop_downlink(DownlinkDropReason::QueueFull, excess as u64);
             match self.config.queue_full {
                 QueueFull::DropOldest => drop(queue.drain(..excess)),
                 QueueFull::DropNew => queue.truncate(queue_limit),
@@ -1959,6 +2139,9 @@ impl Core {
                     return self.unknown_peer(peer, packet.name());
                 };
                 let rc = self.update_will_topic(sref, will, topic);
+                if rc != ReturnCode::Accepted {
+                    self.stats.refuse(refusal_of(rc));
+                }
                 self.transmits.push_back((peer, Reply::WillTopicResp(rc)));
             }
             Packet::WillMsgUpd { msg } => {
@@ -1974,7 +2157,10 @@ impl Core {
                         ReturnCode::Accepted
                     }
                     // No Will topic to attach the message to.
-                    _ => ReturnCode::NotSupported,
+                    _ => {
+                        self.stats.refuse(RefusalReason::NotAllowed);
+                        ReturnCode::NotSupported
+                    }
                 };
                 self.transmits.push_back((peer, Reply::WillMsgResp(rc)));
             }
@@ -2041,12 +2227,15 @@ impl Core {
     ) {
         let keep_alive = duration;
         // Refusals come first and change nothing: no session, no binding, no Will handshake.
-        if client_id.is_empty() || client_id.len() > self.config.max_client_id_len {
-            return self.refuse_connect(peer, client_id.len(), ReturnCode::NotSupported);
+        if client_id.is_empty() {
+            return self.refuse_connect(peer, 0, RefusalReason::NotAllowed);
+        }
+        if client_id.len() > self.config.max_client_id_len {
+            return self.refuse_connect(peer, client_id.len(), RefusalReason::TooLarge);
         }
         let existing = self.by_client.get(client_id).copied();
         if existing.is_none() && self.by_client.len() >= self.config.max_clients {
-            return self.refuse_connect(peer, client_id.len(), ReturnCode::Congestion);
+            return self.refuse_connect(peer, client_id.len(), RefusalReason::Congestion);
         }
         let sref = match existing {
             Some(old) if !clean_session => {
@@ -2095,10 +2284,16 @@ impl Core {
         self.schedule(sref);
     }
 
-    /// Answers a CONNECT the gateway does not accept with CONNACK `rc` (spec 6.2), and nothing
-    /// else: the reply (3 octets) is never larger than the CONNECT, nothing is stored.
-    fn refuse_connect(&mut self, peer: Peer, client_id_len: usize, rc: ReturnCode) {
+    /// Answers a CONNECT the gateway does not accept with a CONNACK carrying the rc of
+    /// `reason` (spec 6.2: 0x01 for congestion, else 0x03), and nothing else: the reply (3
+    /// octets) is never larger than the CONNECT, nothing is stored.
+    fn refuse_connect(&mut self, peer: Peer, client_id_len: usize, reason: RefusalReason) {
+        let rc = match reason {
+            RefusalReason::Congestion => ReturnCode::Congestion,
+            _ => ReturnCode::NotSupported,
+        };
         self.stats.rejections += 1;
+        self.stats.refuse(reason);
         self.stats.connects_refused += 1;
         tracing::debug!(peer = %peer, client_id_len, ?rc, "CONNECT refused.");
         self.transmits.push_back((peer, Reply::ConnAck(rc)));
@@ -2197,7 +2392,7 @@ impl Core {
                 self.activate(now, sref, peer);
             }
             Some(_) if !is_valid_name(topic) => {
-                self.stats.rejections += 1;
+                self.stats.reject(ReturnCode::InvalidTopicId);
                 self.remove_session(sref);
                 self.transmits
                     .push_back((peer, Reply::ConnAck(ReturnCode::InvalidTopicId)));
@@ -2336,13 +2531,14 @@ impl Core {
                 tracing::debug!(client_id = %s.client_id, "Client disconnected.");
                 self.transmits.push_back((peer, Reply::Disconnect));
                 // A clean DISCONNECT never publishes the Will.
-                self.end_connection(now, sref);
+                self.end_connection(now, sref, false);
             }
         }
     }
 
-    /// The connection ended: a CleanSession=1 session goes away, a persistent one waits.
-    fn end_connection(&mut self, now: Instant, sref: SessionRef) {
+    /// The connection ended (`lost`: without DISCONNECT): a CleanSession=1 session goes away,
+    /// a persistent one waits.
+    fn end_connection(&mut self, now: Instant, sref: SessionRef, lost: bool) {
         let expiry = self.config.session_expiry;
         let Some(s) = self.session_mut(sref) else {
             return;
@@ -2353,10 +2549,15 @@ impl Core {
         }
         s.state = State::Disconnected {
             expires: now + expiry,
+            lost,
         };
         s.requeue_in_flight();
         // QoS 0 messages are not kept for a disconnected client.
+        let queued = s.queue.len();
         s.queue.retain(|d| d.qos > 0);
+        let expired = (queued - s.queue.len()) as u64;
+        self.stats
+            .drop_downlink(DownlinkDropReason::Expired, expired);
         self.unbind(sref);
         self.mark_dirty(sref);
         self.schedule(sref);
@@ -2396,7 +2597,7 @@ impl Core {
                 retain: will.retain,
             });
         }
-        self.end_connection(now, sref);
+        self.end_connection(now, sref, true);
         // The Will reaches the gateway's own subscribers too, once the connection is over (a
         // persistent session of the lost client queues its own copy like a broker would).
         if let Some(local) = local {
@@ -2456,7 +2657,7 @@ impl Core {
                 tracing::debug!(client_id = %s.client_id, "Will handshake timed out.");
                 self.remove_session(sref);
             }
-            State::Disconnected { expires } if expires <= now => {
+            State::Disconnected { expires, .. } if expires <= now => {
                 tracing::debug!(client_id = %s.client_id, "Persistent session expired.");
                 self.remove_session(sref);
             }
@@ -2565,7 +2766,7 @@ impl Core {
 
     /// Refuses a sensor's PUBLISH with PUBACK carrying `rc`.
     fn reject_publish(&mut self, peer: Peer, topic: TopicRef, msg_id: u16, rc: ReturnCode) {
-        self.stats.rejections += 1;
+        self.stats.reject(rc);
         let reply = Reply::PubAck {
             topic_id: topic_id_of(topic),
             msg_id,
@@ -2577,6 +2778,7 @@ impl Core {
     fn handle_publish_m1(&mut self, peer: Peer, topic: TopicRef, data: &[u8], retain: bool) {
         if !self.config.qos_minus_one {
             self.stats.qos_m1_dropped += 1;
+            self.stats.refuse(RefusalReason::NotAllowed);
             return;
         }
         // A connected sender's own predefined topics apply; otherwise the global ones.
@@ -2597,6 +2799,7 @@ impl Core {
         };
         let Some(resolved) = resolved else {
             self.stats.qos_m1_dropped += 1;
+            self.stats.refuse(RefusalReason::NotAllowed);
             tracing::debug!(peer = %peer, ?topic, "QoS -1 publish to unknown topic dropped.");
             return;
         };
@@ -2653,7 +2856,7 @@ impl Core {
 
     fn register(&mut self, sref: SessionRef, name: &str, msg_id: u16) -> Reply {
         if !is_valid_name(name) {
-            self.stats.rejections += 1;
+            self.stats.reject(ReturnCode::InvalidTopicId);
             return Reply::RegAck {
                 topic_id: 0,
                 msg_id,
@@ -2672,7 +2875,7 @@ impl Core {
                 }
             }
             None => {
-                self.stats.rejections += 1;
+                self.stats.reject(ReturnCode::Congestion);
                 Reply::RegAck {
                     topic_id: 0,
                     msg_id,
@@ -2751,7 +2954,7 @@ impl Core {
             rc,
         };
         let Some(filter) = self.subscribe_filter(sref, topic) else {
-            self.stats.rejections += 1;
+            self.stats.reject(ReturnCode::InvalidTopicId);
             self.transmits
                 .push_back((peer, reject(ReturnCode::InvalidTopicId)));
             return;
@@ -2762,7 +2965,7 @@ impl Core {
         };
         let existing = s.subscriptions.iter().position(|x| x.filter == filter);
         if existing.is_none() && s.subscriptions.len() >= max_subs {
-            self.stats.rejections += 1;
+            self.stats.reject(ReturnCode::Congestion);
             self.transmits
                 .push_back((peer, reject(ReturnCode::Congestion)));
             return;
@@ -2770,7 +2973,7 @@ impl Core {
         // A new distinct filter must fit the upstreams' subscription tables: a SUBACK rc 0x00
         // promises a subscription the gateway holds.
         if !self.is_indexed(&filter) && self.filter_count() >= self.config.max_filters {
-            self.stats.rejections += 1;
+            self.stats.reject(ReturnCode::Congestion);
             self.stats.filters_full += 1;
             tracing::debug!(%filter, max_filters = self.config.max_filters, "Distinct filter limit reached; SUBSCRIBE refused.");
             self.transmits
@@ -2791,7 +2994,7 @@ impl Core {
                     id
                 }
                 None => {
-                    self.stats.rejections += 1;
+                    self.stats.reject(ReturnCode::Congestion);
                     self.transmits
                         .push_back((peer, reject(ReturnCode::Congestion)));
                     return;
@@ -2944,13 +3147,14 @@ impl Core {
             return Queued::Dropped;
         };
         if !keep {
-            self.stats.downlink_dropped += 1;
+            // QoS 0 is kept for no session without a connection.
+            self.stats.drop_downlink(DownlinkDropReason::Expired, 1);
             return Queued::Dropped;
         }
         // Only QoS 1/2 messages are part of a session's record.
         let mut changed = down.qos > 0;
         if s.queue.len() >= limit {
-            self.stats.downlink_dropped += 1;
+            self.stats.drop_downlink(DownlinkDropReason::QueueFull, 1);
             match policy {
                 QueueFull::DropNew => return Queued::Dropped,
                 QueueFull::DropOldest => {
@@ -3006,13 +3210,14 @@ impl Core {
                 known_id.map(TopicRef::Normal)
             };
             if refused {
-                self.drop_front(sref);
+                self.drop_front(sref, DownlinkDropReason::Rejected);
                 continue;
             }
             let Some(topic) = topic else {
                 // REGISTER first, then PUBLISH on REGACK.
+                // The client's topic table is full: a per-client bound, like its queue.
                 let Some(id) = self.topic_id_for(sref, &topic_name) else {
-                    self.drop_front(sref);
+                    self.drop_front(sref, DownlinkDropReason::QueueFull);
                     continue;
                 };
                 let Some(s) = self.session_mut(sref) else {
@@ -3053,7 +3258,7 @@ impl Core {
                 if msg.qos > 0 {
                     mark_dirty(s, sref, &mut self.persist_dirty);
                 }
-                self.stats.downlink_dropped += 1;
+                self.stats.drop_downlink(DownlinkDropReason::TooLarge, 1);
                 continue;
             }
             self.send_publish(now, sref, peer, msg, topic, false);
@@ -3061,13 +3266,13 @@ impl Core {
     }
 
     /// Drops the front of the queue (undeliverable), counting it.
-    fn drop_front(&mut self, sref: SessionRef) {
+    fn drop_front(&mut self, sref: SessionRef, reason: DownlinkDropReason) {
         if let Some(s) = slot_mut(&mut self.slots, sref) {
             if s.queue.pop_front().is_some_and(|d| d.qos > 0) {
                 mark_dirty(s, sref, &mut self.persist_dirty);
             }
         }
-        self.stats.downlink_dropped += 1;
+        self.stats.drop_downlink(reason, 1);
     }
 
     fn send_publish(
@@ -3137,7 +3342,7 @@ impl Core {
             // The client refuses this topic: stop sending it (spec 6.5).
             s.topics.refuse(f.msg.topic.clone());
             mark_dirty(s, sref, &mut self.persist_dirty);
-            self.stats.downlink_dropped += 1;
+            self.stats.drop_downlink(DownlinkDropReason::Rejected, 1);
             return self.pump(now, sref);
         }
         let id = topic_id_of(f.topic);
@@ -3212,7 +3417,7 @@ impl Core {
                 self.schedule(sref);
                 return;
             }
-            _ => self.stats.downlink_dropped += 1,
+            _ => self.stats.drop_downlink(DownlinkDropReason::Rejected, 1),
         }
         // Delivered or dropped: gone from the session's record.
         mark_dirty(s, sref, &mut self.persist_dirty);
@@ -3334,6 +3539,9 @@ impl Core {
             return;
         };
         self.by_client.remove(&session.client_id);
+        let undelivered = session.queue.len() + usize::from(session.inflight_down.is_some());
+        self.stats
+            .drop_downlink(DownlinkDropReason::Expired, undelivered as u64);
         if session.persisted {
             self.persist_removed.push(session.client_id.clone());
         }

@@ -139,13 +139,15 @@ impl RefusalReason {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DownlinkDropReason {
-    /// The client's queue (a sleeping or slow client) was full.
+    /// The client's queue (a sleeping or slow client) was full, or another bound of the
+    /// client's (MQTT-SN: its topic table, so the topic could not be registered with it).
     QueueFull,
     /// The client refused it (a REGACK or PUBACK with an error code).
     Rejected,
     /// Larger than the client's packets may be.
     TooLarge,
-    /// Retransmissions exhausted, or the session ended with it queued.
+    /// Retransmissions exhausted, or the session ended with it queued, or it could not be
+    /// kept for a session without a connection (MQTT-SN: QoS 0).
     Expired,
 }
 

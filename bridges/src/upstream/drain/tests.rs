@@ -150,19 +150,58 @@ fn a_window_of_one_sends_the_next_record_when_the_ack_comes() {
         Some(t0 + Duration::from_secs(5)),
         "the ack timeout"
     );
-    d.handle_ack(ack(1, Delivery::Acknowledged));
+    d.handle_ack(t0, ack(1, Delivery::Acknowledged));
     assert_eq!(send(&mut d, t0, Ok(())), 2);
     // Reads ahead while the window is full.
     assert_eq!(d.poll_action(t0), Some(Action::Read));
     d.handle_records(t0, Ok(Vec::new()), 3);
     assert_eq!(d.poll_action(t0), Some(Action::SetCursor(2)));
     assert_eq!(d.poll_action(t0), None);
-    d.handle_ack(ack(2, Delivery::Acknowledged));
+    d.handle_ack(t0, ack(2, Delivery::Acknowledged));
     assert_eq!(d.poll_action(t0), Some(Action::SetCursor(3)));
     assert_eq!(d.poll_action(t0), None);
     assert_eq!(d.waiting_for(), Some(Wait::Append));
     assert_eq!(d.poll_timeout(), None);
     assert_eq!(stats.forwarded.load(Relaxed), 2);
+}
+
+#[test]
+fn the_ack_latency_counts_acknowledged_sends_from_send_to_report() {
+    let t0 = Instant::now();
+    let records = vec![
+        rec(1, Qos::AtLeastOnce),
+        rec(2, Qos::AtLeastOnce),
+        rec(3, Qos::AtMostOnce),
+        rec(4, Qos::AtLeastOnce),
+    ];
+    let (mut d, stats) = started(unlimited(4), records, t0);
+    assert_eq!(send(&mut d, t0, Ok(())), 1);
+    let t1 = t0 + Duration::from_millis(3);
+    assert_eq!(send(&mut d, t1, Ok(())), 2);
+    assert_eq!(send(&mut d, t1, Ok(())), 3);
+    assert_eq!(send(&mut d, t1, Ok(())), 4);
+    // Out of order: 2 after 7 ms, 1 after 20 ms; 4 refused for good (no latency); the
+    // QoS 0 send 3 has none either.
+    d.handle_ack(
+        t1 + Duration::from_millis(7),
+        ack(2, Delivery::Acknowledged),
+    );
+    d.handle_ack(
+        t0 + Duration::from_millis(20),
+        ack(1, Delivery::Acknowledged),
+    );
+    d.handle_ack(
+        t0 + Duration::from_millis(30),
+        ack(4, Delivery::Failed(FailReason::Rejected)),
+    );
+    let latency = stats.ack_latency.snapshot();
+    assert_eq!(latency.count, 2, "{latency:?}");
+    assert!((latency.sum_secs - 0.027).abs() < 1e-9, "{latency:?}");
+    // 7 ms and 20 ms: one at or below 10 ms, both at or below 25 ms.
+    assert!(latency.buckets.contains(&(0.01, 1)), "{latency:?}");
+    assert!(latency.buckets.contains(&(0.025, 2)), "{latency:?}");
+    assert_eq!(d.outstanding(), 0);
+    assert_eq!(stats.forwarded.load(Relaxed), 3);
 }
 
 #[test]
@@ -191,7 +230,7 @@ fn an_ack_timeout_resets_the_link_once_then_everything_unacknowledged_is_sent_ag
     let (mut d, stats) = started(unlimited(2), records.clone(), t0);
     assert_eq!(send(&mut d, t0, Ok(())), 1);
     assert_eq!(send(&mut d, t0, Ok(())), 2);
-    d.handle_ack(ack(2, Delivery::Acknowledged));
+    d.handle_ack(t0, ack(2, Delivery::Acknowledged));
     assert_eq!(d.poll_action(t0), Some(Action::Read));
     d.handle_records(t0, Ok(Vec::new()), 3);
     assert_eq!(d.poll_action(t0), None);
@@ -203,7 +242,7 @@ fn an_ack_timeout_resets_the_link_once_then_everything_unacknowledged_is_sent_ag
     assert_eq!(d.poll_action(due), Some(Action::ResetLink));
     assert_eq!(d.poll_action(due), None, "once");
     assert_eq!(d.waiting_for(), Some(Wait::Ack));
-    d.handle_ack(ack(1, Delivery::Failed(FailReason::Disconnected)));
+    d.handle_ack(t0, ack(1, Delivery::Failed(FailReason::Disconnected)));
     assert_eq!(d.poll_action(due), Some(Action::Rewind));
     d.handle_link(false);
     assert_eq!(d.poll_action(due), None);
@@ -223,7 +262,7 @@ fn a_message_the_peer_refuses_for_now_is_sent_again_after_a_pause() {
     let records = vec![rec(1, Qos::AtLeastOnce)];
     let (mut d, stats) = started(unlimited(4), records.clone(), t0);
     assert_eq!(send(&mut d, t0, Ok(())), 1);
-    d.handle_ack(ack(1, Delivery::Failed(FailReason::BrokerBusy)));
+    d.handle_ack(t0, ack(1, Delivery::Failed(FailReason::BrokerBusy)));
     assert_eq!(d.poll_action(t0), Some(Action::Rewind), "not given up");
     assert_eq!(d.poll_action(t0), None, "not asked again at once");
     assert_eq!(d.poll_timeout(), Some(t0 + BROKER_BUSY_RETRY));
@@ -232,7 +271,7 @@ fn a_message_the_peer_refuses_for_now_is_sent_again_after_a_pause() {
     assert_eq!(d.poll_action(later), Some(Action::Read));
     d.handle_records(later, Ok(records), 2);
     assert_eq!(send(&mut d, later, Ok(())), 1);
-    d.handle_ack(ack(1, Delivery::Acknowledged));
+    d.handle_ack(later, ack(1, Delivery::Acknowledged));
     assert_eq!(d.poll_action(later), Some(Action::Read));
     d.handle_records(later, Ok(Vec::new()), 2);
     assert_eq!(d.poll_action(later), Some(Action::SetCursor(2)));
@@ -248,7 +287,7 @@ fn a_peer_that_goes_silent_during_a_rewind_on_a_live_link_is_reset() {
     assert_eq!(send(&mut d, t0, Ok(())), 1);
     assert_eq!(send(&mut d, t0, Ok(())), 2);
     // 1 is refused for now; the rewind waits for 2's report, which never comes.
-    d.handle_ack(ack(1, Delivery::Failed(FailReason::BrokerBusy)));
+    d.handle_ack(t0, ack(1, Delivery::Failed(FailReason::BrokerBusy)));
     while d.poll_action(t0).is_some() {}
     // Follow the timers (the busy pause, then the ack timeout), a bounded number of them.
     let mut actions = Vec::new();
@@ -277,7 +316,7 @@ fn a_stopping_drain_sends_nothing_new_and_ends_with_the_last_report() {
     assert_eq!(d.poll_action(t0), None);
     assert_eq!(d.waiting_for(), Some(Wait::Ack));
     assert_eq!(d.poll_timeout(), None);
-    d.handle_ack(ack(1, Delivery::Acknowledged));
+    d.handle_ack(t0, ack(1, Delivery::Acknowledged));
     assert_eq!(d.poll_action(t0), Some(Action::SetCursor(2)));
     assert_eq!(d.poll_action(t0), Some(Action::Done));
     assert_eq!(d.poll_action(t0), None);
@@ -343,9 +382,9 @@ fn unrouted_records_pass_with_the_cursor_and_do_not_hold_up_the_others() {
     d.handle_records(t0, Ok(vec![]), 5);
     assert_eq!(d.poll_action(t0), None, "1 is not acknowledged yet");
     // Out of order: 3 first, then 1; the cursor then passes the unrouted 4 as well.
-    d.handle_ack(ack(3, Delivery::Acknowledged));
+    d.handle_ack(t0, ack(3, Delivery::Acknowledged));
     assert_eq!(d.poll_action(t0), None);
-    d.handle_ack(ack(1, Delivery::Acknowledged));
+    d.handle_ack(t0, ack(1, Delivery::Acknowledged));
     assert_eq!(d.poll_action(t0), Some(Action::SetCursor(5)));
     // A lost connection before the acks: the rewind reads 2 and 4 again, counted once.
     let mut d =
@@ -355,8 +394,8 @@ fn unrouted_records_pass_with_the_cursor_and_do_not_hold_up_the_others() {
     d.handle_records(t0, Ok(records.clone()), 5);
     send(&mut d, t0, Ok(()));
     send(&mut d, t0, Ok(()));
-    d.handle_ack(ack(1, Delivery::Failed(FailReason::Disconnected)));
-    d.handle_ack(ack(3, Delivery::Failed(FailReason::Disconnected)));
+    d.handle_ack(t0, ack(1, Delivery::Failed(FailReason::Disconnected)));
+    d.handle_ack(t0, ack(3, Delivery::Failed(FailReason::Disconnected)));
     assert_eq!(d.poll_action(t0), Some(Action::Rewind));
     assert_eq!(d.poll_action(t0), Some(Action::Read));
     d.handle_records(t0, Ok(records), 5);
@@ -439,10 +478,10 @@ fn sends_in_flight_that_are_given_up_only_free_their_slots() {
     );
     assert_eq!(d.waiting_for(), Some(Wait::Ack));
     for seq in [3, 1, 4] {
-        d.handle_ack(ack(seq, Delivery::Acknowledged));
+        d.handle_ack(t0, ack(seq, Delivery::Acknowledged));
     }
     // A lost connection's report for a given-up send: no rewind below the cursor.
-    d.handle_ack(ack(2, Delivery::Failed(FailReason::Disconnected)));
+    d.handle_ack(t0, ack(2, Delivery::Failed(FailReason::Disconnected)));
     assert_eq!(stats.forwarded.load(Relaxed), 0, "given up, not forwarded");
     assert_eq!(
         d.poll_action(t0),
@@ -453,7 +492,7 @@ fn sends_in_flight_that_are_given_up_only_free_their_slots() {
         })
     );
     d.handle_publish(t0, Ok(()));
-    d.handle_ack(ack(6, Delivery::Acknowledged));
+    d.handle_ack(t0, ack(6, Delivery::Acknowledged));
     assert_eq!(d.poll_action(t0), Some(Action::Read));
     d.handle_records(t0, Ok(vec![]), 7);
     assert_eq!(d.poll_action(t0), Some(Action::SetCursor(7)));
@@ -623,7 +662,7 @@ impl Harness {
                 break;
             };
             match event {
-                Event::Report(r) => self.drain.handle_ack(r),
+                Event::Report(r) => self.drain.handle_ack(self.now, r),
                 Event::Link(up) => self.drain.handle_link(up),
                 Event::Appended => self.drain.handle_appended(),
             }

@@ -24,6 +24,7 @@ use sensorgate_bridges::spool::{
 use super::*;
 use crate::mqttsn::codec::{self, DecodeLimits, Frame, Packet, QoS, ReturnCode, TopicRef};
 use crate::mqttsn::core::CoreConfig;
+use crate::observe::model::{ClientQuery, QUERY_CHANNEL, SessionState};
 
 /// How long any awaited condition may take at most (a loaded CI machine included).
 const BOUND: Duration = Duration::from_secs(30);
@@ -50,6 +51,26 @@ struct Rig {
 
 impl Rig {
     async fn start(max_inflight: usize) -> Rig {
+        Self::start_with(max_inflight, |driver| driver).await
+    }
+
+    /// A rig whose driver answers queries on the returned sender and beats the returned beat.
+    async fn start_observed() -> (Rig, mpsc::Sender<IngressQuery>, Arc<Beat>) {
+        let (queries, queries_rx) = mpsc::channel(QUERY_CHANNEL);
+        let beat = Arc::new(Beat::new());
+        let watched = Arc::clone(&beat);
+        let rig = Self::start_with(16, move |driver| {
+            driver.with_queries(queries_rx).with_beat(watched)
+        })
+        .await;
+        (rig, queries, beat)
+    }
+
+    /// Like [`Rig::start`], with `configure` applied to the driver before it runs.
+    async fn start_with(
+        max_inflight: usize,
+        configure: impl FnOnce(UdpDriver) -> UdpDriver,
+    ) -> Rig {
         let config = SpoolConfig {
             dir: PathBuf::from("/spool"),
             max_bytes: 64 << 20,
@@ -96,6 +117,7 @@ impl Rig {
             1024,
         )
         .with_stats(Arc::clone(&stats));
+        let driver = configure(driver);
         let stop = CancellationToken::new();
         // The driver is not `Send` (its batches hold raw `mmsghdr`s): run on this thread,
         // in the test's `LocalSet`.
@@ -394,4 +416,87 @@ async fn held_publishes_at_shutdown_are_counted() {
     let spooled = numbers(&records);
     assert_eq!(spooled, (0..spooled.len() as u32).collect::<Vec<_>>());
     assert!(spooled.len() as u64 + dropped <= u64::from(N));
+}
+
+/// Asks the driver for its report.
+async fn report(queries: &mpsc::Sender<IngressQuery>) -> crate::observe::model::IngressReport {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    queries.send(IngressQuery::Report(tx)).await.unwrap();
+    tokio::time::timeout(BOUND, rx)
+        .await
+        .expect("a report within the bound")
+        .expect("the driver answers")
+}
+
+#[tokio::test]
+async fn report_and_clients_queries_are_answered_from_the_core() {
+    tokio::task::LocalSet::new()
+        .run_until(queries_are_answered())
+        .await;
+}
+
+async fn queries_are_answered() {
+    let (rig, queries, _) = Rig::start_observed().await;
+    let before = report(&queries).await;
+    assert_eq!(before.protocol, "mqtt-sn");
+    assert_eq!(before.sessions.total(), 0);
+
+    rig.connect_and_register().await;
+    let after = report(&queries).await;
+    assert_eq!(after.sessions.get(SessionState::Active), 1);
+    assert_eq!(after.sessions.total(), 1);
+    assert_eq!(after.counters.packets_in, 2, "CONNECT and REGISTER");
+
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let query = ClientQuery {
+        prefix: Some("held".into()),
+        limit: 10,
+        ..ClientQuery::default()
+    };
+    queries
+        .send(IngressQuery::Clients(query, tx))
+        .await
+        .unwrap();
+    let page = tokio::time::timeout(BOUND, rx).await.unwrap().unwrap();
+    assert!(!page.more);
+    let [client] = &page.clients[..] else {
+        panic!("expected one client, got {page:?}");
+    };
+    assert_eq!(client.client_id, "held-client");
+    assert_eq!(client.state, SessionState::Active);
+    assert_eq!(client.keep_alive_secs, 600);
+    let address = rig.client.local_addr().unwrap().to_string();
+    assert_eq!(client.address.as_deref(), Some(address.as_str()));
+
+    // An asker that gave up is no trouble: the driver goes on answering.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    drop(rx);
+    queries.send(IngressQuery::Report(tx)).await.unwrap();
+    assert_eq!(report(&queries).await.sessions.total(), 1);
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_driver_still_beats() {
+    tokio::task::LocalSet::new()
+        .run_until(idle_driver_beats())
+        .await;
+}
+
+async fn idle_driver_beats() {
+    let (rig, _queries, beat) = Rig::start_observed().await;
+    // When the last beat was, as an instant (to the millisecond).
+    let last_beat = || {
+        let now = Instant::now();
+        beat.silent_for(now).map(|silent| now - silent)
+    };
+    rig.wait_for("a first beat", |_| last_beat().is_some())
+        .await;
+    let first = last_beat().unwrap();
+    // No traffic and no timer of the core's: only the idle turns beat again.
+    rig.wait_for("a beat while idle", |_| {
+        last_beat().is_some_and(|last| last >= first + BEAT_IDLE / 2)
+    })
+    .await;
+    rig.stop().await;
 }

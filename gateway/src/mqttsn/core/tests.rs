@@ -1990,6 +1990,7 @@ fn timer_heap_holds_about_one_entry_per_session_under_heavy_downlink() {
 }
 
 mod local;
+mod observe;
 mod peers;
 mod persist;
 mod routes;
