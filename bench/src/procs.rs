@@ -201,10 +201,18 @@ impl Gateway {
                 cfg.upstream
             )
         });
+        // The admin listener runs as in production (its counters are what the bench must not
+        // notice), on a free port; `SG_BENCH_NO_ADMIN=1` leaves the section out for a gateway
+        // built before it existed (before/after comparisons).
+        let admin = if std::env::var_os("SG_BENCH_NO_ADMIN").is_some() {
+            String::new()
+        } else {
+            format!("[admin]\nlisten = \"127.0.0.1:{}\"\n\n", free_port()?)
+        };
         let mut f = std::fs::File::create(&config)?;
         write!(
             f,
-            "[gateway]\nid = 1\nstate_dir = \"{}\"\n\n[log]\nlevel = \"warn\"\n\n[spool]\n{}\n\
+            "[gateway]\nid = 1\nstate_dir = \"{}\"\n\n[log]\nlevel = \"warn\"\n\n{admin}[spool]\n{}\n\
              [mqttsn]\nlisten = [\"{addr}\"]\nmax_clients = {}\n{}\n\
              [[mqttsn.predefined_topic]]\nid = {}\ntopic = \"{}\"\nclients = [\"*\"]\n\n{upstreams}",
             state.display(),

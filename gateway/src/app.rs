@@ -15,14 +15,23 @@ use sensorgate_bridges::route::RouteTable;
 use sensorgate_bridges::router::{DownlinkStats, RoutedUpstream, Router};
 use sensorgate_bridges::spool::{
     DrainConfig, DrainStats, OpenError, SharedSpool, Spool, SpoolStats, StdFs, drain, start_writer,
+    wall_ms,
 };
+use sensorgate_bridges::telemetry::{Beat, LinkInfo};
 use sensorgate_bridges::upstream::{AckReport, Subscriber, Upstream};
 
 use crate::config::{Config, UpstreamKind};
 use crate::io::kernel_drops::KernelDrops;
 use crate::io::session_store::{self, SessionStore, StoreError, StoreLink, StoreThread};
 use crate::io::udp::{self, SocketOptions, UdpDriver, UdpStats};
-use crate::mqttsn::core::Core;
+use crate::mqttsn::core::{self, Core};
+use crate::observe::admin::{self, AdminOptions};
+use crate::observe::events::{Events, Level};
+use crate::observe::model::QUERY_CHANNEL;
+use crate::observe::monitor;
+use crate::observe::snapshot::{
+    IngressSource, Listener, Phase, PhaseCell, Sources, UpstreamSource,
+};
 use crate::preflight::{ErrorClass, class_of_io};
 
 /// How long stopping tasks may take before they are abandoned.
@@ -51,6 +60,14 @@ pub enum RunError {
         /// The configured address.
         addr: SocketAddr,
         /// The OS error (not a `source`: the message already says it).
+        error: std::io::Error,
+    },
+    /// The admin listener could not be bound.
+    #[error("cannot bind the admin listener {addr}: {error}{hint}", hint = admin_bind_hint(.error))]
+    AdminBind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The OS error.
         error: std::io::Error,
     },
     /// An upstream could not be set up (TLS files and the like).
@@ -87,10 +104,12 @@ impl RunError {
     /// The class of this failure (the binary's exit status).
     pub fn class(&self) -> ErrorClass {
         match self {
-            RunError::Bind { error, .. } => match class_of_io(error) {
-                ErrorClass::CantCreate | ErrorClass::Other => ErrorClass::Unavailable,
-                class => class,
-            },
+            RunError::Bind { error, .. } | RunError::AdminBind { error, .. } => {
+                match class_of_io(error) {
+                    ErrorClass::CantCreate | ErrorClass::Other => ErrorClass::Unavailable,
+                    class => class,
+                }
+            }
             RunError::Upstream { .. } | RunError::AmqpUpstream { .. } => ErrorClass::Config,
             RunError::Spool(OpenError::Locked { .. }) => ErrorClass::Unavailable,
             RunError::Spool(OpenError::Format { .. }) => ErrorClass::Data,
@@ -119,11 +138,33 @@ fn bind_hint(error: &std::io::Error) -> &'static str {
     }
 }
 
+/// What to do about an admin listener's bind error, when it is clear.
+fn admin_bind_hint(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            "; another program (another sensorgate?) uses it: stop it, change [admin] listen, \
+             or switch the admin listener off with listen = \"\""
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            "; no interface of this host has that address: change [admin] listen"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            "; ports below 1024 need root or CAP_NET_BIND_SERVICE: use another port"
+        }
+        _ => "",
+    }
+}
+
 /// Runs the gateway until `shutdown` is cancelled.
 ///
 /// # Errors
 /// [`RunError`] when start-up fails or a listener dies.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    #[allow(clippy::disallowed_methods)] // Uptime counts from here.
+    let started = std::time::Instant::now();
+    let started_ms = wall_ms();
+    let events = Arc::new(Events::new(config.admin.event_history));
+    let phase = Arc::new(PhaseCell::default());
     let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
     let (spool, recovery) = Spool::open(StdFs, config.spool.spool.clone(), &names)?;
     tracing::info!(
@@ -155,6 +196,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let mut tasks = Vec::new();
     let mut drains = Vec::new();
     let mut drain_stats = Vec::new();
+    let mut upstream_sources = Vec::new();
     let mut amqp_upstreams = Vec::new();
     // `[[route]]`, or everything to every upstream when there is none.
     let routes = Arc::clone(&config.routes);
@@ -173,6 +215,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         };
         let stats = Arc::new(DrainStats::default());
         drain_stats.push((upstream.name.clone(), Arc::clone(&stats)));
+        let source = |link: Arc<LinkInfo>| UpstreamSource {
+            name: upstream.name.clone(),
+            kind: match upstream.kind {
+                UpstreamKind::Mqtt(_) => "mqtt",
+                UpstreamKind::Amqp(_) => "amqp",
+            },
+            url: without_credentials(&upstream.url),
+            index,
+            link,
+            drain: Arc::clone(&stats),
+        };
         match &upstream.kind {
             UpstreamKind::Mqtt(mqtt) => {
                 let window = usize::from(mqtt.max_inflight);
@@ -194,6 +247,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                         });
                     }
                 };
+                upstream_sources.push(source(handle.link_info()));
                 let (drain_task, routed) =
                     wiring.start(index, handle, ack_rx, drain_config(window), stats);
                 drains.push(drain_task);
@@ -223,6 +277,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                     }
                 };
                 amqp_upstreams.push(handle.clone());
+                upstream_sources.push(source(handle.link_info()));
                 let (drain_task, routed) =
                     wiring.start(index, handle, ack_rx, drain_config(window), stats);
                 drains.push(drain_task);
@@ -255,6 +310,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             }
         }
     }
+    let admin_listener = match config.admin.listen {
+        Some(addr) => match admin::bind(addr).await {
+            Ok(listener) => Some(listener),
+            Err(error) => {
+                upstream_stop.cancel();
+                return Err(RunError::AdminBind { addr, error });
+            }
+        },
+        None => None,
+    };
     // Counted from here: what the kernel dropped on these sockets before is none of ours.
     let kernel_drops = Arc::new(KernelDrops::new(&sockets));
     let udp_stats = Arc::new(UdpStats::default());
@@ -300,8 +365,80 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     )
     .with_session_store(store)
     .with_stats(Arc::clone(&udp_stats));
-    tracing::info!(listeners = config.mqttsn.listen.len(), "sensorgate ready.");
+    // The admin asks the driver through its own bounded channel; the driver beats each turn.
+    let (query_tx, query_rx) = mpsc::channel(QUERY_CHANNEL);
+    let sn_beat = Arc::new(Beat::new());
+    let driver = driver
+        .with_queries(query_rx)
+        .with_beat(Arc::clone(&sn_beat));
+    let mut listeners: Vec<Listener> = config
+        .mqttsn
+        .listen
+        .iter()
+        .map(|&address| Listener {
+            protocol: core::PROTOCOL,
+            transport: "udp",
+            address,
+        })
+        .collect();
+    if let Some(l) = &admin_listener {
+        if let Ok(address) = l.local_addr() {
+            listeners.push(Listener {
+                protocol: "admin",
+                transport: "tcp",
+                address,
+            });
+        }
+    }
+    let sources = Sources {
+        gateway_id: config.gateway.id,
+        gateway_name: config.gateway.name.clone(),
+        config_file: config.file.display().to_string(),
+        started_ms,
+        started,
+        listeners,
+        ingresses: vec![IngressSource {
+            protocol: core::PROTOCOL,
+            queries: query_tx,
+            beat: sn_beat,
+            udp: Some(Arc::clone(&udp_stats)),
+            kernel_drops: Some(Arc::clone(&kernel_drops)),
+        }],
+        upstreams: upstream_sources,
+        spool: Arc::clone(&spool),
+        router: Arc::clone(&router_stats),
+        events: Arc::clone(&events),
+        phase: Arc::clone(&phase),
+    };
+    // The admin and the monitor outlive the driver: `/readyz` says "stopping" meanwhile.
+    let admin_stop = CancellationToken::new();
+    let monitor = tokio::spawn(monitor::run(sources.clone(), admin_stop.clone()));
+    let admin_task = admin_listener.map(|listener| {
+        tokio::spawn(admin::serve(
+            listener,
+            sources,
+            AdminOptions {
+                token: config.admin.token.clone(),
+                max_connections: config.admin.max_connections,
+            },
+            admin_stop.clone(),
+        ))
+    });
+    phase.set(Phase::Serving);
+    events.push(
+        wall_ms(),
+        "started",
+        Level::Info,
+        format!(
+            "sensorgate {} started ({} spooled records recovered).",
+            env!("CARGO_PKG_VERSION"),
+            recovery.records
+        ),
+    );
+    tracing::info!(listeners = config.mqttsn.listen.len(), admin = ?config.admin.listen, "sensorgate ready.");
     let result = driver.run(shutdown).await.map_err(RunError::Transport);
+    phase.set(Phase::Stopping);
+    events.push(wall_ms(), "stopping", Level::Info, "Stopping.".into());
     // Also when the driver failed; what it still held is not acknowledged to the brokers.
     downlink_stop.cancel();
     let _ = downlink_router.await;
@@ -345,6 +482,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         tracing::warn!(%error, "Cannot save the spool cursors.");
     }
     let _ = status.await;
+    admin_stop.cancel();
+    let _ = monitor.await;
+    if let Some(task) = admin_task {
+        if tokio::time::timeout(SHUTDOWN_GRACE, task).await.is_err() {
+            tracing::warn!("Admin listener did not stop within the grace period.");
+        }
+    }
     log_status(
         &Status::take(
             &spool,
@@ -357,6 +501,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         None,
     );
     result
+}
+
+/// `url` without a `user:password@` part (the status document is not for secrets).
+fn without_credentials(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest.get(..authority_end).and_then(|a| a.rfind('@')) {
+        Some(at) => format!("{scheme}://{}", rest.get(at + 1..).unwrap_or("")),
+        None => url.to_owned(),
+    }
 }
 
 /// What every upstream's drain shares, whatever the upstream's kind.
@@ -654,4 +810,26 @@ fn restore_sessions(
         "Persisted sessions restored."
     );
     session_store::spawn(store).map_err(|e| RunError::SessionStore(StoreError::Io(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_credentials;
+
+    #[test]
+    fn credentials_are_removed_from_upstream_urls() {
+        assert_eq!(
+            without_credentials("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            without_credentials("mqtts://u@broker:8883"),
+            "mqtts://broker:8883"
+        );
+        assert_eq!(
+            without_credentials("mqtt://127.0.0.1:1883/a@b"),
+            "mqtt://127.0.0.1:1883/a@b"
+        );
+        assert_eq!(without_credentials("not a url"), "not a url");
+    }
 }

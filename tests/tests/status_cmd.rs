@@ -135,7 +135,7 @@ fn status_is_unreachable_when_the_admin_listener_is_off() -> Result<()> {
 fn status_sends_the_token_and_a_wrong_one_is_unreachable() -> Result<()> {
     let rig = Rig::start_with(|c| {
         c.with_admin()?;
-        c.admin_token = Some("s3cret-token".into());
+        c.admin_token = Some("s3cret-token-0123456789".into());
         Ok(())
     })?;
     let (code, _) = rig.gateway.admin_get("/status")?;
@@ -149,7 +149,7 @@ fn status_sends_the_token_and_a_wrong_one_is_unreachable() -> Result<()> {
     let dir = temp_dir()?;
     let wrong = dir.path().join("wrong.toml");
     let mut cfg = rig.config.clone();
-    cfg.admin_token = Some("not-the-token".into());
+    cfg.admin_token = Some("not-the-token-0123456789".into());
     std::fs::write(&wrong, cfg.render(&dir.path().join("state")))?;
     let out = sensorgate_status(&wrong, &[])?;
     ensure!(out.status.code() == Some(3), "{}", show(&out));

@@ -10,10 +10,11 @@
 //! - Every bound has a key and a documented default (`config/sensorgate.toml`).
 //!
 //! Layout: one module per section (`gateway` for `[gateway]` and `[log]`, `mqttsn`, `spool`,
-//! `upstream`), each with its raw struct (as written, with defaults) and its compile function;
+//! `admin`, `upstream`), each with its raw struct (as written, with defaults) and its compile function;
 //! `check` holds the range checks they share; this module deserializes the document, knows
 //! which keys each section has, and joins the sections into [`Config`].
 
+mod admin;
 mod check;
 mod diag;
 mod gateway;
@@ -33,6 +34,8 @@ use sensorgate_bridges::spool::{FsyncPolicy, WhenFull};
 use serde::Deserialize;
 use serde::de::{Deserializer, Visitor};
 
+use admin::RawAdmin;
+pub use admin::{AdminSection, DEFAULT_ADMIN_LISTEN, MIN_TOKEN_LEN};
 pub use diag::{Diagnostic, KeyPath};
 use diag::{Reporter, fields_of, path_of_span, remove_value};
 pub use gateway::{GatewaySection, LogSection};
@@ -62,6 +65,8 @@ pub struct Config {
     pub mqttsn: MqttSnSection,
     /// `[spool]`.
     pub spool: SpoolSection,
+    /// `[admin]`.
+    pub admin: AdminSection,
     /// `[[upstream]]`, in file order.
     pub upstreams: Vec<Upstream>,
     /// `[[route]]`, compiled against `upstreams` (indexes are theirs);
@@ -146,6 +151,17 @@ impl Config {
         );
         for addr in &self.mqttsn.listen {
             s.push_str(&format!("listener: MQTT-SN over UDP on {addr}\n"));
+        }
+        match self.admin.listen {
+            Some(addr) => s.push_str(&format!(
+                "listener: admin (metrics, health, status, console) on http://{addr}/{}\n",
+                if self.admin.token.is_some() {
+                    ", bearer token required"
+                } else {
+                    ""
+                }
+            )),
+            None => s.push_str("listener: admin off\n"),
         }
         s.push_str(&format!(
             "mqttsn: up to {} clients, packets up to {}, {} predefined topic(s), QoS -1 {}\n",
@@ -337,6 +353,7 @@ fn known_fields(key: &KeyPath) -> &'static [&'static str] {
         ["mqttsn"] => fields_of::<RawMqttSn>(),
         ["mqttsn", "predefined_topic"] => fields_of::<RawPredefined>(),
         ["spool"] => fields_of::<RawSpool>(),
+        ["admin"] => fields_of::<RawAdmin>(),
         ["upstream"] => fields_of::<RawUpstream>(),
         ["route"] => fields_of::<RawRoute>(),
         _ => &[],
@@ -396,6 +413,7 @@ struct RawConfig {
     log: RawLog,
     mqttsn: RawMqttSn,
     spool: RawSpool,
+    admin: RawAdmin,
     upstream: Vec<RawUpstream>,
     route: Vec<RawRoute>,
 }
@@ -412,6 +430,7 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
     let log = gateway::compile_log(raw.log, r);
     let mqttsn = mqttsn::compile_mqttsn(&raw.mqttsn, gw_id, r);
     let spool = spool::compile_spool(&raw.spool, &state_dir, r);
+    let admin = admin::compile_admin(&raw.admin, r);
     let max_filters = mqttsn
         .as_ref()
         .map_or(MAX_SUBSCRIPTIONS, |m| m.core.max_filters);
@@ -434,6 +453,7 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
         log,
         mqttsn: mqttsn?,
         spool: spool?,
+        admin: admin?,
         upstreams,
         routes: routes.table,
         route_specs: routes.specs,

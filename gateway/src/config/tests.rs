@@ -836,3 +836,76 @@ fn amqp_credentials_and_vhost_may_be_keys_instead_of_url_parts() {
     let d = errors(&MINIMAL.replace("remote_prefix = \"\"", "vhost = \"x\""));
     assert!(d[0].message.contains("is an AMQP setting"), "{d:#?}");
 }
+
+#[test]
+fn the_admin_listener_is_on_loopback_by_default_and_off_when_empty() {
+    let c = Config::parse(Path::new("test.toml"), MINIMAL).unwrap();
+    assert_eq!(c.admin.listen, Some(DEFAULT_ADMIN_LISTEN.parse().unwrap()));
+    assert_eq!(c.admin.token, None);
+    assert_eq!((c.admin.event_history, c.admin.max_connections), (100, 16));
+    assert!(
+        c.summary()
+            .contains("admin (metrics, health, status, console) on http://127.0.0.1:9180/")
+    );
+    let off = format!("{MINIMAL}[admin]\nlisten = \"\"\n");
+    let c = Config::parse(Path::new("test.toml"), &off).unwrap();
+    assert_eq!(c.admin.listen, None);
+    assert!(c.summary().contains("listener: admin off"));
+}
+
+#[test]
+fn an_admin_listener_reachable_from_other_hosts_needs_a_token() {
+    let open = format!("{MINIMAL}[admin]\nlisten = \"0.0.0.0:9180\"\n");
+    let d = errors(&open);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert!(
+        d[0].message
+            .starts_with("`admin.listen`: `0.0.0.0:9180` is reachable from other hosts"),
+        "{}",
+        d[0].message
+    );
+    assert_eq!(d[0].line, position_of(&open, "listen = \"0.0.0.0").0);
+    let guarded =
+        format!("{MINIMAL}[admin]\nlisten = \"0.0.0.0:9180\"\ntoken = \"0123456789abcdef0123\"\n");
+    let c = Config::parse(Path::new("test.toml"), &guarded).unwrap();
+    assert_eq!(c.admin.token.as_deref(), Some("0123456789abcdef0123"));
+}
+
+#[test]
+fn admin_keys_are_checked_and_located() {
+    let text = format!(
+        "{MINIMAL}[admin]\nlisten = \"localhost:9180\"\ntoken = \"short\"\nevent_history = 0\nmax_connections = 5000\nevnt_history = 3\n"
+    );
+    let d = errors(&text);
+    let msgs: Vec<&str> = d.iter().map(|d| d.message.as_str()).collect();
+    assert_eq!(d.len(), 5, "{msgs:#?}");
+    for (needle, key) in [
+        (
+            "listen = \"localhost",
+            "`admin.listen`: `localhost:9180` is not an IP socket address",
+        ),
+        (
+            "token = \"short",
+            "`admin.token`: must be at least 16 characters",
+        ),
+        (
+            "event_history = 0",
+            "`admin.event_history`: 0 is out of range 1..=10000",
+        ),
+        (
+            "max_connections = 5000",
+            "`admin.max_connections`: 5000 is out of range 1..=1024",
+        ),
+    ] {
+        let line = position_of(&text, needle).0;
+        assert!(
+            d.iter()
+                .any(|d| d.line == line && d.message.starts_with(key)),
+            "{key} at line {line}: {msgs:#?}"
+        );
+    }
+    assert!(
+        d.iter().any(|d| d.message.contains("evnt_history")),
+        "{msgs:#?}"
+    );
+}

@@ -1,8 +1,26 @@
-//! Observability: what the gateway reports about itself (the admin listener's data).
+//! Observability: what the gateway reports about itself, served by the admin listener.
 //!
-//! [`model`] is the protocol-neutral shape every ingress reports in; [`status`] the `/status`
-//! document.
+//! ```text
+//!  ingress drivers ──IngressQuery (bounded, answered between loop turns)──┐
+//!  spool, drains, upstream link info, router (relaxed atomics) ───────────┤
+//!                                                     snapshot::Sources::gather ─> Snapshot
+//!                                                        │        │         │
+//!                                          metrics (Prometheus)  status (JSON)  health
+//!  monitor (1 s): link / spool changes ──> events (bounded ring) ──┘
+//! ```
+//!
+//! - [`model`]: the protocol-neutral shape every ingress reports in (sessions by state,
+//!   counters by reason, clients).
+//! - [`snapshot`]: reads everything at one moment; the health verdict.
+//! - [`metrics`], [`status`]: the two renderings; [`admin`]: the HTTP listener;
+//!   [`events`] + [`monitor`]: notable events; [`process`]: the process's resource use.
 
+pub mod admin;
 pub mod cli;
+pub mod events;
+pub mod metrics;
 pub mod model;
+pub mod monitor;
+pub mod process;
+pub mod snapshot;
 pub mod status;

@@ -1,0 +1,444 @@
+//! Everything the admin listener reads, gathered at one moment into a [`Snapshot`], and the
+//! health verdict drawn from it.
+//!
+//! Invariants:
+//! - Gathering reads counters the pipeline keeps anyway (relaxed atomics, the spool's stats
+//!   under its lock for a few microseconds) and asks each ingress for its report on the
+//!   ingress's own channel: nothing is counted on the hot path for the admin's sake.
+//! - An ingress that does not answer within [`QUERY_TIMEOUT`] is reported as stalled (the
+//!   verdict says unhealthy), never waited for longer: a stuck loop cannot hang a scrape.
+//! - One snapshot feeds `/metrics`, `/status`, `/healthz` and `/readyz`, so they agree.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use sensorgate_bridges::router::DownlinkStats;
+use sensorgate_bridges::spool::{DrainStats, SharedSpool, SpoolStats, StdFs, WhenFull, wall_ms};
+use sensorgate_bridges::telemetry::{Beat, HistogramSnapshot, LinkInfo, LinkStatus};
+use tokio::sync::{mpsc, oneshot};
+
+use super::events::Events;
+use super::model::{IngressQuery, IngressReport};
+use super::status::{BacklogInfo, Health, HealthInfo};
+use crate::io::kernel_drops::KernelDrops;
+use crate::io::udp::UdpStats;
+
+/// How long an ingress may take to answer a query before it counts as stalled.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A loop silent for longer than this is stuck (loops beat at least every
+/// [`sensorgate_bridges::telemetry::BEAT_IDLE`]).
+pub const STALL_AFTER: Duration = Duration::from_secs(10);
+
+/// Where the gateway is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// Opening the spool, starting upstreams, binding listeners.
+    Starting = 0,
+    /// Every listener bound, the spool open: serving.
+    Serving = 1,
+    /// Shutdown requested.
+    Stopping = 2,
+}
+
+/// The gateway's phase, shared between the wiring (writer) and the admin (reader).
+#[derive(Debug, Default)]
+pub struct PhaseCell(AtomicU8);
+
+impl PhaseCell {
+    /// Moves to `phase`.
+    pub fn set(&self, phase: Phase) {
+        self.0.store(phase as u8, Relaxed);
+    }
+
+    /// The phase now.
+    pub fn get(&self) -> Phase {
+        match self.0.load(Relaxed) {
+            1 => Phase::Serving,
+            2 => Phase::Stopping,
+            _ => Phase::Starting,
+        }
+    }
+}
+
+/// One listener, for `/status`.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// `mqtt-sn`, `admin` ...
+    pub protocol: &'static str,
+    /// `udp`, `tcp` ...
+    pub transport: &'static str,
+    /// The bound address.
+    pub address: SocketAddr,
+}
+
+/// One ingress (southbound protocol driver) as the admin reaches it.
+#[derive(Debug, Clone)]
+pub struct IngressSource {
+    /// Its protocol label.
+    pub protocol: &'static str,
+    /// Where its queries go (answered by its task).
+    pub queries: mpsc::Sender<IngressQuery>,
+    /// Its loop's beat.
+    pub beat: Arc<Beat>,
+    /// The UDP driver's own counters, for a UDP ingress.
+    pub udp: Option<Arc<UdpStats>>,
+    /// The kernel's drops on its sockets, for a UDP ingress.
+    pub kernel_drops: Option<Arc<KernelDrops>>,
+}
+
+/// One upstream as the admin reads it.
+#[derive(Debug, Clone)]
+pub struct UpstreamSource {
+    /// `[[upstream]] name`.
+    pub name: String,
+    /// `mqtt` or `amqp`.
+    pub kind: &'static str,
+    /// The broker's address as configured (no credentials).
+    pub url: String,
+    /// Its index in the spool's cursors.
+    pub index: usize,
+    /// Its link state (written by the upstream's connection task).
+    pub link: Arc<LinkInfo>,
+    /// Its drain's counters.
+    pub drain: Arc<DrainStats>,
+}
+
+/// Everything the admin reads, handed over by the wiring.
+#[derive(Clone)]
+pub struct Sources {
+    /// `[gateway] id`.
+    pub gateway_id: u8,
+    /// `[gateway] name`.
+    pub gateway_name: String,
+    /// The config file.
+    pub config_file: String,
+    /// When the process started (wall clock ms).
+    pub started_ms: u64,
+    /// When the process started.
+    pub started: Instant,
+    /// The listeners.
+    pub listeners: Vec<Listener>,
+    /// The southbound drivers.
+    pub ingresses: Vec<IngressSource>,
+    /// The upstreams, in config order.
+    pub upstreams: Vec<UpstreamSource>,
+    /// The spool.
+    pub spool: Arc<SharedSpool<StdFs>>,
+    /// The router's counters.
+    pub router: Arc<DownlinkStats>,
+    /// Notable events.
+    pub events: Arc<Events>,
+    /// The gateway's phase.
+    pub phase: Arc<PhaseCell>,
+}
+
+/// One ingress at the moment of the snapshot.
+#[derive(Debug, Clone)]
+pub struct IngressSnap {
+    /// Its protocol label.
+    pub protocol: &'static str,
+    /// Its report; `None` when it did not answer in time (stalled).
+    pub report: Option<IngressReport>,
+    /// How long its loop has been silent.
+    pub silent_for: Option<Duration>,
+    /// Publishes it gave up for a full spool queue (UDP driver).
+    pub queue_dropped: u64,
+    /// Datagrams the kernel dropped on its sockets (UDP).
+    pub kernel_drops: Option<u64>,
+}
+
+/// One upstream at the moment of the snapshot.
+#[derive(Debug, Clone)]
+pub struct UpstreamSnap {
+    /// `[[upstream]] name`.
+    pub name: String,
+    /// `mqtt` or `amqp`.
+    pub kind: &'static str,
+    /// The broker's address.
+    pub url: String,
+    /// Its link.
+    pub link: LinkStatus,
+    /// Acknowledged (or taken, QoS 0) by the broker.
+    pub forwarded: u64,
+    /// Refused for good by the broker.
+    pub rejected: u64,
+    /// Connections reset for an acknowledgement overdue.
+    pub ack_timeouts: u64,
+    /// Sent again after a connection loss.
+    pub resent: u64,
+    /// Passed over: no route sends them here.
+    pub unrouted: u64,
+    /// Given up over `max_backlog`.
+    pub backlog_dropped: u64,
+    /// Sent, not yet acknowledged.
+    pub in_flight: u64,
+    /// Waiting for it.
+    pub backlog: BacklogInfo,
+    /// Send to acknowledgement.
+    pub ack_latency: HistogramSnapshot,
+    /// How long its drain loop has been silent.
+    pub silent_for: Option<Duration>,
+}
+
+/// The spool at the moment of the snapshot.
+#[derive(Debug, Clone)]
+pub struct SpoolSnap {
+    /// Its counters.
+    pub stats: SpoolStats,
+    /// Appends refused for a full writer queue.
+    pub queue_full: u64,
+    /// Records held for the slowest upstream.
+    pub records: u64,
+    /// Age of the oldest record held, seconds.
+    pub oldest_age_secs: u64,
+    /// Whether an append now would be refused for want of room.
+    pub refusing: bool,
+    /// `[spool] max_bytes`.
+    pub max_bytes: u64,
+    /// `[spool] when_full`.
+    pub when_full: WhenFull,
+    /// Its directory.
+    pub dir: String,
+    /// Data fsync durations.
+    pub fsync_latency: HistogramSnapshot,
+    /// How long the writer thread has been silent.
+    pub writer_silent_for: Option<Duration>,
+}
+
+/// Everything at one moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Wall clock, ms since the epoch.
+    pub now_ms: u64,
+    /// Since the process started.
+    pub uptime: Duration,
+    /// The phase.
+    pub phase: Phase,
+    /// The southbound drivers.
+    pub ingresses: Vec<IngressSnap>,
+    /// The upstreams.
+    pub upstreams: Vec<UpstreamSnap>,
+    /// The spool.
+    pub spool: SpoolSnap,
+    /// The router's counters.
+    pub router: RouterSnap,
+}
+
+/// The router's counters (see [`DownlinkStats`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RouterSnap {
+    /// Uplink refused: no route takes the topic.
+    pub refused_no_route: u64,
+    /// Downlink the route table maps to no sensor topic.
+    pub downlink_unrouted: u64,
+    /// Downlink no ingress subscribed to.
+    pub downlink_unmatched: u64,
+    /// Downlink for an ingress that is gone.
+    pub downlink_ingress_gone: u64,
+    /// Local copies lost to a full ingress channel.
+    pub local_dropped: u64,
+}
+
+impl Sources {
+    /// Reads everything now; asks every ingress for its report (each within
+    /// [`QUERY_TIMEOUT`], all at once).
+    #[allow(clippy::disallowed_methods)] // The admin is an adapter: it reads the clock.
+    pub async fn gather(&self) -> Snapshot {
+        let reports = join_all(self.ingresses.iter().map(ask_report)).await;
+        let now = Instant::now();
+        let now_ms = wall_ms();
+        let ingresses = self
+            .ingresses
+            .iter()
+            .zip(reports)
+            .map(|(i, report)| IngressSnap {
+                protocol: i.protocol,
+                report,
+                silent_for: i.beat.silent_for(now),
+                queue_dropped: i.udp.as_ref().map_or(0, |u| u.queue_dropped()),
+                kernel_drops: i.kernel_drops.as_ref().map(|k| k.read()),
+            })
+            .collect();
+        let (spool, upstreams) = {
+            let locked = self.spool.lock();
+            let stats = locked.stats();
+            let upstreams: Vec<UpstreamSnap> = self
+                .upstreams
+                .iter()
+                .map(|u| {
+                    let b = locked.backlog_info(u.index, now_ms);
+                    UpstreamSnap {
+                        name: u.name.clone(),
+                        kind: u.kind,
+                        url: u.url.clone(),
+                        link: u.link.status(),
+                        forwarded: u.drain.forwarded.load(Relaxed),
+                        rejected: u.drain.rejected.load(Relaxed),
+                        ack_timeouts: u.drain.ack_timeouts.load(Relaxed),
+                        resent: u.drain.resent.load(Relaxed),
+                        unrouted: u.drain.unrouted.load(Relaxed),
+                        backlog_dropped: u.drain.backlog_dropped.load(Relaxed),
+                        in_flight: u.drain.in_flight.load(Relaxed),
+                        backlog: BacklogInfo {
+                            records: b.records,
+                            bytes: b.bytes,
+                            oldest_age_secs: age_secs(now_ms, b.oldest_ms),
+                        },
+                        ack_latency: u.drain.ack_latency.snapshot(),
+                        silent_for: u.drain.beat.silent_for(now),
+                    }
+                })
+                .collect();
+            let config = locked.config();
+            let spool = SpoolSnap {
+                stats,
+                queue_full: 0,
+                records: locked.held_records(),
+                oldest_age_secs: age_secs(now_ms, locked.oldest_ms()),
+                refusing: locked.refusing(),
+                max_bytes: config.max_bytes,
+                when_full: config.when_full,
+                dir: config.dir.display().to_string(),
+                fsync_latency: HistogramSnapshot::default(),
+                writer_silent_for: None,
+            };
+            (spool, upstreams)
+        };
+        let spool = SpoolSnap {
+            queue_full: self.spool.queue_full(),
+            fsync_latency: self.spool.fsync_latency().snapshot(),
+            writer_silent_for: self.spool.writer_beat().silent_for(now),
+            ..spool
+        };
+        let r = &self.router;
+        Snapshot {
+            now_ms,
+            uptime: now.saturating_duration_since(self.started),
+            phase: self.phase.get(),
+            ingresses,
+            upstreams,
+            spool,
+            router: RouterSnap {
+                refused_no_route: r.refused_no_route.load(Relaxed),
+                downlink_unrouted: r.unrouted.load(Relaxed),
+                downlink_unmatched: r.unmatched.load(Relaxed),
+                downlink_ingress_gone: r.ingress_gone.load(Relaxed),
+                local_dropped: r.local_dropped.load(Relaxed),
+            },
+        }
+    }
+}
+
+/// Seconds from `oldest_ms` to `now_ms` (0 when there is none).
+fn age_secs(now_ms: u64, oldest_ms: Option<u64>) -> u64 {
+    oldest_ms.map_or(0, |t| now_ms.saturating_sub(t) / 1000)
+}
+
+/// Asks one ingress for its report; `None` when it does not answer in time.
+async fn ask_report(ingress: &IngressSource) -> Option<IngressReport> {
+    let ask = async {
+        let (tx, rx) = oneshot::channel();
+        ingress.queries.send(IngressQuery::Report(tx)).await.ok()?;
+        rx.await.ok()
+    };
+    tokio::time::timeout(QUERY_TIMEOUT, ask)
+        .await
+        .ok()
+        .flatten()
+}
+
+impl Snapshot {
+    /// The loops that stopped turning: (name, silent for).
+    #[must_use]
+    pub fn stalled(&self) -> Vec<(String, Duration)> {
+        let mut out = Vec::new();
+        let mut check = |name: String, silent: Option<Duration>| {
+            if let Some(s) = silent.filter(|s| *s > STALL_AFTER) {
+                out.push((name, s));
+            }
+        };
+        for i in &self.ingresses {
+            check(format!("{} driver", i.protocol), i.silent_for);
+        }
+        for u in &self.upstreams {
+            check(format!("drain of upstream `{}`", u.name), u.silent_for);
+        }
+        check("spool writer".into(), self.spool.writer_silent_for);
+        out
+    }
+
+    /// The verdict: live (loops turn), ready (serving), healthy or degraded, with reasons.
+    #[must_use]
+    pub fn health(&self) -> HealthInfo {
+        let mut reasons = Vec::new();
+        for (name, silent) in self.stalled() {
+            reasons.push(format!(
+                "the {name} has not turned for {}s",
+                silent.as_secs()
+            ));
+        }
+        for i in self.ingresses.iter().filter(|i| i.report.is_none()) {
+            reasons.push(format!(
+                "the {} driver did not answer within {}s",
+                i.protocol,
+                QUERY_TIMEOUT.as_secs()
+            ));
+        }
+        let live = reasons.is_empty();
+        let ready = live && self.phase == Phase::Serving;
+        match self.phase {
+            Phase::Starting => reasons.push("starting".into()),
+            Phase::Stopping => reasons.push("stopping".into()),
+            Phase::Serving => {}
+        }
+        let unhealthy = !ready;
+        for u in self.upstreams.iter().filter(|u| !u.link.connected) {
+            let since = if u.link.since_ms == 0 {
+                "never connected".to_owned()
+            } else {
+                format!(
+                    "down for {}s",
+                    self.now_ms.saturating_sub(u.link.since_ms) / 1000
+                )
+            };
+            let why = u
+                .link
+                .last_error
+                .as_deref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default();
+            reasons.push(format!(
+                "upstream `{}` {since}{why}: its data is spooled ({} records waiting)",
+                u.name, u.backlog.records
+            ));
+        }
+        if self.spool.refusing {
+            reasons.push(match self.spool.when_full {
+                WhenFull::RejectNew => {
+                    "the spool is full: new QoS 1/2 data is refused (congestion)".to_owned()
+                }
+                WhenFull::DropOldest => {
+                    "the spool is full: the oldest data is dropped to make room".to_owned()
+                }
+            });
+        }
+        let state = if unhealthy {
+            Health::Unhealthy
+        } else if reasons.is_empty() {
+            Health::Healthy
+        } else {
+            Health::Degraded
+        };
+        HealthInfo {
+            state,
+            live,
+            ready,
+            reasons,
+        }
+    }
+}
