@@ -173,6 +173,10 @@ def run(d, a):
     search.send_keys(" ")  # an input event; the prefix is trimmed
     wait_for("the table to come back", t, lambda: a.client_id in row_ids(d))
 
+    # The chart's rates need two samples of /status: wait for them before the screenshot.
+    wait_for("the message rates", t,
+             lambda: (value(d, "rate-in") or "").replace(".", "", 1).isdigit()
+             and (value(d, "rate-out") or "").replace(".", "", 1).isdigit())
     search.send_keys(Keys.TAB)  # leave the box so the page shows from its top
     d.execute_script("window.scrollTo(0, 0)")
     desktop = os.path.join(a.artifacts, "console.png")
