@@ -53,6 +53,7 @@ fn status_says_healthy_then_degraded_when_the_broker_stops() -> Result<()> {
 
     let out = status_until(&config, &[], 0, READY_TIMEOUT)?;
     let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
     ensure!(text.contains("HEALTHY"), "{}", show(&out));
     ensure!(
         text.contains("local (mqtt"),
@@ -74,6 +75,7 @@ fn status_says_healthy_then_degraded_when_the_broker_stops() -> Result<()> {
     rig.broker.stop()?;
     let out = status_until(&config, &[], 1, LINK_DOWN_TIMEOUT)?;
     let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
     ensure!(text.contains("DEGRADED"), "{}", show(&out));
     ensure!(text.contains("DOWN since"), "{}", show(&out));
     let out = sensorgate_status(&config, &["--json"])?;
