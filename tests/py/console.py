@@ -24,6 +24,8 @@ from selenium.webdriver.common.keys import Keys
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
+# The console's page size for /clients.
+PAGE = 50
 
 
 def fail(msg):
@@ -85,6 +87,8 @@ def main():
     ap.add_argument("--upstream", required=True)
     ap.add_argument("--client-id", required=True)
     ap.add_argument("--min-sessions", type=int, default=1)
+    ap.add_argument("--total-clients", type=int, default=0,
+                    help="the number of clients connected; > 50 checks the table's paging")
     ap.add_argument("--artifacts", required=True)
     ap.add_argument("--timeout", type=float, default=30)
     a = ap.parse_args()
@@ -172,6 +176,18 @@ def run(d, a):
     search.clear()
     search.send_keys(" ")  # an input event; the prefix is trimmed
     wait_for("the table to come back", t, lambda: a.client_id in row_ids(d))
+
+    if a.total_clients > PAGE:
+        # The first page, then "More" fetches the rest through the `next` cursor.
+        wait_for(f"the first page of {PAGE} clients", t,
+                 lambda: len(row_ids(d)) == PAGE and by_id(d, "clients-more").is_displayed())
+        d.find_element(By.ID, "clients-more").click()
+        wait_for(f"all {a.total_clients} clients after More", t,
+                 lambda: len(row_ids(d)) == a.total_clients
+                 and not by_id(d, "clients-more").is_displayed())
+        ids = row_ids(d)
+        if ids != sorted(ids) or len(set(ids)) != len(ids):
+            fail(f"the pages overlap or are out of order: {ids}")
 
     # The chart's rates need two samples of /status: wait for them before the screenshot.
     wait_for("the message rates", t,

@@ -1,7 +1,7 @@
 //! The field console in a real browser: headless Chromium (via chromedriver, driven by
 //! `tests/py/console.py` with selenium) loads `/` from a running gateway whose admin listener
-//! wants a token, with a sensor connected and publishing, and checks what the page shows
-//! against `/status`. Screenshots land in `target/test-artifacts/` (git-ignored).
+//! wants a token, with a sensor connected and publishing and a fleet of 60 clients (more than
+//! one page of the clients table), and checks what the page shows against `/status`. Screenshots land in `target/test-artifacts/` (git-ignored).
 
 use std::path::Path;
 use std::process::Command;
@@ -15,6 +15,8 @@ use sensorgate_tests::{
 
 const TOKEN: &str = "console-test-token";
 const SENSOR: &str = "sensor-17";
+/// Clients besides the sensor: the console's table pages by 50.
+const FLEET: usize = 59;
 /// The whole browser session, every wait inside it bounded by its own --timeout.
 const BROWSER_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -42,6 +44,11 @@ fn the_console_shows_the_gateway_with_a_sensor_publishing() -> Result<()> {
             PREDEFINED_ID,
             format!("reading {i}").as_bytes(),
         )?;
+    }
+    // More clients than one page of the table, ordered after the sensor.
+    let mut fleet = Vec::with_capacity(FLEET);
+    for i in 0..FLEET {
+        fleet.push(rig.connected(&format!("zz-node-{i:02}"))?);
     }
     let out = mqtt_sn_pub(
         rig.gateway.sn_addr(),
@@ -91,7 +98,13 @@ fn the_console_shows_the_gateway_with_a_sensor_publishing() -> Result<()> {
             "--client-id",
             SENSOR,
         ])
-        .args(["--min-sessions", "1", "--timeout", "30"])
+        .args([
+            "--min-sessions",
+            &(FLEET + 1).to_string(),
+            "--timeout",
+            "30",
+        ])
+        .args(["--total-clients", &(FLEET + 1).to_string()])
         .arg("--artifacts")
         .arg(&artifacts);
     let out = run_bounded(&mut cmd, BROWSER_TIMEOUT)?;
@@ -116,5 +129,6 @@ fn the_console_shows_the_gateway_with_a_sensor_publishing() -> Result<()> {
 
     // The sensor is still there: the page was looked at while it was connected.
     sensor.ping()?;
+    drop(fleet);
     Ok(())
 }
