@@ -783,12 +783,7 @@ impl GatewayConfig {
                 clients.join(", ")
             ));
         }
-        s.push_str(&format!(
-            "\n[[upstream]]\nname = \"local\"\nkind = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{}\"\n\
-             remote_prefix = \"{}\"\nprotocol = \"{}\"\nbackoff_initial = \"100ms\"\n\
-             backoff_max = \"1s\"\n",
-            self.broker_port, self.remote_prefix, self.protocol
-        ));
+        // Before `[[upstream]]`: tests append that table's keys through `extra_sections`.
         match self.admin_addr() {
             Some(addr) => s.push_str(&format!("\n[admin]\nlisten = \"{addr}\"\n")),
             None => s.push_str("\n[admin]\nlisten = \"\"\n"),
@@ -796,6 +791,12 @@ impl GatewayConfig {
         if let Some(token) = &self.admin_token {
             s.push_str(&format!("token = \"{token}\"\n"));
         }
+        s.push_str(&format!(
+            "\n[[upstream]]\nname = \"local\"\nkind = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{}\"\n\
+             remote_prefix = \"{}\"\nprotocol = \"{}\"\nbackoff_initial = \"100ms\"\n\
+             backoff_max = \"1s\"\n",
+            self.broker_port, self.remote_prefix, self.protocol
+        ));
         s.push_str(&self.extra_sections);
         s
     }
