@@ -409,6 +409,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         router: Arc::clone(&router_stats),
         events: Arc::clone(&events),
         phase: Arc::clone(&phase),
+        last_disk_error_ms: Arc::default(),
     };
     // The admin and the monitor outlive the driver: `/readyz` says "stopping" meanwhile.
     let admin_stop = CancellationToken::new();

@@ -141,9 +141,19 @@ impl Out<'_, '_> {
             .enc
             .encode_descriptor(name, help, None, MetricType::Histogram)?;
         for (labels, h) in samples {
-            // The exposition wants the `+Inf` bucket (every observation) listed last.
-            let mut buckets = h.buckets;
-            buckets.push((f64::INFINITY, h.count));
+            // The encoder takes each bucket's own count (it accumulates them itself) and the
+            // `+Inf` bucket last; the snapshot's counts are cumulative.
+            let mut below = 0;
+            let mut buckets: Vec<(f64, u64)> = h
+                .buckets
+                .iter()
+                .map(|&(bound, cumulative)| {
+                    let own = cumulative.saturating_sub(below);
+                    below = cumulative;
+                    (bound, own)
+                })
+                .collect();
+            buckets.push((f64::INFINITY, h.count.saturating_sub(below)));
             family
                 .encode_family(&labels)?
                 .encode_histogram::<NoLabelSet>(h.sum_secs, h.count, &buckets, None)?;
@@ -563,5 +573,55 @@ impl Collector for SnapshotCollector {
             (s.now_ms as f64 / 1000.0) - s.uptime.as_secs_f64(),
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::snapshot::tests::serving;
+
+    #[test]
+    fn both_formats_name_counters_with_total_and_end_histograms_with_inf() {
+        let mut s = serving();
+        s.spool.fsync_latency = HistogramSnapshot {
+            buckets: vec![(0.001, 3), (0.01, 4)],
+            count: 5,
+            sum_secs: 0.5,
+        };
+        let om = render(s.clone(), ProcessStats::default(), Format::OpenMetrics).unwrap();
+        assert!(om.ends_with("# EOF\n"));
+        assert!(om.contains("# TYPE sensorgate_messages_in counter\n"));
+        assert!(om.contains("sensorgate_messages_in_total{protocol=\"mqtt-sn\",qos=\"1\"} 5\n"));
+        assert!(om.contains("sensorgate_sessions{protocol=\"mqtt-sn\",state=\"active\"} 2\n"));
+        for (le, n) in [("0.001", 3), ("0.01", 4), ("+Inf", 5)] {
+            assert!(
+                om.contains(&format!(
+                    "sensorgate_spool_fsync_duration_seconds_bucket{{le=\"{le}\"}} {n}\n"
+                )),
+                "{om}"
+            );
+        }
+        assert!(om.contains("sensorgate_upstream_connected{upstream=\"cloud\",kind=\"mqtt\"} 1\n"));
+        let text = render(s, ProcessStats::default(), Format::Prometheus).unwrap();
+        assert!(
+            text.contains("# TYPE sensorgate_messages_in_total counter\n"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"));
+        // Values that cannot be read are left out, never invented.
+        assert!(!text.contains("process_open_fds"));
+    }
+
+    #[test]
+    fn the_accept_header_picks_the_format() {
+        assert_eq!(
+            Format::from_accept(Some(
+                "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+            )),
+            Format::OpenMetrics
+        );
+        assert_eq!(Format::from_accept(Some("*/*")), Format::Prometheus);
+        assert_eq!(Format::from_accept(None), Format::Prometheus);
     }
 }

@@ -11,8 +11,10 @@ use sensorgate_bridges::spool::{SpoolStats, wall_ms};
 use sensorgate_bridges::telemetry::LinkStatus;
 use tokio_util::sync::CancellationToken;
 
-use super::events::Level;
-use super::snapshot::Sources;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use super::events::{Events, Level};
+use super::snapshot::{Sources, UpstreamSource};
 
 /// How often the monitor looks.
 pub const MONITOR_INTERVAL: Duration = Duration::from_secs(1);
@@ -45,15 +47,28 @@ pub async fn run(sources: Sources, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         let now = look(&sources);
-        record(&sources, &last, &now, wall_ms());
+        record(
+            &sources.upstreams,
+            &sources.events,
+            &sources.last_disk_error_ms,
+            &last,
+            &now,
+            wall_ms(),
+        );
         last = now;
     }
 }
 
 /// The events between two looks.
-fn record(sources: &Sources, last: &Seen, now: &Seen, at_ms: u64) {
-    let events = &sources.events;
-    for ((u, before), after) in sources.upstreams.iter().zip(&last.links).zip(&now.links) {
+fn record(
+    upstreams: &[UpstreamSource],
+    events: &Events,
+    last_disk_error_ms: &AtomicU64,
+    last: &Seen,
+    now: &Seen,
+    at_ms: u64,
+) {
+    for ((u, before), after) in upstreams.iter().zip(&last.links).zip(&now.links) {
         // `connects` catches a drop and reconnect between two looks.
         let reconnected = after.connects > before.connects;
         if before.connected && (!after.connected || reconnected) {
@@ -138,6 +153,7 @@ fn record(sources: &Sources, last: &Seen, now: &Seen, at_ms: u64) {
     }
     let errors = (b.write_errors + b.sync_errors).saturating_sub(a.write_errors + a.sync_errors);
     if errors > 0 {
+        last_disk_error_ms.store(at_ms, Relaxed);
         events.push(
             at_ms,
             "disk_error",
@@ -158,5 +174,96 @@ fn record(sources: &Sources, last: &Seen, now: &Seen, at_ms: u64) {
                 format!("{} records given up ({reason}).", after - before),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn upstream() -> UpstreamSource {
+        UpstreamSource {
+            name: "cloud".into(),
+            kind: "mqtt",
+            url: "mqtt://127.0.0.1:1883".into(),
+            index: 0,
+            link: Arc::default(),
+            drain: Arc::default(),
+        }
+    }
+
+    fn seen(link: LinkStatus, spool: SpoolStats, refusing: bool) -> Seen {
+        Seen {
+            links: vec![link],
+            spool,
+            refusing,
+        }
+    }
+
+    fn link(connected: bool, since_ms: u64, connects: u64, failed: u64) -> LinkStatus {
+        LinkStatus {
+            connected,
+            since_ms,
+            last_error: (!connected).then(|| "connection refused".to_owned()),
+            connects,
+            failed_attempts: failed,
+        }
+    }
+
+    #[test]
+    fn link_changes_spool_trouble_and_drops_become_events_once() {
+        let ups = [upstream()];
+        let events = Events::new(100);
+        let disk = AtomicU64::new(0);
+        let quiet = SpoolStats::default();
+        let steps = [
+            // Never connected, first failure: news. Further failures: not.
+            seen(link(false, 1_000, 0, 1), quiet, false),
+            seen(link(false, 1_000, 0, 5), quiet, false),
+            seen(link(true, 9_000, 1, 5), quiet, false),
+            // Down and back between two looks: both reported.
+            seen(link(true, 20_000, 2, 6), quiet, false),
+            seen(
+                link(true, 20_000, 2, 6),
+                SpoolStats {
+                    rejected_full: 7,
+                    sync_errors: 1,
+                    dropped_oldest: 3,
+                    ..quiet
+                },
+                true,
+            ),
+            seen(link(true, 20_000, 2, 6), quiet, false),
+        ];
+        let mut last = seen(link(false, 0, 0, 0), quiet, false);
+        for (i, now) in steps.into_iter().enumerate() {
+            record(&ups, &events, &disk, &last, &now, 100_000 + i as u64);
+            last = now;
+        }
+        let kinds: Vec<String> = events.list().into_iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                "upstream_down",
+                "upstream_up",
+                "upstream_down",
+                "upstream_up",
+                "spool_full",
+                "spool_full",
+                "disk_error",
+                "data_dropped",
+                "spool_room",
+            ]
+        );
+        assert_eq!(disk.load(Relaxed), 100_004);
+        let list = events.list();
+        assert_eq!(list[1].message, "Upstream `cloud` connected after 8s down.");
+        assert!(
+            list[7]
+                .message
+                .starts_with("3 records given up (drop_oldest)")
+        );
     }
 }

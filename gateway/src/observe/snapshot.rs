@@ -11,7 +11,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -32,6 +32,9 @@ pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 /// A loop silent for longer than this is stuck (loops beat at least every
 /// [`sensorgate_bridges::telemetry::BEAT_IDLE`]).
 pub const STALL_AFTER: Duration = Duration::from_secs(10);
+
+/// How long after the last failed spool write or fsync the gateway reports itself degraded.
+pub const DISK_ERROR_WINDOW: Duration = Duration::from_secs(300);
 
 /// Where the gateway is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +138,8 @@ pub struct Sources {
     pub events: Arc<Events>,
     /// The gateway's phase.
     pub phase: Arc<PhaseCell>,
+    /// When (wall clock ms) the monitor last saw spool writes or fsyncs fail; 0: never.
+    pub last_disk_error_ms: Arc<AtomicU64>,
 }
 
 /// One ingress at the moment of the snapshot.
@@ -227,6 +232,8 @@ pub struct Snapshot {
     pub spool: SpoolSnap,
     /// The router's counters.
     pub router: RouterSnap,
+    /// When spool writes or fsyncs last failed (wall clock ms; 0: never).
+    pub last_disk_error_ms: u64,
 }
 
 /// The router's counters (see [`DownlinkStats`]).
@@ -320,6 +327,7 @@ impl Sources {
             now_ms,
             uptime: now.saturating_duration_since(self.started),
             phase: self.phase.get(),
+            last_disk_error_ms: self.last_disk_error_ms.load(Relaxed),
             ingresses,
             upstreams,
             spool,
@@ -427,6 +435,16 @@ impl Snapshot {
                 }
             });
         }
+        let since_disk_error = self.now_ms.saturating_sub(self.last_disk_error_ms);
+        if self.last_disk_error_ms != 0 && since_disk_error < DISK_ERROR_WINDOW.as_millis() as u64 {
+            reasons.push(format!(
+                "spool writes or fsyncs failed {}s ago ({} write and {} fsync errors since start): \
+                 check the disk",
+                since_disk_error / 1000,
+                self.spool.stats.write_errors,
+                self.spool.stats.sync_errors
+            ));
+        }
         let state = if unhealthy {
             Health::Unhealthy
         } else if reasons.is_empty() {
@@ -440,5 +458,149 @@ impl Snapshot {
             ready,
             reasons,
         }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::observe::model::{IngressCounters, SessionCounts};
+
+    /// A serving gateway with one MQTT-SN ingress and one connected upstream, all quiet.
+    pub(crate) fn serving() -> Snapshot {
+        Snapshot {
+            now_ms: 1_000_000,
+            uptime: Duration::from_secs(60),
+            phase: Phase::Serving,
+            ingresses: vec![IngressSnap {
+                protocol: "mqtt-sn",
+                report: Some(IngressReport {
+                    protocol: "mqtt-sn",
+                    sessions: SessionCounts([0, 2, 1, 0, 0, 0]),
+                    counters: IngressCounters {
+                        messages_in: [0, 3, 5, 0],
+                        ..IngressCounters::default()
+                    },
+                }),
+                silent_for: Some(Duration::from_millis(5)),
+                queue_dropped: 0,
+                kernel_drops: Some(0),
+            }],
+            upstreams: vec![UpstreamSnap {
+                name: "cloud".into(),
+                kind: "mqtt",
+                url: "mqtt://127.0.0.1:1883".into(),
+                link: LinkStatus {
+                    connected: true,
+                    since_ms: 900_000,
+                    last_error: None,
+                    connects: 1,
+                    failed_attempts: 0,
+                },
+                forwarded: 8,
+                rejected: 0,
+                ack_timeouts: 0,
+                resent: 0,
+                unrouted: 0,
+                backlog_dropped: 0,
+                in_flight: 0,
+                backlog: BacklogInfo {
+                    records: 0,
+                    bytes: 0,
+                    oldest_age_secs: 0,
+                },
+                ack_latency: HistogramSnapshot::default(),
+                silent_for: Some(Duration::from_millis(300)),
+            }],
+            spool: SpoolSnap {
+                stats: SpoolStats::default(),
+                queue_full: 0,
+                records: 0,
+                oldest_age_secs: 0,
+                refusing: false,
+                max_bytes: 1 << 30,
+                when_full: WhenFull::RejectNew,
+                dir: "/var/lib/sensorgate/spool".into(),
+                fsync_latency: HistogramSnapshot::default(),
+                writer_silent_for: Some(Duration::from_millis(50)),
+            },
+            router: RouterSnap::default(),
+            last_disk_error_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_quiet_serving_gateway_is_healthy() {
+        let h = serving().health();
+        assert_eq!(h.state, Health::Healthy);
+        assert!(h.live && h.ready);
+        assert!(h.reasons.is_empty(), "{:?}", h.reasons);
+    }
+
+    #[test]
+    fn an_upstream_down_degrades_but_stays_ready() {
+        let mut s = serving();
+        s.upstreams[0].link = LinkStatus {
+            connected: false,
+            since_ms: 880_000,
+            last_error: Some("connection refused".into()),
+            connects: 1,
+            failed_attempts: 4,
+        };
+        s.upstreams[0].backlog.records = 42;
+        let h = s.health();
+        assert_eq!(h.state, Health::Degraded);
+        assert!(h.live && h.ready);
+        assert_eq!(
+            h.reasons,
+            [
+                "upstream `cloud` down for 120s (connection refused): its data is spooled (42 records waiting)"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_full_spool_and_recent_disk_errors_degrade() {
+        let mut s = serving();
+        s.spool.refusing = true;
+        s.spool.stats.sync_errors = 2;
+        s.last_disk_error_ms = s.now_ms - 30_000;
+        let h = s.health();
+        assert_eq!(h.state, Health::Degraded);
+        assert!(
+            h.reasons[0].contains("the spool is full"),
+            "{:?}",
+            h.reasons
+        );
+        assert!(h.reasons[1].starts_with("spool writes or fsyncs failed 30s ago"));
+        // An old disk error no longer counts.
+        s.spool.refusing = false;
+        s.last_disk_error_ms = s.now_ms - DISK_ERROR_WINDOW.as_millis() as u64 - 1;
+        assert_eq!(s.health().state, Health::Healthy);
+    }
+
+    #[test]
+    fn starting_stopping_and_stuck_loops_are_unhealthy() {
+        let mut s = serving();
+        s.phase = Phase::Starting;
+        let h = s.health();
+        assert_eq!((h.state, h.live, h.ready), (Health::Unhealthy, true, false));
+        assert_eq!(h.reasons, ["starting"]);
+
+        let mut s = serving();
+        s.spool.writer_silent_for = Some(STALL_AFTER + Duration::from_secs(1));
+        let h = s.health();
+        assert_eq!(
+            (h.state, h.live, h.ready),
+            (Health::Unhealthy, false, false)
+        );
+        assert_eq!(h.reasons, ["the spool writer has not turned for 11s"]);
+        assert_eq!(s.stalled().len(), 1);
+
+        let mut s = serving();
+        s.ingresses[0].report = None;
+        let h = s.health();
+        assert!(!h.live);
+        assert_eq!(h.reasons, ["the mqtt-sn driver did not answer within 2s"]);
     }
 }
