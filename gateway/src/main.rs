@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use sensorgate::app::RunError;
 use sensorgate::config::{self, Config, LoadError};
+use sensorgate::observe::cli;
 use sensorgate::preflight::{self, ErrorClass, PreflightError};
 
 /// Exit status for configuration errors (EX_CONFIG, sysexits.h).
@@ -34,7 +35,12 @@ Exit status:
   73  cannot create: state_dir is not a directory or is on a read-only file system, or a file
       in it cannot be created
   77  permission denied: the running user may not write state_dir or bind the address
-  78  configuration error (every error is listed as file:line:column)";
+  78  configuration error (every error is listed as file:line:column)
+
+status (the monitoring-plugin convention):
+  0   healthy     1   degraded (serving, with a reason)
+  2   unhealthy (not serving)     3   unreachable (not running, admin off, refused)
+  78  configuration error";
 
 #[derive(Parser)]
 #[command(
@@ -56,6 +62,17 @@ enum Command {
         #[arg(short, long, default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Ask the running gateway (its admin listener, `[admin] listen`) how it is: health,
+    /// upstreams and backlog, sessions, spool use, recent events. Exit status 0 healthy,
+    /// 1 degraded, 2 unhealthy, 3 unreachable (the Nagios plugin convention).
+    Status {
+        /// Config file (for `[admin] listen` and `token`).
+        #[arg(short, long, default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// Print the /status JSON document as received (exit status as above).
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate a config file and what it needs on this host (state_dir, free space), print a
     /// summary, and exit (78 on config errors; 73, 77 as `run` would fail).
     CheckConfig {
@@ -68,6 +85,32 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Status { config, json } => {
+            let cfg = match Config::load(&config) {
+                Ok(cfg) => cfg,
+                Err(e) => return config_error(&e),
+            };
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    print_err(&format!("sensorgate status: cannot start a runtime: {e}\n"));
+                    return ExitCode::from(cli::EXIT_UNREACHABLE);
+                }
+            };
+            let out = rt.block_on(cli::status_command(
+                cfg.admin.listen,
+                cfg.admin.token.as_deref(),
+                json,
+                std::io::IsTerminal::is_terminal(&std::io::stdout()),
+                cli::STATUS_TIMEOUT,
+            ));
+            print_out(&out.stdout);
+            print_err(&out.stderr);
+            ExitCode::from(out.code)
+        }
         Command::CheckConfig { config } => {
             let cfg = match Config::load(&config) {
                 Ok(cfg) => cfg,
