@@ -218,6 +218,12 @@ fn metrics_follow_publishes_an_outage_and_the_recovery() {
     })
     .unwrap();
     assert!(num(&drained, &format!("sensorgate_upstream_connects_total{UP}")) >= 2.0);
+    assert!(
+        num(
+            &drained,
+            &format!("sensorgate_upstream_reconnects_total{UP}")
+        ) >= 1.0
+    );
     assert_eq!(
         num(&drained, &format!("sensorgate_upstream_in_flight{UP}")),
         0.0

@@ -442,6 +442,12 @@ impl Collector for SnapshotCollector {
             ups.iter().map(|u| (up(u), u.link.connects)),
         )?;
         out.counter(
+            "sensorgate_upstream_reconnects",
+            "Connections established after the first (the link was lost and made again).",
+            ups.iter()
+                .map(|u| (up(u), u.link.connects.saturating_sub(1))),
+        )?;
+        out.counter(
             "sensorgate_upstream_connect_failures",
             "Connection attempts that failed.",
             ups.iter().map(|u| (up(u), u.link.failed_attempts)),
