@@ -21,7 +21,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use sensorgate_tests::sn::{Packet, Qos, SubTopic, TopicType};
-use sensorgate_tests::{RabbitMq, RabbitTls, Rig, Script, poll_until, send_signal, temp_dir};
+use sensorgate_tests::{
+    RabbitMq, RabbitTls, Rig, Script, admin_get, free_tcp_port, poll_until, send_signal, temp_dir,
+};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -135,9 +137,11 @@ fn a_rabbitmq_outage_delays_only_the_amqp_copy_and_its_backlog_arrives_in_order(
     declare_queue(&rabbit);
     let rig = Rig::start_with(|c| {
         c.extra_sections.push_str(&amqp_section(&rabbit));
+        c.admin = Some(free_tcp_port()?);
         Ok(())
     })
     .unwrap();
+    let admin = rig.gateway.admin_addr().unwrap();
     let mqtt = obs(&[
         "mqtt",
         "--port",
@@ -169,8 +173,53 @@ fn a_rabbitmq_outage_delays_only_the_amqp_copy_and_its_backlog_arrives_in_order(
         .map(|m| payload(m, "payload_hex"))
         .collect();
     assert_eq!(live, (0..30).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    // The admin listener sees the AMQP upstream down with its backlog, the MQTT one up.
+    let upstream = |doc: &Value, name: &str| {
+        doc["upstreams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    let status = || {
+        let (code, body) = admin_get(admin, "/status", None)?;
+        anyhow::ensure!(code == 200, "{code}: {body}");
+        Ok(serde_json::from_str::<Value>(&body)?)
+    };
+    let down = poll_until(
+        "the AMQP link seen down",
+        WAIT,
+        Duration::from_millis(200),
+        || {
+            let doc = status()?;
+            Ok((upstream(&doc, "cloud")["connected"] == false).then_some(doc))
+        },
+    )
+    .unwrap();
+    let cloud = upstream(&down, "cloud");
+    assert_eq!(cloud["kind"], "amqp");
+    assert!(
+        cloud["backlog"]["records"].as_u64().unwrap() >= 20,
+        "{cloud}"
+    );
+    assert!(cloud["last_error"].is_string(), "{cloud}");
+    assert_eq!(upstream(&down, "local")["connected"], true);
+    assert_eq!(down["health"]["state"], "degraded", "{down}");
 
     rabbit.restart().unwrap();
+    poll_until(
+        "the AMQP backlog drained",
+        WAIT,
+        Duration::from_millis(200),
+        || {
+            let doc = status()?;
+            let cloud = upstream(&doc, "cloud");
+            Ok((cloud["connected"] == true && cloud["backlog"]["records"] == 0).then_some(()))
+        },
+    )
+    .unwrap();
     // At least once: a message in flight at the stop may come twice; drop repeats by
     // message_id, then every message is there, in order.
     let deadline = std::time::Instant::now() + WAIT;

@@ -53,6 +53,11 @@ pub const MAX_PAGE: usize = 1000;
 /// The page size when `limit` is not given.
 pub const DEFAULT_PAGE: usize = 100;
 
+/// An admin connection that neither sends nor takes a byte for this long is closed (a request
+/// that never completes included), so idle or stalled clients cannot hold the
+/// `max_connections` slots. The console polls every 2 s and keeps its connection.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The console page.
 const CONSOLE: &str = include_str!("console.html");
 
@@ -448,13 +453,7 @@ impl axum::serve::Listener for Limited {
             match self.inner.accept().await {
                 Ok((stream, addr)) => {
                     let _ = stream.set_nodelay(true);
-                    return (
-                        Permitted {
-                            stream,
-                            _permit: permit,
-                        },
-                        addr,
-                    );
+                    return (Permitted::new(stream, permit), addr);
                 }
                 // Out of descriptors and the like: wait a little instead of spinning.
                 Err(error) => {
@@ -470,10 +469,39 @@ impl axum::serve::Listener for Limited {
     }
 }
 
-/// An accepted admin connection with its permit.
+/// An accepted admin connection with its permit, closed after [`IDLE_TIMEOUT`] without
+/// progress.
 struct Permitted {
     stream: TcpStream,
     _permit: Option<OwnedSemaphorePermit>,
+    idle: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Permitted {
+    fn new(stream: TcpStream, permit: Option<OwnedSemaphorePermit>) -> Self {
+        Permitted {
+            stream,
+            _permit: permit,
+            idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)),
+        }
+    }
+
+    /// Bytes moved: the connection is not idle.
+    #[allow(clippy::disallowed_methods)] // The adapter reads the clock for its idle timer.
+    fn touch(&mut self) {
+        self.idle
+            .as_mut()
+            .reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
+    }
+
+    /// Whether the idle timer ran out (registering the waker otherwise).
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        self.idle.as_mut().poll(cx).is_ready()
+    }
+}
+
+fn idle_error() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "admin connection idle")
 }
 
 impl AsyncRead for Permitted {
@@ -482,7 +510,14 @@ impl AsyncRead for Permitted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        match Pin::new(&mut self.stream).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                self.touch();
+                Poll::Ready(result)
+            }
+            Poll::Pending if self.idle_expired(cx) => Poll::Ready(Err(idle_error())),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -492,7 +527,14 @@ impl AsyncWrite for Permitted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        match Pin::new(&mut self.stream).poll_write(cx, buf) {
+            Poll::Ready(result) => {
+                self.touch();
+                Poll::Ready(result)
+            }
+            Poll::Pending if self.idle_expired(cx) => Poll::Ready(Err(idle_error())),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -508,7 +550,14 @@ impl AsyncWrite for Permitted {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        match Pin::new(&mut self.stream).poll_write_vectored(cx, bufs) {
+            Poll::Ready(result) => {
+                self.touch();
+                Poll::Ready(result)
+            }
+            Poll::Pending if self.idle_expired(cx) => Poll::Ready(Err(idle_error())),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -519,6 +568,30 @@ impl AsyncWrite for Permitted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use axum::serve::Listener as _;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_closed_and_gives_its_slot_back() {
+        let inner = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = inner.local_addr().unwrap();
+        let permits = Arc::new(Semaphore::new(1));
+        let mut listener = Limited {
+            inner,
+            permits: Arc::clone(&permits),
+        };
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (mut conn, _) = listener.accept().await;
+        assert_eq!(permits.available_permits(), 0);
+        let mut buf = [0u8; 16];
+        // Nothing arrives: the read fails once the idle timer runs out (time is paused and
+        // jumps ahead when the runtime has nothing else to do).
+        let error = conn.read(&mut buf).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        drop(conn);
+        assert_eq!(permits.available_permits(), 1);
+    }
 
     #[test]
     fn tokens_compare_equal_only_when_identical() {
