@@ -30,7 +30,7 @@ use crate::observe::events::{Events, Level};
 use crate::observe::model::QUERY_CHANNEL;
 use crate::observe::monitor;
 use crate::observe::snapshot::{
-    IngressSource, Listener, Phase, PhaseCell, Sources, UpstreamSource,
+    IngressSource, KindCounters, Listener, Phase, PhaseCell, Sources, UpstreamSource,
 };
 use crate::preflight::{ErrorClass, class_of_io};
 
@@ -215,7 +215,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         };
         let stats = Arc::new(DrainStats::default());
         drain_stats.push((upstream.name.clone(), Arc::clone(&stats)));
-        let source = |link: Arc<LinkInfo>| UpstreamSource {
+        let source = |link: Arc<LinkInfo>, events: KindCounters| UpstreamSource {
             name: upstream.name.clone(),
             kind: match upstream.kind {
                 UpstreamKind::Mqtt(_) => "mqtt",
@@ -225,6 +225,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             index,
             link,
             drain: Arc::clone(&stats),
+            events,
         };
         match &upstream.kind {
             UpstreamKind::Mqtt(mqtt) => {
@@ -247,7 +248,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                         });
                     }
                 };
-                upstream_sources.push(source(handle.link_info()));
+                let counters = handle.clone();
+                upstream_sources.push(source(
+                    handle.link_info(),
+                    Arc::new(move || {
+                        let s = counters.stats();
+                        vec![
+                            ("published", s.published),
+                            ("acknowledged", s.acknowledged),
+                            ("failed", s.failed),
+                            ("dropped_qos0", s.dropped_qos0),
+                            ("deferred", s.deferred),
+                            ("downlink_received", s.downlink_received),
+                            ("downlink_dropped", s.downlink_dropped),
+                            ("downlink_acknowledged", s.downlink_acknowledged),
+                            ("downlink_acks_stale", s.downlink_acks_stale),
+                            ("downlink_echoes_dropped", s.downlink_echoes_dropped),
+                            ("echo_records_expired", s.echo_records_expired),
+                            ("subscribe_granted", s.subscribe_granted),
+                            ("subscribe_refused", s.subscribe_refused),
+                        ]
+                    }),
+                ));
                 let (drain_task, routed) =
                     wiring.start(index, handle, ack_rx, drain_config(window), stats);
                 drains.push(drain_task);
@@ -277,7 +299,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                     }
                 };
                 amqp_upstreams.push(handle.clone());
-                upstream_sources.push(source(handle.link_info()));
+                let counters = handle.clone();
+                upstream_sources.push(source(
+                    handle.link_info(),
+                    Arc::new(move || {
+                        use std::sync::atomic::Ordering::Relaxed;
+                        let s = counters.stats();
+                        vec![
+                            ("published", s.published.load(Relaxed)),
+                            ("acknowledged", s.acknowledged.load(Relaxed)),
+                            ("nacked", s.nacked.load(Relaxed)),
+                            ("returned", s.returned.load(Relaxed)),
+                            ("downlink_received", s.downlink_delivered.load(Relaxed)),
+                            ("downlink_acknowledged", s.downlink_acked.load(Relaxed)),
+                            ("downlink_dropped", s.downlink_dropped.load(Relaxed)),
+                            (
+                                "downlink_echoes_dropped",
+                                s.downlink_echoes_dropped.load(Relaxed),
+                            ),
+                        ]
+                    }),
+                ));
                 let (drain_task, routed) =
                     wiring.start(index, handle, ack_rx, drain_config(window), stats);
                 drains.push(drain_task);

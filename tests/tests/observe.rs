@@ -157,6 +157,10 @@ fn metrics_follow_publishes_an_outage_and_the_recovery() {
         num(&after, &format!("sensorgate_upstream_backlog_records{UP}")),
         0.0
     );
+    // The MQTT client's own counters, per event.
+    let acked =
+        r#"sensorgate_upstream_events_total{event="acknowledged",kind="mqtt",upstream="local"}"#;
+    assert!(num(&after, acked) - num(&before, acked) >= 5.0);
     // The clients' sessions ended with their DISCONNECT.
     assert_eq!(
         num(

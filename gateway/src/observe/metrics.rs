@@ -483,6 +483,18 @@ impl Collector for SnapshotCollector {
             ups.iter().map(|u| (up(u), u.ack_latency.clone())),
         )?;
         out.counter(
+            "sensorgate_upstream_events",
+            "The upstream kind's own counters, by event (MQTT: published, acknowledged, \
+             deferred, downlink_received ...; AMQP: published, acknowledged, nacked, returned ...).",
+            ups.iter().flat_map(|u| {
+                u.events.iter().map(move |&(event, n)| {
+                    let mut labels = up(u);
+                    labels.push(("event", event.to_owned()));
+                    (labels, n)
+                })
+            }),
+        )?;
+        out.counter(
             "sensorgate_upstream_resent",
             "Messages sent again after a connection loss.",
             ups.iter().map(|u| (up(u), u.resent)),
@@ -609,6 +621,9 @@ mod tests {
             );
         }
         assert!(om.contains("sensorgate_upstream_connected{upstream=\"cloud\",kind=\"mqtt\"} 1\n"));
+        assert!(om.contains(
+            "sensorgate_upstream_events_total{upstream=\"cloud\",kind=\"mqtt\",event=\"acknowledged\"} 8\n"
+        ));
         let text = render(s, ProcessStats::default(), Format::Prometheus).unwrap();
         assert!(
             text.contains("# TYPE sensorgate_messages_in_total counter\n"),

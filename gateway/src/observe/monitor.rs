@@ -191,6 +191,7 @@ mod tests {
             index: 0,
             link: Arc::default(),
             drain: Arc::default(),
+            events: Arc::new(Vec::new),
         }
     }
 

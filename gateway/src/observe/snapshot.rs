@@ -94,8 +94,12 @@ pub struct IngressSource {
     pub kernel_drops: Option<Arc<KernelDrops>>,
 }
 
+/// An upstream kind's own counters, read at scrape time: (event name, count) pairs, the
+/// same names every time (`published`, `acknowledged`, ... as the kind defines them).
+pub type KindCounters = Arc<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
+
 /// One upstream as the admin reads it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct UpstreamSource {
     /// `[[upstream]] name`.
     pub name: String,
@@ -109,6 +113,8 @@ pub struct UpstreamSource {
     pub link: Arc<LinkInfo>,
     /// Its drain's counters.
     pub drain: Arc<DrainStats>,
+    /// Its kind's own counters (the MQTT client's, the AMQP channel's).
+    pub events: KindCounters,
 }
 
 /// Everything the admin reads, handed over by the wiring.
@@ -188,6 +194,8 @@ pub struct UpstreamSnap {
     pub ack_latency: HistogramSnapshot,
     /// How long its drain loop has been silent.
     pub silent_for: Option<Duration>,
+    /// Its kind's own counters.
+    pub events: Vec<(&'static str, u64)>,
 }
 
 /// The spool at the moment of the snapshot.
@@ -298,6 +306,7 @@ impl Sources {
                         },
                         ack_latency: u.drain.ack_latency.snapshot(),
                         silent_for: u.drain.beat.silent_for(now),
+                        events: (u.events)(),
                     }
                 })
                 .collect();
@@ -511,6 +520,7 @@ pub(crate) mod tests {
                 },
                 ack_latency: HistogramSnapshot::default(),
                 silent_for: Some(Duration::from_millis(300)),
+                events: vec![("published", 8), ("acknowledged", 8)],
             }],
             spool: SpoolSnap {
                 stats: SpoolStats::default(),
