@@ -35,12 +35,10 @@ impl Events {
         }
     }
 
-    /// Records an event at `at_ms` (wall clock) and logs it.
+    /// Records an event at `at_ms` (wall clock). Logged at debug only: what it reports was
+    /// logged where it happened (the link task, the spool), once.
     pub fn push(&self, at_ms: u64, kind: &'static str, level: Level, message: String) {
-        match level {
-            Level::Info => tracing::info!(event = kind, "{message}"),
-            Level::Warning => tracing::warn!(event = kind, "{message}"),
-        }
+        tracing::debug!(event = kind, ?level, "{message}");
         let event = EventInfo {
             at_ms,
             kind: kind.to_owned(),
