@@ -671,11 +671,11 @@ pub fn decode(datagram: &[u8]) -> Result<Message, DecodeError> {
     {
         return Err(format(FormatError::TypeCode { code: header.code }));
     }
-    let packet =
+    let mut packet =
         coap_lite::Packet::from_bytes(datagram).map_err(|_| format(FormatError::Library))?;
     let mut message = Message {
         token,
-        payload: packet.payload.clone(),
+        payload: std::mem::take(&mut packet.payload),
         ..Message::empty(header.ty, header.message_id)
     };
     message.code = header.code;
@@ -839,9 +839,9 @@ pub fn encode_empty(out: &mut Vec<u8>, ty: MessageType, message_id: u16) {
 /// A response to encode with [`encode_response`]; options left `None` are not written.
 #[derive(Debug, Clone)]
 pub struct Response<'a> {
-    /// ACK (piggy-backed), CON or NON (separate / notification).
+    /// ACK (piggy-backed), CON or NON (separate / notification); never RST (use [`encode_rst`]).
     pub ty: MessageType,
-    /// Response code.
+    /// Response code (class 2, 4 or 5; the encoder does not check it).
     pub code: Code,
     /// Message ID.
     pub message_id: u16,
