@@ -6,9 +6,11 @@
 #![warn(missing_docs)]
 //!
 //! Layout: [`config`] (validated before anything binds), [`mqttsn`] (the sans-IO protocol
-//! core and its codec), [`io`] (thin adapters owning sockets), [`app`] (wiring and lifecycle).
+//! core and its codec), [`coap`] (CoAP ingress; only its codec so far, not wired in), [`io`]
+//! (thin adapters owning sockets), [`app`] (wiring and lifecycle).
 
 pub mod app;
+pub mod coap;
 pub mod config;
 pub mod io;
 pub mod mqttsn;
