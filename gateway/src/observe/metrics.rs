@@ -87,26 +87,41 @@ struct Out<'a, 'b> {
 }
 
 impl Out<'_, '_> {
+    /// One family: its descriptor, then each labelled sample.
+    fn family<M: EncodeMetric>(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: MetricType,
+        samples: impl IntoIterator<Item = (Labels, M)>,
+    ) -> std::fmt::Result {
+        let mut family = self.enc.encode_descriptor(name, help, None, kind)?;
+        for (labels, metric) in samples {
+            metric.encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
+    /// One family of a single unlabelled sample.
+    fn single<M: EncodeMetric>(&mut self, name: &str, help: &str, metric: M) -> std::fmt::Result {
+        let family = self
+            .enc
+            .encode_descriptor(name, help, None, metric.metric_type())?;
+        metric.encode(family)
+    }
+
     fn counter(
         &mut self,
         name: &str,
         help: &str,
         samples: impl IntoIterator<Item = (Labels, u64)>,
     ) -> std::fmt::Result {
-        let mut family = self
-            .enc
-            .encode_descriptor(name, help, None, MetricType::Counter)?;
-        for (labels, value) in samples {
-            ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
-        }
-        Ok(())
+        let samples = samples.into_iter().map(|(l, v)| (l, ConstCounter::new(v)));
+        self.family(name, help, MetricType::Counter, samples)
     }
 
     fn counter_f64(&mut self, name: &str, help: &str, value: f64) -> std::fmt::Result {
-        let family = self
-            .enc
-            .encode_descriptor(name, help, None, MetricType::Counter)?;
-        ConstCounter::new(value).encode(family)
+        self.single(name, help, ConstCounter::new(value))
     }
 
     fn gauge(
@@ -115,20 +130,12 @@ impl Out<'_, '_> {
         help: &str,
         samples: impl IntoIterator<Item = (Labels, i64)>,
     ) -> std::fmt::Result {
-        let mut family = self
-            .enc
-            .encode_descriptor(name, help, None, MetricType::Gauge)?;
-        for (labels, value) in samples {
-            ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
-        }
-        Ok(())
+        let samples = samples.into_iter().map(|(l, v)| (l, ConstGauge::new(v)));
+        self.family(name, help, MetricType::Gauge, samples)
     }
 
     fn gauge_f64(&mut self, name: &str, help: &str, value: f64) -> std::fmt::Result {
-        let family = self
-            .enc
-            .encode_descriptor(name, help, None, MetricType::Gauge)?;
-        ConstGauge::new(value).encode(family)
+        self.single(name, help, ConstGauge::new(value))
     }
 
     fn histogram(

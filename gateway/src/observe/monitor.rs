@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use super::events::{Events, Level};
-use super::snapshot::{Sources, UpstreamSource};
+use super::snapshot::{Sources, UpstreamSource, why};
 
 /// How often the monitor looks.
 pub const MONITOR_INTERVAL: Duration = Duration::from_secs(1);
@@ -80,11 +80,7 @@ fn record(
                 format!(
                     "Upstream `{}` went down after {duration}s up{}; data is spooled.",
                     u.name,
-                    after
-                        .last_error
-                        .as_deref()
-                        .map(|e| format!(" ({e})"))
-                        .unwrap_or_default()
+                    why(after)
                 ),
             );
         }
@@ -114,11 +110,7 @@ fn record(
                     format!(
                         "Upstream `{}` cannot be reached{}; data is spooled.",
                         u.name,
-                        after
-                            .last_error
-                            .as_deref()
-                            .map(|e| format!(" ({e})"))
-                            .unwrap_or_default()
+                        why(after)
                     ),
                 );
             }

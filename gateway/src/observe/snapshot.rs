@@ -351,6 +351,15 @@ impl Sources {
     }
 }
 
+/// ` (<last error>)`, or nothing before any error: the tail of the sentences that name a
+/// link's state.
+pub(crate) fn why(link: &LinkStatus) -> String {
+    link.last_error
+        .as_deref()
+        .map(|e| format!(" ({e})"))
+        .unwrap_or_default()
+}
+
 /// Seconds from `oldest_ms` to `now_ms` (0 when there is none).
 fn age_secs(now_ms: u64, oldest_ms: Option<u64>) -> u64 {
     oldest_ms.map_or(0, |t| now_ms.saturating_sub(t) / 1000)
@@ -423,12 +432,7 @@ impl Snapshot {
                     self.now_ms.saturating_sub(u.link.since_ms) / 1000
                 )
             };
-            let why = u
-                .link
-                .last_error
-                .as_deref()
-                .map(|e| format!(" ({e})"))
-                .unwrap_or_default();
+            let why = why(&u.link);
             reasons.push(format!(
                 "upstream `{}` {since}{why}: its data is spooled ({} records waiting)",
                 u.name, u.backlog.records
