@@ -344,7 +344,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     };
     let mut sockets = Vec::new();
     for &addr in &config.mqttsn.listen {
-        match udp::bind(addr, options) {
+        match udp::bind(addr, options, "MQTT-SN") {
             Ok(socket) => sockets.push(socket),
             Err(error) => {
                 upstream_stop.cancel();
