@@ -8,4 +8,5 @@
 //! checked view can replace its decoder behind the same API; nothing in this module panics on
 //! bytes from the network.
 
+pub mod core;
 pub mod msg;
