@@ -1232,7 +1232,7 @@ impl Core {
         if let Some(oref) = self.obs_by_key.get(&key).copied() {
             let same = obs_slot(&self.obs, oref).is_some_and(|o| *o.filter == *filter);
             if same {
-                self.reregister(now, pref, oref, request, qos);
+                self.reregister(now, oref, request, qos);
                 return;
             }
             // Another path: the old observation is replaced; its sequence space continues.
@@ -1272,15 +1272,27 @@ impl Core {
             }
         }
         self.arm_ping(now, pref);
-        if self.index(oref, &filter, qos) {
-            // The answer waits for the router's (same flush).
+        self.index_and_answer(now, oref, &filter, qos, request);
+    }
+
+    /// Indexes `oref` under `filter` and answers its registration, at once when the router
+    /// holds the filter already, else when its answer comes ([`Self::on_subscribe_result`]).
+    fn index_and_answer(
+        &mut self,
+        now: Instant,
+        oref: ObsRef,
+        filter: &Arc<str>,
+        qos: u8,
+        request: &Message,
+    ) {
+        if self.index(oref, filter, qos) {
             if let Some(o) = obs_slot_mut(&mut self.obs, oref) {
                 o.registering = Some(Registering {
                     ty: request.ty,
                     mid: request.message_id,
                 });
             }
-            if let Some(entry) = self.entry_mut(&filter) {
+            if let Some(entry) = self.entry_mut(filter) {
                 entry.awaiting.push(oref);
             }
         } else {
@@ -1288,14 +1300,7 @@ impl Core {
         }
     }
 
-    fn reregister(
-        &mut self,
-        now: Instant,
-        pref: PeerRef,
-        oref: ObsRef,
-        request: &Message,
-        qos: u8,
-    ) {
+    fn reregister(&mut self, now: Instant, oref: ObsRef, request: &Message, qos: u8) {
         let Some(o) = obs_slot_mut(&mut self.obs, oref) else {
             return;
         };
@@ -1305,20 +1310,7 @@ impl Core {
         }
         let filter = o.filter.clone();
         o.qos = qos;
-        if self.index(oref, &filter, qos) {
-            if let Some(o) = obs_slot_mut(&mut self.obs, oref) {
-                o.registering = Some(Registering {
-                    ty: request.ty,
-                    mid: request.message_id,
-                });
-            }
-            if let Some(entry) = self.entry_mut(&filter) {
-                entry.awaiting.push(oref);
-            }
-        } else {
-            self.answer_registration(now, oref, request.ty, request.message_id);
-        }
-        let _ = pref;
+        self.index_and_answer(now, oref, &filter, qos, request);
     }
 
     /// 2.05 with Observe = the current sequence number, the retained value of an exact topic.
@@ -1410,20 +1402,23 @@ impl Core {
         }
     }
 
-    /// Adds (or updates) `oref` among the observers of `filter`; returns whether an
-    /// [`Event::Subscribe`] was emitted (first observer or a higher QoS).
+    /// Adds (or updates) `oref` among the observers of `filter`, emitting
+    /// [`Event::Subscribe`] for a new filter or a higher QoS; returns whether the registration
+    /// must wait for the router's answer (one was asked for, now or by an earlier observer).
     fn index(&mut self, oref: ObsRef, filter: &Arc<str>, qos: u8) -> bool {
         let map = if has_wildcards(filter) {
             &mut self.wild
         } else {
             &mut self.exact
         };
-        let entry = map.entry(filter.clone()).or_default();
+        let mut new = false;
+        let entry = map.entry(filter.clone()).or_insert_with(|| {
+            new = true;
+            FilterEntry::default()
+        });
         entry.observers.insert(oref, qos);
         let wanted = entry.observers.values().copied().max().unwrap_or(0);
-        if entry.observers.len() == 1 && !entry.confirmed && entry.awaiting.is_empty()
-            || wanted > entry.upstream_qos
-        {
+        if new || wanted > entry.upstream_qos {
             entry.upstream_qos = wanted;
             self.events.push_back(Event::Subscribe {
                 filter: filter.clone(),
@@ -1431,7 +1426,15 @@ impl Core {
             });
             return true;
         }
-        false
+        if wanted < entry.upstream_qos && entry.confirmed {
+            // A re-registration lowered the highest QoS (as `unindex` does when one leaves).
+            entry.upstream_qos = wanted;
+            self.events.push_back(Event::Subscribe {
+                filter: filter.clone(),
+                qos: upstream_qos(wanted),
+            });
+        }
+        !entry.confirmed
     }
 
     /// Removes `oref` from its filter's observers (Unsubscribe when it was the last, a lower

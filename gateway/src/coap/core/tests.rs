@@ -938,12 +938,19 @@ fn registration_carries_the_retained_value_and_reregistration_keeps_seq() {
     h.downlink("t", b"x", Qos::AtMostOnce);
     let n = h.one(1);
     assert_eq!(n.observe, Some((seq + 1) & 0xFF_FFFF));
-    // Same token again: a re-registration (no new Subscribe), the sequence continues.
+    // Same token again: a re-registration (at QoS 0: the upstream follows it down), the
+    // sequence continues.
     h.send(
         1,
         &request(CON, GET, 2, b"o", "/ps/t?qos=0", &[(6, vec![])], b""),
     );
-    assert!(h.events().is_empty());
+    assert_eq!(
+        h.events_answered(true),
+        vec![Event::Subscribe {
+            filter: Arc::from("t"),
+            qos: Qos::AtMostOnce
+        }]
+    );
     let m = h.one(1);
     assert_eq!(m.observe, Some((seq + 1) & 0xFF_FFFF));
     // Same token, another path: replaces it (Unsubscribe t, Subscribe u).
@@ -1277,4 +1284,70 @@ fn seq_wraps_at_24_bits() {
     }
     h.downlink("t", b"x", Qos::AtMostOnce);
     assert_eq!(h.one(1).observe, Some(0));
+}
+
+#[test]
+fn registrations_wait_for_a_pending_subscription_together() {
+    let mut h = Harness::new(test_config());
+    h.send(1, &request(CON, GET, 1, b"a", "/ps/t", &[(6, vec![])], b""));
+    h.send(2, &request(CON, GET, 1, b"b", "/ps/t", &[(6, vec![])], b""));
+    assert!(h.out().is_empty(), "both wait for the router");
+    let events = h.events_answered(false);
+    assert_eq!(events.len(), 1, "one Subscribe: {events:?}");
+    let out = h.out();
+    assert_eq!(out.len(), 2);
+    assert!(out.iter().all(|(_, m)| m.code == Code::SERVICE_UNAVAILABLE));
+    assert_eq!(h.core.stats().observers, 0);
+    assert!(h.events().is_empty());
+}
+
+#[test]
+fn filter_events_follow_a_refcount_model() {
+    use std::collections::HashMap as Map;
+    // Random registrations/cancels from 3 peers x 3 tokens over 3 filters: the Subscribe /
+    // Unsubscribe stream always describes exactly the filters observed, at their max QoS.
+    let mut rng = SmallRng::seed_from_u64(3);
+    let mut h = Harness::new(test_config());
+    let mut upstream: Map<String, Qos> = Map::new();
+    let mut model: Map<(u16, u8), (String, u8)> = Map::new();
+    for step in 0..2000u32 {
+        let port = rng.random_range(1..=3u16);
+        let tok = rng.random_range(1..=3u8);
+        let filter = ["a", "b/+", "#"][rng.random_range(0..3usize)];
+        let qos = rng.random_range(0..=2u8);
+        let mid = step as u16;
+        if rng.random_bool(0.6) {
+            let uri = format!("/ps/{filter}?qos={qos}");
+            h.send(
+                port,
+                &request(NON, GET, mid, &[tok], &uri, &[(6, vec![])], b""),
+            );
+            model.insert((port, tok), (filter.to_owned(), qos));
+        } else {
+            let uri = format!("/ps/{filter}");
+            h.send(
+                port,
+                &request(NON, GET, mid, &[tok], &uri, &[(6, vec![1])], b""),
+            );
+            model.remove(&(port, tok));
+        }
+        for e in h.events_answered(true) {
+            match e {
+                Event::Subscribe { filter, qos } => {
+                    upstream.insert(filter.to_string(), qos);
+                }
+                Event::Unsubscribe { filter } => {
+                    assert!(upstream.remove(&*filter).is_some());
+                }
+                Event::Publish { .. } => panic!("no publish"),
+            }
+        }
+        let _ = h.out();
+        let mut expected: Map<String, Qos> = Map::new();
+        for (f, q) in model.values() {
+            let e = expected.entry(f.clone()).or_insert(Qos::AtMostOnce);
+            *e = upstream_qos((*q).max(qos_level(*e)));
+        }
+        assert_eq!(upstream, expected, "step {step}");
+    }
 }
