@@ -770,8 +770,12 @@ impl Core {
                 retain,
                 client_id,
             }) => {
-                let client_id = client_id.map(str::to_owned);
-                self.on_publish(now, pref, message, topic, qos, retain, client_id.as_deref());
+                // Kept on the peer (no copy per request); the origin shares it.
+                if let Some(id) = client_id {
+                    self.set_client_id(pref, id);
+                }
+                let has_id = client_id.is_some();
+                self.on_publish(now, pref, message, topic, qos, retain, has_id);
             }
             Ok(Action::Get {
                 filter,
@@ -933,7 +937,7 @@ impl Core {
         topic: String,
         qos: u8,
         retain: bool,
-        client_id: Option<&str>,
+        has_id: bool,
     ) {
         let con = message.ty == MessageType::Con;
         let no_response = message.no_response.unwrap_or(0);
@@ -957,15 +961,9 @@ impl Core {
             self.busy(now, pref, &message, true);
             return;
         }
-        if let Some(id) = client_id {
-            self.set_client_id(pref, id);
-        }
-        let Some(peer) = slot(&self.slots, pref) else {
-            return;
-        };
         let origin = Origin {
             protocol: Protocol::Coap,
-            client_id: client_id.and(peer.client_id.clone()),
+            client_id: if has_id { peer.client_id.clone() } else { None },
             peer: Some(peer.origin_peer.clone()),
         };
         let payload = Bytes::from(message.payload);
