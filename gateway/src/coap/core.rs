@@ -471,8 +471,22 @@ impl PeerState {
     fn dedup_find(&self, mid: u16, now: Instant, config: &CoreConfig) -> Option<usize> {
         self.dedup
             .iter()
-            .rposition(|d| d.mid == mid && now < d.at + lifetime(config, d.con))
+            .rposition(|d| d.mid == mid && elapsed(d.at, now) < lifetime(config, d.con))
     }
+}
+
+/// The longest delay a timer is set for (a larger configured duration is this long: an
+/// `Instant` cannot hold any sum).
+const MAX_DELAY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// `at + delay`, the delay capped at [`MAX_DELAY`] (never overflows).
+fn later(at: Instant, delay: Duration) -> Instant {
+    at.checked_add(delay.min(MAX_DELAY)).unwrap_or(at)
+}
+
+/// Time from `since` to `now` (zero if `now` is earlier).
+fn elapsed(since: Instant, now: Instant) -> Duration {
+    now.saturating_duration_since(since)
 }
 
 fn lifetime(config: &CoreConfig, con: bool) -> Duration {
@@ -827,7 +841,7 @@ impl Core {
             return;
         };
         while let Some(front) = peer.dedup.front() {
-            if now >= front.at + lifetime(config, front.con) {
+            if elapsed(front.at, now) >= lifetime(config, front.con) {
                 peer.dedup.pop_front();
             } else if peer.dedup.len() >= bound {
                 peer.dedup.pop_front();
@@ -1009,8 +1023,7 @@ impl Core {
             self.stats.empty_acks += 1;
             self.send_to(pref, Tx::Reply(Reply::empty_ack(request.message_id)));
         } else if con {
-            self.timers
-                .push(Reverse((now + self.config.ack_wait, Timer::AckWait(token))));
+            self.schedule(now, self.config.ack_wait, Timer::AckWait(token));
         }
         self.pending.insert(
             token,
@@ -1708,7 +1721,7 @@ impl Core {
             };
             let con = front.qos > 0
                 || (check_count > 0 && o.non_since_con.saturating_add(1) >= check_count)
-                || now >= o.last_con + check_interval;
+                || elapsed(o.last_con, now) >= check_interval;
             let Some(peer) = slot_mut(&mut self.slots, o.peer) else {
                 return;
             };
@@ -1757,8 +1770,15 @@ impl Core {
     /// Sends a CON (first transmission) and arms its retransmission.
     fn send_con(&mut self, now: Instant, pref: PeerRef, kind: OutKind) {
         let base = self.config.ack_timeout;
-        let factor = self.config.ack_random_factor.max(1.0);
-        let timeout = base.mul_f64(self.rng.random_range(1.0..=factor));
+        // Validated by the config (>= 1.0); kept finite and sane here whatever it says.
+        let factor = self.config.ack_random_factor;
+        let factor = if factor.is_finite() {
+            factor.clamp(1.0, 16.0)
+        } else {
+            1.0
+        };
+        let jitter = self.rng.random_range(1.0..=factor);
+        let timeout = Duration::try_from_secs_f64(base.as_secs_f64() * jitter).unwrap_or(base);
         let Some(peer) = slot_mut(&mut self.slots, pref) else {
             return;
         };
@@ -1768,7 +1788,7 @@ impl Core {
             kind,
             retransmits: 0,
             timeout,
-            due: now + timeout,
+            due: later(now, timeout),
         };
         self.transmits.push_back((peer.peer.clone(), out.tx()));
         self.timers
@@ -1794,7 +1814,7 @@ impl Core {
         if out.retransmits < max {
             out.retransmits += 1;
             out.timeout = out.timeout.saturating_mul(2);
-            out.due = now + out.timeout;
+            out.due = later(now, out.timeout);
             let due = out.due;
             let tx = out.tx();
             self.transmits.push_back((peer.peer.clone(), tx));
@@ -2033,7 +2053,7 @@ impl Core {
         let lifetime = self.config.exchange_lifetime;
         if let Some(peer) = slot_mut(&mut self.slots, pref).filter(|p| !p.idle_armed) {
             peer.idle_armed = true;
-            let at = peer.last_seen.max(now) + lifetime;
+            let at = later(peer.last_seen.max(now), lifetime);
             self.timers.push(Reverse((at, Timer::PeerIdle(pref))));
         }
     }
@@ -2044,7 +2064,7 @@ impl Core {
             return;
         };
         peer.idle_armed = false;
-        if peer.evictable() && now >= peer.last_seen + lifetime {
+        if peer.evictable() && elapsed(peer.last_seen, now) >= lifetime {
             self.remove_peer(pref);
         } else {
             self.arm_idle(now, pref);
@@ -2058,7 +2078,7 @@ impl Core {
         }
         if let Some(peer) = slot_mut(&mut self.slots, pref).filter(|p| !p.ping_armed) {
             peer.ping_armed = true;
-            let at = peer.last_con_ok.max(now) + interval;
+            let at = later(peer.last_con_ok.max(now), interval);
             self.timers.push(Reverse((at, Timer::Ping(pref))));
         }
     }
@@ -2074,13 +2094,17 @@ impl Core {
         }
         let busy =
             !peer.in_flight.is_empty() || peer.waiting.iter().any(|w| matches!(w, Waiting::Ping));
-        if now >= peer.last_con_ok + interval && !busy {
+        if elapsed(peer.last_con_ok, now) >= interval && !busy {
             peer.waiting.push_back(Waiting::Ping);
             // Counted as an exchange: the next ping is an interval after this one.
             peer.last_con_ok = now;
             self.pump_peer(now, pref);
         }
         self.arm_ping(now, pref);
+    }
+
+    fn schedule(&mut self, now: Instant, delay: Duration, timer: Timer) {
+        self.timers.push(Reverse((later(now, delay), timer)));
     }
 
     fn send_to(&mut self, pref: PeerRef, tx: Tx) {
