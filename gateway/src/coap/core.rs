@@ -1,5 +1,5 @@
 //! The CoAP ingress core (sans-IO): messaging layer (RFC 7252 section 4), the `/ps` resources
-//! ([`super::resource`]), acknowledgement after durable, and Observe (RFC 7641).
+//! (`super::resource`), acknowledgement after durable, and Observe (RFC 7641).
 //!
 //! # Driving the core
 //!
