@@ -1351,3 +1351,154 @@ fn filter_events_follow_a_refcount_model() {
         assert_eq!(upstream, expected, "step {step}");
     }
 }
+
+#[test]
+fn lossy_link_publishes_each_request_exactly_once() {
+    use std::collections::HashMap as Map;
+    // Three clients, NSTART 1 each, over a link losing 20% of datagrams both ways; verdicts
+    // come after a random 0..2 s. Every request is published once however often it (or its
+    // answer) is retransmitted, and a 2.04 only ever follows an accepted verdict.
+    let mut rng = SmallRng::seed_from_u64(11);
+    let mut h = Harness::new(test_config());
+    struct Client {
+        next: u16,
+        sent_at: Instant,
+        tries: u32,
+        empty_acked: bool,
+        done: u16,
+    }
+    let mut clients: Map<u16, Client> = (1..=3)
+        .map(|p| {
+            (
+                p,
+                Client {
+                    next: 1,
+                    sent_at: h.now,
+                    tries: 0,
+                    empty_acked: false,
+                    done: 0,
+                },
+            )
+        })
+        .collect();
+    const PER_CLIENT: u16 = 30;
+    let mut published: Map<(String, Vec<u8>), u32> = Map::new();
+    let mut verdicts: Vec<(Instant, u64)> = Vec::new();
+    let mut accepted: std::collections::HashSet<Vec<u8>> = Default::default();
+    let mut token_payload: Map<u64, Vec<u8>> = Map::new();
+    let mut gave_up = 0;
+    let mut completed = 0;
+    let put = |port: u16, n: u16| {
+        request(
+            CON,
+            PUT,
+            1000 + n,
+            &[port as u8, n as u8],
+            "/ps/l",
+            &[],
+            &[port as u8, n as u8],
+        )
+    };
+    for round in 0..20_000 {
+        // Clients (re)send.
+        for (port, c) in clients.iter_mut() {
+            if c.next > PER_CLIENT {
+                continue;
+            }
+            let due =
+                c.tries == 0 || (!c.empty_acked && h.now - c.sent_at >= Duration::from_secs(2));
+            if due {
+                if c.tries > 6 {
+                    gave_up += 1;
+                    c.next += 1;
+                    c.tries = 0;
+                    c.empty_acked = false;
+                    continue;
+                }
+                c.tries += 1;
+                c.sent_at = h.now;
+                if rng.random_bool(0.8) {
+                    h.core
+                        .handle_datagram(h.now, peer(*port), &put(*port, c.next));
+                }
+            }
+        }
+        for e in h.events() {
+            if let Event::Publish { message, token } = e {
+                *published
+                    .entry((message.topic.clone(), message.payload.to_vec()))
+                    .or_default() += 1;
+                let t = token.unwrap();
+                token_payload.insert(t, message.payload.to_vec());
+                let delay = Duration::from_millis(rng.random_range(0..2000));
+                verdicts.push((h.now + delay, t));
+            }
+        }
+        verdicts.sort();
+        while verdicts.first().is_some_and(|(at, _)| *at <= h.now) {
+            let (_, t) = verdicts.remove(0);
+            let outcome = if rng.random_bool(0.9) {
+                accepted.insert(token_payload[&t].clone());
+                PublishOutcome::Accepted
+            } else {
+                PublishOutcome::Congestion
+            };
+            h.verdict(t, outcome);
+        }
+        // Server -> clients.
+        for (port, m) in h.out() {
+            if !rng.random_bool(0.8) {
+                continue;
+            }
+            let c = clients.get_mut(&port).unwrap();
+            match (m.ty, m.code) {
+                (MessageType::Ack, Code::EMPTY) => {
+                    if m.message_id == 1000 + c.next {
+                        c.empty_acked = true;
+                    }
+                }
+                (MessageType::Con, _) => {
+                    // A separate response: ACK it (the ACK may be lost too).
+                    if rng.random_bool(0.8) {
+                        h.core
+                            .handle_datagram(h.now, peer(port), &empty(ACK, m.message_id));
+                    }
+                }
+                _ => {}
+            }
+            if m.code == Code::CHANGED || m.code == Code::SERVICE_UNAVAILABLE {
+                let payload = m.token.as_bytes().to_vec();
+                if m.code == Code::CHANGED {
+                    assert!(
+                        accepted.contains(&payload),
+                        "2.04 without an accepted verdict"
+                    );
+                }
+                if payload == [port as u8, c.next as u8] {
+                    if m.code == Code::CHANGED {
+                        c.done += 1;
+                        completed += 1;
+                    }
+                    c.next += 1;
+                    c.tries = 0;
+                    c.empty_acked = false;
+                }
+            }
+        }
+        h.core.check_invariants();
+        if clients.values().all(|c| c.next > PER_CLIENT) && verdicts.is_empty() {
+            break;
+        }
+        h.advance(Duration::from_millis(100));
+        assert!(round < 19_999, "livelock");
+    }
+    assert!(
+        published.values().all(|n| *n == 1),
+        "a request was published twice"
+    );
+    assert!(completed >= 60, "completed {completed}, gave up {gave_up}");
+    assert!(
+        h.core.stats().duplicates > 0,
+        "the link did make duplicates"
+    );
+}
