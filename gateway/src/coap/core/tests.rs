@@ -1451,20 +1451,14 @@ fn lossy_link_publishes_each_request_exactly_once() {
                 continue;
             }
             let c = clients.get_mut(&port).unwrap();
-            match (m.ty, m.code) {
-                (MessageType::Ack, Code::EMPTY) => {
-                    if m.message_id == 1000 + c.next {
-                        c.empty_acked = true;
-                    }
-                }
-                (MessageType::Con, _) => {
-                    // A separate response: ACK it (the ACK may be lost too).
-                    if rng.random_bool(0.8) {
-                        h.core
-                            .handle_datagram(h.now, peer(port), &empty(ACK, m.message_id));
-                    }
-                }
-                _ => {}
+            let empty_ack = (m.ty, m.code) == (MessageType::Ack, Code::EMPTY);
+            if empty_ack && m.message_id == 1000 + c.next {
+                c.empty_acked = true;
+            }
+            // A separate response: ACK it (the ACK may be lost too).
+            if m.ty == MessageType::Con && rng.random_bool(0.8) {
+                h.core
+                    .handle_datagram(h.now, peer(port), &empty(ACK, m.message_id));
             }
             if m.code == Code::CHANGED || m.code == Code::SERVICE_UNAVAILABLE {
                 let payload = m.token.as_bytes().to_vec();
