@@ -30,6 +30,9 @@
 //!   responses, CON notifications, pings) goes through the peer's NSTART window and is
 //!   retransmitted after a random timeout in [ACK_TIMEOUT, ACK_TIMEOUT * ACK_RANDOM_FACTOR],
 //!   doubled each time, given up after `max_retransmit` retransmissions (RFC 7252 4.2).
+//! - PROBING_RATE (RFC 7252 4.7): once a CON to a peer needed a retransmission and nothing
+//!   came back since, NON notifications to it are held to `probing_rate` bytes/s on average
+//!   (their queues bound what waits) until it answers again or is given up.
 //! - No-Response (RFC 7967) suppresses the answers of the classes it names (a CON still gets
 //!   its empty ACK).
 //!
@@ -447,6 +450,9 @@ struct PeerState {
     rr: usize,
     /// Last CON exchange completed (or the first observation made).
     last_con_ok: Instant,
+    /// Since when the peer has not answered (a CON of ours needed a retransmission and
+    /// nothing came from it since) and the bytes sent to it meanwhile: PROBING_RATE applies.
+    quiet: Option<(Instant, u64)>,
     idle_armed: bool,
     ping_armed: bool,
     prev: u32,
@@ -458,6 +464,23 @@ impl PeerState {
         let mid = self.next_mid;
         self.next_mid = self.next_mid.wrapping_add(1);
         mid
+    }
+
+    /// Whether `size` more bytes may go to this peer now: unlimited while it answers; at
+    /// most `rate` bytes/s on average (plus one message) while it does not (RFC 7252 4.7).
+    fn may_probe(&mut self, now: Instant, size: usize, rate: u32) -> bool {
+        let Some((since, sent)) = self.quiet.as_mut() else {
+            return true;
+        };
+        let budget = u64::from(rate)
+            .saturating_mul(elapsed(*since, now).as_secs())
+            .saturating_add(size as u64);
+        let after = sent.saturating_add(size as u64);
+        if after > budget {
+            return false;
+        }
+        *sent = after;
+        true
     }
 
     fn evictable(&self) -> bool {
@@ -1709,6 +1732,7 @@ impl Core {
         let check_count = self.config.notification_check_count;
         let check_interval = self.config.notification_check_interval;
         let ring = self.config.dedup_per_peer;
+        let probing_rate = self.config.probing_rate;
         loop {
             let Some(o) = obs_slot_mut(&mut self.obs, oref) else {
                 return;
@@ -1726,6 +1750,11 @@ impl Core {
                 return;
             };
             if con && (peer.in_flight.len() >= nstart || !peer.waiting.is_empty()) {
+                return;
+            }
+            let size = 9 + o.token.len() + front.payload.len();
+            if !con && !peer.may_probe(now, size, probing_rate) {
+                // Unanswering peer (RFC 7252 4.7): held until it answers, or is given up.
                 return;
             }
             let Some(down) = o.queue.pop_front() else {
@@ -1812,6 +1841,9 @@ impl Core {
             return;
         };
         if out.retransmits < max {
+            if peer.quiet.is_none() {
+                peer.quiet = Some((now, 0));
+            }
             out.retransmits += 1;
             out.timeout = out.timeout.saturating_mul(2);
             out.due = later(now, out.timeout);
@@ -1921,6 +1953,7 @@ impl Core {
             non_sent: VecDeque::new(),
             rr: 0,
             last_con_ok: now,
+            quiet: None,
             idle_armed: false,
             ping_armed: false,
             prev: NIL,
@@ -1952,6 +1985,7 @@ impl Core {
     fn touch(&mut self, now: Instant, pref: PeerRef) {
         if let Some(peer) = slot_mut(&mut self.slots, pref) {
             peer.last_seen = now;
+            peer.quiet = None;
             if peer.next != NIL {
                 self.lru_unlink(pref.slot);
                 self.lru_push_tail(pref.slot);

@@ -1496,3 +1496,38 @@ fn lossy_link_publishes_each_request_exactly_once() {
         "the link did make duplicates"
     );
 }
+
+#[test]
+fn unanswering_peer_gets_non_notifications_at_the_probing_rate() {
+    let mut h = Harness::new(CoreConfig {
+        max_queued_per_observer: 8,
+        ..test_config()
+    });
+    h.observe(1, 1, b"a", "/ps/t");
+    h.observe(1, 2, b"b", "/ps/u?qos=0");
+    let _ = h.events();
+    h.downlink("t", b"1", Qos::AtLeastOnce);
+    let con = h.one(1);
+    // Before any retransmission the peer counts as answering: NONs flow.
+    h.downlink("u", b"x", Qos::AtMostOnce);
+    assert_eq!(h.one(1).ty, MessageType::Non);
+    assert!(h.step());
+    assert_eq!(h.one(1).message_id, con.message_id, "retransmitted");
+    // Now unanswering: one message, then PROBING_RATE (1 byte/s) holds the rest.
+    for _ in 0..3 {
+        h.downlink("u", b"x", Qos::AtMostOnce);
+    }
+    assert_eq!(h.out().len(), 1);
+    h.advance(Duration::from_millis(500));
+    h.downlink("u", b"x", Qos::AtMostOnce);
+    assert!(h.out().is_empty());
+    // The peer answers: the held notifications go, in order.
+    h.send(1, &empty(ACK, con.message_id));
+    let out = h.out();
+    assert_eq!(out.len(), 3);
+    let seqs: Vec<u32> = out.iter().map(|(_, m)| m.observe.unwrap()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[1] == (w[0] + 1) & 0xFF_FFFF),
+        "{seqs:?}"
+    );
+}
