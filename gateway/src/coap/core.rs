@@ -691,6 +691,21 @@ impl Core {
                         token,
                         code,
                     } => {
+                        // RFC 7252 5.7.2: a request to proxy gets 5.05, not 4.02.
+                        let proxy = matches!(
+                            error,
+                            msg::DecodeError::Request {
+                                reason: msg::RequestError::BadOption {
+                                    number: msg::option::PROXY_URI | msg::option::PROXY_SCHEME
+                                },
+                                ..
+                            }
+                        );
+                        let code = if proxy {
+                            Code::PROXYING_NOT_SUPPORTED
+                        } else {
+                            code
+                        };
                         let reply = Reply::new(MessageType::Ack, code, message_id, token);
                         self.transmits.push_back((from, Tx::Reply(reply)));
                     }

@@ -62,6 +62,10 @@ pub mod option {
     pub const SIZE1: u16 = 60;
     /// No-Response (RFC 7967).
     pub const NO_RESPONSE: u16 = 258;
+    /// Proxy-Uri (critical; the gateway is no proxy: 5.05).
+    pub const PROXY_URI: u16 = 35;
+    /// Proxy-Scheme (critical; 5.05).
+    pub const PROXY_SCHEME: u16 = 39;
 }
 
 /// Critical options the decoder understands; any other critical (odd) option in a request is
@@ -153,6 +157,8 @@ impl Code {
     pub const INTERNAL_SERVER_ERROR: Self = Self(0xA0);
     /// 5.03 Service Unavailable.
     pub const SERVICE_UNAVAILABLE: Self = Self(0xA3);
+    /// 5.05 Proxying Not Supported.
+    pub const PROXYING_NOT_SUPPORTED: Self = Self(0xA5);
 
     /// The class `c` (0 request, 2 success, 4 client error, 5 server error).
     #[must_use]

@@ -600,6 +600,10 @@ fn error_rows_of_the_request_table() {
             Code::BAD_OPTION,
         ),
         (
+            request(CON, GET, 15, b"t", "", &[(35, b"coap://x/".to_vec())], b""),
+            Code::PROXYING_NOT_SUPPORTED,
+        ),
+        (
             request(CON, PUT, 12, b"t", "/ps/a", &[], &[0; 101]),
             Code::REQUEST_ENTITY_TOO_LARGE,
         ),
