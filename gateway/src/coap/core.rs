@@ -74,7 +74,9 @@ use rand::{Rng, SeedableRng};
 use sensorgate_bridges::message::{Message as Upstream, Origin, Protocol, Qos};
 use sensorgate_bridges::topic::{has_wildcards, matches};
 
-use super::msg::{self, Code, Message, MessageType, Response, Token};
+use super::block::{Block1Verdict, Block2Cache, Limits, Reassembly, block2_slice};
+use super::link;
+use super::msg::{self, Block, Code, Message, MessageType, Response, Token};
 use super::resource::{self, Action, Refusal};
 use crate::ingress::{DatagramCore, DownlinkOutcome, Event, Peer, PeerAddr, PublishOutcome};
 use crate::mqttsn::core::QueueFull;
@@ -239,6 +241,8 @@ pub struct Stats {
     pub observations_cancelled: u64,
     /// Empty CON pings sent to observers.
     pub pings: u64,
+    /// Block1 uploads dropped idle (`block_lifetime`).
+    pub block1_expired: u64,
     /// Current peers.
     pub peers: u64,
     /// Current observations.
@@ -294,6 +298,7 @@ struct Reply {
     token: Token,
     max_age: Option<u32>,
     size1: Option<u32>,
+    block1: Option<Block>,
     content_format: Option<u16>,
     payload: &'static str,
 }
@@ -307,6 +312,7 @@ impl Reply {
             token,
             max_age: None,
             size1: None,
+            block1: None,
             content_format: None,
             payload: "",
         }
@@ -324,6 +330,7 @@ impl Reply {
         let mut response = Response::new(self.ty, self.code, self.mid, self.token);
         response.max_age = self.max_age;
         response.size1 = self.size1;
+        response.block1 = self.block1;
         response.content_format = self.content_format;
         response.payload = self.payload.as_bytes();
         msg::encode_response(out, &response);
@@ -340,8 +347,21 @@ enum Tx {
         mid: u16,
         token: Token,
         observe: Option<u32>,
+        /// Content-Format (only `/.well-known/core` has one).
+        content_format: Option<u16>,
+        /// Block2 of a large body.
+        block: Option<BodyBlock>,
         payload: Bytes,
     },
+}
+
+/// One block of a large response body (RFC 7959 Block2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BodyBlock {
+    block2: Block,
+    etag: u32,
+    /// The whole body's size (Size2), sent with block 0.
+    size2: Option<u32>,
 }
 
 /// What a CON the gateway sends carries.
@@ -354,6 +374,7 @@ enum OutKind {
         obs: ObsRef,
         token: Token,
         seq: u32,
+        block: Option<BodyBlock>,
         payload: Bytes,
     },
     /// An empty CON (CoAP ping) to an observer.
@@ -380,6 +401,7 @@ impl OutCon {
             OutKind::Notification {
                 token,
                 seq,
+                block,
                 payload,
                 ..
             } => Tx::Content {
@@ -387,6 +409,8 @@ impl OutCon {
                 mid: self.mid,
                 token: *token,
                 observe: Some(*seq),
+                content_format: None,
+                block: *block,
                 payload: payload.clone(),
             },
             OutKind::Ping => Tx::Reply(Reply::new(
@@ -525,6 +549,7 @@ fn lifetime(config: &CoreConfig, con: bool) -> Duration {
 struct Down {
     payload: Bytes,
     qos: u8,
+    block: Option<BodyBlock>,
 }
 
 /// Where a registration's answer goes once the router has answered the subscription.
@@ -581,6 +606,8 @@ struct Pending {
     /// An empty ACK went already: the answer is a separate response.
     acked: bool,
     no_response: u8,
+    /// The final Block1 echo of a block-wise upload.
+    block1: Option<Block>,
     local: Option<LocalMessage>,
 }
 
@@ -618,15 +645,37 @@ pub struct Core {
     stats: Stats,
     /// Reused by fan-out (no allocation per message once warm).
     scratch: Vec<(ObsRef, u8)>,
+    /// Block1 uploads being reassembled, by (peer, path and queries).
+    block1: Reassembly<(PeerRef, Box<str>)>,
+    /// Large bodies sent block-wise, by (peer, topic or filter), for Block2 follow-ups.
+    block2: Block2Cache<(PeerRef, Arc<str>)>,
+    /// Block size exponent of bodies sent ([`body_szx`]).
+    body_szx: u8,
 }
 
 impl Core {
     /// A core with `config` (validated by the config module); `seed` seeds Message IDs,
     /// retransmission jitter and Observe sequence starts.
     pub fn new(config: CoreConfig, seed: u64) -> Core {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let block1 = Reassembly::new(Limits {
+            max_transfers: max_block1_transfers(&config),
+            max_body_size: config.max_body_size,
+            budget_bytes: config.reassembly_bytes,
+            lifetime: config.block_lifetime,
+        });
+        // A random first ETag: a restarted gateway does not reuse those clients still hold.
+        let block2 = Block2Cache::new(
+            config.max_block2_bodies,
+            config.block_lifetime,
+            rng.random(),
+        );
         Core {
+            block1,
+            block2,
+            body_szx: body_szx(&config),
             config,
-            rng: SmallRng::seed_from_u64(seed),
+            rng,
             slots: Vec::new(),
             generations: Vec::new(),
             free: Vec::new(),
@@ -754,16 +803,11 @@ impl Core {
                 u16::from_be_bytes([*hi, *lo]),
                 token,
             );
-            reply.size1 = Some(self.size1_limit());
+            // RFC 7959 2.9.3: Size1 = the largest body taken, Block1 = the block size to use.
+            reply.size1 = Some(u32::try_from(self.config.max_body_size).unwrap_or(u32::MAX));
+            reply.block1 = Block::new(0, false, self.body_szx);
             self.transmits.push_back((from.clone(), Tx::Reply(reply)));
         }
-    }
-
-    /// Size1 of a 4.13: the largest body taken in one message.
-    fn size1_limit(&self) -> u32 {
-        // Headroom for header, token and the usual options of a publish.
-        let one_datagram = self.config.max_message_size.saturating_sub(64);
-        u32::try_from(self.config.max_body_size.min(one_datagram)).unwrap_or(u32::MAX)
     }
 
     fn on_request(&mut self, now: Instant, from: Peer, message: Message, len: usize) {
@@ -811,10 +855,26 @@ impl Core {
                 self.refuse_request(now, pref, &message, refusal, remember);
             }
             Ok(Action::WellKnown) => {
-                let mut reply = self.reply_to(pref, &message, Code::CONTENT);
-                reply.content_format = Some(resource::LINK_FORMAT);
-                reply.payload = resource::WELL_KNOWN_CORE;
-                self.answer(now, pref, &message, no_response, reply, false);
+                if suppressed(no_response, Code::CONTENT) {
+                    if con {
+                        self.send_to(pref, Tx::Reply(Reply::empty_ack(message.message_id)));
+                    }
+                    return;
+                }
+                let body = Bytes::from(link::well_known_core(&message.uri_query));
+                let reply = self.reply_to(pref, &message, Code::CONTENT);
+                self.send_to(
+                    pref,
+                    Tx::Content {
+                        ty: reply.ty,
+                        mid: reply.mid,
+                        token: reply.token,
+                        observe: None,
+                        content_format: Some(link::CONTENT_FORMAT),
+                        block: None,
+                        payload: body,
+                    },
+                );
             }
             Ok(Action::Publish {
                 topic,
@@ -985,7 +1045,7 @@ impl Core {
         &mut self,
         now: Instant,
         pref: PeerRef,
-        message: Message,
+        mut message: Message,
         topic: String,
         qos: u8,
         retain: bool,
@@ -993,19 +1053,20 @@ impl Core {
     ) {
         let con = message.ty == MessageType::Con;
         let no_response = message.no_response.unwrap_or(0);
-        let blockwise = message.block1.is_some_and(|b| b.num() > 0 || b.more());
-        if message.payload.len() > self.config.max_body_size || blockwise {
-            // Block1 transfers are not reassembled yet: the limit is one datagram's body.
-            self.stats.refuse(RefusalReason::TooLarge);
-            let mut reply = self.reply_to(pref, &message, Code::REQUEST_ENTITY_TOO_LARGE);
-            reply.size1 = Some(if blockwise {
-                self.size1_limit()
-            } else {
-                u32::try_from(self.config.max_body_size).unwrap_or(u32::MAX)
-            });
-            self.answer(now, pref, &message, no_response, reply, true);
-            return;
-        }
+        let (payload, echo) = match message.block1 {
+            Some(block) => match self.offer_block(now, pref, &message, block) {
+                Some((body, echo)) => (body, Some(echo)),
+                None => return,
+            },
+            None if message.payload.len() > self.config.max_body_size => {
+                self.stats.refuse(RefusalReason::TooLarge);
+                let mut reply = self.reply_to(pref, &message, Code::REQUEST_ENTITY_TOO_LARGE);
+                reply.size1 = Some(u32::try_from(self.config.max_body_size).unwrap_or(u32::MAX));
+                self.answer(now, pref, &message, no_response, reply, true);
+                return;
+            }
+            None => (Bytes::from(std::mem::take(&mut message.payload)), None),
+        };
         let Some(peer) = slot(&self.slots, pref) else {
             return;
         };
@@ -1018,7 +1079,6 @@ impl Core {
             client_id: if has_id { peer.client_id.clone() } else { None },
             peer: Some(peer.origin_peer.clone()),
         };
-        let payload = Bytes::from(message.payload);
         // Local delivery needs the topic only when someone here may want it.
         let local =
             (retain || !self.exact.is_empty() || !self.wild.is_empty()).then(|| LocalMessage {
@@ -1046,7 +1106,8 @@ impl Core {
                 message: upstream,
                 token: None,
             });
-            let reply = self.reply_to(pref, &request, Code::CHANGED);
+            let mut reply = self.reply_to(pref, &request, Code::CHANGED);
+            reply.block1 = echo;
             self.answer(now, pref, &request, no_response, reply, true);
             if let Some(local) = local {
                 self.deliver_local(now, local);
@@ -1072,6 +1133,7 @@ impl Core {
                 token: request.token,
                 acked,
                 no_response,
+                block1: echo,
                 local,
             },
         );
@@ -1089,6 +1151,57 @@ impl Core {
             message: upstream,
             token: Some(token),
         });
+    }
+
+    /// Offers one Block1 block to the reassembly table: the whole body and the final echo
+    /// once complete; otherwise answers (2.31, 4.08, 4.00, 4.13, 5.03) and returns `None`.
+    fn offer_block(
+        &mut self,
+        now: Instant,
+        pref: PeerRef,
+        request: &Message,
+        block: Block,
+    ) -> Option<(Bytes, Block)> {
+        let no_response = request.no_response.unwrap_or(0);
+        let key = (pref, transfer_key(request));
+        let verdict = self.block1.offer(
+            now,
+            key,
+            block,
+            &request.payload,
+            request.size1,
+            self.body_szx,
+        );
+        let (code, reason) = match verdict {
+            Block1Verdict::Complete { body, echo } => return Some((body, echo)),
+            Block1Verdict::Continue { echo } | Block1Verdict::Duplicate { echo } => {
+                let mut reply = self.reply_to(pref, request, Code::CONTINUE);
+                reply.block1 = Some(echo);
+                self.answer(now, pref, request, no_response, reply, true);
+                return None;
+            }
+            Block1Verdict::Busy => {
+                self.busy(now, pref, request, true);
+                return None;
+            }
+            Block1Verdict::TooLarge { limit } => {
+                self.stats.refuse(RefusalReason::TooLarge);
+                let mut reply = self.reply_to(pref, request, Code::REQUEST_ENTITY_TOO_LARGE);
+                reply.size1 = Some(u32::try_from(limit).unwrap_or(u32::MAX));
+                self.answer(now, pref, request, no_response, reply, true);
+                return None;
+            }
+            Block1Verdict::Incomplete => (Code::REQUEST_ENTITY_INCOMPLETE, "incomplete"),
+            Block1Verdict::BadRequest => (Code::BAD_REQUEST, "bad block size"),
+        };
+        self.stats.refuse(RefusalReason::Malformed);
+        let refusal = Refusal {
+            code,
+            diagnostic: reason,
+            reason: RefusalReason::Malformed,
+        };
+        self.refuse_request(now, pref, request, refusal, true);
+        None
     }
 
     fn on_publish_result(&mut self, now: Instant, token: u64, outcome: PublishOutcome) {
@@ -1123,6 +1236,7 @@ impl Core {
                     Reply {
                         max_age,
                         payload,
+                        block1: p.block1,
                         ..Reply::new(MessageType::Ack, code, p.mid, p.token)
                     }
                 };
@@ -1134,6 +1248,7 @@ impl Core {
                     let reply = Reply {
                         max_age,
                         payload,
+                        block1: p.block1,
                         ..Reply::new(MessageType::Con, code, 0, p.token)
                     };
                     peer.waiting.push_back(Waiting::Separate(reply));
@@ -1146,6 +1261,7 @@ impl Core {
                 let reply = Reply {
                     max_age,
                     payload,
+                    block1: p.block1,
                     ..Reply::new(MessageType::Non, code, peer.next_mid(), p.token)
                 };
                 self.transmits
@@ -1197,8 +1313,50 @@ impl Core {
             self.refuse_request(now, pref, request, refusal, false);
             return;
         }
+        let path: Arc<str> = Arc::from(topic);
+        let want = request.block2;
+        if let Some(b) = want.filter(|b| b.num() > 0) {
+            // A Block2 follow-up (RFC 7959 2.6): the cached body, else the current value.
+            let key = (pref, path.clone());
+            let cached = self.block2.get(now, &key);
+            let cached = cached.or_else(|| {
+                let body = self.retained.get(topic).cloned()?;
+                let etag = self.block2.insert(now, key, body.clone());
+                Some((body, etag))
+            });
+            let Some((body, etag)) = cached else {
+                let refusal = Refusal {
+                    code: Code::NOT_FOUND,
+                    diagnostic: "",
+                    reason: RefusalReason::Malformed,
+                };
+                self.stats.refuse(RefusalReason::Malformed);
+                self.refuse_request(now, pref, request, refusal, false);
+                return;
+            };
+            let szx = b.szx().min(self.body_szx);
+            match cut(&body, b.num(), szx, etag) {
+                Some((payload, block)) => {
+                    self.content(pref, request, None, payload, Some(block));
+                }
+                None => {
+                    let refusal = Refusal {
+                        code: Code::BAD_REQUEST,
+                        diagnostic: "no such block",
+                        reason: RefusalReason::Malformed,
+                    };
+                    self.stats.refuse(RefusalReason::Malformed);
+                    self.refuse_request(now, pref, request, refusal, false);
+                }
+            }
+            return;
+        }
         match self.retained.get(topic).cloned() {
-            Some(payload) => self.content(now, pref, request, None, payload),
+            Some(payload) => {
+                let (payload, block) =
+                    self.cut_body(now, pref, &path, request.token, payload, want);
+                self.content(pref, request, None, payload, block);
+            }
             None => {
                 self.stats.refuse(RefusalReason::Malformed);
                 let refusal = Refusal {
@@ -1220,23 +1378,12 @@ impl Core {
     /// Answers `request` with 2.05 and `payload` (and `observe`).
     fn content(
         &mut self,
-        now: Instant,
         pref: PeerRef,
         request: &Message,
         observe: Option<u32>,
         payload: Bytes,
+        block: Option<BodyBlock>,
     ) {
-        if !self.fits(request.token, payload.len()) {
-            // Block2 is not integrated yet: a value beyond one datagram cannot be read.
-            self.stats.refuse(RefusalReason::TooLarge);
-            let refusal = Refusal {
-                code: Code::INTERNAL_SERVER_ERROR,
-                diagnostic: "value too large",
-                reason: RefusalReason::TooLarge,
-            };
-            self.refuse_request(now, pref, request, refusal, false);
-            return;
-        }
         if suppressed(request.no_response.unwrap_or(0), Code::CONTENT) {
             if request.ty == MessageType::Con {
                 self.send_to(pref, Tx::Reply(Reply::empty_ack(request.message_id)));
@@ -1251,9 +1398,40 @@ impl Core {
                 mid: reply.mid,
                 token: reply.token,
                 observe,
+                content_format: None,
+                block,
                 payload,
             },
         );
+    }
+
+    /// A fresh response body as sent: whole when it fits one message (and the client's
+    /// Block2 size, if it asked for one), else its first block, the body cached under
+    /// (peer, `path`) for the client's follow-ups (RFC 7959 2.4).
+    fn cut_body(
+        &mut self,
+        now: Instant,
+        pref: PeerRef,
+        path: &Arc<str>,
+        token: Token,
+        body: Bytes,
+        want: Option<Block>,
+    ) -> (Bytes, Option<BodyBlock>) {
+        let szx = want.map_or(self.body_szx, |b| b.szx().min(self.body_szx));
+        let limit = if want.is_some() {
+            16usize << szx
+        } else {
+            self.config.block_size
+        };
+        if body.len() <= limit && self.fits(token, body.len()) {
+            return (body, None);
+        }
+        let etag = self.block2.insert(now, (pref, path.clone()), body.clone());
+        match cut(&body, 0, szx, etag) {
+            Some((payload, block)) => (payload, Some(block)),
+            // Block 0 always exists.
+            None => (Bytes::new(), None),
+        }
     }
 
     /// `GET P Observe=0`: a new observation, or a re-registration of (peer, token).
@@ -1368,14 +1546,16 @@ impl Core {
             return;
         };
         let (pref, token, seq) = (o.peer, o.token, o.seq);
-        let payload = if has_wildcards(&o.filter) {
+        let filter = o.filter.clone();
+        let value = if has_wildcards(&filter) {
             None
         } else {
-            self.retained.get(&o.filter).cloned()
+            self.retained.get(&filter).cloned()
         };
-        let payload = payload
-            .filter(|p| self.fits(token, p.len()))
-            .unwrap_or_default();
+        let (payload, block) = match value {
+            Some(body) => self.cut_body(now, pref, &filter, token, body, None),
+            None => (Bytes::new(), None),
+        };
         let Some(peer) = slot_mut(&mut self.slots, pref) else {
             return;
         };
@@ -1388,6 +1568,8 @@ impl Core {
             mid,
             token,
             observe: Some(seq),
+            content_format: None,
+            block,
             payload,
         };
         self.transmits.push_back((peer.peer.clone(), tx));
@@ -1665,16 +1847,16 @@ impl Core {
     fn enqueue(&mut self, now: Instant, oref: ObsRef, payload: &Bytes, qos: u8) -> bool {
         let limit = self.config.max_queued_per_observer;
         let policy = self.config.queue_full;
-        let too_large =
-            obs_slot(&self.obs, oref).is_some_and(|o| !self.fits(o.token, payload.len()));
+        let Some((pref, token, filter)) =
+            obs_slot(&self.obs, oref).map(|o| (o.peer, o.token, o.filter.clone()))
+        else {
+            return false;
+        };
+        // A large message goes as its first block (+ETag); the client fetches the rest.
+        let (payload, block) = self.cut_body(now, pref, &filter, token, payload.clone(), None);
         let Some(o) = obs_slot_mut(&mut self.obs, oref) else {
             return false;
         };
-        if too_large {
-            // Block2 is not integrated yet.
-            self.stats.drop_downlink(DownlinkDropReason::TooLarge, 1);
-            return false;
-        }
         if o.queue.len() >= limit {
             self.stats.drop_downlink(DownlinkDropReason::QueueFull, 1);
             match policy {
@@ -1688,8 +1870,9 @@ impl Core {
             return false;
         }
         o.queue.push_back(Down {
-            payload: payload.clone(),
+            payload,
             qos,
+            block,
         });
         self.pump_obs(now, oref);
         true
@@ -1785,6 +1968,7 @@ impl Core {
                     obs: oref,
                     token: o.token,
                     seq: o.seq,
+                    block: down.block,
                     payload: down.payload,
                 };
                 let pref = o.peer;
@@ -1804,6 +1988,8 @@ impl Core {
                     mid,
                     token: o.token,
                     observe: Some(o.seq),
+                    content_format: None,
+                    block: down.block,
                     payload: down.payload,
                 };
                 self.transmits.push_back((peer.peer.clone(), tx));
@@ -2041,6 +2227,8 @@ impl Core {
             return;
         };
         self.by_addr.remove(&peer.peer.addr);
+        let _ = self.block1.remove_where(|k| k.0 == pref);
+        let _ = self.block2.remove_where(|k| k.0 == pref);
         if let Some(g) = self.generations.get_mut(pref.slot as usize) {
             *g = g.wrapping_add(1);
         }
@@ -2176,6 +2364,12 @@ impl Core {
     }
 
     fn on_timeout(&mut self, now: Instant) {
+        if self.block1.next_deadline().is_some_and(|at| at <= now) {
+            self.stats.block1_expired += self.block1.expire(now) as u64;
+        }
+        if self.block2.next_deadline().is_some_and(|at| at <= now) {
+            let _ = self.block2.expire(now);
+        }
         while let Some(Reverse((deadline, timer))) = self.timers.peek().copied() {
             if deadline > now {
                 break;
@@ -2198,10 +2392,18 @@ impl Core {
                 mid,
                 token,
                 observe,
+                content_format,
+                block,
                 payload,
             } => {
                 let mut response = Response::new(*ty, Code::CONTENT, *mid, *token);
                 response.observe = *observe;
+                response.content_format = *content_format;
+                if let Some(b) = block {
+                    response.etag = Some(b.etag);
+                    response.block2 = Some(b.block2);
+                    response.size2 = b.size2;
+                }
                 response.payload = payload;
                 msg::encode_response(buf, &response);
             }
@@ -2360,6 +2562,9 @@ impl Core {
             }
         }
         assert!(self.retained.len() <= config.max_retained);
+        self.block1.check_invariants().expect("Block1 table");
+        self.block2.check_invariants().expect("Block2 cache");
+        assert!(self.block1.bytes() <= config.reassembly_bytes);
     }
 }
 
@@ -2387,6 +2592,60 @@ fn obs_slot_mut(obs: &mut [Option<Observation>], oref: ObsRef) -> Option<&mut Ob
     obs.get_mut(oref.slot as usize)
         .and_then(Option::as_mut)
         .filter(|o| o.generation == oref.generation)
+}
+
+/// What identifies a Block1 upload of a peer: its request URI (path and queries).
+fn transfer_key(request: &Message) -> Box<str> {
+    let mut key = String::new();
+    for segment in &request.uri_path {
+        key.push('/');
+        key.push_str(segment);
+    }
+    for (i, q) in request.uri_query.iter().enumerate() {
+        key.push(if i == 0 { '?' } else { '&' });
+        key.push_str(&q.name);
+        if let Some(v) = &q.value {
+            key.push('=');
+            key.push_str(v);
+        }
+    }
+    key.into_boxed_str()
+}
+
+/// Block `num` of `body` at `szx`, sharing `body`'s memory, with its Block2 option.
+fn cut(body: &Bytes, num: u32, szx: u8, etag: u32) -> Option<(Bytes, BodyBlock)> {
+    let (slice, more) = block2_slice(body, num, szx)?;
+    let block2 = Block::new(num, more, szx)?;
+    let size2 = (num == 0).then(|| u32::try_from(body.len()).unwrap_or(u32::MAX));
+    // `slice` is a sub-slice of `body` (block2_slice's contract): no copy.
+    Some((
+        body.slice_ref(slice),
+        BodyBlock {
+            block2,
+            etag,
+            size2,
+        },
+    ))
+}
+
+/// Concurrent Block1 uploads (no key of its own): no more than there can be peers, nor than
+/// the reassembly budget holds at the smallest block (each transfer holds >= 16 bytes).
+fn max_block1_transfers(config: &CoreConfig) -> usize {
+    config.max_peers.min(config.reassembly_bytes / 16).max(1)
+}
+
+/// The largest block size exponent for bodies sent: at most `block_size`, and small enough
+/// that a block with every option fits `max_message_size`.
+fn body_szx(config: &CoreConfig) -> u8 {
+    // Header 4, token 8, ETag 5, Observe 4, Block2 4, Size2 5, marker 1.
+    const OVERHEAD: usize = 31;
+    (0..=Block::MAX_SZX)
+        .rev()
+        .find(|szx| {
+            let size = 16usize << szx;
+            size <= config.block_size && size + OVERHEAD <= config.max_message_size
+        })
+        .unwrap_or(0)
 }
 
 fn upstream_qos(level: u8) -> Qos {
@@ -2445,7 +2704,14 @@ impl DatagramCore for Core {
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.peek().map(|Reverse((at, _))| *at)
+        [
+            self.timers.peek().map(|Reverse((at, _))| *at),
+            self.block1.next_deadline(),
+            self.block2.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> Option<Peer> {

@@ -198,9 +198,3 @@ impl<'a> Queries<'a> {
         Ok(out)
     }
 }
-
-/// The `/.well-known/core` body (RFC 6690): the publish/subscribe resource, observable.
-pub(crate) const WELL_KNOWN_CORE: &str = "</ps>;rt=\"core.ps\";ct=0;obs";
-
-/// Content-Format of `/.well-known/core` (application/link-format).
-pub(crate) const LINK_FORMAT: u16 = 40;

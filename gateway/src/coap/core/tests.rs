@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use sensorgate_bridges::message::{Protocol, Qos};
 
 use super::*;
-use crate::coap::msg::{self, Code, Message, MessageType};
+use crate::coap::msg::{self, Block, Code, Message, MessageType};
 
 const CON: u8 = 0;
 const NON: u8 = 1;
@@ -681,22 +681,214 @@ fn oversize_datagram_gets_413_with_size1_without_state() {
     assert!(h.out().is_empty());
 }
 
+fn block1(num: u32, more: bool, szx: u8) -> (u16, Vec<u8>) {
+    let v = (num << 4) | (u32::from(more) << 3) | u32::from(szx);
+    let b = v.to_be_bytes();
+    let skip = b.iter().take_while(|x| **x == 0).count();
+    (27, b[skip..].to_vec())
+}
+
 #[test]
-fn block1_transfer_beyond_one_datagram_gets_413() {
+fn block1_upload_is_reassembled_and_published_once() {
     let mut h = Harness::new(test_config());
-    // Block1 NUM 0, M=1, SZX 2 (64 bytes).
-    let m = answer_code(
-        &mut h,
-        &request(CON, PUT, 1, b"t", "/ps/a", &[(27, vec![0x0A])], &[1; 64]),
+    let body: Vec<u8> = (0..160u8).collect();
+    let put = |mid: u16, num: u32, more: bool| {
+        let start = num as usize * 64;
+        let end = (start + 64).min(body.len());
+        request(
+            CON,
+            PUT,
+            mid,
+            b"t",
+            "/ps/big?id=d",
+            &[block1(num, more, 2)],
+            &body[start..end],
+        )
+    };
+    h.send(1, &put(1, 0, true));
+    assert!(
+        h.events().is_empty(),
+        "nothing published before the last block"
     );
-    assert_eq!(m.code, Code::REQUEST_ENTITY_TOO_LARGE);
-    assert!(m.size1.is_some());
-    // A single block (NUM 0, M=0) is a plain body.
+    let m = h.one(1);
+    assert_eq!(
+        (m.ty, m.code, m.message_id),
+        (MessageType::Ack, Code::CONTINUE, 1)
+    );
+    assert_eq!(m.block1, Some(Block::new(0, true, 2).unwrap()));
+    // The same MID again: the same 2.31 bytes (dedup), a resend under a new MID: 2.31 again.
+    let first = {
+        h.send(1, &put(1, 0, true));
+        h.raw()
+    };
+    assert_eq!(msg::decode(&first[0].1).unwrap().code, Code::CONTINUE);
+    h.send(1, &put(2, 0, true));
+    assert_eq!(h.one(1).code, Code::CONTINUE);
+    h.send(1, &put(3, 1, true));
+    assert_eq!(h.one(1).block1, Some(Block::new(1, true, 2).unwrap()));
+    h.send(1, &put(4, 1, true));
+    assert_eq!(h.one(1).code, Code::CONTINUE, "a block held already");
+    h.send(1, &put(5, 2, false));
+    let (message, token) = h.publish_token();
+    assert_eq!(&message.payload[..], &body[..]);
+    assert_eq!(message.topic, "big");
+    h.verdict(token.unwrap(), PublishOutcome::Accepted);
+    let m = h.one(1);
+    assert_eq!((m.code, m.message_id), (Code::CHANGED, 5));
+    assert_eq!(m.block1, Some(Block::new(2, false, 2).unwrap()));
+    assert!(h.events().is_empty());
+}
+
+#[test]
+fn block1_gap_size_and_expiry() {
+    let mut h = Harness::new(CoreConfig {
+        max_body_size: 100,
+        ..test_config()
+    });
+    let blk = |mid: u16, num: u32, more: bool, len: usize| {
+        request(
+            CON,
+            PUT,
+            mid,
+            b"t",
+            "/ps/a",
+            &[block1(num, more, 1)],
+            &vec![7; len],
+        )
+    };
+    // Reordered: 0 then 2 -> 4.08.
+    h.send(1, &blk(1, 0, true, 32));
+    assert_eq!(h.one(1).code, Code::CONTINUE);
+    h.send(1, &blk(2, 2, true, 32));
+    assert_eq!(h.one(1).code, Code::REQUEST_ENTITY_INCOMPLETE);
+    // A block with no transfer -> 4.08.
+    h.send(1, &blk(3, 1, true, 32));
+    assert_eq!(h.one(1).code, Code::REQUEST_ENTITY_INCOMPLETE);
+    // A non-final block of the wrong size -> 4.00.
+    h.send(1, &blk(4, 0, true, 10));
+    assert_eq!(h.one(1).code, Code::BAD_REQUEST);
+    // Beyond max_body_size -> 4.13 + Size1.
+    for (mid, num) in [(5, 0), (6, 1), (7, 2)] {
+        h.send(1, &blk(mid, num, true, 32));
+        let _ = h.out();
+    }
+    h.send(1, &blk(8, 3, true, 32));
+    let m = h.one(1);
+    assert_eq!(
+        (m.code, m.size1),
+        (Code::REQUEST_ENTITY_TOO_LARGE, Some(100))
+    );
+    // Size1 announcing too much -> 4.13 at once.
     h.send(
         1,
-        &request(CON, PUT, 2, b"t", "/ps/a", &[(27, vec![0x02])], &[1; 10]),
+        &request(
+            CON,
+            PUT,
+            9,
+            b"t",
+            "/ps/a",
+            &[block1(0, true, 1), (60, vec![200])],
+            &[7; 32],
+        ),
     );
-    assert_eq!(h.events().len(), 1);
+    assert_eq!(h.one(1).code, Code::REQUEST_ENTITY_TOO_LARGE);
+    // Idle beyond block_lifetime -> dropped; the next block gets 4.08.
+    h.send(1, &blk(10, 0, true, 32));
+    assert_eq!(h.one(1).code, Code::CONTINUE);
+    h.advance(Duration::from_secs(248));
+    assert_eq!(h.core.stats().block1_expired, 1);
+    h.send(1, &blk(11, 1, true, 32));
+    assert_eq!(h.one(1).code, Code::REQUEST_ENTITY_INCOMPLETE);
+    assert!(h.events().is_empty());
+}
+
+#[test]
+fn block2_serves_large_reads_and_notifications() {
+    let mut h = Harness::new(test_config());
+    let big: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+    let big: &'static [u8] = Box::leak(big.into_boxed_slice());
+    let _ = h.core.handle_downlink(
+        h.now,
+        "big",
+        Bytes::from_static(big),
+        Qos::AtMostOnce,
+        true,
+        None,
+    );
+    h.send(1, &request(CON, GET, 1, b"g", "/ps/big", &[], b""));
+    let m = h.one(1);
+    assert_eq!(m.code, Code::CONTENT);
+    assert_eq!(m.block2, Some(Block::new(0, true, 6).unwrap()));
+    assert_eq!(m.size2, Some(3000));
+    let etag = m.etag.clone().expect("ETag with a block-wise body");
+    let mut got = m.payload.clone();
+    for num in 1..3u32 {
+        h.send(
+            1,
+            &request(
+                CON,
+                GET,
+                1 + num as u16,
+                b"g",
+                "/ps/big",
+                &[(23, vec![(num << 4) as u8 | 6])],
+                b"",
+            ),
+        );
+        let m = h.one(1);
+        assert_eq!(m.etag.as_ref(), Some(&etag));
+        assert_eq!(m.block2.unwrap().more(), num < 2);
+        got.extend(m.payload);
+    }
+    assert_eq!(got, big);
+    // A smaller size asked for is honoured.
+    h.send(
+        1,
+        &request(CON, GET, 9, b"g", "/ps/big", &[(23, vec![0x02])], b""),
+    );
+    let m = h.one(1);
+    assert_eq!(
+        (m.block2, m.payload.len()),
+        (Some(Block::new(0, true, 2).unwrap()), 64)
+    );
+    // A block beyond the body -> 4.00.
+    h.send(
+        1,
+        &request(
+            CON,
+            GET,
+            10,
+            b"g",
+            "/ps/big",
+            &[(23, vec![0x0F, 0xF6])],
+            b"",
+        ),
+    );
+    assert_eq!(h.one(1).code, Code::BAD_REQUEST);
+    // A large notification carries block 0; the rest comes from the cache.
+    h.observe(2, 1, b"o", "/ps/n?qos=0");
+    let _ = h.events();
+    h.downlink("n", big, Qos::AtMostOnce);
+    let m = h.one(2);
+    assert_eq!(m.block2, Some(Block::new(0, true, 6).unwrap()));
+    assert!(m.observe.is_some() && m.etag.is_some());
+    h.send(
+        2,
+        &request(CON, GET, 2, b"f", "/ps/n", &[(23, vec![0x16])], b""),
+    );
+    let f = h.one(2);
+    assert_eq!(f.payload, &big[1024..2048]);
+    assert_eq!(f.etag, m.etag);
+}
+
+#[test]
+fn oversize_datagram_hints_block1() {
+    let mut h = Harness::new(test_config());
+    h.send(4, &request(CON, PUT, 3, b"tt", "/ps/a", &[], &[7; 1200]));
+    let m = h.one(4);
+    assert_eq!(m.code, Code::REQUEST_ENTITY_TOO_LARGE);
+    assert_eq!(m.size1, Some(65536));
+    assert_eq!(m.block1, Some(Block::new(0, false, 6).unwrap()));
 }
 
 #[test]
@@ -778,7 +970,7 @@ fn get_reads_the_retained_cache_and_well_known_core() {
     );
     let m = h.one(1);
     assert_eq!((m.code, m.content_format), (Code::CONTENT, Some(40)));
-    assert_eq!(m.payload, resource::WELL_KNOWN_CORE.as_bytes());
+    assert_eq!(m.payload, br#"</ps>;rt="core.ps";obs"#);
 }
 
 // ---------------------------------------------------------------------------------------
