@@ -767,8 +767,9 @@ pub struct NonResult {
     pub answered: u64,
     /// Answers with another code (RST included).
     pub other: u64,
-    /// The device's socket (for its kernel drops).
-    pub local: SocketAddr,
+    /// Answers the kernel dropped at the device's socket (its receive buffer full); `None`
+    /// when `/proc/net/udp` does not list it.
+    pub device_drops: Option<u64>,
 }
 
 /// Waiting for the last answers ends after this long without a new one.
@@ -875,13 +876,15 @@ pub async fn non_put(spec: &NonSpec) -> anyhow::Result<NonResult> {
     }
     stop.send_replace(true);
     join_all(vec![reader], Duration::from_secs(2)).await;
+    // Read while the socket is open: its row goes with it.
+    let device_drops = sys::udp_drops(local);
     result?;
     Ok(NonResult {
         sent: seq,
         secs,
         answered: count(&answered),
         other: count(&other),
-        local,
+        device_drops,
     })
 }
 
