@@ -8,5 +8,7 @@
 //! checked view can replace its decoder behind the same API; nothing in this module panics on
 //! bytes from the network.
 
+pub mod block;
 pub mod core;
+pub mod link;
 pub mod msg;
