@@ -1301,3 +1301,27 @@ fn the_routers_filter_bound_is_the_sum_of_the_ingresses_at_most_65536() {
     assert_eq!(c.max_filters(), 500);
     assert_eq!(router_max_filters(65_536, Some(65_536)), MAX_SUBSCRIPTIONS);
 }
+
+#[test]
+fn the_reference_config_shows_every_coap_key_with_its_default() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/sensorgate.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let doc: toml::Table = text.parse().unwrap();
+    let mut keys: Vec<&str> = doc["coap"]
+        .as_table()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    let mut fields = fields_of::<RawCoap>().to_vec();
+    fields.sort_unstable();
+    assert_eq!(keys, fields);
+    // Switched on, the section as written is the core's defaults.
+    let on = text.replacen("listen = []\n", "listen = [\"127.0.0.1:5683\"]\n", 1);
+    let c = Config::parse(&path, &on).unwrap();
+    assert_eq!(
+        c.coap.unwrap().core,
+        crate::coap::core::CoreConfig::default()
+    );
+}
