@@ -10,7 +10,6 @@
 //!   (same port and family, same address or either one a wildcard): one port, one protocol.
 //!   Port 0 (a port the kernel picks) never clashes.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -28,7 +27,7 @@ use crate::mqttsn::core::QueueFull;
 pub const COAP_PORT: u16 = 5683;
 
 /// The most `max_message_size` may be: `coap-lite` refuses to encode a larger message.
-pub const MAX_MESSAGE_SIZE: u64 = 1280;
+const MAX_MESSAGE_SIZE: u64 = 1280;
 
 /// `[coap]`.
 #[derive(Debug, Clone, PartialEq)]
@@ -142,7 +141,7 @@ fn same_udp_port(a: SocketAddr, b: SocketAddr) -> bool {
 /// parameters: how long after its first transmission a request may still be retransmitted
 /// and processed, so the least a Message ID must be remembered to never publish one request
 /// twice. (The RFC's EXCHANGE_LIFETIME adds 2 * MAX_LATENCY, 200 s, for slow networks.)
-pub fn min_exchange_lifetime(ack_timeout: Duration, factor: f64, max_retransmit: u8) -> Duration {
+fn min_exchange_lifetime(ack_timeout: Duration, factor: f64, max_retransmit: u8) -> Duration {
     let retransmits = (1u64 << max_retransmit.min(16)) - 1;
     let span = ack_timeout.as_secs_f64() * retransmits as f64 * factor;
     // Whole milliseconds, rounded up, so the message prints plainly.
@@ -164,13 +163,20 @@ pub(super) fn compile_coap(
 ) -> Option<CoapSection> {
     let co = KeyPath::root("coap");
     let mut ok = true;
-    let mut listen = Vec::new();
-    let mut seen = HashSet::new();
+    let mut listen: Vec<SocketAddr> = Vec::new();
     for (i, addr) in c.listen.iter().enumerate() {
         let path = co.key("listen").index(i);
         match addr.parse::<SocketAddr>() {
-            Ok(a) if !seen.insert(a) => {
+            Ok(a) if listen.contains(&a) => {
                 r.at_path(&path, format!("`{addr}` is listed twice"), None);
+                ok = false;
+            }
+            Ok(a) if listen.iter().any(|l| same_udp_port(a, *l)) => {
+                r.at_path(
+                    &path,
+                    format!("`{addr}` takes the UDP port of an address listed before it"),
+                    Some("a wildcard (0.0.0.0, [::]) takes the port on every address".into()),
+                );
                 ok = false;
             }
             Ok(a) => match mqttsn_listen.iter().find(|m| same_udp_port(a, **m)) {

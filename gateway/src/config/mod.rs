@@ -38,7 +38,7 @@ use serde::de::{Deserializer, Visitor};
 use admin::RawAdmin;
 pub use admin::{AdminSection, DEFAULT_ADMIN_LISTEN, MIN_TOKEN_LEN};
 use coap::RawCoap;
-pub use coap::{COAP_PORT, CoapSection, MAX_MESSAGE_SIZE, min_exchange_lifetime};
+pub use coap::{COAP_PORT, CoapSection};
 pub use diag::{Diagnostic, KeyPath};
 use diag::{Reporter, fields_of, path_of_span, remove_value};
 pub use gateway::{GatewaySection, LogSection};

@@ -1270,11 +1270,16 @@ fn a_coap_address_on_an_mqttsn_port_is_refused_where_it_is_written() {
     assert_eq!(d.len(), 1, "{d:#?}");
     assert!(d[0].message.contains("[mqttsn] listen `0.0.0.0:1883`"));
     let d = errors(&with_coap(
-        "listen = [\"0.0.0.0:1883\", \"127.0.0.1:5683\", \"127.0.0.1:5683\"]\n",
+        "listen = [\"0.0.0.0:1883\", \"127.0.0.1:5683\", \"127.0.0.1:5683\", \"0.0.0.0:5683\"]\n",
     ));
-    assert_eq!(d.len(), 2, "{d:#?}");
+    assert_eq!(d.len(), 3, "{d:#?}");
     assert!(d[0].message.contains("[mqttsn] listen `127.0.0.1:1883`"));
     assert!(d[1].message.ends_with("`127.0.0.1:5683` is listed twice"));
+    assert!(
+        d[2].message
+            .ends_with("`0.0.0.0:5683` takes the UDP port of an address listed before it"),
+        "{d:#?}"
+    );
     // Another family, another port, or a port the kernel picks: no clash.
     let ok = with_coap("listen = [\"0.0.0.0:5683\", \"127.0.0.2:1884\"]\n");
     assert!(Config::parse(Path::new("t.toml"), &ok).is_ok());
