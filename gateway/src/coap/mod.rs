@@ -12,3 +12,4 @@ pub mod block;
 pub mod core;
 pub mod link;
 pub mod msg;
+mod resource;
