@@ -6,12 +6,14 @@
 #![warn(missing_docs)]
 //!
 //! Layout: [`config`] (validated before anything binds), [`mqttsn`] (the sans-IO protocol
-//! core and its codec), [`coap`] (CoAP ingress; only its codec so far, not wired in), [`io`]
+//! core and its codec), [`coap`] (the CoAP ingress core), [`ingress`] (the seam every
+//! datagram core implements), [`io`]
 //! (thin adapters owning sockets), [`app`] (wiring and lifecycle).
 
 pub mod app;
 pub mod coap;
 pub mod config;
+pub mod ingress;
 pub mod io;
 pub mod mqttsn;
 pub mod observe;
