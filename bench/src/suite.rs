@@ -1631,7 +1631,7 @@ async fn coap_non_paced(env: &mut Env) -> anyhow::Result<Scenario> {
             ));
         }
         step.put("sent", r.sent as f64, "msgs");
-        put_delivery(&mut step, &tally, r.sent);
+        put_tally(&mut step, &tally, r.sent);
         step.put("lost", r.sent.saturating_sub(tally.unique) as f64, "msgs");
         if let (Some(before), Some(after)) = (drops_before, drops_after) {
             let kernel = after.saturating_sub(before);
