@@ -1,0 +1,360 @@
+//! CoAP at the byte level, with the raw client of `sensorgate_tests::coap` (hand-encoded from
+//! RFC 7252 §3, checked first against libcoap's own server): a CON sent three times with one
+//! Message ID is published once and answered with identical bytes; a Block1 gap gets 4.08;
+//! an RST answering a CON notification ends that observation (and no notification follows);
+//! a Ver 2 datagram is ignored, TKL 9 and a truncated option get an RST, an unknown critical
+//! option 4.02; a flood of new peers past `max_peers` gets 5.03 with Max-Age and leaves the
+//! gateway serving.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::Command;
+use std::time::Duration;
+
+use sensorgate_tests::coap::{
+    ACK, CON, Msg, NON, RST, RawClient, block_value, codes, libcoap_client, opts,
+};
+use sensorgate_tests::{
+    Rig, Script, Subscriber, UpMsg, free_tcp_port, free_udp_port, poll_until, publish_upstream,
+};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(10);
+/// How long "nothing more arrives" is watched, after a positive sign that it would have.
+const QUIET: Duration = Duration::from_secs(1);
+
+fn rig(extra: &str, admin: bool) -> Rig {
+    Rig::start_with(|c| {
+        c.with_coap()?.coap(extra);
+        if admin {
+            c.admin = Some(free_tcp_port()?);
+        }
+        Ok(())
+    })
+    .unwrap()
+}
+
+fn put(c: &mut RawClient, target: &str, body: &[u8]) -> Msg {
+    let (mid, token) = (c.mid(), c.token());
+    Msg::request(CON, codes::PUT, mid, &token, target).with_payload(body)
+}
+
+/// Publishes a marker through `c` and asserts it is the next message at `sub`: whatever was
+/// sent before and should not have been published was not.
+fn assert_next_upstream_is_marker(c: &mut RawClient, sub: &mut Subscriber, topic: &str) {
+    let req = put(c, &format!("ps/{topic}"), b"marker");
+    let resp = c.request(&req, WAIT).unwrap();
+    assert_eq!(resp.code, codes::CHANGED, "{}", resp.describe());
+    let m = sub.expect().unwrap();
+    assert_eq!((m.topic.as_str(), &m.payload[..]), (topic, &b"marker"[..]));
+}
+
+#[test]
+fn the_raw_client_talks_to_libcoap_s_server() {
+    let port = free_udp_port(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+    let server_bin = libcoap_client().with_file_name("coap-server-notls");
+    let mut cmd = Command::new(&server_bin);
+    cmd.args(["-A", "127.0.0.1", "-p", &port.to_string()]);
+    let _server = Script::spawn("coap-server-notls", &mut cmd).unwrap();
+    let mut c = RawClient::new(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).unwrap();
+    // A ping is answered with an RST once the server is up.
+    poll_until(
+        "coap-server-notls to answer a ping",
+        WAIT,
+        Duration::ZERO,
+        || {
+            let ping = Msg::new(CON, codes::EMPTY, c.mid());
+            c.send(&ping)?;
+            Ok(c.recv(Duration::from_millis(200))?
+                .filter(|m| m.ty == RST && m.mid == ping.mid))
+        },
+    )
+    .unwrap();
+
+    let req = put(&mut c, "example_data", b"raw-21.5");
+    let resp = c.request(&req, WAIT).unwrap();
+    assert_eq!((resp.ty, resp.mid), (ACK, req.mid), "{}", resp.describe());
+    assert!(
+        resp.code == codes::CREATED || resp.code == codes::CHANGED,
+        "{}",
+        resp.describe()
+    );
+    let (mid, token) = (c.mid(), c.token());
+    let get = Msg::request(CON, codes::GET, mid, &token, "example_data");
+    let resp = c.request(&get, WAIT).unwrap();
+    assert_eq!(
+        (resp.code, resp.text().as_str()),
+        (codes::CONTENT, "raw-21.5")
+    );
+    assert_eq!(resp.token, token);
+
+    let (mid, token) = (c.mid(), c.token());
+    let get = Msg::request(NON, codes::GET, mid, &token, ".well-known/core");
+    let resp = c.request(&get, WAIT).unwrap();
+    assert_eq!(resp.code, codes::CONTENT, "{}", resp.describe());
+    assert_eq!(resp.uint(opts::CONTENT_FORMAT), Some(40));
+    assert!(resp.text().contains("</example_data>"), "{}", resp.text());
+}
+
+#[test]
+fn a_con_put_sent_three_times_is_published_once_with_identical_acks() {
+    let rig = rig("", false);
+    let mut sub = rig.subscribe(&["dup/#"]).unwrap();
+    let mut c = RawClient::new(rig.gateway.coap_addr()).unwrap();
+    let req = put(&mut c, "ps/dup/t?id=dup1", b"once");
+    let bytes = req.encode();
+    let mut acks = Vec::new();
+    let mut others = Vec::new();
+    for _ in 0..3 {
+        c.send_raw(&bytes).unwrap();
+        // The answer to this copy: the ACK with the request's MID (2.04 piggy-backed, or an
+        // empty ACK when the verdict came later; a separate 2.04 is then ACKed and skipped).
+        let ack = c
+            .recv_matching(WAIT, &mut others, |m| m.ty == ACK && m.mid == req.mid)
+            .unwrap()
+            .unwrap_or_else(|| panic!("no ACK for {}", req.describe()));
+        acks.push(ack.encode());
+    }
+    assert_eq!(acks[0], acks[1], "same bytes for a duplicate");
+    assert_eq!(acks[0], acks[2], "same bytes for a duplicate");
+    let m = sub.expect().unwrap();
+    assert_eq!((m.topic.as_str(), &m.payload[..]), ("dup/t", &b"once"[..]));
+    assert_next_upstream_is_marker(&mut c, &mut sub, "dup/marker");
+}
+
+#[test]
+fn a_block1_gap_gets_4_08_and_publishes_nothing() {
+    let rig = rig("", false);
+    let mut sub = rig.subscribe(&["gap/#"]).unwrap();
+    let mut c = RawClient::new(rig.gateway.coap_addr()).unwrap();
+    let token = c.token();
+    let block = |c: &mut RawClient, num: u32, more: bool| {
+        Msg::request(CON, codes::PUT, c.mid(), &token, "ps/gap/t")
+            .with_uint(opts::BLOCK1, block_value(num, more, 2))
+            .with_payload(&[b'a' + num as u8; 64])
+    };
+    let b0 = block(&mut c, 0, true);
+    let resp = c.request(&b0, WAIT).unwrap();
+    assert_eq!(resp.code, codes::CONTINUE, "{}", resp.describe());
+    assert_eq!(
+        resp.block(opts::BLOCK1),
+        Some((0, true, 2)),
+        "{}",
+        resp.describe()
+    );
+    // Block 1 never sent: block 2 leaves a gap.
+    let b2 = block(&mut c, 2, false);
+    let resp = c.request(&b2, WAIT).unwrap();
+    assert_eq!(
+        resp.code,
+        codes::REQUEST_ENTITY_INCOMPLETE,
+        "{}",
+        resp.describe()
+    );
+    assert_next_upstream_is_marker(&mut c, &mut sub, "gap/marker");
+}
+
+/// Registers an observation of `target` from `c`; returns the token.
+fn observe(c: &mut RawClient, target: &str) -> Vec<u8> {
+    let (mid, token) = (c.mid(), c.token());
+    let req = Msg::request(CON, codes::GET, mid, &token, target).with_uint(opts::OBSERVE, 0);
+    let resp = c.request(&req, WAIT).unwrap();
+    assert_eq!(resp.code, codes::CONTENT, "{}", resp.describe());
+    assert!(resp.option(opts::OBSERVE).is_some(), "{}", resp.describe());
+    token
+}
+
+/// The next notification with `token` and payload `payload`.
+fn notification(c: &RawClient, token: &[u8], payload: &[u8]) -> Msg {
+    let mut skipped = Vec::new();
+    c.recv_matching(WAIT, &mut skipped, |m| {
+        m.token == token && m.payload == payload && m.option(opts::OBSERVE).is_some()
+    })
+    .unwrap()
+    .unwrap_or_else(|| {
+        panic!(
+            "no notification {payload:?}; got {:?}",
+            skipped.iter().map(Msg::describe).collect::<Vec<_>>()
+        )
+    })
+}
+
+fn filters(rig: &Rig, client_id: &str) -> Vec<String> {
+    let (code, body) = rig
+        .gateway
+        .admin_get(&format!("/clients?prefix={client_id}"))
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let page: Value = serde_json::from_str(&body).unwrap();
+    page["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["client_id"] == client_id)
+        .flat_map(|c| c["subscriptions"].as_array().cloned().unwrap_or_default())
+        .map(|s| s["filter"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[test]
+fn an_rst_answering_a_con_notification_cancels_the_observation() {
+    let rig = rig("", true);
+    let mut a = RawClient::new(rig.gateway.coap_addr()).unwrap();
+    let mut b = RawClient::new(rig.gateway.coap_addr()).unwrap();
+    let ta = observe(&mut a, "ps/cmd/raw?id=raw-a");
+    let tb = observe(&mut b, "ps/cmd/raw?id=raw-b");
+    assert_eq!(filters(&rig, "raw-a"), ["cmd/raw"]);
+
+    publish_upstream(rig.broker.port(), &[UpMsg::new("cmd/raw", b"one", 1)]).unwrap();
+    let n = notification(&a, &ta, b"one");
+    assert_eq!(
+        n.ty,
+        CON,
+        "QoS 1 downlink: a CON notification: {}",
+        n.describe()
+    );
+    a.send(&Msg::empty(RST, n.mid)).unwrap();
+    let n = notification(&b, &tb, b"one");
+    if n.ty == CON {
+        b.send(&Msg::empty(ACK, n.mid)).unwrap();
+    }
+    poll_until(
+        "raw-a's observation gone",
+        WAIT,
+        Duration::from_millis(100),
+        || Ok(filters(&rig, "raw-a").is_empty().then_some(())),
+    )
+    .unwrap();
+
+    // The next message reaches b, and nothing reaches a.
+    publish_upstream(rig.broker.port(), &[UpMsg::new("cmd/raw", b"two", 1)]).unwrap();
+    let n = notification(&b, &tb, b"two");
+    if n.ty == CON {
+        b.send(&Msg::empty(ACK, n.mid)).unwrap();
+    }
+    a.assert_silent(QUIET).unwrap();
+}
+
+#[test]
+fn malformed_datagrams_get_rst_silence_or_4_02() {
+    let rig = rig("", false);
+    let mut sub = rig.subscribe(&["bad/#"]).unwrap();
+    let mut c = RawClient::new(rig.gateway.coap_addr()).unwrap();
+
+    // Ver 2: silently ignored (RFC 7252 §3). A ping right after is the first thing answered.
+    let mut v2 = put(&mut c, "ps/bad/v2", b"v2");
+    v2.ver = 2;
+    c.send(&v2).unwrap();
+    let ping = Msg::new(CON, codes::EMPTY, c.mid());
+    c.send(&ping).unwrap();
+    let first = c.recv(WAIT).unwrap().expect("an RST for the ping");
+    assert_eq!(
+        (first.ty, first.mid),
+        (RST, ping.mid),
+        "{}",
+        first.describe()
+    );
+
+    // TKL 9 is a message format error: RST (RFC 7252 §3, §4.2).
+    let mid = c.mid();
+    let mut tkl9 = vec![0x49, codes::GET, (mid >> 8) as u8, mid as u8];
+    tkl9.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    tkl9.extend_from_slice(&[0xb2, b'p', b's']);
+    c.send_raw(&tkl9).unwrap();
+    let r = c.recv(WAIT).unwrap().expect("an RST for TKL 9");
+    assert_eq!(
+        (r.ty, r.code, r.mid),
+        (RST, codes::EMPTY, mid),
+        "{}",
+        r.describe()
+    );
+
+    // An unrecognized critical option (9, odd): 4.02 Bad Option, piggy-backed.
+    let req = put(&mut c, "ps/bad/opt9", b"x").with_option(9, b"?");
+    let r = c.request(&req, WAIT).unwrap();
+    assert_eq!(r.code, codes::BAD_OPTION, "{}", r.describe());
+    assert_eq!(r.token, req.token);
+
+    // An option whose length runs past the end: format error, RST.
+    let mid = c.mid();
+    let truncated = vec![0x40, codes::PUT, (mid >> 8) as u8, mid as u8, 0xb5, b'p'];
+    c.send_raw(&truncated).unwrap();
+    let r = c
+        .recv(WAIT)
+        .unwrap()
+        .expect("an RST for a truncated option");
+    assert_eq!((r.ty, r.mid), (RST, mid), "{}", r.describe());
+
+    // None of them was published; the gateway still serves.
+    assert_next_upstream_is_marker(&mut c, &mut sub, "bad/marker");
+}
+
+#[test]
+fn a_flood_of_new_peers_past_max_peers_gets_5_03_and_the_gateway_keeps_serving() {
+    const PEERS: usize = 5_000;
+    const MAX: usize = 1_000;
+    const BATCH: usize = 50;
+    let mut rig = rig(&format!("max_peers = {MAX}\n"), true);
+    let server = rig.gateway.coap_addr();
+    // Each peer its own loopback address: an observation keeps it from being evicted.
+    let local = |i: usize| IpAddr::V4(Ipv4Addr::new(127, 77, (i / 250) as u8, (i % 250 + 1) as u8));
+    let (mut content, mut busy) = (0usize, 0usize);
+    for start in (0..PEERS).step_by(BATCH) {
+        let mut batch = Vec::with_capacity(BATCH);
+        for i in start..(start + BATCH).min(PEERS) {
+            let mut c = RawClient::bind(server, local(i)).unwrap();
+            let (mid, token) = (c.mid(), c.token());
+            let req = Msg::request(CON, codes::GET, mid, &token, "ps/flood/t?qos=0")
+                .with_uint(opts::OBSERVE, 0);
+            c.send(&req).unwrap();
+            batch.push((c, req));
+        }
+        for (c, req) in &batch {
+            // One retransmission if the first copy got lost in a full socket buffer.
+            let mut answer = c.recv(Duration::from_secs(3)).unwrap();
+            if answer.is_none() {
+                c.send(req).unwrap();
+                answer = c.recv(WAIT).unwrap();
+            }
+            let m = answer.unwrap_or_else(|| panic!("no answer to {}", req.describe()));
+            assert_eq!((m.ty, m.mid), (ACK, req.mid), "{}", m.describe());
+            match m.code {
+                codes::CONTENT => content += 1,
+                codes::SERVICE_UNAVAILABLE => {
+                    assert!(m.uint(opts::MAX_AGE).is_some(), "5.03 without Max-Age");
+                    busy += 1;
+                }
+                _ => panic!("unexpected {}", m.describe()),
+            }
+        }
+    }
+    assert!(content <= MAX, "{content} peers admitted, max_peers {MAX}");
+    assert!(busy >= PEERS - MAX, "{busy} refused");
+
+    let (_, body) = rig.gateway.admin_get("/status").unwrap();
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    let coap = doc["protocols"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["protocol"] == "coap")
+        .unwrap_or_else(|| panic!("no coap protocol in {body}"));
+    let peers = coap["sessions_total"].as_u64().unwrap();
+    assert!(peers as usize <= MAX, "{peers} peers tracked: {body}");
+
+    // A fresh device is served or refused (bounded), and the gateway is alive.
+    let mut fresh = RawClient::bind(server, IpAddr::V4(Ipv4Addr::new(127, 78, 0, 1))).unwrap();
+    let req = put(&mut fresh, "ps/flood/fresh", b"f");
+    let r = fresh.request(&req, WAIT).unwrap();
+    assert!(
+        r.code == codes::CHANGED || r.code == codes::SERVICE_UNAVAILABLE,
+        "{}",
+        r.describe()
+    );
+    assert!(rig.gateway.is_running());
+    let ping = Msg::new(CON, codes::EMPTY, fresh.mid());
+    fresh.send(&ping).unwrap();
+    let r = fresh.recv(WAIT).unwrap().expect("a ping answered");
+    assert_eq!((r.ty, r.mid), (RST, ping.mid));
+}
