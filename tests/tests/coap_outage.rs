@@ -144,12 +144,7 @@ fn every_acknowledged_put_survives_a_broker_outage_and_a_kill_9_in_order_per_dev
     }
     let _stopper = StopOnDrop(stop.clone());
 
-    await_progress(
-        &acked,
-        &[0; DEVICES],
-        3,
-        "3 PUTs acknowledged per device",
-    );
+    await_progress(&acked, &[0; DEVICES], 3, "3 PUTs acknowledged per device");
     broker.stop().unwrap();
     let down_at = Instant::now();
     // 2.04s keep coming while the broker is away: the spool holds the data.
