@@ -12,6 +12,7 @@
 pub mod app;
 pub mod coap;
 pub mod config;
+pub mod ingress;
 pub mod io;
 pub mod mqttsn;
 pub mod observe;

@@ -8,4 +8,8 @@
 //! checked view can replace its decoder behind the same API; nothing in this module panics on
 //! bytes from the network.
 
+pub mod block;
+pub mod core;
+pub mod link;
 pub mod msg;
+mod resource;

@@ -94,7 +94,7 @@ use sensorgate_bridges::durable::frame::{self, Item};
 use sensorgate_bridges::durable::{Fs, SpoolFile, StdFs};
 use sensorgate_bridges::message::DownlinkAck;
 
-use crate::mqttsn::core::{Core, PersistChange};
+use crate::ingress::{DatagramCore, PersistChange};
 
 /// The sessions directory, under the gateway's `state_dir`.
 pub const SESSIONS_DIR: &str = "sessions";
@@ -883,7 +883,7 @@ impl<A: Acknowledge> StoreLink<A> {
 
     /// Takes the core's changes of this round and hands the batch over if there is room;
     /// otherwise keeps it for [`StoreLink::room`].
-    pub fn end_round(&mut self, core: &mut Core) {
+    pub fn end_round(&mut self, core: &mut impl DatagramCore) {
         core.take_persist_changes(&mut self.next.changes);
         self.try_send();
     }
@@ -910,7 +910,7 @@ impl<A: Acknowledge> StoreLink<A> {
 
     /// Takes the core's last changes and hands everything over, waiting for room: at
     /// shutdown, before the driver drops its end.
-    pub async fn finish(&mut self, core: &mut Core) {
+    pub async fn finish(&mut self, core: &mut impl DatagramCore) {
         core.take_persist_changes(&mut self.next.changes);
         if self.next.is_empty() {
             return;

@@ -1,6 +1,8 @@
-//! The MQTT-SN over UDP adapter: owns the listening sockets and the [`Core`], and moves
-//! datagrams, the spool's verdicts (a sensor's QoS 1/2 publish is accepted once it is durable
-//! in the spool), downlink messages and timer expiries into it and its output out.
+//! The UDP adapter of every datagram protocol (MQTT-SN, CoAP): owns the listening sockets and
+//! one sans-IO core (a [`DatagramCore`]), and moves datagrams, the spool's verdicts (a sensor's
+//! QoS 1/2 publish is accepted once it is durable in the spool), downlink messages and timer
+//! expiries into it and its output out. Protocol decisions are the core's; what is here
+//! (batching, backpressure, local delivery, admin queries) is the same for every protocol.
 //!
 //! It makes no protocol decisions and sees no upstream, only the router's [`IngressHandle`]:
 //! downlink comes from the router on this ingress's own channel, and a sensor's accepted
@@ -44,7 +46,7 @@
 //!
 //! Observability: the admin listener asks its [`IngressQuery`]s on a channel of its own
 //! ([`UdpDriver::with_queries`]); the driver answers one per turn from the core it owns
-//! ([`Core::report`], [`Core::clients`]), so the session table keeps one owner and no lock,
+//! ([`DatagramCore::report`], [`DatagramCore::clients`]), so the session table keeps one owner and no lock,
 //! and nothing is counted or copied per packet for it. With a [`Beat`]
 //! ([`UdpDriver::with_beat`]) each turn ends with one relaxed store of the instant already
 //! read for the timers, and an interval of [`BEAT_IDLE`] makes an idle driver turn too.
@@ -70,7 +72,7 @@ use sensorgate_bridges::telemetry::{BEAT_IDLE, Beat};
 
 use super::batch::{RecvBatch, SendBatch};
 use super::session_store::StoreLink;
-use crate::mqttsn::core::{Core, Event, Peer, PeerAddr, PublishOutcome};
+use crate::ingress::{DatagramCore, Event, Peer, PeerAddr, PublishOutcome};
 use crate::observe::model::IngressQuery;
 
 /// Replies sent per `sendmmsg`.
@@ -211,7 +213,7 @@ fn capping_sysctls(recv: BufferSize, send: BufferSize) -> &'static str {
 ///
 /// # Errors
 /// The OS error from socket, option or bind calls.
-pub fn bind(addr: SocketAddr, options: SocketOptions) -> io::Result<UdpSocket> {
+pub fn bind(addr: SocketAddr, options: SocketOptions, protocol: &str) -> io::Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
@@ -230,22 +232,24 @@ pub fn bind(addr: SocketAddr, options: SocketOptions) -> io::Result<UdpSocket> {
     if capped_by.is_empty() {
         tracing::info!(
             %addr,
+            protocol,
             recv_buffer_requested = recv.requested,
             recv_buffer_granted = recv.granted,
             send_buffer_requested = send.requested,
             send_buffer_granted = send.granted,
-            "MQTT-SN UDP listener bound."
+            "UDP listener bound."
         );
     } else {
         // Bursts beyond the granted buffer are dropped by the kernel, unseen by the gateway.
         tracing::warn!(
             %addr,
+            protocol,
             recv_buffer_requested = recv.requested,
             recv_buffer_granted = recv.granted,
             send_buffer_requested = send.requested,
             send_buffer_granted = send.granted,
             capped_by,
-            "MQTT-SN UDP listener bound with smaller socket buffers than configured; raise \
+            "UDP listener bound with smaller socket buffers than configured; raise \
              the sysctl named in capped_by to get them."
         );
     }
@@ -253,8 +257,8 @@ pub fn bind(addr: SocketAddr, options: SocketOptions) -> io::Result<UdpSocket> {
 }
 
 /// The task owning the core and its sockets.
-pub struct UdpDriver {
-    core: Core,
+pub struct UdpDriver<C> {
+    core: C,
     sockets: Vec<Arc<UdpSocket>>,
     /// The way into the pipeline: appends to the spool, subscriptions (counted across
     /// ingresses by the router) and the upstreams' link state. The driver sees no upstream.
@@ -290,13 +294,13 @@ pub struct UdpDriver {
     beat: Option<Arc<Beat>>,
 }
 
-impl UdpDriver {
+impl<C: DatagramCore> UdpDriver<C> {
     /// Assembles a driver: uplink messages and subscriptions go through `ingress`; the
     /// spool's verdicts on tokened messages come back on `replies` (the channel `ingress` was
     /// registered with), and the router's downlink for this ingress on `downlink` (the channel
     /// given to `IngressHandle::with_downlink`).
     pub fn new(
-        core: Core,
+        core: C,
         sockets: Vec<UdpSocket>,
         ingress: IngressHandle,
         replies: mpsc::Receiver<Vec<AppendReply>>,
@@ -739,7 +743,8 @@ impl UdpDriver {
                 // router, or from an upstream (a filter it cannot take): the router logs both
                 // (rate-limited), since the sensor was told it is subscribed.
                 Event::Subscribe { filter, qos } => {
-                    let _ = self.ingress.subscribe(now, &filter, qos);
+                    let accepted = self.ingress.subscribe(now, &filter, qos).is_ok();
+                    self.core.handle_subscribe_result(now, &filter, accepted);
                 }
                 Event::Unsubscribe { filter } => self.ingress.unsubscribe(now, &filter),
             }
@@ -847,7 +852,7 @@ mod tests {
             recv_buffer: rmem_max + (1 << 20),
             send_buffer: wmem_max + (1 << 20),
         };
-        let socket = bind("127.0.0.1:0".parse().unwrap(), above).unwrap();
+        let socket = bind("127.0.0.1:0".parse().unwrap(), above, "test").unwrap();
         let (recv, send) = buffer_sizes(&socket, above).unwrap();
         assert_eq!((recv.granted, recv.capped()), (rmem_max, true));
         assert_eq!((send.granted, send.capped()), (wmem_max, true));
@@ -857,7 +862,7 @@ mod tests {
             recv_buffer: (rmem_max / 2).max(16 << 10),
             send_buffer: (wmem_max / 2).max(16 << 10),
         };
-        let socket = bind("[::1]:0".parse().unwrap(), below).unwrap();
+        let socket = bind("[::1]:0".parse().unwrap(), below, "test").unwrap();
         let (recv, send) = buffer_sizes(&socket, below).unwrap();
         assert_eq!((recv.granted, recv.capped()), (below.recv_buffer, false));
         assert_eq!((send.granted, send.capped()), (below.send_buffer, false));

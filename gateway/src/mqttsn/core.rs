@@ -151,7 +151,6 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -166,6 +165,8 @@ use super::persist::{
     self, RecordError, RecordMessage, RecordState, RecordSubscription, RecordTopic, RecordWill,
     SessionRecord,
 };
+use crate::ingress::DatagramCore;
+pub use crate::ingress::{DownlinkOutcome, Event, Peer, PeerAddr, PersistChange, PublishOutcome};
 use crate::observe::model::{
     ClientInfo, ClientQuery, ClientsPage, DownlinkDropReason, IngressCounters, IngressReport,
     RefusalReason, SessionCounts, SessionState, SubscriptionInfo,
@@ -286,138 +287,6 @@ impl CoreConfig {
 /// Keep-alive supervision: a session silent for this multiple of its Duration is lost.
 const KEEP_ALIVE_FACTOR_PERCENT: u32 = 150;
 
-/// How a peer is reached: its transport and its address within it. The core only compares,
-/// hashes and logs it (a session is bound to one); the transport's driver, which made it,
-/// maps it back to a socket or a line. Not `Copy`: a DTLS identity will not be.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum PeerAddr {
-    /// A UDP datagram socket.
-    Udp {
-        /// Which listening socket (index in the listener list).
-        listener: u16,
-        /// The UDP source address.
-        addr: SocketAddr,
-    },
-    /// A serial line (index in the `[[serial]]` list): one client, or a forwarder's clients
-    /// told apart by their node ids.
-    Serial {
-        /// Which line (index in the line list).
-        line: u16,
-    },
-}
-
-impl std::fmt::Display for PeerAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PeerAddr::Udp { addr, .. } => write!(f, "{addr}"),
-            PeerAddr::Serial { line } => write!(f, "serial:{line}"),
-        }
-    }
-}
-
-/// Where a datagram came from (and where its answers go): a transport address, and the
-/// client's node id behind a forwarder.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Peer {
-    /// The transport address (of the forwarder, for an encapsulated client).
-    pub addr: PeerAddr,
-    /// Wireless Node Id when the client sits behind a forwarder (0xFE encapsulation): the
-    /// one part of an address that is MQTT-SN's, so the core reads it (to encapsulate).
-    pub node: Option<Box<[u8]>>,
-}
-
-impl Peer {
-    /// A peer reached directly over UDP.
-    pub fn udp(listener: u16, addr: SocketAddr) -> Self {
-        Peer {
-            addr: PeerAddr::Udp { listener, addr },
-            node: None,
-        }
-    }
-
-    /// A peer reached directly over a serial line.
-    pub fn serial(line: u16) -> Self {
-        Peer {
-            addr: PeerAddr::Serial { line },
-            node: None,
-        }
-    }
-}
-
-impl std::fmt::Display for Peer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.addr)?;
-        if let Some(node) = &self.node {
-            f.write_str(" node ")?;
-            for b in node {
-                write!(f, "{b:02x}")?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Output for the upstream side.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    /// A sensor published (or a Will is due); with a token, report the outcome through
-    /// [`Core::handle_publish_result`] exactly once.
-    Publish {
-        /// The message, topic already resolved to its MQTT name.
-        message: Message,
-        /// Present for sensor QoS 1/2 (the sensor waits for the outcome).
-        token: Option<u64>,
-    },
-    /// Subscribe every upstream to this filter (first subscriber, or a higher QoS).
-    Subscribe {
-        /// The MQTT topic filter.
-        filter: Arc<str>,
-        /// Highest QoS any subscriber asked for.
-        qos: Qos,
-    },
-    /// The filter's last subscriber left.
-    Unsubscribe {
-        /// The MQTT topic filter.
-        filter: Arc<str>,
-    },
-}
-
-/// A change for the session store, from [`Core::take_persist_changes`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PersistChange {
-    /// Store `bytes` (a [`persist`] record) as the session of `client_id`, replacing any
-    /// earlier one.
-    Upsert {
-        /// The session's ClientId.
-        client_id: Arc<str>,
-        /// The encoded [`SessionRecord`].
-        bytes: Vec<u8>,
-    },
-    /// The session of `client_id` ended, or needs no persistence any more: forget its record.
-    Remove {
-        /// The session's ClientId.
-        client_id: Arc<str>,
-    },
-}
-
-/// What [`Core::handle_downlink`] did with one message.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[must_use]
-pub struct DownlinkOutcome {
-    /// Sessions the message was queued (or sent) for.
-    pub queued: usize,
-    /// Of these, persistent sessions that got it at QoS 1/2: their next records hold it.
-    pub persisted: usize,
-}
-
-impl DownlinkOutcome {
-    /// The message is part of persisted state: acknowledge it to the broker only once the
-    /// changes of the next [`Core::take_persist_changes`] are durable.
-    pub fn needs_durability(&self) -> bool {
-        self.persisted > 0
-    }
-}
-
 /// Why [`Core::restore`] refused a stored record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RestoreError {
@@ -445,20 +314,6 @@ impl RestoreError {
             Self::NotPersistent(_) => "not_persistent",
         }
     }
-}
-
-/// The spool's verdict on a tokened publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PublishOutcome {
-    /// Durable in the spool for every target upstream (written and fsync'd); acknowledge the
-    /// sensor. Delivery to the brokers follows from the spool.
-    Accepted,
-    /// Could not be taken now (spool full or its queue full); the sensor gets rc 0x01
-    /// (congestion) and retries.
-    Congestion,
-    /// Refused for good: `[[route]]`s are configured and none takes the topic. The sensor
-    /// gets rc 0x03 (not supported) and the message is dropped, never acknowledged.
-    NoRoute,
 }
 
 /// Counters, monotonically increasing except `sessions`.
@@ -3657,3 +3512,60 @@ fn wire_qos(level: u8) -> QoS {
 
 #[cfg(test)]
 mod tests;
+
+/// The UDP driver's view of the core: the inherent methods above.
+impl DatagramCore for Core {
+    const NAME: &'static str = "MQTT-SN";
+
+    fn handle_datagram(&mut self, now: Instant, peer: Peer, datagram: &[u8]) {
+        Core::handle_datagram(self, now, peer, datagram);
+    }
+
+    fn handle_publish_result(&mut self, now: Instant, token: u64, outcome: PublishOutcome) {
+        Core::handle_publish_result(self, now, token, outcome);
+    }
+
+    fn handle_downlink(
+        &mut self,
+        now: Instant,
+        topic: &str,
+        payload: Bytes,
+        qos: Qos,
+        retain: bool,
+        filters: Option<&[Arc<str>]>,
+    ) -> DownlinkOutcome {
+        Core::handle_downlink(self, now, topic, payload, qos, retain, filters)
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        Core::handle_timeout(self, now);
+    }
+
+    fn set_upstream_available(&mut self, available: bool) {
+        Core::set_upstream_available(self, available);
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        Core::poll_timeout(self)
+    }
+
+    fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> Option<Peer> {
+        Core::poll_transmit(self, buf)
+    }
+
+    fn poll_event(&mut self) -> Option<Event> {
+        Core::poll_event(self)
+    }
+
+    fn take_persist_changes(&mut self, out: &mut Vec<PersistChange>) {
+        Core::take_persist_changes(self, out);
+    }
+
+    fn report(&self) -> IngressReport {
+        Core::report(self)
+    }
+
+    fn clients(&self, now: Instant, query: &ClientQuery) -> ClientsPage {
+        Core::clients(self, now, query)
+    }
+}

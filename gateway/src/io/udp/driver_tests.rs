@@ -23,7 +23,7 @@ use sensorgate_bridges::spool::{
 
 use super::*;
 use crate::mqttsn::codec::{self, DecodeLimits, Frame, Packet, QoS, ReturnCode, TopicRef};
-use crate::mqttsn::core::CoreConfig;
+use crate::mqttsn::core::{Core, CoreConfig};
 use crate::observe::model::{ClientQuery, QUERY_CHANNEL, SessionState};
 
 /// How long any awaited condition may take at most (a loaded CI machine included).
@@ -69,7 +69,7 @@ impl Rig {
     /// Like [`Rig::start`], with `configure` applied to the driver before it runs.
     async fn start_with(
         max_inflight: usize,
-        configure: impl FnOnce(UdpDriver) -> UdpDriver,
+        configure: impl FnOnce(UdpDriver<Core>) -> UdpDriver<Core>,
     ) -> Rig {
         let config = SpoolConfig {
             dir: PathBuf::from("/spool"),
@@ -100,7 +100,7 @@ impl Rig {
             recv_buffer: 1 << 20,
             send_buffer: 1 << 20,
         };
-        let socket = bind("127.0.0.1:0".parse().unwrap(), options).unwrap();
+        let socket = bind("127.0.0.1:0".parse().unwrap(), options, "test").unwrap();
         let gateway = socket.local_addr().unwrap();
         let core = Core::new(CoreConfig {
             max_inflight_per_client: max_inflight,
