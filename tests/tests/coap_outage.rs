@@ -28,6 +28,9 @@ const RETRANSMIT: Duration = Duration::from_secs(1);
 /// After an empty ACK, the separate 2.04 is awaited this long before the request is sent
 /// again under a new Message ID (the gateway may have died in between).
 const SEPARATE_WAIT: Duration = Duration::from_secs(5);
+/// A device's pause after each 2.04: a sensor's pace, and a bound on the load the test puts on
+/// a shared machine (unpaced, ten devices reach thousands of requests per second).
+const PACE: Duration = Duration::from_millis(50);
 
 /// What a device saw: the sequence numbers that got a 2.04, in order.
 type Acked = Arc<Mutex<Vec<u32>>>;
@@ -87,6 +90,7 @@ fn device(i: usize, server: SocketAddr, stop: Arc<AtomicBool>, acked: Acked) -> 
                     .map_err(|_| anyhow::anyhow!("poisoned"))?
                     .push(seq);
                 seq += 1;
+                std::thread::sleep(PACE);
             }
             // Busy, or given up after an empty ACK: the same payload again, a bit later.
             codes::SERVICE_UNAVAILABLE | codes::EMPTY => {

@@ -290,6 +290,20 @@ fn malformed_datagrams_get_rst_silence_or_4_02() {
     assert_next_upstream_is_marker(&mut c, &mut sub, "bad/marker");
 }
 
+/// Bound on the gateway's RSS growth over the flood.
+const RSS_GROWTH_KIB: u64 = 16 * 1024;
+
+/// Resident set size of `pid`, KiB (`VmRSS` in /proc).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"))
+}
+
 #[test]
 fn a_flood_of_new_peers_past_max_peers_gets_5_03_and_the_gateway_keeps_serving() {
     const PEERS: usize = 5_000;
@@ -297,6 +311,7 @@ fn a_flood_of_new_peers_past_max_peers_gets_5_03_and_the_gateway_keeps_serving()
     const BATCH: usize = 50;
     let mut rig = rig(&format!("max_peers = {MAX}\n"), true);
     let server = rig.gateway.coap_addr();
+    let rss_before = rss_kib(rig.gateway.pid().unwrap());
     // Each peer its own loopback address: an observation keeps it from being evicted.
     let local = |i: usize| IpAddr::V4(Ipv4Addr::new(127, 77, (i / 250) as u8, (i % 250 + 1) as u8));
     let (mut content, mut busy) = (0usize, 0usize);
@@ -329,6 +344,10 @@ fn a_flood_of_new_peers_past_max_peers_gets_5_03_and_the_gateway_keeps_serving()
             }
         }
     }
+    eprintln!(
+        "{content} admitted, {busy} refused, RSS {} KiB before",
+        rss_before
+    );
     assert!(content <= MAX, "{content} peers admitted, max_peers {MAX}");
     assert!(busy >= PEERS - MAX, "{busy} refused");
 
@@ -342,6 +361,11 @@ fn a_flood_of_new_peers_past_max_peers_gets_5_03_and_the_gateway_keeps_serving()
         .unwrap_or_else(|| panic!("no coap protocol in {body}"));
     let peers = coap["sessions_total"].as_u64().unwrap();
     assert!(peers as usize <= MAX, "{peers} peers tracked: {body}");
+    // Refused peers leave no state behind: memory grows with the admitted ones only (a
+    // generous bound: 1,000 peers with one observation each are far below it).
+    let grown = rss_kib(rig.gateway.pid().unwrap()).saturating_sub(rss_before);
+    eprintln!("RSS grew by {grown} KiB");
+    assert!(grown < RSS_GROWTH_KIB, "RSS grew by {grown} KiB");
 
     // A fresh device is served or refused (bounded), and the gateway is alive.
     let mut fresh = RawClient::bind(server, IpAddr::V4(Ipv4Addr::new(127, 78, 0, 1))).unwrap();
