@@ -1,10 +1,12 @@
 //! CoAP at the byte level, with the raw client of `sensorgate_tests::coap` (hand-encoded from
 //! RFC 7252 §3, checked first against libcoap's own server): a CON sent three times with one
-//! Message ID is published once and answered with identical bytes; a Block1 gap gets 4.08;
-//! an RST answering a CON notification ends that observation (and no notification follows);
-//! a Ver 2 datagram is ignored, TKL 9 and a truncated option get an RST, an unknown critical
-//! option 4.02; a flood of new peers past `max_peers` gets 5.03 with Max-Age and leaves the
-//! gateway serving.
+//! Message ID is published once and answered with identical bytes; with `ack_wait = "0s"` an
+//! empty ACK comes first and a separate CON 2.04 follows, retransmitted until ACKed; No-Response
+//! suppresses a NON 2.04; a Block1 gap gets 4.08; GET without Observe answers 4.04 / 4.00; an
+//! RST answering a CON or NON notification, or a GET with Observe=1, ends that observation (and
+//! no notification follows); a Ver 2 datagram is ignored, TKL 9 and a truncated option get an
+//! RST, an unknown critical option 4.02; a flood of new peers past `max_peers` gets 5.03 with
+//! Max-Age, bounded memory, and leaves the gateway serving.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -381,4 +383,137 @@ fn a_flood_of_new_peers_past_max_peers_gets_5_03_and_the_gateway_keeps_serving()
     fresh.send(&ping).unwrap();
     let r = fresh.recv(WAIT).unwrap().expect("a ping answered");
     assert_eq!((r.ty, r.mid), (RST, ping.mid));
+}
+
+#[test]
+fn with_ack_wait_0_an_empty_ack_comes_first_then_a_separate_con_2_04_retransmitted_until_acked() {
+    let rig = rig("ack_wait = \"0s\"\n", false);
+    let mut sub = rig.subscribe(&["sep/#"]).unwrap();
+    let mut c = RawClient::new(rig.gateway.coap_addr()).unwrap();
+    let req = put(&mut c, "ps/sep/t", b"durable");
+    c.send(&req).unwrap();
+    let ack = c.recv(WAIT).unwrap().expect("an empty ACK");
+    assert_eq!(
+        (ack.ty, ack.code, ack.mid),
+        (ACK, codes::EMPTY, req.mid),
+        "{}",
+        ack.describe()
+    );
+    // The separate response: a CON 2.04 with the request's token and a MID of the gateway's.
+    let first = c.recv(WAIT).unwrap().expect("a separate 2.04");
+    assert_eq!(
+        (first.ty, first.code),
+        (CON, codes::CHANGED),
+        "{}",
+        first.describe()
+    );
+    assert_eq!(first.token, req.token);
+    // A duplicate of the request now gets the empty ACK again, and no second publish.
+    c.send(&req).unwrap();
+    let mut skipped = Vec::new();
+    let again = c
+        .recv_matching(WAIT, &mut skipped, |m| m.ty == ACK && m.mid == req.mid)
+        .unwrap()
+        .expect("an empty ACK for the duplicate");
+    assert_eq!(again.code, codes::EMPTY, "{}", again.describe());
+    // Unacknowledged, the separate response is retransmitted (ACK_TIMEOUT 2 s .. 3 s), same
+    // MID; once ACKed, it stops. (recv_matching ACKed the retransmissions it skipped, if any.)
+    let retransmitted = match skipped.iter().find(|m| m.ty == CON) {
+        Some(m) => m.clone(),
+        None => c.recv(WAIT).unwrap().expect("a retransmitted 2.04"),
+    };
+    assert_eq!(retransmitted.encode(), first.encode(), "same bytes");
+    c.send(&Msg::empty(ACK, first.mid)).unwrap();
+    let m = sub.expect().unwrap();
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..]),
+        ("sep/t", &b"durable"[..])
+    );
+    assert_next_upstream_is_marker(&mut c, &mut sub, "sep/marker");
+}
+
+#[test]
+fn no_response_suppresses_the_2_04_of_a_non_put() {
+    let rig = rig("", false);
+    let mut sub = rig.subscribe(&["nr/#"]).unwrap();
+    let mut c = RawClient::new(rig.gateway.coap_addr()).unwrap();
+    let (mid, token) = (c.mid(), c.token());
+    // No-Response 2: not interested in 2.xx (RFC 7967).
+    let req = Msg::request(NON, codes::PUT, mid, &token, "ps/nr/t")
+        .with_uint(opts::NO_RESPONSE, 2)
+        .with_payload(b"quiet");
+    c.send(&req).unwrap();
+    let m = sub.expect().unwrap();
+    assert_eq!((m.topic.as_str(), m.qos), ("nr/t", 0));
+    // The published message is past the gateway; its answer would have come before it.
+    c.assert_silent(QUIET).unwrap();
+}
+
+#[test]
+fn get_without_observe_answers_4_04_unknown_and_4_00_for_a_wildcard() {
+    let rig = rig("", false);
+    let mut c = RawClient::new(rig.gateway.coap_addr()).unwrap();
+    for (target, want) in [
+        ("ps/never/published", codes::NOT_FOUND),
+        // A wildcard filter can be observed, not read.
+        ("ps/cmd/+", codes::BAD_REQUEST),
+        ("ps", codes::BAD_REQUEST),
+    ] {
+        let (mid, token) = (c.mid(), c.token());
+        let req = Msg::request(CON, codes::GET, mid, &token, target);
+        let r = c.request(&req, WAIT).unwrap();
+        assert_eq!(r.code, want, "{target}: {}", r.describe());
+    }
+}
+
+#[test]
+fn a_non_registration_gets_non_notifications_for_qos_0_and_an_rst_cancels_it() {
+    let rig = rig("", true);
+    let mut a = RawClient::new(rig.gateway.coap_addr()).unwrap();
+    let mut b = RawClient::new(rig.gateway.coap_addr()).unwrap();
+    let (mid, ta) = (a.mid(), a.token());
+    let reg =
+        Msg::request(NON, codes::GET, mid, &ta, "ps/cmd/non?id=non-a").with_uint(opts::OBSERVE, 0);
+    let r = a.request(&reg, WAIT).unwrap();
+    assert_eq!((r.ty, r.code), (NON, codes::CONTENT), "{}", r.describe());
+    let tb = observe(&mut b, "ps/cmd/non?id=non-b");
+    assert_eq!(filters(&rig, "non-a"), ["cmd/non"]);
+
+    publish_upstream(rig.broker.port(), &[UpMsg::new("cmd/non", b"n1", 0)]).unwrap();
+    let n = notification(&a, &ta, b"n1");
+    assert_eq!(n.ty, NON, "QoS 0: a NON notification: {}", n.describe());
+    a.send(&Msg::empty(RST, n.mid)).unwrap();
+    notification(&b, &tb, b"n1");
+    poll_until(
+        "non-a's observation gone",
+        WAIT,
+        Duration::from_millis(100),
+        || Ok(filters(&rig, "non-a").is_empty().then_some(())),
+    )
+    .unwrap();
+    publish_upstream(rig.broker.port(), &[UpMsg::new("cmd/non", b"n2", 0)]).unwrap();
+    notification(&b, &tb, b"n2");
+    a.assert_silent(QUIET).unwrap();
+}
+
+#[test]
+fn observe_1_ends_the_observation() {
+    let rig = rig("", true);
+    let mut a = RawClient::new(rig.gateway.coap_addr()).unwrap();
+    let ta = observe(&mut a, "ps/cmd/bye?id=bye-a");
+    assert_eq!(filters(&rig, "bye-a"), ["cmd/bye"]);
+    let (mid, _) = (a.mid(), a.token());
+    let cancel =
+        Msg::request(CON, codes::GET, mid, &ta, "ps/cmd/bye?id=bye-a").with_uint(opts::OBSERVE, 1);
+    let r = a.request(&cancel, WAIT).unwrap();
+    // Answered like a plain GET: nothing retained -> 4.04 (or 2.05 with a value).
+    assert!(
+        r.code == codes::NOT_FOUND || r.code == codes::CONTENT,
+        "{}",
+        r.describe()
+    );
+    assert!(filters(&rig, "bye-a").is_empty());
+    // Nothing observes cmd/bye any more: a message there reaches nobody.
+    publish_upstream(rig.broker.port(), &[UpMsg::new("cmd/bye", b"gone", 1)]).unwrap();
+    a.assert_silent(QUIET).unwrap();
 }
