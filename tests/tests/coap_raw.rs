@@ -122,6 +122,23 @@ fn a_con_put_sent_three_times_is_published_once_with_identical_acks() {
     assert_eq!(acks[0], acks[2], "same bytes for a duplicate");
     let m = sub.expect().unwrap();
     assert_eq!((m.topic.as_str(), &m.payload[..]), ("dup/t", &b"once"[..]));
+
+    // A NON sent twice with one MID: one publish, the same NON 2.04 twice.
+    let (mid, token) = (c.mid(), c.token());
+    let non = Msg::request(NON, codes::PUT, mid, &token, "ps/dup/non").with_payload(b"n");
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        c.send(&non).unwrap();
+        let r = c
+            .recv_matching(WAIT, &mut others, |m| m.token == token)
+            .unwrap()
+            .expect("a NON 2.04");
+        assert_eq!((r.ty, r.code), (NON, codes::CHANGED), "{}", r.describe());
+        answers.push(r.encode());
+    }
+    assert_eq!(answers[0], answers[1]);
+    let m = sub.expect().unwrap();
+    assert_eq!((m.topic.as_str(), &m.payload[..]), ("dup/non", &b"n"[..]));
     assert_next_upstream_is_marker(&mut c, &mut sub, "dup/marker");
 }
 
@@ -287,6 +304,40 @@ fn malformed_datagrams_get_rst_silence_or_4_02() {
         .unwrap()
         .expect("an RST for a truncated option");
     assert_eq!((r.ty, r.mid), (RST, mid), "{}", r.describe());
+
+    // An empty message (0.00) with a token, and a payload marker with no payload, are format
+    // errors too (RFC 7252 §4.1, §3).
+    let mid = c.mid();
+    c.send_raw(&[0x41, codes::EMPTY, (mid >> 8) as u8, mid as u8, 7])
+        .unwrap();
+    let r = c
+        .recv(WAIT)
+        .unwrap()
+        .expect("an RST for an empty CON with a token");
+    assert_eq!((r.ty, r.mid), (RST, mid), "{}", r.describe());
+    let mid = c.mid();
+    let marker_only = [
+        0x40,
+        codes::PUT,
+        (mid >> 8) as u8,
+        mid as u8,
+        0xb2,
+        b'p',
+        b's',
+        0xff,
+    ];
+    c.send_raw(&marker_only).unwrap();
+    let r = c
+        .recv(WAIT)
+        .unwrap()
+        .expect("an RST for a marker with no payload");
+    assert_eq!((r.ty, r.mid), (RST, mid), "{}", r.describe());
+
+    // A datagram larger than max_message_size (1152) : 4.13 with a Size1 hint.
+    let req = put(&mut c, "ps/bad/huge", &[b'x'; 1300]);
+    let r = c.request(&req, WAIT).unwrap();
+    assert_eq!(r.code, codes::REQUEST_ENTITY_TOO_LARGE, "{}", r.describe());
+    assert!(r.uint(opts::SIZE1).is_some(), "{}", r.describe());
 
     // None of them was published; the gateway still serves.
     assert_next_upstream_is_marker(&mut c, &mut sub, "bad/marker");
@@ -516,4 +567,21 @@ fn observe_1_ends_the_observation() {
     // Nothing observes cmd/bye any more: a message there reaches nobody.
     publish_upstream(rig.broker.port(), &[UpMsg::new("cmd/bye", b"gone", 1)]).unwrap();
     a.assert_silent(QUIET).unwrap();
+}
+
+#[test]
+fn a_proxy_uri_request_gets_5_05_proxying_not_supported() {
+    let rig = rig("", false);
+    let mut c = RawClient::new(rig.gateway.coap_addr()).unwrap();
+    // Proxy-Uri (35): the gateway is no forward proxy (RFC 7252 §5.7.2).
+    let (mid, token) = (c.mid(), c.token());
+    let mut req = Msg::new(CON, codes::GET, mid).with_option(35, b"coap://192.0.2.1/x");
+    req.token = token;
+    let r = c.request(&req, WAIT).unwrap();
+    assert_eq!(
+        r.code,
+        sensorgate_tests::coap::code(5, 5),
+        "{}",
+        r.describe()
+    );
 }
