@@ -2,8 +2,9 @@
 //! `aiocoap-client` PUT/POST to `/ps/{topic}` through the real binary; a paho-mqtt subscriber
 //! sees each body on `{topic}` with the QoS the message type or the `qos` query gives (CON 1,
 //! NON 0) and the `retain` flag; IPv4 and IPv6 listeners; 4.05 for a wrong method, 4.04 for
-//! an unknown path, `/.well-known/core` listing `</ps>`; `/status` and `/clients` show the
-//! `coap` ingress, its listeners and the device named by its `id` query.
+//! an unknown path, `/.well-known/core` listing `</ps>`; `/status`, `/metrics`,
+//! `sensorgate status` and `/clients` show the `coap` ingress, its listeners and the device
+//! named by its `id` query.
 //!
 //! libcoap exits 0 even on failure: every check reads the PDUs it prints with `-v 7`.
 
@@ -12,7 +13,7 @@
 use std::time::Duration;
 
 use sensorgate_tests::coap::{aiocoap, libcoap, libcoap_pdus, libcoap_responses};
-use sensorgate_tests::{Message, Rig, Subscriber, free_tcp_port, poll_until};
+use sensorgate_tests::{Message, Rig, Subscriber, free_tcp_port, poll_until, sensorgate_status};
 use serde_json::Value;
 
 fn rig() -> Rig {
@@ -277,6 +278,27 @@ fn status_lists_the_coap_ingress_and_its_listeners_and_clients_the_device() {
         },
     )
     .unwrap();
+
+    // /metrics counts it under protocol="coap", QoS 1.
+    let (code, body) = rig.gateway.admin_get("/metrics").unwrap();
+    assert_eq!(code, 200);
+    let counted = body.lines().any(|l| {
+        l.starts_with("sensorgate_messages_in_total{")
+            && l.contains("protocol=\"coap\"")
+            && l.contains("qos=\"1\"")
+            && l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .is_some_and(|v| v >= 1.0)
+    });
+    assert!(counted, "no coap QoS 1 sample in /metrics:\n{body}");
+    // `sensorgate status` lists the listeners.
+    let out = sensorgate_status(&rig.gateway.config_path(), &[]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("coap udp 127.0.0.1:{port}")),
+        "{text}"
+    );
 
     let (code, body) = rig.gateway.admin_get("/clients?prefix=adm-").unwrap();
     assert_eq!(code, 200, "{body}");
