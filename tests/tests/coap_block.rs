@@ -1,7 +1,8 @@
 //! Block-wise uploads (RFC 7959 Block1) with independent clients: libcoap (`-b 64`) and
 //! aiocoap (`--payload-initial-szx 2`, 64-byte blocks) get a 2.31 Continue per block and a
 //! 2.04 at the end, and the whole body reaches the broker as one message; a body above
-//! `max_body_size` gets 4.13 with Size1 and publishes nothing.
+//! `max_body_size` gets 4.13 with Size1 and publishes nothing. Block2: a retained value larger
+//! than a block is notified as its first block (M set), and libcoap reads all of it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -9,9 +10,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sensorgate_tests::coap::{
-    CON, Msg, RawClient, aiocoap, codes, libcoap, libcoap_responses, opts,
+    ACK, CON, Msg, RawClient, aiocoap, codes, libcoap, libcoap_responses, opts,
 };
-use sensorgate_tests::{Rig, temp_dir};
+use sensorgate_tests::{Rig, UpMsg, publish_upstream, temp_dir};
 use tempfile::TempDir;
 
 fn rig(extra: &str) -> Rig {
@@ -144,5 +145,54 @@ fn a_body_above_max_body_size_gets_4_13_with_size1_and_publishes_nothing() {
     assert_eq!(
         (m.topic.as_str(), &m.payload[..]),
         ("big/marker", &b"m"[..])
+    );
+}
+
+#[test]
+fn a_large_retained_value_is_notified_and_read_block_wise() {
+    let rig = rig("");
+    let mut a = RawClient::new(rig.gateway.coap_addr()).unwrap();
+    // An observation keeps cmd/big subscribed, so the gateway holds its retained value.
+    let (mid, token) = (a.mid(), a.token());
+    let reg = Msg::request(CON, codes::GET, mid, &token, "ps/cmd/big").with_uint(opts::OBSERVE, 0);
+    let r = a.request(&reg, Duration::from_secs(10)).unwrap();
+    assert_eq!(r.code, codes::CONTENT, "{}", r.describe());
+    let want = body(3000);
+    publish_upstream(rig.broker.port(), &[UpMsg::retained("cmd/big", &want, 1)]).unwrap();
+
+    // The notification carries the first block and says more follow (RFC 7959 §2.6).
+    let mut skipped = Vec::new();
+    let n = a
+        .recv_matching(Duration::from_secs(15), &mut skipped, |m| {
+            m.token == token && m.option(opts::OBSERVE).is_some()
+        })
+        .unwrap()
+        .unwrap_or_else(|| {
+            panic!(
+                "no notification of the 3000-byte value; got {:?}",
+                skipped.iter().map(Msg::describe).collect::<Vec<_>>()
+            )
+        });
+    if n.ty == CON {
+        a.send(&Msg::empty(ACK, n.mid)).unwrap();
+    }
+    assert_eq!(n.code, codes::CONTENT, "{}", n.describe());
+    let (num, more, szx) = n
+        .block(opts::BLOCK2)
+        .expect("Block2 on a large notification");
+    assert_eq!((num, more), (0, true), "{}", n.describe());
+    let size = 1usize << (szx + 4);
+    assert_eq!(n.payload, want[..size], "block 0");
+
+    // libcoap reads the whole value with Block2, block by block.
+    let out = libcoap(&["-m", "get", "-B", "10", &url(&rig, "ps/cmd/big")]).unwrap();
+    let got = libcoap_responses(&out);
+    assert!(
+        got.len() >= 3 && got.iter().all(|c| c == "2.05"),
+        "{got:?}\n{out}"
+    );
+    assert!(
+        out.contains(std::str::from_utf8(&want).unwrap()),
+        "the whole value printed:\n{out}"
     );
 }
