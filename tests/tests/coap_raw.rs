@@ -17,6 +17,7 @@ use std::time::Duration;
 use sensorgate_tests::coap::{
     ACK, CON, Msg, NON, RST, RawClient, block_value, codes, libcoap_client, opts,
 };
+use sensorgate_tests::sn::{Qos, SubTopic, TopicType};
 use sensorgate_tests::{
     Rig, Script, Subscriber, UpMsg, free_tcp_port, free_udp_port, poll_until, publish_upstream,
 };
@@ -584,4 +585,40 @@ fn a_proxy_uri_request_gets_5_05_proxying_not_supported() {
         "{}",
         r.describe()
     );
+}
+
+#[test]
+fn publishes_on_the_gateway_reach_coap_observers_and_mqtt_sn_subscribers_once() {
+    let rig = rig("", false);
+    let mut obs = RawClient::new(rig.gateway.coap_addr()).unwrap();
+    let mut dev = RawClient::new(rig.gateway.coap_addr()).unwrap();
+    let token = observe(&mut obs, "ps/loc/t");
+    let mut sn = rig.connected("sn-loc").unwrap();
+    sn.subscribe_ok(Qos::One, SubTopic::Name("loc/t")).unwrap();
+
+    // A CoAP PUT: the CoAP observer and the MQTT-SN subscriber each get it once.
+    let req = put(&mut dev, "ps/loc/t", b"from-coap");
+    let r = dev.request(&req, WAIT).unwrap();
+    assert_eq!(r.code, codes::CHANGED, "{}", r.describe());
+    let n = notification(&obs, &token, b"from-coap");
+    if n.ty == CON {
+        obs.send(&Msg::empty(ACK, n.mid)).unwrap();
+    }
+    let d = sn.downlink(1, WAIT).unwrap();
+    assert_eq!(d[0].payload, b"from-coap");
+
+    // An MQTT-SN publish reaches the CoAP observer, also once.
+    let id = sn.register("loc/t").unwrap();
+    sn.publish_qos1_ok(TopicType::Normal, id, b"from-sn")
+        .unwrap();
+    let n = notification(&obs, &token, b"from-sn");
+    if n.ty == CON {
+        obs.send(&Msg::empty(ACK, n.mid)).unwrap();
+    }
+    // The MQTT-SN publisher's own copy (it subscribed) marks that both went around.
+    let d = sn.downlink(1, WAIT).unwrap();
+    assert_eq!(d[0].payload, b"from-sn");
+    obs.assert_silent(QUIET).unwrap();
+    // Nothing more for the MQTT-SN client either (no second copy of either message).
+    sn.assert_no_reply().unwrap();
 }
