@@ -4,7 +4,8 @@
 //! during the outage the gateway is killed with SIGKILL and restarted on the same state dir;
 //! then the broker comes back. Every payload that got a 2.04 reaches the subscriber, and per
 //! device the payloads arrive in increasing order (duplicates allowed: a request whose 2.04
-//! was lost to the kill is sent again).
+//! was lost to the kill is sent again). A full spool answers 5.03 with Max-Age
+//! (`busy_max_age`) and PUTs are accepted again once the backlog drained.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -16,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use sensorgate_tests::coap::{ACK, CON, Msg, RawClient, codes};
+use sensorgate_tests::coap::{ACK, CON, Msg, RawClient, codes, opts};
 use sensorgate_tests::{Gateway, GatewayConfig, Mosquitto, Subscriber, poll_until};
 
 const DEVICES: usize = 10;
@@ -208,4 +209,50 @@ fn every_acknowledged_put_survives_a_broker_outage_and_a_kill_9_in_order_per_dev
     }
     eprintln!("{total} acknowledged, {received} received, {duplicates} duplicates");
     gateway.stop().unwrap();
+}
+
+#[test]
+fn a_full_spool_answers_5_03_with_max_age_and_accepts_again_once_drained() {
+    let mut broker = Mosquitto::start_persistent().unwrap();
+    let mut cfg = GatewayConfig::new(broker.port()).unwrap();
+    cfg.with_coap().unwrap().coap("busy_max_age = \"7s\"\n");
+    cfg.extra_sections
+        .push_str("\n[spool]\nmax_bytes = \"1MiB\"\nsegment_bytes = \"64KiB\"\n");
+    let gateway = Gateway::start(&cfg).unwrap();
+    let mut c = RawClient::new(gateway.coap_addr()).unwrap();
+    broker.stop().unwrap();
+    let body = vec![b'f'; 1000];
+    // About a thousand 1000-byte bodies fill a 1 MiB spool; bounded well above that.
+    let mut accepted = 0;
+    let busy = (0..5_000)
+        .find_map(|i| {
+            let (mid, token) = (c.mid(), c.token());
+            let req = Msg::request(CON, codes::PUT, mid, &token, &format!("ps/full/{i}"))
+                .with_payload(&body);
+            let r = c.request(&req, WAIT).unwrap();
+            match r.code {
+                codes::CHANGED => {
+                    accepted += 1;
+                    None
+                }
+                _ => Some(r),
+            }
+        })
+        .expect("the 1 MiB spool never filled");
+    assert_eq!(busy.code, codes::SERVICE_UNAVAILABLE, "{}", busy.describe());
+    assert_eq!(busy.uint(opts::MAX_AGE), Some(7), "{}", busy.describe());
+    assert!(
+        accepted > 500,
+        "only {accepted} accepted before the spool was full"
+    );
+
+    // The broker back, the backlog drains and PUTs are accepted again.
+    broker.restart().unwrap();
+    poll_until("a 2.04 again", WAIT, Duration::from_millis(500), || {
+        let (mid, token) = (c.mid(), c.token());
+        let req = Msg::request(CON, codes::PUT, mid, &token, "ps/full/again").with_payload(b"x");
+        let r = c.request(&req, WAIT)?;
+        Ok((r.code == codes::CHANGED).then_some(()))
+    })
+    .unwrap();
 }
