@@ -4,7 +4,9 @@
 //! empty ACK comes first and a separate CON 2.04 follows, retransmitted until ACKed; No-Response
 //! suppresses a NON 2.04; a Block1 gap gets 4.08; GET without Observe answers 4.04 / 4.00; an
 //! RST answering a CON or NON notification, or a GET with Observe=1, ends that observation (and
-//! no notification follows); a Ver 2 datagram is ignored, TKL 9 and a truncated option get an
+//! no notification follows); an unacknowledged CON notification is retransmitted (same bytes)
+//! and then ends the observation; CoAP and MQTT-SN publishes reach each other's subscribers
+//! once; a Ver 2 datagram is ignored, TKL 9 and a truncated option get an
 //! RST, an unknown critical option 4.02; a flood of new peers past `max_peers` gets 5.03 with
 //! Max-Age, bounded memory, and leaves the gateway serving.
 
@@ -621,4 +623,44 @@ fn publishes_on_the_gateway_reach_coap_observers_and_mqtt_sn_subscribers_once() 
     obs.assert_silent(QUIET).unwrap();
     // Nothing more for the MQTT-SN client either (no second copy of either message).
     sn.assert_no_reply().unwrap();
+}
+
+#[test]
+fn an_unacknowledged_con_notification_is_retransmitted_then_the_observation_ends() {
+    // Short RFC timers so exhaustion comes within seconds; every 2nd notification is CON.
+    let rig = rig(
+        "ack_timeout = \"200ms\"\nack_wait = \"100ms\"\nmax_retransmit = 2\n\
+         notification_check_count = 2\n",
+        true,
+    );
+    let mut a = RawClient::new(rig.gateway.coap_addr()).unwrap();
+    let token = observe(&mut a, "ps/cmd/t?id=tm&qos=0");
+    publish_upstream(
+        rig.broker.port(),
+        &[UpMsg::new("cmd/t", b"a", 0), UpMsg::new("cmd/t", b"b", 0)],
+    )
+    .unwrap();
+    let n = notification(&a, &token, b"a");
+    assert_eq!(n.ty, NON, "QoS 0: NON: {}", n.describe());
+    // The 2nd goes CON (notification_check_count) to learn whether the observer is alive.
+    let con = notification(&a, &token, b"b");
+    assert_eq!(con.ty, CON, "{}", con.describe());
+    // Never acknowledged: sent again max_retransmit times, the same bytes each time.
+    for i in 0..2 {
+        let again = a
+            .recv(WAIT)
+            .unwrap()
+            .unwrap_or_else(|| panic!("retransmission {i} missing"));
+        assert_eq!(again.encode(), con.encode(), "retransmission {i}");
+    }
+    // Then the observer counts as gone: the observation ends and nothing more comes.
+    poll_until(
+        "the observation gone",
+        WAIT,
+        Duration::from_millis(100),
+        || Ok(filters(&rig, "tm").is_empty().then_some(())),
+    )
+    .unwrap();
+    publish_upstream(rig.broker.port(), &[UpMsg::new("cmd/t", b"c", 0)]).unwrap();
+    a.assert_silent(QUIET).unwrap();
 }
