@@ -6,9 +6,9 @@
 //! RST answering a CON or NON notification, or a GET with Observe=1, ends that observation (and
 //! no notification follows); an unacknowledged CON notification is retransmitted (same bytes)
 //! and then ends the observation; CoAP and MQTT-SN publishes reach each other's subscribers
-//! once; a Ver 2 datagram is ignored, TKL 9 and a truncated option get an
-//! RST, an unknown critical option 4.02; a flood of new peers past `max_peers` gets 5.03 with
-//! Max-Age, bounded memory, and leaves the gateway serving.
+//! once; a Ver 2 datagram is ignored, TKL 9 and a truncated option get an RST, an unknown
+//! critical option 4.02; a flood of new peers past `max_peers` gets 5.03 with Max-Age, bounded
+//! memory, and leaves the gateway serving.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
