@@ -77,7 +77,7 @@ fn libcoap_observer_gets_mqtt_downlink_then_get_returns_the_retained_value() {
         Ok(())
     })
     .unwrap();
-    let mut obs = libcoap_observer(&rig, "ps/cmd/dev1?id=obs1", 8);
+    let mut obs = libcoap_observer(&rig, "ps/cmd/dev1?id=obs1", 12);
     // The registration is answered 2.05 (piggy-backed on the ACK).
     expect_pdu(&obs, "2.05", None);
     assert_eq!(
