@@ -170,7 +170,7 @@ pub struct Load {
 
 /// The source address of client `i`: 20,000 clients per loopback address (the ephemeral port
 /// range holds about 28,000), starting at 127.77.0.1.
-fn source_ip(i: usize) -> IpAddr {
+pub(crate) fn source_ip(i: usize) -> IpAddr {
     let k = u8::try_from(i / 20_000).unwrap_or(u8::MAX);
     IpAddr::V4(Ipv4Addr::new(127, 77, 0, k.saturating_add(1)))
 }
@@ -663,7 +663,7 @@ impl Client {
 /// Sends `packets` on a connected socket with as few `sendmmsg` calls as the socket allows.
 /// (The `sendmmsg` headers are built per call: they hold raw pointers, so they cannot live in a
 /// task that moves between threads.)
-async fn send_batch(sock: &UdpSocket, packets: &[Vec<u8>]) -> io::Result<()> {
+pub(crate) async fn send_batch(sock: &UdpSocket, packets: &[Vec<u8>]) -> io::Result<()> {
     let fd = sock.as_raw_fd();
     let mut sent = 0;
     while sent < packets.len() {

@@ -10,6 +10,7 @@
 
 pub mod amqp;
 pub mod baseline;
+pub mod coap;
 pub mod generator;
 pub mod procs;
 pub mod sn;

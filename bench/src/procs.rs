@@ -137,6 +137,8 @@ pub struct Gateway {
     pub config: PathBuf,
     /// Its `state_dir` (the spool is in `spool/`, persistent sessions in `sessions/`).
     pub state_dir: PathBuf,
+    /// Where CoAP devices send, when [`GatewayConfig::coap`] turned CoAP on.
+    pub coap: Option<SocketAddr>,
 }
 
 /// Predefined topic id every benchmark gateway has (for QoS -1), and its topic.
@@ -160,6 +162,9 @@ pub struct GatewayConfig {
     /// The whole upstream part (one or more `[[upstream]]` tables) in place of the default
     /// MQTT upstream to the broker's port (then `upstream` is not used).
     pub upstreams: Option<String>,
+    /// CoAP on: `[coap]` with `listen = ["127.0.0.1:<free port>"]` and these lines after it.
+    /// `None`: no `[coap]` section (CoAP off).
+    pub coap: Option<String>,
 }
 
 impl GatewayConfig {
@@ -173,17 +178,20 @@ impl GatewayConfig {
             upstream: BENCH_UPSTREAM.to_owned(),
             spool: String::new(),
             upstreams: None,
+            coap: None,
         }
     }
 }
 
 impl Gateway {
     /// Starts `bin` with a benchmark config (`cfg`, upstream to `broker_port`, state in
-    /// `dir/state`) and waits until it answers SEARCHGW. Nothing needs to listen on
+    /// `dir/state`) and waits until it answers SEARCHGW (and, with CoAP on, a CoAP ping: an
+    /// empty CON, answered with RST by RFC 7252 §4.3). Nothing needs to listen on
     /// `broker_port` yet: the gateway spools until the broker is there.
     ///
     /// # Errors
     /// When it cannot be started or does not answer within 10 s.
+    #[allow(clippy::too_many_lines)]
     pub fn start(
         bin: &Path,
         dir: &Path,
@@ -209,12 +217,20 @@ impl Gateway {
         } else {
             format!("[admin]\nlisten = \"127.0.0.1:{}\"\n\n", free_port()?)
         };
+        let coap = match &cfg.coap {
+            Some(extra) => Some((SocketAddr::from(([127, 0, 0, 1], free_port()?)), extra)),
+            None => None,
+        };
+        let coap_section = coap.map_or_else(String::new, |(at, extra)| {
+            format!("[coap]\nlisten = [\"{at}\"]\n{extra}\n")
+        });
         let mut f = std::fs::File::create(&config)?;
         write!(
             f,
             "[gateway]\nid = 1\nstate_dir = \"{}\"\n\n[log]\nlevel = \"warn\"\n\n{admin}[spool]\n{}\n\
              [mqttsn]\nlisten = [\"{addr}\"]\nmax_clients = {}\n{}\n\
-             [[mqttsn.predefined_topic]]\nid = {}\ntopic = \"{}\"\nclients = [\"*\"]\n\n{upstreams}",
+             [[mqttsn.predefined_topic]]\nid = {}\ntopic = \"{}\"\nclients = [\"*\"]\n\n\
+             {coap_section}{upstreams}",
             state.display(),
             cfg.spool,
             cfg.max_clients,
@@ -252,11 +268,17 @@ impl Gateway {
                 break;
             }
         }
+        let coap = coap.map(|(at, _)| at);
+        if let Some(at) = coap {
+            coap_ping(&probe, at, until)
+                .with_context(|| format!("sensorgate's CoAP listener (see {})", dir.display()))?;
+        }
         Ok(Gateway {
             child,
             addr,
             config,
             state_dir: state,
+            coap,
         })
     }
 
@@ -302,6 +324,30 @@ impl Gateway {
     fn signal(&self, signal: Signal) -> anyhow::Result<()> {
         let pid = i32::try_from(self.pid()).context("process id out of range")?;
         kill(Pid::from_raw(pid), signal).with_context(|| format!("sending {signal} to sensorgate"))
+    }
+}
+
+/// Sends CoAP pings (empty CON) to `at` from `probe` until an RST (or ACK) with the ping's
+/// Message ID comes back, or `until`.
+fn coap_ping(probe: &UdpSocket, at: SocketAddr, until: Instant) -> anyhow::Result<()> {
+    use crate::coap::wire::{self, Type};
+    let mut buf = [0u8; 64];
+    let mut mid = 0u16;
+    loop {
+        if Instant::now() > until {
+            bail!("no answer to a CoAP ping (empty CON) at {at} within 10 s");
+        }
+        mid = mid.wrapping_add(1);
+        probe.send_to(&wire::empty(Type::Con, mid), at)?;
+        while let Ok((n, from)) = probe.recv_from(&mut buf) {
+            if from == at
+                && let Some(m) = wire::decode(buf.get(..n).unwrap_or_default())
+                && matches!(m.ty, Type::Rst | Type::Ack)
+                && m.mid == mid
+            {
+                return Ok(());
+            }
+        }
     }
 }
 

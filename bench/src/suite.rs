@@ -1,26 +1,34 @@
-//! The standard scenario set and its report. The ten scenarios: 1 QoS 0 from one client
+//! The standard scenario set and its report. The thirteen scenarios: 1 QoS 0 from one client
 //! (unpaced flood beside a native MQTT baseline, then paced steps with their latency); 2, 10
 //! and 3 QoS 1 with window 1 from 1, 100 and 1,000 clients (10 was added after 9, hence its
 //! number); 4 connect storm; 5 idle clients beside active publishers; 6 downlink fan-out;
 //! 7 spool drain after a backlog; 8 QoS 1 uplink to RabbitMQ; 9 uplink fan-out to two
-//! upstreams (disk bytes). `targets` checks the issues' targets (issue 13's among them).
+//! upstreams (disk bytes); CoAP (issue 15, [`crate::coap`]'s devices): 11 CON PUT from 1,000
+//! devices with fsync before 2.04, beside scenario 3; 12 NON PUT paced at 100,000 msg/s from
+//! one device, with and without 2.04 answers (No-Response); 13 Observe fan-out to 10,000
+//! observations of one topic. `targets` checks the issues' targets (issues 13 and 15 among
+//! them).
 //!
 //! Each scenario runs against a fresh sensorgate (clean CPU and memory figures) and the same
 //! mosquitto; the counting subscriber is reset between runs. Scenario 7 (spool drain) starts
 //! its own mosquitto, after the backlog is spooled. Scenario 8 starts its own RabbitMQ node
 //! (stopped when the scenario ends) with a counting AMQP consumer; scenario 9 runs two
-//! gateways on the shared mosquitto, with one counting subscriber per upstream. Sizes are the
-//! issue's; `quick` shrinks them for a smoke run.
+//! gateways on the shared mosquitto, with one counting subscriber per upstream. Scenarios
+//! 11-13 turn the gateway's `[coap]` listener on. Sizes are the issue's; `quick` shrinks them
+//! for a smoke run.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use sensorgate_bridges::spool::{RECORD_HEADER, encoded_len};
 use serde::Serialize;
 use tempfile::TempDir;
 
 use crate::amqp::{self, AmqpCounter, NativeAmqp};
 use crate::baseline::{self, Native};
+use crate::coap::{ConLoad, ConSpec, NonSpec, ObserveSpec, Observers, non_put};
 use crate::generator::{Load, LoadSpec, TopicMode, count};
 use crate::procs::{self, BENCH_UPSTREAM, Broker, Gateway, GatewayConfig, Rabbit};
 use crate::subscriber::{Counter, Tally};
@@ -31,7 +39,7 @@ use crate::sys::{self, ProcSample};
 pub struct Options {
     /// The sensorgate binary.
     pub gateway_bin: PathBuf,
-    /// Scenario numbers to run (1-10), in this order.
+    /// Scenario numbers to run (1-13), in this order.
     pub only: Vec<u8>,
     /// Smaller sizes.
     pub quick: bool,
@@ -252,6 +260,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             7 => spool_drain(&mut env).await,
             8 => amqp_uplink(&mut env, &scenarios).await,
             9 => fan_out_disk(&mut env).await,
+            11 => coap_con_put(&mut env, &scenarios).await,
+            12 => coap_non_paced(&mut env).await,
+            13 => coap_observers(&mut env).await,
             _ => continue,
         };
         match result {
@@ -1451,6 +1462,332 @@ async fn fan_out_disk_run(
     Ok(Some((per(io.write_bytes), per(io.wchar))))
 }
 
+/// Scenarios 11-13's `[spool]`: fsync before every acknowledgement (the default, written out
+/// because the issue's CON figure is for it).
+const FSYNC_ALWAYS: &str = "fsync = \"always\"\n";
+
+/// A fresh gateway with CoAP on (`coap`: lines after `listen` in `[coap]`) and room for
+/// `max_clients` MQTT-SN sessions; returns it and its CoAP address.
+fn coap_gateway(
+    env: &mut Env,
+    max_clients: usize,
+    coap: &str,
+) -> anyhow::Result<(Gateway, SocketAddr)> {
+    let port = env.broker.port;
+    let gw = env.gateway_with(
+        port,
+        &GatewayConfig {
+            coap: Some(coap.to_owned()),
+            spool: FSYNC_ALWAYS.to_owned(),
+            ..GatewayConfig::new(max_clients, "")
+        },
+    )?;
+    let addr = gw.coap.context("the gateway has no CoAP listener")?;
+    Ok((gw, addr))
+}
+
+/// Copies every metric of `from` into `s`, prefixed.
+fn put_all_prefixed(s: &mut Scenario, prefix: &str, from: &Scenario) {
+    for m in &from.metrics {
+        s.put(&format!("{prefix}{}", m.name), m.value, m.unit);
+    }
+}
+
+/// Scenario 11: CoAP CON `PUT /ps/bench/<i>` from 1,000 devices, one outstanding request each
+/// (NSTART = 1), each answered 2.04 only once its fsync landed (piggy-backed, or an empty
+/// ACK and a separate response); scenario 3's MQTT-SN QoS 1 figures of this run beside it.
+#[allow(clippy::too_many_lines)]
+async fn coap_con_put(env: &mut Env, earlier: &[Scenario]) -> anyhow::Result<Scenario> {
+    let devices: usize = 1000;
+    // As scenario 3.
+    let per_device: u64 = if env.opts.quick { 30 } else { 100 };
+    let mut s = Scenario::new(
+        11,
+        &format!("CoAP CON PUT, {devices} devices, NSTART 1, fsync always"),
+    );
+    let _ = sys::raise_nofile(devices as u64 + 2000);
+    let (gw, addr) = coap_gateway(env, 100, "")?;
+    let mut spec = ConSpec::new(addr);
+    spec.devices = devices;
+    spec.messages = per_device;
+    spec.payload = env.opts.payload;
+    spec.publish_for = Duration::from_secs(30);
+    env.counter.reset();
+    let mut load = ConLoad::start(spec).await?;
+    let cpu = Cpu::start(gw.pid(), env.broker.pid());
+    load.go();
+    let secs = load.wait_done(Duration::from_secs(40)).await.as_secs_f64();
+    let c = load.counters.clone();
+    let (sent, acked) = (count(&c.sent), count(&c.success));
+    s.put("acknowledged", acked as f64, "reqs");
+    s.put("acknowledged rate", acked as f64 / secs.max(1e-9), "req/s");
+    s.put("5.03 answers", count(&c.unavailable) as f64, "reqs");
+    s.put("other answer codes", count(&c.other_code) as f64, "reqs");
+    s.put(
+        "empty ACKs (separate response)",
+        count(&c.empty_acks) as f64,
+        "reqs",
+    );
+    s.put("separate responses", count(&c.separate) as f64, "reqs");
+    s.put("retransmissions", count(&c.retransmits) as f64, "pkts");
+    s.put("RSTs", count(&c.resets) as f64, "reqs");
+    s.put("unanswered", count(&c.unanswered) as f64, "reqs");
+    if let Ok(h) = load.latency.lock() {
+        put_latency(&mut s, "PUT to 2.04", &h);
+    }
+    let tally = env.counter.wait_for(acked, IDLE, Duration::from_secs(30))?;
+    load.finish().await;
+    put_tally(&mut s, &tally, sent);
+    s.put(
+        "acknowledged but not delivered",
+        acked.saturating_sub(tally.unique) as f64,
+        "reqs",
+    );
+    put_latency(&mut s, "end-to-end latency", &tally.latency);
+    // Measured as scenario 3 does: from the first request until everything is upstream.
+    cpu.put(&mut s, acked, "acknowledged request");
+    match earlier.iter().find(|e| e.id == 3 && !e.failed) {
+        Some(sn) => {
+            put_prefixed(
+                &mut s,
+                "MQTT-SN QoS 1 (scenario 3): ",
+                sn,
+                &[
+                    "acknowledged rate",
+                    "PUBLISH to PUBACK p50",
+                    "PUBLISH to PUBACK p99",
+                    "gateway CPU per acknowledged msg",
+                ],
+            );
+            if let Some(rate) = sn.get("acknowledged rate").filter(|r| *r > 0.0) {
+                s.put(
+                    "CoAP / MQTT-SN acknowledged rate",
+                    100.0 * s.get("acknowledged rate").unwrap_or(0.0) / rate,
+                    "%",
+                );
+            }
+            if let (Some(theirs), Some(ours)) = (
+                sn.get("gateway CPU per acknowledged msg")
+                    .filter(|c| *c > 0.0),
+                s.get("gateway CPU per acknowledged request"),
+            ) {
+                s.put(
+                    "CoAP / MQTT-SN gateway CPU per message",
+                    100.0 * ours / theirs,
+                    "%",
+                );
+            }
+        }
+        None => s.notes.push(
+            "scenario 3 (MQTT-SN QoS 1, 1,000 clients) did not run before this one: no \
+             comparison (run e.g. --only 3,11)"
+                .into(),
+        ),
+    }
+    note_warnings(&mut s, "gateway", &gw);
+    Ok(s)
+}
+
+/// Scenario 12's offered rate.
+const COAP_NON_RATE: f64 = 100_000.0;
+
+/// Scenario 12: NON `PUT /ps/bench/<d>` paced at [`COAP_NON_RATE`] from one device, first
+/// answered (a NON 2.04 per request, as libcoap's `-N` expects), then with No-Response = 2
+/// (RFC 7967: no 2.xx answers). Loss upstream, with the kernel's drops at the gateway's socket
+/// apart (as scenario 1).
+async fn coap_non_paced(env: &mut Env) -> anyhow::Result<Scenario> {
+    let secs = if env.opts.quick { 2.0 } else { 5.0 };
+    let messages = (COAP_NON_RATE * secs) as u64;
+    let mut s = Scenario::new(
+        12,
+        &format!(
+            "CoAP NON PUT paced at {COAP_NON_RATE:.0} msg/s from one device ({messages} msgs), \
+             answered and with No-Response"
+        ),
+    );
+    let (gw, addr) = coap_gateway(env, 100, "")?;
+    for (label, no_response, device) in [("answered", false, 0u32), ("No-Response", true, 1)] {
+        let mut spec = NonSpec::new(addr);
+        spec.device = device;
+        spec.messages = messages;
+        spec.rate = COAP_NON_RATE;
+        spec.publish_for = Duration::from_secs_f64(secs + 10.0);
+        spec.payload = env.opts.payload;
+        spec.no_response = no_response;
+        env.counter.reset();
+        let drops_before = sys::udp_drops(addr);
+        let cpu = Cpu::start(gw.pid(), env.broker.pid());
+        let r = non_put(&spec).await?;
+        let tally = env
+            .counter
+            .wait_for(r.sent, IDLE, Duration::from_secs(30))?;
+        let drops_after = sys::udp_drops(addr);
+        let mut step = Scenario::new(0, "");
+        let offered = r.sent as f64 / r.secs.max(1e-9);
+        step.put("offered", offered, "msg/s");
+        if offered < PACED_OFFERED_SHARE * COAP_NON_RATE {
+            s.notes.push(format!(
+                "{label}: the generator offered only {offered:.0} msg/s (it fell behind)"
+            ));
+        }
+        step.put("sent", r.sent as f64, "msgs");
+        put_tally(&mut step, &tally, r.sent);
+        step.put("lost", r.sent.saturating_sub(tally.unique) as f64, "msgs");
+        if let (Some(before), Some(after)) = (drops_before, drops_after) {
+            let kernel = after.saturating_sub(before);
+            step.put("kernel drops at the gateway socket", kernel as f64, "msgs");
+            step.put(
+                "lost inside the gateway",
+                r.sent.saturating_sub(tally.unique).saturating_sub(kernel) as f64,
+                "msgs",
+            );
+        }
+        if !no_response {
+            step.put("2.xx answers", r.answered as f64, "msgs");
+            step.put(
+                "requests without an answer",
+                r.sent.saturating_sub(r.answered + r.other) as f64,
+                "msgs",
+            );
+        }
+        step.put("other answers", r.other as f64, "msgs");
+        if let Some(drops) = r.device_drops {
+            step.put("kernel drops at the device socket", drops as f64, "msgs");
+        }
+        put_latency(&mut step, "latency", &tally.latency);
+        cpu.put(&mut step, tally.unique, "delivered msg");
+        put_all_prefixed(&mut s, &format!("{label}: "), &step);
+    }
+    note_warnings(&mut s, "gateway", &gw);
+    Ok(s)
+}
+
+/// Scenario 13's observations per observer socket: within the gateway's default
+/// `max_observers_per_peer` (32).
+const OBSERVER_TOKENS: usize = 20;
+
+/// Scenario 13: `sockets` × [`OBSERVER_TOKENS`] CoAP observations of `/ps/bench/fan` (QoS 0:
+/// NON notifications, but for the periodic CON check, which the observers ACK), then QoS 0
+/// messages from a native MQTT publisher to `bench/fan`: notifications/s and gateway CPU per
+/// notification.
+#[allow(clippy::too_many_lines)]
+async fn coap_observers(env: &mut Env) -> anyhow::Result<Scenario> {
+    let (sockets, messages): (usize, u64) = if env.opts.quick {
+        (100, 50)
+    } else {
+        (500, 100)
+    };
+    let observers = sockets * OBSERVER_TOKENS;
+    let mut s = Scenario::new(
+        13,
+        &format!(
+            "CoAP Observe fan-out: {observers} observations ({sockets} peers x \
+             {OBSERVER_TOKENS} tokens) of one topic, {messages} QoS 0 messages"
+        ),
+    );
+    let _ = sys::raise_nofile(sockets as u64 + 2000);
+    let (gw, addr) = coap_gateway(env, 100, "")?;
+    let mut spec = ObserveSpec::new(addr);
+    spec.sockets = sockets;
+    spec.tokens = OBSERVER_TOKENS;
+    spec.latency_client = Some(1);
+    let obs = Observers::start(spec).await?;
+    let registered = obs.wait_registered(Duration::from_secs(60)).await;
+    let c = obs.counters.clone();
+    s.put("observations registered", registered as f64, "");
+    s.put(
+        "registrations refused",
+        (count(&c.exchanges.unavailable) + count(&c.exchanges.other_code)) as f64,
+        "",
+    );
+    s.put(
+        "registrations unanswered",
+        (count(&c.exchanges.unanswered) + count(&c.exchanges.resets)) as f64,
+        "",
+    );
+    s.put(
+        "registration retransmissions",
+        count(&c.exchanges.retransmits) as f64,
+        "pkts",
+    );
+    let native = |client: u32, messages: u64| Native {
+        port: env.broker.port,
+        topic: "bench/fan".into(),
+        client,
+        messages,
+        qos: 0,
+        payload: env.opts.payload,
+        rate: None,
+        max: Duration::from_secs(20),
+        window: None,
+        seq_property: false,
+    };
+    // Warm-up messages until one is notified: then the upstream subscription is in place.
+    for _ in 0..20 {
+        baseline::publish(&native(0, 1)).await?;
+        obs.wait_notifications(1, Duration::from_millis(500), Duration::from_millis(500))
+            .await;
+        if obs.notifications() > 0 {
+            break;
+        }
+    }
+    let mut seen = 0;
+    loop {
+        obs.wait_notifications(seen + 1, Duration::from_millis(500), Duration::from_secs(5))
+            .await;
+        let now = obs.notifications();
+        if now == seen {
+            break;
+        }
+        seen = now;
+    }
+    let warm = obs.notifications();
+    let con_warm = count(&c.con_notifications);
+    let drops_before = obs.kernel_drops();
+    let cpu = Cpu::start(gw.pid(), env.broker.pid());
+    let start_ns = crate::elapsed_ns();
+    baseline::publish(&native(1, messages)).await?;
+    let expected = registered * messages;
+    obs.wait_notifications(warm + expected, IDLE, Duration::from_secs(60))
+        .await;
+    let got = obs.notifications().saturating_sub(warm);
+    let last = count(&c.last_ns);
+    let secs = last.saturating_sub(start_ns) as f64 / 1e9;
+    let mut step = Scenario::new(0, "");
+    cpu.put(&mut step, got, "notification");
+    s.put("notifications", got as f64, "msgs");
+    s.put(
+        "loss",
+        100.0 * expected.saturating_sub(got) as f64 / expected.max(1) as f64,
+        "%",
+    );
+    s.put(
+        "notification rate",
+        got as f64 / secs.max(1e-9),
+        "notifications/s",
+    );
+    s.put(
+        "CON notifications (ACKed)",
+        count(&c.con_notifications).saturating_sub(con_warm) as f64,
+        "msgs",
+    );
+    if let (Some(before), Some(after)) = (drops_before, obs.kernel_drops()) {
+        s.put(
+            "kernel drops at the observer sockets",
+            after.saturating_sub(before) as f64,
+            "msgs",
+        );
+    }
+    let latency = obs.latency.clone();
+    obs.finish().await;
+    if let Ok(h) = latency.lock() {
+        put_latency(&mut s, "publish to notification", &h);
+    }
+    put_all_prefixed(&mut s, "", &step);
+    note_warnings(&mut s, "gateway", &gw);
+    Ok(s)
+}
+
 fn targets(scenarios: &[Scenario]) -> Vec<Target> {
     let find = |id: u8, m: &str| scenarios.iter().find(|s| s.id == id).and_then(|s| s.get(m));
     // A cell: `add` and the targets with their own wording push to it in turn.
@@ -1615,7 +1952,60 @@ fn targets(scenarios: &[Scenario]) -> Vec<Target> {
         "x",
         &|v| v <= 1.2,
     );
+    add(
+        12,
+        "CoAP NON PUT paced at 100,000 msg/s, one device, 2.04 answers on: zero loss",
+        find(12, "answered: lost"),
+        "msgs lost",
+        &|v| v == 0.0,
+    );
+    add(
+        12,
+        "CoAP NON PUT paced at 100,000 msg/s, one device, No-Response: zero loss",
+        find(12, "No-Response: lost"),
+        "msgs lost",
+        &|v| v == 0.0,
+    );
+    add(
+        13,
+        "CoAP Observe fan-out: >= 100,000 notifications/s",
+        find(13, "notification rate"),
+        "notifications/s",
+        &|v| v >= 100_000.0,
+    );
     let mut out = out.into_inner();
+    if let Some(share) = find(11, "CoAP / MQTT-SN acknowledged rate") {
+        out.push(Target {
+            scenario: 11,
+            target: "CoAP CON PUT, 1,000 devices, fsync always: acknowledged rate >= 80% of \
+                     MQTT-SN QoS 1 (scenario 3, same run)"
+                .into(),
+            measured: format!(
+                "{:.0} req/s = {share:.1}% of {:.0} msg/s",
+                find(11, "acknowledged rate").unwrap_or(0.0),
+                find(11, "MQTT-SN QoS 1 (scenario 3): acknowledged rate").unwrap_or(0.0)
+            ),
+            met: share >= 80.0,
+        });
+    }
+    if let Some(share) = find(11, "CoAP / MQTT-SN gateway CPU per message") {
+        out.push(Target {
+            scenario: 11,
+            target: "CoAP CON PUT, 1,000 devices: gateway CPU per request <= 120% of MQTT-SN \
+                     QoS 1's per message (scenario 3, same run)"
+                .into(),
+            measured: format!(
+                "{:.1} us = {share:.1}% of {:.1} us",
+                find(11, "gateway CPU per acknowledged request").unwrap_or(0.0),
+                find(
+                    11,
+                    "MQTT-SN QoS 1 (scenario 3): gateway CPU per acknowledged msg"
+                )
+                .unwrap_or(0.0)
+            ),
+            met: share <= 120.0,
+        });
+    }
     if let Some(drain) = find(7, "drain rate (first to last delivery)") {
         let limit =
             find(7, "broker limit (native QoS 1 with sg-seq, one connection)").unwrap_or(0.0);

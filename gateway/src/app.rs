@@ -1,5 +1,11 @@
-//! Wiring: binds the listeners, starts the upstreams and the MQTT-SN driver, and stops them in
-//! order on shutdown.
+//! Wiring: binds the listeners, starts the upstreams and the ingresses (the MQTT-SN driver and,
+//! with `[coap] listen`, the CoAP driver: both the one UDP driver over their own core), and
+//! stops them in order on shutdown.
+//!
+//! Shutdown order (each step waits for the one before, under [`SHUTDOWN_GRACE`]): the
+//! ingresses stop (both on the same token; the one that fails first stops the other), so no
+//! appender is left; the downlink router; the session store; the spool writer (it ends once
+//! every appender is gone); the drains and upstreams; the cursors are saved last.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -20,7 +26,9 @@ use sensorgate_bridges::spool::{
 use sensorgate_bridges::telemetry::{Beat, LinkInfo};
 use sensorgate_bridges::upstream::{AckReport, Subscriber, Upstream};
 
-use crate::config::{Config, UpstreamKind};
+use crate::coap;
+use crate::config::{CoapSection, Config, UpstreamKind};
+use crate::ingress::DatagramCore;
 use crate::io::kernel_drops::KernelDrops;
 use crate::io::session_store::{self, SessionStore, StoreError, StoreLink, StoreThread};
 use crate::io::udp::{self, SocketOptions, UdpDriver, UdpStats};
@@ -33,6 +41,12 @@ use crate::observe::snapshot::{
     IngressSource, KindCounters, Listener, Phase, PhaseCell, Sources, UpstreamSource,
 };
 use crate::preflight::{ErrorClass, class_of_io};
+
+/// The CoAP ingress's name in logs and errors.
+const COAP: &str = <coap::core::Core as DatagramCore>::NAME;
+
+/// The MQTT-SN ingress's name in logs and errors.
+const MQTT_SN: &str = <Core as DatagramCore>::NAME;
 
 /// How long stopping tasks may take before they are abandoned.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -55,8 +69,12 @@ const DOWNLINK_CHANNEL: usize = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// A listener could not be bound.
-    #[error("cannot bind MQTT-SN listener {addr}: {error}{hint}", hint = bind_hint(.error))]
+    #[error("cannot bind {protocol} listener {addr}: {error}{hint}", hint = bind_hint(.error, .key))]
     Bind {
+        /// The protocol (`MQTT-SN`, `CoAP`).
+        protocol: &'static str,
+        /// The config key naming the address (`[mqttsn] listen`), for the hint.
+        key: &'static str,
         /// The configured address.
         addr: SocketAddr,
         /// The OS error (not a `source`: the message already says it).
@@ -92,9 +110,14 @@ pub enum RunError {
     /// The spool writer thread could not start.
     #[error("cannot start the spool writer: {0}")]
     SpoolWriter(std::io::Error),
-    /// The MQTT-SN transport failed.
-    #[error("MQTT-SN transport failed: {0}")]
-    Transport(std::io::Error),
+    /// An ingress's transport failed (the gateway stopped).
+    #[error("{protocol} transport failed: {error}")]
+    Transport {
+        /// The protocol (`MQTT-SN`, `CoAP`).
+        protocol: &'static str,
+        /// The socket error.
+        error: std::io::Error,
+    },
     /// The session store could not be opened or started.
     #[error(transparent)]
     SessionStore(#[from] StoreError),
@@ -115,26 +138,27 @@ impl RunError {
             RunError::Spool(OpenError::Format { .. }) => ErrorClass::Data,
             RunError::Spool(OpenError::Io { source, .. }) => class_of_io(source),
             RunError::SessionStore(StoreError::Dir { source, .. }) => class_of_io(source),
-            RunError::SpoolWriter(_) | RunError::Transport(_) | RunError::SessionStore(_) => {
+            RunError::SpoolWriter(_) | RunError::Transport { .. } | RunError::SessionStore(_) => {
                 ErrorClass::Other
             }
         }
     }
 }
 
-/// What to do about a bind error, when it is clear.
-fn bind_hint(error: &std::io::Error) -> &'static str {
+/// What to do about a bind error of the address at config key `key`, when it is clear.
+fn bind_hint(error: &std::io::Error, key: &str) -> String {
     match error.kind() {
         std::io::ErrorKind::AddrInUse => {
-            "; another program (another sensorgate?) uses it: stop it or change [mqttsn] listen"
+            format!("; another program (another sensorgate?) uses it: stop it or change {key}")
         }
         std::io::ErrorKind::AddrNotAvailable => {
-            "; no interface of this host has that address: change [mqttsn] listen"
+            format!("; no interface of this host has that address: change {key}")
         }
         std::io::ErrorKind::PermissionDenied => {
             "; ports below 1024 need root or CAP_NET_BIND_SERVICE: grant it or use another port"
+                .to_owned()
         }
-        _ => "",
+        _ => String::new(),
     }
 }
 
@@ -160,6 +184,16 @@ fn admin_bind_hint(error: &std::io::Error) -> &'static str {
 /// # Errors
 /// [`RunError`] when start-up fails or a listener dies.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    // The UDP drivers are not `Send` (their `recvmmsg` buffers hold raw pointers): the
+    // MQTT-SN driver runs in this future, every further one as a local task of this set (its
+    // own waker, so one driver's wake-ups do not poll the other).
+    tokio::task::LocalSet::new()
+        .run_until(serve(config, shutdown))
+        .await
+}
+
+/// [`run`], inside its [`tokio::task::LocalSet`].
+async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
     #[allow(clippy::disallowed_methods)] // Uptime counts from here.
     let started = std::time::Instant::now();
     let started_ms = wall_ms();
@@ -185,9 +219,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     }
     let (entrance, writer) =
         start_writer(Arc::clone(&spool), config.spool.queue).map_err(RunError::SpoolWriter)?;
-    // The MQTT-SN driver is the one ingress today; each further one takes its own reply
-    // channel and `Router::ingress` the same way.
+    // Each ingress takes its own reply channel and `Router::ingress` (CoAP's in `start_coap`).
     let (reply_tx, reply_rx) = mpsc::channel(REPLY_CHANNEL);
+    // Stops every ingress; the one whose transport fails cancels it, so the others stop too.
+    // Cancelled when `run` returns for any reason (an ingress started before a later start-up
+    // step failed stops with it).
+    let ingress_stop = shutdown.child_token();
+    let _ingress_guard = ingress_stop.clone().drop_guard();
 
     let upstream_stop = CancellationToken::new();
     let drain_stop = CancellationToken::new();
@@ -329,11 +367,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         }
     }
     drop(downlink_tx);
-    // The router takes every upstream's subscriptions and link state; the driver sees none.
+    // The router takes every upstream's subscriptions and link state; the drivers see none.
+    // Its filter bound covers every ingress (`Config::max_filters`).
     let router = Router::new(
         entrance,
         upstreams,
-        config.mqttsn.core.max_filters,
+        config.max_filters(),
         Arc::clone(&routes),
     );
     // Upstreams start first (their setup errors come before any port is taken); a bind failure
@@ -344,14 +383,39 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     };
     let mut sockets = Vec::new();
     for &addr in &config.mqttsn.listen {
-        match udp::bind(addr, options, "MQTT-SN") {
+        match udp::bind(addr, options, MQTT_SN) {
             Ok(socket) => sockets.push(socket),
             Err(error) => {
                 upstream_stop.cancel();
-                return Err(RunError::Bind { addr, error });
+                return Err(RunError::Bind {
+                    protocol: MQTT_SN,
+                    key: "[mqttsn] listen",
+                    addr,
+                    error,
+                });
             }
         }
     }
+    // What `/status` lists: the bound addresses (a configured port 0 shows the kernel's pick).
+    let mut listeners: Vec<Listener> = sockets
+        .iter()
+        .zip(&config.mqttsn.listen)
+        .map(|(socket, &configured)| Listener {
+            protocol: core::PROTOCOL,
+            transport: "udp",
+            address: socket.local_addr().unwrap_or(configured),
+        })
+        .collect();
+    let coap = match &config.coap {
+        Some(section) => match start_coap(section, &router, &ingress_stop) {
+            Ok(coap) => Some(coap),
+            Err(error) => {
+                upstream_stop.cancel();
+                return Err(error);
+            }
+        },
+        None => None,
+    };
     let admin_listener = match config.admin.listen {
         Some(addr) => match admin::bind(addr).await {
             Ok(listener) => Some(listener),
@@ -365,13 +429,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     // Counted from here: what the kernel dropped on these sockets before is none of ours.
     let kernel_drops = Arc::new(KernelDrops::new(&sockets));
     let udp_stats = Arc::new(UdpStats::default());
+    // Every UDP ingress's counters, summed in the status line.
+    let mut udp_counters = vec![UdpCounters {
+        stats: Arc::clone(&udp_stats),
+        kernel_drops: Arc::clone(&kernel_drops),
+    }];
+    if let Some(coap) = &coap {
+        udp_counters.push(coap.counters.clone());
+    }
     let status = tokio::spawn(report_status(
         Arc::clone(&spool),
         drain_stats.clone(),
         amqp_upstreams.clone(),
         router.downlink_stats(),
-        Arc::clone(&kernel_drops),
-        Arc::clone(&udp_stats),
+        udp_counters.clone(),
         drain_stop.clone(),
     ));
 
@@ -413,16 +484,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let driver = driver
         .with_queries(query_rx)
         .with_beat(Arc::clone(&sn_beat));
-    let mut listeners: Vec<Listener> = config
-        .mqttsn
-        .listen
-        .iter()
-        .map(|&address| Listener {
-            protocol: core::PROTOCOL,
-            transport: "udp",
-            address,
-        })
-        .collect();
+    let mut ingresses = vec![IngressSource {
+        protocol: core::PROTOCOL,
+        queries: query_tx,
+        beat: sn_beat,
+        udp: Some(Arc::clone(&udp_stats)),
+        kernel_drops: Some(Arc::clone(&kernel_drops)),
+    }];
+    let coap_task = coap.map(|coap| {
+        listeners.extend(coap.listeners);
+        ingresses.push(coap.source);
+        coap.task
+    });
     if let Some(l) = &admin_listener {
         if let Ok(address) = l.local_addr() {
             listeners.push(Listener {
@@ -439,13 +512,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         started_ms,
         started,
         listeners,
-        ingresses: vec![IngressSource {
-            protocol: core::PROTOCOL,
-            queries: query_tx,
-            beat: sn_beat,
-            udp: Some(Arc::clone(&udp_stats)),
-            kernel_drops: Some(Arc::clone(&kernel_drops)),
-        }],
+        ingresses,
         upstreams: upstream_sources,
         spool: Arc::clone(&spool),
         router: Arc::clone(&router_stats),
@@ -478,10 +545,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             recovery.records
         ),
     );
-    tracing::info!(listeners = config.mqttsn.listen.len(), admin = ?config.admin.listen, "sensorgate ready.");
-    let result = driver.run(shutdown).await.map_err(RunError::Transport);
+    tracing::info!(
+        listeners = config.mqttsn.listen.len(),
+        coap_listeners = config.coap.as_ref().map_or(0, |c| c.listen.len()),
+        admin = ?config.admin.listen,
+        "sensorgate ready."
+    );
+    let result = driver
+        .run(ingress_stop.clone())
+        .await
+        .map_err(|error| RunError::Transport {
+            protocol: MQTT_SN,
+            error,
+        });
     phase.set(Phase::Stopping);
     events.push(wall_ms(), "stopping", Level::Info, "Stopping.".into());
+    // The other ingresses stop too (also when this one failed) and drop their appenders
+    // before the writer is joined below; the first failure is the run's.
+    ingress_stop.cancel();
+    let result = match coap_task {
+        Some(task) => result.and(stop_coap(task).await),
+        None => result,
+    };
     // Also when the driver failed; what it still held is not acknowledged to the brokers.
     downlink_stop.cancel();
     let _ = downlink_router.await;
@@ -495,7 +580,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         tracing::warn!("Session store did not finish within the grace period.");
     }
 
-    // The driver has stopped and dropped its appender: the writer writes, syncs and ends.
+    // The drivers have stopped and dropped their appenders: the writer writes, syncs and ends.
     // Then the drains stop sending and the upstreams settle what is in flight; the cursors
     // are saved last, so a restart resends as little as possible.
     let writer_done = tokio::task::spawn_blocking(move || writer.join());
@@ -538,12 +623,154 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             &drain_stats,
             &amqp_upstreams,
             &router_stats,
-            &kernel_drops,
-            &udp_stats,
+            &udp_counters,
         ),
         None,
     );
     result
+}
+
+/// A started CoAP ingress: its driver's task and what the admin and the status line read.
+struct CoapRunning {
+    /// The driver; ends when the ingresses' stop token is cancelled, or on a socket error
+    /// (after cancelling that token itself).
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// For the admin listener (protocol [`coap::core::PROTOCOL`]).
+    source: IngressSource,
+    /// One per bound socket.
+    listeners: Vec<Listener>,
+    /// For the status line.
+    counters: UdpCounters,
+}
+
+/// Registers the CoAP ingress: binds every `[coap] listen` address (a failure is a
+/// [`RunError::Bind`] naming CoAP; nothing is left running), registers it with the router
+/// (its own verdict and downlink channels) and spawns its UDP driver, stopped by `stop`. A
+/// transport failure cancels `stop`, so the other ingresses stop and the run ends. Must be
+/// called inside [`run`]'s `LocalSet`.
+fn start_coap(
+    section: &CoapSection,
+    router: &Router,
+    stop: &CancellationToken,
+) -> Result<CoapRunning, RunError> {
+    let options = SocketOptions {
+        recv_buffer: section.recv_buffer,
+        send_buffer: section.send_buffer,
+    };
+    let mut sockets = Vec::new();
+    for &addr in &section.listen {
+        match udp::bind(addr, options, COAP) {
+            Ok(socket) => sockets.push(socket),
+            Err(error) => {
+                return Err(RunError::Bind {
+                    protocol: COAP,
+                    key: "[coap] listen",
+                    addr,
+                    error,
+                });
+            }
+        }
+    }
+    let listeners = sockets
+        .iter()
+        .zip(&section.listen)
+        .map(|(socket, &configured)| Listener {
+            protocol: coap::core::PROTOCOL,
+            transport: "udp",
+            address: socket.local_addr().unwrap_or(configured),
+        })
+        .collect();
+    // Counted from here: what the kernel dropped on these sockets before is none of ours.
+    let counters = UdpCounters {
+        stats: Arc::new(UdpStats::default()),
+        kernel_drops: Arc::new(KernelDrops::new(&sockets)),
+    };
+    let (reply_tx, reply_rx) = mpsc::channel(REPLY_CHANNEL);
+    let (downlink_tx, downlink_rx) = mpsc::channel(DOWNLINK_CHANNEL);
+    let ingress = router.ingress(reply_tx).with_downlink(downlink_tx);
+    let (query_tx, query_rx) = mpsc::channel(QUERY_CHANNEL);
+    let beat = Arc::new(Beat::new());
+    let driver = UdpDriver::new(
+        coap::core::Core::new(section.core.clone(), core_seed()),
+        sockets,
+        ingress,
+        reply_rx,
+        downlink_rx,
+        section.recv_batch,
+        section.core.max_message_size,
+    )
+    .with_stats(Arc::clone(&counters.stats))
+    .with_queries(query_rx)
+    .with_beat(Arc::clone(&beat));
+    let stop = stop.clone();
+    let task = tokio::task::spawn_local(async move {
+        let result = driver.run(stop.clone()).await;
+        if let Err(error) = &result {
+            tracing::error!(%error, "CoAP transport failed; stopping.");
+            stop.cancel();
+        }
+        result
+    });
+    Ok(CoapRunning {
+        task,
+        source: IngressSource {
+            protocol: coap::core::PROTOCOL,
+            queries: query_tx,
+            beat,
+            udp: Some(Arc::clone(&counters.stats)),
+            kernel_drops: Some(Arc::clone(&counters.kernel_drops)),
+        },
+        listeners,
+        counters,
+    })
+}
+
+/// Waits for the CoAP driver (its stop token is cancelled) under [`SHUTDOWN_GRACE`]; one that
+/// does not end in time is aborted, which drops its appender all the same.
+async fn stop_coap(mut task: tokio::task::JoinHandle<std::io::Result<()>>) -> Result<(), RunError> {
+    match tokio::time::timeout(SHUTDOWN_GRACE, &mut task).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(error))) => Err(RunError::Transport {
+            protocol: COAP,
+            error,
+        }),
+        Ok(Err(join)) => {
+            tracing::warn!(error = %join, "CoAP driver task ended abnormally.");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!("CoAP driver did not stop within the grace period; aborted.");
+            task.abort();
+            Ok(())
+        }
+    }
+}
+
+/// The seed of a core's random choices (Message IDs, tokens, retransmission jitter): from
+/// the OS, so that they are hard to guess (RFC 7252 section 5.3.1); from the clock and the
+/// process id if the OS has none to give.
+fn core_seed() -> u64 {
+    use rand::TryRngCore;
+    match rand::rngs::OsRng.try_next_u64() {
+        Ok(seed) => seed,
+        Err(_) => {
+            #[allow(clippy::disallowed_methods)] // The adapter may read the clock; cores do not.
+            let now = std::time::SystemTime::now();
+            let nanos = now
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            nanos ^ (u64::from(std::process::id()) << 32)
+        }
+    }
+}
+
+/// One UDP ingress's counters, for the status line.
+#[derive(Clone)]
+struct UdpCounters {
+    /// The driver's.
+    stats: Arc<UdpStats>,
+    /// The kernel's drops on its sockets.
+    kernel_drops: Arc<KernelDrops>,
 }
 
 /// `url` without a `user:password@` part (the status document is not for secrets).
@@ -600,9 +827,11 @@ struct Status {
     spool: SpoolStats,
     /// Appends refused for a full writer queue (each retry of a held publish counts again).
     queue_full: u64,
-    /// Publishes without a token the MQTT-SN driver gave up for a full writer queue.
+    /// Publishes without a token the UDP drivers (every ingress) gave up for a full writer
+    /// queue.
     queue_dropped: u64,
-    /// Datagrams the kernel dropped on the MQTT-SN sockets since bind (receive buffer full).
+    /// Datagrams the kernel dropped on every ingress's sockets since bind (receive buffer
+    /// full); per protocol in `/metrics`.
     kernel_drops: u64,
     upstreams: Vec<UpstreamStatus>,
     amqp: Vec<AmqpStatus>,
@@ -652,8 +881,7 @@ impl Status {
         drains: &[(String, Arc<DrainStats>)],
         amqp: &[AmqpUpstream],
         router: &DownlinkStats,
-        kernel_drops: &KernelDrops,
-        udp: &UdpStats,
+        udp: &[UdpCounters],
     ) -> Status {
         use std::sync::atomic::Ordering::Relaxed;
         let locked = spool.lock();
@@ -691,8 +919,8 @@ impl Status {
         Status {
             spool: locked.stats(),
             queue_full: spool.queue_full(),
-            queue_dropped: udp.queue_dropped(),
-            kernel_drops: kernel_drops.read(),
+            queue_dropped: udp.iter().map(|u| u.stats.queue_dropped()).sum(),
+            kernel_drops: udp.iter().map(|u| u.kernel_drops.read()).sum(),
             upstreams,
             amqp,
             router: RouterStatus {
@@ -725,17 +953,16 @@ async fn report_status(
     drains: Vec<(String, Arc<DrainStats>)>,
     amqp: Vec<AmqpUpstream>,
     router: Arc<DownlinkStats>,
-    kernel_drops: Arc<KernelDrops>,
-    udp: Arc<UdpStats>,
+    udp: Vec<UdpCounters>,
     stop: CancellationToken,
 ) {
-    let mut last = Status::take(&spool, &drains, &amqp, &router, &kernel_drops, &udp);
+    let mut last = Status::take(&spool, &drains, &amqp, &router, &udp);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(STATUS_INTERVAL) => {}
         }
-        let now = Status::take(&spool, &drains, &amqp, &router, &kernel_drops, &udp);
+        let now = Status::take(&spool, &drains, &amqp, &router, &udp);
         if now != last {
             log_status(&now, Some(&last));
             last = now;
@@ -857,7 +1084,122 @@ fn restore_sessions(
 
 #[cfg(test)]
 mod tests {
-    use super::without_credentials;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::{RunError, run, without_credentials};
+    use crate::config::Config;
+    use crate::observe::cli::fetch_status;
+    use crate::observe::status::StatusDoc;
+
+    /// A loopback TCP port nothing listens on now.
+    fn free_tcp_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    /// A config in `dir` with MQTT-SN on a port the kernel picks, `coap_listen` as the
+    /// `[coap] listen` array's items, the admin on `admin_port` and an upstream nobody
+    /// answers (the gateway serves without it).
+    fn config(dir: &Path, admin_port: u16, coap_listen: &str) -> Config {
+        let text = format!(
+            "[gateway]\nid = 1\nstate_dir = \"{}\"\n\
+             [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\
+             [mqttsn]\nlisten = [\"127.0.0.1:0\"]\n\
+             [coap]\nlisten = [{coap_listen}]\n\
+             [[upstream]]\nname = \"local\"\nkind = \"mqtt\"\n\
+             url = \"mqtt://127.0.0.1:{}\"\n",
+            dir.display(),
+            free_tcp_port()
+        );
+        Config::parse(&dir.join("sensorgate.toml"), &text).unwrap()
+    }
+
+    /// `/status` once it lists what `ready` wants, within a generous bound.
+    async fn status_when(
+        admin: std::net::SocketAddr,
+        ready: impl Fn(&StatusDoc) -> bool,
+    ) -> StatusDoc {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(doc) = fetch_status(admin, None, Duration::from_secs(5)).await {
+                if ready(&doc) {
+                    return doc;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the gateway did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_coap_section_binds_its_sockets_and_the_admin_lists_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let admin_port = free_tcp_port();
+        let config = config(dir.path(), admin_port, "\"127.0.0.1:0\", \"[::1]:0\"");
+        let shutdown = CancellationToken::new();
+        let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
+        let check = async {
+            // Live and ready: both drivers answered the admin's query.
+            let doc = status_when(admin, |d| d.health.live && d.health.ready).await;
+            shutdown.cancel();
+            doc
+        };
+        let (ran, doc) = tokio::join!(run(config, shutdown.clone()), check);
+        ran.unwrap();
+        let coap: Vec<std::net::SocketAddr> = doc
+            .listeners
+            .iter()
+            .filter(|l| l.protocol == "coap")
+            .map(|l| {
+                assert_eq!(l.transport, "udp");
+                l.address.parse().unwrap()
+            })
+            .collect();
+        assert_eq!(coap.len(), 2, "{:?}", doc.listeners);
+        assert!(coap[0].ip().is_loopback() && coap[0].is_ipv4() && coap[0].port() != 0);
+        assert!(coap[1].ip().is_loopback() && coap[1].is_ipv6() && coap[1].port() != 0);
+        assert!(
+            doc.listeners
+                .iter()
+                .any(|l| l.protocol == "mqtt-sn" && !l.address.ends_with(":0")),
+            "{:?}",
+            doc.listeners
+        );
+        let protocols: Vec<&str> = doc.protocols.iter().map(|p| p.protocol.as_str()).collect();
+        assert_eq!(protocols, ["mqtt-sn", "coap"]);
+    }
+
+    #[tokio::test]
+    async fn a_coap_address_in_use_stops_the_start_and_names_coap() {
+        let dir = tempfile::tempdir().unwrap();
+        let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let config = config(dir.path(), free_tcp_port(), &format!("\"{addr}\""));
+        let error = run(config, CancellationToken::new()).await.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                RunError::Bind {
+                    protocol: "CoAP",
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        let message = error.to_string();
+        assert!(
+            message.starts_with(&format!("cannot bind CoAP listener {addr}: "))
+                && message.ends_with("change [coap] listen"),
+            "{message}"
+        );
+        assert_eq!(error.class(), crate::preflight::ErrorClass::Unavailable);
+    }
 
     #[test]
     fn credentials_are_removed_from_upstream_urls() {

@@ -6,7 +6,8 @@
 #![warn(missing_docs)]
 //!
 //! Layout: [`config`] (validated before anything binds), [`mqttsn`] (the sans-IO protocol
-//! core and its codec), [`coap`] (CoAP ingress; only its codec so far, not wired in), [`io`]
+//! core and its codec), [`coap`] (the CoAP ingress core), [`ingress`] (the seam every
+//! datagram core implements), [`io`]
 //! (thin adapters owning sockets), [`app`] (wiring and lifecycle).
 
 pub mod app;

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use tempfile::TempDir;
 
+pub mod coap;
 pub mod fanout;
 
 /// How long a peer may take to become ready.
@@ -673,6 +674,17 @@ pub struct GatewayConfig {
     pub admin: Option<u16>,
     /// `[admin] token`.
     pub admin_token: Option<String>,
+    /// The `[coap]` section; `None` leaves CoAP off.
+    pub coap: Option<CoapSection>,
+}
+
+/// The `[coap]` section of a [`GatewayConfig`].
+#[derive(Debug, Clone)]
+pub struct CoapSection {
+    /// `listen`; the first one is probed for readiness and is [`GatewayConfig::coap_addr`].
+    pub listen: Vec<SocketAddr>,
+    /// Extra `key = value` lines for `[coap]`.
+    pub extra: String,
 }
 
 /// The predefined topic every default config has.
@@ -710,7 +722,62 @@ impl GatewayConfig {
             extra_sections: String::new(),
             admin: None,
             admin_token: None,
+            coap: None,
         })
+    }
+
+    /// Switches CoAP on: one listener on a free 127.0.0.1 UDP port.
+    ///
+    /// # Errors
+    /// When no port can be found.
+    pub fn with_coap(&mut self) -> Result<&mut GatewayConfig> {
+        let port = free_udp_port(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+        self.coap = Some(CoapSection {
+            listen: vec![SocketAddr::from((Ipv4Addr::LOCALHOST, port))],
+            extra: String::new(),
+        });
+        Ok(self)
+    }
+
+    /// Switches CoAP on with listeners on 127.0.0.1 and [::1], on one port free on both.
+    ///
+    /// # Errors
+    /// When no such port is found in a few tries.
+    pub fn with_coap_dual_stack(&mut self) -> Result<&mut GatewayConfig> {
+        for _ in 0..50 {
+            let port = free_udp_port(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+            if UdpSocket::bind((Ipv6Addr::LOCALHOST, port)).is_ok() {
+                self.coap = Some(CoapSection {
+                    listen: vec![
+                        SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                        SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
+                    ],
+                    extra: String::new(),
+                });
+                return Ok(self);
+            }
+        }
+        bail!("no UDP port free on both 127.0.0.1 and [::1]")
+    }
+
+    /// Appends `key = value` lines to `[coap]` (after [`GatewayConfig::with_coap`]).
+    ///
+    /// # Panics
+    /// When CoAP is off.
+    pub fn coap(&mut self, lines: &str) -> &mut GatewayConfig {
+        let Some(c) = self.coap.as_mut() else {
+            panic!("GatewayConfig::coap before with_coap")
+        };
+        c.extra.push_str(lines);
+        if !lines.ends_with('\n') {
+            c.extra.push('\n');
+        }
+        self
+    }
+
+    /// The first CoAP listener, when CoAP is on.
+    pub fn coap_addr(&self) -> Option<SocketAddr> {
+        self.coap.as_ref().and_then(|c| c.listen.first().copied())
     }
 
     /// Switches the admin listener on, on a free 127.0.0.1 TCP port.
@@ -791,6 +858,11 @@ impl GatewayConfig {
         if let Some(token) = &self.admin_token {
             s.push_str(&format!("token = \"{token}\"\n"));
         }
+        if let Some(coap) = &self.coap {
+            let listen: Vec<String> = coap.listen.iter().map(|a| format!("\"{a}\"")).collect();
+            s.push_str(&format!("\n[coap]\nlisten = [{}]\n", listen.join(", ")));
+            s.push_str(&coap.extra);
+        }
         s.push_str(&format!(
             "\n[[upstream]]\nname = \"local\"\nkind = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{}\"\n\
              remote_prefix = \"{}\"\nprotocol = \"{}\"\nbackoff_initial = \"100ms\"\n\
@@ -813,6 +885,8 @@ pub struct Gateway {
     admin_addr: Option<SocketAddr>,
     /// `[admin] token`.
     admin_token: Option<String>,
+    /// The first `[coap] listen` address, probed for readiness when set.
+    coap_addr: Option<SocketAddr>,
     /// Holds the config, the state dir and the log; declared last so it outlives the process.
     dir: TempDir,
 }
@@ -832,6 +906,7 @@ impl Gateway {
             sn_addr: cfg.sn_addr(),
             admin_addr: cfg.admin_addr(),
             admin_token: cfg.admin_token.clone(),
+            coap_addr: cfg.coap_addr(),
             dir,
         };
         gw.launch()
@@ -850,6 +925,7 @@ impl Gateway {
             sn_addr,
             admin_addr: None,
             admin_token: None,
+            coap_addr: None,
             dir,
         };
         gw.launch()
@@ -923,6 +999,27 @@ impl Gateway {
         )?;
         probe.send(&sn::disconnect())?;
         // The reply is not needed; the probe socket closes when it drops.
+        if let Some(addr) = self.coap_addr {
+            // A CoAP ping (empty CON) is answered with an RST (RFC 7252 §4.3).
+            let probe = coap::RawClient::new(addr)?;
+            poll_until(
+                "the CoAP listener to answer a ping",
+                READY_TIMEOUT,
+                Duration::ZERO,
+                || {
+                    if let Some(status) = self.exited()? {
+                        bail!("sensorgate exited early ({status}):\n{}", self.log());
+                    }
+                    let ping = coap::Msg::new(coap::CON, coap::codes::EMPTY, 0x5047);
+                    probe.send(&ping)?;
+                    match probe.recv(Duration::from_millis(200))? {
+                        Some(m) if m.ty == coap::RST && m.mid == ping.mid => Ok(Some(())),
+                        Some(m) => bail!("CoAP ping answered with {}", m.describe()),
+                        None => Ok(None),
+                    }
+                },
+            )?;
+        }
         if let Some(addr) = self.admin_addr {
             poll_until(
                 "the admin listener to answer /healthz",
@@ -965,6 +1062,17 @@ impl Gateway {
     /// Where clients send datagrams.
     pub fn sn_addr(&self) -> SocketAddr {
         self.sn_addr
+    }
+
+    /// Where CoAP clients send datagrams (the first `[coap] listen`).
+    ///
+    /// # Panics
+    /// When CoAP is off in its config.
+    pub fn coap_addr(&self) -> SocketAddr {
+        match self.coap_addr {
+            Some(a) => a,
+            None => panic!("this gateway has no [coap] listener"),
+        }
     }
 
     /// Its PID while running.
@@ -1349,6 +1457,11 @@ impl Script {
     /// Its stderr so far.
     pub fn stderr(&self) -> String {
         self.proc.log_text()
+    }
+
+    /// Its PID while running (e.g. to send it SIGINT).
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
     }
 }
 

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use sensorgate_bridges::topic::{self, TopicError};
 
-use super::diag::{KeyPath, Reporter};
+use super::diag::{self, KeyPath, Reporter};
 use super::units;
+use crate::mqttsn::core::QueueFull;
 
 /// Checks an integer range, reporting at `path`.
 pub(super) fn int_in<T: TryFrom<i64>>(
@@ -95,4 +96,25 @@ pub(super) fn check_topic_name(name: &str) -> Result<(), String> {
         }
         TopicError::TooLong | TopicError::MisplacedWildcard => error.to_string(),
     })
+}
+
+/// A full downlink queue's policy (`[mqttsn]` and `[coap] queue_full`).
+pub(super) fn queue_full_policy(
+    r: &mut Reporter<'_>,
+    path: &KeyPath,
+    text: &str,
+) -> Option<QueueFull> {
+    const POLICIES: [&str; 2] = ["drop_oldest", "drop_new"];
+    match text {
+        "drop_oldest" => Some(QueueFull::DropOldest),
+        "drop_new" => Some(QueueFull::DropNew),
+        other => {
+            let hint = diag::did_you_mean(other, &POLICIES).map_or_else(
+                || "use \"drop_oldest\" or \"drop_new\"".to_owned(),
+                |b| format!("did you mean `{b}`?"),
+            );
+            r.at_path(path, format!("unknown policy `{other}`"), Some(hint));
+            None
+        }
+    }
 }

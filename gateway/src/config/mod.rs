@@ -9,13 +9,14 @@
 //! - Durations and sizes are strings everywhere (see [`units`]).
 //! - Every bound has a key and a documented default (`config/sensorgate.toml`).
 //!
-//! Layout: one module per section (`gateway` for `[gateway]` and `[log]`, `mqttsn`, `spool`,
-//! `admin`, `upstream`), each with its raw struct (as written, with defaults) and its compile function;
+//! Layout: one module per section (`gateway` for `[gateway]` and `[log]`, `mqttsn`, `coap`,
+//! `spool`, `admin`, `upstream`), each with its raw struct (as written, with defaults) and its compile function;
 //! `check` holds the range checks they share; this module deserializes the document, knows
 //! which keys each section has, and joins the sections into [`Config`].
 
 mod admin;
 mod check;
+mod coap;
 mod diag;
 mod gateway;
 mod mqttsn;
@@ -36,6 +37,8 @@ use serde::de::{Deserializer, Visitor};
 
 use admin::RawAdmin;
 pub use admin::{AdminSection, DEFAULT_ADMIN_LISTEN, MIN_TOKEN_LEN};
+use coap::RawCoap;
+pub use coap::{COAP_PORT, CoapSection};
 pub use diag::{Diagnostic, KeyPath};
 use diag::{Reporter, fields_of, path_of_span, remove_value};
 pub use gateway::{GatewaySection, LogSection};
@@ -63,6 +66,8 @@ pub struct Config {
     pub log: LogSection,
     /// `[mqttsn]`.
     pub mqttsn: MqttSnSection,
+    /// `[coap]`; `None` when the table is absent or its `listen` is empty (CoAP off).
+    pub coap: Option<CoapSection>,
     /// `[spool]`.
     pub spool: SpoolSection,
     /// `[admin]`.
@@ -141,6 +146,15 @@ impl Config {
         }
     }
 
+    /// The router's bound on distinct sensor filters over every ingress (see
+    /// [`router_max_filters`]).
+    pub fn max_filters(&self) -> usize {
+        router_max_filters(
+            self.mqttsn.core.max_filters,
+            self.coap.as_ref().map(|c| c.core.max_filters),
+        )
+    }
+
     /// A short human summary for `check-config` and the start-up log.
     pub fn summary(&self) -> String {
         let mut s = format!(
@@ -151,6 +165,14 @@ impl Config {
         );
         for addr in &self.mqttsn.listen {
             s.push_str(&format!("listener: MQTT-SN over UDP on {addr}\n"));
+        }
+        match &self.coap {
+            Some(coap) => {
+                for addr in &coap.listen {
+                    s.push_str(&format!("listener: CoAP over UDP on {addr}\n"));
+                }
+            }
+            None => s.push_str("listener: CoAP off\n"),
         }
         match self.admin.listen {
             Some(addr) => s.push_str(&format!(
@@ -174,6 +196,18 @@ impl Config {
                 "off"
             },
         ));
+        if let Some(coap) = &self.coap {
+            let c = &coap.core;
+            s.push_str(&format!(
+                "coap: up to {} peers, messages up to {}, bodies up to {}, {} observers; a CON \
+                 is answered on its ACK when durable within {}, else separately\n",
+                c.max_peers,
+                units::format_size(c.max_message_size as u64),
+                units::format_size(c.max_body_size as u64),
+                c.max_observers,
+                humantime::format_duration(c.ack_wait),
+            ));
+        }
         s.push_str(&format!(
             "sessions: sleeping and CleanSession=0 sessions kept in {} (log up to {})\n",
             self.gateway
@@ -352,6 +386,7 @@ fn known_fields(key: &KeyPath) -> &'static [&'static str] {
         ["log"] => fields_of::<RawLog>(),
         ["mqttsn"] => fields_of::<RawMqttSn>(),
         ["mqttsn", "predefined_topic"] => fields_of::<RawPredefined>(),
+        ["coap"] => fields_of::<RawCoap>(),
         ["spool"] => fields_of::<RawSpool>(),
         ["admin"] => fields_of::<RawAdmin>(),
         ["upstream"] => fields_of::<RawUpstream>(),
@@ -406,12 +441,42 @@ macro_rules! text_value {
 text_value!(DurationText, "a duration such as \"10s\"");
 text_value!(SizeText, "a size such as \"4KiB\"");
 
+/// A number that may be written as an integer or with a fraction (`2` or `1.5`): TOML tells
+/// them apart, the config does not.
+#[derive(Debug, Clone, Copy)]
+struct Number(f64);
+
+impl<'de> Deserialize<'de> for Number {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Num;
+        impl Visitor<'_> for Num {
+            type Value = f64;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number such as 1.5")
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<f64, E> {
+                Ok(v)
+            }
+            #[allow(clippy::cast_precision_loss)] // Config numbers are small.
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<f64, E> {
+                Ok(v as f64)
+            }
+            #[allow(clippy::cast_precision_loss)] // Config numbers are small.
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<f64, E> {
+                Ok(v as f64)
+            }
+        }
+        deserializer.deserialize_any(Num).map(Number)
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct RawConfig {
     gateway: RawGateway,
     log: RawLog,
     mqttsn: RawMqttSn,
+    coap: RawCoap,
     spool: RawSpool,
     admin: RawAdmin,
     upstream: Vec<RawUpstream>,
@@ -429,11 +494,17 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
     let gw_id = gateway.as_ref().map(|g| g.id);
     let log = gateway::compile_log(raw.log, r);
     let mqttsn = mqttsn::compile_mqttsn(&raw.mqttsn, gw_id, r);
+    let coap = coap::compile_coap(&raw.coap, &raw.mqttsn.listen_addrs(), r);
     let spool = spool::compile_spool(&raw.spool, &state_dir, r);
     let admin = admin::compile_admin(&raw.admin, r);
-    let max_filters = mqttsn
-        .as_ref()
-        .map_or(MAX_SUBSCRIPTIONS, |m| m.core.max_filters);
+    let max_filters = router_max_filters(
+        mqttsn
+            .as_ref()
+            .map_or(MAX_SUBSCRIPTIONS, |m| m.core.max_filters),
+        coap.as_ref()
+            .filter(|c| !c.listen.is_empty())
+            .map(|c| c.core.max_filters),
+    );
     let upstreams =
         upstream::compile_upstreams(&raw.upstream, gw_id.unwrap_or(0), base, max_filters, r);
     let known: Vec<&str> = raw.upstream.iter().filter_map(|u| u.name()).collect();
@@ -447,17 +518,30 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
         r,
     );
     let routes = routes?;
+    let coap = coap?;
     Some(Config {
         file: file.to_owned(),
         gateway: gateway?,
         log,
         mqttsn: mqttsn?,
+        coap: (!coap.listen.is_empty()).then_some(coap),
         spool: spool?,
         admin: admin?,
         upstreams,
         routes: routes.table,
         route_specs: routes.specs,
     })
+}
+
+/// The router's bound on distinct sensor filters over all ingresses, which also sizes every
+/// upstream's subscription table: the sum of the ingresses' own `max_filters` (`coap`: `None`
+/// when CoAP is off), at most [`MAX_SUBSCRIPTIONS`]. The sum, not the larger one, so that
+/// one ingress holding all it may cannot starve the other; the cap is what an upstream's
+/// table holds.
+pub fn router_max_filters(mqttsn: usize, coap: Option<usize>) -> usize {
+    mqttsn
+        .saturating_add(coap.unwrap_or(0))
+        .min(MAX_SUBSCRIPTIONS)
 }
 
 #[cfg(test)]

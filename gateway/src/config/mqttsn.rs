@@ -7,11 +7,11 @@ use std::time::Duration;
 use sensorgate_bridges::mqtt::MAX_SUBSCRIPTIONS;
 use serde::Deserialize;
 
-use super::check::{check_topic_name, duration_in, int_in, size_in};
-use super::diag::{self, KeyPath, Reporter};
+use super::check::{check_topic_name, duration_in, int_in, queue_full_policy, size_in};
+use super::diag::{KeyPath, Reporter};
 use super::{DurationText, SizeText};
 use crate::mqttsn::codec::MAX_CLIENT_ID_LEN_DECODE;
-use crate::mqttsn::core::{ClientSet, CoreConfig, Peer, PredefinedTopic, QueueFull};
+use crate::mqttsn::core::{ClientSet, CoreConfig, Peer, PredefinedTopic};
 
 /// `[mqttsn]`.
 #[derive(Debug, Clone)]
@@ -87,6 +87,13 @@ impl Default for RawMqttSn {
             searchgw_reply: "searcher".into(),
             predefined_topic: Vec::new(),
         }
+    }
+}
+
+impl RawMqttSn {
+    /// The listen addresses that parse (the others are reported by [`compile_mqttsn`]).
+    pub(super) fn listen_addrs(&self) -> Vec<SocketAddr> {
+        self.listen.iter().filter_map(|a| a.parse().ok()).collect()
     }
 }
 
@@ -207,20 +214,7 @@ pub(super) fn compile_mqttsn(
         1,
         1_000_000,
     );
-    let queue_full = match m.queue_full.as_str() {
-        "drop_oldest" => Some(QueueFull::DropOldest),
-        "drop_new" => Some(QueueFull::DropNew),
-        other => {
-            let hint = diag::did_you_mean(other, &["drop_oldest", "drop_new"])
-                .map(|b| format!("did you mean `{b}`?"));
-            r.at_path(
-                &sn.key("queue_full"),
-                format!("unknown policy `{other}`"),
-                hint,
-            );
-            None
-        }
-    };
+    let queue_full = queue_full_policy(r, &sn.key("queue_full"), &m.queue_full);
     let retry_interval = duration_in(
         r,
         &sn.key("retry_interval"),

@@ -909,3 +909,424 @@ fn admin_keys_are_checked_and_located() {
         "{msgs:#?}"
     );
 }
+
+/// `MINIMAL` with a `[coap]` table of `keys` (one per line) appended.
+fn with_coap(keys: &str) -> String {
+    format!("{MINIMAL}[coap]\n{keys}")
+}
+
+/// Line and column (1-based) of `needle` at or after the `[coap]` table.
+fn position_in_coap(text: &str, needle: &str) -> (usize, usize) {
+    let start = text.find("[coap]").unwrap();
+    let offset = start + text[start..].find(needle).unwrap();
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = offset - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+#[test]
+fn coap_is_off_without_a_table_or_listen_address() {
+    let c = Config::parse(Path::new("t.toml"), MINIMAL).unwrap();
+    assert!(c.coap.is_none());
+    assert!(
+        c.summary().contains("listener: CoAP off\n"),
+        "{}",
+        c.summary()
+    );
+    let c = Config::parse(Path::new("t.toml"), &with_coap("listen = []\n")).unwrap();
+    assert!(c.coap.is_none());
+    // Off, and still checked.
+    let d = errors(&with_coap("listen = []\nack_timeout = \"2\"\n"));
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert!(
+        d[0].message
+            .starts_with("`coap.ack_timeout`: invalid duration")
+    );
+}
+
+#[test]
+fn coap_takes_the_cores_defaults_and_shows_in_the_summary() {
+    let text = with_coap("listen = [\"127.0.0.1:5683\", \"[::1]:5683\"]\n");
+    let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+    let coap = c.coap.as_ref().unwrap();
+    assert_eq!(
+        coap.listen,
+        vec![
+            "127.0.0.1:5683".parse().unwrap(),
+            "[::1]:5683".parse().unwrap()
+        ]
+    );
+    assert_eq!(
+        (coap.recv_buffer, coap.send_buffer, coap.recv_batch),
+        (8 << 20, 4 << 20, 64)
+    );
+    assert_eq!(coap.core, crate::coap::core::CoreConfig::default());
+    // The RFC 7252 values, written out once here so a changed default is noticed.
+    assert_eq!(coap.core.max_message_size, 1152);
+    assert_eq!(coap.core.ack_timeout, Duration::from_secs(2));
+    assert_eq!(coap.core.exchange_lifetime, Duration::from_secs(247));
+    assert_eq!(coap.core.ack_wait, Duration::from_millis(500));
+    let summary = c.summary();
+    assert!(
+        summary.contains("listener: CoAP over UDP on 127.0.0.1:5683\n")
+            && summary.contains("listener: CoAP over UDP on [::1]:5683\n")
+            && summary.contains("coap: up to 100000 peers, messages up to 1152B"),
+        "{summary}"
+    );
+}
+
+#[test]
+fn every_coap_key_is_read() {
+    let text = with_coap(
+        r#"listen = ["0.0.0.0:5684"]
+recv_buffer = "1MiB"
+send_buffer = "512KiB"
+recv_batch = 8
+max_message_size = "1280B"
+max_body_size = "1MiB"
+block_size = "256B"
+ack_timeout = "3s"
+ack_random_factor = 2
+max_retransmit = 3
+nstart = 2
+probing_rate = 100
+exchange_lifetime = "5m"
+non_lifetime = "2m"
+ack_wait = "0s"
+busy_max_age = "30s"
+max_peers = 1000
+dedup_per_peer = 8
+max_exchanges_per_peer = 4
+max_observers = 500
+max_observers_per_peer = 2
+max_filters = 100
+max_queued_per_observer = 3
+queue_full = "drop_new"
+notification_check_count = 10
+notification_check_interval = "1h"
+observer_ping_interval = "0s"
+block_lifetime = "1m"
+reassembly_bytes = "2MiB"
+max_block2_bodies = 7
+max_retained = 0
+max_client_id_len = 32
+"#,
+    );
+    let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+    let coap = c.coap.unwrap();
+    assert_eq!(coap.listen, vec!["0.0.0.0:5684".parse().unwrap()]);
+    assert_eq!(
+        (coap.recv_buffer, coap.send_buffer, coap.recv_batch),
+        (1 << 20, 512 << 10, 8)
+    );
+    let expected = crate::coap::core::CoreConfig {
+        max_message_size: 1280,
+        max_body_size: 1 << 20,
+        block_size: 256,
+        ack_timeout: Duration::from_secs(3),
+        ack_random_factor: 2.0,
+        max_retransmit: 3,
+        nstart: 2,
+        probing_rate: 100,
+        exchange_lifetime: Duration::from_secs(300),
+        non_lifetime: Duration::from_secs(120),
+        ack_wait: Duration::ZERO,
+        busy_max_age: 30,
+        max_peers: 1000,
+        dedup_per_peer: 8,
+        max_exchanges_per_peer: 4,
+        max_observers: 500,
+        max_observers_per_peer: 2,
+        max_filters: 100,
+        max_queued_per_observer: 3,
+        queue_full: crate::mqttsn::core::QueueFull::DropNew,
+        notification_check_count: 10,
+        notification_check_interval: Duration::from_secs(3600),
+        observer_ping_interval: Duration::ZERO,
+        block_lifetime: Duration::from_secs(60),
+        reassembly_bytes: 2 << 20,
+        max_block2_bodies: 7,
+        max_retained: 0,
+        max_client_id_len: 32,
+    };
+    assert_eq!(coap.core, expected);
+}
+
+#[test]
+fn every_coap_range_error_is_located() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "recv_buffer = \"1KiB\"",
+            "`coap.recv_buffer`: 1KiB is out of range 4KiB..=1GiB",
+        ),
+        (
+            "recv_batch = 0",
+            "`coap.recv_batch`: 0 is out of range 1..=1024",
+        ),
+        (
+            "max_message_size = \"1281B\"",
+            "`coap.max_message_size`: 1281B is out of range 64B..=1280B",
+        ),
+        (
+            "max_body_size = \"2MiB\"",
+            "`coap.max_body_size`: 2MiB is out of range 16B..=1MiB",
+        ),
+        (
+            "block_size = \"2KiB\"",
+            "`coap.block_size`: 2KiB is out of range 16B..=1KiB",
+        ),
+        (
+            "block_size = \"100B\"",
+            "`coap.block_size`: 100B is not a power of two",
+        ),
+        (
+            "ack_timeout = \"10ms\"",
+            "`coap.ack_timeout`: 10ms is out of range 100ms..=5m",
+        ),
+        (
+            "ack_random_factor = 0.5",
+            "`coap.ack_random_factor`: 0.5 is out of range 1.0..=4.0",
+        ),
+        (
+            "max_retransmit = 11",
+            "`coap.max_retransmit`: 11 is out of range 0..=10",
+        ),
+        ("nstart = 0", "`coap.nstart`: 0 is out of range 1..=64"),
+        ("probing_rate = 0", "`coap.probing_rate`: 0 is out of range"),
+        (
+            "exchange_lifetime = \"40s\"",
+            "`coap.exchange_lifetime`: 40s is shorter than a client may still retransmit a \
+             request (47s: ",
+        ),
+        (
+            "non_lifetime = \"0s\"",
+            "`coap.non_lifetime`: 0s is out of range 1s..=1day",
+        ),
+        (
+            "ack_wait = \"2s\"",
+            "`coap.ack_wait`: 2s must be shorter than ack_timeout (2s)",
+        ),
+        (
+            "busy_max_age = \"1500ms\"",
+            "`coap.busy_max_age`: 1500ms is not whole seconds",
+        ),
+        (
+            "max_peers = 0",
+            "`coap.max_peers`: 0 is out of range 1..=10000000",
+        ),
+        (
+            "dedup_per_peer = 0",
+            "`coap.dedup_per_peer`: 0 is out of range 1..=1024",
+        ),
+        (
+            "max_exchanges_per_peer = 0",
+            "`coap.max_exchanges_per_peer`: 0 is out of range",
+        ),
+        (
+            "max_observers = 0",
+            "`coap.max_observers`: 0 is out of range",
+        ),
+        (
+            "max_observers_per_peer = 0",
+            "`coap.max_observers_per_peer`: 0 is out of range",
+        ),
+        (
+            "max_filters = 65537",
+            "`coap.max_filters`: 65537 is out of range 1..=65536",
+        ),
+        (
+            "max_queued_per_observer = 0",
+            "`coap.max_queued_per_observer`: 0 is out of range",
+        ),
+        (
+            "queue_full = \"drop_olde\"",
+            "`coap.queue_full`: unknown policy `drop_olde`",
+        ),
+        (
+            "notification_check_count = 0",
+            "`coap.notification_check_count`: 0 is out of range",
+        ),
+        (
+            "notification_check_interval = \"0s\"",
+            "`coap.notification_check_interval`: 0s is out of range",
+        ),
+        (
+            "observer_ping_interval = \"10ms\"",
+            "`coap.observer_ping_interval`: 10ms is too short",
+        ),
+        (
+            "block_lifetime = \"0s\"",
+            "`coap.block_lifetime`: 0s is out of range",
+        ),
+        (
+            "reassembly_bytes = \"0B\"",
+            "`coap.reassembly_bytes`: 0B is out of range 1KiB..=4GiB",
+        ),
+        (
+            "max_block2_bodies = 0",
+            "`coap.max_block2_bodies`: 0 is out of range",
+        ),
+        (
+            "max_retained = -1",
+            "`coap.max_retained`: -1 is out of range",
+        ),
+        (
+            "max_client_id_len = 256",
+            "`coap.max_client_id_len`: 256 is out of range 1..=255",
+        ),
+    ];
+    for (line, message) in cases {
+        let text = with_coap(&format!("listen = [\"127.0.0.1:5683\"]\n{line}\n"));
+        let d = errors(&text);
+        assert_eq!(d.len(), 1, "{line}: {d:#?}");
+        assert!(
+            d[0].message.starts_with(message),
+            "{line}: {}",
+            d[0].message
+        );
+        // At the value.
+        let (key, _) = line.split_once(" = ").unwrap();
+        let (l, c) = position_in_coap(&text, line);
+        assert_eq!((d[0].line, d[0].column), (l, c + key.len() + 3), "{line}");
+        assert!(d[0].to_string().starts_with(&format!("test.toml:{l}:")));
+    }
+    // Checked against each other, and all reported together.
+    let text = with_coap(
+        "listen = [\"127.0.0.1:5683\"]\nmax_body_size = \"1MiB\"\nreassembly_bytes = \"64KiB\"\n\
+         ack_timeout = \"1s\"\nack_wait = \"1s\"\n",
+    );
+    let d = errors(&text);
+    let msgs: Vec<&str> = d.iter().map(|d| d.message.as_str()).collect();
+    assert_eq!(d.len(), 2, "{msgs:#?}");
+    assert!(
+        msgs[0].starts_with("`coap.max_body_size`: 1MiB is larger than reassembly_bytes (64KiB)"),
+        "{msgs:#?}"
+    );
+    assert!(msgs[1].starts_with("`coap.ack_wait`: 1s must be shorter than ack_timeout (1s)"));
+    // The floor follows the transmission parameters: 1s * (2^2 - 1) * 1.0 + 1s.
+    let text = with_coap(
+        "ack_timeout = \"1s\"\nack_random_factor = 1\nmax_retransmit = 2\nack_wait = \"0s\"\n\
+         exchange_lifetime = \"4s\"\n",
+    );
+    assert!(Config::parse(Path::new("t.toml"), &text).is_ok());
+    let d = errors(&text.replace("\"4s\"", "\"3s\""));
+    assert!(d[0].message.contains("(4s: "), "{d:#?}");
+}
+
+#[test]
+fn coap_types_and_unknown_keys_are_reported_in_the_configs_terms() {
+    let text = with_coap(
+        "listen = \"127.0.0.1:5683\"\nack_random_factor = \"1.5\"\nmax_message_size = 1152\n\
+         ack_timout = \"2s\"\n",
+    );
+    let d = errors(&text);
+    let msgs: Vec<&str> = d.iter().map(|d| d.message.as_str()).collect();
+    assert_eq!(d.len(), 4, "{msgs:#?}");
+    assert_eq!(
+        msgs[0],
+        "`coap.listen`: expected an array, found the string \"127.0.0.1:5683\""
+    );
+    assert_eq!(
+        msgs[1],
+        "`coap.ack_random_factor`: expected a number such as 1.5, found the string \"1.5\""
+    );
+    assert_eq!(
+        msgs[2],
+        "`coap.max_message_size`: expected a size such as \"4KiB\", found the integer 1152"
+    );
+    assert_eq!(msgs[3], "unknown key `ack_timout` in `[coap]`");
+    assert_eq!(d[3].hint.as_deref(), Some("did you mean `ack_timeout`?"));
+    assert_eq!(
+        (d[3].line, d[3].column),
+        position_in_coap(&text, "ack_timout")
+    );
+}
+
+#[test]
+fn a_coap_address_on_an_mqttsn_port_is_refused_where_it_is_written() {
+    // MINIMAL's [mqttsn] listens on 127.0.0.1:1883 and [::1]:1883.
+    let text = with_coap("listen = [\"127.0.0.1:5683\", \"[::1]:1883\", \"nowhere\"]\n");
+    let d = errors(&text);
+    let msgs: Vec<&str> = d.iter().map(|d| d.message.as_str()).collect();
+    assert_eq!(d.len(), 2, "{msgs:#?}");
+    assert_eq!(
+        msgs[0],
+        "`coap.listen[1]`: `[::1]:1883` takes the UDP port of [mqttsn] listen `[::1]:1883`: \
+         a port serves one protocol"
+    );
+    assert_eq!(
+        d[0].hint.as_deref(),
+        Some("CoAP's port is 5683: write `[::1]:5683`")
+    );
+    assert_eq!(
+        (d[0].line, d[0].column),
+        position_in_coap(&text, "\"[::1]:1883\"")
+    );
+    assert!(msgs[1].starts_with("`coap.listen[2]`: `nowhere` is not an IP socket address"));
+    // A wildcard takes the port on every address of its family, either way round.
+    let wild = MINIMAL.replace("\"127.0.0.1:1883\"", "\"0.0.0.0:1883\"");
+    let d = errors(&format!("{wild}[coap]\nlisten = [\"127.0.0.1:1883\"]\n"));
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert!(d[0].message.contains("[mqttsn] listen `0.0.0.0:1883`"));
+    let d = errors(&with_coap(
+        "listen = [\"0.0.0.0:1883\", \"127.0.0.1:5683\", \"127.0.0.1:5683\", \"0.0.0.0:5683\"]\n",
+    ));
+    assert_eq!(d.len(), 3, "{d:#?}");
+    assert!(d[0].message.contains("[mqttsn] listen `127.0.0.1:1883`"));
+    assert!(d[1].message.ends_with("`127.0.0.1:5683` is listed twice"));
+    assert!(
+        d[2].message
+            .ends_with("`0.0.0.0:5683` takes the UDP port of an address listed before it"),
+        "{d:#?}"
+    );
+    // Another family, another port, or a port the kernel picks: no clash.
+    let ok = with_coap("listen = [\"0.0.0.0:5683\", \"127.0.0.2:1884\"]\n");
+    assert!(Config::parse(Path::new("t.toml"), &ok).is_ok());
+    let zero = MINIMAL.replace("\"127.0.0.1:1883\"", "\"127.0.0.1:0\"");
+    let ok = format!("{zero}[coap]\nlisten = [\"127.0.0.1:0\"]\n");
+    assert!(Config::parse(Path::new("t.toml"), &ok).is_ok());
+}
+
+#[test]
+fn the_routers_filter_bound_is_the_sum_of_the_ingresses_at_most_65536() {
+    let c = Config::parse(Path::new("t.toml"), MINIMAL).unwrap();
+    assert_eq!(c.max_filters(), MAX_SUBSCRIPTIONS);
+    let text = MINIMAL.replace("[mqttsn]\n", "[mqttsn]\nmax_filters = 500\n")
+        + "[coap]\nlisten = [\"127.0.0.1:5683\"]\nmax_filters = 300\n";
+    let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+    assert_eq!(c.max_filters(), 800);
+    let UpstreamKind::Mqtt(m) = &c.upstreams[0].kind else {
+        panic!("an MQTT upstream")
+    };
+    assert_eq!(m.max_subscriptions, 800);
+    // CoAP off: its bound does not count.
+    let off = text.replace("listen = [\"127.0.0.1:5683\"]\n", "");
+    let c = Config::parse(Path::new("t.toml"), &off).unwrap();
+    assert_eq!(c.max_filters(), 500);
+    assert_eq!(router_max_filters(65_536, Some(65_536)), MAX_SUBSCRIPTIONS);
+}
+
+#[test]
+fn the_reference_config_shows_every_coap_key_with_its_default() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/sensorgate.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let doc: toml::Table = text.parse().unwrap();
+    let mut keys: Vec<&str> = doc["coap"]
+        .as_table()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    let mut fields = fields_of::<RawCoap>().to_vec();
+    fields.sort_unstable();
+    assert_eq!(keys, fields);
+    // Switched on, the section as written is the core's defaults.
+    let on = text.replacen("listen = []\n", "listen = [\"127.0.0.1:5683\"]\n", 1);
+    let c = Config::parse(&path, &on).unwrap();
+    assert_eq!(
+        c.coap.unwrap().core,
+        crate::coap::core::CoreConfig::default()
+    );
+}
