@@ -52,6 +52,18 @@
 //! observation; exhausted CON retransmissions cancel all the peer's observations (gone). A
 //! peer whose observations saw no CON exchange for `observer_ping_interval` gets an empty CON.
 //!
+//! # Block-wise (RFC 7959)
+//!
+//! A PUT/POST with Block1 goes through [`super::block::Reassembly`] keyed by (peer, request
+//! URI): 2.31 per block, one publish when the last block completes the body, answered like
+//! any publish (after the durable verdict) with the final Block1 echo. A body (read,
+//! registration answer, notification) larger than `block_size` or one datagram goes as its
+//! first block with ETag and Size2 and is cached ([`super::block::Block2Cache`], by peer and
+//! topic/filter) for the client's `GET` + Block2 follow-ups; without a cache entry a
+//! follow-up is served from the retained value. Concurrent uploads are bounded by
+//! `reassembly_bytes` and by `max_peers` (no key of their own); per peer they are not counted
+//! against `max_exchanges_per_peer`.
+//!
 //! # Invariants
 //!
 //! - Nothing here panics on bytes from the network; every table is bounded by a config key
@@ -60,8 +72,7 @@
 //!   request is published at most once per (peer, MID) within its dedup lifetime.
 //! - Each observation is indexed under exactly one filter entry, so a message reaches an
 //!   observation at most once; a filter entry exists iff it has observers.
-//! - Every datagram sent is at most `max_message_size` bytes (larger notifications and reads
-//!   are refused and counted: Block2 is not integrated yet).
+//! - Every datagram sent is at most `max_message_size` bytes: a larger body goes block-wise.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};

@@ -7,9 +7,10 @@
 //!   peers, deduplication, acknowledgement after durable, separate responses and
 //!   retransmission, Observe.
 //!
-//! Status: the core is complete for single-datagram bodies; Block1/Block2 (RFC 7959) come with
-//! the block tables (a Block1 transfer beyond one block is answered 4.13 + Size1 until then).
-//! The driver and the `[coap]` config section are wired elsewhere.
+//! - [`block`], [`link`]: the block-wise tables (Block1 reassembly, Block2 body cache) and the
+//!   `/.well-known/core` body, used by the core.
+//!
+//! The UDP driver (`io::udp`) and the `[coap]` config section wire the core into the gateway.
 //!
 //! Invariants kept here: every use of the `coap-lite` crate stays inside [`msg`], so a borrowed
 //! checked view can replace its decoder behind the same API; nothing in this module panics on
