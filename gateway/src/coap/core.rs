@@ -1858,13 +1858,17 @@ impl Core {
     fn enqueue(&mut self, now: Instant, oref: ObsRef, payload: &Bytes, qos: u8) -> bool {
         let limit = self.config.max_queued_per_observer;
         let policy = self.config.queue_full;
-        let Some((pref, token, filter)) =
-            obs_slot(&self.obs, oref).map(|o| (o.peer, o.token, o.filter.clone()))
-        else {
+        let Some(o) = obs_slot(&self.obs, oref) else {
             return false;
         };
-        // A large message goes as its first block (+ETag); the client fetches the rest.
-        let (payload, block) = self.cut_body(now, pref, &filter, token, payload.clone(), None);
+        let whole = payload.len() <= self.config.block_size && self.fits(o.token, payload.len());
+        let (payload, block) = if whole {
+            (payload.clone(), None)
+        } else {
+            // A large message goes as its first block (+ETag); the client fetches the rest.
+            let (pref, token, filter) = (o.peer, o.token, o.filter.clone());
+            self.cut_body(now, pref, &filter, token, payload.clone(), None)
+        };
         let Some(o) = obs_slot_mut(&mut self.obs, oref) else {
             return false;
         };
