@@ -1299,7 +1299,10 @@ impl Core {
         observe: Option<u32>,
         qos: u8,
     ) {
+        // A Block2 follow-up (NUM > 0) is a read whatever Observe says (RFC 7959 2.6).
+        let follow_up = request.block2.is_some_and(|b| b.num() > 0);
         match observe {
+            _ if follow_up => self.read(now, pref, request, &filter),
             Some(0) => self.register(now, pref, request, filter, qos),
             Some(1) => {
                 if let Some(oref) = self.obs_by_key.get(&(pref, request.token)).copied() {
