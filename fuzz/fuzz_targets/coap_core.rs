@@ -20,6 +20,9 @@ fn config() -> CoreConfig {
     CoreConfig {
         max_message_size: 128,
         max_body_size: 64,
+        // Small blocks: bodies above 32 bytes go block-wise (Block1 and Block2 exercised).
+        block_size: 32,
+        reassembly_bytes: 256,
         max_peers: 3,
         dedup_per_peer: 4,
         max_exchanges_per_peer: 2,
@@ -67,10 +70,16 @@ fuzz_target!(|data: &[u8]| {
             };
             let filters = [Arc::from("p/+")];
             let filters = (control & 0x10 != 0).then_some(&filters[..]);
+            // Short, or long enough to go block-wise.
+            let payload: &'static [u8] = if control & 0x08 == 0 {
+                b"d"
+            } else {
+                &[0x55; 100]
+            };
             let _ = core.handle_downlink(
                 now,
                 topic,
-                bytes::Bytes::from_static(b"d"),
+                bytes::Bytes::from_static(payload),
                 qos,
                 control & 0x04 != 0,
                 filters,
