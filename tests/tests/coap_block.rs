@@ -184,15 +184,30 @@ fn a_large_retained_value_is_notified_and_read_block_wise() {
     let size = 1usize << (szx + 4);
     assert_eq!(n.payload, want[..size], "block 0");
 
-    // libcoap reads the whole value with Block2, block by block.
-    let out = libcoap(&["-m", "get", "-B", "10", &url(&rig, "ps/cmd/big")]).unwrap();
+    // libcoap reads the whole value with Block2, block by block, and writes the reassembled
+    // body to a file (its printed output interleaves the blocks with its log lines).
+    let dir = temp_dir().unwrap();
+    let file = dir.path().join("big.out");
+    let file_arg = file.to_str().unwrap();
+    let out = libcoap(&[
+        "-m",
+        "get",
+        "-B",
+        "10",
+        "-o",
+        file_arg,
+        &url(&rig, "ps/cmd/big"),
+    ])
+    .unwrap();
     let got = libcoap_responses(&out);
     assert!(
         got.len() >= 3 && got.iter().all(|c| c == "2.05"),
         "{got:?}\n{out}"
     );
+    let written = std::fs::read(&file).unwrap_or_default();
     assert!(
-        out.contains(std::str::from_utf8(&want).unwrap()),
-        "the whole value printed:\n{out}"
+        written == want,
+        "the whole value, {} bytes written:\n{out}",
+        written.len()
     );
 }
