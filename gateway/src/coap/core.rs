@@ -61,8 +61,9 @@
 //! first block with ETag and Size2 and is cached ([`super::block::Block2Cache`], by peer and
 //! topic/filter) for the client's `GET` + Block2 follow-ups; without a cache entry a
 //! follow-up is served from the retained value. Concurrent uploads are bounded by
-//! `reassembly_bytes` and by `max_peers` (no key of their own); per peer they are not counted
-//! against `max_exchanges_per_peer`.
+//! `reassembly_bytes` and by `max_peers` (no key of their own); per peer they count against
+//! `max_exchanges_per_peer` with the verdicts pending (the peer mirrors its uploads' keys and
+//! idle lifetime), and a peer with an upload in progress is not evicted.
 //!
 //! # Invariants
 //!
@@ -478,6 +479,8 @@ struct PeerState {
     in_flight: Vec<OutCon>,
     waiting: VecDeque<Waiting>,
     pending_verdicts: usize,
+    /// Block1 uploads in progress (request URI, last block), mirroring the table.
+    uploads: Vec<(Box<str>, Instant)>,
     observations: Vec<ObsRef>,
     /// Message IDs of the last NON notifications (an RST to one cancels its observation).
     non_sent: VecDeque<(u16, ObsRef)>,
@@ -520,6 +523,7 @@ impl PeerState {
 
     fn evictable(&self) -> bool {
         self.pending_verdicts == 0
+            && self.uploads.is_empty()
             && self.in_flight.is_empty()
             && self.waiting.is_empty()
             && self.observations.is_empty()
@@ -1081,7 +1085,9 @@ impl Core {
         let Some(peer) = slot(&self.slots, pref) else {
             return;
         };
-        if qos > 0 && peer.pending_verdicts >= self.config.max_exchanges_per_peer {
+        if qos > 0
+            && peer.pending_verdicts + peer.uploads.len() >= self.config.max_exchanges_per_peer
+        {
             self.busy(now, pref, &message, true);
             return;
         }
@@ -1174,15 +1180,41 @@ impl Core {
         block: Block,
     ) -> Option<(Bytes, Block)> {
         let no_response = request.no_response.unwrap_or(0);
-        let key = (pref, transfer_key(request));
+        let uri = transfer_key(request);
+        let lifetime = self.config.block_lifetime;
+        let limit = self.config.max_exchanges_per_peer;
+        let peer = slot_mut(&mut self.slots, pref)?;
+        // The peer's uploads mirror the table's (same idle lifetime): what a new one counts
+        // against `max_exchanges_per_peer`, with the verdicts pending.
+        peer.uploads
+            .retain(|(_, last)| elapsed(*last, now) < lifetime);
+        let known = peer.uploads.iter().any(|(k, _)| *k == uri);
+        if block.num() == 0
+            && block.more()
+            && !known
+            && peer.pending_verdicts + peer.uploads.len() >= limit
+        {
+            self.busy(now, pref, request, true);
+            return None;
+        }
         let verdict = self.block1.offer(
             now,
-            key,
+            (pref, uri.clone()),
             block,
             &request.payload,
             request.size1,
             self.body_szx,
         );
+        let peer = slot_mut(&mut self.slots, pref)?;
+        match &verdict {
+            Block1Verdict::Continue { .. } | Block1Verdict::Duplicate { .. } => {
+                match peer.uploads.iter_mut().find(|(k, _)| *k == uri) {
+                    Some(entry) => entry.1 = now,
+                    None => peer.uploads.push((uri, now)),
+                }
+            }
+            _ => peer.uploads.retain(|(k, _)| *k != uri),
+        }
         let (code, reason) = match verdict {
             Block1Verdict::Complete { body, echo } => return Some((body, echo)),
             Block1Verdict::Continue { echo } | Block1Verdict::Duplicate { echo } => {
@@ -2168,6 +2200,7 @@ impl Core {
             in_flight: Vec::new(),
             waiting: VecDeque::new(),
             pending_verdicts: 0,
+            uploads: Vec::new(),
             observations: Vec::new(),
             non_sent: VecDeque::new(),
             rr: 0,
@@ -2319,6 +2352,9 @@ impl Core {
             return;
         };
         peer.idle_armed = false;
+        let block_lifetime = self.config.block_lifetime;
+        peer.uploads
+            .retain(|(_, last)| elapsed(*last, now) < block_lifetime);
         if peer.evictable() && elapsed(peer.last_seen, now) >= lifetime {
             self.remove_peer(pref);
         } else {
@@ -2529,6 +2565,10 @@ impl Core {
             let verdicts = self.pending.values().filter(|p| p.peer == *pref).count();
             assert_eq!(verdicts, peer.pending_verdicts, "pending verdicts");
             assert!(peer.pending_verdicts <= config.max_exchanges_per_peer);
+            assert!(
+                peer.uploads.len() <= config.max_exchanges_per_peer,
+                "uploads per peer"
+            );
             for o in &peer.observations {
                 let obs = obs_slot(&self.obs, *o).expect("peer lists a live observation");
                 assert_eq!(obs.peer, *pref);

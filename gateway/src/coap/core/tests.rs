@@ -1727,3 +1727,39 @@ fn unanswering_peer_gets_non_notifications_at_the_probing_rate() {
         "{seqs:?}"
     );
 }
+
+#[test]
+fn block1_uploads_count_against_exchanges_per_peer() {
+    let mut h = Harness::new(CoreConfig {
+        max_exchanges_per_peer: 2,
+        ..test_config()
+    });
+    let blk = |mid: u16, path: &str, num: u32, more: bool| {
+        request(CON, PUT, mid, b"t", path, &[block1(num, more, 1)], &[7; 32])
+    };
+    h.send(1, &blk(1, "/ps/a", 0, true));
+    h.send(1, &blk(2, "/ps/b", 0, true));
+    let codes: Vec<Code> = h.out().into_iter().map(|(_, m)| m.code).collect();
+    assert_eq!(codes, vec![Code::CONTINUE, Code::CONTINUE]);
+    // A third upload, or a publish waiting for a verdict: 5.03.
+    h.send(1, &blk(3, "/ps/c", 0, true));
+    assert_eq!(h.one(1).code, Code::SERVICE_UNAVAILABLE);
+    h.send(1, &request(CON, PUT, 4, b"t", "/ps/d", &[], b"1"));
+    assert_eq!(h.one(1).code, Code::SERVICE_UNAVAILABLE);
+    assert!(h.events().is_empty());
+    // Restarting a known upload is allowed; finishing one frees its slot.
+    h.send(1, &blk(5, "/ps/a", 0, true));
+    assert_eq!(h.one(1).code, Code::CONTINUE);
+    h.send(1, &blk(6, "/ps/a", 1, false));
+    let (_, token) = h.publish_token();
+    h.verdict(token.unwrap(), PublishOutcome::Accepted);
+    assert_eq!(h.one(1).code, Code::CHANGED);
+    h.send(1, &blk(7, "/ps/c", 0, true));
+    assert_eq!(h.one(1).code, Code::CONTINUE);
+    // Idle uploads expire with the table's lifetime: room again, and the peer may go.
+    h.advance(Duration::from_secs(248));
+    h.send(1, &blk(8, "/ps/e", 0, true));
+    h.send(1, &blk(9, "/ps/f", 0, true));
+    let codes: Vec<Code> = h.out().into_iter().map(|(_, m)| m.code).collect();
+    assert_eq!(codes, vec![Code::CONTINUE, Code::CONTINUE]);
+}
