@@ -2545,7 +2545,7 @@ impl Core {
     }
 
     /// Checks the tables' consistency and bounds (tests and the fuzzer call it each step).
-    #[cfg(any(test, fuzzing))]
+    #[cfg(any(test, feature = "invariants"))]
     #[allow(clippy::expect_used)] // A broken invariant is the finding: panic with its name.
     pub fn check_invariants(&self) {
         let config = &self.config;
