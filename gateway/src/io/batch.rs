@@ -33,7 +33,7 @@
 //! `nix`'s `recvmmsg` wrapper neither resets `msg_namelen` between calls nor exposes the length
 //! the kernel returned, so neither invariant above can be kept through it. [`recv_into`] calls
 //! `libc::recvmmsg` itself; its `unsafe` blocks are the only ones in the crate, and each states
-//! why it is sound. Sending stays on `nix`'s safe `sendmmsg`.
+//! why it is sound. Sending stays on `nix`'s safe `sendmmsg` and `sendmsg` (GSO runs).
 
 #![allow(unsafe_code)]
 
