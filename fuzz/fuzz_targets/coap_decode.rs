@@ -1,14 +1,19 @@
 //! Fuzzes the CoAP decoder: any datagram decodes (or fails with an answer) without panicking,
-//! and a decoded request re-encoded as a response with its own ID and token decodes again to
-//! the same header, token, options and payload.
+//! to the same result through the fast path (`decode`) as through the coap-lite reference
+//! (`decode_reference`), and a decoded request re-encoded as a response with its own ID and
+//! token decodes again to the same header, token, options and payload.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sensorgate::coap::msg::{Code, MessageType, Response, decode, encode_response};
+use sensorgate::coap::msg::{
+    Code, MessageType, Response, decode, decode_reference, encode_response,
+};
 
 fuzz_target!(|data: &[u8]| {
-    let message = match decode(data) {
+    let decoded = decode(data);
+    assert_eq!(decoded, decode_reference(data));
+    let message = match decoded {
         Ok(message) => message,
         Err(error) => {
             let _ = error.answer();

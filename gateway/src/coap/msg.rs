@@ -1,12 +1,18 @@
 //! CoAP message codec: a checked decode of one datagram into an owned [`Message`], and encoders
 //! for the few messages the gateway sends (empty ACK, RST, responses) into a caller's buffer.
 //!
-//! Decoding is two steps. [`decode`] first walks the header, token and option headers itself
-//! (the checks `coap-lite` lacks: version 1, TKL <= 8, a payload marker followed by nothing, an
-//! Empty 0.00 message carrying anything after its header, reserved code classes), then lets
-//! `coap_lite::Packet::from_bytes` split options and payload, and finally interprets the options
-//! it knows into typed fields. Block1/Block2 use our own [`Block`] codec (20-bit NUM; coap-lite's
-//! is 12-bit and accepts SZX 7).
+//! The reference decode, [`decode_reference`], is two steps. It first walks the header, token
+//! and option headers itself (the checks `coap-lite` lacks: version 1, TKL <= 8, a payload
+//! marker followed by nothing, an Empty 0.00 message carrying anything after its header,
+//! reserved code classes), then lets `coap_lite::Packet::from_bytes` split options and payload,
+//! and finally interprets the options it knows into typed fields. Block1/Block2 use our own
+//! [`Block`] codec (20-bit NUM; coap-lite's is 12-bit and accepts SZX 7).
+//!
+//! [`decode`], what the core calls, first tries a one-pass borrowed walk for the common shape
+//! (a well-formed message with only the options the gateway types: coap-lite's decode costs a
+//! token `Vec`, a map node, a list node and a `Vec` per option, and a payload copy, per
+//! request) and falls back to the reference for anything else, errors included. Invariant: on
+//! every input `decode` and `decode_reference` return the same result (fuzzed, `coap_decode`).
 //!
 //! Invariants: no function here panics on any input (no indexing, no coap-lite call that
 //! asserts: only `Packet::from_bytes` is used); encoders never fail, because every field they
@@ -636,7 +642,97 @@ impl DecodeError {
 }
 
 /// Decodes one datagram (see the module doc for the checks).
+///
+/// The common shape (a well-formed message whose options are all ones the gateway types, see
+/// [`FAST_OPTIONS`]) is decoded by one borrowed walk over the datagram that allocates only what
+/// [`Message`] owns; anything else (errors, other options) takes [`decode_reference`], so both
+/// give the same result on every input (fuzzed: `coap_decode`).
 pub fn decode(datagram: &[u8]) -> Result<Message, DecodeError> {
+    match decode_fast(datagram) {
+        Some(message) => Ok(message),
+        None => decode_reference(datagram),
+    }
+}
+
+/// Options [`decode_fast`] handles itself: every option [`apply_option`] types.
+const FAST_OPTIONS: [u16; 14] = [
+    option::URI_HOST,
+    option::ETAG,
+    option::OBSERVE,
+    option::URI_PORT,
+    option::URI_PATH,
+    option::CONTENT_FORMAT,
+    option::MAX_AGE,
+    option::URI_QUERY,
+    option::ACCEPT,
+    option::BLOCK2,
+    option::BLOCK1,
+    option::SIZE2,
+    option::SIZE1,
+    option::NO_RESPONSE,
+];
+
+/// The hot path of [`decode`]: `Some` only for a message [`decode_reference`] decodes to the
+/// same [`Message`]; `None` (the reference decides) for anything it would refuse or that has
+/// an option outside [`FAST_OPTIONS`]. One pass, no intermediate copies: the token is read
+/// inline, option values are borrowed slices handed to [`apply_option`] as the reference
+/// hands it coap-lite's copies (options arrive in ascending number order, so the occurrence
+/// index is a run length), and the payload is copied once into the message.
+fn decode_fast(datagram: &[u8]) -> Option<Message> {
+    let [b0, code, mid_hi, mid_lo, rest @ ..] = datagram else {
+        return None;
+    };
+    if b0 >> 6 != VERSION {
+        return None;
+    }
+    let ty = MessageType::from_bits(b0 >> 4);
+    let code = Code(*code);
+    let message_id = u16::from_be_bytes([*mid_hi, *mid_lo]);
+    let tkl = usize::from(b0 & 0x0F);
+    if code == Code::EMPTY {
+        return (tkl == 0 && rest.is_empty()).then(|| Message::empty(ty, message_id));
+    }
+    if matches!(code.class(), 1 | 6 | 7)
+        || ty == MessageType::Rst
+        || (code.is_request() && ty == MessageType::Ack)
+    {
+        return None;
+    }
+    let mut message = Message {
+        code,
+        token: Token::new(rest.get(..tkl)?)?,
+        ..Message::empty(ty, message_id)
+    };
+    let mut bytes = rest.get(tkl..)?;
+    let mut number: u16 = 0;
+    let mut index = 0usize;
+    while let Some((first, tail)) = bytes.split_first() {
+        if *first == PAYLOAD_MARKER {
+            if tail.is_empty() {
+                return None;
+            }
+            message.payload = tail.to_vec();
+            break;
+        }
+        let (delta, tail) = extended(first >> 4, tail).ok()?;
+        let (len, tail) = extended(first & 0x0F, tail).ok()?;
+        // Delta 0 repeats the previous number (the first option's number 0 is not in the set).
+        index = if delta == 0 { index + 1 } else { 0 };
+        number = u16::try_from(u32::from(number).saturating_add(delta)).ok()?;
+        if !FAST_OPTIONS.contains(&number) {
+            return None;
+        }
+        let value = tail.get(..len as usize)?;
+        bytes = tail.get(len as usize..)?;
+        apply_option(&mut message, number, index, value).ok()?;
+    }
+    Some(message)
+}
+
+/// The reference decode: the pre-checks here, then `coap_lite::Packet::from_bytes` splits the
+/// options and payload. [`decode`] takes it for everything but the common shape; public so the
+/// fuzz target can hold the two against each other.
+pub fn decode_reference(datagram: &[u8]) -> Result<Message, DecodeError> {
     let [b0, code, mid_hi, mid_lo, rest @ ..] = datagram else {
         return Err(DecodeError::Short {
             len: datagram.len(),

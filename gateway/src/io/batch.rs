@@ -18,12 +18,22 @@
 //!   `sendmmsg` for the datagrams queued behind it. Each `sendmmsg` sets every header's address
 //!   and length afresh (`nix` does), so nothing stale carries over between batches.
 //!
+//! - A run of consecutive datagrams to one destination, all of one length (the replies to one
+//!   busy peer: a NON device's 2.04s, an observer's notifications), goes out as one UDP GSO send
+//!   (`UDP_SEGMENT`, Linux >= 4.18): the kernel cuts it into the same datagrams, in order, and
+//!   the network stack's per-datagram work (route, IP output, loopback hand-over) is done once
+//!   per run. Only runs of [`GSO_MIN_SEGMENTS`]..=[`GSO_MAX_SEGMENTS`] datagrams of at most
+//!   [`GSO_MAX_SEGMENT`] bytes, [`GSO_MAX_BYTES`] in all, qualify, so a segment never needs IP fragmentation on any link
+//!   IPv6 allows. If the kernel refuses GSO (no support, or a path that cannot take it) the
+//!   batch stops using it for good and sends that run, and everything after, datagram by
+//!   datagram: nothing is lost or reordered by the switch.
+//!
 //! # Why this module holds `unsafe`
 //!
 //! `nix`'s `recvmmsg` wrapper neither resets `msg_namelen` between calls nor exposes the length
 //! the kernel returned, so neither invariant above can be kept through it. [`recv_into`] calls
 //! `libc::recvmmsg` itself; its `unsafe` blocks are the only ones in the crate, and each states
-//! why it is sound. Sending stays on `nix`'s safe `sendmmsg`.
+//! why it is sound. Sending stays on `nix`'s safe `sendmmsg` and `sendmsg` (GSO runs).
 
 #![allow(unsafe_code)]
 
@@ -32,8 +42,11 @@ use std::mem;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, RawFd};
 
+use nix::errno::Errno;
 use nix::libc;
-use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg};
+use nix::sys::socket::{
+    ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg, sendmsg,
+};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
@@ -210,7 +223,21 @@ pub struct SendBatch {
     sent: usize,
     /// Datagrams refused so far because their destination was of the other family.
     refused: u64,
+    /// Whether runs still go out as GSO sends (off for good after the kernel refused one).
+    gso: bool,
+    /// The concatenated run of one GSO send, reused.
+    gso_buf: Vec<u8>,
 }
+
+/// Fewest datagrams worth one GSO send (a single one gains nothing).
+pub const GSO_MIN_SEGMENTS: usize = 2;
+/// Most datagrams per GSO send: the kernel's `UDP_MAX_SEGMENTS` (64 before Linux 6.1).
+pub const GSO_MAX_SEGMENTS: usize = 64;
+/// Most bytes per GSO send: the largest UDP payload over IPv4 (65,535 less 20 + 8 bytes).
+pub const GSO_MAX_BYTES: usize = 65_507;
+/// Largest datagram sent through GSO: the IPv6 minimum MTU (1280) less the IPv6 and UDP
+/// headers, so no segment needs fragmentation (the kernel refuses GSO beyond the path MTU).
+pub const GSO_MAX_SEGMENT: usize = 1232;
 
 impl SendBatch {
     /// Room for `batch` datagrams per `sendmmsg`, on an IPv6 socket when `ipv6`, else IPv4.
@@ -224,6 +251,8 @@ impl SendBatch {
             queued: 0,
             sent: 0,
             refused: 0,
+            gso: true,
+            gso_buf: Vec::new(),
         }
     }
 
@@ -262,14 +291,39 @@ impl SendBatch {
     }
 
     /// Sends everything queued, waiting for the socket to become writable when its buffer is
-    /// full. Datagrams the OS refuses for one peer (ICMP errors, EMSGSIZE) are dropped.
+    /// full: runs to one peer as GSO sends (see the module doc), the rest by `sendmmsg`.
+    /// Datagrams the OS refuses for one peer (ICMP errors, EMSGSIZE) are dropped.
     ///
     /// # Errors
     /// Socket-level errors.
     pub async fn flush(&mut self, socket: &UdpSocket) -> io::Result<()> {
-        let fd = socket.as_raw_fd();
         while self.sent < self.queued {
-            let (start, end) = (self.sent, self.queued);
+            let start = self.sent;
+            let run = self.run_at(start);
+            if run >= GSO_MIN_SEGMENTS {
+                match self.send_run(socket, start, run) {
+                    Ok(()) => self.sent += run,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket.writable().await?,
+                    Err(e) if gso_refused(&e) => {
+                        // Sent datagram by datagram from here on (this run too).
+                        tracing::debug!(error = %e, "UDP GSO refused by the kernel; not used on this socket any more.");
+                        self.gso = false;
+                    }
+                    Err(e) if super::udp::is_peer_error(&e) => {
+                        // As a `sendmmsg` below: the run's first datagram is skipped, the
+                        // rest tried again.
+                        tracing::debug!(error = %e, "UDP send failed for one peer.");
+                        self.sent += 1;
+                    }
+                    Err(e) => return Err(e),
+                }
+                continue;
+            }
+            // Up to the next run (or the end), in one `sendmmsg`.
+            let end = (start + 1..self.queued)
+                .find(|i| self.run_at(*i) >= GSO_MIN_SEGMENTS)
+                .unwrap_or(self.queued);
+            let fd = socket.as_raw_fd();
             let headers = &mut self.headers;
             let data = &self.data;
             let addrs = &self.addrs;
@@ -307,6 +361,65 @@ impl SendBatch {
         self.sent = 0;
         Ok(())
     }
+
+    /// How many datagrams from `start` on go to the same destination with the same length,
+    /// within the GSO bounds; 1 when GSO is off or the run is too short to use it.
+    fn run_at(&self, start: usize) -> usize {
+        let (Some(first), Some(Some(to))) = (self.data.get(start), self.addrs.get(start)) else {
+            return 1;
+        };
+        if !self.gso || first.is_empty() || first.len() > GSO_MAX_SEGMENT {
+            return 1;
+        }
+        // One UDP datagram's payload (IPv4's limit, the smaller) holds the whole run.
+        let most = GSO_MAX_SEGMENTS.min(GSO_MAX_BYTES / first.len());
+        let end = self.queued.min(start.saturating_add(most));
+        let same = |i: &usize| {
+            self.data.get(*i).is_some_and(|d| d.len() == first.len())
+                && self.addrs.get(*i).is_some_and(|a| a.as_ref() == Some(to))
+        };
+        1 + (start + 1..end).take_while(same).count()
+    }
+
+    /// One GSO send of the `run` datagrams from `start` (equal lengths, one destination).
+    fn send_run(&mut self, socket: &UdpSocket, start: usize, run: usize) -> io::Result<()> {
+        let datagrams = self.data.get(start..start + run).unwrap_or_default();
+        let Some(Some(to)) = self.addrs.get(start) else {
+            return Ok(());
+        };
+        // `run_at` bounds the length by GSO_MAX_SEGMENT: it fits.
+        let segment = u16::try_from(datagrams.first().map_or(0, Vec::len)).unwrap_or(u16::MAX);
+        self.gso_buf.clear();
+        for d in datagrams {
+            self.gso_buf.extend_from_slice(d);
+        }
+        let fd = socket.as_raw_fd();
+        let buf = &self.gso_buf;
+        socket.try_io(Interest::WRITABLE, || {
+            sendmsg(
+                fd,
+                &[IoSlice::new(buf)],
+                &[ControlMessage::UdpGsoSegments(&segment)],
+                MsgFlags::MSG_DONTWAIT,
+                Some(to),
+            )
+            .map(|_| ())
+            .map_err(io::Error::from)
+        })
+    }
+}
+
+/// Errors by which the kernel says it cannot do a GSO send here (no `UDP_SEGMENT`, or a
+/// device/path that cannot take it): the batch falls back to sending datagram by datagram.
+fn gso_refused(e: &io::Error) -> bool {
+    [
+        Errno::EIO,
+        Errno::EINVAL,
+        Errno::ENOPROTOOPT,
+        Errno::EOPNOTSUPP,
+    ]
+    .iter()
+    .any(|errno| e.raw_os_error() == Some(*errno as i32))
 }
 
 impl SendBatch {
@@ -414,6 +527,82 @@ mod tests {
             assert_eq!(got, want, "IPv6 round {round}");
         }
         assert_eq!(rx.rejected(), 0);
+    }
+
+    #[tokio::test]
+    async fn runs_to_one_peer_go_out_as_gso_and_arrive_as_the_same_datagrams_in_order() {
+        let sender = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let (p, q) = (
+            UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        );
+        let (to_p, to_q) = (p.local_addr().unwrap(), q.local_addr().unwrap());
+        // 70 equal datagrams to p (a run longer than one GSO send), one to q in between,
+        // then a different length to p, then two more equal ones to p.
+        let mut tx = SendBatch::new(128, false);
+        let mut want_p = Vec::new();
+        for i in 0..70u8 {
+            tx.push(to_p, &[i, 0xAA, 0xBB]);
+            want_p.push(vec![i, 0xAA, 0xBB]);
+        }
+        tx.push(to_q, b"q");
+        tx.push(to_p, b"longer");
+        want_p.push(b"longer".to_vec());
+        for i in 0..2u8 {
+            tx.push(to_p, &[i, 1, 2]);
+            want_p.push(vec![i, 1, 2]);
+        }
+        tx.flush(&sender).await.unwrap();
+        assert!(tx.is_empty());
+        assert!(tx.gso, "the kernel took the GSO sends (Linux >= 4.18)");
+        let mut rx = RecvBatch::new(16, 64);
+        let from = sender.local_addr().unwrap();
+        let got = recv_n(&mut rx, &p, want_p.len()).await;
+        let want: Vec<_> = want_p.into_iter().map(|d| (from, d)).collect();
+        assert_eq!(got, want);
+        assert_eq!(recv_n(&mut rx, &q, 1).await, vec![(from, b"q".to_vec())]);
+    }
+
+    #[test]
+    fn runs_are_cut_at_another_peer_another_length_and_the_bounds() {
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        );
+        let mut tx = SendBatch::new(256, false);
+        for _ in 0..3 {
+            tx.push(a, &[0; 4]);
+        }
+        tx.push(b, &[0; 4]);
+        tx.push(a, &[0; 5]);
+        tx.push(a, &[0; 4]);
+        assert_eq!(
+            (0..6).map(|i| tx.run_at(i)).collect::<Vec<_>>(),
+            [3, 2, 1, 1, 1, 1]
+        );
+        // At most GSO_MAX_SEGMENTS per send, and at most GSO_MAX_BYTES.
+        let mut tx = SendBatch::new(256, false);
+        for _ in 0..100 {
+            tx.push(a, &[0; 8]);
+        }
+        assert_eq!(tx.run_at(0), GSO_MAX_SEGMENTS);
+        let mut tx = SendBatch::new(256, false);
+        for _ in 0..60 {
+            tx.push(a, &[0; GSO_MAX_SEGMENT]);
+        }
+        assert_eq!(tx.run_at(0), GSO_MAX_BYTES / GSO_MAX_SEGMENT);
+        // Longer datagrams, empty ones, or GSO off: one at a time.
+        let mut tx = SendBatch::new(8, false);
+        tx.push(a, &[0; GSO_MAX_SEGMENT + 1]);
+        tx.push(a, &[0; GSO_MAX_SEGMENT + 1]);
+        tx.push(a, &[]);
+        tx.push(a, &[]);
+        assert_eq!((tx.run_at(0), tx.run_at(2)), (1, 1));
+        let mut tx = SendBatch::new(8, false);
+        tx.push(a, &[1]);
+        tx.push(a, &[1]);
+        tx.gso = false;
+        assert_eq!(tx.run_at(0), 1);
     }
 
     fn storage(family: i32) -> libc::sockaddr_storage {

@@ -463,6 +463,110 @@ fn token_bounds() {
     assert_eq!(token(&[1, 2, 3]).len(), 3);
 }
 
+#[test]
+fn fast_path_takes_the_common_shapes_and_matches_the_reference() {
+    let mut publish = vec![0x42, 0x02, 0x12, 0x34, 0x01, 0x02];
+    publish.extend_from_slice(b"\xb2ps\x01a\x01b\x10\x35qos=1\x06retain\xffhi");
+    let cases: [&[u8]; 5] = [
+        &publish,
+        // NON PUT /ps/bench/7 with No-Response 2 and a payload.
+        b"\x54\x03\x00\x09\x01\x02\x03\x04\xb2ps\x05bench\x017\xd1\xea\x02\xffxyz",
+        // Observe, Block2, Block1, Size1, No-Response.
+        &[
+            0x50, 0x01, 0, 1, 0x60, 0xD1, 4, 0x12, 0x43, 0x12, 0x34, 0x5E, 0xD2, 20, 0x13, 0x88,
+            0xD1, 185, 0x02,
+        ],
+        // A piggy-backed 2.04 with a token (an observer's answer) and an empty ACK.
+        &[0x61, 0x44, 0x00, 0x07, 0x99],
+        &[0x60, 0x00, 0x00, 0x07],
+    ];
+    for d in cases {
+        let fast = decode_fast(d);
+        assert!(fast.is_some(), "{d:02x?} takes the fast path");
+        assert_eq!(fast.map(Ok), Some(decode_reference(d)), "{d:02x?}");
+        assert_eq!(decode(d), decode_reference(d));
+    }
+}
+
+#[test]
+fn fast_path_leaves_errors_and_other_options_to_the_reference() {
+    let cases: [&[u8]; 9] = [
+        // If-Match (critical, not typed): 4.02 from the reference.
+        &[0x41, 0x03, 0x00, 0x07, 0x99, 0x11, 0xAB],
+        // An unknown elective option (2048): ignored by the reference.
+        &[0x40, 0x02, 0, 1, 0xE1, 0x06, 0xF3, 0x00, 0xFF, b'p'],
+        // Uri-Path not UTF-8: 4.00.
+        &[0x40, 0x02, 0, 1, 0xB1, 0xFF],
+        // Block1 SZX 7.
+        &[0x40, 0x02, 0, 1, 0xD1, 14, 0x07],
+        // Payload marker with nothing after it, truncated option, reserved nibble.
+        &[0x40, 0x02, 0, 1, 0xFF],
+        &[0x40, 0x02, 0, 1, 0xB5, b'p'],
+        &[0x40, 0x02, 0, 1, 0xF0],
+        // Reserved class, a request in an ACK.
+        &[0x40, 0x21, 0, 1],
+        &[0x60, 0x01, 0, 1],
+    ];
+    for d in cases {
+        assert_eq!(decode_fast(d), None, "{d:02x?} is left to the reference");
+        assert_eq!(decode(d), decode_reference(d));
+    }
+    // A repeated elective option keeps its first value on both paths (a run of equal numbers).
+    let d = [0x40, 0x02, 0, 1, 0xC1, 0x00, 0x01, 0x2A, 0x01, 0x2B];
+    assert_eq!(decode_fast(&d).and_then(|m| m.content_format), Some(0));
+    assert_eq!(decode(&d), decode_reference(&d));
+}
+
+/// One option for [`arb_request`]: a number among the typed ones, a few others, and values of
+/// lengths around the limits.
+fn arb_option() -> impl Strategy<Value = (u16, Vec<u8>)> {
+    let number = prop_oneof![
+        proptest::sample::select(FAST_OPTIONS.to_vec()),
+        proptest::sample::select(vec![0u16, 1, 2, 5, 8, 35, 39, 2048, 65000, 65535]),
+    ];
+    let value = prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..=5),
+        proptest::collection::vec(b'a'..=b'z', 0..=20),
+        proptest::collection::vec(any::<u8>(), 0..=300),
+    ];
+    (number, value)
+}
+
+/// A datagram built field by field (valid structure but for the random bits in the header).
+fn arb_request() -> impl Strategy<Value = Vec<u8>> {
+    (
+        any::<u8>(),
+        prop_oneof![0x00u8..=0x05, 0x40u8..=0x5F, any::<u8>()],
+        any::<u16>(),
+        proptest::collection::vec(any::<u8>(), 0..=8),
+        proptest::collection::vec(arb_option(), 0..6),
+        proptest::collection::vec(any::<u8>(), 0..4),
+    )
+        .prop_map(|(b0, code, mid, token, mut options, payload)| {
+            // Version 1 mostly; TKL from the token.
+            let b0 = if b0 < 0xE0 {
+                0x40 | (b0 & 0x30)
+            } else {
+                b0 & 0xF0
+            };
+            let tkl = u8::try_from(token.len()).unwrap_or(0);
+            let mut d = vec![b0 | tkl, code];
+            d.extend_from_slice(&mid.to_be_bytes());
+            d.extend_from_slice(&token);
+            options.sort_by_key(|(n, _)| *n);
+            let mut last = 0;
+            for (number, value) in options {
+                write_option(&mut d, number - last, &value);
+                last = number;
+            }
+            if !payload.is_empty() {
+                d.push(PAYLOAD_MARKER);
+                d.extend_from_slice(&payload);
+            }
+            d
+        })
+}
+
 fn arb_block() -> impl Strategy<Value = Option<Block>> {
     proptest::option::of(
         (0..=Block::MAX_NUM, any::<bool>(), 0..=Block::MAX_SZX)
@@ -474,6 +578,22 @@ proptest! {
     #[test]
     fn decode_never_panics(d in proptest::collection::vec(any::<u8>(), 0..64)) {
         let _ = decode(&d).map_err(|e| e.answer());
+    }
+
+    #[test]
+    fn decode_equals_the_reference_on_any_bytes(d in proptest::collection::vec(any::<u8>(), 0..64)) {
+        prop_assert_eq!(decode(&d), decode_reference(&d));
+    }
+
+    #[test]
+    fn decode_equals_the_reference_on_built_messages(d in arb_request()) {
+        let fast = decode_fast(&d);
+        let reference = decode_reference(&d);
+        if let Some(fast) = fast {
+            prop_assert_eq!(Ok(fast), reference);
+        } else {
+            prop_assert_eq!(decode(&d), reference);
+        }
     }
 
     #[test]
