@@ -1879,6 +1879,10 @@ impl Core {
                 }
             }
         }
+        // A peer's notifications adjacent (the observers map has no order): the driver sends
+        // a peer's equal-length datagrams as one GSO send (io::batch). Order across one
+        // peer's observations of one message does not matter.
+        targets.sort_by_key(|(oref, _)| obs_slot(&self.obs, *oref).map(|o| o.peer));
         let mut queued = 0;
         for &(oref, q) in &targets {
             if self.enqueue(now, oref, payload, q) {
