@@ -411,10 +411,14 @@ impl SendBatch {
 
 /// Errors by which the kernel says it cannot do a GSO send here (no `UDP_SEGMENT`, or a
 /// device/path that cannot take it): the batch falls back to sending datagram by datagram.
+/// EMSGSIZE is one of them (a segment beyond a smaller path MTU, e.g. a cellular link): each
+/// datagram was sendable on its own, so none is dropped for it; the per-datagram send
+/// decides.
 fn gso_refused(e: &io::Error) -> bool {
     [
         Errno::EIO,
         Errno::EINVAL,
+        Errno::EMSGSIZE,
         Errno::ENOPROTOOPT,
         Errno::EOPNOTSUPP,
     ]
