@@ -634,6 +634,15 @@ impl IngressHandle {
             .map_err(AppendRefused::QueueFull)
     }
 
+    /// Whether a message on `topic` would pass the route check of [`Self::append`]. Routes
+    /// are fixed for the router's life, so the answer holds until the append: an ingress that
+    /// takes several messages as one unit (an HTTP batch) checks every topic first and
+    /// appends nothing when one has no route. Counts nothing.
+    #[must_use]
+    pub fn accepts(&self, topic: &str) -> bool {
+        self.shared.routes.accepts(topic)
+    }
+
     /// A mark of the spool writer's progress, for [`Self::room_since`]: take it before an
     /// [`Self::append`] that may be refused with [`AppendRefused::QueueFull`].
     #[must_use]
@@ -1325,6 +1334,9 @@ mod tests {
         let a = s.router.ingress(tx);
         let message =
             |topic: &str| Message::new(topic, Bytes::from_static(b"1"), Qos::AtLeastOnce, false);
+        assert!(!a.accepts("other/t"));
+        assert!(a.accepts("sensors/t"));
+        assert_eq!(s.router.unrouted(), 0, "asking counts nothing");
         let refused = a.append(message("other/t"), Some(1)).unwrap_err();
         assert_eq!(refused.error_code(), "no_route");
         assert_eq!(refused.into_message().topic, "other/t", "given back");

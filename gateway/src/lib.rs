@@ -6,13 +6,14 @@
 #![warn(missing_docs)]
 //!
 //! Layout: [`config`] (validated before anything binds), [`mqttsn`] (the sans-IO protocol
-//! core and its codec), [`coap`] (the CoAP ingress core), [`ingress`] (the seam every
+//! core and its codec), [`coap`] (the CoAP ingress core), [`http`] (the HTTP ingress), [`ingress`] (the seam every
 //! datagram core implements), [`io`]
 //! (thin adapters owning sockets), [`app`] (wiring and lifecycle).
 
 pub mod app;
 pub mod coap;
 pub mod config;
+pub mod http;
 pub mod ingress;
 pub mod io;
 pub mod mqttsn;
