@@ -94,6 +94,9 @@ pub(crate) enum Refusal {
     Stopping,
     /// The body was not complete within `request_timeout`.
     RequestTimeout,
+    /// The body could not be read (a bad `Content-Length`, a broken chunked encoding, a
+    /// reset stream).
+    BodyError,
     /// No such path.
     NotFound,
     /// A known path with another method; the methods it takes.
@@ -126,6 +129,7 @@ impl Refusal {
             | Refusal::SubscribeRefused
             | Refusal::Stopping => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Refusal::BodyError => StatusCode::BAD_REQUEST,
             Refusal::NotFound => StatusCode::NOT_FOUND,
             Refusal::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
         }
@@ -155,6 +159,7 @@ impl Refusal {
             Refusal::SubscribeRefused => "subscribe_refused",
             Refusal::Stopping => "stopping",
             Refusal::RequestTimeout => "request_timeout",
+            Refusal::BodyError => "bad_body",
             Refusal::NotFound => "not_found",
             Refusal::MethodNotAllowed { .. } => "method_not_allowed",
         }
@@ -205,6 +210,7 @@ impl Refusal {
             Refusal::SubscribeRefused => "the gateway's subscription table is full".into(),
             Refusal::Stopping => "the gateway is stopping; nothing was stored".into(),
             Refusal::RequestTimeout => "the body was not received in time".into(),
+            Refusal::BodyError => "the body could not be read".into(),
             Refusal::NotFound => "endpoints: POST /v1/publish/{topic}, POST /v1/publish, \
                                   GET /v1/subscribe?filter="
                 .into(),
@@ -234,6 +240,7 @@ impl Refusal {
             | Refusal::BadBatch { .. }
             | Refusal::UnsupportedMediaType
             | Refusal::RequestTimeout
+            | Refusal::BodyError
             | Refusal::NotFound
             | Refusal::MethodNotAllowed { .. } => RefusalReason::Malformed,
         }
@@ -295,7 +302,7 @@ impl Refusal {
                 retry = Some(ceil_secs(retry_after));
                 close = true;
             }
-            Refusal::RequestTimeout => close = true,
+            Refusal::RequestTimeout | Refusal::BodyError => close = true,
             Refusal::MethodNotAllowed { allow } => {
                 headers.insert(header::ALLOW, HeaderValue::from_static(allow));
             }
@@ -848,6 +855,13 @@ mod tests {
                 Refusal::RequestTimeout,
                 408,
                 "request_timeout",
+                Malformed,
+                &[("connection", "close")],
+            ),
+            (
+                Refusal::BodyError,
+                400,
+                "bad_body",
                 Malformed,
                 &[("connection", "close")],
             ),

@@ -1,0 +1,478 @@
+//! The glue against a real router and spool in a tempdir (the shape of `bridges`'s router
+//! tests): durability rules of [`super::publish`], the driver, and the handlers through a
+//! loopback listener.
+
+// The tests hold the spool's lock across awaits on purpose, to block the writer thread; no
+// task on the test's runtime takes that lock.
+#![allow(clippy::await_holding_lock)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use sensorgate_bridges::message::{Downlink, Message, Qos};
+use sensorgate_bridges::route::{RouteSpec, RouteTable};
+use sensorgate_bridges::router::{IngressHandle, Router};
+use sensorgate_bridges::spool::{
+    AppendReply, FsyncPolicy, SharedSpool, Spool, SpoolConfig, StdFs, WhenFull, start_writer,
+};
+use sensorgate_bridges::telemetry::Beat;
+
+use super::driver::Driver;
+use super::publish::{Ingress, ItemRefused, Outcome};
+use super::stand_in::{Hub, SseQueueFull}; // TEMP: B's sse::Hub, A's SseQueueFull
+use super::stats::HttpStats;
+
+/// Generous bound on every wait for a condition (never a timing target).
+const BOUND: Duration = Duration::from_secs(20);
+
+struct Setup {
+    router: Router,
+    spool: Arc<SharedSpool<StdFs>>,
+    _dir: tempfile::TempDir,
+}
+
+fn setup(queue: usize, max_bytes: u64, routes: RouteTable) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let config = SpoolConfig {
+        dir: PathBuf::from(dir.path()),
+        max_bytes,
+        segment_bytes: 64 << 10,
+        min_free_bytes: 0,
+        max_age: None,
+        when_full: WhenFull::RejectNew,
+        fsync: FsyncPolicy::Always,
+        memory_tail_bytes: 8 << 20,
+    };
+    let (spool, _) = Spool::open(StdFs, config, &["up".to_owned()]).unwrap();
+    let spool = SharedSpool::new(spool);
+    let (appender, _writer) = start_writer(Arc::clone(&spool), queue).unwrap();
+    Setup {
+        router: Router::new(appender, Vec::new(), 64, Arc::new(routes)),
+        spool,
+        _dir: dir,
+    }
+}
+
+fn hub() -> Hub {
+    Hub::new(16, 4, 64, 16, SseQueueFull::DropOldest, 1 << 20)
+}
+
+/// The HTTP ingress over `setup`'s router, its verdict channel and its downlink channel.
+struct Http {
+    ingress: Arc<Ingress>,
+    replies: mpsc::Receiver<Vec<AppendReply>>,
+    downlink: mpsc::Receiver<Downlink>,
+}
+
+fn http(setup: &Setup, queue_wait: Duration) -> Http {
+    let (reply_tx, replies) = mpsc::channel(16);
+    let (dl_tx, downlink) = mpsc::channel(16);
+    let handle = setup.router.ingress(reply_tx).with_downlink(dl_tx);
+    let ingress = Arc::new(Ingress::new(
+        handle,
+        hub(),
+        queue_wait,
+        Arc::new(HttpStats::default()),
+        CancellationToken::new(),
+    ));
+    Http {
+        ingress,
+        replies,
+        downlink,
+    }
+}
+
+/// Starts the driver task on `http`'s channels; cancelling the token stops it.
+fn drive(http: Http) -> (Arc<Ingress>, CancellationToken) {
+    let stop = CancellationToken::new();
+    let (_query_tx, queries) = mpsc::channel(1);
+    let ingress = Arc::clone(&http.ingress);
+    tokio::spawn(
+        Driver {
+            ingress: Arc::clone(&http.ingress),
+            devices: Arc::new(std::sync::Mutex::new(super::devices::Devices::new(16))),
+            replies: http.replies,
+            downlink: http.downlink,
+            queries,
+            beat: Arc::new(Beat::new()),
+        }
+        .run(stop.clone()),
+    );
+    (ingress, stop)
+}
+
+/// Another ingress that takes downlink and wants every topic: what `deliver_local` reaches.
+fn peer(setup: &Setup) -> (IngressHandle, mpsc::Receiver<Downlink>) {
+    let (dl_tx, dl_rx) = mpsc::channel(64);
+    let handle = setup
+        .router
+        .ingress(mpsc::channel(4).0)
+        .with_downlink(dl_tx);
+    handle.subscribe(now(), "#", Qos::AtMostOnce).unwrap();
+    (handle, dl_rx)
+}
+
+#[allow(clippy::disallowed_methods)] // Only rate-limits the router's warnings here.
+fn now() -> Instant {
+    Instant::now()
+}
+
+fn msg(topic: &str, payload: &'static [u8], qos: Qos) -> Message {
+    Message::new(topic, Bytes::from_static(payload), qos, false)
+}
+
+/// Waits for `condition` (polled on each timer tick of a generous bound, never a timing
+/// target).
+async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn bounded<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(BOUND, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Blocks the spool writer: it takes one filler append (and signals room), then waits for
+/// the spool's lock held by the returned guard; the queue is empty then, and nothing more is
+/// taken until the guard is dropped. The writer must have started (one round trip done).
+async fn block_writer<'s>(
+    setup: &'s Setup,
+    handle: &IngressHandle,
+) -> std::sync::MutexGuard<'s, Spool<StdFs>> {
+    let guard = setup.spool.lock();
+    let mark = handle.room_mark();
+    handle
+        .append(msg("filler", b"", Qos::AtMostOnce), None)
+        .unwrap();
+    bounded("the writer taking the filler", handle.room_since(mark)).await;
+    guard
+}
+
+#[tokio::test]
+async fn a_qos1_publish_is_answered_only_after_its_verdict() {
+    let s = setup(16, 1 << 20, RouteTable::everything());
+    let mut h = http(&s, Duration::from_secs(1));
+    let ingress = Arc::clone(&h.ingress);
+    let publish =
+        tokio::spawn(async move { ingress.publish(msg("t/1", b"x", Qos::AtLeastOnce)).await });
+    // The verdict comes back on the reply channel; nobody has handed it to the waiter yet.
+    let replies = bounded("the verdict", h.replies.recv()).await.unwrap();
+    assert_eq!(replies.len(), 1);
+    assert!(replies[0].accepted);
+    tokio::task::yield_now().await;
+    assert!(
+        !publish.is_finished(),
+        "answered before its verdict was delivered"
+    );
+    assert_eq!(h.ingress.verdicts.len(), 1);
+    h.ingress.verdicts.deliver(&replies, &h.ingress);
+    assert_eq!(
+        bounded("the answer", publish).await.unwrap(),
+        Outcome::Durable
+    );
+    assert_eq!(h.ingress.verdicts.len(), 0);
+}
+
+#[tokio::test]
+async fn a_refused_verdict_is_spool_refused() {
+    let s = setup(16, 1 << 20, RouteTable::everything());
+    let mut h = http(&s, Duration::from_secs(1));
+    let ingress = Arc::clone(&h.ingress);
+    let publish =
+        tokio::spawn(async move { ingress.publish(msg("t/1", b"x", Qos::AtLeastOnce)).await });
+    let replies = bounded("the verdict", h.replies.recv()).await.unwrap();
+    // The writer refuses (spool full / disk error) with `accepted: false`; the same shape.
+    let refused: Vec<AppendReply> = replies
+        .iter()
+        .map(|r| AppendReply {
+            token: r.token,
+            accepted: false,
+        })
+        .collect();
+    h.ingress.verdicts.deliver(&refused, &h.ingress);
+    assert_eq!(
+        bounded("the answer", publish).await.unwrap(),
+        Outcome::SpoolRefused
+    );
+}
+
+#[tokio::test]
+async fn a_full_spool_refuses_for_real() {
+    // Larger than half of max_bytes: the spool refuses it (its verdict, not the queue).
+    let s = setup(16, 256 << 10, RouteTable::everything());
+    let (ingress, stop) = drive(http(&s, Duration::from_secs(1)));
+    let big = Message::new("t/big", vec![0u8; 200 << 10], Qos::AtLeastOnce, false);
+    assert_eq!(
+        bounded("the answer", ingress.publish(big)).await,
+        Outcome::SpoolRefused
+    );
+    assert_eq!(
+        bounded(
+            "the answer",
+            ingress.publish(msg("t/1", b"x", Qos::AtLeastOnce))
+        )
+        .await,
+        Outcome::Durable
+    );
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_full_writer_queue_waits_for_room_then_is_durable() {
+    let s = setup(1, 1 << 20, RouteTable::everything());
+    let (ingress, stop) = drive(http(&s, Duration::from_secs(600)));
+    // Warm up: the writer thread runs.
+    assert_eq!(
+        ingress.publish(msg("t/0", b"", Qos::AtLeastOnce)).await,
+        Outcome::Durable
+    );
+    let guard = block_writer(&s, &ingress.handle).await;
+    // The queue (1) takes one more; then the publish has to wait for room.
+    ingress
+        .handle
+        .append(msg("filler", b"", Qos::AtMostOnce), None)
+        .unwrap();
+    let mut publish = Box::pin(ingress.publish(msg("t/1", b"x", Qos::AtLeastOnce)));
+    assert!((&mut publish).now_or_never().is_none(), "waits for room");
+    assert_eq!(ingress.verdicts.len(), 1, "registered before the append");
+    drop(guard);
+    assert_eq!(bounded("the answer", publish).await, Outcome::Durable);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_writer_queue_full_past_queue_wait_is_busy_and_nothing_is_left_waiting() {
+    let s = setup(1, 1 << 20, RouteTable::everything());
+    let (ingress, stop) = drive(http(&s, Duration::from_secs(1)));
+    assert_eq!(
+        ingress.publish(msg("t/0", b"", Qos::AtLeastOnce)).await,
+        Outcome::Durable
+    );
+    let guard = block_writer(&s, &ingress.handle).await;
+    ingress
+        .handle
+        .append(msg("filler", b"", Qos::AtMostOnce), None)
+        .unwrap();
+    // Paused time: the runtime jumps to the queue_wait deadline once idle.
+    assert_eq!(
+        ingress.publish(msg("t/1", b"x", Qos::AtLeastOnce)).await,
+        Outcome::Busy
+    );
+    assert_eq!(
+        ingress.publish(msg("t/2", b"x", Qos::AtMostOnce)).await,
+        Outcome::Busy
+    );
+    assert_eq!(
+        ingress.verdicts.len(),
+        0,
+        "the refused append's waiter was disarmed"
+    );
+    drop(guard);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn no_route_is_refused_without_a_waiter() {
+    let spec = RouteSpec {
+        filter: "a/#".to_owned(),
+        upstreams: vec!["up".to_owned()],
+        ..Default::default()
+    };
+    let routes = RouteTable::compile(&[spec], &["up"], "gw").unwrap();
+    let s = setup(16, 1 << 20, routes);
+    let (ingress, stop) = drive(http(&s, Duration::from_secs(1)));
+    assert_eq!(
+        ingress.publish(msg("b/1", b"x", Qos::AtLeastOnce)).await,
+        Outcome::NoRoute
+    );
+    assert_eq!(ingress.verdicts.len(), 0);
+    assert_eq!(
+        ingress.first_unrouted(["a/1", "a/2", "b/3", "b/4"]),
+        Some(2)
+    );
+    assert_eq!(ingress.first_unrouted(["a/1"]), None);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_dropped_requests_verdict_is_counted_orphaned_and_still_delivered_locally() {
+    let s = setup(16, 1 << 20, RouteTable::everything());
+    let (_peer, mut peer_rx) = peer(&s);
+    let (ingress, stop) = drive(http(&s, Duration::from_secs(1)));
+    assert_eq!(
+        ingress.publish(msg("warm", b"", Qos::AtLeastOnce)).await,
+        Outcome::Durable
+    );
+    assert_eq!(
+        bounded("warm-up copy", peer_rx.recv()).await.unwrap().topic,
+        "warm"
+    );
+    let guard = s.spool.lock();
+    let mut publish = Box::pin(ingress.publish(msg("t/orphan", b"x", Qos::AtLeastOnce)));
+    assert!(
+        (&mut publish).now_or_never().is_none(),
+        "appended, waiting for its verdict"
+    );
+    // The client leaves: hyper drops the handler's future.
+    drop(publish);
+    assert!(
+        peer_rx.try_recv().is_err(),
+        "nothing delivered before the verdict"
+    );
+    drop(guard);
+    let copy = bounded("the local copy", peer_rx.recv()).await.unwrap();
+    assert_eq!(
+        (copy.topic.as_str(), &copy.payload[..]),
+        ("t/orphan", &b"x"[..])
+    );
+    wait_for("the orphan count", || {
+        ingress.stats.verdicts_orphaned() == 1
+    })
+    .await;
+    assert_eq!(ingress.verdicts.len(), 0);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn qos0_is_delivered_locally_on_append_and_a_refused_qos1_never() {
+    let s = setup(16, 256 << 10, RouteTable::everything());
+    let (_peer, mut peer_rx) = peer(&s);
+    let (ingress, stop) = drive(http(&s, Duration::from_secs(1)));
+    assert_eq!(
+        ingress.publish(msg("q0", b"a", Qos::AtMostOnce)).await,
+        Outcome::Queued
+    );
+    assert_eq!(
+        bounded("the QoS 0 copy", peer_rx.recv())
+            .await
+            .unwrap()
+            .topic,
+        "q0"
+    );
+    let big = Message::new("big", vec![0u8; 200 << 10], Qos::AtLeastOnce, false);
+    assert_eq!(ingress.publish(big).await, Outcome::SpoolRefused);
+    assert_eq!(
+        ingress.publish(msg("q1", b"b", Qos::AtLeastOnce)).await,
+        Outcome::Durable
+    );
+    let next = bounded("the QoS 1 copy", peer_rx.recv()).await.unwrap();
+    assert_eq!(next.topic, "q1", "the refused message was not delivered");
+    stop.cancel();
+}
+
+fn batch_of(items: &[(&str, usize, Qos)]) -> Vec<Message> {
+    items
+        .iter()
+        .map(|&(topic, size, qos)| Message::new(topic, vec![b'x'; size], qos, false))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_batch_is_durable_as_a_whole() {
+    let s = setup(16, 1 << 20, RouteTable::everything());
+    let (_peer, mut peer_rx) = peer(&s);
+    let (ingress, stop) = drive(http(&s, Duration::from_secs(1)));
+    let items = batch_of(&[
+        ("b/0", 1, Qos::AtLeastOnce),
+        ("b/1", 1, Qos::AtMostOnce),
+        ("b/2", 1, Qos::AtLeastOnce),
+    ]);
+    let outcome = bounded("the batch", ingress.publish_batch(items)).await;
+    assert_eq!((outcome.items, outcome.durable, outcome.queued), (3, 2, 1));
+    assert!(outcome.complete());
+    let mut topics = Vec::new();
+    for _ in 0..3 {
+        topics.push(bounded("a copy", peer_rx.recv()).await.unwrap().topic);
+    }
+    topics.sort();
+    assert_eq!(topics, ["b/0", "b/1", "b/2"]);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_partial_batch_lists_exactly_the_items_the_spool_refused() {
+    // 256 KiB spool: two 100 KiB items fit, a third does not; a small fourth does again.
+    let s = setup(16, 256 << 10, RouteTable::everything());
+    let (ingress, stop) = drive(http(&s, Duration::from_secs(1)));
+    let items = batch_of(&[
+        ("p/0", 100 << 10, Qos::AtLeastOnce),
+        ("p/1", 100 << 10, Qos::AtLeastOnce),
+        ("p/2", 100 << 10, Qos::AtLeastOnce),
+        ("p/3", 10, Qos::AtLeastOnce),
+    ]);
+    let outcome = bounded("the batch", ingress.publish_batch(items)).await;
+    assert_eq!(outcome.refused, [(2, ItemRefused::SpoolFull)]);
+    assert_eq!((outcome.durable, outcome.queued), (3, 0));
+    assert_eq!(ingress.verdicts.len(), 0);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_batch_stops_at_queue_wait_and_keeps_its_order() {
+    let s = setup(3, 1 << 20, RouteTable::everything());
+    let (ingress, stop) = drive(http(&s, Duration::from_secs(1)));
+    assert_eq!(
+        ingress.publish(msg("t/0", b"", Qos::AtLeastOnce)).await,
+        Outcome::Durable
+    );
+    let guard = block_writer(&s, &ingress.handle).await;
+    let items = batch_of(&[
+        ("o/0", 1, Qos::AtLeastOnce),
+        ("o/1", 1, Qos::AtMostOnce),
+        ("o/2", 1, Qos::AtLeastOnce),
+        ("o/3", 1, Qos::AtLeastOnce),
+        ("o/4", 1, Qos::AtMostOnce),
+    ]);
+    tokio::time::pause();
+    let batch = {
+        let ingress = Arc::clone(&ingress);
+        tokio::spawn(async move { ingress.publish_batch(items).await })
+    };
+    // Virtual time: the batch gives up on item 3 at its queue_wait, then waits for the
+    // verdicts of items 0..3, which the blocked writer cannot give yet.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        !batch.is_finished(),
+        "waits for the verdicts of what it appended"
+    );
+    drop(guard);
+    let outcome = bounded("the batch", batch).await.unwrap();
+    assert_eq!(
+        outcome.refused,
+        [(3, ItemRefused::Busy), (4, ItemRefused::NotAttempted)]
+    );
+    assert_eq!((outcome.durable, outcome.queued), (2, 1));
+    // The spool holds the appended items in order, and none after the gap.
+    let topics = spooled_topics(&s);
+    let ours: Vec<&str> = topics
+        .iter()
+        .map(String::as_str)
+        .filter(|t| t.starts_with("o/"))
+        .collect();
+    assert_eq!(ours, ["o/0", "o/1", "o/2"]);
+    stop.cancel();
+}
+
+/// Every topic in the spool, in log order.
+fn spooled_topics(s: &Setup) -> Vec<String> {
+    let mut spool = s.spool.lock();
+    let mut pos = spool.reader(0);
+    let mut out = Vec::new();
+    spool.read(&mut pos, 1000, 0, &mut out).unwrap();
+    out.into_iter().map(|r| r.topic).collect()
+}
