@@ -25,7 +25,9 @@ use sensorgate_bridges::spool::{
 use sensorgate_bridges::telemetry::Beat;
 
 use super::driver::Driver;
+use super::handlers::{self, App};
 use super::publish::{Ingress, ItemRefused, Outcome};
+use super::stand_in::HttpSection; // TEMP: A's config::HttpSection
 use super::stand_in::{Hub, SseQueueFull}; // TEMP: B's sse::Hub, A's SseQueueFull
 use super::stats::HttpStats;
 
@@ -468,11 +470,428 @@ async fn a_batch_stops_at_queue_wait_and_keeps_its_order() {
     stop.cancel();
 }
 
-/// Every topic in the spool, in log order.
-fn spooled_topics(s: &Setup) -> Vec<String> {
+/// Every record in the spool, in log order.
+fn spooled(s: &Setup) -> Vec<sensorgate_bridges::spool::Record> {
     let mut spool = s.spool.lock();
     let mut pos = spool.reader(0);
     let mut out = Vec::new();
     spool.read(&mut pos, 1000, 0, &mut out).unwrap();
-    out.into_iter().map(|r| r.topic).collect()
+    out
+}
+
+/// Every topic in the spool, in log order (the warm-up and filler records of some tests
+/// included).
+fn spooled_topics(s: &Setup) -> Vec<String> {
+    spooled(s).into_iter().map(|r| r.topic).collect()
+}
+
+// ---- Handlers, through a loopback listener ----
+
+/// A running HTTP ingress: its address, its parts, and the token that stops it.
+struct Served {
+    addr: std::net::SocketAddr,
+    ingress: Arc<Ingress>,
+    stop: CancellationToken,
+    /// Stops the listener (separate, so a test can stop the ingress alone first, as the
+    /// server's graceful shutdown leaves a window where requests still arrive).
+    server_stop: CancellationToken,
+    driver_stop: CancellationToken,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.server_stop.cancel();
+        self.driver_stop.cancel();
+    }
+}
+
+/// Serves the handlers over `setup`'s router on a free loopback port.
+async fn serve(setup: &Setup, section: HttpSection) -> Served {
+    let section = Arc::new(section);
+    let (reply_tx, replies) = mpsc::channel(16);
+    let (dl_tx, downlink) = mpsc::channel(16);
+    let handle = setup.router.ingress(reply_tx).with_downlink(dl_tx);
+    let stop = CancellationToken::new();
+    let ingress = Arc::new(Ingress::new(
+        handle,
+        hub(),
+        section.queue_wait,
+        Arc::new(HttpStats::default()),
+        stop.clone(),
+    ));
+    let devices = Arc::new(std::sync::Mutex::new(super::devices::Devices::new(16)));
+    let app = App::new(
+        Arc::clone(&section),
+        Arc::clone(&ingress),
+        Arc::clone(&devices),
+    );
+    let (_query_tx, queries) = mpsc::channel(1);
+    let driver_stop = CancellationToken::new();
+    tokio::spawn(
+        Driver {
+            ingress: Arc::clone(&ingress),
+            devices,
+            replies,
+            downlink,
+            queries,
+            beat: Arc::new(Beat::new()),
+        }
+        .run(driver_stop.clone()),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = handlers::router(app);
+    let server_stop = CancellationToken::new();
+    let shutdown = server_stop.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+    });
+    Served {
+        addr,
+        ingress,
+        stop,
+        server_stop,
+        driver_stop,
+    }
+}
+
+fn anonymous() -> HttpSection {
+    HttpSection {
+        allow_anonymous: true,
+        ..HttpSection::default()
+    }
+}
+
+/// A response as read off the wire.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// Sends `raw` (a request with `Connection: close`, exact bytes) and reads the response
+/// until the server closes.
+async fn exchange(addr: std::net::SocketAddr, raw: &[u8]) -> Reply {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(raw).await.unwrap();
+    let mut bytes = Vec::new();
+    bounded("the response", stream.read_to_end(&mut bytes))
+        .await
+        .unwrap();
+    parse_reply(&bytes)
+}
+
+fn parse_reply(bytes: &[u8]) -> Reply {
+    let end = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no head in {:?}", String::from_utf8_lossy(bytes)));
+    let head = std::str::from_utf8(&bytes[..end]).unwrap();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    Reply {
+        status,
+        headers,
+        body: bytes[end + 4..].to_vec(),
+    }
+}
+
+/// `method path` with `body` (Content-Length), `Connection: close` and `extra` header lines.
+async fn call(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    extra: &str,
+    body: &[u8],
+) -> Reply {
+    let mut raw = format!(
+        "{method} {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nContent-Length: {}\r\n{extra}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(body);
+    exchange(addr, &raw).await
+}
+
+#[tokio::test]
+async fn single_publishes_answer_200_durable_and_202_queued_and_are_spooled() {
+    let s = setup(16, 1 << 20, RouteTable::everything());
+    let served = serve(&s, anonymous()).await;
+    let r = call(
+        served.addr,
+        "POST",
+        "/v1/publish/sensors/dev1/temp?qos=1&retain=true",
+        "",
+        b"21.5",
+    )
+    .await;
+    assert_eq!(
+        (r.status, &r.body[..]),
+        (200, &br#"{"qos":1,"durable":true}"#[..])
+    );
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let r = call(
+        served.addr,
+        "POST",
+        "/v1/publish/sensors/dev1/hum",
+        "QoS-Level: 0\r\n",
+        b"40",
+    )
+    .await;
+    assert_eq!(
+        (r.status, &r.body[..]),
+        (202, &br#"{"qos":0,"durable":false}"#[..])
+    );
+    let r = call(served.addr, "POST", "/v1/publish/a%2Fb", "", b"").await;
+    assert_eq!(r.status, 200, "an empty body is a valid payload");
+    // QoS 0 is only queued: wait for the writer before reading the spool.
+    wait_for("the QoS 0 record", || spooled_topics(&s).len() == 3).await;
+    let records = spooled(&s);
+    let first = &records[0];
+    assert_eq!(
+        (first.topic.as_str(), &first.payload[..], first.retain),
+        ("sensors/dev1/temp", &b"21.5"[..], true)
+    );
+    assert_eq!(
+        first.origin.protocol,
+        sensorgate_bridges::message::Protocol::Http
+    );
+    assert_eq!(first.origin.client_id, None, "anonymous");
+    assert!(
+        first
+            .origin
+            .peer
+            .as_deref()
+            .is_some_and(|p| p.starts_with("tcp:"))
+    );
+    assert_eq!(records[1].qos, Qos::AtMostOnce);
+    assert_eq!(records[2].topic, "a/b");
+    let report = served.ingress.stats.report(Default::default()).counters;
+    assert_eq!(
+        (report.packets_in, report.messages_in, report.acks),
+        (3, [0, 1, 2, 0], 2)
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_content_length_is_413_before_the_body_is_read() {
+    let s = setup(16, 1 << 20, RouteTable::everything());
+    let served = serve(
+        &s,
+        HttpSection {
+            max_body_size: 10,
+            ..anonymous()
+        },
+    )
+    .await;
+    // 10 of the announced 100,000,000 bytes: the answer comes without the rest.
+    let raw =
+        b"POST /v1/publish/t HTTP/1.1\r\nHost: gw\r\nContent-Length: 100000000\r\n\r\n0123456789";
+    let r = exchange(served.addr, raw).await;
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["error"], "too_large");
+    assert_eq!(r.json()["limit"], 10);
+    assert_eq!(r.header("connection"), Some("close"));
+    // Chunked past the limit: 413 after at most limit + 1 bytes.
+    let raw = b"POST /v1/publish/t HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\n0\r\n\r\n";
+    assert_eq!(exchange(served.addr, raw).await.status, 413);
+    // At the limit: stored.
+    assert_eq!(
+        call(served.addr, "POST", "/v1/publish/t", "", b"0123456789")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(spooled_topics(&s), ["t"]);
+}
+
+#[tokio::test]
+async fn a_chunked_body_is_411_when_a_length_is_required() {
+    let s = setup(16, 1 << 20, RouteTable::everything());
+    let served = serve(
+        &s,
+        HttpSection {
+            require_content_length: true,
+            ..anonymous()
+        },
+    )
+    .await;
+    let raw = b"POST /v1/publish/t HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n";
+    let r = exchange(served.addr, raw).await;
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (411, Some("length_required"))
+    );
+    assert_eq!(
+        call(served.addr, "POST", "/v1/publish/t", "", b"hi")
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn a_body_not_complete_within_request_timeout_is_408() {
+    let s = setup(16, 1 << 20, RouteTable::everything());
+    let served = serve(
+        &s,
+        HttpSection {
+            request_timeout: Duration::from_millis(200),
+            ..anonymous()
+        },
+    )
+    .await;
+    let raw = b"POST /v1/publish/t HTTP/1.1\r\nHost: gw\r\nContent-Length: 10\r\n\r\n01234";
+    let r = exchange(served.addr, raw).await;
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (408, Some("request_timeout"))
+    );
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(spooled_topics(&s).is_empty());
+}
+
+#[tokio::test]
+async fn malformed_requests_are_400_and_unknown_routes_404_or_405() {
+    let s = setup(16, 1 << 20, RouteTable::everything());
+    let served = serve(&s, anonymous()).await;
+    let a = served.addr;
+    let cases: &[(&str, &str, &str, u16, &str)] = &[
+        ("POST", "/v1/publish/t?qos=2", "", 400, "bad_qos"),
+        (
+            "POST",
+            "/v1/publish/t?qos=1",
+            "QoS-Level: 0\r\n",
+            400,
+            "bad_qos",
+        ),
+        ("POST", "/v1/publish/t?retain=maybe", "", 400, "bad_retain"),
+        ("POST", "/v1/publish/a%23", "", 400, "bad_topic"),
+        ("POST", "/v1/publish/a+b", "", 400, "bad_topic"),
+        ("POST", "/v1/publish/%FF", "", 400, "bad_topic"),
+        ("POST", "/v1/publish/", "", 400, "bad_topic"),
+        ("GET", "/v1/subscribe", "", 400, "bad_filter"),
+        ("GET", "/v1/messages?filter=x", "", 404, "not_found"),
+        ("GET", "/", "", 404, "not_found"),
+        ("GET", "/v1/publish/t", "", 405, "method_not_allowed"),
+        ("PUT", "/v1/publish", "", 405, "method_not_allowed"),
+        ("OPTIONS", "/v1/publish/t", "", 405, "method_not_allowed"),
+        (
+            "POST",
+            "/v1/subscribe?filter=x",
+            "",
+            405,
+            "method_not_allowed",
+        ),
+        ("HEAD", "/v1/subscribe?filter=x", "", 405, ""),
+    ];
+    for &(method, path, extra, status, error) in cases {
+        let r = call(a, method, path, extra, b"").await;
+        assert_eq!(r.status, status, "{method} {path}");
+        if !error.is_empty() {
+            assert_eq!(r.json()["error"], error, "{method} {path}");
+        }
+        if status == 405 {
+            let allow = if path.starts_with("/v1/subscribe") {
+                "GET"
+            } else {
+                "POST"
+            };
+            assert_eq!(r.header("allow"), Some(allow), "{method} {path}");
+        }
+    }
+    assert!(spooled_topics(&s).is_empty());
+}
+
+#[tokio::test]
+async fn without_credentials_and_anonymous_off_every_endpoint_is_401() {
+    let s = setup(16, 1 << 20, RouteTable::everything());
+    let served = serve(&s, HttpSection::default()).await;
+    for (method, path) in [
+        ("POST", "/v1/publish/t"),
+        ("POST", "/v1/publish"),
+        ("GET", "/v1/subscribe?filter=t"),
+    ] {
+        let r = call(served.addr, method, path, "", b"x").await;
+        assert_eq!(
+            (r.status, r.json()["error"].as_str()),
+            (401, Some("unauthorized")),
+            "{path}"
+        );
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some(r#"Bearer realm="sensorgate""#)
+        );
+    }
+    assert!(spooled_topics(&s).is_empty());
+}
+
+#[tokio::test]
+async fn spool_refusals_are_503_with_retry_after_and_nothing_durable_is_refused() {
+    let s = setup(16, 256 << 10, RouteTable::everything());
+    let served = serve(
+        &s,
+        HttpSection {
+            retry_after: Duration::from_secs(9),
+            max_body_size: 256 << 10,
+            ..anonymous()
+        },
+    )
+    .await;
+    let big = vec![b'x'; 200 << 10];
+    let r = call(served.addr, "POST", "/v1/publish/big", "", &big).await;
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (503, Some("spool_full"))
+    );
+    assert_eq!(r.header("retry-after"), Some("9"));
+    assert!(spooled_topics(&s).is_empty());
+}
+
+#[tokio::test]
+async fn a_stopping_gateway_answers_503_stopping_and_appends_nothing() {
+    let s = setup(16, 1 << 20, RouteTable::everything());
+    let served = serve(&s, anonymous()).await;
+    served.stop.cancel();
+    for (method, path) in [("POST", "/v1/publish/t"), ("GET", "/v1/subscribe?filter=t")] {
+        let r = call(served.addr, method, path, "", b"x").await;
+        assert_eq!(
+            (r.status, r.json()["error"].as_str()),
+            (503, Some("stopping")),
+            "{path}"
+        );
+        assert_eq!(r.header("retry-after"), Some("5"));
+        assert_eq!(r.header("connection"), Some("close"));
+    }
+    assert!(spooled_topics(&s).is_empty());
 }
