@@ -31,7 +31,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Value, json};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use sensorgate_bridges::message::{Message, Origin, Protocol, Qos};
 use sensorgate_bridges::router::IngressHandle;
@@ -163,7 +163,7 @@ impl App {
                     self.stats().body_timeout();
                 }
                 tracing::debug!(
-                    peer = %self.peer_text(ctx),
+                    peer = %ctx.peer,
                     device = ctx.device.as_deref(),
                     topic = ctx.topic.as_deref(),
                     error = refusal.code(),
@@ -188,10 +188,6 @@ impl App {
                 .record(now(), device, seen);
         }
         response
-    }
-
-    fn peer_text(&self, ctx: &Ctx) -> String {
-        ctx.peer.to_string()
     }
 
     /// Stopping, then credentials, then the device's rate: the checks every endpoint starts
@@ -232,13 +228,14 @@ impl App {
 
     /// Reads a body of at most `limit` bytes: 413 from `Content-Length` before any byte is
     /// read, 411 when required and absent, the memory budget within `request_timeout` (else
-    /// 503 busy), the body within `request_timeout` (else 408), 413 past `limit`.
+    /// 503 busy), the body within `request_timeout` (else 408), 413 past `limit`. The permit
+    /// holds the body's share of `body_memory`: the caller keeps it until it answers.
     async fn read_body(
         &self,
         headers: &HeaderMap,
         body: Body,
         limit: usize,
-    ) -> Result<Bytes, Refusal> {
+    ) -> Result<(Bytes, OwnedSemaphorePermit), Refusal> {
         let limit_u64 = limit as u64;
         let length = match headers.get(header::CONTENT_LENGTH) {
             Some(value) => Some(
@@ -267,7 +264,7 @@ impl App {
             .unwrap_or(u32::MAX)
             .min(self.body_permits);
         let timeout = self.section.request_timeout;
-        let _permit = match tokio::time::timeout(
+        let permit = match tokio::time::timeout(
             timeout,
             Arc::clone(&self.body_memory).acquire_many_owned(kib),
         )
@@ -278,7 +275,7 @@ impl App {
         };
         match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
             Err(_) => Err(Refusal::RequestTimeout),
-            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Ok(collected)) => Ok((collected.to_bytes(), permit)),
             Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
                 Err(Refusal::TooLarge {
                     limit: limit_u64,
@@ -322,7 +319,7 @@ async fn single_inner(app: &App, ctx: &mut Ctx, request: Request) -> Result<Resp
     if !identity.publish.allows_topic(&topic) {
         return Err(Refusal::ForbiddenTopic { index: None });
     }
-    let payload = app
+    let (payload, _memory) = app
         .read_body(&parts.headers, body, app.section.max_body_size)
         .await?;
     let message = Message {
@@ -382,7 +379,7 @@ async fn batch_inner(app: &App, ctx: &mut Ctx, request: Request) -> Result<Respo
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     let kind = batch_kind(content_type).ok_or(Refusal::UnsupportedMediaType)?;
-    let body = app
+    let (body, _memory) = app
         .read_body(&parts.headers, body, app.section.max_batch_size)
         .await?;
     let limits = BatchLimits {
