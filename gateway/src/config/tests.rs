@@ -1304,7 +1304,10 @@ fn the_routers_filter_bound_is_the_sum_of_the_ingresses_at_most_65536() {
     let off = text.replace("listen = [\"127.0.0.1:5683\"]\n", "");
     let c = Config::parse(Path::new("t.toml"), &off).unwrap();
     assert_eq!(c.max_filters(), 500);
-    assert_eq!(router_max_filters(65_536, Some(65_536)), MAX_SUBSCRIPTIONS);
+    assert_eq!(
+        router_max_filters(65_536, Some(65_536), Some(1)),
+        MAX_SUBSCRIPTIONS
+    );
 }
 
 #[test]
