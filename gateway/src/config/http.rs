@@ -691,11 +691,12 @@ pub(super) fn compile_http(
         secs(1),
         secs(600),
     );
+    // At least 2 s: `sse_keepalive` (at least 1 s) must be shorter.
     let idle_timeout = duration_in(
         r,
         &hp.key("idle_timeout"),
         &h.idle_timeout,
-        secs(1),
+        secs(2),
         secs(3600),
     );
     let tls_handshake_timeout = duration_in(
