@@ -229,8 +229,8 @@ impl HttpSection {
         })
     }
 
-    /// The summary lines for `check-config` and the start-up log.
-    pub(super) fn summary(&self) -> String {
+    /// The `listener:` lines of the summary for `check-config` and the start-up log.
+    pub(super) fn summary_listeners(&self) -> String {
         let mut s = String::new();
         for addr in &self.listen {
             s.push_str(&format!(
@@ -259,7 +259,12 @@ impl HttpSection {
                 ));
             }
         }
-        s.push_str(&format!(
+        s
+    }
+
+    /// The summary line of the limits.
+    pub(super) fn summary_limits(&self) -> String {
+        format!(
             "http: {} device(s), anonymous {}; bodies up to {}, batches up to {} and {} items; \
              {} connections ({} per IP); {}; {}\n",
             self.devices.len(),
@@ -282,8 +287,7 @@ impl HttpSection {
             } else {
                 format!("up to {} SSE streams", self.max_streams)
             },
-        ));
-        s
+        )
     }
 }
 

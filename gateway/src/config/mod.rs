@@ -185,7 +185,7 @@ impl Config {
             None => s.push_str("listener: CoAP off\n"),
         }
         match &self.http {
-            Some(http) => s.push_str(&http.summary()),
+            Some(http) => s.push_str(&http.summary_listeners()),
             None => s.push_str("listener: HTTP off\n"),
         }
         match self.admin.listen {
@@ -221,6 +221,9 @@ impl Config {
                 c.max_observers,
                 humantime::format_duration(c.ack_wait),
             ));
+        }
+        if let Some(http) = &self.http {
+            s.push_str(&http.summary_limits());
         }
         s.push_str(&format!(
             "sessions: sleeping and CleanSession=0 sessions kept in {} (log up to {})\n",

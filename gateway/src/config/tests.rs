@@ -2369,3 +2369,84 @@ fn the_routers_filter_bound_adds_http_when_it_is_on() {
     assert_eq!(c.max_filters(), MAX_SUBSCRIPTIONS);
     assert_eq!(router_max_filters(1, Some(2), Some(3)), 6);
 }
+
+#[test]
+fn the_reference_config_shows_every_http_key_with_its_default() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/sensorgate.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let doc: toml::Table = text.parse().unwrap();
+    let http = doc["http"].as_table().unwrap();
+    // Live keys, and the optional ones without a default, commented out.
+    let commented = ["tls_cert", "tls_key", "client_ca", "client_cert"];
+    let mut keys: Vec<&str> = http.keys().map(String::as_str).collect();
+    for key in commented {
+        assert!(text.contains(&format!("\n# {key} = ")), "{key}");
+        keys.push(key);
+    }
+    keys.push("device");
+    keys.sort_unstable();
+    let mut fields = fields_of::<RawHttp>().to_vec();
+    fields.sort_unstable();
+    assert_eq!(keys, fields);
+    // Switched on, the section as written is the defaults.
+    let at = text.find("\n[http]\n").unwrap();
+    let on = format!(
+        "{}{}",
+        &text[..at],
+        text[at..].replacen("listen = []\n", "listen = [\"127.0.0.1:8080\"]\n", 1)
+    );
+    let c = Config::parse(&path, &on).unwrap();
+    assert_eq!(
+        c.http.unwrap(),
+        HttpSection {
+            listen: vec!["127.0.0.1:8080".parse().unwrap()],
+            ..HttpSection::default()
+        }
+    );
+    // The commented examples are valid once uncommented (the device with a real hash).
+    let uncomment = |line: &str| {
+        let line = line.strip_prefix("# ").unwrap_or(line);
+        if line.starts_with('#') {
+            String::new()
+        } else {
+            format!("{line}\n")
+        }
+    };
+    let start = text.find("\n# [[http.device]]\n").unwrap() + 1;
+    let end = start + text[start..].find("\n\n").unwrap();
+    let example: String = text[start..end].lines().map(uncomment).collect();
+    let example = example.replace(
+        "sha256:<64 hex digits from sensorgate hash-token>",
+        &hash_of(1),
+    );
+    let mut fields = fields_of::<RawDevice>().to_vec();
+    fields.sort_unstable();
+    let mut written: Vec<&str> = example
+        .lines()
+        .filter_map(|l| l.split_once(" = ").map(|(k, _)| k))
+        .collect();
+    written.sort_unstable();
+    assert_eq!(written, fields);
+    let tls: String = [
+        "tls_listen",
+        "tls_cert",
+        "tls_key",
+        "client_ca",
+        "client_cert",
+    ]
+    .iter()
+    .map(|key| {
+        let at = text.find(&format!("\n# {key} = ")).unwrap() + 1;
+        uncomment(text[at..].lines().next().unwrap())
+    })
+    .collect();
+    let on = on.replacen("tls_listen = []\n", &tls, 1).replacen(
+        "\n# [[http.device]]\n",
+        &format!("\n{example}\n# [[http.device]]\n"),
+        1,
+    );
+    let c = Config::parse(&path, &on).unwrap();
+    let http = c.http.unwrap();
+    assert_eq!(http.devices.len(), 1);
+    assert_eq!(http.tls.unwrap().client_cert, ClientCertMode::Optional);
+}
