@@ -40,13 +40,14 @@ use sensorgate_bridges::upstream::FailReason;
 use super::devices::{Devices, Seen};
 use super::publish::{BatchOutcome, Ingress, ItemRefused, Outcome};
 use super::request::{self, Refusal};
-// TEMP: B's auth / rate / batch / sse, C's server::ConnInfo and A's config::HttpSection.
+// TEMP: B's auth / rate / batch / sse and C's server::ConnInfo.
 use super::stand_in::parse as parse_batch;
 use super::stand_in::{
-    AuthError, AuthTable, BatchError, BatchLimits, ConnInfo, HttpSection, HubRefused, Identity,
-    KEEPALIVE, RateTable, StreamId, StreamQueue, Subscriptions, batch_kind, encode_ready,
+    AuthError, AuthTable, BatchError, BatchLimits, ConnInfo, HubRefused, Identity, KEEPALIVE,
+    RateTable, StreamId, StreamQueue, Subscriptions, batch_kind, encode_ready,
 };
 use super::stats::HttpStats;
+use crate::config::HttpSection;
 use crate::observe::model::DownlinkDropReason;
 
 /// `application/json` for every body we write.

@@ -158,11 +158,11 @@ pub async fn run(
     result
 }
 
-// TEMP: A's config::HttpSection, B's sse::Hub and C's server::{Bound, serve}.
-use stand_in::{Bound, HttpSection, Hub, serve};
+// TEMP: B's sse::Hub and C's server::{Bound, serve}.
+use crate::config::HttpSection;
+use stand_in::{Bound, Hub, serve};
 
-// TEMP: stand-ins for packages A (config::HttpSection), B (auth, rate, batch, sse) and C
-// (server) coded against /work/notes/http-api.md, until they are merged. Compile-only.
+// TEMP: stand-ins for packages B (auth, rate, batch, sse) and C (server) coded against /work/notes/http-api.md, until they are merged. Compile-only.
 #[allow(missing_docs, unreachable_pub, clippy::all, unused)]
 #[doc(hidden)]
 pub mod stand_in {
@@ -175,69 +175,7 @@ pub mod stand_in {
     use sensorgate_bridges::message::Qos;
     use sensorgate_bridges::upstream::FailReason;
 
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum SseQueueFull {
-        DropOldest,
-        DropNew,
-        Close,
-    }
-    #[derive(Debug, Clone, PartialEq)]
-    pub struct HttpSection {
-        pub listen: Vec<SocketAddr>,
-        pub allow_anonymous: bool,
-        pub anonymous_publish: Vec<String>,
-        pub anonymous_subscribe: Vec<String>,
-        pub header_timeout: Duration,
-        pub request_timeout: Duration,
-        pub max_body_size: usize,
-        pub max_batch_size: usize,
-        pub max_batch_items: usize,
-        pub body_memory: usize,
-        pub require_content_length: bool,
-        pub queue_wait: Duration,
-        pub retry_after: Duration,
-        pub rate_per_device: f64,
-        pub rate_burst: u32,
-        pub max_streams: usize,
-        pub max_streams_per_device: usize,
-        pub max_filters_per_stream: usize,
-        pub max_filters: usize,
-        pub sse_queue: usize,
-        pub sse_queue_full: SseQueueFull,
-        pub sse_max_event: usize,
-        pub sse_keepalive: Duration,
-        pub max_devices_tracked: usize,
-    }
-    impl Default for HttpSection {
-        fn default() -> Self {
-            Self {
-                listen: Vec::new(),
-                allow_anonymous: false,
-                anonymous_publish: vec!["#".into()],
-                anonymous_subscribe: vec!["#".into()],
-                header_timeout: Duration::from_secs(10),
-                request_timeout: Duration::from_secs(30),
-                max_body_size: 64 << 10,
-                max_batch_size: 4 << 20,
-                max_batch_items: 1000,
-                body_memory: 64 << 20,
-                require_content_length: false,
-                queue_wait: Duration::from_secs(1),
-                retry_after: Duration::from_secs(5),
-                rate_per_device: 100.0,
-                rate_burst: 200,
-                max_streams: 1024,
-                max_streams_per_device: 4,
-                max_filters_per_stream: 8,
-                max_filters: 4096,
-                sse_queue: 256,
-                sse_queue_full: SseQueueFull::DropOldest,
-                sse_max_event: 256 << 10,
-                sse_keepalive: Duration::from_secs(15),
-                max_devices_tracked: 10000,
-            }
-        }
-    }
+    pub use crate::config::{HttpSection, SseQueueFull};
 
     pub struct Grants;
     impl Grants {

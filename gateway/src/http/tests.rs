@@ -27,9 +27,9 @@ use sensorgate_bridges::telemetry::Beat;
 use super::driver::Driver;
 use super::handlers::{self, App};
 use super::publish::{Ingress, ItemRefused, Outcome};
-use super::stand_in::HttpSection; // TEMP: A's config::HttpSection
-use super::stand_in::{Hub, SseQueueFull}; // TEMP: B's sse::Hub, A's SseQueueFull
+use super::stand_in::Hub; // TEMP: B's sse::Hub
 use super::stats::HttpStats;
+use crate::config::{HttpSection, SseQueueFull};
 
 /// Generous bound on every wait for a condition (never a timing target).
 const BOUND: Duration = Duration::from_secs(20);
