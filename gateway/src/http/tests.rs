@@ -270,7 +270,9 @@ async fn a_writer_queue_full_past_queue_wait_is_busy_and_nothing_is_left_waiting
         .handle
         .append(msg("filler", b"", Qos::AtMostOnce), None)
         .unwrap();
-    // Paused time: the runtime jumps to the queue_wait deadline once idle.
+    // Paused time (only while nothing waits for the writer thread, which runs in real
+    // time): the runtime jumps to the queue_wait deadline once idle.
+    tokio::time::pause();
     assert_eq!(
         ingress.publish(msg("t/1", b"x", Qos::AtLeastOnce)).await,
         Outcome::Busy
@@ -279,6 +281,7 @@ async fn a_writer_queue_full_past_queue_wait_is_busy_and_nothing_is_left_waiting
         ingress.publish(msg("t/2", b"x", Qos::AtMostOnce)).await,
         Outcome::Busy
     );
+    tokio::time::resume();
     assert_eq!(
         ingress.verdicts.len(),
         0,
@@ -452,6 +455,8 @@ async fn a_batch_stops_at_queue_wait_and_keeps_its_order() {
         !batch.is_finished(),
         "waits for the verdicts of what it appended"
     );
+    // Real time again: the writer thread answers in real time.
+    tokio::time::resume();
     drop(guard);
     let outcome = bounded("the batch", batch).await.unwrap();
     assert_eq!(
