@@ -370,12 +370,14 @@ struct Shared {
 }
 
 impl Shared {
-    /// Logs a peer-triggered event at warn if its limiter lets it through, else at debug.
+    /// Logs a peer-triggered event at warn if its limiter lets it through (with the number
+    /// held back since the last warning), else at debug.
     #[allow(clippy::disallowed_methods)] // The adapter reads the clock for its log limiter.
     fn warn_limited(
         &self,
         pick: fn(&mut PeerLogs) -> &mut LogLimiter,
         peer: SocketAddr,
+        detail: &dyn std::fmt::Display,
         what: &str,
     ) {
         let allowed = {
@@ -386,8 +388,8 @@ impl Shared {
             pick(&mut logs).allow(Instant::now())
         };
         match allowed {
-            Some(suppressed) => tracing::warn!(%peer, suppressed, "{what}"),
-            None => tracing::debug!(%peer, "{what}"),
+            Some(suppressed) => tracing::warn!(%peer, %detail, suppressed, "{what}"),
+            None => tracing::debug!(%peer, %detail, "{what}"),
         }
     }
 }
@@ -587,7 +589,8 @@ async fn accept_loop(
             shared.warn_limited(
                 |logs| &mut logs.per_ip,
                 peer,
-                "HTTP connection refused: too many from this address ([http] max_connections_per_ip).",
+                &format_args!("{} open", shared.section.max_connections_per_ip),
+                "HTTP connection refused: this address has [http] max_connections_per_ip open.",
             );
             drop(stream);
             continue;
@@ -640,8 +643,7 @@ async fn connection(
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => {
                 bump(&shared.stats.tls_handshake_failed);
-                tracing::debug!(%peer, %error, "TLS handshake failed.");
-                shared.warn_limited(|logs| &mut logs.tls, peer, "TLS handshake failed.");
+                shared.warn_limited(|logs| &mut logs.tls, peer, &error, "TLS handshake failed.");
                 return;
             }
             Err(_) => {
@@ -649,7 +651,8 @@ async fn connection(
                 shared.warn_limited(
                     |logs| &mut logs.tls,
                     peer,
-                    "TLS handshake timed out ([http] tls_handshake_timeout).",
+                    &"timed out",
+                    "TLS handshake not done within [http] tls_handshake_timeout.",
                 );
                 return;
             }
@@ -1026,6 +1029,28 @@ mod tests {
         server.stop().await;
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_h2_connection_is_closed_after_the_idle_timeout() {
+        let server = start(section(true, false), None, app());
+        let stream = TcpStream::connect(server.plain.unwrap()).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        assert_eq!(
+            sender.send_request(request("/who")).await.unwrap().status(),
+            200
+        );
+        // h2 has no head timeout after the first request: the idle wrapper ends it (paused
+        // time jumps to the idle timeout).
+        let _ = tokio::time::timeout(BOUND * 10, conn).await.unwrap();
+        wait_for(|| get_counter(&server.stats.idle_closed) == 1).await;
+        assert_eq!(get_counter(&server.stats.header_timeouts), 0);
+        drop(sender);
+        server.stop().await;
+    }
+
     #[tokio::test]
     async fn a_connection_beyond_max_connections_waits_until_one_closes() {
         let server = start(
@@ -1207,6 +1232,19 @@ mod tests {
             .unwrap()
             .expect("served");
         assert_eq!(body, "tls=true device=Some(\"dev1\")");
+        server.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tls_client_that_never_finishes_its_handshake_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = test_pki::make(dir.path());
+        let server = tls_server(&pki, ClientCertMode::Off);
+        let mut stream = TcpStream::connect(server.tls.unwrap()).await.unwrap();
+        // Paused time jumps to the handshake timeout (10 s), before the idle timeout.
+        assert!(closed_by_server(&mut stream).await);
+        assert_eq!(get_counter(&server.stats.tls_handshake_failed), 1);
+        assert_eq!(get_counter(&server.stats.idle_closed), 0);
         server.stop().await;
     }
 
