@@ -287,14 +287,14 @@ pub struct ConnStats {
 }
 
 impl ConnStats {
-    /// Every counter by name (`connections_open` is a gauge), for the ingress's extra
-    /// counters.
+    /// Every counter by name, for the ingress's extra counters
+    /// (`sensorgate_ingress_events_total`); the `connections_open` gauge is not among them
+    /// (read it directly).
     #[must_use]
-    pub fn events(&self) -> [(&'static str, u64); 7] {
+    pub fn events(&self) -> [(&'static str, u64); 6] {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             ("connections_opened", get(&self.connections_opened)),
-            ("connections_open", get(&self.connections_open)),
             ("per_ip_refused", get(&self.per_ip_refused)),
             ("tls_handshake_failed", get(&self.tls_handshake_failed)),
             ("header_timeouts", get(&self.header_timeouts)),
