@@ -59,131 +59,7 @@ use tokio_util::task::TaskTracker;
 use super::tls;
 use crate::io::tcp::{ACCEPT_ERROR_PAUSE, IdleFlag, Permitted};
 
-// TEMP until config::http lands: package A's types, copied from /work/notes/http-api.md;
-// the lead replaces this block by `use crate::config::{ClientCertMode, HttpSection, ..}`.
-pub use temp_config::{ClientCertMode, DeviceSpec, HttpSection, SseQueueFull, TlsFiles};
-
-/// TEMP until config::http lands (see above).
-#[allow(missing_docs)]
-mod temp_config {
-    use std::net::SocketAddr;
-    use std::path::PathBuf;
-    use std::time::Duration;
-
-    #[derive(Debug, Clone, PartialEq)]
-    pub struct HttpSection {
-        pub listen: Vec<SocketAddr>,
-        pub tls_listen: Vec<SocketAddr>,
-        pub tls: Option<TlsFiles>,
-        pub allow_anonymous: bool,
-        pub anonymous_publish: Vec<String>,
-        pub anonymous_subscribe: Vec<String>,
-        pub devices: Vec<DeviceSpec>,
-        pub http2: bool,
-        pub worker_threads: usize,
-        pub max_connections: usize,
-        pub max_connections_per_ip: usize,
-        pub h2_max_streams: u32,
-        pub max_header_size: usize,
-        pub max_headers: usize,
-        pub header_timeout: Duration,
-        pub request_timeout: Duration,
-        pub idle_timeout: Duration,
-        pub tls_handshake_timeout: Duration,
-        pub max_body_size: usize,
-        pub max_batch_size: usize,
-        pub max_batch_items: usize,
-        pub body_memory: usize,
-        pub require_content_length: bool,
-        pub queue_wait: Duration,
-        pub retry_after: Duration,
-        pub rate_per_device: f64,
-        pub rate_burst: u32,
-        pub max_streams: usize,
-        pub max_streams_per_device: usize,
-        pub max_filters_per_stream: usize,
-        pub max_filters: usize,
-        pub sse_queue: usize,
-        pub sse_queue_full: SseQueueFull,
-        pub sse_max_event: usize,
-        pub sse_keepalive: Duration,
-        pub max_devices_tracked: usize,
-    }
-
-    impl Default for HttpSection {
-        fn default() -> Self {
-            HttpSection {
-                listen: Vec::new(),
-                tls_listen: Vec::new(),
-                tls: None,
-                allow_anonymous: false,
-                anonymous_publish: vec!["#".into()],
-                anonymous_subscribe: vec!["#".into()],
-                devices: Vec::new(),
-                http2: true,
-                worker_threads: 1,
-                max_connections: 1024,
-                max_connections_per_ip: 256,
-                h2_max_streams: 64,
-                max_header_size: 16 * 1024,
-                max_headers: 64,
-                header_timeout: Duration::from_secs(10),
-                request_timeout: Duration::from_secs(30),
-                idle_timeout: Duration::from_secs(60),
-                tls_handshake_timeout: Duration::from_secs(10),
-                max_body_size: 64 * 1024,
-                max_batch_size: 4 * 1024 * 1024,
-                max_batch_items: 1000,
-                body_memory: 64 * 1024 * 1024,
-                require_content_length: false,
-                queue_wait: Duration::from_secs(1),
-                retry_after: Duration::from_secs(5),
-                rate_per_device: 100.0,
-                rate_burst: 200,
-                max_streams: 1024,
-                max_streams_per_device: 4,
-                max_filters_per_stream: 8,
-                max_filters: 4096,
-                sse_queue: 256,
-                sse_queue_full: SseQueueFull::DropOldest,
-                sse_max_event: 256 * 1024,
-                sse_keepalive: Duration::from_secs(15),
-                max_devices_tracked: 10_000,
-            }
-        }
-    }
-
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub struct TlsFiles {
-        pub cert: PathBuf,
-        pub key: PathBuf,
-        pub client_ca: Option<PathBuf>,
-        pub client_cert: ClientCertMode,
-    }
-
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum ClientCertMode {
-        Off,
-        Optional,
-        Required,
-    }
-
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum SseQueueFull {
-        DropOldest,
-        DropNew,
-        Close,
-    }
-
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub struct DeviceSpec {
-        pub id: String,
-        pub token_hash: Option<crate::http::token::TokenDigest>,
-        pub publish: Vec<String>,
-        pub subscribe: Vec<String>,
-    }
-}
-// End of TEMP.
+use crate::config::HttpSection;
 
 /// How long [`serve`] lets connections finish after `stop` before dropping them (below the
 /// application's shutdown grace, so the spool writer is never waited on by an HTTP appender).
@@ -752,6 +628,7 @@ impl hyper::service::Service<hyper::Request<Incoming>> for WithConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{ClientCertMode, TlsFiles};
 
     use axum::Extension;
     use axum::routing::get;

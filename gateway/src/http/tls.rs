@@ -24,8 +24,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 
-// TEMP until config::http lands: the lead swaps this for `crate::config::{..}` at merge.
-use super::server::{ClientCertMode, TlsFiles};
+use crate::config::{ClientCertMode, TlsFiles};
 
 /// The largest PEM file read (a certificate chain, a key or a CA bundle; the system bundle
 /// of a distribution is about 200 KiB).
