@@ -40,11 +40,12 @@ use sensorgate_bridges::upstream::FailReason;
 use super::devices::{Devices, Seen};
 use super::publish::{BatchOutcome, Ingress, ItemRefused, Outcome};
 use super::request::{self, Refusal};
-// TEMP: B's auth / rate / batch / sse and C's server::ConnInfo.
+// TEMP: B's auth / rate / batch / sse.
+use super::server::ConnInfo;
 use super::stand_in::parse as parse_batch;
 use super::stand_in::{
-    AuthError, AuthTable, BatchError, BatchLimits, ConnInfo, HubRefused, Identity, KEEPALIVE,
-    RateTable, StreamId, StreamQueue, Subscriptions, batch_kind, encode_ready,
+    AuthError, AuthTable, BatchError, BatchLimits, HubRefused, Identity, KEEPALIVE, RateTable,
+    StreamId, StreamQueue, Subscriptions, batch_kind, encode_ready,
 };
 use super::stats::HttpStats;
 use crate::config::HttpSection;

@@ -158,11 +158,13 @@ pub async fn run(
     result
 }
 
-// TEMP: B's sse::Hub and C's server::{Bound, serve}.
 use crate::config::HttpSection;
-use stand_in::{Bound, Hub, serve};
+use server::{Bound, serve};
+// TEMP: B's sse::Hub.
+use stand_in::Hub;
 
-// TEMP: stand-ins for packages B (auth, rate, batch, sse) and C (server) coded against /work/notes/http-api.md, until they are merged. Compile-only.
+// TEMP: stand-ins for package B (auth, rate, batch, sse) coded against
+// /work/notes/http-api.md, until it is merged. Compile-only.
 #[allow(missing_docs, unreachable_pub, clippy::all, unused)]
 #[doc(hidden)]
 pub mod stand_in {
@@ -353,36 +355,5 @@ pub mod stand_in {
         pub fn streams(&self) -> impl Iterator<Item = (&Arc<str>, &[Arc<str>], usize)> {
             std::iter::empty()
         }
-    }
-
-    pub struct Bound {
-        pub plain: Vec<std::net::TcpListener>,
-        pub tls: Vec<std::net::TcpListener>,
-    }
-    #[derive(Clone, Debug)]
-    pub struct ConnInfo {
-        pub peer: SocketAddr,
-        pub tls: bool,
-        pub cert_device: Option<Arc<str>>,
-    }
-    #[derive(Default, Debug)]
-    pub struct ConnStats {
-        pub connections_opened: AtomicU64,
-        pub connections_open: AtomicU64,
-        pub per_ip_refused: AtomicU64,
-        pub tls_handshake_failed: AtomicU64,
-        pub header_timeouts: AtomicU64,
-        pub idle_closed: AtomicU64,
-    }
-    pub async fn serve(
-        _: Bound,
-        _: Option<Arc<rustls::ServerConfig>>,
-        _: axum::Router,
-        _: Arc<HttpSection>,
-        _: Arc<ConnStats>,
-        stop: tokio_util::sync::CancellationToken,
-    ) -> std::io::Result<()> {
-        stop.cancelled().await;
-        Ok(())
     }
 }

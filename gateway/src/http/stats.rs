@@ -16,7 +16,7 @@ use axum::http::StatusCode;
 
 use sensorgate_bridges::message::Qos;
 
-use super::stand_in::ConnStats; // TEMP: C's server::ConnStats
+use super::server::ConnStats;
 use crate::observe::model::{
     DownlinkDropReason, IngressCounters, IngressReport, RefusalReason, SessionCounts,
 };
@@ -204,14 +204,9 @@ impl HttpStats {
             .zip(&self.responses)
             .map(|(&(_, name), counter)| (name, load(counter)))
             .collect();
-        let conn = &self.conn;
+        events.extend(self.conn.events());
         events.extend([
-            ("connections_opened", load(&conn.connections_opened)),
-            ("connections_open", load(&conn.connections_open)),
-            ("per_ip_refused", load(&conn.per_ip_refused)),
-            ("tls_handshake_failed", load(&conn.tls_handshake_failed)),
-            ("header_timeouts", load(&conn.header_timeouts)),
-            ("idle_closed", load(&conn.idle_closed)),
+            ("connections_open", load(&self.conn.connections_open)),
             ("verdicts_orphaned", load(&self.verdicts_orphaned)),
             ("rate_limited", load(&self.rate_limited)),
             ("body_timeouts", load(&self.body_timeouts)),

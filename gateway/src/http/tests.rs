@@ -544,16 +544,24 @@ async fn serve(setup: &Setup, section: HttpSection) -> Served {
         }
         .run(driver_stop.clone()),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    // The real server adapter (limits, ConnInfo, graceful stop) on a free loopback port.
+    let section = Arc::new(HttpSection {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        ..(*section).clone()
+    });
+    let bound = super::server::bind(&section).unwrap();
+    let addr = bound.plain[0].local_addr().unwrap();
     let router = handlers::router(app);
     let server_stop = CancellationToken::new();
-    let shutdown = server_stop.clone();
-    tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
-    });
+    let conn = Arc::clone(&ingress.stats.conn);
+    tokio::spawn(super::server::serve(
+        bound,
+        None,
+        router,
+        section,
+        conn,
+        server_stop.clone(),
+    ));
     Served {
         addr,
         ingress,
@@ -697,7 +705,7 @@ async fn single_publishes_answer_200_durable_and_202_queued_and_are_spooled() {
             .origin
             .peer
             .as_deref()
-            .is_some_and(|p| p.starts_with("tcp:"))
+            .is_some_and(|p| p.starts_with("tcp:127.0.0.1:"))
     );
     assert_eq!(records[1].qos, Qos::AtMostOnce);
     assert_eq!(records[2].topic, "a/b");
