@@ -497,6 +497,8 @@ struct Served {
     addr: std::net::SocketAddr,
     ingress: Arc<Ingress>,
     stop: CancellationToken,
+    /// Asks the driver (as the admin listener does).
+    queries: mpsc::Sender<crate::observe::model::IngressQuery>,
     /// Stops the listener (separate, so a test can stop the ingress alone first, as the
     /// server's graceful shutdown leaves a window where requests still arrive).
     server_stop: CancellationToken,
@@ -531,7 +533,7 @@ async fn serve(setup: &Setup, section: HttpSection) -> Served {
         Arc::clone(&ingress),
         Arc::clone(&devices),
     );
-    let (_query_tx, queries) = mpsc::channel(1);
+    let (query_tx, queries) = mpsc::channel(1);
     let driver_stop = CancellationToken::new();
     tokio::spawn(
         Driver {
@@ -566,6 +568,7 @@ async fn serve(setup: &Setup, section: HttpSection) -> Served {
         addr,
         ingress,
         stop,
+        queries: query_tx,
         server_stop,
         driver_stop,
     }
@@ -907,4 +910,75 @@ async fn a_stopping_gateway_answers_503_stopping_and_appends_nothing() {
         assert_eq!(r.header("connection"), Some("close"));
     }
     assert!(spooled_topics(&s).is_empty());
+}
+
+#[tokio::test]
+async fn the_driver_answers_the_admins_report_and_client_pages() {
+    use crate::observe::model::{ClientQuery, IngressQuery, SessionState};
+    let s = setup(16, 1 << 20, RouteTable::everything());
+    let served = serve(&s, anonymous()).await;
+    assert_eq!(
+        call(served.addr, "POST", "/v1/publish/a/b?qos=1", "", b"1")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        call(served.addr, "POST", "/v1/publish/a/c?qos=0", "", b"2")
+            .await
+            .status,
+        202
+    );
+    assert_eq!(
+        call(served.addr, "POST", "/v1/publish/a%23", "", b"3")
+            .await
+            .status,
+        400
+    );
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    served.queries.send(IngressQuery::Report(tx)).await.unwrap();
+    let report = bounded("the report", rx).await.unwrap();
+    assert_eq!(report.protocol, "http");
+    let c = report.counters;
+    assert_eq!((c.packets_in, c.messages_in, c.acks), (3, [0, 1, 1, 0], 1));
+    assert_eq!(
+        c.refusals,
+        [0, 1, 0, 0, 0],
+        "bad_topic counts as invalid_topic"
+    );
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let query = ClientQuery {
+        limit: 10,
+        ..ClientQuery::default()
+    };
+    served
+        .queries
+        .send(IngressQuery::Clients(query, tx))
+        .await
+        .unwrap();
+    let page = bounded("the page", rx).await.unwrap();
+    assert_eq!(page.clients.len(), 1);
+    let client = &page.clients[0];
+    assert_eq!(client.client_id, "anonymous@127.0.0.1");
+    assert_eq!(
+        (client.protocol, client.state),
+        ("http", SessionState::Active)
+    );
+    assert!(
+        client
+            .address
+            .as_deref()
+            .is_some_and(|a| a.starts_with("tcp:127.0.0.1:"))
+    );
+    let devices = served.ingress.stats.events();
+    let get = |name: &str| devices.iter().find(|(n, _)| *n == name).map(|&(_, v)| v);
+    assert_eq!(
+        (
+            get("responses_200"),
+            get("responses_202"),
+            get("responses_400")
+        ),
+        (Some(1), Some(1), Some(1))
+    );
+    assert_eq!(get("connections_opened"), Some(3));
 }
