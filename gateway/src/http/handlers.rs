@@ -154,8 +154,8 @@ impl Ctx {
 impl App {
     /// Counts and records a finished request and turns a refusal into its response.
     fn finish(&self, ctx: &Ctx, result: Result<Response, Refusal>) -> Response {
-        let response = match result {
-            Ok(response) => response,
+        let (response, error) = match result {
+            Ok(response) => (response, None),
             Err(refusal) => {
                 self.stats().refused(refusal.reason());
                 if matches!(refusal, Refusal::RateLimited(_)) {
@@ -164,16 +164,21 @@ impl App {
                 if matches!(refusal, Refusal::RequestTimeout) {
                     self.stats().body_timeout();
                 }
-                tracing::debug!(
-                    peer = %ctx.peer,
-                    device = ctx.device.as_deref(),
-                    topic = ctx.topic.as_deref(),
-                    error = refusal.code(),
-                    "HTTP request refused."
-                );
-                refusal.response(self.section.retry_after)
+                (
+                    refusal.response(self.section.retry_after),
+                    Some(refusal.code()),
+                )
             }
         };
+        // Peer-triggered: debug only (the counters and /clients have the totals).
+        tracing::debug!(
+            peer = %ctx.peer,
+            device = ctx.device.as_deref(),
+            topic = ctx.topic.as_deref(),
+            status = response.status().as_u16(),
+            error,
+            "HTTP request."
+        );
         let status = response.status();
         self.stats().response(status);
         if let Some(device) = &ctx.device {
