@@ -41,6 +41,16 @@ struct Setup {
 }
 
 fn setup(queue: usize, max_bytes: u64, routes: RouteTable) -> Setup {
+    setup_with(queue, max_bytes, routes, Vec::new())
+}
+
+/// `setup` with `upstreams` behind the router (fakes recording the subscription calls).
+fn setup_with(
+    queue: usize,
+    max_bytes: u64,
+    routes: RouteTable,
+    upstreams: Vec<sensorgate_bridges::router::RoutedUpstream>,
+) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let config = SpoolConfig {
         dir: PathBuf::from(dir.path()),
@@ -56,7 +66,7 @@ fn setup(queue: usize, max_bytes: u64, routes: RouteTable) -> Setup {
     let spool = SharedSpool::new(spool);
     let (appender, _writer) = start_writer(Arc::clone(&spool), queue).unwrap();
     Setup {
-        router: Router::new(appender, Vec::new(), 64, Arc::new(routes)),
+        router: Router::new(appender, upstreams, 64, Arc::new(routes)),
         spool,
         _dir: dir,
     }
