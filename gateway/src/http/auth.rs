@@ -253,6 +253,8 @@ mod tests {
     const TOKEN1: &str = "token-of-device-1-0123456789";
     const TOKEN2: &str = "token-of-device-2-0123456789";
 
+    // `needless_update` only while the TEMP section has no other fields.
+    #[allow(clippy::needless_update)]
     fn section(allow_anonymous: bool) -> HttpSection {
         HttpSection {
             allow_anonymous,
@@ -278,6 +280,7 @@ mod tests {
                     subscribe: strings(&[]),
                 },
             ],
+            ..HttpSection::default()
         }
     }
 

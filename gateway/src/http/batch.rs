@@ -606,6 +606,16 @@ mod tests {
         assert_eq!(items[0].payload, "a\n\u{e9}".as_bytes());
         assert_eq!(items[1].payload, b"[1, 2]".as_slice());
         assert_eq!(items[2].payload, b"null".as_slice());
+        let spaced = json(
+            "[ {\"topic\" : \"t\" ,\n \"payload\" :\t \"x\" } , {\"topic\":\"t\",\"payload\": [ 1 ] } ]",
+        );
+        let spaced = spaced.unwrap();
+        assert_eq!(
+            spaced[0].payload,
+            b"x".as_slice(),
+            "whitespace is not the value's"
+        );
+        assert_eq!(spaced[1].payload, b"[ 1 ]".as_slice());
         let b64 = json(r#"[{"topic":"t","payload":"AAEC","payload_encoding":"base64"}]"#);
         assert_eq!(b64.unwrap()[0].payload, [0u8, 1, 2].as_slice());
         let plain = json(r#"[{"topic":"t","payload":"AAEC","payload_encoding":"plain"}]"#);

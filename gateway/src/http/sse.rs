@@ -584,6 +584,15 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_queue_and_the_hub_can_be_shared_across_threads() {
+        fn shared<T: Send + Sync>() {}
+        shared::<StreamQueue>();
+        shared::<Hub>();
+        shared::<crate::http::auth::AuthTable>();
+        shared::<crate::http::rate::RateTable>();
+    }
+
     #[tokio::test]
     async fn drop_oldest_keeps_the_newest_and_announces_the_gap_first() {
         let q = StreamQueue::new(2, SseQueueFull::DropOldest);
