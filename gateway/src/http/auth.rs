@@ -25,49 +25,9 @@ use std::sync::Arc;
 
 use crate::http::token::{self, TokenDigest};
 
-// TEMP until config::http lands: the subset of package A's types (exactly as in
-// /work/notes/http-api.md) this package needs; the lead replaces this block with
-// `use crate::config::{DeviceSpec, HttpSection, SseQueueFull};` at merge.
-#[allow(unused_imports)] // DeviceSpec: tests only, until the glue builds sections.
-pub(crate) use temp_config::{DeviceSpec, HttpSection, SseQueueFull};
-mod temp_config {
-    use crate::http::token::TokenDigest;
-
-    #[derive(Debug, Clone, PartialEq)]
-    pub(crate) struct HttpSection {
-        pub(crate) allow_anonymous: bool,
-        pub(crate) anonymous_publish: Vec<String>,
-        pub(crate) anonymous_subscribe: Vec<String>,
-        pub(crate) devices: Vec<DeviceSpec>,
-    }
-
-    impl Default for HttpSection {
-        fn default() -> Self {
-            Self {
-                allow_anonymous: false,
-                anonymous_publish: vec!["#".into()],
-                anonymous_subscribe: vec!["#".into()],
-                devices: Vec::new(),
-            }
-        }
-    }
-
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub(crate) struct DeviceSpec {
-        pub(crate) id: String,
-        pub(crate) token_hash: Option<TokenDigest>,
-        pub(crate) publish: Vec<String>,
-        pub(crate) subscribe: Vec<String>,
-    }
-
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub(crate) enum SseQueueFull {
-        DropOldest,
-        DropNew,
-        Close,
-    }
-}
-// END TEMP
+#[cfg(test)]
+use crate::config::DeviceSpec;
+use crate::config::HttpSection;
 
 /// The identity id of a request without credentials when anonymous access is on.
 pub(crate) const ANONYMOUS_ID: &str = "anonymous";
@@ -253,8 +213,6 @@ mod tests {
     const TOKEN1: &str = "token-of-device-1-0123456789";
     const TOKEN2: &str = "token-of-device-2-0123456789";
 
-    // `needless_update` only while the TEMP section has no other fields.
-    #[allow(clippy::needless_update)]
     fn section(allow_anonymous: bool) -> HttpSection {
         HttpSection {
             allow_anonymous,

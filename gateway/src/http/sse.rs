@@ -49,7 +49,7 @@ use sensorgate_bridges::upstream::FailReason;
 use serde::Serialize;
 use tokio::sync::Notify;
 
-use super::auth::SseQueueFull;
+use crate::config::SseQueueFull;
 
 /// The keep-alive comment the glue sends after `sse_keepalive` of silence.
 pub(crate) const KEEPALIVE: &[u8] = b": ka\n\n";
