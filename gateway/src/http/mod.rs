@@ -54,7 +54,7 @@ use sensorgate_bridges::telemetry::Beat;
 use crate::observe::model::IngressQuery;
 
 pub(crate) mod auth;
-pub(crate) mod batch;
+pub mod batch;
 pub(crate) mod devices;
 pub(crate) mod driver;
 pub(crate) mod handlers;
