@@ -108,11 +108,13 @@ impl Devices {
     }
 
     /// The device `id`, if tracked.
+    #[cfg(test)]
     pub(crate) fn get(&self, id: &str) -> Option<&Device> {
         self.entries.get(id)
     }
 
     /// Devices tracked.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }

@@ -37,16 +37,14 @@ use sensorgate_bridges::message::{Message, Origin, Protocol, Qos};
 use sensorgate_bridges::router::IngressHandle;
 use sensorgate_bridges::upstream::FailReason;
 
+use super::auth::{AuthError, AuthTable, Identity};
+use super::batch::{BatchError, BatchLimits, batch_kind, parse as parse_batch};
 use super::devices::{Devices, Seen};
 use super::publish::{BatchOutcome, Ingress, ItemRefused, Outcome};
+use super::rate::RateTable;
 use super::request::{self, Refusal};
-// TEMP: B's auth / rate / batch / sse.
 use super::server::ConnInfo;
-use super::stand_in::parse as parse_batch;
-use super::stand_in::{
-    AuthError, AuthTable, BatchError, BatchLimits, HubRefused, Identity, KEEPALIVE, RateTable,
-    StreamId, StreamQueue, Subscriptions, batch_kind, encode_ready,
-};
+use super::sse::{HubRefused, KEEPALIVE, StreamId, StreamQueue, Subscriptions, encode_ready};
 use super::stats::HttpStats;
 use crate::config::HttpSection;
 use crate::observe::model::DownlinkDropReason;

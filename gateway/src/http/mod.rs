@@ -38,9 +38,6 @@
 //!    SSE streams end, the server finishes the requests in flight (bounded by its grace);
 //!    the driver answers verdicts until the server has returned, then stops.
 
-// TEMP: the stand-ins below are partly unused until A/B/C are merged.
-#![allow(dead_code)]
-
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
@@ -59,9 +56,12 @@ pub(crate) mod devices;
 pub(crate) mod driver;
 pub(crate) mod handlers;
 pub(crate) mod publish;
+// Their `len` / `is_closed` / `filter_count` accessors serve their own tests.
+#[allow(dead_code)]
 pub(crate) mod rate;
 pub(crate) mod request;
 pub mod server;
+#[allow(dead_code)]
 pub(crate) mod sse;
 pub mod stats;
 pub mod tls;
@@ -160,200 +160,4 @@ pub async fn run(
 
 use crate::config::HttpSection;
 use server::{Bound, serve};
-// TEMP: B's sse::Hub.
-use stand_in::Hub;
-
-// TEMP: stand-ins for package B (auth, rate, batch, sse) coded against
-// /work/notes/http-api.md, until it is merged. Compile-only.
-#[allow(missing_docs, unreachable_pub, clippy::all, unused)]
-#[doc(hidden)]
-pub mod stand_in {
-    use std::net::SocketAddr;
-    use std::sync::Arc;
-    use std::sync::atomic::AtomicU64;
-    use std::time::{Duration, Instant};
-
-    use bytes::Bytes;
-    use sensorgate_bridges::message::Qos;
-    use sensorgate_bridges::upstream::FailReason;
-
-    pub use crate::config::{HttpSection, SseQueueFull};
-
-    pub struct Grants;
-    impl Grants {
-        pub fn new(_: &[String]) -> Self {
-            Grants
-        }
-        pub fn allows_topic(&self, _: &str) -> bool {
-            true
-        }
-        pub fn allows_filter(&self, _: &str) -> bool {
-            true
-        }
-    }
-    pub struct Identity {
-        pub id: Arc<str>,
-        pub publish: Grants,
-        pub subscribe: Grants,
-        pub anonymous: bool,
-    }
-    pub enum AuthError {
-        Missing,
-        InvalidToken,
-        CredentialsDisagree,
-        UnknownCertificate,
-    }
-    /// TEMP: anonymous access only (B's table does tokens and certificates).
-    pub struct AuthTable {
-        anonymous: bool,
-    }
-    impl AuthTable {
-        pub fn new(section: &HttpSection) -> Self {
-            AuthTable {
-                anonymous: section.allow_anonymous,
-            }
-        }
-        pub fn authenticate(
-            &self,
-            authorization: Option<&[u8]>,
-            cert: Option<&str>,
-        ) -> Result<Arc<Identity>, AuthError> {
-            if authorization.is_some() {
-                return Err(AuthError::InvalidToken);
-            }
-            if cert.is_some() {
-                return Err(AuthError::UnknownCertificate);
-            }
-            if !self.anonymous {
-                return Err(AuthError::Missing);
-            }
-            Ok(Arc::new(Identity {
-                id: Arc::from("anonymous"),
-                publish: Grants,
-                subscribe: Grants,
-                anonymous: true,
-            }))
-        }
-    }
-    pub struct RateTable;
-    impl RateTable {
-        pub fn new(_: f64, _: u32, _: usize) -> Self {
-            RateTable
-        }
-        pub fn take(&mut self, _: &str, _: Instant) -> Result<(), Duration> {
-            Ok(())
-        }
-    }
-    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-    pub enum BatchKind {
-        Json,
-        Ndjson,
-    }
-    pub fn batch_kind(_: Option<&str>) -> Option<BatchKind> {
-        None
-    }
-    pub struct Item {
-        pub topic: String,
-        pub payload: Bytes,
-        pub qos: Qos,
-        pub retain: bool,
-    }
-    pub struct BatchLimits {
-        pub max_items: usize,
-        pub max_payload: usize,
-    }
-    pub enum BatchError {
-        Malformed { index: usize, reason: String },
-        BadTopic { index: usize, reason: String },
-        BadQos { index: usize },
-        TooManyItems { limit: usize },
-        PayloadTooLarge { index: usize, limit: usize },
-    }
-    pub fn parse(
-        _: BatchKind,
-        _: &[u8],
-        _: Qos,
-        _: bool,
-        _: &BatchLimits,
-    ) -> Result<Vec<Item>, BatchError> {
-        Ok(Vec::new())
-    }
-    pub enum Push {
-        Queued,
-        DroppedOldest,
-        DroppedNew,
-        Closed,
-    }
-    pub struct StreamQueue;
-    impl StreamQueue {
-        pub fn new(_: usize, _: SseQueueFull) -> Self {
-            StreamQueue
-        }
-        pub fn push(&self, _: Bytes) -> Push {
-            Push::Closed
-        }
-        pub fn close(&self) {}
-        pub fn len(&self) -> usize {
-            0
-        }
-        pub async fn next(&self) -> Option<Bytes> {
-            None
-        }
-    }
-    pub fn encode_ready(_: &[Arc<str>]) -> Bytes {
-        Bytes::new()
-    }
-    pub const KEEPALIVE: &[u8] = b": ka\n\n";
-    pub trait Subscriptions {
-        fn subscribe(&self, now: Instant, filter: &str) -> Result<(), FailReason>;
-        fn unsubscribe(&self, now: Instant, filter: &str);
-    }
-    #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-    pub struct StreamId(pub u64);
-    pub enum HubRefused {
-        TooManyStreams,
-        TooManyForDevice,
-        FilterTableFull,
-        Subscribe(FailReason),
-    }
-    #[derive(Default)]
-    pub struct Delivered {
-        pub queued: u64,
-        pub dropped_full: u64,
-        pub dropped_large: u64,
-    }
-    pub struct Hub;
-    impl Hub {
-        pub fn new(_: usize, _: usize, _: usize, _: usize, _: SseQueueFull, _: usize) -> Self {
-            Hub
-        }
-        pub fn register(
-            &mut self,
-            _: Instant,
-            _: &Arc<str>,
-            _: Vec<Arc<str>>,
-            _: bool,
-            _: &dyn Subscriptions,
-        ) -> Result<(StreamId, Arc<StreamQueue>), HubRefused> {
-            Err(HubRefused::TooManyStreams)
-        }
-        pub fn unregister(&mut self, _: Instant, _: StreamId, _: &dyn Subscriptions) {}
-        pub fn deliver(
-            &mut self,
-            _: &str,
-            _: &Bytes,
-            _: Qos,
-            _: bool,
-            _: Option<&[Arc<str>]>,
-        ) -> Delivered {
-            Delivered::default()
-        }
-        pub fn close_all(&mut self) {}
-        pub fn len(&self) -> usize {
-            0
-        }
-        pub fn streams(&self) -> impl Iterator<Item = (&Arc<str>, &[Arc<str>], usize)> {
-            std::iter::empty()
-        }
-    }
-}
+use sse::Hub;

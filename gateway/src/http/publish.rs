@@ -34,7 +34,7 @@ use sensorgate_bridges::message::{Message, Qos};
 use sensorgate_bridges::router::{AppendRefused, IngressHandle};
 use sensorgate_bridges::spool::AppendReply;
 
-use super::stand_in::Hub; // TEMP: B's sse::Hub
+use super::sse::Hub;
 use super::stats::HttpStats;
 use crate::observe::model::DownlinkDropReason;
 
@@ -178,7 +178,8 @@ impl Verdicts {
         token
     }
 
-    /// Waiters registered and not yet answered (tests, the status line).
+    /// Waiters registered and not yet answered.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         lock(&self.waiting).len()
     }

@@ -39,9 +39,7 @@ pub(crate) const QOS_HEADER: HeaderName = HeaderName::from_static("qos-level");
 pub(crate) const RETAIN_HEADER: HeaderName = HeaderName::from_static("retain");
 
 /// The media types a batch may have (the `Accept-Post` header of a 415).
-// TEMP: B's `batch::MEDIA_TYPES` replaces this once merged.
-pub(crate) const BATCH_MEDIA_TYPES: &str =
-    "application/json, application/x-ndjson, application/ndjson, application/jsonl";
+pub(crate) const BATCH_MEDIA_TYPES: &str = super::batch::MEDIA_TYPES;
 
 /// Every refusal the HTTP ingress gives; [`Self::response`] is the only place that turns one
 /// into a status, an error code, a reason and headers.

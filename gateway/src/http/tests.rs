@@ -27,7 +27,7 @@ use sensorgate_bridges::telemetry::Beat;
 use super::driver::Driver;
 use super::handlers::{self, App};
 use super::publish::{Ingress, ItemRefused, Outcome};
-use super::stand_in::Hub; // TEMP: B's sse::Hub
+use super::sse::Hub;
 use super::stats::HttpStats;
 use crate::config::{HttpSection, SseQueueFull};
 
@@ -991,4 +991,483 @@ async fn the_driver_answers_the_admins_report_and_client_pages() {
         (Some(1), Some(1), Some(1))
     );
     assert_eq!(get("connections_opened"), Some(3));
+}
+
+// ---- With package B (auth, batch, SSE) ----
+
+/// Records the router's calls to its one upstream.
+#[derive(Clone, Default)]
+struct FakeUpstream {
+    calls: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl sensorgate_bridges::upstream::Subscriber for FakeUpstream {
+    fn name(&self) -> &str {
+        "fake"
+    }
+
+    fn subscribe(
+        &self,
+        filter: &str,
+        qos: Qos,
+    ) -> Result<(), sensorgate_bridges::upstream::FailReason> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("sub {filter} {qos:?}"));
+        Ok(())
+    }
+
+    fn unsubscribe(&self, filter: &str) -> Result<(), sensorgate_bridges::upstream::FailReason> {
+        self.calls.lock().unwrap().push(format!("unsub {filter}"));
+        Ok(())
+    }
+}
+
+impl FakeUpstream {
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+/// `setup` with one fake upstream whose subscription calls are recorded.
+fn setup_with_upstream(max_bytes: u64) -> (Setup, FakeUpstream) {
+    let fake = FakeUpstream::default();
+    // The link's sender may go: the router only reads the last value.
+    let (_link_tx, link) = tokio::sync::watch::channel(true);
+    let upstream = sensorgate_bridges::router::RoutedUpstream {
+        subscriber: Box::new(fake.clone()),
+        link,
+    };
+    let s = setup_with(16, max_bytes, RouteTable::everything(), vec![upstream]);
+    (s, fake)
+}
+
+const TOKEN1: &str = "token-of-device-one-0123456789";
+const TOKEN2: &str = "token-of-device-two-0123456789";
+
+fn devices_section() -> HttpSection {
+    let device =
+        |id: &str, token: &str, publish: &str, subscribe: &str| crate::config::DeviceSpec {
+            id: id.to_owned(),
+            token_hash: Some(super::token::digest(token.as_bytes())),
+            publish: vec![publish.to_owned()],
+            subscribe: vec![subscribe.to_owned()],
+        };
+    HttpSection {
+        devices: vec![
+            device("dev1", TOKEN1, "sensors/dev1", "cmd/dev1"),
+            device("dev2", TOKEN2, "sensors/dev2", "cmd/dev2"),
+        ],
+        ..HttpSection::default()
+    }
+}
+
+fn bearer(token: &str) -> String {
+    format!("Authorization: Bearer {token}\r\n")
+}
+
+#[tokio::test]
+async fn the_auth_matrix() {
+    let s = setup(16, 1 << 20, RouteTable::everything());
+    let served = serve(&s, devices_section()).await;
+    let a = served.addr;
+    let post = |extra: String, path: &'static str| async move {
+        call(a, "POST", path, &extra, b"1").await
+    };
+    let r = post(String::new(), "/v1/publish/sensors/dev1/t").await;
+    assert_eq!(
+        (r.status, r.header("www-authenticate")),
+        (401, Some(r#"Bearer realm="sensorgate""#))
+    );
+    for extra in [
+        bearer("not-a-known-token-at-all"),
+        "Authorization: Basic ZGV2MTp4\r\n".to_owned(),
+        bearer("a b"),
+    ] {
+        let r = post(extra.clone(), "/v1/publish/sensors/dev1/t").await;
+        assert_eq!(r.status, 401, "{extra}");
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some(r#"Bearer realm="sensorgate", error="invalid_token""#),
+            "{extra}"
+        );
+    }
+    let r = post(bearer(TOKEN1), "/v1/publish/sensors/dev10/t").await;
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (403, Some("forbidden_topic"))
+    );
+    let r = post(bearer(TOKEN2), "/v1/publish/sensors/dev1/t").await;
+    assert_eq!(r.status, 403, "dev2 may not publish under dev1");
+    let r = call(
+        a,
+        "GET",
+        "/v1/subscribe?filter=cmd/dev2/%23",
+        &bearer(TOKEN1),
+        b"",
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (403, Some("forbidden_filter"))
+    );
+    assert!(spooled_topics(&s).is_empty(), "nothing refused was stored");
+    let r = post(bearer(TOKEN1), "/v1/publish/sensors/dev1/t").await;
+    assert_eq!(r.status, 200);
+    let records = spooled(&s);
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].origin.client_id.as_deref(), Some("dev1"));
+}
+
+#[tokio::test]
+async fn a_device_over_its_rate_is_429_with_retry_after() {
+    let s = setup(16, 1 << 20, RouteTable::everything());
+    let served = serve(
+        &s,
+        HttpSection {
+            rate_per_device: 0.001,
+            rate_burst: 1,
+            ..devices_section()
+        },
+    )
+    .await;
+    let a = served.addr;
+    assert_eq!(
+        call(
+            a,
+            "POST",
+            "/v1/publish/sensors/dev1/t",
+            &bearer(TOKEN1),
+            b"1"
+        )
+        .await
+        .status,
+        200
+    );
+    let r = call(
+        a,
+        "POST",
+        "/v1/publish/sensors/dev1/t",
+        &bearer(TOKEN1),
+        b"2",
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (429, Some("rate_limited"))
+    );
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!(
+        retry > 1 && r.json()["retry_after_secs"] == retry,
+        "{retry}"
+    );
+    // Another device has its own bucket.
+    assert_eq!(
+        call(
+            a,
+            "POST",
+            "/v1/publish/sensors/dev2/t",
+            &bearer(TOKEN2),
+            b"3"
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(spooled_topics(&s), ["sensors/dev1/t", "sensors/dev2/t"]);
+}
+
+fn json_batch(
+    a: std::net::SocketAddr,
+    query: &str,
+    content_type: &str,
+    body: &[u8],
+) -> impl Future<Output = Reply> {
+    let path = format!("/v1/publish{query}");
+    let extra = format!("Content-Type: {content_type}\r\n");
+    let body = body.to_vec();
+    async move { call(a, "POST", &path, &extra, &body).await }
+}
+
+#[tokio::test]
+async fn batches_are_answered_as_one_unit() {
+    let s = setup(16, 1 << 20, RouteTable::everything());
+    let served = serve(
+        &s,
+        HttpSection {
+            max_batch_items: 3,
+            anonymous_publish: vec!["sensors".to_owned()],
+            ..anonymous()
+        },
+    )
+    .await;
+    let a = served.addr;
+    let body =
+        br#"[{"topic":"sensors/a","payload":"1"},{"topic":"sensors/b","payload":{"x":1},"qos":0}]"#;
+    let r = json_batch(a, "", "application/json", body).await;
+    assert_eq!(
+        (r.status, r.json()),
+        (200, serde_json::json!({"items":2,"durable":1,"queued":1}))
+    );
+    let body = b"{\"topic\":\"sensors/c\",\"payload\":\"3\"}\n{\"topic\":\"sensors/d\",\"payload_b64\":\"AAE=\"}\n";
+    let r = json_batch(a, "?qos=0", "application/x-ndjson", body).await;
+    assert_eq!(
+        (r.status, r.json()),
+        (202, serde_json::json!({"items":2,"durable":0,"queued":2}))
+    );
+    wait_for("the QoS 0 items", || spooled_topics(&s).len() == 4).await;
+    let records = spooled(&s);
+    let got: Vec<(&str, &[u8])> = records
+        .iter()
+        .map(|r| (r.topic.as_str(), &r.payload[..]))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("sensors/a", &b"1"[..]),
+            ("sensors/b", br#"{"x":1}"#),
+            ("sensors/c", b"3"),
+            ("sensors/d", &[0, 1])
+        ]
+    );
+    // Refused whole: nothing more is stored.
+    let r = json_batch(a, "", "text/plain", b"[]").await;
+    assert_eq!(
+        (r.status, r.header("accept-post")),
+        (415, Some(super::request::BATCH_MEDIA_TYPES))
+    );
+    let r = json_batch(
+        a,
+        "",
+        "application/json",
+        br#"[{"topic":"sensors/a","payload":"1"},{"topic":"sensors/b"}]"#,
+    )
+    .await;
+    assert_eq!(
+        (
+            r.status,
+            r.json()["error"].as_str(),
+            r.json()["index"].as_u64()
+        ),
+        (400, Some("bad_batch"), Some(1))
+    );
+    let r = json_batch(
+        a,
+        "",
+        "application/json",
+        br#"[{"topic":"sensors/a","payload":"1"},{"topic":"other/b","payload":"2"}]"#,
+    )
+    .await;
+    assert_eq!(
+        (
+            r.status,
+            r.json()["error"].as_str(),
+            r.json()["index"].as_u64()
+        ),
+        (403, Some("forbidden_topic"), Some(1))
+    );
+    let four = br#"[{"topic":"sensors/a","payload":"1"},{"topic":"sensors/a","payload":"1"},{"topic":"sensors/a","payload":"1"},{"topic":"sensors/a","payload":"1"}]"#;
+    let r = json_batch(a, "", "application/json", four).await;
+    assert_eq!((r.status, r.json()["limit"].as_u64()), (413, Some(3)));
+    assert_eq!(spooled_topics(&s).len(), 4);
+}
+
+#[tokio::test]
+async fn a_batch_the_spool_partly_refuses_is_503_with_the_exact_refused_list() {
+    let s = setup(16, 256 << 10, RouteTable::everything());
+    let served = serve(
+        &s,
+        HttpSection {
+            max_body_size: 128 << 10,
+            ..anonymous()
+        },
+    )
+    .await;
+    let big = "x".repeat(100 << 10);
+    let body = format!(
+        r#"[{{"topic":"p/0","payload":"{big}"}},{{"topic":"p/1","payload":"{big}"}},{{"topic":"p/2","payload":"{big}"}},{{"topic":"p/3","payload":"small"}}]"#
+    );
+    let r = json_batch(served.addr, "", "application/json", body.as_bytes()).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("5"));
+    let json = r.json();
+    assert_eq!(json["error"], "partial");
+    assert_eq!(json["accepted"], 3);
+    assert_eq!(
+        json["refused"],
+        serde_json::json!([{"index": 2, "error": "spool_full"}])
+    );
+    assert_eq!(
+        spooled_topics(&s),
+        ["p/0", "p/1", "p/3"],
+        "every item not listed is stored"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_with_an_unrouted_topic_is_403_and_nothing_is_stored() {
+    let spec = RouteSpec {
+        filter: "a/#".to_owned(),
+        upstreams: vec!["up".to_owned()],
+        ..Default::default()
+    };
+    let routes = RouteTable::compile(&[spec], &["up"], "gw").unwrap();
+    let s = setup(16, 1 << 20, routes);
+    let served = serve(&s, anonymous()).await;
+    let body = br#"[{"topic":"a/1","payload":"1"},{"topic":"b/2","payload":"2"}]"#;
+    let r = json_batch(served.addr, "", "application/json", body).await;
+    assert_eq!(
+        (
+            r.status,
+            r.json()["error"].as_str(),
+            r.json()["index"].as_u64()
+        ),
+        (403, Some("no_route"), Some(1))
+    );
+    let r = call(served.addr, "POST", "/v1/publish/b/1", "", b"x").await;
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (403, Some("no_route"))
+    );
+    assert!(spooled_topics(&s).is_empty());
+}
+
+/// An SSE client over raw TCP: reads until `needle` shows up in what it has read.
+struct SseClient {
+    stream: tokio::net::TcpStream,
+    seen: Vec<u8>,
+}
+
+impl SseClient {
+    async fn open(addr: std::net::SocketAddr, path: &str, extra: &str) -> Self {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!("GET {path} HTTP/1.1\r\nHost: gw\r\n{extra}\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        SseClient {
+            stream,
+            seen: Vec::new(),
+        }
+    }
+
+    async fn until(&mut self, needle: &str) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4096];
+        let found = |seen: &[u8]| seen.windows(needle.len()).any(|w| w == needle.as_bytes());
+        while !found(&self.seen) {
+            let n = bounded(needle, self.stream.read(&mut buf)).await.unwrap();
+            assert!(
+                n > 0,
+                "stream ended before {needle:?}: {}",
+                String::from_utf8_lossy(&self.seen)
+            );
+            self.seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&self.seen).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn sse_streams_get_downlink_and_local_messages_and_unsubscribe_when_dropped() {
+    let (s, fake) = setup_with_upstream(1 << 20);
+    let served = serve(
+        &s,
+        HttpSection {
+            sse_keepalive: Duration::from_millis(50),
+            ..devices_section()
+        },
+    )
+    .await;
+    let mut sse = SseClient::open(
+        served.addr,
+        "/v1/subscribe?filter=cmd/dev1/%23",
+        &bearer(TOKEN1),
+    )
+    .await;
+    let head = sse.until("event: ready").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("content-type: text/event-stream"), "{head}");
+    assert!(
+        head.contains(r#"data: {"filters":["cmd/dev1/#"]}"#),
+        "{head}"
+    );
+    assert_eq!(fake.calls(), ["sub cmd/dev1/# AtMostOnce"]);
+    // Another ingress's accepted message reaches the stream through the router.
+    let (other, _rx) = peer(&s);
+    other.deliver_local(&msg("cmd/dev1/led", b"on", Qos::AtLeastOnce));
+    sse.until(r#""topic":"cmd/dev1/led","payload":"on""#).await;
+    // And an HTTP publish of another device (the hub's own local delivery), binary.
+    let r = call(
+        served.addr,
+        "POST",
+        "/v1/publish/cmd/dev1/raw",
+        &bearer(TOKEN1),
+        &[0xff, 0x00],
+    )
+    .await;
+    assert_eq!(r.status, 403, "dev1 may not publish to cmd/");
+    drop(other);
+    // Keep-alive comments flow while idle.
+    sse.until(": ka").await;
+    assert_eq!(
+        served
+            .ingress
+            .streams
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // The client leaves: the next keep-alive write fails, the body is dropped, the stream
+    // unregistered and the router's filter released.
+    drop(sse);
+    let ours = || -> Vec<String> {
+        let calls = fake.calls();
+        calls
+            .into_iter()
+            .filter(|c| c.contains("cmd/dev1"))
+            .collect()
+    };
+    wait_for("the unsubscribe", || ours().len() == 2).await;
+    assert_eq!(ours(), ["sub cmd/dev1/# AtMostOnce", "unsub cmd/dev1/#"]);
+    assert_eq!(
+        served
+            .ingress
+            .streams
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test]
+async fn an_http_publish_reaches_this_ingress_s_own_streams() {
+    let (s, _fake) = setup_with_upstream(1 << 20);
+    let served = serve(
+        &s,
+        HttpSection {
+            sse_keepalive: Duration::from_secs(600),
+            ..anonymous()
+        },
+    )
+    .await;
+    let mut sse = SseClient::open(served.addr, "/v1/subscribe?filter=t/%2B", "").await;
+    sse.until("event: ready").await;
+    assert_eq!(
+        call(served.addr, "POST", "/v1/publish/t/1?qos=1", "", b"one")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        call(served.addr, "POST", "/v1/publish/t/2?qos=0", "", &[0xff])
+            .await
+            .status,
+        202
+    );
+    sse.until(r#""topic":"t/1","payload":"one","qos":1"#).await;
+    sse.until(r#""topic":"t/2","payload_b64":"/w==""#).await;
+    // At shutdown the stream ends cleanly.
+    served.stop.cancel();
+    served.ingress.hub().close_all();
+    let rest = sse.until("0\r\n\r\n").await;
+    assert!(rest.ends_with("0\r\n\r\n"), "the chunked body ended");
 }
