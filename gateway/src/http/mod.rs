@@ -102,17 +102,9 @@ pub async fn run(
     stats: Arc<stats::HttpStats>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    let hub = Hub::new(
-        section.max_streams,
-        section.max_streams_per_device,
-        section.max_filters,
-        section.sse_queue,
-        section.sse_queue_full,
-        section.sse_max_event,
-    );
     let ingress = Arc::new(publish::Ingress::new(
         wiring.handle,
-        hub,
+        hub(&section),
         section.queue_wait,
         Arc::clone(&stats),
         stop.clone(),
@@ -161,3 +153,15 @@ pub async fn run(
 use crate::config::HttpSection;
 use server::{Bound, serve};
 use sse::Hub;
+
+/// The SSE hub with `section`'s bounds.
+fn hub(section: &HttpSection) -> Hub {
+    Hub::new(
+        section.max_streams,
+        section.max_streams_per_device,
+        section.max_filters,
+        section.sse_queue,
+        section.sse_queue_full,
+        section.sse_max_event,
+    )
+}

@@ -532,7 +532,7 @@ async fn serve(setup: &Setup, section: HttpSection) -> Served {
     let stop = CancellationToken::new();
     let ingress = Arc::new(Ingress::new(
         handle,
-        hub(),
+        super::hub(&section),
         section.queue_wait,
         Arc::new(HttpStats::default()),
         stop.clone(),
@@ -1375,6 +1375,7 @@ async fn sse_streams_get_downlink_and_local_messages_and_unsubscribe_when_droppe
         &s,
         HttpSection {
             sse_keepalive: Duration::from_millis(50),
+            max_streams_per_device: 1,
             ..devices_section()
         },
     )
@@ -1397,16 +1398,20 @@ async fn sse_streams_get_downlink_and_local_messages_and_unsubscribe_when_droppe
     let (other, _rx) = peer(&s);
     other.deliver_local(&msg("cmd/dev1/led", b"on", Qos::AtLeastOnce));
     sse.until(r#""topic":"cmd/dev1/led","payload":"on""#).await;
-    // And an HTTP publish of another device (the hub's own local delivery), binary.
+    // The device's second stream is over its limit (1 here).
     let r = call(
         served.addr,
-        "POST",
-        "/v1/publish/cmd/dev1/raw",
+        "GET",
+        "/v1/subscribe?filter=cmd/dev1/x",
         &bearer(TOKEN1),
-        &[0xff, 0x00],
+        b"",
     )
     .await;
-    assert_eq!(r.status, 403, "dev1 may not publish to cmd/");
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (429, Some("too_many_streams"))
+    );
+    assert_eq!(r.header("retry-after"), Some("5"));
     drop(other);
     // Keep-alive comments flow while idle.
     sse.until(": ka").await;
