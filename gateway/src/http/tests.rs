@@ -161,18 +161,42 @@ async fn bounded<T>(what: &str, future: impl Future<Output = T>) -> T {
 
 /// Blocks the spool writer: it takes one filler append (and signals room), then waits for
 /// the spool's lock held by the returned guard; the queue is empty then, and nothing more is
-/// taken until the guard is dropped. The writer must have started (one round trip done).
+/// taken until the guard is dropped.
 async fn block_writer<'s>(
     setup: &'s Setup,
     handle: &IngressHandle,
 ) -> std::sync::MutexGuard<'s, Spool<StdFs>> {
-    let guard = setup.spool.lock();
-    let mark = handle.room_mark();
-    handle
-        .append(msg("filler", b"", Qos::AtMostOnce), None)
-        .unwrap();
-    bounded("the writer taking the filler", handle.room_since(mark)).await;
-    guard
+    let filler = || msg("filler", b"", Qos::AtMostOnce);
+    hold_writer_with(setup, handle, || async {
+        let _ = handle.append(filler(), None);
+    })
+    .await
+}
+
+/// Takes the spool's lock, runs `append` (which makes the writer take something from its
+/// queue) and waits until the writer took it: it is then blocked on the lock, inside its
+/// group commit. The writer's own housekeeping also takes the lock (every 100 ms): when it
+/// got blocked there instead, the lock is let go and the whole step retried.
+async fn hold_writer_with<'s, F, Fut>(
+    setup: &'s Setup,
+    handle: &IngressHandle,
+    mut append: F,
+) -> std::sync::MutexGuard<'s, Spool<StdFs>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    for _ in 0..100 {
+        let guard = setup.spool.lock();
+        let mark = handle.room_mark();
+        append().await;
+        let took = tokio::time::timeout(Duration::from_millis(500), handle.room_since(mark));
+        if took.await.is_ok() {
+            return guard;
+        }
+        drop(guard);
+    }
+    panic!("the spool writer never took an append while the lock was held");
 }
 
 #[tokio::test]
@@ -1475,4 +1499,69 @@ async fn an_http_publish_reaches_this_ingress_s_own_streams() {
     served.ingress.hub().close_all();
     let rest = sse.until("0\r\n\r\n").await;
     assert!(rest.ends_with("0\r\n\r\n"), "the chunked body ended");
+}
+
+#[tokio::test]
+async fn run_serves_until_stop_then_answers_the_verdict_in_flight_and_returns() {
+    let s = setup(16, 1 << 20, RouteTable::everything());
+    let section = Arc::new(HttpSection {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        ..anonymous()
+    });
+    let bound = super::server::bind(&section).unwrap();
+    let addr = bound.plain[0].local_addr().unwrap();
+    let (reply_tx, replies) = mpsc::channel(16);
+    let (dl_tx, downlink) = mpsc::channel(16);
+    let (_query_tx, queries) = mpsc::channel(1);
+    let wiring = super::Wiring {
+        handle: s.router.ingress(reply_tx).with_downlink(dl_tx),
+        replies,
+        downlink,
+        queries,
+        beat: Arc::new(Beat::new()),
+    };
+    let stats = Arc::new(HttpStats::default());
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(super::run(
+        section,
+        bound,
+        None,
+        wiring,
+        Arc::clone(&stats),
+        stop.clone(),
+    ));
+    assert_eq!(
+        call(addr, "POST", "/v1/publish/t/0", "", b"0").await.status,
+        200
+    );
+    let mut sse = SseClient::open(addr, "/v1/subscribe?filter=t/%23", "").await;
+    sse.until("event: ready").await;
+    // A QoS 1 request is appended; the writer holds it, blocked before its write.
+    let probe = s.router.ingress(mpsc::channel(1).0);
+    let requests = std::cell::RefCell::new(Vec::new());
+    let guard = hold_writer_with(&s, &probe, || async {
+        let request = tokio::spawn(call(addr, "POST", "/v1/publish/t/1", "", b"1"));
+        requests.borrow_mut().push(request);
+    })
+    .await;
+    let in_flight = requests.borrow_mut().pop().unwrap();
+    stop.cancel();
+    // The SSE stream ends at once (its chunked body is terminated).
+    sse.until("0\r\n\r\n").await;
+    assert!(!in_flight.is_finished());
+    drop(guard);
+    let reply = bounded("the request in flight", in_flight).await.unwrap();
+    assert_eq!(
+        (reply.status, reply.json()["durable"].as_bool()),
+        (200, Some(true))
+    );
+    bounded("run's return", running).await.unwrap().unwrap();
+    for earlier in requests.into_inner() {
+        assert_eq!(
+            earlier.await.unwrap().status,
+            200,
+            "a retried step's request"
+        );
+    }
+    assert_eq!(stats.verdicts_orphaned(), 0);
 }
