@@ -148,6 +148,11 @@ impl HttpStats {
         self.verdicts_orphaned.load(Ordering::Relaxed)
     }
 
+    /// Connections open now (a gauge, for `/status` or a gauge metric).
+    pub fn connections_open(&self) -> u64 {
+        self.conn.connections_open.load(Ordering::Relaxed)
+    }
+
     /// A request refused for its device's rate.
     pub(crate) fn rate_limited(&self) {
         bump(&self.rate_limited);
@@ -194,9 +199,9 @@ impl HttpStats {
 
     /// The counters beyond the protocol-neutral report, for `IngressSource.extra` and the
     /// metric `sensorgate_ingress_events_total{protocol="http",event=<name>}`:
-    /// `responses_<code>` (and `responses_other`), the connection counters
-    /// (`connections_open` is a gauge), `verdicts_orphaned`, `rate_limited`, `body_timeouts`,
-    /// `sse_streams_opened`, `batch_partial`.
+    /// `responses_<code>` (and `responses_other`), the server's connection counters
+    /// (`ConnStats::events`; the gauge is [`Self::connections_open`]), `verdicts_orphaned`,
+    /// `rate_limited`, `body_timeouts`, `sse_streams_opened`, `batch_partial`.
     pub fn events(&self) -> Vec<(&'static str, u64)> {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut events: Vec<(&'static str, u64)> = CODES
@@ -206,7 +211,6 @@ impl HttpStats {
             .collect();
         events.extend(self.conn.events());
         events.extend([
-            ("connections_open", load(&self.conn.connections_open)),
             ("verdicts_orphaned", load(&self.verdicts_orphaned)),
             ("rate_limited", load(&self.rate_limited)),
             ("body_timeouts", load(&self.body_timeouts)),
