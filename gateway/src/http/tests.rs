@@ -1565,3 +1565,45 @@ async fn run_serves_until_stop_then_answers_the_verdict_in_flight_and_returns() 
     }
     assert_eq!(stats.verdicts_orphaned(), 0);
 }
+
+#[tokio::test]
+async fn bodies_beyond_body_memory_wait_then_get_503_busy() {
+    let s = setup(16, 1 << 20, RouteTable::everything());
+    let served = serve(
+        &s,
+        HttpSection {
+            // One KiB: one request body at a time.
+            body_memory: 1024,
+            request_timeout: Duration::from_millis(300),
+            ..anonymous()
+        },
+    )
+    .await;
+    let a = served.addr;
+    assert_eq!(
+        call(a, "POST", "/v1/publish/t/0", "", b"0").await.status,
+        200
+    );
+    // A request holds its body's share until it is answered: this one waits for its verdict.
+    let probe = s.router.ingress(mpsc::channel(1).0);
+    let requests = std::cell::RefCell::new(Vec::new());
+    let guard = hold_writer_with(&s, &probe, || async {
+        requests
+            .borrow_mut()
+            .push(tokio::spawn(call(a, "POST", "/v1/publish/t/1", "", b"1")));
+    })
+    .await;
+    let r = call(a, "POST", "/v1/publish/t/2", "", b"2").await;
+    assert_eq!((r.status, r.json()["error"].as_str()), (503, Some("busy")));
+    assert_eq!(r.header("retry-after"), Some("5"));
+    drop(guard);
+    for request in requests.into_inner() {
+        assert_eq!(bounded("the holder", request).await.unwrap().status, 200);
+    }
+    assert_eq!(
+        call(a, "POST", "/v1/publish/t/3", "", b"3").await.status,
+        200,
+        "memory back"
+    );
+    assert!(!spooled_topics(&s).contains(&"t/2".to_owned()));
+}
