@@ -184,6 +184,16 @@ impl Verdicts {
         lock(&self.waiting).len()
     }
 
+    /// Waiters whose client left (tests).
+    #[cfg(test)]
+    pub(crate) fn orphans_waiting(&self) -> usize {
+        let waiting = lock(&self.waiting);
+        waiting
+            .values()
+            .filter(|w| matches!(w.reply, Reply::Orphaned))
+            .count()
+    }
+
     /// Takes the waiters of `replies` out under one lock acquisition; then, in order, accepted
     /// ones are delivered locally and each waiter is told. Never blocks.
     pub(crate) fn deliver(&self, replies: &[AppendReply], ingress: &Ingress) {

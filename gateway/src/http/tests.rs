@@ -1607,3 +1607,63 @@ async fn bodies_beyond_body_memory_wait_then_get_503_busy() {
     );
     assert!(!spooled_topics(&s).contains(&"t/2".to_owned()));
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_before_its_verdict_is_an_orphan_whose_message_is_still_delivered() {
+    let s = setup(16, 1 << 20, RouteTable::everything());
+    let (_peer, mut peer_rx) = peer(&s);
+    let served = serve(&s, anonymous()).await;
+    let a = served.addr;
+    assert_eq!(
+        call(a, "POST", "/v1/publish/warm", "", b"0").await.status,
+        200
+    );
+    assert_eq!(
+        bounded("warm-up copy", peer_rx.recv()).await.unwrap().topic,
+        "warm"
+    );
+    let probe = s.router.ingress(mpsc::channel(1).0);
+    let requests = std::cell::RefCell::new(Vec::new());
+    let guard = hold_writer_with(&s, &probe, || async {
+        requests
+            .borrow_mut()
+            .push(tokio::spawn(call(a, "POST", "/v1/publish/gone", "", b"1")));
+    })
+    .await;
+    // The client goes away (its socket closed): hyper drops the handler.
+    let leaving = requests.borrow_mut().pop().unwrap();
+    leaving.abort();
+    wait_for("the handler dropped", || {
+        served.ingress.verdicts.orphans_waiting() == 1
+    })
+    .await;
+    drop(guard);
+    let earlier = requests.into_inner();
+    let answered = earlier.len();
+    for request in earlier {
+        assert_eq!(
+            request.await.unwrap().status,
+            200,
+            "a retried step's request"
+        );
+    }
+    // One copy per stored "gone": the answered ones (retried steps) and the orphan.
+    for _ in 0..=answered {
+        let copy = bounded("the orphan's local copy", peer_rx.recv())
+            .await
+            .unwrap();
+        assert_eq!(
+            (copy.topic.as_str(), &copy.payload[..]),
+            ("gone", &b"1"[..])
+        );
+    }
+    wait_for("the orphan count", || {
+        served.ingress.stats.verdicts_orphaned() == 1
+    })
+    .await;
+    assert_eq!(served.ingress.verdicts.len(), 0);
+    assert!(
+        spooled_topics(&s).contains(&"gone".to_owned()),
+        "durable though nobody was told"
+    );
+}
