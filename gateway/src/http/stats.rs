@@ -4,10 +4,9 @@
 //!
 //! Mapping to the protocol-neutral report (design section 8): `packets_in` = requests;
 //! `messages_in[qos + 1]` per accepted message (a batch's items one each); `acks` = QoS 1
-//! messages answered 2xx once durable; `refusals` by [`Refusal::reason`]
-//! (crate::http::request::Refusal); `downlink_delivered` = SSE message events written;
-//! `downlink_dropped` = events lost to a full queue, too large, or queued when their stream
-//! closed (`expired`).
+//! messages answered 2xx once durable; `refusals` by `request::Refusal::reason`;
+//! `downlink_delivered` = SSE message events written; `downlink_dropped` = events lost to a
+//! full queue, too large, or queued when their stream closed (`expired`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
