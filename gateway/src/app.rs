@@ -1,10 +1,12 @@
 //! Wiring: binds the listeners, starts the upstreams and the ingresses (the MQTT-SN driver and,
-//! with `[coap] listen`, the CoAP driver: both the one UDP driver over their own core), and
-//! stops them in order on shutdown.
+//! with `[coap] listen`, the CoAP driver: both the one UDP driver over their own core; with
+//! `[http] listen` or `tls_listen`, the HTTP ingress on its own thread and runtime), and stops
+//! them in order on shutdown.
 //!
 //! Shutdown order (each step waits for the one before, under [`SHUTDOWN_GRACE`]): the
-//! ingresses stop (both on the same token; the one that fails first stops the other), so no
-//! appender is left; the downlink router; the session store; the spool writer (it ends once
+//! ingresses stop (all on the same token; the one that fails first stops the others; the HTTP
+//! thread drains its connections and answers the verdicts it waits for, then drops its
+//! runtime), so no appender is left; the downlink router; the session store; the spool writer (it ends once
 //! every appender is gone); the drains and upstreams; the cursors are saved last.
 
 use std::net::SocketAddr;
