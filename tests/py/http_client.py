@@ -180,6 +180,9 @@ def sse(args) -> int:
                 emit(f"ERROR status {src.response.status_code}: {src.response.read()!r}")
                 return 2
             for ev in src.iter_sse():
+                if not ev.data:
+                    # httpx_sse dispatches the blank line after a keep-alive comment.
+                    continue
                 if ev.event == "ready":
                     emit(f"READY {ev.data}")
                     continue
