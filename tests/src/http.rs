@@ -1489,6 +1489,30 @@ mod tests {
     }
 
     #[test]
+    fn curl_sse_parses_events_skipping_comments_and_probes() {
+        let (addr, _t) = canned(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n\
+              retry: 5000\nevent: ready\ndata: {\"filters\":[\"a/#\"]}\n\n: ka\n\n\
+              id: 1\nevent: message\ndata: {\"topic\":\"a/p\",\"payload\":\"probe-0\"}\n\n\
+              id: 2\nevent: message\ndata: {\"topic\":\"a/b\",\"payload_b64\":\"/wCA\"}\n\n\
+              event: dropped\ndata: {\"dropped\":3}\n\n",
+        );
+        let mut s =
+            CurlSse::start(&format!("http://{addr}/v1/subscribe?filter=a/%23"), &[]).unwrap();
+        assert_eq!(s.ready().unwrap(), serde_json::json!({"filters": ["a/#"]}));
+        let ev = s.message(HTTP_TIMEOUT, "probe-").unwrap();
+        assert_eq!(ev.id.as_deref(), Some("2"));
+        assert_eq!(ev.topic().as_deref(), Some("a/b"));
+        assert_eq!(ev.payload().unwrap(), [0xff, 0x00, 0x80]);
+        let ev = s.next(HTTP_TIMEOUT).unwrap().unwrap();
+        assert_eq!(
+            (ev.event.as_str(), ev.data.as_str()),
+            ("dropped", "{\"dropped\":3}")
+        );
+        s.wait_end(HTTP_TIMEOUT).unwrap();
+    }
+
+    #[test]
     fn base64_round_trips_and_hash_lines_parse() {
         for n in 0..40 {
             let bytes: Vec<u8> = (0..n).map(|i| (i * 37 + 11) as u8).collect();
