@@ -7,7 +7,7 @@
 #![allow(dead_code)]
 
 pub(crate) mod auth;
-pub(crate) mod batch;
+pub mod batch;
 pub(crate) mod devices;
 pub(crate) mod driver;
 pub(crate) mod handlers;
