@@ -654,9 +654,11 @@ fn a_full_spool_without_a_broker_is_503_spool_full_with_retry_after_until_it_dra
         replies.iter().map(|r| r.status).collect::<Vec<_>>()
     );
     // A batch on a full spool: 503, every item listed as refused, none accepted.
+    // Items as large as the singles that were refused (a smaller record could still fit).
+    let item = "f".repeat(1000);
     let batch = json!([
-        {"topic": "full/b", "payload": "1"},
-        {"topic": "full/b", "payload": "2"},
+        {"topic": "full/b", "payload": item},
+        {"topic": "full/b", "payload": item},
     ])
     .to_string();
     let r = raw(

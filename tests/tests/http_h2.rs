@@ -43,14 +43,11 @@ fn curl_publishes_over_h2c_with_prior_knowledge() {
         (m.topic.as_str(), m.payload.as_slice()),
         ("sensors/dev1/h2", &b"over-h2"[..])
     );
-    // An error over h2 is the same JSON.
+    // An error over h2 is the same JSON (a request without a body: an early answer to a
+    // POST over h2 makes curl fail now and then, see /work/notes/http-e2e.md).
     let r = curl(&[
         "--http2-prior-knowledge",
-        "-X",
-        "POST",
-        "--data-binary",
-        "x",
-        &rig.url("/v1/publish/sensors/dev1/h2"),
+        &rig.url("/v1/subscribe?filter=cmd/dev1/%23"),
     ])
     .unwrap();
     assert_eq!(

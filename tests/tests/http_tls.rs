@@ -57,7 +57,12 @@ fn https_with_optional_client_certificates_follows_the_credential_matrix() {
     let ca = p(&pki.ca);
     let a1 = bearer(TOKEN1);
     let post = |extra: &[&str]| {
+        // Refusals over HTTP/1.1: over h2, an answer sent before the request body was read
+        // makes curl fail now and then (exit 92, see /work/notes/http-e2e.md).
         let mut args = vec!["--cacert", ca, "-X", "POST", "--data-binary", "x"];
+        if !extra.contains(&"--http2") {
+            args.push("--http1.1");
+        }
         args.extend_from_slice(extra);
         args.push(&url);
         curl(&args).unwrap()
@@ -124,7 +129,7 @@ fn https_with_optional_client_certificates_follows_the_credential_matrix() {
         "another CA's certificate was accepted: {out:?}"
     );
     assert!(
-        matches!(out.status.code(), Some(35 | 56 | 16 | 92)),
+        matches!(out.status.code(), Some(35 | 55 | 56 | 16 | 92)),
         "not a handshake failure: {out:?}"
     );
 
@@ -175,7 +180,7 @@ fn required_client_certificates_fail_the_handshake_without_one() {
         "served without a client certificate: {out:?}"
     );
     assert!(
-        matches!(out.status.code(), Some(35 | 56 | 16 | 92)),
+        matches!(out.status.code(), Some(35 | 55 | 56 | 16 | 92)),
         "not a handshake failure: {out:?}"
     );
     let r = curl(&[
