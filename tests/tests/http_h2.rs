@@ -43,8 +43,9 @@ fn curl_publishes_over_h2c_with_prior_knowledge() {
         (m.topic.as_str(), m.payload.as_slice()),
         ("sensors/dev1/h2", &b"over-h2"[..])
     );
-    // An error over h2 is the same JSON (a request without a body: an early answer to a
-    // POST over h2 makes curl fail now and then, see /work/notes/http-e2e.md).
+    // An error over h2 is the same JSON. A request without a body: an early answer to a POST
+    // is followed by RST_STREAM(NO_ERROR) (RFC 9113 section 8.1), which curl 7.88 now and
+    // then reports as a framing error (exit 92) instead of the response.
     let r = curl(&[
         "--http2-prior-knowledge",
         &rig.url("/v1/subscribe?filter=cmd/dev1/%23"),

@@ -57,8 +57,9 @@ fn https_with_optional_client_certificates_follows_the_credential_matrix() {
     let ca = p(&pki.ca);
     let a1 = bearer(TOKEN1);
     let post = |extra: &[&str]| {
-        // Refusals over HTTP/1.1: over h2, an answer sent before the request body was read
-        // makes curl fail now and then (exit 92, see /work/notes/http-e2e.md).
+        // Refusals over HTTP/1.1: over h2 an answer sent before the request body was read is
+        // followed by RST_STREAM(NO_ERROR) (RFC 9113 section 8.1), which curl 7.88 now and
+        // then reports as a framing error (exit 92) instead of the response.
         let mut args = vec!["--cacert", ca, "-X", "POST", "--data-binary", "x"];
         if !extra.contains(&"--http2") {
             args.push("--http1.1");
