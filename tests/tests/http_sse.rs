@@ -296,6 +296,9 @@ fn the_upstream_subscription_lives_until_the_last_stream_of_its_filter_closes() 
         )
         .unwrap_or(0.0)
     };
+    // A sync marker first: a probe of a slow round may still have been on its way.
+    publish_upstream(port, &[UpMsg::new("ctl/dev1/sync", "sync", 1)]).unwrap();
+    expect_on(&mut barrier, "ctl/dev1/sync");
     let before = received();
     publish_upstream(
         port,
