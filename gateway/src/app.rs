@@ -1,10 +1,12 @@
 //! Wiring: binds the listeners, starts the upstreams and the ingresses (the MQTT-SN driver and,
-//! with `[coap] listen`, the CoAP driver: both the one UDP driver over their own core), and
-//! stops them in order on shutdown.
+//! with `[coap] listen`, the CoAP driver: both the one UDP driver over their own core; with
+//! `[http] listen` or `tls_listen`, the HTTP ingress on its own thread and runtime), and stops
+//! them in order on shutdown.
 //!
 //! Shutdown order (each step waits for the one before, under [`SHUTDOWN_GRACE`]): the
-//! ingresses stop (both on the same token; the one that fails first stops the other), so no
-//! appender is left; the downlink router; the session store; the spool writer (it ends once
+//! ingresses stop (all on the same token; the one that fails first stops the others; the HTTP
+//! thread drains its connections and answers the verdicts it waits for, then drops its
+//! runtime), so no appender is left; the downlink router; the session store; the spool writer (it ends once
 //! every appender is gone); the drains and upstreams; the cursors are saved last.
 
 use std::net::SocketAddr;
@@ -466,6 +468,7 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
         amqp_upstreams.clone(),
         router.downlink_stats(),
         udp_counters.clone(),
+        http.as_ref().map(|h| Arc::clone(&h.stats)),
         drain_stop.clone(),
     ));
 
@@ -600,6 +603,7 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
         Some(task) => result.and(stop_coap(task).await),
         None => result,
     };
+    let http_stats = http.as_ref().map(|h| Arc::clone(&h.stats));
     let result = match http {
         Some(http) => result.and(stop_http(http).await),
         None => result,
@@ -661,6 +665,7 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
             &amqp_upstreams,
             &router_stats,
             &udp_counters,
+            http_stats.as_deref(),
         ),
         None,
     );
@@ -795,6 +800,8 @@ struct HttpRunning {
     source: IngressSource,
     /// One per bound listener (`tcp` or `tls`).
     listeners: Vec<Listener>,
+    /// Its counters, for the status line.
+    stats: Arc<http::stats::HttpStats>,
 }
 
 /// Registers the HTTP ingress: loads the TLS files, binds every `[http] listen` and
@@ -899,6 +906,7 @@ fn start_http(
             extra: Some(Arc::new(move || counters.events())),
         },
         listeners,
+        stats,
     })
 }
 
@@ -1015,6 +1023,17 @@ struct Status {
     upstreams: Vec<UpstreamStatus>,
     amqp: Vec<AmqpStatus>,
     router: RouterStatus,
+    /// The HTTP ingress's counters that say something went wrong for a client, when it runs.
+    http: Option<HttpStatus>,
+}
+
+/// The HTTP ingress's counters in the status line (see [`http::stats::HttpStats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HttpStatus {
+    /// QoS 1 messages made durable after their client had gone (it may resend: duplicates).
+    verdicts_orphaned: u64,
+    /// Requests answered 429.
+    rate_limited: u64,
 }
 
 /// The router's counters (see [`DownlinkStats`]).
@@ -1061,6 +1080,7 @@ impl Status {
         amqp: &[AmqpUpstream],
         router: &DownlinkStats,
         udp: &[UdpCounters],
+        http: Option<&http::stats::HttpStats>,
     ) -> Status {
         use std::sync::atomic::Ordering::Relaxed;
         let locked = spool.lock();
@@ -1109,6 +1129,10 @@ impl Status {
                 downlink_ingress_gone: router.ingress_gone.load(Relaxed),
                 local_dropped: router.local_dropped.load(Relaxed),
             },
+            http: http.map(|h| HttpStatus {
+                verdicts_orphaned: h.verdicts_orphaned(),
+                rate_limited: h.rate_limited_total(),
+            }),
         }
     }
 
@@ -1133,15 +1157,17 @@ async fn report_status(
     amqp: Vec<AmqpUpstream>,
     router: Arc<DownlinkStats>,
     udp: Vec<UdpCounters>,
+    http: Option<Arc<http::stats::HttpStats>>,
     stop: CancellationToken,
 ) {
-    let mut last = Status::take(&spool, &drains, &amqp, &router, &udp);
+    let http = http.as_deref();
+    let mut last = Status::take(&spool, &drains, &amqp, &router, &udp, http);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(STATUS_INTERVAL) => {}
         }
-        let now = Status::take(&spool, &drains, &amqp, &router, &udp);
+        let now = Status::take(&spool, &drains, &amqp, &router, &udp, http);
         if now != last {
             log_status(&now, Some(&last));
             last = now;
@@ -1218,6 +1244,13 @@ fn log_status(now: &Status, last: Option<&Status>) {
             downlink_dropped = a.downlink_dropped,
             downlink_echoes_dropped = a.downlink_echoes_dropped,
             "AMQP upstream status."
+        );
+    }
+    if let Some(h) = &now.http {
+        tracing::info!(
+            verdicts_orphaned = h.verdicts_orphaned,
+            rate_limited = h.rate_limited,
+            "HTTP ingress status."
         );
     }
 }

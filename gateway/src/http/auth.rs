@@ -200,6 +200,13 @@ fn bearer_token(header: &[u8]) -> Option<&str> {
     token::valid_chars(token).then_some(token)
 }
 
+/// For the fuzz targets: [`bearer_token`] takes only what [`token::valid_chars`] allows.
+pub(crate) fn fuzz_bearer(header: &[u8]) {
+    if let Some(token) = bearer_token(header) {
+        assert!(token::valid_chars(token), "{token:?}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;

@@ -59,7 +59,7 @@ pub(crate) mod publish;
 // Their `len` / `is_closed` / `filter_count` accessors serve their own tests.
 #[allow(dead_code)]
 pub(crate) mod rate;
-pub(crate) mod request;
+pub mod request;
 pub mod server;
 #[allow(dead_code)]
 pub(crate) mod sse;

@@ -525,6 +525,45 @@ pub(crate) fn filters_from_query(query: Option<&str>, max: usize) -> Result<Filt
     Ok(Filters { filters, base64 })
 }
 
+/// For the `http_request` fuzz target only: runs every request-line and header parser on
+/// `data` (split at the first two 0xFF bytes into path, query and header value) and checks
+/// what they promise: a topic taken from the path is a valid topic name; filters are 1..=`max`
+/// distinct valid filters; a refusal renders a response with an error status; the bearer
+/// parser takes only `b64token` characters. Panics when a promise is broken.
+#[doc(hidden)]
+pub fn fuzz_request(data: &[u8], max_filters: usize) {
+    let mut parts = data.splitn(3, |&b| b == 0xFF);
+    let path = String::from_utf8_lossy(parts.next().unwrap_or_default());
+    let query = String::from_utf8_lossy(parts.next().unwrap_or_default());
+    let header = parts.next().unwrap_or_default();
+    let check = |refusal: &Refusal| {
+        let response = refusal.response(Duration::from_secs(1));
+        assert!(response.status().is_client_error() || response.status().is_server_error());
+    };
+    match topic_from_path(&format!("{PUBLISH_PREFIX}{path}")) {
+        Ok(topic) => assert!(topic::is_valid_name(&topic), "{topic:?}"),
+        Err(refusal) => check(&refusal),
+    }
+    match filters_from_query(Some(&query), max_filters) {
+        Ok(f) => {
+            assert!((1..=max_filters).contains(&f.filters.len()));
+            for filter in &f.filters {
+                assert!(topic::validate_filter(filter).is_ok(), "{filter:?}");
+            }
+        }
+        Err(refusal) => check(&refusal),
+    }
+    let mut headers = HeaderMap::new();
+    if let Ok(value) = HeaderValue::from_bytes(header) {
+        headers.insert(QOS_HEADER, value.clone());
+        headers.insert(RETAIN_HEADER, value);
+    }
+    if let Err(refusal) = publish_params(Some(&query), &headers) {
+        check(&refusal);
+    }
+    crate::http::auth::fuzz_bearer(header);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -929,3 +968,4 @@ mod tests {
         );
     }
 }
+
