@@ -31,6 +31,7 @@ use tempfile::TempDir;
 
 pub mod coap;
 pub mod fanout;
+pub mod http;
 
 /// How long a peer may take to become ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
