@@ -2542,6 +2542,7 @@ impl Core {
                         })
                         .collect(),
                     queued_downlink: observations.map(|o| o.queue.len() as u64).sum(),
+                    counters: None,
                 }
             })
             .collect();

@@ -11,7 +11,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::observe::model::{ClientInfo, ClientQuery, ClientsPage, SessionState, SubscriptionInfo};
+use crate::observe::model::{
+    ClientCounters, ClientInfo, ClientQuery, ClientsPage, SessionState, SubscriptionInfo,
+};
 
 /// What is known about one device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +32,8 @@ pub(crate) struct Device {
     pub last_topic: Option<Box<str>>,
     /// The status of its last request.
     pub last_status: u16,
+    /// Requests answered with an error status.
+    pub refused: u64,
 }
 
 /// One request, as [`Devices::record`] takes it.
@@ -83,6 +87,7 @@ impl Devices {
                 }
             }
             device.last_status = seen.status;
+            device.refused += u64::from(seen.status >= 400);
             return;
         }
         while self.entries.len() >= self.cap {
@@ -103,6 +108,7 @@ impl Devices {
                 messages: seen.messages,
                 last_topic: seen.topic.map(Into::into),
                 last_status: seen.status,
+                refused: u64::from(seen.status >= 400),
             },
         );
     }
@@ -179,6 +185,13 @@ impl Devices {
                     })
                     .collect(),
                 queued_downlink: queued,
+                counters: device.map(|d| ClientCounters {
+                    requests: d.requests,
+                    messages: d.messages,
+                    refused: d.refused,
+                    last_topic: d.last_topic.as_deref().map(str::to_owned),
+                    last_status: d.last_status,
+                }),
             });
         }
         ClientsPage { clients, more }
@@ -237,6 +250,7 @@ mod tests {
             devices.record(t0, &Arc::from(id), seen(Some("t"), 200));
         }
         let dev1: Arc<str> = "dev1".into();
+        devices.record(t0, &dev1, seen(Some("t/2"), 403));
         let dev3: Arc<str> = "dev3".into();
         let filters: Vec<Arc<str>> = vec!["cmd/dev1/#".into()];
         let streams = vec![(&dev1, &filters[..], 3), (&dev3, &filters[..], 0)];
@@ -254,6 +268,16 @@ mod tests {
         assert_eq!(dev1_info.last_seen_ms_ago, 1500);
         assert_eq!(dev1_info.queued_downlink, 3);
         assert_eq!(dev1_info.subscriptions[0].filter, "cmd/dev1/#");
+        assert_eq!(
+            dev1_info.counters,
+            Some(ClientCounters {
+                requests: 2,
+                messages: 2,
+                refused: 1,
+                last_topic: Some("t/2".into()),
+                last_status: 403,
+            })
+        );
         let q = ClientQuery {
             prefix: Some("dev".into()),
             after: Some("dev2".into()),
@@ -267,6 +291,7 @@ mod tests {
         );
         assert_eq!(page.clients[0].client_id, "dev3");
         assert_eq!(page.clients[0].address, None);
+        assert_eq!(page.clients[0].counters, None);
         assert!(!page.more);
         let q = ClientQuery {
             state: Some(SessionState::Asleep),

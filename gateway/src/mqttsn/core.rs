@@ -1227,6 +1227,7 @@ impl Core {
                     })
                     .collect(),
                 queued_downlink: (s.queue.len() + usize::from(s.inflight_down.is_some())) as u64,
+                counters: None,
             })
             .collect();
         ClientsPage { clients, more }

@@ -255,6 +255,26 @@ pub struct ClientInfo {
     pub subscriptions: Vec<SubscriptionInfo>,
     /// Downlink messages queued for it (buffered while asleep, or waiting their turn).
     pub queued_downlink: u64,
+    /// Its request counters, for protocols that count per client (HTTP); left out of the
+    /// JSON when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counters: Option<ClientCounters>,
+}
+
+/// A client's request counters (HTTP: per device, since it was first seen or last forgotten
+/// by the bounded devices table).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClientCounters {
+    /// Requests answered, any status.
+    pub requests: u64,
+    /// Messages accepted (a batch's items one each).
+    pub messages: u64,
+    /// Requests answered with an error status (4xx, 5xx).
+    pub refused: u64,
+    /// The topic of its last publish.
+    pub last_topic: Option<String>,
+    /// The status of its last request.
+    pub last_status: u16,
 }
 
 /// A page of [`ClientInfo`]s, ordered by ClientId.
