@@ -48,6 +48,8 @@ pub struct Options {
     pub quick: bool,
     /// Payload bytes.
     pub payload: usize,
+    /// `[http] worker_threads` of scenarios 14-15's gateways; `None`: the gateway's default.
+    pub http_workers: Option<usize>,
 }
 
 /// One measured figure.
@@ -1798,13 +1800,20 @@ async fn coap_observers(env: &mut Env) -> anyhow::Result<Scenario> {
 const HTTP_RATE: &str = "rate_per_device = 1000000.0\n";
 
 /// A fresh gateway with HTTP on (`devices` as `[[http.device]]` bearer-token devices,
-/// [`HTTP_RATE`]) and `[spool] fsync = "always"`; returns it and its HTTP address.
+/// [`HTTP_RATE`], `--http-workers` if given) and `[spool] fsync = "always"`; returns it and its HTTP address.
 fn http_gateway(env: &mut Env, devices: &[Device]) -> anyhow::Result<(Gateway, SocketAddr)> {
     let port = env.broker.port;
+    let workers = env
+        .opts
+        .http_workers
+        .map_or_else(String::new, |n| format!("worker_threads = {n}\n"));
     let gw = env.gateway_with(
         port,
         &GatewayConfig {
-            http: Some(format!("{HTTP_RATE}\n{}", http::device_tables(devices))),
+            http: Some(format!(
+                "{HTTP_RATE}{workers}\n{}",
+                http::device_tables(devices)
+            )),
             spool: FSYNC_ALWAYS.to_owned(),
             ..GatewayConfig::new(100, "")
         },
@@ -1813,8 +1822,13 @@ fn http_gateway(env: &mut Env, devices: &[Device]) -> anyhow::Result<(Gateway, S
     Ok((gw, addr))
 }
 
-/// The counters of an HTTP load's answers, and its first problem as a note.
-fn put_http_answers(s: &mut Scenario, load: &HttpLoad) {
+/// The counters of an HTTP load's answers, its first problem and the HTTP runtime's threads
+/// as notes.
+fn put_http_answers(s: &mut Scenario, load: &HttpLoad, workers: Option<usize>) {
+    s.notes.push(match workers {
+        Some(n) => format!("[http] worker_threads = {n} (--http-workers)"),
+        None => "[http] worker_threads: the gateway's default".into(),
+    });
     let c = &load.counters;
     s.put("requests sent", count(&c.sent) as f64, "reqs");
     s.put("200 answers", count(&c.ok) as f64, "reqs");
@@ -1868,7 +1882,7 @@ async fn http_qos1(env: &mut Env, earlier: &[Scenario]) -> anyhow::Result<Scenar
     let (sent, durable) = (count(&c.sent), count(&c.durable));
     s.put("durable (200)", durable as f64, "reqs");
     s.put("durable rate", durable as f64 / secs.max(1e-9), "req/s");
-    put_http_answers(&mut s, &load);
+    put_http_answers(&mut s, &load, env.opts.http_workers);
     if let Ok(h) = load.latency.lock() {
         put_latency(&mut s, "request to 200", &h);
     }
@@ -1976,7 +1990,7 @@ async fn http_batches(env: &mut Env) -> anyhow::Result<Scenario> {
     let sent_readings = count(&c.sent) * HTTP_BATCH as u64;
     s.put("readings durable", durable as f64, "msgs");
     s.put("durable rate", durable as f64 / secs.max(1e-9), "msg/s");
-    put_http_answers(&mut s, &load);
+    put_http_answers(&mut s, &load, env.opts.http_workers);
     if let Ok(h) = load.latency.lock() {
         put_latency(&mut s, "request to 200", &h);
     }

@@ -32,6 +32,10 @@ struct Args {
     /// Payload bytes per message (at least 20: client, sequence, send time).
     #[arg(long, default_value_t = 32)]
     payload: usize,
+    /// `[http] worker_threads` of the HTTP scenarios' gateways (14, 15); default: the
+    /// gateway's own (1, a current-thread runtime).
+    #[arg(long)]
+    http_workers: Option<usize>,
     /// The sensorgate binary (default: next to this one).
     #[arg(long)]
     gateway_bin: Option<PathBuf>,
@@ -86,6 +90,7 @@ fn main() -> anyhow::Result<()> {
         only: args.only,
         quick: args.quick,
         payload: args.payload.max(sensorgate_bench::sn::STAMP_LEN),
+        http_workers: args.http_workers,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
