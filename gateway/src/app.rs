@@ -490,6 +490,7 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
         beat: sn_beat,
         udp: Some(Arc::clone(&udp_stats)),
         kernel_drops: Some(Arc::clone(&kernel_drops)),
+        extra: None,
     }];
     let coap_task = coap.map(|coap| {
         listeners.extend(coap.listeners);
@@ -719,6 +720,7 @@ fn start_coap(
             beat,
             udp: Some(Arc::clone(&counters.stats)),
             kernel_drops: Some(Arc::clone(&counters.kernel_drops)),
+            extra: None,
         },
         listeners,
         counters,

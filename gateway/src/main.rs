@@ -1,6 +1,6 @@
 //! The `sensorgate` daemon: CLI, config, logging, runtime and signals only.
 
-use std::io::Write;
+use std::io::{BufRead, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use sensorgate::app::RunError;
 use sensorgate::config::{self, Config, LoadError};
+use sensorgate::http::token;
 use sensorgate::observe::cli;
 use sensorgate::preflight::{self, ErrorClass, PreflightError};
 
@@ -25,11 +26,14 @@ const EX_UNAVAILABLE: u8 = 69;
 const EX_DATAERR: u8 = 65;
 /// Exit status for any other failure.
 const EX_FAILURE: u8 = 1;
+/// Exit status when `hash-token` refuses its input (EX_USAGE).
+const EX_USAGE: u8 = 64;
 
 const EXIT_STATUS_HELP: &str = "\
 Exit status:
   0   success (run: stopped by SIGTERM or SIGINT)
   1   the gateway failed while running
+  64  hash-token: the token was refused (too short, too long, or other characters)
   65  the spool holds a segment of a format version this sensorgate cannot read (left as is)
   69  unavailable: a listen address is in use, or the state_dir is locked by another instance
   73  cannot create: state_dir is not a directory or is on a read-only file system, or a file
@@ -80,11 +84,24 @@ enum Command {
         #[arg(short, long, default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Print the `token_hash` line of an HTTP device's bearer token (read from stdin).
+    ///
+    /// The line goes into the device's [[http.device]] entry: the config holds the hash, never
+    /// the token. The token is read from the first line of stdin, never from the command line
+    /// (shell history, `ps`): `printf %s "$TOKEN" | sensorgate hash-token`. Exit status 64 when
+    /// it is refused.
+    HashToken {
+        /// Make a new random token (256 bits): print it on the first line and its
+        /// `token_hash` line on the second. Nothing is read.
+        #[arg(long)]
+        generate: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::HashToken { generate } => hash_token(generate),
         Command::Status { config, json } => {
             let cfg = match Config::load(&config) {
                 Ok(cfg) => cfg,
@@ -145,6 +162,97 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `sensorgate hash-token [--generate]`.
+fn hash_token(generate: bool) -> ExitCode {
+    if generate {
+        return match generate_token() {
+            Ok(token) => {
+                print_out(&format!("{token}\n{}\n", token_hash_line(&token)));
+                ExitCode::SUCCESS
+            }
+            Err(_) => {
+                print_err("sensorgate hash-token: the OS random number generator failed\n");
+                ExitCode::from(EX_FAILURE)
+            }
+        };
+    }
+    let stdin = std::io::stdin();
+    if std::io::IsTerminal::is_terminal(&stdin) {
+        print_err("Token (one line; it is read here, not from the command line):\n");
+    }
+    // One line at most this long: a longer one is refused anyway (two bytes for "\r\n", one
+    // so that a token one byte too long is seen as such).
+    let limit = token::MAX_TOKEN_LEN as u64 + 3;
+    let mut line = String::new();
+    let refused = match stdin.lock().take(limit).read_line(&mut line) {
+        Ok(_) => match token_from_line(&line) {
+            Ok(token) => {
+                print_out(&format!("{}\n", token_hash_line(token)));
+                return ExitCode::SUCCESS;
+            }
+            Err(why) => why,
+        },
+        Err(e) => format!("cannot read the token from stdin: {e}"),
+    };
+    print_err(&format!("sensorgate hash-token: {refused}\n"));
+    ExitCode::from(EX_USAGE)
+}
+
+/// The token on `line` (its line end removed), or why it is refused.
+fn token_from_line(line: &str) -> Result<&str, String> {
+    let token = line.strip_suffix('\n').unwrap_or(line);
+    let token = token.strip_suffix('\r').unwrap_or(token);
+    let chars = "A-Z a-z 0-9 - . _ ~ + / =";
+    if token.is_empty() {
+        Err(
+            "no token on stdin: pipe one in (`printf %s \"$TOKEN\" | sensorgate hash-token`), \
+             or make one with `sensorgate hash-token --generate`"
+                .into(),
+        )
+    } else if !token::valid_chars(token) {
+        Err(format!(
+            "a token is made of {chars} (RFC 6750 b64token), at most {} of them; this one \
+             is not",
+            token::MAX_TOKEN_LEN
+        ))
+    } else if token.len() < token::MIN_TOKEN_LEN {
+        Err(format!(
+            "the token has {} characters; at least {} are needed (a short token can be \
+             guessed): make one with `sensorgate hash-token --generate`",
+            token.len(),
+            token::MIN_TOKEN_LEN
+        ))
+    } else {
+        Ok(token)
+    }
+}
+
+/// The config line for `token`.
+fn token_hash_line(token: &str) -> String {
+    format!(
+        "token_hash = \"{}\"",
+        token::format_hash(&token::digest(token.as_bytes()))
+    )
+}
+
+/// A new token from the OS's random number generator (see [`token_of`]).
+fn generate_token() -> Result<String, ring::error::Unspecified> {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new().fill(&mut bytes)?;
+    Ok(token_of(&bytes))
+}
+
+/// The token of 32 random bytes: `sgt_` (so that a leaked one is recognisable) and the bytes
+/// in base64url without padding (b64token characters only).
+fn token_of(bytes: &[u8; 32]) -> String {
+    use base64::Engine as _;
+    format!(
+        "sgt_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
 }
 
 /// Writes to stdout; a reader that went away (`| head`) ends the output quietly.
@@ -277,5 +385,73 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_line_is_hashed_without_its_line_end() {
+        let token = "0123456789abcdef";
+        let expected = format!(
+            "token_hash = \"{}\"",
+            token::format_hash(&token::digest(token.as_bytes()))
+        );
+        for line in [
+            token.to_owned(),
+            format!("{token}\n"),
+            format!("{token}\r\n"),
+        ] {
+            assert_eq!(token_from_line(&line), Ok(token));
+        }
+        assert_eq!(token_hash_line(token), expected);
+        // A known answer: SHA-256 of the 16 characters.
+        assert_eq!(
+            token_hash_line("abcdefghijklmnop"),
+            "token_hash = \"sha256:\
+             f39dac6cbaba535e2c207cd0cd8f154974223c848f727f98b3564cea569b41cf\""
+        );
+    }
+
+    #[test]
+    fn short_empty_and_odd_tokens_are_refused() {
+        assert!(
+            token_from_line("")
+                .unwrap_err()
+                .contains("no token on stdin")
+        );
+        assert!(
+            token_from_line("\n")
+                .unwrap_err()
+                .contains("no token on stdin")
+        );
+        let short = token_from_line("0123456789abcde\n").unwrap_err();
+        assert!(short.contains("15 characters; at least 16"), "{short}");
+        for odd in [
+            "0123456789abcdef ",
+            " 0123456789abcdef",
+            "0123456789abcdef\n\n",
+            "0123456789abcdéf",
+        ] {
+            let why = token_from_line(odd).unwrap_err();
+            assert!(why.contains("RFC 6750"), "{odd:?}: {why}");
+        }
+        let long = "a".repeat(token::MAX_TOKEN_LEN + 1);
+        assert!(token_from_line(&long).is_err());
+        assert!(token_from_line(&"a".repeat(token::MAX_TOKEN_LEN)).is_ok());
+    }
+
+    #[test]
+    fn generated_tokens_are_256_random_bits_that_hash_token_accepts() {
+        let a = generate_token().unwrap();
+        let b = generate_token().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 47, "{a}");
+        assert!(a.starts_with("sgt_"));
+        assert_eq!(token_from_line(&format!("{a}\n")), Ok(a.as_str()));
+        assert_eq!(token_of(&[0xff; 32]), format!("sgt_{}8", "_".repeat(42)));
+        assert_eq!(token_of(&[0; 32]), format!("sgt_{}", "A".repeat(43)));
     }
 }

@@ -6,6 +6,7 @@ use serde::Deserialize;
 
 use super::check::int_in;
 use super::diag::{KeyPath, Reporter};
+use crate::http::token::{self, MAX_TOKEN_LEN};
 
 /// The default admin address: loopback only, so nothing is exposed unless the config says so.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
@@ -46,6 +47,14 @@ impl Default for RawAdmin {
     }
 }
 
+impl RawAdmin {
+    /// The listen address if it parses and the listener is on (for other sections' port
+    /// checks; [`compile_admin`] reports a bad one).
+    pub(super) fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen.parse().ok()
+    }
+}
+
 /// `[admin]`; `None` when a key is wrong (reported).
 pub(super) fn compile_admin(raw: &RawAdmin, r: &mut Reporter<'_>) -> Option<AdminSection> {
     let path = KeyPath::root("admin");
@@ -70,14 +79,15 @@ pub(super) fn compile_admin(raw: &RawAdmin, r: &mut Reporter<'_>) -> Option<Admi
     };
     let token = (!raw.token.is_empty()).then(|| raw.token.clone());
     if let Some(t) = &token {
-        // RFC 6750 b64token characters: what an Authorization header carries unquoted.
-        let valid = t
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b));
-        if !valid || t.len() < MIN_TOKEN_LEN {
+        // RFC 6750 b64token characters (what an Authorization header carries unquoted), the
+        // same rule as the HTTP ingress's tokens.
+        if !token::valid_chars(t) || t.len() < MIN_TOKEN_LEN {
             r.at_path(
                 &path.key("token"),
-                format!("must be at least {MIN_TOKEN_LEN} characters of A-Z a-z 0-9 - . _ ~ + / ="),
+                format!(
+                    "must be at least {MIN_TOKEN_LEN} characters of A-Z a-z 0-9 - . _ ~ + / = \
+                     (at most {MAX_TOKEN_LEN})"
+                ),
                 Some("generate one with `openssl rand -hex 24`".into()),
             );
             ok = false;

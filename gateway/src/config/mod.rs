@@ -10,7 +10,7 @@
 //! - Every bound has a key and a documented default (`config/sensorgate.toml`).
 //!
 //! Layout: one module per section (`gateway` for `[gateway]` and `[log]`, `mqttsn`, `coap`,
-//! `spool`, `admin`, `upstream`), each with its raw struct (as written, with defaults) and its compile function;
+//! `http`, `spool`, `admin`, `upstream`), each with its raw struct (as written, with defaults) and its compile function;
 //! `check` holds the range checks they share; this module deserializes the document, knows
 //! which keys each section has, and joins the sections into [`Config`].
 
@@ -19,6 +19,7 @@ mod check;
 mod coap;
 mod diag;
 mod gateway;
+mod http;
 mod mqttsn;
 mod route;
 mod spool;
@@ -43,6 +44,11 @@ pub use diag::{Diagnostic, KeyPath};
 use diag::{Reporter, fields_of, path_of_span, remove_value};
 pub use gateway::{GatewaySection, LogSection};
 use gateway::{RawGateway, RawLog};
+pub use http::{
+    ANONYMOUS_ID, ClientCertMode, DeviceSpec, HttpSection, MAX_DEVICE_ID_LEN, SseQueueFull,
+    TlsFiles,
+};
+use http::{RawDevice, RawHttp};
 pub use mqttsn::MqttSnSection;
 use mqttsn::{RawMqttSn, RawPredefined};
 use route::RawRoute;
@@ -68,6 +74,9 @@ pub struct Config {
     pub mqttsn: MqttSnSection,
     /// `[coap]`; `None` when the table is absent or its `listen` is empty (CoAP off).
     pub coap: Option<CoapSection>,
+    /// `[http]`; `None` when the table is absent or both `listen` and `tls_listen` are empty
+    /// (HTTP off).
+    pub http: Option<HttpSection>,
     /// `[spool]`.
     pub spool: SpoolSection,
     /// `[admin]`.
@@ -152,6 +161,7 @@ impl Config {
         router_max_filters(
             self.mqttsn.core.max_filters,
             self.coap.as_ref().map(|c| c.core.max_filters),
+            self.http.as_ref().map(|h| h.max_filters),
         )
     }
 
@@ -173,6 +183,10 @@ impl Config {
                 }
             }
             None => s.push_str("listener: CoAP off\n"),
+        }
+        match &self.http {
+            Some(http) => s.push_str(&http.summary_listeners()),
+            None => s.push_str("listener: HTTP off\n"),
         }
         match self.admin.listen {
             Some(addr) => s.push_str(&format!(
@@ -207,6 +221,9 @@ impl Config {
                 c.max_observers,
                 humantime::format_duration(c.ack_wait),
             ));
+        }
+        if let Some(http) = &self.http {
+            s.push_str(&http.summary_limits());
         }
         s.push_str(&format!(
             "sessions: sleeping and CleanSession=0 sessions kept in {} (log up to {})\n",
@@ -387,6 +404,8 @@ fn known_fields(key: &KeyPath) -> &'static [&'static str] {
         ["mqttsn"] => fields_of::<RawMqttSn>(),
         ["mqttsn", "predefined_topic"] => fields_of::<RawPredefined>(),
         ["coap"] => fields_of::<RawCoap>(),
+        ["http"] => fields_of::<RawHttp>(),
+        ["http", "device"] => fields_of::<RawDevice>(),
         ["spool"] => fields_of::<RawSpool>(),
         ["admin"] => fields_of::<RawAdmin>(),
         ["upstream"] => fields_of::<RawUpstream>(),
@@ -477,6 +496,7 @@ struct RawConfig {
     log: RawLog,
     mqttsn: RawMqttSn,
     coap: RawCoap,
+    http: RawHttp,
     spool: RawSpool,
     admin: RawAdmin,
     upstream: Vec<RawUpstream>,
@@ -497,6 +517,8 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
     let coap = coap::compile_coap(&raw.coap, &raw.mqttsn.listen_addrs(), r);
     let spool = spool::compile_spool(&raw.spool, &state_dir, r);
     let admin = admin::compile_admin(&raw.admin, r);
+    let http = http::compile_http(&raw.http, base, raw.admin.listen_addr(), r);
+    let http_on = |h: &HttpSection| !h.listen.is_empty() || !h.tls_listen.is_empty();
     let max_filters = router_max_filters(
         mqttsn
             .as_ref()
@@ -504,6 +526,7 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
         coap.as_ref()
             .filter(|c| !c.listen.is_empty())
             .map(|c| c.core.max_filters),
+        http.as_ref().filter(|h| http_on(h)).map(|h| h.max_filters),
     );
     let upstreams =
         upstream::compile_upstreams(&raw.upstream, gw_id.unwrap_or(0), base, max_filters, r);
@@ -519,12 +542,14 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
     );
     let routes = routes?;
     let coap = coap?;
+    let http = http?;
     Some(Config {
         file: file.to_owned(),
         gateway: gateway?,
         log,
         mqttsn: mqttsn?,
         coap: (!coap.listen.is_empty()).then_some(coap),
+        http: http_on(&http).then_some(http),
         spool: spool?,
         admin: admin?,
         upstreams,
@@ -534,13 +559,14 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
 }
 
 /// The router's bound on distinct sensor filters over all ingresses, which also sizes every
-/// upstream's subscription table: the sum of the ingresses' own `max_filters` (`coap`: `None`
-/// when CoAP is off), at most [`MAX_SUBSCRIPTIONS`]. The sum, not the larger one, so that
-/// one ingress holding all it may cannot starve the other; the cap is what an upstream's
-/// table holds.
-pub fn router_max_filters(mqttsn: usize, coap: Option<usize>) -> usize {
+/// upstream's subscription table: the sum of the ingresses' own `max_filters` (`coap`,
+/// `http`: `None` when that ingress is off), at most [`MAX_SUBSCRIPTIONS`]. The sum, not the
+/// larger one, so that one ingress holding all it may cannot starve the others; the cap is
+/// what an upstream's table holds.
+pub fn router_max_filters(mqttsn: usize, coap: Option<usize>, http: Option<usize>) -> usize {
     mqttsn
         .saturating_add(coap.unwrap_or(0))
+        .saturating_add(http.unwrap_or(0))
         .min(MAX_SUBSCRIPTIONS)
 }
 

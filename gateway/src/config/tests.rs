@@ -1,5 +1,6 @@
 //! Config validation tests: every error located, all of them reported.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -1304,7 +1305,10 @@ fn the_routers_filter_bound_is_the_sum_of_the_ingresses_at_most_65536() {
     let off = text.replace("listen = [\"127.0.0.1:5683\"]\n", "");
     let c = Config::parse(Path::new("t.toml"), &off).unwrap();
     assert_eq!(c.max_filters(), 500);
-    assert_eq!(router_max_filters(65_536, Some(65_536)), MAX_SUBSCRIPTIONS);
+    assert_eq!(
+        router_max_filters(65_536, Some(65_536), Some(1)),
+        MAX_SUBSCRIPTIONS
+    );
 }
 
 #[test]
@@ -1329,4 +1333,1120 @@ fn the_reference_config_shows_every_coap_key_with_its_default() {
         c.coap.unwrap().core,
         crate::coap::core::CoreConfig::default()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// [http]
+
+/// `MINIMAL` with an `[http]` table of `keys` (one per line) appended.
+fn with_http(keys: &str) -> String {
+    format!("{MINIMAL}[http]\n{keys}")
+}
+
+/// Line and column (1-based) of `needle` at or after the `[http]` table.
+fn position_in_http(text: &str, needle: &str) -> (usize, usize) {
+    let start = text.find("[http]").unwrap();
+    let offset = start + text[start..].find(needle).unwrap();
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = offset - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+/// Asserts exactly one error, starting with `message`, at `needle` (after `[http]`) moved
+/// right by `shift` characters.
+fn assert_one_error_at(text: &str, needle: &str, shift: usize, message: &str) -> Diagnostic {
+    let d = errors(text);
+    assert_eq!(d.len(), 1, "{message}: {d:#?}");
+    assert!(
+        d[0].message.starts_with(message),
+        "expected `{message}`, got `{}`",
+        d[0].message
+    );
+    let (l, c) = position_in_http(text, needle);
+    assert_eq!((d[0].line, d[0].column), (l, c + shift), "{message}");
+    d[0].clone()
+}
+
+/// A valid token hash (of "0123456789abcdef-<n>").
+fn hash_of(n: u32) -> String {
+    crate::http::token::format_hash(&crate::http::token::digest(
+        format!("0123456789abcdef-{n}").as_bytes(),
+    ))
+}
+
+#[test]
+fn http_is_off_without_a_table_or_listen_address_and_still_checked() {
+    let c = Config::parse(Path::new("t.toml"), MINIMAL).unwrap();
+    assert!(c.http.is_none());
+    assert!(
+        c.summary().contains("listener: HTTP off\n"),
+        "{}",
+        c.summary()
+    );
+    let c = Config::parse(Path::new("t.toml"), &with_http("listen = []\n")).unwrap();
+    assert!(c.http.is_none());
+    // Off, and still checked.
+    let text = with_http("listen = []\nmax_headers = 2\n");
+    assert_one_error_at(
+        &text,
+        "max_headers = 2",
+        "max_headers = ".len(),
+        "`http.max_headers`: 2 is out of range 8..=1000",
+    );
+    // Devices of a switched-off section too.
+    let text = with_http(&format!(
+        "[[http.device]]\nid = \"dev1\"\ntoken_hash = \"{}\"\n",
+        "sha256:00"
+    ));
+    assert_eq!(errors(&text).len(), 1);
+}
+
+#[test]
+fn http_takes_the_documented_defaults_and_shows_in_the_summary() {
+    let text = with_http("listen = [\"127.0.0.1:8080\", \"[::1]:8080\"]\n");
+    let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+    let http = c.http.clone().unwrap();
+    let listen: Vec<SocketAddr> = vec![
+        "127.0.0.1:8080".parse().unwrap(),
+        "[::1]:8080".parse().unwrap(),
+    ];
+    assert_eq!(
+        http,
+        HttpSection {
+            listen: listen.clone(),
+            ..HttpSection::default()
+        }
+    );
+    // The defaults of the key table (README, config/sensorgate.toml), written out once here
+    // so that a changed default is noticed.
+    let d = HttpSection::default();
+    assert_eq!(d.tls, None);
+    assert!(!d.allow_anonymous && d.http2 && !d.require_content_length);
+    assert_eq!(
+        (d.anonymous_publish, d.anonymous_subscribe),
+        (vec!["#".to_owned()], vec!["#".to_owned()])
+    );
+    assert_eq!(
+        (
+            d.worker_threads,
+            d.max_connections,
+            d.max_connections_per_ip,
+            d.h2_max_streams
+        ),
+        (1, 1024, 256, 64)
+    );
+    assert_eq!((d.max_header_size, d.max_headers), (16 << 10, 64));
+    assert_eq!(
+        (
+            d.header_timeout,
+            d.request_timeout,
+            d.idle_timeout,
+            d.tls_handshake_timeout
+        ),
+        (
+            Duration::from_secs(10),
+            Duration::from_secs(30),
+            Duration::from_secs(60),
+            Duration::from_secs(10)
+        )
+    );
+    assert_eq!(
+        (
+            d.max_body_size,
+            d.max_batch_size,
+            d.max_batch_items,
+            d.body_memory
+        ),
+        (64 << 10, 4 << 20, 1000, 64 << 20)
+    );
+    assert_eq!(
+        (d.queue_wait, d.retry_after),
+        (Duration::from_secs(1), Duration::from_secs(5))
+    );
+    assert_eq!((d.rate_per_device, d.rate_burst), (100.0, 200));
+    assert_eq!(
+        (
+            d.max_streams,
+            d.max_streams_per_device,
+            d.max_filters_per_stream,
+            d.max_filters
+        ),
+        (1024, 4, 8, 4096)
+    );
+    assert_eq!(
+        (
+            d.sse_queue,
+            d.sse_queue_full,
+            d.sse_max_event,
+            d.sse_keepalive
+        ),
+        (
+            256,
+            SseQueueFull::DropOldest,
+            256 << 10,
+            Duration::from_secs(15)
+        )
+    );
+    assert_eq!(d.max_devices_tracked, 10_000);
+    let summary = c.summary();
+    assert!(
+        summary.contains("listener: HTTP on http://127.0.0.1:8080/ (HTTP/1.1, h2c)\n")
+            && summary.contains("listener: HTTP on http://[::1]:8080/ (HTTP/1.1, h2c)\n")
+            && summary.contains(
+                "http: 0 device(s), anonymous off; bodies up to 64KiB, batches up to 4MiB and \
+                 1000 items; 1024 connections (256 per IP); 100 requests/s per device (burst \
+                 200); up to 1024 SSE streams\n"
+            ),
+        "{summary}"
+    );
+    assert!(!summary.contains("HTTP off"), "{summary}");
+}
+
+#[test]
+fn every_http_key_is_read() {
+    let text = with_http(&format!(
+        r##"listen = ["127.0.0.1:8080"]
+tls_listen = ["127.0.0.1:8443", "[::1]:8443"]
+tls_cert = "tls/server.pem"
+tls_key = "/etc/keys/server.key"
+client_ca = "devices-ca.pem"
+client_cert = "required"
+allow_anonymous = true
+anonymous_publish = ["sensors/anon", "lab"]
+anonymous_subscribe = []
+http2 = false
+worker_threads = 2
+max_connections = 100
+max_connections_per_ip = 10
+h2_max_streams = 16
+max_header_size = "32KiB"
+max_headers = 32
+header_timeout = "5s"
+request_timeout = "1m"
+idle_timeout = "2m"
+tls_handshake_timeout = "3s"
+max_body_size = "256KiB"
+max_batch_size = "1MiB"
+max_batch_items = 50
+body_memory = "8MiB"
+require_content_length = true
+queue_wait = "0s"
+retry_after = "30s"
+rate_per_device = 0.5
+rate_burst = 3
+max_streams = 0
+max_streams_per_device = 2
+max_filters_per_stream = 3
+max_filters = 100
+sse_queue = 16
+sse_queue_full = "close"
+sse_max_event = "64KiB"
+sse_keepalive = "30s"
+max_devices_tracked = 5
+
+[[http.device]]
+id = "dev1"
+token_hash = "{}"
+publish = ["sensors/dev1", "alarms"]
+subscribe = ["cmd/dev1"]
+
+[[http.device]]
+id = "plc-7"
+publish = ["#"]
+"##,
+        hash_of(1)
+    ));
+    let c = Config::parse(Path::new("/etc/sg/t.toml"), &text).unwrap();
+    let http = c.http.clone().unwrap();
+    let expected = HttpSection {
+        listen: vec!["127.0.0.1:8080".parse().unwrap()],
+        tls_listen: vec![
+            "127.0.0.1:8443".parse().unwrap(),
+            "[::1]:8443".parse().unwrap(),
+        ],
+        tls: Some(TlsFiles {
+            // Relative to the config file's directory.
+            cert: "/etc/sg/tls/server.pem".into(),
+            key: "/etc/keys/server.key".into(),
+            client_ca: Some("/etc/sg/devices-ca.pem".into()),
+            client_cert: ClientCertMode::Required,
+        }),
+        allow_anonymous: true,
+        anonymous_publish: vec!["sensors/anon".into(), "lab".into()],
+        anonymous_subscribe: vec![],
+        devices: vec![
+            DeviceSpec {
+                id: "dev1".into(),
+                token_hash: Some(crate::http::token::digest(b"0123456789abcdef-1")),
+                publish: vec!["sensors/dev1".into(), "alarms".into()],
+                subscribe: vec!["cmd/dev1".into()],
+            },
+            DeviceSpec {
+                id: "plc-7".into(),
+                token_hash: None,
+                publish: vec!["#".into()],
+                subscribe: vec![],
+            },
+        ],
+        http2: false,
+        worker_threads: 2,
+        max_connections: 100,
+        max_connections_per_ip: 10,
+        h2_max_streams: 16,
+        max_header_size: 32 << 10,
+        max_headers: 32,
+        header_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(60),
+        idle_timeout: Duration::from_secs(120),
+        tls_handshake_timeout: Duration::from_secs(3),
+        max_body_size: 256 << 10,
+        max_batch_size: 1 << 20,
+        max_batch_items: 50,
+        body_memory: 8 << 20,
+        require_content_length: true,
+        queue_wait: Duration::ZERO,
+        retry_after: Duration::from_secs(30),
+        rate_per_device: 0.5,
+        rate_burst: 3,
+        max_streams: 0,
+        max_streams_per_device: 2,
+        max_filters_per_stream: 3,
+        max_filters: 100,
+        sse_queue: 16,
+        sse_queue_full: SseQueueFull::Close,
+        sse_max_event: 64 << 10,
+        sse_keepalive: Duration::from_secs(30),
+        max_devices_tracked: 5,
+    };
+    assert_eq!(http, expected);
+    let summary = c.summary();
+    assert!(
+        summary.contains("listener: HTTP on http://127.0.0.1:8080/ (HTTP/1.1)\n")
+            && summary.contains(
+                "listener: HTTPS on https://[::1]:8443/ (HTTP/1.1; client certificates \
+                 required)\n"
+            )
+            && summary.contains(
+                "http: 2 device(s), anonymous on; bodies up to 256KiB, batches up to 1MiB and \
+                 50 items; 100 connections (10 per IP); 0.5 requests/s per device (burst 3); \
+                 SSE off\n"
+            ),
+        "{summary}"
+    );
+    // client_cert defaults to "optional" with a client_ca; "off" without one.
+    let optional = text.replace("client_cert = \"required\"\n", "");
+    let c = Config::parse(Path::new("t.toml"), &optional).unwrap();
+    let tls = c.http.as_ref().unwrap().tls.clone().unwrap();
+    assert_eq!(tls.client_cert, ClientCertMode::Optional);
+    assert!(
+        c.summary()
+            .contains("(HTTP/1.1; client certificates optional)")
+    );
+    let text = with_http(
+        "tls_listen = [\"127.0.0.1:8443\"]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\nrate_per_device = 0\n",
+    );
+    let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+    let http = c.http.as_ref().unwrap();
+    assert!(http.listen.is_empty());
+    assert_eq!(
+        http.tls,
+        Some(TlsFiles {
+            cert: "c.pem".into(),
+            key: "k.pem".into(),
+            client_ca: None,
+            client_cert: ClientCertMode::Off,
+        })
+    );
+    let summary = c.summary();
+    assert!(
+        summary.contains(
+            "listener: HTTPS on https://127.0.0.1:8443/ (HTTP/1.1, h2; client certificates off)\n"
+        ) && summary.contains("; no request rate limit;"),
+        "{summary}"
+    );
+}
+
+#[test]
+fn every_http_range_edge_is_checked_and_located() {
+    // (key, below the range or "", the lowest value, the highest value, above the range, the
+    // range as reported, keys that make the edges valid on their own).
+    let cases: &[(&str, &str, &str, &str, &str, &str, &str)] = &[
+        ("worker_threads", "0", "1", "16", "17", "1..=16", ""),
+        (
+            "max_connections",
+            "0",
+            "1",
+            "65536",
+            "65537",
+            "1..=65536",
+            "",
+        ),
+        (
+            "max_connections_per_ip",
+            "0",
+            "1",
+            "65536",
+            "65537",
+            "1..=65536",
+            "",
+        ),
+        ("h2_max_streams", "0", "1", "1000", "1001", "1..=1000", ""),
+        (
+            "max_header_size",
+            "\"8191B\"",
+            "\"8KiB\"",
+            "\"1MiB\"",
+            "\"1025KiB\"",
+            "8KiB..=1MiB",
+            "",
+        ),
+        ("max_headers", "7", "8", "1000", "1001", "8..=1000", ""),
+        (
+            "header_timeout",
+            "\"999ms\"",
+            "\"1s\"",
+            "\"5m\"",
+            "\"301s\"",
+            "1s..=5m",
+            "",
+        ),
+        (
+            "request_timeout",
+            "\"999ms\"",
+            "\"1s\"",
+            "\"10m\"",
+            "\"601s\"",
+            "1s..=10m",
+            "",
+        ),
+        (
+            "idle_timeout",
+            "\"1999ms\"",
+            "\"2s\"",
+            "\"1h\"",
+            "\"3601s\"",
+            "2s..=1h",
+            "sse_keepalive = \"1s\"",
+        ),
+        (
+            "tls_handshake_timeout",
+            "\"999ms\"",
+            "\"1s\"",
+            "\"5m\"",
+            "\"301s\"",
+            "1s..=5m",
+            "",
+        ),
+        (
+            "max_body_size",
+            "\"0B\"",
+            "\"1B\"",
+            "\"256KiB\"",
+            "\"257KiB\"",
+            "1B..=256KiB",
+            "",
+        ),
+        (
+            "max_batch_size",
+            "\"1023B\"",
+            "\"1KiB\"",
+            "\"64MiB\"",
+            "\"65MiB\"",
+            "1KiB..=64MiB",
+            "",
+        ),
+        (
+            "max_batch_items",
+            "0",
+            "1",
+            "100000",
+            "100001",
+            "1..=100000",
+            "",
+        ),
+        (
+            "body_memory",
+            "\"1023KiB\"",
+            "\"1MiB\"",
+            "\"4GiB\"",
+            "\"5GiB\"",
+            "1MiB..=4GiB",
+            "max_batch_size = \"1MiB\"",
+        ),
+        (
+            "queue_wait",
+            "",
+            "\"0s\"",
+            "\"1m\"",
+            "\"61s\"",
+            "0s..=1m",
+            "",
+        ),
+        (
+            "retry_after",
+            "\"0s\"",
+            "\"1s\"",
+            "\"1h\"",
+            "\"3601s\"",
+            "1s..=1h",
+            "",
+        ),
+        (
+            "rate_burst",
+            "0",
+            "1",
+            "1000000",
+            "1000001",
+            "1..=1000000",
+            "",
+        ),
+        ("max_streams", "-1", "0", "65536", "65537", "0..=65536", ""),
+        (
+            "max_streams_per_device",
+            "0",
+            "1",
+            "1024",
+            "1025",
+            "1..=1024",
+            "",
+        ),
+        ("max_filters_per_stream", "0", "1", "64", "65", "1..=64", ""),
+        ("max_filters", "0", "1", "65536", "65537", "1..=65536", ""),
+        ("sse_queue", "0", "1", "65536", "65537", "1..=65536", ""),
+        (
+            "sse_max_event",
+            "\"1023B\"",
+            "\"1KiB\"",
+            "\"16MiB\"",
+            "\"17MiB\"",
+            "1KiB..=16MiB",
+            "",
+        ),
+        (
+            "sse_keepalive",
+            "\"999ms\"",
+            "\"1s\"",
+            "\"10m\"",
+            "\"601s\"",
+            "1s..=10m",
+            "idle_timeout = \"1h\"",
+        ),
+        (
+            "max_devices_tracked",
+            "0",
+            "1",
+            "1000000",
+            "1000001",
+            "1..=1000000",
+            "",
+        ),
+    ];
+    for (key, below, low, high, above, range, context) in cases {
+        for ok in [low, high] {
+            let text = with_http(&format!(
+                "listen = [\"127.0.0.1:8080\"]\n{context}\n{key} = {ok}\n"
+            ));
+            if let Err(e) = Config::parse(Path::new("test.toml"), &text) {
+                panic!("{key} = {ok}: {e}");
+            }
+        }
+        for bad in [below, above].into_iter().filter(|b| !b.is_empty()) {
+            let line = format!("{key} = {bad}");
+            let text = with_http(&format!(
+                "listen = [\"127.0.0.1:8080\"]\n{context}\n{line}\n"
+            ));
+            let d = assert_one_error_at(
+                &text,
+                &line,
+                key.len() + 3,
+                &format!(
+                    "`http.{key}`: {} is out of range {range}",
+                    bad.trim_matches('"')
+                ),
+            );
+            assert!(d.to_string().starts_with("test.toml:"), "{d}");
+        }
+    }
+    // rate_per_device: 0 (off) or 0.001..=1000000, integer or not.
+    for ok in ["0", "0.001", "1", "2.5", "1000000"] {
+        let text = with_http(&format!("rate_per_device = {ok}\n"));
+        assert!(Config::parse(Path::new("t.toml"), &text).is_ok(), "{ok}");
+    }
+    for bad in ["-1", "0.0005", "1000001", "nan"] {
+        let line = format!("rate_per_device = {bad}");
+        assert_one_error_at(
+            &with_http(&format!("{line}\n")),
+            &line,
+            "rate_per_device = ".len(),
+            "`http.rate_per_device`: ",
+        );
+    }
+    // Retry-After counts whole seconds.
+    let line = "retry_after = \"1500ms\"";
+    assert_one_error_at(
+        &with_http(&format!("{line}\n")),
+        line,
+        "retry_after = ".len(),
+        "`http.retry_after`: 1500ms is not whole seconds",
+    );
+    // The SSE queue policy.
+    let line = "sse_queue_full = \"drop_olde\"";
+    let d = assert_one_error_at(
+        &with_http(&format!("{line}\n")),
+        line,
+        "sse_queue_full = ".len(),
+        "`http.sse_queue_full`: unknown policy `drop_olde`",
+    );
+    assert_eq!(d.hint.as_deref(), Some("did you mean `drop_oldest`?"));
+    for (policy, expected) in [
+        ("drop_oldest", SseQueueFull::DropOldest),
+        ("drop_new", SseQueueFull::DropNew),
+        ("close", SseQueueFull::Close),
+    ] {
+        let text = with_http(&format!(
+            "listen = [\"127.0.0.1:8080\"]\nsse_queue_full = \"{policy}\"\n"
+        ));
+        let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+        assert_eq!(c.http.unwrap().sse_queue_full, expected);
+    }
+}
+
+#[test]
+fn http_limits_are_checked_against_each_other() {
+    // The keep-alive comment must come before the idle limit closes the stream.
+    let line = "sse_keepalive = \"15s\"";
+    for idle in ["15s", "10s"] {
+        let text = with_http(&format!("idle_timeout = \"{idle}\"\n{line}\n"));
+        assert_one_error_at(
+            &text,
+            line,
+            "sse_keepalive = ".len(),
+            &format!("`http.sse_keepalive`: 15s must be shorter than idle_timeout ({idle})"),
+        );
+    }
+    let ok = with_http(&format!("idle_timeout = \"16s\"\n{line}\n"));
+    assert!(Config::parse(Path::new("t.toml"), &ok).is_ok());
+    // A batch must fit the body memory.
+    let line = "body_memory = \"2MiB\"";
+    let text = with_http(&format!("max_batch_size = \"3MiB\"\n{line}\n"));
+    assert_one_error_at(
+        &text,
+        line,
+        "body_memory = ".len(),
+        "`http.body_memory`: 2MiB is smaller than max_batch_size (3MiB)",
+    );
+    let ok = with_http(&format!("max_batch_size = \"2MiB\"\n{line}\n"));
+    assert!(Config::parse(Path::new("t.toml"), &ok).is_ok());
+}
+
+#[test]
+fn anonymous_requests_are_accepted_only_on_loopback_listeners() {
+    for listen in [
+        "listen = [\"127.0.0.1:8080\"]",
+        "listen = [\"[::1]:8080\"]",
+        "listen = [\"127.0.0.1:8080\", \"[::1]:8080\"]",
+        "listen = []",
+    ] {
+        let text = with_http(&format!("{listen}\nallow_anonymous = true\n"));
+        assert!(
+            Config::parse(Path::new("t.toml"), &text).is_ok(),
+            "{listen}"
+        );
+    }
+    let line = "allow_anonymous = true";
+    for (listen, named) in [
+        ("listen = [\"0.0.0.0:8080\"]", "`0.0.0.0:8080` is reachable"),
+        ("listen = [\"[::]:8080\"]", "`[::]:8080` is reachable"),
+        (
+            "listen = [\"127.0.0.1:8080\", \"192.168.1.5:8080\"]",
+            "`192.168.1.5:8080` is",
+        ),
+    ] {
+        let text = with_http(&format!("{listen}\n{line}\n"));
+        let d = assert_one_error_at(
+            &text,
+            line,
+            "allow_anonymous = ".len(),
+            "`http.allow_anonymous`: anonymous requests are allowed only when every listen and \
+             tls_listen address is loopback",
+        );
+        assert!(
+            d.message
+                .ends_with(&format!("{named} reachable from other hosts"))
+                || d.message.contains(named),
+            "{d}"
+        );
+        assert!(d.hint.as_deref().unwrap().contains("127.0.0.1"), "{d}");
+    }
+    // A TLS listener counts too; every offending address is named.
+    let text = with_http(&format!(
+        "listen = [\"10.0.0.1:8080\"]\ntls_listen = [\"0.0.0.0:8443\"]\ntls_cert = \"c.pem\"\n\
+         tls_key = \"k.pem\"\n{line}\n"
+    ));
+    let d = assert_one_error_at(
+        &text,
+        line,
+        "allow_anonymous = ".len(),
+        "`http.allow_anonymous`",
+    );
+    assert!(
+        d.message
+            .ends_with("`10.0.0.1:8080`, `0.0.0.0:8443` are reachable from other hosts"),
+        "{d}"
+    );
+    // Off: any address.
+    let text = with_http("listen = [\"0.0.0.0:8080\"]\nallow_anonymous = false\n");
+    assert!(Config::parse(Path::new("t.toml"), &text).is_ok());
+}
+
+#[test]
+fn http_addresses_must_not_repeat_or_take_the_admin_port() {
+    let text = with_http("listen = [\"127.0.0.1:8080\", \"nowhere\", \"127.0.0.1:8080\"]\n");
+    let d = errors(&text);
+    assert_eq!(d.len(), 2, "{d:#?}");
+    assert_eq!(
+        d[0].message,
+        "`http.listen[1]`: `nowhere` is not an IP socket address"
+    );
+    assert_eq!(
+        (d[0].line, d[0].column),
+        position_in_http(&text, "\"nowhere\"")
+    );
+    assert_eq!(
+        d[1].message,
+        "`http.listen[2]`: `127.0.0.1:8080` is listed twice (also at `http.listen[0]`)"
+    );
+    let (l, c) = position_in_http(&text, "\"nowhere\", ");
+    assert_eq!((d[1].line, d[1].column), (l, c + "\"nowhere\", ".len()));
+    // Across plain and TLS lists; a wildcard takes the port of its family only.
+    let text = with_http(
+        "listen = [\"127.0.0.1:8080\", \"[::]:8443\"]\ntls_listen = [\"0.0.0.0:8080\", \
+         \"0.0.0.0:8443\"]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n",
+    );
+    let d = assert_one_error_at(
+        &text,
+        "\"0.0.0.0:8080\"",
+        0,
+        "`http.tls_listen[0]`: `0.0.0.0:8080` takes the TCP port of `127.0.0.1:8080` \
+         (`http.listen[0]`)",
+    );
+    assert!(d.hint.unwrap().contains("wildcard"));
+    // The [admin] listener's port (127.0.0.1:9180 by default) on an overlapping address.
+    for addr in ["127.0.0.1:9180", "0.0.0.0:9180", "[::]:9180"] {
+        let text = with_http(&format!("listen = [\"{addr}\"]\n"));
+        assert_one_error_at(
+            &text,
+            &format!("\"{addr}\""),
+            0,
+            &format!(
+                "`http.listen[0]`: `{addr}` takes the TCP port of [admin] listen `127.0.0.1:9180`"
+            ),
+        );
+    }
+    for ok in ["127.0.0.2:9180", "[::1]:9180", "127.0.0.1:0"] {
+        let text = with_http(&format!("listen = [\"{ok}\"]\n"));
+        assert!(Config::parse(Path::new("t.toml"), &text).is_ok(), "{ok}");
+    }
+    let admin_off =
+        format!("{MINIMAL}[admin]\nlisten = \"\"\n[http]\nlisten = [\"127.0.0.1:9180\"]\n");
+    assert!(Config::parse(Path::new("t.toml"), &admin_off).is_ok());
+    let admin_v6 = format!(
+        "{MINIMAL}[admin]\nlisten = \"[::]:9180\"\ntoken = \"0123456789abcdef0123\"\n[http]\n\
+         listen = [\"127.0.0.1:9180\"]\n"
+    );
+    assert_one_error_at(
+        &admin_v6,
+        "\"127.0.0.1:9180\"",
+        0,
+        "`http.listen[0]`: `127.0.0.1:9180` takes the TCP port of [admin] listen `[::]:9180`",
+    );
+}
+
+#[test]
+fn tls_keys_need_each_other_and_a_tls_listener() {
+    const TLS: &str = "tls_listen = [\"127.0.0.1:8443\"]\n";
+    // tls_listen without files.
+    let text = with_http(TLS);
+    assert_one_error_at(
+        &text,
+        "[\"127.0.0.1:8443\"]",
+        0,
+        "`http.tls_listen`: needs tls_cert and tls_key",
+    );
+    // One file without the other.
+    let text = with_http(&format!("{TLS}tls_cert = \"c.pem\"\n"));
+    assert_one_error_at(
+        &text,
+        "\"c.pem\"",
+        0,
+        "`http.tls_cert`: needs tls_key as well",
+    );
+    let text = with_http(&format!("{TLS}tls_key = \"k.pem\"\n"));
+    assert_one_error_at(
+        &text,
+        "\"k.pem\"",
+        0,
+        "`http.tls_key`: needs tls_cert as well",
+    );
+    // Files without a TLS listener.
+    for key in ["tls_cert", "tls_key", "client_ca"] {
+        let text = with_http(&format!(
+            "listen = [\"127.0.0.1:8080\"]\n{key} = \"x.pem\"\n"
+        ));
+        assert_one_error_at(
+            &text,
+            "\"x.pem\"",
+            0,
+            &format!("`http.{key}`: is set, but tls_listen is empty"),
+        );
+    }
+    let files = format!("{TLS}tls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n");
+    let text = with_http(&format!("{files}tls_key = \"\"\n").replace("tls_key = \"k.pem\"\n", ""));
+    assert_one_error_at(
+        &text,
+        "tls_key = \"\"",
+        "tls_key = ".len(),
+        "`http.tls_key`: must name a file",
+    );
+    // Client certificates: a mode other than "off" needs client_ca, and client_ca a mode
+    // other than "off".
+    for mode in ["required", "optional"] {
+        let line = format!("client_cert = \"{mode}\"");
+        let text = with_http(&format!("{files}{line}\n"));
+        assert_one_error_at(
+            &text,
+            &line,
+            "client_cert = ".len(),
+            &format!("`http.client_cert`: \"{mode}\" needs client_ca"),
+        );
+    }
+    let line = "client_cert = \"off\"";
+    let text = with_http(&format!("{files}client_ca = \"ca.pem\"\n{line}\n"));
+    assert_one_error_at(
+        &text,
+        line,
+        "client_cert = ".len(),
+        "`http.client_cert`: is \"off\", but client_ca is set",
+    );
+    let line = "client_cert = \"requird\"";
+    let text = with_http(&format!("{files}client_ca = \"ca.pem\"\n{line}\n"));
+    let d = assert_one_error_at(
+        &text,
+        line,
+        "client_cert = ".len(),
+        "`http.client_cert`: unknown mode `requird`",
+    );
+    assert_eq!(d.hint.as_deref(), Some("did you mean `required`?"));
+    let text = with_http(&format!("{files}client_cert = \"off\"\n"));
+    assert!(Config::parse(Path::new("t.toml"), &text).is_ok());
+}
+
+/// An `[[http.device]]` table.
+fn device(keys: &str) -> String {
+    format!("[[http.device]]\n{keys}")
+}
+
+#[test]
+fn devices_need_a_unique_id_and_token_and_valid_grants() {
+    const ON: &str = "listen = [\"127.0.0.1:8080\"]\n";
+    // A malformed hash, with the hint naming the command that makes one.
+    let line = "token_hash = \"sha256:abc\"";
+    let text = with_http(&format!(
+        "{ON}{}",
+        device(&format!("id = \"dev1\"\n{line}\n"))
+    ));
+    let d = assert_one_error_at(
+        &text,
+        line,
+        "token_hash = ".len(),
+        "`http.device[0].token_hash`: `sha256:abc` is not a token hash (`sha256:` and 64 hex \
+         digits)",
+    );
+    assert!(
+        d.hint
+            .as_deref()
+            .unwrap()
+            .contains("`sensorgate hash-token`"),
+        "{d}"
+    );
+    let text = with_http(&format!(
+        "{ON}{}",
+        device("id = \"dev1\"\ntoken_hash = \"0123456789abcdef0123456789abcdef\"\n")
+    ));
+    assert_eq!(errors(&text).len(), 1);
+    // Duplicate ids and tokens, at the second one.
+    let text = with_http(&format!(
+        "{ON}{}{}{}",
+        device(&format!("id = \"dev1\"\ntoken_hash = \"{}\"\n", hash_of(1))),
+        device(&format!("id = \"dev1\"\ntoken_hash = \"{}\"\n", hash_of(2))),
+        device(&format!(
+            "id = \"dev3\"\ntoken_hash = \"{}\"\n",
+            hash_of(1).to_uppercase().replace("SHA256", "sha256")
+        )),
+    ));
+    let d = errors(&text);
+    assert_eq!(d.len(), 2, "{d:#?}");
+    assert_eq!(
+        d[0].message,
+        "`http.device[1].id`: `dev1` is already the id of `http.device[0]`"
+    );
+    let second = text.match_indices("id = \"dev1\"").nth(1).unwrap().0;
+    let line_of_second = text[..second].matches('\n').count() + 1;
+    assert_eq!((d[0].line, d[0].column), (line_of_second, 6));
+    assert_eq!(
+        d[1].message,
+        "`http.device[2].token_hash`: is the token hash of `http.device[0]` too: a token names \
+         one device"
+    );
+    assert_eq!(d[1].line, line_of_second + 4);
+    // A device without a token is reachable only by a client certificate.
+    let text = with_http(&format!("{ON}{}", device("id = \"plc\"\n")));
+    let d = assert_one_error_at(
+        &text,
+        "\"plc\"",
+        0,
+        "`http.device[0].id`: has no token_hash and client certificates are off (no client_ca)",
+    );
+    assert!(d.hint.unwrap().contains("hash-token --generate"));
+    // Ids: required, 1..=128 bytes, no control characters, not the anonymous identity.
+    let text = with_http(&format!(
+        "{ON}{}",
+        device(&format!("token_hash = \"{}\"\n", hash_of(1)))
+    ));
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_eq!(d[0].message, "`http.device[0].id`: is required");
+    let long = "x".repeat(MAX_DEVICE_ID_LEN + 1);
+    for (id, message) in [
+        (
+            long.as_str(),
+            "`http.device[0].id`: must be 1..=128 bytes long",
+        ),
+        ("", "`http.device[0].id`: must be 1..=128 bytes long"),
+        (
+            "a\\tb",
+            "`http.device[0].id`: `a\\tb` contains control characters",
+        ),
+        (
+            "anonymous",
+            "`http.device[0].id`: `anonymous` is the identity of requests without",
+        ),
+    ] {
+        let text = with_http(&format!(
+            "{ON}{}",
+            device(&format!("id = \"{id}\"\ntoken_hash = \"{}\"\n", hash_of(1)))
+        ));
+        assert_one_error_at(&text, &format!("\"{id}\""), 0, message);
+    }
+    let text = with_http(&format!(
+        "{ON}{}",
+        device(&format!(
+            "id = \"{}\"\ntoken_hash = \"{}\"\n",
+            "é".repeat(64),
+            hash_of(1)
+        ))
+    ));
+    assert!(Config::parse(Path::new("t.toml"), &text).is_ok());
+    // Grants: topic names or a lone "#", each located.
+    let text = with_http(&format!(
+        "{ON}anonymous_subscribe = [\"cmd\", \"cmd/+\"]\n{}",
+        device(&format!(
+            "id = \"dev1\"\ntoken_hash = \"{}\"\npublish = [\"#\", \"sensors/#\"]\nsubscribe = [\"\"]\n",
+            hash_of(1)
+        ))
+    ));
+    let d = errors(&text);
+    let msgs: Vec<&str> = d.iter().map(|d| d.message.as_str()).collect();
+    assert_eq!(d.len(), 3, "{msgs:#?}");
+    assert!(
+        msgs[0].starts_with(
+            "`http.anonymous_subscribe[1]`: prefix `cmd/+` must not contain wildcards"
+        ),
+        "{msgs:#?}"
+    );
+    assert_eq!(
+        (d[0].line, d[0].column),
+        position_in_http(&text, "\"cmd/+\"")
+    );
+    assert!(msgs[1].starts_with("`http.device[0].publish[1]`: prefix `sensors/#` must not"));
+    assert_eq!(
+        (d[1].line, d[1].column),
+        position_in_http(&text, "\"sensors/#\"")
+    );
+    assert_eq!(
+        msgs[2],
+        "`http.device[0].subscribe[0]`: topic must not be empty"
+    );
+}
+
+#[test]
+fn http_types_and_unknown_keys_are_reported_in_the_configs_terms() {
+    let text = with_http(&format!(
+        "listen = \"127.0.0.1:8080\"\nallow_anonymous = \"yes\"\nmax_body_size = 1024\nmax_conections = 5\n{}",
+        device(&format!("id = \"dev1\"\ntokenhash = \"{}\"\n", hash_of(1)))
+    ));
+    let d = errors(&text);
+    let msgs: Vec<&str> = d.iter().map(|d| d.message.as_str()).collect();
+    assert_eq!(d.len(), 6, "{msgs:#?}");
+    assert_eq!(
+        msgs[0],
+        "`http.listen`: expected an array, found the string \"127.0.0.1:8080\""
+    );
+    assert_eq!(
+        msgs[1],
+        "`http.allow_anonymous`: expected true or false, found the string \"yes\""
+    );
+    assert_eq!(
+        msgs[2],
+        "`http.max_body_size`: expected a size such as \"4KiB\", found the integer 1024"
+    );
+    assert_eq!(msgs[3], "unknown key `max_conections` in `[http]`");
+    assert_eq!(
+        d[3].hint.as_deref(),
+        Some("did you mean `max_connections`?")
+    );
+    assert_eq!(
+        (d[3].line, d[3].column),
+        position_in_http(&text, "max_conections")
+    );
+    // The device's own keys: the unknown one, and (so) no token: unreachable.
+    assert!(
+        msgs[4].starts_with("`http.device[0].id`: has no token_hash"),
+        "{msgs:#?}"
+    );
+    assert_eq!(msgs[5], "unknown key `tokenhash` in `[http.device]`");
+    assert_eq!(d[5].hint.as_deref(), Some("did you mean `token_hash`?"));
+    assert_eq!(
+        (d[5].line, d[5].column),
+        position_in_http(&text, "tokenhash")
+    );
+}
+
+#[test]
+fn plain_http_tokens_over_the_network_are_a_start_up_warning() {
+    let dev = device(&format!("id = \"dev1\"\ntoken_hash = \"{}\"\n", hash_of(1)));
+    let section = |listen: &str, devices: &str| {
+        let text = with_http(&format!("listen = [{listen}]\n{devices}"));
+        Config::parse(Path::new("t.toml"), &text)
+            .unwrap()
+            .http
+            .unwrap()
+    };
+    let open = section("\"127.0.0.1:8080\", \"0.0.0.0:8081\"", &dev);
+    let warning = open.plaintext_token_warning().unwrap();
+    assert!(
+        warning.starts_with("[http] listen 0.0.0.0:8081 is plain HTTP reachable from other hosts"),
+        "{warning}"
+    );
+    assert_eq!(
+        section("\"127.0.0.1:8080\", \"[::1]:8080\"", &dev).plaintext_token_warning(),
+        None
+    );
+    // No tokens: nothing to leak (anonymous is refused off loopback anyway).
+    let no_tokens = HttpSection {
+        devices: vec![],
+        ..open
+    };
+    assert_eq!(no_tokens.plaintext_token_warning(), None);
+}
+
+#[test]
+fn the_routers_filter_bound_adds_http_when_it_is_on() {
+    let base = MINIMAL.replace("[mqttsn]\n", "[mqttsn]\nmax_filters = 500\n");
+    let text = format!("{base}[http]\nlisten = [\"127.0.0.1:8080\"]\nmax_filters = 300\n");
+    let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+    assert_eq!(c.max_filters(), 800);
+    let UpstreamKind::Mqtt(m) = &c.upstreams[0].kind else {
+        panic!("an MQTT upstream")
+    };
+    assert_eq!(m.max_subscriptions, 800);
+    let off = text.replace("listen = [\"127.0.0.1:8080\"]\n", "");
+    let c = Config::parse(Path::new("t.toml"), &off).unwrap();
+    assert_eq!(c.max_filters(), 500);
+    let with_coap = format!("{text}[coap]\nlisten = [\"127.0.0.1:5683\"]\nmax_filters = 65000\n");
+    let c = Config::parse(Path::new("t.toml"), &with_coap).unwrap();
+    assert_eq!(c.max_filters(), MAX_SUBSCRIPTIONS);
+    assert_eq!(router_max_filters(1, Some(2), Some(3)), 6);
+}
+
+#[test]
+fn the_reference_config_shows_every_http_key_with_its_default() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/sensorgate.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let doc: toml::Table = text.parse().unwrap();
+    let http = doc["http"].as_table().unwrap();
+    // Live keys, and the optional ones without a default, commented out.
+    let commented = ["tls_cert", "tls_key", "client_ca", "client_cert"];
+    let mut keys: Vec<&str> = http.keys().map(String::as_str).collect();
+    for key in commented {
+        assert!(text.contains(&format!("\n# {key} = ")), "{key}");
+        keys.push(key);
+    }
+    keys.push("device");
+    keys.sort_unstable();
+    let mut fields = fields_of::<RawHttp>().to_vec();
+    fields.sort_unstable();
+    assert_eq!(keys, fields);
+    // Switched on, the section as written is the defaults.
+    let at = text.find("\n[http]\n").unwrap();
+    let on = format!(
+        "{}{}",
+        &text[..at],
+        text[at..].replacen("listen = []\n", "listen = [\"127.0.0.1:8080\"]\n", 1)
+    );
+    let c = Config::parse(&path, &on).unwrap();
+    assert_eq!(
+        c.http.unwrap(),
+        HttpSection {
+            listen: vec!["127.0.0.1:8080".parse().unwrap()],
+            ..HttpSection::default()
+        }
+    );
+    // The commented examples are valid once uncommented (the device with a real hash).
+    let uncomment = |line: &str| {
+        let line = line.strip_prefix("# ").unwrap_or(line);
+        if line.starts_with('#') {
+            String::new()
+        } else {
+            format!("{line}\n")
+        }
+    };
+    let start = text.find("\n# [[http.device]]\n").unwrap() + 1;
+    let end = start + text[start..].find("\n\n").unwrap();
+    let example: String = text[start..end].lines().map(uncomment).collect();
+    let example = example.replace(
+        "sha256:<64 hex digits from sensorgate hash-token>",
+        &hash_of(1),
+    );
+    let mut fields = fields_of::<RawDevice>().to_vec();
+    fields.sort_unstable();
+    let mut written: Vec<&str> = example
+        .lines()
+        .filter_map(|l| l.split_once(" = ").map(|(k, _)| k))
+        .collect();
+    written.sort_unstable();
+    assert_eq!(written, fields);
+    let tls: String = [
+        "tls_listen",
+        "tls_cert",
+        "tls_key",
+        "client_ca",
+        "client_cert",
+    ]
+    .iter()
+    .map(|key| {
+        let at = text.find(&format!("\n# {key} = ")).unwrap() + 1;
+        uncomment(text[at..].lines().next().unwrap())
+    })
+    .collect();
+    let on = on.replacen("tls_listen = []\n", &tls, 1).replacen(
+        "\n# [[http.device]]\n",
+        &format!("\n{example}\n# [[http.device]]\n"),
+        1,
+    );
+    let c = Config::parse(&path, &on).unwrap();
+    let http = c.http.unwrap();
+    assert_eq!(http.devices.len(), 1);
+    assert_eq!(http.tls.unwrap().client_cert, ClientCertMode::Optional);
 }

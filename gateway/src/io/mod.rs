@@ -3,4 +3,5 @@
 pub mod batch;
 pub mod kernel_drops;
 pub mod session_store;
+pub mod tcp;
 pub mod udp;

@@ -21,9 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -33,9 +31,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::{self, Format};
@@ -45,6 +42,7 @@ use super::snapshot::{QUERY_TIMEOUT, Snapshot, Sources};
 use super::status::{
     GatewayInfo, Health, ListenerInfo, ProtocolInfo, SpoolInfo, StatusDoc, UpstreamInfo,
 };
+use crate::io::tcp::Limited;
 use sensorgate_bridges::spool::WhenFull;
 
 /// The most clients one `/clients` page lists.
@@ -95,10 +93,12 @@ pub async fn serve(
         token: options.token,
     });
     let app = router(Arc::clone(&admin));
-    let listener = Limited {
-        inner: listener,
-        permits: Arc::new(Semaphore::new(options.max_connections.max(1))),
-    };
+    let listener = Limited::new(
+        listener,
+        Arc::new(Semaphore::new(options.max_connections.max(1))),
+        IDLE_TIMEOUT,
+        "admin",
+    );
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await;
@@ -435,163 +435,9 @@ async fn clients(
     axum::Json(ClientsBody { clients: all, next }).into_response()
 }
 
-/// A TCP listener serving at most a fixed number of connections at once: each accepted
-/// stream holds a permit until it is dropped.
-struct Limited {
-    inner: TcpListener,
-    permits: Arc<Semaphore>,
-}
-
-impl axum::serve::Listener for Limited {
-    type Io = Permitted;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        // The semaphore is never closed; if it were, serving one more is harmless.
-        let permit = Arc::clone(&self.permits).acquire_owned().await.ok();
-        loop {
-            match self.inner.accept().await {
-                Ok((stream, addr)) => {
-                    let _ = stream.set_nodelay(true);
-                    return (Permitted::new(stream, permit), addr);
-                }
-                // Out of descriptors and the like: wait a little instead of spinning.
-                Err(error) => {
-                    tracing::debug!(%error, "Admin accept failed.");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
-}
-
-/// An accepted admin connection with its permit, closed after [`IDLE_TIMEOUT`] without
-/// progress.
-struct Permitted {
-    stream: TcpStream,
-    _permit: Option<OwnedSemaphorePermit>,
-    idle: Pin<Box<tokio::time::Sleep>>,
-}
-
-impl Permitted {
-    fn new(stream: TcpStream, permit: Option<OwnedSemaphorePermit>) -> Self {
-        Permitted {
-            stream,
-            _permit: permit,
-            idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)),
-        }
-    }
-
-    /// Bytes moved: the connection is not idle.
-    #[allow(clippy::disallowed_methods)] // The adapter reads the clock for its idle timer.
-    fn touch(&mut self) {
-        self.idle
-            .as_mut()
-            .reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
-    }
-
-    /// Whether the idle timer ran out (registering the waker otherwise).
-    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
-        self.idle.as_mut().poll(cx).is_ready()
-    }
-}
-
-fn idle_error() -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::TimedOut, "admin connection idle")
-}
-
-impl AsyncRead for Permitted {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match Pin::new(&mut self.stream).poll_read(cx, buf) {
-            Poll::Ready(result) => {
-                self.touch();
-                Poll::Ready(result)
-            }
-            Poll::Pending if self.idle_expired(cx) => Poll::Ready(Err(idle_error())),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-impl AsyncWrite for Permitted {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match Pin::new(&mut self.stream).poll_write(cx, buf) {
-            Poll::Ready(result) => {
-                self.touch();
-                Poll::Ready(result)
-            }
-            Poll::Pending if self.idle_expired(cx) => Poll::Ready(Err(idle_error())),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match Pin::new(&mut self.stream).poll_write_vectored(cx, bufs) {
-            Poll::Ready(result) => {
-                self.touch();
-                Poll::Ready(result)
-            }
-            Poll::Pending if self.idle_expired(cx) => Poll::Ready(Err(idle_error())),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    use axum::serve::Listener as _;
-    use tokio::io::AsyncReadExt;
-
-    #[tokio::test(start_paused = true)]
-    async fn a_silent_connection_is_closed_and_gives_its_slot_back() {
-        let inner = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = inner.local_addr().unwrap();
-        let permits = Arc::new(Semaphore::new(1));
-        let mut listener = Limited {
-            inner,
-            permits: Arc::clone(&permits),
-        };
-        let _client = TcpStream::connect(addr).await.unwrap();
-        let (mut conn, _) = listener.accept().await;
-        assert_eq!(permits.available_permits(), 0);
-        let mut buf = [0u8; 16];
-        // Nothing arrives: the read fails once the idle timer runs out (time is paused and
-        // jumps ahead when the runtime has nothing else to do).
-        let error = conn.read(&mut buf).await.unwrap_err();
-        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
-        drop(conn);
-        assert_eq!(permits.available_permits(), 1);
-    }
 
     #[test]
     fn tokens_compare_equal_only_when_identical() {

@@ -335,6 +335,18 @@ impl Collector for SnapshotCollector {
                 .iter()
                 .filter_map(|i| i.kernel_drops.map(|k| (proto(i.protocol), k))),
         )?;
+        out.counter(
+            "sensorgate_ingress_events",
+            "An ingress's own counters, by protocol and event (HTTP: responses_<status>, \
+             connections_opened, verdicts_orphaned, rate_limited ...).",
+            s.ingresses.iter().flat_map(|i| {
+                i.events.iter().map(move |&(event, n)| {
+                    let mut labels = proto(i.protocol);
+                    labels.push(("event", event.to_owned()));
+                    (labels, n)
+                })
+            }),
+        )?;
         out.gauge(
             "sensorgate_ingress_stalled",
             "1 when a protocol driver did not answer the admin in time (stuck loop).",
@@ -609,6 +621,9 @@ mod tests {
     #[test]
     fn both_formats_name_counters_with_total_and_end_histograms_with_inf() {
         let mut s = serving();
+        if let Some(i) = s.ingresses.first_mut() {
+            i.events = vec![("verdicts_orphaned", 2)];
+        }
         s.spool.fsync_latency = HistogramSnapshot {
             buckets: vec![(0.001, 3), (0.01, 4)],
             count: 5,
@@ -630,6 +645,9 @@ mod tests {
         assert!(om.contains("sensorgate_upstream_connected{upstream=\"cloud\",kind=\"mqtt\"} 1\n"));
         assert!(om.contains(
             "sensorgate_upstream_events_total{upstream=\"cloud\",kind=\"mqtt\",event=\"acknowledged\"} 8\n"
+        ));
+        assert!(om.contains(
+            "sensorgate_ingress_events_total{protocol=\"mqtt-sn\",event=\"verdicts_orphaned\"} 2\n"
         ));
         let text = render(s, ProcessStats::default(), Format::Prometheus).unwrap();
         assert!(

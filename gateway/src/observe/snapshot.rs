@@ -80,7 +80,7 @@ pub struct Listener {
 }
 
 /// One ingress (southbound protocol driver) as the admin reaches it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct IngressSource {
     /// Its protocol label.
     pub protocol: &'static str,
@@ -92,6 +92,9 @@ pub struct IngressSource {
     pub udp: Option<Arc<UdpStats>>,
     /// The kernel's drops on its sockets, for a UDP ingress.
     pub kernel_drops: Option<Arc<KernelDrops>>,
+    /// The ingress's own counters beyond [`IngressReport`] (HTTP: responses by status,
+    /// connections, orphaned verdicts ...), read at scrape time; `None` when it has none.
+    pub extra: Option<KindCounters>,
 }
 
 /// An upstream kind's own counters, read at scrape time: (event name, count) pairs, the
@@ -161,6 +164,8 @@ pub struct IngressSnap {
     pub queue_dropped: u64,
     /// Datagrams the kernel dropped on its sockets (UDP).
     pub kernel_drops: Option<u64>,
+    /// Its own counters (see [`IngressSource::extra`]); empty when it has none.
+    pub events: Vec<(&'static str, u64)>,
 }
 
 /// One upstream at the moment of the snapshot.
@@ -277,6 +282,7 @@ impl Sources {
                 silent_for: i.beat.silent_for(now),
                 queue_dropped: i.udp.as_ref().map_or(0, |u| u.queue_dropped()),
                 kernel_drops: i.kernel_drops.as_ref().map(|k| k.read()),
+                events: i.extra.as_ref().map_or_else(Vec::new, |extra| extra()),
             })
             .collect();
         let (spool, upstreams) = {
@@ -498,6 +504,7 @@ pub(crate) mod tests {
                 silent_for: Some(Duration::from_millis(5)),
                 queue_dropped: 0,
                 kernel_drops: Some(0),
+                events: Vec::new(),
             }],
             upstreams: vec![UpstreamSnap {
                 name: "cloud".into(),
