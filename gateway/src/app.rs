@@ -1,10 +1,12 @@
 //! Wiring: binds the listeners, starts the upstreams and the ingresses (the MQTT-SN driver and,
-//! with `[coap] listen`, the CoAP driver: both the one UDP driver over their own core), and
-//! stops them in order on shutdown.
+//! with `[coap] listen`, the CoAP driver: both the one UDP driver over their own core; with
+//! `[http] listen` or `tls_listen`, the HTTP ingress on its own thread and runtime), and stops
+//! them in order on shutdown.
 //!
 //! Shutdown order (each step waits for the one before, under [`SHUTDOWN_GRACE`]): the
-//! ingresses stop (both on the same token; the one that fails first stops the other), so no
-//! appender is left; the downlink router; the session store; the spool writer (it ends once
+//! ingresses stop (all on the same token; the one that fails first stops the others; the HTTP
+//! thread drains its connections and answers the verdicts it waits for, then drops its
+//! runtime), so no appender is left; the downlink router; the session store; the spool writer (it ends once
 //! every appender is gone); the drains and upstreams; the cursors are saved last.
 
 use std::net::SocketAddr;
@@ -27,7 +29,8 @@ use sensorgate_bridges::telemetry::{Beat, LinkInfo};
 use sensorgate_bridges::upstream::{AckReport, Subscriber, Upstream};
 
 use crate::coap;
-use crate::config::{CoapSection, Config, UpstreamKind};
+use crate::config::{CoapSection, Config, HttpSection, UpstreamKind};
+use crate::http;
 use crate::ingress::DatagramCore;
 use crate::io::kernel_drops::KernelDrops;
 use crate::io::session_store::{self, SessionStore, StoreError, StoreLink, StoreThread};
@@ -44,6 +47,9 @@ use crate::preflight::{ErrorClass, class_of_io};
 
 /// The CoAP ingress's name in logs and errors.
 const COAP: &str = <coap::core::Core as DatagramCore>::NAME;
+
+/// The HTTP ingress's name in logs and errors.
+const HTTP: &str = "HTTP";
 
 /// The MQTT-SN ingress's name in logs and errors.
 const MQTT_SN: &str = <Core as DatagramCore>::NAME;
@@ -121,6 +127,12 @@ pub enum RunError {
     /// The session store could not be opened or started.
     #[error(transparent)]
     SessionStore(#[from] StoreError),
+    /// The HTTPS listener's certificate, key or client CA could not be loaded.
+    #[error(transparent)]
+    HttpTls(#[from] http::tls::TlsError),
+    /// The HTTP ingress's thread could not start.
+    #[error("cannot start the HTTP ingress thread: {0}")]
+    HttpThread(std::io::Error),
 }
 
 impl RunError {
@@ -133,14 +145,17 @@ impl RunError {
                     class => class,
                 }
             }
-            RunError::Upstream { .. } | RunError::AmqpUpstream { .. } => ErrorClass::Config,
+            RunError::Upstream { .. } | RunError::AmqpUpstream { .. } | RunError::HttpTls(_) => {
+                ErrorClass::Config
+            }
             RunError::Spool(OpenError::Locked { .. }) => ErrorClass::Unavailable,
             RunError::Spool(OpenError::Format { .. }) => ErrorClass::Data,
             RunError::Spool(OpenError::Io { source, .. }) => class_of_io(source),
             RunError::SessionStore(StoreError::Dir { source, .. }) => class_of_io(source),
-            RunError::SpoolWriter(_) | RunError::Transport { .. } | RunError::SessionStore(_) => {
-                ErrorClass::Other
-            }
+            RunError::SpoolWriter(_)
+            | RunError::Transport { .. }
+            | RunError::SessionStore(_)
+            | RunError::HttpThread(_) => ErrorClass::Other,
         }
     }
 }
@@ -416,6 +431,16 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
         },
         None => None,
     };
+    let http = match &config.http {
+        Some(section) => match start_http(section, &router, &ingress_stop) {
+            Ok(http) => Some(http),
+            Err(error) => {
+                upstream_stop.cancel();
+                return Err(error);
+            }
+        },
+        None => None,
+    };
     let admin_listener = match config.admin.listen {
         Some(addr) => match admin::bind(addr).await {
             Ok(listener) => Some(listener),
@@ -443,6 +468,7 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
         amqp_upstreams.clone(),
         router.downlink_stats(),
         udp_counters.clone(),
+        http.as_ref().map(|h| Arc::clone(&h.stats)),
         drain_stop.clone(),
     ));
 
@@ -497,6 +523,11 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
         ingresses.push(coap.source);
         coap.task
     });
+    let http = http.map(|mut http| {
+        listeners.append(&mut http.listeners);
+        ingresses.push(http.source.clone());
+        http
+    });
     if let Some(l) = &admin_listener {
         if let Ok(address) = l.local_addr() {
             listeners.push(Listener {
@@ -549,6 +580,10 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
     tracing::info!(
         listeners = config.mqttsn.listen.len(),
         coap_listeners = config.coap.as_ref().map_or(0, |c| c.listen.len()),
+        http_listeners = config
+            .http
+            .as_ref()
+            .map_or(0, |h| h.listen.len() + h.tls_listen.len()),
         admin = ?config.admin.listen,
         "sensorgate ready."
     );
@@ -566,6 +601,11 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
     ingress_stop.cancel();
     let result = match coap_task {
         Some(task) => result.and(stop_coap(task).await),
+        None => result,
+    };
+    let http_stats = http.as_ref().map(|h| Arc::clone(&h.stats));
+    let result = match http {
+        Some(http) => result.and(stop_http(http).await),
         None => result,
     };
     // Also when the driver failed; what it still held is not acknowledged to the brokers.
@@ -625,6 +665,7 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
             &amqp_upstreams,
             &router_stats,
             &udp_counters,
+            http_stats.as_deref(),
         ),
         None,
     );
@@ -748,6 +789,150 @@ async fn stop_coap(mut task: tokio::task::JoinHandle<std::io::Result<()>>) -> Re
     }
 }
 
+/// A started HTTP ingress: its thread and what the admin reads.
+struct HttpRunning {
+    /// The thread's result, sent once its runtime is dropped (every handler, and with them
+    /// every appender of the HTTP ingress, gone).
+    done: tokio::sync::oneshot::Receiver<std::io::Result<()>>,
+    /// The `sensorgate-http` thread.
+    thread: std::thread::JoinHandle<()>,
+    /// For the admin listener (protocol [`http::PROTOCOL`]).
+    source: IngressSource,
+    /// One per bound listener (`tcp` or `tls`).
+    listeners: Vec<Listener>,
+    /// Its counters, for the status line.
+    stats: Arc<http::stats::HttpStats>,
+}
+
+/// Registers the HTTP ingress: loads the TLS files, binds every `[http] listen` and
+/// `tls_listen` address (a failure names the key; nothing is left running), registers it with
+/// the router (its own verdict and downlink channels) and starts the `sensorgate-http` thread
+/// with its own runtime, so HTTP parsing, TLS handshakes and JSON batches never run on the
+/// thread that drives the UDP protocols. A failure of the thread cancels `stop`.
+fn start_http(
+    section: &HttpSection,
+    router: &Router,
+    stop: &CancellationToken,
+) -> Result<HttpRunning, RunError> {
+    let tls = match &section.tls {
+        Some(files) => Some(http::tls::server_config(files, section.http2)?),
+        None => None,
+    };
+    let bound = http::server::bind(section).map_err(|(key, addr, error)| RunError::Bind {
+        protocol: HTTP,
+        key,
+        addr,
+        error,
+    })?;
+    let listeners = bound
+        .plain
+        .iter()
+        .map(|l| (l, "tcp"))
+        .chain(bound.tls.iter().map(|l| (l, "tls")))
+        .filter_map(|(l, transport)| {
+            Some(Listener {
+                protocol: http::PROTOCOL,
+                transport,
+                address: l.local_addr().ok()?,
+            })
+        })
+        .collect();
+    if let Some(warning) = section.plaintext_token_warning() {
+        tracing::warn!("{warning}");
+    }
+    let (reply_tx, reply_rx) = mpsc::channel(REPLY_CHANNEL);
+    let (downlink_tx, downlink_rx) = mpsc::channel(DOWNLINK_CHANNEL);
+    let handle = router.ingress(reply_tx).with_downlink(downlink_tx);
+    let (query_tx, query_rx) = mpsc::channel(QUERY_CHANNEL);
+    let beat = Arc::new(Beat::new());
+    let stats = Arc::new(http::stats::HttpStats::default());
+    let wiring = http::Wiring {
+        handle,
+        replies: reply_rx,
+        downlink: downlink_rx,
+        queries: query_rx,
+        beat: Arc::clone(&beat),
+    };
+    let shared = Arc::new(section.clone());
+    let workers = section.worker_threads;
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    let thread_stop = stop.clone();
+    let thread_stats = Arc::clone(&stats);
+    let thread = std::thread::Builder::new()
+        .name("sensorgate-http".into())
+        .spawn(move || {
+            let runtime = if workers <= 1 {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+            } else {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(workers)
+                    .thread_name("sensorgate-http")
+                    .enable_all()
+                    .build()
+            };
+            let result = runtime.and_then(|runtime| {
+                let result = runtime.block_on(http::run(
+                    shared,
+                    bound,
+                    tls,
+                    wiring,
+                    thread_stats,
+                    thread_stop.clone(),
+                ));
+                // Dropping the runtime drops what is left (handlers past the grace period),
+                // and with them the ingress's appenders: only then is `done` sent.
+                drop(runtime);
+                result
+            });
+            if let Err(error) = &result {
+                tracing::error!(%error, "HTTP ingress failed; stopping.");
+                thread_stop.cancel();
+            }
+            let _ = done_tx.send(result);
+        })
+        .map_err(RunError::HttpThread)?;
+    let counters = Arc::clone(&stats);
+    Ok(HttpRunning {
+        done,
+        thread,
+        source: IngressSource {
+            protocol: http::PROTOCOL,
+            queries: query_tx,
+            beat,
+            udp: None,
+            kernel_drops: None,
+            extra: Some(Arc::new(move || counters.events())),
+        },
+        listeners,
+        stats,
+    })
+}
+
+/// Waits for the HTTP thread (its stop token is cancelled) under [`SHUTDOWN_GRACE`]; it
+/// drains itself within a shorter grace, so a thread that does not end in time is stuck and
+/// left behind (its appender then keeps the writer alive until the writer's own grace).
+async fn stop_http(running: HttpRunning) -> Result<(), RunError> {
+    match tokio::time::timeout(SHUTDOWN_GRACE, running.done).await {
+        Ok(Ok(result)) => {
+            let _ = tokio::task::spawn_blocking(move || running.thread.join()).await;
+            result.map_err(|error| RunError::Transport {
+                protocol: HTTP,
+                error,
+            })
+        }
+        Ok(Err(_)) => {
+            tracing::warn!("HTTP ingress thread ended abnormally.");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!("HTTP ingress did not stop within the grace period.");
+            Ok(())
+        }
+    }
+}
+
 /// The seed of a core's random choices (Message IDs, tokens, retransmission jitter): from
 /// the OS, so that they are hard to guess (RFC 7252 section 5.3.1); from the clock and the
 /// process id if the OS has none to give.
@@ -838,6 +1023,17 @@ struct Status {
     upstreams: Vec<UpstreamStatus>,
     amqp: Vec<AmqpStatus>,
     router: RouterStatus,
+    /// The HTTP ingress's counters that say something went wrong for a client, when it runs.
+    http: Option<HttpStatus>,
+}
+
+/// The HTTP ingress's counters in the status line (see [`http::stats::HttpStats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HttpStatus {
+    /// QoS 1 messages made durable after their client had gone (it may resend: duplicates).
+    verdicts_orphaned: u64,
+    /// Requests answered 429.
+    rate_limited: u64,
 }
 
 /// The router's counters (see [`DownlinkStats`]).
@@ -884,6 +1080,7 @@ impl Status {
         amqp: &[AmqpUpstream],
         router: &DownlinkStats,
         udp: &[UdpCounters],
+        http: Option<&http::stats::HttpStats>,
     ) -> Status {
         use std::sync::atomic::Ordering::Relaxed;
         let locked = spool.lock();
@@ -932,6 +1129,10 @@ impl Status {
                 downlink_ingress_gone: router.ingress_gone.load(Relaxed),
                 local_dropped: router.local_dropped.load(Relaxed),
             },
+            http: http.map(|h| HttpStatus {
+                verdicts_orphaned: h.verdicts_orphaned(),
+                rate_limited: h.rate_limited_total(),
+            }),
         }
     }
 
@@ -956,15 +1157,17 @@ async fn report_status(
     amqp: Vec<AmqpUpstream>,
     router: Arc<DownlinkStats>,
     udp: Vec<UdpCounters>,
+    http: Option<Arc<http::stats::HttpStats>>,
     stop: CancellationToken,
 ) {
-    let mut last = Status::take(&spool, &drains, &amqp, &router, &udp);
+    let http = http.as_deref();
+    let mut last = Status::take(&spool, &drains, &amqp, &router, &udp, http);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(STATUS_INTERVAL) => {}
         }
-        let now = Status::take(&spool, &drains, &amqp, &router, &udp);
+        let now = Status::take(&spool, &drains, &amqp, &router, &udp, http);
         if now != last {
             log_status(&now, Some(&last));
             last = now;
@@ -1041,6 +1244,13 @@ fn log_status(now: &Status, last: Option<&Status>) {
             downlink_dropped = a.downlink_dropped,
             downlink_echoes_dropped = a.downlink_echoes_dropped,
             "AMQP upstream status."
+        );
+    }
+    if let Some(h) = &now.http {
+        tracing::info!(
+            verdicts_orphaned = h.verdicts_orphaned,
+            rate_limited = h.rate_limited,
+            "HTTP ingress status."
         );
     }
 }

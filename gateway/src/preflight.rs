@@ -102,6 +102,10 @@ pub enum PreflightError {
         /// The OS error (not a `source`: the message already says it).
         error: io::Error,
     },
+    /// The HTTPS listener's certificate, key or client CA cannot be used (the message names
+    /// the key and the file).
+    #[error(transparent)]
+    HttpTls(#[from] crate::http::tls::TlsError),
 }
 
 impl PreflightError {
@@ -112,7 +116,9 @@ impl PreflightError {
                 ErrorClass::CantCreate
             }
             PreflightError::NotWritable { .. } => ErrorClass::Permission,
-            PreflightError::MinFreeTooLarge { .. } => ErrorClass::Config,
+            PreflightError::MinFreeTooLarge { .. } | PreflightError::HttpTls(_) => {
+                ErrorClass::Config
+            }
             PreflightError::Inspect { error, .. } => class_of_io(error),
         }
     }
@@ -186,6 +192,12 @@ pub fn check(config: &Config) -> Result<(), PreflightError> {
                 min_free,
                 total,
             });
+        }
+    }
+    // The TLS files are read now, so `check-config` reports a wrong one as `run` would.
+    if let Some(http) = &config.http {
+        if let Some(files) = &http.tls {
+            crate::http::tls::server_config(files, http.http2)?;
         }
     }
     Ok(())
