@@ -1,6 +1,6 @@
 //! sensorgate's benchmark harness: starts mosquitto (and for scenario 8 RabbitMQ) and a
 //! release sensorgate on loopback, drives them with emulated MQTT-SN clients ([`generator`]),
-//! counts what reaches the broker ([`subscriber`]; AMQP: [`amqp`]), compares with a native
+//! CoAP devices ([`coap`]) and HTTP clients ([`http`]), counts what reaches the broker ([`subscriber`]; AMQP: [`amqp`]), compares with a native
 //! MQTT publisher ([`baseline`]; AMQP: [`amqp`]), samples the gateway's CPU, memory and disk
 //! I/O from `/proc` ([`sys`]) and reports the standard scenarios ([`suite`]) as a table and
 //! JSON.
@@ -12,6 +12,7 @@ pub mod amqp;
 pub mod baseline;
 pub mod coap;
 pub mod generator;
+pub mod http;
 pub mod procs;
 pub mod sn;
 pub mod storm;

@@ -139,6 +139,8 @@ pub struct Gateway {
     pub state_dir: PathBuf,
     /// Where CoAP devices send, when [`GatewayConfig::coap`] turned CoAP on.
     pub coap: Option<SocketAddr>,
+    /// Where HTTP clients connect, when [`GatewayConfig::http`] turned HTTP on.
+    pub http: Option<SocketAddr>,
 }
 
 /// Predefined topic id every benchmark gateway has (for QoS -1), and its topic.
@@ -165,6 +167,9 @@ pub struct GatewayConfig {
     /// CoAP on: `[coap]` with `listen = ["127.0.0.1:<free port>"]` and these lines after it.
     /// `None`: no `[coap]` section (CoAP off).
     pub coap: Option<String>,
+    /// HTTP on: `[http]` with `listen = ["127.0.0.1:<free port>"]` and these lines after it
+    /// (keys of `[http]` first, then any `[[http.device]]` tables). `None`: HTTP off.
+    pub http: Option<String>,
 }
 
 impl GatewayConfig {
@@ -179,6 +184,7 @@ impl GatewayConfig {
             spool: String::new(),
             upstreams: None,
             coap: None,
+            http: None,
         }
     }
 }
@@ -186,7 +192,8 @@ impl GatewayConfig {
 impl Gateway {
     /// Starts `bin` with a benchmark config (`cfg`, upstream to `broker_port`, state in
     /// `dir/state`) and waits until it answers SEARCHGW (and, with CoAP on, a CoAP ping: an
-    /// empty CON, answered with RST by RFC 7252 §4.3). Nothing needs to listen on
+    /// empty CON, answered with RST by RFC 7252 §4.3; with HTTP on, `GET /v1/nope` answered
+    /// 404). Nothing needs to listen on
     /// `broker_port` yet: the gateway spools until the broker is there.
     ///
     /// # Errors
@@ -224,13 +231,21 @@ impl Gateway {
         let coap_section = coap.map_or_else(String::new, |(at, extra)| {
             format!("[coap]\nlisten = [\"{at}\"]\n{extra}\n")
         });
+        let http = match &cfg.http {
+            Some(extra) => Some((SocketAddr::from(([127, 0, 0, 1], free_port()?)), extra)),
+            None => None,
+        };
+        // Last but the upstreams: its `[[http.device]]` tables end the `[http]` table.
+        let http_section = http.map_or_else(String::new, |(at, extra)| {
+            format!("[http]\nlisten = [\"{at}\"]\n{extra}\n")
+        });
         let mut f = std::fs::File::create(&config)?;
         write!(
             f,
             "[gateway]\nid = 1\nstate_dir = \"{}\"\n\n[log]\nlevel = \"warn\"\n\n{admin}[spool]\n{}\n\
              [mqttsn]\nlisten = [\"{addr}\"]\nmax_clients = {}\n{}\n\
              [[mqttsn.predefined_topic]]\nid = {}\ntopic = \"{}\"\nclients = [\"*\"]\n\n\
-             {coap_section}{upstreams}",
+             {coap_section}{http_section}{upstreams}",
             state.display(),
             cfg.spool,
             cfg.max_clients,
@@ -273,12 +288,18 @@ impl Gateway {
             coap_ping(&probe, at, until)
                 .with_context(|| format!("sensorgate's CoAP listener (see {})", dir.display()))?;
         }
+        let http = http.map(|(at, _)| at);
+        if let Some(at) = http {
+            http_probe(at, until)
+                .with_context(|| format!("sensorgate's HTTP listener (see {})", dir.display()))?;
+        }
         Ok(Gateway {
             child,
             addr,
             config,
             state_dir: state,
             coap,
+            http,
         })
     }
 
@@ -348,6 +369,37 @@ fn coap_ping(probe: &UdpSocket, at: SocketAddr, until: Instant) -> anyhow::Resul
                 return Ok(());
             }
         }
+    }
+}
+
+/// Sends `GET /v1/nope` to `at` on fresh connections until the answer is a 404 (the HTTP
+/// ingress serves, and answers an unknown path without credentials), or `until`.
+fn http_probe(at: SocketAddr, until: Instant) -> anyhow::Result<()> {
+    use std::io::Read;
+    let mut last = String::from("nothing");
+    loop {
+        if Instant::now() > until {
+            bail!("no 404 to GET /v1/nope at {at} within 10 s (last: {last})");
+        }
+        let attempt = (|| -> std::io::Result<String> {
+            let mut s = TcpStream::connect_timeout(&at, Duration::from_millis(200))?;
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            s.write_all(
+                format!("GET /v1/nope HTTP/1.1\r\nHost: {at}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )?;
+            let mut head = [0u8; 64];
+            let n = s.read(&mut head)?;
+            Ok(String::from_utf8_lossy(head.get(..n).unwrap_or_default()).into_owned())
+        })();
+        match attempt {
+            Ok(head) if head.starts_with("HTTP/1.1 404") => return Ok(()),
+            Ok(head) => last = head.lines().next().unwrap_or_default().to_owned(),
+            Err(e) => last = e.to_string(),
+        }
+        // Not listening yet (the HTTP thread starts after the datagram listeners): try again
+        // shortly.
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

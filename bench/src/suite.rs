@@ -1,4 +1,4 @@
-//! The standard scenario set and its report. The thirteen scenarios: 1 QoS 0 from one client
+//! The standard scenario set and its report. The fifteen scenarios: 1 QoS 0 from one client
 //! (unpaced flood beside a native MQTT baseline, then paced steps with their latency); 2, 10
 //! and 3 QoS 1 with window 1 from 1, 100 and 1,000 clients (10 was added after 9, hence its
 //! number); 4 connect storm; 5 idle clients beside active publishers; 6 downlink fan-out;
@@ -6,16 +6,18 @@
 //! upstreams (disk bytes); CoAP (issue 15, [`crate::coap`]'s devices): 11 CON PUT from 1,000
 //! devices with fsync before 2.04, beside scenario 3; 12 NON PUT paced at 100,000 msg/s from
 //! one device, with and without 2.04 answers (No-Response); 13 Observe fan-out to 10,000
-//! observations of one topic. `targets` checks the issues' targets (issues 13 and 15 among
-//! them).
+//! observations of one topic; HTTP (issue 16, [`crate::http`]'s clients): 14 QoS 1 publishes
+//! from 100 keep-alive connections with bearer tokens, 200 after the fsync, beside scenarios
+//! 3 and 10; 15 batches of 1,000 QoS 1 readings from 10 connections. `targets` checks the
+//! issues' targets (issues 13, 15 and 16 among them).
 //!
 //! Each scenario runs against a fresh sensorgate (clean CPU and memory figures) and the same
 //! mosquitto; the counting subscriber is reset between runs. Scenario 7 (spool drain) starts
 //! its own mosquitto, after the backlog is spooled. Scenario 8 starts its own RabbitMQ node
 //! (stopped when the scenario ends) with a counting AMQP consumer; scenario 9 runs two
 //! gateways on the shared mosquitto, with one counting subscriber per upstream. Scenarios
-//! 11-13 turn the gateway's `[coap]` listener on. Sizes are the issue's; `quick` shrinks them
-//! for a smoke run.
+//! 11-13 turn the gateway's `[coap]` listener on, 14-15 its `[http]` listener. Sizes are the
+//! issue's; `quick` shrinks them for a smoke run.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,6 +32,7 @@ use crate::amqp::{self, AmqpCounter, NativeAmqp};
 use crate::baseline::{self, Native};
 use crate::coap::{ConLoad, ConSpec, NonSpec, ObserveSpec, Observers, non_put};
 use crate::generator::{Load, LoadSpec, TopicMode, count};
+use crate::http::{self, Device, HttpLoad, HttpSpec};
 use crate::procs::{self, BENCH_UPSTREAM, Broker, Gateway, GatewayConfig, Rabbit};
 use crate::subscriber::{Counter, Tally};
 use crate::sys::{self, ProcSample};
@@ -39,12 +42,14 @@ use crate::sys::{self, ProcSample};
 pub struct Options {
     /// The sensorgate binary.
     pub gateway_bin: PathBuf,
-    /// Scenario numbers to run (1-13), in this order.
+    /// Scenario numbers to run (1-15), in this order.
     pub only: Vec<u8>,
     /// Smaller sizes.
     pub quick: bool,
     /// Payload bytes.
     pub payload: usize,
+    /// `[http] worker_threads` of scenarios 14-15's gateways; `None`: the gateway's default.
+    pub http_workers: Option<usize>,
 }
 
 /// One measured figure.
@@ -263,6 +268,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             11 => coap_con_put(&mut env, &scenarios).await,
             12 => coap_non_paced(&mut env).await,
             13 => coap_observers(&mut env).await,
+            14 => http_qos1(&mut env, &scenarios).await,
+            15 => http_batches(&mut env).await,
             _ => continue,
         };
         match result {
@@ -1788,6 +1795,226 @@ async fn coap_observers(env: &mut Env) -> anyhow::Result<Scenario> {
     Ok(s)
 }
 
+/// Scenarios 14-15's `[http]` lines after `listen`: the per-device rate limit far above any
+/// bench load (checked on every request, never refusing); the rest is the defaults.
+const HTTP_RATE: &str = "rate_per_device = 1000000.0\n";
+
+/// A fresh gateway with HTTP on (`devices` as `[[http.device]]` bearer-token devices,
+/// [`HTTP_RATE`], `--http-workers` if given) and `[spool] fsync = "always"`; returns it and its HTTP address.
+fn http_gateway(env: &mut Env, devices: &[Device]) -> anyhow::Result<(Gateway, SocketAddr)> {
+    let port = env.broker.port;
+    let workers = env
+        .opts
+        .http_workers
+        .map_or_else(String::new, |n| format!("worker_threads = {n}\n"));
+    let gw = env.gateway_with(
+        port,
+        &GatewayConfig {
+            http: Some(format!(
+                "{HTTP_RATE}{workers}\n{}",
+                http::device_tables(devices)
+            )),
+            spool: FSYNC_ALWAYS.to_owned(),
+            ..GatewayConfig::new(100, "")
+        },
+    )?;
+    let addr = gw.http.context("the gateway has no HTTP listener")?;
+    Ok((gw, addr))
+}
+
+/// The counters of an HTTP load's answers, its first problem and the HTTP runtime's threads
+/// as notes.
+fn put_http_answers(s: &mut Scenario, load: &HttpLoad, workers: Option<usize>) {
+    s.notes.push(match workers {
+        Some(n) => format!("[http] worker_threads = {n} (--http-workers)"),
+        None => "[http] worker_threads: the gateway's default".into(),
+    });
+    let c = &load.counters;
+    s.put("requests sent", count(&c.sent) as f64, "reqs");
+    s.put("200 answers", count(&c.ok) as f64, "reqs");
+    s.put("202 answers", count(&c.accepted) as f64, "reqs");
+    s.put("429 answers", count(&c.rate_limited) as f64, "reqs");
+    s.put("503 answers", count(&c.unavailable) as f64, "reqs");
+    s.put("other answers", count(&c.other_status) as f64, "reqs");
+    s.put("unanswered", count(&c.unanswered) as f64, "reqs");
+    s.put("reconnections", count(&c.reconnects) as f64, "");
+    if count(&c.failed) > 0 {
+        s.put("connections failed", count(&c.failed) as f64, "");
+    }
+    if let Some(p) = load.problem() {
+        s.notes
+            .push(format!("first problem seen by the HTTP clients: {p}"));
+    }
+}
+
+/// Scenario 14: HTTP QoS 1 `POST /v1/publish/bench/h/<i>` from 100 keep-alive connections,
+/// each its own device with its own bearer token, one request outstanding each, answered 200
+/// only once the fsync covering it landed; the MQTT-SN QoS 1 figures of this run (scenario
+/// 3, and 10 with the same concurrency) beside it.
+#[allow(clippy::too_many_lines)]
+async fn http_qos1(env: &mut Env, earlier: &[Scenario]) -> anyhow::Result<Scenario> {
+    let connections: usize = 100;
+    let per_connection: u64 = if env.opts.quick { 200 } else { 1000 };
+    let mut s = Scenario::new(
+        14,
+        &format!(
+            "HTTP QoS 1 publish, {connections} keep-alive connections x {per_connection} \
+             requests, window 1, bearer tokens, fsync always"
+        ),
+    );
+    let _ = sys::raise_nofile(connections as u64 + 2000);
+    let devices = http::devices(connections);
+    let (gw, addr) = http_gateway(env, &devices)?;
+    let mut spec = HttpSpec::new(addr);
+    spec.connections = connections;
+    spec.requests = per_connection;
+    spec.tokens = devices.into_iter().map(|d| d.token).collect();
+    spec.payload = env.opts.payload;
+    spec.publish_for = Duration::from_secs(60);
+    env.counter.reset();
+    let mut load = HttpLoad::start(spec)?;
+    let connected = load.wait_ready(Duration::from_secs(30)).await;
+    s.put("connections", connected as f64, "");
+    let cpu = Cpu::start(gw.pid(), env.broker.pid());
+    load.go();
+    let secs = load.wait_done(Duration::from_secs(70)).await.as_secs_f64();
+    let c = load.counters.clone();
+    let (sent, durable) = (count(&c.sent), count(&c.durable));
+    s.put("durable (200)", durable as f64, "reqs");
+    s.put("durable rate", durable as f64 / secs.max(1e-9), "req/s");
+    put_http_answers(&mut s, &load, env.opts.http_workers);
+    if let Ok(h) = load.latency.lock() {
+        put_latency(&mut s, "request to 200", &h);
+    }
+    let tally = env
+        .counter
+        .wait_for(durable, IDLE, Duration::from_secs(30))?;
+    load.finish().await;
+    put_tally(&mut s, &tally, sent);
+    s.put(
+        "durable but not delivered",
+        durable.saturating_sub(tally.unique) as f64,
+        "reqs",
+    );
+    put_latency(&mut s, "end-to-end latency", &tally.latency);
+    // Measured as scenario 3 does: from the first request until everything is upstream.
+    cpu.put(&mut s, durable, "durable request");
+    let mut beside = false;
+    for (id, label) in [
+        (3u8, "scenario 3, 1,000 clients"),
+        (10, "scenario 10, 100 clients"),
+    ] {
+        let Some(sn) = earlier.iter().find(|e| e.id == id && !e.failed) else {
+            continue;
+        };
+        beside = true;
+        let prefix = format!("MQTT-SN QoS 1 ({label}): ");
+        put_prefixed(
+            &mut s,
+            &prefix,
+            sn,
+            &[
+                "acknowledged rate",
+                "PUBLISH to PUBACK p50",
+                "PUBLISH to PUBACK p99",
+                "gateway CPU per acknowledged msg",
+            ],
+        );
+        if let Some(rate) = sn.get("acknowledged rate").filter(|r| *r > 0.0) {
+            s.put(
+                &format!("HTTP / MQTT-SN ({label}) acknowledged rate"),
+                100.0 * s.get("durable rate").unwrap_or(0.0) / rate,
+                "%",
+            );
+        }
+        if let (Some(theirs), Some(ours)) = (
+            sn.get("gateway CPU per acknowledged msg")
+                .filter(|c| *c > 0.0),
+            s.get("gateway CPU per durable request"),
+        ) {
+            s.put(
+                &format!("HTTP / MQTT-SN ({label}) gateway CPU per message"),
+                100.0 * ours / theirs,
+                "%",
+            );
+        }
+    }
+    if !beside {
+        s.notes.push(
+            "neither scenario 3 nor 10 (MQTT-SN QoS 1) ran before this one: no comparison \
+             (run e.g. --only 3,10,14)"
+                .into(),
+        );
+    }
+    note_warnings(&mut s, "gateway", &gw);
+    Ok(s)
+}
+
+/// Scenario 15's readings per request: the gateway's default `max_batch_items`.
+const HTTP_BATCH: usize = 1000;
+
+/// Scenario 15: batches of [`HTTP_BATCH`] QoS 1 readings (`POST /v1/publish`, a JSON array,
+/// payloads in `payload_b64`) from 10 keep-alive connections, one request outstanding each,
+/// answered 200 once every reading is durable: readings/s durable and the request latency.
+async fn http_batches(env: &mut Env) -> anyhow::Result<Scenario> {
+    let connections: usize = 10;
+    let per_connection: u64 = if env.opts.quick { 20 } else { 100 };
+    let readings = connections as u64 * per_connection * HTTP_BATCH as u64;
+    let mut s = Scenario::new(
+        15,
+        &format!(
+            "HTTP QoS 1 batches of {HTTP_BATCH} readings, {connections} keep-alive connections \
+             x {per_connection} requests ({readings} readings), window 1, fsync always"
+        ),
+    );
+    let devices = http::devices(connections);
+    let (gw, addr) = http_gateway(env, &devices)?;
+    let mut spec = HttpSpec::new(addr);
+    spec.connections = connections;
+    spec.requests = per_connection;
+    spec.batch = Some(HTTP_BATCH);
+    spec.topic_prefix = "bench/b/".into();
+    spec.tokens = devices.into_iter().map(|d| d.token).collect();
+    spec.payload = env.opts.payload;
+    spec.publish_for = Duration::from_secs(90);
+    spec.answer_timeout = Duration::from_secs(30);
+    env.counter.reset();
+    let mut load = HttpLoad::start(spec)?;
+    let connected = load.wait_ready(Duration::from_secs(30)).await;
+    s.put("connections", connected as f64, "");
+    let cpu = Cpu::start(gw.pid(), env.broker.pid());
+    load.go();
+    let secs = load.wait_done(Duration::from_secs(100)).await.as_secs_f64();
+    let c = load.counters.clone();
+    let durable = count(&c.durable);
+    let sent_readings = count(&c.sent) * HTTP_BATCH as u64;
+    s.put("readings durable", durable as f64, "msgs");
+    s.put("durable rate", durable as f64 / secs.max(1e-9), "msg/s");
+    put_http_answers(&mut s, &load, env.opts.http_workers);
+    if let Ok(h) = load.latency.lock() {
+        put_latency(&mut s, "request to 200", &h);
+    }
+    let tally = env
+        .counter
+        .wait_for(durable, DRAIN_IDLE, Duration::from_secs(120))?;
+    load.finish().await;
+    put_tally(&mut s, &tally, sent_readings);
+    s.put(
+        "durable but not delivered",
+        durable.saturating_sub(tally.unique) as f64,
+        "msgs",
+    );
+    put_latency(&mut s, "end-to-end latency", &tally.latency);
+    cpu.put(&mut s, durable, "durable reading");
+    s.notes.push(
+        "delivered rate: first to last arrival at the counting subscriber (the upstream \
+         drains the spool behind the acknowledgements)"
+            .into(),
+    );
+    note_warnings(&mut s, "gateway", &gw);
+    Ok(s)
+}
+
 fn targets(scenarios: &[Scenario]) -> Vec<Target> {
     let find = |id: u8, m: &str| scenarios.iter().find(|s| s.id == id).and_then(|s| s.get(m));
     // A cell: `add` and the targets with their own wording push to it in turn.
@@ -2004,6 +2231,37 @@ fn targets(scenarios: &[Scenario]) -> Vec<Target> {
                 .unwrap_or(0.0)
             ),
             met: share <= 120.0,
+        });
+    }
+    if let Some(rate) = find(14, "durable rate") {
+        let beside = [
+            (
+                "scenario 3",
+                "MQTT-SN QoS 1 (scenario 3, 1,000 clients): acknowledged rate",
+            ),
+            (
+                "scenario 10",
+                "MQTT-SN QoS 1 (scenario 10, 100 clients): acknowledged rate",
+            ),
+        ]
+        .iter()
+        .filter_map(|(label, m)| find(14, m).map(|v| format!("{label}: {v:.0} msg/s")))
+        .collect::<Vec<_>>();
+        let beside = if beside.is_empty() {
+            String::new()
+        } else {
+            format!(" (MQTT-SN QoS 1 {})", beside.join(", "))
+        };
+        out.push(Target {
+            scenario: 14,
+            target: "HTTP QoS 1 publish, 100 keep-alive connections, window 1, fsync always: \
+                     >= 20,000 durable publishes/s"
+                .into(),
+            measured: format!(
+                "{rate:.0} req/s, {:.1} us gateway CPU per request{beside}",
+                find(14, "gateway CPU per durable request").unwrap_or(0.0)
+            ),
+            met: rate >= 20_000.0,
         });
     }
     if let Some(drain) = find(7, "drain rate (first to last delivery)") {

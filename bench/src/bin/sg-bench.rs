@@ -11,25 +11,31 @@ use clap::Parser;
 use sensorgate_bench::suite::{self, Options};
 
 #[derive(Parser, Debug)]
-#[command(about = "sensorgate benchmark suite (scenarios 1-13)")]
+#[command(about = "sensorgate benchmark suite (scenarios 1-15)")]
 struct Args {
     /// Smaller sizes (a smoke run of a minute or so).
     #[arg(long)]
     quick: bool,
-    /// Scenarios to run, comma-separated, in this order (default: all thirteen). 1: QoS 0 one
+    /// Scenarios to run, comma-separated, in this order (default: all fifteen). 1: QoS 0 one
     /// client, unpaced and paced; 2, 10, 3: QoS 1 window 1 from 1, 100, 1,000 clients; 4:
     /// connect storm; 5: idle + active clients; 6: downlink fan-out; 7: spool drain; 8: QoS 1
     /// to RabbitMQ; 9: uplink fan-out disk bytes; 11: CoAP CON PUT, 1,000 devices (beside 3
-    /// when it ran before); 12: CoAP NON PUT paced at 100,000 msg/s; 13: CoAP Observe fan-out.
+    /// when it ran before); 12: CoAP NON PUT paced at 100,000 msg/s; 13: CoAP Observe fan-out;
+    /// 14: HTTP QoS 1 publish, 100 keep-alive connections (beside 3 and 10 when they ran
+    /// before); 15: HTTP batches of 1,000 QoS 1 readings, 10 connections.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "1,2,3,4,5,6,7,8,9,10,11,12,13"
+        default_value = "1,2,3,4,5,6,7,8,9,10,11,12,13,14,15"
     )]
     only: Vec<u8>,
     /// Payload bytes per message (at least 20: client, sequence, send time).
     #[arg(long, default_value_t = 32)]
     payload: usize,
+    /// `[http] worker_threads` of the HTTP scenarios' gateways (14, 15); default: the
+    /// gateway's own (1, a current-thread runtime).
+    #[arg(long)]
+    http_workers: Option<usize>,
     /// The sensorgate binary (default: next to this one).
     #[arg(long)]
     gateway_bin: Option<PathBuf>,
@@ -84,6 +90,7 @@ fn main() -> anyhow::Result<()> {
         only: args.only,
         quick: args.quick,
         payload: args.payload.max(sensorgate_bench::sn::STAMP_LEN),
+        http_workers: args.http_workers,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
