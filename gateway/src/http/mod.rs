@@ -56,12 +56,9 @@ pub(crate) mod devices;
 pub(crate) mod driver;
 pub(crate) mod handlers;
 pub(crate) mod publish;
-// Their `len` / `is_closed` / `filter_count` accessors serve their own tests.
-#[allow(dead_code)]
 pub(crate) mod rate;
 pub mod request;
 pub mod server;
-#[allow(dead_code)]
 pub(crate) mod sse;
 pub mod stats;
 pub mod tls;

@@ -109,6 +109,7 @@ impl RateTable {
     }
 
     /// How many buckets are held.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.buckets.len()
     }

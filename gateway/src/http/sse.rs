@@ -152,6 +152,7 @@ impl StreamQueue {
     }
 
     /// Whether the queue is closed (it may still hold events).
+    #[cfg(test)]
     pub(crate) fn is_closed(&self) -> bool {
         self.lock().closed
     }
@@ -516,11 +517,13 @@ impl Hub {
     }
 
     /// Open streams.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.streams.len()
     }
 
     /// Distinct filters held.
+    #[cfg(test)]
     pub(crate) fn filter_count(&self) -> usize {
         self.exact.len() + self.wild.len()
     }
