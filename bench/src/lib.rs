@@ -14,6 +14,7 @@ pub mod coap;
 pub mod generator;
 pub mod http;
 pub mod procs;
+pub mod serial;
 pub mod sn;
 pub mod storm;
 pub mod subscriber;

@@ -170,6 +170,8 @@ pub struct GatewayConfig {
     /// HTTP on: `[http]` with `listen = ["127.0.0.1:<free port>"]` and these lines after it
     /// (keys of `[http]` first, then any `[[http.device]]` tables). `None`: HTTP off.
     pub http: Option<String>,
+    /// `[[serial]]` tables, appended after the upstreams; empty: no serial line.
+    pub serial: String,
 }
 
 impl GatewayConfig {
@@ -185,6 +187,7 @@ impl GatewayConfig {
             upstreams: None,
             coap: None,
             http: None,
+            serial: String::new(),
         }
     }
 }
@@ -245,13 +248,14 @@ impl Gateway {
             "[gateway]\nid = 1\nstate_dir = \"{}\"\n\n[log]\nlevel = \"warn\"\n\n{admin}[spool]\n{}\n\
              [mqttsn]\nlisten = [\"{addr}\"]\nmax_clients = {}\n{}\n\
              [[mqttsn.predefined_topic]]\nid = {}\ntopic = \"{}\"\nclients = [\"*\"]\n\n\
-             {coap_section}{http_section}{upstreams}",
+             {coap_section}{http_section}{upstreams}\n{}",
             state.display(),
             cfg.spool,
             cfg.max_clients,
             cfg.mqttsn,
             PREDEFINED.0,
             PREDEFINED.1,
+            cfg.serial,
         )?;
         drop(f);
         let log = std::fs::File::create(dir.join("sensorgate.log"))?;

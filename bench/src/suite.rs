@@ -1,4 +1,4 @@
-//! The standard scenario set and its report. The fifteen scenarios: 1 QoS 0 from one client
+//! The standard scenario set and its report. The seventeen scenarios: 1 QoS 0 from one client
 //! (unpaced flood beside a native MQTT baseline, then paced steps with their latency); 2, 10
 //! and 3 QoS 1 with window 1 from 1, 100 and 1,000 clients (10 was added after 9, hence its
 //! number); 4 connect storm; 5 idle clients beside active publishers; 6 downlink fan-out;
@@ -8,8 +8,10 @@
 //! one device, with and without 2.04 answers (No-Response); 13 Observe fan-out to 10,000
 //! observations of one topic; HTTP (issue 16, [`crate::http`]'s clients): 14 QoS 1 publishes
 //! from 100 keep-alive connections with bearer tokens, 200 after the fsync, beside scenarios
-//! 3 and 10; 15 batches of 1,000 QoS 1 readings from 10 connections. `targets` checks the
-//! issues' targets (issues 13, 15 and 16 among them).
+//! 3 and 10; 15 batches of 1,000 QoS 1 readings from 10 connections; serial (issue 17,
+//! [`crate::serial`]'s sensor on a socat pty pair): 16 QoS 1 length-framed, unthrottled (a pty
+//! ignores the baud rate: an upper bound), 17 the same paced at 115200 8N1 by the sensor.
+//! `targets` checks the issues' targets (issues 13, 15 and 16 among them).
 //!
 //! Each scenario runs against a fresh sensorgate (clean CPU and memory figures) and the same
 //! mosquitto; the counting subscriber is reset between runs. Scenario 7 (spool drain) starts
@@ -34,15 +36,17 @@ use crate::coap::{ConLoad, ConSpec, NonSpec, ObserveSpec, Observers, non_put};
 use crate::generator::{Load, LoadSpec, TopicMode, count};
 use crate::http::{self, Device, HttpLoad, HttpSpec};
 use crate::procs::{self, BENCH_UPSTREAM, Broker, Gateway, GatewayConfig, Rabbit};
+use crate::serial::SerialSpec;
 use crate::subscriber::{Counter, Tally};
 use crate::sys::{self, ProcSample};
+use sensorgate_tests::pty::PtyPair;
 
 /// Options of one suite run.
 #[derive(Debug, Clone)]
 pub struct Options {
     /// The sensorgate binary.
     pub gateway_bin: PathBuf,
-    /// Scenario numbers to run (1-15), in this order.
+    /// Scenario numbers to run (1-17), in this order.
     pub only: Vec<u8>,
     /// Smaller sizes.
     pub quick: bool,
@@ -270,6 +274,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             13 => coap_observers(&mut env).await,
             14 => http_qos1(&mut env, &scenarios).await,
             15 => http_batches(&mut env).await,
+            16 => serial_qos1(&mut env, 16, false).await,
+            17 => serial_qos1(&mut env, 17, true).await,
             _ => continue,
         };
         match result {
@@ -2012,6 +2018,107 @@ async fn http_batches(env: &mut Env) -> anyhow::Result<Scenario> {
             .into(),
     );
     note_warnings(&mut s, "gateway", &gw);
+    Ok(s)
+}
+
+/// Scenarios 16-17's line: 115200 baud, 8N1 (10 bits on the wire per byte).
+const SERIAL_BAUD: u32 = 115_200;
+/// Scenario 16's configured line rate: `[[serial]] baud`'s maximum, so the gateway's own pacing
+/// of its writes (PUBACKs) does not cap the unthrottled run at 115200 baud.
+const SERIAL_BAUD_UNPACED: u32 = 4_000_000;
+/// Bits per byte on an 8N1 line: start, 8 data, stop.
+const SERIAL_BITS_PER_CHAR: u32 = 10;
+/// QoS 1 messages the serial sensor keeps unacknowledged: `[mqttsn]
+/// max_inflight_per_client`'s default.
+const SERIAL_WINDOW: usize = 16;
+
+/// Scenarios 16 (unthrottled) and 17 (paced at 115200 8N1): one sensor on a pty pair
+/// publishes QoS 1 in length framing through the gateway's `[[serial]]` line; messages/s,
+/// the share of a 115200-baud line the bytes would take (bytes on the wire / (baud / 10 per
+/// s)), gateway CPU per message.
+async fn serial_qos1(env: &mut Env, id: u8, paced: bool) -> anyhow::Result<Scenario> {
+    let messages: u64 = match (paced, env.opts.quick) {
+        (false, true) => 2_000,
+        (false, false) => 50_000,
+        (true, true) => 300,
+        (true, false) => 5_000,
+    };
+    let mut s = Scenario::new(
+        id,
+        &format!(
+            "serial QoS 1, length framing, one sensor on a pty pair, window {SERIAL_WINDOW}, \
+             {messages} msgs, {}",
+            if paced {
+                "paced at 115200 8N1"
+            } else {
+                "unthrottled (pty: an upper bound)"
+            }
+        ),
+    );
+    let pty_dir = env.dir.path().join(format!("pty-{}", env.runs + 1));
+    std::fs::create_dir_all(&pty_dir)?;
+    let pty = PtyPair::start(&pty_dir, "line")?;
+    let port = env.broker.port;
+    let gw = env.gateway_with(
+        port,
+        &GatewayConfig {
+            serial: format!(
+                "[[serial]]\ndevice = \"{}\"\nbaud = {}\nframing = \"length\"\n",
+                pty.gw().display(),
+                if paced {
+                    SERIAL_BAUD
+                } else {
+                    SERIAL_BAUD_UNPACED
+                }
+            ),
+            ..GatewayConfig::new(100, "")
+        },
+    )?;
+    let spec = SerialSpec {
+        device: pty.sensor().to_path_buf(),
+        messages,
+        window: SERIAL_WINDOW,
+        payload: env.opts.payload,
+        client: 1_000_000 + u32::from(id),
+        pace: paced.then_some((SERIAL_BAUD, SERIAL_BITS_PER_CHAR)),
+        max: Duration::from_secs(if env.opts.quick { 30 } else { 120 }),
+    };
+    env.counter.reset();
+    let cpu = Cpu::start(gw.pid(), env.broker.pid());
+    let r = crate::serial::run(&spec, &format!("serial-bench-{}", env.runs)).await?;
+    let secs = r.secs.max(1e-9);
+    s.put("sent", r.sent as f64, "msgs");
+    s.put("acknowledged", r.acked as f64, "msgs");
+    s.put("acknowledged rate", r.acked as f64 / secs, "msg/s");
+    let line_bytes_per_s = f64::from(SERIAL_BAUD) / f64::from(SERIAL_BITS_PER_CHAR);
+    s.put("uplink bytes on the wire", r.bytes_up as f64 / secs, "B/s");
+    s.put(
+        "line share up (of 115200 8N1)",
+        100.0 * r.bytes_up as f64 / secs / line_bytes_per_s,
+        "%",
+    );
+    s.put(
+        "line share down (of 115200 8N1)",
+        100.0 * r.bytes_down as f64 / secs / line_bytes_per_s,
+        "%",
+    );
+    cpu.put(&mut s, r.acked, "acknowledged msg");
+    let tally = env
+        .counter
+        .wait_for(r.acked, IDLE, Duration::from_secs(30))?;
+    put_tally(&mut s, &tally, r.sent);
+    put_latency(&mut s, "end-to-end latency", &tally.latency);
+    if !paced {
+        s.notes.push(
+            "a pty ignores the baud rate: the line shares say how many 115200-baud lines' \
+             worth of bytes the gateway carried (its [[serial]] baud is 4000000, so its own \
+             pacing does not cap the run)"
+                .into(),
+        );
+    }
+    note_warnings(&mut s, "gateway", &gw);
+    drop(gw);
+    drop(pty);
     Ok(s)
 }
 

@@ -55,8 +55,21 @@
 //! Users: the router asks `accepts` for every uplink message, `upstream_filters` for every
 //! subscription and `downlink_topic` for every downlink message; each upstream's drain asks
 //! `target` for every record it reads.
+//!
+//! # Live changes ([`SharedRoutes`])
+//!
+//! The router and every drain read the table through one [`SharedRoutes`]: a lock-free load
+//! per message (or per batch of records read), so a reload swaps the table for all of them
+//! at once. Only the router's `RouteReconfigurer` swaps it, under the router's lock, moving
+//! the upstream subscriptions with it. A message is judged by the table current when it is
+//! looked at: the ingress's `accepts` and a drain's `target` may use different tables for
+//! one message across a swap (a message accepted by the old table that the new one sends
+//! nowhere is counted as unroutable by the drains).
 
 use std::borrow::Cow;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use crate::message::{Origin, Qos};
 use crate::topic;
@@ -70,6 +83,56 @@ pub const MAX_REWRITE_BYTES: usize = 1024;
 
 /// What `{client_id}` renders as for a message whose origin has no (or an empty) client id.
 pub const MISSING_CLIENT_ID: &str = "unknown";
+
+/// The live route table, shared by the router and the drains (cheap to clone; all clones
+/// see the same table). See the module docs.
+#[derive(Clone)]
+pub struct SharedRoutes {
+    current: Arc<ArcSwap<RouteTable>>,
+}
+
+impl SharedRoutes {
+    /// Shares `routes` until a reload replaces it
+    /// ([`RouteReconfigurer::set_routes`](crate::router::RouteReconfigurer::set_routes)).
+    #[must_use]
+    pub fn new(routes: Arc<RouteTable>) -> Self {
+        Self {
+            current: Arc::new(ArcSwap::new(routes)),
+        }
+    }
+
+    /// The table in force now (kept alive by the returned `Arc` across a swap).
+    #[must_use]
+    pub fn load(&self) -> Arc<RouteTable> {
+        self.current.load_full()
+    }
+
+    /// The table in force now, for a short read on a hot path: no reference count is taken
+    /// in the common case. Do not hold it across an `.await` or a long loop.
+    pub(crate) fn read(&self) -> arc_swap::Guard<Arc<RouteTable>> {
+        self.current.load()
+    }
+
+    /// Puts `routes` in force for every holder; returns the table it replaces. Only the
+    /// router's reconfigurer calls it (under the router's lock, see `router`).
+    pub(crate) fn store(&self, routes: Arc<RouteTable>) -> Arc<RouteTable> {
+        self.current.swap(routes)
+    }
+}
+
+impl std::fmt::Debug for SharedRoutes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedRoutes")
+            .field("routes", &self.read().routes.len())
+            .finish()
+    }
+}
+
+impl From<Arc<RouteTable>> for SharedRoutes {
+    fn from(routes: Arc<RouteTable>) -> Self {
+        Self::new(routes)
+    }
+}
 
 /// One `[[route]]` entry as configured, before compiling.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -63,6 +63,12 @@
 //!   loses the copy (counted as `local_dropped`).
 //! - An ingress without a downlink channel ([`Router::ingress`] alone: an uplink-only
 //!   ingress) is never a target.
+//! - **Routes change live without a gap** ([`RouteReconfigurer::set_routes`]): the table is
+//!   swapped under the lock, every held sensor filter is routed again, the upstream filters
+//!   the new table adds are subscribed before those it drops are released (no moment with
+//!   neither), and afterwards each sensor filter holds exactly what the new table gives it,
+//!   so the reference counts above stay exact. Uplink and downlink judge by the new table
+//!   from the next message on; the drains read the same [`SharedRoutes`].
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -74,7 +80,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::message::{Downlink, DownlinkAck, Message, Qos};
-use crate::route::RouteTable;
+use crate::route::{RouteTable, SharedRoutes};
 use crate::spool::{AppendReply, Appender, IngressAppender};
 use crate::topic;
 use crate::upstream::{FailReason, Subscriber};
@@ -125,12 +131,14 @@ pub struct Router {
 /// What the router, its handles and its downlink task share.
 struct Shared {
     /// The `[[route]]` table: which messages are accepted, where subscriptions go, how
-    /// downlink topics map back.
-    routes: Arc<RouteTable>,
+    /// downlink topics map back. Live: swapped only by [`RouteReconfigurer::set_routes`],
+    /// under `state`'s lock, so the subscription tables always follow the table in force.
+    routes: SharedRoutes,
     /// Every upstream, by index (the index in [`Downlink::upstream`] and in `routes`).
     upstreams: Vec<RoutedUpstream>,
     /// Most distinct sensor filters over all ingresses, and upstream filters per upstream.
-    max_filters: usize,
+    /// Read under `state`'s lock; changed by [`RouteReconfigurer::set_max_filters`].
+    max_filters: AtomicUsize,
     /// Dropped or acknowledged-undelivered downlink.
     stats: Arc<DownlinkStats>,
     /// How many ingresses take downlink (`State::downlinks.len()`), readable without the
@@ -207,14 +215,16 @@ const fn qos_rank(qos: Qos) -> u8 {
 impl Router {
     /// A router over `upstreams` (by index, as in `routes`), appending through `appender`,
     /// holding at most `max_filters` distinct filters (the same limit the protocol cores
-    /// keep).
+    /// keep). Give the drains the same [`SharedRoutes`] (an `Arc<RouteTable>` makes one of
+    /// its own: fine where no drain reads the routes).
     #[must_use]
     pub fn new(
         appender: Appender,
         upstreams: Vec<RoutedUpstream>,
         max_filters: usize,
-        routes: Arc<RouteTable>,
+        routes: impl Into<SharedRoutes>,
     ) -> Self {
+        let routes = routes.into();
         let state = State {
             upstream_filters: upstreams.iter().map(|_| HashMap::new()).collect(),
             ..State::default()
@@ -223,7 +233,7 @@ impl Router {
             shared: Arc::new(Shared {
                 routes,
                 upstreams,
-                max_filters,
+                max_filters: AtomicUsize::new(max_filters),
                 stats: Arc::new(DownlinkStats::default()),
                 takers: AtomicUsize::new(0),
                 state: Mutex::new(state),
@@ -270,6 +280,215 @@ impl Router {
     pub fn unrouted(&self) -> u64 {
         self.shared.stats.refused_no_route.load(Ordering::Relaxed)
     }
+
+    /// The handle that swaps the route table while the router runs (for a config reload).
+    #[must_use]
+    pub fn reconfigurer(&self) -> RouteReconfigurer {
+        RouteReconfigurer {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// Most refused upstream filters a [`RouteChange`] lists one by one (the rest are counted).
+pub const MAX_LISTED_REFUSALS: usize = 32;
+
+/// Swaps the router's route table while it runs (made by [`Router::reconfigurer`]).
+#[derive(Clone)]
+pub struct RouteReconfigurer {
+    shared: Arc<Shared>,
+}
+
+/// What [`RouteReconfigurer::set_routes`] moved, for the log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteChange {
+    /// Sensor filters held when the table was swapped (each was routed again).
+    pub sensor_filters: usize,
+    /// Of those, the ones whose upstream filters changed.
+    pub moved: usize,
+    /// Upstream filters newly subscribed (or asked for at another QoS), over all upstreams.
+    pub subscribed: usize,
+    /// Upstream filters released (unsubscribed: no sensor filter holds them any more).
+    pub unsubscribed: usize,
+    /// Subscription changes the upstreams refused (each also logged, rate-limited); the
+    /// router keeps the filters, as for a sensor's subscribe.
+    pub refused: usize,
+    /// The first [`MAX_LISTED_REFUSALS`] refusals: upstream name, upstream filter, why.
+    pub refusals: Vec<(String, String, FailReason)>,
+    /// Upstreams (by name) left holding more than `max_filters` upstream filters: new
+    /// sensor filters that would take another one there are refused until it drops below.
+    pub over_capacity: Vec<String>,
+}
+
+impl RouteChange {
+    /// Whether no upstream subscription moved.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.subscribed == 0 && self.unsubscribed == 0 && self.refused == 0
+    }
+}
+
+impl RouteReconfigurer {
+    /// Puts `routes` in force for the ingresses, the downlink task and the drains (they read
+    /// one [`SharedRoutes`]), and moves the upstream subscriptions with it, atomically as
+    /// seen from outside:
+    ///
+    /// 1. under the router's lock (no subscribe, unsubscribe or downlink decision in between),
+    ///    the table is swapped;
+    /// 2. for every sensor filter held, the upstream filters the new table gives are taken
+    ///    (subscribed upstream where new) **before** any it no longer gives is released, so a
+    ///    filter both tables give is never unsubscribed and no upstream is left, even for a
+    ///    moment, with neither the old nor the new filter;
+    /// 3. then the released ones are given back (unsubscribed where no sensor filter holds
+    ///    them any more); reference counts stay exact: each sensor filter then holds exactly
+    ///    what the new table gives it;
+    /// 4. a subscribe an upstream refused for a full table in step 2 is asked again once the
+    ///    releases made room.
+    ///
+    /// Uplink (`accepts`, the drains' `target`) and downlink mapping use the new table from
+    /// the next message on. The upstreams' refusals are logged (rate-limited) and counted in
+    /// the returned [`RouteChange`]. Never waits: the upstreams queue the changes for their
+    /// own tasks (`async` so a later version may wait for their answers).
+    pub async fn set_routes(&self, routes: Arc<RouteTable>) -> RouteChange {
+        self.apply(clock_now(), routes)
+    }
+
+    /// A new bound on distinct sensor filters and on upstream filters per upstream (a
+    /// reload's `max_filters`): it applies to the next new filter; a lower bound drops no
+    /// filter already held, new ones are refused until the tables are below it.
+    pub fn set_max_filters(&self, max_filters: usize) {
+        let shared = &*self.shared;
+        // Under the lock, so no subscribe sees half a change.
+        let _state = shared.lock();
+        shared.max_filters.store(max_filters, Ordering::Relaxed);
+    }
+
+    /// [`Self::set_routes`] with the time passed in (it only rate-limits warnings).
+    fn apply(&self, now: Instant, routes: Arc<RouteTable>) -> RouteChange {
+        let shared = &*self.shared;
+        let mut guard = shared.lock();
+        let state = &mut *guard;
+        shared.routes.store(Arc::clone(&routes));
+        let mut change = RouteChange {
+            sensor_filters: state.filters.len(),
+            ..RouteChange::default()
+        };
+        // Sensor filter -> (what it takes now, what it took before), for those that moved.
+        let mut moves: Vec<(Arc<str>, Qos, Vec<Vec<String>>)> = Vec::new();
+        for (sensor, wanted) in &state.filters {
+            let routed = shared.routed(&routes, sensor);
+            if routed != wanted.routed {
+                moves.push((Arc::clone(sensor), wanted.upstream, routed));
+            }
+        }
+        change.moved = moves.len();
+        let mut retry: Vec<(usize, String)> = Vec::new();
+        // Step 2: take every new upstream filter first.
+        for (sensor, qos, routed) in &moves {
+            let Some(old) = state.filters.get(sensor).map(|w| w.routed.clone()) else {
+                continue;
+            };
+            for (upstream, filters) in routed.iter().enumerate() {
+                let before = old.get(upstream);
+                for filter in filters {
+                    if before.is_some_and(|b| b.contains(filter)) {
+                        continue;
+                    }
+                    match shared.set_interest(state, now, upstream, filter, sensor, Some(*qos)) {
+                        Ok(Change::None) => {}
+                        Ok(_) => change.subscribed += 1,
+                        Err(FailReason::QueueFull) => retry.push((upstream, filter.clone())),
+                        Err(reason) => change.refuse(shared, upstream, filter, reason),
+                    }
+                }
+            }
+        }
+        // Step 3: then give back what the new table no longer gives.
+        for (sensor, _, routed) in moves {
+            let Some(wanted) = state.filters.get_mut(&sensor) else {
+                continue;
+            };
+            let old = std::mem::replace(&mut wanted.routed, routed.clone());
+            for (upstream, filters) in old.iter().enumerate() {
+                let after = routed.get(upstream);
+                for filter in filters {
+                    if after.is_some_and(|a| a.contains(filter)) {
+                        continue;
+                    }
+                    match shared.set_interest(state, now, upstream, filter, &sensor, None) {
+                        Ok(Change::Unsubscribe) => change.unsubscribed += 1,
+                        // A lower QoS of the others: asked for again.
+                        Ok(Change::Subscribe(_)) => change.subscribed += 1,
+                        Ok(Change::None) => {}
+                        Err(reason) => change.refuse(shared, upstream, filter, reason),
+                    }
+                }
+            }
+        }
+        // Step 4: the subscribes a full upstream table refused, now that releases made room.
+        for (upstream, filter) in retry {
+            let (Some(up), Some(entry)) = (
+                shared.upstreams.get(upstream),
+                state
+                    .upstream_filters
+                    .get(upstream)
+                    .and_then(|t| t.get(&filter)),
+            ) else {
+                continue;
+            };
+            match up.subscriber.subscribe(&filter, entry.asked) {
+                Ok(()) => change.subscribed += 1,
+                Err(reason) => {
+                    state.refused(now, up.subscriber.name(), &filter, reason);
+                    change.refuse(shared, upstream, &filter, reason);
+                }
+            }
+        }
+        for (upstream, table) in state.upstream_filters.iter().enumerate() {
+            if table.len() > shared.max_filters.load(Ordering::Relaxed) {
+                if let Some(up) = shared.upstreams.get(upstream) {
+                    change.over_capacity.push(up.subscriber.name().to_owned());
+                }
+            }
+        }
+        drop(guard);
+        if change.refused > 0 || !change.over_capacity.is_empty() {
+            tracing::warn!(
+                refused = change.refused,
+                over_capacity = ?change.over_capacity,
+                "Routes changed; some upstream subscriptions could not follow."
+            );
+        }
+        tracing::info!(
+            sensor_filters = change.sensor_filters,
+            moved = change.moved,
+            subscribed = change.subscribed,
+            unsubscribed = change.unsubscribed,
+            refused = change.refused,
+            "Routes changed."
+        );
+        change
+    }
+}
+
+impl RouteChange {
+    /// Counts (and lists, up to [`MAX_LISTED_REFUSALS`]) one refused change.
+    fn refuse(&mut self, shared: &Shared, upstream: usize, filter: &str, reason: FailReason) {
+        self.refused += 1;
+        if self.refusals.len() < MAX_LISTED_REFUSALS {
+            let name = shared
+                .upstreams
+                .get(upstream)
+                .map_or_else(String::new, |up| up.subscriber.name().to_owned());
+            self.refusals.push((name, filter.to_owned(), reason));
+        }
+    }
+}
+
+/// The clock, for rate-limiting warnings only (the routing itself takes no time).
+#[allow(clippy::disallowed_methods)]
+fn clock_now() -> Instant {
+    Instant::now()
 }
 
 /// Why [`IngressHandle::append`] refused a message; it is given back either way and no reply
@@ -314,7 +533,7 @@ impl Shared {
 
     /// Sets (`Some`) or removes (`None`) sensor filter `sensor`'s interest in upstream filter
     /// `filter` of upstream `upstream`, and tells the upstream when the union changes; called
-    /// under the lock (see module docs).
+    /// under the lock (see module docs). A refusal is logged (rate-limited) and returned.
     fn set_interest(
         &self,
         state: &mut State,
@@ -323,9 +542,9 @@ impl Shared {
         filter: &str,
         sensor: &Arc<str>,
         qos: Option<Qos>,
-    ) {
+    ) -> Result<Change, FailReason> {
         let Some(table) = state.upstream_filters.get_mut(upstream) else {
-            return;
+            return Ok(Change::None);
         };
         let change = match (qos, table.get_mut(filter)) {
             (Some(qos), None) => {
@@ -356,7 +575,7 @@ impl Shared {
             }
         };
         let Some(up) = self.upstreams.get(upstream) else {
-            return;
+            return Ok(Change::None);
         };
         let result = match change {
             Change::None => Ok(()),
@@ -365,7 +584,16 @@ impl Shared {
         };
         if let Err(reason) = result {
             state.refused(now, up.subscriber.name(), filter, reason);
+            return Err(reason);
         }
+        Ok(change)
+    }
+
+    /// The upstream filters `routes` gives sensor filter `filter`, per upstream.
+    fn routed(&self, routes: &RouteTable, filter: &str) -> Vec<Vec<String>> {
+        (0..self.upstreams.len())
+            .map(|upstream| routes.upstream_filters(upstream, filter))
+            .collect()
     }
 
     /// Sets `sensor`'s interest in every upstream filter of `routed` (see [`Self::set_interest`]).
@@ -379,7 +607,8 @@ impl Shared {
     ) {
         for (upstream, filters) in routed.iter().enumerate() {
             for filter in filters {
-                self.set_interest(state, now, upstream, filter, sensor, qos);
+                // Refusals are logged there; the filter stays held (see `subscribe`).
+                let _ = self.set_interest(state, now, upstream, filter, sensor, qos);
             }
         }
     }
@@ -521,16 +750,18 @@ impl DownlinkRouter {
             ack,
         } = message;
         let stats = &self.shared.stats;
-        // `None` inside: the topic is unchanged (no copy made).
-        let mapped =
-            self.shared
-                .routes
-                .downlink_topic(upstream, &topic)
-                .map(|mapped| match mapped {
-                    Cow::Borrowed(same) if same == topic.as_str() => None,
-                    Cow::Borrowed(part) => Some(part.to_owned()),
-                    Cow::Owned(mapped) => Some(mapped),
-                });
+        // `None` inside: the topic is unchanged (no copy made). The table is read once, and
+        // not held across the sends below.
+        let mapped = self
+            .shared
+            .routes
+            .read()
+            .downlink_topic(upstream, &topic)
+            .map(|mapped| match mapped {
+                Cow::Borrowed(same) if same == topic.as_str() => None,
+                Cow::Borrowed(part) => Some(part.to_owned()),
+                Cow::Owned(mapped) => Some(mapped),
+            });
         let sensor_topic = match mapped {
             Some(None) => topic,
             Some(Some(mapped)) => mapped,
@@ -611,7 +842,7 @@ impl IngressHandle {
     ///   otherwise);
     /// - [`AppendRefused::QueueFull`]: the writer's queue is full (or the writer stopped).
     pub fn append(&self, message: Message, token: Option<u64>) -> Result<(), AppendRefused> {
-        if !self.shared.routes.accepts(&message.topic) {
+        if !self.shared.routes.read().accepts(&message.topic) {
             let count = self
                 .shared
                 .stats
@@ -634,13 +865,15 @@ impl IngressHandle {
             .map_err(AppendRefused::QueueFull)
     }
 
-    /// Whether a message on `topic` would pass the route check of [`Self::append`]. Routes
-    /// are fixed for the router's life, so the answer holds until the append: an ingress that
-    /// takes several messages as one unit (an HTTP batch) checks every topic first and
-    /// appends nothing when one has no route. Counts nothing.
+    /// Whether a message on `topic` would pass the route check of [`Self::append`]. An
+    /// ingress that takes several messages as one unit (an HTTP batch) checks every topic
+    /// first and appends nothing when one has no route. A reload may swap the routes between
+    /// this check and the append ([`RouteReconfigurer::set_routes`]): the append then judges
+    /// by the new table (a batch may be refused part way; its sender is told). Counts
+    /// nothing.
     #[must_use]
     pub fn accepts(&self, topic: &str) -> bool {
-        self.shared.routes.accepts(topic)
+        self.shared.routes.read().accepts(topic)
     }
 
     /// A mark of the spool writer's progress, for [`Self::room_since`]: take it before an
@@ -737,10 +970,9 @@ impl IngressHandle {
             }
             return Ok(());
         }
-        let routed: Vec<Vec<String>> = (0..shared.upstreams.len())
-            .map(|upstream| shared.routes.upstream_filters(upstream, filter))
-            .collect();
-        let room = state.filters.len() < shared.max_filters
+        let routed = shared.routed(&shared.routes.read(), filter);
+        let max_filters = shared.max_filters.load(Ordering::Relaxed);
+        let room = state.filters.len() < max_filters
             && routed.iter().enumerate().all(|(upstream, filters)| {
                 let table = state.upstream_filters.get(upstream);
                 let held = table.map_or(0, HashMap::len);
@@ -748,7 +980,7 @@ impl IngressHandle {
                     .iter()
                     .filter(|f| !table.is_some_and(|t| t.contains_key(*f)))
                     .count();
-                held + new <= shared.max_filters
+                held + new <= max_filters
             });
         if !room {
             state.refused(now, "router", filter, FailReason::QueueFull);
@@ -820,11 +1052,14 @@ mod tests {
         Unsub(String),
     }
 
-    /// Records every call; refuses every subscribe while `refuse` is set.
+    /// Records every call; refuses every subscribe while `refuse` is set, and a new filter
+    /// beyond `capacity` held ones with `QueueFull` (like an upstream's subscription table).
     #[derive(Clone, Default)]
     struct Fake {
         calls: Arc<Mutex<Vec<Call>>>,
         refuse: Option<FailReason>,
+        capacity: Option<usize>,
+        held: Arc<Mutex<std::collections::BTreeSet<String>>>,
     }
 
     impl Fake {
@@ -843,7 +1078,15 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push(Call::Sub(filter.to_owned(), qos));
-            self.refuse.map_or(Ok(()), Err)
+            if let Some(reason) = self.refuse {
+                return Err(reason);
+            }
+            let mut held = self.held.lock().unwrap();
+            if !held.contains(filter) && self.capacity.is_some_and(|c| held.len() >= c) {
+                return Err(FailReason::QueueFull);
+            }
+            held.insert(filter.to_owned());
+            Ok(())
         }
 
         fn unsubscribe(&self, filter: &str) -> Result<(), FailReason> {
@@ -851,6 +1094,7 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push(Call::Unsub(filter.to_owned()));
+            self.held.lock().unwrap().remove(filter);
             Ok(())
         }
     }
@@ -1351,5 +1595,277 @@ mod tests {
             "no reply for the refused one"
         );
         assert_eq!(s.router.unrouted(), 1);
+    }
+
+    fn route(
+        filter: &str,
+        upstreams: &[&str],
+        add_prefix: Option<&str>,
+    ) -> crate::route::RouteSpec {
+        crate::route::RouteSpec {
+            filter: filter.to_owned(),
+            upstreams: upstreams.iter().map(|u| (*u).to_owned()).collect(),
+            add_prefix: add_prefix.map(str::to_owned),
+            ..Default::default()
+        }
+    }
+
+    fn table(specs: &[crate::route::RouteSpec]) -> Arc<RouteTable> {
+        Arc::new(RouteTable::compile(specs, &["one", "two"], "gw").unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_route_change_subscribes_the_new_filters_before_releasing_the_old() {
+        let old = table(&[route("a/#", &["one"], Some("x/"))]);
+        let s = setup_with(
+            vec![Fake::default(), Fake::default()],
+            8,
+            RouteTable::clone(&old),
+        );
+        let a = ingress(&s.router);
+        a.subscribe(now(), "a/1", Qos::AtLeastOnce).unwrap();
+        a.subscribe(now(), "a/2", Qos::AtMostOnce).unwrap();
+        s.fakes[0].take();
+
+        let change = s
+            .router
+            .reconfigurer()
+            .set_routes(table(&[route("a/#", &["one", "two"], Some("y/"))]))
+            .await;
+        let calls = s.fakes[0].take();
+        assert_eq!(calls.len(), 4, "{calls:?}");
+        let first_unsub = calls
+            .iter()
+            .position(|c| matches!(c, Call::Unsub(_)))
+            .unwrap();
+        assert!(
+            calls[..first_unsub].contains(&sub("y/a/1", Qos::AtLeastOnce))
+                && calls[..first_unsub].contains(&sub("y/a/2", Qos::AtMostOnce)),
+            "every new filter before any release: {calls:?}"
+        );
+        assert!(calls.contains(&Call::Unsub("x/a/1".to_owned())));
+        assert!(calls.contains(&Call::Unsub("x/a/2".to_owned())));
+        let mut two = s.fakes[1].take();
+        two.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(
+            two,
+            [
+                sub("y/a/1", Qos::AtLeastOnce),
+                sub("y/a/2", Qos::AtMostOnce)
+            ]
+        );
+        assert_eq!(
+            change,
+            RouteChange {
+                sensor_filters: 2,
+                moved: 2,
+                subscribed: 4,
+                unsubscribed: 2,
+                ..RouteChange::default()
+            }
+        );
+
+        // The counts follow the new table: a release gives back exactly the new filters.
+        a.unsubscribe(now(), "a/1");
+        assert_eq!(s.fakes[0].take(), [Call::Unsub("y/a/1".to_owned())]);
+        assert_eq!(s.fakes[1].take(), [Call::Unsub("y/a/1".to_owned())]);
+        // And a new subscription takes the new table's filters.
+        a.subscribe(now(), "a/3", Qos::AtLeastOnce).unwrap();
+        assert_eq!(s.fakes[0].take(), [sub("y/a/3", Qos::AtLeastOnce)]);
+    }
+
+    #[tokio::test]
+    async fn a_filter_both_tables_give_is_kept_and_shared_filters_stay_counted() {
+        // Old: a/# and b/# both to "one" unchanged. New: a/# to "one" unchanged, b/# nowhere.
+        let old = table(&[route("a/#", &["one"], None), route("#", &["one"], None)]);
+        let s = setup_with(
+            vec![Fake::default(), Fake::default()],
+            8,
+            RouteTable::clone(&old),
+        );
+        let (a, b) = (ingress(&s.router), ingress(&s.router));
+        a.subscribe(now(), "a/#", Qos::AtLeastOnce).unwrap();
+        b.subscribe(now(), "b/#", Qos::AtLeastOnce).unwrap();
+        s.fakes[0].take();
+        let change = s
+            .router
+            .reconfigurer()
+            .set_routes(table(&[route("a/#", &["one"], None)]))
+            .await;
+        assert_eq!(
+            s.fakes[0].take(),
+            [Call::Unsub("b/#".to_owned())],
+            "a/# is given by both tables: untouched"
+        );
+        assert_eq!(
+            (change.moved, change.subscribed, change.unsubscribed),
+            (1, 0, 1)
+        );
+
+        // Back: b/# is taken again; a/# still once.
+        let change = s.router.reconfigurer().set_routes(old).await;
+        assert_eq!(s.fakes[0].take(), [sub("b/#", Qos::AtLeastOnce)]);
+        assert_eq!(
+            (change.moved, change.subscribed, change.unsubscribed),
+            (1, 1, 0)
+        );
+        a.unsubscribe(now(), "a/#");
+        b.unsubscribe(now(), "b/#");
+        let mut calls = s.fakes[0].take();
+        calls.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(
+            calls,
+            [Call::Unsub("a/#".to_owned()), Call::Unsub("b/#".to_owned())]
+        );
+        assert_eq!(s.fakes[1].take(), []);
+    }
+
+    #[tokio::test]
+    async fn two_sensor_filters_moving_onto_one_upstream_filter_hold_it_until_both_leave() {
+        let old = table(&[route("#", &["one"], Some("x/"))]);
+        let s = setup_with(
+            vec![Fake::default(), Fake::default()],
+            8,
+            RouteTable::clone(&old),
+        );
+        let a = ingress(&s.router);
+        a.subscribe(now(), "a/#", Qos::AtLeastOnce).unwrap();
+        a.subscribe(now(), "#", Qos::AtLeastOnce).unwrap();
+        s.fakes[0].take();
+        // Stripping "a/" turns both "a/#" and "#" into the upstream filter "#".
+        let mut spec = route("#", &["one"], None);
+        spec.strip_prefix = Some("a/".to_owned());
+        let change = s.router.reconfigurer().set_routes(table(&[spec])).await;
+        let mut calls = s.fakes[0].take();
+        assert_eq!(
+            calls.first(),
+            Some(&sub("#", Qos::AtLeastOnce)),
+            "{calls:?}"
+        );
+        calls.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(
+            calls,
+            [
+                sub("#", Qos::AtLeastOnce),
+                Call::Unsub("x/#".to_owned()),
+                Call::Unsub("x/a/#".to_owned())
+            ],
+            "taken once for both"
+        );
+        assert_eq!(
+            (change.moved, change.subscribed, change.unsubscribed),
+            (2, 1, 2)
+        );
+        a.unsubscribe(now(), "a/#");
+        assert_eq!(s.fakes[0].take(), [], "\"#\" still holds it");
+        a.unsubscribe(now(), "#");
+        assert_eq!(s.fakes[0].take(), [Call::Unsub("#".to_owned())]);
+    }
+
+    #[tokio::test]
+    async fn a_full_upstream_table_takes_the_moved_filters_once_the_old_ones_are_released() {
+        let full = Fake {
+            capacity: Some(2),
+            ..Fake::default()
+        };
+        let old = table(&[route("#", &["one"], Some("x/"))]);
+        let s = setup_with(vec![full, Fake::default()], 8, RouteTable::clone(&old));
+        let a = ingress(&s.router);
+        a.subscribe(now(), "a", Qos::AtLeastOnce).unwrap();
+        a.subscribe(now(), "b", Qos::AtLeastOnce).unwrap();
+        s.fakes[0].take();
+        let change = s
+            .router
+            .reconfigurer()
+            .set_routes(table(&[route("#", &["one"], Some("y/"))]))
+            .await;
+        assert_eq!(change.refused, 0, "{change:?}");
+        assert_eq!(change.subscribed, 2);
+        let held: Vec<String> = s.fakes[0].held.lock().unwrap().iter().cloned().collect();
+        assert_eq!(held, ["y/a", "y/b"]);
+    }
+
+    #[tokio::test]
+    async fn refused_filters_are_reported_and_kept() {
+        let refusing = Fake {
+            refuse: Some(FailReason::Rejected),
+            ..Fake::default()
+        };
+        let s = setup_with(
+            vec![Fake::default(), refusing],
+            8,
+            RouteTable::clone(&table(&[route("#", &["one"], None)])),
+        );
+        let a = ingress(&s.router);
+        a.subscribe(now(), "t", Qos::AtLeastOnce).unwrap();
+        let change = s
+            .router
+            .reconfigurer()
+            .set_routes(table(&[route("#", &["one", "two"], None)]))
+            .await;
+        assert_eq!(change.refused, 1);
+        assert_eq!(
+            change.refusals,
+            [("fake".to_owned(), "t".to_owned(), FailReason::Rejected)]
+        );
+        assert_eq!(s.fakes[0].take(), [sub("t", Qos::AtLeastOnce)]);
+        a.unsubscribe(now(), "t");
+        assert_eq!(
+            s.fakes[1].take(),
+            [sub("t", Qos::AtLeastOnce), Call::Unsub("t".to_owned())],
+            "kept like a sensor's refused subscribe, so released too"
+        );
+    }
+
+    #[tokio::test]
+    async fn uplink_and_downlink_follow_the_new_table_from_the_next_message() {
+        let s = setup_with(
+            vec![Fake::default(), Fake::default()],
+            8,
+            RouteTable::clone(&table(&[route("a/#", &["one"], Some("x/"))])),
+        );
+        let (a, mut rx_a) = downlink_ingress(&s.router, 4);
+        a.subscribe(now(), "a/#", Qos::AtLeastOnce).unwrap();
+        assert!(a.accepts("a/1") && !a.accepts("b/1"));
+        let shared_routes = s.router.shared.routes.clone();
+        s.router
+            .reconfigurer()
+            .set_routes(table(&[
+                route("b/#", &["one"], None),
+                route("a/#", &["one"], Some("y/")),
+            ]))
+            .await;
+        assert!(a.accepts("a/1") && a.accepts("b/1"));
+        assert!(
+            shared_routes.load().accepts("b/1"),
+            "the drains' handle too"
+        );
+        let (message, acks) = downlink(0, "x/a/1", None);
+        s.router.downlink_router().route(message).await;
+        assert!(rx_a.try_recv().is_err(), "the old prefix maps back no more");
+        assert_eq!(acked(&acks), 1);
+        let (message, _) = downlink(0, "y/a/1", None);
+        s.router.downlink_router().route(message).await;
+        assert_eq!(rx_a.try_recv().unwrap().topic, "a/1");
+    }
+
+    #[test]
+    fn a_lower_max_filters_keeps_what_is_held_and_refuses_new_filters() {
+        let s = setup(vec![Fake::default()], 8);
+        let a = ingress(&s.router);
+        a.subscribe(now(), "one", Qos::AtMostOnce).unwrap();
+        a.subscribe(now(), "two", Qos::AtMostOnce).unwrap();
+        s.router.reconfigurer().set_max_filters(1);
+        assert_eq!(
+            a.subscribe(now(), "three", Qos::AtMostOnce),
+            Err(FailReason::QueueFull)
+        );
+        a.subscribe(now(), "two", Qos::AtLeastOnce)
+            .expect("a held filter is kept and may change");
+        a.unsubscribe(now(), "one");
+        a.unsubscribe(now(), "two");
+        a.subscribe(now(), "three", Qos::AtMostOnce).unwrap();
+        s.router.reconfigurer().set_max_filters(2);
+        a.subscribe(now(), "four", Qos::AtMostOnce).unwrap();
     }
 }

@@ -244,7 +244,7 @@ impl Rig {
             upstream.clone(),
             ack_rx,
             config,
-            Arc::new(RouteTable::everything()),
+            Arc::new(RouteTable::everything()).into(),
             Arc::clone(&stats),
             stop_drain.clone(),
         ));
@@ -1018,7 +1018,7 @@ async fn a_dead_upstream_over_its_backlog_cap_gives_up_its_oldest_records_only()
             upstream,
             ack_rx,
             config,
-            Arc::new(RouteTable::everything()),
+            Arc::new(RouteTable::everything()).into(),
             Arc::clone(&drain_stats),
             stop.clone(),
         ));

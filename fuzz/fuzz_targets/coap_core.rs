@@ -2,6 +2,8 @@
 //! steps, the spool's verdicts, the router's subscription answers and downlink, must never
 //! panic; the tables stay consistent and bounded (`check_invariants`), every datagram sent
 //! decodes and fits `max_message_size`, every ACK echoes a Message ID its peer sent in a CON.
+//! An empty datagram with control bit 4 set reconfigures the core (a reload), alternating
+//! between `config()` and `lowered()`: the invariants hold across it.
 
 #![no_main]
 
@@ -38,6 +40,27 @@ fn config() -> CoreConfig {
     }
 }
 
+/// `config()` with every bound at its least (the same `max_message_size`, which the loop
+/// checks every datagram against).
+fn lowered() -> CoreConfig {
+    CoreConfig {
+        max_body_size: 40,
+        block_size: 16,
+        reassembly_bytes: 64,
+        max_peers: 1,
+        dedup_per_peer: 1,
+        max_exchanges_per_peer: 1,
+        max_observers: 1,
+        max_observers_per_peer: 1,
+        max_filters: 1,
+        max_queued_per_observer: 1,
+        max_block2_bodies: 1,
+        observer_ping_interval: Duration::ZERO,
+        exchange_lifetime: Duration::from_secs(5),
+        ..config()
+    }
+}
+
 const STEPS_MS: [u64; 8] = [0, 10, 100, 500, 1_000, 3_000, 30_000, 300_000];
 
 fuzz_target!(|data: &[u8]| {
@@ -48,6 +71,7 @@ fuzz_target!(|data: &[u8]| {
     let mut tokens: Vec<u64> = Vec::new();
     let mut con_mids: HashSet<(u16, u16)> = HashSet::new();
     let mut buf = Vec::new();
+    let mut reconfigured = false;
     let mut rest = data;
     while let [control, len, tail @ ..] = rest {
         let n = usize::from(*len).min(tail.len());
@@ -59,6 +83,12 @@ fuzz_target!(|data: &[u8]| {
             if b0 >> 4 == 0x4 {
                 con_mids.insert((port, u16::from_be_bytes([*hi, *lo])));
             }
+        }
+        if datagram.is_empty() && control & 0x10 != 0 {
+            reconfigured = !reconfigured;
+            let settings = if reconfigured { lowered() } else { config.clone() };
+            let _ = core.reconfigure(now, settings);
+            core.check_invariants();
         }
         core.handle_datagram(now, peer, datagram);
         if control & 0x20 != 0 {

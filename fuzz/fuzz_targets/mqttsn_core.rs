@@ -1,6 +1,8 @@
 //! Fuzzes the gateway core: any sequence of datagrams from a few peers, interleaved with time
 //! steps and upstream verdicts, must never panic, the session maps must stay consistent, and
-//! the persisted session records it emits must all restore into a fresh core.
+//! the persisted session records it emits must all restore into a fresh core. An empty
+//! datagram with control bit 4 set reconfigures the core (a reload), alternating between
+//! `config()` and `lowered()` (lower limits, other predefined topics).
 
 #![no_main]
 
@@ -29,6 +31,21 @@ fn config() -> CoreConfig {
     }
 }
 
+/// `config()` with lower limits and predefined topic 1 moved to id 2.
+fn lowered() -> CoreConfig {
+    CoreConfig {
+        max_clients: 2,
+        max_topics_per_client: 1,
+        max_inflight_per_client: 1,
+        predefined: vec![PredefinedTopic { id: 2, topic: "p".into(), clients: ClientSet::All }],
+        max_queued_per_client: 1,
+        max_buffered_per_sleeping_client: 1,
+        max_filters: 1,
+        retry_interval: Duration::from_millis(500),
+        ..config()
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let mut core = Core::new(config());
     let mut persist = Vec::new();
@@ -37,6 +54,7 @@ fuzz_target!(|data: &[u8]| {
     let mut now = Instant::now();
     let mut tokens = Vec::new();
     let mut buf = Vec::new();
+    let mut reconfigured = false;
     // Input: records of [control, len, bytes...]; control picks the peer, a time step, and what
     // to answer the oldest outstanding token.
     let mut rest = data;
@@ -45,7 +63,17 @@ fuzz_target!(|data: &[u8]| {
         let (datagram, next) = tail.split_at(n);
         rest = next;
         let port = 1000 + u16::from(control & 0x03);
-        let peer = Peer::udp(0, SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+        // The fourth peer is an allow-listed forwarder: its encapsulations are decoded (from
+        // the others they are refused).
+        let peer = if control & 0x03 == 3 {
+            Peer::forwarder(0)
+        } else {
+            Peer::udp(0, SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
+        };
+        if datagram.is_empty() && control & 0x10 != 0 {
+            reconfigured = !reconfigured;
+            let _ = core.reconfigure(now, if reconfigured { lowered() } else { config() });
+        }
         core.handle_datagram(now, peer, datagram);
         if control & 0x20 != 0 {
             // Downlink on a topic the fuzzer's clients may have subscribed to.

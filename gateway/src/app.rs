@@ -12,38 +12,42 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use std::sync::Arc;
 
 use sensorgate_bridges::amqp::{AmqpConfigError, AmqpUpstream};
 use sensorgate_bridges::mqtt::{MqttUpstream, SetupError};
-use sensorgate_bridges::route::RouteTable;
+use sensorgate_bridges::route::SharedRoutes;
 use sensorgate_bridges::router::{DownlinkStats, RoutedUpstream, Router};
 use sensorgate_bridges::spool::{
-    DrainConfig, DrainStats, OpenError, SharedSpool, Spool, SpoolStats, StdFs, drain, start_writer,
-    wall_ms,
+    DrainConfig, DrainStats, OpenError, SharedSpool, Spool, SpoolStats, StdFs, drain_with_control,
+    start_writer, wall_ms,
 };
 use sensorgate_bridges::telemetry::{Beat, LinkInfo};
-use sensorgate_bridges::upstream::{AckReport, Subscriber, Upstream};
+use sensorgate_bridges::upstream::{AckReport, Reconfigured, Subscriber, Upstream};
 
 use crate::coap;
 use crate::config::{CoapSection, Config, HttpSection, UpstreamKind};
 use crate::http;
-use crate::ingress::DatagramCore;
+use crate::ingress::{DatagramCore, PeerAddr, Reconfigure};
 use crate::io::kernel_drops::KernelDrops;
 use crate::io::session_store::{self, SessionStore, StoreError, StoreLink, StoreThread};
 use crate::io::udp::{self, SocketOptions, UdpDriver, UdpStats};
+use crate::live;
 use crate::mqttsn::core::{self, Core};
 use crate::observe::admin::{self, AdminOptions};
 use crate::observe::events::{Events, Level};
 use crate::observe::model::QUERY_CHANNEL;
 use crate::observe::monitor;
 use crate::observe::snapshot::{
-    IngressSource, KindCounters, Listener, Phase, PhaseCell, Sources, UpstreamSource,
+    IngressSource, KindCounters, Listener, Phase, PhaseCell, SerialSource, Sources, UpstreamSource,
 };
+use crate::observe::systemd::{self, Notifier};
 use crate::preflight::{ErrorClass, class_of_io};
+use crate::reload::ReloadCell;
+use crate::serial::line as serial_line;
 
 /// The CoAP ingress's name in logs and errors.
 const COAP: &str = <coap::core::Core as DatagramCore>::NAME;
@@ -199,20 +203,49 @@ fn admin_bind_hint(error: &std::io::Error) -> &'static str {
 /// # Errors
 /// [`RunError`] when start-up fails or a listener dies.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    run_with(config, shutdown, Control::default()).await
+}
+
+/// What the binary hands the wiring besides the config: the edges it owns (signals, the log
+/// subscriber).
+#[derive(Default)]
+pub struct Control {
+    /// Reload requests (SIGHUP): each re-reads the config file (see [`crate::live`]).
+    pub reload: Option<mpsc::Receiver<()>>,
+    /// Sets the log filter on a reload that changes `[log] level`.
+    pub set_log_level: Option<live::SetLogLevel>,
+}
+
+/// [`run`] with the binary's [`Control`].
+///
+/// # Errors
+/// [`RunError`] when start-up fails or a listener dies.
+pub async fn run_with(
+    config: Config,
+    shutdown: CancellationToken,
+    control: Control,
+) -> Result<(), RunError> {
     // The UDP drivers are not `Send` (their `recvmmsg` buffers hold raw pointers): the
     // MQTT-SN driver runs in this future, every further one as a local task of this set (its
     // own waker, so one driver's wake-ups do not poll the other).
     tokio::task::LocalSet::new()
-        .run_until(serve(config, shutdown))
+        .run_until(serve(config, shutdown, control))
         .await
 }
 
 /// [`run`], inside its [`tokio::task::LocalSet`].
-async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+async fn serve(
+    config: Config,
+    shutdown: CancellationToken,
+    control: Control,
+) -> Result<(), RunError> {
+    // Restart-only keys of a reloaded config compare with this.
+    let started_config = Arc::new(config.clone());
     #[allow(clippy::disallowed_methods)] // Uptime counts from here.
     let started = std::time::Instant::now();
     let started_ms = wall_ms();
     let events = Arc::new(Events::new(config.admin.event_history));
+    let reload_cell = Arc::new(ReloadCell::default());
     let phase = Arc::new(PhaseCell::default());
     let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
     let (spool, recovery) = Spool::open(StdFs, config.spool.spool.clone(), &names)?;
@@ -251,8 +284,11 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
     let mut drain_stats = Vec::new();
     let mut upstream_sources = Vec::new();
     let mut amqp_upstreams = Vec::new();
+    // By index, for reloads of their settings (the upstream's, its drain's).
+    let mut upstream_controls = Vec::new();
+    let mut drain_controls = Vec::new();
     // `[[route]]`, or everything to every upstream when there is none.
-    let routes = Arc::clone(&config.routes);
+    let routes = SharedRoutes::new(Arc::clone(&config.routes));
     let wiring = DrainWiring {
         spool: &spool,
         routes: &routes,
@@ -301,6 +337,7 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
                         });
                     }
                 };
+                upstream_controls.push(UpstreamControl::Mqtt(handle.clone()));
                 let counters = handle.clone();
                 upstream_sources.push(source(
                     handle.link_info(),
@@ -323,8 +360,9 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
                         ]
                     }),
                 ));
-                let (drain_task, routed) =
+                let (drain_task, routed, control) =
                     wiring.start(index, handle, ack_rx, drain_config(window), stats);
+                drain_controls.push(control);
                 drains.push(drain_task);
                 upstreams.push(routed);
                 tasks.push(task);
@@ -352,6 +390,7 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
                     }
                 };
                 amqp_upstreams.push(handle.clone());
+                upstream_controls.push(UpstreamControl::Amqp(handle.clone()));
                 let counters = handle.clone();
                 upstream_sources.push(source(
                     handle.link_info(),
@@ -373,8 +412,9 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
                         ]
                     }),
                 ));
-                let (drain_task, routed) =
+                let (drain_task, routed, control) =
                     wiring.start(index, handle, ack_rx, drain_config(window), stats);
+                drain_controls.push(control);
                 drains.push(drain_task);
                 upstreams.push(routed);
                 tasks.push(task);
@@ -384,12 +424,7 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
     drop(downlink_tx);
     // The router takes every upstream's subscriptions and link state; the drivers see none.
     // Its filter bound covers every ingress (`Config::max_filters`).
-    let router = Router::new(
-        entrance,
-        upstreams,
-        config.max_filters(),
-        Arc::clone(&routes),
-    );
+    let router = Router::new(entrance, upstreams, config.max_filters(), routes.clone());
     // Upstreams start first (their setup errors come before any port is taken); a bind failure
     // stops them again.
     let options = SocketOptions {
@@ -492,7 +527,21 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
     );
     // The writer stops once every appender is gone: only the ingresses' keep it running.
     let router_stats = router.downlink_stats();
+    let route_reconfigurer = router.reconfigurer();
     drop(router);
+    // The serial lines (one task each) feed the same core; they stop with the ingresses.
+    // A line's retransmissions wait for its write queue to drain at the line's rate.
+    let serial_stop = ingress_stop.child_token();
+    let (serial_links, serial_tasks) =
+        serial_line::start(&config.serial, &serial_stop, Some(Arc::clone(&events)));
+    for (line, link) in (0u16..).zip(&serial_links.lines) {
+        core.set_link_delay(PeerAddr::Serial { line }, link.delay());
+    }
+    let serial_sources: Vec<_> = serial_links
+        .lines
+        .iter()
+        .map(|l| Arc::clone(l.stats()))
+        .collect();
     let driver = UdpDriver::new(
         core,
         sockets,
@@ -503,13 +552,17 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
         config.mqttsn.core.max_packet_size,
     )
     .with_session_store(store)
-    .with_stats(Arc::clone(&udp_stats));
+    .with_stats(Arc::clone(&udp_stats))
+    .with_serial(serial_links)
+    .with_forwarders(config.mqttsn.forwarders.clone());
     // The admin asks the driver through its own bounded channel; the driver beats each turn.
     let (query_tx, query_rx) = mpsc::channel(QUERY_CHANNEL);
     let sn_beat = Arc::new(Beat::new());
+    let (sn_reconfigure, sn_reconfigure_rx) = mpsc::channel(1);
     let driver = driver
         .with_queries(query_rx)
-        .with_beat(Arc::clone(&sn_beat));
+        .with_beat(Arc::clone(&sn_beat))
+        .with_reconfigure(sn_reconfigure_rx);
     let mut ingresses = vec![IngressSource {
         protocol: core::PROTOCOL,
         queries: query_tx,
@@ -518,9 +571,11 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
         kernel_drops: Some(Arc::clone(&kernel_drops)),
         extra: None,
     }];
+    let mut coap_reconfigure = None;
     let coap_task = coap.map(|coap| {
         listeners.extend(coap.listeners);
         ingresses.push(coap.source);
+        coap_reconfigure = Some(coap.reconfigure);
         coap.task
     });
     let http = http.map(|mut http| {
@@ -545,16 +600,38 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
         started,
         listeners,
         ingresses,
+        serial: config
+            .serial
+            .iter()
+            .zip(&serial_sources)
+            .map(|(line, stats)| SerialSource {
+                device: line.device.clone(),
+                forwarder: line.forwarder,
+                stats: Arc::clone(stats),
+            })
+            .collect(),
         upstreams: upstream_sources,
         spool: Arc::clone(&spool),
         router: Arc::clone(&router_stats),
         events: Arc::clone(&events),
         phase: Arc::clone(&phase),
         last_disk_error_ms: Arc::default(),
+        reload: Arc::clone(&reload_cell),
     };
     // The admin and the monitor outlive the driver: `/readyz` says "stopping" meanwhile.
     let admin_stop = CancellationToken::new();
     let monitor = tokio::spawn(monitor::run(sources.clone(), admin_stop.clone()));
+    // systemd (NOTIFY_SOCKET): STATUS= lines and watchdog pings beside the monitor, from the
+    // same snapshot as /healthz; stopped with the admin (pings go on while stopping).
+    let notifier = Notifier::from_env();
+    let supervisor = notifier.clone().map(|notifier| {
+        tokio::spawn(systemd::supervise(
+            sources.clone(),
+            notifier,
+            systemd::watchdog_interval(),
+            admin_stop.clone(),
+        ))
+    });
     let admin_task = admin_listener.map(|listener| {
         tokio::spawn(admin::serve(
             listener,
@@ -565,6 +642,47 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
             },
             admin_stop.clone(),
         ))
+    });
+    // Reloads (SIGHUP): each live part registers here.
+    let mut live_parts: Vec<live::Part> = Vec::new();
+    if let Some(set) = control.set_log_level {
+        live_parts.push(live::log_part(set));
+    }
+    live_parts.push(live::routes_part(route_reconfigurer));
+    live_parts.push(live::core_part("[mqttsn]", sn_reconfigure, |plan| {
+        plan.mqttsn.clone()
+    }));
+    for (index, control) in upstream_controls.into_iter().enumerate() {
+        live_parts.push(upstream_part(index, control));
+    }
+    for (index, control) in drain_controls.into_iter().enumerate() {
+        live_parts.push(drain_part(index, control));
+    }
+    if let Some(reloader) = http.as_ref().map(|h| h.reloader.clone()) {
+        live_parts.push(live::http_part(reloader));
+    }
+    if let Some(requests) = coap_reconfigure {
+        live_parts.push(live::core_part("[coap]", requests, |plan| {
+            plan.coap.clone()
+        }));
+    }
+    let reload_task = control.reload.map(|requests| {
+        let reloader = live::Reloader {
+            file: config.file.clone(),
+            started: Arc::clone(&started_config),
+            parts: live_parts,
+            cell: Arc::clone(&reload_cell),
+            events: Arc::clone(&events),
+            // systemd: RELOADING=1 first, READY=1 with the outcome after (the supervisor's
+            // next STATUS= line says it too).
+            on_start: notifier
+                .clone()
+                .map(|n| -> Box<dyn FnMut()> { Box::new(move || n.reloading()) }),
+            on_outcome: notifier.clone().map(|n| -> live::OnOutcome {
+                Box::new(move |outcome: &crate::reload::Outcome| n.ready(&outcome.summary()))
+            }),
+        };
+        tokio::task::spawn_local(reloader.run(requests, ingress_stop.clone()))
     });
     phase.set(Phase::Serving);
     events.push(
@@ -579,6 +697,7 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
     );
     tracing::info!(
         listeners = config.mqttsn.listen.len(),
+        serial_lines = config.serial.len(),
         coap_listeners = config.coap.as_ref().map_or(0, |c| c.listen.len()),
         http_listeners = config
             .http
@@ -587,6 +706,10 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
         admin = ?config.admin.listen,
         "sensorgate ready."
     );
+    // Config validated, spool recovered, sessions restored, every listener bound.
+    if let Some(notifier) = &notifier {
+        notifier.ready("serving");
+    }
     let result = driver
         .run(ingress_stop.clone())
         .await
@@ -595,7 +718,22 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
             error,
         });
     phase.set(Phase::Stopping);
+    if let Some(notifier) = &notifier {
+        notifier.stopping();
+    }
     events.push(wall_ms(), "stopping", Level::Info, "Stopping.".into());
+    // No reload from here on (a part's channel may be gone).
+    ingress_stop.cancel();
+    if let Some(mut task) = reload_task {
+        // A part still applying (an upstream reconnecting) is abandoned after the grace.
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+            tracing::warn!("A reload did not finish within the grace period; abandoned.");
+        }
+    }
     // The other ingresses stop too (also when this one failed) and drop their appenders
     // before the writer is joined below; the first failure is the run's.
     ingress_stop.cancel();
@@ -608,6 +746,14 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
         Some(http) => result.and(stop_http(http).await),
         None => result,
     };
+    // The serial lines stopped with the ingresses' token (their tasks hold no appender).
+    serial_stop.cancel();
+    if tokio::time::timeout(SHUTDOWN_GRACE, serial_tasks.join())
+        .await
+        .is_err()
+    {
+        tracing::warn!("Serial lines did not stop within the grace period.");
+    }
     // Also when the driver failed; what it still held is not acknowledged to the brokers.
     downlink_stop.cancel();
     let _ = downlink_router.await;
@@ -653,6 +799,9 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
     let _ = status.await;
     admin_stop.cancel();
     let _ = monitor.await;
+    if let Some(task) = supervisor {
+        let _ = task.await;
+    }
     if let Some(task) = admin_task {
         if tokio::time::timeout(SHUTDOWN_GRACE, task).await.is_err() {
             tracing::warn!("Admin listener did not stop within the grace period.");
@@ -672,6 +821,79 @@ async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunErr
     result
 }
 
+/// Upstream `index`'s drain part: `ack_timeout`, `max_backlog`, `max_backlog_age` and the
+/// `[spool]` drain rates, from the next message on (the window is the upstream's
+/// `max_inflight`, fixed at start).
+fn drain_part(index: usize, control: watch::Sender<DrainConfig>) -> live::Part {
+    Box::new(move |plan, new| {
+        if !plan.same_upstreams {
+            return None;
+        }
+        let upstream = new.upstreams.get(index)?;
+        let now = *control.borrow();
+        let next = DrainConfig {
+            window: now.window,
+            rate_msgs: new.spool.drain_rate,
+            rate_bytes: new.spool.drain_bytes_rate,
+            ack_timeout: upstream.ack_timeout,
+            max_backlog: upstream.max_backlog,
+        };
+        if format!("{next:?}") == format!("{now:?}") {
+            return None;
+        }
+        let name = format!("[[upstream]] {}: drain", upstream.name);
+        let result = match control.send(next) {
+            Ok(()) => live::PartResult::default(),
+            Err(_) => live::PartResult {
+                notes: Vec::new(),
+                error: Some(format!("{name}: the drain is gone (stopping)")),
+            },
+        };
+        let work: live::PartFuture = Box::pin(std::future::ready(result));
+        Some((name, work))
+    })
+}
+
+/// A running upstream, by kind, for reloads of its settings.
+enum UpstreamControl {
+    Mqtt(MqttUpstream),
+    Amqp(AmqpUpstream),
+}
+
+/// Upstream `index`'s reload part: its new connection settings, when the plan lists it.
+fn upstream_part(index: usize, control: UpstreamControl) -> live::Part {
+    Box::new(move |plan, new| {
+        if !plan.upstreams.contains(&index) {
+            return None;
+        }
+        let upstream = new.upstreams.get(index)?;
+        let name = format!("[[upstream]] {}", upstream.name);
+        let result = match (&control, &upstream.kind) {
+            (UpstreamControl::Mqtt(u), UpstreamKind::Mqtt(c)) => {
+                u.reconfigure(c.clone()).map_err(|e| e.to_string())
+            }
+            (UpstreamControl::Amqp(u), UpstreamKind::Amqp(c)) => {
+                u.reconfigure(c.clone()).map_err(|e| e.to_string())
+            }
+            // The plan lists only upstreams of the same kind (a kind change is restart-only).
+            _ => Err("its kind changed (restart to change it)".to_owned()),
+        };
+        let result = match result {
+            Ok(Reconfigured::Reconnecting) => live::PartResult {
+                notes: vec![format!("{name}: reconnecting with the new settings")],
+                error: None,
+            },
+            Ok(Reconfigured::Applied | Reconfigured::Unchanged) => live::PartResult::default(),
+            Err(e) => live::PartResult {
+                notes: Vec::new(),
+                error: Some(format!("{name}: {e}")),
+            },
+        };
+        let work: live::PartFuture = Box::pin(std::future::ready(result));
+        Some((name, work))
+    })
+}
+
 /// A started CoAP ingress: its driver's task and what the admin and the status line read.
 struct CoapRunning {
     /// The driver; ends when the ingresses' stop token is cancelled, or on a socket error
@@ -683,6 +905,8 @@ struct CoapRunning {
     listeners: Vec<Listener>,
     /// For the status line.
     counters: UdpCounters,
+    /// Reloads of `[coap]`'s live settings.
+    reconfigure: mpsc::Sender<Reconfigure<coap::core::CoreConfig>>,
 }
 
 /// Registers the CoAP ingress: binds every `[coap] listen` address (a failure is a
@@ -732,6 +956,7 @@ fn start_coap(
     let ingress = router.ingress(reply_tx).with_downlink(downlink_tx);
     let (query_tx, query_rx) = mpsc::channel(QUERY_CHANNEL);
     let beat = Arc::new(Beat::new());
+    let (reconfigure, reconfigure_rx) = mpsc::channel(1);
     let driver = UdpDriver::new(
         coap::core::Core::new(section.core.clone(), core_seed()),
         sockets,
@@ -743,7 +968,8 @@ fn start_coap(
     )
     .with_stats(Arc::clone(&counters.stats))
     .with_queries(query_rx)
-    .with_beat(Arc::clone(&beat));
+    .with_beat(Arc::clone(&beat))
+    .with_reconfigure(reconfigure_rx);
     let stop = stop.clone();
     let task = tokio::task::spawn_local(async move {
         let result = driver.run(stop.clone()).await;
@@ -765,6 +991,7 @@ fn start_coap(
         },
         listeners,
         counters,
+        reconfigure,
     })
 }
 
@@ -802,6 +1029,8 @@ struct HttpRunning {
     listeners: Vec<Listener>,
     /// Its counters, for the status line.
     stats: Arc<http::stats::HttpStats>,
+    /// Applies a reloaded `[http]` section to the running ingress (issue 18, SIGHUP).
+    reloader: http::Reloader,
 }
 
 /// Registers the HTTP ingress: loads the TLS files, binds every `[http] listen` and
@@ -853,7 +1082,8 @@ fn start_http(
         queries: query_rx,
         beat: Arc::clone(&beat),
     };
-    let shared = Arc::new(section.clone());
+    let reloader = http::Reloader::new(section);
+    let thread_reloader = reloader.clone();
     let workers = section.worker_threads;
     let (done_tx, done) = tokio::sync::oneshot::channel();
     let thread_stop = stop.clone();
@@ -874,7 +1104,7 @@ fn start_http(
             };
             let result = runtime.and_then(|runtime| {
                 let result = runtime.block_on(http::run(
-                    shared,
+                    thread_reloader,
                     bound,
                     tls,
                     wiring,
@@ -907,6 +1137,7 @@ fn start_http(
         },
         listeners,
         stats,
+        reloader,
     })
 }
 
@@ -975,7 +1206,7 @@ fn without_credentials(url: &str) -> String {
 /// What every upstream's drain shares, whatever the upstream's kind.
 struct DrainWiring<'a> {
     spool: &'a Arc<SharedSpool<StdFs>>,
-    routes: &'a Arc<RouteTable>,
+    routes: &'a SharedRoutes,
     stop: &'a CancellationToken,
 }
 
@@ -989,14 +1220,20 @@ impl DrainWiring<'_> {
         acks: mpsc::Receiver<AckReport>,
         config: DrainConfig,
         stats: Arc<DrainStats>,
-    ) -> (tokio::task::JoinHandle<()>, RoutedUpstream) {
-        let task = tokio::spawn(drain(
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        RoutedUpstream,
+        watch::Sender<DrainConfig>,
+    ) {
+        // A reload sends new settings here (`drain_part`).
+        let (control, settings) = watch::channel(config);
+        let task = tokio::spawn(drain_with_control(
             Arc::clone(self.spool),
             index,
             handle.clone(),
             acks,
-            config,
-            Arc::clone(self.routes),
+            settings,
+            self.routes.clone(),
             stats,
             self.stop.clone(),
         ));
@@ -1004,7 +1241,7 @@ impl DrainWiring<'_> {
             link: handle.watch_link(),
             subscriber: Box::new(handle),
         };
-        (task, routed)
+        (task, routed, control)
     }
 }
 

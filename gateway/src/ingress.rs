@@ -8,6 +8,12 @@
 //! Invariants: a core never reads a clock (time is passed in), never blocks, and answers each
 //! tokened [`Event::Publish`] only after [`DatagramCore::handle_publish_result`] (the spool's
 //! verdict: accepted means durable).
+//!
+//! Live reconfiguration (SIGHUP): [`DatagramCore::reconfigure`] swaps a core's settings between
+//! two turns of its driver, which receives them as [`Reconfigure`] requests. Sessions,
+//! registrations, subscriptions, queues and exchanges in flight survive it; a lowered limit
+//! applies to what comes next (nothing admitted under the old one is dropped for it); a timer
+//! takes a new duration when it is next armed. Each core documents its settings one by one.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +21,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use sensorgate_bridges::message::{Message, Qos};
+use tokio::sync::oneshot;
 
 use crate::observe::model::{ClientQuery, ClientsPage, IngressReport};
 
@@ -36,6 +43,27 @@ pub enum PeerAddr {
         /// Which line (index in the line list).
         line: u16,
     },
+    /// A UDP forwarder: a source matching entry `entry` of `[mqttsn] forwarders`, wherever
+    /// in the entry it sends from now (its address or port may change; the driver sends to
+    /// the entry's latest source). One entry is one radio network: its node ids are unique
+    /// within it.
+    Forwarder {
+        /// Which allow-list entry (index in `[mqttsn] forwarders`).
+        entry: u16,
+    },
+}
+
+impl PeerAddr {
+    /// Whether datagrams from this address may carry forwarder encapsulations (0xFE) of other
+    /// clients' messages: only an allow-listed UDP forwarder or a serial line may relay; a
+    /// plain UDP source may not (it could speak for any node id).
+    #[must_use]
+    pub fn may_relay(&self) -> bool {
+        match self {
+            PeerAddr::Forwarder { .. } | PeerAddr::Serial { .. } => true,
+            PeerAddr::Udp { .. } => false,
+        }
+    }
 }
 
 impl std::fmt::Display for PeerAddr {
@@ -43,6 +71,7 @@ impl std::fmt::Display for PeerAddr {
         match self {
             PeerAddr::Udp { addr, .. } => write!(f, "{addr}"),
             PeerAddr::Serial { line } => write!(f, "serial:{line}"),
+            PeerAddr::Forwarder { entry } => write!(f, "forwarder:{entry}"),
         }
     }
 }
@@ -71,6 +100,15 @@ impl Peer {
     pub fn serial(line: u16) -> Self {
         Peer {
             addr: PeerAddr::Serial { line },
+            node: None,
+        }
+    }
+
+    /// A datagram from the UDP forwarder of allow-list entry `entry` (the core adds the node
+    /// id of an encapsulated client).
+    pub fn forwarder(entry: u16) -> Self {
+        Peer {
+            addr: PeerAddr::Forwarder { entry },
             node: None,
         }
     }
@@ -165,6 +203,32 @@ pub enum PublishOutcome {
     NoRoute,
 }
 
+/// New settings for a running datagram core, applied by its driver between two turns
+/// (`UdpDriver::with_reconfigure`); `done` gets the core's notes for the log (see
+/// [`DatagramCore::reconfigure`]). A request whose asker has gone is applied all the same.
+#[derive(Debug)]
+pub struct Reconfigure<S> {
+    /// The validated settings (compiled from the new config file).
+    pub settings: S,
+    /// Where the notes go once the settings are in force.
+    pub done: oneshot::Sender<Vec<String>>,
+}
+
+/// Caps a reloaded `max_filters` at the value the router's filter table was sized for at start
+/// (the ingresses' bounds are summed there: above it this ingress would take room the others
+/// count on); the note says so when it capped.
+pub(crate) fn cap_max_filters(max_filters: &mut usize, started: usize) -> Option<String> {
+    if *max_filters <= started {
+        return None;
+    }
+    let note = format!(
+        "max_filters {max_filters} is above the {started} the router's filter table was sized \
+         for at start: capped at {started} until a restart"
+    );
+    *max_filters = started;
+    Some(note)
+}
+
 /// A sans-IO datagram protocol core, as the UDP driver drives it. Per turn the driver feeds
 /// datagrams, the spool's verdicts and downlink, calls [`Self::handle_timeout`], then drains
 /// [`Self::poll_event`] (handing each [`Event::Subscribe`]'s result back through
@@ -173,6 +237,22 @@ pub enum PublishOutcome {
 pub trait DatagramCore: Send + 'static {
     /// The protocol's name for logs ("MQTT-SN", "CoAP").
     const NAME: &'static str;
+
+    /// What [`Self::reconfigure`] takes: the core's whole configuration.
+    type Settings: Send + 'static;
+
+    /// Puts `settings` (validated) in force at `now`, keeping every session, registration,
+    /// subscription, queued message and exchange in flight. A lowered limit applies to what
+    /// comes next; a timer takes its new duration when next armed. Returns notes for the log
+    /// (what the change means for the state there is, e.g. a limit now below the current
+    /// count); empty when there is nothing to say. Call between turns (after a flush), then
+    /// flush: the change may have output (an ADVERTISE with a new GwId, a queue pumped).
+    fn reconfigure(&mut self, now: Instant, settings: Self::Settings) -> Vec<String>;
+
+    /// The longest datagram the core takes, for the driver's receive slots (which are one
+    /// byte longer, to see oversize datagrams as such); read again after
+    /// [`Self::reconfigure`].
+    fn max_datagram_size(&self) -> usize;
 
     /// A datagram from `peer`. It may be one byte longer than the driver's packet limit (the
     /// read slot is one byte larger): such a datagram was oversize (possibly truncated).

@@ -8,7 +8,7 @@
 //! Layout: [`config`] (validated before anything binds), [`mqttsn`] (the sans-IO protocol
 //! core and its codec), [`coap`] (the CoAP ingress core), [`http`] (the HTTP ingress), [`ingress`] (the seam every
 //! datagram core implements), [`io`]
-//! (thin adapters owning sockets), [`app`] (wiring and lifecycle).
+//! (thin adapters owning sockets), [`serial`] (MQTT-SN over serial lines), [`app`] (wiring and lifecycle).
 
 pub mod app;
 pub mod coap;
@@ -16,6 +16,9 @@ pub mod config;
 pub mod http;
 pub mod ingress;
 pub mod io;
+pub mod live;
 pub mod mqttsn;
 pub mod observe;
 pub mod preflight;
+pub mod reload;
+pub mod serial;

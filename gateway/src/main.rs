@@ -7,10 +7,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use sensorgate::app::RunError;
+use sensorgate::app::{Control, RunError};
 use sensorgate::config::{self, Config, LoadError};
 use sensorgate::http::token;
 use sensorgate::observe::cli;
+use sensorgate::observe::logging::LogControl;
 use sensorgate::preflight::{self, ErrorClass, PreflightError};
 
 /// Exit status for configuration errors (EX_CONFIG, sysexits.h).
@@ -155,8 +156,9 @@ fn main() -> ExitCode {
             if let Err(e) = preflight::check(&cfg) {
                 return fatal(&Fatal::from(e));
             }
-            init_logging(&cfg.log.level);
-            match run(cfg) {
+            // journald or stderr (observe::logging); the control changes the level on reload.
+            let log = sensorgate::observe::logging::init(&cfg.log.level);
+            match run(cfg, log) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fatal(&e),
             }
@@ -327,20 +329,7 @@ fn fatal(e: &Fatal) -> ExitCode {
     exit_code(e.class)
 }
 
-fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only on a terminal: journald and log files get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
-}
-
-fn run(cfg: Config) -> Result<(), Fatal> {
+fn run(cfg: Config, log: LogControl) -> Result<(), Fatal> {
     // One thread runs every task: the UDP driver, the upstream link and acknowledgement tasks
     // hand each message to one another several times, and on one thread each hand-over is a
     // queue push instead of a cross-thread wake-up (futex) of a parked worker. The core is
@@ -360,33 +349,63 @@ fn run(cfg: Config) -> Result<(), Fatal> {
             tracing::info!("{line}");
         }
         let shutdown = CancellationToken::new();
-        let signals = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("Shutdown requested.");
-            signals.cancel();
-        });
-        sensorgate::app::run(cfg, shutdown).await?;
+        // One pending reload at most: a SIGHUP during a reload is served by one more.
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+        // Installed now, before the spool is recovered: SIGHUP's default action would end
+        // the process.
+        let signals = install_signals();
+        tokio::spawn(handle_signals(signals, shutdown.clone(), reload_tx));
+        let control = Control {
+            reload: Some(reload_rx),
+            // `[log] level` on reload (refused, and so reported, while RUST_LOG wins).
+            set_log_level: Some(std::sync::Arc::new(move |level: &str| log.set_level(level))),
+        };
+        sensorgate::app::run_with(cfg, shutdown, control).await?;
         tracing::info!("sensorgate stopped.");
         Ok::<(), RunError>(())
     })
         .map_err(Fatal::from)
 }
 
-async fn wait_for_signal() {
+/// The handlers of SIGTERM, SIGINT and SIGHUP; `None` when they cannot be installed.
+fn install_signals() -> Option<[tokio::signal::unix::Signal; 3]> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    Some([
+        signal(SignalKind::terminate()).ok()?,
+        signal(SignalKind::interrupt()).ok()?,
+        signal(SignalKind::hangup()).ok()?,
+    ])
+}
+
+/// SIGTERM and SIGINT stop the gateway; SIGHUP asks it to reload its config (`systemctl
+/// reload`).
+async fn handle_signals(
+    signals: Option<[tokio::signal::unix::Signal; 3]>,
+    shutdown: CancellationToken,
+    reload: tokio::sync::mpsc::Sender<()>,
+) {
+    let Some([mut term, mut int, mut hup]) = signals else {
         // Without signal handlers the daemon can only be killed; keep running.
+        tracing::warn!("Cannot install the signal handlers: SIGTERM and SIGHUP will kill.");
         return std::future::pending().await;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                tracing::info!("Reload requested (SIGHUP).");
+                // Full: a reload is pending already and will read the file as it is now.
+                let _ = reload.try_send(());
+            }
+        }
     }
+    tracing::info!("Shutdown requested.");
+    shutdown.cancel();
 }
+
+#[cfg(test)]
+mod manpages;
 
 #[cfg(test)]
 mod tests {

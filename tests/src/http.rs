@@ -1032,6 +1032,11 @@ impl CurlSse {
     pub fn stderr(&self) -> String {
         self.script.stderr()
     }
+
+    /// curl's PID while it runs (to stop it with SIGSTOP: a reader that stalls).
+    pub fn pid(&self) -> Option<u32> {
+        self.script.pid()
+    }
 }
 
 /// Waits until the upstream subscription behind an SSE stream is live: publishes QoS 1

@@ -31,7 +31,11 @@ use tempfile::TempDir;
 
 pub mod coap;
 pub mod fanout;
+pub mod forwarder;
 pub mod http;
+pub mod notify;
+pub mod pty;
+pub mod serial;
 
 /// How long a peer may take to become ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -888,8 +892,24 @@ pub struct Gateway {
     admin_token: Option<String>,
     /// The first `[coap] listen` address, probed for readiness when set.
     coap_addr: Option<SocketAddr>,
+    /// How its process is started (every launch, restarts included).
+    launch: LaunchOptions,
     /// Holds the config, the state dir and the log; declared last so it outlives the process.
     dir: TempDir,
+}
+
+/// How [`Gateway::start_with`] starts the process (the defaults: as [`Gateway::start`]).
+#[derive(Debug, Clone, Default)]
+pub struct LaunchOptions {
+    /// Extra environment variables (e.g. [`notify::NotifySocket::env`]).
+    pub env: Vec<(String, String)>,
+    /// Sets `WATCHDOG_PID` to the gateway's own PID, as systemd does: the process is started
+    /// as `sh -c 'WATCHDOG_PID=$$ ... exec sensorgate ...'`, so the PID is the shell's, which
+    /// `exec` hands to sensorgate.
+    pub watchdog_pid: bool,
+    /// Returns once the process is spawned, without waiting for it to answer a CONNECT (the
+    /// test waits for something else, e.g. `READY=1`).
+    pub no_wait: bool,
 }
 
 impl Gateway {
@@ -908,6 +928,30 @@ impl Gateway {
             admin_addr: cfg.admin_addr(),
             admin_token: cfg.admin_token.clone(),
             coap_addr: cfg.coap_addr(),
+            launch: LaunchOptions::default(),
+            dir,
+        };
+        gw.launch()
+            .with_context(|| format!("gateway config:\n{text}"))?;
+        Ok(gw)
+    }
+
+    /// [`Gateway::start`] with `options` (environment, `WATCHDOG_PID`, no readiness wait).
+    ///
+    /// # Errors
+    /// When it cannot be spawned; unless `no_wait`, when it exits or does not answer within
+    /// [`READY_TIMEOUT`].
+    pub fn start_with(cfg: &GatewayConfig, options: LaunchOptions) -> Result<Gateway> {
+        let dir = temp_dir()?;
+        let text = cfg.render(&dir.path().join("state"));
+        std::fs::write(dir.path().join("sensorgate.toml"), &text)?;
+        let mut gw = Gateway {
+            proc: None,
+            sn_addr: cfg.sn_addr(),
+            admin_addr: cfg.admin_addr(),
+            admin_token: cfg.admin_token.clone(),
+            coap_addr: cfg.coap_addr(),
+            launch: options,
             dir,
         };
         gw.launch()
@@ -927,6 +971,7 @@ impl Gateway {
             admin_addr: None,
             admin_token: None,
             coap_addr: None,
+            launch: LaunchOptions::default(),
             dir,
         };
         gw.launch()
@@ -937,9 +982,21 @@ impl Gateway {
     fn launch(&mut self) -> Result<()> {
         let config = self.dir.path().join("sensorgate.toml");
         let log = self.dir.path().join("sensorgate.log");
-        let mut cmd = Command::new(sensorgate_bin());
+        let mut cmd = if self.launch.watchdog_pid {
+            let mut sh = Command::new("sh");
+            sh.arg("-c")
+                .arg("WATCHDOG_PID=$$; export WATCHDOG_PID; exec \"$0\" \"$@\"")
+                .arg(sensorgate_bin());
+            sh
+        } else {
+            Command::new(sensorgate_bin())
+        };
         cmd.arg("run").arg("-c").arg(&config).env_remove("RUST_LOG");
+        cmd.envs(self.launch.env.iter().map(|(k, v)| (k, v)));
         self.proc = Some(Proc::spawn("sensorgate", &mut cmd, &log, true)?);
+        if self.launch.no_wait {
+            return Ok(());
+        }
         self.wait_ready()
     }
 

@@ -4,9 +4,15 @@
 //! packets that need a session) sends the datagrams, then proves it got no reply: it sends
 //! SEARCHGW and the very next packet must be GWINFO. After each class a fresh, healthy client
 //! connects, publishes QoS 1, gets PUBACK rc 0, and the message reaches the broker.
+//!
+//! Encapsulations are decoded only from an allow-listed forwarder: the classes about them are
+//! sent from [`FORWARDER`] (the gateway's `[mqttsn] forwarders`), so the decoder sees them;
+//! well-formed encapsulations from any other address are refused unanswered (a class of its
+//! own).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use sensorgate_tests::sn::{self, Qos, TopicType};
@@ -14,6 +20,18 @@ use sensorgate_tests::{Rig, SnClient, Subscriber, XorShift64};
 
 /// The configured max_packet_size.
 const MAX: usize = 4096;
+
+/// The source address of the one allow-listed forwarder.
+const FORWARDER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+
+/// A rig whose gateway takes encapsulations from [`FORWARDER`].
+fn rig() -> Rig {
+    Rig::start_with(|c| {
+        c.mqttsn(&format!("forwarders = [\"{FORWARDER}\"]"));
+        Ok(())
+    })
+    .unwrap()
+}
 
 static HEALTHY: AtomicU32 = AtomicU32::new(0);
 
@@ -44,6 +62,8 @@ struct Class {
     name: &'static str,
     /// Send from a connected client (the packet types need a session to be meaningful).
     with_session: bool,
+    /// Send from the allow-listed forwarder's address.
+    from_forwarder: bool,
     datagrams: Vec<Vec<u8>>,
 }
 
@@ -51,7 +71,16 @@ fn class(name: &'static str, with_session: bool, datagrams: Vec<Vec<u8>>) -> Cla
     Class {
         name,
         with_session,
+        from_forwarder: false,
         datagrams,
+    }
+}
+
+/// A class sent by the allow-listed forwarder.
+fn forwarded(name: &'static str, datagrams: Vec<Vec<u8>>) -> Class {
+    Class {
+        from_forwarder: true,
+        ..class(name, false, datagrams)
     }
 }
 
@@ -232,9 +261,8 @@ fn classes() -> Vec<Class> {
                 },
             ],
         ),
-        class(
+        forwarded(
             "nested 0xFE encapsulation",
-            false,
             vec![
                 sn::encapsulate(
                     0,
@@ -253,17 +281,30 @@ fn classes() -> Vec<Class> {
                 sn::encapsulate(0, &[0x07], &[0x05, sn::PINGREQ]),
             ],
         ),
+        class(
+            "well-formed encapsulation from an address not in the forwarders list",
+            false,
+            vec![
+                sn::encapsulate(0, &[0x01], &sn::connect(sn::FLAG_CLEAN, 60, b"spoofed")),
+                sn::encapsulate(1, &[0x02, 0x03], &sn::searchgw(1)),
+                sn::encapsulate(0, &[0x04], &sn::pingreq()),
+            ],
+        ),
     ]
 }
 
 #[test]
 fn every_class_of_malformed_datagram_is_dropped_silently() {
-    let rig = Rig::start().unwrap();
+    let rig = rig();
     let mut sub = rig.subscribe(&["healthy/#"]).unwrap();
     assert_healthy(&rig, &mut sub, "before anything");
     let mut failures = Vec::new();
     for (i, class) in classes().into_iter().enumerate() {
-        let mut attacker = SnClient::new(rig.gateway.sn_addr()).unwrap();
+        let mut attacker = if class.from_forwarder {
+            SnClient::bind(rig.gateway.sn_addr(), FORWARDER).unwrap()
+        } else {
+            SnClient::new(rig.gateway.sn_addr()).unwrap()
+        };
         if class.with_session {
             attacker.connect_ok(&format!("attacker-{i}")).unwrap();
         }
@@ -363,7 +404,7 @@ fn seeded_random_garbage_does_not_hurt_the_gateway() {
 
 #[test]
 fn bit_flipped_and_truncated_valid_packets_do_not_hurt_the_gateway() {
-    let rig = Rig::start().unwrap();
+    let rig = rig();
     let mut sub = rig.subscribe(&["healthy/#"]).unwrap();
     let mut rng = XorShift64::new(42);
     let mut victim = rig.connected("victim").unwrap();
@@ -394,7 +435,11 @@ fn bit_flipped_and_truncated_valid_packets_do_not_hurt_the_gateway() {
         sn::searchgw(0),
         sn::encapsulate(0, &[1, 2, 3], &sn::pingreq()),
     ];
-    let mutant = SnClient::new(rig.gateway.sn_addr()).unwrap();
+    // Every other datagram from the forwarder, so mutated encapsulations reach the decoder.
+    let mutants = [
+        SnClient::new(rig.gateway.sn_addr()).unwrap(),
+        SnClient::bind(rig.gateway.sn_addr(), FORWARDER).unwrap(),
+    ];
     for i in 0..2_000usize {
         let mut d = valid[i % valid.len()].clone();
         match rng.below(3) {
@@ -408,7 +453,7 @@ fn bit_flipped_and_truncated_valid_packets_do_not_hurt_the_gateway() {
                 d.extend(rng.bytes(n));
             }
         }
-        mutant.send(&d).unwrap();
+        mutants[i % 2].send(&d).unwrap();
     }
     assert_healthy(&rig, &mut sub, "mutated packets");
     let mut rig = rig;

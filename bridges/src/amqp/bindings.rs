@@ -43,6 +43,13 @@ pub(crate) struct BindingTable {
 }
 
 impl BindingTable {
+    /// A new bound on wanted keys (a reconfigure): a lower one refuses new keys until the
+    /// table holds fewer; none already wanted is dropped (the table stays within twice the
+    /// larger of the two bounds).
+    pub(crate) fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity;
+    }
+
     /// An empty table holding at most `capacity` wanted keys; `fixed` keys are never unbound.
     pub(crate) fn new(capacity: usize, fixed: impl IntoIterator<Item = String>) -> Self {
         Self {

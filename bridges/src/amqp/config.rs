@@ -117,6 +117,10 @@ pub enum AmqpConfigError {
     /// The TLS files cannot be used.
     #[error("TLS: {0}")]
     Tls(String),
+    /// `reconfigure`: a setting that is fixed for the upstream's life changed (it takes a
+    /// restart); nothing was changed.
+    #[error("`{0}` cannot change while the upstream runs (restart to change it)")]
+    RestartRequired(&'static str),
 }
 
 impl AmqpUpstreamConfig {

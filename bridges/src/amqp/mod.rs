@@ -46,6 +46,10 @@
 //! - **Shutdown**: the stop token refuses new publishes, lets the broker confirm what is in
 //!   flight for up to `connect_timeout`, closes the connection and reports the rest
 //!   `Failed(Shutdown)`.
+//! - **Reconfigure** ([`AmqpUpstream::reconfigure`]) changes nothing unless the whole new
+//!   configuration passes the setup checks. A connection change ends the connection like a
+//!   reset with a clean end (a bounded wait for confirms, the rest `Failed(Disconnected)`,
+//!   connection.close) and connects with the new settings at once, also from a backoff wait.
 //!
 //! Downlink invariants (MUST hold):
 //!

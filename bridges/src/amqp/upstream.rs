@@ -31,9 +31,10 @@ use super::{
 };
 use crate::message::{Downlink, DownlinkAck, Message, Qos};
 use crate::mqtt::backoff::Backoff;
+use crate::mqtt::config::tls_fingerprint;
 use crate::spool::wall_ms;
 use crate::telemetry::{LinkInfo, io_error_summary};
-use crate::upstream::{AckReport, Delivery, FailReason};
+use crate::upstream::{AckReport, Delivery, FailReason, RELINK_DRAIN, Reconfigured};
 
 /// How often the task looks at the connection's and channel's state (a closed channel raises
 /// no connection event).
@@ -103,6 +104,21 @@ struct Shared {
     /// Sent as `app_id` on every publish and unique per process and upstream, so this
     /// upstream's own messages coming back on the downlink queue are recognised.
     app_id: String,
+    /// The configuration in force and its TLS files' fingerprint (what
+    /// [`AmqpUpstream::reconfigure`] compares with).
+    config: Mutex<(AmqpUpstreamConfig, u64)>,
+    /// A new configuration for the task; `retune` wakes it.
+    pending: Mutex<Option<Retune>>,
+    retune: Notify,
+}
+
+/// A validated new configuration for the task.
+struct Retune {
+    config: AmqpUpstreamConfig,
+    uri: AMQPUri,
+    tls: Option<Arc<ClientConfig>>,
+    /// A connection setting changed: close the connection and open it again.
+    reconnect: bool,
 }
 
 impl Shared {
@@ -190,6 +206,9 @@ impl AmqpUpstream {
                 use rand::{Rng, SeedableRng};
                 rand::rngs::SmallRng::from_os_rng().random::<u64>()
             }),
+            config: Mutex::new((config.clone(), tls_fingerprint(Some(&config.tls)))),
+            pending: Mutex::new(None),
+            retune: Notify::new(),
         });
         let task = Task {
             shared: Arc::clone(&shared),
@@ -208,6 +227,78 @@ impl AmqpUpstream {
         };
         let handle = tokio::spawn(task.run());
         Ok((Self { shared }, handle))
+    }
+
+    /// Changes the settings of the running upstream to `config` (for a config reload).
+    ///
+    /// `config` is checked first like [`Self::spawn`] checks it (values, URL, TLS files): on
+    /// any error nothing changes and the link is untouched. Then:
+    ///
+    /// - nothing changed: [`Reconfigured::Unchanged`];
+    /// - only `backoff_initial`, `backoff_max`, `max_downlink_bytes` or `max_subscriptions`
+    ///   changed: applied in place (a lower `max_subscriptions` unbinds nothing: it refuses
+    ///   new keys until below), [`Reconfigured::Applied`];
+    /// - a connection setting changed (`url`, `username`, `password`, `vhost`, `exchange`,
+    ///   `heartbeat`, `connect_timeout`, `downlink_queue`, the TLS files or their contents):
+    ///   [`Reconfigured::Reconnecting`]. The task stops sending, lets the broker confirm
+    ///   what is in flight for up to [`RELINK_DRAIN`](crate::upstream::RELINK_DRAIN), fails the rest (`Disconnected`: the
+    ///   drain sends it again from its cursor; nothing confirmed is lost, duplicates are
+    ///   possible), closes the connection (connection.close) and connects with the new
+    ///   settings at once; the downlink queue and every binding are made again, as after any
+    ///   reconnect. The link watch and [`LinkInfo`] show the link going down and up.
+    ///
+    /// Returns at once; the reconnect happens on the task.
+    ///
+    /// # Errors
+    /// As [`Self::spawn`], and [`AmqpConfigError::RestartRequired`] when a setting fixed
+    /// for the upstream's life changed (`name`, `max_inflight`, `request_queue`,
+    /// `max_unacked_downlinks`, `bindings`).
+    pub fn reconfigure(&self, config: AmqpUpstreamConfig) -> Result<Reconfigured, AmqpConfigError> {
+        let uri = config.validate()?;
+        let tls = config.tls_config(&uri)?;
+        let tls_files = tls_fingerprint(Some(&config.tls));
+        let mut current = self
+            .shared
+            .config
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (old, old_tls_files) = &*current;
+        if let Some(field) = restart_only_change(old, &config) {
+            return Err(AmqpConfigError::RestartRequired(field));
+        }
+        let reconnect = connection_changed(old, &config) || tls_files != *old_tls_files;
+        let in_place = old.backoff_initial != config.backoff_initial
+            || old.backoff_max != config.backoff_max
+            || old.max_downlink_bytes != config.max_downlink_bytes
+            || old.max_subscriptions != config.max_subscriptions;
+        if !reconnect && !in_place {
+            return Ok(Reconfigured::Unchanged);
+        }
+        self.shared
+            .bindings()
+            .set_capacity(config.max_subscriptions);
+        *current = (config.clone(), tls_files);
+        drop(current);
+        let mut pending = self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // One the task has not taken yet is replaced, keeping its need to reconnect.
+        let reconnect = reconnect || pending.as_ref().is_some_and(|p| p.reconnect);
+        *pending = Some(Retune {
+            config,
+            uri,
+            tls,
+            reconnect,
+        });
+        drop(pending);
+        self.shared.retune.notify_one();
+        Ok(if reconnect {
+            Reconfigured::Reconnecting
+        } else {
+            Reconfigured::Applied
+        })
     }
 
     /// The configured name.
@@ -378,6 +469,8 @@ enum End {
     Reset,
     /// The broker or the network dropped it.
     Lost(String),
+    /// A reconfigure changed a connection setting.
+    Reconfigure,
 }
 
 /// The connection task.
@@ -429,6 +522,7 @@ impl Task {
             if self.stop.is_cancelled() {
                 break;
             }
+            backoff.set_bounds(self.config.backoff_initial, self.config.backoff_max);
             let attempt = tokio::select! {
                 () = self.stop.cancelled() => break,
                 r = tokio::time::timeout(
@@ -477,10 +571,17 @@ impl Task {
                         End::Stop => "upstream stopped".to_owned(),
                         End::Reset => "link reset: acknowledgements overdue".to_owned(),
                         End::Lost(error) => error.clone(),
+                        End::Reconfigure => "reconfigured: reconnecting".to_owned(),
                     };
                     self.shared.link_info.down(wall_ms(), why);
                     match end {
                         End::Stop => break,
+                        End::Reconfigure => {
+                            tracing::info!(upstream = %name, url = %self.config.redacted_url(), "AMQP upstream reconfigured; reconnecting with the new settings.");
+                            backoff =
+                                Backoff::new(self.config.backoff_initial, self.config.backoff_max);
+                            continue;
+                        }
                         End::Reset => tracing::warn!(
                             upstream = %name,
                             "AMQP upstream link reset (acknowledgements overdue); reconnecting."
@@ -511,11 +612,17 @@ impl Task {
             }
             let delay = backoff.next_delay();
             let stop = self.stop.clone();
+            let shared = Arc::clone(&self.shared);
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = tokio::time::sleep(delay) => {}
                 // Requests queued while down were accepted before the drop: fail them now.
                 () = self.fail_queued_forever() => {}
+                // New settings are tried at once.
+                () = shared.retune.notified() => {
+                    self.take_retune();
+                    backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
+                }
             }
         }
         self.link_tx.send_replace(false);
@@ -572,6 +679,24 @@ impl Task {
                     return End::Stop;
                 }
                 () = self.shared.reset.notified() => break End::Reset,
+                () = self.shared.retune.notified() => {
+                    if self.take_retune() {
+                        // The drain stops sending; the broker confirms what is in flight, for
+                        // a bounded time.
+                        self.link_tx.send_replace(false);
+                        let drain = RELINK_DRAIN.min(self.config.connect_timeout);
+                        let _ = tokio::time::timeout(drain, async {
+                            while let Some((token, confirm)) = pending.next().await {
+                                if let Some(t) = token {
+                                    open.remove(&t);
+                                }
+                                self.settle(token, confirm).await;
+                            }
+                        })
+                        .await;
+                        break End::Reconfigure;
+                    }
+                }
                 Some((token, confirm)) = pending.next(), if !pending.is_empty() => {
                     if let Some(t) = token {
                         open.remove(&t);
@@ -656,6 +781,33 @@ impl Task {
         drop(pending);
         self.fail_open(&mut open, FailReason::Disconnected).await;
         end
+    }
+
+    /// Takes a pending reconfigure into the task's settings; returns whether it needs a new
+    /// connection.
+    fn take_retune(&mut self) -> bool {
+        let taken = self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(Retune {
+            config,
+            uri,
+            tls,
+            reconnect,
+        }) = taken
+        else {
+            return false;
+        };
+        self.config = config;
+        self.uri = uri;
+        self.tls = tls;
+        if !reconnect {
+            tracing::info!(upstream = %self.shared.name, "AMQP upstream settings changed in place.");
+        }
+        reconnect
     }
 
     /// Makes the binding table's changes on the broker, one at a time (each a short RPC,
@@ -1080,6 +1232,44 @@ async fn publish(
         .await
 }
 
+/// The first setting fixed for the upstream's life that differs (see
+/// [`AmqpUpstream::reconfigure`]).
+fn restart_only_change(old: &AmqpUpstreamConfig, new: &AmqpUpstreamConfig) -> Option<&'static str> {
+    if old.name != new.name {
+        Some("name")
+    } else if old.max_inflight != new.max_inflight {
+        Some("max_inflight")
+    } else if old.request_queue != new.request_queue {
+        Some("request_queue")
+    } else if old.max_unacked_downlinks != new.max_unacked_downlinks {
+        Some("max_unacked_downlinks")
+    } else if old.bindings != new.bindings {
+        Some("bindings")
+    } else {
+        None
+    }
+}
+
+/// Whether a connection setting differs: changing it takes a new connection.
+fn connection_changed(old: &AmqpUpstreamConfig, new: &AmqpUpstreamConfig) -> bool {
+    let tls_paths = |c: &AmqpUpstreamConfig| {
+        (
+            c.tls.ca_file.clone(),
+            c.tls.client_cert.clone(),
+            c.tls.client_key.clone(),
+        )
+    };
+    old.url != new.url
+        || old.username != new.username
+        || old.password != new.password
+        || old.vhost != new.vhost
+        || old.exchange != new.exchange
+        || old.heartbeat != new.heartbeat
+        || old.connect_timeout != new.connect_timeout
+        || old.downlink_queue != new.downlink_queue
+        || tls_paths(old) != tls_paths(new)
+}
+
 /// A short text for a connection error, as the link status shows it (the broker's refusal
 /// as it words it, e.g. `ACCESS_REFUSED - Login was refused ...`; never the credentials).
 fn error_summary(error: &lapin::Error) -> String {
@@ -1123,6 +1313,70 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         drop(l);
         format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
+    }
+
+    #[tokio::test]
+    async fn reconfigure_checks_first_and_a_new_url_is_dialled_at_once() {
+        let mut config = AmqpUpstreamConfig::new("t", dead_url());
+        // The first attempt fails, then the task waits at least 30 s before the next one.
+        config.backoff_initial = Duration::from_secs(60);
+        config.backoff_max = Duration::from_secs(60);
+        let (acks, _ack_rx) = mpsc::channel(8);
+        let stop = CancellationToken::new();
+        let (up, task) = AmqpUpstream::spawn(0, config.clone(), acks, stop.clone()).unwrap();
+        let attempted = async {
+            while up.link_info().status().failed_attempts == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), attempted)
+            .await
+            .unwrap();
+
+        let mut bad = config.clone();
+        bad.url = "http://127.0.0.1/".into();
+        assert!(matches!(up.reconfigure(bad), Err(AmqpConfigError::Url(_))));
+        let mut bad = config.clone();
+        bad.max_downlink_bytes = 0;
+        assert!(matches!(
+            up.reconfigure(bad),
+            Err(AmqpConfigError::Invalid(_))
+        ));
+        let mut fixed = config.clone();
+        fixed.bindings = vec!["x.#".into()];
+        assert_eq!(
+            up.reconfigure(fixed),
+            Err(AmqpConfigError::RestartRequired("bindings"))
+        );
+        assert_eq!(up.reconfigure(config.clone()), Ok(Reconfigured::Unchanged));
+        let mut bigger = config.clone();
+        bigger.max_downlink_bytes += 1;
+        assert_eq!(up.reconfigure(bigger.clone()), Ok(Reconfigured::Applied));
+        assert_eq!(up.reconfigure(bigger.clone()), Ok(Reconfigured::Unchanged));
+        bigger.max_subscriptions = 1;
+        assert_eq!(up.reconfigure(bigger.clone()), Ok(Reconfigured::Applied));
+        up.subscribe("a/#", Qos::AtLeastOnce).unwrap();
+        assert_eq!(
+            up.subscribe("b/#", Qos::AtLeastOnce),
+            Err(FailReason::QueueFull),
+            "the new bound holds"
+        );
+
+        // A TCP peer (no broker): the task dials the new URL at once, not after its backoff.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut moved = bigger;
+        moved.url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+        assert_eq!(up.reconfigure(moved), Ok(Reconfigured::Reconnecting));
+        let (_peer, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .expect("dialled within the bound, long before the backoff ends")
+            .unwrap();
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test]

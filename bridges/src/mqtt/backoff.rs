@@ -60,6 +60,12 @@ impl<R: Rng> Backoff<R> {
         floor + Duration::from_nanos(self.rng.random_range(0..=spread))
     }
 
+    /// New bounds (a reconfigure), keeping the attempt count.
+    pub(crate) fn set_bounds(&mut self, initial: Duration, max: Duration) {
+        self.initial = initial;
+        self.max = max.max(initial);
+    }
+
     /// Starts over at `initial`: call after a successful connection.
     pub(crate) fn reset(&mut self) {
         self.attempt = 0;

@@ -350,6 +350,13 @@ pub enum SetupError {
     /// `spawn` was called outside a Tokio runtime.
     #[error("no Tokio runtime to run the upstream on")]
     NoRuntime,
+    /// `reconfigure`: a setting that is fixed for the upstream's life changed (it takes a
+    /// restart); nothing was changed.
+    #[error("`{field}` cannot change while the upstream runs (restart to change it)")]
+    RestartRequired {
+        /// The `MqttUpstreamConfig` field.
+        field: &'static str,
+    },
 }
 
 impl SetupError {
@@ -367,8 +374,27 @@ impl SetupError {
             Self::Tls(_) => "tls_config",
             Self::Client(_) => "client_options",
             Self::NoRuntime => "no_runtime",
+            Self::RestartRequired { .. } => "restart_required",
         }
     }
+}
+
+/// A digest of the TLS files' contents (0 without TLS or when a file cannot be read: the
+/// setup checks report that).
+pub(crate) fn tls_fingerprint(tls: Option<&TlsSettings>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let Some(tls) = tls else {
+        return 0;
+    };
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for path in [&tls.ca_file, &tls.client_cert, &tls.client_key]
+        .into_iter()
+        .flatten()
+    {
+        path.hash(&mut hasher);
+        std::fs::read(path).unwrap_or_default().hash(&mut hasher);
+    }
+    hasher.finish()
 }
 
 /// Builds the rustls client configuration of an `mqtts://` upstream.

@@ -55,6 +55,11 @@
 //! - **Shutdown.** Cancelling the token refuses new publishes ([`FailReason::Shutdown`]), lets
 //!   the broker acknowledge what is in flight for up to `connect_timeout`, sends DISCONNECT,
 //!   reports everything still open as `Failed(Shutdown)`, and then the task ends.
+//! - **Reconfigure** ([`MqttUpstream::reconfigure`]) changes nothing unless the whole new
+//!   configuration passes the setup checks. A connection change is a link loss with a clean
+//!   end: new publishes refused, a bounded wait for acknowledgements, DISCONNECT, everything
+//!   still open failed (the spool resends), then the new connection at once; the handle's
+//!   clones, the in-flight window and the subscription table survive it.
 //!
 //! Downlink invariants:
 //!
@@ -110,7 +115,7 @@ pub use sink::{MqttUpstream, UpstreamStats};
 pub use subscriptions::MAX_SUBSCRIPTIONS;
 
 // The upstream-neutral verdicts, here too so existing paths keep working.
-pub use crate::upstream::{AckReport, Delivery, FailReason};
+pub use crate::upstream::{AckReport, Delivery, FailReason, Reconfigured};
 
 impl crate::upstream::Upstream for MqttUpstream {
     fn name(&self) -> &str {

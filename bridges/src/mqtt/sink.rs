@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc::error::{SendError, TrySendError};
@@ -48,7 +49,9 @@ use super::client::{
     self, Client, EventLoop, IncomingPublish, LinkError, LinkEvent, Notice, NoticeError,
     SubmitError,
 };
-use super::config::{MqttUpstreamConfig, MqttVersion, SetupError, build_tls_config};
+use super::config::{
+    MqttUpstreamConfig, MqttVersion, SetupError, build_tls_config, tls_fingerprint,
+};
 use super::echo::EchoFilter;
 use super::subscriptions::{SubscriptionTable, TableFull};
 use super::{AckReport, Delivery, FailReason};
@@ -56,6 +59,7 @@ use crate::message::{AckRequest, Downlink, DownlinkAck, Message, Qos};
 use crate::spool::wall_ms;
 use crate::telemetry::LinkInfo;
 use crate::topic;
+use crate::upstream::{RELINK_DRAIN, Reconfigured};
 
 /// Most filters in one SUBSCRIBE or UNSUBSCRIBE packet.
 const FILTERS_PER_PACKET: usize = 64;
@@ -77,10 +81,9 @@ const DISCONNECT_MARGIN: Duration = Duration::from_secs(1);
 /// Handle to one upstream broker connection. Cheap to clone; all clones share the connection.
 #[derive(Clone)]
 pub struct MqttUpstream {
-    /// State shared with the tasks.
+    /// State shared with the tasks (the client that queues requests into the event loop is
+    /// `Shared::conn`: a reconfigure replaces it).
     shared: Arc<Shared>,
-    /// Queues requests into the event loop.
-    client: Client,
     /// One permit per accepted, unreported tracked publish (`max_inflight` in total). The
     /// permit travels with the publish and is released after its report was sent.
     inflight: Arc<Semaphore>,
@@ -139,8 +142,18 @@ pub struct UpstreamStats {
 struct Shared {
     /// `MqttUpstreamConfig::name`, the `upstream` log field.
     name: String,
-    /// Prepended to every topic.
-    remote_prefix: String,
+    /// The connection's client and topic prefix in force; replaced only by the link task,
+    /// when it applies a reconfigure that reconnects (see [`MqttUpstream::reconfigure`]).
+    conn: ArcSwap<Conn>,
+    /// The configuration in force (what [`MqttUpstream::reconfigure`] compares with), and
+    /// the fingerprint of its TLS files' contents (a renewed certificate under the same path
+    /// is a change too).
+    config: Mutex<(MqttUpstreamConfig, u64)>,
+    /// Settings applied in place (no reconnect), read by the link task where it uses them.
+    live: Mutex<LiveSettings>,
+    /// A new connection for the link task to switch to; `relink` wakes it.
+    pending: Mutex<Option<Relink>>,
+    relink: Notify,
     /// Connection state; written by the link task only.
     link: Mutex<Link>,
     /// Statistics, updated lock-free.
@@ -159,6 +172,42 @@ struct Shared {
     /// MQTT 3.1.1 only: fingerprints of recent publishes, to drop the broker's echo of them
     /// (MQTT 5 subscribes with No Local). See [`EchoFilter`].
     echo: Option<Mutex<EchoFilter>>,
+}
+
+/// The client and prefix of the connection in force.
+struct Conn {
+    /// Queues requests into the event loop.
+    client: Client,
+    /// Prepended to every topic.
+    remote_prefix: String,
+}
+
+/// The settings [`MqttUpstream::reconfigure`] changes without reconnecting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LiveSettings {
+    backoff_initial: Duration,
+    backoff_max: Duration,
+    subscribe_retry: Duration,
+    /// Applied to the subscription table by `reconfigure` itself.
+    max_subscriptions: usize,
+}
+
+impl LiveSettings {
+    fn of(config: &MqttUpstreamConfig) -> Self {
+        Self {
+            backoff_initial: config.backoff_initial,
+            backoff_max: config.backoff_max,
+            subscribe_retry: config.subscribe_retry,
+            max_subscriptions: config.max_subscriptions,
+        }
+    }
+}
+
+/// A new connection, built and validated by [`MqttUpstream::reconfigure`], for the link task.
+struct Relink {
+    client: Client,
+    eventloop: EventLoop,
+    config: MqttUpstreamConfig,
 }
 
 /// Connection state as seen by `publish`.
@@ -263,9 +312,17 @@ impl MqttUpstream {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| SetupError::NoRuntime)?;
         let (client, eventloop) = client::build(&config, tls)?;
 
+        let tls_files = tls_fingerprint(config.tls.as_ref());
         let shared = Arc::new(Shared {
             name: config.name.clone(),
-            remote_prefix: config.remote_prefix.clone(),
+            conn: ArcSwap::from_pointee(Conn {
+                client: client.clone(),
+                remote_prefix: config.remote_prefix.clone(),
+            }),
+            config: Mutex::new((config.clone(), tls_files)),
+            live: Mutex::new(LiveSettings::of(&config)),
+            pending: Mutex::new(None),
+            relink: Notify::new(),
             link: Mutex::new(Link {
                 connected: false,
                 lost: CancellationToken::new(),
@@ -287,7 +344,6 @@ impl MqttUpstream {
         let (tracked_tx, tracked_rx) = mpsc::channel(window);
         let upstream = Self {
             shared: Arc::clone(&shared),
-            client: client.clone(),
             inflight: Arc::new(Semaphore::new(window)),
             tracked: tracked_tx,
             shutdown: shutdown.clone(),
@@ -310,7 +366,6 @@ impl MqttUpstream {
                 subacks: FuturesUnordered::new(),
                 refused: BTreeSet::new(),
                 retry_refused_at: None,
-                refused_retry: config.subscribe_retry,
                 refusal_warned: None,
                 refusals_unlogged: 0,
             },
@@ -334,6 +389,87 @@ impl MqttUpstream {
         };
         let task = runtime.spawn(acks.run(link));
         Ok((upstream, task))
+    }
+
+    /// Changes the settings of the running upstream to `config` (for a config reload).
+    ///
+    /// `config` is checked first like [`Self::spawn`] checks it (values, TLS files, client
+    /// options): on any error nothing changes and the link is untouched. Then:
+    ///
+    /// - nothing changed: [`Reconfigured::Unchanged`];
+    /// - only `backoff_initial`, `backoff_max`, `subscribe_retry` or `max_subscriptions`
+    ///   changed: applied in place (the next reconnect delay, the next refused-filter retry,
+    ///   the next new filter: a lower bound drops no filter already subscribed),
+    ///   [`Reconfigured::Applied`];
+    /// - a connection setting changed (the URL's host, port or TLS, the TLS files or their
+    ///   contents, `client_id`, `username`, `password`, `keep_alive`, `connect_timeout`,
+    ///   `remote_prefix`, `max_downlink_bytes`): [`Reconfigured::Reconnecting`]. The link
+    ///   task refuses new publishes (`Disconnected`, as while the link is down), lets the
+    ///   broker acknowledge what is in flight for up to [`RELINK_DRAIN`](crate::upstream::RELINK_DRAIN), sends DISCONNECT,
+    ///   fails what is still unacknowledged (`Disconnected`: the drain sends it again from
+    ///   its cursor, so nothing acknowledged is lost and duplicates are possible), then
+    ///   connects with the new settings at once; every wanted subscription is made again on
+    ///   the new connection, as after any reconnect. The link watch and [`LinkInfo`] show
+    ///   the link going down and up again.
+    ///
+    /// Returns at once; the reconnect happens on the link task.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::spawn`], and [`SetupError::RestartRequired`] when a setting that is fixed
+    /// for the upstream's life changed (`name`, `version`, `max_inflight`, `request_queue`,
+    /// `max_unacked_downlinks`: queues and windows sized at start).
+    pub fn reconfigure(&self, config: MqttUpstreamConfig) -> Result<Reconfigured, SetupError> {
+        config.validate()?;
+        let tls = config.tls.as_ref().map(build_tls_config).transpose()?;
+        let tls_files = tls_fingerprint(config.tls.as_ref());
+        let mut current = self
+            .shared
+            .config
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (old, old_tls_files) = &*current;
+        if let Some(field) = restart_only_change(old, &config) {
+            return Err(SetupError::RestartRequired { field });
+        }
+        let reconnect = connection_change(old, &config).is_some() || tls_files != *old_tls_files;
+        let live = LiveSettings::of(&config);
+        if !reconnect && live == LiveSettings::of(old) {
+            return Ok(Reconfigured::Unchanged);
+        }
+        let relink = if reconnect {
+            let (client, eventloop) = client::build(&config, tls)?;
+            Some(Relink {
+                client,
+                eventloop,
+                config: config.clone(),
+            })
+        } else {
+            None
+        };
+        // Every check passed: from here on nothing fails.
+        *self
+            .shared
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = live;
+        self.shared
+            .subscriptions()
+            .set_capacity(config.max_subscriptions);
+        *current = (config, tls_files);
+        drop(current);
+        let Some(relink) = relink else {
+            info!(upstream = %self.shared.name, "Upstream settings changed in place.");
+            return Ok(Reconfigured::Applied);
+        };
+        // A reconfigure the link task has not taken yet is replaced (its client never ran).
+        *self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(relink);
+        self.shared.relink.notify_one();
+        Ok(Reconfigured::Reconnecting)
     }
 
     /// Queues `msg` for the broker without blocking; the topic sent is
@@ -391,8 +527,9 @@ impl MqttUpstream {
             .shared
             .link_if_connected()
             .ok_or(FailReason::Disconnected)?;
+        let conn = self.shared.conn();
         let mut msg = msg;
-        msg.topic = self.shared.remote_topic(std::mem::take(&mut msg.topic));
+        msg.topic = remote_topic(&conn.remote_prefix, std::mem::take(&mut msg.topic));
         // Refused here rather than by the client or, worse, by the broker, which would drop
         // the connection and with it every other sensor's traffic.
         if !topic::is_valid_name(&msg.topic) {
@@ -400,8 +537,10 @@ impl MqttUpstream {
         }
         // MQTT 3.1.1: remember the publish before the client can send it, so its echo is
         // recognised; taken back if the client refuses it.
-        let echo = self.shared.record_echo(&msg.topic, &msg.payload);
-        let result = self.submit_to_client(msg, token, seq, lost);
+        let echo = self
+            .shared
+            .record_echo(&conn.remote_prefix, &msg.topic, &msg.payload);
+        let result = self.submit_to_client(&conn.client, msg, token, seq, lost);
         if result.is_err() {
             self.shared.cancel_echo(echo);
         }
@@ -412,6 +551,7 @@ impl MqttUpstream {
     /// has a token and QoS >= 1.
     fn submit_to_client(
         &self,
+        client: &Client,
         msg: Message,
         token: Option<u64>,
         seq: Option<u64>,
@@ -434,9 +574,7 @@ impl MqttUpstream {
                     TrySendError::Full(()) => FailReason::QueueFull,
                     TrySendError::Closed(()) => FailReason::Shutdown,
                 })?;
-                let notice = self
-                    .client
-                    .try_publish_tracked(topic, payload, qos, retain, seq)?;
+                let notice = client.try_publish_tracked(topic, payload, qos, retain, seq)?;
                 slot.send(Tracked {
                     token,
                     notice,
@@ -444,7 +582,7 @@ impl MqttUpstream {
                     permit,
                 });
             }
-            _ => self.client.try_publish(topic, payload, qos, retain, seq)?,
+            _ => client.try_publish(topic, payload, qos, retain, seq)?,
         }
         Ok(())
     }
@@ -476,7 +614,10 @@ impl MqttUpstream {
             return Err(FailReason::Shutdown);
         }
         if filter.is_empty()
-            || !topic::is_valid_filter(&self.shared.remote_topic(filter.to_owned()))
+            || !topic::is_valid_filter(&remote_topic(
+                &self.shared.conn().remote_prefix,
+                filter.to_owned(),
+            ))
         {
             return Err(FailReason::Rejected);
         }
@@ -597,9 +738,9 @@ impl Shared {
     /// subscription will bring it back; returns what [`Self::cancel_echo`] needs. A publish
     /// no subscription matches is not recorded: no echo would ever consume its record, which
     /// would only crowd out records still waiting for theirs.
-    fn record_echo(&self, topic: &str, payload: &[u8]) -> Option<(u64, u64)> {
+    fn record_echo(&self, prefix: &str, topic: &str, payload: &[u8]) -> Option<(u64, u64)> {
         self.echo.as_ref()?;
-        let local = topic.strip_prefix(self.remote_prefix.as_str())?;
+        let local = topic.strip_prefix(prefix)?;
         if !self.subscriptions().wants(local) {
             return None;
         }
@@ -665,15 +806,96 @@ impl Shared {
         self.link_state.send_replace(false);
     }
 
-    /// `remote_prefix + topic` (or filter), reusing `topic`'s buffer when there is no prefix.
-    fn remote_topic(&self, topic: String) -> String {
-        if self.remote_prefix.is_empty() {
-            return topic;
+    /// The connection's client and prefix in force (a short read: not held across waits).
+    fn conn(&self) -> arc_swap::Guard<Arc<Conn>> {
+        self.conn.load()
+    }
+
+    /// The in-place settings in force.
+    fn live(&self) -> LiveSettings {
+        *self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A reconfigure is switching connections: refuse new publishes (as while the link is
+    /// down) but let what is in flight be acknowledged during the clean close.
+    fn pause(&self) {
+        self.link().connected = false;
+        self.link_state.send_replace(false);
+    }
+
+    /// The old connection of a reconfigure is closed: fail what it never acknowledged (the
+    /// drain sends it again on the new one), as [`Self::set_lost`] does for a lost link.
+    fn end_paused(&self) {
+        let mut link = self.link();
+        link.connected = false;
+        link.lost.cancel();
+        link.lost = CancellationToken::new();
+        drop(link);
+        if let Some(mut echo) = self.echo() {
+            echo.clear();
         }
-        let mut remote = String::with_capacity(self.remote_prefix.len() + topic.len());
-        remote.push_str(&self.remote_prefix);
-        remote.push_str(&topic);
-        remote
+        self.link_state.send_replace(false);
+    }
+}
+
+/// `prefix + topic` (or filter), reusing `topic`'s buffer when there is no prefix.
+fn remote_topic(prefix: &str, topic: String) -> String {
+    if prefix.is_empty() {
+        return topic;
+    }
+    let mut remote = String::with_capacity(prefix.len() + topic.len());
+    remote.push_str(prefix);
+    remote.push_str(&topic);
+    remote
+}
+
+/// The first setting fixed for the upstream's life that differs (see
+/// [`MqttUpstream::reconfigure`]).
+fn restart_only_change(old: &MqttUpstreamConfig, new: &MqttUpstreamConfig) -> Option<&'static str> {
+    if old.name != new.name {
+        Some("name")
+    } else if old.version != new.version {
+        Some("version")
+    } else if old.max_inflight != new.max_inflight {
+        Some("max_inflight")
+    } else if old.request_queue != new.request_queue {
+        Some("request_queue")
+    } else if old.max_unacked_downlinks != new.max_unacked_downlinks {
+        Some("max_unacked_downlinks")
+    } else {
+        None
+    }
+}
+
+/// The first connection setting that differs: changing it takes a new connection.
+fn connection_change(old: &MqttUpstreamConfig, new: &MqttUpstreamConfig) -> Option<&'static str> {
+    let tls_paths = |c: &MqttUpstreamConfig| {
+        c.tls.as_ref().map(|t| {
+            (
+                t.ca_file.clone(),
+                t.client_cert.clone(),
+                t.client_key.clone(),
+            )
+        })
+    };
+    if old.host != new.host || old.port != new.port {
+        Some("url")
+    } else if tls_paths(old) != tls_paths(new) {
+        Some("tls")
+    } else if old.client_id != new.client_id {
+        Some("client_id")
+    } else if old.username != new.username || old.password != new.password {
+        Some("credentials")
+    } else if old.keep_alive != new.keep_alive {
+        Some("keep_alive")
+    } else if old.connect_timeout != new.connect_timeout {
+        Some("connect_timeout")
+    } else if old.remote_prefix != new.remote_prefix {
+        Some("remote_prefix")
+    } else if old.max_downlink_bytes != new.max_downlink_bytes {
+        Some("max_downlink_bytes")
+    } else {
+        None
     }
 }
 
@@ -738,9 +960,6 @@ struct Control {
     refused: BTreeSet<String>,
     /// When `refused` is asked for again.
     retry_refused_at: Option<tokio::time::Instant>,
-    /// `subscribe_retry`: the wait before `refused` is asked for again, and between two
-    /// warnings.
-    refused_retry: Duration,
     /// When a refusal was last logged at warn, and how many came since (sensors choose the
     /// filters, so the warning is rate-limited).
     refusal_warned: Option<tokio::time::Instant>,
@@ -825,13 +1044,18 @@ impl LinkTask {
                 }
             };
             // `None`: shutdown. The poll is dropped unfinished only then, or when the
-            // connection is reset on purpose (it is discarded then anyway).
+            // connection is reset or replaced on purpose (it is discarded then anyway).
             let polled = tokio::select! {
-                polled = self.control.drive(self.eventloop.poll()) => polled,
-                () = reset => Some(Err(LinkError::Reset)),
+                polled = self.control.drive(self.eventloop.poll()) => polled.map(Some),
+                () = reset => Some(Some(Err(LinkError::Reset))),
+                () = shared.relink.notified() => Some(None),
             };
             let Some(polled) = polled else {
                 break;
+            };
+            let Some(polled) = polled else {
+                phase = self.relink(phase).await;
+                continue;
             };
             if matches!(polled, Err(LinkError::Reset)) {
                 self.eventloop.reset();
@@ -883,15 +1107,21 @@ impl LinkTask {
                         }
                     }
                     phase = Phase::Down;
+                    let live = self.control.shared.live();
+                    self.backoff
+                        .set_bounds(live.backoff_initial, live.backoff_max);
                     let delay = self.backoff.next_delay();
                     debug!(upstream = %name, delay = ?delay, "Upstream reconnecting after backoff.");
-                    if self
-                        .control
-                        .drive(tokio::time::sleep(delay))
-                        .await
-                        .is_none()
-                    {
-                        break;
+                    // A reconfigure ends the wait: the new settings are tried at once.
+                    let shared = Arc::clone(&self.control.shared);
+                    let slept = tokio::select! {
+                        slept = self.control.drive(tokio::time::sleep(delay)) => slept.map(|()| false),
+                        () = shared.relink.notified() => Some(true),
+                    };
+                    match slept {
+                        None => break,
+                        Some(true) => phase = self.relink(phase).await,
+                        Some(false) => {}
                     }
                 }
             }
@@ -905,6 +1135,73 @@ impl LinkTask {
         }
         self.stop(phase == Phase::Up).await;
         info!(upstream = %name, "Upstream stopped.");
+    }
+
+    /// Switches to the connection a reconfigure built (see [`MqttUpstream::reconfigure`]):
+    /// closes the current one cleanly, fails what it left unacknowledged, and installs the
+    /// new client, event loop and settings; the next poll connects. Returns the new phase.
+    async fn relink(&mut self, phase: Phase) -> Phase {
+        let taken = self
+            .control
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(Relink {
+            client,
+            eventloop,
+            config,
+        }) = taken
+        else {
+            return phase;
+        };
+        let shared = Arc::clone(&self.control.shared);
+        let broker = format!("{}:{}", config.host, config.port);
+        info!(upstream = %shared.name, from = %self.broker, to = %broker, "Upstream reconfigured; reconnecting with the new settings.");
+        if phase == Phase::Up {
+            shared.pause();
+            let drain = RELINK_DRAIN.min(self.drain);
+            if self.control.client.try_disconnect(drain) {
+                let deadline = tokio::time::sleep(drain.saturating_add(DISCONNECT_MARGIN));
+                tokio::pin!(deadline);
+                let stop = self.control.shutdown.clone();
+                loop {
+                    // Acknowledgements of in-flight publishes settle them; downlink arriving
+                    // now is neither passed on nor acknowledged (the clean session drops it).
+                    tokio::select! {
+                        biased;
+                        () = stop.cancelled() => break,
+                        () = &mut deadline => {
+                            debug!(upstream = %shared.name, "Upstream disconnect for a reconfigure timed out.");
+                            break;
+                        }
+                        polled = self.eventloop.poll() => if polled.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            shared
+                .link_info
+                .down(wall_ms(), "reconfigured: reconnecting");
+        }
+        self.control.up = false;
+        self.control.ack_backlog.clear();
+        self.control.subacks = FuturesUnordered::new();
+        shared.end_paused();
+        shared.conn.store(Arc::new(Conn {
+            client: client.clone(),
+            remote_prefix: config.remote_prefix.clone(),
+        }));
+        self.control.client = client;
+        // The old event loop goes with its connection: anything left in its queue fails.
+        self.eventloop = eventloop;
+        self.broker = broker;
+        self.drain = config.connect_timeout;
+        self.max_downlink_bytes = config.max_downlink_bytes;
+        self.backoff = Backoff::new(config.backoff_initial, config.backoff_max);
+        Phase::Starting
     }
 
     /// Passes a message from a subscription on, with `remote_prefix` stripped and, for QoS >= 1,
@@ -938,7 +1235,7 @@ impl LinkTask {
             return true;
         }
         let topic = match downlink_topic(
-            &self.control.shared.remote_prefix,
+            &self.control.shared.conn().remote_prefix,
             &topic,
             packet_bytes,
             self.max_downlink_bytes,
@@ -1170,7 +1467,8 @@ impl Control {
             // `connected` sends everything on the next connection.
             return;
         }
-        let prefix = self.shared.remote_prefix.as_str();
+        let conn = self.shared.conn();
+        let prefix = conn.remote_prefix.as_str();
         let mut table = self.shared.subscriptions();
         while table.has_changes() {
             if self.subacks.len() >= MAX_PENDING_SUBACKS {
@@ -1256,7 +1554,8 @@ impl Control {
                             self.refusals_unlogged += 1;
                             let now = tokio::time::Instant::now();
                             let quiet = self.refusal_warned.is_some_and(|at| {
-                                now.saturating_duration_since(at) < self.refused_retry
+                                now.saturating_duration_since(at)
+                                    < self.shared.live().subscribe_retry
                             });
                             if !quiet {
                                 warn!(
@@ -1264,7 +1563,7 @@ impl Control {
                                     %filter,
                                     reason,
                                     refused = self.refusals_unlogged,
-                                    retry_secs = self.refused_retry.as_secs(),
+                                    retry_secs = self.shared.live().subscribe_retry.as_secs(),
                                     "Upstream refused a subscription; asking again later."
                                 );
                                 self.refusal_warned = Some(now);
@@ -1273,7 +1572,7 @@ impl Control {
                             if self.up {
                                 self.refused.insert(filter.clone());
                                 self.retry_refused_at
-                                    .get_or_insert(now + self.refused_retry);
+                                    .get_or_insert(now + self.shared.live().subscribe_retry);
                             }
                             counters.subscribe_refused.fetch_add(1, Ordering::Relaxed)
                         }

@@ -114,6 +114,12 @@ impl SubscriptionTable {
         Ok(self.mark(filter))
     }
 
+    /// A new bound on wanted filters (a reconfigure): a lower one refuses new filters until
+    /// the table holds fewer; none already wanted is dropped.
+    pub(crate) fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity;
+    }
+
     /// No longer wants `filter`. Returns whether something is now to send.
     pub(crate) fn remove(&mut self, filter: &str) -> bool {
         if self.wanted.remove(filter).is_some()

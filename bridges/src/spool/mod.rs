@@ -76,7 +76,8 @@ pub use log::{
 pub use record::fuzz_round_trip;
 pub use record::{MAX_ORIGIN_FIELD, RECORD_HEADER, Record, encoded_len};
 pub use service::{
-    AppendReply, Appender, IngressAppender, SharedSpool, drain, start_writer, wall_ms,
+    AppendReply, Appender, IngressAppender, SharedSpool, drain, drain_with_control, start_writer,
+    wall_ms,
 };
 
 pub use crate::upstream::drain::{BacklogCheck, BacklogLimit, DrainConfig, DrainStats, GiveUp};

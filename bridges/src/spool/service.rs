@@ -72,7 +72,7 @@ use super::fs::Fs;
 use super::log::{Access, Chunks, FsyncPolicy, ReadPos, Spool, SpoolStats, read_records};
 use super::record::Record;
 use crate::message::Message;
-use crate::route::RouteTable;
+use crate::route::SharedRoutes;
 use crate::telemetry::{BEAT_IDLE, Beat, Histogram};
 use crate::upstream::drain::{Action, Drain, DrainConfig, DrainStats, READ_BATCH};
 use crate::upstream::{AckReport, Upstream};
@@ -687,14 +687,36 @@ pub async fn drain<F: Fs, U: Upstream>(
     shared: Arc<SharedSpool<F>>,
     index: usize,
     upstream: U,
-    mut acks: mpsc::Receiver<AckReport>,
+    acks: mpsc::Receiver<AckReport>,
     config: DrainConfig,
-    routes: Arc<RouteTable>,
+    routes: SharedRoutes,
     stats: Arc<DrainStats>,
     shutdown: CancellationToken,
 ) {
+    let (_fixed, control) = watch::channel(config);
+    drain_with_control(
+        shared, index, upstream, acks, control, routes, stats, shutdown,
+    )
+    .await;
+}
+
+/// [`drain`] whose settings follow `control` (a reload sends new ones: see
+/// [`Drain::set_config`]; the window stays the upstream's `max_inflight`).
+#[allow(clippy::too_many_arguments)] // each is a separate resource of the task
+pub async fn drain_with_control<F: Fs, U: Upstream>(
+    shared: Arc<SharedSpool<F>>,
+    index: usize,
+    upstream: U,
+    mut acks: mpsc::Receiver<AckReport>,
+    mut control: watch::Receiver<DrainConfig>,
+    routes: SharedRoutes,
+    stats: Arc<DrainStats>,
+    shutdown: CancellationToken,
+) {
+    let config = *control.borrow_and_update();
+    let mut control_open = true;
     let name = upstream.name().to_owned();
-    let limit = config.max_backlog;
+    let mut limit = config.max_backlog;
     let mut pos = shared.lock().reader(index);
     let mut chunks = Chunks::default();
     let mut written = shared.written.subscribe();
@@ -837,6 +859,16 @@ pub async fn drain<F: Fs, U: Upstream>(
                 }
                 machine.handle_link(*link.borrow_and_update());
             }
+            r = control.changed(), if control_open && !stopping => match r {
+                // Nobody can change the settings any more: they stay.
+                Err(_) => control_open = false,
+                Ok(()) => {
+                    let config = *control.borrow_and_update();
+                    limit = config.max_backlog;
+                    machine.set_config(clock(), config);
+                    tracing::info!(upstream = %name, "Upstream drain settings changed.");
+                }
+            },
             () = sleep, if !stopping => {
                 let now = clock();
                 if wake.is_some_and(|w| w <= now) {

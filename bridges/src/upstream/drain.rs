@@ -55,7 +55,7 @@ use std::time::{Duration, Instant};
 
 use super::{AckReport, Delivery, FailReason};
 use crate::message::Message;
-use crate::route::RouteTable;
+use crate::route::{RouteTable, SharedRoutes};
 use crate::spool::Record;
 use crate::telemetry::{Beat, Histogram};
 
@@ -351,9 +351,10 @@ pub struct Drain {
     msgs: Option<Bucket>,
     bytes: Option<Bucket>,
     done: bool,
-    /// This upstream's index in the route table, and the table.
+    /// This upstream's index in the route table, and the table (live: a reload swaps it,
+    /// and records read from then on follow the new one).
     upstream: usize,
-    routes: Arc<RouteTable>,
+    routes: SharedRoutes,
     /// Records from here on have not been counted in `unrouted` yet (a rewind reads them
     /// again).
     unrouted_from: u64,
@@ -410,7 +411,7 @@ impl Drain {
             bytes: config.rate_bytes.map(|r| Bucket::new(r as f64, now)),
             done: false,
             upstream: 0,
-            routes: Arc::new(RouteTable::everything()),
+            routes: SharedRoutes::new(Arc::new(RouteTable::everything())),
             unrouted_from: cursor,
             backlog_due: config.max_backlog.is_set().then_some(now),
             backlog_recheck: false,
@@ -420,12 +421,38 @@ impl Drain {
     }
 
     /// Applies `routes` as upstream `upstream` (its index in the table); without it every
-    /// record is sent unchanged.
+    /// record is sent unchanged. Each read batch is judged by the table in force when it
+    /// arrives ([`Self::handle_records`]); records already read keep their verdict.
     #[must_use]
-    pub fn with_routes(mut self, upstream: usize, routes: Arc<RouteTable>) -> Self {
+    pub fn with_routes(mut self, upstream: usize, routes: SharedRoutes) -> Self {
         self.upstream = upstream;
         self.routes = routes;
         self
+    }
+
+    /// New settings while running (a reload): the rates (token buckets start full again),
+    /// `ack_timeout` (for the sends still unacknowledged too) and `max_backlog` (checked at
+    /// once when set). The window stays: it is the upstream's `max_inflight`, fixed for its
+    /// life.
+    pub fn set_config(&mut self, now: Instant, config: DrainConfig) {
+        let config = DrainConfig {
+            window: self.config.window,
+            ..config
+        };
+        if config.rate_msgs != self.config.rate_msgs {
+            self.msgs = config.rate_msgs.map(|r| Bucket::new(f64::from(r), now));
+            self.rate_until = None;
+        }
+        if config.rate_bytes != self.config.rate_bytes {
+            #[allow(clippy::cast_precision_loss)] // As in `new`.
+            let bytes = config.rate_bytes.map(|r| Bucket::new(r as f64, now));
+            self.bytes = bytes;
+            self.rate_until = None;
+        }
+        if config.max_backlog != self.config.max_backlog {
+            self.backlog_due = config.max_backlog.is_set().then_some(now);
+        }
+        self.config = config;
     }
 
     /// The cursor as last set.
@@ -465,14 +492,13 @@ impl Drain {
             self.read_retry_until = Some(now + READ_RETRY);
         }
         let mut skipped = 0;
+        let routes = self.routes.read();
         for mut r in records {
             if r.seq < self.cursor {
                 // Given up by the backlog cap while the read position was behind.
                 continue;
             }
-            let target = self
-                .routes
-                .target(self.upstream, &r.topic, r.qos, &r.origin);
+            let target = routes.target(self.upstream, &r.topic, r.qos, &r.origin);
             match target {
                 Some(t) => {
                     // Only a rewrite allocates: an unchanged topic stays the record's own.

@@ -27,6 +27,7 @@
 pub mod drain;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -59,6 +60,23 @@ pub trait Upstream: Send + Sync + 'static {
     /// The link's state for the admin listener (up since when, last error, connects),
     /// written by the upstream's connection task at each transition, never per message.
     fn link_info(&self) -> Arc<LinkInfo>;
+}
+
+/// Longest wait (at most the upstream's `connect_timeout`) for the old connection's
+/// in-flight messages to be acknowledged before a reconfigure closes it; what is still open
+/// then is failed (`Disconnected`) and sent again by the drain on the new connection.
+pub const RELINK_DRAIN: Duration = Duration::from_secs(2);
+
+/// What an upstream's `reconfigure` (MQTT, AMQP) did with a new configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reconfigured {
+    /// The configuration in force already: nothing was done.
+    Unchanged,
+    /// Only settings that need no new connection changed; applied in place.
+    Applied,
+    /// A connection setting changed: the link is closed cleanly and opened again with the
+    /// new settings (what was in flight is sent again by the drain, as after a link loss).
+    Reconnecting,
 }
 
 /// Outcome of a QoS >= 1 publish, reported back to the gateway core.

@@ -121,8 +121,11 @@ struct Transfer {
 /// Block1 reassembly buffers, keyed by `K` (see the module doc).
 #[derive(Debug)]
 pub struct Reassembly<K> {
-    /// Bounds, fixed at construction.
+    /// Bounds in force ([`Reassembly::set_limits`]).
     limits: Limits,
+    /// The largest of each bound ever in force: what transfers taken under an earlier, higher
+    /// one may still hold ([`Reassembly::check_invariants`]).
+    ceiling: Limits,
     /// Transfers in progress.
     transfers: HashMap<K, Transfer>,
     /// The same transfers ordered by deadline: expiry without a scan.
@@ -139,6 +142,7 @@ impl<K: Hash + Eq + Clone> Reassembly<K> {
     pub fn new(limits: Limits) -> Self {
         Self {
             limits,
+            ceiling: limits,
             transfers: HashMap::new(),
             by_deadline: BTreeMap::new(),
             bytes: 0,
@@ -146,10 +150,25 @@ impl<K: Hash + Eq + Clone> Reassembly<K> {
         }
     }
 
-    /// The bounds this table was built with.
+    /// The bounds in force.
     #[must_use]
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Puts new bounds in force (a reload). Transfers in progress are kept: a lower
+    /// `max_transfers` or `budget_bytes` refuses new transfers and growth until below
+    /// ([`Block1Verdict::Busy`]), a lower `max_body_size` answers the next block of a transfer
+    /// that would end beyond it with [`Block1Verdict::TooLarge`] (dropping it), and a new
+    /// `lifetime` applies from each transfer's next block.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.ceiling = Limits {
+            max_transfers: self.ceiling.max_transfers.max(limits.max_transfers),
+            max_body_size: self.ceiling.max_body_size.max(limits.max_body_size),
+            budget_bytes: self.ceiling.budget_bytes.max(limits.budget_bytes),
+            lifetime: self.ceiling.lifetime.max(limits.lifetime),
+        };
+        self.limits = limits;
     }
 
     /// Transfers in progress.
@@ -318,10 +337,10 @@ impl<K: Hash + Eq + Clone> Reassembly<K> {
         if sum != self.bytes {
             return Err(format!("bytes {} != sum of capacities {sum}", self.bytes));
         }
-        if self.bytes > self.limits.budget_bytes {
+        if self.bytes > self.ceiling.budget_bytes {
             return Err(format!("bytes {} > budget", self.bytes));
         }
-        if self.transfers.len() > self.limits.max_transfers {
+        if self.transfers.len() > self.ceiling.max_transfers {
             return Err(format!("{} transfers > max", self.transfers.len()));
         }
         if self.by_deadline.len() != self.transfers.len() {
@@ -336,7 +355,7 @@ impl<K: Hash + Eq + Clone> Reassembly<K> {
         if let Some(t) = self
             .transfers
             .values()
-            .find(|t| t.body.len() > self.limits.max_body_size)
+            .find(|t| t.body.len() > self.ceiling.max_body_size)
         {
             return Err(format!("body of {} bytes > max_body_size", t.body.len()));
         }
@@ -411,6 +430,9 @@ struct Cached {
 pub struct Block2Cache<K> {
     /// At most this many bodies (`[coap] max_block2_bodies`).
     max_bodies: usize,
+    /// The largest `max_bodies` ever in force: a lowered one trims the cache at the next
+    /// insert ([`Block2Cache::check_invariants`]).
+    bodies_ceiling: usize,
     /// How long a body is served after insertion (`[coap] block_lifetime`).
     lifetime: Duration,
     /// The bodies.
@@ -430,6 +452,7 @@ impl<K: Hash + Eq + Clone> Block2Cache<K> {
     pub fn new(max_bodies: usize, lifetime: Duration, first_etag: u32) -> Self {
         Self {
             max_bodies,
+            bodies_ceiling: max_bodies,
             lifetime,
             entries: HashMap::new(),
             by_deadline: BTreeMap::new(),
@@ -442,6 +465,15 @@ impl<K: Hash + Eq + Clone> Block2Cache<K> {
     #[must_use]
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Puts new bounds in force (a reload). Cached bodies are kept until they expire; a lower
+    /// `max_bodies` evicts the oldest down to it at the next insert; a new `lifetime` applies
+    /// to bodies cached from now on.
+    pub fn set_limits(&mut self, max_bodies: usize, lifetime: Duration) {
+        self.bodies_ceiling = self.bodies_ceiling.max(max_bodies);
+        self.max_bodies = max_bodies;
+        self.lifetime = lifetime;
     }
 
     /// No body cached.
@@ -536,7 +568,7 @@ impl<K: Hash + Eq + Clone> Block2Cache<K> {
     ///
     /// The first invariant found broken, described.
     pub fn check_invariants(&self) -> Result<(), String> {
-        if self.entries.len() > self.max_bodies {
+        if self.entries.len() > self.bodies_ceiling {
             return Err(format!("{} bodies > max", self.entries.len()));
         }
         if self.by_deadline.len() != self.entries.len() {

@@ -65,6 +65,35 @@
 //! `max_exchanges_per_peer` with the verdicts pending (the peer mirrors its uploads' keys and
 //! idle lifetime), and a peer with an upload in progress is not evicted.
 //!
+//! # Reconfiguration
+//!
+//! [`Core::reconfigure`] puts a new [`CoreConfig`] in force between two turns (a reload).
+//! Peers, observations (with their queues and sequence numbers), verdicts pending, CONs in
+//! flight, dedup entries, Block1 uploads and cached Block2 bodies all survive. Per setting:
+//! - Limits (`max_peers`, `max_observers`, `max_observers_per_peer`, `max_filters`,
+//!   `max_queued_per_observer`, `max_exchanges_per_peer`, `max_retained`, `reassembly_bytes`,
+//!   `max_block2_bodies`, `dedup_per_peer`, `nstart`): lowering one drops nothing at once; it
+//!   applies to what comes next. A new peer is taken only in place of an evictable one while
+//!   the table is at or above `max_peers` (idle peers still age out); new registrations get
+//!   5.03; a notification for a queue at or above its bound meets a full queue
+//!   (`queue_full`); new requests beyond the exchanges get 5.03; a new retained topic is not
+//!   kept; a peer's dedup FIFO and NON ring shrink at its next entry; a lower `nstart` holds
+//!   new CONs until the window is below it; uploads go on while they fit the new budget; the
+//!   Block2 cache is trimmed at its next insert. The router's filter table is sized at start
+//!   from every ingress's `max_filters`: a `max_filters` above the value at start is capped at
+//!   it until a restart (noted).
+//! - `max_message_size`, `max_body_size`, `block_size`, `ack_wait`, `busy_max_age`,
+//!   `max_client_id_len`, `queue_full`, `notification_check_count`, `probing_rate`: from the
+//!   next datagram, request or message (an upload whose body already passes a lowered
+//!   `max_body_size` gets 4.13 at its next block). Messages already built (retransmissions)
+//!   go as built.
+//! - Timers take a new duration when next armed: `ack_timeout` and `ack_random_factor` from
+//!   the next CON sent (one in flight keeps doubling its own), `max_retransmit` at the next
+//!   retransmission, `exchange_lifetime` / `non_lifetime` /
+//!   `block_lifetime` from the next entry or idle check, `notification_check_interval` from
+//!   the next notification, `observer_ping_interval` from the next ping (turned on from zero:
+//!   armed at once for the peers with observations).
+//!
 //! # Invariants
 //!
 //! - Nothing here panics on bytes from the network; every table is bounded by a config key
@@ -236,7 +265,7 @@ pub struct Stats {
     /// Success answers sent after a durable verdict.
     pub acks: u64,
     /// Refusals per reason (index: position in [`RefusalReason::ALL`]).
-    pub refusals: [u64; 5],
+    pub refusals: [u64; RefusalReason::COUNT],
     /// New peers refused because `max_peers` peers were tracked and none was evictable.
     pub peers_full: u64,
     /// Peers forgotten (idle or evicted).
@@ -666,6 +695,14 @@ pub struct Core {
     block2: Block2Cache<(PeerRef, Arc<str>)>,
     /// Block size exponent of bodies sent ([`body_szx`]).
     body_szx: u8,
+    /// The largest of each bound over every config put in force ([`Core::reconfigure`]):
+    /// what state admitted under an earlier, higher limit may still reach
+    /// ([`Core::check_invariants`]).
+    #[cfg(any(test, feature = "invariants"))]
+    ceilings: CoreConfig,
+    /// `max_filters` at construction: the router's filter table was sized with it (see
+    /// [`Core::reconfigure`]).
+    started_max_filters: usize,
 }
 
 impl Core {
@@ -689,6 +726,9 @@ impl Core {
             block1,
             block2,
             body_szx: body_szx(&config),
+            #[cfg(any(test, feature = "invariants"))]
+            ceilings: config.clone(),
+            started_max_filters: config.max_filters,
             config,
             rng,
             slots: Vec::new(),
@@ -717,6 +757,122 @@ impl Core {
     /// The settings.
     pub fn config(&self) -> &CoreConfig {
         &self.config
+    }
+
+    /// Puts `config` (validated) in force at `now`, keeping every peer, observation, queued
+    /// notification, exchange in flight, pending verdict and Block1/Block2 transfer; returns
+    /// notes for the log. A lowered limit applies to what comes next; a timer takes its new
+    /// duration when next armed (an observer ping interval turned on from zero is armed now
+    /// for the peers with observations). Messages already built are sent (and retransmitted)
+    /// as built, with the parameters of their first transmission.
+    pub fn reconfigure(&mut self, now: Instant, mut config: CoreConfig) -> Vec<String> {
+        let mut notes = self.reconfigure_notes(&config);
+        // The router's filter table was sized at start with this bound among the ingresses':
+        // above it this ingress would take the room the others count on.
+        notes.extend(crate::ingress::cap_max_filters(
+            &mut config.max_filters,
+            self.started_max_filters,
+        ));
+        let ping_on = self.config.observer_ping_interval.is_zero()
+            && !config.observer_ping_interval.is_zero();
+        self.block1.set_limits(Limits {
+            max_transfers: max_block1_transfers(&config),
+            max_body_size: config.max_body_size,
+            budget_bytes: config.reassembly_bytes,
+            lifetime: config.block_lifetime,
+        });
+        self.block2
+            .set_limits(config.max_block2_bodies, config.block_lifetime);
+        self.body_szx = body_szx(&config);
+        #[cfg(any(test, feature = "invariants"))]
+        widen_ceilings(&mut self.ceilings, &config);
+        self.config = config;
+        if ping_on {
+            let observing: Vec<PeerRef> = self
+                .by_addr
+                .values()
+                .copied()
+                .filter(|pref| slot(&self.slots, *pref).is_some_and(|p| !p.observations.is_empty()))
+                .collect();
+            for pref in observing {
+                self.arm_ping(now, pref);
+            }
+        }
+        notes
+    }
+
+    /// What `config` means for the state there is: limits now below what is in use.
+    fn reconfigure_notes(&self, config: &CoreConfig) -> Vec<String> {
+        let mut notes = Vec::new();
+        let mut lowered = |key: &str, limit: usize, used: usize, what: &str, effect: &str| {
+            if used > limit {
+                notes.push(format!(
+                    "{key} lowered to {limit}, below {used} {what}: kept; {effect}"
+                ));
+            }
+        };
+        let peers = self.slots.iter().flatten();
+        lowered(
+            "max_peers",
+            config.max_peers,
+            self.by_addr.len(),
+            "peers",
+            "a new peer is taken only in place of an idle one until below",
+        );
+        lowered(
+            "max_observers",
+            config.max_observers,
+            self.obs_by_key.len(),
+            "observations",
+            "new registrations get 5.03 until below",
+        );
+        lowered(
+            "max_filters",
+            config.max_filters,
+            self.filter_count(),
+            "distinct observed filters",
+            "registrations of a new filter get 5.03 until below",
+        );
+        lowered(
+            "max_retained",
+            config.max_retained,
+            self.retained.len(),
+            "retained values",
+            "new topics are not kept for GET until below",
+        );
+        lowered(
+            "max_observers_per_peer",
+            config.max_observers_per_peer,
+            peers
+                .clone()
+                .map(|p| p.observations.len())
+                .max()
+                .unwrap_or(0),
+            "observations of one peer",
+            "such a peer's new registrations get 5.03 until below",
+        );
+        lowered(
+            "max_block2_bodies",
+            config.max_block2_bodies,
+            self.block2.len(),
+            "cached Block2 bodies",
+            "the oldest go at the next insert",
+        );
+        lowered(
+            "reassembly_bytes",
+            config.reassembly_bytes,
+            self.block1.bytes(),
+            "bytes of Block1 reassembly",
+            "transfers in progress continue while they fit; new ones get 5.03 until below",
+        );
+        if config.max_message_size < self.config.max_message_size {
+            notes.push(format!(
+                "max_message_size lowered to {}: longer datagrams are refused; messages built \
+                 before (retransmissions) go as built",
+                config.max_message_size
+            ));
+        }
+        notes
     }
 
     /// Current counters and gauges.
@@ -2553,7 +2709,8 @@ impl Core {
     #[cfg(any(test, feature = "invariants"))]
     #[allow(clippy::expect_used)] // A broken invariant is the finding: panic with its name.
     pub fn check_invariants(&self) {
-        let config = &self.config;
+        // Bounds as the highest any config in force had (see `reconfigure`).
+        let config = &self.ceilings;
         assert!(
             self.by_addr.len() <= config.max_peers,
             "peers beyond max_peers"
@@ -2693,6 +2850,36 @@ fn cut(body: &Bytes, num: u32, szx: u8, etag: u32) -> Option<(Bytes, BodyBlock)>
 
 /// Concurrent Block1 uploads (no key of its own): no more than there can be peers, nor than
 /// the reassembly budget holds at the smallest block (each transfer holds >= 16 bytes).
+/// Raises each bound of `ceilings` that [`Core::check_invariants`] checks to `config`'s where
+/// that is higher.
+#[cfg(any(test, feature = "invariants"))]
+fn widen_ceilings(ceilings: &mut CoreConfig, config: &CoreConfig) {
+    let pairs = [
+        (&mut ceilings.max_peers, config.max_peers),
+        (&mut ceilings.dedup_per_peer, config.dedup_per_peer),
+        (&mut ceilings.nstart, config.nstart),
+        (
+            &mut ceilings.max_exchanges_per_peer,
+            config.max_exchanges_per_peer,
+        ),
+        (&mut ceilings.max_observers, config.max_observers),
+        (
+            &mut ceilings.max_observers_per_peer,
+            config.max_observers_per_peer,
+        ),
+        (&mut ceilings.max_filters, config.max_filters),
+        (
+            &mut ceilings.max_queued_per_observer,
+            config.max_queued_per_observer,
+        ),
+        (&mut ceilings.max_retained, config.max_retained),
+        (&mut ceilings.reassembly_bytes, config.reassembly_bytes),
+    ];
+    for (ceiling, value) in pairs {
+        *ceiling = (*ceiling).max(value);
+    }
+}
+
 fn max_block1_transfers(config: &CoreConfig) -> usize {
     config.max_peers.min(config.reassembly_bytes / 16).max(1)
 }
@@ -2729,6 +2916,15 @@ fn qos_level(qos: Qos) -> u8 {
 
 impl DatagramCore for Core {
     const NAME: &'static str = "CoAP";
+    type Settings = CoreConfig;
+
+    fn reconfigure(&mut self, now: Instant, settings: CoreConfig) -> Vec<String> {
+        Core::reconfigure(self, now, settings)
+    }
+
+    fn max_datagram_size(&self) -> usize {
+        self.config.max_message_size
+    }
 
     fn handle_datagram(&mut self, now: Instant, peer: Peer, datagram: &[u8]) {
         self.on_datagram(now, peer, datagram);

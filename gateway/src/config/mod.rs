@@ -10,7 +10,7 @@
 //! - Every bound has a key and a documented default (`config/sensorgate.toml`).
 //!
 //! Layout: one module per section (`gateway` for `[gateway]` and `[log]`, `mqttsn`, `coap`,
-//! `http`, `spool`, `admin`, `upstream`), each with its raw struct (as written, with defaults) and its compile function;
+//! `http`, `serial`, `spool`, `admin`, `upstream`), each with its raw struct (as written, with defaults) and its compile function;
 //! `check` holds the range checks they share; this module deserializes the document, knows
 //! which keys each section has, and joins the sections into [`Config`].
 
@@ -22,6 +22,7 @@ mod gateway;
 mod http;
 mod mqttsn;
 mod route;
+mod serial;
 mod spool;
 pub mod units;
 mod upstream;
@@ -53,6 +54,8 @@ pub use mqttsn::MqttSnSection;
 use mqttsn::{RawMqttSn, RawPredefined};
 use route::RawRoute;
 pub use route::{MAX_REWRITE_BYTES, MAX_ROUTES, PLACEHOLDERS};
+use serial::RawSerial;
+pub use serial::{FlowControl, MAX_SERIAL_LINES, Parity, SerialLine};
 use spool::RawSpool;
 pub use spool::SpoolSection;
 use upstream::RawUpstream;
@@ -81,6 +84,8 @@ pub struct Config {
     pub spool: SpoolSection,
     /// `[admin]`.
     pub admin: AdminSection,
+    /// `[[serial]]`, in file order (a line's index is its `PeerAddr::Serial` line).
+    pub serial: Vec<SerialLine>,
     /// `[[upstream]]`, in file order.
     pub upstreams: Vec<Upstream>,
     /// `[[route]]`, compiled against `upstreams` (indexes are theirs);
@@ -175,6 +180,42 @@ impl Config {
         );
         for addr in &self.mqttsn.listen {
             s.push_str(&format!("listener: MQTT-SN over UDP on {addr}\n"));
+        }
+        for line in &self.serial {
+            s.push_str(&format!(
+                "listener: MQTT-SN over serial on {} ({} baud, {}{}{}, {} framing{}{})\n",
+                line.device,
+                line.baud,
+                line.data_bits,
+                match line.parity {
+                    Parity::None => 'N',
+                    Parity::Even => 'E',
+                    Parity::Odd => 'O',
+                },
+                line.stop_bits,
+                match line.framing {
+                    crate::serial::framing::Framing::Length => "length".to_owned(),
+                    crate::serial::framing::Framing::Slip { crc } => format!(
+                        "slip/{}",
+                        match crc {
+                            crate::serial::framing::Crc::None => "no crc",
+                            crate::serial::framing::Crc::Crc16 => "crc16",
+                            crate::serial::framing::Crc::Crc32 => "crc32",
+                        }
+                    ),
+                },
+                match line.flow_control {
+                    FlowControl::None => "",
+                    FlowControl::Hardware => ", RTS/CTS",
+                    FlowControl::Software => ", XON/XOFF",
+                },
+                if line.forwarder { ", forwarder" } else { "" },
+            ));
+        }
+        let forwarders = self.mqttsn.forwarders.entries();
+        if !forwarders.is_empty() {
+            let list: Vec<String> = forwarders.iter().map(ToString::to_string).collect();
+            s.push_str(&format!("MQTT-SN forwarders: {}\n", list.join(", ")));
         }
         match &self.coap {
             Some(coap) => {
@@ -410,6 +451,7 @@ fn known_fields(key: &KeyPath) -> &'static [&'static str] {
         ["admin"] => fields_of::<RawAdmin>(),
         ["upstream"] => fields_of::<RawUpstream>(),
         ["route"] => fields_of::<RawRoute>(),
+        ["serial"] => fields_of::<RawSerial>(),
         _ => &[],
     }
 }
@@ -501,6 +543,7 @@ struct RawConfig {
     admin: RawAdmin,
     upstream: Vec<RawUpstream>,
     route: Vec<RawRoute>,
+    serial: Vec<RawSerial>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -515,6 +558,11 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
     let log = gateway::compile_log(raw.log, r);
     let mqttsn = mqttsn::compile_mqttsn(&raw.mqttsn, gw_id, r);
     let coap = coap::compile_coap(&raw.coap, &raw.mqttsn.listen_addrs(), r);
+    let serial = serial::compile_serial(
+        &raw.serial,
+        mqttsn.as_ref().map(|m| m.core.max_packet_size),
+        r,
+    );
     let spool = spool::compile_spool(&raw.spool, &state_dir, r);
     let admin = admin::compile_admin(&raw.admin, r);
     let http = http::compile_http(&raw.http, base, raw.admin.listen_addr(), r);
@@ -552,6 +600,7 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
         http: http_on(&http).then_some(http),
         spool: spool?,
         admin: admin?,
+        serial,
         upstreams,
         routes: routes.table,
         route_specs: routes.specs,

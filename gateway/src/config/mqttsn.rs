@@ -10,6 +10,7 @@ use serde::Deserialize;
 use super::check::{check_topic_name, duration_in, int_in, queue_full_policy, size_in};
 use super::diag::{KeyPath, Reporter};
 use super::{DurationText, SizeText};
+use crate::io::udp::{ForwarderEntry, ForwarderList, MAX_FORWARDERS};
 use crate::mqttsn::codec::MAX_CLIENT_ID_LEN_DECODE;
 use crate::mqttsn::core::{ClientSet, CoreConfig, Peer, PredefinedTopic};
 
@@ -26,6 +27,8 @@ pub struct MqttSnSection {
     pub recv_batch: usize,
     /// Bound on the log of persisted sessions (`<state_dir>/sessions`), in bytes.
     pub session_log_max_size: u64,
+    /// The UDP forwarders allowed to send encapsulated (0xFE) messages; empty: nobody.
+    pub forwarders: ForwarderList,
     /// The protocol core's settings.
     pub core: CoreConfig,
 }
@@ -56,6 +59,7 @@ pub(super) struct RawMqttSn {
     advertise_interval: DurationText,
     advertise_destinations: Vec<String>,
     searchgw_reply: String,
+    forwarders: Vec<String>,
     predefined_topic: Vec<RawPredefined>,
 }
 
@@ -85,6 +89,7 @@ impl Default for RawMqttSn {
             advertise_interval: "15m".into(),
             advertise_destinations: Vec::new(),
             searchgw_reply: "searcher".into(),
+            forwarders: Vec::new(),
             predefined_topic: Vec::new(),
         }
     }
@@ -273,6 +278,8 @@ pub(super) fn compile_mqttsn(
         );
     }
 
+    let forwarders = compile_forwarders(&m.forwarders, &listen, &sn, r);
+
     let mut predefined = Vec::new();
     // (id, client or "*") -> index of the first definition, to refuse ambiguous ids.
     let mut defined: BTreeMap<(u16, String), usize> = BTreeMap::new();
@@ -362,6 +369,7 @@ pub(super) fn compile_mqttsn(
 
     Some(MqttSnSection {
         listen,
+        forwarders,
         recv_buffer: recv_buffer?,
         send_buffer: send_buffer?,
         recv_batch: recv_batch?,
@@ -389,4 +397,58 @@ pub(super) fn compile_mqttsn(
             gwinfo_to_destinations,
         },
     })
+}
+
+/// `[mqttsn] forwarders`: each entry parses, is reachable (a listener of its address family)
+/// and can match (no earlier entry covers it: the first match wins); at most
+/// [`MAX_FORWARDERS`]. Wrong entries are reported and left out.
+fn compile_forwarders(
+    raw: &[String],
+    listen: &[SocketAddr],
+    sn: &KeyPath,
+    r: &mut Reporter<'_>,
+) -> ForwarderList {
+    let key = sn.key("forwarders");
+    if raw.len() > MAX_FORWARDERS {
+        r.at_path(
+            &key,
+            format!(
+                "{} entries, at most {MAX_FORWARDERS} are allowed",
+                raw.len()
+            ),
+            Some("list ranges (CIDR) instead of single addresses".into()),
+        );
+    }
+    let mut entries: Vec<(usize, ForwarderEntry)> = Vec::new();
+    for (i, text) in raw.iter().enumerate().take(MAX_FORWARDERS) {
+        let path = key.index(i);
+        let entry = match text.parse::<ForwarderEntry>() {
+            Ok(entry) => entry,
+            Err(e) => {
+                r.at_path(&path, e.to_string(), Some(e.hint()));
+                continue;
+            }
+        };
+        if !listen.iter().any(|l| l.is_ipv4() == entry.is_ipv4()) {
+            r.at_path(
+                &path,
+                format!("no listener of the address family of `{text}` to receive from"),
+                None,
+            );
+            continue;
+        }
+        if let Some((first, earlier)) = entries.iter().find(|(_, e)| e.covers(&entry)) {
+            r.at_path(
+                &path,
+                format!(
+                    "`{text}` never matches: `{earlier}` (mqttsn.forwarders[{first}]) covers it \
+                     and the first matching entry wins"
+                ),
+                Some("remove it, or list it before the wider entry".into()),
+            );
+            continue;
+        }
+        entries.push((i, entry));
+    }
+    ForwarderList::new(entries.into_iter().map(|(_, e)| e).collect())
 }

@@ -2450,3 +2450,60 @@ fn the_reference_config_shows_every_http_key_with_its_default() {
     assert_eq!(http.devices.len(), 1);
     assert_eq!(http.tls.unwrap().client_cert, ClientCertMode::Optional);
 }
+
+#[test]
+fn forwarders_default_to_none_and_take_addresses_ranges_and_ports_of_both_families() {
+    let c = Config::parse(Path::new("test.toml"), MINIMAL).unwrap();
+    assert!(c.mqttsn.forwarders.is_empty());
+    let text = MINIMAL.replace(
+        "[mqttsn]\n",
+        "[mqttsn]\nforwarders = [\"127.0.0.2\", \"10.0.0.0/24\", \"[::1]:47000\", \"fd00::/64\"]\n",
+    );
+    let c = Config::parse(Path::new("test.toml"), &text).unwrap();
+    let shown: Vec<String> = c
+        .mqttsn
+        .forwarders
+        .entries()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        shown,
+        ["127.0.0.2", "10.0.0.0/24", "[::1]:47000", "fd00::/64"]
+    );
+    let from = |s: &str| s.parse::<SocketAddr>().unwrap();
+    assert_eq!(c.mqttsn.forwarders.matching(from("10.0.0.9:5")), Some(1));
+    assert_eq!(c.mqttsn.forwarders.matching(from("[::1]:47000")), Some(2));
+    assert_eq!(c.mqttsn.forwarders.matching(from("[::1]:47001")), None);
+    assert!(
+        c.summary()
+            .contains("MQTT-SN forwarders: 127.0.0.2, 10.0.0.0/24, [::1]:47000, fd00::/64\n"),
+        "{}",
+        c.summary()
+    );
+}
+
+#[test]
+fn bad_forwarder_entries_are_located_each() {
+    let text = MINIMAL.replace(
+        "[mqttsn]\nlisten = [\"127.0.0.1:1883\", \"[::1]:1883\"]\n",
+        "[mqttsn]\nlisten = [\"127.0.0.1:1883\"]\nforwarders = [\n  \"gw.example\",\n  \
+         \"10.0.0.1/24\",\n  \"10.0.0.0/33\",\n  \"::1\",\n  \"10.0.0.0/8\",\n  \"10.1.2.3:7\",\n]\n",
+    );
+    let d = errors(&text);
+    let msgs: Vec<&str> = d.iter().map(|d| d.message.as_str()).collect();
+    assert_eq!(d.len(), 5, "{msgs:#?}");
+    let lines: Vec<usize> = d.iter().map(|d| d.line).collect();
+    assert_eq!(lines, [8, 9, 10, 11, 13], "{msgs:#?}");
+    assert!(d.iter().all(|d| d.column == 3), "{d:#?}");
+    assert!(msgs[0].contains("`gw.example` is not an IP address, a CIDR range or an IP:port"));
+    assert!(msgs[1].contains("host bits set"));
+    assert_eq!(d[1].hint.as_deref(), Some("write `10.0.0.0/24`"));
+    assert!(msgs[2].contains("prefix length 33 is too long"));
+    assert!(msgs[3].contains("no listener of the address family of `::1`"));
+    assert!(msgs[4].contains("`10.1.2.3:7` never matches: `10.0.0.0/8` (mqttsn.forwarders[4])"));
+    assert!(
+        msgs.iter().all(|m| m.contains("mqttsn.forwarders[")),
+        "{msgs:#?}"
+    );
+}

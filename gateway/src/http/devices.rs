@@ -67,6 +67,12 @@ impl Devices {
         }
     }
 
+    /// A new bound (a reload): a lower one forgets the least recently seen devices at the
+    /// next new one.
+    pub(crate) fn set_cap(&mut self, cap: usize) {
+        self.cap = cap.max(1);
+    }
+
     /// Counts a request of `id`, making it the most recently seen; forgets the least recently
     /// seen device when the table is full.
     pub(crate) fn record(&mut self, now: Instant, id: &Arc<str>, seen: Seen<'_>) {

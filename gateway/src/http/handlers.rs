@@ -31,22 +31,21 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Value, json};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 
 use sensorgate_bridges::message::{Message, Origin, Protocol, Qos};
 use sensorgate_bridges::router::IngressHandle;
 use sensorgate_bridges::upstream::FailReason;
 
-use super::auth::{AuthError, AuthTable, Identity};
+use super::auth::{AuthError, Identity};
 use super::batch::{BatchError, BatchLimits, batch_kind, parse as parse_batch};
 use super::devices::{Devices, Seen};
 use super::publish::{BatchOutcome, Ingress, ItemRefused, Outcome};
-use super::rate::RateTable;
+use super::reload::{Live, Settings};
 use super::request::{self, Refusal};
 use super::server::ConnInfo;
 use super::sse::{HubRefused, KEEPALIVE, StreamId, StreamQueue, Subscriptions, encode_ready};
 use super::stats::HttpStats;
-use crate::config::HttpSection;
 use crate::observe::model::DownlinkDropReason;
 
 /// `application/json` for every body we write.
@@ -60,37 +59,30 @@ const QUEUED_BODY: &[u8] = br#"{"qos":0,"durable":false}"#;
 pub(crate) struct App {
     pub(crate) ingress: Arc<Ingress>,
     pub(crate) devices: Arc<Mutex<Devices>>,
-    auth: AuthTable,
-    rate: Mutex<RateTable>,
-    section: Arc<HttpSection>,
-    /// Request bodies held at once, in KiB (`body_memory`).
-    body_memory: Arc<Semaphore>,
-    /// Permits in `body_memory` (a request never asks for more).
-    body_permits: u32,
+    /// The settings in force (auth table, limits, body budget) and the rate buckets,
+    /// swapped by a reload ([`super::reload`]); read once per request.
+    live: Arc<Live>,
 }
 
 impl App {
+    /// The handlers' state on `live`'s settings (attached to `ingress` and `devices`, so a
+    /// reload reaches them).
     pub(crate) fn new(
-        section: Arc<HttpSection>,
+        live: Arc<Live>,
         ingress: Arc<Ingress>,
         devices: Arc<Mutex<Devices>>,
     ) -> Arc<Self> {
-        let permits = (section.body_memory / 1024)
-            .clamp(1, Semaphore::MAX_PERMITS)
-            .min(u32::MAX as usize);
+        live.attach(Arc::clone(&ingress), Arc::clone(&devices));
         Arc::new(App {
             ingress,
             devices,
-            auth: AuthTable::new(&section),
-            rate: Mutex::new(RateTable::new(
-                section.rate_per_device,
-                section.rate_burst,
-                section.max_devices_tracked,
-            )),
-            body_memory: Arc::new(Semaphore::new(permits)),
-            body_permits: u32::try_from(permits).unwrap_or(u32::MAX),
-            section,
+            live,
         })
+    }
+
+    /// The settings in force for this request.
+    fn settings(&self) -> Arc<Settings> {
+        self.live.settings()
     }
 
     fn stats(&self) -> &HttpStats {
@@ -163,7 +155,7 @@ impl App {
                     self.stats().body_timeout();
                 }
                 (
-                    refusal.response(self.section.retry_after),
+                    refusal.response(self.settings().section.retry_after),
                     Some(refusal.code()),
                 )
             }
@@ -197,14 +189,19 @@ impl App {
 
     /// Stopping, then credentials, then the device's rate: the checks every endpoint starts
     /// with.
-    fn admit(&self, ctx: &mut Ctx, headers: &HeaderMap) -> Result<Arc<Identity>, Refusal> {
+    fn admit(
+        &self,
+        settings: &Settings,
+        ctx: &mut Ctx,
+        headers: &HeaderMap,
+    ) -> Result<Arc<Identity>, Refusal> {
         if self.ingress.stopping.is_cancelled() {
             return Err(Refusal::Stopping);
         }
         let authorization = headers
             .get(header::AUTHORIZATION)
             .map(HeaderValue::as_bytes);
-        let identity = self
+        let identity = settings
             .auth
             .authenticate(authorization, ctx.cert_device.as_deref())
             .map_err(|e| match e {
@@ -223,7 +220,8 @@ impl App {
             Arc::clone(&identity.id)
         };
         ctx.device = Some(Arc::clone(&device));
-        self.rate
+        self.live
+            .rate
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take(&device, now())
@@ -237,6 +235,7 @@ impl App {
     /// holds the body's share of `body_memory`: the caller keeps it until it answers.
     async fn read_body(
         &self,
+        settings: &Settings,
         headers: &HeaderMap,
         body: Body,
         limit: usize,
@@ -259,7 +258,7 @@ impl App {
                     index: None,
                 });
             }
-            None if self.section.require_content_length => {
+            None if settings.section.require_content_length => {
                 return Err(Refusal::LengthRequired { limit: limit_u64 });
             }
             _ => {}
@@ -267,11 +266,11 @@ impl App {
         let reserve = length.unwrap_or(limit_u64);
         let kib = u32::try_from(reserve.div_ceil(1024).max(1))
             .unwrap_or(u32::MAX)
-            .min(self.body_permits);
-        let timeout = self.section.request_timeout;
+            .min(settings.body_permits);
+        let timeout = settings.section.request_timeout;
         let permit = match tokio::time::timeout(
             timeout,
-            Arc::clone(&self.body_memory).acquire_many_owned(kib),
+            Arc::clone(&settings.body_memory).acquire_many_owned(kib),
         )
         .await
         {
@@ -317,7 +316,8 @@ async fn single(State(app): State<Arc<App>>, request: Request) -> Response {
 
 async fn single_inner(app: &App, ctx: &mut Ctx, request: Request) -> Result<Response, Refusal> {
     let (parts, body) = request.into_parts();
-    let identity = app.admit(ctx, &parts.headers)?;
+    let settings = app.settings();
+    let identity = app.admit(&settings, ctx, &parts.headers)?;
     let params = request::publish_params(parts.uri.query(), &parts.headers)?;
     let topic = request::topic_from_path(parts.uri.path())?;
     ctx.topic = Some(topic.clone());
@@ -325,7 +325,12 @@ async fn single_inner(app: &App, ctx: &mut Ctx, request: Request) -> Result<Resp
         return Err(Refusal::ForbiddenTopic { index: None });
     }
     let (payload, _memory) = app
-        .read_body(&parts.headers, body, app.section.max_body_size)
+        .read_body(
+            &settings,
+            &parts.headers,
+            body,
+            settings.section.max_body_size,
+        )
         .await?;
     let message = Message {
         topic,
@@ -358,12 +363,14 @@ async fn single_inner(app: &App, ctx: &mut Ctx, request: Request) -> Result<Resp
 async fn empty_topic(State(app): State<Arc<App>>, request: Request) -> Response {
     app.stats().request();
     let mut ctx = Ctx::new(&request);
-    let result = app.admit(&mut ctx, request.headers()).and_then(|_| {
-        Err(Refusal::BadTopic {
-            index: None,
-            reason: "the topic is empty: POST /v1/publish/{topic}".into(),
-        })
-    });
+    let result = app
+        .admit(&app.settings(), &mut ctx, request.headers())
+        .and_then(|_| {
+            Err(Refusal::BadTopic {
+                index: None,
+                reason: "the topic is empty: POST /v1/publish/{topic}".into(),
+            })
+        });
     app.finish(&ctx, result)
 }
 
@@ -377,7 +384,8 @@ async fn batch(State(app): State<Arc<App>>, request: Request) -> Response {
 
 async fn batch_inner(app: &App, ctx: &mut Ctx, request: Request) -> Result<Response, Refusal> {
     let (parts, body) = request.into_parts();
-    let identity = app.admit(ctx, &parts.headers)?;
+    let settings = app.settings();
+    let identity = app.admit(&settings, ctx, &parts.headers)?;
     let defaults = request::publish_params(parts.uri.query(), &parts.headers)?;
     let content_type = parts
         .headers
@@ -385,11 +393,16 @@ async fn batch_inner(app: &App, ctx: &mut Ctx, request: Request) -> Result<Respo
         .and_then(|v| v.to_str().ok());
     let kind = batch_kind(content_type).ok_or(Refusal::UnsupportedMediaType)?;
     let (body, _memory) = app
-        .read_body(&parts.headers, body, app.section.max_batch_size)
+        .read_body(
+            &settings,
+            &parts.headers,
+            body,
+            settings.section.max_batch_size,
+        )
         .await?;
     let limits = BatchLimits {
-        max_items: app.section.max_batch_items,
-        max_payload: app.section.max_body_size,
+        max_items: settings.section.max_batch_items,
+        max_payload: settings.section.max_body_size,
     };
     let items =
         parse_batch(kind, &body, defaults.qos, defaults.retain, &limits).map_err(|e| match e {
@@ -488,7 +501,7 @@ fn batch_response(app: &App, ctx: &mut Ctx, outcome: &BatchOutcome, all_qos0: bo
     let mut headers = HeaderMap::new();
     headers.insert(
         header::RETRY_AFTER,
-        HeaderValue::from(request::ceil_secs(app.section.retry_after)),
+        HeaderValue::from(request::ceil_secs(app.settings().section.retry_after)),
     );
     request::json_response(StatusCode::SERVICE_UNAVAILABLE, headers, &body)
 }
@@ -542,9 +555,12 @@ fn subscribe_inner(app: &App, ctx: &mut Ctx, request: &Request) -> Result<Respon
     if request.method() == Method::HEAD {
         return Err(Refusal::MethodNotAllowed { allow: "GET" });
     }
-    let identity = app.admit(ctx, request.headers())?;
-    let filters =
-        request::filters_from_query(request.uri().query(), app.section.max_filters_per_stream)?;
+    let settings = app.settings();
+    let identity = app.admit(&settings, ctx, request.headers())?;
+    let filters = request::filters_from_query(
+        request.uri().query(),
+        settings.section.max_filters_per_stream,
+    )?;
     if !filters
         .filters
         .iter()
@@ -577,7 +593,7 @@ fn subscribe_inner(app: &App, ctx: &mut Ctx, request: &Request) -> Result<Respon
         id,
         queue,
     };
-    let body = Body::from_stream(events(guard, ready, app.section.sse_keepalive));
+    let body = Body::from_stream(events(guard, ready, settings.section.sse_keepalive));
     let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert(

@@ -8,7 +8,9 @@
 //! pure modules with `now` passed in ([`request`], `auth`, `rate`, `batch`, `sse`,
 //! [`devices`]); the axum [`handlers`] are the adapters; [`publish`] appends and waits for
 //! the spool's verdicts; one [`driver`] task owns the channels from the rest of the gateway
-//! (verdicts, downlink, admin queries, beat).
+//! (verdicts, downlink, admin queries, beat). A reload ([`Reloader::apply`], SIGHUP) swaps the
+//! settings each request and each new connection reads ([`reload`]); connections, requests in
+//! flight and SSE streams go on.
 //!
 //! ```text
 //!  client ──> server (C: listeners, TLS, limits) ──> handlers ──> Ingress::publish[_batch]
@@ -57,6 +59,7 @@ pub(crate) mod driver;
 pub(crate) mod handlers;
 pub(crate) mod publish;
 pub(crate) mod rate;
+pub mod reload;
 pub mod request;
 pub mod server;
 pub(crate) mod sse;
@@ -85,20 +88,25 @@ pub struct Wiring {
     pub beat: Arc<Beat>,
 }
 
+pub use reload::Reloader;
+
 /// Runs the HTTP ingress on the current runtime (the `sensorgate-http` thread's) until
 /// `stop`, then drains (see the module doc, rule 6) and returns. Answers every verdict on
-/// `wiring.replies` until it returns.
+/// `wiring.replies` until it returns. Its settings are `reloader`'s (made from the section,
+/// [`Reloader::new`]): [`Reloader::apply`] changes them while it runs.
 ///
 /// # Errors
 /// The server's fatal IO error.
 pub async fn run(
-    section: Arc<HttpSection>,
+    reloader: Reloader,
     bound: Bound,
     tls: Option<Arc<rustls::ServerConfig>>,
     wiring: Wiring,
     stats: Arc<stats::HttpStats>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
+    let live = Arc::clone(reloader.live());
+    let section = Arc::clone(&live.settings().section);
     let ingress = Arc::new(publish::Ingress::new(
         wiring.handle,
         hub(&section),
@@ -110,7 +118,7 @@ pub async fn run(
         section.max_devices_tracked,
     )));
     let app = handlers::App::new(
-        Arc::clone(&section),
+        Arc::clone(&live),
         Arc::clone(&ingress),
         Arc::clone(&devices),
     );
@@ -136,7 +144,7 @@ pub async fn run(
         })
     };
     let conn = Arc::clone(&stats.conn);
-    let result = serve(bound, tls, handlers::router(app), section, conn, stop).await;
+    let result = serve_live(bound, tls, handlers::router(app), live, conn, stop).await;
     closer.abort();
     ingress.hub().close_all();
     // Every handler that could wait for a verdict has finished or been dropped by now.
@@ -148,7 +156,7 @@ pub async fn run(
 }
 
 use crate::config::HttpSection;
-use server::{Bound, serve};
+use server::{Bound, serve_live};
 use sse::Hub;
 
 /// The SSE hub with `section`'s bounds.

@@ -280,8 +280,9 @@ pub(crate) struct Ingress {
     pub(crate) hub: Mutex<Hub>,
     /// Streams in the hub (mirrors `Hub::len`, read without its lock on the hot path).
     pub(crate) streams: AtomicUsize,
-    /// How long an append waits for room in the writer's queue.
-    queue_wait: Duration,
+    /// How long an append waits for room in the writer's queue, in nanoseconds (a reload
+    /// changes it: [`Ingress::set_queue_wait`]).
+    queue_wait_nanos: AtomicU64,
     pub(crate) stats: Arc<HttpStats>,
     /// Cancelled when the gateway stops: nothing new is appended.
     pub(crate) stopping: CancellationToken,
@@ -300,10 +301,21 @@ impl Ingress {
             verdicts: Verdicts::default(),
             hub: Mutex::new(hub),
             streams: AtomicUsize::new(0),
-            queue_wait,
+            queue_wait_nanos: AtomicU64::new(nanos(queue_wait)),
             stats,
             stopping,
         }
+    }
+
+    /// How long an append waits for room in the writer's queue (`queue_wait`).
+    pub(crate) fn queue_wait(&self) -> Duration {
+        Duration::from_nanos(self.queue_wait_nanos.load(Ordering::Relaxed))
+    }
+
+    /// A new `queue_wait`, for the requests that start from now (a reload).
+    pub(crate) fn set_queue_wait(&self, queue_wait: Duration) {
+        self.queue_wait_nanos
+            .store(nanos(queue_wait), Ordering::Relaxed);
     }
 
     /// Locks the hub (lock order: verdicts, hub, router; the verdicts lock is never held).
@@ -369,7 +381,7 @@ impl Ingress {
         if self.stopping.is_cancelled() {
             return Outcome::Stopping;
         }
-        let deadline = tokio::time::Instant::now() + self.queue_wait;
+        let deadline = tokio::time::Instant::now() + self.queue_wait();
         let local = self.wants_local().then(|| message.clone());
         if message.qos == Qos::AtMostOnce {
             return match self.append_with_room(message, None, deadline).await {
@@ -413,7 +425,7 @@ impl Ingress {
         let mut refused = Vec::new();
         let mut queued = 0;
         let mut tokened = Vec::new();
-        let deadline = tokio::time::Instant::now() + self.queue_wait;
+        let deadline = tokio::time::Instant::now() + self.queue_wait();
         let wants_local = self.wants_local();
         let mut items = items.into_iter().enumerate();
         for (index, message) in items.by_ref() {
@@ -484,4 +496,9 @@ impl Ingress {
     ) -> Option<usize> {
         topics.into_iter().position(|t| !self.handle.accepts(t))
     }
+}
+
+/// `d` in nanoseconds, saturating (a `queue_wait` beyond 584 years waits that long).
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }

@@ -63,6 +63,45 @@ impl RateTable {
         }
     }
 
+    /// New limits at `now` (a reload), taken as by [`RateTable::new`]. The buckets are kept
+    /// (a device keeps what it has used): each is refilled to `now` at the old rate and cut to
+    /// the new `burst`, then refills at the new rate. Limiting turned off forgets them; a
+    /// lower `cap` forgets the least recently used beyond it at once.
+    pub(crate) fn set_limits(&mut self, now: Instant, rate_per_sec: f64, burst: u32, cap: usize) {
+        let (old_rate, old_burst) = (self.rate, self.burst);
+        self.rate = rate_per_sec;
+        self.burst = f64::from(burst.max(1));
+        self.cap = cap.max(1);
+        if !self.enabled() {
+            self.buckets.clear();
+            self.order.clear();
+            return;
+        }
+        for bucket in self.buckets.values_mut() {
+            bucket.tokens = refilled(bucket, now, old_rate, old_burst).min(self.burst);
+            bucket.at = bucket.at.max(now);
+        }
+        while self.buckets.len() > self.cap {
+            let Some((_, key)) = self.order.pop_first() else {
+                break;
+            };
+            self.buckets.remove(&key);
+        }
+    }
+
+    /// Forgets `key`'s bucket (a device no longer configured).
+    pub(crate) fn forget(&mut self, key: &str) {
+        if let Some(bucket) = self.buckets.remove(key) {
+            self.order.remove(&bucket.stamp);
+        }
+    }
+
+    /// The tokens `key`'s bucket holds at its last use, if it has one.
+    #[cfg(test)]
+    pub(crate) fn tokens(&self, key: &str) -> Option<f64> {
+        self.buckets.get(key).map(|b| b.tokens)
+    }
+
     /// Whether limiting is on.
     fn enabled(&self) -> bool {
         self.rate > 0.0
@@ -165,6 +204,36 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn new_limits_keep_each_devices_bucket_cut_to_the_new_burst() {
+        let t0 = start();
+        let mut table = RateTable::new(1.0, 4, 10);
+        for _ in 0..3 {
+            assert_eq!(table.take("busy", t0), Ok(()));
+        }
+        assert_eq!(table.take("idle", t0), Ok(()));
+        // Half a second later at the old rate: busy has 1.5 tokens, idle 3.5 (cut to 2).
+        table.set_limits(t0 + ms(500), 0.5, 2, 10);
+        assert_eq!(table.tokens("busy"), Some(1.5));
+        assert_eq!(table.tokens("idle"), Some(2.0));
+        assert_eq!(table.take("busy", t0 + ms(500)), Ok(()));
+        // 0.5 left; one token needs one more second at the new rate (0.5/s).
+        assert_eq!(
+            table.take("busy", t0 + ms(500)),
+            Err(Duration::from_secs(1))
+        );
+        // A forgotten device starts with a full new burst.
+        table.forget("busy");
+        assert_eq!(table.len(), 1);
+        assert_eq!(table.take("busy", t0 + ms(500)), Ok(()));
+        assert_eq!(table.tokens("busy"), Some(1.0));
+        // A lower cap forgets the least recently used at once; limiting off forgets all.
+        table.set_limits(t0 + ms(500), 0.5, 2, 1);
+        assert_eq!((table.len(), table.tokens("idle")), (1, None));
+        table.set_limits(t0 + ms(500), 0.0, 2, 1);
+        assert_eq!(table.len(), 0);
     }
 
     #[test]

@@ -50,12 +50,13 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::reload::{Live, Settings};
 use super::tls;
 use crate::io::tcp::{ACCEPT_ERROR_PAUSE, IdleFlag, Permitted};
 
@@ -227,13 +228,11 @@ struct PeerLogs {
 /// What every accept loop and connection task shares.
 struct Shared {
     app: Router,
-    section: Arc<HttpSection>,
+    /// The settings in force (section and hyper builder; a reload swaps them, each connection
+    /// takes those of its accept) and the `max_connections` permits over every listener.
+    live: Arc<Live>,
     stats: Arc<ConnStats>,
-    /// hyper-util's builder with every limit (cloned state; `serve_connection` borrows it).
-    builder: auto::Builder<TokioExecutor>,
     tls: Option<TlsAcceptor>,
-    /// `max_connections` permits over every listener.
-    permits: Arc<Semaphore>,
     /// Open connections per peer address; an entry is removed at zero.
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     logs: Mutex<PeerLogs>,
@@ -284,7 +283,7 @@ impl IpSlot {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let count = table.entry(ip).or_insert(0);
-        if *count >= shared.section.max_connections_per_ip {
+        if *count >= shared.live.settings().section.max_connections_per_ip {
             return None;
         }
         *count += 1;
@@ -329,7 +328,7 @@ impl Drop for OpenGuard {
 }
 
 /// hyper-util's auto builder with every limit of `section`.
-fn builder(section: &HttpSection) -> auto::Builder<TokioExecutor> {
+pub(crate) fn builder(section: &HttpSection) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -370,6 +369,19 @@ pub async fn serve(
     stats: Arc<ConnStats>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
+    serve_live(bound, tls, app, Live::new(&section), stats, stop).await
+}
+
+/// [`serve`] with the settings of `live`, which a reload may change while it runs
+/// ([`super::reload`]): connections accepted after a reload get the new settings.
+pub(crate) async fn serve_live(
+    bound: Bound,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    app: Router,
+    live: Arc<Live>,
+    stats: Arc<ConnStats>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
     if !bound.tls.is_empty() && tls.is_none() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -385,11 +397,10 @@ pub async fn serve(
     {
         listeners.push((TcpListener::from_std(listener)?, is_tls));
     }
+    live.serving(&stats);
     let shared = Arc::new(Shared {
         app,
-        builder: builder(&section),
-        permits: Arc::new(Semaphore::new(section.max_connections.max(1))),
-        section,
+        live,
         stats,
         tls: tls.map(TlsAcceptor::from),
         per_ip: Mutex::new(HashMap::new()),
@@ -436,12 +447,9 @@ async fn accept_loop(
     graceful: &GracefulShutdown,
 ) {
     loop {
-        // Before `accept`: beyond `max_connections`, clients wait in the accept queue. The
-        // semaphore is never closed; if it were, serving one more is harmless.
-        let permit = tokio::select! {
-            biased;
-            () = shared.stop.cancelled() => return,
-            permit = Arc::clone(&shared.permits).acquire_owned() => permit.ok(),
+        // Before `accept`: beyond `max_connections`, clients wait in the accept queue.
+        let Some(mut permit) = take_permit(shared).await else {
+            return;
         };
         let (stream, peer) = loop {
             tokio::select! {
@@ -460,12 +468,26 @@ async fn accept_loop(
                 },
             }
         };
+        // `max_connections` was lowered (a reload) while this permit waited for the accept:
+        // it retires, and the connection waits for a permit under the new bound.
+        if permit.is_some() && shared.live.retire_permit() {
+            if let Some(retired) = permit.take() {
+                retired.forget();
+            }
+            let Some(next) = take_permit(shared).await else {
+                return;
+            };
+            permit = next;
+        }
         let Some(slot) = IpSlot::take(shared, peer.ip()) else {
             bump(&shared.stats.per_ip_refused);
             shared.warn_limited(
                 |logs| &mut logs.per_ip,
                 peer,
-                &format_args!("{} open", shared.section.max_connections_per_ip),
+                &format_args!(
+                    "{} open",
+                    shared.live.settings().section.max_connections_per_ip
+                ),
                 "HTTP connection refused: this address has [http] max_connections_per_ip open.",
             );
             drop(stream);
@@ -486,6 +508,23 @@ async fn accept_loop(
     }
 }
 
+/// A `max_connections` permit, waited for; permits that must retire because the bound was
+/// lowered (a reload) are forgotten on the way. `None`: `stop` fired. The inner `None`: the
+/// semaphore was closed (it never is; serving one more is harmless).
+async fn take_permit(shared: &Shared) -> Option<Option<OwnedSemaphorePermit>> {
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = shared.stop.cancelled() => return None,
+            permit = Arc::clone(&shared.live.connections).acquire_owned() => permit.ok(),
+        };
+        match permit {
+            Some(permit) if shared.live.retire_permit() => permit.forget(),
+            permit => return Some(permit),
+        }
+    }
+}
+
 /// One connection's life: idle wrapper, TLS handshake, HTTP; dropped when `kill` fires.
 async fn connection(
     shared: Arc<Shared>,
@@ -498,7 +537,9 @@ async fn connection(
 ) {
     let _open = OpenGuard::new(&shared.stats);
     let _slot = slot;
-    let io = Permitted::new(stream, permit, shared.section.idle_timeout);
+    // The settings in force when it was accepted, for the connection's whole life.
+    let settings = shared.live.settings();
+    let io = Permitted::new(stream, permit, settings.section.idle_timeout);
     let idle = io.idle_flag();
     let kill = shared.kill.clone();
     let work = async {
@@ -508,12 +549,12 @@ async fn connection(
                 tls: false,
                 cert_device: None,
             };
-            return serve_http(&shared, TokioIo::new(io), info, watcher, &idle).await;
+            return serve_http(&shared, &settings, TokioIo::new(io), info, watcher, &idle).await;
         };
         let handshake = tokio::select! {
             biased;
             () = shared.stop.cancelled() => return,
-            h = tokio::time::timeout(shared.section.tls_handshake_timeout, acceptor.accept(io)) => h,
+            h = tokio::time::timeout(settings.section.tls_handshake_timeout, acceptor.accept(io)) => h,
         };
         let stream = match handshake {
             Ok(Ok(stream)) => stream,
@@ -544,7 +585,15 @@ async fn connection(
             tls: true,
             cert_device,
         };
-        serve_http(&shared, TokioIo::new(stream), info, watcher, &idle).await;
+        serve_http(
+            &shared,
+            &settings,
+            TokioIo::new(stream),
+            info,
+            watcher,
+            &idle,
+        )
+        .await;
     };
     tokio::select! {
         biased;
@@ -554,8 +603,14 @@ async fn connection(
 }
 
 /// Serves HTTP on `io` under the graceful-shutdown `watcher` and classifies how it ended.
-async fn serve_http<I>(shared: &Shared, io: I, info: ConnInfo, watcher: Watcher, idle: &IdleFlag)
-where
+async fn serve_http<I>(
+    shared: &Shared,
+    settings: &Settings,
+    io: I,
+    info: ConnInfo,
+    watcher: Watcher,
+    idle: &IdleFlag,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let peer = info.peer;
@@ -565,13 +620,13 @@ where
         info,
         first: Arc::clone(&first),
     };
-    let conn = watcher.watch(shared.builder.serve_connection(io, service));
+    let conn = watcher.watch(settings.builder.serve_connection(io, service));
     tokio::pin!(conn);
     // hyper's header timeout starts only once hyper-util knows the protocol (after the first
     // bytes), and h2 has none: the first request is bounded here.
     let result = tokio::select! {
         result = &mut conn => result,
-        seen = tokio::time::timeout(shared.section.header_timeout, first.notified()) => {
+        seen = tokio::time::timeout(settings.section.header_timeout, first.notified()) => {
             if seen.is_err() {
                 bump(&shared.stats.header_timeouts);
                 tracing::debug!(%peer, "HTTP connection closed: no request within [http] header_timeout.");

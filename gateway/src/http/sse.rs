@@ -346,6 +346,26 @@ impl Hub {
         }
     }
 
+    /// New bounds (a reload): `max_streams`, `max_per_device` and `max_filters` apply to the
+    /// next registration (open streams are kept), `queue_cap` and `policy` to streams opened
+    /// from now on (an open stream keeps its queue), `max_event` to the next event.
+    pub(crate) fn set_limits(
+        &mut self,
+        max_streams: usize,
+        max_per_device: usize,
+        max_filters: usize,
+        queue_cap: usize,
+        policy: SseQueueFull,
+        max_event: usize,
+    ) {
+        self.max_streams = max_streams;
+        self.max_per_device = max_per_device;
+        self.max_filters = max_filters;
+        self.queue_cap = queue_cap;
+        self.policy = policy;
+        self.max_event = max_event;
+    }
+
     fn table(&mut self, filter: &str) -> &mut HashMap<Arc<str>, Vec<StreamId>> {
         if topic::has_wildcards(filter) {
             &mut self.wild

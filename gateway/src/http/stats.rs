@@ -52,7 +52,7 @@ pub struct HttpStats {
     /// QoS 1 messages answered 2xx after their durable verdict.
     acks: AtomicU64,
     /// Refusals per `RefusalReason::ALL` position.
-    refusals: [AtomicU64; 5],
+    refusals: [AtomicU64; RefusalReason::COUNT],
     /// SSE message events written to their streams.
     downlink_delivered: AtomicU64,
     /// SSE events lost, per `DownlinkDropReason::ALL` position.
@@ -251,7 +251,7 @@ mod tests {
         assert_eq!(report.protocol, "http");
         let c = report.counters;
         assert_eq!((c.packets_in, c.messages_in, c.acks), (1, [0, 1, 3, 0], 3));
-        assert_eq!(c.refusals, [0, 0, 0, 1, 0]);
+        assert_eq!(c.refusals, [0, 0, 0, 1, 0, 0]);
         assert_eq!(c.downlink_dropped, [0, 0, 0, 2]);
     }
 }

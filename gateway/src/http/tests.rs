@@ -529,6 +529,8 @@ fn spooled_topics(s: &Setup) -> Vec<String> {
 /// A running HTTP ingress: its address, its parts, and the token that stops it.
 struct Served {
     addr: std::net::SocketAddr,
+    /// Reloads the served ingress's settings (as SIGHUP does).
+    reloader: super::Reloader,
     ingress: Arc<Ingress>,
     stop: CancellationToken,
     /// Asks the driver (as the admin listener does).
@@ -562,8 +564,9 @@ async fn serve(setup: &Setup, section: HttpSection) -> Served {
         stop.clone(),
     ));
     let devices = Arc::new(std::sync::Mutex::new(super::devices::Devices::new(16)));
+    let reloader = super::Reloader::new(&section);
     let app = App::new(
-        Arc::clone(&section),
+        Arc::clone(reloader.live()),
         Arc::clone(&ingress),
         Arc::clone(&devices),
     );
@@ -590,16 +593,17 @@ async fn serve(setup: &Setup, section: HttpSection) -> Served {
     let router = handlers::router(app);
     let server_stop = CancellationToken::new();
     let conn = Arc::clone(&ingress.stats.conn);
-    tokio::spawn(super::server::serve(
+    tokio::spawn(super::server::serve_live(
         bound,
         None,
         router,
-        section,
+        Arc::clone(reloader.live()),
         conn,
         server_stop.clone(),
     ));
     Served {
         addr,
+        reloader,
         ingress,
         stop,
         queries: query_tx,
@@ -977,7 +981,7 @@ async fn the_driver_answers_the_admins_report_and_client_pages() {
     assert_eq!((c.packets_in, c.messages_in, c.acks), (3, [0, 1, 1, 0], 1));
     assert_eq!(
         c.refusals,
-        [0, 1, 0, 0, 0],
+        [0, 1, 0, 0, 0, 0],
         "bad_topic counts as invalid_topic"
     );
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -1523,7 +1527,7 @@ async fn run_serves_until_stop_then_answers_the_verdict_in_flight_and_returns() 
     let stats = Arc::new(HttpStats::default());
     let stop = CancellationToken::new();
     let running = tokio::spawn(super::run(
-        section,
+        super::Reloader::new(&section),
         bound,
         None,
         wiring,
@@ -1665,5 +1669,197 @@ async fn a_client_that_leaves_before_its_verdict_is_an_orphan_whose_message_is_s
     assert!(
         spooled_topics(&s).contains(&"gone".to_owned()),
         "durable though nobody was told"
+    );
+}
+
+/// An HTTP/1.1 client on one kept-alive connection: one request at a time, each response
+/// read by its `Content-Length`.
+struct KeepAlive {
+    stream: tokio::net::TcpStream,
+}
+
+impl KeepAlive {
+    async fn connect(addr: std::net::SocketAddr) -> Self {
+        KeepAlive {
+            stream: tokio::net::TcpStream::connect(addr).await.unwrap(),
+        }
+    }
+
+    async fn post(&mut self, path: &str, extra: &str, body: &[u8]) -> Reply {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut raw = format!(
+            "POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Length: {}\r\n{extra}\r\n",
+            body.len()
+        )
+        .into_bytes();
+        raw.extend_from_slice(body);
+        self.stream.write_all(&raw).await.unwrap();
+        let mut bytes = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = parse_reply(&bytes[..end + 4]);
+                let length: usize = head
+                    .header("content-length")
+                    .map_or(0, |v| v.parse().unwrap());
+                if bytes.len() >= end + 4 + length {
+                    return parse_reply(&bytes[..end + 4 + length]);
+                }
+            }
+            let n = bounded("a response", self.stream.read(&mut buf))
+                .await
+                .unwrap();
+            assert!(
+                n > 0,
+                "connection closed: {:?}",
+                String::from_utf8_lossy(&bytes)
+            );
+            bytes.extend_from_slice(&buf[..n]);
+        }
+    }
+}
+
+const TOKEN3: &str = "token-of-device-one-renewed-0123";
+
+/// Two devices that may publish and subscribe anywhere.
+fn open_devices(dev1_token: &str) -> HttpSection {
+    let device = |id: &str, token: &str| crate::config::DeviceSpec {
+        id: id.to_owned(),
+        token_hash: Some(super::token::digest(token.as_bytes())),
+        publish: vec!["#".to_owned()],
+        subscribe: vec!["#".to_owned()],
+    };
+    HttpSection {
+        devices: vec![device("dev1", dev1_token), device("dev2", TOKEN2)],
+        sse_keepalive: Duration::from_secs(600),
+        ..HttpSection::default()
+    }
+}
+
+#[tokio::test]
+async fn a_reload_swaps_tokens_and_limits_and_keeps_connections_and_streams() {
+    let s = setup(16, 1 << 20, RouteTable::everything());
+    let served = serve(&s, open_devices(TOKEN1)).await;
+    let a = served.addr;
+    let mut sse = SseClient::open(a, "/v1/subscribe?filter=x/%23", &bearer(TOKEN2)).await;
+    sse.until("event: ready").await;
+    let mut kept = KeepAlive::connect(a).await;
+    assert_eq!(
+        kept.post("/v1/publish/x/1", &bearer(TOKEN1), b"12345")
+            .await
+            .status,
+        200
+    );
+
+    // dev1's token is renewed, bodies are limited to 4 bytes.
+    let notes = served.reloader.apply(&HttpSection {
+        max_body_size: 4,
+        ..open_devices(TOKEN3)
+    });
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(
+        notes[0].contains(r#"1 with a new token ["dev1"]"#),
+        "{notes:?}"
+    );
+
+    // The connection opened before the reload serves the new settings.
+    assert_eq!(
+        kept.post("/v1/publish/x/2", &bearer(TOKEN3), b"1234")
+            .await
+            .status,
+        200,
+        "the new token works"
+    );
+    let r = kept
+        .post("/v1/publish/x/3", &bearer(TOKEN3), b"12345")
+        .await;
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (413, Some("too_large"))
+    );
+    let r = call(a, "POST", "/v1/publish/x/4", &bearer(TOKEN1), b"1").await;
+    assert_eq!(r.status, 401, "the old token is refused");
+    assert_eq!(
+        call(a, "POST", "/v1/publish/x/5", &bearer(TOKEN2), b"1")
+            .await
+            .status,
+        200,
+        "an unchanged device goes on"
+    );
+    // The stream opened before the reload got everything stored, in order.
+    let seen = sse.until(r#""topic":"x/5""#).await;
+    let order: Vec<usize> = ["\"x/1\"", "\"x/2\"", "\"x/5\""]
+        .iter()
+        .map(|t| seen.find(t).unwrap())
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{seen}");
+    assert!(!seen.contains("\"x/3\"") && !seen.contains("\"x/4\""));
+    assert_eq!(spooled_topics(&s), ["x/1", "x/2", "x/5"]);
+}
+
+#[tokio::test]
+async fn a_lowered_max_connections_waits_for_open_ones_to_end() {
+    let s = setup(16, 1 << 20, RouteTable::everything());
+    let served = serve(
+        &s,
+        HttpSection {
+            max_connections: 2,
+            ..anonymous()
+        },
+    )
+    .await;
+    let a = served.addr;
+    let mut first = KeepAlive::connect(a).await;
+    assert_eq!(first.post("/v1/publish/t/1", "", b"1").await.status, 200);
+    let notes = served.reloader.apply(&HttpSection {
+        max_connections: 1,
+        ..anonymous()
+    });
+    assert!(notes.is_empty(), "one open, one allowed: {notes:?}");
+    let notes = served.reloader.apply(&HttpSection {
+        max_connections: 0,
+        ..anonymous()
+    });
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(
+        notes[0].starts_with("max_connections lowered to 0, below 1"),
+        "{notes:?}"
+    );
+    // (0 is taken as 1, as at start.)
+    served.reloader.apply(&HttpSection {
+        max_connections: 1,
+        ..anonymous()
+    });
+    // The open connection goes on; a second one waits in the accept queue until it ends.
+    let second = tokio::spawn(call(a, "POST", "/v1/publish/t/2", "", b"2"));
+    assert_eq!(first.post("/v1/publish/t/3", "", b"3").await.status, 200);
+    assert!(!second.is_finished());
+    let opened = || {
+        served
+            .ingress
+            .stats
+            .conn
+            .connections_opened
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(opened(), 1, "the second connection is not served yet");
+    drop(first);
+    assert_eq!(
+        bounded("the waiting connection", second)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    // Raised again: two at once.
+    served.reloader.apply(&HttpSection {
+        max_connections: 2,
+        ..anonymous()
+    });
+    let mut one = KeepAlive::connect(a).await;
+    assert_eq!(one.post("/v1/publish/t/4", "", b"4").await.status, 200);
+    assert_eq!(
+        call(a, "POST", "/v1/publish/t/5", "", b"5").await.status,
+        200
     );
 }

@@ -44,12 +44,31 @@
 //! spool status (`SharedSpool::queue_full`): a count there says the writer's queue was full
 //! and reading paused, not that anything was lost.
 //!
+//! Serial lines (MQTT-SN, [`UdpDriver::with_serial`]): the frames the line tasks read arrive
+//! on one bounded channel, read like one more socket (a batch of `recv_batch` per round, not
+//! while the read gate is closed; it counts as one more socket in `held_max`), and reach
+//! the core as `Peer::serial(line)`; what the core sends to `PeerAddr::Serial { line }` goes
+//! to that line's bounded write queue without waiting (full: dropped, counted by the line).
+//!
 //! Observability: the admin listener asks its [`IngressQuery`]s on a channel of its own
 //! ([`UdpDriver::with_queries`]); the driver answers one per turn from the core it owns
 //! ([`DatagramCore::report`], [`DatagramCore::clients`]), so the session table keeps one owner and no lock,
 //! and nothing is counted or copied per packet for it. With a [`Beat`]
 //! ([`UdpDriver::with_beat`]) each turn ends with one relaxed store of the instant already
 //! read for the timers, and an interval of [`BEAT_IDLE`] makes an idle driver turn too.
+//!
+//! Live reconfiguration ([`UdpDriver::with_reconfigure`]): a [`Reconfigure`] request is
+//! served between two turns like an admin query: the core takes the settings
+//! ([`DatagramCore::reconfigure`], sessions untouched), the receive slots follow a changed
+//! [`DatagramCore::max_datagram_size`], the turn's flush sends what the change caused, and
+//! the core's notes go back to the asker. Nothing else the driver holds (held publishes, the
+//! read gate, verdicts and acknowledgements awaited) is touched.
+//!
+//! Forwarders ([`UdpDriver::with_forwarders`], see [`forwarders`]): a datagram whose source
+//! matches an allow-list entry reaches the core from [`PeerAddr::Forwarder`] of that entry, not
+//! from its socket address, and the core's datagrams for that peer go to the entry's latest
+//! source. The driver only maps addresses; whether encapsulations are acted on is the core's
+//! decision ([`PeerAddr::may_relay`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -59,6 +78,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Instant;
 
+use bytes::Bytes;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -70,10 +90,15 @@ use sensorgate_bridges::router::{AppendRefused, IngressHandle};
 use sensorgate_bridges::spool::AppendReply;
 use sensorgate_bridges::telemetry::{BEAT_IDLE, Beat};
 
+use self::forwarders::Forwarders;
+pub use self::forwarders::{ForwarderEntry, ForwarderEntryError, ForwarderList, MAX_FORWARDERS};
 use super::batch::{RecvBatch, SendBatch};
 use super::session_store::StoreLink;
-use crate::ingress::{DatagramCore, Event, Peer, PeerAddr, PublishOutcome};
+use crate::ingress::{DatagramCore, Event, Peer, PeerAddr, PublishOutcome, Reconfigure};
 use crate::observe::model::IngressQuery;
+use crate::serial::line::{LineHandle, SerialLinks};
+
+pub mod forwarders;
 
 /// Replies sent per `sendmmsg`.
 const SEND_BATCH: usize = 64;
@@ -257,7 +282,7 @@ pub fn bind(addr: SocketAddr, options: SocketOptions, protocol: &str) -> io::Res
 }
 
 /// The task owning the core and its sockets.
-pub struct UdpDriver<C> {
+pub struct UdpDriver<C: DatagramCore> {
     core: C,
     sockets: Vec<Arc<UdpSocket>>,
     /// The way into the pipeline: appends to the spool, subscriptions (counted across
@@ -292,6 +317,20 @@ pub struct UdpDriver<C> {
     /// Beaten once per turn for the health check; `None`: nobody watches (and an idle
     /// driver sleeps until its next input or deadline).
     beat: Option<Arc<Beat>>,
+    /// Datagrams read per socket per batch (sizes `held_max` when serial lines join).
+    recv_batch: usize,
+    /// The serial lines' write queues, by line index ([`Self::with_serial`]).
+    serial_lines: Vec<LineHandle>,
+    /// Frames from every serial line, tagged with the line; `None`: no serial line.
+    serial_in: Option<mpsc::Receiver<(u16, Bytes)>>,
+    /// The UDP forwarders allowed to relay, and where each was last heard from (empty: every
+    /// source is a direct client).
+    forwarders: Forwarders,
+    /// New settings for the core (a reload), applied between two turns; `None`: the
+    /// settings are fixed.
+    reconfigure: Option<mpsc::Receiver<Reconfigure<C::Settings>>>,
+    /// The longest datagram the receive slots are sized for (they hold one byte more).
+    max_datagram: usize,
 }
 
 impl<C: DatagramCore> UdpDriver<C> {
@@ -330,7 +369,46 @@ impl<C: DatagramCore> UdpDriver<C> {
             stats: Arc::default(),
             queries: None,
             beat: None,
+            recv_batch,
+            serial_lines: Vec::new(),
+            serial_in: None,
+            forwarders: Forwarders::default(),
+            reconfigure: None,
+            max_datagram: max_packet_size,
         }
+    }
+
+    /// Applies the [`Reconfigure`] requests from `requests` to the core between two turns of
+    /// the loop (see the module doc); the notes go back on each request's `done`.
+    #[must_use]
+    pub fn with_reconfigure(mut self, requests: mpsc::Receiver<Reconfigure<C::Settings>>) -> Self {
+        self.reconfigure = Some(requests);
+        self
+    }
+
+    /// Serves serial lines too (see `serial::line`): a frame from line `i` goes to the core
+    /// as from `Peer::serial(i)`, read like a socket (not while the read gate is closed:
+    /// the lines' readers wait then), and a transmit for `PeerAddr::Serial { line }` goes to
+    /// that line's bounded write queue (full: dropped, counted by the line). The serial
+    /// frames count as one more socket for the held bound.
+    #[must_use]
+    pub fn with_serial(mut self, links: SerialLinks) -> Self {
+        if links.lines.is_empty() {
+            return self;
+        }
+        self.held_max = held_max(self.recv_batch, self.sockets.len() + 1);
+        self.serial_lines = links.lines;
+        self.serial_in = Some(links.inbound);
+        self
+    }
+
+    /// Treats sources matching an entry of `list` as that entry's forwarder: their datagrams
+    /// reach the core from [`PeerAddr::Forwarder`], and what the core sends there goes to the
+    /// entry's latest source (see [`forwarders`]).
+    #[must_use]
+    pub fn with_forwarders(mut self, list: ForwarderList) -> Self {
+        self.forwarders = Forwarders::new(list);
+        self
     }
 
     /// Answers the admin listener's [`IngressQuery`]s from `queries` (the core's report and
@@ -415,10 +493,23 @@ impl<C: DatagramCore> UdpDriver<C> {
                     None => std::future::pending().await,
                 }
             };
+            let reconfiguring = self.reconfigure.is_some();
+            let reconfigure = async {
+                match self.reconfigure.as_mut() {
+                    Some(requests) => requests.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             let asking = self.queries.is_some();
             let query = async {
                 match self.queries.as_mut() {
                     Some(queries) => queries.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let serial = async {
+                match self.serial_in.as_mut() {
+                    Some(frames) => frames.recv().await,
                     None => std::future::pending().await,
                 }
             };
@@ -441,6 +532,12 @@ impl<C: DatagramCore> UdpDriver<C> {
                 (index, ready) = readable, if reading => {
                     ready?;
                     self.receive_batch(index)?;
+                }
+                Some((line, frame)) = serial, if reading => {
+                    self.core
+                        .handle_datagram(Instant::now(), Peer::serial(line), &frame);
+                    // One batch with the frame that woke the driver, as for a socket.
+                    self.receive_serial(self.recv_batch.saturating_sub(1));
                 }
                 () = room, if !reading => {
                     // The held publishes go first; reading resumes only once all are taken.
@@ -468,6 +565,9 @@ impl<C: DatagramCore> UdpDriver<C> {
                     }
                 }
                 Some(query) = query, if asking => self.answer_query(query),
+                Some(request) = reconfigure, if reconfiguring => {
+                    self.apply_reconfigure(Instant::now(), request);
+                }
                 _ = idle.tick(), if beating => {}
                 () = sleep => {}
             }
@@ -486,6 +586,26 @@ impl<C: DatagramCore> UdpDriver<C> {
                 store.end_round(&mut self.core);
             }
         }
+    }
+
+    /// Puts new settings in force in the core (sessions untouched) and resizes the receive
+    /// slots when the longest datagram changed; the notes go back to the asker (gone: into
+    /// the void). The turn's flush sends what the change caused.
+    fn apply_reconfigure(&mut self, now: Instant, request: Reconfigure<C::Settings>) {
+        let Reconfigure { settings, done } = request;
+        let notes = self.core.reconfigure(now, settings);
+        let max_datagram = self.core.max_datagram_size();
+        if max_datagram != self.max_datagram {
+            // One byte more than the limit so oversize datagrams are seen as such.
+            self.rx = RecvBatch::new(self.recv_batch, max_datagram.saturating_add(1));
+            self.max_datagram = max_datagram;
+        }
+        tracing::info!(
+            protocol = C::NAME,
+            notes = notes.len(),
+            "Ingress settings reconfigured; sessions kept."
+        );
+        let _ = done.send(notes);
     }
 
     /// Answers one of the admin listener's questions from the core's state now.
@@ -523,6 +643,13 @@ impl<C: DatagramCore> UdpDriver<C> {
                 }
             }
         }
+        if self.gate.reading() {
+            for _ in 0..DRAIN_ROUNDS {
+                if self.receive_serial(self.recv_batch) == 0 {
+                    break;
+                }
+            }
+        }
         while let Ok(replies) = self.replies.try_recv() {
             self.on_replies(now, &replies);
         }
@@ -549,11 +676,34 @@ impl<C: DatagramCore> UdpDriver<C> {
             return Ok(0);
         }
         let now = Instant::now();
+        let listener = index as u16;
         for (from, datagram) in self.rx.datagrams() {
-            self.core
-                .handle_datagram(now, Peer::udp(index as u16, from), datagram);
+            let peer = match self.forwarders.heard(listener, from) {
+                Some(entry) => Peer::forwarder(entry),
+                None => Peer::udp(listener, from),
+            };
+            self.core.handle_datagram(now, peer, datagram);
         }
         Ok(received)
+    }
+
+    /// Hands up to `max` frames already waiting from the serial lines to the core; returns
+    /// how many.
+    #[allow(clippy::disallowed_methods)]
+    fn receive_serial(&mut self, max: usize) -> usize {
+        let Some(frames) = self.serial_in.as_mut() else {
+            return 0;
+        };
+        let now = Instant::now();
+        let mut taken = 0;
+        while taken < max {
+            let Ok((line, frame)) = frames.try_recv() else {
+                break;
+            };
+            self.core.handle_datagram(now, Peer::serial(line), &frame);
+            taken += 1;
+        }
+        taken
     }
 
     /// Hands a message from an upstream subscription to the core, then acknowledges it to the
@@ -750,12 +900,28 @@ impl<C: DatagramCore> UdpDriver<C> {
             }
         }
         while let Some(peer) = self.core.poll_transmit(tx_buf) {
-            // This core's peers all come from this driver's sockets (and the configured
-            // ADVERTISE destinations, UDP too): another transport's address is a wiring bug,
-            // nothing a peer can cause.
-            let PeerAddr::Udp { listener, addr } = peer.addr else {
-                tracing::debug!(%peer, "Datagram for a non-UDP peer dropped.");
-                continue;
+            // This core's peers all come from this driver's sockets and serial lines (and the
+            // configured ADVERTISE destinations, UDP too).
+            let (listener, addr) = match peer.addr {
+                PeerAddr::Udp { listener, addr } => (listener, addr),
+                PeerAddr::Forwarder { entry } => match self.forwarders.route(entry) {
+                    Some(route) => route,
+                    // Only a datagram from the entry makes its peer: this is unreachable
+                    // in practice, and harmless.
+                    None => {
+                        tracing::debug!(%peer, "Datagram for a forwarder not heard from yet dropped.");
+                        continue;
+                    }
+                },
+                // To the line's bounded write queue (full or line down: dropped, counted).
+                PeerAddr::Serial { line } => {
+                    match self.serial_lines.get(usize::from(line)) {
+                        Some(link) => link.send(Bytes::copy_from_slice(tx_buf)),
+                        // Lines are wired with the driver: a wiring bug, nothing a peer causes.
+                        None => tracing::debug!(%peer, "Frame for an unknown serial line dropped."),
+                    }
+                    continue;
+                }
             };
             let index = usize::from(listener);
             let (Some(batch), Some(socket)) = (self.tx.get_mut(index), self.sockets.get(index))

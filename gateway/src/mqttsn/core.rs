@@ -48,6 +48,42 @@
 //! a connection is `lost` when its client was lost, `disconnected` when it sent DISCONNECT
 //! (or it was restored: records do not keep the difference).
 //!
+//! # Reconfiguration
+//!
+//! [`Core::reconfigure`] puts a new [`CoreConfig`] in force between two turns (a reload).
+//! Every session survives with its address binding, registrations, subscriptions, Will, queue,
+//! uplink publishes awaiting their verdict and downlink exchange in flight. Per setting:
+//! - `predefined`: in force at once for every session (a session shares its client's table).
+//!   A new id resolves in the next PUBLISH / SUBSCRIBE; a changed one resolves to its new
+//!   topic; a removed one is unknown: a PUBLISH to it gets PUBACK rc 0x02 (invalid topic id;
+//!   spec 6.7: not recoverable by re-registering the id, the client must REGISTER the name),
+//!   QoS -1 to it is dropped. A subscription made through a removed id stays (it is held by
+//!   topic name); its next message is REGISTERed to the client first (spec 6.10). A message
+//!   already in flight keeps the topic id it was sent with. A registration whose id an added
+//!   predefined id now equals keeps working (the two are told apart by TopicIdType); new
+//!   registrations skip it.
+//! - Limits (`max_clients`, `max_topics_per_client`, `max_inflight_per_client`,
+//!   `max_subscriptions_per_client`, `max_filters`, `max_queued_per_client`,
+//!   `max_buffered_per_sleeping_client`, `max_retained`): lowering one drops nothing; it applies
+//!   to what comes next: CONNECTs of new ClientIds, REGISTERs of new names, new QoS 1/2
+//!   PUBLISHes, new SUBSCRIBEs and new filters are refused with rc 0x01 while the count is at
+//!   or above the new limit (a known ClientId may still CONNECT); a new downlink message for
+//!   a queue at or above it meets a full queue (`queue_full` decides: the new one or the
+//!   oldest goes, so the queue never grows); a new retained topic is not cached. The router's
+//!   filter table is sized at start from every ingress's `max_filters`: a `max_filters` above
+//!   the value at start is capped at it until a restart (noted), so a SUBACK rc 0x00 never
+//!   names a filter the router could refuse.
+//! - `max_packet_size`, `max_client_id_len`, `qos_minus_one`, `queue_full`, `gw_id`,
+//!   `gwinfo_to_destinations`, `advertise_to`: from the next datagram or message (a session
+//!   whose ClientId is longer than a lowered `max_client_id_len` is kept, but its client's
+//!   next CONNECT is refused with rc 0x03; queued downlink that no longer fits a lowered
+//!   `max_packet_size` is not sent when its turn comes).
+//! - Timers take a new duration when next armed: `retry_interval` from the next (re)sent
+//!   message, `max_retries` at the next retransmission, `session_expiry` when a connection
+//!   next ends; the Will handshake's deadline (`retry_interval * (max_retries + 1)` after the
+//!   CONNECT) follows at once. `advertise_interval`: the next ADVERTISE is due at the earlier
+//!   of the old schedule and now plus the new interval.
+//!
 //! # Client states (spec 6.14)
 //!
 //! ```text
@@ -137,6 +173,13 @@
 //! - Everything is bounded: sessions, topics, subscriptions and queued messages per client,
 //!   retained messages, unacknowledged uplink publishes per client.
 //! - Bytes from the network never cause a panic: malformed datagrams are counted and dropped.
+//! - Forwarder encapsulations (0xFE) are acted on only from a peer address that may relay
+//!   ([`PeerAddr::may_relay`]: an allow-listed UDP forwarder, a serial line); from any other
+//!   they are dropped unanswered and counted ([`RefusalReason::ForwarderNotAllowed`]), so no
+//!   plain UDP source can speak for a node. Behind a forwarder each Wireless Node Id is its
+//!   own peer (the forwarder's address plus the node id), so its nodes are sessions of their
+//!   own, apart from each other and from direct clients; the forwarder's address is the
+//!   driver's (an allow-list entry), so its source moving within the entry moves nothing here.
 //! - Transport-neutral: a [`Peer`] is an opaque [`PeerAddr`] (UDP listener and address, a
 //!   serial line, ...) plus the forwarder node id. The core compares, hashes and logs it, and
 //!   reads only the node id (an MQTT-SN matter: encapsulation); it never matches on the
@@ -371,8 +414,10 @@ pub struct Stats {
     /// rejection return code (CONNACK, REGACK, PUBACK, SUBACK, WILLTOPICRESP, WILLMSGRESP;
     /// a spool's refusal counted even when its sender left before the answer), every QoS -1
     /// publish dropped (not allowed), every datagram dropped as oversize (too large) or
-    /// malformed. Packets refused for the sender's session state are in `out_of_state`.
-    pub refusals: [u64; 5],
+    /// malformed, every forwarder encapsulation from a source that may not relay
+    /// ([`PeerAddr::may_relay`]). Packets refused for the sender's session state are in
+    /// `out_of_state`.
+    pub refusals: [u64; RefusalReason::COUNT],
     /// Accepted QoS 1/2 uplink publishes acknowledged to their sensor (PUBACK accepted, or
     /// PUBREC), sent once the spool's verdict said durable.
     pub acks: u64,
@@ -1080,18 +1125,39 @@ pub struct Core {
     /// QoS 0 / -1 publishes of the datagram being handled, delivered locally at its end
     /// ([`Core::deliver_received_local`]); at most one per datagram.
     received_local: Vec<LocalMessage>,
+    /// Extra time before a downlink retransmission toward a slow link (a serial line: the time
+    /// its write queue takes at the line's rate), by transport address; set by the wiring.
+    link_delay: HashMap<PeerAddr, Duration>,
+    /// The largest of each bound over every config put in force ([`Core::reconfigure`]):
+    /// what state admitted under an earlier, higher limit may still reach
+    /// ([`Core::check_invariants`]).
+    #[cfg(test)]
+    ceilings: CoreConfig,
+    /// `max_filters` at construction: the router's filter table was sized with it (see
+    /// [`Core::reconfigure`]).
+    started_max_filters: usize,
 }
 
-impl Core {
-    /// Creates a core. `config` must have been validated (see `config`).
-    pub fn new(config: CoreConfig) -> Self {
-        let mut global_predefined = HashMap::new();
+/// The predefined topics of a config, indexed for lookups.
+struct PredefinedTables {
+    /// Id -> topic of the topics every client may use.
+    global: HashMap<u16, Arc<str>>,
+    /// Topic -> id of `global`.
+    global_by_name: HashMap<Arc<str>, u16>,
+    /// ClientId -> id -> topic of the topics only some clients may use (a session shares its
+    /// client's map).
+    per_client: HashMap<Arc<str>, Arc<HashMap<u16, Arc<str>>>>,
+}
+
+impl PredefinedTables {
+    fn compile(predefined: &[PredefinedTopic]) -> Self {
+        let mut global = HashMap::new();
         let mut per_client: HashMap<Arc<str>, HashMap<u16, Arc<str>>> = HashMap::new();
-        for p in &config.predefined {
+        for p in predefined {
             let topic: Arc<str> = Arc::from(p.topic.as_str());
             match &p.clients {
                 ClientSet::All => {
-                    global_predefined.insert(p.id, topic);
+                    global.insert(p.id, topic);
                 }
                 ClientSet::Only(ids) => {
                     for c in ids {
@@ -1103,25 +1169,35 @@ impl Core {
                 }
             }
         }
+        PredefinedTables {
+            global_by_name: global.iter().map(|(id, t)| (t.clone(), *id)).collect(),
+            global,
+            per_client: per_client
+                .into_iter()
+                .map(|(k, v)| (k, Arc::new(v)))
+                .collect(),
+        }
+    }
+}
+
+impl Core {
+    /// Creates a core. `config` must have been validated (see `config`).
+    pub fn new(config: CoreConfig) -> Self {
+        let predefined = PredefinedTables::compile(&config.predefined);
         let limits = DecodeLimits {
             max_client_id_len: config.max_client_id_len,
         };
         Core {
+            link_delay: HashMap::new(),
             limits,
             slots: Vec::new(),
             free: Vec::new(),
             generations: Vec::new(),
             by_client: HashMap::new(),
             by_peer: HashMap::new(),
-            global_predefined_by_name: global_predefined
-                .iter()
-                .map(|(id, t)| (t.clone(), *id))
-                .collect(),
-            global_predefined,
-            client_predefined: per_client
-                .into_iter()
-                .map(|(k, v)| (k, Arc::new(v)))
-                .collect(),
+            global_predefined_by_name: predefined.global_by_name,
+            global_predefined: predefined.global,
+            client_predefined: predefined.per_client,
             pending: HashMap::new(),
             next_token: 1,
             timers: BinaryHeap::new(),
@@ -1137,6 +1213,9 @@ impl Core {
             persist_dirty: Vec::new(),
             persist_removed: Vec::new(),
             received_local: Vec::new(),
+            #[cfg(test)]
+            ceilings: config.clone(),
+            started_max_filters: config.max_filters,
             config,
         }
     }
@@ -1250,6 +1329,12 @@ impl Core {
         }
         match codec::decode(datagram, &self.limits) {
             Ok(Frame::Plain(packet)) => self.handle_packet(now, peer, packet, 0),
+            // Only an allow-listed forwarder (or a serial line) may speak for other clients:
+            // anyone else could claim any node id.
+            Ok(Frame::Encapsulated { .. }) if !peer.addr.may_relay() => {
+                self.stats.refuse(RefusalReason::ForwarderNotAllowed);
+                tracing::debug!(peer = %peer, "Encapsulated datagram from a source that may not relay dropped.");
+            }
             Ok(Frame::Encapsulated {
                 node_id,
                 packet,
@@ -2463,7 +2548,7 @@ impl Core {
 
     fn on_session_timer(&mut self, now: Instant, sref: SessionRef) {
         let retry_all = self.handshake_timeout();
-        let retry = self.config.retry_interval;
+        let retry = self.retry_interval_of(sref);
         let max_retries = self.config.max_retries;
         let Some(s) = self.session_mut(sref) else {
             return;
@@ -3034,7 +3119,7 @@ impl Core {
     /// Sends queued downlink messages while the client can take them: QoS 0 directly, QoS 1/2
     /// one at a time. An awake sleeper with nothing left gets PINGRESP and goes back to sleep.
     fn pump(&mut self, now: Instant, sref: SessionRef) {
-        let retry = self.config.retry_interval;
+        let retry = self.retry_interval_of(sref);
         let max_packet = self.config.max_packet_size;
         loop {
             let Some(s) = self.session(sref) else { return };
@@ -3140,7 +3225,7 @@ impl Core {
         topic: TopicRef,
         reregistered: bool,
     ) {
-        let retry = self.config.retry_interval;
+        let retry = self.retry_interval_of(sref);
         let Some(s) = self.session_mut(sref) else {
             return;
         };
@@ -3218,7 +3303,7 @@ impl Core {
         msg_id: u16,
         rc: ReturnCode,
     ) {
-        let retry = self.config.retry_interval;
+        let retry = self.retry_interval_of(sref);
         let Some(s) = slot_mut(&mut self.slots, sref) else {
             return;
         };
@@ -3281,7 +3366,7 @@ impl Core {
     }
 
     fn on_pubrec(&mut self, now: Instant, sref: SessionRef, msg_id: u16) {
-        let retry = self.config.retry_interval;
+        let retry = self.retry_interval_of(sref);
         let Some(s) = self.session_mut(sref) else {
             return;
         };
@@ -3368,6 +3453,274 @@ impl Core {
         self.timers.push(Reverse((at, sref)));
     }
 
+    /// Puts `config` (validated) in force at `now`, keeping every session with its
+    /// registrations, subscriptions, Will, queues and exchanges in flight; returns notes for
+    /// the log. See the module doc (# Reconfiguration) for each setting.
+    pub fn reconfigure(&mut self, now: Instant, mut config: CoreConfig) -> Vec<String> {
+        let mut notes = self.reconfigure_notes(&config);
+        // The router's filter table was sized at start with this bound among the ingresses':
+        // above it a SUBACK rc 0x00 could be sent for a filter the router then refuses.
+        notes.extend(crate::ingress::cap_max_filters(
+            &mut config.max_filters,
+            self.started_max_filters,
+        ));
+        let predefined = PredefinedTables::compile(&config.predefined);
+        self.global_predefined = predefined.global;
+        self.global_predefined_by_name = predefined.global_by_name;
+        self.client_predefined = predefined.per_client;
+        for s in self.slots.iter_mut().flatten() {
+            s.own_predefined = self.client_predefined.get(&s.client_id).cloned();
+        }
+        self.limits = DecodeLimits {
+            max_client_id_len: config.max_client_id_len,
+        };
+        // A shorter ADVERTISE period starts now, not after the rest of the old one.
+        if let Some(next) = self.next_advertise {
+            self.next_advertise = Some(next.min(now + config.advertise_interval));
+        }
+        #[cfg(test)]
+        widen_ceilings(&mut self.ceilings, &config);
+        self.config = config;
+        // The Will handshake's deadline follows `retry_interval` and `max_retries` (the only
+        // deadline not fixed when armed): an earlier one gets its timer entry now.
+        let live: Vec<SessionRef> = self.by_client.values().copied().collect();
+        for sref in live {
+            self.schedule(sref);
+        }
+        notes
+    }
+
+    /// What `config` means for the state there is: predefined topics changed, limits now
+    /// below what is in use (each applies to what comes next).
+    fn reconfigure_notes(&self, config: &CoreConfig) -> Vec<String> {
+        let mut notes = Vec::new();
+        let old: HashMap<u16, &PredefinedTopic> =
+            self.config.predefined.iter().map(|p| (p.id, p)).collect();
+        let new: HashMap<u16, &PredefinedTopic> =
+            config.predefined.iter().map(|p| (p.id, p)).collect();
+        let added = new.keys().filter(|id| !old.contains_key(id)).count();
+        let changed = new
+            .iter()
+            .filter(|(id, p)| old.get(id).is_some_and(|o| o != *p))
+            .count();
+        let mut removed: Vec<u16> = old
+            .keys()
+            .filter(|id| !new.contains_key(id))
+            .copied()
+            .collect();
+        removed.sort_unstable();
+        if added + changed + removed.len() > 0 {
+            notes.push(format!(
+                "predefined topics: {added} added, {changed} changed, {} removed{}",
+                removed.len(),
+                if removed.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " (ids {removed:?}: a PUBLISH to one now gets PUBACK rc 0x02, invalid \
+                         topic id; subscriptions made through one stay, by topic name)"
+                    )
+                }
+            ));
+        }
+        let sessions: Vec<&Session> = self.slots.iter().flatten().collect();
+        let mut lowered = |key: &str, limit: usize, used: usize, what: &str, effect: &str| {
+            if used > limit {
+                notes.push(format!(
+                    "{key} lowered to {limit}, below {used} {what}: kept; {effect}"
+                ));
+            }
+        };
+        lowered(
+            "max_clients",
+            config.max_clients,
+            sessions.len(),
+            "sessions",
+            "CONNECTs of new ClientIds get rc 0x01 (congestion) until below",
+        );
+        lowered(
+            "max_filters",
+            config.max_filters,
+            self.filter_count(),
+            "distinct filters",
+            "SUBSCRIBEs to a new filter get rc 0x01 until below",
+        );
+        lowered(
+            "max_retained",
+            config.max_retained,
+            self.retained.len(),
+            "retained messages",
+            "new retained topics are not cached until below",
+        );
+        let over = |f: &dyn Fn(&Session) -> bool| sessions.iter().filter(|s| f(s)).count();
+        let per_session: [(&str, usize, usize, &str); 5] = [
+            (
+                "max_topics_per_client",
+                config.max_topics_per_client,
+                over(&|s| s.topics.len() > config.max_topics_per_client),
+                "REGISTERs of new topics get rc 0x01 until below",
+            ),
+            (
+                "max_subscriptions_per_client",
+                config.max_subscriptions_per_client,
+                over(&|s| s.subscriptions.len() > config.max_subscriptions_per_client),
+                "new SUBSCRIBEs get rc 0x01 until below",
+            ),
+            (
+                "max_inflight_per_client",
+                config.max_inflight_per_client,
+                over(&|s| s.inflight_up.len() > config.max_inflight_per_client),
+                "new QoS 1/2 PUBLISHes get rc 0x01 until below",
+            ),
+            (
+                "max_queued_per_client",
+                config.max_queued_per_client,
+                over(&|s| {
+                    !matches!(s.state, State::Asleep { .. } | State::Awake)
+                        && s.queue.len() > config.max_queued_per_client
+                }),
+                "each new message meets a full queue (queue_full decides)",
+            ),
+            (
+                "max_buffered_per_sleeping_client",
+                config.max_buffered_per_sleeping_client,
+                over(&|s| {
+                    matches!(s.state, State::Asleep { .. } | State::Awake)
+                        && s.queue.len() > config.max_buffered_per_sleeping_client
+                }),
+                "each new message meets a full buffer (queue_full decides)",
+            ),
+        ];
+        for (key, limit, sessions_over, effect) in per_session {
+            if sessions_over > 0 {
+                notes.push(format!(
+                    "{key} lowered to {limit}: {sessions_over} sessions hold more, kept; {effect}"
+                ));
+            }
+        }
+        let long_ids = over(&|s| s.client_id.len() > config.max_client_id_len);
+        if long_ids > 0 {
+            notes.push(format!(
+                "max_client_id_len lowered to {}: {long_ids} sessions have a longer ClientId; \
+                 kept, but their clients' next CONNECT gets rc 0x03 (the sessions expire as \
+                 usual)",
+                config.max_client_id_len
+            ));
+        }
+        if config.max_packet_size < self.config.max_packet_size {
+            notes.push(format!(
+                "max_packet_size lowered to {}: longer datagrams are dropped, and queued \
+                 downlink that no longer fits is not sent when its turn comes (spec 6.10)",
+                config.max_packet_size
+            ));
+        }
+        if config.gw_id != self.config.gw_id {
+            notes.push(format!(
+                "gw_id changed from {} to {}: GWINFO and ADVERTISE carry it from now on",
+                self.config.gw_id, config.gw_id
+            ));
+        }
+        notes
+    }
+
+    /// Checks the tables' consistency and bounds (the tests call it after each step). A bound
+    /// is checked against the largest value any config put in force had: state admitted
+    /// under an earlier, higher limit is kept by [`Self::reconfigure`].
+    #[cfg(test)]
+    #[allow(clippy::expect_used)] // A broken invariant is the finding: panic with its name.
+    pub(crate) fn check_invariants(&self) {
+        let ceil = &self.ceilings;
+        let live = self.slots.iter().flatten().count();
+        assert_eq!(live, self.by_client.len(), "slots vs ClientId map");
+        assert!(live <= ceil.max_clients, "sessions bound");
+        for (client_id, sref) in &self.by_client {
+            let s = self
+                .session(*sref)
+                .expect("ClientId maps to a live session");
+            assert_eq!(&s.client_id, client_id);
+            if let Some(peer) = &s.peer {
+                assert_eq!(
+                    self.by_peer.get(peer),
+                    Some(sref),
+                    "bound address maps back"
+                );
+            }
+            let own = self.client_predefined.get(client_id);
+            assert_eq!(
+                s.own_predefined.as_deref(),
+                own.map(|o| &**o),
+                "session's predefined topics are its client's in the config in force"
+            );
+            assert!(s.topics.len() <= ceil.max_topics_per_client, "topics bound");
+            assert!(
+                s.subscriptions.len() <= ceil.max_subscriptions_per_client,
+                "subscriptions bound"
+            );
+            assert!(
+                s.inflight_up.len() <= ceil.max_inflight_per_client,
+                "uplink in flight bound"
+            );
+            assert!(
+                s.queue.len()
+                    <= ceil
+                        .max_queued_per_client
+                        .max(ceil.max_buffered_per_sleeping_client),
+                "queue bound"
+            );
+            for sub in &s.subscriptions {
+                let map = if has_wildcards(&sub.filter) {
+                    &self.wild_filters
+                } else {
+                    &self.exact_filters
+                };
+                let entry = map.get(&sub.filter).expect("subscription is indexed");
+                assert_eq!(entry.subscribers.get(sref), Some(&sub.qos));
+            }
+            if let Some(due) = s.next_deadline(self.handshake_timeout()) {
+                assert!(
+                    s.armed.is_some_and(|armed| armed <= due),
+                    "a timer entry at or before the session's next deadline"
+                );
+            }
+        }
+        for (peer, sref) in &self.by_peer {
+            let s = self.session(*sref).expect("address maps to a live session");
+            assert_eq!(s.peer.as_ref(), Some(peer), "address binding both ways");
+        }
+        for (filter, entry) in self.exact_filters.iter().chain(&self.wild_filters) {
+            assert!(!entry.subscribers.is_empty(), "empty filter entry");
+            for sref in entry.subscribers.keys() {
+                let s = self.session(*sref).expect("filter lists a live session");
+                assert!(s.subscriptions.iter().any(|x| &x.filter == filter));
+            }
+        }
+        assert!(self.filter_count() <= ceil.max_filters, "filters bound");
+        assert!(self.retained.len() <= ceil.max_retained, "retained bound");
+    }
+
+    /// Downlink retransmissions toward `addr` (and the clients behind it) wait `delay`
+    /// longer than `retry_interval`: what a slow link (a serial line) adds before a reply can
+    /// come back. Zero removes it.
+    pub fn set_link_delay(&mut self, addr: PeerAddr, delay: Duration) {
+        if delay.is_zero() {
+            self.link_delay.remove(&addr);
+        } else {
+            self.link_delay.insert(addr, delay);
+        }
+    }
+
+    /// The retransmission interval toward the session's peer: `retry_interval` plus its
+    /// link's delay ([`Self::set_link_delay`]).
+    fn retry_interval_of(&self, sref: SessionRef) -> Duration {
+        let delay = self
+            .session(sref)
+            .and_then(|s| s.peer.as_ref())
+            .and_then(|p| self.link_delay.get(&p.addr))
+            .copied()
+            .unwrap_or_default();
+        self.config.retry_interval.saturating_add(delay)
+    }
+
     fn session(&self, sref: SessionRef) -> Option<&Session> {
         self.slots
             .get(sref.slot as usize)?
@@ -3434,6 +3787,39 @@ fn slot_mut(slots: &mut [Option<Session>], sref: SessionRef) -> Option<&mut Sess
         .get_mut(sref.slot as usize)?
         .as_mut()
         .filter(|s| s.generation == sref.generation)
+}
+
+/// Raises each bound of `ceilings` to `config`'s where that is higher.
+#[cfg(test)]
+fn widen_ceilings(ceilings: &mut CoreConfig, config: &CoreConfig) {
+    let pairs = [
+        (&mut ceilings.max_clients, config.max_clients),
+        (
+            &mut ceilings.max_topics_per_client,
+            config.max_topics_per_client,
+        ),
+        (
+            &mut ceilings.max_inflight_per_client,
+            config.max_inflight_per_client,
+        ),
+        (
+            &mut ceilings.max_subscriptions_per_client,
+            config.max_subscriptions_per_client,
+        ),
+        (&mut ceilings.max_filters, config.max_filters),
+        (
+            &mut ceilings.max_queued_per_client,
+            config.max_queued_per_client,
+        ),
+        (
+            &mut ceilings.max_buffered_per_sleeping_client,
+            config.max_buffered_per_sleeping_client,
+        ),
+        (&mut ceilings.max_retained, config.max_retained),
+    ];
+    for (ceiling, value) in pairs {
+        *ceiling = (*ceiling).max(value);
+    }
 }
 
 /// How long a session may stay silent before it is lost.
@@ -3517,6 +3903,15 @@ mod tests;
 /// The UDP driver's view of the core: the inherent methods above.
 impl DatagramCore for Core {
     const NAME: &'static str = "MQTT-SN";
+    type Settings = CoreConfig;
+
+    fn reconfigure(&mut self, now: Instant, settings: CoreConfig) -> Vec<String> {
+        Core::reconfigure(self, now, settings)
+    }
+
+    fn max_datagram_size(&self) -> usize {
+        self.config.max_packet_size
+    }
 
     fn handle_datagram(&mut self, now: Instant, peer: Peer, datagram: &[u8]) {
         Core::handle_datagram(self, now, peer, datagram);

@@ -40,7 +40,8 @@ use super::model::{ClientInfo, ClientQuery, ClientsPage, IngressQuery, SessionSt
 use super::process::ProcessStats;
 use super::snapshot::{QUERY_TIMEOUT, Snapshot, Sources};
 use super::status::{
-    GatewayInfo, Health, ListenerInfo, ProtocolInfo, SpoolInfo, StatusDoc, UpstreamInfo,
+    GatewayInfo, Health, ListenerInfo, ProtocolInfo, ReloadInfo, SerialLineInfo, SpoolInfo,
+    StatusDoc, UpstreamInfo,
 };
 use crate::io::tcp::Limited;
 use sensorgate_bridges::spool::WhenFull;
@@ -309,6 +310,40 @@ pub fn status_doc(sources: &Sources, s: &Snapshot) -> StatusDoc {
                 transport: l.transport.to_owned(),
                 address: l.address.to_string(),
             })
+            .chain(sources.serial.iter().map(|l| ListenerInfo {
+                protocol: crate::mqttsn::core::PROTOCOL.to_owned(),
+                transport: "serial".to_owned(),
+                address: l.device.clone(),
+            }))
+            .collect(),
+        serial: (0u16..)
+            .zip(&s.serial)
+            .map(|(line, l)| {
+                let c = &l.counters;
+                SerialLineInfo {
+                    line,
+                    device: l.device.clone(),
+                    forwarder: l.forwarder,
+                    up: c.up,
+                    since_ms: c.since_ms,
+                    reopens: c.reopens,
+                    frames_in: c.frames_in,
+                    frames_out: c.frames_out,
+                    bytes_in: c.bytes_in,
+                    bytes_out: c.bytes_out,
+                    write_dropped: c.write_dropped,
+                    bad: [
+                        ("bad_crc", c.bad_crc),
+                        ("oversize", c.oversize),
+                        ("truncated", c.truncated),
+                        ("encapsulated", c.encapsulated_dropped),
+                        ("garbage_bytes", c.garbage_bytes),
+                    ]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect(),
+                }
+            })
             .collect(),
         protocols,
         upstreams,
@@ -336,6 +371,7 @@ pub fn status_doc(sources: &Sources, s: &Snapshot) -> StatusDoc {
             disk_errors: st.write_errors + st.sync_errors,
         },
         events: sources.events.list(),
+        reload: s.reload.as_ref().map(ReloadInfo::from),
     }
 }
 

@@ -22,7 +22,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
-use super::status::{Health, StatusDoc, UpstreamInfo};
+use super::status::{Health, SerialLineInfo, StatusDoc, UpstreamInfo};
 
 /// Exit code: the gateway is healthy (Nagios OK).
 pub const EXIT_HEALTHY: u8 = 0;
@@ -397,6 +397,38 @@ fn upstream_lines(out: &mut String, u: &UpstreamInfo, now_ms: u64, color: bool) 
     }
 }
 
+fn serial_line(out: &mut String, l: &SerialLineInfo, now_ms: u64, color: bool) {
+    let state = if l.up {
+        paint("UP", GREEN, color)
+    } else {
+        paint("DOWN", RED, color)
+    };
+    let since = if l.since_ms == 0 {
+        "not opened yet".to_owned()
+    } else {
+        format!("since {}", ago(now_ms, l.since_ms))
+    };
+    let bad: Vec<String> = l
+        .bad
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(reason, n)| format!("{reason} {n}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "  {} {}{}  {state} {since}   frames in {} out {}   write dropped {}   reopens {}{}{}",
+        l.line,
+        l.device,
+        if l.forwarder { " (forwarder)" } else { "" },
+        l.frames_in,
+        l.frames_out,
+        l.write_dropped,
+        l.reopens,
+        if bad.is_empty() { "" } else { "   bad: " },
+        bad.join(", "),
+    );
+}
+
 /// The one-screen summary of `doc`, with ANSI colour only when `color`.
 #[must_use]
 pub fn render(doc: &StatusDoc, color: bool) -> String {
@@ -439,6 +471,13 @@ pub fn render(doc: &StatusDoc, color: bool) -> String {
             listeners.join(", ")
         }
     );
+
+    if !doc.serial.is_empty() {
+        let _ = writeln!(out, "{}", paint("Serial lines:", BOLD, color));
+    }
+    for l in &doc.serial {
+        serial_line(&mut out, l, now_ms, color);
+    }
 
     let _ = writeln!(out, "{}", paint("Upstreams:", BOLD, color));
     if doc.upstreams.is_empty() {
@@ -505,6 +544,24 @@ pub fn render(doc: &StatusDoc, color: bool) -> String {
         s.disk_errors
     );
 
+    if let Some(r) = &doc.reload {
+        let word = if r.outcome == "applied" {
+            r.outcome.clone()
+        } else {
+            paint(&r.outcome, RED, color)
+        };
+        let _ = writeln!(
+            out,
+            "{} {word} {} ago: {}",
+            paint("Last reload:", BOLD, color),
+            human_secs(now_ms.saturating_sub(r.at_ms) / 1000),
+            r.summary
+        );
+        for e in &r.errors {
+            let _ = writeln!(out, "  - {e}");
+        }
+    }
+
     let _ = writeln!(out, "{}", paint("Recent events:", BOLD, color));
     if doc.events.is_empty() {
         let _ = writeln!(out, "  none");
@@ -533,7 +590,8 @@ mod tests {
 
     use super::*;
     use crate::observe::status::{
-        BacklogInfo, EventInfo, GatewayInfo, HealthInfo, ListenerInfo, ProtocolInfo, SpoolInfo,
+        BacklogInfo, EventInfo, GatewayInfo, HealthInfo, ListenerInfo, ProtocolInfo, ReloadInfo,
+        SpoolInfo,
     };
 
     fn doc(health: Health) -> StatusDoc {
@@ -562,6 +620,7 @@ mod tests {
                 transport: "udp".into(),
                 address: "127.0.0.1:1884".into(),
             }],
+            serial: Vec::new(),
             protocols: vec![ProtocolInfo {
                 protocol: "mqtt-sn".into(),
                 sessions: BTreeMap::from([("active".into(), 2), ("asleep".into(), 1)]),
@@ -606,6 +665,7 @@ mod tests {
                     message: format!("message {i}"),
                 })
                 .collect(),
+            reload: None,
         }
     }
 
@@ -635,6 +695,60 @@ mod tests {
             "{text}"
         );
         assert!(text.find("event_3") < text.find("event_7"));
+    }
+
+    #[test]
+    fn serial_lines_are_listed_only_when_configured() {
+        let mut d = doc(Health::Healthy);
+        assert!(!render(&d, false).contains("Serial lines:"));
+        let started_ms = d.gateway.started_ms;
+        d.serial = vec![SerialLineInfo {
+            line: 0,
+            device: "/dev/serial/by-id/usb-FTDI-if00-port0".into(),
+            forwarder: true,
+            up: false,
+            since_ms: started_ms + 12_000,
+            reopens: 2,
+            frames_in: 5,
+            frames_out: 4,
+            bytes_in: 60,
+            bytes_out: 40,
+            write_dropped: 1,
+            bad: BTreeMap::from([("truncated".into(), 3), ("bad_crc".into(), 0)]),
+        }];
+        let text = render(&d, false);
+        assert!(
+            text.contains(
+                "Serial lines:\n  0 /dev/serial/by-id/usb-FTDI-if00-port0 (forwarder)  DOWN \
+                 since 3m 0s ago   frames in 5 out 4   write dropped 1   reopens 2   bad: \
+                 truncated 3\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn render_shows_the_last_reload_and_its_errors() {
+        let mut d = doc(Health::Healthy);
+        let now_ms = d.gateway.started_ms + d.gateway.uptime_secs * 1000;
+        d.reload = Some(ReloadInfo {
+            at_ms: now_ms - 65_000,
+            count: 3,
+            outcome: "rejected".into(),
+            applied: vec![],
+            restart_required: vec![],
+            errors: vec!["/etc/sensorgate/sensorgate.toml:4:9: `log.level`: bad".into()],
+            notes: vec![],
+            summary: "reload #3 refused: 1 error(s) in the config, running config kept".into(),
+        });
+        let text = render(&d, false);
+        assert!(
+            text.contains(
+                "Last reload: rejected 1m 5s ago: reload #3 refused: 1 error(s) in the config, \
+                 running config kept\n  - /etc/sensorgate/sensorgate.toml:4:9: `log.level`: bad\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -355,6 +355,55 @@ impl Collector for SnapshotCollector {
                 .map(|i| (proto(i.protocol), i64::from(i.report.is_none()))),
         )?;
 
+        // The serial lines (label `line`: the index in `[[serial]]`).
+        let line = |i: usize| vec![("line", i.to_string())];
+        out.gauge(
+            "sensorgate_serial_up",
+            "1 while a serial line's device is open, by line (index in [[serial]]) and device.",
+            s.serial.iter().enumerate().map(|(i, l)| {
+                let mut labels = line(i);
+                labels.push(("device", l.device.clone()));
+                (labels, i64::from(l.counters.up))
+            }),
+        )?;
+        out.counter(
+            "sensorgate_serial_frames",
+            "Serial line frames by line and event: in, out, write_dropped (queue full or line \
+             down), encapsulated_dropped (0xFE on a line that is not a forwarder's), bad_crc, \
+             oversize, truncated; garbage counts bytes skipped while resynchronising.",
+            s.serial.iter().enumerate().flat_map(|(i, l)| {
+                l.counters
+                    .counters_by_event()
+                    .into_iter()
+                    .map(move |(event, n)| {
+                        let mut labels = line(i);
+                        labels.push(("event", event.to_owned()));
+                        (labels, n)
+                    })
+            }),
+        )?;
+        out.counter(
+            "sensorgate_serial_bytes",
+            "Bytes read (in) and written (out) on a serial line.",
+            s.serial.iter().enumerate().flat_map(|(i, l)| {
+                [("in", l.counters.bytes_in), ("out", l.counters.bytes_out)]
+                    .into_iter()
+                    .map(move |(direction, n)| {
+                        let mut labels = line(i);
+                        labels.push(("direction", direction.to_owned()));
+                        (labels, n)
+                    })
+            }),
+        )?;
+        out.counter(
+            "sensorgate_serial_reopens",
+            "Times a serial line's device was opened again after it went down.",
+            s.serial
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (line(i), l.counters.reopens)),
+        )?;
+
         // The spool.
         let sp = &s.spool;
         let st = &sp.stats;
@@ -657,6 +706,51 @@ mod tests {
         assert!(!text.contains("# EOF"));
         // Values that cannot be read are left out, never invented.
         assert!(!text.contains("process_open_fds"));
+    }
+
+    #[test]
+    fn serial_lines_are_listed_by_index_with_their_frames_bytes_and_state() {
+        use crate::observe::snapshot::SerialSnap;
+        use crate::serial::line::LineCounters;
+        let mut s = serving();
+        s.serial = vec![
+            SerialSnap {
+                device: "/dev/serial/by-id/usb-FTDI-if00-port0".into(),
+                forwarder: false,
+                counters: LineCounters {
+                    up: true,
+                    frames_in: 5,
+                    frames_out: 4,
+                    bytes_in: 60,
+                    bytes_out: 40,
+                    truncated: 1,
+                    ..LineCounters::default()
+                },
+            },
+            SerialSnap {
+                device: "/dev/ttyUSB1".into(),
+                forwarder: true,
+                counters: LineCounters {
+                    reopens: 2,
+                    write_dropped: 3,
+                    ..LineCounters::default()
+                },
+            },
+        ];
+        let text = render(s, ProcessStats::default(), Format::OpenMetrics).unwrap();
+        for line in [
+            "sensorgate_serial_up{line=\"0\",device=\"/dev/serial/by-id/usb-FTDI-if00-port0\"} 1\n",
+            "sensorgate_serial_up{line=\"1\",device=\"/dev/ttyUSB1\"} 0\n",
+            "sensorgate_serial_frames_total{line=\"0\",event=\"in\"} 5\n",
+            "sensorgate_serial_frames_total{line=\"0\",event=\"out\"} 4\n",
+            "sensorgate_serial_frames_total{line=\"0\",event=\"truncated\"} 1\n",
+            "sensorgate_serial_frames_total{line=\"1\",event=\"write_dropped\"} 3\n",
+            "sensorgate_serial_bytes_total{line=\"0\",direction=\"in\"} 60\n",
+            "sensorgate_serial_bytes_total{line=\"0\",direction=\"out\"} 40\n",
+            "sensorgate_serial_reopens_total{line=\"1\"} 2\n",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
     }
 
     #[test]

@@ -14,13 +14,17 @@
 //! - [`snapshot`]: reads everything at one moment; the health verdict.
 //! - [`metrics`], [`status`]: the two renderings; [`admin`]: the HTTP listener;
 //!   [`events`] + [`monitor`]: notable events; [`process`]: the process's resource use.
+//! - [`logging`]: journald or stderr, and the reloadable level filter; [`systemd`]:
+//!   `Type=notify` readiness, `STATUS=` lines and the watchdog, from the same snapshot.
 
 pub mod admin;
 pub mod cli;
 pub mod events;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod monitor;
 pub mod process;
 pub mod snapshot;
 pub mod status;
+pub mod systemd;

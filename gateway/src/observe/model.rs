@@ -110,16 +110,25 @@ pub enum RefusalReason {
     TooLarge,
     /// Not a well-formed packet.
     Malformed,
+    /// A forwarder encapsulation (MQTT-SN 0xFE) from a source that may not relay (a UDP source
+    /// not in `[mqttsn] forwarders`), dropped unanswered. (A serial line that is not a
+    /// forwarder's drops such frames itself and counts them with the line.)
+    ForwarderNotAllowed,
 }
 
 impl RefusalReason {
-    /// Every reason, in the order metrics list them.
-    pub const ALL: [RefusalReason; 5] = [
+    /// How many reasons there are (the length of the per-reason counter arrays).
+    pub const COUNT: usize = 6;
+
+    /// Every reason, in the order metrics list them (a counter array's index is the reason's
+    /// position here, which is its discriminant).
+    pub const ALL: [RefusalReason; RefusalReason::COUNT] = [
         RefusalReason::Congestion,
         RefusalReason::InvalidTopic,
         RefusalReason::NotAllowed,
         RefusalReason::TooLarge,
         RefusalReason::Malformed,
+        RefusalReason::ForwarderNotAllowed,
     ];
 
     /// The label value.
@@ -131,6 +140,7 @@ impl RefusalReason {
             RefusalReason::NotAllowed => "not_allowed",
             RefusalReason::TooLarge => "too_large",
             RefusalReason::Malformed => "malformed",
+            RefusalReason::ForwarderNotAllowed => "forwarder_not_allowed",
         }
     }
 }
@@ -182,7 +192,7 @@ pub struct IngressCounters {
     /// once durable for QoS >= 1.
     pub acks: u64,
     /// Refusals per reason (index: position in [`RefusalReason::ALL`]).
-    pub refusals: [u64; 5],
+    pub refusals: [u64; RefusalReason::COUNT],
     /// Downlink messages delivered to clients (acknowledged by them for QoS >= 1, sent for
     /// QoS 0).
     pub downlink_delivered: u64,
@@ -298,3 +308,19 @@ pub enum IngressQuery {
 /// How many queries may wait for one ingress (the admin listener's handlers wait for room;
 /// one scrape or page asks once).
 pub const QUERY_CHANNEL: usize = 16;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_reason_indexes_its_counter_by_its_position_in_all() {
+        for (i, reason) in RefusalReason::ALL.into_iter().enumerate() {
+            assert_eq!(reason as usize, i, "{}", reason.as_str());
+        }
+        assert_eq!(
+            RefusalReason::ForwarderNotAllowed.as_str(),
+            "forwarder_not_allowed"
+        );
+    }
+}

@@ -25,6 +25,7 @@ use super::model::{IngressQuery, IngressReport};
 use super::status::{BacklogInfo, Health, HealthInfo};
 use crate::io::kernel_drops::KernelDrops;
 use crate::io::udp::UdpStats;
+use crate::serial::line::{LineCounters, LineStats};
 
 /// How long an ingress may take to answer a query before it counts as stalled.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -97,6 +98,28 @@ pub struct IngressSource {
     pub extra: Option<KindCounters>,
 }
 
+/// One `[[serial]]` line as the admin reads it.
+#[derive(Debug, Clone)]
+pub struct SerialSource {
+    /// `device`.
+    pub device: String,
+    /// `forwarder`.
+    pub forwarder: bool,
+    /// Its counters (written by the line's task).
+    pub stats: Arc<LineStats>,
+}
+
+/// One serial line at the moment of the snapshot.
+#[derive(Debug, Clone)]
+pub struct SerialSnap {
+    /// `device`.
+    pub device: String,
+    /// `forwarder`.
+    pub forwarder: bool,
+    /// Its counters.
+    pub counters: LineCounters,
+}
+
 /// An upstream kind's own counters, read at scrape time: (event name, count) pairs, the
 /// same names every time (`published`, `acknowledged`, ... as the kind defines them).
 pub type KindCounters = Arc<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
@@ -137,6 +160,8 @@ pub struct Sources {
     pub listeners: Vec<Listener>,
     /// The southbound drivers.
     pub ingresses: Vec<IngressSource>,
+    /// The `[[serial]]` lines, in config order (index = line).
+    pub serial: Vec<SerialSource>,
     /// The upstreams, in config order.
     pub upstreams: Vec<UpstreamSource>,
     /// The spool.
@@ -149,6 +174,8 @@ pub struct Sources {
     pub phase: Arc<PhaseCell>,
     /// When (wall clock ms) the monitor last saw spool writes or fsyncs fail; 0: never.
     pub last_disk_error_ms: Arc<AtomicU64>,
+    /// The last reload's outcome.
+    pub reload: Arc<crate::reload::ReloadCell>,
 }
 
 /// One ingress at the moment of the snapshot.
@@ -239,6 +266,8 @@ pub struct Snapshot {
     pub phase: Phase,
     /// The southbound drivers.
     pub ingresses: Vec<IngressSnap>,
+    /// The serial lines, in config order (index = line).
+    pub serial: Vec<SerialSnap>,
     /// The upstreams.
     pub upstreams: Vec<UpstreamSnap>,
     /// The spool.
@@ -247,6 +276,8 @@ pub struct Snapshot {
     pub router: RouterSnap,
     /// When spool writes or fsyncs last failed (wall clock ms; 0: never).
     pub last_disk_error_ms: u64,
+    /// The last reload's outcome; `None` before the first.
+    pub reload: Option<crate::reload::Outcome>,
 }
 
 /// The router's counters (see [`DownlinkStats`]).
@@ -343,7 +374,17 @@ impl Sources {
             uptime: now.saturating_duration_since(self.started),
             phase: self.phase.get(),
             last_disk_error_ms: self.last_disk_error_ms.load(Relaxed),
+            reload: self.reload.get(),
             ingresses,
+            serial: self
+                .serial
+                .iter()
+                .map(|l| SerialSnap {
+                    device: l.device.clone(),
+                    forwarder: l.forwarder,
+                    counters: l.stats.read(),
+                })
+                .collect(),
             upstreams,
             spool,
             router: RouterSnap {
@@ -444,6 +485,27 @@ impl Snapshot {
                 u.name, u.backlog.records
             ));
         }
+        // A configured serial line that is not open: its sensors are not heard (the line is
+        // being reopened), the rest of the gateway serves on.
+        for (line, l) in self
+            .serial
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.counters.up)
+        {
+            let since = if l.counters.since_ms == 0 {
+                "not opened yet".to_owned()
+            } else {
+                format!(
+                    "down for {}s",
+                    self.now_ms.saturating_sub(l.counters.since_ms) / 1000
+                )
+            };
+            reasons.push(format!(
+                "serial line {line} (`{}`) {since}: reopening; its sensors are not heard",
+                l.device
+            ));
+        }
         if self.spool.refusing {
             reasons.push(match self.spool.when_full {
                 WhenFull::RejectNew => {
@@ -506,6 +568,7 @@ pub(crate) mod tests {
                 kernel_drops: Some(0),
                 events: Vec::new(),
             }],
+            serial: Vec::new(),
             upstreams: vec![UpstreamSnap {
                 name: "cloud".into(),
                 kind: "mqtt",
@@ -547,6 +610,7 @@ pub(crate) mod tests {
             },
             router: RouterSnap::default(),
             last_disk_error_ms: 0,
+            reload: None,
         }
     }
 
@@ -576,6 +640,31 @@ pub(crate) mod tests {
             h.reasons,
             [
                 "upstream `cloud` down for 120s (connection refused): its data is spooled (42 records waiting)"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_serial_line_down_degrades_but_stays_ready() {
+        let mut s = serving();
+        let line = |up: bool, since_ms: u64| SerialSnap {
+            device: format!("/dev/tty{since_ms}"),
+            forwarder: false,
+            counters: LineCounters {
+                up,
+                since_ms,
+                ..LineCounters::default()
+            },
+        };
+        s.serial = vec![line(true, 900_000), line(false, 970_000), line(false, 0)];
+        let h = s.health();
+        assert_eq!(h.state, Health::Degraded);
+        assert!(h.live && h.ready);
+        assert_eq!(
+            h.reasons,
+            [
+                "serial line 1 (`/dev/tty970000`) down for 30s: reopening; its sensors are not heard",
+                "serial line 2 (`/dev/tty0`) not opened yet: reopening; its sensors are not heard",
             ]
         );
     }

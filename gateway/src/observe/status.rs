@@ -27,8 +27,11 @@ pub struct StatusDoc {
     pub gateway: GatewayInfo,
     /// The verdict and its reasons.
     pub health: HealthInfo,
-    /// What it listens on.
+    /// What it listens on (serial lines too: transport `serial`, address the device).
     pub listeners: Vec<ListenerInfo>,
+    /// The `[[serial]]` lines, in config order (`line` is the index); empty without any.
+    #[serde(default)]
+    pub serial: Vec<SerialLineInfo>,
     /// Per southbound protocol: sessions and counters.
     pub protocols: Vec<ProtocolInfo>,
     /// Per upstream: link, forwarding, backlog.
@@ -37,6 +40,47 @@ pub struct StatusDoc {
     pub spool: SpoolInfo,
     /// The most recent notable events, oldest first (a bounded ring: `[admin] event_history`).
     pub events: Vec<EventInfo>,
+    /// The last reload (SIGHUP); absent before the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload: Option<ReloadInfo>,
+}
+
+/// The outcome of the last reload (SIGHUP, `systemctl reload`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadInfo {
+    /// When (wall clock, ms since the epoch).
+    pub at_ms: u64,
+    /// Reloads since the start.
+    pub count: u64,
+    /// `applied` (the new config is running, maybe with `restart_required` keys waiting) or
+    /// `rejected` (it had errors: the running config was kept).
+    pub outcome: String,
+    /// The live parts that changed (`[[route]]`, `[mqttsn]`, `[[upstream]] cloud` ...).
+    pub applied: Vec<String>,
+    /// Changed keys that only a restart applies.
+    pub restart_required: Vec<String>,
+    /// The config's errors (file:line:column: message) when rejected; what a part could not
+    /// apply otherwise.
+    pub errors: Vec<String>,
+    /// What the parts said while applying (a limit now below its current use ...).
+    pub notes: Vec<String>,
+    /// One line saying all of it (as in `STATUS=`).
+    pub summary: String,
+}
+
+impl From<&crate::reload::Outcome> for ReloadInfo {
+    fn from(o: &crate::reload::Outcome) -> Self {
+        ReloadInfo {
+            at_ms: o.at_ms,
+            count: o.count,
+            outcome: if o.ok { "applied" } else { "rejected" }.to_owned(),
+            applied: o.applied.clone(),
+            restart_required: o.restart_required.clone(),
+            errors: o.errors.clone(),
+            notes: o.notes.clone(),
+            summary: o.summary(),
+        }
+    }
 }
 
 /// The gateway's identity.
@@ -78,6 +122,37 @@ pub struct ListenerInfo {
     pub transport: String,
     /// The bound address.
     pub address: String,
+}
+
+/// One serial line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialLineInfo {
+    /// Its index (`line` in metrics and logs).
+    pub line: u16,
+    /// The device path.
+    pub device: String,
+    /// Whether the far end is a forwarder (0xFE encapsulation).
+    pub forwarder: bool,
+    /// Whether the device is open.
+    pub up: bool,
+    /// Since when it is in that state (wall clock ms; 0: no attempt yet).
+    pub since_ms: u64,
+    /// Opens after the first (the device came back).
+    pub reopens: u64,
+    /// Good frames read since start.
+    pub frames_in: u64,
+    /// Frames written since start.
+    pub frames_out: u64,
+    /// Bytes read since start.
+    pub bytes_in: u64,
+    /// Bytes written since start.
+    pub bytes_out: u64,
+    /// Frames for the line dropped since start (write queue full, or the line down).
+    pub write_dropped: u64,
+    /// Frames given up on since start, by reason: `bad_crc`, `oversize`, `truncated`,
+    /// `encapsulated` (0xFE on a line that is not a forwarder's); `garbage_bytes` counts
+    /// bytes skipped while resynchronising.
+    pub bad: std::collections::BTreeMap<String, u64>,
 }
 
 /// One southbound protocol.
@@ -164,7 +239,7 @@ pub struct EventInfo {
     /// When (wall clock ms).
     pub at_ms: u64,
     /// `started`, `upstream_up`, `upstream_down`, `spool_full`, `disk_error`, `data_dropped`,
-    /// `config_reloaded`, `stopping`.
+    /// `config_reloaded`, `serial_up`, `serial_down`, `stopping`.
     pub kind: String,
     /// `info` or `warning`.
     pub level: String,

@@ -351,11 +351,78 @@ fn rec_on(seq: u64, topic: &str) -> Record {
 }
 
 #[test]
+fn new_settings_apply_while_running_and_the_window_stays() {
+    let t0 = Instant::now();
+    let records = vec![
+        rec(1, Qos::AtLeastOnce),
+        rec(2, Qos::AtLeastOnce),
+        rec(3, Qos::AtLeastOnce),
+    ];
+    let (mut d, _stats) = started(unlimited(1), records, t0);
+    assert_eq!(send(&mut d, t0, Ok(())), 1);
+    assert_eq!(d.poll_timeout(), Some(t0 + Duration::from_secs(5)));
+    let mut config = unlimited(8);
+    config.ack_timeout = Duration::from_secs(2);
+    config.rate_msgs = Some(1);
+    d.set_config(t0, config);
+    assert_eq!(
+        d.poll_timeout(),
+        Some(t0 + Duration::from_secs(2)),
+        "the unacknowledged send follows the new ack timeout"
+    );
+    let drive = |d: &mut Drain, now: Instant| {
+        let mut sent = Vec::new();
+        while let Some(action) = d.poll_action(now) {
+            if let Action::Send { seq, .. } = action {
+                d.handle_publish(now, Ok(()));
+                sent.push(seq);
+            }
+        }
+        sent
+    };
+    assert_eq!(drive(&mut d, t0), [] as [u64; 0], "the window is still 1");
+    d.handle_ack(t0, ack(1, Delivery::Acknowledged));
+    // One message per second now: the bucket starts full (a one-second burst), then waits.
+    assert_eq!(drive(&mut d, t0), [2]);
+    d.handle_ack(t0, ack(2, Delivery::Acknowledged));
+    assert_eq!(drive(&mut d, t0), [] as [u64; 0], "rate limited");
+    assert!(d.poll_timeout().is_some_and(|t| t > t0));
+    let later = t0 + Duration::from_secs(1);
+    d.handle_timeout(later);
+    assert_eq!(drive(&mut d, later), [3], "3 goes once the rate allows");
+}
+
+#[test]
+fn a_route_swap_applies_from_the_next_read() {
+    let t0 = Instant::now();
+    let stats = Arc::new(DrainStats::default());
+    let shared = SharedRoutes::new(routes());
+    let mut d =
+        Drain::new("unit", unlimited(4), Arc::clone(&stats), 1, t0).with_routes(0, shared.clone());
+    d.handle_link(true);
+    assert_eq!(d.poll_action(t0), Some(Action::Read));
+    d.handle_records(t0, Ok(vec![rec_on(1, "t/2")]), 2);
+    assert_eq!(stats.unrouted.load(Relaxed), 1, "no route for t/2 yet");
+    // The reload: everything goes everywhere now.
+    shared.store(Arc::new(RouteTable::everything()));
+    assert_eq!(d.poll_action(t0), Some(Action::Read));
+    d.handle_records(t0, Ok(vec![rec_on(2, "t/2")]), 3);
+    let Some(Action::Send {
+        seq: 2, message, ..
+    }) = d.poll_action(t0)
+    else {
+        panic!("record 2 is sent under the new table");
+    };
+    assert_eq!(message.topic, "t/2");
+    assert_eq!(stats.unrouted.load(Relaxed), 1);
+}
+
+#[test]
 fn unrouted_records_pass_with_the_cursor_and_do_not_hold_up_the_others() {
     let t0 = Instant::now();
     let stats = Arc::new(DrainStats::default());
     let mut d =
-        Drain::new("unit", unlimited(4), Arc::clone(&stats), 1, t0).with_routes(0, routes());
+        Drain::new("unit", unlimited(4), Arc::clone(&stats), 1, t0).with_routes(0, routes().into());
     d.handle_link(true);
     assert_eq!(d.poll_action(t0), Some(Action::Read));
     let records = vec![
@@ -388,7 +455,7 @@ fn unrouted_records_pass_with_the_cursor_and_do_not_hold_up_the_others() {
     assert_eq!(d.poll_action(t0), Some(Action::SetCursor(5)));
     // A lost connection before the acks: the rewind reads 2 and 4 again, counted once.
     let mut d =
-        Drain::new("unit", unlimited(4), Arc::clone(&stats), 1, t0).with_routes(0, routes());
+        Drain::new("unit", unlimited(4), Arc::clone(&stats), 1, t0).with_routes(0, routes().into());
     d.handle_link(true);
     assert_eq!(d.poll_action(t0), Some(Action::Read));
     d.handle_records(t0, Ok(records.clone()), 5);
@@ -562,7 +629,7 @@ impl Harness {
             Arc::new(RouteTable::everything())
         };
         let mut drain = Drain::new("model", config, Arc::clone(&stats), 1, t0)
-            .with_routes(0, Arc::clone(&routes));
+            .with_routes(0, Arc::clone(&routes).into());
         drain.handle_link(true);
         let mut h = Self {
             drain,

@@ -1763,3 +1763,5 @@ fn block1_uploads_count_against_exchanges_per_peer() {
     let codes: Vec<Code> = h.out().into_iter().map(|(_, m)| m.code).collect();
     assert_eq!(codes, vec![Code::CONTINUE, Code::CONTINUE]);
 }
+
+mod reload;

@@ -24,7 +24,7 @@ use sensorgate_bridges::spool::{
 use super::*;
 use crate::mqttsn::codec::{self, DecodeLimits, Frame, Packet, QoS, ReturnCode, TopicRef};
 use crate::mqttsn::core::{Core, CoreConfig};
-use crate::observe::model::{ClientQuery, QUERY_CHANNEL, SessionState};
+use crate::observe::model::{ClientQuery, QUERY_CHANNEL, RefusalReason, SessionState};
 
 /// How long any awaited condition may take at most (a loaded CI machine included).
 const BOUND: Duration = Duration::from_secs(30);
@@ -498,5 +498,173 @@ async fn idle_driver_beats() {
         last_beat().is_some_and(|last| last >= first + BEAT_IDLE / 2)
     })
     .await;
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn a_forwarders_nodes_are_answered_at_its_latest_source_and_others_may_not_relay() {
+    tokio::task::LocalSet::new()
+        .run_until(forwarders_are_routed_by_entry())
+        .await;
+}
+
+/// The next datagram on `socket` from the gateway, raw; panics past [`BOUND`].
+async fn recv_raw(socket: &UdpSocket, gateway: SocketAddr) -> Vec<u8> {
+    let mut buf = vec![0; 2048];
+    let (n, from) = tokio::time::timeout(BOUND, socket.recv_from(&mut buf))
+        .await
+        .expect("a datagram from the gateway")
+        .unwrap();
+    assert_eq!(from, gateway);
+    buf.truncate(n);
+    buf
+}
+
+async fn forwarders_are_routed_by_entry() {
+    let (queries, queries_rx) = mpsc::channel(QUERY_CHANNEL);
+    let list = ForwarderList::new(vec!["127.0.0.2".parse().unwrap()]);
+    let rig = Rig::start_with(16, move |driver| {
+        driver.with_queries(queries_rx).with_forwarders(list)
+    })
+    .await;
+    let encapsulated = |node: u8, packet: Packet<'_>| {
+        let mut buf = Vec::new();
+        codec::encode_encapsulated(0, &[node], &packet, &mut buf).unwrap();
+        buf
+    };
+    let first = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    let connect = encapsulated(
+        5,
+        Packet::Connect {
+            will: false,
+            clean_session: true,
+            duration: 600,
+            client_id: "node-5",
+        },
+    );
+    first.send_to(&connect, rig.gateway).await.unwrap();
+    // Length 4, 0xFE, Ctrl, node 05; CONNACK rc 0.
+    assert_eq!(
+        recv_raw(&first, rig.gateway).await,
+        [0x04, 0xFE, 0x00, 0x05, 0x03, 0x05, 0x00]
+    );
+
+    // The forwarder restarted on another port: node 5's session answers there.
+    let second = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    let ping = encapsulated(5, Packet::PingReq { client_id: None });
+    second.send_to(&ping, rig.gateway).await.unwrap();
+    assert_eq!(
+        recv_raw(&second, rig.gateway).await,
+        [0x04, 0xFE, 0x00, 0x05, 0x02, 0x17]
+    );
+
+    // From an address not in the list the same encapsulation is refused: no answer (the
+    // plain SEARCHGW after it is the first thing answered), counted.
+    rig.client.send_to(&ping, rig.gateway).await.unwrap();
+    rig.send(Packet::SearchGw { radius: 0 }).await;
+    let gwinfo = rig.recv(|p| matches!(p, Packet::GwInfo { .. }));
+    assert!(
+        gwinfo.await,
+        "GWINFO first, nothing for the refused PINGREQ"
+    );
+    let refused = report(&queries).await.counters.refusals;
+    assert_eq!(refused[RefusalReason::ForwarderNotAllowed as usize], 1);
+    assert_eq!(report(&queries).await.sessions.total(), 1);
+    rig.stop().await;
+}
+
+mod serial;
+
+#[tokio::test]
+async fn a_reconfigure_request_is_applied_between_turns_and_sessions_survive() {
+    tokio::task::LocalSet::new()
+        .run_until(reconfigure_keeps_sessions())
+        .await;
+}
+
+/// A QoS 1 PUBLISH of `data` to `topic`; the PUBACK's rc.
+async fn publish_acked(rig: &Rig, topic: TopicRef, msg_id: u16, data: &[u8]) -> ReturnCode {
+    rig.send(Packet::Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        topic,
+        msg_id,
+        data,
+    })
+    .await;
+    rig.recv(|p| match p {
+        Packet::PubAck { msg_id: m, rc, .. } if m == msg_id => rc,
+        other => panic!("expected PUBACK {msg_id}, got {other:?}"),
+    })
+    .await
+}
+
+async fn reconfigure_keeps_sessions() {
+    let (requests, requests_rx) = mpsc::channel(1);
+    let (queries, queries_rx) = mpsc::channel(QUERY_CHANNEL);
+    let rig = Rig::start_with(16, move |driver| {
+        driver
+            .with_reconfigure(requests_rx)
+            .with_queries(queries_rx)
+    })
+    .await;
+    let topic_id = rig.connect_and_register().await;
+    assert_eq!(
+        publish_acked(&rig, TopicRef::Predefined(5), 2, b"x").await,
+        ReturnCode::InvalidTopicId,
+        "no predefined topic 5 yet"
+    );
+
+    // Predefined topic 5 and datagrams up to 2048 bytes (the driver's slots were 1024 + 1).
+    let settings = CoreConfig {
+        max_packet_size: 2048,
+        max_topics_per_client: 0,
+        predefined: vec![crate::mqttsn::core::PredefinedTopic {
+            id: 5,
+            topic: "re/five".into(),
+            clients: crate::mqttsn::core::ClientSet::All,
+        }],
+        ..CoreConfig::with_defaults(1)
+    };
+    let (done, notes) = tokio::sync::oneshot::channel();
+    requests.send(Reconfigure { settings, done }).await.unwrap();
+    let notes = tokio::time::timeout(BOUND, notes)
+        .await
+        .expect("notes within the bound")
+        .expect("the driver answers");
+    // (The rig's core had the default max_packet_size, 4096, above its driver's slots.)
+    let keys: Vec<&str> = notes
+        .iter()
+        .map(|n| n.split([' ', ':']).next().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        ["predefined", "max_topics_per_client", "max_packet_size"],
+        "{notes:?}"
+    );
+
+    // The session, its registration and its address binding survived.
+    assert_eq!(report(&queries).await.sessions.total(), 1);
+    assert_eq!(
+        publish_acked(&rig, TopicRef::Normal(topic_id), 3, b"y").await,
+        ReturnCode::Accepted
+    );
+    assert_eq!(
+        publish_acked(&rig, TopicRef::Predefined(5), 4, b"z").await,
+        ReturnCode::Accepted
+    );
+    // A datagram longer than the old slots is read whole (truncated it would not decode).
+    let long = vec![b'l'; 1500];
+    assert_eq!(
+        publish_acked(&rig, TopicRef::Predefined(5), 5, &long).await,
+        ReturnCode::Accepted
+    );
+    let records = rig.records();
+    let spooled: Vec<(&str, usize)> = records
+        .iter()
+        .map(|r| (r.topic.as_str(), r.payload.len()))
+        .collect();
+    assert_eq!(spooled, [(TOPIC, 1), ("re/five", 1), ("re/five", 1500)]);
     rig.stop().await;
 }

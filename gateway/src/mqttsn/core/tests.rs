@@ -624,7 +624,7 @@ fn searchgw_is_answered_with_gwinfo() {
 #[test]
 fn encapsulated_clients_are_answered_through_their_forwarder() {
     let mut h = Harness::new(config());
-    let fwd = peer(5000);
+    let fwd = Peer::forwarder(0);
     let mut inner = Vec::new();
     Packet::Connect {
         will: false,
@@ -691,22 +691,49 @@ fn timer_heap_stays_proportional_under_connect_churn() {
 }
 
 proptest! {
-    /// Any datagram sequence from a few peers leaves the core consistent and never panics.
+    /// Any datagram sequence from a few peers (one of them a forwarder, whose encapsulations
+    /// are decoded) leaves the core consistent and never panics.
     #[test]
     fn arbitrary_datagrams_never_break_the_core(
         datagrams in proptest::collection::vec(
-            (0u16..4, proptest::collection::vec(any::<u8>(), 0..80)), 0..200),
+            (0u16..5, proptest::collection::vec(any::<u8>(), 0..80)), 0..200),
         results in proptest::collection::vec(any::<bool>(), 0..50),
+        reconfigure_at in 0usize..200,
+        lowered in 0usize..4,
     ) {
         let mut h = Harness::new(config());
         // Make some datagrams valid-looking connects so sessions exist.
         for port in 0..4u16 {
             h.connect(&peer(port), &format!("c{port}"), 5);
         }
-        for (port, bytes) in &datagrams {
-            h.core.handle_datagram(h.now, peer(*port), bytes);
+        for (i, (port, bytes)) in datagrams.iter().enumerate() {
+            if i == reconfigure_at {
+                // A reload in the middle: lower limits (down to what some sessions hold
+                // already), other predefined topics, shorter timers.
+                let settings = CoreConfig {
+                    max_clients: 2 + lowered,
+                    max_topics_per_client: lowered,
+                    max_inflight_per_client: lowered,
+                    max_subscriptions_per_client: lowered,
+                    max_queued_per_client: 1 + lowered,
+                    max_buffered_per_sleeping_client: 1 + lowered,
+                    max_filters: 1 + lowered,
+                    retry_interval: Duration::from_secs(1 + lowered as u64),
+                    predefined: vec![PredefinedTopic {
+                        id: 2,
+                        topic: "pre/moved".into(),
+                        clients: ClientSet::All,
+                    }],
+                    ..config()
+                };
+                h.core.reconfigure(h.now, settings);
+                h.core.check_invariants();
+            }
+            let from = if *port == 4 { Peer::forwarder(0) } else { peer(*port) };
+            h.core.handle_datagram(h.now, from, bytes);
             h.now += Duration::from_millis(100);
             h.core.handle_timeout(h.now);
+            h.core.check_invariants();
         }
         let tokens: Vec<u64> = h
             .events()
@@ -1989,9 +2016,12 @@ fn timer_heap_holds_about_one_entry_per_session_under_heavy_downlink() {
     );
 }
 
+mod forwarders;
 mod local;
 mod observe;
 mod peers;
 mod persist;
+mod reload;
 mod routes;
+mod serial_link;
 mod states;
