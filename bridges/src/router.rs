@@ -106,6 +106,8 @@ pub struct RoutedUpstream {
 /// and uplink it refused.
 #[derive(Debug, Default)]
 pub struct DownlinkStats {
+    /// Downlink messages taken from the upstreams (each counted once, however many copies).
+    pub received: AtomicU64,
     /// Downlink messages no route maps back to a sensor topic: acknowledged, dropped.
     pub unrouted: AtomicU64,
     /// Downlink messages no ingress subscribed for: acknowledged, dropped.
@@ -730,6 +732,7 @@ impl DownlinkRouter {
         }
         let stats = &self.shared.stats;
         tracing::debug!(
+            received = stats.received.load(Ordering::Relaxed),
             unrouted = stats.unrouted.load(Ordering::Relaxed),
             unmatched = stats.unmatched.load(Ordering::Relaxed),
             ingress_gone = stats.ingress_gone.load(Ordering::Relaxed),
@@ -750,6 +753,7 @@ impl DownlinkRouter {
             ack,
         } = message;
         let stats = &self.shared.stats;
+        stats.received.fetch_add(1, Ordering::Relaxed);
         // `None` inside: the topic is unchanged (no copy made). The table is read once, and
         // not held across the sends below.
         let mapped = self

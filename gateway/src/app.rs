@@ -1277,6 +1277,7 @@ struct HttpStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct RouterStatus {
     refused_no_route: u64,
+    downlink_received: u64,
     downlink_unrouted: u64,
     downlink_unmatched: u64,
     downlink_ingress_gone: u64,
@@ -1361,6 +1362,7 @@ impl Status {
             amqp,
             router: RouterStatus {
                 refused_no_route: router.refused_no_route.load(Relaxed),
+                downlink_received: router.received.load(Relaxed),
                 downlink_unrouted: router.unrouted.load(Relaxed),
                 downlink_unmatched: router.unmatched.load(Relaxed),
                 downlink_ingress_gone: router.ingress_gone.load(Relaxed),
@@ -1463,6 +1465,7 @@ fn log_status(now: &Status, last: Option<&Status>) {
     let r = &now.router;
     tracing::info!(
         refused_no_route = r.refused_no_route,
+        downlink_received = r.downlink_received,
         downlink_unrouted = r.downlink_unrouted,
         downlink_unmatched = r.downlink_unmatched,
         downlink_ingress_gone = r.downlink_ingress_gone,

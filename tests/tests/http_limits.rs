@@ -431,6 +431,7 @@ struct Stalled {
     healthy: CurlSse,
     dropped_before: f64,
     unmatched_before: f64,
+    received_before: f64,
 }
 
 impl Stalled {
@@ -460,9 +461,11 @@ impl Stalled {
             healthy,
             dropped_before: 0.0,
             unmatched_before: 0.0,
+            received_before: 0.0,
         };
         s.dropped_before = s.dropped_total();
         s.unmatched_before = s.unmatched_total();
+        s.received_before = s.received_total();
         s
     }
 
@@ -487,6 +490,12 @@ impl Stalled {
             &[("reason", "unmatched")],
         )
         .unwrap_or(0.0)
+    }
+
+    /// `sensorgate_router_downlink_received_total`: downlink the gateway took from the broker.
+    fn received_total(&self) -> f64 {
+        let (_, body) = self.rig.rig.gateway.admin_get("/metrics").unwrap();
+        metric(&body, "sensorgate_router_downlink_received_total", &[]).unwrap_or(0.0)
     }
 
     /// Stops curl (SIGSTOP: the socket buffers fill, then the queue), publishes [`FLOOD`]
@@ -643,17 +652,21 @@ fn with_close_a_stalled_stream_gets_the_oldest_events_and_a_notice_then_ends() {
         read.notices, 1,
         "one notice, for the overflow that closed it"
     );
-    // Every message not read is counted lost: the rest of the flood and `newest`. Those that
+    // Every message that reached the gateway and was not read is counted lost. Those that
     // reached the closed stream count as its `queue_full`; once the server has written out what
     // the closed queue held (when the stalled socket still had room for it) the stream ends and
-    // unsubscribes, and the rest find nobody subscribed (the router's `unmatched`).
-    let missing = (FLOOD - read.flood.len()) as f64 + 1.0;
+    // unsubscribes: what the broker still sent finds nobody subscribed (the router's
+    // `unmatched`), and what it published after the UNSUBSCRIBE never reaches the gateway. So
+    // the router's `received` (less the healthy stream's `end`) is what was read + counted.
     let unmatched = s.unmatched_total() - s.unmatched_before;
+    let received = s.received_total() - s.received_before - 1.0;
     assert!(dropped >= 1.0, "the overflow itself was not counted");
+    assert!(received <= (FLOOD + 1) as f64, "received {received}");
     assert_eq!(
-        dropped + unmatched,
-        missing,
-        "queue_full {dropped} + unmatched {unmatched}"
+        read.flood.len() as f64 + f64::from(u8::from(read.newest)) + dropped + unmatched,
+        received,
+        "read {} + queue_full {dropped} + unmatched {unmatched} != received {received}",
+        read.flood.len()
     );
     // The healthy stream (another filter, its own queue) was not touched.
     let port = s.rig.rig.broker.port();

@@ -596,6 +596,11 @@ impl Collector for SnapshotCollector {
             [(no_labels(), r.refused_no_route)],
         )?;
         out.counter(
+            "sensorgate_router_downlink_received",
+            "Downlink messages taken from the upstreams (before routing and fan-out).",
+            [(no_labels(), r.downlink_received)],
+        )?;
+        out.counter(
             "sensorgate_router_downlink_dropped",
             "Downlink from upstreams not handed to any ingress, by reason.",
             [

@@ -285,6 +285,8 @@ pub struct Snapshot {
 pub struct RouterSnap {
     /// Uplink refused: no route takes the topic.
     pub refused_no_route: u64,
+    /// Downlink taken from the upstreams.
+    pub downlink_received: u64,
     /// Downlink the route table maps to no sensor topic.
     pub downlink_unrouted: u64,
     /// Downlink no ingress subscribed to.
@@ -389,6 +391,7 @@ impl Sources {
             spool,
             router: RouterSnap {
                 refused_no_route: r.refused_no_route.load(Relaxed),
+                downlink_received: r.received.load(Relaxed),
                 downlink_unrouted: r.unrouted.load(Relaxed),
                 downlink_unmatched: r.unmatched.load(Relaxed),
                 downlink_ingress_gone: r.ingress_gone.load(Relaxed),
