@@ -12,6 +12,7 @@
 
 pub mod app;
 pub mod coap;
+pub mod dtls;
 pub mod config;
 pub mod http;
 pub mod identity;
