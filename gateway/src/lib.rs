@@ -12,8 +12,8 @@
 
 pub mod app;
 pub mod coap;
-pub mod dtls;
 pub mod config;
+pub mod dtls;
 pub mod http;
 pub mod identity;
 pub mod ingress;

@@ -185,7 +185,10 @@ mod tests {
             client_ids: Arc::from(vec![Arc::<str>::from("dev1")]),
         };
         let shown = format!("{entry:?} {:?}", PskTable::new(&[entry.clone()]));
-        assert!(!shown.contains("s3cret") && !shown.contains("115, 51"), "{shown}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("115, 51"),
+            "{shown}"
+        );
         assert!(shown.contains("redacted, 6 bytes"), "{shown}");
     }
 

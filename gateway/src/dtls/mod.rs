@@ -52,7 +52,7 @@ use sensorgate_bridges::message::Qos;
 use crate::identity::Identity;
 use crate::ingress::{DatagramCore, DownlinkOutcome, Event, Peer, PeerAddr, PublishOutcome};
 use crate::observe::model::{ClientQuery, ClientsPage, IngressReport};
-use keys::{COOKIE_HMAC, Capture, PskEntry, PskTable, Presented, Resolver};
+use keys::{COOKIE_HMAC, Capture, Presented, PskEntry, PskTable, Resolver};
 pub use stats::DtlsStats;
 use stats::Failure;
 
@@ -98,13 +98,14 @@ impl Default for DtlsSettings {
     }
 }
 
-/// What [`Dtls::reconfigure`] takes: the inner core's settings and the DTLS settings.
+/// What [`Dtls::reconfigure`] takes: the inner core's settings and the DTLS settings, each
+/// when it changed.
 #[derive(Debug)]
 pub struct Settings<S> {
-    /// The inner core's.
-    pub inner: S,
-    /// The DTLS layer's.
-    pub dtls: Arc<DtlsSettings>,
+    /// The inner core's (`None`: unchanged).
+    pub inner: Option<S>,
+    /// The DTLS layer's (`None`: unchanged).
+    pub dtls: Option<Arc<DtlsSettings>>,
 }
 
 /// Why the DTLS layer could not be set up.
@@ -203,7 +204,9 @@ fn fresh_key() -> hmac::Key {
         use std::hash::{BuildHasher, Hasher};
         let mut bytes = [0u8; 32];
         for chunk in bytes.chunks_mut(8) {
-            let h = std::collections::hash_map::RandomState::new().build_hasher().finish();
+            let h = std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish();
             chunk.copy_from_slice(&h.to_le_bytes());
         }
         hmac::Key::new(hmac::HMAC_SHA256, &bytes)
@@ -588,10 +591,13 @@ impl<C: DatagramCore> DatagramCore for Dtls<C> {
     type Settings = Settings<C::Settings>;
 
     fn reconfigure(&mut self, now: Instant, settings: Self::Settings) -> Vec<String> {
-        let mut notes = self.inner.reconfigure(now, settings.inner);
-        if *settings.dtls != *self.settings {
+        let mut notes = match settings.inner {
+            Some(inner) => self.inner.reconfigure(now, inner),
+            None => Vec::new(),
+        };
+        if let Some(dtls) = settings.dtls.filter(|d| **d != *self.settings) {
             if self.first_dtls.is_some() {
-                match server_config(&settings.dtls) {
+                match server_config(&dtls) {
                     Ok(server) => self.server = Some(server),
                     Err(error) => {
                         notes.push(format!("DTLS settings kept: {error}"));
@@ -601,12 +607,12 @@ impl<C: DatagramCore> DatagramCore for Dtls<C> {
                 notes.push(format!(
                     "DTLS: {} PSK identities for new handshakes; {} established sessions keep \
                      their keys",
-                    settings.dtls.psk.len(),
+                    dtls.psk.len(),
                     self.sessions.len() - self.handshaking
                 ));
             }
-            self.stats.set_identities(settings.dtls.psk.len());
-            self.settings = settings.dtls;
+            self.stats.set_identities(dtls.psk.len());
+            self.settings = dtls;
         }
         notes
     }

@@ -152,7 +152,10 @@ impl DtlsStats {
     #[must_use]
     pub fn events(&self) -> Vec<(&'static str, u64)> {
         let mut events = vec![
-            ("dtls_hello_verify_sent", self.hello_verify_sent.load(Relaxed)),
+            (
+                "dtls_hello_verify_sent",
+                self.hello_verify_sent.load(Relaxed),
+            ),
             ("dtls_handshakes_started", self.started.load(Relaxed)),
             ("dtls_handshakes_ok", self.ok.load(Relaxed)),
         ];
@@ -164,7 +167,10 @@ impl DtlsStats {
         );
         events.extend([
             ("dtls_sessions_idle_closed", self.idle_closed.load(Relaxed)),
-            ("dtls_sessions_close_notify", self.close_notify.load(Relaxed)),
+            (
+                "dtls_sessions_close_notify",
+                self.close_notify.load(Relaxed),
+            ),
             ("dtls_datagrams_unexpected", self.unexpected.load(Relaxed)),
             ("dtls_transmits_no_session", self.no_session.load(Relaxed)),
             ("dtls_transmits_dropped", self.out_dropped.load(Relaxed)),

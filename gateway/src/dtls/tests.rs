@@ -151,7 +151,13 @@ fn run(l: &mut Dtls<Echo>, c: &mut dimpl::Dtls, port: u16, now: Instant) -> (boo
             l.handle_datagram(now, Peer::udp(1, addr(port)), &p);
         }
         for (peer, bytes) in drain_layer(l) {
-            assert_eq!(peer.addr, PeerAddr::Udp { listener: 1, addr: addr(port) });
+            assert_eq!(
+                peer.addr,
+                PeerAddr::Udp {
+                    listener: 1,
+                    addr: addr(port)
+                }
+            );
             if c.handle_packet(&bytes).is_err() {
                 return (false, data);
             }
@@ -314,11 +320,14 @@ fn a_reload_changes_keys_for_new_handshakes_only() {
     let notes = l.reconfigure(
         now,
         Settings {
-            inner: (),
-            dtls: Arc::new(changed),
+            inner: None,
+            dtls: Some(Arc::new(changed)),
         },
     );
-    assert!(notes.iter().any(|n| n.contains("1 established")), "{notes:?}");
+    assert!(
+        notes.iter().any(|n| n.contains("1 established")),
+        "{notes:?}"
+    );
     old.send_application_data(b"still").unwrap();
     assert_eq!(run(&mut l, &mut old, 5005, now).1, vec![b">still".to_vec()]);
     let mut stale = client("dev1", b"s3cret", now);
