@@ -386,9 +386,9 @@ url = "mqtt://127.0.0.1:1883"
         );
         let d = errors(&text);
         let all = d.join("\n");
-        assert_eq!(d.len(), 6, "{all}");
+        assert_eq!(d.len(), 7, "{all}");
         assert!(
-            all.contains("test.toml:18:11") && all.contains("not hex"),
+            all.contains("test.toml:16:11") && all.contains("not hex"),
             "{all}"
         );
         assert!(all.contains("`dev1` is listed twice"), "{all}");
@@ -423,6 +423,34 @@ url = "mqtt://127.0.0.1:1883"
             d[0].contains("test.toml:6:") && d[0].contains("non-loopback"),
             "{d:?}"
         );
+    }
+
+    #[test]
+    fn the_reference_config_shows_every_dtls_key_with_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/sensorgate.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let doc: toml::Table = text.parse().unwrap();
+        let mut keys: Vec<&str> = doc["dtls"]
+            .as_table()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        let mut fields = super::super::diag::fields_of::<super::RawDtls>().to_vec();
+        fields.sort_unstable();
+        assert_eq!(keys, fields);
+        let c = Config::parse(&path, &text).unwrap();
+        assert_eq!(*c.dtls.settings, crate::dtls::DtlsSettings::default());
+        assert!(!c.dtls.required);
+        // The commented [[psk]] example is valid.
+        let on = text
+            .replace("# [[psk]]\n", "[[psk]]\n")
+            .replace("# identity = ", "identity = ")
+            .replace("# key_hex = ", "key_hex = ")
+            .replace("# client_ids = [\"dev1\"]", "client_ids = [\"dev1\"]");
+        let c = Config::parse(&path, &on).unwrap();
+        assert_eq!(c.dtls.settings.psk.len(), 1);
     }
 
     #[test]

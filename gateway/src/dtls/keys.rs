@@ -184,7 +184,10 @@ mod tests {
             key: PskKey::new(b"s3cret".to_vec()),
             client_ids: Arc::from(vec![Arc::<str>::from("dev1")]),
         };
-        let shown = format!("{entry:?} {:?}", PskTable::new(&[entry.clone()]));
+        let shown = format!(
+            "{entry:?} {:?}",
+            PskTable::new(std::slice::from_ref(&entry))
+        );
         assert!(
             !shown.contains("s3cret") && !shown.contains("115, 51"),
             "{shown}"

@@ -8,6 +8,12 @@ use super::keys::PskKey;
 use super::stats::Failure;
 use super::*;
 
+/// The virtual clock's origin (the only real reading; every later time is derived from it).
+#[allow(clippy::disallowed_methods)]
+fn t0() -> Instant {
+    Instant::now()
+}
+
 /// An inner core that records what it gets and echoes it back with a `>` prefix.
 #[derive(Default)]
 struct Echo {
@@ -168,7 +174,7 @@ fn run(l: &mut Dtls<Echo>, c: &mut dimpl::Dtls, port: u16, now: Instant) -> (boo
 
 #[test]
 fn a_psk_handshake_carries_data_both_ways_with_the_identity() {
-    let now = Instant::now();
+    let now = t0();
     let mut l = layer(now);
     let mut c = client("dev1", b"s3cret", now);
     let (connected, _) = run(&mut l, &mut c, 5000, now);
@@ -188,7 +194,7 @@ fn a_psk_handshake_carries_data_both_ways_with_the_identity() {
 
 #[test]
 fn a_first_client_hello_gets_a_cookie_and_leaves_no_state() {
-    let now = Instant::now();
+    let now = t0();
     let mut l = layer(now);
     for port in 6000..6020 {
         let mut c = client("dev1", b"s3cret", now);
@@ -210,7 +216,7 @@ fn a_first_client_hello_gets_a_cookie_and_leaves_no_state() {
 
 #[test]
 fn a_cookie_from_another_address_is_refused() {
-    let now = Instant::now();
+    let now = t0();
     let mut l = layer(now);
     let mut c = client("dev1", b"s3cret", now);
     c.handle_timeout(now).unwrap();
@@ -230,7 +236,7 @@ fn a_cookie_from_another_address_is_refused() {
 
 #[test]
 fn a_wrong_key_and_an_unknown_identity_are_refused_and_counted() {
-    let now = Instant::now();
+    let now = t0();
     let mut l = layer(now);
     let mut c = client("dev1", b"wrong", now);
     assert!(!run(&mut l, &mut c, 5001, now).0);
@@ -246,7 +252,7 @@ fn a_wrong_key_and_an_unknown_identity_are_refused_and_counted() {
 
 #[test]
 fn plain_listeners_pass_straight_through() {
-    let now = Instant::now();
+    let now = t0();
     let mut l = layer(now);
     l.handle_datagram(now, Peer::udp(0, addr(5003)), b"plain");
     assert_eq!(l.inner().got[0].1, b"plain");
@@ -257,7 +263,7 @@ fn plain_listeners_pass_straight_through() {
 
 #[test]
 fn half_open_handshakes_time_out_and_the_table_is_bounded() {
-    let now = Instant::now();
+    let now = t0();
     let mut l = layer(now);
     // Three clients stop after their cookie'd ClientHello: max_handshakes is 2.
     for port in 8000..8003 {
@@ -287,7 +293,7 @@ fn half_open_handshakes_time_out_and_the_table_is_bounded() {
 
 #[test]
 fn an_idle_session_is_dropped_and_the_client_can_come_back() {
-    let now = Instant::now();
+    let now = t0();
     let mut l = layer(now);
     let mut c = client("dev1", b"s3cret", now);
     assert!(run(&mut l, &mut c, 5004, now).0);
@@ -311,7 +317,7 @@ fn an_idle_session_is_dropped_and_the_client_can_come_back() {
 
 #[test]
 fn a_reload_changes_keys_for_new_handshakes_only() {
-    let now = Instant::now();
+    let now = t0();
     let mut l = layer(now);
     let mut old = client("dev1", b"s3cret", now);
     assert!(run(&mut l, &mut old, 5005, now).0);
