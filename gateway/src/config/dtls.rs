@@ -24,6 +24,7 @@ use super::DurationText;
 use super::check::{duration_in, int_in};
 use super::diag::{KeyPath, Reporter};
 use crate::dtls::DtlsSettings;
+use crate::dtls::cert::{self, ClientCertificates, ServerCertificate};
 use crate::dtls::keys::{PskEntry, PskKey};
 
 /// CoAP over DTLS's registered port (RFC 7252 section 12.6), the default of a `[coap]
@@ -40,6 +41,10 @@ const MAX_KEY: usize = 64;
 #[serde(default)]
 pub(super) struct RawDtls {
     required: bool,
+    certificate: Option<String>,
+    private_key: Option<String>,
+    client_ca: Option<String>,
+    client_certificates: String,
     max_handshakes: i64,
     max_sessions: i64,
     handshake_timeout: DurationText,
@@ -53,6 +58,10 @@ impl Default for RawDtls {
         let int = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         RawDtls {
             required: false,
+            certificate: None,
+            private_key: None,
+            client_ca: None,
+            client_certificates: "off".into(),
             max_handshakes: int(d.max_handshakes),
             max_sessions: int(d.max_sessions),
             handshake_timeout: duration(d.handshake_timeout),
@@ -129,6 +138,7 @@ pub(super) fn compile_dtls(
         Duration::from_secs(7 * 24 * 3600),
     );
     let entries = compile_psk(psk, base, r);
+    let (certificate, client_ca, client_certificates) = compile_certificates(d, base, r)?;
     Some(DtlsSection {
         required: d.required,
         settings: Arc::new(DtlsSettings {
@@ -137,8 +147,125 @@ pub(super) fn compile_dtls(
             max_sessions: max_sessions?,
             handshake_timeout: handshake_timeout?,
             idle_timeout: idle_timeout?,
+            certificate,
+            client_ca,
+            client_certificates,
         }),
     })
+}
+
+/// `certificate`, `private_key`, `client_ca`, `client_certificates`; `None` when wrong
+/// (reported). The files are read here (start, `check-config`, SIGHUP).
+#[allow(clippy::type_complexity)]
+fn compile_certificates(
+    d: &RawDtls,
+    base: &Path,
+    r: &mut Reporter<'_>,
+) -> Option<(
+    Option<ServerCertificate>,
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    ClientCertificates,
+)> {
+    let dt = KeyPath::root("dtls");
+    let mut ok = true;
+    let mode = match d.client_certificates.as_str() {
+        "off" => Some(ClientCertificates::Off),
+        "required" => Some(ClientCertificates::Required),
+        "optional" => {
+            r.at_path(
+                &dt.key("client_certificates"),
+                "\"optional\" is not supported for DTLS: the DTLS library asks for a client \
+                 certificate only when it requires one"
+                    .into(),
+                Some("write \"off\" or \"required\"".into()),
+            );
+            None
+        }
+        other => {
+            r.at_path(
+                &dt.key("client_certificates"),
+                format!("`{other}` is not one of \"off\", \"required\""),
+                None,
+            );
+            None
+        }
+    };
+    let certificate = match (&d.certificate, &d.private_key) {
+        (None, None) => None,
+        (Some(_), None) | (None, Some(_)) => {
+            r.at_path(
+                &dt.key(if d.certificate.is_some() {
+                    "private_key"
+                } else {
+                    "certificate"
+                }),
+                "certificate and private_key go together".into(),
+                None,
+            );
+            ok = false;
+            None
+        }
+        (Some(c), Some(k)) => {
+            let leaf = match cert::load_certificates(&base.join(c)) {
+                Ok(certs) => certs.into_iter().next(),
+                Err(e) => {
+                    r.at_path(&dt.key("certificate"), e, None);
+                    None
+                }
+            };
+            let key = match cert::load_private_key(&base.join(k)) {
+                Ok(key) => Some(key),
+                Err(e) => {
+                    r.at_path(&dt.key("private_key"), e, None);
+                    None
+                }
+            };
+            match (leaf, key) {
+                (Some(leaf), Some(private_key)) => Some(ServerCertificate {
+                    certificate: Arc::from(leaf.as_ref()),
+                    private_key,
+                }),
+                _ => {
+                    ok = false;
+                    None
+                }
+            }
+        }
+    };
+    let client_ca = match &d.client_ca {
+        Some(ca) => match cert::load_certificates(&base.join(ca))
+            .and_then(|roots| cert::verifier(&roots).map(|_| roots))
+        {
+            Ok(roots) => roots,
+            Err(e) => {
+                r.at_path(&dt.key("client_ca"), e, None);
+                ok = false;
+                Vec::new()
+            }
+        },
+        None => Vec::new(),
+    };
+    let mode = mode?;
+    if mode == ClientCertificates::Required {
+        if d.client_ca.is_none() {
+            r.at_path(
+                &dt.key("client_certificates"),
+                "\"required\" needs client_ca (the CA client certificates are checked against)"
+                    .into(),
+                None,
+            );
+            ok = false;
+        }
+        if d.certificate.is_none() {
+            r.at_path(
+                &dt.key("client_certificates"),
+                "client certificates need the server's own certificate and private_key".into(),
+                None,
+            );
+            ok = false;
+        }
+    }
+    ok.then_some((certificate, client_ca, mode))
 }
 
 fn compile_psk(psk: &[RawPsk], base: &Path, r: &mut Reporter<'_>) -> Option<Vec<PskEntry>> {
@@ -289,10 +416,11 @@ pub(super) fn check_listeners(
 ) {
     if let Some(path) = secure
         && dtls.settings.psk.is_empty()
+        && dtls.settings.certificate.is_none()
     {
         r.at_path(
             path,
-            "a DTLS listener needs at least one [[psk]] key".into(),
+            "a DTLS listener needs at least one [[psk]] key or a [dtls] certificate".into(),
             Some("add [[psk]] identity = \"dev1\" key_hex = \"...\"".into()),
         );
     }
@@ -436,6 +564,8 @@ url = "mqtt://127.0.0.1:1883"
             .keys()
             .map(String::as_str)
             .collect();
+        // Commented out: they name files.
+        keys.extend(["certificate", "private_key", "client_ca"]);
         keys.sort_unstable();
         let mut fields = super::super::diag::fields_of::<super::RawDtls>().to_vec();
         fields.sort_unstable();

@@ -89,6 +89,8 @@ pub(super) enum Presented {
     Known(Arc<Identity>),
     /// An identity no `[[psk]]` names (`dimpl` goes on with a random key, so it fails).
     Unknown,
+    /// A client certificate that verified against `client_ca`.
+    Certificate(Arc<Identity>),
 }
 
 thread_local! {

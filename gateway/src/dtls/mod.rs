@@ -36,6 +36,7 @@
 //! material is never logged; a decrypted datagram reaches the inner core only from an
 //! established session, with its identity.
 
+pub mod cert;
 pub mod keys;
 pub mod record;
 pub mod stats;
@@ -43,7 +44,7 @@ pub mod stats;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use ring::hmac;
@@ -52,7 +53,10 @@ use sensorgate_bridges::message::Qos;
 use crate::identity::Identity;
 use crate::ingress::{DatagramCore, DownlinkOutcome, Event, Peer, PeerAddr, PublishOutcome};
 use crate::observe::model::{ClientQuery, ClientsPage, IngressReport};
+use cert::{ClientCertificates, ServerCertificate};
 use keys::{COOKIE_HMAC, Capture, Presented, PskEntry, PskTable, Resolver};
+use rustls::pki_types::CertificateDer;
+use rustls::server::danger::ClientCertVerifier;
 pub use stats::DtlsStats;
 use stats::Failure;
 
@@ -84,6 +88,12 @@ pub struct DtlsSettings {
     pub handshake_timeout: Duration,
     /// `idle_timeout`: an established session that hears nothing for this long is dropped.
     pub idle_timeout: Duration,
+    /// `certificate` and `private_key`: the server's certificate (`None`: PSK only).
+    pub certificate: Option<ServerCertificate>,
+    /// `client_ca`: the CA certificates client certificates are verified against.
+    pub client_ca: Vec<CertificateDer<'static>>,
+    /// `client_certificates`.
+    pub client_certificates: ClientCertificates,
 }
 
 impl Default for DtlsSettings {
@@ -94,6 +104,9 @@ impl Default for DtlsSettings {
             max_sessions: 10_000,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(600),
+            certificate: None,
+            client_ca: Vec::new(),
+            client_certificates: ClientCertificates::Off,
         }
     }
 }
@@ -114,6 +127,9 @@ pub enum SetupError {
     /// `dimpl` refused its configuration.
     #[error("DTLS configuration refused: {0}")]
     Config(String),
+    /// The client CA could not be used.
+    #[error("[dtls] client_ca refused: {0}")]
+    ClientCa(String),
 }
 
 /// A session key: the DTLS listener and the peer's address.
@@ -222,8 +238,10 @@ pub struct Dtls<C: DatagramCore> {
     /// listener, every datagram passes straight through.
     first_dtls: Option<u16>,
     settings: Arc<DtlsSettings>,
-    /// The server configuration new handshakes use (`None` when there is no DTLS listener).
-    server: Option<Arc<dimpl::Config>>,
+    /// What new handshakes use (`None` when there is no DTLS listener).
+    server: Option<Server>,
+    /// The wall clock, for client certificates' validity (the only wall-clock reading).
+    wall: fn() -> SystemTime,
     cookies: Cookies,
     sessions: HashMap<Key, Session>,
     /// Sessions still in their handshake.
@@ -249,7 +267,7 @@ impl<C: DatagramCore> Dtls<C> {
         now: Instant,
     ) -> Result<Self, SetupError> {
         let server = match first_dtls {
-            Some(_) => Some(server_config(&settings)?),
+            Some(_) => Some(Server::new(&settings)?),
             None => None,
         };
         let stats = Arc::new(DtlsStats::default());
@@ -259,6 +277,7 @@ impl<C: DatagramCore> Dtls<C> {
             first_dtls,
             settings,
             server,
+            wall: system_time,
             cookies: Cookies::new(now),
             sessions: HashMap::new(),
             handshaking: 0,
@@ -267,6 +286,13 @@ impl<C: DatagramCore> Dtls<C> {
             buf: vec![0; MTU * 2],
             stats,
         })
+    }
+
+    /// Replaces the wall clock client certificates are checked with (tests).
+    #[must_use]
+    pub fn with_wall_clock(mut self, wall: fn() -> SystemTime) -> Self {
+        self.wall = wall;
+        self
     }
 
     /// The layer's counters (shared; read by the admin listener).
@@ -356,7 +382,9 @@ impl<C: DatagramCore> Dtls<C> {
         if restart {
             self.remove(key);
         }
-        let mut dtls = dimpl::Dtls::new_12_psk(server, now);
+        let Some(mut dtls) = server.session(&hello, now) else {
+            return;
+        };
         // dimpl makes its server random on its first timeout call; before it, a ClientHello
         // would find none.
         if let Err(error) = dtls.handle_timeout(now) {
@@ -410,7 +438,8 @@ impl<C: DatagramCore> Dtls<C> {
         let mut data: Vec<Vec<u8>> = Vec::new();
         let mut connected = false;
         let mut closed = false;
-        let mut broken = false;
+        let mut broken = None;
+        let mut peer_cert: Option<Vec<u8>> = None;
         let Some(session) = self.sessions.get_mut(&key) else {
             return;
         };
@@ -419,7 +448,7 @@ impl<C: DatagramCore> Dtls<C> {
                 dimpl::Output::Packet(p) => packets.push(p.to_vec()),
                 dimpl::Output::BufferTooSmall { needed } => {
                     if needed > MAX_DTLS_DATAGRAM * 8 {
-                        broken = true;
+                        broken = Some(Failure::Protocol);
                         break;
                     }
                     self.buf.resize(needed, 0);
@@ -431,21 +460,40 @@ impl<C: DatagramCore> Dtls<C> {
                 dimpl::Output::Connected => connected = true,
                 dimpl::Output::ApplicationData(d) => data.push(d.to_vec()),
                 dimpl::Output::CloseNotify => closed = true,
+                dimpl::Output::PeerCert(der) => peer_cert = Some(der.to_vec()),
                 _ => {}
             }
         }
-        if connected && session.handshake_deadline.is_some() {
+        let server = self.server.as_ref();
+        if let Some(der) = peer_cert
+            && let Some(verifier) = server.and_then(|s| s.verifier.as_ref())
+        {
+            match cert::verify(verifier.as_ref(), &der, (self.wall)()) {
+                Ok(identity) => session.presented = Some(Presented::Certificate(identity)),
+                Err(reason) => {
+                    tracing::debug!(peer = %key.1, %reason, "DTLS client certificate refused.");
+                    broken = Some(Failure::CertificateInvalid);
+                }
+            }
+        }
+        if connected && session.handshake_deadline.is_some() && broken.is_none() {
             match session.presented.take() {
-                Some(Presented::Known(identity)) => {
+                Some(Presented::Known(identity) | Presented::Certificate(identity)) => {
                     tracing::debug!(
                         peer = %key.1, identity = %identity.name,
+                        source = identity.source.as_str(),
                         "DTLS handshake done."
                     );
                     session.identity = Some(identity);
                     session.handshake_deadline = None;
                 }
-                // A PSK handshake with no identity presented cannot complete; refuse it.
-                _ => broken = true,
+                // A certificate-suite client where none is required: encrypted, no identity.
+                _ if server.is_some_and(|s| !s.identity_required) => {
+                    tracing::debug!(peer = %key.1, "DTLS handshake done (no client identity).");
+                    session.handshake_deadline = None;
+                }
+                // No identity was proven though one is required: refuse it.
+                _ => broken = Some(Failure::Protocol),
             }
         }
         if closed {
@@ -454,23 +502,24 @@ impl<C: DatagramCore> Dtls<C> {
         let deadline = session.deadline(self.settings.idle_timeout);
         let identity = session.identity.clone();
         let established = session.handshake_deadline.is_none();
-        if connected && established && !broken {
+        if connected && established && broken.is_none() {
             self.handshaking = self.handshaking.saturating_sub(1);
             self.stats.count_ok();
             self.stats.set_open(self.sessions.len(), self.handshaking);
+        }
+        if let Some(failure) = broken {
+            // Nothing more goes out: a refused client never sees the server's Finished.
+            self.stats.count_failure(failure);
+            self.remove(key);
+            return;
         }
         if !discard {
             for p in packets {
                 self.push_out(key, p);
             }
         }
-        if broken {
-            self.stats.count_failure(Failure::Protocol);
-            self.remove(key);
-            return;
-        }
         self.wake_at(deadline);
-        if let (Some(identity), true) = (identity, established) {
+        if established {
             let limit = self.inner.max_datagram_size() + 1;
             for d in data {
                 let peer = Peer {
@@ -479,7 +528,7 @@ impl<C: DatagramCore> Dtls<C> {
                         addr: key.1,
                     },
                     node: None,
-                    identity: Some(Arc::clone(&identity)),
+                    identity: identity.clone(),
                 };
                 self.inner
                     .handle_datagram(now, peer, d.get(..limit).unwrap_or(&d));
@@ -503,7 +552,7 @@ impl<C: DatagramCore> Dtls<C> {
                 (Some(Presented::Unknown), _) => Failure::UnknownIdentity,
                 (_, dimpl::Error::Timeout(_)) => Failure::Timeout,
                 (Some(Presented::Known(_)), _) => Failure::BadKey,
-                (None, _) => Failure::Protocol,
+                (Some(Presented::Certificate(_)) | None, _) => Failure::Protocol,
             }
         };
         tracing::debug!(peer = %key.1, reason = failure.as_str(), %error, "DTLS session failed.");
@@ -569,17 +618,88 @@ impl<C: DatagramCore> Dtls<C> {
     }
 }
 
-/// `dimpl`'s server configuration for `settings`.
-fn server_config(settings: &DtlsSettings) -> Result<Arc<dimpl::Config>, SetupError> {
+/// `TLS_PSK_WITH_AES_128_CCM_8`, the PSK suite dimpl serves.
+const PSK_AES128_CCM_8: u16 = 0xc0a8;
+
+/// What new handshakes are made with. dimpl's server is either a PSK server or a
+/// certificate one, so the ClientHello's suites pick which (PSK when it offers the PSK suite
+/// and keys are configured).
+#[derive(Clone)]
+struct Server {
+    /// The PSK server's configuration (`None`: no `[[psk]]`).
+    psk: Option<Arc<dimpl::Config>>,
+    /// The certificate server's configuration and certificate (`None`: no certificate).
+    cert: Option<(Arc<dimpl::Config>, dimpl::DtlsCertificate)>,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
+    /// A session must end with a proven identity (false only with certificates and
+    /// `client_certificates = "off"`).
+    identity_required: bool,
+}
+
+impl Server {
+    fn new(settings: &DtlsSettings) -> Result<Self, SetupError> {
+        let required = settings.client_certificates == ClientCertificates::Required;
+        let verifier = if required {
+            Some(cert::verifier(&settings.client_ca).map_err(SetupError::ClientCa)?)
+        } else {
+            None
+        };
+        let psk = if settings.psk.is_empty() {
+            None
+        } else {
+            Some(server_config(settings, true)?)
+        };
+        let cert = match &settings.certificate {
+            Some(c) => Some((server_config(settings, false)?, c.for_dimpl())),
+            None => None,
+        };
+        Ok(Server {
+            psk,
+            cert,
+            verifier,
+            identity_required: settings.certificate.is_none() || required,
+        })
+    }
+
+    /// A server session for `hello`; `None` when nothing configured can answer it.
+    fn session(&self, hello: &record::ClientHello<'_>, now: Instant) -> Option<dimpl::Dtls> {
+        match (&self.psk, &self.cert) {
+            (Some(psk), _) if hello.offers_suite(PSK_AES128_CCM_8) => {
+                Some(dimpl::Dtls::new_12_psk(Arc::clone(psk), now))
+            }
+            (_, Some((config, c))) => Some(dimpl::Dtls::new_12(Arc::clone(config), c.clone(), now)),
+            // A PSK server that will find no common suite (the handshake fails and is
+            // counted).
+            (Some(psk), None) => Some(dimpl::Dtls::new_12_psk(Arc::clone(psk), now)),
+            (None, None) => None,
+        }
+    }
+}
+
+/// The wall clock ([`Dtls::with_wall_clock`] replaces it in tests).
+#[allow(clippy::disallowed_methods)]
+fn system_time() -> SystemTime {
+    SystemTime::now()
+}
+
+/// `dimpl`'s server configuration for `settings`: the PSK server's (`psk`) or the certificate
+/// server's.
+fn server_config(settings: &DtlsSettings, psk: bool) -> Result<Arc<dimpl::Config>, SetupError> {
     let mut provider = dimpl::crypto::rust_crypto::default_provider();
     provider.hmac_provider = &COOKIE_HMAC;
     let resolver = Resolver(Arc::new(PskTable::new(&settings.psk)));
-    dimpl::Config::builder()
+    let builder = dimpl::Config::builder()
         .with_crypto_provider(provider)
         .use_server_cookie(true)
         .mtu(MTU)
         .handshake_timeout(settings.handshake_timeout)
-        .with_psk_server(None, Arc::new(resolver))
+        .require_client_certificate(settings.client_certificates == ClientCertificates::Required);
+    let builder = if psk {
+        builder.with_psk_server(None, Arc::new(resolver))
+    } else {
+        builder
+    };
+    builder
         .build()
         .map(Arc::new)
         .map_err(|e| SetupError::Config(e.to_string()))
@@ -597,7 +717,7 @@ impl<C: DatagramCore> DatagramCore for Dtls<C> {
         };
         if let Some(dtls) = settings.dtls.filter(|d| **d != *self.settings) {
             if self.first_dtls.is_some() {
-                match server_config(&dtls) {
+                match Server::new(&dtls) {
                     Ok(server) => self.server = Some(server),
                     Err(error) => {
                         notes.push(format!("DTLS settings kept: {error}"));

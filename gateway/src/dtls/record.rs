@@ -172,6 +172,25 @@ pub fn parse_client_hello(datagram: &[u8]) -> Result<ClientHello<'_>, RecordErro
 }
 
 impl ClientHello<'_> {
+    /// Whether the ClientHello offers cipher suite `suite` (its list is the start of
+    /// [`Self::rest`]; a malformed list offers nothing).
+    #[must_use]
+    pub fn offers_suite(&self, suite: u16) -> bool {
+        let mut r = Reader { bytes: self.rest };
+        let Ok(len) = r.u16() else {
+            return false;
+        };
+        let Ok(list) = r.take(usize::from(len)) else {
+            return false;
+        };
+        list.chunks_exact(2).any(|pair| {
+            u16::from_be_bytes([
+                pair.first().copied().unwrap_or(0),
+                pair.get(1).copied().unwrap_or(0),
+            ]) == suite
+        })
+    }
+
     /// This ClientHello as the first one of its handshake would have been: message_seq 0,
     /// record sequence 0, no cookie (the rest unchanged).
     #[must_use]
@@ -272,6 +291,7 @@ mod tests {
         assert_eq!(again.record_sequence, [0; 6]);
         assert_eq!((again.random, again.rest), (ch.random, ch.rest));
         assert_eq!(again.emit(1, ch.record_sequence, ch.cookie), bytes);
+        assert!(ch.offers_suite(0xc0a8) && !ch.offers_suite(0xc02b));
     }
 
     #[test]

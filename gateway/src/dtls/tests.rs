@@ -85,6 +85,7 @@ fn settings() -> Arc<DtlsSettings> {
         max_sessions: 3,
         handshake_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(60),
+        ..DtlsSettings::default()
     })
 }
 
@@ -340,4 +341,97 @@ fn a_reload_changes_keys_for_new_handshakes_only() {
     assert!(!run(&mut l, &mut stale, 5006, now).0);
     let mut fresh = client("dev1", b"n3w", now);
     assert!(run(&mut l, &mut fresh, 5007, now).0);
+}
+
+mod certificates {
+    use std::path::Path;
+    use std::time::SystemTime;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    use super::*;
+    use crate::dtls::cert::{self, ClientCertificates, ServerCertificate};
+    use crate::http::tls::test_pki;
+
+    fn der_cert(path: &Path) -> Vec<u8> {
+        CertificateDer::from_pem_file(path).unwrap().to_vec()
+    }
+
+    fn der_key(path: &Path) -> Vec<u8> {
+        PrivateKeyDer::from_pem_file(path)
+            .unwrap()
+            .secret_der()
+            .to_vec()
+    }
+
+    fn layer(pki: &test_pki::Pki, now: Instant) -> Dtls<Echo> {
+        let mut s = (*settings()).clone();
+        s.certificate = Some(ServerCertificate {
+            certificate: Arc::from(der_cert(&pki.server_cert)),
+            private_key: cert::load_private_key(&pki.server_key).unwrap(),
+        });
+        s.client_ca = cert::load_certificates(&pki.ca).unwrap();
+        s.client_certificates = ClientCertificates::Required;
+        Dtls::new(Echo::default(), Some(1), Arc::new(s), now).unwrap()
+    }
+
+    fn cert_client(cert: &Path, key: &Path, now: Instant) -> dimpl::Dtls {
+        let config = dimpl::Config::builder()
+            .with_crypto_provider(dimpl::crypto::rust_crypto::default_provider())
+            .build()
+            .unwrap();
+        let mut c = dimpl::Dtls::new_12(
+            Arc::new(config),
+            dimpl::DtlsCertificate {
+                certificate: der_cert(cert),
+                private_key: der_key(key),
+            },
+            now,
+        );
+        c.set_active(true);
+        c
+    }
+
+    #[test]
+    fn a_client_certificate_of_the_ca_proves_its_subject() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = test_pki::make(dir.path());
+        let now = t0();
+        let mut l = layer(&pki, now);
+        let mut c = cert_client(&pki.client_cert, &pki.client_key, now);
+        assert!(run(&mut l, &mut c, 9000, now).0);
+        c.send_application_data(b"hi").unwrap();
+        run(&mut l, &mut c, 9000, now);
+        let identity = l.inner().got[0].0.identity.clone().unwrap();
+        assert_eq!(&*identity.name, "dev1");
+        assert_eq!(
+            identity.source,
+            crate::identity::IdentitySource::Certificate
+        );
+        // PSK clients still get in beside certificates.
+        let mut p = client("dev1", b"s3cret", now);
+        assert!(run(&mut l, &mut p, 9001, now).0);
+    }
+
+    #[test]
+    fn a_wrongly_signed_or_expired_client_certificate_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = test_pki::make(dir.path());
+        let now = t0();
+        let mut l = layer(&pki, now);
+        let mut c = cert_client(&pki.stranger_cert, &pki.stranger_key, now);
+        assert!(!run(&mut l, &mut c, 9002, now).0);
+        assert_eq!(l.stats().failed(Failure::CertificateInvalid), 1);
+        // The test PKI's certificates are valid for 30 days: 60 days on, expired.
+        #[allow(clippy::disallowed_methods)]
+        fn later() -> SystemTime {
+            SystemTime::now() + Duration::from_secs(60 * 24 * 3600)
+        }
+        let mut l = layer(&pki, now).with_wall_clock(later);
+        let mut c = cert_client(&pki.client_cert, &pki.client_key, now);
+        assert!(!run(&mut l, &mut c, 9003, now).0);
+        assert_eq!(l.stats().failed(Failure::CertificateInvalid), 1);
+        assert!(l.inner().got.is_empty());
+    }
 }
