@@ -584,6 +584,36 @@ url = "mqtt://127.0.0.1:1883"
     }
 
     #[test]
+    fn certificate_keys_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("not.pem"), "hello").unwrap();
+        let text = format!(
+            "{BASE}[dtls]\ncertificate = \"not.pem\"\nprivate_key = \"absent.key\"\n\
+             client_certificates = \"optional\"\n"
+        );
+        let d = match Config::parse(&dir.path().join("sg.toml"), &text) {
+            Err(LoadError::Invalid(d)) => d.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        };
+        let all = d.join("\n");
+        assert!(all.contains("no certificate in it"), "{all}");
+        assert!(
+            all.contains("absent.key") && all.contains("cannot read"),
+            "{all}"
+        );
+        assert!(all.contains("\"optional\" is not supported"), "{all}");
+        let text =
+            format!("{BASE}[dtls]\nprivate_key = \"k.pem\"\nclient_certificates = \"required\"\n");
+        let d = errors(&text);
+        let all = d.join("\n");
+        assert!(
+            all.contains("certificate and private_key go together"),
+            "{all}"
+        );
+        assert!(all.contains("needs client_ca"), "{all}");
+    }
+
+    #[test]
     fn a_dtls_port_clashing_with_a_plain_one_is_refused() {
         let text = BASE.replace("127.0.0.1:10000", "127.0.0.1:1883")
             + "[[psk]]\nidentity = \"d\"\nkey_hex = \"00\"\n";
