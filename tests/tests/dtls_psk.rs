@@ -408,3 +408,55 @@ fn a_client_hello_flood_leaves_no_state_and_half_open_handshakes_time_out() {
     s.send(&connect("dev1"));
     assert_eq!(s.frame(), Some(vec![3, 0x05, 0x00]));
 }
+
+/// Sends SIGHUP and waits for reload number `count` in `/status`; returns its `reload` object.
+fn reload(rig: &Rig, count: u64) -> serde_json::Value {
+    sensorgate_tests::send_signal(rig.gateway.pid().unwrap(), "HUP").unwrap();
+    poll_until(
+        "the reload in /status",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || {
+            let (code, body) = rig.gateway.admin_get("/status")?;
+            if code != 200 {
+                return Ok(None);
+            }
+            let doc: serde_json::Value = serde_json::from_str(&body)?;
+            Ok(doc
+                .get("reload")
+                .filter(|r| r["count"].as_u64() == Some(count))
+                .cloned())
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_reload_changes_keys_for_new_handshakes_and_keeps_established_sessions() {
+    let d = start("");
+    let mut old = SClient::start(d.sn_dtls, "dev1", KEY_HEX);
+    old.send(&connect("dev1"));
+    assert_eq!(old.frame(), Some(vec![3, 0x05, 0x00]));
+    let path = d.rig.gateway.config_path();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let new_text = text.replace(KEY_HEX, "6e65772d6b6579")
+        + "\n[[psk]]\nidentity = \"dev3\"\nkey_hex = \"0011223344\"\n";
+    std::fs::write(&path, new_text).unwrap();
+    let outcome = reload(&d.rig, 1);
+    assert!(outcome.to_string().contains("DTLS"), "{outcome}");
+    // The established session goes on (PINGREQ -> PINGRESP).
+    old.send(&[2, 0x16]);
+    assert_eq!(old.frame(), Some(vec![2, 0x17]));
+    // New handshakes take the new keys.
+    let mut stale = SClient::start(d.sn_dtls, "dev1", KEY_HEX);
+    stale.send(&connect("dev1"));
+    assert_eq!(stale.frame(), None, "the old key is refused");
+    let mut fresh = SClient::start(d.sn_dtls, "dev1", "6e65772d6b6579");
+    fresh.send(&connect("dev1"));
+    assert_eq!(fresh.frame(), Some(vec![3, 0x05, 0x00]));
+    let mut dev3 = SClient::start(d.sn_dtls, "dev3", "0011223344");
+    dev3.send(&connect("dev3"));
+    assert_eq!(dev3.frame(), Some(vec![3, 0x05, 0x00]));
+    let e = events(&d.rig, "mqtt-sn");
+    assert_eq!(e["dtls_psk_identities"], 2, "{e:?}");
+}
