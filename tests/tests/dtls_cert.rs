@@ -1,6 +1,7 @@
 //! DTLS 1.2 with certificates through the real binary: a CA made here with openssl (EC P-256
 //! keys), the gateway's server certificate and `client_certificates = "required"`.
-//! `coap-client-openssl` and `openssl s_client` with a client certificate of the CA get in (the
+//! `coap-client-openssl`, `coap-client-gnutls` and `openssl s_client` with a client certificate
+//! of the CA get in (the
 //! device is the certificate's CN); an expired client certificate and one signed by another CA
 //! are refused and counted; a PSK client still gets in beside them.
 
@@ -197,8 +198,13 @@ fn events(rig: &Rig, protocol: &str) -> HashMap<String, u64> {
 
 /// `coap-client-openssl` PUT with the client certificate `name`; the response codes.
 fn coap_put(s: &Setup, name: &str, topic: &str) -> Vec<String> {
+    coap_put_with(s, "coap-client-openssl", name, topic)
+}
+
+/// As [`coap_put`] with libcoap's `client` build.
+fn coap_put_with(s: &Setup, client: &str, name: &str, topic: &str) -> Vec<String> {
     let d = s.dir.path();
-    let mut cmd = Command::new("/usr/bin/coap-client-openssl");
+    let mut cmd = Command::new(format!("/usr/bin/{client}"));
     cmd.args(["-v", "7", "-m", "put", "-e", name, "-B", "5"])
         .arg("-c")
         .arg(d.join(format!("{name}.pem")))
@@ -233,6 +239,9 @@ fn coap_client_with_a_ca_certificate_gets_in_and_bad_ones_are_refused() {
             retain: false
         }
     );
+    let got = coap_put_with(&s, "coap-client-gnutls", "dev9", "certs/gnutls");
+    assert!(got.iter().any(|c| c == "2.04"), "{got:?}");
+    assert_eq!(sub.expect().unwrap().topic, "certs/gnutls");
     assert!(coap_put(&s, "stranger", "certs/stranger").is_empty());
     assert!(coap_put(&s, "expired", "certs/expired").is_empty());
     let e = poll_until(
@@ -245,7 +254,7 @@ fn coap_client_with_a_ca_certificate_gets_in_and_bad_ones_are_refused() {
         },
     )
     .unwrap();
-    assert_eq!(e["dtls_handshakes_ok"], 1, "{e:?}");
+    assert_eq!(e["dtls_handshakes_ok"], 2, "{e:?}");
     // PSK beside certificates on the same listener.
     let mut cmd = Command::new("/usr/bin/coap-client-openssl");
     cmd.args([
