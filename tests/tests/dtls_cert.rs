@@ -1,9 +1,8 @@
 //! DTLS 1.2 with certificates through the real binary: a CA made here with openssl (EC P-256
 //! keys), the gateway's server certificate and `client_certificates = "required"`.
 //! `coap-client-openssl`, `coap-client-gnutls` and `openssl s_client` with a client certificate
-//! of the CA get in (the
-//! device is the certificate's CN); an expired client certificate and one signed by another CA
-//! are refused and counted; a PSK client still gets in beside them.
+//! of the CA get in (the device is the certificate's CN); an expired client certificate and one
+//! signed by another CA are refused and counted; a PSK client still gets in beside them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
