@@ -8,15 +8,17 @@
 //! out. One inner core serves both kinds of listener, so a ClientId is one session whichever
 //! listener it comes through.
 //!
-//! The handshakes are `dimpl`'s (pure Rust, sans-IO, time passed in; `PSK_AES128_CCM_8`).
-//! The layer adds what `dimpl` leaves to its user:
+//! The handshakes are `dimpl`'s (pure Rust, sans-IO, time passed in): `PSK_AES128_CCM_8`
+//! with `[[psk]]` keys, and `ECDHE_ECDSA` suites with `[dtls] certificate`. A dimpl server is
+//! one or the other, so each verified ClientHello picks (PSK when it offers the PSK suite and
+//! keys exist). The layer adds what `dimpl` leaves to its user:
 //!
 //! - **Stateless cookies.** A ClientHello from an address without a session is answered with a
 //!   HelloVerifyRequest built here ([`record`]) whose cookie is an HMAC of the listener, the
 //!   address and the client random under a secret rotated every [`COOKIE_PERIOD`] (the
 //!   previous secret still verifies). Nothing is kept. Only a ClientHello whose cookie
 //!   verifies creates a session; `dimpl` is then handed that ClientHello (after a cookie-less
-//!   copy that puts it past its own cookie step, whose cookie [`keys::CookieHmac`] makes the
+//!   copy that puts it past its own cookie step, whose cookie `keys::CookieHmac` makes the
 //!   one already checked).
 //! - **Bounds.** At most `max_handshakes` sessions in their handshake and `max_sessions` in
 //!   all (a verified ClientHello beyond either is dropped and counted as `table_full`); a
@@ -27,8 +29,12 @@
 //!   connection ids: `dimpl` 0.9 has none). A ClientHello with a valid cookie on the address
 //!   of an established session replaces it (a client that restarted, RFC 6347 4.2.8).
 //! - **No resumption**: `dimpl` 0.9 does not resume sessions; every handshake is a full one.
-//! - **Reload**: [`DatagramCore::reconfigure`] takes new PSK entries and limits; new
-//!   handshakes use them, established sessions keep the keys they were made with.
+//! - **Client certificates** (`client_certificates = "required"`): dimpl hands out the
+//!   client's leaf certificate unchecked; the layer verifies it against `client_ca` at the
+//!   wall-clock time of an injected clock ([`cert::verify`]) and names the device from it. A
+//!   refused client never gets the server's Finished.
+//! - **Reload**: [`DatagramCore::reconfigure`] takes new PSK entries, certificates and limits;
+//!   new handshakes use them, established sessions keep the keys they were made with.
 //! - **Counters** ([`DtlsStats::events`]): handshakes ok and failed by reason, cookies,
 //!   sessions open.
 //!
