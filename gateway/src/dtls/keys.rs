@@ -4,7 +4,7 @@
 //!
 //! Invariants: key bytes never reach a log or a `Debug` output ([`PskKey`] prints its length
 //! only); the identity a client presented is recorded for the one `dimpl` call the layer makes
-//! on that client's session, and cleared after it ([`Capture`]).
+//! on that client's session, and cleared after it (`Capture`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
