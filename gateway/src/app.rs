@@ -30,6 +30,7 @@ use sensorgate_bridges::upstream::{AckReport, Reconfigured, Subscriber, Upstream
 
 use crate::coap;
 use crate::config::{CoapSection, Config, HttpSection, UpstreamKind};
+use crate::dtls::{self, Dtls};
 use crate::http;
 use crate::ingress::{DatagramCore, PeerAddr, Reconfigure};
 use crate::io::kernel_drops::KernelDrops;
@@ -137,6 +138,9 @@ pub enum RunError {
     /// The HTTP ingress's thread could not start.
     #[error("cannot start the HTTP ingress thread: {0}")]
     HttpThread(std::io::Error),
+    /// The DTLS layer could not be set up.
+    #[error(transparent)]
+    Dtls(#[from] dtls::SetupError),
 }
 
 impl RunError {
@@ -149,9 +153,10 @@ impl RunError {
                     class => class,
                 }
             }
-            RunError::Upstream { .. } | RunError::AmqpUpstream { .. } | RunError::HttpTls(_) => {
-                ErrorClass::Config
-            }
+            RunError::Upstream { .. }
+            | RunError::AmqpUpstream { .. }
+            | RunError::HttpTls(_)
+            | RunError::Dtls(_) => ErrorClass::Config,
             RunError::Spool(OpenError::Locked { .. }) => ErrorClass::Unavailable,
             RunError::Spool(OpenError::Format { .. }) => ErrorClass::Data,
             RunError::Spool(OpenError::Io { source, .. }) => class_of_io(source),
@@ -432,32 +437,53 @@ async fn serve(
         send_buffer: config.mqttsn.send_buffer,
     };
     let mut sockets = Vec::new();
-    for &addr in &config.mqttsn.listen {
+    // The plain listeners first, the DTLS ones after them (the DTLS layer knows them by index).
+    let sn_keys = config
+        .mqttsn
+        .listen
+        .iter()
+        .map(|a| ("[mqttsn] listen", a))
+        .chain(
+            config
+                .mqttsn
+                .dtls_listen
+                .iter()
+                .map(|a| ("[mqttsn] dtls_listen", a)),
+        );
+    for (key, &addr) in sn_keys {
         match udp::bind(addr, options, MQTT_SN) {
             Ok(socket) => sockets.push(socket),
             Err(error) => {
                 upstream_stop.cancel();
                 return Err(RunError::Bind {
                     protocol: MQTT_SN,
-                    key: "[mqttsn] listen",
+                    key,
                     addr,
                     error,
                 });
             }
         }
     }
+    let sn_first_dtls = first_dtls(&config.mqttsn.listen, &config.mqttsn.dtls_listen);
     // What `/status` lists: the bound addresses (a configured port 0 shows the kernel's pick).
     let mut listeners: Vec<Listener> = sockets
         .iter()
-        .zip(&config.mqttsn.listen)
-        .map(|(socket, &configured)| Listener {
+        .zip(
+            config
+                .mqttsn
+                .listen
+                .iter()
+                .chain(&config.mqttsn.dtls_listen),
+        )
+        .enumerate()
+        .map(|(i, (socket, &configured))| Listener {
             protocol: core::PROTOCOL,
-            transport: "udp",
+            transport: transport_of(i, sn_first_dtls),
             address: socket.local_addr().unwrap_or(configured),
         })
         .collect();
     let coap = match &config.coap {
-        Some(section) => match start_coap(section, &router, &ingress_stop) {
+        Some(section) => match start_coap(section, &config.dtls.settings, &router, &ingress_stop) {
             Ok(coap) => Some(coap),
             Err(error) => {
                 upstream_stop.cancel();
@@ -542,6 +568,22 @@ async fn serve(
         .iter()
         .map(|l| Arc::clone(l.stats()))
         .collect();
+    // DTLS on the `dtls_listen` sockets (a pass-through when there is none).
+    #[allow(clippy::disallowed_methods)] // Wiring: the layer's cookie secrets start now.
+    let core = match Dtls::new(
+        core,
+        sn_first_dtls,
+        Arc::clone(&config.dtls.settings),
+        std::time::Instant::now(),
+    ) {
+        Ok(core) => core,
+        Err(e) => {
+            upstream_stop.cancel();
+            return Err(e.into());
+        }
+    };
+    let sn_dtls_stats = sn_first_dtls.map(|_| core.stats());
+    let sn_max_datagram = core.max_datagram_size();
     let driver = UdpDriver::new(
         core,
         sockets,
@@ -549,7 +591,7 @@ async fn serve(
         reply_rx,
         ingress_downlink_rx,
         config.mqttsn.recv_batch,
-        config.mqttsn.core.max_packet_size,
+        sn_max_datagram,
     )
     .with_session_store(store)
     .with_stats(Arc::clone(&udp_stats))
@@ -569,7 +611,7 @@ async fn serve(
         beat: sn_beat,
         udp: Some(Arc::clone(&udp_stats)),
         kernel_drops: Some(Arc::clone(&kernel_drops)),
-        extra: None,
+        extra: sn_dtls_stats.map(dtls_extra),
     }];
     let mut coap_reconfigure = None;
     let coap_task = coap.map(|coap| {
@@ -650,7 +692,7 @@ async fn serve(
     }
     live_parts.push(live::routes_part(route_reconfigurer));
     live_parts.push(live::core_part("[mqttsn]", sn_reconfigure, |plan| {
-        plan.mqttsn.clone()
+        dtls_settings(plan.mqttsn.clone(), plan)
     }));
     for (index, control) in upstream_controls.into_iter().enumerate() {
         live_parts.push(upstream_part(index, control));
@@ -663,7 +705,7 @@ async fn serve(
     }
     if let Some(requests) = coap_reconfigure {
         live_parts.push(live::core_part("[coap]", requests, |plan| {
-            plan.coap.clone()
+            dtls_settings(plan.coap.clone(), plan)
         }));
     }
     let reload_task = control.reload.map(|requests| {
@@ -906,7 +948,34 @@ struct CoapRunning {
     /// For the status line.
     counters: UdpCounters,
     /// Reloads of `[coap]`'s live settings.
-    reconfigure: mpsc::Sender<Reconfigure<coap::core::CoreConfig>>,
+    reconfigure: mpsc::Sender<Reconfigure<dtls::Settings<coap::core::CoreConfig>>>,
+}
+
+/// The index of the first DTLS listener when the plain ones (`plain`) are bound first and
+/// `dtls` after them; `None` when there is no DTLS listener.
+fn first_dtls(plain: &[SocketAddr], dtls: &[SocketAddr]) -> Option<u16> {
+    (!dtls.is_empty()).then(|| u16::try_from(plain.len()).unwrap_or(u16::MAX))
+}
+
+/// `/status`'s transport of listener `index`.
+fn transport_of(index: usize, first_dtls: Option<u16>) -> &'static str {
+    match first_dtls {
+        Some(first) if index >= usize::from(first) => "dtls",
+        _ => "udp",
+    }
+}
+
+/// The DTLS layer's counters as an ingress's extra counters.
+fn dtls_extra(stats: Arc<dtls::DtlsStats>) -> KindCounters {
+    Arc::new(move || stats.events())
+}
+
+/// A datagram core's reload: its own settings and the DTLS settings, each when changed.
+fn dtls_settings<S>(inner: Option<S>, plan: &crate::reload::Plan) -> Option<dtls::Settings<S>> {
+    (inner.is_some() || plan.dtls.is_some()).then(|| dtls::Settings {
+        inner,
+        dtls: plan.dtls.clone(),
+    })
 }
 
 /// Registers the CoAP ingress: binds every `[coap] listen` address (a failure is a
@@ -916,6 +985,7 @@ struct CoapRunning {
 /// called inside [`run`]'s `LocalSet`.
 fn start_coap(
     section: &CoapSection,
+    dtls_settings: &Arc<dtls::DtlsSettings>,
     router: &Router,
     stop: &CancellationToken,
 ) -> Result<CoapRunning, RunError> {
@@ -924,25 +994,33 @@ fn start_coap(
         send_buffer: section.send_buffer,
     };
     let mut sockets = Vec::new();
-    for &addr in &section.listen {
+    let keys = section.listen.iter().map(|a| ("[coap] listen", a)).chain(
+        section
+            .dtls_listen
+            .iter()
+            .map(|a| ("[coap] dtls_listen", a)),
+    );
+    for (key, &addr) in keys {
         match udp::bind(addr, options, COAP) {
             Ok(socket) => sockets.push(socket),
             Err(error) => {
                 return Err(RunError::Bind {
                     protocol: COAP,
-                    key: "[coap] listen",
+                    key,
                     addr,
                     error,
                 });
             }
         }
     }
+    let first = first_dtls(&section.listen, &section.dtls_listen);
     let listeners = sockets
         .iter()
-        .zip(&section.listen)
-        .map(|(socket, &configured)| Listener {
+        .zip(section.listen.iter().chain(&section.dtls_listen))
+        .enumerate()
+        .map(|(i, (socket, &configured))| Listener {
             protocol: coap::core::PROTOCOL,
-            transport: "udp",
+            transport: transport_of(i, first),
             address: socket.local_addr().unwrap_or(configured),
         })
         .collect();
@@ -957,14 +1035,23 @@ fn start_coap(
     let (query_tx, query_rx) = mpsc::channel(QUERY_CHANNEL);
     let beat = Arc::new(Beat::new());
     let (reconfigure, reconfigure_rx) = mpsc::channel(1);
-    let driver = UdpDriver::new(
+    #[allow(clippy::disallowed_methods)] // Wiring: the layer's cookie secrets start now.
+    let core = Dtls::new(
         coap::core::Core::new(section.core.clone(), core_seed()),
+        first,
+        Arc::clone(dtls_settings),
+        std::time::Instant::now(),
+    )?;
+    let dtls_stats = first.map(|_| core.stats());
+    let max_datagram = core.max_datagram_size();
+    let driver = UdpDriver::new(
+        core,
         sockets,
         ingress,
         reply_rx,
         downlink_rx,
         section.recv_batch,
-        section.core.max_message_size,
+        max_datagram,
     )
     .with_stats(Arc::clone(&counters.stats))
     .with_queries(query_rx)
@@ -987,7 +1074,7 @@ fn start_coap(
             beat,
             udp: Some(Arc::clone(&counters.stats)),
             kernel_drops: Some(Arc::clone(&counters.kernel_drops)),
-            extra: None,
+            extra: dtls_stats.map(dtls_extra),
         },
         listeners,
         counters,

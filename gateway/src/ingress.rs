@@ -23,6 +23,7 @@ use bytes::Bytes;
 use sensorgate_bridges::message::{Message, Qos};
 use tokio::sync::oneshot;
 
+use crate::identity::Identity;
 use crate::observe::model::{ClientQuery, ClientsPage, IngressReport};
 
 /// How a peer is reached: its transport and its address within it. The core only compares,
@@ -85,6 +86,10 @@ pub struct Peer {
     /// Wireless Node Id when the client sits behind a forwarder (0xFE encapsulation): the
     /// one part of an address that is MQTT-SN's, so the core reads it (to encapsulate).
     pub node: Option<Box<[u8]>>,
+    /// The identity the transport proved for this peer (a DTLS PSK identity or client
+    /// certificate); `None` on plain transports, where a core may only derive a claimed one
+    /// (ClientId, CoAP query) where the config allows it.
+    pub identity: Option<Arc<Identity>>,
 }
 
 impl Peer {
@@ -93,6 +98,7 @@ impl Peer {
         Peer {
             addr: PeerAddr::Udp { listener, addr },
             node: None,
+            identity: None,
         }
     }
 
@@ -101,6 +107,7 @@ impl Peer {
         Peer {
             addr: PeerAddr::Serial { line },
             node: None,
+            identity: None,
         }
     }
 
@@ -110,6 +117,7 @@ impl Peer {
         Peer {
             addr: PeerAddr::Forwarder { entry },
             node: None,
+            identity: None,
         }
     }
 }

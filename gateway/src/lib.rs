@@ -13,7 +13,9 @@
 pub mod app;
 pub mod coap;
 pub mod config;
+pub mod dtls;
 pub mod http;
+pub mod identity;
 pub mod ingress;
 pub mod io;
 pub mod live;

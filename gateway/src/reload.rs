@@ -18,10 +18,11 @@
 //!   are not applied either, and say so.
 
 use std::fmt::Debug;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::coap::core::CoreConfig as CoapCoreConfig;
 use crate::config::{Config, HttpSection};
+use crate::dtls::DtlsSettings;
 use crate::mqttsn::core::CoreConfig;
 
 /// What a new config changes in the running gateway.
@@ -35,6 +36,9 @@ pub struct Plan {
     pub mqttsn: Option<CoreConfig>,
     /// The CoAP core's new settings, when any live one changed.
     pub coap: Option<CoapCoreConfig>,
+    /// The new `[dtls]` / `[[psk]]` settings, when they changed (both DTLS layers take them;
+    /// new handshakes use them, established sessions keep their keys).
+    pub dtls: Option<Arc<DtlsSettings>>,
     /// The new `[http]` section, when any live key changed (its restart-only keys are the
     /// running ones).
     pub http: Option<HttpSection>,
@@ -82,6 +86,9 @@ pub fn plan(started: &Config, applied: &Config, new: &Config) -> Plan {
         if differs(&core, &running.core) {
             plan.coap = Some(core);
         }
+    }
+    if applied.dtls.settings != new.dtls.settings {
+        plan.dtls = Some(Arc::clone(&new.dtls.settings));
     }
     if let (Some(running), Some(next), Some(first)) = (&applied.http, &new.http, &started.http) {
         let mut section = next.clone();
@@ -153,6 +160,7 @@ fn restart_only(started: &Config, new: &Config) -> Vec<String> {
 
     let (m, n) = (&a.mqttsn, &b.mqttsn);
     check("[mqttsn] listen", m.listen != n.listen);
+    check("[mqttsn] dtls_listen", m.dtls_listen != n.dtls_listen);
     check("[mqttsn] recv_buffer", m.recv_buffer != n.recv_buffer);
     check("[mqttsn] send_buffer", m.send_buffer != n.send_buffer);
     check("[mqttsn] recv_batch", m.recv_batch != n.recv_batch);
@@ -174,6 +182,7 @@ fn restart_only(started: &Config, new: &Config) -> Vec<String> {
         (None, None) => {}
         (Some(c), Some(d)) => {
             check("[coap] listen", c.listen != d.listen);
+            check("[coap] dtls_listen", c.dtls_listen != d.dtls_listen);
             check("[coap] recv_buffer", c.recv_buffer != d.recv_buffer);
             check("[coap] send_buffer", c.send_buffer != d.send_buffer);
             check("[coap] recv_batch", c.recv_batch != d.recv_batch);

@@ -2351,6 +2351,7 @@ impl Core {
             peer: Peer {
                 addr: from.addr.clone(),
                 node: None,
+                identity: from.identity.clone(),
             },
             origin_peer: Arc::from(from.addr.to_string()),
             client_id: None,

@@ -32,8 +32,11 @@ const MAX_MESSAGE_SIZE: u64 = 1280;
 /// `[coap]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CoapSection {
-    /// UDP listen addresses (never empty: an empty list switches CoAP off).
+    /// UDP listen addresses (plain). With `dtls_listen`, never both empty: that switches CoAP
+    /// off.
     pub listen: Vec<SocketAddr>,
+    /// DTLS listen addresses (`dtls_listen`, default port 5684; bound after `listen`).
+    pub dtls_listen: Vec<SocketAddr>,
     /// `SO_RCVBUF` request for each socket, in bytes.
     pub recv_buffer: usize,
     /// `SO_SNDBUF` request for each socket, in bytes.
@@ -48,6 +51,7 @@ pub struct CoapSection {
 #[serde(default)]
 pub(super) struct RawCoap {
     listen: Vec<String>,
+    dtls_listen: Vec<String>,
     recv_buffer: SizeText,
     send_buffer: SizeText,
     recv_batch: i64,
@@ -89,6 +93,7 @@ impl Default for RawCoap {
         let int = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         RawCoap {
             listen: Vec::new(),
+            dtls_listen: Vec::new(),
             recv_buffer: "8MiB".into(),
             send_buffer: "4MiB".into(),
             recv_batch: 64,
@@ -130,7 +135,7 @@ impl Default for RawCoap {
 /// Whether two UDP listen addresses would take the same port: same port (not 0) and family,
 /// and the same address or either one the family's wildcard. IPv6 sockets are v6-only, so
 /// `0.0.0.0:P` and `[::]:P` do not clash.
-fn same_udp_port(a: SocketAddr, b: SocketAddr) -> bool {
+pub(super) fn same_udp_port(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port()
         && a.port() != 0
         && a.is_ipv4() == b.is_ipv4()
@@ -203,6 +208,39 @@ pub(super) fn compile_coap(
                     Some(format!(
                         "write `127.0.0.1:{COAP_PORT}` or `[::1]:{COAP_PORT}`"
                     )),
+                );
+                ok = false;
+            }
+        }
+    }
+    let mut dtls_listen: Vec<SocketAddr> = Vec::new();
+    for (i, addr) in c.dtls_listen.iter().enumerate() {
+        let path = co.key("dtls_listen").index(i);
+        match super::dtls::coaps_addr(addr) {
+            Some(a) => match listen
+                .iter()
+                .chain(&dtls_listen)
+                .chain(mqttsn_listen)
+                .find(|l| same_udp_port(a, **l))
+            {
+                Some(other) => {
+                    r.at_path(
+                        &path,
+                        format!("`{addr}` takes the UDP port of `{other}`, listed before it"),
+                        Some(format!(
+                            "CoAP over DTLS's port is {}",
+                            super::dtls::COAPS_PORT
+                        )),
+                    );
+                    ok = false;
+                }
+                None => dtls_listen.push(a),
+            },
+            None => {
+                r.at_path(
+                    &path,
+                    format!("`{addr}` is not an IP address"),
+                    Some("write `127.0.0.1` (port 5684) or `[::1]:5684`".into()),
                 );
                 ok = false;
             }
@@ -478,6 +516,7 @@ pub(super) fn compile_coap(
     };
     ok.then_some(CoapSection {
         listen,
+        dtls_listen,
         recv_buffer: recv_buffer?,
         send_buffer: send_buffer?,
         recv_batch: recv_batch?,

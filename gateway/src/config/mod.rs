@@ -18,6 +18,7 @@ mod admin;
 mod check;
 mod coap;
 mod diag;
+mod dtls;
 mod gateway;
 mod http;
 mod mqttsn;
@@ -27,6 +28,7 @@ mod spool;
 pub mod units;
 mod upstream;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -43,6 +45,8 @@ use coap::RawCoap;
 pub use coap::{COAP_PORT, CoapSection};
 pub use diag::{Diagnostic, KeyPath};
 use diag::{Reporter, fields_of, path_of_span, remove_value};
+pub use dtls::{COAPS_PORT, DtlsSection};
+use dtls::{RawDtls, RawPsk};
 pub use gateway::{GatewaySection, LogSection};
 use gateway::{RawGateway, RawLog};
 pub use http::{
@@ -75,8 +79,11 @@ pub struct Config {
     pub log: LogSection,
     /// `[mqttsn]`.
     pub mqttsn: MqttSnSection,
-    /// `[coap]`; `None` when the table is absent or its `listen` is empty (CoAP off).
+    /// `[coap]`; `None` when the table is absent or its `listen` and `dtls_listen` are
+    /// empty (CoAP off).
     pub coap: Option<CoapSection>,
+    /// `[dtls]` and `[[psk]]` (the DTLS layer under `dtls_listen`).
+    pub dtls: DtlsSection,
     /// `[http]`; `None` when the table is absent or both `listen` and `tls_listen` are empty
     /// (HTTP off).
     pub http: Option<HttpSection>,
@@ -181,6 +188,9 @@ impl Config {
         for addr in &self.mqttsn.listen {
             s.push_str(&format!("listener: MQTT-SN over UDP on {addr}\n"));
         }
+        for addr in &self.mqttsn.dtls_listen {
+            s.push_str(&format!("listener: MQTT-SN over DTLS on {addr}\n"));
+        }
         for line in &self.serial {
             s.push_str(&format!(
                 "listener: MQTT-SN over serial on {} ({} baud, {}{}{}, {} framing{}{})\n",
@@ -221,6 +231,9 @@ impl Config {
             Some(coap) => {
                 for addr in &coap.listen {
                     s.push_str(&format!("listener: CoAP over UDP on {addr}\n"));
+                }
+                for addr in &coap.dtls_listen {
+                    s.push_str(&format!("listener: CoAP over DTLS on {addr}\n"));
                 }
             }
             None => s.push_str("listener: CoAP off\n"),
@@ -445,6 +458,8 @@ fn known_fields(key: &KeyPath) -> &'static [&'static str] {
         ["mqttsn"] => fields_of::<RawMqttSn>(),
         ["mqttsn", "predefined_topic"] => fields_of::<RawPredefined>(),
         ["coap"] => fields_of::<RawCoap>(),
+        ["dtls"] => fields_of::<RawDtls>(),
+        ["psk"] => fields_of::<RawPsk>(),
         ["http"] => fields_of::<RawHttp>(),
         ["http", "device"] => fields_of::<RawDevice>(),
         ["spool"] => fields_of::<RawSpool>(),
@@ -538,6 +553,8 @@ struct RawConfig {
     log: RawLog,
     mqttsn: RawMqttSn,
     coap: RawCoap,
+    dtls: RawDtls,
+    psk: Vec<RawPsk>,
     http: RawHttp,
     spool: RawSpool,
     admin: RawAdmin,
@@ -557,7 +574,33 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
     let gw_id = gateway.as_ref().map(|g| g.id);
     let log = gateway::compile_log(raw.log, r);
     let mqttsn = mqttsn::compile_mqttsn(&raw.mqttsn, gw_id, r);
-    let coap = coap::compile_coap(&raw.coap, &raw.mqttsn.listen_addrs(), r);
+    let mqttsn_udp: Vec<SocketAddr> = raw
+        .mqttsn
+        .listen_addrs()
+        .into_iter()
+        .chain(raw.mqttsn.dtls_listen_addrs())
+        .collect();
+    let coap = coap::compile_coap(&raw.coap, &mqttsn_udp, r);
+    let dtls = dtls::compile_dtls(&raw.dtls, &raw.psk, base, r);
+    if let (Some(dtls), Some(m)) = (&dtls, &mqttsn) {
+        let mut plain: Vec<(KeyPath, SocketAddr)> = (0..)
+            .zip(&m.listen)
+            .map(|(i, a)| (KeyPath::root("mqttsn").key("listen").index(i), *a))
+            .collect();
+        let mut secure =
+            (!m.dtls_listen.is_empty()).then(|| KeyPath::root("mqttsn").key("dtls_listen"));
+        if let Some(c) = &coap {
+            plain.extend(
+                (0..)
+                    .zip(&c.listen)
+                    .map(|(i, a)| (KeyPath::root("coap").key("listen").index(i), *a)),
+            );
+            if secure.is_none() && !c.dtls_listen.is_empty() {
+                secure = Some(KeyPath::root("coap").key("dtls_listen"));
+            }
+        }
+        dtls::check_listeners(dtls, &plain, secure.as_ref(), r);
+    }
     let serial = serial::compile_serial(
         &raw.serial,
         mqttsn.as_ref().map(|m| m.core.max_packet_size),
@@ -572,7 +615,7 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
             .as_ref()
             .map_or(MAX_SUBSCRIPTIONS, |m| m.core.max_filters),
         coap.as_ref()
-            .filter(|c| !c.listen.is_empty())
+            .filter(|c| !c.listen.is_empty() || !c.dtls_listen.is_empty())
             .map(|c| c.core.max_filters),
         http.as_ref().filter(|h| http_on(h)).map(|h| h.max_filters),
     );
@@ -591,12 +634,14 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
     let routes = routes?;
     let coap = coap?;
     let http = http?;
+    let dtls = dtls?;
     Some(Config {
         file: file.to_owned(),
         gateway: gateway?,
         log,
         mqttsn: mqttsn?,
-        coap: (!coap.listen.is_empty()).then_some(coap),
+        coap: (!coap.listen.is_empty() || !coap.dtls_listen.is_empty()).then_some(coap),
+        dtls,
         http: http_on(&http).then_some(http),
         spool: spool?,
         admin: admin?,

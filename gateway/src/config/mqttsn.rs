@@ -8,6 +8,7 @@ use sensorgate_bridges::mqtt::MAX_SUBSCRIPTIONS;
 use serde::Deserialize;
 
 use super::check::{check_topic_name, duration_in, int_in, queue_full_policy, size_in};
+use super::coap::same_udp_port;
 use super::diag::{KeyPath, Reporter};
 use super::{DurationText, SizeText};
 use crate::io::udp::{ForwarderEntry, ForwarderList, MAX_FORWARDERS};
@@ -17,8 +18,10 @@ use crate::mqttsn::core::{ClientSet, CoreConfig, Peer, PredefinedTopic};
 /// `[mqttsn]`.
 #[derive(Debug, Clone)]
 pub struct MqttSnSection {
-    /// UDP listen addresses.
+    /// UDP listen addresses (plain).
     pub listen: Vec<SocketAddr>,
+    /// DTLS listen addresses (`dtls_listen`; the driver binds them after `listen`).
+    pub dtls_listen: Vec<SocketAddr>,
     /// `SO_RCVBUF` request for each socket, in bytes.
     pub recv_buffer: usize,
     /// `SO_SNDBUF` request for each socket, in bytes.
@@ -37,6 +40,7 @@ pub struct MqttSnSection {
 #[serde(default)]
 pub(super) struct RawMqttSn {
     listen: Vec<String>,
+    dtls_listen: Vec<String>,
     max_clients: i64,
     max_packet_size: SizeText,
     recv_buffer: SizeText,
@@ -67,6 +71,7 @@ impl Default for RawMqttSn {
     fn default() -> Self {
         RawMqttSn {
             listen: vec!["0.0.0.0:1883".into(), "[::]:1883".into()],
+            dtls_listen: Vec::new(),
             max_clients: 100_000,
             max_packet_size: "4KiB".into(),
             recv_buffer: "8MiB".into(),
@@ -100,6 +105,14 @@ impl RawMqttSn {
     pub(super) fn listen_addrs(&self) -> Vec<SocketAddr> {
         self.listen.iter().filter_map(|a| a.parse().ok()).collect()
     }
+
+    /// The `dtls_listen` addresses that parse.
+    pub(super) fn dtls_listen_addrs(&self) -> Vec<SocketAddr> {
+        self.dtls_listen
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,10 +140,10 @@ pub(super) fn compile_mqttsn(
 ) -> Option<MqttSnSection> {
     let sn = KeyPath::root("mqttsn");
     let mut listen = Vec::new();
-    if m.listen.is_empty() {
+    if m.listen.is_empty() && m.dtls_listen.is_empty() {
         r.at_path(
             &sn.key("listen"),
-            "at least one listen address is required".into(),
+            "at least one listen (or dtls_listen) address is required".into(),
             None,
         );
     }
@@ -147,6 +160,29 @@ pub(super) fn compile_mqttsn(
                 &sn.key("listen").index(i),
                 format!("`{addr}` is not an IP socket address"),
                 Some("write `127.0.0.1:1883` or `[::1]:1883`".into()),
+            ),
+        }
+    }
+    let mut dtls_listen = Vec::new();
+    for (i, addr) in m.dtls_listen.iter().enumerate() {
+        let path = sn.key("dtls_listen").index(i);
+        match addr.parse::<SocketAddr>() {
+            Ok(a) => match listen
+                .iter()
+                .chain(&dtls_listen)
+                .find(|l| same_udp_port(a, **l))
+            {
+                Some(other) => r.at_path(
+                    &path,
+                    format!("`{addr}` takes the UDP port of `{other}`, listed before it"),
+                    Some("DTLS and plain MQTT-SN need a port each".into()),
+                ),
+                None => dtls_listen.push(a),
+            },
+            Err(_) => r.at_path(
+                &path,
+                format!("`{addr}` is not an IP socket address"),
+                Some("write `127.0.0.1:10000` or `[::1]:10000`".into()),
             ),
         }
     }
@@ -369,6 +405,7 @@ pub(super) fn compile_mqttsn(
 
     Some(MqttSnSection {
         listen,
+        dtls_listen,
         forwarders,
         recv_buffer: recv_buffer?,
         send_buffer: send_buffer?,

@@ -1327,7 +1327,8 @@ fn the_reference_config_shows_every_coap_key_with_its_default() {
     fields.sort_unstable();
     assert_eq!(keys, fields);
     // Switched on, the section as written is the core's defaults.
-    let on = text.replacen("listen = []\n", "listen = [\"127.0.0.1:5683\"]\n", 1);
+    // `\nlisten`: not `[mqttsn] dtls_listen = []`, which comes first.
+    let on = text.replacen("\nlisten = []\n", "\nlisten = [\"127.0.0.1:5683\"]\n", 1);
     let c = Config::parse(&path, &on).unwrap();
     assert_eq!(
         c.coap.unwrap().core,
@@ -2440,11 +2441,13 @@ fn the_reference_config_shows_every_http_key_with_its_default() {
         uncomment(text[at..].lines().next().unwrap())
     })
     .collect();
-    let on = on.replacen("tls_listen = []\n", &tls, 1).replacen(
-        "\n# [[http.device]]\n",
-        &format!("\n{example}\n# [[http.device]]\n"),
-        1,
-    );
+    let on = on
+        .replacen("\ntls_listen = []\n", &format!("\n{tls}"), 1)
+        .replacen(
+            "\n# [[http.device]]\n",
+            &format!("\n{example}\n# [[http.device]]\n"),
+            1,
+        );
     let c = Config::parse(&path, &on).unwrap();
     let http = c.http.unwrap();
     assert_eq!(http.devices.len(), 1);
