@@ -508,6 +508,7 @@ async fn serve(
     ));
 
     let mut core = Core::new(config.mqttsn.core.clone());
+    let sn_security = core.security_counters();
     let (store, store_thread) = match restore_sessions(&config, &mut core) {
         Ok(store) => store,
         Err(e) => {
@@ -569,7 +570,7 @@ async fn serve(
         beat: sn_beat,
         udp: Some(Arc::clone(&udp_stats)),
         kernel_drops: Some(Arc::clone(&kernel_drops)),
-        extra: None,
+        extra: Some(Arc::new(move || sn_security.events())),
     }];
     let mut coap_reconfigure = None;
     let coap_task = coap.map(|coap| {
@@ -957,8 +958,10 @@ fn start_coap(
     let (query_tx, query_rx) = mpsc::channel(QUERY_CHANNEL);
     let beat = Arc::new(Beat::new());
     let (reconfigure, reconfigure_rx) = mpsc::channel(1);
+    let coap_core = coap::core::Core::new(section.core.clone(), core_seed());
+    let coap_security = coap_core.security_counters();
     let driver = UdpDriver::new(
-        coap::core::Core::new(section.core.clone(), core_seed()),
+        coap_core,
         sockets,
         ingress,
         reply_rx,
@@ -987,7 +990,7 @@ fn start_coap(
             beat,
             udp: Some(Arc::clone(&counters.stats)),
             kernel_drops: Some(Arc::clone(&counters.kernel_drops)),
-            extra: None,
+            extra: Some(Arc::new(move || coap_security.events())),
         },
         listeners,
         counters,

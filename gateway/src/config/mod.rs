@@ -22,6 +22,7 @@ mod gateway;
 mod http;
 mod mqttsn;
 mod route;
+mod security;
 mod serial;
 mod spool;
 pub mod units;
@@ -54,6 +55,8 @@ pub use mqttsn::MqttSnSection;
 use mqttsn::{RawMqttSn, RawPredefined};
 use route::RawRoute;
 pub use route::{MAX_REWRITE_BYTES, MAX_ROUTES, PLACEHOLDERS};
+use security::{RawAcl, RawLimitOverride, RawLimits};
+pub use security::{MAX_ACL_RULES, MAX_LIMIT_OVERRIDES, MAX_PATTERNS_PER_RULE};
 use serial::RawSerial;
 pub use serial::{FlowControl, MAX_SERIAL_LINES, Parity, SerialLine};
 use spool::RawSpool;
@@ -93,6 +96,9 @@ pub struct Config {
     pub routes: Arc<RouteTable>,
     /// `[[route]]` as written, in file order (for summaries).
     pub route_specs: Vec<RouteSpec>,
+    /// `[[acl]]` and `[limits]`, compiled (also in each ingress's settings:
+    /// `mqttsn.core.security`, `coap.core.security`, `http.security`).
+    pub security: Arc<crate::security::Policy>,
 }
 
 /// Why a config could not be loaded.
@@ -452,6 +458,9 @@ fn known_fields(key: &KeyPath) -> &'static [&'static str] {
         ["upstream"] => fields_of::<RawUpstream>(),
         ["route"] => fields_of::<RawRoute>(),
         ["serial"] => fields_of::<RawSerial>(),
+        ["acl"] => fields_of::<RawAcl>(),
+        ["limits"] => fields_of::<RawLimits>(),
+        ["limits", "identity"] => fields_of::<RawLimitOverride>(),
         _ => &[],
     }
 }
@@ -544,6 +553,8 @@ struct RawConfig {
     upstream: Vec<RawUpstream>,
     route: Vec<RawRoute>,
     serial: Vec<RawSerial>,
+    acl: Vec<RawAcl>,
+    limits: RawLimits,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -588,14 +599,20 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
         gw_id.unwrap_or(0),
         r,
     );
+    let security = security::compile_security(&raw.acl, &raw.limits, r);
     let routes = routes?;
-    let coap = coap?;
-    let http = http?;
+    let mut coap = coap?;
+    let mut http = http?;
+    let mut mqttsn = mqttsn?;
+    let security = security?;
+    mqttsn.core.security = Arc::clone(&security);
+    coap.core.security = Arc::clone(&security);
+    http.security = Arc::clone(&security);
     Some(Config {
         file: file.to_owned(),
         gateway: gateway?,
         log,
-        mqttsn: mqttsn?,
+        mqttsn,
         coap: (!coap.listen.is_empty()).then_some(coap),
         http: http_on(&http).then_some(http),
         spool: spool?,
@@ -604,6 +621,7 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
         upstreams,
         routes: routes.table,
         route_specs: routes.specs,
+        security,
     })
 }
 

@@ -189,11 +189,27 @@ impl Limiter {
     /// each call: a reload takes effect on the next message, buckets kept), and takes its
     /// tokens when it is allowed.
     pub fn check(&mut self, policy: &LimitsPolicy, now: Instant, key: &str, len: usize) -> Verdict {
+        self.check_many(policy, now, key, 1, len, len)
+    }
+
+    /// As [`Self::check`] for `count` messages at once (an HTTP batch) of `bytes` in all, the
+    /// largest `largest` bytes: all are taken or none.
+    pub fn check_many(
+        &mut self,
+        policy: &LimitsPolicy,
+        now: Instant,
+        key: &str,
+        count: usize,
+        bytes: usize,
+        largest: usize,
+    ) -> Verdict {
         let limits = *policy.limits_of(key);
-        #[allow(clippy::cast_precision_loss)] // Payload sizes are far below 2^52.
-        let len_f = len as f64;
+        #[allow(clippy::cast_precision_loss)] // Counts and sizes are far below 2^52.
+        let (len_f, count_f) = (bytes as f64, count as f64);
+        let len = largest;
         if limits.max_message_size.is_some_and(|max| len > max)
             || (limits.bytes.is_limited() && len_f > limits.bytes.burst)
+            || (limits.messages.is_limited() && count_f > limits.messages.burst)
         {
             return Verdict::TooLarge;
         }
@@ -232,7 +248,7 @@ impl Limiter {
         let mut wait = Duration::ZERO;
         if limits.messages.is_limited() {
             entry.messages.refill(limits.messages, now);
-            wait = wait.max(entry.messages.wait(limits.messages, 1.0));
+            wait = wait.max(entry.messages.wait(limits.messages, count_f));
         }
         if limits.bytes.is_limited() {
             entry.bytes.refill(limits.bytes, now);
@@ -244,7 +260,7 @@ impl Limiter {
             };
         }
         if limits.messages.is_limited() {
-            entry.messages.tokens -= 1.0;
+            entry.messages.tokens -= count_f;
         }
         if limits.bytes.is_limited() {
             entry.bytes.tokens -= len_f;
