@@ -119,14 +119,14 @@ use super::block::{Block1Verdict, Block2Cache, Limits, Reassembly, block2_slice}
 use super::link;
 use super::msg::{self, Block, Code, Message, MessageType, Response, Token};
 use super::resource::{self, Action, Refusal};
+use crate::identity::{Identity, IdentitySource};
 use crate::ingress::{DatagramCore, DownlinkOutcome, Event, Peer, PeerAddr, PublishOutcome};
 use crate::mqttsn::core::QueueFull;
-use crate::identity::{Identity, IdentitySource};
-use crate::security::{self, Denial, Limiter, Policy, Requester};
 use crate::observe::model::{
     ClientInfo, ClientQuery, ClientsPage, DownlinkDropReason, IngressCounters, IngressReport,
     RefusalReason, SessionCounts, SessionState, SubscriptionInfo,
 };
+use crate::security::{self, Denial, Limiter, Policy, Requester};
 
 /// The protocol's label in the admin listener's reports and metrics.
 pub const PROTOCOL: &str = "coap";
@@ -815,12 +815,12 @@ impl Core {
         if proven.is_none() && self.config.require_identity {
             return Err(self.denied(Denial::IdentityRequired, None));
         }
-        if policy.acl.is_none() && !(policy.limits_active() && matches!(check, Check::Rate { .. })) {
+        if policy.acl.is_none() && !(policy.limits_active() && matches!(check, Check::Rate { .. }))
+        {
             return Ok(());
         }
-        let identity = proven.or_else(|| {
-            query_id.map(|id| Arc::new(Identity::new(id, IdentitySource::CoapQuery)))
-        });
+        let identity = proven
+            .or_else(|| query_id.map(|id| Arc::new(Identity::new(id, IdentitySource::CoapQuery))));
         let name = identity.as_ref().map(|i| Arc::clone(&i.name));
         let who = Requester::new(identity.as_deref(), name.as_deref());
         match check {
@@ -836,8 +836,8 @@ impl Core {
                     security::Verdict::Allowed => Ok(()),
                     security::Verdict::TooLarge => Err(self.denied(Denial::TooLarge, None)),
                     security::Verdict::RateLimited { retry_after } => {
-                        let secs = retry_after.as_secs()
-                            + u64::from(retry_after.subsec_nanos() > 0);
+                        let secs =
+                            retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
                         let max_age = u32::try_from(secs.max(1)).unwrap_or(u32::MAX);
                         Err(self.denied(Denial::RateLimited, Some(max_age)))
                     }

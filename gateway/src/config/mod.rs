@@ -55,8 +55,8 @@ pub use mqttsn::MqttSnSection;
 use mqttsn::{RawMqttSn, RawPredefined};
 use route::RawRoute;
 pub use route::{MAX_REWRITE_BYTES, MAX_ROUTES, PLACEHOLDERS};
-use security::{RawAcl, RawLimitOverride, RawLimits};
 pub use security::{MAX_ACL_RULES, MAX_LIMIT_OVERRIDES, MAX_PATTERNS_PER_RULE};
+use security::{RawAcl, RawLimitOverride, RawLimits};
 use serial::RawSerial;
 pub use serial::{FlowControl, MAX_SERIAL_LINES, Parity, SerialLine};
 use spool::RawSpool;
@@ -335,6 +335,31 @@ impl Config {
                     bounds.join(" and ")
                 ));
             }
+        }
+        match &self.security.acl {
+            Some(acl) => s.push_str(&format!(
+                "acl: {} rule(s), what none allows is refused\n",
+                acl.rules().len()
+            )),
+            None => s.push_str("acl: none, every topic allowed\n"),
+        }
+        let limits = &self.security.limits;
+        if limits.is_active() {
+            let d = &limits.default;
+            s.push_str(&format!(
+                "limits per identity: {} msg/s (burst {}), {} B/s (burst {}), messages up to {}, \
+                 {} override(s), {} identities tracked per ingress\n",
+                d.messages.per_second,
+                d.messages.burst,
+                d.bytes.per_second,
+                d.bytes.burst,
+                d.max_message_size.map_or_else(
+                    || "the protocols' limits".to_owned(),
+                    |m| units::format_size(m as u64)
+                ),
+                limits.per_identity.len(),
+                limits.max_identities,
+            ));
         }
         if self.route_specs.is_empty() {
             s.push_str("routes: none, every message goes to every upstream unchanged\n");

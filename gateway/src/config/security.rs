@@ -10,9 +10,9 @@ use serde::Deserialize;
 use super::check::size_in;
 use super::diag::{KeyPath, Reporter};
 use super::{Number, SizeText};
+use crate::security::Policy;
 use crate::security::acl::{Acl, Pattern, Rule};
 use crate::security::limit::{DEFAULT_MAX_IDENTITIES, Limits, LimitsPolicy, Rate};
-use crate::security::Policy;
 
 /// Most `[[acl]]` entries.
 pub const MAX_ACL_RULES: usize = 10_000;
@@ -178,8 +178,7 @@ fn compile_limits(raw: &RawLimits, r: &mut Reporter<'_>) -> Option<LimitsPolicy>
     let max_identities = match raw.max_identities {
         None => DEFAULT_MAX_IDENTITIES,
         Some(n) => {
-            match super::check::int_in::<usize>(r, &at.key("max_identities"), n, 1, 10_000_000)
-            {
+            match super::check::int_in::<usize>(r, &at.key("max_identities"), n, 1, 10_000_000) {
                 Some(n) => n,
                 None => {
                     ok = false;
@@ -205,11 +204,7 @@ fn compile_limits(raw: &RawLimits, r: &mut Reporter<'_>) -> Option<LimitsPolicy>
     for (i, o) in raw.identity.iter().enumerate() {
         let at = at.key("identity").index(i);
         let Some(name) = o.identity.as_deref().filter(|n| !n.is_empty()) else {
-            r.at_path(
-                &at,
-                "[[limits.identity]] needs an `identity`".into(),
-                None,
-            );
+            r.at_path(&at, "[[limits.identity]] needs an `identity`".into(), None);
             ok = false;
             continue;
         };
@@ -290,7 +285,11 @@ fn compile_values(
         // The default burst: one second's worth (at least 1).
         let burst = burst
             .filter(|b| *b > 0.0)
-            .unwrap_or(if per.is_some() { per_second } else { base.burst })
+            .unwrap_or(if per.is_some() {
+                per_second
+            } else {
+                base.burst
+            })
             .max(1.0);
         Rate { per_second, burst }
     };

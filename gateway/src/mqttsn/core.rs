@@ -208,14 +208,14 @@ use super::persist::{
     self, RecordError, RecordMessage, RecordState, RecordSubscription, RecordTopic, RecordWill,
     SessionRecord,
 };
-use crate::ingress::DatagramCore;
 use crate::identity::{Identity, IdentitySource};
-use crate::security::{self, Denial, Limiter, Policy, Requester};
+use crate::ingress::DatagramCore;
 pub use crate::ingress::{DownlinkOutcome, Event, Peer, PeerAddr, PersistChange, PublishOutcome};
 use crate::observe::model::{
     ClientInfo, ClientQuery, ClientsPage, DownlinkDropReason, IngressCounters, IngressReport,
     RefusalReason, SessionCounts, SessionState, SubscriptionInfo,
 };
+use crate::security::{self, Denial, Limiter, Policy, Requester};
 
 /// The protocol label of this core's sessions and counters in the admin listener's reports.
 pub const PROTOCOL: &str = "mqtt-sn";
@@ -2450,9 +2450,10 @@ impl Core {
         // A Will is a publish on the client's behalf: the ACL applies to its topic.
         let will_allowed = will.is_none()
             || self.session(sref).is_none_or(|s| {
-                self.config
-                    .security
-                    .may_publish(&Requester::new(Some(&s.identity), Some(&s.client_id)), topic)
+                self.config.security.may_publish(
+                    &Requester::new(Some(&s.identity), Some(&s.client_id)),
+                    topic,
+                )
             });
         let Some(s) = self.session_mut(sref) else {
             return;
@@ -2520,9 +2521,10 @@ impl Core {
     ) -> ReturnCode {
         let allowed = will.is_none()
             || self.session(sref).is_none_or(|s| {
-                self.config
-                    .security
-                    .may_publish(&Requester::new(Some(&s.identity), Some(&s.client_id)), topic)
+                self.config.security.may_publish(
+                    &Requester::new(Some(&s.identity), Some(&s.client_id)),
+                    topic,
+                )
             });
         if !allowed && is_valid_name(topic) {
             self.security_counters.count(Denial::AclPublish);
@@ -2564,8 +2566,7 @@ impl Core {
                         .is_some_and(|s| s.peer.as_ref() != Some(&peer));
                     // A session of a proven identity moves only to a peer proving the same.
                     let foreign = self.session(sref).is_some_and(|s| {
-                        s.identity.is_proven()
-                            && peer.identity.as_deref() != Some(&*s.identity)
+                        s.identity.is_proven() && peer.identity.as_deref() != Some(&*s.identity)
                     });
                     if foreign {
                         self.security_counters.count(Denial::ClientIdMismatch);
@@ -2908,7 +2909,14 @@ impl Core {
         self.transmits.push_back((peer, reply));
     }
 
-    fn handle_publish_m1(&mut self, now: Instant, peer: Peer, topic: TopicRef, data: &[u8], retain: bool) {
+    fn handle_publish_m1(
+        &mut self,
+        now: Instant,
+        peer: Peer,
+        topic: TopicRef,
+        data: &[u8],
+        retain: bool,
+    ) {
         if !self.config.qos_minus_one {
             self.stats.qos_m1_dropped += 1;
             self.stats.refuse(RefusalReason::NotAllowed);
@@ -2939,7 +2947,10 @@ impl Core {
         // The sender's session identity, else what its transport proved, else nothing (then
         // the rate is the address's).
         let (identity, client_id) = match sender.and_then(|sref| self.session(sref)) {
-            Some(s) => (Some(Arc::clone(&s.identity)), Some(Arc::clone(&s.client_id))),
+            Some(s) => (
+                Some(Arc::clone(&s.identity)),
+                Some(Arc::clone(&s.client_id)),
+            ),
             None => (peer.identity.clone(), None),
         };
         let rate_key = match &identity {
@@ -3135,9 +3146,10 @@ impl Core {
             return;
         };
         let allowed = self.session(sref).is_none_or(|s| {
-            self.config
-                .security
-                .may_subscribe(&Requester::new(Some(&s.identity), Some(&s.client_id)), &filter)
+            self.config.security.may_subscribe(
+                &Requester::new(Some(&s.identity), Some(&s.client_id)),
+                &filter,
+            )
         });
         if !allowed {
             self.security_counters.count(Denial::AclSubscribe);
