@@ -275,6 +275,11 @@ mod tests {
 
     use super::*;
 
+    #[allow(clippy::disallowed_methods)] // The virtual clock starts at an arbitrary instant.
+    fn start() -> Instant {
+        Instant::now()
+    }
+
     fn policy(msgs: f64, burst: f64, bytes: f64, byte_burst: f64) -> LimitsPolicy {
         LimitsPolicy {
             default: Limits {
@@ -297,7 +302,7 @@ mod tests {
         let mut l = Limiter::new();
         let p = LimitsPolicy::default();
         assert!(!p.is_active());
-        let t = Instant::now();
+        let t = start();
         for _ in 0..1000 {
             assert_eq!(l.check(&p, t, "a", 1 << 20), Verdict::Allowed);
         }
@@ -308,7 +313,7 @@ mod tests {
     fn message_bucket_bursts_then_refills_at_its_rate() {
         let mut l = Limiter::new();
         let p = policy(2.0, 3.0, 0.0, 0.0);
-        let t0 = Instant::now();
+        let t0 = start();
         for _ in 0..3 {
             assert_eq!(l.check(&p, t0, "a", 10), Verdict::Allowed);
         }
@@ -340,7 +345,7 @@ mod tests {
     fn byte_bucket_takes_both_or_neither() {
         let mut l = Limiter::new();
         let p = policy(100.0, 100.0, 1000.0, 1000.0);
-        let t0 = Instant::now();
+        let t0 = start();
         assert_eq!(l.check(&p, t0, "a", 600), Verdict::Allowed);
         let Verdict::RateLimited { retry_after } = l.check(&p, t0, "a", 600) else {
             panic!("over the byte burst");
@@ -371,7 +376,7 @@ mod tests {
             },
         );
         assert!(p.is_active());
-        let t = Instant::now();
+        let t = start();
         assert_eq!(l.check(&p, t, "a", 100), Verdict::Allowed);
         assert_eq!(l.check(&p, t, "a", 101), Verdict::TooLarge);
         assert_eq!(l.check(&p, t, "big", 1000), Verdict::Allowed);
@@ -383,7 +388,7 @@ mod tests {
         let mut l = Limiter::new();
         let mut p = policy(1.0, 1.0, 0.0, 0.0);
         p.max_identities = 3;
-        let t = Instant::now();
+        let t = start();
         for k in ["a", "b", "c"] {
             assert_eq!(l.check(&p, t, k, 0), Verdict::Allowed);
         }
