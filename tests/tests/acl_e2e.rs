@@ -124,6 +124,17 @@ fn mqttsn_acl_refusals_are_rc_3_counted_and_a_reload_widens_it_for_the_same_sess
         .unwrap();
     await_event(&rig, "mqtt-sn", "acl_denied_publish", 3.0);
     await_event(&rig, "mqtt-sn", "acl_denied_subscribe", 1.0);
+    // The same counts per reason in /status.
+    let (_, body) = rig.gateway.admin_get("/status").unwrap();
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    let sn = doc["protocols"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["protocol"] == "mqtt-sn")
+        .unwrap();
+    assert_eq!(sn["security"]["acl_denied_publish"], 3, "{sn}");
+    assert_eq!(sn["security"]["acl_denied_subscribe"], 1, "{sn}");
 
     // Widen the ACL; the session is not reconnected.
     let path = rig.gateway.config_path();
@@ -173,7 +184,22 @@ fn coap_acl_refusals_are_4_03_from_libcoap_and_counted() {
         (m.topic.as_str(), m.payload.as_slice()),
         ("sensors/dev1/t", &b"yes"[..])
     );
-    // Observe outside the subscribe pattern.
+    // Observe within the subscribe pattern (for a second), and outside it.
+    let out = libcoap(&[
+        "-m",
+        "get",
+        "-s",
+        "1",
+        "-B",
+        "3",
+        &url("ps/cmd/dev1/%2B?id=dev1"),
+    ])
+    .unwrap();
+    assert_eq!(
+        libcoap_responses(&out).first().map(String::as_str),
+        Some("2.05"),
+        "{out}"
+    );
     let out = libcoap(&[
         "-m",
         "get",

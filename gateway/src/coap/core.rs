@@ -2197,12 +2197,43 @@ impl Core {
         targets.sort_by_key(|(oref, _)| obs_slot(&self.obs, *oref).map(|o| o.peer));
         let mut queued = 0;
         for &(oref, q) in &targets {
+            // An observation made under an earlier ACL gets only what the ACL in force allows.
+            if !self.obs_may_receive(oref, topic) {
+                self.security_counters.count(Denial::AclDeniedDelivery);
+                continue;
+            }
             if self.enqueue(now, oref, payload, q) {
                 queued += 1;
             }
         }
         self.scratch = targets;
         queued
+    }
+
+    /// Whether observation `oref` may be notified of `topic` under the ACL in force: its
+    /// peer's DTLS identity, else the peer's last `id` query as a claimed one.
+    fn obs_may_receive(&self, oref: ObsRef, topic: &str) -> bool {
+        if self.config.security.acl.is_none() {
+            return true;
+        }
+        let Some(peer) = obs_slot(&self.obs, oref).and_then(|o| slot(&self.slots, o.peer)) else {
+            return true;
+        };
+        let claimed;
+        let identity = match &peer.peer.identity {
+            Some(id) => Some(&**id),
+            None => {
+                claimed = peer
+                    .client_id
+                    .as_ref()
+                    .map(|id| Identity::new(Arc::clone(id), IdentitySource::CoapQuery));
+                claimed.as_ref()
+            }
+        };
+        let name = identity.map(|i| &*i.name);
+        self.config
+            .security
+            .may_receive(&Requester::new(identity, name), topic)
     }
 
     /// Queues one notification for `oref` and sends what its window allows.

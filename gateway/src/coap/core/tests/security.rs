@@ -59,18 +59,10 @@ fn the_acl_answers_4_03_to_publish_get_and_observe() {
     assert!(h.events().is_empty());
     assert_eq!(h.one(1).code, Code::FORBIDDEN);
     // Observe within the pattern, and outside it.
-    let _ = h.observe(1, 6, b"o1", "/ps/cmd/dev1/%2B?id=dev1");
+    let _ = h.observe(1, 6, b"o1", "/ps/cmd/dev1/+?id=dev1");
     h.send(
         1,
-        &request(
-            CON,
-            GET,
-            7,
-            b"o2",
-            "/ps/cmd/%23?id=dev1",
-            &[(6, vec![])],
-            b"",
-        ),
+        &request(CON, GET, 7, b"o2", "/ps/cmd/#?id=dev1", &[(6, vec![])], b""),
     );
     assert!(h.events().is_empty());
     assert_eq!(h.one(1).code, Code::FORBIDDEN);
@@ -172,4 +164,20 @@ fn require_identity_answers_4_01_to_plain_peers() {
     );
     assert_eq!(h.events().len(), 1);
     assert_eq!(h.core.security_counters().get(Denial::IdentityRequired), 1);
+}
+
+#[test]
+fn a_narrowed_acl_stops_notifications_of_existing_observations() {
+    let mut h = Harness::new(test_config());
+    let _ = h.observe(1, 1, b"o1", "/ps/cmd/#?id=dev1");
+    assert_eq!(h.downlink("cmd/dev2/x", b"before", Qos::AtMostOnce), 1);
+    let _ = h.out();
+    let notes = h.core.reconfigure(h.now, policy_config(acl()));
+    let _ = notes;
+    // Still observing; only what the new ACL allows is notified.
+    assert_eq!(h.downlink("cmd/dev2/x", b"no", Qos::AtMostOnce), 0);
+    assert!(h.out().is_empty());
+    assert_eq!(h.downlink("cmd/dev1/x", b"yes", Qos::AtMostOnce), 1);
+    assert_eq!(h.one(1).payload, b"yes");
+    assert_eq!(h.core.security_counters().get(Denial::AclDeniedDelivery), 1);
 }
