@@ -93,6 +93,17 @@
 //!   `block_lifetime` from the next entry or idle check, `notification_check_interval` from
 //!   the next notification, `observer_ping_interval` from the next ping (turned on from zero:
 //!   armed at once for the peers with observations).
+//! - `security` (`[[acl]]`, `[limits]`) and `require_identity`: from the next request;
+//!   observations made under the old ACL stay and are notified only of what the peer may
+//!   receive now (dropped and counted otherwise). The rate buckets are kept.
+//!
+//! # Authorisation
+//!
+//! A request's identity is its peer's DTLS identity, else its `id` query claimed (the
+//! `{client_id}` of a pattern is the identity's name). Without a proven identity where
+//! `require_identity` asks for one: 4.01. The ACL: 4.03 for PUT/POST (checked on every Block1
+//! block), GET and Observe (the subscribe rule: a read receives what the topic receives). The
+//! limits once a body is complete: 4.29 with Max-Age over the rate, 4.13 too large.
 //!
 //! # Invariants
 //!

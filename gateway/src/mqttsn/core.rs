@@ -83,6 +83,18 @@
 //!   next ends; the Will handshake's deadline (`retry_interval * (max_retries + 1)` after the
 //!   CONNECT) follows at once. `advertise_interval`: the next ADVERTISE is due at the earlier
 //!   of the old schedule and now plus the new interval.
+//! - `security` (`[[acl]]`, `[limits]`) and `require_identity`: from the next packet. Sessions,
+//!   registrations and subscriptions made under the old policy stay; a PUBLISH is checked
+//!   under the new one, and a downlink message is delivered only if the session may receive its
+//!   topic now (dropped and counted otherwise). The rate buckets are kept.
+//!
+//! # Authorisation
+//!
+//! Each session carries its identity: the one its transport proved (`Peer::identity`), else its
+//! ClientId claimed. The ACL is checked on REGISTER (REGACK rc 0x03), PUBLISH at every QoS
+//! (PUBACK rc 0x03; QoS 0/-1 dropped, counted), SUBSCRIBE (SUBACK rc 0x03), the Will topic
+//! (CONNACK / WILLTOPICRESP rc 0x03) and at delivery; the limits on PUBLISH (rc 0x01 over the
+//! rate, rc 0x03 too large). Refusals are counted in [`Core::security_counters`].
 //!
 //! # Client states (spec 6.14)
 //!
@@ -105,7 +117,10 @@
 //!   empty ClientId is refused rather than assigned one (as MQTT 3.1.1 would): v1.2 allows
 //!   1-23 characters, and its CONNACK cannot tell the client an assigned id, without which a
 //!   sleeping client cannot wake (PINGREQ carries the ClientId) nor a session be resumed;
-//! - rc 0x01 (congestion) when `max_clients` sessions exist and the ClientId has none.
+//! - rc 0x01 (congestion) when `max_clients` sessions exist and the ClientId has none;
+//! - rc 0x03 when the peer's proven identity may not use the ClientId
+//!   ([`Identity::allows_client_id`]), when `require_identity` is set and the peer proved none,
+//!   or when a session of the ClientId is held by a proven identity other than the peer's.
 //!
 //! # Packets by session state
 //!
