@@ -687,13 +687,22 @@ fn subscribe_inner(app: &App, ctx: &mut Ctx, request: &Request) -> Result<Respon
         .unwrap_or_else(|| Arc::clone(&identity.id));
     let ingress = &app.ingress;
     let ready = encode_ready(&filters.filters);
-    let registered = ingress.hub().register(
-        now(),
-        &device,
-        filters.filters,
-        filters.base64,
-        &Subs(&ingress.handle),
-    );
+    let registered = {
+        let mut hub = ingress.hub();
+        let registered = hub.register(
+            now(),
+            &device,
+            filters.filters,
+            filters.base64,
+            &Subs(&ingress.handle),
+        );
+        if let Ok((id, _)) = &registered {
+            // Checked at each delivery, so a narrowed ACL (a reload) applies to open streams.
+            let client_id = (!identity.anonymous).then(|| Arc::clone(&identity.id));
+            hub.set_stream_identity(*id, security_identity(ctx, &identity), client_id);
+        }
+        registered
+    };
     let (id, queue) = registered.map_err(|e| match e {
         HubRefused::TooManyStreams => Refusal::TooManyStreams { device: false },
         HubRefused::TooManyForDevice => Refusal::TooManyStreams { device: true },

@@ -119,6 +119,16 @@ impl Counters {
         }
     }
 
+    /// Counts `n` refusals.
+    pub fn add(&self, denial: Denial, n: u64) {
+        if n == 0 {
+            return;
+        }
+        if let Some(c) = self.counts.get(denial as usize) {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
     /// The count of `denial`.
     #[must_use]
     pub fn get(&self, denial: Denial) -> u64 {
