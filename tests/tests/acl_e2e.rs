@@ -10,10 +10,13 @@ use std::time::Duration;
 
 use sensorgate_tests::coap::{libcoap, libcoap_responses};
 use sensorgate_tests::http::{
-    Device, HttpRig, HttpSetup, TOKEN1, bearer, curl, expect_status, metric,
+    CurlSse, Device, HttpRig, HttpSetup, TOKEN1, await_sse_live, bearer, curl, expect_status,
+    metric,
 };
 use sensorgate_tests::sn::{self, Qos, TopicType};
-use sensorgate_tests::{Rig, SnClient, poll_until, send_signal};
+use sensorgate_tests::{
+    PROBE_PREFIX, Rig, SnClient, UpMsg, poll_until, publish_upstream, send_signal,
+};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -255,4 +258,50 @@ fn http_acl_applies_on_top_of_the_device_grants_with_403() {
     expect_status(&r, 403, Some("forbidden_filter")).unwrap();
     await_event(&rig.rig, "http", "acl_denied_publish", 1.0);
     await_event(&rig.rig, "http", "acl_denied_subscribe", 1.0);
+}
+
+#[test]
+fn http_sse_streams_follow_an_acl_narrowed_by_a_reload() {
+    let http = HttpSetup::new()
+        .unwrap()
+        .devices(vec![Device::new("dev1", TOKEN1).subscribe(&["cmd"])]);
+    let rig = HttpRig::start_with(&http, |c| {
+        c.extra_sections
+            .push_str("\n[[acl]]\nsubscribe = [\"cmd/#\"]\n");
+        Ok(())
+    })
+    .unwrap();
+    let port = rig.rig.broker.port();
+    let mut s = CurlSse::start(
+        &rig.url("/v1/subscribe?filter=cmd/%23"),
+        &["-H", &bearer(TOKEN1)],
+    )
+    .unwrap();
+    s.ready().unwrap();
+    await_sse_live(&mut s, port, "cmd/dev1/probe").unwrap();
+
+    let path = rig.rig.gateway.config_path();
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace(
+            "subscribe = [\"cmd/#\"]",
+            "subscribe = [\"cmd/{identity}/#\"]",
+        ),
+    )
+    .unwrap();
+    let r = reload(&rig.rig, 1);
+    assert_eq!(r["outcome"], "applied", "{r}");
+    // The open stream (not reopened) gets only what dev1 may receive now, in order.
+    publish_upstream(
+        port,
+        &[
+            UpMsg::new("cmd/dev2/x", "no", 1),
+            UpMsg::new("cmd/dev1/x", "yes", 1),
+        ],
+    )
+    .unwrap();
+    let ev = s.message(WAIT, PROBE_PREFIX).unwrap();
+    assert_eq!(ev.topic().as_deref(), Some("cmd/dev1/x"), "{ev:?}");
+    await_event(&rig.rig, "http", "acl_denied_delivery", 1.0);
 }
