@@ -346,13 +346,18 @@ impl Config {
         let limits = &self.security.limits;
         if limits.is_active() {
             let d = &limits.default;
+            let rate = |r: &crate::security::Rate, unit: &str| {
+                if r.is_limited() {
+                    format!("{} {unit}/s (burst {})", r.per_second, r.burst)
+                } else {
+                    format!("{unit}/s unlimited")
+                }
+            };
             s.push_str(&format!(
-                "limits per identity: {} msg/s (burst {}), {} B/s (burst {}), messages up to {}, \
-                 {} override(s), {} identities tracked per ingress\n",
-                d.messages.per_second,
-                d.messages.burst,
-                d.bytes.per_second,
-                d.bytes.burst,
+                "limits per identity: {}, {}, messages up to {}, {} override(s), {} identities \
+                 tracked per ingress\n",
+                rate(&d.messages, "msg"),
+                rate(&d.bytes, "B"),
                 d.max_message_size.map_or_else(
                     || "the protocols' limits".to_owned(),
                     |m| units::format_size(m as u64)
