@@ -1318,6 +1318,11 @@ impl Core {
         }
     }
 
+    /// Whether any ACL or limit is configured (otherwise no publish is checked).
+    fn policy_active(&self) -> bool {
+        self.config.security.acl.is_some() || self.config.security.limits_active()
+    }
+
     /// The PUBACK rc of a refused publish: 0x01 (congestion) over the rate, else 0x03.
     fn denial_rc(denial: Denial) -> ReturnCode {
         match denial {
@@ -2819,13 +2824,15 @@ impl Core {
         let Some(resolved) = self.resolve_topic(sref, topic) else {
             return self.reject_publish(peer, topic, msg_id, ReturnCode::InvalidTopicId);
         };
-        // A retransmission of a publish being answered is not checked (nor charged) again.
-        let repeat = qos != QoS::AtMostOnce
-            && self.session(sref).is_some_and(|s| {
-                s.inflight_up.iter().any(|&(m, _)| m == msg_id)
-                    || (qos == QoS::ExactlyOnce && s.qos2_received.contains(&msg_id))
-            });
-        if !repeat {
+        // Nothing to check without a policy; a retransmission of a publish being answered is
+        // not checked (nor charged) again.
+        let unchecked = !self.policy_active()
+            || qos != QoS::AtMostOnce
+                && self.session(sref).is_some_and(|s| {
+                    s.inflight_up.iter().any(|&(m, _)| m == msg_id)
+                        || (qos == QoS::ExactlyOnce && s.qos2_received.contains(&msg_id))
+                });
+        if !unchecked {
             if let Some((identity, client_id)) = self
                 .session(sref)
                 .map(|s| (Arc::clone(&s.identity), Arc::clone(&s.client_id)))
@@ -2960,32 +2967,32 @@ impl Core {
             return;
         };
         // The sender's session identity, else what its transport proved, else nothing (then
-        // the rate is the address's).
-        let (identity, client_id) = match sender.and_then(|sref| self.session(sref)) {
-            Some(s) => (
-                Some(Arc::clone(&s.identity)),
-                Some(Arc::clone(&s.client_id)),
-            ),
-            None => (peer.identity.clone(), None),
-        };
-        let rate_key = match &identity {
-            Some(id) => Arc::clone(&id.name),
-            None => Arc::from(format!("peer:{peer}")),
-        };
-        if self
-            .authorize_publish(
+        // the rate is the address's). Nothing is built when no policy is configured.
+        if self.policy_active() {
+            let (identity, client_id) = match sender.and_then(|sref| self.session(sref)) {
+                Some(s) => (
+                    Some(Arc::clone(&s.identity)),
+                    Some(Arc::clone(&s.client_id)),
+                ),
+                None => (peer.identity.clone(), None),
+            };
+            let rate_key: Arc<str> = match &identity {
+                Some(id) => Arc::clone(&id.name),
+                None => Arc::from(format!("peer:{peer}")),
+            };
+            let checked = self.authorize_publish(
                 now,
                 identity.as_deref(),
                 client_id.as_deref(),
                 &rate_key,
                 &resolved,
                 data.len(),
-            )
-            .is_err()
-        {
-            self.stats.qos_m1_dropped += 1;
-            self.stats.refuse(RefusalReason::NotAllowed);
-            return;
+            );
+            if checked.is_err() {
+                self.stats.qos_m1_dropped += 1;
+                self.stats.refuse(RefusalReason::NotAllowed);
+                return;
+            }
         }
         if let Some(n) = self.stats.publishes.first_mut() {
             *n += 1;
