@@ -534,6 +534,7 @@ async fn serve(
     ));
 
     let mut core = Core::new(config.mqttsn.core.clone());
+    let sn_security = core.security_counters();
     let (store, store_thread) = match restore_sessions(&config, &mut core) {
         Ok(store) => store,
         Err(e) => {
@@ -611,7 +612,7 @@ async fn serve(
         beat: sn_beat,
         udp: Some(Arc::clone(&udp_stats)),
         kernel_drops: Some(Arc::clone(&kernel_drops)),
-        extra: sn_dtls_stats.map(dtls_extra),
+        extra: Some(datagram_extra(sn_security, sn_dtls_stats)),
     }];
     let mut coap_reconfigure = None;
     let coap_task = coap.map(|coap| {
@@ -965,9 +966,18 @@ fn transport_of(index: usize, first_dtls: Option<u16>) -> &'static str {
     }
 }
 
-/// The DTLS layer's counters as an ingress's extra counters.
-fn dtls_extra(stats: Arc<dtls::DtlsStats>) -> KindCounters {
-    Arc::new(move || stats.events())
+/// A datagram ingress's extra counters: its security refusals, and its DTLS layer's when it has one.
+fn datagram_extra(
+    security: Arc<crate::security::Counters>,
+    dtls: Option<Arc<dtls::DtlsStats>>,
+) -> KindCounters {
+    Arc::new(move || {
+        let mut events = security.events();
+        if let Some(dtls) = &dtls {
+            events.extend(dtls.events());
+        }
+        events
+    })
 }
 
 /// A datagram core's reload: its own settings and the DTLS settings, each when changed.
@@ -1035,9 +1045,11 @@ fn start_coap(
     let (query_tx, query_rx) = mpsc::channel(QUERY_CHANNEL);
     let beat = Arc::new(Beat::new());
     let (reconfigure, reconfigure_rx) = mpsc::channel(1);
+    let coap_core = coap::core::Core::new(section.core.clone(), core_seed());
+    let coap_security = coap_core.security_counters();
     #[allow(clippy::disallowed_methods)] // Wiring: the layer's cookie secrets start now.
     let core = Dtls::new(
-        coap::core::Core::new(section.core.clone(), core_seed()),
+        coap_core,
         first,
         Arc::clone(dtls_settings),
         std::time::Instant::now(),
@@ -1074,7 +1086,7 @@ fn start_coap(
             beat,
             udp: Some(Arc::clone(&counters.stats)),
             kernel_drops: Some(Arc::clone(&counters.kernel_drops)),
-            extra: dtls_stats.map(dtls_extra),
+            extra: Some(datagram_extra(coap_security, dtls_stats)),
         },
         listeners,
         counters,

@@ -23,4 +23,5 @@ pub mod mqttsn;
 pub mod observe;
 pub mod preflight;
 pub mod reload;
+pub mod security;
 pub mod serial;

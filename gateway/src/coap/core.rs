@@ -93,6 +93,17 @@
 //!   `block_lifetime` from the next entry or idle check, `notification_check_interval` from
 //!   the next notification, `observer_ping_interval` from the next ping (turned on from zero:
 //!   armed at once for the peers with observations).
+//! - `security` (`[[acl]]`, `[limits]`) and `require_identity`: from the next request;
+//!   observations made under the old ACL stay and are notified only of what the peer may
+//!   receive now (dropped and counted otherwise). The rate buckets are kept.
+//!
+//! # Authorisation
+//!
+//! A request's identity is its peer's DTLS identity, else its `id` query claimed (the
+//! `{client_id}` of a pattern is the identity's name). Without a proven identity where
+//! `require_identity` asks for one: 4.01. The ACL: 4.03 for PUT/POST (checked on every Block1
+//! block), GET and Observe (the subscribe rule: a read receives what the topic receives). The
+//! limits once a body is complete: 4.29 with Max-Age over the rate, 4.13 too large.
 //!
 //! # Invariants
 //!
@@ -119,15 +130,37 @@ use super::block::{Block1Verdict, Block2Cache, Limits, Reassembly, block2_slice}
 use super::link;
 use super::msg::{self, Block, Code, Message, MessageType, Response, Token};
 use super::resource::{self, Action, Refusal};
+use crate::identity::{Identity, IdentitySource};
 use crate::ingress::{DatagramCore, DownlinkOutcome, Event, Peer, PeerAddr, PublishOutcome};
 use crate::mqttsn::core::QueueFull;
 use crate::observe::model::{
     ClientInfo, ClientQuery, ClientsPage, DownlinkDropReason, IngressCounters, IngressReport,
     RefusalReason, SessionCounts, SessionState, SubscriptionInfo,
 };
+use crate::security::{self, Denial, Limiter, Policy, Requester};
 
 /// The protocol's label in the admin listener's reports and metrics.
 pub const PROTOCOL: &str = "coap";
+
+/// What [`Core::authorize`] checks.
+#[derive(Debug, Clone, Copy)]
+enum Check<'a> {
+    /// A publish to `topic` (identity and ACL).
+    Publish { topic: &'a str },
+    /// The rate and size of a publish of `len` bytes (identity and limits).
+    Rate { len: usize },
+    /// A read or an observation of `filter` (identity and ACL).
+    Subscribe { filter: &'a str },
+}
+
+/// A request refused by [`Core::authorize`], with its answer.
+#[derive(Debug, Clone, Copy)]
+struct Denied {
+    code: Code,
+    diagnostic: &'static str,
+    max_age: Option<u32>,
+    denial: Denial,
+}
 
 /// Settings of the core, compiled from `[coap]` (each field is the key of the same name;
 /// the defaults are RFC 7252's where the RFC names the parameter).
@@ -190,6 +223,11 @@ pub struct CoreConfig {
     pub max_retained: usize,
     /// Longest `id` query (the device identity).
     pub max_client_id_len: usize,
+    /// `true`: a request from a peer without a proven (DTLS) identity gets 4.01 Unauthorized;
+    /// `false`: its `id` / `clientid` query is its claimed identity.
+    pub require_identity: bool,
+    /// ACLs and limits (`[[acl]]`, `[limits]`); the default allows everything.
+    pub security: Arc<Policy>,
 }
 
 impl Default for CoreConfig {
@@ -223,6 +261,8 @@ impl Default for CoreConfig {
             max_block2_bodies: 1024,
             max_retained: 10_000,
             max_client_id_len: 64,
+            require_identity: false,
+            security: Arc::default(),
         }
     }
 }
@@ -703,6 +743,10 @@ pub struct Core {
     /// `max_filters` at construction: the router's filter table was sized with it (see
     /// [`Core::reconfigure`]).
     started_max_filters: usize,
+    /// Rate buckets of the identities that published recently (`[limits]`).
+    limiter: Limiter,
+    /// Refusals by the ACLs, the limits and the identity checks (shared with the admin).
+    security_counters: Arc<security::Counters>,
 }
 
 impl Core {
@@ -751,7 +795,112 @@ impl Core {
             events: VecDeque::new(),
             stats: Stats::default(),
             scratch: Vec::new(),
+            limiter: Limiter::new(),
+            security_counters: Arc::default(),
         }
+    }
+
+    /// The counters of refusals by ACL, limit and identity checks, for the admin listener
+    /// (`sensorgate_ingress_events_total`).
+    #[must_use]
+    pub fn security_counters(&self) -> Arc<security::Counters> {
+        Arc::clone(&self.security_counters)
+    }
+
+    /// Checks a request of peer `pref` against the identity requirement, the ACL and (for a
+    /// publish of `len` bytes) the limits. The identity is the one DTLS proved, else the
+    /// request's `id` query as a claimed one (`{client_id}` stands for the identity's name
+    /// too); without either, the rate is the address's. `Err` carries the answer.
+    fn authorize(
+        &mut self,
+        now: Instant,
+        pref: PeerRef,
+        query_id: Option<&str>,
+        check: Check<'_>,
+    ) -> Result<(), Denied> {
+        let off = self.config.security.acl.is_none() && !self.config.security.limits_active();
+        if off && !self.config.require_identity {
+            return Ok(());
+        }
+        let Some(peer) = slot(&self.slots, pref) else {
+            return Ok(());
+        };
+        let policy = Arc::clone(&self.config.security);
+        let proven = peer.peer.identity.clone();
+        if proven.is_none() && self.config.require_identity {
+            return Err(self.denied(Denial::IdentityRequired, None));
+        }
+        if policy.acl.is_none() && !(policy.limits_active() && matches!(check, Check::Rate { .. }))
+        {
+            return Ok(());
+        }
+        let identity = proven
+            .or_else(|| query_id.map(|id| Arc::new(Identity::new(id, IdentitySource::CoapQuery))));
+        let name = identity.as_ref().map(|i| Arc::clone(&i.name));
+        let who = Requester::new(identity.as_deref(), name.as_deref());
+        match check {
+            Check::Publish { topic } if !policy.may_publish(&who, topic) => {
+                Err(self.denied(Denial::AclPublish, None))
+            }
+            Check::Subscribe { filter } if !policy.may_subscribe(&who, filter) => {
+                Err(self.denied(Denial::AclSubscribe, None))
+            }
+            Check::Rate { len } => {
+                let key = name.unwrap_or_else(|| Arc::clone(&peer.origin_peer));
+                match self.limiter.check(&policy.limits, now, &key, len) {
+                    security::Verdict::Allowed => Ok(()),
+                    security::Verdict::TooLarge => Err(self.denied(Denial::TooLarge, None)),
+                    security::Verdict::RateLimited { retry_after } => {
+                        let secs =
+                            retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                        let max_age = u32::try_from(secs.max(1)).unwrap_or(u32::MAX);
+                        Err(self.denied(Denial::RateLimited, Some(max_age)))
+                    }
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts `denial` and makes its answer.
+    fn denied(&mut self, denial: Denial, max_age: Option<u32>) -> Denied {
+        self.security_counters.count(denial);
+        let (code, diagnostic, reason) = match denial {
+            Denial::IdentityRequired => (
+                Code::UNAUTHORIZED,
+                "identity required",
+                RefusalReason::NotAllowed,
+            ),
+            Denial::RateLimited => (
+                Code::TOO_MANY_REQUESTS,
+                "rate limited",
+                RefusalReason::Congestion,
+            ),
+            Denial::TooLarge => (
+                Code::REQUEST_ENTITY_TOO_LARGE,
+                "too large",
+                RefusalReason::TooLarge,
+            ),
+            _ => (Code::FORBIDDEN, "forbidden", RefusalReason::NotAllowed),
+        };
+        self.stats.refuse(reason);
+        Denied {
+            code,
+            diagnostic,
+            max_age,
+            denial,
+        }
+    }
+
+    /// Answers a request the policy refused.
+    fn refuse_denied(&mut self, now: Instant, pref: PeerRef, request: &Message, denied: Denied) {
+        tracing::debug!(code = %denied.code, reason = denied.denial.as_str(), "CoAP request refused by policy.");
+        let mut reply = self.reply_to(pref, request, denied.code);
+        reply.payload = denied.diagnostic;
+        reply.max_age = denied.max_age;
+        let no_response = request.no_response.unwrap_or(0);
+        let remember = request.code != Code::GET;
+        self.answer(now, pref, request, no_response, reply, remember);
     }
 
     /// The settings.
@@ -1069,6 +1218,12 @@ impl Core {
                 if let Some(id) = client_id {
                     self.set_client_id(pref, id);
                 }
+                // A read or an observation receives the topic's messages: the subscribe ACL.
+                let check = Check::Subscribe { filter: &filter };
+                if let Err(denied) = self.authorize(now, pref, client_id, check) {
+                    self.refuse_denied(now, pref, &message, denied);
+                    return;
+                }
                 self.on_get(now, pref, &message, filter, observe, qos);
             }
         }
@@ -1224,6 +1379,17 @@ impl Core {
     ) {
         let con = message.ty == MessageType::Con;
         let no_response = message.no_response.unwrap_or(0);
+        let query_id = if has_id {
+            slot(&self.slots, pref).and_then(|p| p.client_id.clone())
+        } else {
+            None
+        };
+        // The ACL before any block is taken; the rate once the whole body is known.
+        let check = Check::Publish { topic: &topic };
+        if let Err(denied) = self.authorize(now, pref, query_id.as_deref(), check) {
+            self.refuse_denied(now, pref, &message, denied);
+            return;
+        }
         let (payload, echo) = match message.block1 {
             Some(block) => match self.offer_block(now, pref, &message, block) {
                 Some((body, echo)) => (body, Some(echo)),
@@ -1238,6 +1404,11 @@ impl Core {
             }
             None => (Bytes::from(std::mem::take(&mut message.payload)), None),
         };
+        let check = Check::Rate { len: payload.len() };
+        if let Err(denied) = self.authorize(now, pref, query_id.as_deref(), check) {
+            self.refuse_denied(now, pref, &message, denied);
+            return;
+        }
         let Some(peer) = slot(&self.slots, pref) else {
             return;
         };
@@ -2041,12 +2212,43 @@ impl Core {
         targets.sort_by_key(|(oref, _)| obs_slot(&self.obs, *oref).map(|o| o.peer));
         let mut queued = 0;
         for &(oref, q) in &targets {
+            // An observation made under an earlier ACL gets only what the ACL in force allows.
+            if !self.obs_may_receive(oref, topic) {
+                self.security_counters.count(Denial::AclDeniedDelivery);
+                continue;
+            }
             if self.enqueue(now, oref, payload, q) {
                 queued += 1;
             }
         }
         self.scratch = targets;
         queued
+    }
+
+    /// Whether observation `oref` may be notified of `topic` under the ACL in force: its
+    /// peer's DTLS identity, else the peer's last `id` query as a claimed one.
+    fn obs_may_receive(&self, oref: ObsRef, topic: &str) -> bool {
+        if self.config.security.acl.is_none() {
+            return true;
+        }
+        let Some(peer) = obs_slot(&self.obs, oref).and_then(|o| slot(&self.slots, o.peer)) else {
+            return true;
+        };
+        let claimed;
+        let identity = match &peer.peer.identity {
+            Some(id) => Some(&**id),
+            None => {
+                claimed = peer
+                    .client_id
+                    .as_ref()
+                    .map(|id| Identity::new(Arc::clone(id), IdentitySource::CoapQuery));
+                claimed.as_ref()
+            }
+        };
+        let name = identity.map(|i| &*i.name);
+        self.config
+            .security
+            .may_receive(&Requester::new(identity, name), topic)
     }
 
     /// Queues one notification for `oref` and sends what its window allows.

@@ -149,6 +149,8 @@ impl Code {
     pub const BAD_REQUEST: Self = Self(0x80);
     /// 4.02 Bad Option.
     pub const BAD_OPTION: Self = Self(0x82);
+    /// 4.01 Unauthorized.
+    pub const UNAUTHORIZED: Self = Self(0x81);
     /// 4.03 Forbidden.
     pub const FORBIDDEN: Self = Self(0x83);
     /// 4.04 Not Found.
@@ -159,6 +161,8 @@ impl Code {
     pub const REQUEST_ENTITY_INCOMPLETE: Self = Self(0x88);
     /// 4.13 Request Entity Too Large.
     pub const REQUEST_ENTITY_TOO_LARGE: Self = Self(0x8D);
+    /// 4.29 Too Many Requests (RFC 8516).
+    pub const TOO_MANY_REQUESTS: Self = Self(0x9D);
     /// 5.00 Internal Server Error.
     pub const INTERNAL_SERVER_ERROR: Self = Self(0xA0);
     /// 5.03 Service Unavailable.

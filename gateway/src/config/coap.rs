@@ -83,6 +83,7 @@ pub(super) struct RawCoap {
     max_block2_bodies: i64,
     max_retained: i64,
     max_client_id_len: i64,
+    require_identity: bool,
 }
 
 impl Default for RawCoap {
@@ -128,6 +129,7 @@ impl Default for RawCoap {
             max_block2_bodies: int(d.max_block2_bodies),
             max_retained: int(d.max_retained),
             max_client_id_len: int(d.max_client_id_len),
+            require_identity: d.require_identity,
         }
     }
 }
@@ -513,6 +515,9 @@ pub(super) fn compile_coap(
         max_block2_bodies: max_block2_bodies?,
         max_retained: max_retained?,
         max_client_id_len: max_client_id_len?,
+        require_identity: c.require_identity,
+        // Set by `config::compile` from `[[acl]]` and `[limits]`.
+        security: std::sync::Arc::default(),
     };
     ok.then_some(CoapSection {
         listen,

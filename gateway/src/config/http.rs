@@ -112,6 +112,9 @@ pub struct HttpSection {
     pub sse_keepalive: Duration,
     /// Devices (and anonymous addresses) kept in the `/clients` table, least recent first out.
     pub max_devices_tracked: usize,
+    /// `[[acl]]` and `[limits]` (set by `config::compile`; not an `[http]` key): checked on top
+    /// of the devices' own grants and rate.
+    pub security: std::sync::Arc<crate::security::Policy>,
 }
 
 impl Default for HttpSection {
@@ -153,6 +156,7 @@ impl Default for HttpSection {
             sse_max_event: 256 << 10,
             sse_keepalive: Duration::from_secs(15),
             max_devices_tracked: 10_000,
+            security: std::sync::Arc::default(),
         }
     }
 }
@@ -898,6 +902,8 @@ pub(super) fn compile_http(
         sse_max_event: sse_max_event?,
         sse_keepalive: sse_keepalive?,
         max_devices_tracked: max_devices_tracked?,
+        // Set by `config::compile` from `[[acl]]` and `[limits]`.
+        security: std::sync::Arc::default(),
     };
     ok.then_some(section)
 }

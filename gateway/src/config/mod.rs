@@ -23,6 +23,7 @@ mod gateway;
 mod http;
 mod mqttsn;
 mod route;
+mod security;
 mod serial;
 mod spool;
 pub mod units;
@@ -58,6 +59,8 @@ pub use mqttsn::MqttSnSection;
 use mqttsn::{RawMqttSn, RawPredefined};
 use route::RawRoute;
 pub use route::{MAX_REWRITE_BYTES, MAX_ROUTES, PLACEHOLDERS};
+pub use security::{MAX_ACL_RULES, MAX_LIMIT_OVERRIDES, MAX_PATTERNS_PER_RULE};
+use security::{RawAcl, RawLimitOverride, RawLimits};
 use serial::RawSerial;
 pub use serial::{FlowControl, MAX_SERIAL_LINES, Parity, SerialLine};
 use spool::RawSpool;
@@ -100,6 +103,9 @@ pub struct Config {
     pub routes: Arc<RouteTable>,
     /// `[[route]]` as written, in file order (for summaries).
     pub route_specs: Vec<RouteSpec>,
+    /// `[[acl]]` and `[limits]`, compiled (also in each ingress's settings:
+    /// `mqttsn.core.security`, `coap.core.security`, `http.security`).
+    pub security: Arc<crate::security::Policy>,
 }
 
 /// Why a config could not be loaded.
@@ -343,6 +349,36 @@ impl Config {
                 ));
             }
         }
+        match &self.security.acl {
+            Some(acl) => s.push_str(&format!(
+                "acl: {} rule(s), what none allows is refused\n",
+                acl.rules().len()
+            )),
+            None => s.push_str("acl: none, every topic allowed\n"),
+        }
+        let limits = &self.security.limits;
+        if limits.is_active() {
+            let d = &limits.default;
+            let rate = |r: &crate::security::Rate, unit: &str| {
+                if r.is_limited() {
+                    format!("{} {unit}/s (burst {})", r.per_second, r.burst)
+                } else {
+                    format!("{unit}/s unlimited")
+                }
+            };
+            s.push_str(&format!(
+                "limits per identity: {}, {}, messages up to {}, {} override(s), {} identities \
+                 tracked per ingress\n",
+                rate(&d.messages, "msg"),
+                rate(&d.bytes, "B"),
+                d.max_message_size.map_or_else(
+                    || "the protocols' limits".to_owned(),
+                    |m| units::format_size(m as u64)
+                ),
+                limits.per_identity.len(),
+                limits.max_identities,
+            ));
+        }
         if self.route_specs.is_empty() {
             s.push_str("routes: none, every message goes to every upstream unchanged\n");
         }
@@ -467,6 +503,9 @@ fn known_fields(key: &KeyPath) -> &'static [&'static str] {
         ["upstream"] => fields_of::<RawUpstream>(),
         ["route"] => fields_of::<RawRoute>(),
         ["serial"] => fields_of::<RawSerial>(),
+        ["acl"] => fields_of::<RawAcl>(),
+        ["limits"] => fields_of::<RawLimits>(),
+        ["limits", "identity"] => fields_of::<RawLimitOverride>(),
         _ => &[],
     }
 }
@@ -561,6 +600,8 @@ struct RawConfig {
     upstream: Vec<RawUpstream>,
     route: Vec<RawRoute>,
     serial: Vec<RawSerial>,
+    acl: Vec<RawAcl>,
+    limits: RawLimits,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -631,15 +672,21 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
         gw_id.unwrap_or(0),
         r,
     );
+    let security = security::compile_security(&raw.acl, &raw.limits, r);
     let routes = routes?;
-    let coap = coap?;
-    let http = http?;
     let dtls = dtls?;
+    let mut coap = coap?;
+    let mut http = http?;
+    let mut mqttsn = mqttsn?;
+    let security = security?;
+    mqttsn.core.security = Arc::clone(&security);
+    coap.core.security = Arc::clone(&security);
+    http.security = Arc::clone(&security);
     Some(Config {
         file: file.to_owned(),
         gateway: gateway?,
         log,
-        mqttsn: mqttsn?,
+        mqttsn,
         coap: (!coap.listen.is_empty() || !coap.dtls_listen.is_empty()).then_some(coap),
         dtls,
         http: http_on(&http).then_some(http),
@@ -649,6 +696,7 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
         upstreams,
         routes: routes.table,
         route_specs: routes.specs,
+        security,
     })
 }
 

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sensorgate_bridges::mqtt::MAX_SUBSCRIPTIONS;
@@ -51,6 +52,7 @@ pub(super) struct RawMqttSn {
     max_topics_per_client: i64,
     max_inflight_per_client: i64,
     qos_minus_one: bool,
+    require_identity: bool,
     max_subscriptions_per_client: i64,
     max_filters: i64,
     max_queued_per_client: i64,
@@ -82,6 +84,7 @@ impl Default for RawMqttSn {
             max_topics_per_client: 64,
             max_inflight_per_client: 16,
             qos_minus_one: true,
+            require_identity: false,
             max_subscriptions_per_client: 32,
             max_filters: 65_536,
             max_queued_per_client: 100,
@@ -419,6 +422,9 @@ pub(super) fn compile_mqttsn(
             max_topics_per_client: max_topics?,
             max_inflight_per_client: max_inflight?,
             qos_minus_one: m.qos_minus_one,
+            require_identity: m.require_identity,
+            // Set by `config::compile` from `[[acl]]` and `[limits]`.
+            security: Arc::default(),
             predefined,
             max_subscriptions_per_client: max_subs?,
             max_filters: max_filters?,

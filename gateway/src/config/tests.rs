@@ -1050,6 +1050,8 @@ max_client_id_len = 32
         max_block2_bodies: 7,
         max_retained: 0,
         max_client_id_len: 32,
+        require_identity: false,
+        security: Arc::default(),
     };
     assert_eq!(coap.core, expected);
 }
@@ -1619,6 +1621,7 @@ publish = ["#"]
         sse_max_event: 64 << 10,
         sse_keepalive: Duration::from_secs(30),
         max_devices_tracked: 5,
+        security: Arc::default(),
     };
     assert_eq!(http, expected);
     let summary = c.summary();
@@ -2509,4 +2512,132 @@ fn bad_forwarder_entries_are_located_each() {
         msgs.iter().all(|m| m.contains("mqttsn.forwarders[")),
         "{msgs:#?}"
     );
+}
+
+#[test]
+fn acl_and_limits_compile_into_every_ingress() {
+    let text = MINIMAL.to_owned()
+        + r#"
+[coap]
+listen = ["127.0.0.1:5683"]
+[[acl]]
+identity = "dev1"
+publish = ["special/dev1"]
+[[acl]]
+publish = ["sensors/{identity}/#"]
+subscribe = ["cmd/{client_id}/#"]
+[limits]
+messages_per_second = 2.5
+bytes_per_second = "1KiB"
+max_message_size = "512B"
+max_identities = 7
+[[limits.identity]]
+identity = "dev1"
+messages_per_second = 100
+"#;
+    let c = Config::parse(Path::new("test.toml"), &text).unwrap();
+    let acl = c.security.acl.as_ref().unwrap();
+    assert_eq!(acl.rules().len(), 2);
+    assert_eq!(acl.rules()[0].identity.as_deref(), Some("dev1"));
+    let l = &c.security.limits;
+    assert_eq!(l.default.messages.per_second, 2.5);
+    assert_eq!(l.default.messages.burst, 2.5);
+    assert_eq!(l.default.bytes.per_second, 1024.0);
+    assert_eq!(l.default.max_message_size, Some(512));
+    assert_eq!(l.max_identities, 7);
+    let dev1 = l.per_identity.get("dev1").unwrap();
+    assert_eq!(dev1.messages.per_second, 100.0);
+    assert_eq!(dev1.messages.burst, 100.0);
+    // Absent keys take the [limits] values.
+    assert_eq!(dev1.bytes.per_second, 1024.0);
+    assert_eq!(dev1.max_message_size, Some(512));
+    assert!(Arc::ptr_eq(&c.security, &c.mqttsn.core.security));
+    assert!(Arc::ptr_eq(
+        &c.security,
+        &c.coap.as_ref().unwrap().core.security
+    ));
+    assert!(c.summary().contains("acl: 2 rule(s)"));
+}
+
+#[test]
+fn no_acl_and_no_limits_allow_everything() {
+    let c = Config::parse(Path::new("test.toml"), MINIMAL).unwrap();
+    assert!(c.security.acl.is_none());
+    assert!(!c.security.limits_active());
+    assert!(c.summary().contains("acl: none"));
+}
+
+#[test]
+fn acl_and_limits_errors_are_located() {
+    let text = MINIMAL.to_owned()
+        + r#"
+[[acl]]
+identity = ""
+publish = ["a/#/b", "x/{user}"]
+subscribe = ["ok/#"]
+[limits]
+messages_per_second = -1
+byte_burst = "lots"
+max_identitys = 3
+[[limits.identity]]
+messages_per_second = 1
+"#;
+    let d = errors(&text);
+    let messages: Vec<String> = d
+        .iter()
+        .map(|d| format!("{}:{} {}", d.line, d.column, d.message))
+        .collect();
+    assert_eq!(d.len(), 7, "{messages:#?}");
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("identity must not be empty"))
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("`a/#/b`: not a valid MQTT topic filter"))
+    );
+    assert!(messages.iter().any(|m| m.contains("unknown placeholder")));
+    assert!(messages.iter().any(|m| m.contains("-1 is out of range")));
+    assert!(messages.iter().any(|m| m.contains("needs an `identity`")));
+    let unknown = d
+        .iter()
+        .find(|d| d.message.contains("max_identitys"))
+        .unwrap();
+    assert_eq!(
+        unknown.hint.as_deref(),
+        Some("did you mean `max_identities`?")
+    );
+    // Every diagnostic points into the file (line past MINIMAL's).
+    assert!(d.iter().all(|d| d.line >= 18), "{messages:#?}");
+}
+
+#[test]
+fn a_changed_acl_is_applied_live_to_every_ingress() {
+    let base = MINIMAL.to_owned()
+        + r#"
+[coap]
+listen = ["127.0.0.1:5683"]
+[http]
+listen = ["127.0.0.1:8080"]
+allow_anonymous = true
+"#;
+    let before = Config::parse(Path::new("t.toml"), &base).unwrap();
+    let after = Config::parse(
+        Path::new("t.toml"),
+        &(base.clone() + "[[acl]]\npublish = [\"sensors/#\"]\n[limits]\nmessages_per_second = 5\n"),
+    )
+    .unwrap();
+    let plan = crate::reload::plan(&before, &before, &after);
+    assert!(
+        plan.restart_required.is_empty(),
+        "{:?}",
+        plan.restart_required
+    );
+    assert_eq!(plan.mqttsn.unwrap().security, after.security);
+    assert_eq!(plan.coap.unwrap().security, after.security);
+    assert_eq!(plan.http.unwrap().security, after.security);
+    let same = crate::reload::plan(&after, &after, &after);
+    assert!(same.mqttsn.is_none() && same.coap.is_none() && same.http.is_none());
 }

@@ -87,6 +87,9 @@ impl Driver {
         let stats = &self.ingress.stats;
         stats.dropped(DownlinkDropReason::QueueFull, delivered.dropped_full);
         stats.dropped(DownlinkDropReason::TooLarge, delivered.dropped_large);
+        stats
+            .security
+            .add(crate::security::Denial::AclDeniedDelivery, delivered.denied);
         ack.ack();
     }
 

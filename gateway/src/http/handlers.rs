@@ -46,7 +46,9 @@ use super::request::{self, Refusal};
 use super::server::ConnInfo;
 use super::sse::{HubRefused, KEEPALIVE, StreamId, StreamQueue, Subscriptions, encode_ready};
 use super::stats::HttpStats;
+use crate::identity::IdentitySource;
 use crate::observe::model::DownlinkDropReason;
+use crate::security::{Denial, Limiter, Requester, Verdict};
 
 /// `application/json` for every body we write.
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
@@ -62,6 +64,9 @@ pub(crate) struct App {
     /// The settings in force (auth table, limits, body budget) and the rate buckets,
     /// swapped by a reload ([`super::reload`]); read once per request.
     live: Arc<Live>,
+    /// The `[limits]` buckets of the identities that published recently (the policy itself
+    /// is `settings().section.security`, swapped by a reload).
+    limiter: Mutex<Limiter>,
 }
 
 impl App {
@@ -77,6 +82,7 @@ impl App {
             ingress,
             devices,
             live,
+            limiter: Mutex::new(Limiter::new()),
         })
     }
 
@@ -299,6 +305,104 @@ impl App {
     }
 }
 
+impl App {
+    /// The `[[acl]]` check of a publish to `topic` (on top of the device's own grants):
+    /// 403 `forbidden_topic`, counted.
+    fn acl_publish(
+        &self,
+        settings: &Settings,
+        ctx: &Ctx,
+        identity: &Identity,
+        topic: &str,
+        index: Option<usize>,
+    ) -> Result<(), Refusal> {
+        let policy = &settings.section.security;
+        if policy.acl.is_none() {
+            return Ok(());
+        }
+        let id = security_identity(ctx, identity);
+        let client_id = (!identity.anonymous).then_some(&*identity.id);
+        if policy.may_publish(&Requester::new(Some(&id), client_id), topic) {
+            return Ok(());
+        }
+        self.stats().security.count(Denial::AclPublish);
+        Err(Refusal::ForbiddenTopic { index })
+    }
+
+    /// The `[[acl]]` check of an SSE subscription: 403 `forbidden_filter`, counted.
+    fn acl_subscribe(
+        &self,
+        settings: &Settings,
+        ctx: &Ctx,
+        identity: &Identity,
+        filters: &[Arc<str>],
+    ) -> Result<(), Refusal> {
+        let policy = &settings.section.security;
+        if policy.acl.is_none() {
+            return Ok(());
+        }
+        let id = security_identity(ctx, identity);
+        let client_id = (!identity.anonymous).then_some(&*identity.id);
+        let who = Requester::new(Some(&id), client_id);
+        if filters.iter().all(|f| policy.may_subscribe(&who, f)) {
+            return Ok(());
+        }
+        self.stats().security.count(Denial::AclSubscribe);
+        Err(Refusal::ForbiddenFilter)
+    }
+
+    /// The `[limits]` check of `count` messages of `bytes` in all (the largest `largest`):
+    /// 429 with Retry-After over the rate, 413 too large; counted. Keyed by the device (an
+    /// anonymous client by its address, as HTTP's own rate).
+    fn limits(
+        &self,
+        settings: &Settings,
+        ctx: &Ctx,
+        count: usize,
+        bytes: usize,
+        largest: usize,
+    ) -> Result<(), Refusal> {
+        let policy = &settings.section.security;
+        if !policy.limits_active() {
+            return Ok(());
+        }
+        let key = ctx.device.as_deref().unwrap_or("");
+        let verdict = self
+            .limiter
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .check_many(&policy.limits, now(), key, count, bytes, largest);
+        match verdict {
+            Verdict::Allowed => Ok(()),
+            Verdict::TooLarge => {
+                self.stats().security.count(Denial::TooLarge);
+                let limit = policy.limits.limits_of(key).max_message_size;
+                Err(Refusal::TooLarge {
+                    limit: limit.unwrap_or(largest) as u64,
+                    index: None,
+                })
+            }
+            Verdict::RateLimited { retry_after } => {
+                self.stats().security.count(Denial::RateLimited);
+                Err(Refusal::RateLimited(retry_after))
+            }
+        }
+    }
+}
+
+/// The gateway-wide identity of an authenticated HTTP request: the device (token or client
+/// certificate) or anonymous.
+fn security_identity(ctx: &Ctx, identity: &Identity) -> crate::identity::Identity {
+    let source = if identity.anonymous {
+        IdentitySource::Anonymous
+    } else if ctx.cert_device.as_deref() == Some(&*identity.id) {
+        IdentitySource::HttpCertificate
+    } else {
+        IdentitySource::HttpToken
+    };
+    crate::identity::Identity::new(Arc::clone(&identity.id), source)
+}
+
 fn constant(status: StatusCode, body: &'static [u8]) -> Response {
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
@@ -324,6 +428,7 @@ async fn single_inner(app: &App, ctx: &mut Ctx, request: Request) -> Result<Resp
     if !identity.publish.allows_topic(&topic) {
         return Err(Refusal::ForbiddenTopic { index: None });
     }
+    app.acl_publish(&settings, ctx, &identity, &topic, None)?;
     let (payload, _memory) = app
         .read_body(
             &settings,
@@ -332,6 +437,7 @@ async fn single_inner(app: &App, ctx: &mut Ctx, request: Request) -> Result<Resp
             settings.section.max_body_size,
         )
         .await?;
+    app.limits(&settings, ctx, 1, payload.len(), payload.len())?;
     let message = Message {
         topic,
         payload,
@@ -428,6 +534,12 @@ async fn batch_inner(app: &App, ctx: &mut Ctx, request: Request) -> Result<Respo
     {
         return Err(Refusal::ForbiddenTopic { index: Some(index) });
     }
+    for (index, item) in items.iter().enumerate() {
+        app.acl_publish(&settings, ctx, &identity, &item.topic, Some(index))?;
+    }
+    let bytes: usize = items.iter().map(|i| i.payload.len()).sum();
+    let largest = items.iter().map(|i| i.payload.len()).max().unwrap_or(0);
+    app.limits(&settings, ctx, items.len(), bytes, largest)?;
     if let Some(index) = app
         .ingress
         .first_unrouted(items.iter().map(|i| i.topic.as_str()))
@@ -568,19 +680,29 @@ fn subscribe_inner(app: &App, ctx: &mut Ctx, request: &Request) -> Result<Respon
     {
         return Err(Refusal::ForbiddenFilter);
     }
+    app.acl_subscribe(&settings, ctx, &identity, &filters.filters)?;
     let device = ctx
         .device
         .clone()
         .unwrap_or_else(|| Arc::clone(&identity.id));
     let ingress = &app.ingress;
     let ready = encode_ready(&filters.filters);
-    let registered = ingress.hub().register(
-        now(),
-        &device,
-        filters.filters,
-        filters.base64,
-        &Subs(&ingress.handle),
-    );
+    let registered = {
+        let mut hub = ingress.hub();
+        let registered = hub.register(
+            now(),
+            &device,
+            filters.filters,
+            filters.base64,
+            &Subs(&ingress.handle),
+        );
+        if let Ok((id, _)) = &registered {
+            // Checked at each delivery, so a narrowed ACL (a reload) applies to open streams.
+            let client_id = (!identity.anonymous).then(|| Arc::clone(&identity.id));
+            hub.set_stream_identity(*id, security_identity(ctx, &identity), client_id);
+        }
+        registered
+    };
     let (id, queue) = registered.map_err(|e| match e {
         HubRefused::TooManyStreams => Refusal::TooManyStreams { device: false },
         HubRefused::TooManyForDevice => Refusal::TooManyStreams { device: true },

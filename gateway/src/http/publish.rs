@@ -346,6 +346,9 @@ impl Ingress {
                 .dropped(DownlinkDropReason::QueueFull, delivered.dropped_full);
             self.stats
                 .dropped(DownlinkDropReason::TooLarge, delivered.dropped_large);
+            self.stats
+                .security
+                .add(crate::security::Denial::AclDeniedDelivery, delivered.denied);
         }
     }
 

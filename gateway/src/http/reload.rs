@@ -204,6 +204,10 @@ fn configure_parts(parts: &Parts, section: &HttpSection) {
         section.sse_queue_full,
         section.sse_max_event,
     );
+    parts
+        .ingress
+        .hub()
+        .set_security(Arc::clone(&section.security));
     parts.ingress.set_queue_wait(section.queue_wait);
     lock(&parts.devices).set_cap(section.max_devices_tracked);
 }

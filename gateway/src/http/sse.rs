@@ -47,6 +47,9 @@ use sensorgate_bridges::message::Qos;
 use sensorgate_bridges::topic;
 use sensorgate_bridges::upstream::FailReason;
 use serde::Serialize;
+
+use crate::identity::Identity;
+use crate::security::{Policy, Requester};
 use tokio::sync::Notify;
 
 use crate::config::SseQueueFull;
@@ -287,12 +290,17 @@ pub(crate) struct Delivered {
     pub(crate) dropped_full: u64,
     /// Events larger than `max_event`, not queued (`too_large`).
     pub(crate) dropped_large: u64,
+    /// Events not queued because the stream's identity may no longer receive the topic (the
+    /// ACL changed since the stream opened).
+    pub(crate) denied: u64,
 }
 
 /// One registered stream.
 #[derive(Debug)]
 struct Stream {
     device: Arc<str>,
+    /// Who opened it, for the ACL at delivery (`None`: not checked).
+    identity: Option<(Identity, Option<Arc<str>>)>,
     filters: Vec<Arc<str>>,
     base64: bool,
     queue: Arc<StreamQueue>,
@@ -317,6 +325,8 @@ pub(crate) struct Hub {
     queue_cap: usize,
     policy: SseQueueFull,
     max_event: usize,
+    /// `[[acl]]` in force, checked at delivery for streams with an identity.
+    security: Arc<Policy>,
 }
 
 impl Hub {
@@ -343,6 +353,25 @@ impl Hub {
             queue_cap,
             policy,
             max_event,
+            security: Arc::default(),
+        }
+    }
+
+    /// The ACL in force (start and reload): a stream opened under an earlier one gets only what
+    /// its identity may receive now.
+    pub(crate) fn set_security(&mut self, security: Arc<Policy>) {
+        self.security = security;
+    }
+
+    /// Records who opened stream `id` (`client_id`: the device id, `None` for anonymous).
+    pub(crate) fn set_stream_identity(
+        &mut self,
+        id: StreamId,
+        identity: Identity,
+        client_id: Option<Arc<str>>,
+    ) {
+        if let Some(stream) = self.streams.get_mut(&id) {
+            stream.identity = Some((identity, client_id));
         }
     }
 
@@ -429,6 +458,7 @@ impl Hub {
             id,
             Stream {
                 device: Arc::clone(device),
+                identity: None,
                 filters,
                 base64,
                 queue: Arc::clone(&queue),
@@ -507,6 +537,13 @@ impl Hub {
             let Some(stream) = self.streams.get(&target) else {
                 continue;
             };
+            if let (Some(_), Some((identity, client_id))) = (&self.security.acl, &stream.identity) {
+                let who = Requester::new(Some(identity), client_id.as_deref());
+                if !self.security.may_receive(&who, topic) {
+                    delivered.denied += 1;
+                    continue;
+                }
+            }
             let base64 = stream.base64 || !utf8;
             let cache = if base64 { &mut forced } else { &mut text };
             let event = cache
@@ -904,7 +941,8 @@ mod tests {
             Delivered {
                 queued: 3,
                 dropped_full: 0,
-                dropped_large: 0
+                dropped_large: 0,
+                denied: 0,
             }
         );
         let (e1, e2, e3) = (drain(&q1).await.0, drain(&q2).await.0, drain(&q3).await.0);
@@ -980,7 +1018,8 @@ mod tests {
             Delivered {
                 queued: 0,
                 dropped_full: 0,
-                dropped_large: 1
+                dropped_large: 1,
+                denied: 0,
             }
         );
         let small = Bytes::from_static(b"s");
@@ -995,7 +1034,8 @@ mod tests {
             Delivered {
                 queued: 0,
                 dropped_full: 1,
-                dropped_large: 0
+                dropped_large: 0,
+                denied: 0,
             }
         );
         let (events, _) = drain(&q).await;
@@ -1151,5 +1191,42 @@ mod tests {
             prop_assert!(subs.held().is_empty());
             prop_assert_eq!(hub.filter_count(), 0);
         }
+    }
+
+    #[tokio::test]
+    async fn a_narrowed_acl_stops_events_of_open_streams() {
+        use crate::identity::{Identity, IdentitySource};
+        use crate::security::{Acl, Pattern, Rule};
+        let (now, subs, mut hub) = (start(), FakeSubs::default(), hub());
+        let dev: Arc<str> = Arc::from("dev1");
+        let (id, _q) = hub
+            .register(now, &dev, filters(&["cmd/#"]), false, &subs)
+            .unwrap();
+        hub.set_stream_identity(
+            id,
+            Identity::new("dev1", IdentitySource::HttpToken),
+            Some(Arc::clone(&dev)),
+        );
+        let send = |hub: &mut Hub, topic: &str| {
+            hub.deliver(
+                topic,
+                &Bytes::from_static(b"x"),
+                Qos::AtMostOnce,
+                false,
+                None,
+            )
+        };
+        assert_eq!(send(&mut hub, "cmd/dev2/led").queued, 1);
+        hub.set_security(Arc::new(Policy {
+            acl: Some(Acl::new(vec![Rule {
+                identity: None,
+                publish: Vec::new(),
+                subscribe: vec![Pattern::new("cmd/{identity}/#").unwrap()],
+            }])),
+            ..Policy::default()
+        }));
+        let denied = send(&mut hub, "cmd/dev2/led");
+        assert_eq!((denied.queued, denied.denied), (0, 1));
+        assert_eq!(send(&mut hub, "cmd/dev1/led").queued, 1);
     }
 }

@@ -45,6 +45,9 @@ const CODES: [(u16, &str); 15] = [
 pub struct HttpStats {
     /// The server adapter's connection counters.
     pub conn: Arc<ConnStats>,
+    /// Refusals by `[[acl]]` and `[limits]` (the shared limits' 429s are also in
+    /// `rate_limited`, the one event of both).
+    pub security: crate::security::Counters,
     /// Requests that reached a handler (or a fallback).
     requests: AtomicU64,
     /// Accepted messages per QoS, index as `IngressCounters::messages_in`.
@@ -216,6 +219,12 @@ impl HttpStats {
             ("sse_streams_opened", load(&self.sse_streams_opened)),
             ("batch_partial", load(&self.batch_partial)),
         ]);
+        events.extend(
+            self.security
+                .events()
+                .into_iter()
+                .filter(|(name, _)| *name != "rate_limited"),
+        );
         events
     }
 }

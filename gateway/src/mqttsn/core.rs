@@ -83,6 +83,18 @@
 //!   next ends; the Will handshake's deadline (`retry_interval * (max_retries + 1)` after the
 //!   CONNECT) follows at once. `advertise_interval`: the next ADVERTISE is due at the earlier
 //!   of the old schedule and now plus the new interval.
+//! - `security` (`[[acl]]`, `[limits]`) and `require_identity`: from the next packet. Sessions,
+//!   registrations and subscriptions made under the old policy stay; a PUBLISH is checked
+//!   under the new one, and a downlink message is delivered only if the session may receive its
+//!   topic now (dropped and counted otherwise). The rate buckets are kept.
+//!
+//! # Authorisation
+//!
+//! Each session carries its identity: the one its transport proved (`Peer::identity`), else its
+//! ClientId claimed. The ACL is checked on REGISTER (REGACK rc 0x03), PUBLISH at every QoS
+//! (PUBACK rc 0x03; QoS 0/-1 dropped, counted), SUBSCRIBE (SUBACK rc 0x03), the Will topic
+//! (CONNACK / WILLTOPICRESP rc 0x03) and at delivery; the limits on PUBLISH (rc 0x01 over the
+//! rate, rc 0x03 too large). Refusals are counted in [`Core::security_counters`].
 //!
 //! # Client states (spec 6.14)
 //!
@@ -105,7 +117,10 @@
 //!   empty ClientId is refused rather than assigned one (as MQTT 3.1.1 would): v1.2 allows
 //!   1-23 characters, and its CONNACK cannot tell the client an assigned id, without which a
 //!   sleeping client cannot wake (PINGREQ carries the ClientId) nor a session be resumed;
-//! - rc 0x01 (congestion) when `max_clients` sessions exist and the ClientId has none.
+//! - rc 0x01 (congestion) when `max_clients` sessions exist and the ClientId has none;
+//! - rc 0x03 when the peer's proven identity may not use the ClientId
+//!   ([`Identity::allows_client_id`]), when `require_identity` is set and the peer proved none,
+//!   or when a session of the ClientId is held by a proven identity other than the peer's.
 //!
 //! # Packets by session state
 //!
@@ -208,12 +223,14 @@ use super::persist::{
     self, RecordError, RecordMessage, RecordState, RecordSubscription, RecordTopic, RecordWill,
     SessionRecord,
 };
+use crate::identity::{Identity, IdentitySource};
 use crate::ingress::DatagramCore;
 pub use crate::ingress::{DownlinkOutcome, Event, Peer, PeerAddr, PersistChange, PublishOutcome};
 use crate::observe::model::{
     ClientInfo, ClientQuery, ClientsPage, DownlinkDropReason, IngressCounters, IngressReport,
     RefusalReason, SessionCounts, SessionState, SubscriptionInfo,
 };
+use crate::security::{self, Denial, Limiter, Policy, Requester};
 
 /// The protocol label of this core's sessions and counters in the admin listener's reports.
 pub const PROTOCOL: &str = "mqtt-sn";
@@ -297,6 +314,11 @@ pub struct CoreConfig {
     pub advertise_interval: Duration,
     /// Answer SEARCHGW by sending GWINFO to `advertise_to` instead of the searcher.
     pub gwinfo_to_destinations: bool,
+    /// `true`: a CONNECT from a peer without a proven identity (plain UDP, serial) is refused
+    /// (CONNACK rc 0x03); `false`: its ClientId is its claimed identity.
+    pub require_identity: bool,
+    /// ACLs and limits (`[[acl]]`, `[limits]`); the default allows everything.
+    pub security: Arc<Policy>,
 }
 
 impl CoreConfig {
@@ -323,6 +345,8 @@ impl CoreConfig {
             advertise_to: Vec::new(),
             advertise_interval: Duration::from_secs(900),
             gwinfo_to_destinations: false,
+            require_identity: false,
+            security: Arc::default(),
         }
     }
 }
@@ -458,6 +482,22 @@ fn refusal_of(rc: ReturnCode) -> RefusalReason {
     }
 }
 
+/// The ClientId as a claimed identity (plain transports, restored sessions).
+fn claimed_identity(client_id: &Arc<str>) -> Arc<Identity> {
+    Arc::new(Identity {
+        name: Arc::clone(client_id),
+        source: IdentitySource::ClientId,
+        client_ids: None,
+    })
+}
+
+/// The identity `peer`'s transport proved, else `client_id` claimed.
+fn identity_of(peer: &Peer, client_id: &Arc<str>) -> Arc<Identity> {
+    peer.identity
+        .clone()
+        .unwrap_or_else(|| claimed_identity(client_id))
+}
+
 /// The origin of a session's uplink messages.
 fn session_origin(client_id: &Arc<str>, peer: Option<&Peer>) -> Origin {
     Origin {
@@ -570,6 +610,9 @@ struct Subscription {
 #[derive(Debug)]
 struct Session {
     client_id: Arc<str>,
+    /// Who the client is: the identity its transport proved (`Peer::identity`), else its
+    /// ClientId as a claimed identity (also for a restored session until it connects again).
+    identity: Arc<Identity>,
     /// Bound address; `None` while disconnected or after another client took the address.
     peer: Option<Peer>,
     /// What its uplink messages carry: the ClientId (shared with `client_id`) and the text of
@@ -1136,6 +1179,10 @@ pub struct Core {
     /// `max_filters` at construction: the router's filter table was sized with it (see
     /// [`Core::reconfigure`]).
     started_max_filters: usize,
+    /// Rate buckets of the identities that published recently (`[limits]`).
+    limiter: Limiter,
+    /// Refusals by the ACLs, the limits and the identity checks (shared with the admin).
+    security_counters: Arc<security::Counters>,
 }
 
 /// The predefined topics of a config, indexed for lookups.
@@ -1216,8 +1263,83 @@ impl Core {
             #[cfg(test)]
             ceilings: config.clone(),
             started_max_filters: config.max_filters,
+            limiter: Limiter::new(),
+            security_counters: Arc::default(),
             config,
         }
+    }
+
+    /// The counters of refusals by ACL, limit and identity checks, for the admin listener
+    /// (`sensorgate_ingress_events_total`): the core writes them, the admin reads them.
+    #[must_use]
+    pub fn security_counters(&self) -> Arc<security::Counters> {
+        Arc::clone(&self.security_counters)
+    }
+
+    /// Checks a publish of `len` payload bytes to `topic` by `identity` using `client_id`
+    /// against the ACL and the limits (taking its rate tokens when allowed), and counts a
+    /// refusal. `rate_key`: the identity's name, or the peer's address when there is none.
+    fn authorize_publish(
+        &mut self,
+        now: Instant,
+        identity: Option<&Identity>,
+        client_id: Option<&str>,
+        rate_key: &str,
+        topic: &str,
+        len: usize,
+    ) -> Result<(), Denial> {
+        let policy = &self.config.security;
+        let who = Requester::new(identity, client_id);
+        let denial = if !policy.may_publish(&who, topic) {
+            Some(Denial::AclPublish)
+        } else if policy.limits_active() {
+            match self.limiter.check(&policy.limits, now, rate_key, len) {
+                security::Verdict::Allowed => None,
+                security::Verdict::TooLarge => Some(Denial::TooLarge),
+                security::Verdict::RateLimited { .. } => Some(Denial::RateLimited),
+            }
+        } else {
+            None
+        };
+        match denial {
+            None => Ok(()),
+            Some(denial) => {
+                self.security_counters.count(denial);
+                tracing::debug!(
+                    client_id,
+                    identity = identity.map(|i| &*i.name),
+                    topic,
+                    len,
+                    reason = denial.as_str(),
+                    "MQTT-SN publish refused."
+                );
+                Err(denial)
+            }
+        }
+    }
+
+    /// Whether any ACL or limit is configured (otherwise no publish is checked).
+    fn policy_active(&self) -> bool {
+        self.config.security.acl.is_some() || self.config.security.limits_active()
+    }
+
+    /// The PUBACK rc of a refused publish: 0x01 (congestion) over the rate, else 0x03.
+    fn denial_rc(denial: Denial) -> ReturnCode {
+        match denial {
+            Denial::RateLimited => ReturnCode::Congestion,
+            _ => ReturnCode::NotSupported,
+        }
+    }
+
+    /// Whether session `sref` may be sent a message on `topic` under the ACL in force.
+    fn may_receive(&self, sref: SessionRef, topic: &str) -> bool {
+        if self.config.security.acl.is_none() {
+            return true;
+        }
+        self.session(sref).is_none_or(|s| {
+            let who = Requester::new(Some(&s.identity), Some(&s.client_id));
+            self.config.security.may_receive(&who, topic)
+        })
     }
 
     /// Current counters.
@@ -1831,6 +1953,7 @@ impl Core {
         };
         let session = Session {
             own_predefined: self.client_predefined.get(&client_id).cloned(),
+            identity: claimed_identity(&client_id),
             client_id: client_id.clone(),
             peer: None,
             origin: session_origin(&client_id, None),
@@ -2020,7 +2143,7 @@ impl Core {
                 retain,
                 ..
             } => {
-                self.handle_publish_m1(peer, topic, data, retain);
+                self.handle_publish_m1(now, peer, topic, data, retain);
             }
             Packet::Publish {
                 dup: _,
@@ -2033,7 +2156,7 @@ impl Core {
                 let Some(sref) = self.touch(now, &peer) else {
                     return self.unknown_peer(peer, packet.name());
                 };
-                self.handle_publish(sref, peer, qos, retain, topic, msg_id, data);
+                self.handle_publish(now, sref, peer, qos, retain, topic, msg_id, data);
             }
             Packet::Register {
                 msg_id, topic_name, ..
@@ -2174,6 +2297,11 @@ impl Core {
         if client_id.len() > self.config.max_client_id_len {
             return self.refuse_connect(peer, client_id.len(), RefusalReason::TooLarge);
         }
+        if let Some(denial) = self.connect_denial(&peer, client_id) {
+            self.security_counters.count(denial);
+            tracing::debug!(peer = %peer, client_id, reason = denial.as_str(), "CONNECT refused by identity check.");
+            return self.refuse_connect(peer, client_id.len(), RefusalReason::NotAllowed);
+        }
         let existing = self.by_client.get(client_id).copied();
         if existing.is_none() && self.by_client.len() >= self.config.max_clients {
             return self.refuse_connect(peer, client_id.len(), RefusalReason::Congestion);
@@ -2187,6 +2315,7 @@ impl Core {
                     return;
                 };
                 s.clean_session = false;
+                s.identity = identity_of(&peer, &s.client_id);
                 s.keep_alive_secs = keep_alive;
                 s.last_seen = now;
                 // The client's own topic table was lost with its connection.
@@ -2223,6 +2352,25 @@ impl Core {
         }
         self.mark_dirty(sref);
         self.schedule(sref);
+    }
+
+    /// Why a CONNECT of `client_id` from `peer` is refused by the identity checks, if it is: a
+    /// proven identity that may not use this ClientId; no proven identity where
+    /// `require_identity` asks for one; a session of this ClientId held by a proven identity
+    /// other than the peer's (a plain client must not take over a DTLS client's session).
+    fn connect_denial(&self, peer: &Peer, client_id: &str) -> Option<Denial> {
+        match &peer.identity {
+            Some(id) if !id.allows_client_id(client_id) => return Some(Denial::ClientIdMismatch),
+            None if self.config.require_identity => return Some(Denial::IdentityRequired),
+            _ => {}
+        }
+        let held = self
+            .by_client
+            .get(client_id)
+            .and_then(|&sref| self.session(sref))
+            .map(|s| &s.identity)
+            .filter(|id| id.is_proven())?;
+        (peer.identity.as_deref() != Some(&**held)).then_some(Denial::ClientIdMismatch)
     }
 
     /// Answers a CONNECT the gateway does not accept with a CONNACK carrying the rc of
@@ -2278,6 +2426,7 @@ impl Core {
         };
         let session = Session {
             own_predefined: self.client_predefined.get(&client_id).cloned(),
+            identity: identity_of(&peer, &client_id),
             client_id: client_id.clone(),
             peer: Some(peer.clone()),
             origin: session_origin(&client_id, Some(&peer)),
@@ -2318,6 +2467,14 @@ impl Core {
         let Some(sref) = self.touch(now, &peer) else {
             return;
         };
+        // A Will is a publish on the client's behalf: the ACL applies to its topic.
+        let will_allowed = will.is_none()
+            || self.session(sref).is_none_or(|s| {
+                self.config.security.may_publish(
+                    &Requester::new(Some(&s.identity), Some(&s.client_id)),
+                    topic,
+                )
+            });
         let Some(s) = self.session_mut(sref) else {
             return;
         };
@@ -2337,6 +2494,13 @@ impl Core {
                 self.remove_session(sref);
                 self.transmits
                     .push_back((peer, Reply::ConnAck(ReturnCode::InvalidTopicId)));
+            }
+            Some(_) if !will_allowed => {
+                self.security_counters.count(Denial::AclPublish);
+                self.stats.reject(ReturnCode::NotSupported);
+                self.remove_session(sref);
+                self.transmits
+                    .push_back((peer, Reply::ConnAck(ReturnCode::NotSupported)));
             }
             Some(flags) => {
                 s.state = State::Connecting {
@@ -2375,6 +2539,17 @@ impl Core {
         will: Option<WillFlags>,
         topic: &str,
     ) -> ReturnCode {
+        let allowed = will.is_none()
+            || self.session(sref).is_none_or(|s| {
+                self.config.security.may_publish(
+                    &Requester::new(Some(&s.identity), Some(&s.client_id)),
+                    topic,
+                )
+            });
+        if !allowed && is_valid_name(topic) {
+            self.security_counters.count(Denial::AclPublish);
+            return ReturnCode::NotSupported;
+        }
         let Some(s) = slot_mut(&mut self.slots, sref) else {
             return ReturnCode::NotSupported;
         };
@@ -2409,6 +2584,14 @@ impl Core {
                     let bound_elsewhere = self
                         .session(sref)
                         .is_some_and(|s| s.peer.as_ref() != Some(&peer));
+                    // A session of a proven identity moves only to a peer proving the same.
+                    let foreign = self.session(sref).is_some_and(|s| {
+                        s.identity.is_proven() && peer.identity.as_deref() != Some(&*s.identity)
+                    });
+                    if foreign {
+                        self.security_counters.count(Denial::ClientIdMismatch);
+                        return self.unknown_peer(peer, "PINGREQ");
+                    }
                     if bound_elsewhere {
                         self.bind(sref, peer.clone());
                     }
@@ -2628,6 +2811,7 @@ impl Core {
     #[allow(clippy::too_many_arguments)]
     fn handle_publish(
         &mut self,
+        now: Instant,
         sref: SessionRef,
         peer: Peer,
         qos: QoS,
@@ -2640,6 +2824,37 @@ impl Core {
         let Some(resolved) = self.resolve_topic(sref, topic) else {
             return self.reject_publish(peer, topic, msg_id, ReturnCode::InvalidTopicId);
         };
+        // Nothing to check without a policy; a retransmission of a publish being answered is
+        // not checked (nor charged) again.
+        let unchecked = !self.policy_active()
+            || qos != QoS::AtMostOnce
+                && self.session(sref).is_some_and(|s| {
+                    s.inflight_up.iter().any(|&(m, _)| m == msg_id)
+                        || (qos == QoS::ExactlyOnce && s.qos2_received.contains(&msg_id))
+                });
+        if !unchecked {
+            if let Some((identity, client_id)) = self
+                .session(sref)
+                .map(|s| (Arc::clone(&s.identity), Arc::clone(&s.client_id)))
+            {
+                let checked = self.authorize_publish(
+                    now,
+                    Some(&identity),
+                    Some(&client_id),
+                    &identity.name,
+                    &resolved,
+                    data.len(),
+                );
+                if let Err(denial) = checked {
+                    if qos == QoS::AtMostOnce {
+                        // Nobody waits for an answer: dropped, counted.
+                        self.stats.refuse(refusal_of(Self::denial_rc(denial)));
+                        return;
+                    }
+                    return self.reject_publish(peer, topic, msg_id, Self::denial_rc(denial));
+                }
+            }
+        }
         let Some(session) = slot_mut(&mut self.slots, sref) else {
             return;
         };
@@ -2716,7 +2931,14 @@ impl Core {
         self.transmits.push_back((peer, reply));
     }
 
-    fn handle_publish_m1(&mut self, peer: Peer, topic: TopicRef, data: &[u8], retain: bool) {
+    fn handle_publish_m1(
+        &mut self,
+        now: Instant,
+        peer: Peer,
+        topic: TopicRef,
+        data: &[u8],
+        retain: bool,
+    ) {
         if !self.config.qos_minus_one {
             self.stats.qos_m1_dropped += 1;
             self.stats.refuse(RefusalReason::NotAllowed);
@@ -2744,6 +2966,34 @@ impl Core {
             tracing::debug!(peer = %peer, ?topic, "QoS -1 publish to unknown topic dropped.");
             return;
         };
+        // The sender's session identity, else what its transport proved, else nothing (then
+        // the rate is the address's). Nothing is built when no policy is configured.
+        if self.policy_active() {
+            let (identity, client_id) = match sender.and_then(|sref| self.session(sref)) {
+                Some(s) => (
+                    Some(Arc::clone(&s.identity)),
+                    Some(Arc::clone(&s.client_id)),
+                ),
+                None => (peer.identity.clone(), None),
+            };
+            let rate_key: Arc<str> = match &identity {
+                Some(id) => Arc::clone(&id.name),
+                None => Arc::from(format!("peer:{peer}")),
+            };
+            let checked = self.authorize_publish(
+                now,
+                identity.as_deref(),
+                client_id.as_deref(),
+                &rate_key,
+                &resolved,
+                data.len(),
+            );
+            if checked.is_err() {
+                self.stats.qos_m1_dropped += 1;
+                self.stats.refuse(RefusalReason::NotAllowed);
+                return;
+            }
+        }
         if let Some(n) = self.stats.publishes.first_mut() {
             *n += 1;
         }
@@ -2802,6 +3052,23 @@ impl Core {
                 topic_id: 0,
                 msg_id,
                 rc: ReturnCode::InvalidTopicId,
+            };
+        }
+        // A client REGISTERs a name to publish to it: a name it may not publish to is refused
+        // at once (REGACK rc 0x03), before it takes a slot of the topic table.
+        let allowed = self.session(sref).is_none_or(|s| {
+            self.config
+                .security
+                .may_publish(&Requester::new(Some(&s.identity), Some(&s.client_id)), name)
+        });
+        if !allowed {
+            self.security_counters.count(Denial::AclPublish);
+            self.stats.reject(ReturnCode::NotSupported);
+            tracing::debug!(topic = name, "REGISTER refused by the ACL.");
+            return Reply::RegAck {
+                topic_id: 0,
+                msg_id,
+                rc: ReturnCode::NotSupported,
             };
         }
         match self.topic_id_for(sref, name) {
@@ -2900,6 +3167,20 @@ impl Core {
                 .push_back((peer, reject(ReturnCode::InvalidTopicId)));
             return;
         };
+        let allowed = self.session(sref).is_none_or(|s| {
+            self.config.security.may_subscribe(
+                &Requester::new(Some(&s.identity), Some(&s.client_id)),
+                &filter,
+            )
+        });
+        if !allowed {
+            self.security_counters.count(Denial::AclSubscribe);
+            self.stats.reject(ReturnCode::NotSupported);
+            tracing::debug!(%filter, "SUBSCRIBE refused by the ACL.");
+            self.transmits
+                .push_back((peer, reject(ReturnCode::NotSupported)));
+            return;
+        }
         let max_subs = self.config.max_subscriptions_per_client;
         let Some(s) = self.session_mut(sref) else {
             return;
@@ -3074,6 +3355,11 @@ impl Core {
     // Downlink delivery.
 
     fn enqueue(&mut self, now: Instant, sref: SessionRef, down: Down) -> Queued {
+        // A subscription made under an earlier ACL gets only what the ACL in force allows.
+        if !self.may_receive(sref, &down.topic) {
+            self.security_counters.count(Denial::AclDeniedDelivery);
+            return Queued::Dropped;
+        }
         let policy = self.config.queue_full;
         let (limit, keep) = match self.session(sref).map(|s| &s.state) {
             Some(State::Asleep { .. } | State::Awake) => {

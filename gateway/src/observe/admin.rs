@@ -272,6 +272,16 @@ pub fn status_doc(sources: &Sources, s: &Snapshot) -> StatusDoc {
                 messages_in: report.map_or(0, |r| r.counters.messages_in_total()),
                 refused: report.map_or(0, |r| r.counters.refusals.iter().sum()),
                 downlink_delivered: report.map_or(0, |r| r.counters.downlink_delivered),
+                security: i
+                    .events
+                    .iter()
+                    .filter(|(name, _)| {
+                        crate::security::Denial::ALL
+                            .iter()
+                            .any(|d| d.as_str() == *name)
+                    })
+                    .map(|&(name, n)| (name.to_owned(), n))
+                    .collect(),
             }
         })
         .collect();

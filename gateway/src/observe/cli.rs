@@ -628,6 +628,7 @@ mod tests {
                 messages_in: 1234,
                 refused: 0,
                 downlink_delivered: 5,
+                security: BTreeMap::new(),
             }],
             upstreams: vec![UpstreamInfo {
                 name: "cloud".into(),

@@ -170,6 +170,11 @@ pub struct ProtocolInfo {
     pub refused: u64,
     /// Downlink messages delivered to clients since start.
     pub downlink_delivered: u64,
+    /// Refusals by `[[acl]]`, `[limits]` and the identity checks since start, per reason
+    /// (`acl_denied_publish`, `rate_limited` ...; the `event` labels of
+    /// `sensorgate_ingress_events_total`).
+    #[serde(default)]
+    pub security: std::collections::BTreeMap<String, u64>,
 }
 
 /// One upstream.

@@ -1765,3 +1765,4 @@ fn block1_uploads_count_against_exchanges_per_peer() {
 }
 
 mod reload;
+mod security;

@@ -2023,5 +2023,6 @@ mod peers;
 mod persist;
 mod reload;
 mod routes;
+mod security;
 mod serial_link;
 mod states;

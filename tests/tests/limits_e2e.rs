@@ -1,0 +1,145 @@
+//! Per-identity rate and size limits (`[limits]`) through the real binary: over the rate an
+//! MQTT-SN QoS 1 publish gets PUBACK rc 0x01 (congestion) and a QoS 0 one is dropped, a CoAP
+//! request 4.29 Too Many Requests with Max-Age, an HTTP request 429 with Retry-After; a
+//! payload above `max_message_size` is refused (rc 0x03, 4.13, 413); identities have their
+//! own buckets; every refusal is counted per protocol in `/metrics`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::time::Duration;
+
+use sensorgate_tests::coap::{CON, Msg, RawClient, codes, opts};
+use sensorgate_tests::http::{Device, HttpRig, HttpSetup, TOKEN1, TOKEN2, bearer, curl, metric};
+use sensorgate_tests::sn::{self, Qos, TopicType};
+use sensorgate_tests::{Rig, SnClient, poll_until};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Two messages at once, then one every ten seconds (a test never waits that long), payloads
+/// up to 16 bytes.
+const LIMITS: &str = "\n[limits]\nmessages_per_second = 0.1\nmessage_burst = 2\n\
+                      max_message_size = \"16B\"\n";
+
+fn publish_rc(c: &mut SnClient, payload: &[u8]) -> u8 {
+    let msg_id = c
+        .publish(Qos::One, TopicType::Predefined, 1, false, payload)
+        .unwrap();
+    match c.next_packet().unwrap() {
+        sn::Packet::Puback { msg_id: m, rc, .. } if m == msg_id => rc,
+        other => panic!("expected a PUBACK, got {other:?}"),
+    }
+}
+
+fn await_event(rig: &Rig, protocol: &str, event: &str, want: f64) {
+    poll_until(
+        "the ingress event counter",
+        WAIT,
+        Duration::from_millis(50),
+        || {
+            let (code, body) = rig.gateway.admin_get("/metrics")?;
+            let v = metric(
+                &body,
+                "sensorgate_ingress_events_total",
+                &[("protocol", protocol), ("event", event)],
+            );
+            Ok((code == 200 && v == Some(want)).then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{protocol}/{event} != {want}: {e:#}"));
+}
+
+#[test]
+fn mqttsn_over_the_rate_is_congestion_and_too_large_is_rc_3() {
+    let rig = Rig::start_with(|c| {
+        c.with_admin()?;
+        c.extra_sections.push_str(LIMITS);
+        Ok(())
+    })
+    .unwrap();
+    let mut sub = rig.subscribe(&["sensors/#"]).unwrap();
+    let mut c = rig.connected("dev1").unwrap();
+    assert_eq!(publish_rc(&mut c, b"1"), sn::RC_ACCEPTED);
+    assert_eq!(publish_rc(&mut c, b"2"), sn::RC_ACCEPTED);
+    assert_eq!(publish_rc(&mut c, b"3"), sn::RC_CONGESTION);
+    // QoS 0 over the rate: no answer, not forwarded.
+    c.publish(Qos::Zero, TopicType::Predefined, 1, false, b"4")
+        .unwrap();
+    c.assert_no_reply().unwrap();
+    // Another identity has its own bucket; too large is refused for good.
+    let mut d = rig.connected("dev2").unwrap();
+    assert_eq!(
+        publish_rc(&mut d, b"0123456789abcdefX"),
+        sn::RC_NOT_SUPPORTED
+    );
+    assert_eq!(publish_rc(&mut d, b"5"), sn::RC_ACCEPTED);
+    for want in [&b"1"[..], b"2", b"5"] {
+        assert_eq!(sub.expect().unwrap().payload.as_slice(), want);
+    }
+    await_event(&rig, "mqtt-sn", "rate_limited", 2.0);
+    await_event(&rig, "mqtt-sn", "too_large", 1.0);
+}
+
+#[test]
+fn coap_over_the_rate_is_4_29_with_max_age() {
+    let rig = Rig::start_with(|c| {
+        c.with_admin()?;
+        c.with_coap()?;
+        c.extra_sections.push_str(LIMITS);
+        Ok(())
+    })
+    .unwrap();
+    let mut client = RawClient::new(rig.gateway.coap_addr()).unwrap();
+    let mut put = |payload: &[u8]| {
+        let mid = client.mid();
+        let token = client.token();
+        let req = Msg::request(CON, codes::PUT, mid, &token, "ps/sensors/t?id=dev1")
+            .with_payload(payload);
+        client.request(&req, WAIT).unwrap()
+    };
+    assert_eq!(put(b"1").code, codes::CHANGED);
+    assert_eq!(put(b"2").code, codes::CHANGED);
+    let refused = put(b"3");
+    assert_eq!(refused.code, 0x9D, "4.29: {}", refused.describe());
+    // Ten seconds per token: Max-Age says when to come back (whole seconds, rounded up).
+    let max_age = refused.uint(opts::MAX_AGE).unwrap();
+    assert!((1..=10).contains(&max_age), "{max_age}");
+    let big = put(b"0123456789abcdefX");
+    assert_eq!(big.code, codes::REQUEST_ENTITY_TOO_LARGE);
+    await_event(&rig, "coap", "rate_limited", 1.0);
+    await_event(&rig, "coap", "too_large", 1.0);
+}
+
+#[test]
+fn http_over_the_rate_is_429_with_retry_after() {
+    let http = HttpSetup::new().unwrap().devices(vec![
+        Device::new("dev1", TOKEN1),
+        Device::new("dev2", TOKEN2),
+    ]);
+    let rig = HttpRig::start_with(&http, |c| {
+        c.extra_sections.push_str(LIMITS);
+        Ok(())
+    })
+    .unwrap();
+    let post = |token: &str, topic: &str, body: &str| {
+        curl(&[
+            "-H",
+            &bearer(token),
+            "--data-binary",
+            body,
+            &rig.url(&format!("/v1/publish/{topic}?qos=1")),
+        ])
+        .unwrap()
+    };
+    assert_eq!(post(TOKEN1, "sensors/dev1/t", "1").status, 200);
+    assert_eq!(post(TOKEN1, "sensors/dev1/t", "2").status, 200);
+    let r = post(TOKEN1, "sensors/dev1/t", "3");
+    assert_eq!(r.status, 429, "{}", r.describe());
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=10).contains(&retry), "{retry}");
+    assert_eq!(post(TOKEN2, "sensors/dev2/t", "1").status, 200);
+    let r = post(TOKEN2, "sensors/dev2/t", "0123456789abcdefX");
+    assert_eq!(r.status, 413, "{}", r.describe());
+    // The shared limits' 429s are in HTTP's one `rate_limited` event.
+    await_event(&rig.rig, "http", "rate_limited", 1.0);
+    await_event(&rig.rig, "http", "too_large", 1.0);
+}
