@@ -45,11 +45,12 @@ pub use diag::{Diagnostic, KeyPath};
 use diag::{Reporter, fields_of, path_of_span, remove_value};
 pub use gateway::{GatewaySection, LogSection};
 use gateway::{RawGateway, RawLog};
+pub(crate) use http::check_prefix as http_check_prefix;
 pub use http::{
-    ANONYMOUS_ID, ClientCertMode, DeviceSpec, HttpSection, MAX_DEVICE_ID_LEN, SseQueueFull,
-    TlsFiles,
+    ANONYMOUS_ID, ClientCertMode, DeviceSpec, HttpSection, JwtAlgorithm, JwtKeyFile, JwtSpec,
+    MAX_DEVICE_ID_LEN, SseQueueFull, TlsFiles,
 };
-use http::{RawDevice, RawHttp};
+use http::{RawDevice, RawHttp, RawJwt};
 pub use mqttsn::MqttSnSection;
 use mqttsn::{RawMqttSn, RawPredefined};
 use route::RawRoute;
@@ -447,6 +448,7 @@ fn known_fields(key: &KeyPath) -> &'static [&'static str] {
         ["coap"] => fields_of::<RawCoap>(),
         ["http"] => fields_of::<RawHttp>(),
         ["http", "device"] => fields_of::<RawDevice>(),
+        ["http", "jwt"] => fields_of::<RawJwt>(),
         ["spool"] => fields_of::<RawSpool>(),
         ["admin"] => fields_of::<RawAdmin>(),
         ["upstream"] => fields_of::<RawUpstream>(),

@@ -46,6 +46,7 @@ use super::request::{self, Refusal};
 use super::server::ConnInfo;
 use super::sse::{HubRefused, KEEPALIVE, StreamId, StreamQueue, Subscriptions, encode_ready};
 use super::stats::HttpStats;
+use crate::identity::IdentitySource;
 use crate::observe::model::DownlinkDropReason;
 
 /// `application/json` for every body we write.
@@ -100,6 +101,14 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)
+}
+
+/// The wall clock in Unix seconds (JWT `exp` / `nbf`); 0 if the clock is before 1970.
+#[allow(clippy::disallowed_methods)] // Handlers are the adapters: they read the clock.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[allow(clippy::disallowed_methods)] // Handlers are the adapters: they read the clock.
@@ -203,7 +212,12 @@ impl App {
             .map(HeaderValue::as_bytes);
         let identity = settings
             .auth
-            .authenticate(authorization, ctx.cert_device.as_deref())
+            .authenticate(authorization, ctx.cert_device.as_deref(), unix_now())
+            .inspect(|identity| {
+                if identity.source == IdentitySource::Jwt {
+                    self.stats().jwt_accepted();
+                }
+            })
             .map_err(|e| match e {
                 AuthError::Missing => Refusal::Unauthorized {
                     invalid_token: false,
@@ -213,6 +227,12 @@ impl App {
                 },
                 AuthError::CredentialsDisagree => Refusal::CredentialsDisagree,
                 AuthError::UnknownCertificate => Refusal::UnknownCertificate,
+                AuthError::Jwt(error) => {
+                    self.stats().jwt_refused(error);
+                    // Peer-triggered: debug only; never the token.
+                    tracing::debug!(peer = %ctx.peer, reason = error.code(), "JWT refused.");
+                    Refusal::InvalidJwt(error)
+                }
             })?;
         let device: Arc<str> = if identity.anonymous {
             Arc::from(format!("anonymous@{}", ctx.peer.ip()))
