@@ -683,12 +683,12 @@ fn jwks_keys(spec: &JwtSpec, bytes: &[u8]) -> Result<Vec<Key>, String> {
             }
         };
         let declared = jwk.common.key_algorithm;
-        let fits = match (declared, alg) {
+        let fits = matches!(
+            (declared, alg),
             (None, _)
-            | (Some(KeyAlgorithm::RS256), JwtAlgorithm::Rs256)
-            | (Some(KeyAlgorithm::ES256), JwtAlgorithm::Es256) => true,
-            _ => false,
-        };
+                | (Some(KeyAlgorithm::RS256), JwtAlgorithm::Rs256)
+                | (Some(KeyAlgorithm::ES256), JwtAlgorithm::Es256)
+        );
         if !fits {
             return Err(at(&format!(
                 "its alg {declared:?} is not {} (the only algorithm of its key type here)",
