@@ -324,3 +324,80 @@ fn sighup_with_a_rotated_key_refuses_the_old_token_and_accepts_the_new_one() {
     .unwrap();
     assert_eq!(publish(&rig, "sensors/dev1/c", &new, "5").status, 200);
 }
+
+fn check_config(path: &Path) -> (Option<i32>, String) {
+    let out = sensorgate_tests::run_bounded(
+        Command::new(sensorgate_tests::sensorgate_bin()).args(["check-config", "-c", p(path)]),
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn check_config_reads_the_key_file_and_locates_jwt_mistakes() {
+    let dir = temp_dir().unwrap();
+    let d = dir.path();
+    let (private, public) = keypair(d, "k", "rsa");
+    let port = sensorgate_tests::free_tcp_port().unwrap();
+    let config = |jwt: &str| {
+        let mut cfg =
+            sensorgate_tests::GatewayConfig::new(sensorgate_tests::free_tcp_port().unwrap())
+                .unwrap();
+        cfg.extra_sections.push_str(&format!(
+            "\n[http]\nlisten = [\"127.0.0.1:{port}\"]\n[http.jwt]\n{jwt}audience = \"gw\"\n"
+        ));
+        let text = cfg.render(&d.join("state"));
+        let path = d.join("t.toml");
+        std::fs::write(&path, &text).unwrap();
+        (path, text)
+    };
+    let (path, _) = config(&format!("public_key = \"{}\"\n", p(&public)));
+    let (code, out) = check_config(&path);
+    assert_eq!(code, Some(0), "{out}");
+
+    // The private key instead of the public one: 78, the key and the file named, no key bytes.
+    let (path, _) = config(&format!("public_key = \"{}\"\n", p(&private)));
+    let (code, out) = check_config(&path);
+    assert_eq!(code, Some(78), "{out}");
+    assert!(
+        out.contains("[http.jwt] public_key") && out.contains(p(&private)),
+        "{out}"
+    );
+    assert!(out.contains("private key"), "{out}");
+    let secret = std::fs::read_to_string(&private).unwrap();
+    let secret_line = secret.lines().nth(1).unwrap();
+    assert!(!out.contains(secret_line), "key material in the output");
+
+    // A missing file.
+    let (path, _) = config("public_key = \"/nonexistent/jwt.pem\"\n");
+    let (code, out) = check_config(&path);
+    assert_eq!(code, Some(78), "{out}");
+    assert!(out.contains("/nonexistent/jwt.pem"), "{out}");
+
+    // HS256 is refused at its line and column.
+    let (path, text) = config(&format!(
+        "public_key = \"{}\"\nalgorithms = [\"RS256\", \"HS256\"]\n",
+        p(&public)
+    ));
+    let (code, out) = check_config(&path);
+    assert_eq!(code, Some(78), "{out}");
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("algorithms"))
+        .unwrap()
+        + 1;
+    let at = format!("{}:{line}:", p(&path));
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&at) && l.contains("algorithm confusion")),
+        "{out}"
+    );
+}
