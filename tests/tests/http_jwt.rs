@@ -209,6 +209,11 @@ fn jwks_tokens_publish_within_their_scope_and_each_refusal_says_why() {
     let r = publish(&rig, "sensors/dev2/temp", &good, "1");
     assert_eq!(r.status, 403, "{}", r.describe());
     assert_eq!(r.error_code().as_deref(), Some("forbidden_topic"));
+    // And outside its subscribe scope.
+    let auth = format!("Authorization: Bearer {good}");
+    let r = curl(&["-H", &auth, &rig.url("/v1/subscribe?filter=cmd/dev2/%23")]).unwrap();
+    assert_eq!(r.status, 403, "{}", r.describe());
+    assert_eq!(r.error_code().as_deref(), Some("forbidden_filter"));
 
     let cases = [
         (
@@ -257,7 +262,7 @@ fn jwks_tokens_publish_within_their_scope_and_each_refusal_says_why() {
             &[("protocol", "http"), ("event", name)],
         )
     };
-    assert_eq!(event("jwt_accepted"), Some(2.0), "the 200 and the 403");
+    assert_eq!(event("jwt_accepted"), Some(3.0), "the 200 and the two 403s");
     for (_, reason) in &cases {
         assert_eq!(
             event(&format!("jwt_refused_{reason}")),

@@ -317,7 +317,12 @@ impl Reloader {
         let jwt = load_jwt(section)?;
         let mut notes = notes(&old.section, section);
         match (&jwt, old.auth.jwt()) {
-            (Some(new), Some(old)) if new.same_keys(old) => {}
+            (Some(new), Some(old)) if new.same_keys(old) => {
+                if new.spec() != old.spec() {
+                    notes
+                        .push("[http.jwt] settings changed: in force from the next request".into());
+                }
+            }
             (Some(new), _) => notes.push(jwt_note(new)),
             (None, Some(_)) => notes.push(
                 "[http.jwt] removed: JWT bearer tokens get 401 (as unknown static tokens)".into(),
