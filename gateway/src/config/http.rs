@@ -375,9 +375,26 @@ impl HttpSection {
         s
     }
 
-    /// The summary line of the limits.
+    /// The summary line of the limits (and of `[http.jwt]` when it is on).
     pub(super) fn summary_limits(&self) -> String {
-        format!(
+        let jwt = self.jwt.as_ref().map_or_else(String::new, |j| {
+            format!(
+                "http jwt: {} {} ({}), audience {:?}{}, leeway {}\n",
+                j.keys.key(),
+                j.keys.path().display(),
+                j.algorithms
+                    .iter()
+                    .map(|a| a.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                j.audience,
+                j.issuer
+                    .as_ref()
+                    .map_or_else(String::new, |i| format!(", issuer {i:?}")),
+                humantime::format_duration(j.leeway)
+            )
+        });
+        let limits = format!(
             "http: {} device(s), anonymous {}; bodies up to {}, batches up to {} and {} items; \
              {} connections ({} per IP); {}; {}\n",
             self.devices.len(),
@@ -400,7 +417,8 @@ impl HttpSection {
             } else {
                 format!("up to {} SSE streams", self.max_streams)
             },
-        )
+        );
+        limits + &jwt
     }
 }
 

@@ -2541,12 +2541,16 @@ fn jwt_keys_are_checked_and_located() {
          algorithms = [\"ES256\"]\nleeway = \"0s\"\nidentity_claim = \"device\"\n\
          default_publish = [\"public\"]\nmax_keys = 3\n"
     );
-    let jwt = Config::parse(Path::new("/etc/sg/t.toml"), &ok)
-        .unwrap()
-        .http
-        .unwrap()
-        .jwt
-        .unwrap();
+    let c = Config::parse(Path::new("/etc/sg/t.toml"), &ok).unwrap();
+    assert!(
+        c.summary().contains(
+            "http jwt: jwks /etc/sg/keys/jwks.json (ES256), audience \"gw\", issuer \"me\", \
+             leeway 0s\n"
+        ),
+        "{}",
+        c.summary()
+    );
+    let jwt = c.http.unwrap().jwt.unwrap();
     assert_eq!(jwt.keys, JwtKeyFile::Jwks("/etc/sg/keys/jwks.json".into()));
     assert_eq!(jwt.algorithms, vec![JwtAlgorithm::Es256]);
     assert_eq!(
