@@ -36,7 +36,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::crypto::{CryptoProvider, JwkUtils, JwtSigner, JwtVerifier as JwsVerifier};
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, ThumbprintHash};
+use jsonwebtoken::jwk::{
+    AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse, ThumbprintHash,
+};
 use jsonwebtoken::signature::{self, Verifier};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, DecodingKeyKind, EncodingKey};
 use serde::Deserialize;
@@ -682,6 +684,12 @@ fn jwks_keys(spec: &JwtSpec, bytes: &[u8]) -> Result<Vec<Key>, String> {
                 return Err(at("an `OKP` key: EdDSA is not supported"));
             }
         };
+        if !matches!(
+            jwk.common.public_key_use,
+            None | Some(PublicKeyUse::Signature)
+        ) {
+            return Err(at("its `use` is not `sig`: not a signature key"));
+        }
         let declared = jwk.common.key_algorithm;
         let fits = matches!(
             (declared, alg),

@@ -516,6 +516,10 @@ fn key_files_that_cannot_be_used_are_refused_with_the_reason() {
         json!({"keys": [wrong_alg]}).to_string().as_bytes(),
     );
     assert!(e.contains("is not RS256"), "{e}");
+    let mut enc = rsa_jwk(&a, "a");
+    enc["use"] = json!("enc");
+    let e = err(&jwks_spec(), json!({"keys": [enc]}).to_string().as_bytes());
+    assert!(e.contains("not `sig`"), "{e}");
     // The message never carries key material.
     assert!(!e.contains(&rsa_jwk(&a, "a")["n"].as_str().unwrap()[..20]));
     assert!(
