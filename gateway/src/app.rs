@@ -135,6 +135,9 @@ pub enum RunError {
     /// The HTTPS listener's certificate, key or client CA could not be loaded.
     #[error(transparent)]
     HttpTls(#[from] http::tls::TlsError),
+    /// The `[http.jwt]` key file could not be loaded.
+    #[error(transparent)]
+    HttpJwt(#[from] http::jwt::JwtKeyError),
     /// The HTTP ingress's thread could not start.
     #[error("cannot start the HTTP ingress thread: {0}")]
     HttpThread(std::io::Error),
@@ -156,7 +159,8 @@ impl RunError {
             RunError::Upstream { .. }
             | RunError::AmqpUpstream { .. }
             | RunError::HttpTls(_)
-            | RunError::Dtls(_) => ErrorClass::Config,
+            | RunError::Dtls(_)
+            | RunError::HttpJwt(_) => ErrorClass::Config,
             RunError::Spool(OpenError::Locked { .. }) => ErrorClass::Unavailable,
             RunError::Spool(OpenError::Format { .. }) => ErrorClass::Data,
             RunError::Spool(OpenError::Io { source, .. }) => class_of_io(source),
@@ -1181,7 +1185,7 @@ fn start_http(
         queries: query_rx,
         beat: Arc::clone(&beat),
     };
-    let reloader = http::Reloader::new(section);
+    let reloader = http::Reloader::new(section)?;
     let thread_reloader = reloader.clone();
     let workers = section.worker_threads;
     let (done_tx, done) = tokio::sync::oneshot::channel();

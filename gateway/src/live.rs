@@ -138,13 +138,24 @@ pub fn routes_part(router: RouteReconfigurer) -> Part {
     })
 }
 
-/// The HTTP ingress's part: the new `[http]` section for requests and connections from now on.
+/// The HTTP ingress's part: the new `[http]` section for requests and connections from now on,
+/// or, with `[http]` unchanged, the re-read `[http.jwt]` key file when its contents changed.
 #[must_use]
 pub fn http_part(reloader: crate::http::Reloader) -> Part {
     Box::new(move |plan, _new| {
-        let section = plan.http.clone()?;
-        let notes = reloader.apply(&section);
-        let work: PartFuture = Box::pin(std::future::ready(PartResult { notes, error: None }));
+        // Without an `[http]` change, a SIGHUP still re-reads the JWT key file (key rotation).
+        let result = match plan.http.as_ref() {
+            Some(section) => reloader.apply(section),
+            None => reloader.reload_keys()?,
+        };
+        let result = match result {
+            Ok(notes) => PartResult { notes, error: None },
+            Err(e) => PartResult {
+                notes: Vec::new(),
+                error: Some(format!("{e} (the [http] settings in force are kept)")),
+            },
+        };
+        let work: PartFuture = Box::pin(std::future::ready(result));
         Some(("[http]".to_owned(), work))
     })
 }

@@ -106,6 +106,9 @@ pub enum PreflightError {
     /// the key and the file).
     #[error(transparent)]
     HttpTls(#[from] crate::http::tls::TlsError),
+    /// The `[http.jwt]` key file cannot be used (the message names the key and the file).
+    #[error(transparent)]
+    HttpJwt(#[from] crate::http::jwt::JwtKeyError),
 }
 
 impl PreflightError {
@@ -116,9 +119,9 @@ impl PreflightError {
                 ErrorClass::CantCreate
             }
             PreflightError::NotWritable { .. } => ErrorClass::Permission,
-            PreflightError::MinFreeTooLarge { .. } | PreflightError::HttpTls(_) => {
-                ErrorClass::Config
-            }
+            PreflightError::MinFreeTooLarge { .. }
+            | PreflightError::HttpTls(_)
+            | PreflightError::HttpJwt(_) => ErrorClass::Config,
             PreflightError::Inspect { error, .. } => class_of_io(error),
         }
     }
@@ -194,10 +197,15 @@ pub fn check(config: &Config) -> Result<(), PreflightError> {
             });
         }
     }
-    // The TLS files are read now, so `check-config` reports a wrong one as `run` would.
+    // The TLS and JWT key files are read now, so `check-config` reports a wrong one as `run`
+    // would.
     if let Some(http) = &config.http {
         if let Some(files) = &http.tls {
             crate::http::tls::server_config(files, http.http2)?;
+        }
+        // The JWT key file likewise (the start and every SIGHUP read it again).
+        if let Some(jwt) = &http.jwt {
+            crate::http::jwt::JwtVerifier::load(jwt)?;
         }
     }
     Ok(())

@@ -16,6 +16,11 @@
 //! - Every device can authenticate: it has a `token_hash`, or client certificates are
 //!   requested (`client_ca`). No two devices share an id or a token.
 //! - Grants are prefixes: a valid topic name, or `#` alone (everything).
+//! - `[http.jwt]` names exactly one of `public_key` (PEM) and `jwks` (a local JWKS file),
+//!   relative to the config file's directory, and an `audience`; `algorithms` are RS256 and/or
+//!   ES256 only (never `none`, never an HMAC one: the keys are public). The key file is not
+//!   read here: preflight (`check-config`), the start and every SIGHUP read it
+//!   ([`crate::http::jwt::JwtVerifier::load`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -115,7 +120,92 @@ pub struct HttpSection {
     /// `[[acl]]` and `[limits]` (set by `config::compile`; not an `[http]` key): checked on top
     /// of the devices' own grants and rate.
     pub security: std::sync::Arc<crate::security::Policy>,
+    /// JWT bearer tokens (`[http.jwt]`); `None`: bearer tokens are the static ones only.
+    pub jwt: Option<JwtSpec>,
 }
+
+/// `[http.jwt]`: how JWT bearer tokens are verified and what their claims grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtSpec {
+    /// Where the verification keys are.
+    pub keys: JwtKeyFile,
+    /// The `alg` values accepted (RS256, ES256); anything else is refused before any key is
+    /// looked at.
+    pub algorithms: Vec<JwtAlgorithm>,
+    /// The `aud` value tokens must carry (alone or in their `aud` list).
+    pub audience: String,
+    /// The `iss` value tokens must carry, when set.
+    pub issuer: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway: Duration,
+    /// The claim naming the device identity (a string).
+    pub identity_claim: String,
+    /// The claim holding the topic prefixes the token may publish to.
+    pub publish_claim: String,
+    /// The claim holding the filter prefixes the token may subscribe to.
+    pub subscribe_claim: String,
+    /// Publish prefixes of a token without `publish_claim` (default: none).
+    pub default_publish: Vec<String>,
+    /// Subscribe prefixes of a token without `subscribe_claim` (default: none).
+    pub default_subscribe: Vec<String>,
+    /// Longest JWT (the whole `Authorization` token), in bytes.
+    pub max_token_size: usize,
+    /// Largest decoded JOSE header, in bytes.
+    pub max_token_header_size: usize,
+    /// Most keys in the JWKS file.
+    pub max_keys: usize,
+}
+
+/// The key file of `[http.jwt]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwtKeyFile {
+    /// One PEM public key (`public_key`): RSA (`PUBLIC KEY` or `RSA PUBLIC KEY`) or EC P-256.
+    PublicKey(PathBuf),
+    /// A JWK Set (`jwks`): keys chosen by the token's `kid`.
+    Jwks(PathBuf),
+}
+
+impl JwtKeyFile {
+    /// The file's path.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        match self {
+            JwtKeyFile::PublicKey(p) | JwtKeyFile::Jwks(p) => p,
+        }
+    }
+
+    /// The config key that names it.
+    #[must_use]
+    pub fn key(&self) -> &'static str {
+        match self {
+            JwtKeyFile::PublicKey(_) => "public_key",
+            JwtKeyFile::Jwks(_) => "jwks",
+        }
+    }
+}
+
+/// A JWS algorithm `[http.jwt] algorithms` may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JwtAlgorithm {
+    /// RSASSA-PKCS1-v1_5 with SHA-256 (RSA keys of 2048..=8192 bits).
+    Rs256,
+    /// ECDSA on P-256 with SHA-256.
+    Es256,
+}
+
+impl JwtAlgorithm {
+    /// The JOSE name (`alg`).
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JwtAlgorithm::Rs256 => "RS256",
+            JwtAlgorithm::Es256 => "ES256",
+        }
+    }
+}
+
+/// The names `[http.jwt] algorithms` accepts.
+const JWT_ALGORITHMS: [&str; 2] = ["RS256", "ES256"];
 
 impl Default for HttpSection {
     fn default() -> Self {
@@ -157,6 +247,29 @@ impl Default for HttpSection {
             sse_keepalive: Duration::from_secs(15),
             max_devices_tracked: 10_000,
             security: std::sync::Arc::default(),
+            jwt: None,
+        }
+    }
+}
+
+impl JwtSpec {
+    /// The defaults of every key but the key file and the audience (which have none).
+    #[must_use]
+    pub fn with(keys: JwtKeyFile, audience: &str) -> Self {
+        JwtSpec {
+            keys,
+            algorithms: vec![JwtAlgorithm::Rs256, JwtAlgorithm::Es256],
+            audience: audience.to_owned(),
+            issuer: None,
+            leeway: Duration::from_secs(30),
+            identity_claim: "sub".into(),
+            publish_claim: "sg_pub".into(),
+            subscribe_claim: "sg_sub".into(),
+            default_publish: Vec::new(),
+            default_subscribe: Vec::new(),
+            max_token_size: 8 << 10,
+            max_token_header_size: 1 << 10,
+            max_keys: 16,
         }
     }
 }
@@ -222,7 +335,7 @@ impl HttpSection {
             .filter(|a| !a.ip().is_loopback())
             .map(ToString::to_string)
             .collect();
-        let tokens = self.devices.iter().any(|d| d.token_hash.is_some());
+        let tokens = self.devices.iter().any(|d| d.token_hash.is_some()) || self.jwt.is_some();
         (tokens && !open.is_empty()).then(|| {
             format!(
                 "[http] listen {} is plain HTTP reachable from other hosts, and devices \
@@ -266,9 +379,26 @@ impl HttpSection {
         s
     }
 
-    /// The summary line of the limits.
+    /// The summary line of the limits (and of `[http.jwt]` when it is on).
     pub(super) fn summary_limits(&self) -> String {
-        format!(
+        let jwt = self.jwt.as_ref().map_or_else(String::new, |j| {
+            format!(
+                "http jwt: {} {} ({}), audience {:?}{}, leeway {}\n",
+                j.keys.key(),
+                j.keys.path().display(),
+                j.algorithms
+                    .iter()
+                    .map(|a| a.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                j.audience,
+                j.issuer
+                    .as_ref()
+                    .map_or_else(String::new, |i| format!(", issuer {i:?}")),
+                humantime::format_duration(j.leeway)
+            )
+        });
+        let limits = format!(
             "http: {} device(s), anonymous {}; bodies up to {}, batches up to {} and {} items; \
              {} connections ({} per IP); {}; {}\n",
             self.devices.len(),
@@ -291,7 +421,8 @@ impl HttpSection {
             } else {
                 format!("up to {} SSE streams", self.max_streams)
             },
-        )
+        );
+        limits + &jwt
     }
 }
 
@@ -340,6 +471,7 @@ pub(super) struct RawHttp {
     sse_keepalive: DurationText,
     max_devices_tracked: i64,
     device: Vec<RawDevice>,
+    jwt: Option<RawJwt>,
 }
 
 impl Default for RawHttp {
@@ -389,6 +521,50 @@ impl Default for RawHttp {
             sse_keepalive: duration(d.sse_keepalive),
             max_devices_tracked: int(d.max_devices_tracked),
             device: Vec::new(),
+            jwt: None,
+        }
+    }
+}
+
+/// `[http.jwt]`, as written.
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub(super) struct RawJwt {
+    public_key: Option<String>,
+    jwks: Option<String>,
+    algorithms: Vec<String>,
+    audience: Option<String>,
+    issuer: Option<String>,
+    leeway: DurationText,
+    identity_claim: String,
+    publish_claim: String,
+    subscribe_claim: String,
+    default_publish: Vec<String>,
+    default_subscribe: Vec<String>,
+    max_token_size: SizeText,
+    max_token_header_size: SizeText,
+    max_keys: i64,
+}
+
+impl Default for RawJwt {
+    /// [`JwtSpec::with`]'s defaults as written.
+    fn default() -> Self {
+        let d = JwtSpec::with(JwtKeyFile::PublicKey(PathBuf::new()), "");
+        RawJwt {
+            public_key: None,
+            jwks: None,
+            algorithms: d.algorithms.iter().map(|a| a.as_str().to_owned()).collect(),
+            audience: None,
+            issuer: None,
+            leeway: DurationText(humantime::format_duration(d.leeway).to_string()),
+            identity_claim: d.identity_claim,
+            publish_claim: d.publish_claim,
+            subscribe_claim: d.subscribe_claim,
+            default_publish: d.default_publish,
+            default_subscribe: d.default_subscribe,
+            max_token_size: SizeText(units::format_size(d.max_token_size as u64)),
+            max_token_header_size: SizeText(units::format_size(d.max_token_header_size as u64)),
+            max_keys: i64::try_from(d.max_keys).unwrap_or(i64::MAX),
         }
     }
 }
@@ -442,7 +618,7 @@ fn takes_admin_port(http: SocketAddr, admin: SocketAddr) -> bool {
 }
 
 /// A grant prefix: `#` alone, or a topic name without wildcards.
-fn check_prefix(prefix: &str) -> Result<(), String> {
+pub(crate) fn check_prefix(prefix: &str) -> Result<(), String> {
     if prefix == "#" {
         return Ok(());
     }
@@ -663,6 +839,10 @@ pub(super) fn compile_http(
     let anonymous_subscribe =
         compile_prefixes(&h.anonymous_subscribe, &hp.key("anonymous_subscribe"), r);
     let devices = compile_devices(&h.device, &hp.key("device"), certificates, r);
+    let jwt = match &h.jwt {
+        None => Some(None),
+        Some(raw) => compile_jwt(raw, base, &hp.key("jwt"), r).map(Some),
+    };
 
     // Bounds.
     let worker_threads = int_in::<usize>(r, &hp.key("worker_threads"), h.worker_threads, 1, 16);
@@ -904,8 +1084,189 @@ pub(super) fn compile_http(
         max_devices_tracked: max_devices_tracked?,
         // Set by `config::compile` from `[[acl]]` and `[limits]`.
         security: std::sync::Arc::default(),
+        jwt: jwt?,
     };
     ok.then_some(section)
+}
+
+/// Longest JWT claim name (`identity_claim`, `publish_claim`, `subscribe_claim`), in bytes.
+const MAX_CLAIM_NAME_LEN: usize = 64;
+
+/// `[http.jwt]`; `None` when a key is wrong (reported).
+fn compile_jwt(j: &RawJwt, base: &Path, path: &KeyPath, r: &mut Reporter<'_>) -> Option<JwtSpec> {
+    let mut ok = true;
+    let file = |key: &str, value: &Option<String>, r: &mut Reporter<'_>| match value.as_deref() {
+        Some("") => {
+            r.at_path(&path.key(key), "must name a file".into(), None);
+            None
+        }
+        other => Some(other.map(|p| base.join(p))),
+    };
+    let public_key = file("public_key", &j.public_key, r);
+    let jwks = file("jwks", &j.jwks, r);
+    let keys = match (public_key, jwks) {
+        (Some(Some(pem)), Some(None)) => Some(JwtKeyFile::PublicKey(pem)),
+        (Some(None), Some(Some(set))) => Some(JwtKeyFile::Jwks(set)),
+        (Some(Some(_)), Some(Some(_))) => {
+            r.at_path(
+                &path.key("jwks"),
+                "is set together with public_key: name one key file".into(),
+                Some("public_key is one PEM key; jwks a JWK Set whose keys have a kid".into()),
+            );
+            None
+        }
+        (Some(None), Some(None)) => {
+            r.at_path(
+                path,
+                "needs public_key (a PEM public key) or jwks (a JWK Set file)".into(),
+                Some("write e.g. public_key = \"/etc/sensorgate/jwt.pem\"".into()),
+            );
+            None
+        }
+        _ => None,
+    };
+    let mut algorithms = Vec::new();
+    if j.algorithms.is_empty() {
+        r.at_path(
+            &path.key("algorithms"),
+            "is empty: no token could be accepted".into(),
+            Some("write e.g. algorithms = [\"RS256\", \"ES256\"]".into()),
+        );
+        ok = false;
+    }
+    for (i, name) in j.algorithms.iter().enumerate() {
+        let alg = match name.as_str() {
+            "RS256" => JwtAlgorithm::Rs256,
+            "ES256" => JwtAlgorithm::Es256,
+            other => {
+                let why = if other.eq_ignore_ascii_case("none") {
+                    "`none` (unsigned tokens) is never accepted".to_owned()
+                } else if other.to_ascii_uppercase().starts_with("HS") {
+                    format!(
+                        "`{other}` is an HMAC algorithm: with a public key anyone could sign \
+                         tokens (algorithm confusion); it is never accepted"
+                    )
+                } else {
+                    format!("unsupported algorithm `{other}`")
+                };
+                let hint = diag::did_you_mean(other, &JWT_ALGORITHMS).map_or_else(
+                    || "use \"RS256\" and/or \"ES256\"".to_owned(),
+                    |b| format!("did you mean `{b}`?"),
+                );
+                r.at_path(&path.key("algorithms").index(i), why, Some(hint));
+                ok = false;
+                continue;
+            }
+        };
+        if algorithms.contains(&alg) {
+            r.at_path(
+                &path.key("algorithms").index(i),
+                format!("`{name}` is listed twice"),
+                None,
+            );
+            ok = false;
+        }
+        algorithms.push(alg);
+    }
+    let audience = match j.audience.as_deref() {
+        Some(a) if !a.is_empty() && !a.chars().any(char::is_control) => Some(a.to_owned()),
+        Some(_) => {
+            r.at_path(
+                &path.key("audience"),
+                "must be a non-empty string without control characters".into(),
+                None,
+            );
+            None
+        }
+        None => {
+            r.at_path(
+                path,
+                "needs audience (the `aud` value tokens for this gateway carry)".into(),
+                Some("write e.g. audience = \"sensorgate\"".into()),
+            );
+            None
+        }
+    };
+    if j.issuer.as_deref() == Some("") {
+        r.at_path(
+            &path.key("issuer"),
+            "must not be empty (remove it to accept any issuer)".into(),
+            None,
+        );
+        ok = false;
+    }
+    let mut claims = Vec::new();
+    for (key, name) in [
+        ("identity_claim", &j.identity_claim),
+        ("publish_claim", &j.publish_claim),
+        ("subscribe_claim", &j.subscribe_claim),
+    ] {
+        if name.is_empty() || name.len() > MAX_CLAIM_NAME_LEN || name.chars().any(char::is_control)
+        {
+            r.at_path(
+                &path.key(key),
+                format!("must be 1..={MAX_CLAIM_NAME_LEN} bytes without control characters"),
+                None,
+            );
+            ok = false;
+        } else if ["exp", "nbf", "iat", "aud", "iss", "jti"].contains(&name.as_str()) {
+            r.at_path(
+                &path.key(key),
+                format!("`{name}` is a registered claim with another meaning"),
+                None,
+            );
+            ok = false;
+        } else if let Some((other, _)) = claims.iter().find(|(_, n)| n == name) {
+            r.at_path(
+                &path.key(key),
+                format!("`{name}` is already {other}"),
+                Some("each claim has one meaning".into()),
+            );
+            ok = false;
+        }
+        claims.push((key, name.clone()));
+    }
+    let default_publish = compile_prefixes(&j.default_publish, &path.key("default_publish"), r);
+    let default_subscribe =
+        compile_prefixes(&j.default_subscribe, &path.key("default_subscribe"), r);
+    let leeway = duration_in(
+        r,
+        &path.key("leeway"),
+        &j.leeway,
+        Duration::ZERO,
+        Duration::from_secs(600),
+    );
+    let max_token_size = size_in(
+        r,
+        &path.key("max_token_size"),
+        &j.max_token_size,
+        256,
+        64 << 10,
+    );
+    let max_token_header_size = size_in(
+        r,
+        &path.key("max_token_header_size"),
+        &j.max_token_header_size,
+        64,
+        16 << 10,
+    );
+    let max_keys = int_in::<usize>(r, &path.key("max_keys"), j.max_keys, 1, 1000);
+    let spec = JwtSpec {
+        keys: keys?,
+        algorithms,
+        audience: audience?,
+        issuer: j.issuer.clone(),
+        leeway: leeway?,
+        identity_claim: j.identity_claim.clone(),
+        publish_claim: j.publish_claim.clone(),
+        subscribe_claim: j.subscribe_claim.clone(),
+        default_publish: default_publish?,
+        default_subscribe: default_subscribe?,
+        max_token_size: max_token_size?,
+        max_token_header_size: max_token_header_size?,
+        max_keys: max_keys?,
+    };
+    ok.then_some(spec)
 }
 
 /// `[[http.device]]`; `certificates`: whether client certificates are asked for (a device

@@ -50,11 +50,12 @@ pub use dtls::{COAPS_PORT, DtlsSection};
 use dtls::{RawDtls, RawPsk};
 pub use gateway::{GatewaySection, LogSection};
 use gateway::{RawGateway, RawLog};
+pub(crate) use http::check_prefix as http_check_prefix;
 pub use http::{
-    ANONYMOUS_ID, ClientCertMode, DeviceSpec, HttpSection, MAX_DEVICE_ID_LEN, SseQueueFull,
-    TlsFiles,
+    ANONYMOUS_ID, ClientCertMode, DeviceSpec, HttpSection, JwtAlgorithm, JwtKeyFile, JwtSpec,
+    MAX_DEVICE_ID_LEN, SseQueueFull, TlsFiles,
 };
-use http::{RawDevice, RawHttp};
+use http::{RawDevice, RawHttp, RawJwt};
 pub use mqttsn::MqttSnSection;
 use mqttsn::{RawMqttSn, RawPredefined};
 use route::RawRoute;
@@ -498,6 +499,7 @@ fn known_fields(key: &KeyPath) -> &'static [&'static str] {
         ["psk"] => fields_of::<RawPsk>(),
         ["http"] => fields_of::<RawHttp>(),
         ["http", "device"] => fields_of::<RawDevice>(),
+        ["http", "jwt"] => fields_of::<RawJwt>(),
         ["spool"] => fields_of::<RawSpool>(),
         ["admin"] => fields_of::<RawAdmin>(),
         ["upstream"] => fields_of::<RawUpstream>(),

@@ -1622,6 +1622,7 @@ publish = ["#"]
         sse_keepalive: Duration::from_secs(30),
         max_devices_tracked: 5,
         security: Arc::default(),
+        jwt: None,
     };
     assert_eq!(http, expected);
     let summary = c.summary();
@@ -2388,6 +2389,7 @@ fn the_reference_config_shows_every_http_key_with_its_default() {
         keys.push(key);
     }
     keys.push("device");
+    keys.push("jwt");
     keys.sort_unstable();
     let mut fields = fields_of::<RawHttp>().to_vec();
     fields.sort_unstable();
@@ -2640,4 +2642,121 @@ allow_anonymous = true
     assert_eq!(plan.http.unwrap().security, after.security);
     let same = crate::reload::plan(&after, &after, &after);
     assert!(same.mqttsn.is_none() && same.coap.is_none() && same.http.is_none());
+}
+
+#[test]
+fn the_reference_jwt_example_is_valid_once_uncommented_and_is_the_defaults() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/sensorgate.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let start = text.find("\n# [http.jwt]\n").unwrap() + 1;
+    let end = start + text[start..].find("\n\n").unwrap();
+    let example: String = text[start..end]
+        .lines()
+        .map(|l| l.strip_prefix("# ").unwrap_or(l))
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let toml = format!("{MINIMAL}[http]\nlisten = [\"127.0.0.1:8080\"]\n{example}");
+    let c = Config::parse(Path::new("/etc/sg/t.toml"), &toml).unwrap();
+    assert_eq!(
+        c.http.unwrap().jwt,
+        Some(JwtSpec::with(
+            JwtKeyFile::PublicKey("/etc/sensorgate/jwt.pem".into()),
+            "sensorgate"
+        ))
+    );
+}
+
+#[test]
+fn jwt_keys_are_checked_and_located() {
+    let base = format!("{MINIMAL}[http]\nlisten = [\"127.0.0.1:8080\"]\n[http.jwt]\n");
+    let ok = format!(
+        "{base}jwks = \"keys/jwks.json\"\naudience = \"gw\"\nissuer = \"me\"\n\
+         algorithms = [\"ES256\"]\nleeway = \"0s\"\nidentity_claim = \"device\"\n\
+         default_publish = [\"public\"]\nmax_keys = 3\n"
+    );
+    let c = Config::parse(Path::new("/etc/sg/t.toml"), &ok).unwrap();
+    assert!(
+        c.summary().contains(
+            "http jwt: jwks /etc/sg/keys/jwks.json (ES256), audience \"gw\", issuer \"me\", \
+             leeway 0s\n"
+        ),
+        "{}",
+        c.summary()
+    );
+    let jwt = c.http.unwrap().jwt.unwrap();
+    assert_eq!(jwt.keys, JwtKeyFile::Jwks("/etc/sg/keys/jwks.json".into()));
+    assert_eq!(jwt.algorithms, vec![JwtAlgorithm::Es256]);
+    assert_eq!(
+        (
+            jwt.issuer.as_deref(),
+            jwt.leeway,
+            jwt.identity_claim.as_str()
+        ),
+        (Some("me"), Duration::ZERO, "device")
+    );
+    assert_eq!(
+        (jwt.default_publish, jwt.max_keys),
+        (vec!["public".into()], 3)
+    );
+
+    let cases = [
+        ("audience = \"gw\"\n", "needs public_key"),
+        ("public_key = \"k.pem\"\n", "needs audience"),
+        (
+            "public_key = \"k.pem\"\njwks = \"j.json\"\naudience = \"gw\"\n",
+            "together with public_key",
+        ),
+        (
+            "public_key = \"k.pem\"\naudience = \"gw\"\nalgorithms = [\"none\"]\n",
+            "`none`",
+        ),
+        (
+            "public_key = \"k.pem\"\naudience = \"gw\"\nalgorithms = [\"RS256\", \"HS256\"]\n",
+            "algorithm confusion",
+        ),
+        (
+            "public_key = \"k.pem\"\naudience = \"gw\"\nalgorithms = []\n",
+            "is empty",
+        ),
+        (
+            "public_key = \"k.pem\"\naudience = \"gw\"\nidentity_claim = \"exp\"\n",
+            "registered claim",
+        ),
+        (
+            "public_key = \"k.pem\"\naudience = \"gw\"\npublish_claim = \"sub\"\n",
+            "already identity_claim",
+        ),
+        (
+            "public_key = \"k.pem\"\naudience = \"gw\"\ndefault_subscribe = [\"a/#\"]\n",
+            "wildcards",
+        ),
+        (
+            "public_key = \"k.pem\"\naudience = \"gw\"\nleeway = \"11m\"\n",
+            "out of range",
+        ),
+        (
+            "public_key = \"k.pem\"\naudience = \"gw\"\nmax_keys = 0\n",
+            "out of range",
+        ),
+        (
+            "public_key = \"k.pem\"\naudience = \"gw\"\nkid = \"x\"\n",
+            "unknown",
+        ),
+    ];
+    let jwt_line = base.lines().count();
+    for (keys, want) in cases {
+        let d = errors(&format!("{base}{keys}"));
+        assert!(
+            d.iter()
+                .any(|d| d.message.contains(want)
+                    || d.hint.as_deref().is_some_and(|h| h.contains(want))),
+            "{keys}: {d:?}"
+        );
+        // Located in the [http.jwt] table (its header line or one of its keys).
+        assert!(
+            d.iter().all(|d| d.line >= jwt_line && d.column >= 1),
+            "{keys}: {d:?}"
+        );
+    }
 }

@@ -13,6 +13,10 @@
 //!   when anonymous access is on.
 //! - Tokens are looked up by their SHA-256 digest ([`crate::http::token::digest`]); the table
 //!   holds no plain token. A header that is not `Bearer <b64token>` is refused unhashed.
+//! - With `[http.jwt]` on, a bearer token with the shape of a JWT (three base64url parts,
+//!   [`jwt::looks_like_jwt`]) is checked as a JWT only ([`jwt::JwtVerifier::verify`]), never
+//!   looked up as a static token; a refused JWT is [`AuthError::Jwt`] with its reason, never
+//!   anonymous. Without `[http.jwt]` every token is a static one.
 //! - Grants compare whole levels: prefix `sensors/dev1` allows `sensors/dev1` and
 //!   `sensors/dev1/x`, never `sensors/dev10`. `#` alone allows everything. A filter is allowed
 //!   only when every topic it can match is inside one prefix (its first levels equal the
@@ -23,7 +27,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::http::jwt::{self, JwtError, SharedVerifier};
 use crate::http::token::{self, TokenDigest};
+use crate::identity::IdentitySource;
 
 #[cfg(test)]
 use crate::config::DeviceSpec;
@@ -88,6 +94,17 @@ pub(crate) struct Identity {
     pub(crate) subscribe: Grants,
     /// Whether this is the anonymous identity (no credentials given).
     pub(crate) anonymous: bool,
+    /// What proved it (a static token, a client certificate, a JWT, nothing).
+    pub(crate) source: IdentitySource,
+}
+
+impl Identity {
+    /// The gateway-wide identity ([`crate::identity::Identity`]) of this requester, for the
+    /// authorisation shared with the other protocols (`[[acl]]`, `[limits]`).
+    #[must_use]
+    pub(crate) fn identity(&self) -> crate::identity::Identity {
+        crate::identity::Identity::new(Arc::clone(&self.id), self.source)
+    }
 }
 
 /// Why a request is not authenticated.
@@ -107,6 +124,10 @@ pub(crate) enum AuthError {
     /// A verified client certificate names no configured device (403 `unknown_certificate`).
     #[error("the client certificate names no configured device")]
     UnknownCertificate,
+    /// A JWT-shaped bearer token refused by `[http.jwt]` (401, `error="invalid_token"`, the
+    /// reason in `token_error`).
+    #[error("the JWT is refused: {0}")]
+    Jwt(JwtError),
 }
 
 /// The configured devices, by token digest and by id, and the anonymous identity.
@@ -118,26 +139,38 @@ pub(crate) struct AuthTable {
     by_id: HashMap<Arc<str>, Arc<Identity>>,
     /// `Some` when `allow_anonymous` is on.
     anonymous: Option<Arc<Identity>>,
+    /// `Some` when `[http.jwt]` is on: the keys loaded at start or by the last reload.
+    jwt: Option<SharedVerifier>,
 }
 
 impl AuthTable {
     /// The table of `section`'s devices. Duplicate ids or digests are refused by the config
     /// check; here the last one wins.
+    #[cfg(test)]
     pub(crate) fn new(section: &HttpSection) -> Self {
+        Self::with_jwt(section, None)
+    }
+
+    /// As [`Self::new`], with the JWT keys of `[http.jwt]` (loaded by the caller:
+    /// [`jwt::JwtVerifier::load`]).
+    pub(crate) fn with_jwt(section: &HttpSection, jwt: Option<SharedVerifier>) -> Self {
         let mut by_token = HashMap::new();
         let mut by_id = HashMap::new();
         for device in &section.devices {
             let id: Arc<str> = Arc::from(device.id.as_str());
-            let identity = Arc::new(Identity {
-                id: Arc::clone(&id),
-                publish: Grants::new(&device.publish),
-                subscribe: Grants::new(&device.subscribe),
-                anonymous: false,
-            });
+            let identity = |source| {
+                Arc::new(Identity {
+                    id: Arc::clone(&id),
+                    publish: Grants::new(&device.publish),
+                    subscribe: Grants::new(&device.subscribe),
+                    anonymous: false,
+                    source,
+                })
+            };
             if let Some(digest) = device.token_hash {
-                by_token.insert(digest, Arc::clone(&identity));
+                by_token.insert(digest, identity(IdentitySource::HttpToken));
             }
-            by_id.insert(id, identity);
+            by_id.insert(Arc::clone(&id), identity(IdentitySource::HttpCertificate));
         }
         let anonymous = section.allow_anonymous.then(|| {
             Arc::new(Identity {
@@ -145,37 +178,66 @@ impl AuthTable {
                 publish: Grants::new(&section.anonymous_publish),
                 subscribe: Grants::new(&section.anonymous_subscribe),
                 anonymous: true,
+                source: IdentitySource::Anonymous,
             })
         });
         Self {
             by_token,
             by_id,
             anonymous,
+            jwt,
         }
     }
 
+    /// The JWT keys in force, if `[http.jwt]` is on.
+    pub(crate) fn jwt(&self) -> Option<&SharedVerifier> {
+        self.jwt.as_ref()
+    }
+
     /// `authorization`: the raw `Authorization` header value, if any; `cert_device`: the
-    /// connection's verified client-certificate name. Order: token, else certificate, else
-    /// anonymous when allowed, else Missing. Wrong credentials are never downgraded.
+    /// connection's verified client-certificate name; `now_secs`: the Unix time (JWT `exp`
+    /// and `nbf`). Order: token, else certificate, else anonymous when allowed, else Missing.
+    /// Wrong credentials are never downgraded.
     ///
     /// The header must be `Bearer` (any case), one or more spaces, and one RFC 6750
-    /// `b64token` ([`token::valid_chars`]); anything else (another scheme, several tokens,
-    /// non-ASCII bytes) is [`AuthError::InvalidToken`], without hashing.
+    /// `b64token`; anything else (another scheme, several tokens, non-ASCII bytes) is
+    /// [`AuthError::InvalidToken`], without hashing. A JWT-shaped token with `[http.jwt]` on
+    /// is checked as a JWT (bounded by `max_token_size`); any other token is a static one
+    /// (at most [`token::MAX_TOKEN_LEN`] long).
     pub(crate) fn authenticate(
         &self,
         authorization: Option<&[u8]>,
         cert_device: Option<&str>,
+        now_secs: u64,
     ) -> Result<Arc<Identity>, AuthError> {
         if let Some(header) = authorization {
             let token = bearer_token(header).ok_or(AuthError::InvalidToken)?;
-            let identity = self
-                .by_token
-                .get(&token::digest(token.as_bytes()))
-                .ok_or(AuthError::InvalidToken)?;
+            let identity = match &self.jwt {
+                Some(verifier) if jwt::looks_like_jwt(token) => {
+                    let grant = verifier.verify(token, now_secs).map_err(AuthError::Jwt)?;
+                    Arc::new(Identity {
+                        id: Arc::from(grant.identity),
+                        publish: Grants::new(&grant.publish),
+                        subscribe: Grants::new(&grant.subscribe),
+                        anonymous: false,
+                        source: IdentitySource::Jwt,
+                    })
+                }
+                _ => {
+                    if !token::valid_chars(token) {
+                        return Err(AuthError::InvalidToken);
+                    }
+                    Arc::clone(
+                        self.by_token
+                            .get(&token::digest(token.as_bytes()))
+                            .ok_or(AuthError::InvalidToken)?,
+                    )
+                }
+            };
             if cert_device.is_some_and(|name| name != &*identity.id) {
                 return Err(AuthError::CredentialsDisagree);
             }
-            return Ok(Arc::clone(identity));
+            return Ok(identity);
         }
         if let Some(name) = cert_device {
             return self
@@ -189,7 +251,8 @@ impl AuthTable {
 }
 
 /// The token of an `Authorization: Bearer <token>` value (RFC 6750 section 2.1; the scheme
-/// is case-insensitive, RFC 9110 section 11.1), if it is one.
+/// is case-insensitive, RFC 9110 section 11.1), if it is one: non-empty `b64token`
+/// characters (the length is checked by the kind of token: static or JWT).
 fn bearer_token(header: &[u8]) -> Option<&str> {
     let header = std::str::from_utf8(header).ok()?;
     let (scheme, rest) = header.split_once(' ')?;
@@ -197,13 +260,28 @@ fn bearer_token(header: &[u8]) -> Option<&str> {
         return None;
     }
     let token = rest.trim_start_matches(' ');
-    token::valid_chars(token).then_some(token)
+    b64token(token).then_some(token)
 }
 
-/// For the fuzz targets: [`bearer_token`] takes only what [`token::valid_chars`] allows.
+/// RFC 6750 `b64token`: `1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`,
+/// checked as [`token::valid_chars`] does, without its length bound.
+fn b64token(token: &str) -> bool {
+    !token.is_empty()
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b))
+}
+
+/// For the fuzz targets: [`bearer_token`] takes only `b64token`s, and a static token it
+/// would look up is what [`token::valid_chars`] allows.
 pub(crate) fn fuzz_bearer(header: &[u8]) {
     if let Some(token) = bearer_token(header) {
-        assert!(token::valid_chars(token), "{token:?}");
+        assert!(b64token(token), "{token:?}");
+        assert_eq!(
+            token::valid_chars(token),
+            token.len() <= token::MAX_TOKEN_LEN,
+            "{token:?}"
+        );
     }
 }
 
@@ -260,7 +338,7 @@ mod tests {
     #[test]
     fn a_known_token_names_its_device_with_its_grants() {
         let table = AuthTable::new(&section(false));
-        let who = table.authenticate(Some(&bearer(TOKEN1)), None).unwrap();
+        let who = table.authenticate(Some(&bearer(TOKEN1)), None, 0).unwrap();
         assert_eq!(&*who.id, "dev1");
         assert!(!who.anonymous);
         assert!(who.publish.allows_topic("sensors/dev1/temp"));
@@ -278,7 +356,7 @@ mod tests {
             format!("BeArEr   {TOKEN1}"),
         ] {
             assert_eq!(
-                id(table.authenticate(Some(header.as_bytes()), None)),
+                id(table.authenticate(Some(header.as_bytes()), None, 0)),
                 Ok("dev1".into()),
                 "{header}"
             );
@@ -305,13 +383,13 @@ mod tests {
         ];
         for header in headers {
             assert_eq!(
-                id(table.authenticate(Some(&header), None)),
+                id(table.authenticate(Some(&header), None, 0)),
                 Err(AuthError::InvalidToken),
                 "{}",
                 String::from_utf8_lossy(&header)
             );
             assert_eq!(
-                id(table.authenticate(Some(&header), Some("dev1"))),
+                id(table.authenticate(Some(&header), Some("dev1"), 0)),
                 Err(AuthError::InvalidToken),
                 "a certificate does not rescue a bad token"
             );
@@ -322,15 +400,15 @@ mod tests {
     fn a_token_and_a_certificate_must_name_the_same_device() {
         let table = AuthTable::new(&section(false));
         assert_eq!(
-            id(table.authenticate(Some(&bearer(TOKEN1)), Some("dev1"))),
+            id(table.authenticate(Some(&bearer(TOKEN1)), Some("dev1"), 0)),
             Ok("dev1".into())
         );
         assert_eq!(
-            id(table.authenticate(Some(&bearer(TOKEN2)), Some("dev1"))),
+            id(table.authenticate(Some(&bearer(TOKEN2)), Some("dev1"), 0)),
             Err(AuthError::CredentialsDisagree)
         );
         assert_eq!(
-            id(table.authenticate(Some(&bearer(TOKEN1)), Some("stranger"))),
+            id(table.authenticate(Some(&bearer(TOKEN1)), Some("stranger"), 0)),
             Err(AuthError::CredentialsDisagree)
         );
     }
@@ -339,15 +417,15 @@ mod tests {
     fn a_certificate_alone_names_a_configured_device() {
         let table = AuthTable::new(&section(true));
         assert_eq!(
-            id(table.authenticate(None, Some("certonly"))),
+            id(table.authenticate(None, Some("certonly"), 0)),
             Ok("certonly".into())
         );
         assert_eq!(
-            id(table.authenticate(None, Some("dev2"))),
+            id(table.authenticate(None, Some("dev2"), 0)),
             Ok("dev2".into())
         );
         assert_eq!(
-            id(table.authenticate(None, Some("stranger"))),
+            id(table.authenticate(None, Some("stranger"), 0)),
             Err(AuthError::UnknownCertificate),
             "never downgraded to anonymous"
         );
@@ -356,9 +434,12 @@ mod tests {
     #[test]
     fn no_credentials_are_anonymous_only_when_allowed() {
         let closed = AuthTable::new(&section(false));
-        assert_eq!(id(closed.authenticate(None, None)), Err(AuthError::Missing));
+        assert_eq!(
+            id(closed.authenticate(None, None, 0)),
+            Err(AuthError::Missing)
+        );
         let open = AuthTable::new(&section(true));
-        let who = open.authenticate(None, None).unwrap();
+        let who = open.authenticate(None, None, 0).unwrap();
         assert_eq!(&*who.id, ANONYMOUS_ID);
         assert!(who.anonymous);
         assert!(who.publish.allows_topic("public/x"));
@@ -372,7 +453,7 @@ mod tests {
             allow_anonymous: true,
             ..HttpSection::default()
         });
-        let who = table.authenticate(None, None).unwrap();
+        let who = table.authenticate(None, None, 0).unwrap();
         assert!(who.publish.allows_topic("any/thing"));
         assert!(who.subscribe.allows_filter("#"));
     }

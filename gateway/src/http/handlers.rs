@@ -108,6 +108,14 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
+/// The wall clock in Unix seconds (JWT `exp` / `nbf`); 0 if the clock is before 1970.
+#[allow(clippy::disallowed_methods)] // Handlers are the adapters: they read the clock.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 #[allow(clippy::disallowed_methods)] // Handlers are the adapters: they read the clock.
 fn now() -> Instant {
     // tokio's clock, so paused-time tests drive it.
@@ -209,7 +217,12 @@ impl App {
             .map(HeaderValue::as_bytes);
         let identity = settings
             .auth
-            .authenticate(authorization, ctx.cert_device.as_deref())
+            .authenticate(authorization, ctx.cert_device.as_deref(), unix_now())
+            .inspect(|identity| {
+                if identity.source == IdentitySource::Jwt {
+                    self.stats().jwt_accepted();
+                }
+            })
             .map_err(|e| match e {
                 AuthError::Missing => Refusal::Unauthorized {
                     invalid_token: false,
@@ -219,6 +232,12 @@ impl App {
                 },
                 AuthError::CredentialsDisagree => Refusal::CredentialsDisagree,
                 AuthError::UnknownCertificate => Refusal::UnknownCertificate,
+                AuthError::Jwt(error) => {
+                    self.stats().jwt_refused(error);
+                    // Peer-triggered: debug only; never the token.
+                    tracing::debug!(peer = %ctx.peer, reason = error.code(), "JWT refused.");
+                    Refusal::InvalidJwt(error)
+                }
             })?;
         let device: Arc<str> = if identity.anonymous {
             Arc::from(format!("anonymous@{}", ctx.peer.ip()))
@@ -311,7 +330,6 @@ impl App {
     fn acl_publish(
         &self,
         settings: &Settings,
-        ctx: &Ctx,
         identity: &Identity,
         topic: &str,
         index: Option<usize>,
@@ -320,7 +338,7 @@ impl App {
         if policy.acl.is_none() {
             return Ok(());
         }
-        let id = security_identity(ctx, identity);
+        let id = identity.identity();
         let client_id = (!identity.anonymous).then_some(&*identity.id);
         if policy.may_publish(&Requester::new(Some(&id), client_id), topic) {
             return Ok(());
@@ -333,7 +351,6 @@ impl App {
     fn acl_subscribe(
         &self,
         settings: &Settings,
-        ctx: &Ctx,
         identity: &Identity,
         filters: &[Arc<str>],
     ) -> Result<(), Refusal> {
@@ -341,7 +358,7 @@ impl App {
         if policy.acl.is_none() {
             return Ok(());
         }
-        let id = security_identity(ctx, identity);
+        let id = identity.identity();
         let client_id = (!identity.anonymous).then_some(&*identity.id);
         let who = Requester::new(Some(&id), client_id);
         if filters.iter().all(|f| policy.may_subscribe(&who, f)) {
@@ -390,19 +407,6 @@ impl App {
     }
 }
 
-/// The gateway-wide identity of an authenticated HTTP request: the device (token or client
-/// certificate) or anonymous.
-fn security_identity(ctx: &Ctx, identity: &Identity) -> crate::identity::Identity {
-    let source = if identity.anonymous {
-        IdentitySource::Anonymous
-    } else if ctx.cert_device.as_deref() == Some(&*identity.id) {
-        IdentitySource::HttpCertificate
-    } else {
-        IdentitySource::HttpToken
-    };
-    crate::identity::Identity::new(Arc::clone(&identity.id), source)
-}
-
 fn constant(status: StatusCode, body: &'static [u8]) -> Response {
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
@@ -428,7 +432,7 @@ async fn single_inner(app: &App, ctx: &mut Ctx, request: Request) -> Result<Resp
     if !identity.publish.allows_topic(&topic) {
         return Err(Refusal::ForbiddenTopic { index: None });
     }
-    app.acl_publish(&settings, ctx, &identity, &topic, None)?;
+    app.acl_publish(&settings, &identity, &topic, None)?;
     let (payload, _memory) = app
         .read_body(
             &settings,
@@ -535,7 +539,7 @@ async fn batch_inner(app: &App, ctx: &mut Ctx, request: Request) -> Result<Respo
         return Err(Refusal::ForbiddenTopic { index: Some(index) });
     }
     for (index, item) in items.iter().enumerate() {
-        app.acl_publish(&settings, ctx, &identity, &item.topic, Some(index))?;
+        app.acl_publish(&settings, &identity, &item.topic, Some(index))?;
     }
     let bytes: usize = items.iter().map(|i| i.payload.len()).sum();
     let largest = items.iter().map(|i| i.payload.len()).max().unwrap_or(0);
@@ -680,7 +684,7 @@ fn subscribe_inner(app: &App, ctx: &mut Ctx, request: &Request) -> Result<Respon
     {
         return Err(Refusal::ForbiddenFilter);
     }
-    app.acl_subscribe(&settings, ctx, &identity, &filters.filters)?;
+    app.acl_subscribe(&settings, &identity, &filters.filters)?;
     let device = ctx
         .device
         .clone()
@@ -699,7 +703,7 @@ fn subscribe_inner(app: &App, ctx: &mut Ctx, request: &Request) -> Result<Respon
         if let Ok((id, _)) = &registered {
             // Checked at each delivery, so a narrowed ACL (a reload) applies to open streams.
             let client_id = (!identity.anonymous).then(|| Arc::clone(&identity.id));
-            hub.set_stream_identity(*id, security_identity(ctx, &identity), client_id);
+            hub.set_stream_identity(*id, identity.identity(), client_id);
         }
         registered
     };

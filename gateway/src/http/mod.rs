@@ -57,6 +57,7 @@ pub mod batch;
 pub(crate) mod devices;
 pub(crate) mod driver;
 pub(crate) mod handlers;
+pub mod jwt;
 pub(crate) mod publish;
 pub(crate) mod rate;
 pub mod reload;

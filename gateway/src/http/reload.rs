@@ -37,6 +37,11 @@
 //! - `max_devices_tracked`: bounds the `/clients` table and the rate table; a lower one
 //!   forgets the least recently seen beyond it (rate: at once; `/clients`: at the next new
 //!   device).
+//! - `[http.jwt]`: every SIGHUP re-reads the key file (`public_key` or `jwks`), whether or not
+//!   the config changed; the keys and every `[http.jwt]` key apply from the next request (a
+//!   token signed by a removed key gets 401 `unknown_kid` or `bad_signature`). A key file that
+//!   does not load keeps the whole `[http]` snapshot in force and fails the reload's `[http]`
+//!   part (the next SIGHUP tries again).
 //! - `listen`, `tls_listen`, the TLS files and `client_cert`, `http2` (ALPN is fixed in the
 //!   TLS configuration) and `worker_threads` (the runtime) need a restart: a change is
 //!   noted, not applied (the snapshot keeps the running values).
@@ -52,6 +57,7 @@ use tokio::sync::Semaphore;
 
 use super::auth::AuthTable;
 use super::devices::Devices;
+use super::jwt::{JwtKeyError, JwtVerifier, SharedVerifier};
 use super::publish::Ingress;
 use super::rate::RateTable;
 use super::server;
@@ -72,7 +78,11 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
-    fn new(section: Arc<HttpSection>, body: Option<(Arc<Semaphore>, u32)>) -> Self {
+    fn new(
+        section: Arc<HttpSection>,
+        body: Option<(Arc<Semaphore>, u32)>,
+        jwt: Option<SharedVerifier>,
+    ) -> Self {
         let (body_memory, body_permits) = body.unwrap_or_else(|| {
             let permits = (section.body_memory / 1024)
                 .clamp(1, Semaphore::MAX_PERMITS)
@@ -83,7 +93,7 @@ impl Settings {
             )
         });
         Settings {
-            auth: AuthTable::new(&section),
+            auth: AuthTable::with_jwt(&section, jwt),
             builder: server::builder(&section),
             body_memory,
             body_permits,
@@ -121,10 +131,15 @@ pub(crate) struct Live {
 }
 
 impl Live {
-    /// The settings of `section`, nothing attached yet.
-    pub(crate) fn new(section: &HttpSection) -> Arc<Self> {
+    /// The settings of `section` with the JWT keys `jwt` (loaded from `section.jwt`), nothing
+    /// attached yet.
+    pub(crate) fn new(section: &HttpSection, jwt: Option<SharedVerifier>) -> Arc<Self> {
         Arc::new(Live {
-            settings: RwLock::new(Arc::new(Settings::new(Arc::new(section.clone()), None))),
+            settings: RwLock::new(Arc::new(Settings::new(
+                Arc::new(section.clone()),
+                None,
+                jwt,
+            ))),
             rate: Mutex::new(RateTable::new(
                 section.rate_per_device,
                 section.rate_burst,
@@ -234,12 +249,57 @@ impl std::fmt::Debug for Reloader {
     }
 }
 
+/// The JWT keys of `section` (`None` without `[http.jwt]`), read from the key file now.
+fn load_jwt(section: &HttpSection) -> Result<Option<SharedVerifier>, JwtKeyError> {
+    section
+        .jwt
+        .as_ref()
+        .map(|spec| JwtVerifier::load(spec).map(Arc::new))
+        .transpose()
+}
+
 impl Reloader {
-    /// A reloader for an ingress that will run with `section` ([`super::run`] takes it).
-    pub fn new(section: &HttpSection) -> Self {
-        Reloader {
-            live: Live::new(section),
+    /// A reloader for an ingress that will run with `section` ([`super::run`] takes it);
+    /// reads the `[http.jwt]` key file.
+    ///
+    /// # Errors
+    /// The key file cannot be read or holds no usable key.
+    pub fn new(section: &HttpSection) -> Result<Self, JwtKeyError> {
+        let jwt = load_jwt(section)?;
+        Ok(Reloader {
+            live: Live::new(section, jwt),
+        })
+    }
+
+    /// SIGHUP with no `[http]` key changed: re-reads the `[http.jwt]` key file and, when its
+    /// contents changed, puts the new keys in force from the next request. `None` when JWT is
+    /// off or the file is unchanged (nothing to apply).
+    ///
+    /// # Errors
+    /// The key file does not load; the keys in force are kept.
+    pub fn reload_keys(&self) -> Option<Result<Vec<String>, JwtKeyError>> {
+        let live = &self.live;
+        let _parts = lock(&live.parts);
+        let old = live.settings();
+        let spec = old.section.jwt.as_ref()?;
+        let next = match JwtVerifier::load(spec) {
+            Ok(next) => next,
+            Err(e) => return Some(Err(e)),
+        };
+        if old.auth.jwt().is_some_and(|k| k.same_keys(&next)) {
+            return None;
         }
+        let note = jwt_note(&next);
+        let body = Some((Arc::clone(&old.body_memory), old.body_permits));
+        *live
+            .settings
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(Settings::new(
+            Arc::clone(&old.section),
+            body,
+            Some(Arc::new(next)),
+        ));
+        Some(Ok(vec![note]))
     }
 
     /// The shared settings (for `run` and the tests).
@@ -251,11 +311,28 @@ impl Reloader {
     /// requests in flight and SSE streams are kept. Returns notes for the log: what changed
     /// that clients notice (devices removed, tokens changed, ...), limits now below what is
     /// in use, and restart-only keys that changed (not applied).
-    pub fn apply(&self, section: &HttpSection) -> Vec<String> {
+    ///
+    /// # Errors
+    /// The `[http.jwt]` key file does not load: nothing is applied.
+    pub fn apply(&self, section: &HttpSection) -> Result<Vec<String>, JwtKeyError> {
         let live = &self.live;
         let parts = lock(&live.parts);
         let old = live.settings();
+        let jwt = load_jwt(section)?;
         let mut notes = notes(&old.section, section);
+        match (&jwt, old.auth.jwt()) {
+            (Some(new), Some(old)) if new.same_keys(old) => {
+                if new.spec() != old.spec() {
+                    notes
+                        .push("[http.jwt] settings changed: in force from the next request".into());
+                }
+            }
+            (Some(new), _) => notes.push(jwt_note(new)),
+            (None, Some(_)) => notes.push(
+                "[http.jwt] removed: JWT bearer tokens get 401 (as unknown static tokens)".into(),
+            ),
+            (None, None) => {}
+        }
         // Restart-only keys keep their running values, so the snapshot says what runs.
         let mut next = section.clone();
         // The router's filter table was sized at start with this bound among the ingresses':
@@ -280,7 +357,7 @@ impl Reloader {
             .settings
             .write()
             .unwrap_or_else(PoisonError::into_inner) =
-            Arc::new(Settings::new(Arc::clone(&next), body));
+            Arc::new(Settings::new(Arc::clone(&next), body, jwt));
         {
             let mut rate = lock(&live.rate);
             rate.set_limits(
@@ -319,8 +396,18 @@ impl Reloader {
             }
             configure_parts(parts, &next);
         }
-        notes
+        Ok(notes)
     }
+}
+
+/// The reload note of newly loaded JWT keys (no key material: the file and the count).
+fn jwt_note(keys: &JwtVerifier) -> String {
+    format!(
+        "[http.jwt] {} {} loaded: {} key(s), in force from the next request",
+        keys.spec().keys.key(),
+        keys.spec().keys.path().display(),
+        keys.key_count()
+    )
 }
 
 /// What changed from `old` to `new` that clients notice, and the restart-only keys that

@@ -27,6 +27,7 @@ use serde_json::{Map, Value};
 use sensorgate_bridges::message::Qos;
 use sensorgate_bridges::topic;
 
+use super::jwt::JwtError;
 use crate::observe::model::RefusalReason;
 
 /// The path prefix of single publishes; the topic is the rest of the path.
@@ -48,6 +49,9 @@ pub(crate) enum Refusal {
     /// No credentials and anonymous access off (`invalid_token: false`), or an `Authorization`
     /// header that is not a known bearer token (`true`).
     Unauthorized { invalid_token: bool },
+    /// A JWT refused by `[http.jwt]` (401 `unauthorized`, `error="invalid_token"`), with the
+    /// reason (`token_error` in the body).
+    InvalidJwt(JwtError),
     /// The token and the client certificate name different devices.
     CredentialsDisagree,
     /// A verified client certificate names no configured device.
@@ -105,7 +109,9 @@ impl Refusal {
     /// The status code.
     pub(crate) fn status(&self) -> StatusCode {
         match self {
-            Refusal::Unauthorized { .. } | Refusal::CredentialsDisagree => StatusCode::UNAUTHORIZED,
+            Refusal::Unauthorized { .. }
+            | Refusal::InvalidJwt(_)
+            | Refusal::CredentialsDisagree => StatusCode::UNAUTHORIZED,
             Refusal::UnknownCertificate
             | Refusal::ForbiddenTopic { .. }
             | Refusal::ForbiddenFilter
@@ -136,7 +142,7 @@ impl Refusal {
     /// The `error` code of the body (stable: clients and tests match on it).
     pub(crate) fn code(&self) -> &'static str {
         match self {
-            Refusal::Unauthorized { .. } => "unauthorized",
+            Refusal::Unauthorized { .. } | Refusal::InvalidJwt(_) => "unauthorized",
             Refusal::CredentialsDisagree => "credentials_disagree",
             Refusal::UnknownCertificate => "unknown_certificate",
             Refusal::ForbiddenTopic { .. } => "forbidden_topic",
@@ -172,6 +178,7 @@ impl Refusal {
             Refusal::Unauthorized {
                 invalid_token: true,
             } => "the Authorization header is not a known bearer token".into(),
+            Refusal::InvalidJwt(error) => error.to_string().into(),
             Refusal::CredentialsDisagree => {
                 "the token and the client certificate name different devices".into()
             }
@@ -227,6 +234,7 @@ impl Refusal {
             | Refusal::Stopping => RefusalReason::Congestion,
             Refusal::BadTopic { .. } | Refusal::BadFilter(_) => RefusalReason::InvalidTopic,
             Refusal::Unauthorized { .. }
+            | Refusal::InvalidJwt(_)
             | Refusal::CredentialsDisagree
             | Refusal::UnknownCertificate
             | Refusal::ForbiddenTopic { .. }
@@ -264,6 +272,16 @@ impl Refusal {
                     r#"Bearer realm="sensorgate""#
                 };
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(value));
+            }
+            Refusal::InvalidJwt(error) => {
+                body.insert("token_error".into(), Value::from(error.code()));
+                let value = format!(
+                    r#"Bearer realm="sensorgate", error="invalid_token", error_description="{}""#,
+                    error.code()
+                );
+                if let Ok(value) = HeaderValue::from_str(&value) {
+                    headers.insert(header::WWW_AUTHENTICATE, value);
+                }
             }
             Refusal::ForbiddenTopic { index } | Refusal::NoRoute { index } => {
                 add_index(&mut body, *index);
@@ -752,6 +770,16 @@ mod tests {
                 &[(
                     "www-authenticate",
                     r#"Bearer realm="sensorgate", error="invalid_token""#,
+                )],
+            ),
+            (
+                Refusal::InvalidJwt(JwtError::Expired),
+                401,
+                "unauthorized",
+                NotAllowed,
+                &[(
+                    "www-authenticate",
+                    r#"Bearer realm="sensorgate", error="invalid_token", error_description="expired""#,
                 )],
             ),
             (

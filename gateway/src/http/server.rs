@@ -369,7 +369,8 @@ pub async fn serve(
     stats: Arc<ConnStats>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    serve_live(bound, tls, app, Live::new(&section), stats, stop).await
+    // The router `app` authenticates with its own settings: no JWT keys are needed here.
+    serve_live(bound, tls, app, Live::new(&section, None), stats, stop).await
 }
 
 /// [`serve`] with the settings of `live`, which a reload may change while it runs

@@ -15,6 +15,7 @@ use axum::http::StatusCode;
 
 use sensorgate_bridges::message::Qos;
 
+use super::jwt::JwtError;
 use super::server::ConnStats;
 use crate::observe::model::{
     DownlinkDropReason, IngressCounters, IngressReport, RefusalReason, SessionCounts,
@@ -72,6 +73,10 @@ pub struct HttpStats {
     sse_streams_opened: AtomicU64,
     /// Batches answered 503 with some items durable and some not.
     batch_partial: AtomicU64,
+    /// JWT bearer tokens accepted.
+    jwt_accepted: AtomicU64,
+    /// JWT bearer tokens refused, per `JwtError::ALL` position.
+    jwt_refused: [AtomicU64; JwtError::ALL.len()],
 }
 
 fn bump(counter: &AtomicU64) {
@@ -175,6 +180,18 @@ impl HttpStats {
         bump(&self.sse_streams_opened);
     }
 
+    /// A JWT accepted.
+    pub(crate) fn jwt_accepted(&self) {
+        bump(&self.jwt_accepted);
+    }
+
+    /// A JWT refused for `reason`.
+    pub(crate) fn jwt_refused(&self, reason: JwtError) {
+        if let Some(counter) = self.jwt_refused.get(reason.index()) {
+            bump(counter);
+        }
+    }
+
     /// A batch answered partially.
     pub(crate) fn batch_partial(&self) {
         bump(&self.batch_partial);
@@ -203,7 +220,8 @@ impl HttpStats {
     /// metric `sensorgate_ingress_events_total{protocol="http",event=<name>}`:
     /// `responses_<code>` (and `responses_other`), the server's connection counters
     /// (`ConnStats::events`; the gauge is [`Self::connections_open`]), `verdicts_orphaned`,
-    /// `rate_limited`, `body_timeouts`, `sse_streams_opened`, `batch_partial`.
+    /// `rate_limited`, `body_timeouts`, `sse_streams_opened`, `batch_partial`, `jwt_accepted`
+    /// and `jwt_refused_<reason>` (one per [`JwtError`]).
     pub fn events(&self) -> Vec<(&'static str, u64)> {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut events: Vec<(&'static str, u64)> = CODES
@@ -218,12 +236,19 @@ impl HttpStats {
             ("body_timeouts", load(&self.body_timeouts)),
             ("sse_streams_opened", load(&self.sse_streams_opened)),
             ("batch_partial", load(&self.batch_partial)),
+            ("jwt_accepted", load(&self.jwt_accepted)),
         ]);
         events.extend(
             self.security
                 .events()
                 .into_iter()
                 .filter(|(name, _)| *name != "rate_limited"),
+        );
+        events.extend(
+            JwtError::ALL
+                .iter()
+                .zip(&self.jwt_refused)
+                .map(|(e, counter)| (e.event(), load(counter))),
         );
         events
     }

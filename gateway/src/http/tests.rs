@@ -564,7 +564,7 @@ async fn serve(setup: &Setup, section: HttpSection) -> Served {
         stop.clone(),
     ));
     let devices = Arc::new(std::sync::Mutex::new(super::devices::Devices::new(16)));
-    let reloader = super::Reloader::new(&section);
+    let reloader = super::Reloader::new(&section).unwrap();
     let app = App::new(
         Arc::clone(reloader.live()),
         Arc::clone(&ingress),
@@ -1527,7 +1527,7 @@ async fn run_serves_until_stop_then_answers_the_verdict_in_flight_and_returns() 
     let stats = Arc::new(HttpStats::default());
     let stop = CancellationToken::new();
     let running = tokio::spawn(super::run(
-        super::Reloader::new(&section),
+        super::Reloader::new(&section).unwrap(),
         bound,
         None,
         wiring,
@@ -1752,10 +1752,13 @@ async fn a_reload_swaps_tokens_and_limits_and_keeps_connections_and_streams() {
     );
 
     // dev1's token is renewed, bodies are limited to 4 bytes.
-    let notes = served.reloader.apply(&HttpSection {
-        max_body_size: 4,
-        ..open_devices(TOKEN3)
-    });
+    let notes = served
+        .reloader
+        .apply(&HttpSection {
+            max_body_size: 4,
+            ..open_devices(TOKEN3)
+        })
+        .unwrap();
     assert_eq!(notes.len(), 1, "{notes:?}");
     assert!(
         notes[0].contains(r#"1 with a new token ["dev1"]"#),
@@ -1811,25 +1814,34 @@ async fn a_lowered_max_connections_waits_for_open_ones_to_end() {
     let a = served.addr;
     let mut first = KeepAlive::connect(a).await;
     assert_eq!(first.post("/v1/publish/t/1", "", b"1").await.status, 200);
-    let notes = served.reloader.apply(&HttpSection {
-        max_connections: 1,
-        ..anonymous()
-    });
+    let notes = served
+        .reloader
+        .apply(&HttpSection {
+            max_connections: 1,
+            ..anonymous()
+        })
+        .unwrap();
     assert!(notes.is_empty(), "one open, one allowed: {notes:?}");
-    let notes = served.reloader.apply(&HttpSection {
-        max_connections: 0,
-        ..anonymous()
-    });
+    let notes = served
+        .reloader
+        .apply(&HttpSection {
+            max_connections: 0,
+            ..anonymous()
+        })
+        .unwrap();
     assert_eq!(notes.len(), 1, "{notes:?}");
     assert!(
         notes[0].starts_with("max_connections lowered to 0, below 1"),
         "{notes:?}"
     );
     // (0 is taken as 1, as at start.)
-    served.reloader.apply(&HttpSection {
-        max_connections: 1,
-        ..anonymous()
-    });
+    served
+        .reloader
+        .apply(&HttpSection {
+            max_connections: 1,
+            ..anonymous()
+        })
+        .unwrap();
     // The open connection goes on; a second one waits in the accept queue until it ends.
     let second = tokio::spawn(call(a, "POST", "/v1/publish/t/2", "", b"2"));
     assert_eq!(first.post("/v1/publish/t/3", "", b"3").await.status, 200);
@@ -1852,10 +1864,13 @@ async fn a_lowered_max_connections_waits_for_open_ones_to_end() {
         200
     );
     // Raised again: two at once.
-    served.reloader.apply(&HttpSection {
-        max_connections: 2,
-        ..anonymous()
-    });
+    served
+        .reloader
+        .apply(&HttpSection {
+            max_connections: 2,
+            ..anonymous()
+        })
+        .unwrap();
     let mut one = KeepAlive::connect(a).await;
     assert_eq!(one.post("/v1/publish/t/4", "", b"4").await.status, 200);
     assert_eq!(
