@@ -210,10 +210,10 @@ impl SharedAck {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .take();
-            if let Some(original) = original {
-                if !self.failed.load(Ordering::SeqCst) {
-                    original.ack();
-                }
+            if let Some(original) = original
+                && !self.failed.load(Ordering::SeqCst)
+            {
+                original.ack();
             }
         }
     }

@@ -561,13 +561,13 @@ fn parse_template(template: &str, gateway_id: &str) -> Result<Vec<Part>, FieldEr
         parts.push(Part::Literal(literal));
     }
     for part in &parts {
-        if let Part::Literal(text) = part {
-            if text.contains(['+', '#']) || text.chars().any(topic::is_forbidden_char) {
-                return Err(err(format!(
-                    "template: the text {text:?} (with the gateway id) holds a wildcard or a \
+        if let Part::Literal(text) = part
+            && (text.contains(['+', '#']) || text.chars().any(topic::is_forbidden_char))
+        {
+            return Err(err(format!(
+                "template: the text {text:?} (with the gateway id) holds a wildcard or a \
                      control character"
-                )));
-            }
+            )));
         }
     }
     Ok(parts)

@@ -447,10 +447,10 @@ impl RouteReconfigurer {
             }
         }
         for (upstream, table) in state.upstream_filters.iter().enumerate() {
-            if table.len() > shared.max_filters.load(Ordering::Relaxed) {
-                if let Some(up) = shared.upstreams.get(upstream) {
-                    change.over_capacity.push(up.subscriber.name().to_owned());
-                }
+            if table.len() > shared.max_filters.load(Ordering::Relaxed)
+                && let Some(up) = shared.upstreams.get(upstream)
+            {
+                change.over_capacity.push(up.subscriber.name().to_owned());
             }
         }
         drop(guard);

@@ -630,14 +630,14 @@ async fn serve(
         ingresses.push(http.source.clone());
         http
     });
-    if let Some(l) = &admin_listener {
-        if let Ok(address) = l.local_addr() {
-            listeners.push(Listener {
-                protocol: "admin",
-                transport: "tcp",
-                address,
-            });
-        }
+    if let Some(l) = &admin_listener
+        && let Ok(address) = l.local_addr()
+    {
+        listeners.push(Listener {
+            protocol: "admin",
+            transport: "tcp",
+            address,
+        });
     }
     let sources = Sources {
         gateway_id: config.gateway.id,
@@ -849,10 +849,10 @@ async fn serve(
     if let Some(task) = supervisor {
         let _ = task.await;
     }
-    if let Some(task) = admin_task {
-        if tokio::time::timeout(SHUTDOWN_GRACE, task).await.is_err() {
-            tracing::warn!("Admin listener did not stop within the grace period.");
-        }
+    if let Some(task) = admin_task
+        && tokio::time::timeout(SHUTDOWN_GRACE, task).await.is_err()
+    {
+        tracing::warn!("Admin listener did not stop within the grace period.");
     }
     log_status(
         &Status::take(
@@ -1679,10 +1679,10 @@ mod tests {
     ) -> StatusDoc {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(doc) = fetch_status(admin, None, Duration::from_secs(5)).await {
-                if ready(&doc) {
-                    return doc;
-                }
+            if let Ok(doc) = fetch_status(admin, None, Duration::from_secs(5)).await
+                && ready(&doc)
+            {
+                return doc;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,

@@ -819,10 +819,9 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         if labels
             .iter()
             .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+            && let Ok(v) = value.parse::<f64>()
         {
-            if let Ok(v) = value.parse::<f64>() {
-                sum = Some(sum.unwrap_or(0.0) + v);
-            }
+            sum = Some(sum.unwrap_or(0.0) + v);
         }
     }
     sum

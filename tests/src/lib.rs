@@ -1388,7 +1388,7 @@ fn parse_sub_line(line: &str) -> SubLine {
 }
 
 fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -2818,10 +2818,11 @@ impl SnClient {
                 msg_id: m,
                 rc,
             } if m == msg_id => {
-                if let (sn::SubTopic::Name(name), true) = (topic, rc == sn::RC_ACCEPTED) {
-                    if topic_id != 0 && !name.contains(['+', '#']) {
-                        self.names.insert(topic_id, name.to_owned());
-                    }
+                if let (sn::SubTopic::Name(name), true) = (topic, rc == sn::RC_ACCEPTED)
+                    && topic_id != 0
+                    && !name.contains(['+', '#'])
+                {
+                    self.names.insert(topic_id, name.to_owned());
                 }
                 Ok(SubAck {
                     qos: sn::Qos::from_flags(flags),
@@ -3444,10 +3445,10 @@ impl RabbitMq {
         ])?;
         for line in out.lines() {
             let cols: Vec<&str> = line.split_whitespace().collect();
-            if let [name, ready, unacked] = cols.as_slice() {
-                if *name == queue {
-                    return Ok(Some((ready.parse()?, unacked.parse()?)));
-                }
+            if let [name, ready, unacked] = cols.as_slice()
+                && *name == queue
+            {
+                return Ok(Some((ready.parse()?, unacked.parse()?)));
             }
         }
         Ok(None)

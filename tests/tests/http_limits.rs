@@ -148,10 +148,10 @@ fn a_request_in_flight_at_sigterm_gets_503_stopping_and_is_not_stored() {
         &[&a],
         b"idle",
     ));
-    if sent.is_ok() {
-        if let Ok(r) = idle.read_reply(HTTP_TIMEOUT) {
-            check(&r, 503, "stopping");
-        }
+    if sent.is_ok()
+        && let Ok(r) = idle.read_reply(HTTP_TIMEOUT)
+    {
+        check(&r, 503, "stopping");
     }
 
     let gw = &mut rig.rig.gateway;

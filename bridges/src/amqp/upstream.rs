@@ -408,10 +408,10 @@ impl AmqpUpstream {
             return Err(FailReason::Shutdown);
         }
         // A filter with no key was never subscribed.
-        if let Ok(key) = binding_key(filter) {
-            if self.shared.bindings().remove(&key) {
-                self.shared.bindings_changed.notify_one();
-            }
+        if let Ok(key) = binding_key(filter)
+            && self.shared.bindings().remove(&key)
+        {
+            self.shared.bindings_changed.notify_one();
         }
         Ok(())
     }
@@ -727,11 +727,10 @@ impl Task {
                     }
                 }
                 () = self.shared.bindings_changed.notified(), if binds => {
-                    if let Some(d) = downlink.as_deref() {
-                        if let Err(end) = self.apply_bindings(d).await {
+                    if let Some(d) = downlink.as_deref()
+                        && let Err(end) = self.apply_bindings(d).await {
                             break end;
                         }
-                    }
                 }
                 permit = Arc::clone(&self.slots).acquire_owned(),
                     if slot.is_none() && downlink.is_some() && self.downlink.is_some() =>
@@ -744,11 +743,10 @@ impl Task {
                 {
                     match delivery {
                         Some(Ok(delivery)) => {
-                            if let (Some(d), Some(s)) = (downlink.as_deref(), slot.take()) {
-                                if let Err(end) = self.deliver(d, delivery, s).await {
+                            if let (Some(d), Some(s)) = (downlink.as_deref(), slot.take())
+                                && let Err(end) = self.deliver(d, delivery, s).await {
                                     break end;
                                 }
-                            }
                         }
                         Some(Err(error)) => break End::Lost(error.to_string()),
                         None => break End::Lost("the broker cancelled the downlink consumer".into()),

@@ -263,10 +263,10 @@ impl MqttUpstreamConfig {
         if self.version == MqttVersion::V311 && self.password.is_some() && self.username.is_none() {
             return invalid("password", "MQTT 3.1.1 needs a username with a password");
         }
-        if let Some(tls) = &self.tls {
-            if tls.client_cert.is_some() != tls.client_key.is_some() {
-                return Err(SetupError::IncompleteClientAuth);
-            }
+        if let Some(tls) = &self.tls
+            && tls.client_cert.is_some() != tls.client_key.is_some()
+        {
+            return Err(SetupError::IncompleteClientAuth);
         }
         Ok(())
     }

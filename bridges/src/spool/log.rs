@@ -619,10 +619,10 @@ impl<F: Fs> Spool<F> {
             .segments
             .iter()
             .find(|s| s.records > 0 && s.last_seq.is_some_and(|l| l >= cursor))?;
-        if self.tail.covers(cursor) {
-            if let Some(t) = self.tail.time_from(cursor) {
-                return Some(t);
-            }
+        if self.tail.covers(cursor)
+            && let Some(t) = self.tail.time_from(cursor)
+        {
+            return Some(t);
         }
         Some(seg.first_time_ms)
     }
@@ -1107,10 +1107,10 @@ impl<F: Fs> Spool<F> {
 
     /// Finds the segment index for `pos`, fixing `pos.at` if it is unknown or stale.
     fn locate(&self, pos: &mut ReadPos) -> Option<usize> {
-        if let Some((first, _)) = pos.at {
-            if let Some(i) = self.segments.iter().position(|s| s.first_seq == first) {
-                return Some(i);
-            }
+        if let Some((first, _)) = pos.at
+            && let Some(i) = self.segments.iter().position(|s| s.first_seq == first)
+        {
+            return Some(i);
         }
         // The segment with the largest first_seq <= next_seq; or the oldest, if the wanted
         // records were dropped or removed.
@@ -1129,11 +1129,11 @@ impl<F: Fs> Spool<F> {
     /// segments this frees are removed by the next [`Self::collect_garbage`], so the drains
     /// (on the async runtime) never wait for an unlink.
     pub fn set_cursor(&mut self, index: usize, next_seq: u64) {
-        if let Some(c) = self.cursors.get_mut(index) {
-            if next_seq > *c {
-                *c = next_seq;
-                self.cursors_dirty = true;
-            }
+        if let Some(c) = self.cursors.get_mut(index)
+            && next_seq > *c
+        {
+            *c = next_seq;
+            self.cursors_dirty = true;
         }
     }
 

@@ -37,12 +37,12 @@ fn msg(i: u64, size: usize) -> Message {
     Message {
         topic: format!("t/{}", i % 5),
         payload: Bytes::from(payload),
-        qos: if i % 3 == 0 {
+        qos: if i.is_multiple_of(3) {
             Qos::AtMostOnce
         } else {
             Qos::AtLeastOnce
         },
-        retain: i % 4 == 0,
+        retain: i.is_multiple_of(4),
         origin: Default::default(),
     }
 }

@@ -637,15 +637,15 @@ impl Drain {
             Delivery::Failed(_) => false,
         };
         if settled {
-            if let Ok(i) = self.sent.binary_search_by_key(&report.token, |s| s.seq) {
-                if let Some(s) = self.sent.get_mut(i) {
-                    if !s.acked && report.delivery.is_acknowledged() {
-                        self.stats
-                            .ack_latency
-                            .observe(now.saturating_duration_since(s.at));
-                    }
-                    s.acked = true;
+            if let Ok(i) = self.sent.binary_search_by_key(&report.token, |s| s.seq)
+                && let Some(s) = self.sent.get_mut(i)
+            {
+                if !s.acked && report.delivery.is_acknowledged() {
+                    self.stats
+                        .ack_latency
+                        .observe(now.saturating_duration_since(s.at));
                 }
+                s.acked = true;
             }
         } else {
             self.rewinding = true;
@@ -755,13 +755,13 @@ impl Drain {
         }
         // A peer that stopped acknowledging: drop the connection once. Only a live link is
         // reset (a lost one fails what is in flight by itself).
-        if let Some(due) = self.ack_due() {
-            if due <= now {
-                self.reset_requested = true;
-                self.stats.ack_timeouts.fetch_add(1, Relaxed);
-                tracing::warn!(upstream = %self.name, timeout = ?self.config.ack_timeout, "Upstream did not acknowledge in time; reconnecting.");
-                return Some(Action::ResetLink);
-            }
+        if let Some(due) = self.ack_due()
+            && due <= now
+        {
+            self.reset_requested = true;
+            self.stats.ack_timeouts.fetch_add(1, Relaxed);
+            tracing::warn!(upstream = %self.name, timeout = ?self.config.ack_timeout, "Upstream did not acknowledge in time; reconnecting.");
+            return Some(Action::ResetLink);
         }
         if self.stopping && self.outstanding == 0 {
             self.done = true;

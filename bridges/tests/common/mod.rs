@@ -130,14 +130,14 @@ impl Broker {
             if TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_ok() {
                 return;
             }
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!(
-                        "mosquitto exited with {status} before listening on {}:\n{}",
-                        self.port,
-                        self.log()
-                    );
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "mosquitto exited with {status} before listening on {}:\n{}",
+                    self.port,
+                    self.log()
+                );
             }
             assert!(
                 Instant::now() < deadline,

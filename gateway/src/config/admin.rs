@@ -93,19 +93,19 @@ pub(super) fn compile_admin(raw: &RawAdmin, r: &mut Reporter<'_>) -> Option<Admi
             ok = false;
         }
     }
-    if let Some(addr) = listen.filter(|a| !a.ip().is_loopback()) {
-        if token.is_none() {
-            r.at_path(
-                &path.key("listen"),
-                format!("`{addr}` is reachable from other hosts, but no [admin] token is set"),
-                Some(
-                    "set [admin] token (the status, clients and metrics would be open to the \
+    if let Some(addr) = listen.filter(|a| !a.ip().is_loopback())
+        && token.is_none()
+    {
+        r.at_path(
+            &path.key("listen"),
+            format!("`{addr}` is reachable from other hosts, but no [admin] token is set"),
+            Some(
+                "set [admin] token (the status, clients and metrics would be open to the \
                      network), or listen on 127.0.0.1"
-                        .into(),
-                ),
-            );
-            ok = false;
-        }
+                    .into(),
+            ),
+        );
+        ok = false;
     }
     let event_history =
         int_in::<usize>(r, &path.key("event_history"), raw.event_history, 1, 10_000);

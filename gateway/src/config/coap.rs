@@ -339,20 +339,20 @@ pub(super) fn compile_coap(
         Duration::ZERO,
         Duration::from_secs(300),
     );
-    if let (Some(wait), Some(timeout)) = (ack_wait, ack_timeout) {
-        if wait >= timeout {
-            r.at_path(
-                &co.key("ack_wait"),
-                format!(
-                    "{} must be shorter than ack_timeout ({}): a client retransmits after about \
+    if let (Some(wait), Some(timeout)) = (ack_wait, ack_timeout)
+        && wait >= timeout
+    {
+        r.at_path(
+            &co.key("ack_wait"),
+            format!(
+                "{} must be shorter than ack_timeout ({}): a client retransmits after about \
                      ack_timeout, so the empty ACK must go out before",
-                    c.ack_wait.trim(),
-                    c.ack_timeout.trim()
-                ),
-                None,
-            );
-            ok = false;
-        }
+                c.ack_wait.trim(),
+                c.ack_timeout.trim()
+            ),
+            None,
+        );
+        ok = false;
     }
     let busy_max_age = duration_in(
         r,
@@ -460,20 +460,20 @@ pub(super) fn compile_coap(
         1 << 10,
         4 << 30,
     );
-    if let (Some(body), Some(budget)) = (max_body_size, reassembly_bytes) {
-        if body > budget {
-            r.at_path(
-                &co.key("max_body_size"),
-                format!(
-                    "{} is larger than reassembly_bytes ({}): a Block1 upload that large could \
+    if let (Some(body), Some(budget)) = (max_body_size, reassembly_bytes)
+        && body > budget
+    {
+        r.at_path(
+            &co.key("max_body_size"),
+            format!(
+                "{} is larger than reassembly_bytes ({}): a Block1 upload that large could \
                      never be reassembled",
-                    c.max_body_size.trim(),
-                    c.reassembly_bytes.trim()
-                ),
-                None,
-            );
-            ok = false;
-        }
+                c.max_body_size.trim(),
+                c.reassembly_bytes.trim()
+            ),
+            None,
+        );
+        ok = false;
     }
     let max_block2_bodies = int_in::<usize>(
         r,

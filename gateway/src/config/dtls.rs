@@ -381,7 +381,7 @@ fn decode_key(text: &str) -> Result<PskKey, String> {
     if hex.is_empty() {
         return Err("the key is empty".into());
     }
-    if hex.len() % 2 != 0 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !hex.len().is_multiple_of(2) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(format!(
             "the key is not hex (an even number of 0-9a-f digits; {} characters given)",
             hex.len()

@@ -912,20 +912,20 @@ pub(super) fn compile_http(
     let max_batch_items =
         int_in::<usize>(r, &hp.key("max_batch_items"), h.max_batch_items, 1, 100_000);
     let body_memory = size_in(r, &hp.key("body_memory"), &h.body_memory, 1 << 20, 4 << 30);
-    if let (Some(memory), Some(batch)) = (body_memory, max_batch_size) {
-        if memory < batch {
-            r.at_path(
-                &hp.key("body_memory"),
-                format!(
-                    "{} is smaller than max_batch_size ({}): a batch that large could never be \
+    if let (Some(memory), Some(batch)) = (body_memory, max_batch_size)
+        && memory < batch
+    {
+        r.at_path(
+            &hp.key("body_memory"),
+            format!(
+                "{} is smaller than max_batch_size ({}): a batch that large could never be \
                      read",
-                    h.body_memory.trim(),
-                    h.max_batch_size.trim()
-                ),
-                None,
-            );
-            ok = false;
-        }
+                h.body_memory.trim(),
+                h.max_batch_size.trim()
+            ),
+            None,
+        );
+        ok = false;
     }
     let queue_wait = duration_in(
         r,
@@ -1022,20 +1022,20 @@ pub(super) fn compile_http(
         secs(1),
         secs(600),
     );
-    if let (Some(keepalive), Some(idle)) = (sse_keepalive, idle_timeout) {
-        if keepalive >= idle {
-            r.at_path(
-                &hp.key("sse_keepalive"),
-                format!(
-                    "{} must be shorter than idle_timeout ({}): an idle stream would be closed \
+    if let (Some(keepalive), Some(idle)) = (sse_keepalive, idle_timeout)
+        && keepalive >= idle
+    {
+        r.at_path(
+            &hp.key("sse_keepalive"),
+            format!(
+                "{} must be shorter than idle_timeout ({}): an idle stream would be closed \
                      before its keep-alive comment",
-                    h.sse_keepalive.trim(),
-                    h.idle_timeout.trim()
-                ),
-                None,
-            );
-            ok = false;
-        }
+                h.sse_keepalive.trim(),
+                h.idle_timeout.trim()
+            ),
+            None,
+        );
+        ok = false;
     }
     let max_devices_tracked = int_in::<usize>(
         r,

@@ -361,37 +361,36 @@ pub(super) fn compile_mqttsn(
         let Some(id) = id else { continue };
         for c in &p.clients {
             for key in [(id, c.clone()), (id, "*".to_owned())] {
-                if let Some(first) = defined.get(&key) {
-                    if *first != i {
-                        r.at_path(
-                            &path.key("id"),
-                            format!(
-                                "predefined topic id {id} is already defined for {} \
+                if let Some(first) = defined.get(&key)
+                    && *first != i
+                {
+                    r.at_path(
+                        &path.key("id"),
+                        format!(
+                            "predefined topic id {id} is already defined for {} \
                                  (mqttsn.predefined_topic[{first}])",
-                                if key.1 == "*" {
-                                    "all clients".to_owned()
-                                } else {
-                                    format!("client `{c}`")
-                                }
-                            ),
-                            None,
-                        );
-                    }
+                            if key.1 == "*" {
+                                "all clients".to_owned()
+                            } else {
+                                format!("client `{c}`")
+                            }
+                        ),
+                        None,
+                    );
                 }
             }
-            if c == "*" {
-                if let Some((_, first)) = defined.iter().find(|((k, _), _)| *k == id) {
-                    if *first != i {
-                        r.at_path(
-                            &path.key("id"),
-                            format!(
-                                "predefined topic id {id} is already defined for some clients \
+            if c == "*"
+                && let Some((_, first)) = defined.iter().find(|((k, _), _)| *k == id)
+                && *first != i
+            {
+                r.at_path(
+                    &path.key("id"),
+                    format!(
+                        "predefined topic id {id} is already defined for some clients \
                                  (mqttsn.predefined_topic[{first}])"
-                            ),
-                            None,
-                        );
-                    }
-                }
+                    ),
+                    None,
+                );
             }
             defined.entry((id, c.clone())).or_insert(i);
         }

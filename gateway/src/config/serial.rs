@@ -299,19 +299,19 @@ pub(super) fn compile_serial(
             Duration::from_millis(10),
             Duration::from_secs(3600),
         );
-        if let (Some(min), Some(max)) = (reopen_min, reopen_max) {
-            if max < min {
-                r.at_path(
-                    &path.key("reopen_max"),
-                    format!(
-                        "reopen_max ({}) is shorter than reopen_min ({})",
-                        humantime::format_duration(max),
-                        humantime::format_duration(min)
-                    ),
-                    None,
-                );
-                continue;
-            }
+        if let (Some(min), Some(max)) = (reopen_min, reopen_max)
+            && max < min
+        {
+            r.at_path(
+                &path.key("reopen_max"),
+                format!(
+                    "reopen_max ({}) is shorter than reopen_min ({})",
+                    humantime::format_duration(max),
+                    humantime::format_duration(min)
+                ),
+                None,
+            );
+            continue;
         }
         let (
             Some(device),

@@ -128,15 +128,17 @@ pub(super) fn compile_spool(
         TIB,
     );
     let memory_tail = size_in(r, &path.key("memory_tail"), &raw.memory_tail, 0, 1 << 30);
-    if let (Some(rate), Some(seg)) = (drain_bytes_rate, segment_bytes) {
-        if rate != 0 && rate < 64 << 10 && seg > 0 {
-            // A message larger than one second's budget could never be sent.
-            r.at_path(
-                &path.key("drain_bytes_rate"),
-                "must be 0 (unlimited) or at least 64KiB".into(),
-                None,
-            );
-        }
+    if let (Some(rate), Some(seg)) = (drain_bytes_rate, segment_bytes)
+        && rate != 0
+        && rate < 64 << 10
+        && seg > 0
+    {
+        // A message larger than one second's budget could never be sent.
+        r.at_path(
+            &path.key("drain_bytes_rate"),
+            "must be 0 (unlimited) or at least 64KiB".into(),
+            None,
+        );
     }
     Some(SpoolSection {
         spool: SpoolConfig {

@@ -60,7 +60,7 @@ pub const SIZE_UNITS: [(u64, &str); 4] = [
 /// Formats a byte count the way the config writes it (for summaries).
 pub fn format_size(bytes: u64) -> String {
     for (factor, unit) in SIZE_UNITS {
-        if bytes >= factor && bytes % factor == 0 {
+        if bytes >= factor && bytes.is_multiple_of(factor) {
             return format!("{}{unit}", bytes / factor);
         }
     }

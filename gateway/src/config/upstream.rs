@@ -318,14 +318,14 @@ fn compile_upstream(
         ("client_cert", &u.client_cert),
         ("client_key", &u.client_key),
     ] {
-        if let Some(p) = file_of(value) {
-            if !p.is_file() {
-                r.at_path(
-                    &path.key(key),
-                    format!("file {} does not exist", p.display()),
-                    None,
-                );
-            }
+        if let Some(p) = file_of(value)
+            && !p.is_file()
+        {
+            r.at_path(
+                &path.key(key),
+                format!("file {} does not exist", p.display()),
+                None,
+            );
         }
     }
     if u.password.is_some() && u.username.is_none() {
@@ -374,15 +374,15 @@ fn compile_upstream(
     let files_exist = [&u.ca_file, &u.client_cert, &u.client_key]
         .iter()
         .all(|f| file_of(f).is_none_or(|p| p.is_file()));
-    if let (Some(settings), true) = (&tls, files_exist) {
-        if let Err(e) = sensorgate_bridges::mqtt::build_tls_config(settings) {
-            let key = if u.client_cert.is_some() {
-                "client_cert"
-            } else {
-                "url"
-            };
-            r.at_path(&path.key(key), e.to_string(), None);
-        }
+    if let (Some(settings), true) = (&tls, files_exist)
+        && let Err(e) = sensorgate_bridges::mqtt::build_tls_config(settings)
+    {
+        let key = if u.client_cert.is_some() {
+            "client_cert"
+        } else {
+            "url"
+        };
+        r.at_path(&path.key(key), e.to_string(), None);
     }
     let link = link?;
     let config = MqttUpstreamConfig {
@@ -441,14 +441,14 @@ fn link_settings(path: &KeyPath, u: &RawUpstream, r: &mut Reporter<'_>) -> Optio
         Duration::from_millis(10),
         Duration::from_secs(3600),
     );
-    if let (Some(a), Some(b)) = (backoff_initial, backoff_max) {
-        if a > b {
-            r.at_path(
-                &path.key("backoff_max"),
-                "must not be below backoff_initial".into(),
-                None,
-            );
-        }
+    if let (Some(a), Some(b)) = (backoff_initial, backoff_max)
+        && a > b
+    {
+        r.at_path(
+            &path.key("backoff_max"),
+            "must not be below backoff_initial".into(),
+            None,
+        );
     }
     let max_inflight = int_in::<u16>(r, &path.key("max_inflight"), u.max_inflight, 1, 65_535);
     let ack_timeout = duration_in(
@@ -616,17 +616,19 @@ fn compile_amqp_upstream(
         client_key: file_of(&u.client_key),
     };
     // Load the TLS material now, so check-config catches a wrong PEM or a mismatched key.
-    if tls_url && files_exist && u.client_cert.is_some() == u.client_key.is_some() {
-        if let Err(e) = sensorgate_bridges::mqtt::build_tls_config(&tls) {
-            let key = if u.client_cert.is_some() {
-                "client_cert"
-            } else if u.ca_file.is_some() {
-                "ca_file"
-            } else {
-                "url"
-            };
-            r.at_path(&path.key(key), e.to_string(), None);
-        }
+    if tls_url
+        && files_exist
+        && u.client_cert.is_some() == u.client_key.is_some()
+        && let Err(e) = sensorgate_bridges::mqtt::build_tls_config(&tls)
+    {
+        let key = if u.client_cert.is_some() {
+            "client_cert"
+        } else if u.ca_file.is_some() {
+            "ca_file"
+        } else {
+            "url"
+        };
+        r.at_path(&path.key(key), e.to_string(), None);
     }
     let passive = u.downlink_queue_passive.unwrap_or(false);
     let downlink_queue = match (&u.downlink_queue, passive) {

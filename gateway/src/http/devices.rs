@@ -87,10 +87,10 @@ impl Devices {
             device.last_seen = now;
             device.requests += 1;
             device.messages += seen.messages;
-            if let Some(topic) = seen.topic {
-                if device.last_topic.as_deref() != Some(topic) {
-                    device.last_topic = Some(topic.into());
-                }
+            if let Some(topic) = seen.topic
+                && device.last_topic.as_deref() != Some(topic)
+            {
+                device.last_topic = Some(topic.into());
             }
             device.last_status = seen.status;
             device.refused += u64::from(seen.status >= 400);

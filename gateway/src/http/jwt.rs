@@ -457,10 +457,10 @@ impl JwtVerifier {
         if exp.saturating_add(leeway) <= now {
             return Err(JwtError::Expired);
         }
-        if let Some(nbf) = numeric_date(claims.get("nbf"))? {
-            if nbf > now.saturating_add(leeway) {
-                return Err(JwtError::NotYetValid);
-            }
+        if let Some(nbf) = numeric_date(claims.get("nbf"))?
+            && nbf > now.saturating_add(leeway)
+        {
+            return Err(JwtError::NotYetValid);
         }
         match claims.get("aud") {
             None => return Err(JwtError::MissingClaim),

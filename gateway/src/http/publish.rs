@@ -205,10 +205,8 @@ impl Verdicts {
                 .collect()
         };
         for (waiter, accepted) in taken {
-            if accepted {
-                if let Some(message) = &waiter.local {
-                    ingress.deliver_local(message);
-                }
+            if accepted && let Some(message) = &waiter.local {
+                ingress.deliver_local(message);
             }
             match waiter.reply {
                 Reply::One(tx) => {

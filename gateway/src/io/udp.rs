@@ -464,11 +464,11 @@ impl<C: DatagramCore> UdpDriver<C> {
             let deadline = self.core.poll_timeout();
             // One timer, moved only when the deadline changes: a fresh registration each
             // round would wake the runtime's driver every time.
-            if let Some(d) = deadline {
-                if timer_at != Some(d) {
-                    timer.as_mut().reset(d.into());
-                    timer_at = Some(d);
-                }
+            if let Some(d) = deadline
+                && timer_at != Some(d)
+            {
+                timer.as_mut().reset(d.into());
+                timer_at = Some(d);
             }
             let sleep = async {
                 match deadline {
@@ -766,10 +766,10 @@ impl<C: DatagramCore> UdpDriver<C> {
         if self.local_pending.is_empty() {
             return;
         }
-        if let Some(message) = self.local_pending.remove(&reply.token) {
-            if reply.accepted {
-                self.ingress.deliver_local(&message);
-            }
+        if let Some(message) = self.local_pending.remove(&reply.token)
+            && reply.accepted
+        {
+            self.ingress.deliver_local(&message);
         }
     }
 

@@ -875,10 +875,10 @@ impl TopicTable {
     }
 
     fn set_known(&mut self, id: u16, known: bool) {
-        if let Ok(index) = self.position(id) {
-            if let Some(e) = self.entries.get_mut(index) {
-                e.known = known;
-            }
+        if let Ok(index) = self.position(id)
+            && let Some(e) = self.entries.get_mut(index)
+        {
+            e.known = known;
         }
     }
 
@@ -2832,27 +2832,26 @@ impl Core {
                     s.inflight_up.iter().any(|&(m, _)| m == msg_id)
                         || (qos == QoS::ExactlyOnce && s.qos2_received.contains(&msg_id))
                 });
-        if !unchecked {
-            if let Some((identity, client_id)) = self
+        if !unchecked
+            && let Some((identity, client_id)) = self
                 .session(sref)
                 .map(|s| (Arc::clone(&s.identity), Arc::clone(&s.client_id)))
-            {
-                let checked = self.authorize_publish(
-                    now,
-                    Some(&identity),
-                    Some(&client_id),
-                    &identity.name,
-                    &resolved,
-                    data.len(),
-                );
-                if let Err(denial) = checked {
-                    if qos == QoS::AtMostOnce {
-                        // Nobody waits for an answer: dropped, counted.
-                        self.stats.refuse(refusal_of(Self::denial_rc(denial)));
-                        return;
-                    }
-                    return self.reject_publish(peer, topic, msg_id, Self::denial_rc(denial));
+        {
+            let checked = self.authorize_publish(
+                now,
+                Some(&identity),
+                Some(&client_id),
+                &identity.name,
+                &resolved,
+                data.len(),
+            );
+            if let Err(denial) = checked {
+                if qos == QoS::AtMostOnce {
+                    // Nobody waits for an answer: dropped, counted.
+                    self.stats.refuse(refusal_of(Self::denial_rc(denial)));
+                    return;
                 }
+                return self.reject_publish(peer, topic, msg_id, Self::denial_rc(denial));
             }
         }
         let Some(session) = slot_mut(&mut self.slots, sref) else {
@@ -3037,10 +3036,10 @@ impl Core {
 
     /// The predefined id this client can use for `topic`, if any.
     fn predefined_id_of(&self, session: &Session, topic: &str) -> Option<u16> {
-        if let Some(own) = &session.own_predefined {
-            if let Some((&id, _)) = own.iter().find(|(_, t)| &***t == topic) {
-                return Some(id);
-            }
+        if let Some(own) = &session.own_predefined
+            && let Some((&id, _)) = own.iter().find(|(_, t)| &***t == topic)
+        {
+            return Some(id);
         }
         self.global_predefined_by_name.get(topic).copied()
     }
@@ -3494,10 +3493,10 @@ impl Core {
 
     /// Drops the front of the queue (undeliverable), counting it.
     fn drop_front(&mut self, sref: SessionRef, reason: DownlinkDropReason) {
-        if let Some(s) = slot_mut(&mut self.slots, sref) {
-            if s.queue.pop_front().is_some_and(|d| d.qos > 0) {
-                mark_dirty(s, sref, &mut self.persist_dirty);
-            }
+        if let Some(s) = slot_mut(&mut self.slots, sref)
+            && s.queue.pop_front().is_some_and(|d| d.qos > 0)
+        {
+            mark_dirty(s, sref, &mut self.persist_dirty);
         }
         self.stats.drop_downlink(reason, 1);
     }
@@ -3697,10 +3696,10 @@ impl Core {
     /// Binds `sref` to `peer`, taking the address from any other session and dropping the
     /// session's old address.
     fn bind(&mut self, sref: SessionRef, peer: Peer) {
-        if let Some(&other) = self.by_peer.get(&peer) {
-            if other != sref {
-                self.unbind(other);
-            }
+        if let Some(&other) = self.by_peer.get(&peer)
+            && other != sref
+        {
+            self.unbind(other);
         }
         self.unbind(sref);
         if let Some(s) = self.session_mut(sref) {
@@ -3714,10 +3713,10 @@ impl Core {
         let Some(s) = self.session_mut(sref) else {
             return;
         };
-        if let Some(old) = s.peer.take() {
-            if self.by_peer.get(&old) == Some(&sref) {
-                self.by_peer.remove(&old);
-            }
+        if let Some(old) = s.peer.take()
+            && self.by_peer.get(&old) == Some(&sref)
+        {
+            self.by_peer.remove(&old);
         }
     }
 
@@ -4040,10 +4039,10 @@ impl Core {
         if session.persisted {
             self.persist_removed.push(session.client_id.clone());
         }
-        if let Some(peer) = &session.peer {
-            if self.by_peer.get(peer) == Some(&sref) {
-                self.by_peer.remove(peer);
-            }
+        if let Some(peer) = &session.peer
+            && self.by_peer.get(peer) == Some(&sref)
+        {
+            self.by_peer.remove(peer);
         }
         // Tokens still awaiting their verdict stay in `pending`: an accepted publish goes to
         // the local subscribers even after its sender left (it goes upstream too). Each token

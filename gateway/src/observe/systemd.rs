@@ -89,10 +89,10 @@ impl Notifier {
     }
 
     fn send(&self, states: &[NotifyState<'_>]) {
-        if let Err(error) = sd_notify::notify(states) {
-            if !self.failed.swap(true, Relaxed) {
-                tracing::debug!(%error, "Cannot notify the service manager (NOTIFY_SOCKET); further failures are not logged.");
-            }
+        if let Err(error) = sd_notify::notify(states)
+            && !self.failed.swap(true, Relaxed)
+        {
+            tracing::debug!(%error, "Cannot notify the service manager (NOTIFY_SOCKET); further failures are not logged.");
         }
     }
 }

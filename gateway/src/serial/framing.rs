@@ -479,11 +479,11 @@ fn scan_length(
                 return;
             }
             Verdict::Frame(total) => {
-                if !std::mem::take(&mut state.skip_next) {
-                    if let Some(message) = buf.get(..total) {
-                        stats.frames += 1;
-                        frame(message);
-                    }
+                if !std::mem::take(&mut state.skip_next)
+                    && let Some(message) = buf.get(..total)
+                {
+                    stats.frames += 1;
+                    frame(message);
                 }
                 buf.drain(..total);
             }

@@ -71,11 +71,11 @@ pub(crate) fn blocking_exchange(
         let deadline = Instant::now() + Duration::from_millis(500);
         while Instant::now() < deadline {
             let Ok(n) = socket.recv(&mut buf) else { break };
-            if let Ok(p) = sn::decode(&buf[..n]) {
-                if want(&p) {
-                    socket.set_nonblocking(true).ok()?;
-                    return Some(p);
-                }
+            if let Ok(p) = sn::decode(&buf[..n])
+                && want(&p)
+            {
+                socket.set_nonblocking(true).ok()?;
+                return Some(p);
             }
         }
     }
