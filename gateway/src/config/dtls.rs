@@ -574,11 +574,10 @@ url = "mqtt://127.0.0.1:1883"
         assert_eq!(*c.dtls.settings, crate::dtls::DtlsSettings::default());
         assert!(!c.dtls.required);
         // The commented [[psk]] example is valid.
-        let on = text
-            .replace("# [[psk]]\n", "[[psk]]\n")
-            .replace("# identity = ", "identity = ")
-            .replace("# key_hex = ", "key_hex = ")
-            .replace("# client_ids = [\"dev1\"]", "client_ids = [\"dev1\"]");
+        let example = "# [[psk]]\n# identity = \"dev1\"\n# key_hex = \"73336372\"\n\
+                       # client_ids = [\"dev1\"]\n";
+        assert!(text.contains(example), "the [[psk]] example changed");
+        let on = text.replace(example, &example.replace("# ", ""));
         let c = Config::parse(&path, &on).unwrap();
         assert_eq!(c.dtls.settings.psk.len(), 1);
     }
