@@ -201,7 +201,9 @@ impl Refusal {
             Refusal::UnsupportedMediaType => {
                 format!("a batch must be one of: {BATCH_MEDIA_TYPES}").into()
             }
-            Refusal::RateLimited(_) => "request rate limit of this device reached".into(),
+            Refusal::RateLimited(_) => {
+                "rate limit of this device reached (requests, messages or bytes)".into()
+            }
             Refusal::TooManyStreams { device: true } => {
                 "this device has its maximum of streams open".into()
             }
