@@ -4,7 +4,10 @@
 //! `coap-client-gnutls` PUT to `/ps/<topic>` over `coaps://` (2.04; the message at mosquitto);
 //! a wrong key and an unknown identity refused and counted; a ClientHello flood from many
 //! source ports leaves no session (stateless cookies), half-open handshakes time out; plain
-//! listeners keep working beside DTLS; the test keys never reach the log.
+//! listeners keep working beside DTLS; the test keys never reach the log; a PSK identity is
+//! bound to its ClientIds, fills `{identity}` in the ACLs of MQTT-SN and CoAP (an `id` query
+//! does not replace it), cannot be taken over by a plain client, and `require_identity`
+//! refuses plain clients once reloaded.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -459,4 +462,100 @@ fn a_reload_changes_keys_for_new_handshakes_and_keeps_established_sessions() {
     assert_eq!(dev3.frame(), Some(vec![3, 0x05, 0x00]));
     let e = events(&d.rig, "mqtt-sn");
     assert_eq!(e["dtls_psk_identities"], 2, "{e:?}");
+}
+
+/// REGISTER `topic` with message id `msg_id` over `s`; returns (topic id, return code).
+fn register(s: &mut SClient, topic: &str, msg_id: u8) -> ([u8; 2], u8) {
+    let mut f = vec![0, 0x0a, 0, 0, 0, msg_id];
+    f.extend_from_slice(topic.as_bytes());
+    f[0] = f.len() as u8;
+    s.send(&f);
+    let regack = s.frame().expect("REGACK");
+    assert_eq!((regack[1], regack[5]), (0x0b, msg_id), "{regack:?}");
+    ([regack[2], regack[3]], regack[6])
+}
+
+#[test]
+fn a_dtls_identity_is_bound_to_its_client_ids_its_acl_and_its_session() {
+    // Every identity publishes under its own name only (`{identity}`: the PSK identity).
+    let d = start("[[acl]]\npublish = [\"sensors/{identity}/#\"]\n");
+    let mut sub = d.rig.subscribe(&["sensors/#"]).unwrap();
+    // dev1's key, another ClientId: refused (client_ids = ["dev1"]).
+    let mut intruder = SClient::start(d.sn_dtls, "dev1", KEY_HEX);
+    intruder.send(&connect("intruder"));
+    assert_eq!(
+        intruder.frame(),
+        Some(vec![3, 0x05, 0x03]),
+        "CONNACK rc 0x03"
+    );
+    drop(intruder);
+    // Its own ClientId: accepted, and the ACL fills {identity} with the proven identity.
+    let mut s = SClient::start(d.sn_dtls, "dev1", KEY_HEX);
+    s.send(&connect("dev1"));
+    assert_eq!(s.frame(), Some(vec![3, 0x05, 0x00]));
+    let (_, rc) = register(&mut s, "sensors/dev2/t", 1);
+    assert_eq!(rc, 0x03, "another identity's topic");
+    let (id, rc) = register(&mut s, "sensors/dev1/t", 2);
+    assert_eq!(rc, 0x00);
+    let mut publish = vec![0, 0x0c, 0x20, id[0], id[1], 0, 3];
+    publish.extend_from_slice(b"7");
+    publish[0] = publish.len() as u8;
+    s.send(&publish);
+    assert_eq!(
+        s.frame(),
+        Some(vec![7, 0x0d, id[0], id[1], 0, 3, 0]),
+        "PUBACK"
+    );
+    let m = sub.expect().unwrap();
+    assert_eq!(
+        (m.topic.as_str(), m.payload.as_slice()),
+        ("sensors/dev1/t", &b"7"[..])
+    );
+    // CoAP over DTLS: the same identity and ACL; an `id` query does not replace the proven
+    // identity.
+    let coaps = |path: &str| {
+        let mut cmd = Command::new("/usr/bin/coap-client-openssl");
+        cmd.args([
+            "-v", "7", "-u", "dev1", "-k", KEY, "-m", "put", "-e", "c", "-B", "10",
+        ])
+        .arg(format!("coaps://{}/ps/{path}", d.coaps));
+        let out = run_bounded(&mut cmd, Duration::from_secs(20)).unwrap();
+        libcoap_responses(&String::from_utf8_lossy(&out.stdout))
+    };
+    assert_eq!(coaps("sensors/dev1/c"), ["2.04"]);
+    assert_eq!(coaps("sensors/dev2/c?id=dev2"), ["4.03"]);
+    let m = sub.expect().unwrap();
+    assert_eq!(
+        (m.topic.as_str(), m.payload.as_slice()),
+        ("sensors/dev1/c", &b"c"[..])
+    );
+    assert_eq!(events(&d.rig, "coap")["acl_denied_publish"], 1);
+    // A plain client that knows the ClientId cannot take the proven session over.
+    let mut plain = sensorgate_tests::SnClient::new(d.rig.gateway.sn_addr()).unwrap();
+    assert_eq!(plain.connect("dev1").unwrap(), 0x03);
+    // With `require_identity` (applied live), a plain client is refused whatever its
+    // ClientId, and the DTLS session goes on.
+    let path = d.rig.gateway.config_path();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let listen = format!("dtls_listen = [\"{}\"]", d.sn_dtls);
+    assert!(text.contains(&listen));
+    std::fs::write(
+        &path,
+        text.replace(&listen, &format!("{listen}\nrequire_identity = true")),
+    )
+    .unwrap();
+    let outcome = reload(&d.rig, 1);
+    assert_eq!(outcome["outcome"], "applied", "{outcome}");
+    assert_eq!(
+        outcome["applied"],
+        serde_json::json!(["[mqttsn]"]),
+        "{outcome}"
+    );
+    assert_eq!(plain.connect("plain1").unwrap(), 0x03);
+    s.send(&[2, 0x16]);
+    assert_eq!(s.frame(), Some(vec![2, 0x17]), "PINGRESP");
+    let e = events(&d.rig, "mqtt-sn");
+    assert_eq!(e["client_id_mismatch"], 2, "{e:?}");
+    assert_eq!(e["acl_denied_publish"], 1, "{e:?}");
+    assert_eq!(e["identity_required"], 1, "{e:?}");
 }
