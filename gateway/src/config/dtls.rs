@@ -580,6 +580,9 @@ url = "mqtt://127.0.0.1:1883"
         let on = text.replace(example, &example.replace("# ", ""));
         let c = Config::parse(&path, &on).unwrap();
         assert_eq!(c.dtls.settings.psk.len(), 1);
+        // Its ClientIds are reserved to it, for every ingress's policy.
+        assert!(c.security.is_reserved("dev1") && !c.security.is_reserved("dev2"));
+        assert!(std::sync::Arc::ptr_eq(&c.security, &c.mqttsn.core.security));
     }
 
     #[test]

@@ -680,7 +680,14 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
     let mut coap = coap?;
     let mut http = http?;
     let mut mqttsn = mqttsn?;
-    let security = security?;
+    let mut security = security?;
+    // A ClientId bound to a [[psk]] identity is that identity's alone, on every listener.
+    Arc::make_mut(&mut security).reserved_client_ids = dtls
+        .settings
+        .psk
+        .iter()
+        .flat_map(|p| p.client_ids.iter().cloned())
+        .collect();
     mqttsn.core.security = Arc::clone(&security);
     coap.core.security = Arc::clone(&security);
     http.security = Arc::clone(&security);

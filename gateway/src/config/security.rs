@@ -99,6 +99,8 @@ pub(super) fn compile_security(
     Some(Arc::new(Policy {
         acl: acl?,
         limits: limits?,
+        // Set by `config::compile` from `[[psk]]`.
+        reserved_client_ids: std::collections::HashSet::new(),
     }))
 }
 

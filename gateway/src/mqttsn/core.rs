@@ -2357,11 +2357,16 @@ impl Core {
     /// Why a CONNECT of `client_id` from `peer` is refused by the identity checks, if it is: a
     /// proven identity that may not use this ClientId; no proven identity where
     /// `require_identity` asks for one; a session of this ClientId held by a proven identity
-    /// other than the peer's (a plain client must not take over a DTLS client's session).
+    /// other than the peer's (a plain client must not take over a DTLS client's session), or
+    /// a ClientId bound to a `[[psk]]` identity claimed without proving it (so also for a
+    /// session restored after a restart, whose record does not say who proved it).
     fn connect_denial(&self, peer: &Peer, client_id: &str) -> Option<Denial> {
         match &peer.identity {
             Some(id) if !id.allows_client_id(client_id) => return Some(Denial::ClientIdMismatch),
             None if self.config.require_identity => return Some(Denial::IdentityRequired),
+            None if self.config.security.is_reserved(client_id) => {
+                return Some(Denial::ClientIdMismatch);
+            }
             _ => {}
         }
         let held = self
@@ -2587,7 +2592,8 @@ impl Core {
                     // A session of a proven identity moves only to a peer proving the same.
                     let foreign = self.session(sref).is_some_and(|s| {
                         s.identity.is_proven() && peer.identity.as_deref() != Some(&*s.identity)
-                    });
+                    }) || (peer.identity.is_none()
+                        && self.config.security.is_reserved(id));
                     if foreign {
                         self.security_counters.count(Denial::ClientIdMismatch);
                         return self.unknown_peer(peer, "PINGREQ");

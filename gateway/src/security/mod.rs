@@ -15,6 +15,8 @@
 pub mod acl;
 pub mod limit;
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use acl::{Acl, Pattern, Requester, Rule};
@@ -27,9 +29,20 @@ pub struct Policy {
     pub acl: Option<Acl>,
     /// `[limits]`.
     pub limits: LimitsPolicy,
+    /// The MQTT-SN ClientIds bound to a `[[psk]]` identity (its `client_ids`): only a peer
+    /// proving that identity may use them. Kept here rather than in the sessions so that it
+    /// holds for a session restored after a restart too (its record does not say who proved
+    /// it) and for a ClientId that has no session yet.
+    pub reserved_client_ids: HashSet<Arc<str>>,
 }
 
 impl Policy {
+    /// Whether `client_id` belongs to a `[[psk]]` identity (a plain client may not use it).
+    #[must_use]
+    pub fn is_reserved(&self, client_id: &str) -> bool {
+        self.reserved_client_ids.contains(client_id)
+    }
+
     /// Whether `who` may publish to `topic`.
     #[must_use]
     pub fn may_publish(&self, who: &Requester<'_>, topic: &str) -> bool {

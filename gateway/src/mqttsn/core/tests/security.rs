@@ -249,6 +249,47 @@ fn a_proven_identity_may_connect_only_with_its_client_ids() {
 }
 
 #[test]
+fn a_client_id_bound_to_a_psk_identity_is_refused_to_plain_peers_even_for_an_unproven_session() {
+    // A session of `dev1` made before the binding existed (as one restored after a restart:
+    // its record does not say who proved it), then `[[psk]] client_ids = ["dev1"]`.
+    let mut h = Harness::new(config());
+    let old = peer(1000);
+    h.connect(&old, "dev1", 60);
+    let reserved = Policy {
+        reserved_client_ids: [Arc::from("dev1")].into_iter().collect(),
+        ..Policy::default()
+    };
+    let _ = h.core.reconfigure(h.now, with_policy(reserved));
+    // A plain peer may neither wake nor take that session, nor CONNECT as dev1.
+    let plain = peer(1001);
+    h.send(
+        &plain,
+        Packet::PingReq {
+            client_id: Some("dev1"),
+        },
+    );
+    assert_eq!(
+        decode(&h.reply(&plain)),
+        Packet::Disconnect { duration: None }
+    );
+    h.send(
+        &plain,
+        Packet::Connect {
+            will: false,
+            clean_session: false,
+            duration: 60,
+            client_id: "dev1",
+        },
+    );
+    assert_eq!(connack_rc(&mut h, &plain), ReturnCode::NotSupported);
+    // Other ClientIds are not concerned; the identity itself takes its session.
+    h.connect(&peer(1002), "dev2", 60);
+    h.connect(&psk_peer(1003, "dev1", &["dev1"]), "dev1", 60);
+    assert_eq!(h.core.security_counters().get(Denial::ClientIdMismatch), 2);
+    h.core.check_invariants();
+}
+
+#[test]
 fn require_identity_refuses_plain_connects() {
     let mut h = Harness::new(CoreConfig {
         require_identity: true,
