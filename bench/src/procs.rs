@@ -143,6 +143,8 @@ pub struct Gateway {
     pub http: Option<SocketAddr>,
     /// Where MQTT-SN clients handshake DTLS, when [`GatewayConfig::dtls`] turned it on.
     pub dtls: Option<SocketAddr>,
+    /// Its admin listener (`None` with `SG_BENCH_NO_ADMIN`).
+    pub admin: Option<SocketAddr>,
 }
 
 /// Predefined topic id every benchmark gateway has (for QoS -1), and its topic.
@@ -228,11 +230,13 @@ impl Gateway {
         // The admin listener runs as in production (its counters are what the bench must not
         // notice), on a free port; `SG_BENCH_NO_ADMIN=1` leaves the section out for a gateway
         // built before it existed (before/after comparisons).
-        let admin = if std::env::var_os("SG_BENCH_NO_ADMIN").is_some() {
-            String::new()
+        let admin_at = if std::env::var_os("SG_BENCH_NO_ADMIN").is_some() {
+            None
         } else {
-            format!("[admin]\nlisten = \"127.0.0.1:{}\"\n\n", free_port()?)
+            Some(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
         };
+        let admin =
+            admin_at.map_or_else(String::new, |at| format!("[admin]\nlisten = \"{at}\"\n\n"));
         let coap = match &cfg.coap {
             Some(extra) => Some((SocketAddr::from(([127, 0, 0, 1], free_port()?)), extra)),
             None => None,
@@ -323,6 +327,7 @@ impl Gateway {
             coap,
             http,
             dtls,
+            admin: admin_at,
         })
     }
 
@@ -346,6 +351,36 @@ impl Gateway {
             .filter(|l| !l.contains("smaller socket buffers"))
             .collect();
         (warnings.len(), warnings.last().map(|l| (*l).to_owned()))
+    }
+
+    /// The `sensorgate_ingress_events_total` counters of `protocol` (`"mqtt-sn"`, `"coap"`)
+    /// from the admin listener's `/metrics`, by event name.
+    ///
+    /// # Errors
+    /// Without an admin listener, or when `/metrics` does not answer within 5 s.
+    pub fn ingress_events(
+        &self,
+        protocol: &str,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+        use std::io::Read;
+        let at = self.admin.context("the gateway has no admin listener")?;
+        let mut s = TcpStream::connect_timeout(&at, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: {at}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )?;
+        let mut text = String::new();
+        // Bounded: the listener closes the connection after its answer.
+        s.take(16 << 20).read_to_string(&mut text)?;
+        let prefix = format!("sensorgate_ingress_events_total{{protocol=\"{protocol}\",event=\"");
+        Ok(text
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter_map(|l| {
+                let (name, value) = l.split_once("\"} ")?;
+                Some((name.to_owned(), value.trim().parse().ok()?))
+            })
+            .collect())
     }
 
     /// Stops the process (`SIGSTOP`) until [`Gateway::resume`]: it keeps its sockets and

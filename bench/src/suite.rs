@@ -2411,6 +2411,34 @@ async fn open_sessions(env: &mut Env, n: usize, dtls: bool) -> anyhow::Result<Sc
     sub.put("CONNECTs resent", connect_retries as f64, "");
     cpu.put(&mut sub, ok, what);
     let all_open = sample(gw.pid());
+    // The gateway's own account: every handshake came through the cookie round trip.
+    let events_open = if dtls {
+        gw.ingress_events("mqtt-sn").unwrap_or_default()
+    } else {
+        Default::default()
+    };
+    for name in [
+        "dtls_hello_verify_sent",
+        "dtls_handshakes_started",
+        "dtls_handshakes_ok",
+        "dtls_sessions_open",
+    ] {
+        if let Some(v) = events_open.get(name) {
+            sub.put(&format!("gateway {name}"), *v as f64, "");
+        }
+    }
+    let failed_at_gateway: u64 = events_open
+        .iter()
+        .filter(|(k, _)| k.starts_with("dtls_handshakes_failed_"))
+        .map(|(_, v)| *v)
+        .sum();
+    if dtls && !events_open.is_empty() {
+        sub.put(
+            "gateway dtls_handshakes_failed_*",
+            failed_at_gateway as f64,
+            "",
+        );
+    }
     sub.put("RSS before", before.rss_kb as f64 / 1024.0, "MiB");
     sub.put(
         "RSS with all sessions open",
@@ -2434,6 +2462,13 @@ async fn open_sessions(env: &mut Env, n: usize, dtls: bool) -> anyhow::Result<Sc
     }
     drop(open);
     sub.put("RSS after closing", after.rss_kb as f64 / 1024.0, "MiB");
+    if dtls && let Ok(events) = gw.ingress_events("mqtt-sn") {
+        for name in ["dtls_sessions_close_notify", "dtls_sessions_open"] {
+            if let Some(v) = events.get(name) {
+                sub.put(&format!("gateway {name} after closing"), *v as f64, "");
+            }
+        }
+    }
     let (warnings, last) = gw.log_warnings();
     if warnings > 0 {
         sub.notes.push(format!(
