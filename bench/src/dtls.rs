@@ -12,8 +12,9 @@
 //! ```
 //!
 //! A client sends one MQTT-SN packet per datagram, as over plain UDP (a datagram is polled out
-//! of `dimpl` after each record, so it never packs two). Every wait is bounded by the caller's
-//! deadline or `dimpl`'s own timers.
+//! of `dimpl` after each record, so it never packs two). A handshake is bounded by its
+//! deadline (`dimpl`'s timers resend lost flights within it); `Link::recv` waits like a
+//! socket's `recv`, so its callers bound it, as they do over plain UDP.
 
 use std::collections::VecDeque;
 use std::io;
