@@ -30,6 +30,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
+use crate::dtls::Link;
 use crate::sn::{self, kind};
 use crate::{elapsed_ns, new_histogram};
 
@@ -77,6 +78,10 @@ pub struct LoadSpec {
     pub connect_concurrency: usize,
     /// Retransmission interval for set-up packets and QoS 1/2 messages.
     pub retry: Duration,
+    /// Over DTLS 1.2 (`gateway` is then a `dtls_listen` address): each client first does a
+    /// PSK handshake ([`crate::dtls`]) whose identity is its ClientId and key
+    /// [`crate::dtls::BENCH_KEY`], within the set-up's concurrency bound.
+    pub dtls: bool,
 }
 
 impl LoadSpec {
@@ -100,6 +105,7 @@ impl LoadSpec {
             batch: 64,
             connect_concurrency: 1024,
             retry: Duration::from_secs(1),
+            dtls: false,
         }
     }
 }
@@ -113,6 +119,8 @@ pub struct Counters {
     pub ready: AtomicU64,
     /// Clients whose set-up failed.
     pub failed: AtomicU64,
+    /// Of those, clients whose DTLS handshake failed.
+    pub handshakes_failed: AtomicU64,
     /// PUBLISH datagrams sent (first transmissions).
     pub sent: AtomicU64,
     /// PUBACK rc 0 / PUBCOMP received.
@@ -203,7 +211,7 @@ impl Load {
                 ack_latency: ack_latency.clone(),
                 downlink_latency: downlink_latency.clone(),
                 phase: phase_rx.clone(),
-                sock,
+                link: Link::Plain(sock),
                 buf: vec![0u8; 1536],
                 registered: 0,
             };
@@ -304,7 +312,8 @@ struct Client {
     ack_latency: Arc<Mutex<Histogram<u64>>>,
     downlink_latency: Arc<Mutex<Histogram<u64>>>,
     phase: watch::Receiver<Phase>,
-    sock: UdpSocket,
+    /// Plain until [`Client::run`]'s handshake, when over DTLS.
+    link: Link,
     buf: Vec<u8>,
     /// The topic id REGACK gave.
     registered: u16,
@@ -313,9 +322,30 @@ struct Client {
 /// How often set-up packets are tried before the client gives up.
 const SETUP_TRIES: u32 = 8;
 
+/// Bound on one client's DTLS handshake (`dimpl` retransmits lost flights within it).
+const HANDSHAKE_WITHIN: Duration = Duration::from_secs(20);
+
 impl Client {
     async fn run(mut self, gate: Arc<Semaphore>) {
         let permit = gate.acquire_owned().await;
+        if self.spec.dtls {
+            let secured = match self.link {
+                Link::Plain(sock) => secure(sock, &self.spec, self.index).await,
+                secured @ Link::Dtls(_) => Ok(secured),
+            };
+            match secured {
+                Ok(link) => self.link = link,
+                Err(e) => {
+                    drop(permit);
+                    eprintln!("client {}: DTLS handshake: {e:#}", self.index);
+                    self.counters
+                        .handshakes_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
         let ok = self.set_up().await;
         drop(permit);
         if !ok {
@@ -341,7 +371,8 @@ impl Client {
             self.counters.done.fetch_add(1, Ordering::Relaxed);
             self.wait_phase(Phase::Finish).await;
         }
-        let _ = self.sock.send(&sn::disconnect()).await;
+        let _ = self.link.send(&sn::disconnect()).await;
+        self.link.close();
     }
 
     /// Waits for `phase`, pinging every keep_alive/2 and counting what arrives; `false` if the
@@ -360,10 +391,10 @@ impl Client {
                     }
                 }
                 () = tokio::time::sleep_until(next_ping) => {
-                    let _ = self.sock.send(&sn::pingreq()).await;
+                    let _ = self.link.send(&sn::pingreq()).await;
                     next_ping += ping_every;
                 }
-                received = self.sock.recv(&mut self.buf) => {
+                received = self.link.recv(&mut self.buf) => {
                     let Ok(n) = received else { continue };
                     if !self.on_idle_datagram(n) {
                         return false;
@@ -412,10 +443,10 @@ impl Client {
             if attempt > 0 {
                 self.counters.retransmits.fetch_add(1, Ordering::Relaxed);
             }
-            self.sock.send(packet).await.ok()?;
+            self.link.send(packet).await.ok()?;
             let until = tokio::time::Instant::now() + self.spec.retry;
             while let Ok(Ok(n)) =
-                tokio::time::timeout_at(until, self.sock.recv(&mut self.buf)).await
+                tokio::time::timeout_at(until, self.link.recv(&mut self.buf)).await
             {
                 let d = self.buf.get(..n).unwrap_or_default();
                 if let Some((t, body)) = sn::parse(d)
@@ -516,7 +547,9 @@ impl Client {
                 packet.clear();
                 sn::publish_into(packet, flags, topic_id.to_be_bytes(), 0, &payload);
             }
-            send_batch(&self.sock, packets.get(..count).unwrap_or_default()).await?;
+            self.link
+                .send_batch(packets.get(..count).unwrap_or_default())
+                .await?;
             seq += n;
             self.counters.sent.fetch_add(n, Ordering::Relaxed);
             if spec.rate.is_none() {
@@ -551,7 +584,7 @@ impl Client {
                 sn::stamp_into(&mut payload, self.index, seq, elapsed_ns(), spec.payload);
                 let mut packet = Vec::with_capacity(payload.len() + 8);
                 sn::publish_into(&mut packet, flags, topic_id.to_be_bytes(), msg_id, &payload);
-                self.sock.send(&packet).await?;
+                self.link.send(&packet).await?;
                 self.counters.sent.fetch_add(1, Ordering::Relaxed);
                 window.push_back((msg_id, Instant::now(), 0, packet, false));
                 seq += 1;
@@ -572,7 +605,7 @@ impl Client {
             } else {
                 retry_at
             };
-            match tokio::time::timeout_at(wake, self.sock.recv(&mut self.buf)).await {
+            match tokio::time::timeout_at(wake, self.link.recv(&mut self.buf)).await {
                 Ok(Ok(n)) => {
                     let Some((t, body)) = sn::parse(self.buf.get(..n).unwrap_or_default()) else {
                         continue;
@@ -599,7 +632,7 @@ impl Client {
                             if let Some(w) = window.iter_mut().find(|w| Some(w.0) == id) {
                                 w.4 = true;
                                 w.3 = sn::pubrel(w.0);
-                                self.sock.send(&w.3).await?;
+                                self.link.send(&w.3).await?;
                             }
                         }
                         kind::PUBCOMP => {
@@ -641,7 +674,7 @@ impl Client {
                         {
                             *f |= sn::DUP;
                         }
-                        self.sock.send(&w.3).await?;
+                        self.link.send(&w.3).await?;
                         self.counters.retransmits.fetch_add(1, Ordering::Relaxed);
                         k += 1;
                     }
@@ -658,6 +691,15 @@ impl Client {
         }
         Ok(())
     }
+}
+
+/// Client `index`'s plain socket turned into a DTLS session: a PSK handshake with its ClientId
+/// as the identity.
+async fn secure(sock: UdpSocket, spec: &LoadSpec, index: u32) -> anyhow::Result<Link> {
+    let id = format!("{}{index}", spec.id_prefix);
+    let config = crate::dtls::client_config(&id, &crate::dtls::BENCH_KEY)?;
+    let (link, _) = crate::dtls::handshake(sock, config, Instant::now() + HANDSHAKE_WITHIN).await?;
+    Ok(Link::Dtls(Box::new(link)))
 }
 
 /// Sends `packets` on a connected socket with as few `sendmmsg` calls as the socket allows.

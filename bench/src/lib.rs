@@ -1,6 +1,7 @@
 //! sensorgate's benchmark harness: starts mosquitto (and for scenario 8 RabbitMQ) and a
-//! release sensorgate on loopback, drives them with emulated MQTT-SN clients ([`generator`]),
-//! CoAP devices ([`coap`]) and HTTP clients ([`http`]), counts what reaches the broker ([`subscriber`]; AMQP: [`amqp`]), compares with a native
+//! release sensorgate on loopback, drives them with emulated MQTT-SN clients ([`generator`];
+//! over DTLS with [`dtls`]'s client), CoAP devices ([`coap`]) and HTTP clients ([`http`]),
+//! counts what reaches the broker ([`subscriber`]; AMQP: [`amqp`]), compares with a native
 //! MQTT publisher ([`baseline`]; AMQP: [`amqp`]), samples the gateway's CPU, memory and disk
 //! I/O from `/proc` ([`sys`]) and reports the standard scenarios ([`suite`]) as a table and
 //! JSON.
@@ -11,6 +12,7 @@
 pub mod amqp;
 pub mod baseline;
 pub mod coap;
+pub mod dtls;
 pub mod generator;
 pub mod http;
 pub mod procs;

@@ -141,6 +141,10 @@ pub struct Gateway {
     pub coap: Option<SocketAddr>,
     /// Where HTTP clients connect, when [`GatewayConfig::http`] turned HTTP on.
     pub http: Option<SocketAddr>,
+    /// Where MQTT-SN clients handshake DTLS, when [`GatewayConfig::dtls`] turned it on.
+    pub dtls: Option<SocketAddr>,
+    /// Its admin listener (`None` with `SG_BENCH_NO_ADMIN`).
+    pub admin: Option<SocketAddr>,
 }
 
 /// Predefined topic id every benchmark gateway has (for QoS -1), and its topic.
@@ -172,6 +176,9 @@ pub struct GatewayConfig {
     pub http: Option<String>,
     /// `[[serial]]` tables, appended after the upstreams; empty: no serial line.
     pub serial: String,
+    /// MQTT-SN over DTLS on: `[mqttsn] dtls_listen = ["127.0.0.1:<free port>"]`, and this text
+    /// (the `[dtls]` table and the `[[psk]]` tables) appended last. `None`: no DTLS.
+    pub dtls: Option<String>,
 }
 
 impl GatewayConfig {
@@ -188,6 +195,7 @@ impl GatewayConfig {
             coap: None,
             http: None,
             serial: String::new(),
+            dtls: None,
         }
     }
 }
@@ -196,7 +204,7 @@ impl Gateway {
     /// Starts `bin` with a benchmark config (`cfg`, upstream to `broker_port`, state in
     /// `dir/state`) and waits until it answers SEARCHGW (and, with CoAP on, a CoAP ping: an
     /// empty CON, answered with RST by RFC 7252 §4.3; with HTTP on, `GET /v1/nope` answered
-    /// 404). Nothing needs to listen on
+    /// 404; with DTLS on, a ClientHello answered with a HelloVerifyRequest). Nothing needs to listen on
     /// `broker_port` yet: the gateway spools until the broker is there.
     ///
     /// # Errors
@@ -222,11 +230,13 @@ impl Gateway {
         // The admin listener runs as in production (its counters are what the bench must not
         // notice), on a free port; `SG_BENCH_NO_ADMIN=1` leaves the section out for a gateway
         // built before it existed (before/after comparisons).
-        let admin = if std::env::var_os("SG_BENCH_NO_ADMIN").is_some() {
-            String::new()
+        let admin_at = if std::env::var_os("SG_BENCH_NO_ADMIN").is_some() {
+            None
         } else {
-            format!("[admin]\nlisten = \"127.0.0.1:{}\"\n\n", free_port()?)
+            Some(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
         };
+        let admin =
+            admin_at.map_or_else(String::new, |at| format!("[admin]\nlisten = \"{at}\"\n\n"));
         let coap = match &cfg.coap {
             Some(extra) => Some((SocketAddr::from(([127, 0, 0, 1], free_port()?)), extra)),
             None => None,
@@ -242,13 +252,20 @@ impl Gateway {
         let http_section = http.map_or_else(String::new, |(at, extra)| {
             format!("[http]\nlisten = [\"{at}\"]\n{extra}\n")
         });
+        let dtls = match &cfg.dtls {
+            Some(extra) => Some((SocketAddr::from(([127, 0, 0, 1], free_port()?)), extra)),
+            None => None,
+        };
+        let dtls_listen =
+            dtls.map_or_else(String::new, |(at, _)| format!("dtls_listen = [\"{at}\"]\n"));
+        let dtls_tables = dtls.map_or_else(String::new, |(_, extra)| format!("\n{extra}\n"));
         let mut f = std::fs::File::create(&config)?;
         write!(
             f,
             "[gateway]\nid = 1\nstate_dir = \"{}\"\n\n[log]\nlevel = \"warn\"\n\n{admin}[spool]\n{}\n\
-             [mqttsn]\nlisten = [\"{addr}\"]\nmax_clients = {}\n{}\n\
+             [mqttsn]\nlisten = [\"{addr}\"]\nmax_clients = {}\n{dtls_listen}{}\n\
              [[mqttsn.predefined_topic]]\nid = {}\ntopic = \"{}\"\nclients = [\"*\"]\n\n\
-             {coap_section}{http_section}{upstreams}\n{}",
+             {coap_section}{http_section}{upstreams}\n{}{dtls_tables}",
             state.display(),
             cfg.spool,
             cfg.max_clients,
@@ -297,6 +314,11 @@ impl Gateway {
             http_probe(at, until)
                 .with_context(|| format!("sensorgate's HTTP listener (see {})", dir.display()))?;
         }
+        let dtls = dtls.map(|(at, _)| at);
+        if let Some(at) = dtls {
+            dtls_probe(&probe, at, until)
+                .with_context(|| format!("sensorgate's DTLS listener (see {})", dir.display()))?;
+        }
         Ok(Gateway {
             child,
             addr,
@@ -304,6 +326,8 @@ impl Gateway {
             state_dir: state,
             coap,
             http,
+            dtls,
+            admin: admin_at,
         })
     }
 
@@ -327,6 +351,36 @@ impl Gateway {
             .filter(|l| !l.contains("smaller socket buffers"))
             .collect();
         (warnings.len(), warnings.last().map(|l| (*l).to_owned()))
+    }
+
+    /// The `sensorgate_ingress_events_total` counters of `protocol` (`"mqtt-sn"`, `"coap"`)
+    /// from the admin listener's `/metrics`, by event name.
+    ///
+    /// # Errors
+    /// Without an admin listener, or when `/metrics` does not answer within 5 s.
+    pub fn ingress_events(
+        &self,
+        protocol: &str,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+        use std::io::Read;
+        let at = self.admin.context("the gateway has no admin listener")?;
+        let mut s = TcpStream::connect_timeout(&at, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: {at}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )?;
+        let mut text = String::new();
+        // Bounded: the listener closes the connection after its answer.
+        s.take(16 << 20).read_to_string(&mut text)?;
+        let prefix = format!("sensorgate_ingress_events_total{{protocol=\"{protocol}\",event=\"");
+        Ok(text
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter_map(|l| {
+                let (name, value) = l.split_once("\"} ")?;
+                Some((name.to_owned(), value.trim().parse().ok()?))
+            })
+            .collect())
     }
 
     /// Stops the process (`SIGSTOP`) until [`Gateway::resume`]: it keeps its sockets and
@@ -370,6 +424,41 @@ fn coap_ping(probe: &UdpSocket, at: SocketAddr, until: Instant) -> anyhow::Resul
                 && matches!(m.ty, Type::Rst | Type::Ack)
                 && m.mid == mid
             {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Sends a DTLS ClientHello to `at` from `probe` until a handshake record (the stateless
+/// HelloVerifyRequest: the gateway keeps nothing for it) comes back, or `until`.
+fn dtls_probe(probe: &UdpSocket, at: SocketAddr, until: Instant) -> anyhow::Result<()> {
+    /// DTLS record content type `handshake` (RFC 6347 4.1).
+    const HANDSHAKE: u8 = 22;
+    let config = crate::dtls::client_config("probe", &crate::dtls::BENCH_KEY)?;
+    let mut buf = vec![0u8; 2048];
+    loop {
+        if Instant::now() > until {
+            bail!("no answer to a DTLS ClientHello at {at} within 10 s");
+        }
+        let now = Instant::now();
+        let mut client = dimpl::Dtls::new_12_psk(std::sync::Arc::clone(&config), now);
+        client.set_active(true);
+        client
+            .handle_timeout(now)
+            .map_err(|e| anyhow::anyhow!("dimpl: {e}"))?;
+        let mut hello = None;
+        loop {
+            match client.poll_output(&mut buf) {
+                dimpl::Output::Packet(p) => hello = Some(p.to_vec()),
+                dimpl::Output::Timeout(_) | dimpl::Output::BufferTooSmall { .. } => break,
+                _ => {}
+            }
+        }
+        let hello = hello.context("dimpl made no ClientHello")?;
+        probe.send_to(&hello, at)?;
+        while let Ok((n, from)) = probe.recv_from(&mut buf) {
+            if from == at && n > 0 && buf.first() == Some(&HANDSHAKE) {
                 return Ok(());
             }
         }

@@ -11,23 +11,24 @@ use clap::Parser;
 use sensorgate_bench::suite::{self, Options};
 
 #[derive(Parser, Debug)]
-#[command(about = "sensorgate benchmark suite (scenarios 1-17)")]
+#[command(about = "sensorgate benchmark suite (scenarios 1-19)")]
 struct Args {
     /// Smaller sizes (a smoke run of a minute or so).
     #[arg(long)]
     quick: bool,
-    /// Scenarios to run, comma-separated, in this order (default: all seventeen). 1: QoS 0 one
+    /// Scenarios to run, comma-separated, in this order (default: all nineteen). 1: QoS 0 one
     /// client, unpaced and paced; 2, 10, 3: QoS 1 window 1 from 1, 100, 1,000 clients; 4:
     /// connect storm; 5: idle + active clients; 6: downlink fan-out; 7: spool drain; 8: QoS 1
     /// to RabbitMQ; 9: uplink fan-out disk bytes; 11: CoAP CON PUT, 1,000 devices (beside 3
     /// when it ran before); 12: CoAP NON PUT paced at 100,000 msg/s; 13: CoAP Observe fan-out;
     /// 14: HTTP QoS 1 publish, 100 keep-alive connections (beside 3 and 10 when they ran
     /// before); 15: HTTP batches of 1,000 QoS 1 readings, 10 connections; 16: serial QoS 1
-    /// over a pty, unthrottled; 17: the same paced at 115200 8N1.
+    /// over a pty, unthrottled; 17: the same paced at 115200 8N1; 18: MQTT-SN QoS 1 and QoS 0
+    /// over DTLS-PSK beside plain UDP; 19: 10,000 DTLS-PSK handshakes + CONNECT, 64 in flight.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17"
+        default_value = "1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19"
     )]
     only: Vec<u8>,
     /// Payload bytes per message (at least 20: client, sequence, send time).
