@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sensorgate_tests::sn::{self, Packet};
-use sensorgate_tests::{Rig, SnClient};
+use sensorgate_tests::{Rig, SnClient, poll_until};
 
 const BOUND: Duration = Duration::from_secs(30);
 
@@ -235,16 +235,21 @@ fn sleeping_client_gets_its_buffer_after_waking_from_a_new_port() {
     for i in 0..3 {
         mosquitto_pub(rig.broker.port(), "sleep/in", &format!("m{i}"), 1);
     }
-    // Wake from a new socket (NAT rebinding); messages may still be in flight from the broker,
-    // so wake again (bounded) until all three arrived, each round ending with PINGRESP.
+    // Wake from a new socket (NAT rebinding); messages may still be in flight from the broker
+    // (on a loaded machine for a while), so wake again every 50 ms until all three arrived
+    // (bounded by BOUND), each round ending with PINGRESP.
     let new = rig.client().unwrap();
     let mut got = Vec::new();
-    for _ in 0..20 {
-        got.extend(wake(&new, "sleeper"));
-        if got.len() >= 3 {
-            break;
-        }
-    }
+    poll_until(
+        "the three buffered messages",
+        BOUND,
+        Duration::from_millis(50),
+        || {
+            got.extend(wake(&new, "sleeper"));
+            Ok((got.len() >= 3).then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}: got {got:?}"));
     assert_eq!(got, vec![b"m0".to_vec(), b"m1".to_vec(), b"m2".to_vec()]);
     // The old port no longer speaks for the session.
     old.send(&sn::publish(0x20, id, 9, b"inject")).unwrap();
