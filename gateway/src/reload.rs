@@ -152,6 +152,8 @@ fn restart_only(started: &Config, new: &Config) -> Vec<String> {
     };
     let (a, b) = (started, new);
     check("[gateway] id", a.gateway.id != b.gateway.id);
+    // Presence payloads, topics and the publishers are set up once, at start.
+    check("[fleet]", a.fleet != b.fleet);
     check("[gateway] name", a.gateway.name != b.gateway.name);
     check(
         "[gateway] state_dir",

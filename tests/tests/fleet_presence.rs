@@ -1,0 +1,341 @@
+//! The fleet view on the upstream's own connection (`[fleet]`), against mosquitto and a
+//! private RabbitMQ node, through the real binary:
+//!
+//! - MQTT birth: a retained `sensorgate/7/state` `online` document, read by a subscriber that
+//!   comes after it; death on SIGTERM (retained `offline`, reason `shutdown`); the Will on
+//!   `kill -9` (retained `offline`, reason `connection_lost`), with MQTT 3.1.1 and 5.
+//! - AMQP birth on connect and death on SIGTERM, read with pika from a queue bound to the
+//!   state routing key; the connection is named after the state topic (what RabbitMQ's
+//!   `connection.closed` event carries after a crash).
+//! - Heartbeats (`heartbeat = "1s"`): QoS 0 on `/status`, with message counts that move with
+//!   real sensor traffic and the upstream's cursor; none at all with `heartbeat = "0s"`.
+//! - Events: a second upstream's outage is reported on the first as `upstream_down`, then
+//!   `upstream_up` with how long it was down.
+//!
+//! "Nothing arrives" (heartbeat off) is shown with a marker published after the window.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::time::{Duration, Instant};
+
+use sensorgate_tests::sn::TopicType;
+use sensorgate_tests::{
+    GATEWAY_ID, Message, Mosquitto, RabbitMq, Rig, Script, Subscriber, UpMsg, publish_upstream,
+};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn topic(leaf: &str) -> String {
+    format!("sensorgate/{GATEWAY_ID}/{leaf}")
+}
+
+fn json(m: &Message) -> Value {
+    serde_json::from_slice(&m.payload)
+        .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {:?}", m.topic, m.payload))
+}
+
+/// The next message on `topic` (others are skipped), within [`WAIT`].
+fn next_on(sub: &mut Subscriber, topic: &str) -> Message {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match sub.next(left).unwrap() {
+            Some(m) if m.topic == topic => return m,
+            Some(_) => {}
+            None => panic!("nothing on {topic} within {WAIT:?}"),
+        }
+    }
+}
+
+fn assert_state(m: &Message, state: &str, reason: &str) {
+    let v = json(m);
+    assert_eq!(v["state"], state, "{v}");
+    assert_eq!(v["reason"], reason, "{v}");
+    assert_eq!(v["gateway_id"], GATEWAY_ID, "{v}");
+    assert_eq!(v["upstream"], "local", "{v}");
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"), "{v}");
+    assert!(v["started_ms"].as_u64().unwrap() > 1_600_000_000_000, "{v}");
+    assert!(v["gateway_name"].is_string(), "{v}");
+    assert_eq!(m.qos, 1, "[fleet] qos default");
+}
+
+#[test]
+fn birth_is_retained_for_a_late_subscriber_and_sigterm_publishes_the_death() {
+    let mut rig = Rig::start_with(|c| {
+        c.with_fleet("heartbeat = \"0s\"\n");
+        Ok(())
+    })
+    .unwrap();
+    let state = topic("state");
+    // Whenever the gateway's connection came, a subscriber now sees the birth (live or
+    // retained); one that subscribes after it gets the retained copy.
+    let mut first = rig.subscribe(&[&state]).unwrap();
+    assert_state(&next_on(&mut first, &state), "online", "connected");
+    let mut late = rig.subscribe(&[&state]).unwrap();
+    let m = next_on(&mut late, &state);
+    assert!(m.retain, "a late subscriber gets the retained birth");
+    assert_state(&m, "online", "connected");
+
+    let status = rig.gateway.stop().unwrap();
+    assert!(status.success(), "{status:?}");
+    let m = next_on(&mut late, &state);
+    assert_state(&m, "offline", "shutdown");
+    // Retained: the death is what the next subscriber reads (not the Will: a clean
+    // DISCONNECT discards it, so there is exactly one offline message).
+    let mut after = rig.subscribe(&[&state]).unwrap();
+    let m = next_on(&mut after, &state);
+    assert!(m.retain);
+    assert_state(&m, "offline", "shutdown");
+    assert!(
+        after.next(Duration::from_secs(1)).unwrap().is_none(),
+        "one retained state only"
+    );
+}
+
+#[test]
+fn kill_9_makes_the_broker_publish_the_will_with_mqtt_311_and_5() {
+    for protocol in ["3.1.1", "5"] {
+        let mut rig = Rig::start_with(|c| {
+            c.protocol = protocol.into();
+            c.with_fleet("heartbeat = \"0s\"\n");
+            Ok(())
+        })
+        .unwrap();
+        let state = topic("state");
+        let mut sub = rig.subscribe(&[&state]).unwrap();
+        assert_state(&next_on(&mut sub, &state), "online", "connected");
+        rig.gateway.kill9().unwrap();
+        // The kernel closes the socket: mosquitto publishes the Will at once (no keep-alive
+        // wait), retained.
+        let m = next_on(&mut sub, &state);
+        assert_state(&m, "offline", "connection_lost");
+        let mut late = rig.subscribe(&[&state]).unwrap();
+        let m = next_on(&mut late, &state);
+        assert!(m.retain, "MQTT {protocol}: the Will is retained");
+        assert_state(&m, "offline", "connection_lost");
+        // A restart announces itself again.
+        rig.gateway.restart().unwrap();
+        assert_state(&next_on(&mut late, &state), "online", "connected");
+    }
+}
+
+#[test]
+fn heartbeats_move_with_real_traffic() {
+    let rig = Rig::start_with(|c| {
+        c.with_fleet("heartbeat = \"1s\"\n");
+        Ok(())
+    })
+    .unwrap();
+    let status = topic("status");
+    let mut sub = rig.subscribe(&[&status]).unwrap();
+    let first = next_on(&mut sub, &status);
+    assert_eq!(first.qos, 0, "heartbeats are QoS 0");
+    assert!(!first.retain, "heartbeats are not retained");
+    let v = json(&first);
+    assert_eq!(v["upstream"], "local");
+    assert_eq!(v["interval_secs"], 1);
+    assert_eq!(v["upstreams"][0]["name"], "local");
+    assert!(v["spool"]["disk_free_bytes"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["sessions"]["mqtt-sn"].is_object(), "{v}");
+
+    let mut c = rig.connected("hb-1").unwrap();
+    let id = c.register("sensors/hb").unwrap();
+    const N: u64 = 12;
+    for i in 0..N {
+        c.publish_qos1_ok(TopicType::Normal, id, format!("m{i}").as_bytes())
+            .unwrap();
+    }
+    // The windows add up to the traffic: every message in and out, once.
+    let (mut got_in, mut got_out) = (0, 0);
+    let mut last = Value::Null;
+    let deadline = Instant::now() + WAIT;
+    while (got_in < N || got_out < N) && Instant::now() < deadline {
+        let v = json(&next_on(&mut sub, &status));
+        got_in += v["messages"]["in"].as_u64().unwrap();
+        got_out += v["messages"]["out"].as_u64().unwrap();
+        last = v;
+    }
+    assert_eq!((got_in, got_out), (N, N), "last heartbeat: {last}");
+    let v = &last;
+    assert_eq!(v["sessions"]["mqtt-sn"]["active"], 1, "{v}");
+    let cursor = v["upstreams"][0]["cursor"].as_u64().unwrap();
+    let next_seq = v["spool"]["next_seq"].as_u64().unwrap();
+    assert!(cursor >= N && cursor == next_seq, "all acknowledged: {v}");
+    assert_eq!(v["upstreams"][0]["backlog"]["records"], 0, "{v}");
+    assert!(v["uptime_secs"].as_u64().is_some());
+}
+
+#[test]
+fn heartbeat_0s_sends_none() {
+    let rig = Rig::start_with(|c| {
+        c.with_fleet("heartbeat = \"0s\"\n");
+        Ok(())
+    })
+    .unwrap();
+    let mut sub = rig.subscribe(&[&topic("status"), "marker/#"]).unwrap();
+    // The birth says the link is up; then three would-be heartbeat periods of silence, then a
+    // marker: it must be the first thing seen.
+    let mut state = rig.subscribe(&[&topic("state")]).unwrap();
+    next_on(&mut state, &topic("state"));
+    std::thread::sleep(Duration::from_secs(3));
+    publish_upstream(rig.broker.port(), &[UpMsg::new("marker/x", b"m", 1)]).unwrap();
+    let m = sub.next(WAIT).unwrap().expect("the marker");
+    assert_eq!(
+        m.topic, "marker/x",
+        "a heartbeat came with heartbeat = \"0s\""
+    );
+}
+
+#[test]
+fn an_upstream_outage_is_reported_on_the_other_with_its_duration() {
+    let mut other = Mosquitto::start().unwrap();
+    let rig = Rig::start_with(|c| {
+        c.with_fleet("heartbeat = \"0s\"\n");
+        c.extra_sections.push_str(&format!(
+            "\n[[upstream]]\nname = \"cloud\"\nkind = \"mqtt\"\nurl = \"{}\"\nprotocol = \"5\"\n\
+             backoff_initial = \"100ms\"\nbackoff_max = \"500ms\"\n",
+            other.url()
+        ));
+        Ok(())
+    })
+    .unwrap();
+    let events = topic("events");
+    let mut sub = rig.subscribe(&[&events]).unwrap();
+    // Both linked, and the monitor saw the second one up (its event).
+    let mut on_other = Subscriber::start(other.port(), &[&topic("state")]).unwrap();
+    next_on(&mut on_other, &topic("state"));
+    drop(on_other);
+    let event_of = |sub: &mut Subscriber, kind: &str| loop {
+        let m = next_on(sub, &events);
+        assert_eq!(m.qos, 1, "events at [fleet] qos");
+        let v = json(&m);
+        if v["kind"] == kind && v["upstream"] == "cloud" {
+            break v;
+        }
+    };
+    event_of(&mut sub, "upstream_up");
+
+    other.stop().unwrap();
+    let down_at = Instant::now();
+    let down = event_of(&mut sub, "upstream_down");
+    assert_eq!(down["upstream"], "cloud", "{down}");
+    assert_eq!(down["level"], "warning", "{down}");
+    assert_eq!(down["gateway_id"], GATEWAY_ID, "{down}");
+    assert!(down["duration_secs"].is_u64(), "time it was up: {down}");
+    std::thread::sleep(Duration::from_secs(3));
+    other.restart().unwrap();
+    let up = event_of(&mut sub, "upstream_up");
+    let outage = down_at.elapsed().as_secs();
+    assert_eq!(up["upstream"], "cloud", "{up}");
+    let secs = up["duration_secs"].as_u64().unwrap();
+    assert!(
+        (2..=outage + 1).contains(&secs),
+        "down for {secs}s, the outage lasted about {outage}s: {up}"
+    );
+    assert!(up["message"].as_str().unwrap().contains("down"), "{up}");
+}
+
+/// pika: consumes up to `count` messages from `queue` (bound to `sensorgate.7.state`).
+fn amqp_get(rabbit: &RabbitMq, queue: &str, count: usize) -> Vec<Value> {
+    let port = rabbit.port().to_string();
+    let n = count.to_string();
+    let s = Script::python(
+        "amqp_obs.py",
+        &[
+            "get",
+            "--port",
+            &port,
+            "--queue",
+            queue,
+            "--count",
+            &n,
+            "--timeout",
+            "30",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    (0..count)
+        .map(|i| {
+            let l = s
+                .expect_line(&format!("message {i}"), WAIT, |l| l.starts_with('{'))
+                .unwrap();
+            serde_json::from_str(&l).unwrap()
+        })
+        .collect()
+}
+
+fn body(v: &Value) -> Value {
+    let hex = v["body_hex"].as_str().unwrap();
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+#[test]
+fn amqp_birth_on_connect_and_death_on_sigterm() {
+    let rabbit = RabbitMq::start().unwrap();
+    let key = format!("sensorgate.{GATEWAY_ID}.state");
+    let declare = Script::python(
+        "amqp_obs.py",
+        &[
+            "declare",
+            "--port",
+            &rabbit.port().to_string(),
+            "--queue",
+            "fleet-state",
+            "--binding",
+            &key,
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    declare
+        .expect_line("READY", WAIT, |l| l == "READY")
+        .unwrap();
+    let mut rig = Rig::start_with(|c| {
+        c.with_fleet("heartbeat = \"0s\"\n");
+        c.extra_sections.push_str(&format!(
+            "\n[[upstream]]\nname = \"cloud\"\nkind = \"amqp\"\nurl = \"{}\"\n\
+             exchange = \"amq.topic\"\nbackoff_initial = \"100ms\"\nbackoff_max = \"1s\"\n",
+            rabbit.url()
+        ));
+        Ok(())
+    })
+    .unwrap();
+    let birth = amqp_get(&rabbit, "fleet-state", 1).remove(0);
+    assert_eq!(birth["routing_key"], key.as_str());
+    assert_eq!(birth["headers"]["sg-retain"], true, "{birth}");
+    let b = body(&birth);
+    assert_eq!(
+        (b["state"].as_str(), b["reason"].as_str()),
+        (Some("online"), Some("connected"))
+    );
+    assert_eq!(b["upstream"], "cloud");
+    assert_eq!(b["gateway_id"], GATEWAY_ID);
+    // The broker shows the connection under the state topic's name.
+    let names = rabbit
+        .ctl(&[
+            "list_connections",
+            "--no-table-headers",
+            "client_properties",
+        ])
+        .unwrap();
+    assert!(names.contains(&topic("state")), "{names}");
+
+    assert!(rig.gateway.stop().unwrap().success());
+    let death = amqp_get(&rabbit, "fleet-state", 1).remove(0);
+    let d = body(&death);
+    assert_eq!(
+        (d["state"].as_str(), d["reason"].as_str()),
+        (Some("offline"), Some("shutdown"))
+    );
+    assert_eq!(d["upstream"], "cloud");
+}
