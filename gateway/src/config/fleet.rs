@@ -220,7 +220,121 @@ fn compile_prefix(
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
+    use super::super::{Config, Diagnostic, LoadError, fields_of};
     use super::*;
+
+    const BASE: &str = r#"
+[gateway]
+id = 9
+state_dir = "/tmp/sg"
+[mqttsn]
+listen = ["127.0.0.1:1883"]
+[[upstream]]
+name = "local"
+kind = "mqtt"
+url = "mqtt://127.0.0.1:1883"
+"#;
+
+    fn errors(text: &str) -> Vec<Diagnostic> {
+        match Config::parse(Path::new("test.toml"), text) {
+            Ok(_) => panic!("expected errors"),
+            Err(LoadError::Invalid(d)) => d,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+
+    #[test]
+    fn a_fleet_table_is_compiled_and_summarised() {
+        let text = format!(
+            "{BASE}[fleet]\ntopic_prefix = \"plants/{{gateway_id}}/gw\"\nqos = 0\n\
+             heartbeat = \"0s\"\n[fleet.replay]\nenabled = false\nmax_records = 5\n"
+        );
+        let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+        assert_eq!(c.fleet.topic_prefix, "plants/9/gw");
+        assert_eq!(c.fleet.qos, Qos::AtMostOnce);
+        assert_eq!(c.fleet.heartbeat, None);
+        assert!(!c.fleet.replay.enabled);
+        assert_eq!(c.fleet.replay.max_records, 5);
+        assert!(
+            c.summary().contains(
+                "fleet: presence on `plants/9/gw/state` (retained, Will), heartbeat off on \
+                 `/status`, events on `/events` (at most 30/min), QoS 0, replay off\n"
+            ),
+            "{}",
+            c.summary()
+        );
+        let off = Config::parse(
+            Path::new("t.toml"),
+            &format!("{BASE}[fleet]\nenabled = false\n"),
+        )
+        .unwrap();
+        assert!(off.summary().contains("fleet: off"));
+        // Absent: the defaults.
+        let c = Config::parse(Path::new("t.toml"), BASE).unwrap();
+        assert_eq!(c.fleet.topic_prefix, "sensorgate/9");
+        assert_eq!(c.fleet.heartbeat, Some(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn fleet_errors_name_file_line_and_column() {
+        let text = format!(
+            "{BASE}[fleet]\ntopic_prefix = \"a/+/{{gw}}\"\nqos = 3\nheartbeat = \"500ms\"\n\
+             max_events_per_minute = -1\nmax_message_size = \"10B\"\nbeat = 1\n\
+             [fleet.replay]\nmax_records = 0\nmax_requests_per_minute = 601\n"
+        );
+        let d = errors(&text);
+        let lines: Vec<(usize, String)> = d.iter().map(|d| (d.line, d.to_string())).collect();
+        let base = BASE.lines().count();
+        for (line, needle) in [
+            (base + 2, "placeholder other than `{gateway_id}`"),
+            (base + 3, "3 is out of range 0..=2"),
+            (base + 4, "must be \"0s\" (off) or at least 1s"),
+            (base + 5, "-1 is out of range 0..=6000"),
+            (base + 6, "out of range 1KiB..=1MiB"),
+            (base + 7, "beat"),
+            (base + 9, "0 is out of range 1..=10000000"),
+            (base + 10, "601 is out of range 1..=600"),
+        ] {
+            assert!(
+                lines.iter().any(|(l, t)| *l == line && t.contains(needle)),
+                "no `{needle}` at line {line} in {lines:#?}"
+            );
+        }
+        assert!(d.iter().all(|d| d.to_string().starts_with("test.toml:")));
+        let d = errors(&format!("{BASE}[fleet]\ntopic_prefix = \"a/#\"\n"));
+        assert!(d[0].to_string().contains("wildcards"), "{}", d[0]);
+        let d = errors(&format!("{BASE}[fleet]\ntopic_prefix = \"a/\"\n"));
+        assert!(d[0].to_string().contains("must not start or end with `/`"));
+    }
+
+    #[test]
+    fn the_reference_config_shows_every_fleet_key_with_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/sensorgate.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let doc: toml::Table = text.parse().unwrap();
+        let fleet = doc["fleet"].as_table().unwrap();
+        let mut keys: Vec<&str> = fleet.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        let mut fields = fields_of::<RawFleet>().to_vec();
+        fields.sort_unstable();
+        assert_eq!(keys, fields);
+        let mut keys: Vec<&str> = fleet["replay"]
+            .as_table()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        let mut fields = fields_of::<RawReplay>().to_vec();
+        fields.sort_unstable();
+        assert_eq!(keys, fields);
+        let c = Config::parse(&path, &text).unwrap();
+        let mut r = Reporter::new(&path, "", None);
+        let defaults = compile_fleet(&RawFleet::default(), c.gateway.id, &mut r).unwrap();
+        assert_eq!(c.fleet, defaults);
+    }
 
     #[test]
     fn defaults_match_the_design() {

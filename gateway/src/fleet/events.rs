@@ -39,7 +39,8 @@ pub struct Settings {
 #[derive(Debug, Clone)]
 pub struct Limiter {
     max: u32,
-    window_start_ms: u64,
+    /// When the current window began (its first event); `None` before any.
+    window_start_ms: Option<u64>,
     used: u32,
 }
 
@@ -49,16 +50,19 @@ impl Limiter {
     pub const fn new(max: u32) -> Self {
         Limiter {
             max,
-            window_start_ms: 0,
+            window_start_ms: None,
             used: 0,
         }
     }
 
     /// Whether one more event may go out at `now_ms` (and counts it if so).
     pub fn allow(&mut self, now_ms: u64) -> bool {
-        if now_ms.saturating_sub(self.window_start_ms) >= WINDOW_MS || now_ms < self.window_start_ms
-        {
-            self.window_start_ms = now_ms;
+        // A new window at the first event, a minute later, or after the clock stepped back.
+        let expired = self
+            .window_start_ms
+            .is_none_or(|start| now_ms < start || now_ms - start >= WINDOW_MS);
+        if expired {
+            self.window_start_ms = Some(now_ms);
             self.used = 0;
         }
         if self.used >= self.max {
