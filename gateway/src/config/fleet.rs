@@ -339,7 +339,7 @@ url = "mqtt://127.0.0.1:1883"
     #[test]
     fn defaults_match_the_design() {
         let text = "";
-        let path = std::path::Path::new("t.toml");
+        let path = Path::new("t.toml");
         let mut r = Reporter::new(path, text, None);
         let f = compile_fleet(&RawFleet::default(), 7, &mut r).unwrap();
         assert!(r.finish().is_empty());
