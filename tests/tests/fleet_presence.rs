@@ -12,6 +12,9 @@
 //! - Events: a second upstream's outage is reported on the first as `upstream_down`, then
 //!   `upstream_up` with how long it was down.
 //!
+//! - The JSON Schemas (schemas/state.json, status.json, event.json) accept the real payloads
+//!   (python `jsonschema`), and reject a wrong one.
+//!
 //! "Nothing arrives" (heartbeat off) is shown with a marker published after the window.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -21,6 +24,7 @@ use std::time::{Duration, Instant};
 use sensorgate_tests::sn::TopicType;
 use sensorgate_tests::{
     GATEWAY_ID, Message, Mosquitto, RabbitMq, Rig, Script, Subscriber, UpMsg, publish_upstream,
+    py_script, python, run_bounded, send_signal, temp_dir, workspace_dir,
 };
 use serde_json::Value;
 
@@ -338,4 +342,76 @@ fn amqp_birth_on_connect_and_death_on_sigterm() {
         (Some("offline"), Some("shutdown"))
     );
     assert_eq!(d["upstream"], "cloud");
+}
+
+/// Runs tests/py/validate_schema.py on `docs` against schemas/`schema`: its output and
+/// whether every document passed.
+fn validate(schema: &str, docs: &[&[u8]]) -> (bool, String) {
+    let dir = temp_dir().unwrap();
+    let mut cmd = std::process::Command::new(python());
+    cmd.arg(py_script("validate_schema.py"))
+        .arg(workspace_dir().join("schemas").join(schema));
+    for (i, doc) in docs.iter().enumerate() {
+        let path = dir.path().join(format!("doc{i}.json"));
+        std::fs::write(&path, doc).unwrap();
+        cmd.arg(path);
+    }
+    let out = run_bounded(&mut cmd, WAIT).unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn real_payloads_match_their_json_schemas() {
+    let mut rig = Rig::start_with(|c| {
+        c.with_fleet("heartbeat = \"1s\"\n");
+        Ok(())
+    })
+    .unwrap();
+    let (state, status, events) = (topic("state"), topic("status"), topic("events"));
+    let mut sub = rig.subscribe(&[&topic("#")]).unwrap();
+    let birth = next_on(&mut sub, &state);
+    let mut c = rig.connected("schema-1").unwrap();
+    let id = c.register("sensors/schema").unwrap();
+    c.publish_qos1_ok(TopicType::Normal, id, b"x").unwrap();
+    let beat = next_on(&mut sub, &status);
+    // A reload is an event (`config_reloaded`).
+    send_signal(rig.gateway.pid().unwrap(), "HUP").unwrap();
+    let event = loop {
+        let m = next_on(&mut sub, &events);
+        if json(&m)["kind"] == "config_reloaded" {
+            break m;
+        }
+    };
+    assert!(rig.gateway.stop().unwrap().success());
+    let death = loop {
+        let m = next_on(&mut sub, &state);
+        if json(&m)["state"] == "offline" {
+            break m;
+        }
+    };
+    for (schema, docs) in [
+        ("state.json", vec![&birth.payload[..], &death.payload[..]]),
+        ("status.json", vec![&beat.payload[..]]),
+        ("event.json", vec![&event.payload[..]]),
+    ] {
+        let (ok, out) = validate(schema, &docs);
+        assert!(ok, "{schema}: {out}");
+        assert_eq!(out.matches("OK ").count(), docs.len(), "{out}");
+    }
+    // The validator can fail: a state that is neither online nor offline, a heartbeat without
+    // its cursor.
+    let (ok, out) = validate(
+        "state.json",
+        &[br#"{"state":"maybe","reason":"connected","gateway_id":7,"gateway_name":"g","version":"1","started_ms":1,"upstream":"u"}"#],
+    );
+    assert!(!ok && out.contains("INVALID"), "{out}");
+    let mut v = json(&beat);
+    v["upstreams"][0].as_object_mut().unwrap().remove("cursor");
+    let (ok, out) = validate("status.json", &[&serde_json::to_vec(&v).unwrap()]);
+    assert!(!ok && out.contains("cursor"), "{out}");
 }
