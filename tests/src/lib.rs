@@ -3374,7 +3374,15 @@ impl RabbitMq {
     /// # Errors
     /// When it exits or does not come up in time.
     pub fn start() -> Result<RabbitMq> {
-        Self::start_inner(None)
+        Self::start_inner(None, &[])
+    }
+
+    /// As [`RabbitMq::start`] with `plugins` enabled (e.g. `rabbitmq_event_exchange`).
+    ///
+    /// # Errors
+    /// When it exits or does not come up in time.
+    pub fn start_with_plugins(plugins: &[&str]) -> Result<RabbitMq> {
+        Self::start_inner(None, plugins)
     }
 
     /// As [`RabbitMq::start`], plus an AMQPS listener on 127.0.0.1 with `tls`'s files that
@@ -3384,10 +3392,10 @@ impl RabbitMq {
     /// # Errors
     /// When it exits or does not come up in time.
     pub fn start_tls(tls: &RabbitTls) -> Result<RabbitMq> {
-        Self::start_inner(Some(tls))
+        Self::start_inner(Some(tls), &[])
     }
 
-    fn start_inner(tls: Option<&RabbitTls>) -> Result<RabbitMq> {
+    fn start_inner(tls: Option<&RabbitTls>, plugins: &[&str]) -> Result<RabbitMq> {
         let port = free_tcp_port()?;
         let mut r = RabbitMq {
             port,
@@ -3398,7 +3406,10 @@ impl RabbitMq {
             tls_port: None,
             dir: temp_dir()?,
         };
-        std::fs::write(r.dir.path().join("enabled_plugins"), "[].\n")?;
+        std::fs::write(
+            r.dir.path().join("enabled_plugins"),
+            format!("[{}].\n", plugins.join(",")),
+        )?;
         let mut conf =
             "loopback_users.guest = true\nlog.console = false\nlog.file.level = info\n".to_owned();
         if let Some(tls) = tls {

@@ -415,3 +415,48 @@ fn real_payloads_match_their_json_schemas() {
     let (ok, out) = validate("status.json", &[&serde_json::to_vec(&v).unwrap()]);
     assert!(!ok && out.contains("cursor"), "{out}");
 }
+
+#[test]
+fn amqp_crash_is_seen_on_the_event_exchange_under_the_state_topic() {
+    let rabbit = RabbitMq::start_with_plugins(&["rabbitmq_event_exchange"]).unwrap();
+    let watch = Script::python(
+        "amqp_events.py",
+        &["--port".to_owned(), rabbit.port().to_string()],
+    )
+    .unwrap();
+    watch.expect_line("READY", WAIT, |l| l == "READY").unwrap();
+    let mut rig = Rig::start_with(|c| {
+        c.with_fleet("heartbeat = \"0s\"\n");
+        c.extra_sections.push_str(&format!(
+            "\n[[upstream]]\nname = \"cloud\"\nkind = \"amqp\"\nurl = \"{}\"\n\
+             exchange = \"amq.topic\"\nbackoff_initial = \"100ms\"\nbackoff_max = \"1s\"\n",
+            rabbit.url()
+        ));
+        Ok(())
+    })
+    .unwrap();
+    // Connected: the broker lists the connection under the state topic's name.
+    sensorgate_tests::poll_until(
+        "the AMQP connection",
+        WAIT,
+        Duration::from_millis(200),
+        || {
+            let names = rabbit.ctl(&[
+                "list_connections",
+                "--no-table-headers",
+                "client_properties",
+            ])?;
+            Ok(names.contains(&topic("state")).then_some(()))
+        },
+    )
+    .unwrap();
+    rig.gateway.kill9().unwrap();
+    let closed = watch
+        .expect_line("connection.closed of the gateway", WAIT, |l| {
+            l.starts_with('{') && l.contains(&topic("state"))
+        })
+        .unwrap();
+    let v: Value = serde_json::from_str(&closed).unwrap();
+    assert_eq!(v["routing_key"], "connection.closed", "{v}");
+    assert_eq!(v["headers"]["user_provided_name"], topic("state"), "{v}");
+}
