@@ -1223,14 +1223,23 @@ async fn open_downlink(
     })
 }
 
-/// Sends one message: persistent, mandatory, message id = the spool sequence id.
+/// Sends one message: persistent, message id = the spool sequence id. Mandatory when it is
+/// a spooled record (a sequence id or a token): one no queue takes is returned, counted and
+/// warned about. The gateway's own untracked messages without a sequence id (the fleet's
+/// presence, heartbeats and events) are not: like an MQTT publish nobody subscribed to, the
+/// broker drops them quietly when no queue is bound for them.
 async fn publish(
     channel: &Channel,
     exchange: &str,
     app_id: &str,
     request: Request,
 ) -> lapin::Result<lapin::PublisherConfirm> {
-    let Request { message, seq, .. } = request;
+    let Request {
+        message,
+        seq,
+        token,
+    } = request;
+    let mandatory = seq.is_some() || token.is_some();
     let qos: u8 = match message.qos {
         Qos::AtMostOnce => 0,
         Qos::AtLeastOnce => 1,
@@ -1265,7 +1274,7 @@ async fn publish(
             ShortString::from(exchange.to_owned()),
             ShortString::from(routing_key(&message.topic)),
             BasicPublishOptions {
-                mandatory: true,
+                mandatory,
                 immediate: false,
             },
             &message.payload,
