@@ -414,6 +414,14 @@ url = "mqtt://127.0.0.1:1883"
     }
 
     #[test]
+    fn fleet_changes_need_a_restart_and_leave_the_upstreams_alone() {
+        let new = format!("{BASE}\n[fleet]\nheartbeat = \"5s\"\n");
+        let p = plan_of(BASE, &new);
+        assert_eq!(p.restart_required, ["[fleet]"].map(String::from));
+        assert!(p.upstreams.is_empty(), "{:?}", p.upstreams);
+    }
+
+    #[test]
     fn restart_only_fields_inside_live_parts_keep_their_running_value() {
         let new = BASE.replace(
             "listen = [\"127.0.0.1:0\"]",

@@ -12,6 +12,8 @@
 //! - Events: a second upstream's outage is reported on the first as `upstream_down`, then
 //!   `upstream_up` with how long it was down.
 //!
+//! - A reload that reconnects an upstream (a new `keep_alive`) announces the birth again and
+//!   keeps the Will; a reload that changes `[fleet]` is reported as restart-required.
 //! - The JSON Schemas (schemas/state.json, status.json, event.json) accept the real payloads
 //!   (python `jsonschema`), and reject a wrong one.
 //!
@@ -482,4 +484,49 @@ fn amqp_crash_is_seen_on_the_event_exchange_under_the_state_topic() {
     let v: Value = serde_json::from_str(&closed).unwrap();
     assert_eq!(v["routing_key"], "connection.closed", "{v}");
     assert_eq!(v["headers"]["user_provided_name"], topic("state"), "{v}");
+}
+
+#[test]
+fn a_reload_that_reconnects_keeps_the_will_and_fleet_changes_wait_for_a_restart() {
+    let mut rig = Rig::start_with(|c| {
+        c.with_fleet("heartbeat = \"0s\"\n");
+        c.with_admin()?;
+        Ok(())
+    })
+    .unwrap();
+    let state = topic("state");
+    let mut sub = rig.subscribe(&[&state]).unwrap();
+    assert_state(&next_on(&mut sub, &state), "online", "connected");
+    let path = rig.gateway.config_path();
+    let reload = |rig: &Rig, count: u64| -> Value {
+        send_signal(rig.gateway.pid().unwrap(), "HUP").unwrap();
+        sensorgate_tests::poll_until("the reload", WAIT, Duration::from_millis(100), || {
+            let (_, body) = rig.gateway.admin_get("/status")?;
+            let doc: Value = serde_json::from_str(&body)?;
+            Ok((doc["reload"]["count"] == count).then(|| doc["reload"].clone()))
+        })
+        .unwrap()
+    };
+    // A connection setting of the upstream: it reconnects, and says so with a new birth.
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{text}keep_alive = \"20s\"\n")).unwrap();
+    let r = reload(&rig, 1);
+    assert_eq!(r["outcome"], "applied", "{r}");
+    assert_state(&next_on(&mut sub, &state), "online", "connected");
+    // `[fleet]` is restart-only: reported, not applied.
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace(
+            "[fleet]\nenabled = true\n",
+            "[fleet]\nenabled = true\nqos = 0\n",
+        ),
+    )
+    .unwrap();
+    let r = reload(&rig, 2);
+    assert_eq!(r["restart_required"], serde_json::json!(["[fleet]"]), "{r}");
+    // The new connection carries the Will still.
+    rig.gateway.kill9().unwrap();
+    let m = next_on(&mut sub, &state);
+    assert_state(&m, "offline", "connection_lost");
 }
