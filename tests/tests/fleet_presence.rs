@@ -1,6 +1,8 @@
 //! The fleet view on the upstream's own connection (`[fleet]`), against mosquitto and a
 //! private RabbitMQ node, through the real binary:
 //!
+//! - MQTT birth after a broker outage comes before the records spooled meanwhile (a
+//!   persistent-session subscriber on a persistent broker sees the order the gateway sent).
 //! - MQTT birth: a retained `sensorgate/7/state` `online` document, read by a subscriber that
 //!   comes after it; death on SIGTERM (retained `offline`, reason `shutdown`); the Will on
 //!   `kill -9` (retained `offline`, reason `connection_lost`), with MQTT 3.1.1 and 5.
@@ -25,8 +27,9 @@ use std::time::{Duration, Instant};
 
 use sensorgate_tests::sn::TopicType;
 use sensorgate_tests::{
-    GATEWAY_ID, Message, Mosquitto, RabbitMq, Rig, Script, Subscriber, UpMsg, publish_upstream,
-    py_script, python, run_bounded, send_signal, temp_dir, workspace_dir,
+    GATEWAY_ID, Gateway, GatewayConfig, Message, Mosquitto, RabbitMq, Rig, Script, SnClient,
+    Subscriber, UpMsg, publish_upstream, py_script, python, run_bounded, send_signal, temp_dir,
+    workspace_dir,
 };
 use serde_json::Value;
 
@@ -529,4 +532,47 @@ fn a_reload_that_reconnects_keeps_the_will_and_fleet_changes_wait_for_a_restart(
     rig.gateway.kill9().unwrap();
     let m = next_on(&mut sub, &state);
     assert_state(&m, "offline", "connection_lost");
+}
+
+#[test]
+fn after_an_outage_the_birth_precedes_the_spooled_records() {
+    let mut broker = Mosquitto::start_persistent().unwrap();
+    let state = topic("state");
+    let mut sub =
+        Subscriber::start_session(broker.port(), &[&state, "sensors/#"], "fleet-order").unwrap();
+    let mut cfg = GatewayConfig::new(broker.port()).unwrap();
+    cfg.with_fleet("heartbeat = \"0s\"\n");
+    let gateway = Gateway::start(&cfg).unwrap();
+    assert_state(&next_on(&mut sub, &state), "online", "connected");
+
+    broker.stop().unwrap();
+    let mut c = SnClient::new(gateway.sn_addr()).unwrap();
+    c.connect_ok("fleet-order-1").unwrap();
+    let id = c.register("sensors/order").unwrap();
+    const N: usize = 5;
+    for i in 0..N {
+        // Acknowledged once durable in the spool: the broker is away.
+        c.publish_qos1_ok(TopicType::Normal, id, format!("m{i}").as_bytes())
+            .unwrap();
+    }
+    broker.restart().unwrap();
+    // mosquitto publishes the Will of the connection its own shutdown cut (to the subscriber,
+    // and again from the saved session when that delivery was not acknowledged): it comes
+    // first, then what the gateway sent on its new connection.
+    let mut first = sub.next(WAIT).unwrap().expect("the Will or the birth");
+    while first.topic == state && json(&first)["reason"] == "connection_lost" {
+        first = sub.next(WAIT).unwrap().expect("the birth");
+    }
+    let got: Vec<Message> = std::iter::once(first)
+        .chain((0..N).map(|_| sub.next(WAIT).unwrap().expect("the records")))
+        .collect();
+    assert_eq!(got[0].topic, state, "the birth first: {got:?}");
+    assert_state(&got[0], "online", "connected");
+    for (i, m) in got[1..].iter().enumerate() {
+        assert_eq!(
+            (m.topic.as_str(), m.payload.as_slice()),
+            ("sensors/order", format!("m{i}").as_bytes()),
+            "{got:?}"
+        );
+    }
 }
