@@ -31,6 +31,7 @@ use sensorgate_bridges::upstream::{AckReport, Reconfigured, Subscriber, Upstream
 use crate::coap;
 use crate::config::{CoapSection, Config, HttpSection, UpstreamKind};
 use crate::dtls::{self, Dtls};
+use crate::fleet;
 use crate::http;
 use crate::ingress::{DatagramCore, PeerAddr, Reconfigure};
 use crate::io::kernel_drops::KernelDrops;
@@ -254,6 +255,9 @@ async fn serve(
     let started = std::time::Instant::now();
     let started_ms = wall_ms();
     let events = Arc::new(Events::new(config.admin.event_history));
+    let identity = fleet::Identity::of(&config.gateway, started_ms);
+    // Heartbeats and events go through each upstream's handle (untracked publishes).
+    let mut fleet_links = Vec::new();
     let reload_cell = Arc::new(ReloadCell::default());
     let phase = Arc::new(PhaseCell::default());
     let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
@@ -313,6 +317,9 @@ async fn serve(
         };
         let stats = Arc::new(DrainStats::default());
         drain_stats.push((upstream.name.clone(), Arc::clone(&stats)));
+        // Birth, Will and death on this upstream (`[fleet]`; restart-only, so a reload keeps
+        // these).
+        let presence = fleet::presence::build(&config.fleet, &identity, &upstream.name);
         let source = |link: Arc<LinkInfo>, events: KindCounters| UpstreamSource {
             name: upstream.name.clone(),
             kind: match upstream.kind {
@@ -329,9 +336,11 @@ async fn serve(
             UpstreamKind::Mqtt(mqtt) => {
                 let window = usize::from(mqtt.max_inflight);
                 let (ack_tx, ack_rx) = mpsc::channel(window + 16);
+                let mut mqtt = mqtt.clone();
+                mqtt.presence = presence.clone();
                 let spawned = MqttUpstream::spawn_with_downlink(
                     index,
-                    mqtt.clone(),
+                    mqtt,
                     ack_tx,
                     Some(downlink_tx.clone()),
                     upstream_stop.clone(),
@@ -346,7 +355,12 @@ async fn serve(
                         });
                     }
                 };
-                upstream_controls.push(UpstreamControl::Mqtt(handle.clone()));
+                upstream_controls.push((UpstreamControl::Mqtt(handle.clone()), presence));
+                fleet_links.push(fleet::FleetLink {
+                    name: upstream.name.clone(),
+                    index,
+                    upstream: Arc::new(handle.clone()),
+                });
                 let counters = handle.clone();
                 upstream_sources.push(source(
                     handle.link_info(),
@@ -381,9 +395,11 @@ async fn serve(
             UpstreamKind::Amqp(amqp) => {
                 let window = usize::from(amqp.max_inflight);
                 let (ack_tx, ack_rx) = mpsc::channel(window + 16);
+                let mut amqp = amqp.clone();
+                amqp.presence = presence.clone();
                 let spawned = AmqpUpstream::spawn_with_downlink(
                     index,
-                    amqp.clone(),
+                    amqp,
                     ack_tx,
                     Some(downlink_tx.clone()),
                     upstream_stop.clone(),
@@ -399,7 +415,12 @@ async fn serve(
                     }
                 };
                 amqp_upstreams.push(handle.clone());
-                upstream_controls.push(UpstreamControl::Amqp(handle.clone()));
+                upstream_controls.push((UpstreamControl::Amqp(handle.clone()), presence));
+                fleet_links.push(fleet::FleetLink {
+                    name: upstream.name.clone(),
+                    index,
+                    upstream: Arc::new(handle.clone()),
+                });
                 let counters = handle.clone();
                 upstream_sources.push(source(
                     handle.link_info(),
@@ -668,6 +689,8 @@ async fn serve(
     // The admin and the monitor outlive the driver: `/readyz` says "stopping" meanwhile.
     let admin_stop = CancellationToken::new();
     let monitor = tokio::spawn(monitor::run(sources.clone(), admin_stop.clone()));
+    // Heartbeats and events upstream (`[fleet]`), stopped with the admin.
+    let fleet_tasks = fleet::start(&config.fleet, &identity, &sources, fleet_links, &admin_stop);
     // systemd (NOTIFY_SOCKET): STATUS= lines and watchdog pings beside the monitor, from the
     // same snapshot as /healthz; stopped with the admin (pings go on while stopping).
     let notifier = Notifier::from_env();
@@ -699,8 +722,8 @@ async fn serve(
     live_parts.push(live::core_part("[mqttsn]", sn_reconfigure, |plan| {
         dtls_settings(plan.mqttsn.clone(), plan)
     }));
-    for (index, control) in upstream_controls.into_iter().enumerate() {
-        live_parts.push(upstream_part(index, control));
+    for (index, (control, presence)) in upstream_controls.into_iter().enumerate() {
+        live_parts.push(upstream_part(index, control, presence));
     }
     for (index, control) in drain_controls.into_iter().enumerate() {
         live_parts.push(drain_part(index, control));
@@ -846,6 +869,9 @@ async fn serve(
     let _ = status.await;
     admin_stop.cancel();
     let _ = monitor.await;
+    for task in fleet_tasks {
+        let _ = task.await;
+    }
     if let Some(task) = supervisor {
         let _ = task.await;
     }
@@ -907,8 +933,13 @@ enum UpstreamControl {
     Amqp(AmqpUpstream),
 }
 
-/// Upstream `index`'s reload part: its new connection settings, when the plan lists it.
-fn upstream_part(index: usize, control: UpstreamControl) -> live::Part {
+/// Upstream `index`'s reload part: its new connection settings, when the plan lists it,
+/// with the presence it started with (`[fleet]` is restart-only).
+fn upstream_part(
+    index: usize,
+    control: UpstreamControl,
+    presence: Option<sensorgate_bridges::upstream::Presence>,
+) -> live::Part {
     Box::new(move |plan, new| {
         if !plan.upstreams.contains(&index) {
             return None;
@@ -917,10 +948,14 @@ fn upstream_part(index: usize, control: UpstreamControl) -> live::Part {
         let name = format!("[[upstream]] {}", upstream.name);
         let result = match (&control, &upstream.kind) {
             (UpstreamControl::Mqtt(u), UpstreamKind::Mqtt(c)) => {
-                u.reconfigure(c.clone()).map_err(|e| e.to_string())
+                let mut c = c.clone();
+                c.presence.clone_from(&presence);
+                u.reconfigure(c).map_err(|e| e.to_string())
             }
             (UpstreamControl::Amqp(u), UpstreamKind::Amqp(c)) => {
-                u.reconfigure(c.clone()).map_err(|e| e.to_string())
+                let mut c = c.clone();
+                c.presence.clone_from(&presence);
+                u.reconfigure(c).map_err(|e| e.to_string())
             }
             // The plan lists only upstreams of the same kind (a kind change is restart-only).
             _ => Err("its kind changed (restart to change it)".to_owned()),

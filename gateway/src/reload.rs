@@ -152,6 +152,13 @@ fn restart_only(started: &Config, new: &Config) -> Vec<String> {
     };
     let (a, b) = (started, new);
     check("[gateway] id", a.gateway.id != b.gateway.id);
+    // Presence payloads, topics and the publishers are set up once, at start.
+    // As written: a new `[gateway] id` changes the prefix too, and is reported as that.
+    let as_written = |f: &crate::config::FleetSection| crate::config::FleetSection {
+        topic_prefix: String::new(),
+        ..f.clone()
+    };
+    check("[fleet]", as_written(&a.fleet) != as_written(&b.fleet));
     check("[gateway] name", a.gateway.name != b.gateway.name);
     check(
         "[gateway] state_dir",
@@ -404,6 +411,14 @@ url = "mqtt://127.0.0.1:1883"
         // upstream.
         assert!(p.mqttsn.is_none(), "{:?}", p.mqttsn);
         assert!(p.upstreams.is_empty());
+    }
+
+    #[test]
+    fn fleet_changes_need_a_restart_and_leave_the_upstreams_alone() {
+        let new = format!("{BASE}\n[fleet]\nheartbeat = \"5s\"\n");
+        let p = plan_of(BASE, &new);
+        assert_eq!(p.restart_required, ["[fleet]"].map(String::from));
+        assert!(p.upstreams.is_empty(), "{:?}", p.upstreams);
     }
 
     #[test]

@@ -681,6 +681,10 @@ pub struct GatewayConfig {
     pub admin_token: Option<String>,
     /// The `[coap]` section; `None` leaves CoAP off.
     pub coap: Option<CoapSection>,
+    /// `[fleet]`: `None` writes `enabled = false` (presence, heartbeats and events off, so a
+    /// test sees only sensor data); `Some(lines)` switches it on with these extra
+    /// `key = value` lines (see [`GatewayConfig::with_fleet`]).
+    pub fleet: Option<String>,
 }
 
 /// The `[coap]` section of a [`GatewayConfig`].
@@ -728,7 +732,19 @@ impl GatewayConfig {
             admin: None,
             admin_token: None,
             coap: None,
+            fleet: None,
         })
+    }
+
+    /// Switches `[fleet]` on (birth, Will, death, heartbeats, events on the upstream) with
+    /// extra `key = value` lines (`heartbeat = "1s"` ...); may be called again to add lines.
+    pub fn with_fleet(&mut self, lines: &str) -> &mut GatewayConfig {
+        let fleet = self.fleet.get_or_insert_with(String::new);
+        fleet.push_str(lines);
+        if !lines.is_empty() && !lines.ends_with('\n') {
+            fleet.push('\n');
+        }
+        self
     }
 
     /// Switches CoAP on: one listener on a free 127.0.0.1 UDP port.
@@ -862,6 +878,10 @@ impl GatewayConfig {
         }
         if let Some(token) = &self.admin_token {
             s.push_str(&format!("token = \"{token}\"\n"));
+        }
+        match &self.fleet {
+            Some(lines) => s.push_str(&format!("\n[fleet]\nenabled = true\n{lines}")),
+            None => s.push_str("\n[fleet]\nenabled = false\n"),
         }
         if let Some(coap) = &self.coap {
             let listen: Vec<String> = coap.listen.iter().map(|a| format!("\"{a}\"")).collect();
@@ -3354,7 +3374,15 @@ impl RabbitMq {
     /// # Errors
     /// When it exits or does not come up in time.
     pub fn start() -> Result<RabbitMq> {
-        Self::start_inner(None)
+        Self::start_inner(None, &[])
+    }
+
+    /// As [`RabbitMq::start`] with `plugins` enabled (e.g. `rabbitmq_event_exchange`).
+    ///
+    /// # Errors
+    /// When it exits or does not come up in time.
+    pub fn start_with_plugins(plugins: &[&str]) -> Result<RabbitMq> {
+        Self::start_inner(None, plugins)
     }
 
     /// As [`RabbitMq::start`], plus an AMQPS listener on 127.0.0.1 with `tls`'s files that
@@ -3364,10 +3392,10 @@ impl RabbitMq {
     /// # Errors
     /// When it exits or does not come up in time.
     pub fn start_tls(tls: &RabbitTls) -> Result<RabbitMq> {
-        Self::start_inner(Some(tls))
+        Self::start_inner(Some(tls), &[])
     }
 
-    fn start_inner(tls: Option<&RabbitTls>) -> Result<RabbitMq> {
+    fn start_inner(tls: Option<&RabbitTls>, plugins: &[&str]) -> Result<RabbitMq> {
         let port = free_tcp_port()?;
         let mut r = RabbitMq {
             port,
@@ -3378,7 +3406,10 @@ impl RabbitMq {
             tls_port: None,
             dir: temp_dir()?,
         };
-        std::fs::write(r.dir.path().join("enabled_plugins"), "[].\n")?;
+        std::fs::write(
+            r.dir.path().join("enabled_plugins"),
+            format!("[{}].\n", plugins.join(",")),
+        )?;
         let mut conf =
             "loopback_users.guest = true\nlog.console = false\nlog.file.level = info\n".to_owned();
         if let Some(tls) = tls {

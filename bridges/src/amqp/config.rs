@@ -103,6 +103,12 @@ pub struct AmqpUpstreamConfig {
     pub max_subscriptions: usize,
     /// `amqps://` only: CA file and client certificate (the system roots when unset).
     pub tls: TlsSettings,
+    /// Birth (published on every connect, before anything else) and death (published on a
+    /// clean shutdown, confirmed before the connection closes) of the gateway (`[fleet]`);
+    /// `None`: none. AMQP has no Will: with presence on, the connection is named after the
+    /// Will's topic (`connection_name`, as RabbitMQ's management UI and event exchange show
+    /// it), so a backend can watch `connection.closed` for a crash.
+    pub presence: Option<crate::upstream::Presence>,
 }
 
 /// Why an AMQP upstream's settings were refused.
@@ -146,7 +152,17 @@ impl AmqpUpstreamConfig {
             username: None,
             password: None,
             vhost: None,
+            presence: None,
         }
+    }
+
+    /// The connection name the broker shows (client property `connection_name`): the Will's
+    /// topic with presence on (`sensorgate/7/state`), else `sensorgate`.
+    #[must_use]
+    pub fn connection_name(&self) -> String {
+        self.presence
+            .as_ref()
+            .map_or_else(|| "sensorgate".to_owned(), |p| p.will.topic.clone())
     }
 
     /// Parses an `amqp://` / `amqps://` URL.

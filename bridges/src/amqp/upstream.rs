@@ -34,7 +34,7 @@ use crate::mqtt::backoff::Backoff;
 use crate::mqtt::config::tls_fingerprint;
 use crate::spool::wall_ms;
 use crate::telemetry::{LinkInfo, io_error_summary};
-use crate::upstream::{AckReport, Delivery, FailReason, RELINK_DRAIN, Reconfigured};
+use crate::upstream::{AckReport, Delivery, FailReason, Presence, RELINK_DRAIN, Reconfigured};
 
 /// How often the task looks at the connection's and channel's state (a closed channel raises
 /// no connection event).
@@ -541,6 +541,9 @@ impl Task {
                     // A reset asked for while the link was going down must not cut this new
                     // connection: drop its stored permit.
                     let _ = self.shared.reset.notified().now_or_never();
+                    // Birth first: sent on the channel before the link is marked up, so
+                    // before any drained record.
+                    self.announce(&link.channel, |p| &p.birth, true).await;
                     self.link_tx.send_replace(true);
                     self.shared.link_info.up(wall_ms());
                     let Link {
@@ -562,6 +565,10 @@ impl Task {
                         FailReason::Disconnected
                     };
                     self.fail_queued(reason).await;
+                    if matches!(end, End::Stop) {
+                        // Death before the connection closes, confirmed (bounded).
+                        self.announce(&channel, |p| &p.death, true).await;
+                    }
                     let _ = tokio::time::timeout(
                         self.config.connect_timeout,
                         conn.close(REPLY_SUCCESS, "sensorgate".into()),
@@ -779,6 +786,43 @@ impl Task {
         drop(pending);
         self.fail_open(&mut open, FailReason::Disconnected).await;
         end
+    }
+
+    /// Publishes the presence message `which` picks (birth, death) on `channel`, untracked;
+    /// with `confirmed` (always, today: a birth confirmed before the link is marked up
+    /// precedes every record), waits (up to `connect_timeout`) for the broker's confirm. Failures
+    /// are logged: the connection's own error handling sees a broken channel anyway.
+    async fn announce(&self, channel: &Channel, which: fn(&Presence) -> &Message, confirmed: bool) {
+        let Some(presence) = &self.config.presence else {
+            return;
+        };
+        let message = which(presence).clone();
+        let topic = message.topic.clone();
+        let request = Request {
+            message,
+            token: None,
+            seq: None,
+        };
+        let sent = tokio::time::timeout(self.config.connect_timeout, async {
+            let confirm = publish(channel, &self.config.exchange, &self.shared.app_id, request)
+                .await
+                .map_err(|e| e.to_string())?;
+            if confirmed {
+                match classify(confirm.await) {
+                    Confirm::Ack | Confirm::Returned => {}
+                    other => return Err(format!("not confirmed ({other:?})")),
+                }
+            }
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|_| Err("timed out".to_owned()));
+        match sent {
+            Ok(()) => tracing::debug!(upstream = %self.shared.name, %topic, "Presence published."),
+            Err(error) => {
+                tracing::warn!(upstream = %self.shared.name, %topic, %error, "Presence message not sent.");
+            }
+        }
     }
 
     /// Takes a pending reconfigure into the task's settings; returns whether it needs a new
@@ -1082,7 +1126,7 @@ async fn connect(
     downlink: bool,
 ) -> lapin::Result<Link> {
     let props = ConnectionProperties::default()
-        .with_connection_name(LongString::from("sensorgate".to_owned()));
+        .with_connection_name(LongString::from(config.connection_name()));
     let conn = open(uri, tls, props).await?;
     let channel = conn.create_channel().await?;
     let exchange = &config.exchange;
@@ -1179,14 +1223,23 @@ async fn open_downlink(
     })
 }
 
-/// Sends one message: persistent, mandatory, message id = the spool sequence id.
+/// Sends one message: persistent, message id = the spool sequence id. Mandatory when it is
+/// a spooled record (a sequence id or a token): one no queue takes is returned, counted and
+/// warned about. The gateway's own untracked messages without a sequence id (the fleet's
+/// presence, heartbeats and events) are not: like an MQTT publish nobody subscribed to, the
+/// broker drops them quietly when no queue is bound for them.
 async fn publish(
     channel: &Channel,
     exchange: &str,
     app_id: &str,
     request: Request,
 ) -> lapin::Result<lapin::PublisherConfirm> {
-    let Request { message, seq, .. } = request;
+    let Request {
+        message,
+        seq,
+        token,
+    } = request;
+    let mandatory = seq.is_some() || token.is_some();
     let qos: u8 = match message.qos {
         Qos::AtMostOnce => 0,
         Qos::AtLeastOnce => 1,
@@ -1221,7 +1274,7 @@ async fn publish(
             ShortString::from(exchange.to_owned()),
             ShortString::from(routing_key(&message.topic)),
             BasicPublishOptions {
-                mandatory: true,
+                mandatory,
                 immediate: false,
             },
             &message.payload,

@@ -643,6 +643,14 @@ pub(crate) fn build(
             );
             // Downlink is acknowledged by the gateway once it holds the message (`DownlinkAck`).
             options.set_ack_mode(v4::AckMode::Manual);
+            if let Some(will) = config.presence.as_ref().map(|p| &p.will) {
+                options.set_last_will(v4::LastWill::new(
+                    will_topic(config, &will.topic),
+                    will.payload.to_vec(),
+                    qos!(v4, will.qos),
+                    will.retain,
+                ));
+            }
             match (&config.username, &config.password) {
                 (Some(user), Some(password)) => {
                     options.set_credentials(user.clone(), Bytes::from(password.clone()));
@@ -707,6 +715,15 @@ pub(crate) fn build(
             options.set_max_packet_size(Some(max_packet));
             // Receive Maximum: at most this many unacknowledged QoS >= 1 deliveries.
             options.set_receive_maximum(Some(config.max_unacked_downlinks));
+            if let Some(will) = config.presence.as_ref().map(|p| &p.will) {
+                options.set_last_will(v5::LastWill::new(
+                    will_topic(config, &will.topic),
+                    will.payload.to_vec(),
+                    qos!(v5, will.qos),
+                    will.retain,
+                    None,
+                ));
+            }
             match (&config.username, &config.password) {
                 (Some(user), Some(password)) => {
                     options.set_credentials(user.clone(), Bytes::from(password.clone()));
@@ -734,6 +751,11 @@ pub(crate) fn build(
             Ok((Client::V5(client), EventLoop::V5(Box::new(eventloop))))
         }
     }
+}
+
+/// The broker topic of the Will: `remote_prefix` + its topic, as for every publish.
+fn will_topic(config: &MqttUpstreamConfig, topic: &str) -> String {
+    format!("{}{topic}", config.remote_prefix)
 }
 
 /// The client dials `format!("{host}:{port}")`; an IPv6 literal needs brackets there, but

@@ -131,6 +131,9 @@ pub struct MqttUpstreamConfig {
     /// How long a filter the broker refused (SUBACK failure) waits before it is asked for
     /// again, and the least time between two warnings about refusals.
     pub subscribe_retry: Duration,
+    /// Birth, Will and death of the gateway on this connection (`[fleet]`); `None`: none.
+    /// The Will goes into CONNECT; topics get `remote_prefix` like sensor data.
+    pub presence: Option<crate::upstream::Presence>,
 }
 
 impl MqttUpstreamConfig {
@@ -165,6 +168,7 @@ impl MqttUpstreamConfig {
             max_unacked_downlinks: DEFAULT_MAX_UNACKED_DOWNLINKS,
             max_subscriptions: MAX_SUBSCRIPTIONS,
             subscribe_retry: DEFAULT_SUBSCRIBE_RETRY,
+            presence: None,
         })
     }
 

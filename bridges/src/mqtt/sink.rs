@@ -59,7 +59,7 @@ use crate::message::{AckRequest, Downlink, DownlinkAck, Message, Qos};
 use crate::spool::wall_ms;
 use crate::telemetry::LinkInfo;
 use crate::topic;
-use crate::upstream::{RELINK_DRAIN, Reconfigured};
+use crate::upstream::{Presence, RELINK_DRAIN, Reconfigured};
 
 /// Most filters in one SUBSCRIBE or UNSUBSCRIBE packet.
 const FILTERS_PER_PACKET: usize = 64;
@@ -180,6 +180,9 @@ struct Conn {
     client: Client,
     /// Prepended to every topic.
     remote_prefix: String,
+    /// Birth (on every CONNACK) and death (before a clean DISCONNECT); the Will is in the
+    /// client's CONNECT.
+    presence: Option<Presence>,
 }
 
 /// The settings [`MqttUpstream::reconfigure`] changes without reconnecting.
@@ -318,6 +321,7 @@ impl MqttUpstream {
             conn: ArcSwap::from_pointee(Conn {
                 client: client.clone(),
                 remote_prefix: config.remote_prefix.clone(),
+                presence: config.presence.clone(),
             }),
             config: Mutex::new((config.clone(), tls_files)),
             live: Mutex::new(LiveSettings::of(&config)),
@@ -894,6 +898,9 @@ fn connection_change(old: &MqttUpstreamConfig, new: &MqttUpstreamConfig) -> Opti
         Some("remote_prefix")
     } else if old.max_downlink_bytes != new.max_downlink_bytes {
         Some("max_downlink_bytes")
+    } else if old.presence != new.presence {
+        // The Will is part of CONNECT.
+        Some("presence")
     } else {
         None
     }
@@ -1065,6 +1072,10 @@ impl LinkTask {
                     // A reset asked for while the link was down (or for the previous
                     // connection) must not cut this new one: drop its stored permit.
                     let _ = self.control.shared.reset.notified().now_or_never();
+                    // Birth first: queued before the link is marked up, so it reaches the
+                    // broker before any publish of this connection (the request queue is
+                    // FIFO).
+                    self.announce(|p| &p.birth);
                     self.control.shared.set_connected();
                     self.control.shared.link_info.up(wall_ms());
                     self.backoff.reset();
@@ -1193,6 +1204,7 @@ impl LinkTask {
         shared.conn.store(Arc::new(Conn {
             client: client.clone(),
             remote_prefix: config.remote_prefix.clone(),
+            presence: config.presence.clone(),
         }));
         self.control.client = client;
         // The old event loop goes with its connection: anything left in its queue fails.
@@ -1326,8 +1338,12 @@ impl LinkTask {
     /// Dropping the event loop afterwards resolves every remaining notice. Downlink messages
     /// arriving meanwhile are neither passed on nor acknowledged (the session is clean).
     async fn stop(mut self, connected: bool) {
+        self.control.shared.set_stopped();
+        if connected {
+            // Death before DISCONNECT (which makes the broker discard the Will).
+            self.announce(|p| &p.death);
+        }
         let shared = &self.control.shared;
-        shared.set_stopped();
         if !connected || !self.control.client.try_disconnect(self.drain) {
             return;
         }
@@ -1345,6 +1361,35 @@ impl LinkTask {
                     debug!(upstream = %shared.name, error = %error, "Upstream disconnected.");
                     return;
                 }
+            }
+        }
+    }
+}
+
+impl LinkTask {
+    /// Queues the presence message `which` picks (birth, death), untracked, with
+    /// `remote_prefix`; a full request queue or a refusal is logged and counted as `failed`.
+    fn announce(&self, which: fn(&Presence) -> &Message) {
+        let conn = self.control.shared.conn();
+        let Some(presence) = &conn.presence else {
+            return;
+        };
+        let msg = which(presence);
+        let topic = remote_topic(&conn.remote_prefix, msg.topic.clone());
+        match conn
+            .client
+            .try_publish(topic, msg.payload.clone(), msg.qos, msg.retain, None)
+        {
+            Ok(()) => {
+                debug!(upstream = %self.control.shared.name, topic = %msg.topic, "Presence published.");
+            }
+            Err(error) => {
+                self.control
+                    .shared
+                    .counters
+                    .failed
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(upstream = %self.control.shared.name, topic = %msg.topic, error = ?error, "Presence message not sent.");
             }
         }
     }

@@ -571,6 +571,23 @@ impl<F: Fs> Spool<F> {
         self.oldest_from(self.slowest())
     }
 
+    /// The oldest sequence id the spool may still hold (the first id of its oldest segment
+    /// that has records); `None` when it holds none. Records below it are gone (acknowledged
+    /// by every upstream and collected, or given up); a consumer's gap below it is a loss.
+    #[must_use]
+    pub fn oldest_held_seq(&self) -> Option<u64> {
+        self.segments
+            .iter()
+            .find(|s| s.last_seq.is_some())
+            .map(|s| s.first_seq)
+    }
+
+    /// Free bytes on the spool's filesystem (a `statvfs`); `None` when it cannot be read.
+    #[must_use]
+    pub fn available_bytes(&self) -> Option<u64> {
+        self.fs.available_bytes(&self.config.dir).ok()
+    }
+
     /// Whether an append now would be refused for lack of room: the free-disk watermark is
     /// crossed, or less than [`SMALL_RECORD`] bytes are left within `max_bytes` (once the
     /// acknowledged segments are collected), and `when_full = "drop_oldest"` has no older

@@ -62,6 +62,29 @@ pub trait Upstream: Send + Sync + 'static {
     fn link_info(&self) -> Arc<LinkInfo>;
 }
 
+/// What an upstream says about the gateway's presence on its own connection (plain data,
+/// kind-neutral; built by the gateway's wiring, never by a kind itself). Topics are relative
+/// to the upstream, which applies its `remote_prefix` (MQTT) or routing-key mapping (AMQP) as
+/// for sensor data.
+///
+/// - `birth` (retained, `"state": "online"`) is published on every (re)connect before any
+///   other publish of that connection is accepted, so it precedes every drained record;
+/// - `will` (retained, `"state": "offline"`) is the MQTT CONNECT's Will, published by the
+///   broker when the connection ends without DISCONNECT (crash, network loss, keep-alive);
+/// - `death` (retained, `"state": "offline"`) is published on a clean shutdown, before the
+///   link closes (MQTT: before DISCONNECT, which discards the Will).
+///
+/// Presence publishes are untracked (no [`AckReport`]) and never spooled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    /// Published on every connect.
+    pub birth: Message,
+    /// The broker publishes it when the link dies (MQTT Will).
+    pub will: Message,
+    /// Published on clean shutdown.
+    pub death: Message,
+}
+
 /// Longest wait (at most the upstream's `connect_timeout`) for the old connection's
 /// in-flight messages to be acknowledged before a reconfigure closes it; what is still open
 /// then is failed (`Disconnected`) and sent again by the drain on the new connection.

@@ -19,6 +19,7 @@ mod check;
 mod coap;
 mod diag;
 mod dtls;
+mod fleet;
 mod gateway;
 mod http;
 mod mqttsn;
@@ -48,6 +49,8 @@ pub use diag::{Diagnostic, KeyPath};
 use diag::{Reporter, fields_of, path_of_span, remove_value};
 pub use dtls::{COAPS_PORT, DtlsSection};
 use dtls::{RawDtls, RawPsk};
+pub use fleet::{FleetSection, GATEWAY_ID_PLACEHOLDER, ReplaySection};
+use fleet::{RawFleet, RawReplay};
 pub use gateway::{GatewaySection, LogSection};
 use gateway::{RawGateway, RawLog};
 pub(crate) use http::check_prefix as http_check_prefix;
@@ -95,6 +98,8 @@ pub struct Config {
     pub spool: SpoolSection,
     /// `[admin]`.
     pub admin: AdminSection,
+    /// `[fleet]` (and `[fleet.replay]`).
+    pub fleet: FleetSection,
     /// `[[serial]]`, in file order (a line's index is its `PeerAddr::Serial` line).
     pub serial: Vec<SerialLine>,
     /// `[[upstream]]`, in file order.
@@ -350,6 +355,7 @@ impl Config {
                 ));
             }
         }
+        s.push_str(&self.fleet_summary());
         match &self.security.acl {
             Some(acl) => s.push_str(&format!(
                 "acl: {} rule(s), what none allows is refused\n",
@@ -407,6 +413,28 @@ impl Config {
             s.push_str("routes: a message no route matches is refused\n");
         }
         s
+    }
+}
+
+impl Config {
+    /// The `check-config` line of `[fleet]`.
+    fn fleet_summary(&self) -> String {
+        let f = &self.fleet;
+        if !f.enabled {
+            return "fleet: off (no birth, Will, heartbeat or events upstream)\n".to_owned();
+        }
+        format!(
+            "fleet: presence on `{}/state` (retained, Will), heartbeat {} on `/status`, events \
+             on `/events` (at most {}/min), QoS {}, replay {}\n",
+            f.topic_prefix,
+            f.heartbeat.map_or_else(
+                || "off".to_owned(),
+                |h| format!("every {}", humantime::format_duration(h))
+            ),
+            f.max_events_per_minute,
+            route::qos_number(f.qos),
+            if f.replay.enabled { "on" } else { "off" },
+        )
     }
 }
 
@@ -502,6 +530,8 @@ fn known_fields(key: &KeyPath) -> &'static [&'static str] {
         ["http", "jwt"] => fields_of::<RawJwt>(),
         ["spool"] => fields_of::<RawSpool>(),
         ["admin"] => fields_of::<RawAdmin>(),
+        ["fleet"] => fields_of::<RawFleet>(),
+        ["fleet", "replay"] => fields_of::<RawReplay>(),
         ["upstream"] => fields_of::<RawUpstream>(),
         ["route"] => fields_of::<RawRoute>(),
         ["serial"] => fields_of::<RawSerial>(),
@@ -599,6 +629,7 @@ struct RawConfig {
     http: RawHttp,
     spool: RawSpool,
     admin: RawAdmin,
+    fleet: RawFleet,
     upstream: Vec<RawUpstream>,
     route: Vec<RawRoute>,
     serial: Vec<RawSerial>,
@@ -651,6 +682,7 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
     );
     let spool = spool::compile_spool(&raw.spool, &state_dir, r);
     let admin = admin::compile_admin(&raw.admin, r);
+    let fleet = fleet::compile_fleet(&raw.fleet, gw_id.unwrap_or(0), r);
     let http = http::compile_http(&raw.http, base, raw.admin.listen_addr(), r);
     let http_on = |h: &HttpSection| !h.listen.is_empty() || !h.tls_listen.is_empty();
     let max_filters = router_max_filters(
@@ -701,6 +733,7 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
         http: http_on(&http).then_some(http),
         spool: spool?,
         admin: admin?,
+        fleet: fleet?,
         serial,
         upstreams,
         routes: routes.table,

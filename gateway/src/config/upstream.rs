@@ -406,6 +406,8 @@ fn compile_upstream(
         // Set from `[mqttsn] max_filters` by `compile`.
         max_subscriptions: MAX_SUBSCRIPTIONS,
         subscribe_retry: sensorgate_bridges::mqtt::config::DEFAULT_SUBSCRIBE_RETRY,
+        // Set from `[fleet]` by the wiring.
+        presence: None,
     };
     Some(Upstream {
         name,

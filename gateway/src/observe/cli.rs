@@ -664,6 +664,7 @@ mod tests {
                     kind: format!("event_{i}"),
                     level: "warning".into(),
                     message: format!("message {i}"),
+                    ..EventInfo::default()
                 })
                 .collect(),
             reload: None,

@@ -3,11 +3,29 @@
 //! Events are rare by construction (link transitions, a spool that became full, disk errors,
 //! data given up, start and stop): the monitor records a change of state once, not every
 //! occurrence, so the ring holds hours of history, never a flood.
+//!
+//! Subscribers ([`Events::subscribe`], the fleet's `/events` publisher) get every event as it
+//! is pushed, through a bounded broadcast channel: one that falls behind by more than
+//! [`SUBSCRIBER_QUEUE`] events loses the oldest (it is told how many).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
+use tokio::sync::broadcast;
+
 use super::status::EventInfo;
+
+/// Events queued for each subscriber at most.
+pub const SUBSCRIBER_QUEUE: usize = 64;
+
+/// What an event is about, besides its sentence.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Detail {
+    /// The upstream it concerns.
+    pub upstream: Option<String>,
+    /// How long the state it ends lasted, seconds.
+    pub duration_secs: Option<u64>,
+}
 
 /// How bad an event is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +41,7 @@ pub enum Level {
 pub struct Events {
     ring: Mutex<VecDeque<EventInfo>>,
     capacity: usize,
+    subscribers: broadcast::Sender<EventInfo>,
 }
 
 impl Events {
@@ -32,12 +51,31 @@ impl Events {
         Events {
             ring: Mutex::new(VecDeque::with_capacity(capacity.min(1024))),
             capacity: capacity.max(1),
+            subscribers: broadcast::Sender::new(SUBSCRIBER_QUEUE),
         }
+    }
+
+    /// Every event pushed from now on (bounded: see [`SUBSCRIBER_QUEUE`]).
+    #[must_use]
+    pub fn subscribe(&self) -> broadcast::Receiver<EventInfo> {
+        self.subscribers.subscribe()
     }
 
     /// Records an event at `at_ms` (wall clock). Logged at debug only: what it reports was
     /// logged where it happened (the link task, the spool), once.
     pub fn push(&self, at_ms: u64, kind: &'static str, level: Level, message: String) {
+        self.push_with(at_ms, kind, level, message, Detail::default());
+    }
+
+    /// [`Self::push`] with what the event is about.
+    pub fn push_with(
+        &self,
+        at_ms: u64,
+        kind: &'static str,
+        level: Level,
+        message: String,
+        detail: Detail,
+    ) {
         tracing::debug!(event = kind, ?level, "{message}");
         let event = EventInfo {
             at_ms,
@@ -48,7 +86,11 @@ impl Events {
             }
             .to_owned(),
             message,
+            upstream: detail.upstream,
+            duration_secs: detail.duration_secs,
         };
+        // No subscriber is no error.
+        let _ = self.subscribers.send(event.clone());
         let mut ring = self.lock();
         if ring.len() >= self.capacity {
             ring.pop_front();

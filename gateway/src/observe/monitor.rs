@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use super::events::{Events, Level};
+use super::events::{Detail, Events, Level};
 use super::snapshot::{Sources, UpstreamSource, why};
 
 /// How often the monitor looks.
@@ -73,7 +73,7 @@ fn record(
         let reconnected = after.connects > before.connects;
         if before.connected && (!after.connected || reconnected) {
             let duration = at_ms.saturating_sub(before.since_ms) / 1000;
-            events.push(
+            events.push_with(
                 at_ms,
                 "upstream_down",
                 Level::Warning,
@@ -82,28 +82,31 @@ fn record(
                     u.name,
                     why(after)
                 ),
+                Detail {
+                    upstream: Some(u.name.clone()),
+                    duration_secs: Some(duration),
+                },
             );
         }
         if after.connected && (!before.connected || reconnected) {
-            let down_for = if before.since_ms == 0 || before.connected {
-                String::new()
-            } else {
-                format!(
-                    " after {}s down",
-                    after.since_ms.saturating_sub(before.since_ms) / 1000
-                )
-            };
-            events.push(
+            let down_secs = (before.since_ms != 0 && !before.connected)
+                .then(|| after.since_ms.saturating_sub(before.since_ms) / 1000);
+            let down_for = down_secs.map_or_else(String::new, |d| format!(" after {d}s down"));
+            events.push_with(
                 at_ms,
                 "upstream_up",
                 Level::Info,
                 format!("Upstream `{}` connected{down_for}.", u.name),
+                Detail {
+                    upstream: Some(u.name.clone()),
+                    duration_secs: down_secs,
+                },
             );
         }
         if !before.connected && !after.connected && after.failed_attempts > before.failed_attempts {
             // Repeated failures while down are not news; the first one is (above, or at start).
             if before.failed_attempts == 0 && before.connects == 0 {
-                events.push(
+                events.push_with(
                     at_ms,
                     "upstream_down",
                     Level::Warning,
@@ -112,6 +115,10 @@ fn record(
                         u.name,
                         why(after)
                     ),
+                    Detail {
+                        upstream: Some(u.name.clone()),
+                        duration_secs: None,
+                    },
                 );
             }
         }

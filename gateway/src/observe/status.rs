@@ -239,7 +239,7 @@ pub struct SpoolInfo {
 }
 
 /// One notable event.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventInfo {
     /// When (wall clock ms).
     pub at_ms: u64,
@@ -250,4 +250,11 @@ pub struct EventInfo {
     pub level: String,
     /// One sentence.
     pub message: String,
+    /// The upstream it is about (`upstream_down`, `upstream_up`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// How long the state it ends lasted, seconds (`upstream_down`: up for; `upstream_up`:
+    /// down for); absent when unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_secs: Option<u64>,
 }
