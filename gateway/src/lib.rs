@@ -14,6 +14,7 @@ pub mod app;
 pub mod coap;
 pub mod config;
 pub mod dtls;
+pub mod fleet;
 pub mod http;
 pub mod identity;
 pub mod ingress;

@@ -292,7 +292,10 @@ fn max_filters_bounds_the_core_and_sizes_every_upstream_table() {
     let UpstreamKind::Mqtt(m) = &c.upstreams[0].kind else {
         panic!("an MQTT upstream")
     };
-    assert_eq!(m.max_subscriptions, 500);
+    assert_eq!(
+        m.max_subscriptions, 501,
+        "one more for the fleet control topic"
+    );
     for bad in ["0", "65537"] {
         let text = MINIMAL.replace("[mqttsn]\n", &format!("[mqttsn]\nmax_filters = {bad}\n"));
         let d = errors(&text);
