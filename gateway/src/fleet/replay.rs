@@ -625,6 +625,48 @@ mod tests {
     }
 
     #[test]
+    fn answers_have_the_keys_and_reasons_of_the_schema() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/replay-result.json");
+        let schema: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut required: Vec<&str> = schema["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().unwrap())
+            .collect();
+        required.sort_unstable();
+        let answer = Answer::refused(None, None, &Refusal::Gone, Some(3));
+        let json: serde_json::Value = serde_json::from_slice(&answer.to_json()).unwrap();
+        let mut keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(keys, required);
+        let reasons = schema["properties"]["reason"]["enum"].as_array().unwrap();
+        for refusal in [
+            Refusal::RateLimited,
+            Refusal::TooLarge,
+            Refusal::Malformed(String::new()),
+            Refusal::InvalidRange,
+            Refusal::TooLong { max: 1 },
+            Refusal::Gone,
+            Refusal::NotWritten { newest: 1 },
+            Refusal::Interrupted("x"),
+        ] {
+            assert!(
+                reasons.contains(&refusal.code().into()),
+                "{}",
+                refusal.code()
+            );
+        }
+    }
+
+    #[test]
     fn topics_follow_the_prefix() {
         let s = ReplaySettings::for_gateway(7);
         assert_eq!(s.request_topic(), "sensorgate/7/replay");
