@@ -122,7 +122,7 @@ fn a_range_still_held_comes_again_with_its_original_ids() {
         (Some(4), Some(0))
     );
     assert!(r["reason"].is_null(), "{r}");
-    // Sensors never see the request, and the gateway logged the replay.
+    // The gateway logged the replay.
     let log = rig.gateway.log();
     assert!(log.contains("Replay sent."), "{log}");
 }
