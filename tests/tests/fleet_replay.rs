@@ -86,7 +86,11 @@ fn expected(seqs: std::ops::RangeInclusive<u64>) -> Vec<(String, String)> {
 
 #[test]
 fn a_range_still_held_comes_again_with_its_original_ids() {
-    let rig = Rig::start().unwrap();
+    let rig = Rig::start_with(|c| {
+        c.with_admin()?;
+        Ok(())
+    })
+    .unwrap();
     let backend = peer(
         "mqtt",
         rig.broker.port(),
@@ -122,9 +126,15 @@ fn a_range_still_held_comes_again_with_its_original_ids() {
         (Some(4), Some(0))
     );
     assert!(r["reason"].is_null(), "{r}");
-    // The gateway logged the replay.
+    // The gateway logged the replay, and counted the request as a control message.
     let log = rig.gateway.log();
     assert!(log.contains("Replay sent."), "{log}");
+    let (code, metrics) = rig.gateway.admin_get("/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("sensorgate_router_control_total{outcome=\"taken\"} 1\n"),
+        "{metrics}"
+    );
 }
 
 #[test]
