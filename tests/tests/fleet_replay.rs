@@ -7,8 +7,9 @@
 //!   `message_id`), topics and payloads, then an `ok` answer counting them; the live data
 //!   is not disturbed.
 //! - A range whose segment was deleted (acknowledged by every upstream, a small spool with
-//!   64 KiB segments) is refused `gone` with the oldest id still held, and the records after
-//!   it are still served.
+//!   64 KiB segments), or dropped by `when_full = "drop_oldest"` (a 1 MiB spool filled while
+//!   a second upstream is down), is refused `gone` with the oldest id still held, and the
+//!   newest records are still served.
 //! - Malformed requests and ranges are refused with a reason, and beyond
 //!   `max_requests_per_minute` (6) requests are refused `rate_limited`.
 
@@ -17,7 +18,7 @@
 use std::time::Duration;
 
 use sensorgate_tests::sn::TopicType;
-use sensorgate_tests::{RabbitMq, Rig, Script, poll_until};
+use sensorgate_tests::{RabbitMq, Rig, Script, free_tcp_port, poll_until};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -196,6 +197,57 @@ fn a_range_no_longer_on_disk_is_refused_with_the_oldest_id_held() {
     let got = data(&lines);
     assert_eq!(got.len(), 36, "{got:?}");
     assert_eq!(got[33..], expected(31..=33)[..]);
+}
+
+#[test]
+fn a_range_drop_oldest_gave_up_is_refused_and_the_newest_are_still_served() {
+    // A second upstream that never connects holds every record: the 1 MiB spool fills and
+    // `drop_oldest` drops its oldest 64 KiB segments while mosquitto gets everything.
+    let dead = free_tcp_port().unwrap();
+    let rig = Rig::start_with(|c| {
+        c.extra_sections.push_str(&format!(
+            "\n[[upstream]]\nname = \"dead\"\nkind = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{dead}\"\n\
+             backoff_initial = \"100ms\"\nbackoff_max = \"1s\"\n\
+             \n[spool]\nmax_bytes = \"1MiB\"\nsegment_bytes = \"64KiB\"\nwhen_full = \"drop_oldest\"\n"
+        ));
+        Ok(())
+    })
+    .unwrap();
+    const N: u64 = 1300;
+    let backend = peer(
+        "mqtt",
+        rig.broker.port(),
+        N as usize,
+        &[
+            json!({"from": 1, "to": 5, "id": "dropped"}),
+            json!({"from": N - 2, "to": N, "id": "newest"}),
+        ],
+        false,
+    );
+    let mut c = rig.connected("replay-drop").unwrap();
+    let id = c.register("sensors/x").unwrap();
+    let filler = "f".repeat(1000);
+    for i in 0..N {
+        c.publish_qos1_ok(TopicType::Normal, id, format!("m{i}{filler}").as_bytes())
+            .unwrap();
+    }
+    let lines = lines_until_done(&backend);
+    let results = of_kind(&lines, "result");
+    assert_eq!(results.len(), 2, "{results:?}");
+    let dropped = results[0];
+    assert_eq!(dropped["status"], "refused", "{dropped}");
+    assert_eq!(dropped["reason"], "gone");
+    let first_held = dropped["first_held"].as_u64().unwrap();
+    assert!(first_held > 5 && first_held < N - 2, "{dropped}");
+    let newest = results[1];
+    assert_eq!(newest["status"], "ok", "{newest}");
+    assert_eq!(newest["sent"].as_u64(), Some(3));
+    let got = data(&lines);
+    assert_eq!(got.len() as u64, N + 3);
+    let replayed: Vec<&str> = got[N as usize..].iter().map(|(s, _)| s.as_str()).collect();
+    let want: Vec<String> = (N - 2..=N).map(|s| s.to_string()).collect();
+    assert_eq!(replayed, want);
+    assert!(got[N as usize].1.starts_with(&format!("m{}f", N - 3)));
 }
 
 #[test]
