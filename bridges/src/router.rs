@@ -69,6 +69,16 @@
 //!   neither), and afterwards each sensor filter holds exactly what the new table gives it,
 //!   so the reference counts above stay exact. Uplink and downlink judge by the new table
 //!   from the next message on; the drains read the same [`SharedRoutes`].
+//! - **Control topics never reach sensors** ([`Router::control`]): a message whose topic is
+//!   its upstream's control topic (the fleet replay requests) goes to the control channel
+//!   only, before any route is consulted, and only from that upstream: a request is taken
+//!   from the connection it came on, which is its authentication. The control topic holds
+//!   its upstream filter like a sensor filter that never leaves (subscribed at QoS 1, never
+//!   unsubscribed when sensors sharing it leave), beside the sensors' `max_filters`: it is
+//!   not counted there (the upstream's own table has room for one more). The
+//!   channel is bounded: a message it has no room for is dropped (`control_dropped`). Either
+//!   way the broker gets its acknowledgement (a request is not sensor data; the requester
+//!   asks again when no answer comes).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -119,7 +129,26 @@ pub struct DownlinkStats {
     /// Uplink messages refused by [`IngressHandle::append`] because no route matches their
     /// topic (see [`Router::unrouted`]).
     pub refused_no_route: AtomicU64,
+    /// Downlink messages on a control topic handed to the control channel.
+    pub control: AtomicU64,
+    /// Downlink messages on a control topic dropped: the control channel was full or closed.
+    pub control_dropped: AtomicU64,
 }
+
+/// A message that came on an upstream's control topic (see [`Router::control`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlMessage {
+    /// The upstream (by index) it came on: the only one its answer goes to.
+    pub upstream: usize,
+    /// Its topic (relative to the upstream).
+    pub topic: String,
+    /// Its payload, unchanged.
+    pub payload: bytes::Bytes,
+}
+
+/// The holder of a control topic's upstream filter in the subscription tables: not a valid
+/// filter (a NUL character), so never a sensor's.
+const CONTROL_HOLDER: &str = "\u{0}control";
 
 /// The hub: hands out one [`IngressHandle`] per ingress, and the [`DownlinkRouter`]. The
 /// spool writer keeps running while the router or any of its handles is alive (the
@@ -166,6 +195,10 @@ struct State {
     /// trigger them, so the warning is rate-limited.
     warned: Option<Instant>,
     refused: u64,
+    /// Per upstream (by index): its control topic, if it has one ([`Router::control`]).
+    control: Vec<Option<String>>,
+    /// Where messages on a control topic go.
+    control_tx: Option<mpsc::Sender<ControlMessage>>,
 }
 
 /// The interest in one sensor filter.
@@ -288,6 +321,43 @@ impl Router {
     pub fn reconfigurer(&self) -> RouteReconfigurer {
         RouteReconfigurer {
             shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Gives upstream `i` the control topic `topics[i]` (`None`: none): subscribed there now
+    /// at QoS 1 (held for good, see the module docs), and every message on it that arrives
+    /// on upstream `i` goes to `channel` instead of the sensors. Call it once, before the
+    /// downlink task runs; `now` only rate-limits the warning about a refusal.
+    ///
+    /// # Errors
+    /// The upstreams that refused their control topic, by index, with the reason (their
+    /// control messages are still intercepted, should a subscription bring any).
+    pub fn control(
+        &self,
+        now: Instant,
+        topics: Vec<Option<String>>,
+        channel: mpsc::Sender<ControlMessage>,
+    ) -> Result<(), Vec<(usize, FailReason)>> {
+        let shared = &*self.shared;
+        let mut guard = shared.lock();
+        let state = &mut *guard;
+        let holder: Arc<str> = Arc::from(CONTROL_HOLDER);
+        let mut refused = Vec::new();
+        for (upstream, topic) in topics.iter().enumerate() {
+            let Some(topic) = topic else { continue };
+            if let Err(reason) =
+                shared.set_interest(state, now, upstream, topic, &holder, Some(Qos::AtLeastOnce))
+            {
+                refused.push((upstream, reason));
+            }
+        }
+        state.control = topics;
+        state.control_tx = Some(channel);
+        drop(guard);
+        if refused.is_empty() {
+            Ok(())
+        } else {
+            Err(refused)
         }
     }
 }
@@ -446,8 +516,8 @@ impl RouteReconfigurer {
                 }
             }
         }
-        for (upstream, table) in state.upstream_filters.iter().enumerate() {
-            if table.len() > shared.max_filters.load(Ordering::Relaxed)
+        for upstream in 0..state.upstream_filters.len() {
+            if state.sensor_held(upstream) > shared.max_filters.load(Ordering::Relaxed)
                 && let Some(up) = shared.upstreams.get(upstream)
             {
                 change.over_capacity.push(up.subscriber.name().to_owned());
@@ -531,6 +601,19 @@ impl Shared {
         // The state stays consistent at every await-free step; a panic elsewhere does not
         // make it wrong.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The control channel, when `topic` is upstream `upstream`'s control topic.
+    fn control_channel(
+        &self,
+        upstream: usize,
+        topic: &str,
+    ) -> Option<mpsc::Sender<ControlMessage>> {
+        let state = self.lock();
+        let control = state.control.get(upstream)?.as_deref()?;
+        (control == topic)
+            .then(|| state.control_tx.clone())
+            .flatten()
     }
 
     /// Sets (`Some`) or removes (`None`) sensor filter `sensor`'s interest in upstream filter
@@ -684,6 +767,23 @@ impl UpstreamFilter {
 }
 
 impl State {
+    /// Upstream filters upstream `upstream` holds for sensors: its control topic does not
+    /// count when nothing but the control holds it.
+    fn sensor_held(&self, upstream: usize) -> usize {
+        let Some(table) = self.upstream_filters.get(upstream) else {
+            return 0;
+        };
+        let control_only = self
+            .control
+            .get(upstream)
+            .and_then(Option::as_deref)
+            .and_then(|topic| table.get(topic))
+            .is_some_and(|entry| {
+                entry.by_sensor.len() == 1 && entry.by_sensor.contains_key(CONTROL_HOLDER)
+            });
+        table.len() - usize::from(control_only)
+    }
+
     /// Logs a refused subscription change at warn, at most once per
     /// [`SUBSCRIBE_WARN_INTERVAL`], with the number refused since the last warning.
     fn refused(&mut self, now: Instant, upstream: &str, filter: &str, reason: FailReason) {
@@ -754,6 +854,21 @@ impl DownlinkRouter {
         } = message;
         let stats = &self.shared.stats;
         stats.received.fetch_add(1, Ordering::Relaxed);
+        if let Some(control) = self.shared.control_channel(upstream, &topic) {
+            let message = ControlMessage {
+                upstream,
+                topic,
+                payload,
+            };
+            if control.try_send(message).is_ok() {
+                stats.control.fetch_add(1, Ordering::Relaxed);
+            } else {
+                stats.control_dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(upstream, "Control message dropped: its channel is full.");
+            }
+            ack.ack();
+            return;
+        }
         // `None` inside: the topic is unchanged (no copy made). The table is read once, and
         // not held across the sends below.
         let mapped = self
@@ -979,7 +1094,7 @@ impl IngressHandle {
         let room = state.filters.len() < max_filters
             && routed.iter().enumerate().all(|(upstream, filters)| {
                 let table = state.upstream_filters.get(upstream);
-                let held = table.map_or(0, HashMap::len);
+                let held = state.sensor_held(upstream);
                 let new = filters
                     .iter()
                     .filter(|f| !table.is_some_and(|t| t.contains_key(*f)))
@@ -1374,6 +1489,57 @@ mod tests {
                 .ingress_gone
                 .load(Ordering::Relaxed),
             1
+        );
+    }
+
+    #[tokio::test]
+    async fn control_topics_go_to_the_control_channel_of_their_upstream_only() {
+        let s = setup(vec![Fake::default(), Fake::default()], 3);
+        let (a, mut rx_a) = downlink_ingress(&s.router, 4);
+        let (control_tx, mut control_rx) = mpsc::channel(1);
+        s.router
+            .control(now(), vec![Some("g/replay".to_owned()), None], control_tx)
+            .unwrap();
+        assert_eq!(
+            s.fakes[0].take(),
+            vec![Call::Sub("g/replay".into(), Qos::AtLeastOnce)]
+        );
+        assert_eq!(s.fakes[1].take(), vec![]);
+        // A sensor holding the same upstream filter: it leaves, the control topic stays.
+        a.subscribe(now(), "g/replay", Qos::AtMostOnce).unwrap();
+        let (message, acks) = downlink(0, "g/replay", None);
+        s.router.downlink_router().route(message).await;
+        assert_eq!(acked(&acks), 1, "acknowledged");
+        let got = control_rx.try_recv().unwrap();
+        assert_eq!((got.upstream, got.topic.as_str()), (0, "g/replay"));
+        assert!(rx_a.try_recv().is_err(), "never to a sensor");
+        // The same topic on another upstream is sensor data (no control topic there).
+        let (message, _) = downlink(1, "g/replay", None);
+        s.router.downlink_router().route(message).await;
+        assert_eq!(rx_a.try_recv().unwrap().topic, "g/replay");
+        assert!(control_rx.try_recv().is_err());
+        // A full channel drops (counted), and acknowledges all the same.
+        for _ in 0..2 {
+            let (message, acks) = downlink(0, "g/replay", None);
+            s.router.downlink_router().route(message).await;
+            assert_eq!(acked(&acks), 1);
+        }
+        let stats = s.router.downlink_stats();
+        assert_eq!(stats.control.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.control_dropped.load(Ordering::Relaxed), 1);
+        a.unsubscribe(now(), "g/replay");
+        let calls = s.fakes[0].take();
+        assert!(
+            !calls.contains(&Call::Unsub("g/replay".into())),
+            "{calls:?}"
+        );
+        // It takes none of the sensors' `max_filters` (3).
+        for filter in ["x", "y", "z"] {
+            a.subscribe(now(), filter, Qos::AtMostOnce).unwrap();
+        }
+        assert_eq!(
+            a.subscribe(now(), "w", Qos::AtMostOnce),
+            Err(FailReason::QueueFull)
         );
     }
 

@@ -32,6 +32,8 @@ use crate::coap;
 use crate::config::{CoapSection, Config, HttpSection, UpstreamKind};
 use crate::dtls::{self, Dtls};
 use crate::fleet;
+use crate::fleet::replay::ReplaySettings;
+use crate::fleet::replayer::{self, Replayer};
 use crate::http;
 use crate::ingress::{DatagramCore, PeerAddr, Reconfigure};
 use crate::io::kernel_drops::KernelDrops;
@@ -572,6 +574,15 @@ async fn serve(
     let (ingress_downlink_tx, ingress_downlink_rx) = mpsc::channel(DOWNLINK_CHANNEL);
     let ingress = router.ingress(reply_tx).with_downlink(ingress_downlink_tx);
     let downlink_stop = shutdown.child_token();
+    let replayer = start_replay(
+        ReplaySettings::of(&config.fleet),
+        &router,
+        &spool,
+        // One link per upstream, by index: where the replays are sent.
+        fleet_links.iter().map(|link| Arc::clone(&link.upstream)).collect(),
+        &routes,
+        &downlink_stop,
+    );
     let downlink_router = tokio::spawn(
         router
             .downlink_router()
@@ -827,6 +838,9 @@ async fn serve(
     // Also when the driver failed; what it still held is not acknowledged to the brokers.
     downlink_stop.cancel();
     let _ = downlink_router.await;
+    if let Some(replayer) = replayer {
+        let _ = replayer.await;
+    }
 
     // The driver handed its last changes over and dropped its end: the store commits what is
     // queued (releasing the acknowledgements that waited) before the upstreams stop.
@@ -1339,6 +1353,39 @@ fn without_credentials(url: &str) -> String {
         Some(at) => format!("{scheme}://{}", rest.get(at + 1..).unwrap_or("")),
         None => url.to_owned(),
     }
+}
+
+/// Starts the fleet view's replay on request when `settings` enable it: each upstream's
+/// request topic goes to the router as its control topic, the requests to the replay task
+/// (stopped by `stop`, with the downlink). `settings` are the `[fleet.replay]` keys.
+fn start_replay(
+    settings: ReplaySettings,
+    router: &Router,
+    spool: &Arc<SharedSpool<StdFs>>,
+    upstreams: Vec<Arc<dyn Upstream>>,
+    routes: &SharedRoutes,
+    stop: &CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if !settings.enabled {
+        return None;
+    }
+    let (control_tx, control_rx) = mpsc::channel(replayer::CONTROL_CHANNEL);
+    let topics = vec![Some(settings.request_topic()); upstreams.len()];
+    #[allow(clippy::disallowed_methods)] // Only rate-limits the router's warning.
+    let now = std::time::Instant::now();
+    if let Err(refused) = router.control(now, topics, control_tx) {
+        for (index, reason) in refused {
+            let name = upstreams.get(index).map_or("?", |u| u.name());
+            tracing::warn!(
+                upstream = %name,
+                topic = %settings.request_topic(),
+                reason = reason.error_code(),
+                "Replay request topic not subscribed; replay requests on this upstream are not served."
+            );
+        }
+    }
+    let replayer = Replayer::new(settings, Arc::clone(spool), upstreams, routes.clone());
+    Some(tokio::spawn(replayer.run(control_rx, stop.clone())))
 }
 
 /// What every upstream's drain shares, whatever the upstream's kind.

@@ -1026,6 +1026,31 @@ impl<F: Fs> Spool<F> {
         }
     }
 
+    /// A reader positioned at sequence id `seq`, for a replay of records an upstream may
+    /// already have acknowledged: its first read returns the record `seq` if it is still on
+    /// disk, else the first one after it (so a caller sees what is gone by the first id it
+    /// gets). Reading never moves any upstream's cursor.
+    #[must_use]
+    pub fn reader_at(&self, seq: u64) -> ReadPos {
+        ReadPos {
+            next_seq: seq,
+            at: None,
+            base: 0,
+        }
+    }
+
+    /// The sequence id the oldest segment on disk starts with (the oldest record a reader
+    /// can still get, unless it is damaged or older than `max_age`); `None` when no segment
+    /// holds a record. Records of fully acknowledged segments are deleted with them, and
+    /// `drop_oldest` drops whole segments, so this moves forward by segments.
+    #[must_use]
+    pub fn oldest_seq(&self) -> Option<u64> {
+        self.segments
+            .iter()
+            .find(|s| s.last_seq.is_some())
+            .map(|s| s.first_seq)
+    }
+
     /// Upstream `index`'s cursor.
     #[must_use]
     pub fn cursor(&self, index: usize) -> Option<u64> {

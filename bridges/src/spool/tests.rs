@@ -375,6 +375,39 @@ fn drop_oldest_counts_what_it_drops_and_keeps_the_newest() {
 }
 
 #[test]
+fn a_reader_at_a_sequence_id_reads_from_there_and_moves_no_cursor() {
+    let fs = MemFs::new();
+    let (mut spool, _) =
+        Spool::open(fs, config(300 * 1024, WhenFull::DropOldest), &names()).unwrap();
+    assert_eq!(spool.oldest_seq(), None);
+    for i in 0..2000 {
+        spool.append(1, &msg(i, 1000)).unwrap();
+        if i % 10 == 0 {
+            spool.write().unwrap();
+        }
+    }
+    spool.write().unwrap();
+    // `drop_oldest` dropped whole segments: the oldest id held is where the first one starts.
+    let oldest = spool.oldest_seq().unwrap();
+    assert_eq!(oldest, spool.stats().dropped_oldest + 1);
+    let mut out = Vec::new();
+    // A range still held: exactly from the id asked for, with the ids kept.
+    let mut pos = spool.reader_at(1990);
+    spool.read(&mut pos, 5, 1, &mut out).unwrap();
+    let seqs: Vec<u64> = out.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, vec![1990, 1991, 1992, 1993, 1994]);
+    assert_eq!(out[0].payload[..8], 1989u64.to_le_bytes());
+    // A dropped range: the first record read is the oldest held, which says what is gone.
+    out.clear();
+    let mut pos = spool.reader_at(1);
+    spool.read(&mut pos, 1, 1, &mut out).unwrap();
+    assert_eq!(out[0].seq, oldest);
+    // No cursor moved.
+    assert_eq!(spool.cursor(0), spool.cursor(1));
+    assert!(spool.cursor(0).unwrap() <= oldest);
+}
+
+#[test]
 fn a_corrupt_record_is_skipped_and_counted_the_rest_kept() {
     let fs = MemFs::new();
     let (mut spool, _) =

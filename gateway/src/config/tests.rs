@@ -292,7 +292,10 @@ fn max_filters_bounds_the_core_and_sizes_every_upstream_table() {
     let UpstreamKind::Mqtt(m) = &c.upstreams[0].kind else {
         panic!("an MQTT upstream")
     };
-    assert_eq!(m.max_subscriptions, 500);
+    assert_eq!(
+        m.max_subscriptions, 501,
+        "one more for the fleet control topic"
+    );
     for bad in ["0", "65537"] {
         let text = MINIMAL.replace("[mqttsn]\n", &format!("[mqttsn]\nmax_filters = {bad}\n"));
         let d = errors(&text);
@@ -1302,7 +1305,10 @@ fn the_routers_filter_bound_is_the_sum_of_the_ingresses_at_most_65536() {
     let UpstreamKind::Mqtt(m) = &c.upstreams[0].kind else {
         panic!("an MQTT upstream")
     };
-    assert_eq!(m.max_subscriptions, 800);
+    assert_eq!(
+        m.max_subscriptions, 801,
+        "one more for the fleet control topic"
+    );
     // CoAP off: its bound does not count.
     let off = text.replace("listen = [\"127.0.0.1:5683\"]\n", "");
     let c = Config::parse(Path::new("t.toml"), &off).unwrap();
@@ -2365,7 +2371,10 @@ fn the_routers_filter_bound_adds_http_when_it_is_on() {
     let UpstreamKind::Mqtt(m) = &c.upstreams[0].kind else {
         panic!("an MQTT upstream")
     };
-    assert_eq!(m.max_subscriptions, 800);
+    assert_eq!(
+        m.max_subscriptions, 801,
+        "one more for the fleet control topic"
+    );
     let off = text.replace("listen = [\"127.0.0.1:8080\"]\n", "");
     let c = Config::parse(Path::new("t.toml"), &off).unwrap();
     assert_eq!(c.max_filters(), 500);

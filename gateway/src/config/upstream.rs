@@ -171,9 +171,10 @@ pub(super) fn compile_upstreams(
     for (i, u) in raw.iter().enumerate() {
         let path = KeyPath::root("upstream").index(i);
         if let Some(mut up) = compile_upstream(&path, u, gw_id, base, r) {
-            // Every filter the MQTT-SN core acknowledges fits every upstream's table.
+            // Every filter the MQTT-SN core acknowledges fits every upstream's table, with
+            // one more for the fleet's control topic (replay requests, see `Router::control`).
             if let UpstreamKind::Mqtt(c) = &mut up.kind {
-                c.max_subscriptions = max_filters;
+                c.max_subscriptions = (max_filters + 1).min(MAX_SUBSCRIPTIONS);
             }
             if !names.insert(up.name.clone()) {
                 r.at_path(

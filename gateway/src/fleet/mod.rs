@@ -1,4 +1,5 @@
-//! The fleet view: what the gateway tells each upstream about itself, on its own connection.
+//! The fleet view: what the gateway tells each upstream about itself, on its own connection,
+//! and the history it sends again on request ([`replay`], its adapter [`replayer`]).
 //!
 //! ```text
 //!  [fleet] ──> presence::build ──> Presence {birth, will, death} ──> each upstream's config
@@ -23,6 +24,8 @@
 pub mod events;
 pub mod heartbeat;
 pub mod presence;
+pub mod replay;
+pub mod replayer;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

@@ -620,6 +620,14 @@ impl Collector for SnapshotCollector {
             "Local copies (sensor to sensor) lost to a full ingress channel.",
             [(no_labels(), r.local_dropped)],
         )?;
+        out.counter(
+            "sensorgate_router_control",
+            "Messages on an upstream's control topic (fleet replay requests), by outcome.",
+            [
+                (vec![("outcome", "taken".to_owned())], r.control),
+                (vec![("outcome", "dropped".to_owned())], r.control_dropped),
+            ],
+        )?;
 
         // The process (the names every client library uses).
         let p = &self.process;

@@ -295,6 +295,10 @@ pub struct RouterSnap {
     pub downlink_ingress_gone: u64,
     /// Local copies lost to a full ingress channel.
     pub local_dropped: u64,
+    /// Messages on a control topic (fleet replay requests) handed to the control channel.
+    pub control: u64,
+    /// Messages on a control topic dropped: the control channel was full.
+    pub control_dropped: u64,
 }
 
 impl Sources {
@@ -396,6 +400,8 @@ impl Sources {
                 downlink_unmatched: r.unmatched.load(Relaxed),
                 downlink_ingress_gone: r.ingress_gone.load(Relaxed),
                 local_dropped: r.local_dropped.load(Relaxed),
+                control: r.control.load(Relaxed),
+                control_dropped: r.control_dropped.load(Relaxed),
             },
         }
     }
