@@ -579,7 +579,10 @@ async fn serve(
         &router,
         &spool,
         // One link per upstream, by index: where the replays are sent.
-        fleet_links.iter().map(|link| Arc::clone(&link.upstream)).collect(),
+        fleet_links
+            .iter()
+            .map(|link| Arc::clone(&link.upstream))
+            .collect(),
         &routes,
         &downlink_stop,
     );
