@@ -311,6 +311,31 @@ impl Drop for Proc {
     }
 }
 
+/// Validates `docs` against the JSON Schema `schemas/<schema>` with `tests/py/validate_schema.py`
+/// (the `jsonschema` package): whether every document passed, and the validator's output
+/// (`OK <doc>` / `INVALID <doc>: <first error>` per document).
+///
+/// # Errors
+/// When the validator cannot run within a minute.
+pub fn validate_json_schema(schema: &str, docs: &[&[u8]]) -> Result<(bool, String)> {
+    let dir = temp_dir()?;
+    let mut cmd = Command::new(python());
+    cmd.arg(py_script("validate_schema.py"))
+        .arg(workspace_dir().join("schemas").join(schema));
+    for (i, doc) in docs.iter().enumerate() {
+        let path = dir.path().join(format!("doc{i}.json"));
+        std::fs::write(&path, doc)?;
+        cmd.arg(path);
+    }
+    let out = run_bounded(&mut cmd, Duration::from_secs(60))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
+}
+
 /// Runs a command to completion with a time bound, capturing stdout and stderr.
 ///
 /// # Errors

@@ -28,8 +28,7 @@ use std::time::{Duration, Instant};
 use sensorgate_tests::sn::TopicType;
 use sensorgate_tests::{
     GATEWAY_ID, Gateway, GatewayConfig, Message, Mosquitto, RabbitMq, Rig, Script, SnClient,
-    Subscriber, UpMsg, publish_upstream, py_script, python, run_bounded, send_signal, temp_dir,
-    workspace_dir,
+    Subscriber, UpMsg, publish_upstream, send_signal, validate_json_schema,
 };
 use serde_json::Value;
 
@@ -372,27 +371,6 @@ fn amqp_birth_on_connect_and_death_on_sigterm() {
     assert_eq!(d["upstream"], "cloud");
 }
 
-/// Runs tests/py/validate_schema.py on `docs` against schemas/`schema`: its output and
-/// whether every document passed.
-fn validate(schema: &str, docs: &[&[u8]]) -> (bool, String) {
-    let dir = temp_dir().unwrap();
-    let mut cmd = std::process::Command::new(python());
-    cmd.arg(py_script("validate_schema.py"))
-        .arg(workspace_dir().join("schemas").join(schema));
-    for (i, doc) in docs.iter().enumerate() {
-        let path = dir.path().join(format!("doc{i}.json"));
-        std::fs::write(&path, doc).unwrap();
-        cmd.arg(path);
-    }
-    let out = run_bounded(&mut cmd, WAIT).unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
 #[test]
 fn real_payloads_match_their_json_schemas() {
     let mut rig = Rig::start_with(|c| {
@@ -427,20 +405,22 @@ fn real_payloads_match_their_json_schemas() {
         ("status.json", vec![&beat.payload[..]]),
         ("event.json", vec![&event.payload[..]]),
     ] {
-        let (ok, out) = validate(schema, &docs);
+        let (ok, out) = validate_json_schema(schema, &docs).unwrap();
         assert!(ok, "{schema}: {out}");
         assert_eq!(out.matches("OK ").count(), docs.len(), "{out}");
     }
     // The validator can fail: a state that is neither online nor offline, a heartbeat without
     // its cursor.
-    let (ok, out) = validate(
+    let (ok, out) = validate_json_schema(
         "state.json",
         &[br#"{"state":"maybe","reason":"connected","gateway_id":7,"gateway_name":"g","version":"1","started_ms":1,"upstream":"u"}"#],
-    );
+    )
+    .unwrap();
     assert!(!ok && out.contains("INVALID"), "{out}");
     let mut v = json(&beat);
     v["upstreams"][0].as_object_mut().unwrap().remove("cursor");
-    let (ok, out) = validate("status.json", &[&serde_json::to_vec(&v).unwrap()]);
+    let (ok, out) =
+        validate_json_schema("status.json", &[&serde_json::to_vec(&v).unwrap()]).unwrap();
     assert!(!ok && out.contains("cursor"), "{out}");
 }
 

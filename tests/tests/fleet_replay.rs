@@ -18,7 +18,9 @@
 use std::time::Duration;
 
 use sensorgate_tests::sn::TopicType;
-use sensorgate_tests::{GatewayConfig, RabbitMq, Rig, Script, free_tcp_port, poll_until};
+use sensorgate_tests::{
+    GatewayConfig, RabbitMq, Rig, Script, free_tcp_port, poll_until, validate_json_schema,
+};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -56,17 +58,40 @@ fn peer(mode: &str, port: u16, data: usize, requests: &[Value], burst: bool) -> 
     s
 }
 
-/// Every JSON line the peer printed until DONE (fails on TIMEOUT).
+/// Every JSON line the peer printed until DONE (fails on TIMEOUT); every answer among them
+/// is checked against `schemas/replay-result.json`.
 fn lines_until_done(s: &Script) -> Vec<Value> {
     let mut out = Vec::new();
     loop {
         let line = s.expect_line("a message or DONE", WAIT, |_| true).unwrap();
         match line.as_str() {
-            "DONE" => return out,
+            "DONE" => {
+                answers_match_the_schema(&out);
+                return out;
+            }
             "TIMEOUT" => panic!("the peer timed out; it printed {out:?}"),
             l => out.push(serde_json::from_str(l).unwrap()),
         }
     }
+}
+
+/// The answers among `lines` (without the peer's `kind`) are valid `replay-result.json`.
+fn answers_match_the_schema(lines: &[Value]) {
+    let answers: Vec<Vec<u8>> = of_kind(lines, "result")
+        .into_iter()
+        .map(|l| {
+            let mut answer = l.clone();
+            answer.as_object_mut().unwrap().remove("kind");
+            serde_json::to_vec(&answer).unwrap()
+        })
+        .collect();
+    if answers.is_empty() {
+        return;
+    }
+    let docs: Vec<&[u8]> = answers.iter().map(Vec::as_slice).collect();
+    let (ok, out) = validate_json_schema("replay-result.json", &docs).unwrap();
+    assert!(ok, "{out}");
+    assert_eq!(out.matches("OK ").count(), docs.len(), "{out}");
 }
 
 fn of_kind<'a>(lines: &'a [Value], kind: &str) -> Vec<&'a Value> {
@@ -99,13 +124,15 @@ fn a_range_still_held_comes_again_with_its_original_ids() {
         Ok(())
     })
     .unwrap();
-    let backend = peer(
-        "mqtt",
-        rig.broker.port(),
-        10,
-        &[json!({"from": 3, "to": 6, "id": "r1"})],
-        false,
-    );
+    let request = json!({"from": 3, "to": 6, "id": "r1"});
+    // The request is one the documented schema describes.
+    let (ok, out) = validate_json_schema(
+        "replay-request.json",
+        &[&serde_json::to_vec(&request).unwrap()],
+    )
+    .unwrap();
+    assert!(ok, "{out}");
+    let backend = peer("mqtt", rig.broker.port(), 10, &[request], false);
     let mut c = rig.connected("replay-held").unwrap();
     let id = c.register("sensors/x").unwrap();
     for i in 0..10 {

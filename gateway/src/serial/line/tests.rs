@@ -238,7 +238,10 @@ async fn a_line_opens_late_carries_frames_notices_the_device_vanish_and_reopens_
     let mut sensor = sensor_end(dir.path()).await;
     carries_frames_both_ways(&mut links, &mut sensor, 1).await;
     // The writer counts a frame after its write returns, which the sensor may see first.
-    wait_for("the line counts both frames out", || stats.read().frames_out == 2).await;
+    wait_for("the line counts both frames out", || {
+        stats.read().frames_out == 2
+    })
+    .await;
     let s = stats.read();
     assert_eq!((s.frames_in, s.frames_out, s.reopens), (2, 2, 0));
     assert_eq!((s.bytes_in, s.bytes_out), (10, 9));
