@@ -185,6 +185,7 @@ mod tests {
             message: "é".repeat(600),
             upstream: Some("cloud".into()),
             duration_secs: Some(12),
+            ..EventInfo::default()
         };
         let full = payload(&id, &event, 1 << 20).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&full).unwrap();

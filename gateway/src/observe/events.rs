@@ -25,6 +25,10 @@ pub struct Detail {
     pub upstream: Option<String>,
     /// How long the state it ends lasted, seconds.
     pub duration_secs: Option<u64>,
+    /// Why (`data_dropped`: `drop_oldest`, `expired` or `corrupt`).
+    pub reason: Option<&'static str>,
+    /// How many records it concerns (`data_dropped`: given up; `spool_full`: refused).
+    pub records: Option<u64>,
 }
 
 /// How bad an event is.
@@ -88,6 +92,8 @@ impl Events {
             message,
             upstream: detail.upstream,
             duration_secs: detail.duration_secs,
+            reason: detail.reason.map(str::to_owned),
+            records: detail.records,
         };
         // No subscriber is no error.
         let _ = self.subscribers.send(event.clone());

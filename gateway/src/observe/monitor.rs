@@ -85,6 +85,7 @@ fn record(
                 Detail {
                     upstream: Some(u.name.clone()),
                     duration_secs: Some(duration),
+                    ..Detail::default()
                 },
             );
         }
@@ -100,6 +101,7 @@ fn record(
                 Detail {
                     upstream: Some(u.name.clone()),
                     duration_secs: down_secs,
+                    ..Detail::default()
                 },
             );
         }
@@ -117,7 +119,7 @@ fn record(
                     ),
                     Detail {
                         upstream: Some(u.name.clone()),
-                        duration_secs: None,
+                        ..Detail::default()
                     },
                 );
             }
@@ -140,14 +142,16 @@ fn record(
         );
     }
     if b.rejected_full > a.rejected_full {
-        events.push(
+        let refused = b.rejected_full - a.rejected_full;
+        events.push_with(
             at_ms,
             "spool_full",
             Level::Warning,
-            format!(
-                "{} appends refused: the spool is full.",
-                b.rejected_full - a.rejected_full
-            ),
+            format!("{refused} appends refused: the spool is full."),
+            Detail {
+                records: Some(refused),
+                ..Detail::default()
+            },
         );
     }
     let errors = (b.write_errors + b.sync_errors).saturating_sub(a.write_errors + a.sync_errors);
@@ -166,11 +170,16 @@ fn record(
         ("corrupt", a.corrupt, b.corrupt),
     ] {
         if after > before {
-            events.push(
+            events.push_with(
                 at_ms,
                 "data_dropped",
                 Level::Warning,
                 format!("{} records given up ({reason}).", after - before),
+                Detail {
+                    reason: Some(reason),
+                    records: Some(after - before),
+                    ..Detail::default()
+                },
             );
         }
     }
@@ -264,6 +273,11 @@ mod tests {
             list[7]
                 .message
                 .starts_with("3 records given up (drop_oldest)")
+        );
+        // A backend reads the reason and the count, not the sentence.
+        assert_eq!(
+            (list[7].reason.as_deref(), list[7].records),
+            (Some("drop_oldest"), Some(3))
         );
     }
 }

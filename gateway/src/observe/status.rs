@@ -257,4 +257,11 @@ pub struct EventInfo {
     /// down for); absent when unknown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_secs: Option<u64>,
+    /// Why (`data_dropped`: `drop_oldest`, `expired`, `corrupt`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// How many records it concerns (`data_dropped`: given up; `spool_full`: appends
+    /// refused); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records: Option<u64>,
 }
