@@ -414,13 +414,15 @@ impl Replay {
                 max: self.max_records,
             }));
         }
-        if held.oldest.is_none_or(|oldest| from < oldest) {
-            return Err(refuse(Refusal::Gone));
-        }
+        // Ids never written cannot be gone: "not written" is judged first (an empty spool
+        // that never had a record answers not_written, not gone).
         if to > held.newest {
             return Err(refuse(Refusal::NotWritten {
                 newest: held.newest,
             }));
+        }
+        if held.oldest.is_none_or(|oldest| from < oldest) {
+            return Err(refuse(Refusal::Gone));
         }
         Ok(Run {
             id,
@@ -779,6 +781,16 @@ mod tests {
         // A refusal names the request's id when it can be read.
         let a = refused(g.handle_request(now, br#"{"from": "x", "id": "q"}"#, held(1, 20)));
         assert_eq!(a.id.as_deref(), Some("q"));
+        // Ids never written are not gone: a spool that never held a record, and a range
+        // that starts below the oldest id held but ends beyond the newest.
+        let never = Held {
+            oldest: None,
+            newest: 0,
+        };
+        let a = refused(g.handle_request(now, br#"{"from": 1, "to": 5, "id": "e"}"#, never));
+        assert_eq!(a.reason.as_deref(), Some("not_written"));
+        let a = refused(g.handle_request(now, br#"{"from": 1, "to": 30, "id": "e"}"#, held(5, 20)));
+        assert_eq!(a.reason.as_deref(), Some("not_written"));
         // Exactly max_records ids are taken.
         assert!(matches!(
             g.handle_request(
