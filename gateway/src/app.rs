@@ -260,6 +260,8 @@ async fn serve(
     let identity = fleet::Identity::of(&config.gateway, started_ms);
     // Heartbeats and events go through each upstream's handle (untracked publishes).
     let mut fleet_links = Vec::new();
+    // Bumped by the heartbeat, event and replay tasks; read by heartbeats and /metrics.
+    let fleet_counters = Arc::new(fleet::FleetCounters::default());
     let reload_cell = Arc::new(ReloadCell::default());
     let phase = Arc::new(PhaseCell::default());
     let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
@@ -578,6 +580,7 @@ async fn serve(
         ReplaySettings::of(&config.fleet),
         &router,
         &spool,
+        &fleet_counters,
         // One link per upstream, by index: where the replays are sent.
         fleet_links
             .iter()
@@ -699,6 +702,7 @@ async fn serve(
         phase: Arc::clone(&phase),
         last_disk_error_ms: Arc::default(),
         reload: Arc::clone(&reload_cell),
+        fleet: Arc::clone(&fleet_counters),
     };
     // The admin and the monitor outlive the driver: `/readyz` says "stopping" meanwhile.
     let admin_stop = CancellationToken::new();
@@ -1365,6 +1369,7 @@ fn start_replay(
     settings: ReplaySettings,
     router: &Router,
     spool: &Arc<SharedSpool<StdFs>>,
+    counters: &Arc<fleet::FleetCounters>,
     upstreams: Vec<Arc<dyn Upstream>>,
     routes: &SharedRoutes,
     stop: &CancellationToken,
@@ -1387,7 +1392,13 @@ fn start_replay(
             );
         }
     }
-    let replayer = Replayer::new(settings, Arc::clone(spool), upstreams, routes.clone());
+    let replayer = Replayer::new(
+        settings,
+        Arc::clone(spool),
+        upstreams,
+        routes.clone(),
+        Arc::clone(counters),
+    );
     Some(tokio::spawn(replayer.run(control_rx, stop.clone())))
 }
 

@@ -25,10 +25,11 @@
 
 use std::time::{Duration, Instant};
 
+use sensorgate_tests::http::metric;
 use sensorgate_tests::sn::TopicType;
 use sensorgate_tests::{
     GATEWAY_ID, Gateway, GatewayConfig, Message, Mosquitto, RabbitMq, Rig, Script, SnClient,
-    Subscriber, UpMsg, publish_upstream, send_signal, validate_json_schema,
+    Subscriber, UpMsg, poll_until, publish_upstream, send_signal, validate_json_schema,
 };
 use serde_json::Value;
 
@@ -134,6 +135,7 @@ fn kill_9_makes_the_broker_publish_the_will_with_mqtt_311_and_5() {
 fn heartbeats_move_with_real_traffic() {
     let rig = Rig::start_with(|c| {
         c.with_fleet("heartbeat = \"1s\"\n");
+        c.with_admin()?;
         Ok(())
     })
     .unwrap();
@@ -178,6 +180,24 @@ fn heartbeats_move_with_real_traffic() {
     assert_eq!(v["spool"]["next_seq"], N + 1, "{v}");
     assert_eq!(v["upstreams"][0]["backlog"]["records"], 0, "{v}");
     assert!(v["uptime_secs"].as_u64().is_some());
+    // /metrics counts the heartbeats this subscriber saw (each counted once handed over).
+    let seen = v["fleet"]["heartbeats_sent"].as_u64().unwrap() + 1;
+    let sent = poll_until(
+        "heartbeats counted",
+        WAIT,
+        Duration::from_millis(50),
+        || {
+            let (_, text) = rig.gateway.admin_get("/metrics")?;
+            let sent = metric(
+                &text,
+                "sensorgate_fleet_heartbeats_total",
+                &[("outcome", "sent")],
+            );
+            Ok(sent.filter(|&n| n >= seen as f64))
+        },
+    )
+    .unwrap();
+    assert!(sent >= seen as f64);
 }
 
 #[test]
@@ -219,7 +239,7 @@ fn an_upstream_outage_is_reported_on_the_other_with_its_duration() {
     let mut sub = rig.subscribe(&[&events]).unwrap();
     // The monitor saw the second upstream up (its event is in /status; it may have gone
     // out before the subscriber came).
-    sensorgate_tests::poll_until(
+    poll_until(
         "cloud up in /status",
         WAIT,
         Duration::from_millis(100),
@@ -444,7 +464,7 @@ fn amqp_crash_is_seen_on_the_event_exchange_under_the_state_topic() {
     })
     .unwrap();
     // Connected: the broker lists the connection under the state topic's name.
-    sensorgate_tests::poll_until(
+    poll_until(
         "the AMQP connection",
         WAIT,
         Duration::from_millis(200),
@@ -483,7 +503,7 @@ fn a_reload_that_reconnects_keeps_the_will_and_fleet_changes_wait_for_a_restart(
     let path = rig.gateway.config_path();
     let reload = |rig: &Rig, count: u64| -> Value {
         send_signal(rig.gateway.pid().unwrap(), "HUP").unwrap();
-        sensorgate_tests::poll_until("the reload", WAIT, Duration::from_millis(100), || {
+        poll_until("the reload", WAIT, Duration::from_millis(100), || {
             let (_, body) = rig.gateway.admin_get("/status")?;
             let doc: Value = serde_json::from_str(&body)?;
             Ok((doc["reload"]["count"] == count).then(|| doc["reload"].clone()))

@@ -170,6 +170,14 @@ fn a_range_still_held_comes_again_with_its_original_ids() {
         metrics.contains("sensorgate_router_control_total{outcome=\"taken\"} 1\n"),
         "{metrics}"
     );
+    // ...and as served, with its four records (counted before the answer went out).
+    for line in [
+        "sensorgate_fleet_replay_requests_total{outcome=\"served\"} 1\n",
+        "sensorgate_fleet_replay_requests_total{outcome=\"refused\"} 0\n",
+        "sensorgate_fleet_replayed_records_total 4\n",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
 }
 
 #[test]
@@ -290,6 +298,7 @@ fn a_range_drop_oldest_gave_up_is_refused_and_the_newest_are_still_served() {
 fn malformed_requests_and_requests_over_the_rate_are_refused_with_a_reason() {
     let rig = Rig::start_with(|c| {
         replay_on(c);
+        c.with_admin()?;
         Ok(())
     })
     .unwrap();
@@ -332,6 +341,15 @@ fn malformed_requests_and_requests_over_the_rate_are_refused_with_a_reason() {
     );
     // The three served replays sent seq 1 again; the refused ones nothing.
     assert_eq!(data(&lines), vec![("1".to_owned(), "m0".to_owned()); 4]);
+    let (_, metrics) = rig.gateway.admin_get("/metrics").unwrap();
+    for line in [
+        "sensorgate_fleet_replay_requests_total{outcome=\"served\"} 3\n",
+        "sensorgate_fleet_replay_requests_total{outcome=\"refused\"} 5\n",
+        "sensorgate_fleet_replay_requests_total{outcome=\"unanswered\"} 0\n",
+        "sensorgate_fleet_replayed_records_total 3\n",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
 }
 
 #[test]

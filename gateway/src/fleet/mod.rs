@@ -28,14 +28,13 @@ pub mod replay;
 pub mod replayer;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use sensorgate_bridges::upstream::Upstream;
-use serde::Serialize;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{FleetSection, GatewaySection};
+pub use crate::observe::fleet::{FleetCounters, FleetCounts};
 use crate::observe::snapshot::Sources;
 
 /// One upstream as the fleet publishers reach it.
@@ -47,60 +46,6 @@ pub struct FleetLink {
     pub index: usize,
     /// Where its heartbeats and events go (untracked publishes).
     pub upstream: Arc<dyn Upstream>,
-}
-
-/// The fleet publishers' own counters (reported in every heartbeat).
-#[derive(Debug, Default)]
-pub struct FleetCounters {
-    /// Heartbeats handed to an upstream.
-    pub heartbeats_sent: AtomicU64,
-    /// Heartbeats not sent: the link was down or its queue full.
-    pub heartbeats_skipped: AtomicU64,
-    /// Heartbeats sent without detail to fit `max_message_size`.
-    pub heartbeats_trimmed: AtomicU64,
-    /// Events handed to an upstream (one per upstream).
-    pub events_sent: AtomicU64,
-    /// Events not sent on an upstream: its link was down or its queue full.
-    pub events_skipped: AtomicU64,
-    /// Events over `max_events_per_minute`, not sent anywhere.
-    pub events_rate_limited: AtomicU64,
-    /// Events lost because the publisher fell behind the event ring.
-    pub events_lagged: AtomicU64,
-}
-
-/// [`FleetCounters`] read at one moment, as a heartbeat carries them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct FleetCounts {
-    /// See [`FleetCounters::heartbeats_sent`].
-    pub heartbeats_sent: u64,
-    /// See [`FleetCounters::heartbeats_skipped`].
-    pub heartbeats_skipped: u64,
-    /// See [`FleetCounters::heartbeats_trimmed`].
-    pub heartbeats_trimmed: u64,
-    /// See [`FleetCounters::events_sent`].
-    pub events_sent: u64,
-    /// See [`FleetCounters::events_skipped`].
-    pub events_skipped: u64,
-    /// See [`FleetCounters::events_rate_limited`].
-    pub events_rate_limited: u64,
-    /// See [`FleetCounters::events_lagged`].
-    pub events_lagged: u64,
-}
-
-impl FleetCounters {
-    /// The counts now.
-    #[must_use]
-    pub fn read(&self) -> FleetCounts {
-        FleetCounts {
-            heartbeats_sent: self.heartbeats_sent.load(Relaxed),
-            heartbeats_skipped: self.heartbeats_skipped.load(Relaxed),
-            heartbeats_trimmed: self.heartbeats_trimmed.load(Relaxed),
-            events_sent: self.events_sent.load(Relaxed),
-            events_skipped: self.events_skipped.load(Relaxed),
-            events_rate_limited: self.events_rate_limited.load(Relaxed),
-            events_lagged: self.events_lagged.load(Relaxed),
-        }
-    }
 }
 
 /// Who the gateway is, as every fleet payload says it.
@@ -138,7 +83,7 @@ pub fn start(
     if !fleet.enabled || links.is_empty() {
         return Vec::new();
     }
-    let counters = Arc::new(FleetCounters::default());
+    let counters = Arc::clone(&sources.fleet);
     let mut tasks = Vec::new();
     if let Some(period) = fleet.heartbeat {
         tasks.push(tokio::spawn(heartbeat::run(

@@ -12,6 +12,7 @@
 //! are served one at a time, in arrival order (the router's control channel is bounded).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,6 +24,7 @@ use sensorgate_bridges::upstream::{FailReason, Upstream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::FleetCounters;
 use super::replay::{
     Answer, Held, REPLAY_PATIENCE, REPLAY_RETRY, Replay, ReplaySettings, Run, Status, Step, Verdict,
 };
@@ -41,6 +43,7 @@ pub struct Replayer {
     upstreams: Vec<Arc<dyn Upstream>>,
     routes: SharedRoutes,
     gates: Vec<Replay>,
+    counters: Arc<FleetCounters>,
 }
 
 impl Replayer {
@@ -51,6 +54,7 @@ impl Replayer {
         spool: Arc<SharedSpool<StdFs>>,
         upstreams: Vec<Arc<dyn Upstream>>,
         routes: SharedRoutes,
+        counters: Arc<FleetCounters>,
     ) -> Self {
         let gates = upstreams.iter().map(|_| Replay::new(&settings)).collect();
         Self {
@@ -59,6 +63,7 @@ impl Replayer {
             upstreams,
             routes,
             gates,
+            counters,
         }
     }
 
@@ -101,11 +106,19 @@ impl Replayer {
         let now = std::time::Instant::now();
         let answer = match gate.handle_request(now, &payload, held) {
             Verdict::Silent => {
+                self.counters.replays_unanswered.fetch_add(1, Relaxed);
                 tracing::debug!(upstream = %up.name(), "Replay request over the rate; not answered.");
                 return;
             }
             Verdict::Answer(answer) => answer,
             Verdict::Replay(run) => self.replay(upstream, &up, run, stop).await,
+        };
+        self.counters
+            .replayed_records
+            .fetch_add(answer.sent, Relaxed);
+        match answer.status {
+            Status::Ok => self.counters.replays_served.fetch_add(1, Relaxed),
+            Status::Refused => self.counters.replays_refused.fetch_add(1, Relaxed),
         };
         match answer.status {
             Status::Ok => tracing::info!(

@@ -629,6 +629,43 @@ impl Collector for SnapshotCollector {
             ],
         )?;
 
+        // The fleet view (zero while `[fleet]` is off).
+        let f = &s.fleet;
+        let outcome = |o: &str| vec![("outcome", o.to_owned())];
+        out.counter(
+            "sensorgate_fleet_heartbeats",
+            "Heartbeats on the upstreams: sent (trimmed: sent without detail), skipped (link down or queue full, or too large).",
+            [
+                (outcome("sent"), f.heartbeats_sent),
+                (outcome("trimmed"), f.heartbeats_trimmed),
+                (outcome("skipped"), f.heartbeats_skipped),
+            ],
+        )?;
+        out.counter(
+            "sensorgate_fleet_events",
+            "Event messages on the upstreams: sent (per upstream), skipped (link down or queue full), rate_limited, lagged (the publisher fell behind).",
+            [
+                (outcome("sent"), f.events_sent),
+                (outcome("skipped"), f.events_skipped),
+                (outcome("rate_limited"), f.events_rate_limited),
+                (outcome("lagged"), f.events_lagged),
+            ],
+        )?;
+        out.counter(
+            "sensorgate_fleet_replay_requests",
+            "Replay requests: served (answered ok), refused (answered), unanswered (over the rate of answered refusals).",
+            [
+                (outcome("served"), f.replays_served),
+                (outcome("refused"), f.replays_refused),
+                (outcome("unanswered"), f.replays_unanswered),
+            ],
+        )?;
+        out.counter(
+            "sensorgate_fleet_replayed_records",
+            "Records published again by replays, with their original sequence ids.",
+            [(no_labels(), f.replayed_records)],
+        )?;
+
         // The process (the names every client library uses).
         let p = &self.process;
         if let Some(cpu) = p.cpu_secs {

@@ -20,6 +20,7 @@
 pub mod admin;
 pub mod cli;
 pub mod events;
+pub mod fleet;
 pub mod logging;
 pub mod metrics;
 pub mod model;

@@ -176,6 +176,8 @@ pub struct Sources {
     pub last_disk_error_ms: Arc<AtomicU64>,
     /// The last reload's outcome.
     pub reload: Arc<crate::reload::ReloadCell>,
+    /// The fleet view's counters (zero while `[fleet]` is off).
+    pub fleet: Arc<super::fleet::FleetCounters>,
 }
 
 /// One ingress at the moment of the snapshot.
@@ -278,6 +280,8 @@ pub struct Snapshot {
     pub last_disk_error_ms: u64,
     /// The last reload's outcome; `None` before the first.
     pub reload: Option<crate::reload::Outcome>,
+    /// The fleet view's counters.
+    pub fleet: super::fleet::FleetCounts,
 }
 
 /// The router's counters (see [`DownlinkStats`]).
@@ -381,6 +385,7 @@ impl Sources {
             phase: self.phase.get(),
             last_disk_error_ms: self.last_disk_error_ms.load(Relaxed),
             reload: self.reload.get(),
+            fleet: self.fleet.read(),
             ingresses,
             serial: self
                 .serial
@@ -559,6 +564,7 @@ pub(crate) mod tests {
     /// A serving gateway with one MQTT-SN ingress and one connected upstream, all quiet.
     pub(crate) fn serving() -> Snapshot {
         Snapshot {
+            fleet: crate::observe::fleet::FleetCounts::default(),
             now_ms: 1_000_000,
             uptime: Duration::from_secs(60),
             phase: Phase::Serving,
