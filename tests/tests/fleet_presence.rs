@@ -132,6 +132,29 @@ fn kill_9_makes_the_broker_publish_the_will_with_mqtt_311_and_5() {
 }
 
 #[test]
+fn a_text_state_payload_is_the_bare_word_for_birth_will_and_death() {
+    let mut rig = Rig::start_with(|c| {
+        c.with_fleet("heartbeat = \"0s\"\nstate_payload = \"text\"\n");
+        Ok(())
+    })
+    .unwrap();
+    let state = topic("state");
+    let mut sub = rig.subscribe(&[&state]).unwrap();
+    let word = |m: &Message| String::from_utf8_lossy(&m.payload).into_owned();
+    let birth = next_on(&mut sub, &state);
+    assert_eq!((word(&birth).as_str(), birth.retain), ("online", true));
+    rig.gateway.kill9().unwrap();
+    assert_eq!(word(&next_on(&mut sub, &state)), "offline", "the Will");
+    rig.gateway.restart().unwrap();
+    assert_eq!(word(&next_on(&mut sub, &state)), "online");
+    assert!(rig.gateway.stop().unwrap().success());
+    assert_eq!(word(&next_on(&mut sub, &state)), "offline", "the death");
+    let mut late = rig.subscribe(&[&state]).unwrap();
+    let m = next_on(&mut late, &state);
+    assert_eq!((word(&m).as_str(), m.retain), ("offline", true));
+}
+
+#[test]
 fn heartbeats_move_with_real_traffic() {
     let rig = Rig::start_with(|c| {
         c.with_fleet("heartbeat = \"1s\"\n");

@@ -26,6 +26,8 @@ pub struct FleetSection {
     pub topic_prefix: String,
     /// QoS of birth, death, Will and events (heartbeats are QoS 0).
     pub qos: Qos,
+    /// The payload of `<prefix>/state`.
+    pub state_payload: StatePayload,
     /// Heartbeat period; `None`: off (`"0s"`).
     pub heartbeat: Option<Duration>,
     /// Event messages per minute at most; the excess is counted and dropped.
@@ -42,6 +44,16 @@ impl FleetSection {
     pub fn topic(&self, leaf: &str) -> String {
         format!("{}/{leaf}", self.topic_prefix)
     }
+}
+
+/// `[fleet] state_payload`: what the retained `<prefix>/state` messages carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatePayload {
+    /// `"json"`: the state document (schemas/state.json).
+    Json,
+    /// `"text"`: the bare word `online` or `offline`, for consumers that expect an
+    /// availability topic (Home Assistant, Node-RED dashboards).
+    Text,
 }
 
 /// `[fleet.replay]` (plain data; the replay component reads it).
@@ -61,6 +73,7 @@ pub(super) struct RawFleet {
     enabled: bool,
     topic_prefix: String,
     qos: i64,
+    state_payload: String,
     heartbeat: DurationText,
     max_events_per_minute: i64,
     max_message_size: SizeText,
@@ -73,6 +86,7 @@ impl Default for RawFleet {
             enabled: true,
             topic_prefix: "sensorgate/{gateway_id}".into(),
             qos: 1,
+            state_payload: "json".into(),
             heartbeat: "60s".into(),
             max_events_per_minute: 30,
             max_message_size: "16KiB".into(),
@@ -116,6 +130,18 @@ pub(super) fn compile_fleet(
                 &path.key("qos"),
                 format!("{other} is out of range 0..=2"),
                 None,
+            );
+            None
+        }
+    };
+    let state_payload = match raw.state_payload.as_str() {
+        "json" => Some(StatePayload::Json),
+        "text" => Some(StatePayload::Text),
+        other => {
+            r.at_path(
+                &path.key("state_payload"),
+                format!("unknown payload format `{other}`"),
+                Some("use \"json\" or \"text\"".into()),
             );
             None
         }
@@ -175,6 +201,7 @@ pub(super) fn compile_fleet(
         topic_prefix_template: raw.topic_prefix.clone(),
         topic_prefix: topic_prefix?,
         qos: qos?,
+        state_payload: state_payload?,
         heartbeat: (!heartbeat.is_zero()).then_some(heartbeat),
         max_events_per_minute: max_events_per_minute?,
         max_message_size: max_message_size?,
@@ -249,17 +276,19 @@ url = "mqtt://127.0.0.1:1883"
     fn a_fleet_table_is_compiled_and_summarised() {
         let text = format!(
             "{BASE}[fleet]\ntopic_prefix = \"plants/{{gateway_id}}/gw\"\nqos = 0\n\
-             heartbeat = \"0s\"\n[fleet.replay]\nenabled = false\nmax_records = 5\n"
+             heartbeat = \"0s\"\nstate_payload = \"text\"\n[fleet.replay]\nenabled = false\n\
+             max_records = 5\n"
         );
         let c = Config::parse(Path::new("t.toml"), &text).unwrap();
         assert_eq!(c.fleet.topic_prefix, "plants/9/gw");
         assert_eq!(c.fleet.qos, Qos::AtMostOnce);
         assert_eq!(c.fleet.heartbeat, None);
+        assert_eq!(c.fleet.state_payload, StatePayload::Text);
         assert!(!c.fleet.replay.enabled);
         assert_eq!(c.fleet.replay.max_records, 5);
         assert!(
             c.summary().contains(
-                "fleet: presence on `plants/9/gw/state` (retained, Will), heartbeat off on \
+                "fleet: presence on `plants/9/gw/state` (retained, Will, plain text), heartbeat off on \
                  `/status`, events on `/events` (at most 30/min), QoS 0, replay off\n"
             ),
             "{}",
@@ -275,6 +304,7 @@ url = "mqtt://127.0.0.1:1883"
         let c = Config::parse(Path::new("t.toml"), BASE).unwrap();
         assert_eq!(c.fleet.topic_prefix, "sensorgate/9");
         assert_eq!(c.fleet.heartbeat, Some(Duration::from_secs(60)));
+        assert_eq!(c.fleet.state_payload, StatePayload::Json);
     }
 
     #[test]
@@ -303,6 +333,12 @@ url = "mqtt://127.0.0.1:1883"
             );
         }
         assert!(d.iter().all(|d| d.to_string().starts_with("test.toml:")));
+        let d = errors(&format!("{BASE}[fleet]\nstate_payload = \"xml\"\n"));
+        assert!(
+            d[0].to_string().contains("unknown payload format `xml`"),
+            "{}",
+            d[0]
+        );
         let d = errors(&format!("{BASE}[fleet]\ntopic_prefix = \"a/#\"\n"));
         assert!(d[0].to_string().contains("wildcards"), "{}", d[0]);
         let d = errors(&format!("{BASE}[fleet]\ntopic_prefix = \"a/\"\n"));

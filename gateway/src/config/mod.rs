@@ -49,7 +49,7 @@ pub use diag::{Diagnostic, KeyPath};
 use diag::{Reporter, fields_of, path_of_span, remove_value};
 pub use dtls::{COAPS_PORT, DtlsSection};
 use dtls::{RawDtls, RawPsk};
-pub use fleet::{FleetSection, GATEWAY_ID_PLACEHOLDER, ReplaySection};
+pub use fleet::{FleetSection, GATEWAY_ID_PLACEHOLDER, ReplaySection, StatePayload};
 use fleet::{RawFleet, RawReplay};
 pub use gateway::{GatewaySection, LogSection};
 use gateway::{RawGateway, RawLog};
@@ -424,9 +424,13 @@ impl Config {
             return "fleet: off (no birth, Will, heartbeat or events upstream)\n".to_owned();
         }
         format!(
-            "fleet: presence on `{}/state` (retained, Will), heartbeat {} on `/status`, events \
+            "fleet: presence on `{}/state` (retained, Will{}), heartbeat {} on `/status`, events \
              on `/events` (at most {}/min), QoS {}, replay {}\n",
             f.topic_prefix,
+            match f.state_payload {
+                StatePayload::Json => "",
+                StatePayload::Text => ", plain text",
+            },
             f.heartbeat.map_or_else(
                 || "off".to_owned(),
                 |h| format!("every {}", humantime::format_duration(h))

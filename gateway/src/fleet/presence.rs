@@ -3,14 +3,16 @@
 //! Payload (schemas/state.json): `{"state": "online" | "offline", "reason": ..., "gateway_id",
 //! "gateway_name", "version", "started_ms", "upstream"}`. `reason` tells how it was sent:
 //! `connected` (birth), `connection_lost` (the broker published the Will), `shutdown` (death).
-//! The payloads are fixed at start: a reconnect publishes the same birth again.
+//! With `[fleet] state_payload = "text"` the payload is the bare `state` word instead (an
+//! availability topic). The payloads are fixed at start: a reconnect publishes the same birth
+//! again.
 
 use sensorgate_bridges::message::Message;
 use sensorgate_bridges::upstream::Presence;
 use serde::Serialize;
 
 use super::Identity;
-use crate::config::FleetSection;
+use crate::config::{FleetSection, StatePayload};
 
 /// The `state` document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -48,8 +50,11 @@ pub fn build(fleet: &FleetSection, identity: &Identity, upstream: &str) -> Optio
             started_ms: identity.started_ms,
             upstream,
         };
-        // Plain strings and integers: serializing cannot fail.
-        let payload = serde_json::to_vec(&doc).unwrap_or_default();
+        let payload = match fleet.state_payload {
+            // Plain strings and integers: serializing cannot fail.
+            StatePayload::Json => serde_json::to_vec(&doc).unwrap_or_default(),
+            StatePayload::Text => state.as_bytes().to_vec(),
+        };
         Message::new(topic.clone(), payload, fleet.qos, true)
     };
     Some(Presence {
@@ -69,6 +74,7 @@ mod tests {
             topic_prefix_template: "sensorgate/{gateway_id}".into(),
             topic_prefix: "sensorgate/7".into(),
             qos: sensorgate_bridges::message::Qos::AtLeastOnce,
+            state_payload: StatePayload::Json,
             heartbeat: None,
             max_events_per_minute: 30,
             max_message_size: 16 << 10,
@@ -104,6 +110,22 @@ mod tests {
             assert_eq!(v["upstream"], "cloud");
             assert_eq!(v["started_ms"], 1_700_000_000_000_u64);
             assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+        }
+        // "text": the bare word, still retained on the same topic.
+        let text = FleetSection {
+            state_payload: StatePayload::Text,
+            ..fleet(true)
+        };
+        let p = build(&text, &id, "cloud").unwrap();
+        for (m, word) in [
+            (&p.birth, "online"),
+            (&p.will, "offline"),
+            (&p.death, "offline"),
+        ] {
+            assert_eq!(
+                (m.topic.as_str(), &m.payload[..], m.retain),
+                ("sensorgate/7/state", word.as_bytes(), true)
+            );
         }
     }
 }
