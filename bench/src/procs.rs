@@ -260,9 +260,12 @@ impl Gateway {
             dtls.map_or_else(String::new, |(at, _)| format!("dtls_listen = [\"{at}\"]\n"));
         let dtls_tables = dtls.map_or_else(String::new, |(_, extra)| format!("\n{extra}\n"));
         let mut f = std::fs::File::create(&config)?;
+        // `[fleet]` off: the scenarios count every message their brokers carry, and measure
+        // the sensor pipeline alone.
         write!(
             f,
-            "[gateway]\nid = 1\nstate_dir = \"{}\"\n\n[log]\nlevel = \"warn\"\n\n{admin}[spool]\n{}\n\
+            "[gateway]\nid = 1\nstate_dir = \"{}\"\n\n[log]\nlevel = \"warn\"\n\n\
+             [fleet]\nenabled = false\n\n{admin}[spool]\n{}\n\
              [mqttsn]\nlisten = [\"{addr}\"]\nmax_clients = {}\n{dtls_listen}{}\n\
              [[mqttsn.predefined_topic]]\nid = {}\ntopic = \"{}\"\nclients = [\"*\"]\n\n\
              {coap_section}{http_section}{upstreams}\n{}{dtls_tables}",
