@@ -1157,6 +1157,30 @@ impl Gateway {
         admin_get(addr, path, self.admin_token.as_deref())
     }
 
+    /// Waits until the `/metrics` sample `name{labels}` equals `want` (polled every 50 ms
+    /// for a minute: the admin reads the counters at scrape time).
+    ///
+    /// # Errors
+    /// When it does not within the bound; the error lists the samples of `name` seen last.
+    pub fn await_metric(&self, name: &str, labels: &[(&str, &str)], want: f64) -> Result<()> {
+        let mut last = String::new();
+        poll_until(
+            &format!("{name}{labels:?} = {want}"),
+            Duration::from_secs(60),
+            Duration::from_millis(50),
+            || {
+                let (code, body) = self.admin_get("/metrics")?;
+                let v = http::metric(&body, name, labels);
+                last = body;
+                Ok((code == 200 && v == Some(want)).then_some(()))
+            },
+        )
+        .map_err(|e| {
+            let seen: Vec<&str> = last.lines().filter(|l| l.starts_with(name)).collect();
+            anyhow!("{e:#}; last seen:\n{}", seen.join("\n"))
+        })
+    }
+
     /// Its config file.
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("sensorgate.toml")

@@ -11,7 +11,6 @@ use std::time::Duration;
 use sensorgate_tests::coap::{libcoap, libcoap_responses};
 use sensorgate_tests::http::{
     CurlSse, Device, HttpRig, HttpSetup, TOKEN1, await_sse_live, bearer, curl, expect_status,
-    metric,
 };
 use sensorgate_tests::sn::{self, Qos, TopicType};
 use sensorgate_tests::{
@@ -26,41 +25,22 @@ const WAIT: Duration = Duration::from_secs(20);
 const ACL: &str = "\n[[acl]]\npublish = [\"sensors/{client_id}/#\"]\n\
                    subscribe = [\"cmd/{client_id}/#\"]\n";
 
+/// The PUBACK return code of a QoS 1 publish.
 fn publish_rc(c: &mut SnClient, topic_type: TopicType, topic_id: u16, payload: &[u8]) -> u8 {
-    let msg_id = c
-        .publish(Qos::One, topic_type, topic_id, false, payload)
-        .unwrap();
-    match c.next_packet().unwrap() {
-        sn::Packet::Puback { msg_id: m, rc, .. } if m == msg_id => rc,
-        other => panic!("expected a PUBACK, got {other:?}"),
-    }
+    c.publish_qos1(topic_type, topic_id, false, payload)
+        .unwrap()
 }
 
-/// The `sensorgate_ingress_events_total` sample of `protocol` / `event`, once it reaches
-/// `want` (polled: the admin reads the counters at scrape time).
+/// Waits for the `sensorgate_ingress_events_total` sample of `protocol` / `event` to reach
+/// `want`.
 fn await_event(rig: &Rig, protocol: &str, event: &str, want: f64) {
-    poll_until(
-        "the ingress event counter",
-        WAIT,
-        Duration::from_millis(50),
-        || {
-            let (code, body) = rig.gateway.admin_get("/metrics")?;
-            let v = metric(
-                &body,
-                "sensorgate_ingress_events_total",
-                &[("protocol", protocol), ("event", event)],
-            );
-            Ok((code == 200 && v == Some(want)).then_some(()))
-        },
-    )
-    .unwrap_or_else(|e| {
-        let (_, body) = rig.gateway.admin_get("/metrics").unwrap();
-        let lines: Vec<&str> = body
-            .lines()
-            .filter(|l| l.contains("ingress_events_total"))
-            .collect();
-        panic!("{protocol}/{event} != {want}: {e:#}\n{}", lines.join("\n"))
-    });
+    rig.gateway
+        .await_metric(
+            "sensorgate_ingress_events_total",
+            &[("protocol", protocol), ("event", event)],
+            want,
+        )
+        .unwrap();
 }
 
 /// Sends SIGHUP and waits for reload number `count` in `/status`.

@@ -44,6 +44,15 @@ fn json(m: &Message) -> Value {
         .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {:?}", m.topic, m.payload))
 }
 
+/// A rig whose gateway has `[fleet]` on with `lines`.
+fn fleet_rig(lines: &str) -> Rig {
+    Rig::start_with(|c| {
+        c.with_fleet(lines);
+        Ok(())
+    })
+    .unwrap()
+}
+
 /// The next message on `topic` (others are skipped), within [`WAIT`].
 fn next_on(sub: &mut Subscriber, topic: &str) -> Message {
     let deadline = Instant::now() + WAIT;
@@ -71,11 +80,7 @@ fn assert_state(m: &Message, state: &str, reason: &str) {
 
 #[test]
 fn birth_is_retained_for_a_late_subscriber_and_sigterm_publishes_the_death() {
-    let mut rig = Rig::start_with(|c| {
-        c.with_fleet("heartbeat = \"0s\"\n");
-        Ok(())
-    })
-    .unwrap();
+    let mut rig = fleet_rig("heartbeat = \"0s\"\n");
     let state = topic("state");
     // Whenever the gateway's connection came, a subscriber now sees the birth (live or
     // retained); one that subscribes after it gets the retained copy.
@@ -133,11 +138,7 @@ fn kill_9_makes_the_broker_publish_the_will_with_mqtt_311_and_5() {
 
 #[test]
 fn a_text_state_payload_is_the_bare_word_for_birth_will_and_death() {
-    let mut rig = Rig::start_with(|c| {
-        c.with_fleet("heartbeat = \"0s\"\nstate_payload = \"text\"\n");
-        Ok(())
-    })
-    .unwrap();
+    let mut rig = fleet_rig("heartbeat = \"0s\"\nstate_payload = \"text\"\n");
     let state = topic("state");
     let mut sub = rig.subscribe(&[&state]).unwrap();
     let word = |m: &Message| String::from_utf8_lossy(&m.payload).into_owned();
@@ -225,11 +226,7 @@ fn heartbeats_move_with_real_traffic() {
 
 #[test]
 fn heartbeat_0s_sends_none() {
-    let rig = Rig::start_with(|c| {
-        c.with_fleet("heartbeat = \"0s\"\n");
-        Ok(())
-    })
-    .unwrap();
+    let rig = fleet_rig("heartbeat = \"0s\"\n");
     let mut sub = rig.subscribe(&[&topic("status"), "marker/#"]).unwrap();
     // The birth says the link is up; then three would-be heartbeat periods of silence, then a
     // marker: it must be the first thing seen.
@@ -416,11 +413,7 @@ fn amqp_birth_on_connect_and_death_on_sigterm() {
 
 #[test]
 fn real_payloads_match_their_json_schemas() {
-    let mut rig = Rig::start_with(|c| {
-        c.with_fleet("heartbeat = \"1s\"\n");
-        Ok(())
-    })
-    .unwrap();
+    let mut rig = fleet_rig("heartbeat = \"1s\"\n");
     let (state, status, events) = (topic("state"), topic("status"), topic("events"));
     let mut sub = rig.subscribe(&[&topic("#")]).unwrap();
     let birth = next_on(&mut sub, &state);

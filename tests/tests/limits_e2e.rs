@@ -9,9 +9,9 @@
 use std::time::Duration;
 
 use sensorgate_tests::coap::{CON, Msg, RawClient, codes, opts};
-use sensorgate_tests::http::{Device, HttpRig, HttpSetup, TOKEN1, TOKEN2, bearer, curl, metric};
+use sensorgate_tests::http::{Device, HttpRig, HttpSetup, TOKEN1, TOKEN2, bearer, curl};
 use sensorgate_tests::sn::{self, Qos, TopicType};
-use sensorgate_tests::{Rig, SnClient, poll_until};
+use sensorgate_tests::{Rig, SnClient};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -20,32 +20,22 @@ const WAIT: Duration = Duration::from_secs(20);
 const LIMITS: &str = "\n[limits]\nmessages_per_second = 0.1\nmessage_burst = 2\n\
                       max_message_size = \"16B\"\n";
 
+/// The PUBACK return code of a QoS 1 publish on predefined topic 1.
 fn publish_rc(c: &mut SnClient, payload: &[u8]) -> u8 {
-    let msg_id = c
-        .publish(Qos::One, TopicType::Predefined, 1, false, payload)
-        .unwrap();
-    match c.next_packet().unwrap() {
-        sn::Packet::Puback { msg_id: m, rc, .. } if m == msg_id => rc,
-        other => panic!("expected a PUBACK, got {other:?}"),
-    }
+    c.publish_qos1(TopicType::Predefined, 1, false, payload)
+        .unwrap()
 }
 
+/// Waits for the `sensorgate_ingress_events_total` sample of `protocol` / `event` to reach
+/// `want`.
 fn await_event(rig: &Rig, protocol: &str, event: &str, want: f64) {
-    poll_until(
-        "the ingress event counter",
-        WAIT,
-        Duration::from_millis(50),
-        || {
-            let (code, body) = rig.gateway.admin_get("/metrics")?;
-            let v = metric(
-                &body,
-                "sensorgate_ingress_events_total",
-                &[("protocol", protocol), ("event", event)],
-            );
-            Ok((code == 200 && v == Some(want)).then_some(()))
-        },
-    )
-    .unwrap_or_else(|e| panic!("{protocol}/{event} != {want}: {e:#}"));
+    rig.gateway
+        .await_metric(
+            "sensorgate_ingress_events_total",
+            &[("protocol", protocol), ("event", event)],
+            want,
+        )
+        .unwrap();
 }
 
 #[test]

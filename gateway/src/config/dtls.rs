@@ -464,11 +464,10 @@ url = "mqtt://127.0.0.1:1883"
 "#;
 
     fn errors(text: &str) -> Vec<String> {
-        match Config::parse(Path::new("test.toml"), text) {
-            Ok(_) => panic!("expected errors"),
-            Err(LoadError::Invalid(d)) => d.iter().map(ToString::to_string).collect(),
-            Err(e) => panic!("unexpected {e}"),
-        }
+        super::super::tests::errors(text)
+            .iter()
+            .map(ToString::to_string)
+            .collect()
     }
 
     #[test]

@@ -249,7 +249,8 @@ fn compile_prefix(
 mod tests {
     use std::path::Path;
 
-    use super::super::{Config, Diagnostic, LoadError, fields_of};
+    use super::super::tests::errors;
+    use super::super::{Config, fields_of};
     use super::*;
 
     const BASE: &str = r#"
@@ -263,14 +264,6 @@ name = "local"
 kind = "mqtt"
 url = "mqtt://127.0.0.1:1883"
 "#;
-
-    fn errors(text: &str) -> Vec<Diagnostic> {
-        match Config::parse(Path::new("test.toml"), text) {
-            Ok(_) => panic!("expected errors"),
-            Err(LoadError::Invalid(d)) => d,
-            Err(e) => panic!("unexpected {e}"),
-        }
-    }
 
     #[test]
     fn a_fleet_table_is_compiled_and_summarised() {

@@ -23,7 +23,8 @@ url = "mqtt://127.0.0.1:1883"
 remote_prefix = ""
 "#;
 
-fn errors(text: &str) -> Vec<Diagnostic> {
+/// The diagnostics of a config that must not parse (every section's tests use it).
+pub(super) fn errors(text: &str) -> Vec<Diagnostic> {
     match Config::parse(Path::new("test.toml"), text) {
         Ok(_) => panic!("expected errors"),
         Err(LoadError::Invalid(d)) => d,
