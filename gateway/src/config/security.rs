@@ -31,7 +31,9 @@ pub(super) struct RawAcl {
     subscribe: Vec<String>,
 }
 
-/// The limits keys `[limits]` and each `[[limits.identity]]` share.
+/// The limits keys `[limits]` and each `[[limits.identity]]` share. Copied out of both raw
+/// tables rather than `#[serde(flatten)]`ed into them: a flattened struct deserializes as a
+/// map, which hides its field names from `fields_of` (the unknown-key hints).
 #[derive(Debug, Default)]
 struct RawLimitValues {
     messages_per_second: Option<Number>,
