@@ -26,7 +26,7 @@
 use std::time::{Duration, Instant};
 
 use sensorgate_tests::http::metric;
-use sensorgate_tests::sn::TopicType;
+use sensorgate_tests::sn::{self, TopicType};
 use sensorgate_tests::{
     GATEWAY_ID, Gateway, GatewayConfig, Message, Mosquitto, RabbitMq, Rig, Script, SnClient,
     Subscriber, UpMsg, poll_until, publish_upstream, send_signal, validate_json_schema,
@@ -90,6 +90,13 @@ fn birth_is_retained_for_a_late_subscriber_and_sigterm_publishes_the_death() {
     let m = next_on(&mut late, &state);
     assert!(m.retain, "a late subscriber gets the retained birth");
     assert_state(&m, "online", "connected");
+    // The fleet topics are the gateway's own: a sensor cannot announce it offline (nor ask
+    // for replays), though no [[acl]] is configured.
+    let mut spoofer = rig.connected("spoofer").unwrap();
+    for leaf in ["state", "replay"] {
+        let (_, rc) = spoofer.register_rc(&topic(leaf)).unwrap();
+        assert_eq!(rc, sn::RC_NOT_SUPPORTED, "REGISTER {leaf}");
+    }
 
     let status = rig.gateway.stop().unwrap();
     assert!(status.success(), "{status:?}");

@@ -724,6 +724,11 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
         .iter()
         .flat_map(|p| p.client_ids.iter().cloned())
         .collect();
+    // The fleet view's topics are the gateway's own: no sensor publishes under them.
+    Arc::make_mut(&mut security).reserved_topic_prefix = fleet
+        .as_ref()
+        .filter(|f| f.enabled)
+        .map(|f| Arc::from(f.topic_prefix.as_str()));
     mqttsn.core.security = Arc::clone(&security);
     coap.core.security = Arc::clone(&security);
     http.security = Arc::clone(&security);

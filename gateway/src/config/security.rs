@@ -103,6 +103,7 @@ pub(super) fn compile_security(
         limits: limits?,
         // Set by `config::compile` from `[[psk]]`.
         reserved_client_ids: std::collections::HashSet::new(),
+        reserved_topic_prefix: None,
     }))
 }
 

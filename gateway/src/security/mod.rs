@@ -34,6 +34,12 @@ pub struct Policy {
     /// holds for a session restored after a restart too (its record does not say who proved
     /// it) and for a ClientId that has no session yet.
     pub reserved_client_ids: HashSet<Arc<str>>,
+    /// The fleet view's topic prefix (`[fleet] topic_prefix`, when `[fleet]` is on): the
+    /// gateway's own namespace upstream (its presence, heartbeats, events, replay requests).
+    /// No sensor publishes under it, whatever the ACL says, as no MQTT client may publish to
+    /// a broker's `$SYS`: a sensor could otherwise announce the gateway offline or ask for
+    /// replays.
+    pub reserved_topic_prefix: Option<Arc<str>>,
 }
 
 impl Policy {
@@ -46,7 +52,18 @@ impl Policy {
     /// Whether `who` may publish to `topic`.
     #[must_use]
     pub fn may_publish(&self, who: &Requester<'_>, topic: &str) -> bool {
-        self.acl.as_ref().is_none_or(|a| a.may_publish(who, topic))
+        !self.is_reserved_topic(topic)
+            && self.acl.as_ref().is_none_or(|a| a.may_publish(who, topic))
+    }
+
+    /// Whether `topic` is the fleet prefix or under it ([`Self::reserved_topic_prefix`]).
+    #[must_use]
+    pub fn is_reserved_topic(&self, topic: &str) -> bool {
+        self.reserved_topic_prefix.as_deref().is_some_and(|prefix| {
+            topic
+                .strip_prefix(prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
     }
 
     /// Whether `who` may subscribe to `filter`.
@@ -157,5 +174,33 @@ impl Counters {
             .iter()
             .map(|d| (d.as_str(), self.get(*d)))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nobody_publishes_under_the_fleet_prefix_whatever_the_acl() {
+        let policy = Policy {
+            reserved_topic_prefix: Some(Arc::from("sensorgate/7")),
+            ..Policy::default()
+        };
+        let who = Requester::new(None, Some("s1"));
+        for topic in ["sensorgate/7", "sensorgate/7/state", "sensorgate/7/replay"] {
+            assert!(!policy.may_publish(&who, topic), "{topic}");
+        }
+        for topic in [
+            "sensorgate/70/state",
+            "sensorgate/7x",
+            "sensorgate",
+            "sensors/7",
+        ] {
+            assert!(policy.may_publish(&who, topic), "{topic}");
+        }
+        // Subscribing is not publishing: a sensor may watch the gateway's own topics.
+        assert!(policy.may_subscribe(&who, "sensorgate/7/#"));
+        assert!(Policy::default().may_publish(&who, "sensorgate/7/state"));
     }
 }
