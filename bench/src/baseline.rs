@@ -135,3 +135,49 @@ pub async fn publish(n: &Native) -> anyhow::Result<(u64, f64)> {
     let _ = tokio::time::timeout(Duration::from_secs(10), driver).await;
     Ok((sent, secs))
 }
+
+/// Publishes `payloads` on `topic` at QoS 1 through the broker on `port` as client
+/// `client_id`, and returns once the broker acknowledged them all (within 10 s).
+///
+/// # Errors
+/// When the broker is unreachable or does not acknowledge in time.
+pub async fn publish_qos1(
+    port: u16,
+    client_id: &str,
+    topic: &str,
+    payloads: Vec<Vec<u8>>,
+) -> anyhow::Result<()> {
+    let mut opts = MqttOptions::new(client_id, ("127.0.0.1", port));
+    opts.set_keep_alive(30);
+    let (mqtt, mut eventloop) = AsyncClient::builder(opts).capacity(64).build();
+    let want = payloads.len();
+    let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(0usize);
+    let driver = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Incoming::PubAck(_))) => acked_tx.send_modify(|n| *n += 1),
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    for payload in payloads {
+        mqtt.publish(
+            topic.to_owned(),
+            payload,
+            PublishOptions::new(QoS::AtLeastOnce),
+        )
+        .await?;
+    }
+    let acked = tokio::time::timeout(Duration::from_secs(10), acked_rx.wait_for(|&n| n >= want))
+        .await
+        .map(|r| r.is_ok())
+        .unwrap_or(false);
+    let _ = mqtt.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), driver).await;
+    anyhow::ensure!(
+        acked,
+        "the broker did not acknowledge {want} publishes within 10 s"
+    );
+    Ok(())
+}

@@ -179,6 +179,9 @@ pub struct GatewayConfig {
     /// MQTT-SN over DTLS on: `[mqttsn] dtls_listen = ["127.0.0.1:<free port>"]`, and this text
     /// (the `[dtls]` table and the `[[psk]]` tables) appended last. `None`: no DTLS.
     pub dtls: Option<String>,
+    /// `[fleet]` on, with these lines after `enabled = true` (they may open
+    /// `[fleet.replay]`). `None`: `[fleet] enabled = false`.
+    pub fleet: Option<String>,
 }
 
 impl GatewayConfig {
@@ -196,6 +199,7 @@ impl GatewayConfig {
             http: None,
             serial: String::new(),
             dtls: None,
+            fleet: None,
         }
     }
 }
@@ -259,13 +263,17 @@ impl Gateway {
         let dtls_listen =
             dtls.map_or_else(String::new, |(at, _)| format!("dtls_listen = [\"{at}\"]\n"));
         let dtls_tables = dtls.map_or_else(String::new, |(_, extra)| format!("\n{extra}\n"));
+        // `[fleet]` off unless asked for: the scenarios count every message their brokers
+        // carry, and measure the sensor pipeline alone.
+        let fleet = cfg.fleet.as_ref().map_or_else(
+            || "[fleet]\nenabled = false\n\n".to_owned(),
+            |lines| format!("[fleet]\nenabled = true\n{lines}\n"),
+        );
         let mut f = std::fs::File::create(&config)?;
-        // `[fleet]` off: the scenarios count every message their brokers carry, and measure
-        // the sensor pipeline alone.
         write!(
             f,
             "[gateway]\nid = 1\nstate_dir = \"{}\"\n\n[log]\nlevel = \"warn\"\n\n\
-             [fleet]\nenabled = false\n\n{admin}[spool]\n{}\n\
+             {fleet}{admin}[spool]\n{}\n\
              [mqttsn]\nlisten = [\"{addr}\"]\nmax_clients = {}\n{dtls_listen}{}\n\
              [[mqttsn.predefined_topic]]\nid = {}\ntopic = \"{}\"\nclients = [\"*\"]\n\n\
              {coap_section}{http_section}{upstreams}\n{}{dtls_tables}",
