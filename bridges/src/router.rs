@@ -1240,6 +1240,7 @@ mod tests {
             when_full: WhenFull::RejectNew,
             fsync: FsyncPolicy::Always,
             memory_tail_bytes: 8 << 20,
+            retain_bytes: 0,
         };
         let (spool, _) = Spool::open(StdFs, config, &["up".to_owned()]).unwrap();
         let (appender, _writer) = start_writer(SharedSpool::new(spool), 16).unwrap();

@@ -66,6 +66,7 @@ async fn a_subscription_moves_with_the_routes_and_downlink_follows_them() {
         when_full: WhenFull::RejectNew,
         fsync: FsyncPolicy::Always,
         memory_tail_bytes: 1 << 20,
+        retain_bytes: 0,
     };
     let (spool, _) = Spool::open(StdFs, spool_config, &["up".to_owned()]).expect("spool opens");
     let (appender, _writer) = start_writer(SharedSpool::new(spool), 16).expect("writer starts");

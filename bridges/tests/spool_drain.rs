@@ -162,6 +162,7 @@ impl Rig {
             when_full: WhenFull::RejectNew,
             fsync: FsyncPolicy::Always,
             memory_tail_bytes: 8 << 20,
+            retain_bytes: 0,
         };
         assert_eq!(config.effective_segment_bytes(), SEGMENT_BYTES);
         let (spool, _) = Spool::open(StdFs, config, &[UPSTREAM.to_owned()]).expect("spool opens");
@@ -972,6 +973,7 @@ async fn a_dead_upstream_over_its_backlog_cap_gives_up_its_oldest_records_only()
         when_full: WhenFull::RejectNew,
         fsync: FsyncPolicy::Always,
         memory_tail_bytes: 8 << 20,
+        retain_bytes: 0,
     };
     let names = ["live".to_owned(), "dead".to_owned()];
     let (spool, _) = Spool::open(StdFs, config, &names).expect("spool opens");

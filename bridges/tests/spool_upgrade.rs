@@ -25,6 +25,7 @@ fn config(dir: &Path) -> SpoolConfig {
         when_full: WhenFull::RejectNew,
         fsync: FsyncPolicy::Always,
         memory_tail_bytes: 8 << 20,
+        retain_bytes: 0,
     }
 }
 

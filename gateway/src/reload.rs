@@ -24,6 +24,7 @@ use crate::coap::core::CoreConfig as CoapCoreConfig;
 use crate::config::{Config, HttpSection};
 use crate::dtls::DtlsSettings;
 use crate::mqttsn::core::CoreConfig;
+use crate::security::Policy;
 
 /// What a new config changes in the running gateway.
 #[derive(Debug, Default)]
@@ -114,12 +115,24 @@ fn keep_mqttsn_restart_only(core: &mut CoreConfig, started: &CoreConfig) {
     core.max_packet_size = started.max_packet_size;
     core.max_filters = started.max_filters;
     core.gw_id = started.gw_id;
+    keep_reserved_prefix(&mut core.security, &started.security);
+}
+
+/// The fleet prefix reserved in the policy is the running fleet view's (`[fleet]` and
+/// `[gateway] id` are restart-only): the rest of the policy (ACL, limits) is live.
+fn keep_reserved_prefix(policy: &mut Arc<Policy>, started: &Policy) {
+    if policy.reserved_topic_prefix != started.reserved_topic_prefix {
+        Arc::make_mut(policy)
+            .reserved_topic_prefix
+            .clone_from(&started.reserved_topic_prefix);
+    }
 }
 
 /// As [`keep_mqttsn_restart_only`], for CoAP (its driver resizes its buffers for a new
 /// `max_message_size`).
 fn keep_coap_restart_only(core: &mut CoapCoreConfig, started: &CoapCoreConfig) {
     core.max_filters = started.max_filters;
+    keep_reserved_prefix(&mut core.security, &started.security);
 }
 
 /// The `[http]` keys fixed at start: the listeners, TLS, the runtime and the router's filter
@@ -131,6 +144,7 @@ fn keep_http_restart_only(section: &mut HttpSection, started: &HttpSection) {
     section.http2 = started.http2;
     section.worker_threads = started.worker_threads;
     section.max_filters = started.max_filters;
+    keep_reserved_prefix(&mut section.security, &started.security);
 }
 
 /// The upstreams are the same ones, in the same order (names and kinds): the spool's cursors,

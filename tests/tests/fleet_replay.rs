@@ -183,7 +183,8 @@ fn a_range_still_held_comes_again_with_its_original_ids() {
 #[test]
 fn a_range_no_longer_on_disk_is_refused_with_the_oldest_id_held() {
     let rig = Rig::start_with(|c| {
-        replay_on(c);
+        // Nothing acknowledged is kept for replays.
+        c.with_fleet("heartbeat = \"0s\"\n[fleet.replay]\nkeep_acknowledged = \"0B\"");
         c.extra_sections.push_str(
             "\n[spool]\nmax_bytes = \"1MiB\"\nsegment_bytes = \"64KiB\"\nwhen_full = \"drop_oldest\"\n",
         );
@@ -240,6 +241,65 @@ fn a_range_no_longer_on_disk_is_refused_with_the_oldest_id_held() {
     let got = data(&lines);
     assert_eq!(got.len(), 36, "{got:?}");
     assert_eq!(got[33..], expected(31..=33)[..]);
+}
+
+#[test]
+fn acknowledged_records_stay_replayable_within_keep_acknowledged() {
+    // As the test above, with the default `keep_acknowledged` (64 MiB): the acknowledged
+    // segment is sealed and kept, and its records served again.
+    let rig = Rig::start_with(|c| {
+        replay_on(c);
+        c.extra_sections
+            .push_str("\n[spool]\nmax_bytes = \"1MiB\"\nsegment_bytes = \"64KiB\"\n");
+        Ok(())
+    })
+    .unwrap();
+    let backend = peer(
+        "mqtt",
+        rig.broker.port(),
+        31,
+        &[json!({"from": 1, "to": 5, "id": "kept"})],
+        false,
+    );
+    let mut c = rig.connected("replay-kept").unwrap();
+    let id = c.register("sensors/x").unwrap();
+    let filler = "f".repeat(600);
+    for i in 0..30 {
+        c.publish_qos1_ok(TopicType::Normal, id, format!("m{i}{filler}").as_bytes())
+            .unwrap();
+    }
+    // Once the upstream acknowledged them, the housekeeping seals the segment: the next
+    // record opens a second one. Probes go to a topic the backend does not count.
+    let spool = rig.gateway.dir().join("state/spool");
+    let probe = c.register("probe/x").unwrap();
+    poll_until(
+        "a second segment opened",
+        WAIT,
+        Duration::from_millis(50),
+        || {
+            c.publish_qos1_ok(TopicType::Normal, probe, b"p")?;
+            let segments = std::fs::read_dir(&spool)?
+                .filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+                .count();
+            Ok((segments >= 2).then_some(()))
+        },
+    )
+    .unwrap();
+    // The 31st record the backend sees sends its request.
+    c.publish_qos1_ok(TopicType::Normal, id, b"m30").unwrap();
+    let lines = lines_until_done(&backend);
+    let results = of_kind(&lines, "result");
+    assert_eq!(results.len(), 1, "{lines:?}");
+    assert_eq!(results[0]["status"], "ok", "{}", results[0]);
+    assert_eq!(results[0]["sent"].as_u64(), Some(5));
+    assert!(
+        spool.join("00000000000000000001.seg").exists(),
+        "the acknowledged segment is kept"
+    );
+    let got = data(&lines);
+    let replayed: Vec<&String> = got[31..].iter().map(|(seq, _)| seq).collect();
+    assert_eq!(replayed, ["1", "2", "3", "4", "5"]);
 }
 
 #[test]

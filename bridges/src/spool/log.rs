@@ -73,6 +73,10 @@ pub struct SpoolConfig {
     /// Bytes of the newest records kept in memory, so that a caught-up upstream takes what
     /// was just appended without reading it back from disk; 0 reads everything from disk.
     pub memory_tail_bytes: u64,
+    /// Bytes of fully acknowledged segments kept on disk (the newest) so that they can be
+    /// read again (fleet replay); 0 deletes them at once. They yield to new data: an append
+    /// that needs their room, or a disk below `min_free_bytes`, removes them first.
+    pub retain_bytes: u64,
 }
 
 impl SpoolConfig {
@@ -770,8 +774,9 @@ impl<F: Fs> Spool<F> {
             return Err(AppendError::TooLarge);
         }
         if self.disk_low || self.bytes + self.buf.len() as u64 + need > self.config.max_bytes {
-            // Acknowledged segments may be waiting for the housekeeping.
-            self.collect_garbage();
+            // Acknowledged segments may be waiting for the housekeeping, or kept for replays:
+            // new data goes first.
+            self.collect(0);
         }
         let limit = if self.disk_low {
             self.bytes + self.buf.len() as u64
@@ -1179,11 +1184,23 @@ impl<F: Fs> Spool<F> {
         }
     }
 
-    /// Removes the segments whose records every upstream has acknowledged. An active segment
-    /// that is consumed and past an eighth of its size is sealed first, so that the disk
-    /// space returns to near zero once everything is acknowledged. The writer thread calls it
-    /// in its housekeeping, and `append` when the spool is full.
+    /// Removes the segments whose records every upstream has acknowledged, but for the
+    /// newest of them up to `retain_bytes` (none while the disk is below `min_free_bytes`).
+    /// An active segment that is consumed and past an eighth of its size is sealed first, so
+    /// that the disk space returns to near the retention once everything is acknowledged.
+    /// The writer thread calls it in its housekeeping.
     pub fn collect_garbage(&mut self) {
+        let retain = if self.disk_low {
+            0
+        } else {
+            self.config.retain_bytes
+        };
+        self.collect(retain);
+    }
+
+    /// [`Self::collect_garbage`] keeping at most `retain` bytes of acknowledged segments
+    /// (`append` passes 0 when it needs room: retained data yields to new data).
+    fn collect(&mut self, retain: u64) {
         let slowest = self.cursors.iter().copied().min().unwrap_or(u64::MAX);
         if let Some(active) = self.segments.back_mut() {
             let consumed = active.last_seq.is_none_or(|l| l < slowest);
@@ -1195,14 +1212,23 @@ impl<F: Fs> Spool<F> {
                 active.sealed = true;
             }
         }
+        // The acknowledged prefix: sealed segments every upstream is past.
+        let mut reclaimable: u64 = self
+            .segments
+            .iter()
+            .take_while(|s| s.sealed && s.last_seq.is_none_or(|l| l < slowest))
+            .map(|s| s.written)
+            .sum();
         while let Some(front) = self.segments.front() {
-            let consumed = front.last_seq.is_none_or(|l| l < slowest);
-            if !(front.sealed && consumed) {
+            let consumed = front.sealed && front.last_seq.is_none_or(|l| l < slowest);
+            if !consumed || (reclaimable <= retain && front.written > 0) {
                 break;
             }
-            if let Some(seg) = self.segments.pop_front() {
-                self.remove_segment(&seg);
-            }
+            let Some(seg) = self.segments.pop_front() else {
+                break;
+            };
+            reclaimable = reclaimable.saturating_sub(seg.written);
+            self.remove_segment(&seg);
         }
     }
 

@@ -24,6 +24,7 @@ fn config(max_bytes: u64, tail: u64, max_age: Option<Duration>) -> SpoolConfig {
         when_full: WhenFull::DropOldest,
         fsync: FsyncPolicy::Always,
         memory_tail_bytes: tail,
+        retain_bytes: 0,
     }
 }
 

@@ -30,6 +30,7 @@ fn open() -> Arc<SharedSpool<MemFs>> {
         when_full: WhenFull::RejectNew,
         fsync: FsyncPolicy::Always,
         memory_tail_bytes: 8 << 20,
+        retain_bytes: 0,
     };
     let (spool, _) = Spool::open(MemFs::new(), config, &["up".to_owned()]).unwrap();
     SharedSpool::new(spool)

@@ -65,6 +65,8 @@ pub struct ReplaySection {
     pub max_records: u64,
     /// Requests per minute at most, per upstream.
     pub max_requests_per_minute: u32,
+    /// Bytes of acknowledged records kept on disk for replays (the spool's `retain_bytes`).
+    pub keep_acknowledged: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,6 +103,7 @@ pub(super) struct RawReplay {
     enabled: bool,
     max_records: i64,
     max_requests_per_minute: i64,
+    keep_acknowledged: SizeText,
 }
 
 impl Default for RawReplay {
@@ -109,6 +112,7 @@ impl Default for RawReplay {
             enabled: true,
             max_records: 10_000,
             max_requests_per_minute: 6,
+            keep_acknowledged: "64MiB".into(),
         }
     }
 }
@@ -192,6 +196,13 @@ pub(super) fn compile_fleet(
         1,
         600,
     );
+    let keep_acknowledged = size_in(
+        r,
+        &rpath.key("keep_acknowledged"),
+        &raw.replay.keep_acknowledged,
+        0,
+        1 << 40,
+    );
     let heartbeat = heartbeat?;
     if !heartbeat.is_zero() && heartbeat < Duration::from_secs(1) {
         return None;
@@ -209,6 +220,7 @@ pub(super) fn compile_fleet(
             enabled: raw.replay.enabled,
             max_records: max_records?,
             max_requests_per_minute: max_requests_per_minute?,
+            keep_acknowledged: keep_acknowledged? as u64,
         },
     })
 }
@@ -384,7 +396,8 @@ url = "mqtt://127.0.0.1:1883"
             ReplaySection {
                 enabled: true,
                 max_records: 10_000,
-                max_requests_per_minute: 6
+                max_requests_per_minute: 6,
+                keep_acknowledged: 64 << 20,
             }
         );
     }

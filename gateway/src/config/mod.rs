@@ -724,6 +724,12 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
         .iter()
         .flat_map(|p| p.client_ids.iter().cloned())
         .collect();
+    // Acknowledged records stay on disk for replays only while replays are served.
+    let mut spool = spool?;
+    spool.spool.retain_bytes = fleet
+        .as_ref()
+        .filter(|f| f.enabled && f.replay.enabled)
+        .map_or(0, |f| f.replay.keep_acknowledged);
     // The fleet view's topics are the gateway's own: no sensor publishes under them.
     Arc::make_mut(&mut security).reserved_topic_prefix = fleet
         .as_ref()
@@ -740,7 +746,7 @@ fn compile(file: &Path, raw: RawConfig, r: &mut Reporter<'_>) -> Option<Config> 
         coap: (!coap.listen.is_empty() || !coap.dtls_listen.is_empty()).then_some(coap),
         dtls,
         http: http_on(&http).then_some(http),
-        spool: spool?,
+        spool,
         admin: admin?,
         fleet: fleet?,
         serial,

@@ -150,6 +150,8 @@ pub(super) fn compile_spool(
             when_full: when_full?,
             fsync: fsync?,
             memory_tail_bytes: memory_tail? as u64,
+            // `[fleet.replay] keep_acknowledged`, set once `[fleet]` is compiled.
+            retain_bytes: 0,
         },
         queue: queue?,
         drain_rate: drain_rate.filter(|&r| r > 0),

@@ -966,7 +966,13 @@ fn coap_takes_the_cores_defaults_and_shows_in_the_summary() {
         (coap.recv_buffer, coap.send_buffer, coap.recv_batch),
         (8 << 20, 4 << 20, 64)
     );
-    assert_eq!(coap.core, crate::coap::core::CoreConfig::default());
+    assert_eq!(
+        coap.core,
+        crate::coap::core::CoreConfig {
+            security: Arc::clone(&c.security),
+            ..crate::coap::core::CoreConfig::default()
+        }
+    );
     // The RFC 7252 values, written out once here so a changed default is noticed.
     assert_eq!(coap.core.max_message_size, 1152);
     assert_eq!(coap.core.ack_timeout, Duration::from_secs(2));
@@ -1055,7 +1061,7 @@ max_client_id_len = 32
         max_retained: 0,
         max_client_id_len: 32,
         require_identity: false,
-        security: Arc::default(),
+        security: Arc::clone(&c.security),
     };
     assert_eq!(coap.core, expected);
 }
@@ -1341,7 +1347,11 @@ fn the_reference_config_shows_every_coap_key_with_its_default() {
     let c = Config::parse(&path, &on).unwrap();
     assert_eq!(
         c.coap.unwrap().core,
-        crate::coap::core::CoreConfig::default()
+        crate::coap::core::CoreConfig {
+            // The gateway's policy (the fleet prefix reserved), not a CoAP key.
+            security: Arc::clone(&c.security),
+            ..crate::coap::core::CoreConfig::default()
+        }
     );
 }
 
@@ -1425,6 +1435,8 @@ fn http_takes_the_documented_defaults_and_shows_in_the_summary() {
         http,
         HttpSection {
             listen: listen.clone(),
+            // The gateway's policy (the fleet prefix reserved), not an HTTP key.
+            security: Arc::clone(&c.security),
             ..HttpSection::default()
         }
     );
@@ -1628,7 +1640,7 @@ publish = ["#"]
         sse_max_event: 64 << 10,
         sse_keepalive: Duration::from_secs(30),
         max_devices_tracked: 5,
-        security: Arc::default(),
+        security: Arc::clone(&c.security),
         jwt: None,
     };
     assert_eq!(http, expected);
@@ -2412,10 +2424,21 @@ fn the_reference_config_shows_every_http_key_with_its_default() {
         text[at..].replacen("listen = []\n", "listen = [\"127.0.0.1:8080\"]\n", 1)
     );
     let c = Config::parse(&path, &on).unwrap();
+    // The policy is the gateway's (with the fleet prefix reserved), not an HTTP key.
+    assert_eq!(
+        c.http
+            .as_ref()
+            .unwrap()
+            .security
+            .reserved_topic_prefix
+            .as_deref(),
+        Some("sensorgate/1")
+    );
     assert_eq!(
         c.http.unwrap(),
         HttpSection {
             listen: vec!["127.0.0.1:8080".parse().unwrap()],
+            security: Arc::clone(&c.security),
             ..HttpSection::default()
         }
     );

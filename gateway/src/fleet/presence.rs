@@ -82,6 +82,7 @@ mod tests {
                 enabled: true,
                 max_records: 10,
                 max_requests_per_minute: 6,
+                keep_acknowledged: 0,
             },
         }
     }

@@ -61,6 +61,7 @@ fn setup_with(
         when_full: WhenFull::RejectNew,
         fsync: FsyncPolicy::Always,
         memory_tail_bytes: 8 << 20,
+        retain_bytes: 0,
     };
     let (spool, _) = Spool::open(StdFs, config, &["up".to_owned()]).unwrap();
     let spool = SharedSpool::new(spool);

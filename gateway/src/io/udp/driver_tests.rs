@@ -80,6 +80,7 @@ impl Rig {
             when_full: WhenFull::RejectNew,
             fsync: FsyncPolicy::Always,
             memory_tail_bytes: 8 << 20,
+            retain_bytes: 0,
         };
         let (spool, _) = Spool::open(MemFs::new(), config, &["up".to_owned()]).unwrap();
         let shared = SharedSpool::new(spool);
