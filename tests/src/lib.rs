@@ -1181,6 +1181,18 @@ impl Gateway {
         })
     }
 
+    /// [`Self::await_metric`] of `sensorgate_ingress_events_total{protocol, event}`.
+    ///
+    /// # Errors
+    /// As [`Self::await_metric`].
+    pub fn await_ingress_event(&self, protocol: &str, event: &str, want: f64) -> Result<()> {
+        self.await_metric(
+            "sensorgate_ingress_events_total",
+            &[("protocol", protocol), ("event", event)],
+            want,
+        )
+    }
+
     /// Its config file.
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("sensorgate.toml")

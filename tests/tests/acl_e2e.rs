@@ -31,18 +31,6 @@ fn publish_rc(c: &mut SnClient, topic_type: TopicType, topic_id: u16, payload: &
         .unwrap()
 }
 
-/// Waits for the `sensorgate_ingress_events_total` sample of `protocol` / `event` to reach
-/// `want`.
-fn await_event(rig: &Rig, protocol: &str, event: &str, want: f64) {
-    rig.gateway
-        .await_metric(
-            "sensorgate_ingress_events_total",
-            &[("protocol", protocol), ("event", event)],
-            want,
-        )
-        .unwrap();
-}
-
 /// Sends SIGHUP and waits for reload number `count` in `/status`.
 fn reload(rig: &Rig, count: u64) -> Value {
     send_signal(rig.gateway.pid().unwrap(), "HUP").unwrap();
@@ -105,8 +93,12 @@ fn mqttsn_acl_refusals_are_rc_3_counted_and_a_reload_widens_it_for_the_same_sess
     assert_eq!(wide.rc, sn::RC_NOT_SUPPORTED);
     c.subscribe_ok(Qos::One, sn::SubTopic::Name("cmd/dev1/#"))
         .unwrap();
-    await_event(&rig, "mqtt-sn", "acl_denied_publish", 3.0);
-    await_event(&rig, "mqtt-sn", "acl_denied_subscribe", 1.0);
+    rig.gateway
+        .await_ingress_event("mqtt-sn", "acl_denied_publish", 3.0)
+        .unwrap();
+    rig.gateway
+        .await_ingress_event("mqtt-sn", "acl_denied_subscribe", 1.0)
+        .unwrap();
     // The same counts per reason in /status.
     let (_, body) = rig.gateway.admin_get("/status").unwrap();
     let doc: Value = serde_json::from_str(&body).unwrap();
@@ -194,8 +186,12 @@ fn coap_acl_refusals_are_4_03_from_libcoap_and_counted() {
     ])
     .unwrap();
     assert_eq!(libcoap_responses(&out), ["4.03"], "{out}");
-    await_event(&rig, "coap", "acl_denied_publish", 2.0);
-    await_event(&rig, "coap", "acl_denied_subscribe", 1.0);
+    rig.gateway
+        .await_ingress_event("coap", "acl_denied_publish", 2.0)
+        .unwrap();
+    rig.gateway
+        .await_ingress_event("coap", "acl_denied_subscribe", 1.0)
+        .unwrap();
 }
 
 #[test]
@@ -236,8 +232,14 @@ fn http_acl_applies_on_top_of_the_device_grants_with_403() {
     );
     let r = curl(&["-H", &auth, &rig.url("/v1/subscribe?filter=cmd/%23")]).unwrap();
     expect_status(&r, 403, Some("forbidden_filter")).unwrap();
-    await_event(&rig.rig, "http", "acl_denied_publish", 1.0);
-    await_event(&rig.rig, "http", "acl_denied_subscribe", 1.0);
+    rig.rig
+        .gateway
+        .await_ingress_event("http", "acl_denied_publish", 1.0)
+        .unwrap();
+    rig.rig
+        .gateway
+        .await_ingress_event("http", "acl_denied_subscribe", 1.0)
+        .unwrap();
 }
 
 #[test]
@@ -283,5 +285,8 @@ fn http_sse_streams_follow_an_acl_narrowed_by_a_reload() {
     .unwrap();
     let ev = s.message(WAIT, PROBE_PREFIX).unwrap();
     assert_eq!(ev.topic().as_deref(), Some("cmd/dev1/x"), "{ev:?}");
-    await_event(&rig.rig, "http", "acl_denied_delivery", 1.0);
+    rig.rig
+        .gateway
+        .await_ingress_event("http", "acl_denied_delivery", 1.0)
+        .unwrap();
 }

@@ -26,18 +26,6 @@ fn publish_rc(c: &mut SnClient, payload: &[u8]) -> u8 {
         .unwrap()
 }
 
-/// Waits for the `sensorgate_ingress_events_total` sample of `protocol` / `event` to reach
-/// `want`.
-fn await_event(rig: &Rig, protocol: &str, event: &str, want: f64) {
-    rig.gateway
-        .await_metric(
-            "sensorgate_ingress_events_total",
-            &[("protocol", protocol), ("event", event)],
-            want,
-        )
-        .unwrap();
-}
-
 #[test]
 fn mqttsn_over_the_rate_is_congestion_and_too_large_is_rc_3() {
     let rig = Rig::start_with(|c| {
@@ -65,8 +53,12 @@ fn mqttsn_over_the_rate_is_congestion_and_too_large_is_rc_3() {
     for want in [&b"1"[..], b"2", b"5"] {
         assert_eq!(sub.expect().unwrap().payload.as_slice(), want);
     }
-    await_event(&rig, "mqtt-sn", "rate_limited", 2.0);
-    await_event(&rig, "mqtt-sn", "too_large", 1.0);
+    rig.gateway
+        .await_ingress_event("mqtt-sn", "rate_limited", 2.0)
+        .unwrap();
+    rig.gateway
+        .await_ingress_event("mqtt-sn", "too_large", 1.0)
+        .unwrap();
 }
 
 #[test]
@@ -95,8 +87,12 @@ fn coap_over_the_rate_is_4_29_with_max_age() {
     assert!((1..=10).contains(&max_age), "{max_age}");
     let big = put(b"0123456789abcdefX");
     assert_eq!(big.code, codes::REQUEST_ENTITY_TOO_LARGE);
-    await_event(&rig, "coap", "rate_limited", 1.0);
-    await_event(&rig, "coap", "too_large", 1.0);
+    rig.gateway
+        .await_ingress_event("coap", "rate_limited", 1.0)
+        .unwrap();
+    rig.gateway
+        .await_ingress_event("coap", "too_large", 1.0)
+        .unwrap();
 }
 
 #[test]
@@ -130,6 +126,12 @@ fn http_over_the_rate_is_429_with_retry_after() {
     let r = post(TOKEN2, "sensors/dev2/t", "0123456789abcdefX");
     assert_eq!(r.status, 413, "{}", r.describe());
     // The shared limits' 429s are in HTTP's one `rate_limited` event.
-    await_event(&rig.rig, "http", "rate_limited", 1.0);
-    await_event(&rig.rig, "http", "too_large", 1.0);
+    rig.rig
+        .gateway
+        .await_ingress_event("http", "rate_limited", 1.0)
+        .unwrap();
+    rig.rig
+        .gateway
+        .await_ingress_event("http", "too_large", 1.0)
+        .unwrap();
 }
