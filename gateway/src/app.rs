@@ -703,6 +703,14 @@ async fn serve(
         last_disk_error_ms: Arc::default(),
         reload: Arc::clone(&reload_cell),
         fleet: Arc::clone(&fleet_counters),
+        fleet_settings: config
+            .fleet
+            .enabled
+            .then(|| crate::observe::fleet::FleetSettings {
+                topic_prefix: config.fleet.topic_prefix.clone(),
+                heartbeat_secs: config.fleet.heartbeat.map_or(0, |h| h.as_secs()),
+                replay: config.fleet.replay.enabled,
+            }),
     };
     // The admin and the monitor outlive the driver: `/readyz` says "stopping" meanwhile.
     let admin_stop = CancellationToken::new();

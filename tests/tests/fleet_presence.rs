@@ -229,6 +229,14 @@ fn heartbeats_move_with_real_traffic() {
     )
     .unwrap();
     assert!(sent >= seen as f64);
+    // /status says where the fleet view publishes, with the same counters.
+    let (_, status) = rig.gateway.admin_get("/status").unwrap();
+    let status: Value = serde_json::from_str(&status).unwrap();
+    let fleet = &status["fleet"];
+    assert_eq!(fleet["topic_prefix"], "sensorgate/7", "{status}");
+    assert_eq!(fleet["heartbeat_secs"], 1);
+    assert_eq!(fleet["replay"], true);
+    assert!(fleet["counts"]["heartbeats_sent"].as_u64().unwrap() >= seen);
 }
 
 #[test]

@@ -40,8 +40,8 @@ use super::model::{ClientInfo, ClientQuery, ClientsPage, IngressQuery, SessionSt
 use super::process::ProcessStats;
 use super::snapshot::{QUERY_TIMEOUT, Snapshot, Sources};
 use super::status::{
-    GatewayInfo, Health, ListenerInfo, ProtocolInfo, ReloadInfo, SerialLineInfo, SpoolInfo,
-    StatusDoc, UpstreamInfo,
+    FleetInfo, GatewayInfo, Health, ListenerInfo, ProtocolInfo, ReloadInfo, SerialLineInfo,
+    SpoolInfo, StatusDoc, UpstreamInfo,
 };
 use crate::io::tcp::Limited;
 use sensorgate_bridges::spool::WhenFull;
@@ -382,6 +382,12 @@ pub fn status_doc(sources: &Sources, s: &Snapshot) -> StatusDoc {
         },
         events: sources.events.list(),
         reload: s.reload.as_ref().map(ReloadInfo::from),
+        fleet: sources.fleet_settings.as_ref().map(|f| FleetInfo {
+            topic_prefix: f.topic_prefix.clone(),
+            heartbeat_secs: f.heartbeat_secs,
+            replay: f.replay,
+            counts: s.fleet,
+        }),
     }
 }
 

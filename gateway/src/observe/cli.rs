@@ -544,6 +544,37 @@ pub fn render(doc: &StatusDoc, color: bool) -> String {
         s.disk_errors
     );
 
+    if let Some(f) = &doc.fleet {
+        let c = &f.counts;
+        let beats = if f.heartbeat_secs == 0 {
+            "heartbeats off".to_owned()
+        } else {
+            format!(
+                "heartbeats every {}: {} sent, {} skipped",
+                human_secs(f.heartbeat_secs),
+                c.heartbeats_sent,
+                c.heartbeats_skipped
+            )
+        };
+        let replays = if f.replay {
+            format!(
+                "replays {} served, {} refused",
+                c.replays_served,
+                c.replays_refused + c.replays_unanswered
+            )
+        } else {
+            "replay off".to_owned()
+        };
+        let _ = writeln!(
+            out,
+            "{} {}/state   {beats}   events {} sent, {} rate-limited   {replays}",
+            paint("Fleet:", BOLD, color),
+            f.topic_prefix,
+            c.events_sent,
+            c.events_rate_limited
+        );
+    }
+
     if let Some(r) = &doc.reload {
         let word = if r.outcome == "applied" {
             r.outcome.clone()
@@ -590,8 +621,8 @@ mod tests {
 
     use super::*;
     use crate::observe::status::{
-        BacklogInfo, EventInfo, GatewayInfo, HealthInfo, ListenerInfo, ProtocolInfo, ReloadInfo,
-        SpoolInfo,
+        BacklogInfo, EventInfo, FleetInfo, GatewayInfo, HealthInfo, ListenerInfo, ProtocolInfo,
+        ReloadInfo, SpoolInfo,
     };
 
     fn doc(health: Health) -> StatusDoc {
@@ -668,6 +699,7 @@ mod tests {
                 })
                 .collect(),
             reload: None,
+            fleet: None,
         }
     }
 
@@ -748,6 +780,33 @@ mod tests {
             text.contains(
                 "Last reload: rejected 1m 5s ago: reload #3 refused: 1 error(s) in the config, \
                  running config kept\n  - /etc/sensorgate/sensorgate.toml:4:9: `log.level`: bad\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn render_shows_the_fleet_view_when_it_is_on() {
+        let mut d = doc(Health::Healthy);
+        assert!(!render(&d, false).contains("Fleet:"));
+        d.fleet = Some(FleetInfo {
+            topic_prefix: "sensorgate/7".into(),
+            heartbeat_secs: 60,
+            replay: true,
+            counts: crate::observe::fleet::FleetCounts {
+                heartbeats_sent: 12,
+                heartbeats_skipped: 1,
+                events_sent: 4,
+                replays_served: 2,
+                replays_refused: 1,
+                ..Default::default()
+            },
+        });
+        let text = render(&d, false);
+        assert!(
+            text.contains(
+                "Fleet: sensorgate/7/state   heartbeats every 1m 0s: 12 sent, 1 skipped   \
+                 events 4 sent, 0 rate-limited   replays 2 served, 1 refused\n"
             ),
             "{text}"
         );

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The fleet view's own counters (in every heartbeat and in `/metrics`).
 #[derive(Debug, Default)]
@@ -34,7 +34,7 @@ pub struct FleetCounters {
 }
 
 /// [`FleetCounters`] read at one moment, as a heartbeat carries them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FleetCounts {
     /// See [`FleetCounters::heartbeats_sent`].
     pub heartbeats_sent: u64,
@@ -78,4 +78,15 @@ impl FleetCounters {
             replayed_records: self.replayed_records.load(Relaxed),
         }
     }
+}
+
+/// What `/status` says about the fleet view besides its counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetSettings {
+    /// `[fleet] topic_prefix`, `{gateway_id}` replaced.
+    pub topic_prefix: String,
+    /// The heartbeat period, seconds; 0: off.
+    pub heartbeat_secs: u64,
+    /// Whether replay requests are served.
+    pub replay: bool,
 }

@@ -178,6 +178,8 @@ pub struct Sources {
     pub reload: Arc<crate::reload::ReloadCell>,
     /// The fleet view's counters (zero while `[fleet]` is off).
     pub fleet: Arc<super::fleet::FleetCounters>,
+    /// The fleet view's settings as `/status` shows them; `None` when `[fleet]` is off.
+    pub fleet_settings: Option<super::fleet::FleetSettings>,
 }
 
 /// One ingress at the moment of the snapshot.

@@ -43,6 +43,22 @@ pub struct StatusDoc {
     /// The last reload (SIGHUP); absent before the first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reload: Option<ReloadInfo>,
+    /// The fleet view (`[fleet]`); absent when it is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetInfo>,
+}
+
+/// The fleet view as `/status` shows it: where it publishes and what it sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetInfo {
+    /// `[fleet] topic_prefix` with `{gateway_id}` replaced.
+    pub topic_prefix: String,
+    /// The heartbeat period, seconds; 0: off.
+    pub heartbeat_secs: u64,
+    /// Whether replay requests are served.
+    pub replay: bool,
+    /// Heartbeats, events and replays since the start (as in each heartbeat).
+    pub counts: super::fleet::FleetCounts,
 }
 
 /// The outcome of the last reload (SIGHUP, `systemctl reload`).
