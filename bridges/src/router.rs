@@ -83,7 +83,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
@@ -177,6 +177,24 @@ struct Shared {
     takers: AtomicUsize,
     /// The subscription tables and the warning limiter, under a short-held lock.
     state: Mutex<State>,
+    /// The control topics and their channel ([`Router::control`]), set once: read by every
+    /// downlink message without the lock.
+    control: OnceLock<Control>,
+}
+
+/// What [`Router::control`] set.
+struct Control {
+    /// Per upstream (by index): its control topic, if it has one.
+    topics: Vec<Option<String>>,
+    /// Where messages on a control topic go.
+    tx: mpsc::Sender<ControlMessage>,
+}
+
+impl Control {
+    /// Upstream `upstream`'s control topic, if it has one.
+    fn topic(&self, upstream: usize) -> Option<&str> {
+        self.topics.get(upstream)?.as_deref()
+    }
 }
 
 #[derive(Default)]
@@ -195,10 +213,6 @@ struct State {
     /// trigger them, so the warning is rate-limited.
     warned: Option<Instant>,
     refused: u64,
-    /// Per upstream (by index): its control topic, if it has one ([`Router::control`]).
-    control: Vec<Option<String>>,
-    /// Where messages on a control topic go.
-    control_tx: Option<mpsc::Sender<ControlMessage>>,
 }
 
 /// The interest in one sensor filter.
@@ -272,6 +286,7 @@ impl Router {
                 stats: Arc::new(DownlinkStats::default()),
                 takers: AtomicUsize::new(0),
                 state: Mutex::new(state),
+                control: OnceLock::new(),
             }),
             appender,
         }
@@ -327,7 +342,8 @@ impl Router {
     /// Gives upstream `i` the control topic `topics[i]` (`None`: none): subscribed there now
     /// at QoS 1 (held for good, see the module docs), and every message on it that arrives
     /// on upstream `i` goes to `channel` instead of the sensors. Call it once, before the
-    /// downlink task runs; `now` only rate-limits the warning about a refusal.
+    /// downlink task runs (a second call changes nothing); `now` only rate-limits the
+    /// warning about a refusal.
     ///
     /// # Errors
     /// The upstreams that refused their control topic, by index, with the reason (their
@@ -341,6 +357,13 @@ impl Router {
         let shared = &*self.shared;
         let mut guard = shared.lock();
         let state = &mut *guard;
+        let control = Control {
+            topics: topics.clone(),
+            tx: channel,
+        };
+        if shared.control.set(control).is_err() {
+            return Ok(());
+        }
         let holder: Arc<str> = Arc::from(CONTROL_HOLDER);
         let mut refused = Vec::new();
         for (upstream, topic) in topics.iter().enumerate() {
@@ -351,8 +374,6 @@ impl Router {
                 refused.push((upstream, reason));
             }
         }
-        state.control = topics;
-        state.control_tx = Some(channel);
         drop(guard);
         if refused.is_empty() {
             Ok(())
@@ -517,7 +538,7 @@ impl RouteReconfigurer {
             }
         }
         for upstream in 0..state.upstream_filters.len() {
-            if state.sensor_held(upstream) > shared.max_filters.load(Ordering::Relaxed)
+            if shared.sensor_held(state, upstream) > shared.max_filters.load(Ordering::Relaxed)
                 && let Some(up) = shared.upstreams.get(upstream)
             {
                 change.over_capacity.push(up.subscriber.name().to_owned());
@@ -608,12 +629,15 @@ impl Shared {
         &self,
         upstream: usize,
         topic: &str,
-    ) -> Option<mpsc::Sender<ControlMessage>> {
-        let state = self.lock();
-        let control = state.control.get(upstream)?.as_deref()?;
-        (control == topic)
-            .then(|| state.control_tx.clone())
-            .flatten()
+    ) -> Option<&mpsc::Sender<ControlMessage>> {
+        let control = self.control.get()?;
+        (control.topic(upstream)? == topic).then_some(&control.tx)
+    }
+
+    /// Upstream filters upstream `upstream` holds for sensors (see [`State::sensor_held`]).
+    fn sensor_held(&self, state: &State, upstream: usize) -> usize {
+        let control = self.control.get().and_then(|c| c.topic(upstream));
+        state.sensor_held(upstream, control)
     }
 
     /// Sets (`Some`) or removes (`None`) sensor filter `sensor`'s interest in upstream filter
@@ -767,16 +791,13 @@ impl UpstreamFilter {
 }
 
 impl State {
-    /// Upstream filters upstream `upstream` holds for sensors: its control topic does not
-    /// count when nothing but the control holds it.
-    fn sensor_held(&self, upstream: usize) -> usize {
+    /// Upstream filters upstream `upstream` holds for sensors: its control topic (`control`)
+    /// does not count when nothing but the control holds it.
+    fn sensor_held(&self, upstream: usize, control: Option<&str>) -> usize {
         let Some(table) = self.upstream_filters.get(upstream) else {
             return 0;
         };
-        let control_only = self
-            .control
-            .get(upstream)
-            .and_then(Option::as_deref)
+        let control_only = control
             .and_then(|topic| table.get(topic))
             .is_some_and(|entry| {
                 entry.by_sensor.len() == 1 && entry.by_sensor.contains_key(CONTROL_HOLDER)
@@ -1094,7 +1115,7 @@ impl IngressHandle {
         let room = state.filters.len() < max_filters
             && routed.iter().enumerate().all(|(upstream, filters)| {
                 let table = state.upstream_filters.get(upstream);
-                let held = state.sensor_held(upstream);
+                let held = shared.sensor_held(state, upstream);
                 let new = filters
                     .iter()
                     .filter(|f| !table.is_some_and(|t| t.contains_key(*f)))
